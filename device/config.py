@@ -1,0 +1,216 @@
+"""The device configuration: one TOML file, validated once, as a frozen object.
+
+Every key is documented in ``device/default.toml``. Unknown keys, wrong types and values out of
+range are errors that name the key (``camera.source: must be one of ...``).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+PROJECT_DIR = PACKAGE_DIR.parent
+DEFAULT_MODEL_PATH = PROJECT_DIR / "models" / "cellnet_int8.tflite"
+DEFAULT_SAMPLES_DIR = PACKAGE_DIR / "samples"
+
+# The operating threshold may be changed by an admin only within this range: below it the
+# false-positive rate per healthy cell makes negative slides read positive; above it sensitivity
+# collapses. The model card's own threshold is the default.
+THRESHOLD_SAFE_RANGE = (0.5, 0.999)
+
+
+class ConfigError(ValueError):
+    """A configuration problem, naming the key: ``section.key: problem``."""
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    data_dir: str = "data"
+    log_level: str = "INFO"
+    save_raw_frames: bool = True
+    min_free_disk_mb: int = 500
+
+
+@dataclass(frozen=True)
+class CameraConfig:
+    source: str = "replay"  # replay | opencv | picamera2
+    replay_path: str = str(DEFAULT_SAMPLES_DIR)
+    replay_fps: float = 2.0
+    device: str = "0"  # OpenCV: index ("0") or path ("/dev/video0")
+    width: int = 1280
+    height: int = 960
+    reconnect_max_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = str(DEFAULT_MODEL_PATH)
+    threshold: float | None = None  # None: the model card's threshold
+    threads: int = 1
+
+
+@dataclass(frozen=True)
+class AnalysisConfig:
+    counting_target_rbc: int = 2000
+    rbc_per_ul: float = 5.0e6
+    min_focus: float = 20.0
+    min_cells_per_field: int = 10
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    admin_password_hash: str = ""  # werkzeug hash; empty: set on first run at /admin/setup
+    technician_pin: str = ""  # empty: technician pages open on the LAN
+    login_attempts_per_minute: int = 5
+
+
+@dataclass(frozen=True)
+class Config:
+    service: ServiceConfig = field(default_factory=ServiceConfig)
+    camera: CameraConfig = field(default_factory=CameraConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+
+    def with_changes(self, section: str, **changes: Any) -> Config:
+        """A copy with some keys of one section changed, validated like a loaded file."""
+        data = {s.name: {f.name: getattr(getattr(self, s.name), f.name) for f in fields(getattr(self, s.name))}
+                for s in fields(self)}
+        data[section].update(changes)
+        return from_dict(data)
+
+
+_CLASSES = {
+    "service": ServiceConfig,
+    "camera": CameraConfig,
+    "model": ModelConfig,
+    "analysis": AnalysisConfig,
+    "security": SecurityConfig,
+}
+
+
+def _check_type(key: str, value: Any, default: Any, annotation: str) -> Any:
+    if "float" in annotation:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            if value is None and "None" in annotation:
+                return None
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if annotation == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected a whole number, got {value!r}")
+        return value
+    if annotation == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if annotation == "str":
+        if isinstance(value, int) and not isinstance(value, bool) and key == "camera.device":
+            return str(value)
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _validate(cfg: Config) -> None:
+    s, c, m, a, sec = cfg.service, cfg.camera, cfg.model, cfg.analysis, cfg.security
+    if not 1 <= s.port <= 65535:
+        raise ConfigError(f"service.port: {s.port} is not a TCP port (1-65535)")
+    if not s.host:
+        raise ConfigError("service.host: must name an address to bind, e.g. 127.0.0.1 or 0.0.0.0")
+    if s.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+        raise ConfigError(f"service.log_level: {s.log_level!r} is not DEBUG, INFO, WARNING or ERROR")
+    if s.min_free_disk_mb < 0:
+        raise ConfigError("service.min_free_disk_mb: must be >= 0")
+    if c.source not in {"replay", "opencv", "picamera2"}:
+        raise ConfigError(f"camera.source: {c.source!r} must be one of replay, opencv, picamera2")
+    if c.source == "replay" and not c.replay_path:
+        raise ConfigError("camera.replay_path: required when camera.source is replay")
+    if not 0.1 <= c.replay_fps <= 60:
+        raise ConfigError(f"camera.replay_fps: {c.replay_fps} outside 0.1-60")
+    if not (64 <= c.width <= 8192 and 64 <= c.height <= 8192):
+        raise ConfigError(f"camera.width/height: {c.width}x{c.height} outside 64-8192")
+    if c.reconnect_max_s <= 0:
+        raise ConfigError("camera.reconnect_max_s: must be > 0")
+    lo, hi = THRESHOLD_SAFE_RANGE
+    if m.threshold is not None and not lo <= m.threshold <= hi:
+        raise ConfigError(f"model.threshold: {m.threshold} outside the safe range {lo}-{hi}")
+    if not 1 <= m.threads <= 8:
+        raise ConfigError(f"model.threads: {m.threads} outside 1-8")
+    if not m.path:
+        raise ConfigError("model.path: required")
+    if not 100 <= a.counting_target_rbc <= 100_000:
+        raise ConfigError(f"analysis.counting_target_rbc: {a.counting_target_rbc} outside 100-100000")
+    if not 1e6 <= a.rbc_per_ul <= 1e7:
+        raise ConfigError(f"analysis.rbc_per_ul: {a.rbc_per_ul:g} outside 1e6-1e7 RBC/uL")
+    if a.min_focus < 0:
+        raise ConfigError("analysis.min_focus: must be >= 0")
+    if a.min_cells_per_field < 1:
+        raise ConfigError("analysis.min_cells_per_field: must be >= 1")
+    if sec.technician_pin and not (sec.technician_pin.isdigit() and 4 <= len(sec.technician_pin) <= 12):
+        raise ConfigError("security.technician_pin: must be 4-12 digits, or empty for no PIN")
+    if sec.admin_password_hash and ":" not in sec.admin_password_hash:
+        raise ConfigError("security.admin_password_hash: not a password hash (make one with "
+                          "`python -m device hash-password`)")
+    if not 1 <= sec.login_attempts_per_minute <= 100:
+        raise ConfigError("security.login_attempts_per_minute: outside 1-100")
+
+
+def from_dict(data: dict[str, Any], base_dir: Path | None = None) -> Config:
+    """Build and validate a :class:`Config` from parsed TOML. Relative paths resolve from base_dir."""
+    if not isinstance(data, dict):
+        raise ConfigError("config: expected a table of sections")
+    for name in data:
+        if name not in _CLASSES:
+            raise ConfigError(f"{name}: unknown section (known: {', '.join(_CLASSES)})")
+    sections = {}
+    for name, cls in _CLASSES.items():
+        raw = data.get(name, {})
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{name}: expected a [{name}] table")
+        known = {f.name: f for f in fields(cls)}
+        defaults = cls()
+        values = {}
+        for key, value in raw.items():
+            if key not in known:
+                raise ConfigError(f"{name}.{key}: unknown key (known: {', '.join(known)})")
+            values[key] = _check_type(f"{name}.{key}", value, getattr(defaults, key), str(known[key].type))
+        section = replace(defaults, **values)
+        if base_dir is not None:
+            section = _resolve_paths(name, section, base_dir)
+        sections[name] = section
+    cfg = Config(**sections)
+    _validate(cfg)
+    return cfg
+
+
+def _resolve_paths(name: str, section: Any, base_dir: Path) -> Any:
+    keys = {"service": ["data_dir"], "camera": ["replay_path"], "model": ["path"]}.get(name, [])
+    changes = {}
+    for k in keys:
+        v = getattr(section, k)
+        if v and not Path(v).is_absolute():
+            changes[k] = str((base_dir / v).resolve())
+    return replace(section, **changes) if changes else section
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Load a TOML config file (None: the embedded defaults). Raises :class:`ConfigError`."""
+    if path is None:
+        return from_dict({})
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read config ({exc.strerror or exc})") from exc
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: not valid TOML ({exc})") from exc
+    return from_dict(data, base_dir=p.resolve().parent)

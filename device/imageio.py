@@ -1,0 +1,147 @@
+"""Safe image reading: clear per-file errors, and huge images refused before decoding."""
+
+from __future__ import annotations
+
+import logging
+import struct
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+MAX_PIXELS = 50_000_000  # > 50 MP is refused before decoding (decompression bombs)
+MIN_SIDE_PX = 16
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+
+
+class ImageError(ValueError):
+    """An image that cannot be used, with a reason a person can act on."""
+
+
+def header_size(data: bytes) -> tuple[int, int] | None:
+    """Read (width, height) from a PNG, JPEG, WebP, BMP or TIFF header without decoding pixels.
+
+    Returns None when the format is not recognised.
+    """
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        if len(data) < 24:
+            raise ImageError("truncated PNG header")
+        w, h = struct.unpack(">II", data[16:24])
+        return w, h
+    if data[:2] == b"\xff\xd8":
+        return _jpeg_size(data)
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return _webp_size(data)
+    if data[:2] == b"BM" and len(data) >= 26:
+        w, h = struct.unpack("<ii", data[18:26])
+        return abs(w), abs(h)
+    if data[:4] in (b"II*\x00", b"MM\x00*"):
+        return None  # TIFF: size lives in an IFD; OpenCV's own limit applies
+    return None
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int]:
+    i = 2
+    n = len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            i += 1
+            continue
+        marker = data[i + 1]
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            i += 2
+            continue
+        seg_len = struct.unpack(">H", data[i + 2 : i + 4])[0]
+        # SOF0..SOF15 except DHT (C4), JPG (C8), DAC (CC) carry the frame size.
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            if i + 9 > n:
+                break
+            h, w = struct.unpack(">HH", data[i + 5 : i + 9])
+            return w, h
+        i += 2 + seg_len
+    raise ImageError("truncated JPEG: no frame header")
+
+
+def _webp_size(data: bytes) -> tuple[int, int]:
+    chunk = data[12:16]
+    if chunk == b"VP8X" and len(data) >= 30:
+        w = 1 + int.from_bytes(data[24:27], "little")
+        h = 1 + int.from_bytes(data[27:30], "little")
+        return w, h
+    if chunk == b"VP8 " and len(data) >= 30:
+        w, h = struct.unpack("<HH", data[26:30])
+        return w & 0x3FFF, h & 0x3FFF
+    if chunk == b"VP8L" and len(data) >= 25:
+        b = data[21:25]
+        w = 1 + (((b[1] & 0x3F) << 8) | b[0])
+        h = 1 + (((b[3] & 0x0F) << 10) | (b[2] << 2) | ((b[1] & 0xC0) >> 6))
+        return w, h
+    raise ImageError("truncated WebP header")
+
+
+def decode_rgb(data: bytes, *, name: str = "image", min_side_px: int = MIN_SIDE_PX) -> np.ndarray:
+    """Decode encoded image bytes to HxWx3 uint8 RGB, refusing what cannot be analysed.
+
+    Grayscale is expanded to RGB, alpha is dropped (composited on black: NIH crops are black outside
+    the cell), 16-bit is scaled to 8-bit. Raises :class:`ImageError` with the reason.
+    """
+    if not data:
+        raise ImageError(f"{name}: empty file")
+    size = header_size(data)
+    if size is None and data[:4] not in (b"II*\x00", b"MM\x00*"):
+        raise ImageError(f"{name}: not a supported image (PNG, JPEG, WebP, BMP, TIFF)")
+    if size is not None:
+        w, h = size
+        if w * h > MAX_PIXELS:
+            raise ImageError(f"{name}: {w}x{h} is {w * h / 1e6:.0f} MP, over the {MAX_PIXELS / 1e6:.0f} MP limit")
+    buf = np.frombuffer(data, dtype=np.uint8)
+    img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise ImageError(f"{name}: could not decode (corrupt or truncated file)")
+    return to_rgb8(img, name=name, min_side_px=min_side_px, bgr=True)
+
+
+def to_rgb8(img: np.ndarray, *, name: str = "image", min_side_px: int = MIN_SIDE_PX, bgr: bool) -> np.ndarray:
+    """Normalise a decoded array (gray, BGR/RGB, BGRA/RGBA, 8/16-bit) to HxWx3 uint8 RGB."""
+    if img.dtype == np.uint16:
+        img = (img >> 8).astype(np.uint8)
+    elif img.dtype != np.uint8:
+        raise ImageError(f"{name}: unsupported pixel type {img.dtype}")
+    if img.ndim == 2:
+        img = cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+    elif img.ndim == 3 and img.shape[2] == 4:
+        img = cv2.cvtColor(img, cv2.COLOR_BGRA2RGB if bgr else cv2.COLOR_RGBA2RGB)
+    elif img.ndim == 3 and img.shape[2] == 3:
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB) if bgr else img
+    elif img.ndim == 3 and img.shape[2] == 1:
+        img = cv2.cvtColor(img[:, :, 0], cv2.COLOR_GRAY2RGB)
+    else:
+        raise ImageError(f"{name}: unsupported channel layout {img.shape}")
+    h, w = img.shape[:2]
+    if min(h, w) < min_side_px:
+        raise ImageError(f"{name}: {w}x{h} is too small (minimum side {min_side_px} px)")
+    return np.ascontiguousarray(img)
+
+
+def read_rgb(path: str | Path, *, min_side_px: int = MIN_SIDE_PX) -> np.ndarray:
+    """Read an image file as HxWx3 uint8 RGB. Raises :class:`ImageError` with the file and reason."""
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise ImageError(f"{p}: cannot read ({exc.strerror or exc})") from exc
+    return decode_rgb(data, name=str(p), min_side_px=min_side_px)
+
+
+def iter_image_files(paths: list[str | Path]) -> list[Path]:
+    """Expand files and folders (recursively) into a sorted list of image files."""
+    out: list[Path] = []
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            out.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES))
+        else:
+            out.append(p)
+    return out

@@ -1,0 +1,1 @@
+"""Training of the cell classifier (TensorFlow/Keras; never imported on the device)."""

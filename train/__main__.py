@@ -1,0 +1,197 @@
+"""python -m train --data DIR --out RUN_DIR: train the cell classifier, split by patient."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import shlex
+import sys
+import time
+from pathlib import Path
+
+logger = logging.getLogger("train")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m train", description=__doc__)
+    ap.add_argument("--data", required=True, help="folder with Parasitized/ and Uninfected/ (+ patients.csv)")
+    ap.add_argument("--out", required=True, help="run folder to write (created)")
+    ap.add_argument("--size", type=int, default=64, help="model input side in px (default 64)")
+    ap.add_argument("--width", type=int, default=16, help="filters of the first conv (default 16)")
+    ap.add_argument("--epochs", type=int, default=40)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--patience", type=int, default=5, help="early-stopping patience in epochs")
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--val-fraction", type=float, default=0.15,
+                    help="patients held out for validation when patients.csv has no split")
+    ap.add_argument("--monitor-fraction", type=float, default=0.1,
+                    help="training patients kept aside for early stopping and threshold choice")
+    ap.add_argument("--max-cells-per-class", type=int, default=0, help="cap per class (smoke runs)")
+    ap.add_argument("--no-stain-jitter", action="store_true")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from train.data import DataError
+
+    try:
+        return run(args, argv if argv is not None else sys.argv[1:])
+    except DataError as exc:
+        logger.error("%s", exc)
+        return 2
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> int:
+    import numpy as np
+
+    from device.metrics import binary_metrics
+    from train.data import DataError, list_cells, load_arrays, split_patients
+
+    t_start = time.time()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    files, csv_split = list_cells(args.data)
+    if args.max_cells_per_class:
+        rng = random.Random(args.seed)
+        capped = []
+        for label in (0, 1):
+            group = [f for f in files if f.label == label]
+            rng.shuffle(group)
+            capped.extend(sorted(group[: args.max_cells_per_class], key=lambda f: f.rel))
+        files = capped
+    patients = sorted({f.patient for f in files})
+    if csv_split and any(v == "val" for v in csv_split.values()):
+        val_p = sorted(p for p in patients if csv_split.get(p) == "val")
+        train_all = sorted(p for p in patients if p not in set(val_p))
+        split_source = "patients.csv"
+    else:
+        train_all, val_p = split_patients(patients, args.val_fraction, args.seed)
+        split_source = f"seeded patient split (seed {args.seed}, {args.val_fraction:.0%} held out)"
+    train_p, monitor_p = split_patients(train_all, args.monitor_fraction, args.seed + 1)
+    if not train_p or not val_p:
+        raise DataError(f"need at least 2 patients to split by patient; found {len(patients)}")
+    assert not (set(train_p) | set(monitor_p)) & set(val_p)
+    logger.info("patients: %d train, %d monitor (early stopping), %d validation (%s)",
+                len(train_p), len(monitor_p), len(val_p), split_source)
+
+    sets = {"train": set(train_p), "monitor": set(monitor_p), "val": set(val_p)}
+    arrays = {}
+    all_skipped = []
+    for name, pts in sets.items():
+        sel = [f for f in files if f.patient in pts]
+        x, y, kept, skipped = load_arrays(sel, args.size)
+        all_skipped += skipped
+        arrays[name] = (x, y, kept)
+        logger.info("%s: %d cells (%d parasitized, %d uninfected), %d skipped",
+                    name, len(y), int(y.sum()), int((y == 0).sum()), len(skipped))
+        if name == "train" and (len(y) == 0 or y.min() == y.max()):
+            raise DataError(f"training patients hold only one class in {args.data}")
+
+    split_doc = {
+        "data": str(Path(args.data).resolve()),
+        "source": split_source,
+        "seed": args.seed,
+        "patients": {k: sorted(v) for k, v in sets.items()},
+        "cells": {k: len(v[1]) for k, v in arrays.items()},
+        "skipped": [{"file": r, "reason": e} for r, e in all_skipped],
+    }
+    (out / "split.json").write_text(json.dumps(split_doc, indent=2))
+
+    history, model = fit(args, arrays)
+    model.save(out / "model.keras")
+
+    xv, yv, kept_v = arrays["val"]
+    p_val = predict_proba(model, xv)
+    metrics = binary_metrics(yv, p_val, 0.5)
+    metrics["per_patient"] = per_patient(kept_v, yv, p_val)
+    metrics["epochs_run"] = len(history["loss"])
+    metrics["train_seconds"] = round(time.time() - t_start, 1)
+    metrics["input_size_px"] = args.size
+    metrics["width"] = args.width
+    metrics["params"] = int(model.count_params())
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (out / "history.json").write_text(json.dumps(history, indent=2))
+    (out / "command.txt").write_text("python -m train " + shlex.join(argv) + "\n")
+    np.save(out / "val_p.npy", p_val)
+
+    from train.report import write_reports
+
+    write_reports(out, history, yv, p_val, xv, kept_v)
+    logger.info("validation patients: accuracy %.4f, sensitivity %.4f, specificity %.4f, AUC %.4f "
+                "(threshold 0.5, n=%d) in %.0f s", metrics["accuracy"], metrics["sensitivity"],
+                metrics["specificity"], metrics["auc"], metrics["n"], metrics["train_seconds"])
+    return 0
+
+
+def per_patient(kept, y, p) -> dict:
+    import numpy as np
+
+    out = {}
+    pts = np.array([f.patient for f in kept])
+    for pt in sorted(set(pts)):
+        sel = pts == pt
+        out[pt] = {"n": int(sel.sum()), "n_parasitized": int(y[sel].sum()),
+                   "accuracy": float(((p[sel] >= 0.5) == (y[sel] == 1)).mean())}
+    return out
+
+
+def predict_proba(model, x):
+    import numpy as np
+
+    logits = model.predict(x.astype("float32"), batch_size=256, verbose=0)[:, 0]
+    return 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+
+
+def fit(args, arrays):
+    os.environ.setdefault("TF_DETERMINISTIC_OPS", "1")
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from train.model import build_model, geometric_augmenter, stain_jitter
+
+    keras.utils.set_random_seed(args.seed)
+    xt, yt, _ = arrays["train"]
+    xm, ym, _ = arrays["monitor"]
+    if len(ym) == 0:  # tiny data: fall back to validating on validation patients
+        xm, ym, _ = arrays["val"]
+    aug = geometric_augmenter(args.seed)
+    jitter = not args.no_stain_jitter
+
+    def augment(x, y):
+        x = aug(tf.cast(x, tf.float32), training=True)
+        if jitter:
+            x = stain_jitter(x)
+        return x, tf.cast(y, tf.float32)
+
+    ds = (tf.data.Dataset.from_tensor_slices((xt, yt))
+          .shuffle(len(yt), seed=args.seed, reshuffle_each_iteration=True)
+          .batch(args.batch)
+          .map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+          .prefetch(tf.data.AUTOTUNE))
+    dm = tf.data.Dataset.from_tensor_slices((xm.astype(np.float32), ym.astype(np.float32))).batch(256)
+    model = build_model(args.size, args.width)
+    model.compile(
+        optimizer=keras.optimizers.Adam(args.lr),
+        loss=keras.losses.BinaryCrossentropy(from_logits=True),
+        metrics=[keras.metrics.BinaryAccuracy(threshold=0.0, name="accuracy"),
+                 keras.metrics.AUC(from_logits=True, name="auc")],
+    )
+    model.summary(print_fn=logger.info)
+    callbacks = [
+        keras.callbacks.EarlyStopping(monitor="val_loss", patience=args.patience, restore_best_weights=True),
+        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.3, patience=2, min_lr=1e-5),
+    ]
+    h = model.fit(ds, validation_data=dm, epochs=args.epochs, callbacks=callbacks, verbose=1)
+    history = {k: [float(v) for v in vals] for k, vals in h.history.items()}
+    return history, model
+
+
+if __name__ == "__main__":
+    sys.exit(main())

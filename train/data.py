@@ -1,0 +1,132 @@
+"""NIH cell-image loading: file listing, patient of each cell, patient-level splits, pixel arrays."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import random
+import re
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from device.imageio import ImageError, read_rgb
+from device.preprocess import prepare_cell
+
+logger = logging.getLogger(__name__)
+
+CLASS_DIRS = ("Uninfected", "Parasitized")  # index = label: 0 uninfected, 1 parasitized
+CLASS_NAMES = ("uninfected", "parasitized")
+SUFFIXES = {".png", ".webp", ".jpg", ".jpeg"}
+
+# Infected patients carry P<n> after the slide prefix: C100P61ThinF -> P61, C68P29N_ThinF -> P29,
+# C47P8thinOriginalOlympusCX21 -> P8. A lettered slide (C37BP2_thinF, C51AP12thinF) is kept whole,
+# as the NIH patient table does. Healthy slides (C1, C12NThinF, C201ThinF, C3thin_original) are
+# their own patient: the C<m> prefix with an optional N.
+_LETTERED_RE = re.compile(r"^(C\d+[A-Z]P\d+)")
+_INFECTED_RE = re.compile(r"^C\d+P(\d+)", re.IGNORECASE)
+_HEALTHY_RE = re.compile(r"^(C\d+N?)(?=$|[^A-Za-z]|thin|ThinF)", re.IGNORECASE)
+
+
+class DataError(ValueError):
+    """The data folder cannot be used as given."""
+
+
+@dataclass(frozen=True)
+class CellFile:
+    path: Path
+    rel: str  # "Parasitized/<name>", as in patients.csv
+    label: int
+    patient: str
+
+
+def patient_from_name(name: str) -> str:
+    """Patient ID from an NIH cell file name (``C100P61ThinF_IMG_...png`` -> ``P61``)."""
+    stem = Path(name).name
+    m = _LETTERED_RE.match(stem)
+    if m:
+        return m.group(1)
+    m = _INFECTED_RE.match(stem)
+    if m:
+        return f"P{int(m.group(1))}"
+    m = _HEALTHY_RE.match(stem)
+    if m:
+        return m.group(1)[0].upper() + m.group(1)[1:]
+    raise DataError(f"cannot tell the patient from file name {stem!r}")
+
+
+def list_cells(data_dir: str | Path) -> tuple[list[CellFile], dict[str, str]]:
+    """List cell files under ``data_dir/{Parasitized,Uninfected}``.
+
+    Returns the files and the split each patient has in ``patients.csv`` (empty when absent).
+    """
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise DataError(f"data folder not found: {root}")
+    csv_rows: dict[str, dict[str, str]] = {}
+    csv_path = root / "patients.csv"
+    if csv_path.is_file():
+        with csv_path.open(newline="") as fh:
+            for row in csv.DictReader(fh):
+                csv_rows[row["file"]] = row
+    files: list[CellFile] = []
+    for label, cls in enumerate(CLASS_DIRS):
+        d = root / cls
+        if not d.is_dir():
+            raise DataError(f"class folder missing: {d}")
+        found = sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in SUFFIXES)
+        if not found:
+            raise DataError(f"class folder has no images (.png/.webp/.jpg): {d}")
+        for p in found:
+            rel = f"{cls}/{p.name}"
+            row = csv_rows.get(rel)
+            patient = row["patient"] if row else patient_from_name(p.name)
+            files.append(CellFile(p, rel, label, patient))
+    split = {}
+    for row in csv_rows.values():
+        split.setdefault(row["patient"], row.get("split", ""))
+    return files, split
+
+
+def split_patients(
+    patients: Iterable[str], fraction: float, seed: int, exclude: Iterable[str] = ()
+) -> tuple[list[str], list[str]]:
+    """Seeded patient-level split: returns (rest, held_out) with ~``fraction`` of patients held out."""
+    ex = set(exclude)
+    pts = sorted(set(patients) - ex)
+    rng = random.Random(seed)
+    rng.shuffle(pts)
+    n = max(1, round(len(pts) * fraction)) if len(pts) > 1 else 0
+    return sorted(pts[n:]), sorted(pts[:n])
+
+
+def load_arrays(
+    files: list[CellFile], size_px: int, workers: int = 2
+) -> tuple[np.ndarray, np.ndarray, list[CellFile], list[tuple[str, str]]]:
+    """Decode and preprocess cells. Unreadable files are skipped and returned with their reason."""
+
+    def one(cf: CellFile):
+        try:
+            return prepare_cell(read_rgb(cf.path, min_side_px=4), size_px), None
+        except (ImageError, ValueError) as exc:
+            return None, str(exc)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = list(pool.map(one, files))
+    xs, ys, kept, skipped = [], [], [], []
+    for cf, (arr, err) in zip(files, results, strict=True):
+        if arr is None:
+            skipped.append((cf.rel, err))
+            continue
+        xs.append(arr)
+        ys.append(cf.label)
+        kept.append(cf)
+    if skipped:
+        logger.warning("skipped %d unreadable files:", len(skipped))
+        for rel, err in skipped:
+            logger.warning("  %s: %s", rel, err)
+    x = np.stack(xs) if xs else np.zeros((0, size_px, size_px, 3), np.uint8)
+    return x, np.asarray(ys, dtype=np.int32), kept, skipped

@@ -1,0 +1,67 @@
+"""The cell classifier and its training-only augmentation."""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+from keras import layers
+
+
+def build_model(size_px: int = 64, width: int = 16, dropout: float = 0.3) -> keras.Model:
+    """A compact CNN: uint8 RGB in, one logit out (p_infected = sigmoid(logit)).
+
+    Normalisation is the first layer, so the exported model eats raw pixels. A logit output (not a
+    sigmoid) keeps thresholds near 0.99 resolvable after uint8 quantisation of the output.
+    Each stage is conv-BN-ReLU then 2x2 max-pool; BN folds into the conv on conversion.
+    """
+    inputs = keras.Input((size_px, size_px, 3), dtype="float32", name="cell_rgb")
+    x = layers.Rescaling(1.0 / 255.0, name="normalise")(inputs)
+    for i, mult in enumerate((1, 2, 4, 8)):
+        x = layers.Conv2D(width * mult, 3, padding="same", use_bias=False, name=f"conv{i}")(x)
+        x = layers.BatchNormalization(name=f"bn{i}")(x)
+        x = layers.ReLU(name=f"relu{i}")(x)
+        x = layers.MaxPooling2D(2, name=f"pool{i}")(x)
+    x = layers.Conv2D(width * 8, 3, padding="same", use_bias=False, name="conv4")(x)
+    x = layers.BatchNormalization(name="bn4")(x)
+    x = layers.ReLU(name="relu4")(x)
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    x = layers.Dropout(dropout, name="dropout")(x)
+    outputs = layers.Dense(1, name="logit")(x)
+    return keras.Model(inputs, outputs, name=f"cellnet{size_px}w{width}")
+
+
+def geometric_augmenter(seed: int) -> keras.Sequential:
+    """Rotations, shifts, reflections, zoom and shear; the background fill stays black."""
+    return keras.Sequential(
+        [
+            layers.RandomFlip("horizontal_and_vertical", seed=seed),
+            layers.RandomRotation(0.5, fill_mode="constant", fill_value=0.0, seed=seed + 1),
+            layers.RandomTranslation(0.1, 0.1, fill_mode="constant", fill_value=0.0, seed=seed + 2),
+            layers.RandomZoom((-0.15, 0.15), fill_mode="constant", fill_value=0.0, seed=seed + 3),
+            layers.RandomShear(x_factor=0.1, y_factor=0.1, fill_mode="constant", fill_value=0.0, seed=seed + 4),
+        ],
+        name="augment_geometry",
+    )
+
+
+def stain_jitter(images: tf.Tensor, strength: float = 1.0) -> tf.Tensor:
+    """Colour/stain jitter on a float batch in [0, 255]: hue, saturation, brightness, contrast and
+    per-channel gains (smears from other labs are stained differently; BBBC041 fields are blue).
+
+    Applied inside the cell only: the black background stays black, as on NIH crops and device crops.
+    """
+    mask = tf.cast(tf.reduce_max(images, axis=-1, keepdims=True) > 0.0, images.dtype)
+    x = images / 255.0
+    n = tf.shape(x)[0]
+    x = tf.image.random_hue(x, 0.08 * strength)
+    x = tf.image.random_saturation(x, 1 - 0.4 * strength, 1 + 0.4 * strength)
+    gains = tf.random.uniform((n, 1, 1, 3), 1 - 0.15 * strength, 1 + 0.15 * strength)
+    brightness = tf.random.uniform((n, 1, 1, 1), 1 - 0.2 * strength, 1 + 0.2 * strength)
+    x = x * gains * brightness
+    # Contrast around the mean of the cell (not of the black-padded square).
+    area = tf.reduce_sum(mask, axis=[1, 2, 3], keepdims=True) + 1.0
+    mean = tf.reduce_sum(x * mask, axis=[1, 2], keepdims=True) / area
+    contrast = tf.random.uniform((n, 1, 1, 1), 1 - 0.25 * strength, 1 + 0.25 * strength)
+    x = (x - mean) * contrast + mean
+    x = tf.clip_by_value(x, 0.0, 1.0) * mask
+    return x * 255.0
