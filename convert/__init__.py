@@ -1,0 +1,1 @@
+"""Conversion of the Keras cell classifier to int8 TensorFlow Lite, with its model card."""

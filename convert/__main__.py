@@ -1,0 +1,45 @@
+"""python -m convert --model RUN_DIR/model.keras --data DIR --out models/
+
+Writes a full-integer int8 model (uint8 input and output) and its model card; refuses a model that
+loses accuracy in quantisation or uses ops the deployed runtimes cannot run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+logger = logging.getLogger("convert")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m convert", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="the trained model.keras (its run folder holds split.json)")
+    ap.add_argument("--data", required=True, help="NIH cell folder (Parasitized/, Uninfected/, patients.csv)")
+    ap.add_argument("--out", required=True, help="folder to write <name>.tflite and <name>.json into")
+    ap.add_argument("--name", default="cellnet_int8", help="model file stem (default cellnet_int8)")
+    ap.add_argument("--representative", type=int, default=400, help="training cells used for calibration")
+    ap.add_argument("--max-fpr", type=float, default=0.003,
+                    help="false-positive rate per healthy cell the threshold is chosen for (default 0.3%%)")
+    ap.add_argument("--max-drop", type=float, default=0.005, help="largest int8 accuracy drop allowed")
+    ap.add_argument("--seed", type=int, default=1234)
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from convert.core import ConvertError, convert
+
+    try:
+        convert(args, argv if argv is not None else sys.argv[1:])
+    except ConvertError as exc:
+        logger.error("%s", exc)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,272 @@
+"""Conversion steps: load, calibrate, convert, measure with the device's interpreter, gate, write."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import shlex
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from device.classifier import CellClassifier, make_interpreter
+from device.config import THRESHOLD_SAFE_RANGE
+from device.metrics import binary_metrics, threshold_for_fpr
+from device.model_card import CLASS_ORDER, sha256_of
+from device.preprocess import prepare_cell  # noqa: F401  (the path every cell below went through)
+
+logger = logging.getLogger(__name__)
+
+
+class ConvertError(RuntimeError):
+    """Conversion refused; the message says why."""
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                             cwd=Path(__file__).resolve().parent)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=Path(__file__).resolve().parent).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def load_keras(path: Path):
+    import keras
+
+    if not path.is_file():
+        raise ConvertError(f"model not found: {path}")
+    try:
+        model = keras.models.load_model(path, compile=False)
+    except Exception as exc:
+        raise ConvertError(f"{path} is not a loadable Keras model ({type(exc).__name__}: {exc})") from exc
+    shape = model.input_shape
+    if len(shape) != 4 or shape[1] != shape[2] or shape[3] != 3:
+        raise ConvertError(f"{path}: expected a square RGB image input, got {shape}")
+    return model
+
+
+def patient_sets(model_path: Path, data: Path, files, csv_split, seed: int) -> dict[str, set[str]]:
+    """The run's own split (split.json beside the model) or, failing that, the data's split."""
+    from train.data import split_patients
+
+    sp = model_path.parent / "split.json"
+    if sp.is_file():
+        doc = json.loads(sp.read_text())
+        return {k: set(v) for k, v in doc["patients"].items()}
+    patients = sorted({f.patient for f in files})
+    if csv_split:
+        val = {p for p in patients if csv_split.get(p) == "val"}
+        rest = [p for p in patients if p not in val]
+    else:
+        rest, val_l = split_patients(patients, 0.15, seed)
+        val = set(val_l)
+    train, monitor = split_patients(rest, 0.1, seed + 1)
+    return {"train": set(train), "monitor": set(monitor), "val": val}
+
+
+def representative_images(x_train: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Calibration cells from training patients, plus one image spanning 0..255.
+
+    NIH pixels rarely exceed 250, so calibration alone sets the input scale to ~0.98 and raw pixels
+    would be read ~2% too bright; the extra image pins the input range to the full 0..255.
+    """
+    rng = np.random.default_rng(seed)
+    idx = rng.choice(len(x_train), size=min(n, len(x_train)), replace=False)
+    span = np.zeros_like(x_train[:1])
+    span[0, 0, 0, :] = 255
+    return np.concatenate([x_train[idx], span]).astype(np.float32)
+
+
+def to_tflite(model, rep: np.ndarray | None) -> bytes:
+    import tensorflow as tf
+
+    conv = tf.lite.TFLiteConverter.from_keras_model(model)
+    if rep is not None:
+        conv.optimizations = [tf.lite.Optimize.DEFAULT]
+
+        def gen():
+            for i in range(len(rep)):
+                yield [rep[i : i + 1]]
+
+        conv.representative_dataset = gen
+        conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        conv.inference_input_type = tf.uint8
+        conv.inference_output_type = tf.uint8
+    return conv.convert()
+
+
+def tensor_card(detail: dict) -> dict:
+    scale, zp = detail["quantization"]
+    return {"shape": [int(v) for v in detail["shape"]], "dtype": np.dtype(detail["dtype"]).name,
+            "quantization": {"scale": float(scale), "zero_point": int(zp)}}
+
+
+def make_card(name: str, tflite_path: Path, **extra) -> dict:
+    interp, _ = make_interpreter(tflite_path, 1)
+    inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
+    card = {
+        "name": name,
+        "file": tflite_path.name,
+        "sha256": sha256_of(tflite_path),
+        "size_bytes": tflite_path.stat().st_size,
+        "input": {**tensor_card(inp), "channel_order": "RGB", "layout": "NHWC",
+                  "preprocessing": "device.preprocess.prepare_cell: tight cell crop, black outside the "
+                                   "cell mask, padded square on black, resized; raw uint8 pixels"},
+        "output": {**tensor_card(out), "kind": "logit",
+                   "meaning": "p_infected = sigmoid(scale * (q - zero_point))"},
+        "class_order": CLASS_ORDER,
+    }
+    card.update(extra)
+    return card
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temp name in the same folder, fsync, then rename: never a half-written file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def runtime_gate(path: Path) -> dict:
+    """Load and run the model with each deployed runtime that is installed here."""
+    results = {}
+    for rt in ("ai_edge_litert", "tflite_runtime"):
+        try:
+            interp, _ = make_interpreter(path, 1, runtimes=(rt,))
+            d = interp.get_input_details()[0]
+            interp.set_tensor(d["index"], np.zeros(d["shape"], dtype=d["dtype"]))
+            interp.invoke()
+            results[rt] = "ok"
+        except Exception as exc:  # ModelError with the runtime's own message
+            msg = str(exc)
+            results[rt] = "not installed" if "not installed" in msg else f"failed: {msg}"
+    return results
+
+
+def convert(args, argv: list[str]) -> Path:
+    from train.data import DataError, list_cells, load_arrays
+
+    out_dir = Path(args.out)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".probe", delete=True):
+            pass
+    except OSError as exc:
+        raise ConvertError(f"output folder {out_dir} cannot be written ({exc.strerror or exc})") from exc
+    model_path = Path(args.model)
+    model = load_keras(model_path)
+    size = int(model.input_shape[1])
+    try:
+        files, csv_split = list_cells(args.data)
+    except DataError as exc:
+        raise ConvertError(str(exc)) from exc
+    sets = patient_sets(model_path, Path(args.data), files, csv_split, args.seed)
+    arrays = {}
+    for name in ("train", "monitor", "val"):
+        sel = [f for f in files if f.patient in sets[name]]
+        x, y, _, _ = load_arrays(sel, size)
+        arrays[name] = (x, y)
+        logger.info("%s patients: %d, cells: %d", name, len(sets[name]), len(y))
+    if len(arrays["train"][1]) == 0:
+        raise ConvertError(f"no training-patient cells found in {args.data} for calibration")
+    if len(arrays["val"][1]) == 0 or len(set(arrays["val"][1].tolist())) < 2:
+        raise ConvertError(f"validation patients in {args.data} need cells of both classes")
+    if len(arrays["monitor"][1]) == 0:
+        arrays["monitor"] = arrays["train"]
+
+    rep = representative_images(arrays["train"][0], args.representative, args.seed)
+    logger.info("converting float32 and int8 (calibration: %d training cells + 1 range image)", len(rep) - 1)
+    float_bytes = to_tflite(model, None)
+    int8_bytes = to_tflite(model, rep)
+
+    xv, yv = arrays["val"]
+    xm, ym = arrays["monitor"]
+    logits = model.predict(xv.astype(np.float32), batch_size=256, verbose=0)[:, 0]
+    p_keras = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+
+    with tempfile.TemporaryDirectory() as td:
+        td = Path(td)
+        results = {}
+        for kind, blob in (("float32", float_bytes), ("int8", int8_bytes)):
+            p = td / f"{args.name}_{kind}.tflite"
+            p.write_bytes(blob)
+            card = make_card(p.stem, p, threshold=0.5)
+            (td / f"{p.stem}.json").write_text(json.dumps(card))
+            clf = CellClassifier(p, threads=1)  # the device's own loader, card checks included
+            results[kind] = {"path": p, "card": card, "p_val": clf.predict(xv), "p_monitor": clf.predict(xm)}
+        runtimes = runtime_gate(td / f"{args.name}_int8.tflite")
+        float_path = model_path.parent / f"{args.name.replace('_int8', '')}_float32.tflite"
+        float_path.write_bytes(float_bytes)
+
+    m_keras = binary_metrics(yv, p_keras, 0.5)
+    m_float = binary_metrics(yv, results["float32"]["p_val"], 0.5)
+    m_int8 = binary_metrics(yv, results["int8"]["p_val"], 0.5)
+    logger.info("validation accuracy: keras %.4f, float32 %.4f, int8 %.4f (AUC %.4f / %.4f / %.4f)",
+                m_keras["accuracy"], m_float["accuracy"], m_int8["accuracy"],
+                m_keras["auc"], m_float["auc"], m_int8["auc"])
+    if m_int8["accuracy"] < m_keras["accuracy"] - args.max_drop:
+        raise ConvertError(
+            f"parity gate: int8 accuracy {m_int8['accuracy']:.4f} is more than {args.max_drop * 100:.1f} points "
+            f"below the Keras model's {m_keras['accuracy']:.4f}; nothing written to {out_dir}")
+    failed = {rt: r for rt, r in runtimes.items() if r.startswith("failed")}
+    if failed:
+        raise ConvertError(f"runtime gate: {failed}; nothing written to {out_dir}")
+    if runtimes.get("ai_edge_litert") != "ok":
+        raise ConvertError(f"runtime gate: ai_edge_litert must run the model ({runtimes['ai_edge_litert']})")
+
+    p_neg_monitor = results["int8"]["p_monitor"][ym == 0]
+    lo, hi = THRESHOLD_SAFE_RANGE
+    threshold = float(np.clip(threshold_for_fpr(p_neg_monitor, args.max_fpr), lo, hi))
+    m_int8_thr = binary_metrics(yv, results["int8"]["p_val"], threshold)
+    m_monitor = binary_metrics(ym, results["int8"]["p_monitor"], threshold)
+    logger.info("threshold %.4f (FP rate %.4f on %d early-stopping uninfected cells): validation "
+                "sensitivity %.4f, specificity %.4f, FP rate %.4f", threshold, m_monitor["false_positive_rate"],
+                int((ym == 0).sum()), m_int8_thr["sensitivity"], m_int8_thr["specificity"],
+                m_int8_thr["false_positive_rate"])
+
+    run_dir = model_path.parent
+    train_cmd = (run_dir / "command.txt").read_text().strip() if (run_dir / "command.txt").is_file() else None
+    final = out_dir / f"{args.name}.tflite"
+    write_atomic(final, int8_bytes)
+    card = make_card(
+        args.name, final,
+        threshold=threshold,
+        threshold_rule=(f"smallest threshold with false-positive rate <= {args.max_fpr:.2%} per healthy cell on the "
+                        f"uninfected cells of the {len(sets['monitor'])} early-stopping patients (int8 model), "
+                        f"clipped to the safe range {lo}-{hi}; chosen so a negative slide of 2,000 cells stays "
+                        "negative"),
+        metrics={
+            "validation_patients": sorted(sets["val"]),
+            "keras": m_keras, "float32": m_float, "int8": m_int8,
+            "int8_at_threshold": m_int8_thr,
+            "monitor_int8_at_threshold": m_monitor,
+        },
+        data={"source": str(Path(args.data).resolve()),
+              "patients": {k: len(v) for k, v in sets.items()},
+              "cells": {k: int(len(v[1])) for k, v in arrays.items()},
+              "representative": f"{len(rep) - 1} training-patient cells + 1 image spanning 0..255"},
+        runtimes=runtimes,
+        training_command=train_cmd,
+        conversion_command="python -m convert " + shlex.join(argv),
+        git_commit=_git_commit(),
+        date=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        float32_model=str(float_path),
+    )
+    write_atomic(out_dir / f"{args.name}.json", (json.dumps(card, indent=2) + "\n").encode())
+    logger.info("wrote %s (%d bytes, sha256 %s) and its card", final, card["size_bytes"], card["sha256"][:16])
+    return final

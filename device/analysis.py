@@ -1,0 +1,176 @@
+"""Field analysis as a pure function: frame -> cells -> verdicts -> counts.
+
+``analyze_field`` takes an RGB frame, a classifier and settings, and returns a :class:`FieldResult`.
+It keeps no state and does no I/O; the service, the CLI and the store sit around it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import cv2
+import numpy as np
+
+from device.preprocess import crop_cell, prepare_batch
+
+FOCUS_WIDTH_PX = 640  # focus is measured at this width so the figure does not depend on the sensor
+
+
+class Classifier(Protocol):
+    threshold: float
+    input_size_px: int
+
+    def predict(self, batch: np.ndarray) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class AnalysisSettings:
+    """What decides a field is usable. Defaults measured on the BBBC041 and IML fields."""
+
+    min_focus: float = 40.0  # variance of the Laplacian; sharp fields 90-280, 1.5 px blur 5-30
+    min_cells_per_field: int = 10
+    max_overexposed_frac: float = 0.5  # share of pixels at >= 250 in all channels
+    min_mean_brightness: float = 40.0  # 0-255 gray; below: lamp off or shutter closed
+    min_foreground_frac: float = 0.05  # share of the field covered by cells
+    threshold: float | None = None  # None: the classifier's (model card) threshold
+
+
+@dataclass(frozen=True)
+class CellVerdict:
+    bbox: tuple[int, int, int, int]
+    p_infected: float
+    infected: bool
+
+    def to_json(self) -> dict:
+        return {"bbox": [int(v) for v in self.bbox], "p_infected": round(float(self.p_infected), 4),
+                "infected": bool(self.infected)}
+
+
+@dataclass
+class FieldResult:
+    width: int
+    height: int
+    rejected: str | None
+    cells: list[CellVerdict]
+    focus: float
+    threshold: float
+    timing_ms: dict[str, float] = field(default_factory=dict)
+    masks: list[np.ndarray] = field(default_factory=list, repr=False)  # box-sized, for crops/annotation
+
+    @property
+    def rbc_count(self) -> int:
+        return 0 if self.rejected else len(self.cells)
+
+    @property
+    def infected_count(self) -> int:
+        return 0 if self.rejected else sum(c.infected for c in self.cells)
+
+    def to_json(self) -> dict:
+        return {
+            "width": self.width,
+            "height": self.height,
+            "rejected": self.rejected,
+            "focus": round(self.focus, 1),
+            "threshold": self.threshold,
+            "cells": [c.to_json() for c in self.cells],
+            "rbc_count": self.rbc_count,
+            "infected_count": self.infected_count,
+            "timing_ms": {k: round(v, 2) for k, v in self.timing_ms.items()},
+        }
+
+
+def focus_measure(image_rgb: np.ndarray) -> float:
+    """Variance of the Laplacian of the gray field at a fixed width (higher is sharper)."""
+    h, w = image_rgb.shape[:2]
+    scale = FOCUS_WIDTH_PX / w
+    small = cv2.resize(image_rgb, (FOCUS_WIDTH_PX, max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+    gray = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
+    return float(cv2.Laplacian(gray, cv2.CV_64F).var())
+
+
+def image_quality(image_rgb: np.ndarray, settings: AnalysisSettings) -> tuple[float, str | None]:
+    """Focus and exposure checks that need no segmentation. Returns (focus, reason or None)."""
+    focus = focus_measure(image_rgb)
+    gray_mean = float(image_rgb.mean())
+    if gray_mean < settings.min_mean_brightness:
+        return focus, f"too dark (mean brightness {gray_mean:.0f} < {settings.min_mean_brightness:.0f}): check the lamp"
+    over = float((image_rgb.min(axis=2) >= 250).mean())
+    if over > settings.max_overexposed_frac:
+        return focus, f"overexposed ({over:.0%} of pixels saturated): lower the lamp or exposure"
+    if focus < settings.min_focus:
+        return focus, f"out of focus (sharpness {focus:.0f} < {settings.min_focus:.0f}): refocus"
+    return focus, None
+
+
+def analyze_field(
+    image_rgb: np.ndarray, classifier: Classifier, settings: AnalysisSettings | None = None
+) -> FieldResult:
+    """Analyse one field: quality gate, segmentation, one batched classification, counts.
+
+    Args:
+        image_rgb: HxWx3 uint8 RGB frame.
+        classifier: anything with ``predict(batch) -> p_infected``, ``threshold`` and ``input_size_px``.
+        settings: quality-gate settings; the threshold defaults to the classifier's.
+
+    Returns:
+        A :class:`FieldResult`; a rejected field has ``rejected`` set and counts of zero.
+    """
+    from device.segment import segment_cells
+
+    settings = settings or AnalysisSettings()
+    threshold = float(settings.threshold if settings.threshold is not None else classifier.threshold)
+    h, w = image_rgb.shape[:2]
+    timing: dict[str, float] = {}
+    t0 = time.perf_counter()
+    focus, reason = image_quality(image_rgb, settings)
+    timing["quality_ms"] = (time.perf_counter() - t0) * 1000
+    if reason:
+        return FieldResult(w, h, reason, [], focus, threshold, timing)
+
+    t = time.perf_counter()
+    seg = segment_cells(image_rgb)
+    timing["segment_ms"] = (time.perf_counter() - t) * 1000
+    if seg.foreground_frac < settings.min_foreground_frac or len(seg.cells) < settings.min_cells_per_field:
+        timing["total_ms"] = (time.perf_counter() - t0) * 1000
+        return FieldResult(
+            w, h,
+            f"too few red cells ({len(seg.cells)} found, {settings.min_cells_per_field} needed): "
+            "empty area, thick area or not a blood smear",
+            [], focus, threshold, timing)
+
+    t = time.perf_counter()
+    crops = [crop_cell(image_rgb, c.mask, c.bbox) for c in seg.cells]
+    batch = prepare_batch(crops, classifier.input_size_px)
+    timing["crop_ms"] = (time.perf_counter() - t) * 1000
+    t = time.perf_counter()
+    p = classifier.predict(batch)
+    timing["classify_ms"] = (time.perf_counter() - t) * 1000
+    cells = [CellVerdict(tuple(int(v) for v in c.bbox), float(pi), bool(pi >= threshold))
+             for c, pi in zip(seg.cells, p, strict=True)]
+    timing["total_ms"] = (time.perf_counter() - t0) * 1000
+    return FieldResult(w, h, None, cells, focus, threshold, timing, [c.mask for c in seg.cells])
+
+
+INFECTED_RGB = (220, 20, 60)
+UNINFECTED_RGB = (0, 160, 80)
+
+
+def annotate(image_rgb: np.ndarray, result: FieldResult) -> np.ndarray:
+    """A copy of the field with each cell boxed: red for infected, green for not."""
+    out = image_rgb.copy()
+    thick = max(1, round(max(out.shape[:2]) / 600))
+    for c in result.cells:
+        x, y, w, h = c.bbox
+        colour = INFECTED_RGB if c.infected else UNINFECTED_RGB
+        cv2.rectangle(out, (x, y), (x + w - 1, y + h - 1), colour, thick + (1 if c.infected else 0))
+    if result.rejected:
+        cv2.putText(out, "REJECTED", (10, 40), cv2.FONT_HERSHEY_SIMPLEX, 1.2, INFECTED_RGB, 3)
+    return out
+
+
+def infected_crops(image_rgb: np.ndarray, result: FieldResult) -> list[tuple[int, np.ndarray]]:
+    """(cell index, NIH-style crop) of each cell flagged infected, for review."""
+    return [(i, crop_cell(image_rgb, result.masks[i], c.bbox))
+            for i, c in enumerate(result.cells) if c.infected and i < len(result.masks)]

@@ -1,0 +1,275 @@
+"""Command-line entry points of the device package (no TensorFlow anywhere)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def _progress(i: int, n: int, label: str, stream=sys.stderr) -> None:
+    """A one-line progress bar on stderr (only when there is more than one item)."""
+    if n <= 1:
+        return
+    if not stream.isatty():  # logs and CI: a line every 10%, no carriage returns
+        if i == n or i % max(1, n // 10) == 0:
+            stream.write(f"{i}/{n} {label}\n")
+        return
+    width = 30
+    done = int(width * i / n)
+    stream.write(f"\r[{'#' * done}{'.' * (width - done)}] {i}/{n} {label[:40]:<40}")
+    if i == n:
+        stream.write("\n")
+    stream.flush()
+
+
+def _classifier(args):
+    from device.classifier import CellClassifier
+    from device.config import DEFAULT_MODEL_PATH
+
+    return CellClassifier(args.model or DEFAULT_MODEL_PATH, threads=args.threads, threshold=args.threshold)
+
+
+def _write_json(path: str | None, doc: dict) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def cmd_cells(args) -> int:
+    import numpy as np
+
+    from device.imageio import ImageError, iter_image_files, read_rgb
+    from device.metrics import binary_metrics
+    from device.preprocess import prepare_cell
+
+    clf = _classifier(args)
+    files = iter_image_files(args.paths)
+    if not files:
+        print("no image files found in " + ", ".join(args.paths), file=sys.stderr)
+        return 2
+    rows, errors, batch, batch_files = [], [], [], []
+
+    def flush():
+        if not batch:
+            return
+        p = clf.predict(np.stack(batch))
+        for f, pi in zip(batch_files, p, strict=True):
+            rows.append({"file": str(f), "p_infected": round(float(pi), 4), "infected": bool(pi >= clf.threshold)})
+        batch.clear()
+        batch_files.clear()
+
+    for i, f in enumerate(files, 1):
+        try:
+            batch.append(prepare_cell(read_rgb(f, min_side_px=4), clf.input_size_px))
+            batch_files.append(f)
+        except ImageError as exc:
+            errors.append({"file": str(f), "error": str(exc)})
+            print(f"error: {exc}", file=sys.stderr)
+        if len(batch) >= 256:
+            flush()
+        _progress(i, len(files), f.name)
+    flush()
+    doc: dict = {"model": clf.card.name, "sha256": clf.sha256, "threshold": clf.threshold, "files": rows,
+                 "errors": errors}
+    labelled = [(r, _label_of(Path(r["file"]))) for r in rows]
+    labelled = [(r, y) for r, y in labelled if y is not None]
+    if labelled and len({y for _, y in labelled}) == 2:
+        y = np.array([y for _, y in labelled])
+        p = np.array([r["p_infected"] for r, _ in labelled])
+        m = binary_metrics(y, p, clf.threshold)
+        summary = {k: m[k] for k in ("n", "accuracy", "sensitivity", "specificity", "auc", "threshold")}
+        doc["summary"] = summary
+        print(json.dumps(summary))
+    elif len(rows) <= 20:
+        for r in rows:
+            print(f"{r['file']}: p_infected={r['p_infected']:.4f} {'INFECTED' if r['infected'] else 'uninfected'}")
+    _write_json(args.json, doc)
+    return 1 if errors and not rows else 0
+
+
+def _label_of(path: Path) -> int | None:
+    parts = {p.lower() for p in path.parts[:-1]}
+    if "parasitized" in parts:
+        return 1
+    if "uninfected" in parts:
+        return 0
+    return None
+
+
+def cmd_analyze(args) -> int:
+    import cv2
+
+    from device.analysis import AnalysisSettings, analyze_field, annotate
+    from device.imageio import ImageError, iter_image_files, read_rgb
+    from device.slide import summarize_slide
+
+    clf = _classifier(args)
+    settings = AnalysisSettings(threshold=args.threshold)
+    files = iter_image_files(args.paths)
+    if not files:
+        print("no image files found in " + ", ".join(args.paths), file=sys.stderr)
+        return 2
+    out_dir = Path(args.annotate) if args.annotate else None
+    if out_dir:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    images, failed = [], 0
+    for i, f in enumerate(files, 1):
+        t0 = time.perf_counter()
+        try:
+            rgb = read_rgb(f)
+            res = analyze_field(rgb, clf, settings)
+        except ImageError as exc:
+            failed += 1
+            images.append({"image": str(f), "error": str(exc)})
+            print(f"\nerror: {exc}", file=sys.stderr)
+            _progress(i, len(files), f.name)
+            continue
+        doc = {"image": str(f), **res.to_json()}
+        doc["timing_ms"]["read_ms"] = round((time.perf_counter() - t0) * 1000 - res.timing_ms.get("total_ms", 0), 2)
+        images.append(doc)
+        if out_dir:
+            cv2.imwrite(str(out_dir / (f.stem + "_annotated.jpg")),
+                        cv2.cvtColor(annotate(rgb, res), cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
+        if len(files) == 1 or args.verbose:
+            state = f"rejected: {res.rejected}" if res.rejected else f"{res.infected_count}/{res.rbc_count} infected"
+            print(f"{f}: {state} ({res.timing_ms.get('total_ms', 0):.0f} ms)")
+        _progress(i, len(files), f.name)
+    result: dict = {"model": clf.card.name, "sha256": clf.sha256, "threshold": clf.threshold, "images": images}
+    if args.slide:
+        ok = [d for d in images if "error" not in d]
+        used = [d for d in ok if not d["rejected"]]
+        s = summarize_slide(
+            sum(d["rbc_count"] for d in used), sum(d["infected_count"] for d in used),
+            threshold=clf.threshold, fp_rate_per_cell=clf.card.false_positive_rate or 0.0,
+            target_rbc=args.target, rbc_per_ul=args.rbc_per_ul,
+            fields_used=len(used), fields_rejected=len(ok) - len(used) + failed)
+        result["slide"] = s.to_json()
+        print(f"slide: {s.call} — {s.infected_count}/{s.rbc_count} infected, parasitemia {s.parasitemia_pct:.3f}% "
+              f"(95% CI {s.ci95_pct[0]:.3f}-{s.ci95_pct[1]:.3f}%), {s.parasites_per_ul:.0f} parasites/uL "
+              f"({s.rbc_per_ul_source} {s.rbc_per_ul:.3g} RBC/uL); {s.call_reason}")
+    elif len(files) > 1:
+        n_rej = sum(1 for d in images if d.get("rejected"))
+        print(f"{len(files)} images: {failed} failed, {n_rej} rejected, "
+              f"{sum(d.get('rbc_count', 0) for d in images)} red cells, "
+              f"{sum(d.get('infected_count', 0) for d in images)} flagged infected")
+    _write_json(args.json, result)
+    return 1 if failed == len(files) else 0
+
+
+def cmd_evaluate_fields(args) -> int:
+    from device.fields import evaluate_fields, format_report
+    from device.preprocess import prepare_batch
+
+    classify, threshold = None, 0.5
+    if not args.no_classifier:
+        clf = _classifier(args)
+        threshold = clf.threshold
+
+        def classify(crops):
+            return clf.predict(prepare_batch(crops, clf.input_size_px))
+
+    report = evaluate_fields(args.dir, classify=classify, threshold=threshold,
+                             progress=lambda i, n, name: _progress(i, n, name))
+    print(format_report(report))
+    _write_json(args.json, report)
+    return 0
+
+
+def cmd_check_config(args) -> int:
+    from device.config import ConfigError, load_config
+
+    try:
+        load_config(args.file)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.file}: OK")
+    return 0
+
+
+def cmd_hash_password(args) -> int:
+    import getpass
+
+    from werkzeug.security import generate_password_hash
+
+    pw = args.password if args.password is not None else getpass.getpass("admin password: ")
+    if len(pw) < 8:
+        print("password must have at least 8 characters", file=sys.stderr)
+        return 2
+    print(generate_password_hash(pw))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from device.service import serve
+
+    return serve(args.config, host=args.host, port=args.port)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m device", description="Malaria Detect device.")
+    ap.add_argument("--log-level", default="INFO")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    def model_args(p):
+        p.add_argument("--model", help="the .tflite model (default: the shipped model in models/)")
+        p.add_argument("--threshold", type=float, help="decision threshold (default: the model card's)")
+        p.add_argument("--threads", type=int, default=1)
+
+    p = sub.add_parser("serve", help="run the service")
+    p.add_argument("--config", help="TOML config file (default: the embedded demo config)")
+    p.add_argument("--host", help="override service.host")
+    p.add_argument("--port", type=int, help="override service.port")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("analyze", help="analyse saved field images")
+    p.add_argument("paths", nargs="+", metavar="IMAGE_OR_DIR")
+    p.add_argument("--json", help="write per-image results (and the slide result) here")
+    p.add_argument("--annotate", metavar="DIR", help="write annotated copies here")
+    p.add_argument("--slide", action="store_true", help="treat all images as fields of one slide")
+    p.add_argument("--target", type=int, default=2000, help="RBC counting target (default 2000)")
+    p.add_argument("--rbc-per-ul", type=float, help="measured RBC count per uL (default: assume 5e6)")
+    p.add_argument("-v", "--verbose", action="store_true", help="one line per image")
+    model_args(p)
+    p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("cells", help="classify single-cell images")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("--json", help="write per-file results (and the summary) here")
+    model_args(p)
+    p.set_defaults(func=cmd_cells)
+
+    p = sub.add_parser("evaluate-fields", help="measure segmentation and counting on annotated fields")
+    p.add_argument("dir", help="folder with images/ and annotations.json")
+    p.add_argument("--json", help="write the report here")
+    p.add_argument("--no-classifier", action="store_true", help="segmentation only")
+    model_args(p)
+    p.set_defaults(func=cmd_evaluate_fields)
+
+    p = sub.add_parser("check-config", help="validate a config file")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("hash-password", help="print a password hash for security.admin_password_hash")
+    p.add_argument("--password", help="(default: prompt)")
+    p.set_defaults(func=cmd_hash_password)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from device.model_card import ModelError
+
+    try:
+        return args.func(args)
+    except ModelError as exc:
+        print(f"model error: {exc}", file=sys.stderr)
+        return 3

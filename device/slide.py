@@ -1,0 +1,132 @@
+"""Slide totals from many fields: parasitemia with a 95% Wilson interval, parasites/uL, the call."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+DEFAULT_RBC_PER_UL = 5.0e6  # a typical adult count, used when no measured RBC count is given
+FALSE_ALARM_PROBABILITY = 0.001  # chance that a truly negative slide is called positive
+
+
+def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval for a proportion k/n (as fractions). (0, 1) when n == 0."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def positive_cutoff(n: int, fp_rate: float, alpha: float = FALSE_ALARM_PROBABILITY) -> int:
+    """Smallest infected count K such that a slide with no parasites reaches K with probability < alpha.
+
+    False positives among n healthy cells are ~ Binomial(n, fp_rate), approximated by Poisson(n * fp_rate).
+    With no false positives expected (fp_rate 0), one flagged cell suffices.
+    """
+    lam = n * max(fp_rate, 0.0)
+    if lam <= 0:
+        return 1
+    # P(X >= k) = 1 - sum_{i<k} e^-lam lam^i / i!
+    term = math.exp(-lam)
+    cdf = term
+    k = 1
+    while 1.0 - cdf >= alpha:
+        term *= lam / k
+        cdf += term
+        k += 1
+    return k
+
+
+@dataclass(frozen=True)
+class SlideSummary:
+    rbc_count: int
+    infected_count: int
+    parasitemia_pct: float
+    ci95_pct: tuple[float, float]
+    parasites_per_ul: float
+    ci95_per_ul: tuple[float, float]
+    rbc_per_ul: float
+    rbc_per_ul_source: str  # "assumed" or "measured"
+    target_rbc: int
+    progress: float  # 0..1 toward the counting target
+    detection_limit_pct: float  # parasitemia at which the call turns positive, at this count
+    detection_limit_per_ul: float
+    positive_cutoff_cells: int
+    expected_false_positives: float
+    call: str  # "positive" | "negative" | "not enough cells"
+    call_reason: str
+    threshold: float
+    fp_rate_per_cell: float
+    fields_used: int
+    fields_rejected: int
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["ci95_pct"] = list(self.ci95_pct)
+        d["ci95_per_ul"] = list(self.ci95_per_ul)
+        return d
+
+
+def summarize_slide(
+    rbc_count: int,
+    infected_count: int,
+    *,
+    threshold: float,
+    fp_rate_per_cell: float,
+    target_rbc: int = 2000,
+    rbc_per_ul: float | None = None,
+    fields_used: int = 0,
+    fields_rejected: int = 0,
+) -> SlideSummary:
+    """Totals and the slide call.
+
+    The call is positive only when the infected count is beyond what the classifier's false-positive
+    rate per healthy cell would produce on a parasite-free slide (probability < 0.1%), so a negative
+    slide stays negative however many cells are counted. Below the counting target the call is
+    "not enough cells" unless the count is already decisively positive.
+    """
+    per_ul = float(rbc_per_ul) if rbc_per_ul else DEFAULT_RBC_PER_UL
+    source = "measured" if rbc_per_ul else "assumed"
+    n, k = int(rbc_count), int(infected_count)
+    frac = k / n if n else 0.0
+    lo, hi = wilson_interval(k, n)
+    cutoff = positive_cutoff(max(n, target_rbc), fp_rate_per_cell)
+    limit_n = max(n, target_rbc)
+    limit = cutoff / limit_n
+    expected_fp = n * fp_rate_per_cell
+    if k >= positive_cutoff(n, fp_rate_per_cell) and n > 0 and k > 0:
+        call = "positive"
+        reason = (f"{k} infected cells in {n}: more than the {expected_fp:.1f} false positives expected at "
+                  f"threshold {threshold:.3f} (cutoff {positive_cutoff(n, fp_rate_per_cell)} cells)")
+    elif n < target_rbc:
+        call = "not enough cells"
+        reason = f"{n} of {target_rbc} red cells counted: keep capturing fields"
+    else:
+        call = "negative"
+        reason = (f"{k} infected cells in {n}: within the {expected_fp:.1f} false positives expected at "
+                  f"threshold {threshold:.3f} (positive from {cutoff} cells)")
+    return SlideSummary(
+        rbc_count=n,
+        infected_count=k,
+        parasitemia_pct=100.0 * frac,
+        ci95_pct=(100.0 * lo, 100.0 * hi),
+        parasites_per_ul=frac * per_ul,
+        ci95_per_ul=(lo * per_ul, hi * per_ul),
+        rbc_per_ul=per_ul,
+        rbc_per_ul_source=source,
+        target_rbc=int(target_rbc),
+        progress=min(1.0, n / target_rbc) if target_rbc else 1.0,
+        detection_limit_pct=100.0 * limit,
+        detection_limit_per_ul=limit * per_ul,
+        positive_cutoff_cells=cutoff,
+        expected_false_positives=expected_fp,
+        call=call,
+        call_reason=reason,
+        threshold=float(threshold),
+        fp_rate_per_cell=float(fp_rate_per_cell),
+        fields_used=int(fields_used),
+        fields_rejected=int(fields_rejected),
+    )
