@@ -8,6 +8,7 @@ import logging
 import os
 import shlex
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -142,19 +143,37 @@ def write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
+_GATE_SCRIPT = """
+import sys
+import numpy as np
+from device.classifier import make_interpreter
+interp, _ = make_interpreter(sys.argv[1], 1, runtimes=(sys.argv[2],))
+d = interp.get_input_details()[0]
+interp.set_tensor(d["index"], np.zeros(d["shape"], dtype=d["dtype"]))
+interp.invoke()
+assert "tensorflow" not in sys.modules
+print("ok")
+"""
+
+
 def runtime_gate(path: Path) -> dict:
-    """Load and run the model with each deployed runtime that is installed here."""
+    """Load and run the model with each deployed runtime installed here, each in a fresh process.
+
+    A fresh process is what the device has: no TensorFlow loaded beside the runtime (two TFLite
+    builds in one process can break each other, which would blame the model wrongly).
+    """
     results = {}
     for rt in ("ai_edge_litert", "tflite_runtime"):
-        try:
-            interp, _ = make_interpreter(path, 1, runtimes=(rt,))
-            d = interp.get_input_details()[0]
-            interp.set_tensor(d["index"], np.zeros(d["shape"], dtype=d["dtype"]))
-            interp.invoke()
+        proc = subprocess.run([sys.executable, "-c", _GATE_SCRIPT, str(path), rt], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parent.parent, timeout=120)
+        last = (proc.stdout.strip().splitlines() or [""])[-1]
+        err = proc.stderr.strip().splitlines()
+        if proc.returncode == 0 and last == "ok":
             results[rt] = "ok"
-        except Exception as exc:  # ModelError with the runtime's own message
-            msg = str(exc)
-            results[rt] = "not installed" if "not installed" in msg else f"failed: {msg}"
+        elif any("not installed" in line for line in err):
+            results[rt] = "not installed"
+        else:
+            results[rt] = "failed: " + (err[-1] if err else f"exit {proc.returncode}")
     return results
 
 

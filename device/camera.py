@@ -1,0 +1,478 @@
+"""Cameras behind one small protocol, and the live feed that keeps the latest frame.
+
+Every camera has ``read() -> HxWx3 uint8 RGB`` and ``close()`` and is a context manager:
+
+- :class:`Picamera2Camera`: a Raspberry Pi camera module through picamera2 (imported only when chosen:
+  it needs libcamera, which exists only on a Pi). We ask for the pinned format ``"BGR888"``:
+  picamera2 names formats in the reverse of memory order, so ``"BGR888"`` frames are R, G, B in memory.
+- :class:`OpenCVCamera`: a USB microscope camera through OpenCV/V4L2 (device index or path); OpenCV
+  delivers BGR, converted here to RGB.
+- :class:`ReplayCamera`: a folder of images or a video file, decoded for real with OpenCV and looped,
+  paced at a frame rate: the demo and the tests.
+
+:class:`CameraFeed` owns one camera in a thread: it keeps the latest frame with its focus measure and
+steadiness, and when the camera is missing or disappears it keeps running and reconnects with an
+exponential back-off capped at ``camera.reconnect_max_s``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import cv2
+import numpy as np
+
+from device.imageio import IMAGE_SUFFIXES, ImageError, read_rgb, to_rgb8
+
+logger = logging.getLogger(__name__)
+
+VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".mov", ".webm", ".mjpg", ".mjpeg"}
+# picamera2 format names are the reverse of memory order: "BGR888" is R, G, B bytes in memory.
+PICAMERA2_FORMAT = "BGR888"
+
+
+class CameraError(RuntimeError):
+    """The camera cannot be opened or stopped delivering frames; the message says what to check."""
+
+
+class Camera(Protocol):
+    def read(self) -> np.ndarray:
+        """The next frame as HxWx3 uint8 RGB. Raises :class:`CameraError` when none can be had."""
+        ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Camera: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
+class _ContextCamera:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:  # pragma: no cover - overridden
+        pass
+
+
+class ReplayCamera(_ContextCamera):
+    """Replay a folder of images (sorted, looped, re-listed each loop) or a video file (looped).
+
+    Args:
+        path: a folder of images or a video file.
+        fps: frames per second; :meth:`read` sleeps so frames come no faster, like a real camera.
+    """
+
+    def __init__(self, path: str | Path, fps: float = 2.0):
+        self.path = Path(path)
+        self.frame_interval_s = 1.0 / fps
+        self._next_t = 0.0
+        self._video: cv2.VideoCapture | None = None
+        self._files: list[Path] = []
+        self._index = 0
+        if self.path.is_dir():
+            self._rescan()
+        elif self.path.is_file() and self.path.suffix.lower() in VIDEO_SUFFIXES:
+            self._video = cv2.VideoCapture(str(self.path))
+            if not self._video.isOpened():
+                raise CameraError(f"replay video cannot be opened: {self.path}")
+        elif self.path.is_file():
+            raise CameraError(f"replay path is not a folder or a video ({', '.join(sorted(VIDEO_SUFFIXES))}): "
+                              f"{self.path}")
+        else:
+            raise CameraError(f"replay folder or video not found: {self.path}")
+
+    def _rescan(self) -> None:
+        if not self.path.is_dir():
+            raise CameraError(f"replay folder is gone: {self.path}")
+        self._files = sorted(p for p in self.path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        self._index = 0
+        if not self._files:
+            raise CameraError(f"replay folder has no images: {self.path}")
+
+    def _pace(self) -> None:
+        now = time.monotonic()
+        if self._next_t > now:
+            time.sleep(self._next_t - now)
+            now = self._next_t
+        self._next_t = now + self.frame_interval_s
+
+    def read(self) -> np.ndarray:
+        self._pace()
+        if self._video is not None:
+            return self._read_video()
+        for _ in range(max(1, len(self._files))):
+            if self._index >= len(self._files):
+                self._rescan()
+            path = self._files[self._index]
+            self._index += 1
+            try:
+                return read_rgb(path)
+            except ImageError as exc:
+                if not path.exists():
+                    raise CameraError(f"replay image vanished: {path}") from exc
+                logger.warning("replay: skipping unreadable image: %s", exc)
+        raise CameraError(f"replay folder has no readable images: {self.path}")
+
+    def _read_video(self) -> np.ndarray:
+        assert self._video is not None
+        ok, frame = self._video.read()
+        if not ok:  # end of file: loop
+            self._video.set(cv2.CAP_PROP_POS_FRAMES, 0)
+            ok, frame = self._video.read()
+        if not ok or frame is None:
+            raise CameraError(f"replay video gives no frames: {self.path}")
+        return to_rgb8(frame, name=str(self.path), bgr=True)
+
+    def close(self) -> None:
+        if self._video is not None:
+            self._video.release()
+            self._video = None
+
+
+class OpenCVCamera(_ContextCamera):
+    """A USB (UVC) microscope camera through OpenCV: V4L2 on Linux. Frames come BGR; returned RGB.
+
+    Args:
+        device: an index (``"0"``) or a path (``"/dev/video0"``; a video file works too, for tests).
+        width, height: the requested size; the camera may pick the nearest it supports.
+    """
+
+    def __init__(self, device: str | int = "0", width: int = 1280, height: int = 960):
+        source: int | str = int(device) if str(device).isdigit() else str(device)
+        self.device = source
+        v4l2 = sys.platform.startswith("linux") and (isinstance(source, int) or str(source).startswith("/dev/"))
+        self._cap = cv2.VideoCapture(source, cv2.CAP_V4L2 if v4l2 else cv2.CAP_ANY)
+        if not self._cap.isOpened():
+            self._cap.release()
+            raise CameraError(f"no camera at {device!r}: check the USB cable (ls /dev/video*)")
+        if v4l2:
+            # Most USB microscopes reach full resolution only in MJPG; OpenCV decodes it to BGR.
+            self._cap.set(cv2.CAP_PROP_FOURCC, cv2.VideoWriter_fourcc(*"MJPG"))
+            self._cap.set(cv2.CAP_PROP_FRAME_WIDTH, width)
+            self._cap.set(cv2.CAP_PROP_FRAME_HEIGHT, height)
+            # One buffered frame: a capture shows the stage as it is now, not a queued old frame.
+            self._cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)
+
+    def read(self) -> np.ndarray:
+        ok, frame = self._cap.read()
+        if not ok or frame is None:
+            raise CameraError(f"camera {self.device!r} stopped delivering frames (unplugged?)")
+        return to_rgb8(frame, name=f"camera {self.device}", bgr=True)
+
+    def close(self) -> None:
+        self._cap.release()
+
+
+class Picamera2Camera(_ContextCamera):
+    """A Raspberry Pi camera module through picamera2, asking for the pinned ``"BGR888"`` format.
+
+    picamera2 comes from apt (``python3-picamera2``); the venv needs ``--system-site-packages`` to see it.
+    """
+
+    def __init__(self, width: int = 1280, height: int = 960):
+        try:
+            from picamera2 import Picamera2  # Pi-only (libcamera): imported here, never at module top
+        except ImportError as exc:
+            raise CameraError("picamera2 is not installed: apt install python3-picamera2 and create the venv "
+                              "with --system-site-packages") from exc
+        self._cam = None
+        try:
+            cam = Picamera2()
+            self._cam = cam
+            config = cam.create_video_configuration(main={"size": (width, height), "format": PICAMERA2_FORMAT})
+            cam.configure(config)
+            cam.start()
+        except Exception as exc:  # libcamera raises IndexError/RuntimeError when no camera is attached
+            self.close()
+            raise CameraError(f"Raspberry Pi camera not available: {type(exc).__name__}: {exc} "
+                              "(check the ribbon cable and `rpicam-hello --list-cameras`)") from exc
+        self.size = (width, height)
+
+    def read(self) -> np.ndarray:
+        if self._cam is None:
+            raise CameraError("Raspberry Pi camera is closed")
+        try:
+            frame = self._cam.capture_array("main")
+        except Exception as exc:
+            raise CameraError(f"Raspberry Pi camera stopped: {type(exc).__name__}: {exc}") from exc
+        frame = np.asarray(frame)
+        if frame.ndim != 3 or frame.shape[2] not in (3, 4):
+            raise CameraError(f"Raspberry Pi camera gave an unexpected frame shape {frame.shape}")
+        # BGR888 is R, G, B in memory already; a 4-channel buffer (XBGR8888) carries padding last.
+        return np.ascontiguousarray(frame[:, :, :3])
+
+    def close(self) -> None:
+        cam, self._cam = self._cam, None
+        if cam is not None:
+            try:
+                cam.stop()
+            finally:
+                cam.close()
+
+
+def open_camera(camera_config) -> Camera:
+    """Open the camera that ``config.camera.source`` names. Raises :class:`CameraError`."""
+    c = camera_config
+    if c.source == "replay":
+        return ReplayCamera(c.replay_path, c.replay_fps)
+    if c.source == "opencv":
+        return OpenCVCamera(c.device, c.width, c.height)
+    if c.source == "picamera2":
+        return Picamera2Camera(c.width, c.height)
+    raise CameraError(f"unknown camera source {c.source!r}")
+
+
+# --- the live feed -----------------------------------------------------------------------------
+
+FOCUS_INTERVAL_S = 0.25  # focus is measured at most this often: ~30 ms per frame on a Pi 4
+STEADY_WIDTH_PX = 160  # steadiness compares small gray copies: stage motion, not sensor noise
+STEADY_MAX_DIFF = 3.0  # mean absolute gray difference (0-255) between frames of a still stage
+STEADY_MIN_S = 1.0  # the stage must be still this long before a field counts as steady
+HEARTBEAT_STALE_S = 20.0  # no loop iteration for this long: the capture loop is stuck
+RECONNECT_MIN_S = 0.5
+
+
+@dataclass(frozen=True)
+class Frame:
+    seq: int
+    rgb: np.ndarray
+    t: float  # time.monotonic() when read
+    focus: float | None
+
+
+class CameraFeed:
+    """Owns one camera in a thread; keeps the latest frame; reconnects with capped back-off.
+
+    Args:
+        open_camera: returns an opened camera, or raises (any exception counts as "no camera").
+        reconnect_max_s: the longest wait between reconnection attempts.
+        min_focus: focus below this is shown as "not sharp".
+        source: a name for the status ("replay", "opencv", "picamera2").
+        focus: the focus measure (``device.analysis.focus_measure``).
+    """
+
+    def __init__(self, open_camera: Callable[[], Camera], *, reconnect_max_s: float = 30.0,
+                 min_focus: float = 40.0, source: str = "camera",
+                 focus: Callable[[np.ndarray], float] | None = None, reconnect_min_s: float = RECONNECT_MIN_S):
+        if focus is None:
+            from device.analysis import focus_measure as focus
+        self._open = open_camera
+        self._focus_fn = focus
+        self.reconnect_max_s = float(reconnect_max_s)
+        self.reconnect_min_s = min(float(reconnect_min_s), self.reconnect_max_s)
+        self.min_focus = float(min_focus)
+        self.source = source
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._frame: Frame | None = None
+        self._state = "connecting"
+        self._message: str | None = None
+        self._since = time.time()
+        self._seq = 0
+        self._reconnects = 0
+        self._next_retry_t: float | None = None
+        self._heartbeat = time.monotonic()
+        self._focus: float | None = None
+        self._focus_t = 0.0
+        self._small_prev: np.ndarray | None = None
+        self._still_since: float | None = None
+        self._scene = 0
+        self._fps = 0.0
+        self._preview: tuple[int, int, bytes] | None = None  # (seq, max_width, jpeg)
+        self._preview_lock = threading.Lock()
+        self._new_frame = threading.Condition(self._lock)
+
+    # -- lifecycle --
+    def start(self) -> CameraFeed:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="camera-feed", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            self._thread = None
+
+    def __enter__(self) -> CameraFeed:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- the loop --
+    def _set_state(self, state: str, message: str | None) -> None:
+        with self._lock:
+            if state != self._state:
+                self._since = time.time()
+            self._state, self._message = state, message
+            if state != "connected":
+                self._frame = None
+                self._small_prev = None
+                self._still_since = None
+
+    def _wait(self, seconds: float) -> None:
+        """Sleep in short slices, keeping the heartbeat fresh, until stopped."""
+        end = time.monotonic() + seconds
+        while not self._stop.is_set():
+            self._heartbeat = time.monotonic()
+            left = end - self._heartbeat
+            if left <= 0:
+                return
+            self._stop.wait(min(left, 1.0))
+
+    def _run(self) -> None:
+        cam: Camera | None = None
+        backoff = self.reconnect_min_s
+        try:
+            while not self._stop.is_set():
+                self._heartbeat = time.monotonic()
+                if cam is None:
+                    try:
+                        cam = self._open()
+                    except Exception as exc:
+                        msg = str(exc) or type(exc).__name__
+                        if self._message != msg or self._state != "disconnected":
+                            logger.warning("camera unavailable: %s (retrying, at most every %.0f s)",
+                                           msg, self.reconnect_max_s)
+                        self._set_state("disconnected", msg)
+                        self._next_retry_t = time.time() + backoff
+                        self._wait(backoff)
+                        backoff = min(backoff * 2, self.reconnect_max_s)
+                        continue
+                    self._next_retry_t = None
+                    if self._seq or self._reconnects:
+                        logger.info("camera reconnected (%s)", self.source)
+                    else:
+                        logger.info("camera connected (%s)", self.source)
+                    self._set_state("connected", None)
+                    backoff = self.reconnect_min_s
+                try:
+                    rgb = cam.read()
+                except Exception as exc:
+                    msg = str(exc) or type(exc).__name__
+                    logger.warning("camera lost: %s", msg)
+                    self._close_quietly(cam)
+                    cam = None
+                    with self._lock:
+                        self._reconnects += 1
+                    self._set_state("disconnected", msg)
+                    continue
+                self._on_frame(rgb)
+        finally:
+            if cam is not None:
+                self._close_quietly(cam)
+
+    @staticmethod
+    def _close_quietly(cam: Camera) -> None:
+        try:
+            cam.close()
+        except Exception:  # a vanished device can fail to close; nothing more to do
+            logger.debug("camera close failed", exc_info=True)
+
+    def _on_frame(self, rgb: np.ndarray) -> None:
+        now = time.monotonic()
+        if now - self._focus_t >= FOCUS_INTERVAL_S or self._focus is None:
+            self._focus = self._focus_fn(rgb)
+            self._focus_t = now
+        h, w = rgb.shape[:2]
+        small = cv2.cvtColor(cv2.resize(rgb, (STEADY_WIDTH_PX, max(1, round(h * STEADY_WIDTH_PX / w))),
+                                        interpolation=cv2.INTER_AREA), cv2.COLOR_RGB2GRAY)
+        with self._lock:
+            prev = self._small_prev
+            moved = prev is None or prev.shape != small.shape or float(
+                cv2.absdiff(prev, small).mean()) > STEADY_MAX_DIFF
+            if moved:
+                if self._still_since is not None or prev is None:
+                    self._scene += 1
+                self._still_since = None
+            elif self._still_since is None:
+                self._still_since = self._frame.t if self._frame is not None else now
+            self._small_prev = small
+            if self._frame is not None:
+                dt = now - self._frame.t
+                if dt > 0:
+                    self._fps = 0.8 * self._fps + 0.2 / dt if self._fps else 1.0 / dt
+            self._seq += 1
+            self._frame = Frame(self._seq, rgb, now, self._focus)
+            self._new_frame.notify_all()
+
+    # -- what the service and the page read --
+    def latest(self) -> Frame | None:
+        """The latest frame, or None while the camera is disconnected."""
+        with self._lock:
+            return self._frame
+
+    def wait_frame(self, after_seq: int = 0, timeout_s: float = 5.0) -> Frame | None:
+        """Block until a frame newer than ``after_seq`` arrives (or timeout); None if none came."""
+        end = time.monotonic() + timeout_s
+        with self._lock:
+            while self._frame is None or self._frame.seq <= after_seq:
+                left = end - time.monotonic()
+                if left <= 0 or self._stop.is_set():
+                    return None
+                self._new_frame.wait(min(left, 0.5))
+            return self._frame
+
+    @property
+    def connected(self) -> bool:
+        with self._lock:
+            return self._state == "connected"
+
+    def loop_healthy(self) -> bool:
+        """The capture loop is alive and turning (for the systemd watchdog)."""
+        return (self._thread is not None and self._thread.is_alive()
+                and time.monotonic() - self._heartbeat < HEARTBEAT_STALE_S)
+
+    def status(self) -> dict:
+        with self._lock:
+            frame = self._frame
+            steady = (self._still_since is not None and frame is not None
+                      and frame.t - self._still_since >= STEADY_MIN_S)
+            return {
+                "state": self._state,
+                "source": self.source,
+                "message": self._message,
+                "since": self._since,
+                "frames": self._seq,
+                "fps": round(self._fps, 1),
+                "focus": None if frame is None or frame.focus is None else round(frame.focus, 1),
+                "min_focus": self.min_focus,
+                "sharp": None if frame is None or frame.focus is None else frame.focus >= self.min_focus,
+                "steady": bool(steady),
+                "scene": self._scene,
+                "reconnects": self._reconnects,
+                "next_retry_in_s": (None if self._next_retry_t is None
+                                    else round(max(0.0, self._next_retry_t - time.time()), 1)),
+            }
+
+    def preview_jpeg(self, max_width: int = 960, quality: int = 75) -> tuple[int, bytes] | None:
+        """The latest frame as a small JPEG, encoded once per frame whoever asks. None: no frame."""
+        frame = self.latest()
+        if frame is None:
+            return None
+        with self._preview_lock:
+            if self._preview is not None and self._preview[:2] == (frame.seq, max_width):
+                return frame.seq, self._preview[2]
+            rgb = frame.rgb
+            h, w = rgb.shape[:2]
+            if w > max_width:
+                rgb = cv2.resize(rgb, (max_width, round(h * max_width / w)), interpolation=cv2.INTER_AREA)
+            ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+            if not ok:  # pragma: no cover - encoding a valid uint8 image does not fail
+                return None
+            self._preview = (frame.seq, max_width, buf.tobytes())
+            return frame.seq, self._preview[2]

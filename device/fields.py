@@ -1,0 +1,403 @@
+"""Measuring segmentation (and optionally classification) on annotated microscope fields.
+
+A field folder holds ``images/`` and ``annotations.json``: one record per image,
+``{"image", "width", "height", "objects": [{"category", "bbox": [x, y, w, h]}]}``.
+
+- Ground-truth cells are ``red blood cell`` boxes and parasite-stage boxes (``ring``, ``trophozoite``,
+  ``schizont``, ``gametocyte``): a parasite box marks an infected cell, so it is a cell box itself.
+- ``leukocyte`` and ``difficult`` boxes are "ignore" regions: a detection matched to one is neither a
+  true nor a false positive, and it is not counted.
+- Matching is greedy by IoU (highest first, one-to-one) at ``iou`` (0.5), first against cell boxes,
+  then the left-over detections against ignore boxes.
+- **Partial labels** (``iml_vivax``: many cells have no box): a detection that touches no box at all
+  cannot be judged, so precision there counts only detections overlapping some box, and count errors
+  are not meaningful (reported, marked ``n/a``). Detected automatically from the folder name, or set
+  ``partial_labels``.
+- **Border cells**: :func:`device.segment.segment_cells` drops cells cut by the image border by design.
+  With ``ignore_border_gt`` (default) a ground-truth box touching the border is an ignore region; BBBC041
+  does not box such cells anyway, IML does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from device.imageio import ImageError, read_rgb
+from device.preprocess import crop_cell
+from device.segment import SegmentParams, segment_cells
+
+logger = logging.getLogger(__name__)
+
+RBC_CATEGORY = "red blood cell"
+PARASITE_CATEGORIES = frozenset({"ring", "trophozoite", "schizont", "gametocyte"})
+IGNORE_CATEGORIES = frozenset({"leukocyte", "difficult"})
+PARTIAL_LABEL_DATASETS = frozenset({"iml_vivax"})
+# A detection overlapping a box by at least this IoU is "about a boxed cell" (partial-label precision).
+JUDGED_MIN_IOU = 0.1
+# A box whose edge is this close to the image edge belongs to a cell cut by the border.
+BORDER_MARGIN_PX = 2
+
+Classifier = Callable[[list[np.ndarray]], np.ndarray]
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU matrix of boxes ``a`` (n x 4) and ``b`` (m x 4), both ``x, y, w, h``."""
+    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
+    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
+    if len(a) == 0 or len(b) == 0:
+        return np.zeros((len(a), len(b)))
+    ax0, ay0, ax1, ay1 = a[:, 0:1], a[:, 1:2], a[:, 0:1] + a[:, 2:3], a[:, 1:2] + a[:, 3:4]
+    bx0, by0, bx1, by1 = b[:, 0], b[:, 1], b[:, 0] + b[:, 2], b[:, 1] + b[:, 3]
+    iw = np.clip(np.minimum(ax1, bx1) - np.maximum(ax0, bx0), 0, None)
+    ih = np.clip(np.minimum(ay1, by1) - np.maximum(ay0, by0), 0, None)
+    inter = iw * ih
+    union = (a[:, 2:3] * a[:, 3:4]) + (b[:, 2] * b[:, 3]) - inter
+    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
+
+
+def greedy_match(iou_matrix: np.ndarray, min_iou: float) -> list[tuple[int, int]]:
+    """One-to-one matches ``(row, col)`` by descending IoU, keeping pairs with IoU >= ``min_iou``."""
+    if iou_matrix.size == 0:
+        return []
+    rows, cols = np.nonzero(iou_matrix >= min_iou)
+    order = np.argsort(-iou_matrix[rows, cols], kind="stable")
+    used_r: set[int] = set()
+    used_c: set[int] = set()
+    out = []
+    for i in order:
+        r, c = int(rows[i]), int(cols[i])
+        if r in used_r or c in used_c:
+            continue
+        used_r.add(r)
+        used_c.add(c)
+        out.append((r, c))
+    return out
+
+
+def _touches_border(box: Sequence[float], width: int, height: int) -> bool:
+    x, y, w, h = box
+    m = BORDER_MARGIN_PX
+    return x <= m or y <= m or x + w >= width - m or y + h >= height - m
+
+
+def match_image(
+    det_boxes: np.ndarray,
+    objects: list[dict[str, Any]],
+    width: int,
+    height: int,
+    iou: float = 0.5,
+    ignore_border_gt: bool = True,
+) -> dict[str, Any]:
+    """Match one image's detections to its annotation objects.
+
+    Returns a dict with ``gt_boxes``, ``gt_parasite`` (bool per GT cell), ``det_to_gt`` (index of the
+    matched GT cell or -1 per detection), ``det_ignored`` (bool per detection: matched an ignore box),
+    ``det_judged`` (bool: overlaps some box at ``JUDGED_MIN_IOU``), and ``n_unknown_categories``.
+    """
+    gt, parasite, ignore = [], [], []
+    unknown = 0
+    for obj in objects:
+        cat = obj.get("category")
+        box = [float(v) for v in obj["bbox"]]
+        if cat in IGNORE_CATEGORIES or (
+            ignore_border_gt and (cat == RBC_CATEGORY or cat in PARASITE_CATEGORIES)
+            and _touches_border(box, width, height)
+        ):
+            ignore.append(box)
+        elif cat == RBC_CATEGORY or cat in PARASITE_CATEGORIES:
+            gt.append(box)
+            parasite.append(cat in PARASITE_CATEGORIES)
+        else:
+            unknown += 1
+    det = np.asarray(det_boxes, dtype=np.float64).reshape(-1, 4)
+    gt_arr = np.asarray(gt, dtype=np.float64).reshape(-1, 4)
+    ig_arr = np.asarray(ignore, dtype=np.float64).reshape(-1, 4)
+    m_gt = box_iou(det, gt_arr)
+    det_to_gt = np.full(len(det), -1, dtype=np.int64)
+    for r, c in greedy_match(m_gt, iou):
+        det_to_gt[r] = c
+    det_ignored = np.zeros(len(det), dtype=bool)
+    free = np.flatnonzero(det_to_gt < 0)
+    if len(free) and len(ig_arr):
+        m_ig = box_iou(det[free], ig_arr)
+        # Several detections may fall on one ignore region (a white cell split in pieces): all ignored.
+        det_ignored[free[(m_ig >= iou).any(axis=1)]] = True
+    all_boxes = np.concatenate([gt_arr, ig_arr]) if len(ig_arr) else gt_arr
+    overlap = box_iou(det, all_boxes)
+    det_judged = (overlap >= JUDGED_MIN_IOU).any(axis=1) if overlap.size else np.zeros(len(det), dtype=bool)
+    return {
+        "gt_boxes": gt_arr,
+        "gt_parasite": np.asarray(parasite, dtype=bool),
+        "det_to_gt": det_to_gt,
+        "det_ignored": det_ignored,
+        "det_judged": det_judged,
+        "n_unknown_categories": unknown,
+    }
+
+
+def _ratio(a: float, b: float) -> float:
+    return float(a / b) if b else float("nan")
+
+
+def _f1(p: float, r: float) -> float:
+    return float(2 * p * r / (p + r)) if p + r > 0 else 0.0
+
+
+def evaluate_fields(
+    field_dir: str | Path,
+    classify: Classifier | None = None,
+    threshold: float = 0.5,
+    iou: float = 0.5,
+    progress: Callable[[int, int, str], None] | None = None,
+    *,
+    params: SegmentParams | None = None,
+    partial_labels: bool | None = None,
+    ignore_border_gt: bool = True,
+) -> dict[str, Any]:
+    """Segment (and optionally classify) every annotated field in ``field_dir`` and score it.
+
+    Args:
+        field_dir: folder with ``images/`` and ``annotations.json``.
+        classify: optional ``crops -> p_infected`` (crops made by :func:`device.preprocess.crop_cell`).
+        threshold: p_infected at or above which a cell is flagged infected.
+        iou: minimum IoU for a detection to match a ground-truth box.
+        progress: optional ``callback(done, total, image_name)``.
+        params: segmentation parameters (defaults when None).
+        partial_labels: whether not every cell is boxed; None decides by the folder name.
+        ignore_border_gt: treat ground-truth cells touching the image border as ignore regions.
+
+    Returns:
+        A dict: ``dataset``, ``partial_labels``, ``iou``, ``threshold``, ``images`` (one row per image),
+        ``errors`` (``{"image", "error"}`` per unreadable file), ``totals`` (summed counts, precision,
+        recall, F1, count error), ``timing_ms`` (mean per stage), and ``classification`` when
+        ``classify`` is given.
+    """
+    root = Path(field_dir)
+    params = params or SegmentParams()
+    dataset = root.resolve().name
+    partial = dataset in PARTIAL_LABEL_DATASETS if partial_labels is None else bool(partial_labels)
+    records = json.loads((root / "annotations.json").read_text())
+    rows: list[dict[str, Any]] = []
+    errors: list[dict[str, str]] = []
+    timings: list[dict[str, float]] = []
+    cls_acc = {"n_parasite_gt": 0, "n_parasite_detected": 0, "n_parasite_flagged": 0,
+               "n_rbc_matched": 0, "n_rbc_flagged": 0, "n_unmatched_judged": 0, "n_unmatched_flagged": 0,
+               "n_cells_classified": 0, "n_cells_flagged": 0}
+    for i, rec in enumerate(records):
+        name = str(rec.get("image", ""))
+        if progress is not None:
+            progress(i, len(records), name)
+        try:
+            image = read_rgb(root / "images" / name)
+        except ImageError as exc:
+            logger.warning("skipping %s: %s", name, exc)
+            errors.append({"image": name, "error": str(exc)})
+            continue
+        h, w = image.shape[:2]
+        if (rec.get("width"), rec.get("height")) != (w, h):
+            logger.warning("%s: annotation says %sx%s, image is %dx%d", name, rec.get("width"),
+                           rec.get("height"), w, h)
+        t0 = time.perf_counter()
+        seg = segment_cells(image, params)
+        timings.append(seg.timing_ms)
+        det = np.asarray([c.bbox for c in seg.cells], dtype=np.float64).reshape(-1, 4)
+        m = match_image(det, rec.get("objects", []), w, h, iou=iou, ignore_border_gt=ignore_border_gt)
+        counted = ~m["det_ignored"]
+        tp = int((m["det_to_gt"] >= 0).sum())
+        judged = counted & (m["det_judged"] if partial else np.ones(len(det), dtype=bool))
+        fp = int((judged & (m["det_to_gt"] < 0)).sum())
+        n_gt = len(m["gt_boxes"])
+        n_det = int(counted.sum())
+        row = {
+            "image": name,
+            "n_gt": n_gt,
+            "n_detected": n_det,
+            "n_judged": int(judged.sum()),
+            "tp": tp,
+            "fp": fp,
+            "fn": n_gt - tp,
+            "precision": _ratio(tp, tp + fp),
+            "recall": _ratio(tp, n_gt),
+            "count_error": n_det - n_gt,
+            "count_error_pct": 100.0 * _ratio(n_det - n_gt, n_gt),
+            "cell_diameter_px": seg.cell_diameter_px,
+            "segment_ms": seg.timing_ms.get("total", (time.perf_counter() - t0) * 1000.0),
+        }
+        row["f1"] = _f1(row["precision"], row["recall"])
+        if classify is not None:
+            _classify_image(image, seg.cells, m, counted, judged, classify, threshold, row, cls_acc)
+        rows.append(row)
+    if progress is not None:
+        progress(len(records), len(records), "")
+    report: dict[str, Any] = {
+        "dataset": dataset,
+        "field_dir": str(root),
+        "partial_labels": partial,
+        "ignore_border_gt": ignore_border_gt,
+        "iou": iou,
+        "threshold": threshold if classify is not None else None,
+        "images": rows,
+        "errors": errors,
+        "totals": _totals(rows),
+        "timing_ms": _mean_timing(timings),
+    }
+    if classify is not None:
+        report["classification"] = _classification_summary(cls_acc, partial)
+    return report
+
+
+def _classify_image(
+    image: np.ndarray,
+    cells: list,
+    m: dict[str, Any],
+    counted: np.ndarray,
+    judged: np.ndarray,
+    classify: Classifier,
+    threshold: float,
+    row: dict[str, Any],
+    acc: dict[str, int],
+) -> None:
+    crops = [crop_cell(image, c.mask, c.bbox) for c in cells]
+    p = np.asarray(classify(crops), dtype=np.float64).reshape(-1) if crops else np.zeros(0)
+    if p.shape[0] != len(cells):
+        raise ValueError(f"classify returned {p.shape[0]} scores for {len(cells)} crops")
+    flagged = p >= threshold
+    gt_par = m["gt_parasite"]
+    d2g = m["det_to_gt"]
+    matched = d2g >= 0
+    par_det = matched & gt_par[np.where(matched, d2g, 0)] if len(gt_par) else np.zeros(len(d2g), dtype=bool)
+    rbc_det = matched & ~par_det
+    unmatched_judged = judged & ~matched
+    n_par_gt = int(gt_par.sum())
+    row.update({
+        "n_parasite_gt": n_par_gt,
+        "n_parasite_detected": int(par_det.sum()),
+        "n_parasite_flagged": int((par_det & flagged).sum()),
+        "n_rbc_matched": int(rbc_det.sum()),
+        "n_rbc_flagged": int((rbc_det & flagged).sum()),
+        "n_flagged": int((counted & flagged).sum()),
+    })
+    acc["n_parasite_gt"] += n_par_gt
+    acc["n_parasite_detected"] += row["n_parasite_detected"]
+    acc["n_parasite_flagged"] += row["n_parasite_flagged"]
+    acc["n_rbc_matched"] += row["n_rbc_matched"]
+    acc["n_rbc_flagged"] += row["n_rbc_flagged"]
+    acc["n_unmatched_judged"] += int(unmatched_judged.sum())
+    acc["n_unmatched_flagged"] += int((unmatched_judged & flagged).sum())
+    acc["n_cells_classified"] += int(counted.sum())
+    acc["n_cells_flagged"] += row["n_flagged"]
+
+
+def _classification_summary(acc: dict[str, int], partial: bool) -> dict[str, Any]:
+    out: dict[str, Any] = dict(acc)
+    out["parasite_recall"] = _ratio(acc["n_parasite_flagged"], acc["n_parasite_gt"])
+    out["parasite_segmented_frac"] = _ratio(acc["n_parasite_detected"], acc["n_parasite_gt"])
+    out["fp_per_1000_rbc"] = 1000.0 * _ratio(acc["n_rbc_flagged"], acc["n_rbc_matched"])
+    out["fp_basis"] = (
+        "detections matched to boxed plain red cells (partial labels: unboxed cells are not judged)"
+        if partial
+        else "detections matched to plain red-cell boxes"
+    )
+    return out
+
+
+def _totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    tp = sum(r["tp"] for r in rows)
+    fp = sum(r["fp"] for r in rows)
+    n_gt = sum(r["n_gt"] for r in rows)
+    n_det = sum(r["n_detected"] for r in rows)
+    p, r = _ratio(tp, tp + fp), _ratio(tp, n_gt)
+    abs_err = [abs(row["count_error_pct"]) for row in rows if row["n_gt"]]
+    return {
+        "n_images": len(rows),
+        "n_gt": n_gt,
+        "n_detected": n_det,
+        "n_judged": sum(row["n_judged"] for row in rows),
+        "tp": tp,
+        "fp": fp,
+        "fn": n_gt - tp,
+        "precision": p,
+        "recall": r,
+        "f1": _f1(p, r),
+        "count_error": n_det - n_gt,
+        "count_error_pct": 100.0 * _ratio(n_det - n_gt, n_gt),
+        "mean_abs_count_error_pct": float(np.mean(abs_err)) if abs_err else float("nan"),
+    }
+
+
+def _mean_timing(timings: list[dict[str, float]]) -> dict[str, float]:
+    if not timings:
+        return {}
+    keys = list(timings[0])
+    return {k: float(np.mean([t.get(k, 0.0) for t in timings])) for k in keys}
+
+
+def _fmt(v: Any, spec: str) -> str:
+    if isinstance(v, float) and np.isnan(v):
+        return "n/a"
+    return format(v, spec)
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """Plain-text tables of an :func:`evaluate_fields` report."""
+    partial = report["partial_labels"]
+    lines = [
+        f"Fields: {report['dataset']} ({report['field_dir']})",
+        f"Red-cell detection at IoU >= {report['iou']:.2f}; ground truth = red-cell + parasite boxes; "
+        "leukocyte/difficult boxes ignored"
+        + ("; border-touching boxes ignored (cut cells are dropped by design)" if report["ignore_border_gt"]
+           else ""),
+    ]
+    if partial:
+        lines.append(
+            "PARTIAL LABELS: not every cell is boxed. Precision counts only detections overlapping a box "
+            f"(IoU >= {JUDGED_MIN_IOU}); 'judged' below. Count errors compare with boxed cells only: n/a."
+        )
+    head = f"{'image':<42} {'GT':>5} {'det':>5} {'judged':>6} {'TP':>5} {'FP':>4} {'FN':>4} " \
+           f"{'P':>6} {'R':>6} {'F1':>6} {'count err':>9} {'err %':>7} {'ms':>6}"
+    lines += ["", head, "-" * len(head)]
+
+    def row_line(name: str, r: dict[str, Any], ms: float | None) -> str:
+        err = "n/a" if partial else f"{r['count_error']:+d}"
+        err_pct = "n/a" if partial else _fmt(r["count_error_pct"], "+.1f")
+        return (
+            f"{name[:42]:<42} {r['n_gt']:>5} {r['n_detected']:>5} {r['n_judged']:>6} {r['tp']:>5} "
+            f"{r['fp']:>4} {r['fn']:>4} {_fmt(r['precision'], '.3f'):>6} {_fmt(r['recall'], '.3f'):>6} "
+            f"{_fmt(r['f1'], '.3f'):>6} {err:>9} {err_pct:>7} {'' if ms is None else f'{ms:.0f}':>6}"
+        )
+
+    for r in report["images"]:
+        lines.append(row_line(r["image"], r, r["segment_ms"]))
+    lines.append("-" * len(head))
+    t = report["totals"]
+    lines.append(row_line(f"TOTAL ({t['n_images']} images)", t, None))
+    if not partial:
+        lines.append(f"mean |count error| per image: {_fmt(t['mean_abs_count_error_pct'], '.1f')}%")
+    if report["timing_ms"]:
+        tm = report["timing_ms"]
+        stages = ", ".join(f"{k} {v:.1f}" for k, v in tm.items() if k != "total")
+        lines.append(f"segmentation ms per image (mean, this machine): total {tm.get('total', 0):.1f} ({stages})")
+    c = report.get("classification")
+    if c:
+        lines += [
+            "",
+            f"Classification at p_infected >= {report['threshold']}:",
+            f"  parasite-bearing cells: {c['n_parasite_gt']} boxed, {c['n_parasite_detected']} segmented "
+            f"({_fmt(c['parasite_segmented_frac'], '.3f')}), {c['n_parasite_flagged']} flagged -> "
+            f"recall {_fmt(c['parasite_recall'], '.3f')}",
+            f"  false positives: {c['n_rbc_flagged']} of {c['n_rbc_matched']} -> "
+            f"{_fmt(c['fp_per_1000_rbc'], '.1f')} per 1,000 cells ({c['fp_basis']})",
+            f"  unmatched judged detections flagged: {c['n_unmatched_flagged']} of {c['n_unmatched_judged']}; "
+            f"all counted cells flagged: {c['n_cells_flagged']} of {c['n_cells_classified']}",
+        ]
+    if report["errors"]:
+        lines += ["", f"Unreadable images ({len(report['errors'])}), skipped:"]
+        lines += [f"  {e['image']}: {e['error']}" for e in report["errors"]]
+    return "\n".join(lines)

@@ -1,0 +1,68 @@
+"""The one preprocessing path, on real NIH crops and on a synthetic field cell."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from device.imageio import read_rgb
+from device.preprocess import crop_cell, prepare_batch, prepare_cell
+
+FIX = Path(__file__).parent / "fixtures" / "nih_cells"
+
+
+def a_real_cell() -> np.ndarray:
+    return read_rgb(sorted((FIX / "Parasitized").iterdir())[0])
+
+
+def test_real_crop_becomes_square_rgb_uint8_of_the_model_size():
+    crop = a_real_cell()
+    out = prepare_cell(crop, 64)
+    assert out.shape == (64, 64, 3) and out.dtype == np.uint8
+    # NIH crops are black outside the cell; the padded square keeps black corners
+    assert out[0, 0].max() == 0 and out[-1, -1].max() == 0
+    # and the cell itself survives: the centre is not black, colours stay close to the crop's
+    assert out[32, 32].max() > 50
+    inside = crop[crop.max(axis=2) > 0].mean(axis=0)
+    inside_out = out[out.max(axis=2) > 0].mean(axis=0)
+    assert np.abs(inside - inside_out).max() < 12
+
+
+def test_aspect_ratio_is_kept_by_padding_not_stretching():
+    crop = np.full((40, 80, 3), 200, np.uint8)  # a wide cell
+    out = prepare_cell(crop, 64)
+    rows_with_cell = np.flatnonzero(out.max(axis=(1, 2)) > 0)
+    assert 30 <= len(rows_with_cell) <= 34  # half the height: padded top and bottom
+    assert out[:, :, :].max(axis=(0, 2)).min() > 0  # full width used
+
+
+def test_channel_order_is_untouched():
+    crop = np.zeros((50, 50, 3), np.uint8)
+    crop[..., 0] = 255  # pure red in RGB
+    out = prepare_cell(crop, 32)
+    assert out[16, 16].tolist() == [255, 0, 0]
+
+
+def test_crop_cell_blacks_out_everything_outside_the_mask():
+    field = np.full((100, 100, 3), 180, np.uint8)
+    mask = np.zeros((100, 100), bool)
+    yy, xx = np.mgrid[:100, :100]
+    mask[(yy - 50) ** 2 + (xx - 50) ** 2 <= 15**2] = True
+    crop = crop_cell(field, mask, (35, 35, 31, 31))
+    assert crop.shape == (31, 31, 3)
+    assert crop[0, 0].max() == 0 and crop[15, 15].tolist() == [180, 180, 180]
+    box_mask = mask[35:66, 35:66]
+    assert np.array_equal(crop_cell(field, box_mask, (35, 35, 31, 31)), crop)
+
+
+@pytest.mark.parametrize("bad", [np.zeros((10, 10), np.uint8), np.zeros((10, 10, 3), np.float32),
+                                 np.zeros((0, 5, 3), np.uint8)])
+def test_bad_crops_are_refused(bad):
+    with pytest.raises(ValueError):
+        prepare_cell(bad, 64)
+
+
+def test_prepare_batch_stacks_and_handles_empty():
+    assert prepare_batch([], 48).shape == (0, 48, 48, 3)
+    b = prepare_batch([a_real_cell(), a_real_cell()], 48)
+    assert b.shape == (2, 48, 48, 3) and b.dtype == np.uint8

@@ -1,0 +1,131 @@
+"""Training smoke run and conversion on the real fixture cells (TensorFlow: training side only)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorflow")
+
+ROOT = Path(__file__).resolve().parent.parent
+FIX = ROOT / "tests" / "fixtures" / "nih_cells"
+RUN_OUTPUTS = ["model.keras", "metrics.json", "classification_report.txt", "curves.png", "confusion_matrix.png",
+               "roc.png", "misclassified.png", "split.json", "command.txt", "history.json"]
+
+
+def run_module(*args, cwd=ROOT):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, env=env,
+                          timeout=600)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    r = run_module("train", "--data", str(FIX), "--out", str(out), "--epochs", "1", "--size", "32",
+                   "--width", "4", "--batch", "16")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_one_epoch_smoke_run_writes_every_output(run_dir):
+    for name in RUN_OUTPUTS:
+        assert (run_dir / name).is_file() and (run_dir / name).stat().st_size > 0, name
+    m = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("accuracy", "sensitivity", "specificity", "precision", "f1", "auc", "confusion"):
+        assert key in m
+    assert m["n"] == m["n_parasitized"] + m["n_uninfected"] == 25  # the fixture's validation cells
+    assert sum(map(sum, m["confusion"])) == m["n"]
+    split = json.loads((run_dir / "split.json").read_text())
+    sides = [set(v) for v in split["patients"].values()]
+    assert all(a.isdisjoint(b) for i, a in enumerate(sides) for b in sides[i + 1:])
+    assert set(split["patients"]["val"]) == {"P106", "P135", "C217"}  # patients.csv's val side
+    assert "--epochs 1" in (run_dir / "command.txt").read_text()
+    assert "parasitized" in (run_dir / "classification_report.txt").read_text()
+
+
+@pytest.mark.slow
+def test_exported_model_has_normalisation_but_no_augmentation(run_dir):
+    import keras
+
+    model = keras.models.load_model(run_dir / "model.keras", compile=False)
+    names = [layer.name for layer in model.layers]
+    assert names[1] == "normalise"
+    assert not any("random" in n or "augment" in n for n in names)
+    x = np.full((2, 32, 32, 3), 128, np.float32)
+    a, b = model.predict(x, verbose=0), model.predict(x, verbose=0)
+    assert np.array_equal(a, b)  # deterministic at inference: no augmentation inside
+
+
+@pytest.mark.slow
+def test_missing_class_folder_is_a_clear_error(tmp_path):
+    (tmp_path / "Parasitized").mkdir()
+    r = run_module("train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--epochs", "1")
+    assert r.returncode == 2 and "class folder missing" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def converted(run_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("models")
+    r = run_module("convert", "--model", str(run_dir / "model.keras"), "--data", str(FIX), "--out", str(out),
+                   "--representative", "20", "--max-drop", "1.0")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out, r
+
+
+@pytest.mark.slow
+def test_convert_writes_int8_model_and_a_complete_card(converted, run_dir):
+    from device.classifier import CellClassifier
+    from device.model_card import sha256_of
+
+    out, _ = converted
+    model, card_path = out / "cellnet_int8.tflite", out / "cellnet_int8.json"
+    card = json.loads(card_path.read_text())
+    assert card["sha256"] == sha256_of(model) and card["size_bytes"] == model.stat().st_size
+    assert card["input"]["dtype"] == "uint8" and card["output"]["dtype"] == "uint8"
+    assert card["input"]["shape"] == [1, 32, 32, 3]
+    # raw pixels in: the input range is pinned to 0..255
+    assert card["input"]["quantization"] == {"scale": 1.0, "zero_point": 0}
+    assert card["class_order"] == ["uninfected", "parasitized"]
+    for key in ("keras", "float32", "int8", "int8_at_threshold"):
+        assert 0.0 <= card["metrics"][key]["accuracy"] <= 1.0
+    for key in ("threshold_rule", "data", "training_command", "conversion_command", "git_commit", "date"):
+        assert card[key]
+    assert card["runtimes"]["ai_edge_litert"] == "ok"
+    assert (run_dir / "cellnet_float32.tflite").is_file()  # for comparison, not shipped
+    assert not list(out.glob(".*tmp"))  # no temp files left behind
+    clf = CellClassifier(model)
+    assert clf.input_size_px == 32
+
+
+@pytest.mark.slow
+def test_parity_gate_refuses_and_writes_nothing(run_dir, tmp_path):
+    out = tmp_path / "models"
+    r = run_module("convert", "--model", str(run_dir / "model.keras"), "--data", str(FIX), "--out", str(out),
+                   "--representative", "20", "--max-drop", "-1.0")  # demands int8 beat Keras by 100 points
+    assert r.returncode == 2
+    assert "parity gate" in r.stderr and "int8 accuracy" in r.stderr and "Keras model" in r.stderr
+    assert not list(out.iterdir())
+
+
+@pytest.mark.slow
+def test_convert_bad_inputs_are_clear_errors(run_dir, tmp_path):
+    junk = tmp_path / "junk.keras"
+    junk.write_text("not a model")
+    r = run_module("convert", "--model", str(junk), "--data", str(FIX), "--out", str(tmp_path / "m1"))
+    assert r.returncode == 2 and "not a loadable Keras model" in r.stderr
+    (tmp_path / "empty" / "Parasitized").mkdir(parents=True)
+    (tmp_path / "empty" / "Uninfected").mkdir()
+    r = run_module("convert", "--model", str(run_dir / "model.keras"), "--data", str(tmp_path / "empty"),
+                   "--out", str(tmp_path / "m2"))
+    assert r.returncode == 2 and "has no images" in r.stderr
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    r = run_module("convert", "--model", str(run_dir / "model.keras"), "--data", str(FIX),
+                   "--out", str(blocker / "models"))
+    assert r.returncode == 2 and "cannot be written" in r.stderr

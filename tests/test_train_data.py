@@ -1,0 +1,88 @@
+"""NIH data loading: patient parsing on real names, patient-level splits, bad files."""
+
+import csv
+import shutil
+from pathlib import Path
+
+import pytest
+
+from train.data import DataError, list_cells, load_arrays, patient_from_name, split_patients
+
+FIX = Path(__file__).parent / "fixtures" / "nih_cells"
+
+
+@pytest.mark.parametrize(("name", "patient"), [
+    ("C100P61ThinF_IMG_20150918_144104_cell_162.png", "P61"),
+    ("C68P29N_ThinF_IMG_20150819_134112_cell_144.png", "P29"),
+    ("C47P8thinOriginalOlympusCX21_IMG_1.png", "P8"),
+    ("C174P135NThinF_IMG_20151115_113219_cell_147.webp", "P135"),
+    ("C37BP2_thinF_IMG_20150620_131423a_cell_92.webp", "C37BP2"),
+    ("C51AP12thinF_IMG_20150724_160538_cell_113.webp", "C51AP12"),
+    ("C1_thinF_IMG_20150604_104722_cell_9.png", "C1"),
+    ("C12NThinF_IMG_20150614_124212_cell_161.png", "C12N"),
+    ("C201ThinF_IMG_20151029_091810_cell_1.png", "C201"),
+    ("C3thin_original_IMG_20150608_162922_cell_1.png", "C3"),
+    ("C238NThinF_IMG_20151207_114038_cell_81.png", "C238N"),
+])
+def test_patient_from_real_names(name, patient):
+    assert patient_from_name(name) == patient
+
+
+def test_parsing_agrees_with_the_patient_table_on_every_fixture_file():
+    with (FIX / "patients.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) > 40
+    for row in rows:
+        assert patient_from_name(row["file"]) == row["patient"], row["file"]
+
+
+def test_unparseable_name_is_a_clear_error():
+    with pytest.raises(DataError, match="cannot tell the patient"):
+        patient_from_name("IMG_0001.png")
+
+
+def test_split_by_patient_is_disjoint_and_seeded():
+    files, csv_split = list_cells(FIX)
+    pts = sorted({f.patient for f in files})
+    rest, held = split_patients(pts, 0.25, seed=3)
+    assert set(rest).isdisjoint(held) and set(rest) | set(held) == set(pts)
+    assert split_patients(pts, 0.25, seed=3) == (rest, held)
+    # the table's own split keeps every patient on one side
+    sides = {}
+    for f in files:
+        sides.setdefault(f.patient, set()).add(csv_split[f.patient])
+    assert all(len(s) == 1 for s in sides.values())
+
+
+def test_without_csv_the_patient_comes_from_the_name(tmp_path):
+    shutil.copytree(FIX, tmp_path / "d")
+    (tmp_path / "d" / "patients.csv").unlink()
+    files, split = list_cells(tmp_path / "d")
+    assert split == {}
+    assert {f.patient for f in files} >= {"C37BP2", "P135", "C1"}
+
+
+def test_corrupt_files_are_skipped_with_a_count_not_a_crash(tmp_path, caplog):
+    d = tmp_path / "d"
+    shutil.copytree(FIX, d)
+    good = sorted((d / "Parasitized").iterdir())[0]
+    (d / "Parasitized" / "C37BP2_thinF_IMG_x_cell_1.png").write_bytes(good.read_bytes()[:200])  # truncated
+    (d / "Uninfected" / "C1_thinF_IMG_x_cell_2.png").write_text("not an image")
+    (d / "Uninfected" / "C1_thinF_IMG_x_cell_3.png").write_bytes(b"")
+    files, _ = list_cells(d)
+    x, y, kept, skipped = load_arrays(files, 32)
+    assert len(skipped) == 3 and len(kept) == len(files) - 3 == len(x) == len(y)
+    assert "skipped 3 unreadable files" in caplog.text
+
+
+def test_missing_folder_and_empty_class_name_the_path(tmp_path):
+    with pytest.raises(DataError, match="data folder not found"):
+        list_cells(tmp_path / "nope")
+    (tmp_path / "Parasitized").mkdir()
+    (tmp_path / "Uninfected").mkdir()
+    shutil.copy(sorted((FIX / "Parasitized").iterdir())[0], tmp_path / "Parasitized")
+    with pytest.raises(DataError, match="Uninfected"):
+        list_cells(tmp_path)
+    (tmp_path / "Uninfected").rmdir()
+    with pytest.raises(DataError, match="class folder missing"):
+        list_cells(tmp_path)
