@@ -84,8 +84,8 @@ def _webp_size(data: bytes) -> tuple[int, int]:
 def decode_rgb(data: bytes, *, name: str = "image", min_side_px: int = MIN_SIDE_PX) -> np.ndarray:
     """Decode encoded image bytes to HxWx3 uint8 RGB, refusing what cannot be analysed.
 
-    Grayscale is expanded to RGB, alpha is dropped (composited on black: NIH crops are black outside
-    the cell), 16-bit is scaled to 8-bit. Raises :class:`ImageError` with the reason.
+    Truncated PNG/JPEG files are refused (a decoder would fill the missing part with gray), as is
+    anything :func:`to_rgb8` refuses. Raises :class:`ImageError` with the reason.
     """
     if not data:
         raise ImageError(f"{name}: empty file")
@@ -96,6 +96,10 @@ def decode_rgb(data: bytes, *, name: str = "image", min_side_px: int = MIN_SIDE_
         w, h = size
         if w * h > MAX_PIXELS:
             raise ImageError(f"{name}: {w}x{h} is {w * h / 1e6:.0f} MP, over the {MAX_PIXELS / 1e6:.0f} MP limit")
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and b"IEND" not in data[-32:]:
+        raise ImageError(f"{name}: truncated PNG (no end chunk)")
+    if data[:2] == b"\xff\xd8" and data.rfind(b"\xff\xd9") < len(data) - 1024:
+        raise ImageError(f"{name}: truncated JPEG (no end marker)")
     buf = np.frombuffer(data, dtype=np.uint8)
     img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
     if img is None:
@@ -104,24 +108,29 @@ def decode_rgb(data: bytes, *, name: str = "image", min_side_px: int = MIN_SIDE_
 
 
 def to_rgb8(img: np.ndarray, *, name: str = "image", min_side_px: int = MIN_SIDE_PX, bgr: bool) -> np.ndarray:
-    """Normalise a decoded array (gray, BGR/RGB, BGRA/RGBA, 8/16-bit) to HxWx3 uint8 RGB."""
-    if img.dtype == np.uint16:
-        img = (img >> 8).astype(np.uint8)
-    elif img.dtype != np.uint8:
-        raise ImageError(f"{name}: unsupported pixel type {img.dtype}")
-    if img.ndim == 2:
-        img = cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
-    elif img.ndim == 3 and img.shape[2] == 4:
-        img = cv2.cvtColor(img, cv2.COLOR_BGRA2RGB if bgr else cv2.COLOR_RGBA2RGB)
-    elif img.ndim == 3 and img.shape[2] == 3:
-        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB) if bgr else img
-    elif img.ndim == 3 and img.shape[2] == 1:
-        img = cv2.cvtColor(img[:, :, 0], cv2.COLOR_GRAY2RGB)
-    else:
+    """Check a decoded array and return it as HxWx3 uint8 RGB.
+
+    Only 8-bit colour fields are analysed: the classifier was trained on 8-bit colour photographs of
+    stained smears, so grayscale (no stain colour), 16-bit (an unknown intensity mapping) and
+    transparent images are refused with a reason rather than guessed at. A fully opaque alpha
+    channel is dropped.
+    """
+    if img.dtype != np.uint8:
+        bits = img.dtype.itemsize * 8
+        raise ImageError(f"{name}: {bits}-bit {img.dtype} pixels; save fields as 8-bit colour (PNG or JPEG)")
+    if img.ndim == 2 or (img.ndim == 3 and img.shape[2] == 1):
+        raise ImageError(f"{name}: grayscale image; the classifier needs the stain colours of an RGB field")
+    if img.ndim != 3 or img.shape[2] not in (3, 4):
         raise ImageError(f"{name}: unsupported channel layout {img.shape}")
     h, w = img.shape[:2]
     if min(h, w) < min_side_px:
         raise ImageError(f"{name}: {w}x{h} is too small (minimum side {min_side_px} px)")
+    if img.shape[2] == 4:
+        if img[:, :, 3].min() < 255:
+            raise ImageError(f"{name}: image has transparent pixels; save the field without transparency")
+        img = img[:, :, :3]
+    if bgr:
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
     return np.ascontiguousarray(img)
 
 

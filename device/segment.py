@@ -221,6 +221,32 @@ def _seams(score_u8: np.ndarray, diameter_px: float, params: SegmentParams) -> n
     return valley > params.seam_depth_frac * np.float32(closed)
 
 
+_ORACLE = []
+_DEBUG = {}
+
+
+def _radial_votes(score_u8, diameter_px):
+    import os
+    sm = cv2.GaussianBlur(score_u8, (0, 0), max(1.0, 0.06 * diameter_px)).astype(np.float32)
+    gx = cv2.Sobel(sm, cv2.CV_32F, 1, 0, ksize=3)
+    gy = cv2.Sobel(sm, cv2.CV_32F, 0, 1, ksize=3)
+    mag = cv2.magnitude(gx, gy)
+    mthr = float(os.environ.get("GT", "0.3")) * np.percentile(mag, 99)
+    ys, xs = np.nonzero(mag > mthr)
+    m = mag[ys, xs]
+    ux, uy = gx[ys, xs] / m, gy[ys, xs] / m
+    h, w = score_u8.shape
+    acc = np.zeros(h * w, np.float32)
+    r0 = 0.5 * diameter_px
+    for f in (0.7, 0.85, 1.0, 1.15):
+        cx = np.rint(xs + f * r0 * ux).astype(np.int32)
+        cy = np.rint(ys + f * r0 * uy).astype(np.int32)
+        ok = (cx >= 0) & (cx < w) & (cy >= 0) & (cy < h)
+        acc += np.bincount(cy[ok] * w + cx[ok], minlength=h * w).astype(np.float32)
+    acc = acc.reshape(h, w)
+    return cv2.GaussianBlur(acc, (0, 0), max(1.0, float(os.environ.get("AS", "0.08")) * diameter_px))
+
+
 def _split(fg, score_u8, work, params, diameter_px):
     import os
     mode = os.environ.get("MARK", "dt")
@@ -230,7 +256,34 @@ def _split(fg, score_u8, work, params, diameter_px):
         base = fg.copy()
         base[seams] = 0
     dt = cv2.distanceTransform(base, cv2.DIST_L2, 5)
-    markers, n = _markers(dt, params, diameter_px)
+    if mode.startswith("log"):
+        sig = float(os.environ.get("SIG", "0.25")) * diameter_px
+        sm = cv2.GaussianBlur(score_u8.astype(np.float32), (0, 0), sig)
+        if mode == "logdt":
+            sm = sm / (sm.max() + 1e-6) + float(os.environ.get("W", "1")) * dt / (0.5 * diameter_px)
+        sep = params.marker_min_separation_frac_of_diameter * diameter_px
+        peaks = (sm >= cv2.dilate(sm, _ellipse(sep)) - 1e-4) & (dt >= params.marker_min_depth_frac_of_diameter * diameter_px)
+        n, markers = cv2.connectedComponents(peaks.astype(np.uint8), connectivity=8)
+    elif mode.startswith("frst"):
+        acc = _radial_votes(score_u8, diameter_px)
+        sep = params.marker_min_separation_frac_of_diameter * diameter_px
+        if mode == "frstdt":
+            acc = acc / (np.percentile(acc[fg > 0], 99) + 1e-6) + float(os.environ.get("W", "0.5")) * dt / (0.5 * diameter_px)
+        thr = float(os.environ.get("AT", "0.25")) * np.percentile(acc[fg > 0], 99)
+        peaks = (acc >= cv2.dilate(acc, _ellipse(sep)) - 1e-6) & (acc > thr) & (fg > 0)
+        n, markers = cv2.connectedComponents(peaks.astype(np.uint8), connectivity=8)
+        n -= 1
+        _DEBUG["acc"] = acc
+        _DEBUG["markers"] = markers
+    elif mode == "oracle":
+        markers = np.zeros(fg.shape, np.int32)
+        for i, (cx, cy) in enumerate(_ORACLE):
+            X, Y = int(cx), int(cy)
+            if 0 <= X < fg.shape[1] and 0 <= Y < fg.shape[0]:
+                cv2.circle(markers, (X, Y), 2, i + 1, -1)
+        n = len(_ORACLE)
+    else:
+        markers, n = _markers(dt, params, diameter_px)
     how = os.environ.get("SPLIT", "vor")
     if how == "vor":
         src = np.where(markers > 0, 0, 255).astype(np.uint8)

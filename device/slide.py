@@ -17,7 +17,9 @@ def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    lo = 0.0 if k == 0 else max(0.0, centre - half)  # exact 0 (float rounding leaves ~1e-19)
+    hi = 1.0 if k == n else min(1.0, centre + half)
+    return lo, hi
 
 
 def positive_cutoff(n: int, fp_rate: float, alpha: float = FALSE_ALARM_PROBABILITY) -> int:

@@ -1,0 +1,422 @@
+"""The running service: camera feed, one field analysis at a time, records, and the page.
+
+``serve()`` is what ``python -m device serve`` (``make demo``, the systemd unit) runs. It wires the
+parts together and serves the Flask app with waitress. A missing or corrupt model does not stop the
+service: the page and ``/api/status`` say the model is unusable, so an admin can see why, and captures
+are refused until it is fixed. A bad config is the one start-up error that exits (status 78,
+EX_CONFIG, which the unit does not restart).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import threading
+import time
+from bisect import bisect_left
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from functools import partial
+
+import cv2
+import numpy as np
+
+from device.analysis import AnalysisSettings, FieldResult, analyze_field, annotate
+from device.slide import SlideSummary, summarize_slide
+from device.store import Conflict, FieldImages, ModelInfo, NotFound, Store, StoreError
+
+logger = logging.getLogger(__name__)
+
+EX_CONFIG = 78  # sysexits.h; the systemd unit's RestartPreventExitStatus
+WAITRESS_THREADS = 8  # captures wait for their analysis in a request thread; status and preview need others
+MAX_PENDING_FIELDS = 2  # one analysing, one waiting; more is a double tap, refused with 503
+REVIEW_CROP_MARGIN_FRAC = 0.3  # context around a flagged cell: the reviewer compares it with its neighbours
+ANNOTATED_JPEG_QUALITY = 85
+RAW_JPEG_QUALITY = 95
+DEFAULT_WATCHDOG_INTERVAL_S = 10.0
+
+
+class CaptureRefused(RuntimeError):
+    """A capture that cannot be taken now; ``status`` is the HTTP status the page should get."""
+
+    def __init__(self, message: str, status: int = 503):
+        super().__init__(message)
+        self.status = status
+
+
+# --- metrics -------------------------------------------------------------------------------------
+
+LATENCY_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0)
+
+
+class Metrics:
+    """Counters and a latency histogram for ``/metrics`` (Prometheus text format)."""
+
+    COUNTERS = {
+        "fields_analysed_total": "Fields analysed (used or rejected).",
+        "fields_rejected_total": "Fields rejected by the quality gate.",
+        "cells_total": "Red cells counted in used fields.",
+        "cells_flagged_total": "Cells flagged infected in used fields.",
+        "analysis_errors_total": "Field analyses that failed with an error.",
+        "uploads_refused_total": "Uploaded images refused (not an image, too large, undecodable).",
+    }
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.counts = dict.fromkeys(self.COUNTERS, 0)
+        self._buckets = [0] * (len(LATENCY_BUCKETS_S) + 1)
+        self._latency_sum = 0.0
+        self._latency_n = 0
+
+    def inc(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self.counts[name] += n
+
+    def observe_latency(self, seconds: float) -> None:
+        with self._lock:
+            self._buckets[bisect_left(LATENCY_BUCKETS_S, seconds)] += 1
+            self._latency_sum += seconds
+            self._latency_n += 1
+
+    def render(self, gauges: dict[str, tuple[str, float]] | None = None) -> str:
+        """Prometheus text exposition; ``gauges`` maps name -> (help, value)."""
+        lines = []
+        with self._lock:
+            for name, help_text in self.COUNTERS.items():
+                lines += [f"# HELP malaria_{name} {help_text}", f"# TYPE malaria_{name} counter",
+                          f"malaria_{name} {self.counts[name]}"]
+            name = "malaria_analysis_latency_seconds"
+            lines += [f"# HELP {name} Capture to stored field: analysis, images and commit.",
+                      f"# TYPE {name} histogram"]
+            cumulative = 0
+            for le, n in zip((*LATENCY_BUCKETS_S, "+Inf"), self._buckets, strict=True):
+                cumulative += n
+                lines.append(f'{name}_bucket{{le="{le}"}} {cumulative}')
+            lines += [f"{name}_sum {self._latency_sum:.6f}", f"{name}_count {self._latency_n}"]
+        for gname, (help_text, value) in (gauges or {}).items():
+            lines += [f"# HELP malaria_{gname} {help_text}", f"# TYPE malaria_{gname} gauge",
+                      f"malaria_{gname} {value:g}"]
+        return "\n".join(lines) + "\n"
+
+
+# --- the analyser ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelStatus:
+    ok: bool
+    name: str = ""
+    sha256: str = ""
+    threshold: float = 0.0
+    fp_rate_per_cell: float = 0.0
+    runtime: str = ""
+    error: str | None = None
+
+    def to_json(self) -> dict:
+        return {"ok": self.ok, "name": self.name, "sha256": self.sha256, "threshold": self.threshold,
+                "fp_rate_per_cell": self.fp_rate_per_cell, "runtime": self.runtime, "error": self.error}
+
+
+def review_crop(rgb: np.ndarray, bbox: tuple[int, int, int, int]) -> np.ndarray:
+    """The flagged cell with some of its surroundings, unmasked: what a reviewer needs to judge it."""
+    x, y, w, h = bbox
+    m = round(max(w, h) * REVIEW_CROP_MARGIN_FRAC)
+    hh, ww = rgb.shape[:2]
+    return rgb[max(0, y - m): min(hh, y + h + m), max(0, x - m): min(ww, x + w + m)]
+
+
+def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:  # pragma: no cover
+        raise RuntimeError("JPEG encoding failed")
+    return buf.tobytes()
+
+
+def encode_png(rgb: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 3])
+    if not ok:  # pragma: no cover
+        raise RuntimeError("PNG encoding failed")
+    return buf.tobytes()
+
+
+class FieldAnalyser:
+    """Analyses captured fields one at a time in a worker thread and records them.
+
+    Args:
+        store: where fields are recorded.
+        classifier: a loaded ``CellClassifier`` (or anything with its interface), or None when the model
+            is unusable; then ``model_error`` says why and every capture is refused.
+        settings: the quality gate and threshold for :func:`device.analysis.analyze_field`.
+        save_raw: keep the unannotated frame too (JPEG quality 95).
+        min_free_disk_mb: refuse captures below this much free space in the data folder.
+    """
+
+    def __init__(self, store: Store, classifier=None, *, settings: AnalysisSettings | None = None,
+                 model_error: str | None = None, save_raw: bool = True, min_free_disk_mb: int = 0,
+                 metrics: Metrics | None = None, max_pending: int = MAX_PENDING_FIELDS):
+        self.store = store
+        self.classifier = classifier
+        self.settings = settings or AnalysisSettings()
+        self.save_raw = save_raw
+        self.min_free_disk_mb = min_free_disk_mb
+        self.metrics = metrics or Metrics()
+        self.max_pending = max_pending
+        self._pending = 0
+        self._lock = threading.Lock()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="analysis")
+        self.last_latency_s: float | None = None
+        if classifier is None:
+            self.model = ModelStatus(False, error=model_error or "no model loaded")
+        else:
+            card = getattr(classifier, "card", None)
+            threshold = float(self.settings.threshold if self.settings.threshold is not None
+                              else classifier.threshold)
+            fp = getattr(card, "false_positive_rate", None) if card is not None else None
+            self.model = ModelStatus(
+                True, name=getattr(card, "name", "model"), sha256=getattr(classifier, "sha256", ""),
+                threshold=threshold, fp_rate_per_cell=float(fp or 0.0),
+                runtime=getattr(classifier, "runtime", ""))
+
+    @classmethod
+    def from_config(cls, cfg, store: Store, metrics: Metrics | None = None) -> FieldAnalyser:
+        """Load the model named by the config; a model that cannot be used is logged, not raised."""
+        from device.classifier import CellClassifier
+        from device.model_card import ModelError
+
+        settings = AnalysisSettings(min_focus=cfg.analysis.min_focus,
+                                    min_cells_per_field=cfg.analysis.min_cells_per_field,
+                                    threshold=cfg.model.threshold)
+        common = {"settings": settings, "save_raw": cfg.service.save_raw_frames,
+                  "min_free_disk_mb": cfg.service.min_free_disk_mb, "metrics": metrics}
+        try:
+            clf = CellClassifier(cfg.model.path, threads=cfg.model.threads, threshold=cfg.model.threshold)
+        except ModelError as exc:
+            logger.error("MODEL UNUSABLE, captures are refused until it is fixed: %s", exc)
+            return cls(store, None, model_error=str(exc), **common)
+        return cls(store, clf, **common)
+
+    def model_info(self) -> ModelInfo:
+        if not self.model.ok:
+            raise CaptureRefused(f"the model is unusable: {self.model.error}", 503)
+        return ModelInfo(self.model.name, self.model.sha256, self.model.threshold, self.model.fp_rate_per_cell)
+
+    @property
+    def busy(self) -> bool:
+        return self._pending > 0
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    def check_disk(self) -> None:
+        free_mb = shutil.disk_usage(self.store.data_dir).free / 1e6
+        if free_mb < self.min_free_disk_mb:
+            raise CaptureRefused(f"the disk is nearly full ({free_mb:.0f} MB free, {self.min_free_disk_mb} MB "
+                                 "needed): export the records and free some space", 507)
+
+    def submit(self, slide_id: int, rgb: np.ndarray, source: str = "camera") -> Future:
+        """Queue one field; the future's result is the stored field row (dict).
+
+        Raises :class:`CaptureRefused` at once when the model is unusable, the disk full or the queue
+        full; the future raises ``NotFound``/``Conflict`` for a missing or finished slide.
+        """
+        model = self.model_info()
+        self.check_disk()
+        slide = self.store.get_slide(slide_id)
+        if slide is None:
+            raise NotFound(f"slide {slide_id} not found")
+        Store._check_open(slide, model.sha256)
+        with self._lock:
+            if self._pending >= self.max_pending:
+                raise CaptureRefused("still analysing the previous fields: wait a moment", 503)
+            self._pending += 1
+        t0 = time.perf_counter()
+        try:
+            fut = self._executor.submit(self._process, slide_id, rgb, source, model, t0)
+        except RuntimeError:  # shut down
+            with self._lock:
+                self._pending -= 1
+            raise CaptureRefused("the service is stopping", 503) from None
+        fut.add_done_callback(self._done)
+        return fut
+
+    def _done(self, fut: Future) -> None:
+        with self._lock:
+            self._pending -= 1
+        exc = fut.exception()
+        if exc is not None and not isinstance(exc, NotFound | Conflict | CaptureRefused):
+            self.metrics.inc("analysis_errors_total")
+            logger.error("field analysis failed", exc_info=exc)
+
+    def _process(self, slide_id: int, rgb: np.ndarray, source: str, model: ModelInfo, t0: float) -> dict:
+        result = analyze_field(rgb, self.classifier, self.settings)
+        images = self.encode_images(rgb, result)
+        field_id = self.store.add_field(slide_id, result, source=source, model_sha256=model.sha256, images=images)
+        latency = time.perf_counter() - t0
+        self.last_latency_s = latency
+        m = self.metrics
+        m.observe_latency(latency)
+        m.inc("fields_analysed_total")
+        if result.rejected:
+            m.inc("fields_rejected_total")
+        m.inc("cells_total", result.rbc_count)
+        m.inc("cells_flagged_total", result.infected_count)
+        logger.info("slide %d field %d: %s (%.0f ms)", slide_id, field_id,
+                    f"rejected: {result.rejected}" if result.rejected
+                    else f"{result.infected_count}/{result.rbc_count} flagged", latency * 1000)
+        return self.store.get_field(field_id)  # type: ignore[return-value]
+
+    def encode_images(self, rgb: np.ndarray, result: FieldResult) -> FieldImages:
+        crops = {} if result.rejected else {
+            i: encode_png(review_crop(rgb, c.bbox)) for i, c in enumerate(result.cells) if c.infected}
+        return FieldImages(annotated_jpeg=encode_jpeg(annotate(rgb, result), ANNOTATED_JPEG_QUALITY),
+                           raw_jpeg=encode_jpeg(rgb, RAW_JPEG_QUALITY) if self.save_raw else None,
+                           crops_png=crops)
+
+    def shutdown(self, wait: bool = True) -> None:
+        self._executor.shutdown(wait=wait, cancel_futures=True)
+
+
+# --- slide results --------------------------------------------------------------------------------
+
+def slide_summary(slide: dict, totals: dict, *, reviewed: bool = False) -> SlideSummary:
+    """The slide's result from its counts: automatic, or after the technician's review."""
+    infected = totals["reviewed_infected_count"] if reviewed else totals["infected_count"]
+    s = summarize_slide(totals["rbc_count"], infected, threshold=slide["threshold"],
+                        fp_rate_per_cell=slide["fp_rate_per_cell"], target_rbc=slide["target_rbc"],
+                        rbc_per_ul=slide["rbc_per_ul"], fields_used=totals["fields_used"],
+                        fields_rejected=totals["fields_rejected"])
+    # summarize_slide calls any given count "measured"; the configured one is a population assumption.
+    return s if slide["rbc_per_ul_measured"] else replace(s, rbc_per_ul_source="assumed")
+
+
+def finish_slide(store: Store, slide_id: int) -> dict:
+    """Close a slide, storing the automatic result with the model it was made with."""
+    slide = store.get_slide(slide_id)
+    if slide is None:
+        raise NotFound(f"slide {slide_id} not found")
+    summary = slide_summary(slide, store.totals(slide_id))
+    result = {"automatic": summary.to_json(), "model_name": slide["model_name"],
+              "model_sha256": slide["model_sha256"], "threshold": slide["threshold"]}
+    return store.finish_slide(slide_id, result)
+
+
+# --- serve ---------------------------------------------------------------------------------------
+
+class Watchdog:
+    """Sends WATCHDOG=1 to systemd every half watchdog period while ``healthy()`` is true."""
+
+    def __init__(self, notifier, healthy, interval_s: float, status=None):
+        self.notifier, self.healthy, self.interval_s, self.status = notifier, healthy, interval_s, status
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="watchdog", daemon=True)
+        self._last_status = None
+
+    def start(self) -> Watchdog:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(2.0)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if self.healthy():
+                self.notifier.notify("WATCHDOG=1")
+            else:
+                logger.error("capture loop is not turning: withholding the watchdog ping")
+            if self.status is not None:
+                text = self.status()
+                if text != self._last_status:
+                    self.notifier.notify(f"STATUS={text}")
+                    self._last_status = text
+            self._stop.wait(self.interval_s)
+
+
+def watchdog_interval_s() -> float:
+    """Half the systemd watchdog period (WATCHDOG_USEC), or a default when it is not set."""
+    usec = os.environ.get("WATCHDOG_USEC", "")
+    pid = os.environ.get("WATCHDOG_PID", "")
+    if usec.isdigit() and int(usec) > 0 and (not pid or pid == str(os.getpid())):
+        return int(usec) / 1e6 / 2
+    return DEFAULT_WATCHDOG_INTERVAL_S
+
+
+def _set_log_level(level: str) -> None:
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    root.setLevel(level.upper())
+
+
+def serve(config_path: str | None, host: str | None = None, port: int | None = None) -> int:
+    """Run the service until SIGTERM/SIGINT. Returns the exit status (0 after a clean stop).
+
+    Returns 78 (EX_CONFIG) for an invalid config and 1 when the database or the port cannot be used.
+    """
+    import sdnotify
+    import waitress
+
+    from device.camera import CameraFeed, open_camera
+    from device.config import ConfigError, load_config
+    from device.web import create_app
+
+    try:
+        cfg = load_config(config_path)
+        overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
+        if overrides:
+            cfg = cfg.with_changes("service", **overrides)
+    except ConfigError as exc:
+        logger.error("config error: %s", exc)
+        return EX_CONFIG
+    _set_log_level(cfg.service.log_level)
+    try:
+        store = Store(cfg.service.data_dir)
+    except (StoreError, OSError) as exc:
+        logger.error("cannot open the records in %s: %s", cfg.service.data_dir, exc)
+        return 1
+    metrics = Metrics()
+    analyser = FieldAnalyser.from_config(cfg, store, metrics)
+    feed = CameraFeed(partial(open_camera, cfg.camera), reconnect_max_s=cfg.camera.reconnect_max_s,
+                      min_focus=cfg.analysis.min_focus, source=cfg.camera.source)
+    feed.start()
+    try:
+        app = create_app(cfg, store, feed, analyser)
+        server = waitress.create_server(app, host=cfg.service.host, port=cfg.service.port,
+                                        threads=WAITRESS_THREADS, ident="malaria-detect")
+    except OSError as exc:
+        logger.error("cannot serve on %s:%d: %s", cfg.service.host, cfg.service.port, exc)
+        feed.stop()
+        analyser.shutdown(wait=False)
+        store.close()
+        return 1
+
+    notifier = sdnotify.SystemdNotifier()
+    watchdog = None
+    if os.environ.get("NOTIFY_SOCKET"):
+        def status_line() -> str:
+            cam = feed.status()["state"]
+            return f"camera {cam}; model {'ok' if analyser.model.ok else 'UNUSABLE'}"
+        watchdog = Watchdog(notifier, feed.loop_healthy, watchdog_interval_s(), status_line).start()
+    if threading.current_thread() is threading.main_thread():
+        def _terminate(signum, frame):
+            raise SystemExit(0)  # waitress's run() catches it and stops its worker threads
+        signal.signal(signal.SIGTERM, _terminate)
+    logger.info("Malaria Detect serving on http://%s:%d/ (camera %s, model %s, data %s)",
+                cfg.service.host, server.effective_port, cfg.camera.source,
+                analyser.model.name if analyser.model.ok else "UNUSABLE", store.data_dir)
+    notifier.notify("READY=1")
+    try:
+        server.run()
+    finally:
+        notifier.notify("STOPPING=1")
+        logger.info("stopping")
+        if watchdog is not None:
+            watchdog.stop()
+        feed.stop()
+        analyser.shutdown(wait=True)
+        server.close()
+        store.close()
+    return 0

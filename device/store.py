@@ -1,0 +1,451 @@
+"""The device's records: slides, fields and cells in SQLite, images as files beside it.
+
+Durability. The database runs in WAL mode with ``synchronous=FULL``: each commit fsyncs the WAL, so a
+field acknowledged to the page survives ``kill -9`` *and* a power cut (with ``NORMAL``, WAL commits
+survive a process crash but the last ones may roll back on power loss, which a battery-less Pi on a
+clinic's mains sees). The price is one fsync per commit, a few milliseconds beside a field's analysis.
+A field's images are written first (temp file, fsync, rename, fsync of the folder) and only then is
+the row that names them committed: a row never points at a missing file.
+
+Files are named from row data (slide ID and a random key stored in the row), never from a request.
+
+Schema changes are an ordered list of migrations; ``PRAGMA user_version`` says how many have run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import sqlite3
+import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+DB_NAME = "malaria-detect.sqlite3"
+IMAGES_DIR = "images"
+REVIEW_DECISIONS = ("confirmed", "rejected")
+
+# Ordered migrations: MIGRATIONS[i] takes the schema from version i to i + 1. Never edit a shipped one;
+# append a new one.
+MIGRATIONS: list[str] = [
+    # 1: slides, fields, cells
+    """
+    CREATE TABLE slides (
+        id INTEGER PRIMARY KEY,
+        sample_id TEXT NOT NULL,
+        patient_id TEXT NOT NULL DEFAULT '',
+        operator TEXT NOT NULL DEFAULT '',
+        notes TEXT NOT NULL DEFAULT '',
+        status TEXT NOT NULL DEFAULT 'open' CHECK (status IN ('open', 'finished')),
+        started_at TEXT NOT NULL,
+        finished_at TEXT,
+        model_name TEXT NOT NULL,
+        model_sha256 TEXT NOT NULL,
+        threshold REAL NOT NULL,
+        fp_rate_per_cell REAL NOT NULL,
+        target_rbc INTEGER NOT NULL,
+        rbc_per_ul REAL NOT NULL,
+        rbc_per_ul_measured INTEGER NOT NULL DEFAULT 0,
+        result_json TEXT
+    );
+    CREATE INDEX slides_sample_id ON slides (sample_id);
+    CREATE INDEX slides_started_at ON slides (started_at);
+    CREATE TABLE fields (
+        id INTEGER PRIMARY KEY,
+        slide_id INTEGER NOT NULL REFERENCES slides (id),
+        seq INTEGER NOT NULL,
+        captured_at TEXT NOT NULL,
+        source TEXT NOT NULL CHECK (source IN ('camera', 'upload')),
+        width INTEGER NOT NULL,
+        height INTEGER NOT NULL,
+        rejected TEXT,
+        focus REAL NOT NULL,
+        rbc_count INTEGER NOT NULL,
+        infected_count INTEGER NOT NULL,
+        model_sha256 TEXT NOT NULL,
+        threshold REAL NOT NULL,
+        timing_json TEXT NOT NULL DEFAULT '{}',
+        file_key TEXT NOT NULL,
+        has_raw INTEGER NOT NULL DEFAULT 0,
+        UNIQUE (slide_id, seq)
+    );
+    CREATE TABLE cells (
+        id INTEGER PRIMARY KEY,
+        field_id INTEGER NOT NULL REFERENCES fields (id),
+        idx INTEGER NOT NULL,
+        x INTEGER NOT NULL,
+        y INTEGER NOT NULL,
+        w INTEGER NOT NULL,
+        h INTEGER NOT NULL,
+        p_infected REAL NOT NULL,
+        infected INTEGER NOT NULL,
+        has_crop INTEGER NOT NULL DEFAULT 0,
+        review TEXT CHECK (review IN ('confirmed', 'rejected')),
+        reviewed_at TEXT,
+        reviewed_by TEXT NOT NULL DEFAULT '',
+        UNIQUE (field_id, idx)
+    );
+    CREATE INDEX cells_flagged ON cells (field_id) WHERE infected = 1;
+    """,
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class StoreError(RuntimeError):
+    """The database cannot be used (e.g. made by a newer version); the message says what to do."""
+
+
+class NotFound(StoreError):
+    pass
+
+
+class Conflict(StoreError):
+    """The request contradicts the record (a finished slide, another model)."""
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a result was made with."""
+
+    name: str
+    sha256: str
+    threshold: float
+    fp_rate_per_cell: float
+
+
+@dataclass(frozen=True)
+class FieldImages:
+    """Encoded images of one field: what the store writes beside the database."""
+
+    annotated_jpeg: bytes
+    raw_jpeg: bytes | None
+    crops_png: dict[int, bytes]  # cell index -> crop, for the cells flagged infected
+
+
+def migrate(conn: sqlite3.Connection, migrations: list[str] | None = None) -> int:
+    """Bring the schema up to date, one transaction per migration. Returns the final version."""
+    migrations = MIGRATIONS if migrations is None else migrations
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > len(migrations):
+        raise StoreError(f"the database is at schema version {version}, newer than this software "
+                         f"({len(migrations)}): install the newer software or restore a matching backup")
+    for i in range(version, len(migrations)):
+        try:
+            # executescript runs the script as written; BEGIN/COMMIT make the migration and its version
+            # number one transaction.
+            conn.executescript(f"BEGIN IMMEDIATE;\n{migrations[i]}\nPRAGMA user_version = {i + 1};\nCOMMIT;")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise StoreError(f"database migration {i + 1} failed: {exc}") from exc
+        logger.info("database schema migrated to version %d", i + 1)
+    return len(migrations)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
+    """Write a file so that it is either absent or complete, even after a power cut.
+
+    Temp file in the same folder (mode 0600), data fsynced, renamed over the target, folder fsynced.
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    if sync_dir:
+        _fsync_dir(path.parent)
+
+
+def _row(r: sqlite3.Row | None) -> dict | None:
+    return None if r is None else dict(r)
+
+
+class Store:
+    """SQLite records under ``data_dir``; safe to use from several threads (one connection each).
+
+    Args:
+        data_dir: created (mode 0700) if missing; holds the database and ``images/``.
+    """
+
+    def __init__(self, data_dir: str | Path):
+        self.data_dir = Path(data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.images_dir = self.data_dir / IMAGES_DIR
+        self.images_dir.mkdir(exist_ok=True, mode=0o700)
+        self.db_path = self.data_dir / DB_NAME
+        self._local = threading.local()
+        self._conns: list[sqlite3.Connection] = []
+        self._conns_lock = threading.Lock()
+        try:
+            self.schema_version = migrate(self._conn())
+        except sqlite3.DatabaseError as exc:
+            self.close()
+            raise StoreError(f"{self.db_path}: not a usable database ({exc})") from exc
+        except StoreError:
+            self.close()
+            raise
+
+    # -- connections --
+    def _connect(self) -> sqlite3.Connection:
+        # isolation_level=None: no implicit transactions; _tx() opens them explicitly.
+        conn = sqlite3.connect(self.db_path, timeout=10.0, isolation_level=None, check_same_thread=False)
+        conn.row_factory = sqlite3.Row
+        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if mode.lower() != "wal":
+            raise StoreError(f"{self.db_path}: cannot use WAL mode (got {mode}); is it on a network share?")
+        conn.execute("PRAGMA synchronous=FULL")  # see the module docstring: survives power loss
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA busy_timeout=10000")
+        return conn
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._connect()
+            self._local.conn = conn
+            with self._conns_lock:
+                self._conns.append(conn)
+        return conn
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._conns_lock:
+            conns, self._conns = self._conns, []
+        for c in conns:
+            try:
+                c.close()
+            except sqlite3.Error:  # pragma: no cover
+                pass
+        self._local = threading.local()
+
+    def pragma(self, name: str) -> Any:
+        if not name.isidentifier():
+            raise ValueError(name)
+        return self._conn().execute(f"PRAGMA {name}").fetchone()[0]
+
+    # -- slides --
+    def create_slide(self, *, sample_id: str, model: ModelInfo, target_rbc: int, rbc_per_ul: float,
+                     rbc_per_ul_measured: bool = False, patient_id: str = "", operator: str = "",
+                     notes: str = "") -> int:
+        sample_id = sample_id.strip()
+        if not sample_id:
+            raise ValueError("sample ID is required")
+        with self._tx() as c:
+            cur = c.execute(
+                "INSERT INTO slides (sample_id, patient_id, operator, notes, started_at, model_name, model_sha256,"
+                " threshold, fp_rate_per_cell, target_rbc, rbc_per_ul, rbc_per_ul_measured)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (sample_id, patient_id.strip(), operator.strip(), notes.strip(), utc_now(), model.name,
+                 model.sha256, model.threshold, model.fp_rate_per_cell, int(target_rbc), float(rbc_per_ul),
+                 int(bool(rbc_per_ul_measured))))
+            return int(cur.lastrowid)
+
+    def get_slide(self, slide_id: int) -> dict | None:
+        return _row(self._conn().execute("SELECT * FROM slides WHERE id = ?", (slide_id,)).fetchone())
+
+    def list_slides(self, query: str = "", *, limit: int = 100, offset: int = 0,
+                    status: str | None = None) -> list[dict]:
+        """Slides, newest first; ``query`` matches part of the sample ID (case-insensitive)."""
+        sql = "SELECT * FROM slides WHERE 1 = 1"
+        args: list[Any] = []
+        if query:
+            escaped = query.strip().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            sql += " AND sample_id LIKE ? ESCAPE '\\'"
+            args.append(f"%{escaped}%")
+        if status:
+            sql += " AND status = ?"
+            args.append(status)
+        sql += " ORDER BY id DESC LIMIT ? OFFSET ?"
+        args += [int(limit), int(offset)]
+        return [dict(r) for r in self._conn().execute(sql, args)]
+
+    def finish_slide(self, slide_id: int, result: dict) -> dict:
+        """Close the slide and keep the automatic result as it stood. Raises NotFound / Conflict."""
+        with self._tx() as c:
+            slide = c.execute("SELECT status FROM slides WHERE id = ?", (slide_id,)).fetchone()
+            if slide is None:
+                raise NotFound(f"slide {slide_id} not found")
+            if slide["status"] != "open":
+                raise Conflict(f"slide {slide_id} is already finished")
+            c.execute("UPDATE slides SET status = 'finished', finished_at = ?, result_json = ? WHERE id = ?",
+                      (utc_now(), json.dumps(result), slide_id))
+        return self.get_slide(slide_id)  # type: ignore[return-value]
+
+    # -- fields --
+    def add_field(self, slide_id: int, result, *, source: str, model_sha256: str, images: FieldImages) -> int:
+        """Record one analysed field (a ``device.analysis.FieldResult``) and its images.
+
+        Images are written and synced first, then one transaction commits the field and its cells.
+        Raises NotFound / Conflict (finished slide, or a slide started with another model).
+        """
+        slide = self.get_slide(slide_id)
+        if slide is None:
+            raise NotFound(f"slide {slide_id} not found")
+        self._check_open(slide, model_sha256)
+        key = secrets.token_hex(8)
+        folder = self._slide_dir(slide_id)
+        folder.mkdir(exist_ok=True, mode=0o700)
+        write_atomic(folder / f"{key}_annotated.jpg", images.annotated_jpeg, sync_dir=False)
+        if images.raw_jpeg is not None:
+            write_atomic(folder / f"{key}_raw.jpg", images.raw_jpeg, sync_dir=False)
+        for idx, png in images.crops_png.items():
+            write_atomic(folder / f"{key}_cell{int(idx)}.png", png, sync_dir=False)
+        _fsync_dir(folder)  # the renames above are durable before the row that names them
+        with self._tx() as c:
+            slide = _row(c.execute("SELECT * FROM slides WHERE id = ?", (slide_id,)).fetchone())
+            self._check_open(slide, model_sha256)  # re-checked inside the write lock
+            seq = c.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM fields WHERE slide_id = ?",
+                            (slide_id,)).fetchone()[0]
+            cur = c.execute(
+                "INSERT INTO fields (slide_id, seq, captured_at, source, width, height, rejected, focus, rbc_count,"
+                " infected_count, model_sha256, threshold, timing_json, file_key, has_raw)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (slide_id, seq, utc_now(), source, result.width, result.height, result.rejected,
+                 float(result.focus), result.rbc_count, result.infected_count, model_sha256,
+                 float(result.threshold), json.dumps({k: round(v, 2) for k, v in result.timing_ms.items()}),
+                 key, int(images.raw_jpeg is not None)))
+            field_id = int(cur.lastrowid)
+            if not result.rejected:
+                c.executemany(
+                    "INSERT INTO cells (field_id, idx, x, y, w, h, p_infected, infected, has_crop)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(field_id, i, *(int(v) for v in cell.bbox), float(cell.p_infected), int(cell.infected),
+                      int(i in images.crops_png)) for i, cell in enumerate(result.cells)])
+        return field_id
+
+    @staticmethod
+    def _check_open(slide: dict | None, model_sha256: str) -> None:
+        if slide is None:
+            raise NotFound("slide not found")
+        if slide["status"] != "open":
+            raise Conflict(f"slide {slide['sample_id']} is finished: start a new slide to capture more fields")
+        if slide["model_sha256"] != model_sha256:
+            raise Conflict(f"slide {slide['sample_id']} was started with another model "
+                           f"({slide['model_name']}, sha256 {slide['model_sha256'][:12]}…): finish it and start a "
+                           "new slide")
+
+    def get_field(self, field_id: int) -> dict | None:
+        return _row(self._conn().execute("SELECT * FROM fields WHERE id = ?", (field_id,)).fetchone())
+
+    def list_fields(self, slide_id: int) -> list[dict]:
+        return [dict(r) for r in self._conn().execute(
+            "SELECT * FROM fields WHERE slide_id = ? ORDER BY seq", (slide_id,))]
+
+    def fields_for_export(self, query: str = "", slide_id: int | None = None) -> list[dict]:
+        sql = ("SELECT f.*, s.sample_id, s.patient_id FROM fields f JOIN slides s ON s.id = f.slide_id"
+               " WHERE 1 = 1")
+        args: list[Any] = []
+        if slide_id is not None:
+            sql += " AND f.slide_id = ?"
+            args.append(slide_id)
+        if query:
+            escaped = query.strip().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            sql += " AND s.sample_id LIKE ? ESCAPE '\\'"
+            args.append(f"%{escaped}%")
+        sql += " ORDER BY f.slide_id DESC, f.seq"
+        return [dict(r) for r in self._conn().execute(sql, args)]
+
+    def totals(self, slide_id: int) -> dict:
+        """Counts over the slide's fields (used = not rejected) and the review of its flagged cells."""
+        c = self._conn()
+        f = c.execute(
+            "SELECT COUNT(*) AS fields, COALESCE(SUM(rejected IS NULL), 0) AS fields_used,"
+            " COALESCE(SUM(rejected IS NOT NULL), 0) AS fields_rejected,"
+            " COALESCE(SUM(rbc_count), 0) AS rbc_count, COALESCE(SUM(infected_count), 0) AS infected_count"
+            " FROM fields WHERE slide_id = ?", (slide_id,)).fetchone()
+        r = c.execute(
+            "SELECT COALESCE(SUM(c.review = 'confirmed'), 0) AS confirmed,"
+            " COALESCE(SUM(c.review = 'rejected'), 0) AS rejected, COALESCE(SUM(c.review IS NULL), 0) AS pending"
+            " FROM cells c JOIN fields f ON f.id = c.field_id"
+            " WHERE f.slide_id = ? AND c.infected = 1 AND f.rejected IS NULL", (slide_id,)).fetchone()
+        out = dict(f)
+        out["review"] = dict(r)
+        # After review: the automatic count less the cells a technician rejected.
+        out["reviewed_infected_count"] = out["infected_count"] - out["review"]["rejected"]
+        return out
+
+    # -- cells --
+    def flagged_cells(self, slide_id: int) -> list[dict]:
+        return [dict(r) for r in self._conn().execute(
+            "SELECT c.*, f.seq AS field_seq FROM cells c JOIN fields f ON f.id = c.field_id"
+            " WHERE f.slide_id = ? AND c.infected = 1 AND f.rejected IS NULL ORDER BY f.seq, c.idx", (slide_id,))]
+
+    def field_cells(self, field_id: int) -> list[dict]:
+        return [dict(r) for r in self._conn().execute(
+            "SELECT * FROM cells WHERE field_id = ? ORDER BY idx", (field_id,))]
+
+    def get_cell(self, cell_id: int) -> dict | None:
+        return _row(self._conn().execute(
+            "SELECT c.*, f.slide_id, f.file_key FROM cells c JOIN fields f ON f.id = c.field_id WHERE c.id = ?",
+            (cell_id,)).fetchone())
+
+    def review_cell(self, cell_id: int, decision: str | None, by: str = "") -> dict:
+        """Record a technician's decision on a flagged cell (None clears it). The model's verdict stays."""
+        if decision is not None and decision not in REVIEW_DECISIONS:
+            raise ValueError(f"decision must be one of {', '.join(REVIEW_DECISIONS)}")
+        with self._tx() as c:
+            cell = c.execute("SELECT infected FROM cells WHERE id = ?", (cell_id,)).fetchone()
+            if cell is None:
+                raise NotFound(f"cell {cell_id} not found")
+            if not cell["infected"]:
+                raise Conflict("only cells flagged infected are reviewed")
+            c.execute("UPDATE cells SET review = ?, reviewed_at = ?, reviewed_by = ? WHERE id = ?",
+                      (decision, utc_now() if decision else None, by if decision else "", cell_id))
+        return self.get_cell(cell_id)  # type: ignore[return-value]
+
+    # -- files, by ID only --
+    def _slide_dir(self, slide_id: int) -> Path:
+        return self.images_dir / f"slide-{int(slide_id)}"
+
+    def field_image_path(self, field_id: int, kind: str) -> Path | None:
+        """The annotated or raw image of a field, or None. ``kind`` is "annotated" or "raw"."""
+        if kind not in ("annotated", "raw"):
+            return None
+        f = self.get_field(field_id)
+        if f is None or (kind == "raw" and not f["has_raw"]):
+            return None
+        p = self._slide_dir(f["slide_id"]) / f"{f['file_key']}_{kind}.jpg"
+        return p if p.is_file() else None
+
+    def cell_crop_path(self, cell_id: int) -> Path | None:
+        c = self.get_cell(cell_id)
+        if c is None or not c["has_crop"]:
+            return None
+        p = self._slide_dir(c["slide_id"]) / f"{c['file_key']}_cell{int(c['idx'])}.png"
+        return p if p.is_file() else None

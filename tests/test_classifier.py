@@ -1,0 +1,133 @@
+"""The shipped model, its card, the interpreter choice, and the device's refusal of bad models."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from device.classifier import CellClassifier, dequantize, make_interpreter, quantize
+from device.imageio import read_rgb
+from device.model_card import ModelError, load_card
+from device.preprocess import prepare_batch
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = ROOT / "models" / "cellnet_int8.tflite"
+FIX = ROOT / "tests" / "fixtures" / "nih_cells"
+
+
+@pytest.fixture(scope="module")
+def clf():
+    return CellClassifier(MODEL)
+
+
+def copy_model(tmp_path) -> Path:
+    shutil.copy(MODEL, tmp_path / MODEL.name)
+    shutil.copy(MODEL.with_suffix(".json"), tmp_path / MODEL.with_suffix(".json").name)
+    return tmp_path / MODEL.name
+
+
+def test_shipped_model_is_small_int8_with_raw_pixel_input(clf):
+    card = clf.card.data
+    assert MODEL.stat().st_size <= 1_000_000
+    assert card["input"]["dtype"] == "uint8" and card["output"]["dtype"] == "uint8"
+    assert card["input"]["quantization"] == {"scale": 1.0, "zero_point": 0}
+    assert card["input"]["channel_order"] == "RGB"
+    lo, hi = 0.5, 0.999
+    assert lo <= clf.threshold <= hi
+
+
+def test_batched_and_single_predictions_agree_on_real_cells(clf):
+    files = sorted((FIX / "Parasitized").iterdir())[:5] + sorted((FIX / "Uninfected").iterdir())[:70]
+    files = [f for f in files if f.suffix == ".webp"]
+    batch = prepare_batch([read_rgb(f) for f in files], clf.input_size_px)
+    p_all = clf.predict(batch)  # more than one interpreter batch of 64: the last one is padded
+    p_one = np.array([clf.predict(batch[i : i + 1])[0] for i in range(len(batch))])
+    assert p_all.shape == (len(files),) and np.allclose(p_all, p_one)
+    assert ((p_all >= 0) & (p_all <= 1)).all()
+    assert clf.predict(batch[:0]).shape == (0,)
+
+
+def test_wrong_input_shape_is_refused(clf):
+    with pytest.raises(ValueError, match="expected"):
+        clf.predict(np.zeros((1, 10, 10, 3), np.uint8))
+
+
+def test_dequantize_formula_and_no_uint8_wraparound():
+    q = np.array([0, 150, 255], np.uint8)
+    assert dequantize(q, 0.5, 150).tolist() == [-75.0, 0.0, 52.5]
+    assert quantize(np.array([-80.0, 0.0, 100.0]), 0.5, 150, np.uint8).tolist() == [0, 150, 255]
+
+
+def test_missing_card_is_refused(tmp_path):
+    m = copy_model(tmp_path)
+    m.with_suffix(".json").unlink()
+    with pytest.raises(ModelError, match="model card missing"):
+        CellClassifier(m)
+
+
+def test_sha256_mismatch_is_refused(tmp_path):
+    m = copy_model(tmp_path)
+    data = bytearray(m.read_bytes())
+    data[-10] ^= 0xFF
+    m.write_bytes(bytes(data))
+    with pytest.raises(ModelError, match="sha256"):
+        CellClassifier(m)
+
+
+def test_input_details_contradicting_the_card_are_refused(tmp_path):
+    m = copy_model(tmp_path)
+    card = json.loads(m.with_suffix(".json").read_text())
+    card["input"]["shape"] = [1, 96, 96, 3]
+    m.with_suffix(".json").write_text(json.dumps(card))
+    with pytest.raises(ModelError, match="input contradicts its card.*shape"):
+        CellClassifier(m)
+    card["input"]["shape"] = load_card(MODEL).data["input"]["shape"]
+    card["input"]["quantization"] = {"scale": 0.98, "zero_point": 0}
+    m.with_suffix(".json").write_text(json.dumps(card))
+    with pytest.raises(ModelError, match="quantisation"):
+        CellClassifier(m)
+
+
+def test_missing_and_corrupt_model_files_are_clear_errors(tmp_path):
+    with pytest.raises(ModelError, match="model file missing"):
+        CellClassifier(tmp_path / "none.tflite")
+    bad = tmp_path / "bad.tflite"
+    bad.write_bytes(b"\x00" * 100)
+    with pytest.raises(ModelError, match="no TFLite runtime could load"):
+        make_interpreter(bad)
+
+
+@pytest.mark.parametrize("runtime", ["ai_edge_litert", "tflite_runtime"])
+def test_shipped_model_runs_on_each_deployed_runtime(runtime):
+    """The runtime gate: the int8 model loads and runs on ai-edge-litert and on tflite-runtime 2.14."""
+    pytest.importorskip(runtime)
+    code = (
+        "import sys, numpy as np\n"
+        "from device.classifier import make_interpreter\n"
+        f"i, rt = make_interpreter({str(MODEL)!r}, 1, runtimes=({runtime!r},))\n"
+        "d = i.get_input_details()[0]\n"
+        "i.set_tensor(d['index'], np.full(d['shape'], 128, d['dtype'])); i.invoke()\n"
+        "print(rt, i.get_tensor(i.get_output_details()[0]['index']).shape)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().startswith(runtime)
+
+
+def test_device_never_imports_tensorflow():
+    code = (
+        "import sys\n"
+        "import device.cli, device.analysis, device.classifier, device.slide, device.config\n"
+        "from device.classifier import CellClassifier\n"
+        f"CellClassifier({str(MODEL)!r})\n"
+        "print('tensorflow' in sys.modules, 'keras' in sys.modules)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "False False"

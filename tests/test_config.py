@@ -1,0 +1,68 @@
+"""The config object: defaults, validation naming the key, and the check-config command."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from device.config import ConfigError, from_dict, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_embedded_defaults_are_the_demo():
+    cfg = load_config(None)
+    assert cfg.camera.source == "replay" and Path(cfg.camera.replay_path).is_dir()
+    assert Path(cfg.model.path).is_file()
+    assert cfg.service.host == "127.0.0.1" and cfg.service.port == 8080
+    assert cfg.analysis.counting_target_rbc == 2000
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ({"camera": {"source": "webcam"}}, "camera.source"),
+    ({"camera": {"sorce": "replay"}}, "camera.sorce: unknown key"),
+    ({"cam": {}}, "cam: unknown section"),
+    ({"service": {"port": 70000}}, "service.port"),
+    ({"service": {"port": "8080"}}, "service.port: expected a whole number"),
+    ({"model": {"threshold": 0.2}}, "model.threshold"),
+    ({"analysis": {"counting_target_rbc": 10}}, "analysis.counting_target_rbc"),
+    ({"security": {"technician_pin": "12ab"}}, "security.technician_pin"),
+    ({"security": {"admin_password_hash": "hunter2"}}, "security.admin_password_hash"),
+    ({"service": {"save_raw_frames": "yes"}}, "service.save_raw_frames: expected true or false"),
+])
+def test_bad_values_name_the_key(data, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        from_dict(data)
+
+
+def test_relative_paths_resolve_from_the_config_file(tmp_path):
+    (tmp_path / "c.toml").write_text('[service]\ndata_dir = "state"\n[camera]\ndevice = 2\n')
+    cfg = load_config(tmp_path / "c.toml")
+    assert cfg.service.data_dir == str(tmp_path / "state")
+    assert cfg.camera.device == "2"
+
+
+def test_with_changes_validates():
+    cfg = load_config(None)
+    assert cfg.with_changes("analysis", counting_target_rbc=1000).analysis.counting_target_rbc == 1000
+    with pytest.raises(ConfigError, match="model.threshold"):
+        cfg.with_changes("model", threshold=1.5)
+
+
+def test_check_config_command(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[camera]\nsource = "webcam"\n')
+    r = subprocess.run([sys.executable, "-m", "device", "check-config", str(bad)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "camera.source" in r.stderr
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[camera\n")
+    r = subprocess.run([sys.executable, "-m", "device", "check-config", str(broken)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "not valid TOML" in r.stderr
+    good = tmp_path / "good.toml"
+    good.write_text('[analysis]\ncounting_target_rbc = 1000\n')
+    r = subprocess.run([sys.executable, "-m", "device", "check-config", str(good)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "OK" in r.stdout

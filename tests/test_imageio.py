@@ -1,0 +1,83 @@
+"""Image reading: the bad-input corpus gets clear errors; good images decode to RGB."""
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from device.imageio import MAX_PIXELS, ImageError, decode_rgb, header_size, iter_image_files, read_rgb
+
+ROOT = Path(__file__).resolve().parent.parent
+BAD = ROOT / "tests" / "fixtures" / "bad_inputs"
+SAMPLES = ROOT / "device" / "samples"
+
+EXPECTED = {
+    "truncated.png": "truncated PNG",
+    "truncated.jpg": "truncated JPEG",
+    "empty.png": "empty file",
+    "text_named.png": "not a supported image",
+    "sixteen_bit.png": "16-bit",
+    "grayscale.png": "grayscale",
+    "alpha.png": "transparent",
+    "one_pixel.png": "too small",
+    "huge_30000x30000.png": "over the 50 MP limit",
+}
+
+
+def test_corpus_is_complete():
+    assert {p.name for p in BAD.iterdir() if p.suffix != ".py"} == set(EXPECTED)
+
+
+@pytest.mark.parametrize(("name", "reason"), sorted(EXPECTED.items()))
+def test_each_bad_file_gets_a_clear_error_naming_the_file(name, reason):
+    with pytest.raises(ImageError) as err:
+        read_rgb(BAD / name)
+    assert reason in str(err.value) and name in str(err.value)
+
+
+def test_huge_image_is_refused_before_decoding(monkeypatch):
+    def boom(*_a, **_k):
+        raise AssertionError("decoder called on a decompression bomb")
+
+    monkeypatch.setattr(cv2, "imdecode", boom)
+    with pytest.raises(ImageError, match="MP"):
+        read_rgb(BAD / "huge_30000x30000.png")
+    assert MAX_PIXELS == 50_000_000
+
+
+def test_missing_file_is_an_image_error(tmp_path):
+    with pytest.raises(ImageError, match="cannot read"):
+        read_rgb(tmp_path / "nope.png")
+
+
+@pytest.mark.parametrize("ext", [".png", ".jpg", ".webp", ".bmp"])
+def test_header_size_matches_the_decoder(ext):
+    bgr = cv2.imread(str(sorted(SAMPLES.glob("*.jpg"))[0]))[:123, :345]
+    ok, buf = cv2.imencode(ext, bgr)
+    assert ok
+    assert header_size(buf.tobytes()) == (345, 123)
+    rgb = decode_rgb(buf.tobytes())
+    assert rgb.shape == (123, 345, 3)
+
+
+def test_channel_order_is_rgb():
+    bgr = np.zeros((32, 32, 3), np.uint8)
+    bgr[..., 2] = 255  # red, in OpenCV's BGR
+    ok, buf = cv2.imencode(".png", bgr)
+    assert decode_rgb(buf.tobytes())[0, 0].tolist() == [255, 0, 0]
+
+
+def test_opaque_alpha_is_dropped():
+    bgra = np.zeros((32, 32, 4), np.uint8)
+    bgra[..., 1] = 200
+    bgra[..., 3] = 255
+    ok, buf = cv2.imencode(".png", bgra)
+    assert decode_rgb(buf.tobytes())[0, 0].tolist() == [0, 200, 0]
+
+
+def test_iter_image_files_expands_folders(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.png").write_bytes(b"")
+    (tmp_path / "a" / "notes.txt").write_text("")
+    assert iter_image_files([tmp_path]) == [tmp_path / "a" / "x.png"]

@@ -1,0 +1,299 @@
+"""The Raspberry Pi deployment in systemd/: the unit, the install script and the config example.
+
+Needs ``systemd-analyze`` and ``shellcheck`` (Debian: ``make system-deps``). Where one is missing the
+test skips, except under CI (``CI`` set), where a missing tool fails the test.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from device.config import Config, load_config
+
+REPO = Path(__file__).resolve().parent.parent
+SYSTEMD_DIR = REPO / "systemd"
+UNIT = SYSTEMD_DIR / "malaria-detect.service"
+INSTALL_SH = SYSTEMD_DIR / "install.sh"
+CONFIG_EXAMPLE = SYSTEMD_DIR / "config.toml"
+
+APP_DIR = "/opt/malaria-detect"
+MAX_EXPOSURE = 3.0  # systemd-analyze security: 0 (locked down) to 10 (exposed)
+
+
+def require_tool(name: str) -> str:
+    path = shutil.which(name)
+    if path:
+        return path
+    if os.environ.get("CI"):
+        pytest.fail(f"{name} is not installed, and CI is set (install it with `make system-deps`)")
+    pytest.skip(f"{name} is not installed (Debian: `make system-deps`)")
+
+
+def unit_settings() -> dict[str, dict[str, list[str]]]:
+    """The unit's settings: section -> key -> values, in order (systemd allows repeated keys)."""
+    settings: dict[str, dict[str, list[str]]] = {}
+    section: dict[str, list[str]] = {}
+    for raw in UNIT.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            section = settings.setdefault(line.strip("[]"), {})
+            continue
+        key, _, value = line.partition("=")
+        section.setdefault(key.strip(), []).append(value.strip())
+    return settings
+
+
+def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "SYSTEMD_COLORS": "0", "SYSTEMD_PAGER": "", "LC_ALL": "C.UTF-8"}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120, **kwargs)
+
+
+# --- the unit ----------------------------------------------------------------------------------
+
+
+def test_unit_verifies_without_any_output(tmp_path):
+    analyze = require_tool("systemd-analyze")
+    # verify checks that ExecStart's program exists and is executable: move the unit's paths into
+    # a temporary tree that has a stub for the venv's python.
+    root = tmp_path / "root"
+    stub = root / APP_DIR.lstrip("/") / ".venv" / "bin" / "python"
+    stub.parent.mkdir(parents=True)
+    stub.write_text("#!/bin/sh\nexit 0\n")
+    stub.chmod(0o755)
+    unit = tmp_path / "unit" / UNIT.name
+    unit.parent.mkdir()
+    unit.write_text(UNIT.read_text().replace(APP_DIR, str(root / APP_DIR.lstrip("/"))))
+
+    res = run([analyze, "verify", str(unit)])
+
+    output = (res.stdout + res.stderr).strip()
+    assert res.returncode == 0 and output == "", f"systemd-analyze verify said:\n{output}"
+
+
+def test_unit_exposure_is_at_most_3(tmp_path):
+    analyze = require_tool("systemd-analyze")
+    unit = tmp_path / UNIT.name
+    shutil.copy(UNIT, unit)
+
+    res = run([analyze, "security", "--offline=true", "--no-pager", str(unit)])
+
+    match = re.search(r"Overall exposure level for malaria-detect\.service: ([0-9.]+)", res.stdout)
+    assert match, f"no exposure level in:\n{res.stdout}\n{res.stderr}"
+    exposure = float(match.group(1))
+    assert exposure <= MAX_EXPOSURE, f"exposure {exposure} > {MAX_EXPOSURE}:\n{res.stdout}"
+
+
+def test_unit_runs_the_service_as_the_issue_asks():
+    unit = unit_settings()
+    service = unit["Service"]
+    assert service["Type"] == ["notify"] and service["NotifyAccess"] == ["main"]
+    assert "WatchdogSec" in service
+    assert service["Restart"] == ["on-failure"] and "RestartSec" in service
+    assert "StartLimitIntervalSec" in unit["Unit"] and "StartLimitBurst" in unit["Unit"]
+    assert service["User"] == ["malaria-detect"] and "video" in service["SupplementaryGroups"][0].split()
+    assert service["ExecStart"] == [
+        f"{APP_DIR}/.venv/bin/python -m device serve --config /etc/malaria-detect/config.toml"]
+    assert service["WorkingDirectory"] == [APP_DIR]
+    # The camera: a private /dev would hide it; the device cgroup lets the camera classes through.
+    assert service.get("PrivateDevices", ["no"]) == ["no"]
+    assert service["DevicePolicy"] == ["closed"]
+    allowed = {v.split()[0] for v in service["DeviceAllow"]}
+    assert {"char-video4linux", "char-media", "char-dma_heap"} <= allowed
+    # sd_notify needs AF_UNIX; the page needs IPv4/IPv6.
+    families = set(" ".join(service["RestrictAddressFamilies"]).split())
+    assert {"AF_UNIX", "AF_INET", "AF_INET6"} <= families
+    assert service["CapabilityBoundingSet"] == [""]
+    # No network dependency: the device must work without any network.
+    text = UNIT.read_text()
+    assert not re.search(r"^(After|Wants|Requires)=.*network", text, re.MULTILINE)
+    assert unit["Install"]["WantedBy"] == ["multi-user.target"]
+
+
+def test_unit_and_config_example_agree():
+    service = unit_settings()["Service"]
+    cfg = load_config(CONFIG_EXAMPLE)
+    # The service writes only its StateDirectory: data_dir must be that directory.
+    assert cfg.service.data_dir == "/var/lib/" + service["StateDirectory"][0]
+    assert service["ExecStart"][0].endswith(
+        "--config /etc/" + service["ConfigurationDirectory"][0] + "/config.toml")
+    # No capabilities: a port below 1024 could not be bound.
+    assert cfg.service.port >= 1024
+    assert cfg.model.path.startswith(APP_DIR + "/models/")
+
+
+# --- the config example ------------------------------------------------------------------------
+
+
+def test_config_example_loads_with_pi_values():
+    cfg = load_config(CONFIG_EXAMPLE)
+
+    assert cfg.service.host == "0.0.0.0"  # the LAN reaches the page
+    assert cfg.service.data_dir == "/var/lib/malaria-detect"
+    assert cfg.camera.source == "picamera2"
+    assert cfg.model.path == f"{APP_DIR}/models/cellnet_int8.tflite"
+    assert (REPO / "models" / Path(cfg.model.path).name).is_file(), "the config names an unshipped model"
+
+
+def test_config_example_documents_every_key():
+    """Every key of device/config.py is in the example, set or commented out, under a comment."""
+    lines = CONFIG_EXAMPLE.read_text().splitlines()
+    assignment = re.compile(r"^#?\s*(\w+)\s*=")
+    where: dict[tuple[str | None, str], int] = {}
+    section = None
+    for i, line in enumerate(lines):
+        if m := re.match(r"^\[(\w+)\]\s*$", line):
+            section = m.group(1)
+        elif m := assignment.match(line):
+            where.setdefault((section, m.group(1)), i)
+    defaults = Config()
+    for sec in fields(Config):
+        for key in fields(getattr(defaults, sec.name)):
+            name = f"{sec.name}.{key.name}"
+            assert (sec.name, key.name) in where, f"{name} is missing from {CONFIG_EXAMPLE.name}"
+            i = where[sec.name, key.name] - 1
+            while i >= 0 and assignment.match(lines[i]):  # keys documented together (width, height)
+                i -= 1
+            assert i >= 0 and lines[i].startswith("#"), f"{name} has no comment above it"
+
+
+# --- the install script ------------------------------------------------------------------------
+
+
+def test_install_script_passes_shellcheck():
+    shellcheck = require_tool("shellcheck")
+    res = run([shellcheck, str(INSTALL_SH)])
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+@pytest.fixture
+def source(tmp_path) -> Path:
+    """A copy of the project as a release folder would hold it, plus clutter install.sh must skip."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "constraints.txt", "README.md", "Makefile"):
+        shutil.copy(REPO / name, src / name)
+    for name in ("device", "systemd", "train", "convert"):
+        if (REPO / name).is_dir():
+            shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    models = src / "models"
+    models.mkdir()
+    (models / "cellnet_int8.tflite").write_bytes(b"TFL3 not a real model")
+    (models / "cellnet_int8.json").write_text("{}\n")
+    for clutter in (".venv/bin/python", ".git/HEAD", "data/malaria.db", "runs/smoke/model.keras",
+                    "device/__pycache__/config.cpython-311.pyc", "tests/test_x.py"):
+        (src / clutter).parent.mkdir(parents=True, exist_ok=True)
+        (src / clutter).write_text("clutter\n")
+    return src
+
+
+def install(src: Path, *args: str) -> subprocess.CompletedProcess:
+    res = run(["bash", str(src / "systemd" / "install.sh"), *args])
+    assert res.returncode == 0, f"install.sh {' '.join(args)} failed:\n{res.stdout}\n{res.stderr}"
+    return res
+
+
+def test_install_dry_run_prints_the_actions_and_changes_nothing(source, tmp_path):
+    root = tmp_path / "root"
+
+    res = install(source, "--dry-run", "--root", str(root))
+
+    assert not root.exists()
+    out = res.stdout
+    assert f"{root}/etc/systemd/system/malaria-detect.service" in out
+    assert f"{root}/etc/malaria-detect/config.toml" in out
+    assert f"{root}{APP_DIR}" in out
+    assert "skip (--root): systemctl daemon-reload" in out
+    assert "skip (--root): systemctl enable malaria-detect.service" in out
+    assert "skip (--root): useradd" in out
+    assert "pip install" not in out  # --root leaves the venv alone
+
+
+def test_install_root_creates_unit_config_and_code(source, tmp_path):
+    root = tmp_path / "root"
+
+    install(source, "--root", str(root))
+
+    unit = root / "etc/systemd/system/malaria-detect.service"
+    assert unit.read_text() == UNIT.read_text()
+    config = root / "etc/malaria-detect/config.toml"
+    assert config.read_text() == CONFIG_EXAMPLE.read_text()
+    assert config.stat().st_mode & 0o777 == 0o640  # it may hold the admin hash and the PIN
+    assert (root / "etc/malaria-detect/config.toml.example").read_text() == CONFIG_EXAMPLE.read_text()
+    app = root / APP_DIR.lstrip("/")
+    for name in ("pyproject.toml", "constraints.txt", "device/__main__.py", "device/config.py",
+                 "models/cellnet_int8.tflite", "models/cellnet_int8.json", "systemd/install.sh"):
+        assert (app / name).is_file(), f"{name} was not copied"
+    for name in (".venv", ".git", "data", "runs", "tests", "device/__pycache__"):
+        assert not (app / name).exists(), f"{name} should not be copied"
+    assert (app / "device/config.py").stat().st_mode & 0o777 == 0o644
+    assert (app / "systemd/install.sh").stat().st_mode & 0o777 == 0o755
+    assert not (root / "var/lib/malaria-detect").exists()  # systemd creates the StateDirectory
+
+
+def test_reinstall_keeps_config_and_database_and_replaces_code(source, tmp_path):
+    root = tmp_path / "root"
+    install(source, "--root", str(root))
+    config = root / "etc/malaria-detect/config.toml"
+    config.write_text(config.read_text().replace('log_level = "INFO"', 'log_level = "DEBUG"'))
+    state = root / "var/lib/malaria-detect"
+    state.mkdir(parents=True)
+    (state / "malaria.db").write_bytes(b"SQLite format 3\x00 patient results")
+    app = root / APP_DIR.lstrip("/")
+    (app / "device/removed_in_new_version.py").write_text("old\n")
+    (app / ".venv/bin").mkdir(parents=True)
+    (app / ".venv/bin/python").write_text("the installed venv\n")
+
+    install(source, "--root", str(root))
+
+    assert 'log_level = "DEBUG"' in config.read_text()
+    assert (state / "malaria.db").read_bytes() == b"SQLite format 3\x00 patient results"
+    assert not (app / "device/removed_in_new_version.py").exists()
+    assert (app / ".venv/bin/python").read_text() == "the installed venv\n"
+    assert (app / "device/config.py").is_file()
+
+
+def test_uninstall_keeps_data_unless_purge(source, tmp_path):
+    root = tmp_path / "root"
+    install(source, "--root", str(root))
+    state = root / "var/lib/malaria-detect"
+    state.mkdir(parents=True)
+    (state / "malaria.db").write_text("db")
+    app = root / APP_DIR.lstrip("/")
+
+    # Run from the installed copy, as an admin would: it removes its own folder.
+    install(app, "--root", str(root), "--uninstall")
+
+    assert not (root / "etc/systemd/system/malaria-detect.service").exists()
+    assert not app.exists()
+    assert (root / "etc/malaria-detect/config.toml").is_file()
+    assert (state / "malaria.db").read_text() == "db"
+
+    install(source, "--root", str(root), "--uninstall", "--purge")
+
+    assert not (root / "etc/malaria-detect").exists()
+    assert not state.exists()
+
+
+def test_install_refuses_a_source_without_model(source, tmp_path):
+    for f in (source / "models").iterdir():
+        f.unlink()
+
+    res = run(["bash", str(source / "systemd" / "install.sh"), "--root", str(tmp_path / "root")])
+
+    assert res.returncode != 0
+    assert "no model" in res.stderr
+    assert not (tmp_path / "root").exists()
+
+
+def test_install_rejects_unknown_options(source):
+    res = run(["bash", str(source / "systemd" / "install.sh"), "--frobnicate"])
+    assert res.returncode != 0 and "unknown option: --frobnicate" in res.stderr
