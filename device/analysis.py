@@ -81,22 +81,31 @@ class FieldResult:
         }
 
 
+def _small(image_rgb: np.ndarray) -> np.ndarray:
+    h, w = image_rgb.shape[:2]
+    if w <= FOCUS_WIDTH_PX:
+        return image_rgb
+    return cv2.resize(image_rgb, (FOCUS_WIDTH_PX, max(1, round(h * FOCUS_WIDTH_PX / w))), interpolation=cv2.INTER_AREA)
+
+
 def focus_measure(image_rgb: np.ndarray) -> float:
     """Variance of the Laplacian of the gray field at a fixed width (higher is sharper)."""
-    h, w = image_rgb.shape[:2]
-    scale = FOCUS_WIDTH_PX / w
-    small = cv2.resize(image_rgb, (FOCUS_WIDTH_PX, max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
-    gray = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
+    gray = cv2.cvtColor(_small(image_rgb), cv2.COLOR_RGB2GRAY)
     return float(cv2.Laplacian(gray, cv2.CV_64F).var())
 
 
 def image_quality(image_rgb: np.ndarray, settings: AnalysisSettings) -> tuple[float, str | None]:
-    """Focus and exposure checks that need no segmentation. Returns (focus, reason or None)."""
-    focus = focus_measure(image_rgb)
-    gray_mean = float(image_rgb.mean())
+    """Focus and exposure checks that need no segmentation, on a 640 px wide copy.
+
+    Returns (focus, reason or None).
+    """
+    small = _small(image_rgb)
+    gray = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
+    focus = float(cv2.Laplacian(gray, cv2.CV_64F).var())
+    gray_mean = float(gray.mean())
     if gray_mean < settings.min_mean_brightness:
         return focus, f"too dark (mean brightness {gray_mean:.0f} < {settings.min_mean_brightness:.0f}): check the lamp"
-    over = float((image_rgb.min(axis=2) >= 250).mean())
+    over = float((small.min(axis=2) >= 250).mean())
     if over > settings.max_overexposed_frac:
         return focus, f"overexposed ({over:.0%} of pixels saturated): lower the lamp or exposure"
     if focus < settings.min_focus:
