@@ -5,8 +5,9 @@
 #   sudo systemd/install.sh --uninstall           remove the service and the code
 #   sudo systemd/install.sh --uninstall --purge   ... and the config, the data and the user
 #
-# Run it from a checkout or release folder of the project (never from /opt/malaria-detect). What
-# it does, in order, is printed as it goes; --dry-run prints the same and changes nothing.
+# Install from a checkout or release folder of the project, not from /opt/malaria-detect (which it
+# replaces); --uninstall may run from there. Every action is printed as it is done; --dry-run
+# prints them and changes nothing.
 # See systemd/README.md.
 set -euo pipefail
 umask 022
@@ -176,9 +177,10 @@ check_platform() {
 }
 
 install_apt_packages() {
-  local missing=() pkg
+  local missing=() pkg status
   for pkg in "${APT_PACKAGES[@]}"; do
-    if ! dpkg-query -W -f='${Status}\n' "$pkg" 2>/dev/null | grep -q 'install ok installed'; then
+    status=$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null) || status=""
+    if [ "$status" != "install ok installed" ]; then
       missing+=("$pkg")
     fi
   done
@@ -186,7 +188,7 @@ install_apt_packages() {
     note "apt packages present: ${APT_PACKAGES[*]}"
     return
   fi
-  # --no-install-recommends: on Raspberry Pi OS Lite, picamera2's recommends pull in a desktop.
+  # --no-install-recommends: on Raspberry Pi OS Lite, picamera2's recommends pull in GUI packages.
   sys apt-get update
   sys env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"
 }
@@ -217,7 +219,7 @@ copy_code() {
   local excludes=(
     --anchored --exclude=./.git --exclude=./.venv --exclude=./.ci --exclude=./data
     --exclude=./runs --exclude=./tests --exclude=./test-artifacts --exclude=./cache
-    --exclude=./build
+    --exclude=./build --exclude=./wheels
     --no-anchored --exclude=__pycache__ --exclude='*.pyc' --exclude='*.egg-info'
     --exclude=.pytest_cache --exclude=.ruff_cache
   )
@@ -311,6 +313,10 @@ print_summary() {
   port=$(sed -n 's/^[[:space:]]*port[[:space:]]*=[[:space:]]*\([0-9][0-9]*\).*/\1/p' \
     "$ETC_DIR/config.toml" 2>/dev/null | head -n 1) || true
   address=$(hostname -I 2>/dev/null | awk '{print $1}') || true
+  if [ "$DRY_RUN" = 1 ]; then
+    note "dry run finished: nothing was changed"
+    return
+  fi
   note "done. code: $OPT_DIR; config: $ETC_DIR/config.toml; data: $STATE_DIR"
   note "the page: http://${address:-<pi-address>}:${port:-8080} (logs: journalctl -u $APP -f)"
 }
