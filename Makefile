@@ -45,6 +45,7 @@ test: system-deps $(STAMP_ALL)
 bench: $(STAMP_ALL)
 	$(PY) tests/benchmarks/bench_model.py
 	$(PY) tests/benchmarks/bench_field.py
+	$(PY) tests/benchmarks/bench_service.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

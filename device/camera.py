@@ -358,7 +358,7 @@ class CameraFeed:
                         logger.info("camera reconnected (%s)", self.source)
                     else:
                         logger.info("camera connected (%s)", self.source)
-                    self._set_state("connected", None)
+                    self._set_state("connecting", None)  # "connected" once a frame has come
                     backoff = self.reconnect_min_s
                 try:
                     rgb = cam.read()
@@ -408,6 +408,8 @@ class CameraFeed:
                     self._fps = 0.8 * self._fps + 0.2 / dt if self._fps else 1.0 / dt
             self._seq += 1
             self._frame = Frame(self._seq, rgb, now, self._focus)
+            if self._state != "connected":
+                self._state, self._message, self._since = "connected", None, time.time()
             self._new_frame.notify_all()
 
     # -- what the service and the page read --

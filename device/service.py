@@ -19,13 +19,14 @@ from bisect import bisect_left
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from functools import partial
+from pathlib import Path
 
 import cv2
 import numpy as np
 
 from device.analysis import AnalysisSettings, FieldResult, analyze_field, annotate
 from device.slide import SlideSummary, summarize_slide
-from device.store import Conflict, FieldImages, ModelInfo, NotFound, Store, StoreError
+from device.store import Conflict, FieldImages, ModelInfo, NotFound, Store, StoreError, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ MAX_PENDING_FIELDS = 2  # one analysing, one waiting; more is a double tap, refu
 REVIEW_CROP_MARGIN_FRAC = 0.3  # context around a flagged cell: the reviewer compares it with its neighbours
 ANNOTATED_JPEG_QUALITY = 85
 RAW_JPEG_QUALITY = 95
+CROP_JPEG_QUALITY = 92  # small crops; parasite dots stay crisp at this quality
 DEFAULT_WATCHDOG_INTERVAL_S = 10.0
 
 
@@ -133,11 +135,30 @@ def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
     return buf.tobytes()
 
 
-def encode_png(rgb: np.ndarray) -> bytes:
-    ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 3])
-    if not ok:  # pragma: no cover
-        raise RuntimeError("PNG encoding failed")
-    return buf.tobytes()
+def ensure_crop(store: Store, cell_id: int) -> Path | None:
+    """The crop file of a flagged cell, cut again from the raw frame if a power cut lost it."""
+    path = store.cell_crop_path(cell_id)
+    if path is None:
+        return None
+    try:
+        if path.stat().st_size > 0:
+            return path
+    except FileNotFoundError:
+        pass
+    cell = store.get_cell(cell_id)
+    raw = store.field_image_path(cell["field_id"], "raw") if cell else None
+    if cell is None or raw is None:
+        return None
+    from device.imageio import ImageError, read_rgb
+
+    try:
+        rgb = read_rgb(raw)
+    except ImageError:
+        return None
+    bbox = (cell["x"], cell["y"], cell["w"], cell["h"])
+    write_atomic(path, encode_jpeg(review_crop(rgb, bbox), CROP_JPEG_QUALITY))
+    logger.warning("cell %d: crop was missing, cut again from the raw frame", cell_id)
+    return path
 
 
 class FieldAnalyser:
@@ -244,6 +265,8 @@ class FieldAnalyser:
     def _done(self, fut: Future) -> None:
         with self._lock:
             self._pending -= 1
+        if fut.cancelled():
+            return
         exc = fut.exception()
         if exc is not None and not isinstance(exc, NotFound | Conflict | CaptureRefused):
             self.metrics.inc("analysis_errors_total")
@@ -269,10 +292,11 @@ class FieldAnalyser:
 
     def encode_images(self, rgb: np.ndarray, result: FieldResult) -> FieldImages:
         crops = {} if result.rejected else {
-            i: encode_png(review_crop(rgb, c.bbox)) for i, c in enumerate(result.cells) if c.infected}
+            i: encode_jpeg(review_crop(rgb, c.bbox), CROP_JPEG_QUALITY)
+            for i, c in enumerate(result.cells) if c.infected}
         return FieldImages(annotated_jpeg=encode_jpeg(annotate(rgb, result), ANNOTATED_JPEG_QUALITY),
                            raw_jpeg=encode_jpeg(rgb, RAW_JPEG_QUALITY) if self.save_raw else None,
-                           crops_png=crops)
+                           crops_jpeg=crops)
 
     def shutdown(self, wait: bool = True) -> None:
         self._executor.shutdown(wait=wait, cancel_futures=True)
@@ -400,11 +424,12 @@ def serve(config_path: str | None, host: str | None = None, port: int | None = N
             cam = feed.status()["state"]
             return f"camera {cam}; model {'ok' if analyser.model.ok else 'UNUSABLE'}"
         watchdog = Watchdog(notifier, feed.loop_healthy, watchdog_interval_s(), status_line).start()
+    previous_sigterm = None
     if threading.current_thread() is threading.main_thread():
         def _terminate(signum, frame):
             raise SystemExit(0)  # waitress's run() catches it and stops its worker threads
-        signal.signal(signal.SIGTERM, _terminate)
-    logger.info("Malaria Detect serving on http://%s:%d/ (camera %s, model %s, data %s)",
+        previous_sigterm = signal.signal(signal.SIGTERM, _terminate)
+    logger.info("Malaria Detect serving on http://%s:%s/ (camera %s, model %s, data %s)",
                 cfg.service.host, server.effective_port, cfg.camera.source,
                 analyser.model.name if analyser.model.ok else "UNUSABLE", store.data_dir)
     notifier.notify("READY=1")
@@ -419,4 +444,6 @@ def serve(config_path: str | None, host: str | None = None, port: int | None = N
         analyser.shutdown(wait=True)
         server.close()
         store.close()
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
     return 0

@@ -5,7 +5,10 @@ field acknowledged to the page survives ``kill -9`` *and* a power cut (with ``NO
 survive a process crash but the last ones may roll back on power loss, which a battery-less Pi on a
 clinic's mains sees). The price is one fsync per commit, a few milliseconds beside a field's analysis.
 A field's images are written first (temp file, fsync, rename, fsync of the folder) and only then is
-the row that names them committed: a row never points at a missing file.
+the row that names them committed: a row never points at a missing file. Flagged-cell crops are small
+and can be many (a heavily infected field flags dozens); when the raw frame is kept they are renamed
+into place without an fsync each, because :func:`device.service.ensure_crop` cuts a lost one again
+from the raw frame and the cell's box in the database.
 
 Files are named from row data (slide ID and a random key stored in the row), never from a request.
 
@@ -14,6 +17,7 @@ Schema changes are an ordered list of migrations; ``PRAGMA user_version`` says h
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -132,7 +136,7 @@ class FieldImages:
 
     annotated_jpeg: bytes
     raw_jpeg: bytes | None
-    crops_png: dict[int, bytes]  # cell index -> crop, for the cells flagged infected
+    crops_jpeg: dict[int, bytes]  # cell index -> crop, for the cells flagged infected
 
 
 def migrate(conn: sqlite3.Connection, migrations: list[str] | None = None) -> int:
@@ -163,17 +167,19 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
+def write_atomic(path: Path, data: bytes, *, sync_dir: bool = True, sync_data: bool = True) -> None:
     """Write a file so that it is either absent or complete, even after a power cut.
 
     Temp file in the same folder (mode 0600), data fsynced, renamed over the target, folder fsynced.
+    Without ``sync_data`` a crash leaves the old file, the new one, or (power cut) an empty one.
     """
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
-            os.fsync(fh.fileno())
+            if sync_data:
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -194,7 +200,7 @@ class Store:
     """
 
     def __init__(self, data_dir: str | Path):
-        self.data_dir = Path(data_dir)
+        self.data_dir = Path(data_dir).resolve()
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.images_dir = self.data_dir / IMAGES_DIR
         self.images_dir.mkdir(exist_ok=True, mode=0o700)
@@ -248,10 +254,8 @@ class Store:
         with self._conns_lock:
             conns, self._conns = self._conns, []
         for c in conns:
-            try:
+            with contextlib.suppress(sqlite3.Error):
                 c.close()
-            except sqlite3.Error:  # pragma: no cover
-                pass
         self._local = threading.local()
 
     def pragma(self, name: str) -> Any:
@@ -324,8 +328,10 @@ class Store:
         write_atomic(folder / f"{key}_annotated.jpg", images.annotated_jpeg, sync_dir=False)
         if images.raw_jpeg is not None:
             write_atomic(folder / f"{key}_raw.jpg", images.raw_jpeg, sync_dir=False)
-        for idx, png in images.crops_png.items():
-            write_atomic(folder / f"{key}_cell{int(idx)}.png", png, sync_dir=False)
+        for idx, jpeg in images.crops_jpeg.items():
+            # With the raw frame kept, a crop lost to a power cut is cut again (see the docstring).
+            write_atomic(folder / f"{key}_cell{int(idx)}.jpg", jpeg, sync_dir=False,
+                         sync_data=images.raw_jpeg is None)
         _fsync_dir(folder)  # the renames above are durable before the row that names them
         with self._tx() as c:
             slide = _row(c.execute("SELECT * FROM slides WHERE id = ?", (slide_id,)).fetchone())
@@ -346,7 +352,7 @@ class Store:
                     "INSERT INTO cells (field_id, idx, x, y, w, h, p_infected, infected, has_crop)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [(field_id, i, *(int(v) for v in cell.bbox), float(cell.p_infected), int(cell.infected),
-                      int(i in images.crops_png)) for i, cell in enumerate(result.cells)])
+                      int(i in images.crops_jpeg)) for i, cell in enumerate(result.cells)])
         return field_id
 
     @staticmethod
@@ -444,8 +450,8 @@ class Store:
         return p if p.is_file() else None
 
     def cell_crop_path(self, cell_id: int) -> Path | None:
+        """Where the crop of a flagged cell lives (it may be missing after a power cut), or None."""
         c = self.get_cell(cell_id)
         if c is None or not c["has_crop"]:
             return None
-        p = self._slide_dir(c["slide_id"]) / f"{c['file_key']}_cell{int(c['idx'])}.png"
-        return p if p.is_file() else None
+        return self._slide_dir(c["slide_id"]) / f"{c['file_key']}_cell{int(c['idx'])}.jpg"

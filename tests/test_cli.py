@@ -31,7 +31,7 @@ def test_analyze_fields_writes_json_annotations_and_a_slide_result(tmp_path):
         assert im["infected_count"] == sum(c["infected"] for c in im["cells"])
         for c in im["cells"]:
             x, y, w, h = c["bbox"]
-            assert 0 <= x and 0 <= y and x + w <= 1600 and y + h <= 1200
+            assert x >= 0 and y >= 0 and x + w <= 1600 and y + h <= 1200
             assert 0.0 <= c["p_infected"] <= 1.0
             assert c["infected"] == (c["p_infected"] >= doc["threshold"] - 1e-4)
     slide = doc["slide"]

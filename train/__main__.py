@@ -32,6 +32,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="training patients kept aside for early stopping and threshold choice")
     ap.add_argument("--max-cells-per-class", type=int, default=0, help="cap per class (smoke runs)")
     ap.add_argument("--no-stain-jitter", action="store_true")
+    ap.add_argument("--extra-data", action="append", default=[], metavar="DIR",
+                    help="more cells in the same layout (e.g. field crops from `python -m train.fieldcrops`): "
+                         "its train-split cells join training, its val-split cells are reported apart")
+    ap.add_argument("--extra-positive-repeat", type=int, default=4,
+                    help="repeat parasitized extra cells this many times (field sets have few)")
     return ap.parse_args(argv)
 
 
@@ -93,6 +98,23 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         if name == "train" and (len(y) == 0 or y.min() == y.max()):
             raise DataError(f"training patients hold only one class in {args.data}")
 
+    extra_val = {}
+    for extra in args.extra_data:
+        efiles, esplit = list_cells(extra)
+        etrain = [f for f in efiles if esplit.get(f.patient, "train") != "val"]
+        eval_ = [f for f in efiles if esplit.get(f.patient) == "val"]
+        xe, ye, _, _ = load_arrays(etrain, args.size)
+        pos = ye == 1
+        reps = max(1, args.extra_positive_repeat)
+        xe = np.concatenate([xe] + [xe[pos]] * (reps - 1))
+        ye = np.concatenate([ye] + [ye[pos]] * (reps - 1))
+        x, y, kept = arrays["train"]
+        arrays["train"] = (np.concatenate([x, xe]), np.concatenate([y, ye]), kept)
+        logger.info("extra %s: %d training cells (%d parasitized, x%d), %d held out", extra, len(ye),
+                    int(ye.sum()), reps, len(eval_))
+        if eval_:
+            extra_val[str(extra)] = load_arrays(eval_, args.size)[:2]
+
     split_doc = {
         "data": str(Path(args.data).resolve()),
         "source": split_source,
@@ -100,6 +122,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         "patients": {k: sorted(v) for k, v in sets.items()},
         "cells": {k: len(v[1]) for k, v in arrays.items()},
         "skipped": [{"file": r, "reason": e} for r, e in all_skipped],
+        "extra_data": [str(Path(e).resolve()) for e in args.extra_data],
     }
     (out / "split.json").write_text(json.dumps(split_doc, indent=2))
 
@@ -115,6 +138,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     metrics["input_size_px"] = args.size
     metrics["width"] = args.width
     metrics["params"] = int(model.count_params())
+    for name, (xe, ye) in extra_val.items():
+        metrics.setdefault("extra_val", {})[name] = binary_metrics(ye, predict_proba(model, xe), 0.5)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out / "history.json").write_text(json.dumps(history, indent=2))
     (out / "command.txt").write_text("python -m train " + shlex.join(argv) + "\n")

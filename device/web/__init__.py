@@ -1,0 +1,178 @@
+"""The local page and JSON API, built by :func:`create_app` from the parts it is handed.
+
+The web layer is thin: routes read the request, call the store, the camera feed or the analyser, and
+render. Analysis runs in the analyser's worker thread, so ``/api/status`` answers while a field is
+analysed. All assets are local (the clinic is offline).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from flask import Flask, jsonify, redirect, render_template, request, session, url_for
+from werkzeug.exceptions import HTTPException
+
+from device.web import security
+
+logger = logging.getLogger(__name__)
+
+MAX_UPLOAD_MB = 30  # a 12 MP camera PNG is ~25 MB; anything larger is not a microscope field
+# Endpoints open without the technician PIN: monitoring, assets, the PIN page itself, and the admin
+# pages, which have their own login.
+PIN_EXEMPT = {"static", "pages.pin", "api.status", "api.session_info", "pages.healthz", "pages.metrics"}
+
+
+@dataclass
+class Deps:
+    config: object
+    store: object
+    camera: object
+    analyser: object
+    admin_password: security.AdminPassword
+    login_limiter: security.RateLimiter
+    started_at: datetime
+
+
+def deps() -> Deps:
+    from flask import current_app
+
+    return current_app.extensions["malaria_detect"]
+
+
+def wants_json() -> bool:
+    if request.path.startswith("/api/"):
+        return True
+    best = request.accept_mimetypes.best_match(["application/json", "text/html"])
+    return best == "application/json" and request.accept_mimetypes[best] > request.accept_mimetypes["text/html"]
+
+
+def create_app(config, store, camera, analyser, *, secret_key: bytes | None = None) -> Flask:
+    """Build the Flask app.
+
+    Args:
+        config: the :class:`device.config.Config`.
+        store: a :class:`device.store.Store`.
+        camera: a :class:`device.camera.CameraFeed` (or a fake with ``latest()``, ``status()``,
+            ``preview_jpeg()``).
+        analyser: a :class:`device.service.FieldAnalyser` (or a fake with its interface).
+        secret_key: the session key; None reads or creates ``secret_key`` in the data folder.
+    """
+    app = Flask(__name__)
+    data_dir = Path(store.data_dir)
+    app.config.update(
+        SECRET_KEY=secret_key or security.load_or_create_secret_key(data_dir),
+        MAX_CONTENT_LENGTH=MAX_UPLOAD_MB * 1024 * 1024,
+        SESSION_COOKIE_NAME="malaria_detect",
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+        # No TLS on a clinic LAN: a Secure cookie would never be sent back.
+        SESSION_COOKIE_SECURE=False,
+        TEMPLATES_AUTO_RELOAD=False,
+        JSON_SORT_KEYS=False,
+    )
+    app.extensions["malaria_detect"] = Deps(
+        config=config, store=store, camera=camera, analyser=analyser,
+        admin_password=security.AdminPassword(config.security.admin_password_hash, data_dir),
+        login_limiter=security.RateLimiter(config.security.login_attempts_per_minute),
+        started_at=datetime.now().astimezone(),
+    )
+
+    from device.web import admin, api, pages
+
+    app.register_blueprint(pages.bp)
+    app.register_blueprint(api.bp)
+    app.register_blueprint(admin.bp)
+    _install_hooks(app)
+    _install_filters(app)
+    return app
+
+
+def _install_hooks(app: Flask) -> None:
+    @app.before_request
+    def _csrf_and_pin():
+        if security.CSRF_FIELD not in session:
+            session[security.CSRF_FIELD] = security.new_csrf_token()
+        if request.method not in ("GET", "HEAD", "OPTIONS"):
+            given = request.headers.get(security.CSRF_HEADER) or request.form.get(security.CSRF_FIELD)
+            if not security.tokens_match(session.get(security.CSRF_FIELD), given):
+                return error_response(400, "CSRF token missing or wrong: reload the page and try again")
+        pin = deps().config.security.technician_pin
+        endpoint = request.endpoint or ""
+        if (pin and endpoint not in PIN_EXEMPT and not endpoint.startswith("admin.")
+                and not session.get("pin_ok") and not session.get("admin")):
+            if wants_json():
+                return error_response(401, "technician PIN required: enter it at /pin")
+            return redirect(url_for("pages.pin", next=request.full_path if request.method == "GET" else None))
+        return None
+
+    @app.after_request
+    def _headers(resp):
+        resp.headers.setdefault("X-Content-Type-Options", "nosniff")
+        resp.headers.setdefault("X-Frame-Options", "DENY")
+        resp.headers.setdefault("Referrer-Policy", "same-origin")
+        resp.headers.setdefault("Content-Security-Policy",
+                                "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'")
+        return resp
+
+    @app.context_processor
+    def _globals():
+        import shutil
+
+        d = deps()
+        free_mb = shutil.disk_usage(d.store.data_dir).free / 1e6
+        return {"csrf_token": session.get(security.CSRF_FIELD, ""), "model": d.analyser.model,
+                "camera_status": d.camera.status(), "pin_set": bool(d.config.security.technician_pin),
+                "is_admin": bool(session.get("admin")),
+                "disk_low": free_mb < d.config.service.min_free_disk_mb, "disk_free_mb": round(free_mb)}
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException):
+        if exc.code == 413:
+            return error_response(413, f"the upload is too large (at most {MAX_UPLOAD_MB} MB)")
+        return error_response(exc.code or 500, exc.description or exc.name)
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception):
+        logger.exception("unexpected error on %s %s", request.method, request.path)
+        return error_response(500, "internal error: see the service log")
+
+
+def error_response(status: int, message: str, **extra):
+    """A JSON error for the API and fetch(), an HTML page for a browser."""
+    if wants_json():
+        resp = jsonify({"error": message, "status": status, **extra})
+    else:
+        resp = app_render("error.html", status=status, message=message)
+    resp.status_code = status
+    if status == 429 and "retry_after_s" in extra:
+        resp.headers["Retry-After"] = str(extra["retry_after_s"])
+    return resp
+
+
+def app_render(template: str, **ctx):
+    from flask import make_response
+
+    return make_response(render_template(template, **ctx))
+
+
+def _install_filters(app: Flask) -> None:
+    @app.template_filter("localtime")
+    def _localtime(iso: str | None) -> str:
+        if not iso:
+            return ""
+        return datetime.fromisoformat(iso).astimezone().strftime("%Y-%m-%d %H:%M")
+
+    @app.template_filter("pct")
+    def _pct(v: float | None, digits: int = 3) -> str:
+        return "—" if v is None else f"{v:.{digits}f}%"
+
+    @app.template_filter("thousands")
+    def _thousands(v: float | None) -> str:
+        return "—" if v is None else f"{v:,.0f}"
+
+    @app.template_global()
+    def call_class(call: str) -> str:
+        return {"positive": "call-pos", "negative": "call-neg"}.get(call, "call-wait")

@@ -1,0 +1,91 @@
+"""The JSON API beside the pages: status, slides, capture/upload, review, finish.
+
+POSTs need the session's CSRF token in the ``X-CSRF-Token`` header (``GET /api/session`` gives it).
+"""
+
+from __future__ import annotations
+
+from flask import Blueprint, abort, jsonify, request, session
+
+from device.web import deps, error_response, security, views
+
+bp = Blueprint("api", __name__, url_prefix="/api")
+
+
+@bp.get("/status")
+def status():
+    return jsonify(views.status_json())
+
+
+@bp.get("/session")
+def session_info():
+    pin = bool(deps().config.security.technician_pin)
+    return jsonify({"csrf_token": session.get(security.CSRF_FIELD), "pin_required": pin,
+                    "pin_ok": bool(session.get("pin_ok")) or not pin})
+
+
+@bp.get("/slides")
+def slides():
+    q = request.args.get("q", "").strip()[:64]
+    limit = min(max(request.args.get("limit", 100, type=int), 1), 1000)
+    return jsonify({"slides": [views.slide_json(s) for s in deps().store.list_slides(q, limit=limit)]})
+
+
+@bp.post("/slides")
+def new_slide():
+    data = request.get_json(silent=True) if request.is_json else request.form
+    if data is None or not hasattr(data, "get"):
+        abort(400, "expected a JSON object or a form")
+    try:
+        values = views.parse_new_slide(data)
+    except views.FormError as exc:
+        return error_response(400, str(exc))
+    slide_id = views.start_slide(values)
+    return jsonify(views.slide_json(views.slide_or_404(slide_id))), 201
+
+
+@bp.get("/slides/<int:slide_id>")
+def slide(slide_id: int):
+    return jsonify(views.slide_json(views.slide_or_404(slide_id), with_fields=True))
+
+
+@bp.post("/slides/<int:slide_id>/fields")
+def capture(slide_id: int):
+    """Capture the live frame, or analyse the uploaded ``image`` (multipart); 201 with the field."""
+    field = views.capture(slide_id)
+    slide = views.slide_json(views.slide_or_404(slide_id))
+    if field is None:
+        return jsonify({"pending": True, "slide": slide,
+                        "message": "still analysing: the field will appear in the list"}), 202
+    return jsonify({"field": views.field_json(field), "slide": slide}), 201
+
+
+@bp.get("/slides/<int:slide_id>/cells")
+def flagged_cells(slide_id: int):
+    views.slide_or_404(slide_id)
+    return jsonify({"cells": [views.cell_json(c) for c in deps().store.flagged_cells(slide_id)]})
+
+
+@bp.post("/slides/<int:slide_id>/finish")
+def finish(slide_id: int):
+    views.finish(slide_id)
+    return jsonify(views.slide_json(views.slide_or_404(slide_id)))
+
+
+@bp.get("/fields/<int:field_id>")
+def field(field_id: int):
+    f = deps().store.get_field(field_id)
+    if f is None:
+        abort(404, f"field {field_id} not found")
+    out = views.field_json(f)
+    out["cells"] = [views.cell_json(c) for c in deps().store.field_cells(field_id)]
+    return jsonify(out)
+
+
+@bp.post("/cells/<int:cell_id>/review")
+def review(cell_id: int):
+    data = request.get_json(silent=True) if request.is_json else request.form
+    decision = (data or {}).get("decision", "")
+    cell = views.review(cell_id, decision)
+    slide = views.slide_json(views.slide_or_404(cell["slide_id"]))
+    return jsonify({"cell": views.cell_json(cell), "slide": slide})

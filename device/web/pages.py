@@ -1,0 +1,252 @@
+"""HTML pages of the technician's workflow, images by ID, CSV export, PIN, health and metrics."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from datetime import datetime
+
+from flask import Blueprint, Response, abort, redirect, render_template, request, send_file, session, url_for
+
+from device.service import ensure_crop
+from device.web import deps, error_response, security, views
+
+logger = logging.getLogger(__name__)
+bp = Blueprint("pages", __name__)
+
+
+def _safe_next(target: str | None) -> str:
+    """Only local paths: never redirect to another site."""
+    if target and target.startswith("/") and not target.startswith("//") and "\\" not in target:
+        return target
+    return url_for("pages.home")
+
+
+# --- the workflow ---------------------------------------------------------------------------------
+
+@bp.get("/")
+def home():
+    store = deps().store
+    return render_template("home.html", open_slides=[views.slide_view(s) for s in store.list_slides(
+        status="open", limit=10)], form={}, error=None)
+
+
+@bp.post("/slides")
+def new_slide():
+    try:
+        values = views.parse_new_slide(request.form)
+    except views.FormError as exc:
+        store = deps().store
+        resp = render_template("home.html", open_slides=[views.slide_view(s) for s in store.list_slides(
+            status="open", limit=10)], form=request.form, error=str(exc))
+        return resp, 400
+    slide_id = views.start_slide(values)
+    return redirect(url_for("pages.slide", slide_id=slide_id), 303)
+
+
+@bp.get("/slides/<int:slide_id>")
+def slide(slide_id: int):
+    s = views.slide_view(views.slide_or_404(slide_id))
+    fields = deps().store.list_fields(slide_id)
+    return render_template("slide.html", slide=s, fields=fields, last=fields[-1] if fields else None)
+
+
+@bp.post("/slides/<int:slide_id>/capture")
+def capture(slide_id: int):
+    field = views.capture(slide_id)
+    anchor = f"field-{field['id']}" if field else "fields"
+    return redirect(url_for("pages.slide", slide_id=slide_id, _anchor=anchor), 303)
+
+
+@bp.post("/slides/<int:slide_id>/finish")
+def finish(slide_id: int):
+    views.finish(slide_id)
+    return redirect(url_for("pages.result", slide_id=slide_id), 303)
+
+
+@bp.get("/slides/<int:slide_id>/review")
+def review(slide_id: int):
+    s = views.slide_view(views.slide_or_404(slide_id))
+    return render_template("review.html", slide=s, cells=deps().store.flagged_cells(slide_id))
+
+
+@bp.post("/cells/<int:cell_id>/review")
+def review_cell(cell_id: int):
+    cell = views.review(cell_id, request.form.get("decision", ""))
+    return redirect(url_for("pages.review", slide_id=cell["slide_id"], _anchor=f"cell-{cell_id}"), 303)
+
+
+@bp.get("/slides/<int:slide_id>/result")
+def result(slide_id: int):
+    s = views.slide_view(views.slide_or_404(slide_id))
+    return render_template("result.html", slide=s)
+
+
+@bp.get("/slides/<int:slide_id>/report")
+def report(slide_id: int):
+    s = views.slide_view(views.slide_or_404(slide_id))
+    return render_template("report.html", slide=s, fields=deps().store.list_fields(slide_id),
+                           printed_at=datetime.now().astimezone().strftime("%Y-%m-%d %H:%M"))
+
+
+@bp.get("/history")
+def history():
+    q = request.args.get("q", "").strip()[:64]
+    slides = [views.slide_view(s) for s in deps().store.list_slides(q, limit=200)]
+    return render_template("history.html", slides=slides, q=q)
+
+
+# --- images, by ID only ---------------------------------------------------------------------------
+
+@bp.get("/fields/<int:field_id>/<any(annotated, raw):kind>.jpg")
+def field_image(field_id: int, kind: str):
+    path = deps().store.field_image_path(field_id, kind)
+    if path is None:
+        abort(404, f"no {kind} image for field {field_id}")
+    resp = send_file(path, mimetype="image/jpeg", max_age=3600)
+    resp.headers["Cache-Control"] = "private, max-age=3600"
+    return resp
+
+
+@bp.get("/cells/<int:cell_id>/crop.jpg")
+def cell_crop(cell_id: int):
+    path = ensure_crop(deps().store, cell_id)
+    if path is None:
+        abort(404, f"no crop for cell {cell_id}")
+    resp = send_file(path, mimetype="image/jpeg", max_age=3600)
+    resp.headers["Cache-Control"] = "private, max-age=3600"
+    return resp
+
+
+@bp.get("/preview.jpg")
+def preview():
+    """The live frame as a small JPEG; the page reloads it (one request per frame, no held thread)."""
+    got = deps().camera.preview_jpeg()
+    if got is None:
+        return error_response(503, "no camera frame: the camera is not connected")
+    seq, jpeg = got
+    return Response(jpeg, mimetype="image/jpeg", headers={"Cache-Control": "no-store", "X-Frame-Seq": str(seq)})
+
+
+# --- CSV ------------------------------------------------------------------------------------------
+
+def _cell(v):
+    """Spreadsheet-safe: text starting with = + - @ would run as a formula in Excel/LibreOffice."""
+    if isinstance(v, str) and v[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + v
+    return v
+
+
+def _csv_response(name: str, header: list[str], rows: list[list]) -> Response:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\r\n")
+    w.writerow(header)
+    for r in rows:
+        w.writerow([_cell(v) for v in r])
+    stamp = datetime.now().strftime("%Y%m%d-%H%M")
+    return Response(buf.getvalue(), mimetype="text/csv",
+                    headers={"Content-Disposition": f'attachment; filename="malaria-detect-{name}-{stamp}.csv"'})
+
+
+SLIDE_COLUMNS = [
+    "slide_id", "sample_id", "patient_id", "operator", "status", "started_at", "finished_at",
+    "fields_used", "fields_rejected", "rbc_count", "infected_count", "parasitemia_pct", "ci95_low_pct",
+    "ci95_high_pct", "parasites_per_ul", "rbc_per_ul", "rbc_per_ul_source", "detection_limit_pct", "call",
+    "reviewed_infected_count", "reviewed_parasitemia_pct", "reviewed_call", "review_confirmed",
+    "review_rejected", "review_pending", "model_name", "model_sha256", "threshold", "notes",
+]
+
+
+@bp.get("/export/slides.csv")
+def export_slides():
+    rows = []
+    for s in deps().store.list_slides(request.args.get("q", "")[:64], limit=1_000_000):
+        v = views.slide_view(s)
+        a, r, rv = v["automatic"], v["reviewed"], v["totals"]["review"]
+        rows.append([
+            v["id"], v["sample_id"], v["patient_id"], v["operator"], v["status"], v["started_at"],
+            v["finished_at"] or "", a["fields_used"], a["fields_rejected"], a["rbc_count"], a["infected_count"],
+            f"{a['parasitemia_pct']:.4f}", f"{a['ci95_pct'][0]:.4f}", f"{a['ci95_pct'][1]:.4f}",
+            f"{a['parasites_per_ul']:.0f}", f"{a['rbc_per_ul']:.0f}", a["rbc_per_ul_source"],
+            f"{a['detection_limit_pct']:.4f}", a["call"], r["infected_count"], f"{r['parasitemia_pct']:.4f}",
+            r["call"], rv["confirmed"], rv["rejected"], rv["pending"], v["model_name"], v["model_sha256"],
+            f"{v['threshold']:.4f}", v["notes"],
+        ])
+    return _csv_response("slides", SLIDE_COLUMNS, rows)
+
+
+FIELD_COLUMNS = [
+    "field_id", "slide_id", "sample_id", "patient_id", "seq", "captured_at", "source", "width", "height",
+    "rejected", "focus", "rbc_count", "infected_count", "model_sha256", "threshold", "analysis_ms",
+]
+
+
+@bp.get("/export/fields.csv")
+def export_fields():
+    slide_id = request.args.get("slide", type=int)
+    rows = [[f["id"], f["slide_id"], f["sample_id"], f["patient_id"], f["seq"], f["captured_at"], f["source"],
+             f["width"], f["height"], f["rejected"] or "", f"{f['focus']:.1f}", f["rbc_count"],
+             f["infected_count"], f["model_sha256"], f"{f['threshold']:.4f}",
+             json.loads(f["timing_json"] or "{}").get("total_ms", "")]
+            for f in deps().store.fields_for_export(request.args.get("q", "")[:64], slide_id)]
+    return _csv_response(f"slide{slide_id}-fields" if slide_id else "fields", FIELD_COLUMNS, rows)
+
+
+# --- PIN ------------------------------------------------------------------------------------------
+
+@bp.route("/pin", methods=["GET", "POST"])
+def pin():
+    d = deps()
+    expected = d.config.security.technician_pin
+    nxt = _safe_next(request.values.get("next"))
+    if not expected or session.get("pin_ok"):
+        return redirect(nxt)
+    if request.method == "GET":
+        return render_template("pin.html", next=nxt, error=None)
+    client = request.remote_addr or "?"
+    wait = d.login_limiter.retry_after_s("pin:" + client)
+    if wait:
+        return error_response(429, f"too many wrong PINs: try again in {wait} s", retry_after_s=wait)
+    if security.tokens_match(expected, request.form.get("pin", "")):
+        d.login_limiter.reset("pin:" + client)
+        session["pin_ok"] = True
+        session[security.CSRF_FIELD] = security.new_csrf_token()
+        return redirect(nxt, 303)
+    d.login_limiter.failed("pin:" + client)
+    logger.warning("wrong technician PIN from %s", client)
+    return render_template("pin.html", next=nxt, error="Wrong PIN"), 401
+
+
+# --- health and metrics ---------------------------------------------------------------------------
+
+@bp.get("/healthz")
+def healthz():
+    d = deps()
+    problems = []
+    try:
+        d.store.pragma("user_version")
+    except Exception as exc:  # any database failure means unhealthy
+        problems.append(f"database: {exc}")
+    healthy = getattr(d.camera, "loop_healthy", lambda: True)
+    if not healthy():
+        problems.append("capture loop is not turning")
+    body = {"status": "fail" if problems else "ok", "problems": problems, "model_ok": d.analyser.model.ok,
+            "camera": d.camera.status()["state"]}
+    return body, 503 if problems else 200
+
+
+@bp.get("/metrics")
+def metrics():
+    d = deps()
+    cam = d.camera.status()
+    s = views.status_json()
+    gauges = {
+        "camera_connected": ("1 when the camera delivers frames.", 1.0 if cam["state"] == "connected" else 0.0),
+        "camera_reconnects": ("Times the camera was lost since start.", float(cam.get("reconnects", 0))),
+        "model_ok": ("1 when the model loaded and passed its card checks.", 1.0 if d.analyser.model.ok else 0.0),
+        "analysis_pending": ("Fields being analysed or waiting.", float(d.analyser.pending)),
+        "disk_free_bytes": ("Free space in the data folder.", s["disk"]["free_mb"] * 1e6),
+    }
+    return Response(d.analyser.metrics.render(gauges), mimetype="text/plain; version=0.0.4")

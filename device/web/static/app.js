@@ -1,0 +1,196 @@
+/* Malaria Detect page behaviour. Every form also works without this script (POST, then redirect). */
+(function () {
+  "use strict";
+  var meta = document.querySelector('meta[name="csrf-token"]');
+  var CSRF = meta ? meta.content : "";
+  function $(id) { return document.getElementById(id); }
+
+  function postJSON(url, body) {
+    var headers = { "X-CSRF-Token": CSRF, "Accept": "application/json" };
+    var opts = { method: "POST", headers: headers, credentials: "same-origin" };
+    if (body instanceof FormData) { opts.body = body; }
+    else if (body) { headers["Content-Type"] = "application/json"; opts.body = JSON.stringify(body); }
+    return fetch(url, opts).then(function (r) {
+      return r.json().catch(function () { return { error: "unexpected answer (" + r.status + ")" }; })
+        .then(function (j) { return { status: r.status, body: j }; });
+    });
+  }
+
+  function pad(n) { return (n < 10 ? "0" : "") + n; }
+  function localTime(iso) {  /* as the server writes it: YYYY-MM-DD HH:MM, local time */
+    var d = new Date(iso);
+    return d.getFullYear() + "-" + pad(d.getMonth() + 1) + "-" + pad(d.getDate()) + " " + pad(d.getHours()) + ":" + pad(d.getMinutes());
+  }
+  function fmtPct(v) { return (v === null || v === undefined) ? "—" : v.toFixed(3) + "%"; }
+  function callClass(c) { return c === "positive" ? "call-pos" : (c === "negative" ? "call-neg" : "call-wait"); }
+
+  /* --- status: banners, pill, focus, auto-capture --- */
+  var statusListeners = [];
+  function applyStatus(s) {
+    var cam = s.camera || {};
+    var connected = cam.state === "connected";
+    var banner = $("camera-banner");
+    if (banner) {
+      banner.hidden = connected;
+      var msg = $("camera-msg");
+      if (msg && !connected) {
+        var retry = cam.next_retry_in_s !== null && cam.next_retry_in_s !== undefined ? " Next try in " + Math.ceil(cam.next_retry_in_s) + " s." : "";
+        msg.textContent = (cam.message || "Connecting…").replace(/[.?!]*$/, "") + "." + retry;
+      }
+    }
+    var disk = $("disk-banner");
+    if (disk && s.disk) {
+      disk.hidden = !s.disk.low;
+      $("disk-free").textContent = s.disk.free_mb;
+    }
+    var pill = $("status-pill");
+    if (pill) {
+      pill.className = "pill " + ((connected && s.model && s.model.ok) ? "pill-ok" : "pill-bad");
+      $("pill-camera").textContent = "Camera " + (cam.state || "?");
+      $("pill-model").textContent = "Model " + (s.model && s.model.ok ? "ready" : "UNUSABLE");
+    }
+    var meter = $("focus-meter"), label = $("focus-label");
+    if (meter && label) {
+      meter.value = cam.focus || 0;
+      if (cam.sharp === null || cam.sharp === undefined) { label.textContent = "—"; label.className = "focus-label"; }
+      else if (cam.sharp) { label.textContent = "Sharp (" + Math.round(cam.focus) + ")"; label.className = "focus-label sharp"; }
+      else { label.textContent = "Blurry: refocus (" + Math.round(cam.focus) + ")"; label.className = "focus-label blurry"; }
+    }
+    statusListeners.forEach(function (fn) { fn(s); });
+  }
+  function pollStatus() {
+    fetch("/api/status", { cache: "no-store", credentials: "same-origin" })
+      .then(function (r) { return r.json(); })
+      .then(applyStatus)
+      .catch(function () {
+        var pill = $("status-pill");
+        if (pill) { pill.className = "pill pill-bad"; $("pill-camera").textContent = "Device unreachable"; }
+      })
+      .then(function () { setTimeout(pollStatus, 1500); });
+  }
+  if ($("status-pill")) { pollStatus(); }
+
+  /* --- live preview: one JPEG at a time, the next asked for when the last arrived --- */
+  var preview = $("preview");
+  if (preview) {
+    var off = $("preview-off");
+    var next = function (delay) {
+      setTimeout(function () { preview.src = "/preview.jpg?t=" + Date.now(); }, delay);
+    };
+    preview.addEventListener("load", function () { off.hidden = true; next(document.hidden ? 2000 : 300); });
+    preview.addEventListener("error", function () { off.hidden = false; next(2000); });
+  }
+
+  /* --- capture and upload --- */
+  var ws = $("workspace");
+  if (ws && ws.dataset.status === "open") {
+    var captureUrl = ws.dataset.captureUrl;
+    var btn = $("capture-btn"), msgEl = $("capture-msg");
+    var busy = false;
+
+    var say = function (text, kind) { msgEl.textContent = text || ""; msgEl.className = "msg" + (kind ? " msg-" + kind : ""); };
+
+    var renderSlide = function (sl) {
+      var a = sl.automatic;
+      $("rbc-count").textContent = a.rbc_count;
+      $("rbc-progress").value = Math.min(a.rbc_count, a.target_rbc);
+      $("infected-count").textContent = a.infected_count;
+      $("parasitemia").textContent = fmtPct(a.parasitemia_pct);
+      $("fields-used").textContent = a.fields_used;
+      $("fields-rejected").textContent = a.fields_rejected;
+      var call = $("call-now");
+      call.textContent = a.call;
+      call.className = "call-chip " + callClass(a.call);
+      $("flagged-n").textContent = sl.totals.review.pending;
+    };
+
+    var renderField = function (f) {
+      $("last-field").hidden = false;
+      $("last-title").textContent = "#" + f.seq;
+      $("last-img").src = f.annotated_url;
+      $("last-link").href = f.annotated_url;
+      var s = $("last-summary");
+      if (f.rejected) { s.textContent = "Rejected: " + f.rejected; s.className = "msg msg-error"; }
+      else { s.textContent = f.rbc_count + " red cells, " + f.infected_count + " flagged infected"; s.className = "msg msg-ok"; }
+      var none = $("no-fields");
+      if (none) { none.remove(); }
+      var tr = document.createElement("tr");
+      tr.id = "field-" + f.id;
+      if (f.rejected) { tr.className = "row-rejected"; }
+      var link = document.createElement("a");
+      link.href = f.annotated_url; link.target = "_blank"; link.textContent = f.seq;
+      var cells = [link, localTime(f.captured_at),
+        f.source, f.rbc_count, f.infected_count, Math.round(f.focus), f.rejected ? "Rejected: " + f.rejected : "Used"];
+      cells.forEach(function (c) {
+        var td = document.createElement("td");
+        if (c instanceof Node) { td.appendChild(c); } else { td.textContent = c; }
+        tr.appendChild(td);
+      });
+      $("fields-table").querySelector("tbody").appendChild(tr);
+    };
+
+    var capture = function (body) {
+      if (busy) { return Promise.resolve(); }
+      busy = true;
+      btn.disabled = true; btn.classList.add("busy");
+      say("Analysing the field…", "info");
+      return postJSON(captureUrl, body).then(function (res) {
+        if (res.status === 201) {
+          renderField(res.body.field);
+          renderSlide(res.body.slide);
+          say(res.body.field.rejected ? "Field rejected: " + res.body.field.rejected : "Field " + res.body.field.seq + " added.",
+            res.body.field.rejected ? "error" : "ok");
+        } else if (res.status === 202) {
+          say(res.body.message, "info");
+        } else {
+          say(res.body.error || ("Error " + res.status), "error");
+        }
+      }).catch(function () {
+        say("The device did not answer: check the connection and try again.", "error");
+      }).then(function () {
+        busy = false; btn.disabled = false; btn.classList.remove("busy");
+      });
+    };
+
+    $("capture-form").addEventListener("submit", function (e) { e.preventDefault(); capture(null); });
+    $("upload-form").addEventListener("submit", function (e) {
+      e.preventDefault();
+      var form = e.target;
+      capture(new FormData(form)).then(function () { form.reset(); });
+    });
+
+    /* auto-capture: once per steady, sharp scene (the stage moved, then stopped) */
+    var lastScene = null;
+    statusListeners.push(function (s) {
+      var auto = $("auto-capture");
+      var cam = s.camera || {};
+      if (auto && auto.checked && !busy && cam.state === "connected" && cam.steady && cam.sharp && cam.scene !== lastScene) {
+        lastScene = cam.scene;
+        capture(null);
+      }
+    });
+  }
+
+  /* --- review gallery --- */
+  document.querySelectorAll("form.review-form").forEach(function (form) {
+    form.addEventListener("submit", function (e) {
+      e.preventDefault();
+      var decision = e.submitter ? e.submitter.value : "confirmed";
+      var tile = form.closest(".tile");
+      if (tile.dataset.review === decision) { decision = "clear"; }  // a second tap undoes
+      postJSON(form.dataset.api, { decision: decision }).then(function (res) {
+        if (res.status !== 200) { alert(res.body.error || ("Error " + res.status)); return; }
+        tile.dataset.review = res.body.cell.review || "";
+        var rv = res.body.slide.totals.review;
+        $("n-confirmed").textContent = rv.confirmed;
+        $("n-rejected").textContent = rv.rejected;
+        $("n-pending").textContent = rv.pending;
+        $("reviewed-infected").textContent = res.body.slide.reviewed.infected_count;
+      });
+    });
+  });
+
+  /* --- report --- */
+  var printBtn = $("print-btn");
+  if (printBtn) { printBtn.addEventListener("click", function () { window.print(); }); }
+})();

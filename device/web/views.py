@@ -1,0 +1,217 @@
+"""What the HTML pages and the JSON API share: request parsing, capture, and row -> JSON shapes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from concurrent.futures import TimeoutError as FutureTimeout
+from pathlib import Path
+
+from flask import abort, request, url_for
+from werkzeug.exceptions import HTTPException
+
+from device.imageio import IMAGE_SUFFIXES, ImageError, decode_rgb
+from device.service import CaptureRefused, finish_slide, slide_summary
+from device.store import Conflict, NotFound
+from device.web import deps
+
+logger = logging.getLogger(__name__)
+
+CAPTURE_WAIT_S = 60.0  # a capture answers when its field is stored; after this it answers 202 and goes on
+MAX_TEXT = {"sample_id": 64, "patient_id": 64, "operator": 64, "notes": 2000}
+RBC_MILLIONS_RANGE = (1.0, 10.0)  # config.analysis.rbc_per_ul's range, in millions/uL
+
+
+class InsufficientStorage(HTTPException):
+    code = 507  # werkzeug has no exception class for it
+    description = "the disk is full"
+
+
+def refuse(exc: CaptureRefused):
+    """Abort with the refusal's status and reason."""
+    if exc.status == 507:
+        raise InsufficientStorage(str(exc))
+    abort(exc.status, str(exc))
+
+
+class FormError(ValueError):
+    """A form or JSON body a person must correct; the message says what."""
+
+
+def slide_or_404(slide_id: int) -> dict:
+    slide = deps().store.get_slide(slide_id)
+    if slide is None:
+        abort(404, f"slide {slide_id} not found")
+    return slide
+
+
+def parse_new_slide(data) -> dict:
+    """Validate the start-a-slide form (or JSON). Raises :class:`FormError`."""
+    values = {k: str(data.get(k, "") or "").strip() for k in MAX_TEXT}
+    if not values["sample_id"]:
+        raise FormError("the sample ID is required")
+    for k, n in MAX_TEXT.items():
+        if len(values[k]) > n:
+            raise FormError(f"{k.replace('_', ' ')} is longer than {n} characters")
+    raw = str(data.get("rbc_millions_per_ul", "") or "").strip()
+    values["rbc_millions_per_ul"] = None
+    if raw:
+        try:
+            v = float(raw.replace(",", "."))
+        except ValueError:
+            raise FormError("the measured RBC count must be a number of millions per µL, e.g. 4.5") from None
+        lo, hi = RBC_MILLIONS_RANGE
+        if not lo <= v <= hi:
+            raise FormError(f"the measured RBC count must be between {lo:g} and {hi:g} million per µL")
+        values["rbc_millions_per_ul"] = v
+    return values
+
+
+def start_slide(values: dict) -> int:
+    d = deps()
+    try:
+        model = d.analyser.model_info()
+    except CaptureRefused as exc:
+        refuse(exc)
+    measured = values["rbc_millions_per_ul"]
+    return d.store.create_slide(
+        sample_id=values["sample_id"], patient_id=values["patient_id"], operator=values["operator"],
+        notes=values["notes"], model=model, target_rbc=d.config.analysis.counting_target_rbc,
+        rbc_per_ul=measured * 1e6 if measured else d.config.analysis.rbc_per_ul,
+        rbc_per_ul_measured=bool(measured))
+
+
+def _decode_upload():
+    f = request.files["image"]
+    name = Path(f.filename or "upload").name
+    if Path(name).suffix.lower() not in IMAGE_SUFFIXES:
+        deps().analyser.metrics.inc("uploads_refused_total")
+        abort(400, f"{name}: not an image file (use PNG, JPEG, WebP, BMP or TIFF)")
+    try:
+        return decode_rgb(f.read(), name=name)
+    except ImageError as exc:
+        deps().analyser.metrics.inc("uploads_refused_total")
+        abort(400, str(exc))
+
+
+def capture(slide_id: int) -> dict | None:
+    """Capture the live frame (or the uploaded ``image``) into a slide and wait for its analysis.
+
+    Returns the stored field row, or None when the analysis is still running after
+    :data:`CAPTURE_WAIT_S` (it will still be stored). Aborts with 4xx/5xx and a reason otherwise.
+    """
+    d = deps()
+    slide = slide_or_404(slide_id)
+    if slide["status"] != "open":
+        abort(409, f"slide {slide['sample_id']} is finished: start a new slide to capture more fields")
+    if "image" in request.files:
+        if not request.files["image"].filename:
+            abort(400, "no file chosen")
+        rgb, source = _decode_upload(), "upload"
+    else:
+        frame = d.camera.latest()
+        if frame is None:
+            msg = d.camera.status().get("message") or "no frame yet"
+            abort(503, f"the camera is not connected ({msg}): check the cable; the device keeps retrying")
+        rgb, source = frame.rgb, "camera"
+    try:
+        fut = d.analyser.submit(slide_id, rgb, source)
+    except CaptureRefused as exc:
+        refuse(exc)
+    except NotFound as exc:
+        abort(404, str(exc))
+    except Conflict as exc:
+        abort(409, str(exc))
+    try:
+        return fut.result(timeout=CAPTURE_WAIT_S)
+    except FutureTimeout:
+        return None
+    except NotFound as exc:
+        abort(404, str(exc))
+    except Conflict as exc:
+        abort(409, str(exc))
+    except CaptureRefused as exc:
+        refuse(exc)
+    except Exception as exc:  # logged by the analyser; the page gets the reason, not a traceback
+        abort(500, f"the analysis failed ({type(exc).__name__}: {exc}); see the service log")
+
+
+def finish(slide_id: int) -> dict:
+    slide_or_404(slide_id)
+    try:
+        return finish_slide(deps().store, slide_id)
+    except Conflict as exc:
+        abort(409, str(exc))
+
+
+def review(cell_id: int, decision: str | None) -> dict:
+    if decision in ("", "clear"):
+        decision = None
+    try:
+        return deps().store.review_cell(cell_id, decision)
+    except NotFound as exc:
+        abort(404, str(exc))
+    except Conflict as exc:
+        abort(409, str(exc))
+    except ValueError as exc:
+        abort(400, str(exc))
+
+
+# --- JSON shapes ----------------------------------------------------------------------------------
+
+def field_json(f: dict) -> dict:
+    return {
+        "id": f["id"], "slide_id": f["slide_id"], "seq": f["seq"], "captured_at": f["captured_at"],
+        "source": f["source"], "width": f["width"], "height": f["height"], "rejected": f["rejected"],
+        "focus": round(f["focus"], 1), "rbc_count": f["rbc_count"], "infected_count": f["infected_count"],
+        "model_sha256": f["model_sha256"], "threshold": f["threshold"],
+        "timing_ms": json.loads(f["timing_json"] or "{}"),
+        "annotated_url": url_for("pages.field_image", field_id=f["id"], kind="annotated"),
+        "raw_url": url_for("pages.field_image", field_id=f["id"], kind="raw") if f["has_raw"] else None,
+    }
+
+
+def cell_json(c: dict) -> dict:
+    return {"id": c["id"], "field_id": c["field_id"], "field_seq": c.get("field_seq"), "idx": c["idx"],
+            "bbox": [c["x"], c["y"], c["w"], c["h"]], "p_infected": round(c["p_infected"], 4),
+            "infected": bool(c["infected"]), "review": c["review"], "reviewed_at": c["reviewed_at"],
+            "crop_url": url_for("pages.cell_crop", cell_id=c["id"]) if c["has_crop"] else None}
+
+
+def slide_view(slide: dict) -> dict:
+    """Slide row + totals + automatic and reviewed results: what the pages and the API show."""
+    store = deps().store
+    totals = store.totals(slide["id"])
+    stored = json.loads(slide["result_json"]) if slide["result_json"] else None
+    automatic = stored["automatic"] if stored else slide_summary(slide, totals).to_json()
+    reviewed = slide_summary(slide, totals, reviewed=True).to_json()
+    return {**{k: v for k, v in slide.items() if k != "result_json"}, "totals": totals,
+            "automatic": automatic, "reviewed": reviewed}
+
+
+def slide_json(slide: dict, *, with_fields: bool = False) -> dict:
+    out = slide_view(slide)
+    out["url"] = url_for("pages.slide", slide_id=slide["id"])
+    out["result_url"] = url_for("pages.result", slide_id=slide["id"])
+    if with_fields:
+        out["fields"] = [field_json(f) for f in deps().store.list_fields(slide["id"])]
+    return out
+
+
+def status_json() -> dict:
+    d = deps()
+    cam = d.camera.status()
+    free_mb = shutil.disk_usage(d.store.data_dir).free / 1e6
+    a = d.analyser
+    return {
+        "ok": bool(a.model.ok and cam["state"] == "connected"),
+        "time": time.time(),
+        "camera": cam,
+        "model": a.model.to_json(),
+        "analysis": {"busy": a.busy, "pending": a.pending,
+                     "last_latency_ms": None if a.last_latency_s is None else round(a.last_latency_s * 1000)},
+        "disk": {"free_mb": round(free_mb), "min_free_mb": d.config.service.min_free_disk_mb,
+                 "low": free_mb < d.config.service.min_free_disk_mb},
+    }

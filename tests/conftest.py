@@ -1,0 +1,82 @@
+"""Shared fixtures: the real model, the demo fields, and a service wired from real parts in tmp_path."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES_DIR = ROOT / "device" / "samples"
+MODEL_PATH = ROOT / "models" / "cellnet_int8.tflite"
+ARTIFACTS_DIR = ROOT / "test-artifacts"
+
+
+@pytest.fixture(scope="session")
+def classifier():
+    from device.classifier import CellClassifier
+
+    return CellClassifier(MODEL_PATH)
+
+
+def make_config(data_dir: Path, **sections):
+    """A validated Config for tests: replay over the demo fields (fast), data in ``data_dir``."""
+    from device.config import from_dict
+
+    data = {"service": {"data_dir": str(data_dir), "min_free_disk_mb": 0},
+            "camera": {"source": "replay", "replay_path": str(SAMPLES_DIR), "replay_fps": 20.0,
+                       "reconnect_max_s": 1.0}}
+    for name, values in sections.items():
+        data.setdefault(name, {}).update(values)
+    return from_dict(data)
+
+
+@dataclass
+class Env:
+    config: object
+    store: object
+    feed: object
+    analyser: object
+    app: object
+
+    def csrf(self, client) -> str:
+        return client.get("/api/session").get_json()["csrf_token"]
+
+
+@pytest.fixture
+def make_env(tmp_path, classifier):
+    """Build the service from real parts (SQLite in tmp_path, replay camera, TFLite model).
+
+    ``flag_all=True`` sets the threshold to 0 so every counted cell is flagged, whatever the model:
+    tests of the review flow must not depend on the placeholder model's scores.
+    """
+    from device.analysis import AnalysisSettings
+    from device.camera import CameraFeed, ReplayCamera
+    from device.service import FieldAnalyser
+    from device.store import Store
+    from device.web import create_app
+
+    made: list[Env] = []
+
+    def build(*, flag_all: bool = False, model_ok: bool = True, open_camera=None, **sections) -> Env:
+        cfg = make_config(tmp_path / f"data{len(made)}", **sections)
+        store = Store(cfg.service.data_dir)
+        opener = open_camera or (lambda: ReplayCamera(cfg.camera.replay_path, cfg.camera.replay_fps))
+        feed = CameraFeed(opener, reconnect_max_s=cfg.camera.reconnect_max_s, min_focus=cfg.analysis.min_focus,
+                          source="replay", reconnect_min_s=0.05).start()
+        settings = AnalysisSettings(min_focus=cfg.analysis.min_focus, threshold=0.0 if flag_all else None)
+        common = {"save_raw": cfg.service.save_raw_frames, "min_free_disk_mb": cfg.service.min_free_disk_mb}
+        analyser = (FieldAnalyser(store, classifier, settings=settings, **common) if model_ok
+                    else FieldAnalyser(store, None, model_error="model file missing: /nowhere/model.tflite", **common))
+        app = create_app(cfg, store, feed, analyser)
+        app.config["TESTING"] = True
+        env = Env(cfg, store, feed, analyser, app)
+        made.append(env)
+        return env
+
+    yield build
+    for env in made:
+        env.feed.stop()
+        env.analyser.shutdown()
+        env.store.close()

@@ -1,0 +1,248 @@
+"""The technician's whole flow in headless Chromium, on the replay camera and the real model.
+
+start slide -> capture fields (button and upload) -> review flagged cells -> finish -> result -> report
+-> CSV. Screenshots go to test-artifacts/ for a person to look at.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from device.camera import CameraError, ReplayCamera
+from tests.conftest import ARTIFACTS_DIR, SAMPLES_DIR
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+pytestmark = pytest.mark.browser
+
+
+@pytest.fixture
+def browser():
+    if not CHROMIUM.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{CHROMIUM} is missing (apt-get install chromium); CI must run the browser tests")
+        pytest.skip(f"{CHROMIUM} is missing: apt-get install chromium")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@contextlib.contextmanager
+def _live(env):
+    """The app on a real waitress server, on 127.0.0.1 and a free port."""
+    import waitress
+
+    server = waitress.create_server(env.app, host="127.0.0.1", port=0, threads=8)
+    loop = threading.Thread(target=server.run, daemon=True)
+    loop.start()
+    env.base_url = f"http://127.0.0.1:{server.effective_port}"
+    try:
+        yield env
+    finally:
+        server.trigger.pull_trigger(server.close)  # closed in the server's thread: no race with select()
+        loop.join(5)
+        server.task_dispatcher.shutdown()
+
+
+@pytest.fixture
+def live_env(make_env):
+    with _live(make_env(flag_all=True)) as env:  # every counted cell flagged, whatever the model
+        yield env
+
+
+def _until(page, js: str, timeout: float = 10_000) -> None:
+    """Poll a JS expression until true. (wait_for_function evaluates strings, which the page's CSP forbids.)"""
+    deadline = time.monotonic() + timeout / 1000
+    while not page.evaluate(f"() => Boolean({js})"):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {js}")
+        time.sleep(0.1)
+
+
+def _shot(page, name: str, **kw) -> None:
+    ARTIFACTS_DIR.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS_DIR / f"browser-{name}.png"), **kw)
+
+
+def _capture(page, n_before: int) -> None:
+    page.click("#capture-btn")
+    _until(page, f"document.querySelectorAll('#fields-table tbody tr').length > {n_before}",
+                           timeout=30_000)
+    _until(page, "!document.getElementById('capture-btn').disabled")
+
+
+def test_technician_flow_start_capture_review_finish_result_csv(browser, live_env, tmp_path):
+    env = live_env
+    errors: list[str] = []
+    ctx = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+    page = ctx.new_page()
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" and "503" not in m.text else None)
+
+    # start a slide
+    page.goto(env.base_url + "/")
+    assert page.is_visible("text=Start a slide")
+    _shot(page, "01-home")
+    page.fill("#sample_id", "BRW-2024-001")
+    page.fill("input[name=patient_id]", "P-77")
+    page.fill("input[name=operator]", "Amina")
+    page.fill("textarea[name=notes]", "Giemsa thin film")
+    page.click("button:has-text('Start slide')")
+    page.wait_for_url("**/slides/1")
+    _until(page, "document.getElementById('preview').naturalWidth > 0", timeout=15_000)
+    _until(page, "document.getElementById('focus-label').textContent.trim() !== '—'", timeout=10_000)
+    _shot(page, "02-slide-live")
+
+    # capture two fields with the button, then one by upload
+    _capture(page, 0)
+    summary = page.inner_text("#last-summary")
+    assert "red cells" in summary or "Rejected" in summary
+    _shot(page, "03-first-field")
+    _capture(page, 1)
+    page.click("details.upload summary")
+    page.set_input_files("#upload-file", str(sorted(SAMPLES_DIR.glob("*.jpg"))[1]))
+    page.click("#upload-form button")
+    _until(page, "document.querySelectorAll('#fields-table tbody tr').length > 2", timeout=30_000)
+    _until(page, "!document.getElementById('capture-btn').disabled")
+    rbc = int(page.inner_text("#rbc-count"))
+    assert rbc == env.store.totals(1)["rbc_count"] > 0
+    assert page.get_attribute("#rbc-progress", "value") is not None
+    _shot(page, "04-three-fields", full_page=True)
+
+    # the small touchscreen beside the scope
+    small = ctx.new_page()
+    small.set_viewport_size({"width": 800, "height": 480})
+    small.goto(env.base_url + "/slides/1")
+    _shot(small, "05-touchscreen-800x480", full_page=True)
+    small.close()
+
+    # review: confirm one flagged cell, reject another
+    page.click("#review-link")
+    page.wait_for_url("**/slides/1/review")
+    tiles = page.locator(".tile")
+    n = tiles.count()
+    assert n == env.store.totals(1)["infected_count"] > 2
+    tiles.nth(0).locator("button.btn-yes").click()
+    _until(page, "document.querySelector('.tile').dataset.review === 'confirmed'")
+    tiles.nth(1).locator("button.btn-no").click()
+    _until(page, "document.querySelectorAll('.tile')[1].dataset.review === 'rejected'")
+    assert page.inner_text("#n-confirmed") == "1" and page.inner_text("#n-rejected") == "1"
+    assert int(page.inner_text("#reviewed-infected")) == n - 1
+    _shot(page, "06-review")
+
+    # finish -> result
+    page.goto(env.base_url + "/slides/1")
+    page.click("#finish-btn")
+    page.wait_for_url("**/slides/1/result")
+    banner = page.inner_text("#call-banner")
+    assert any(w in banner for w in ("POSITIVE", "NEGATIVE", "NOT ENOUGH CELLS"))
+    table = page.inner_text("#result-table")
+    assert "Automatic" in table and "After review" in table
+    assert str(n - 1) in page.inner_text("#infected-reviewed")
+    assert env.analyser.model.sha256 in page.content()
+    _shot(page, "07-result", full_page=True)
+
+    # printable report (print CSS: no navigation, no buttons)
+    page.click("#report-btn")
+    page.wait_for_url("**/slides/1/report")
+    page.emulate_media(media="print")
+    assert not page.is_visible(".topbar") and not page.is_visible("#print-btn")
+    _shot(page, "08-report-print", full_page=True)
+    page.emulate_media(media="screen")
+
+    # history, search and CSV
+    page.goto(env.base_url + "/history?q=BRW")
+    assert page.is_visible("text=BRW-2024-001")
+    _shot(page, "09-history")
+    with page.expect_download() as dl:
+        page.click("#export-slides")
+    csv_path = tmp_path / "slides.csv"
+    dl.value.save_as(csv_path)
+    lines = csv_path.read_text().splitlines()
+    assert lines[0].startswith("slide_id,sample_id") and "BRW-2024-001" in lines[1] and ",finished," in lines[1]
+    with page.expect_download() as dl:
+        page.click("#export-fields")
+    dl.value.save_as(tmp_path / "fields.csv")
+    assert len((tmp_path / "fields.csv").read_text().splitlines()) == 4  # header + 3 fields
+
+    ctx.close()
+    assert not errors, errors
+
+
+class _UnpluggableCamera:
+    """The replay camera behind a cable that the test can pull."""
+
+    def __init__(self, plugged: threading.Event):
+        if not plugged.is_set():
+            raise CameraError("no camera at '0': USB cable unplugged?")
+        self.plugged = plugged
+        self.cam = ReplayCamera(SAMPLES_DIR, fps=10)
+
+    def read(self):
+        if not self.plugged.is_set():
+            raise CameraError("camera '0' stopped delivering frames (unplugged?)")
+        return self.cam.read()
+
+    def close(self):
+        self.cam.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def test_camera_lost_mid_slide_shows_a_banner_then_recovers(browser, make_env):
+    plugged = threading.Event()
+    plugged.set()
+    with _live(make_env(open_camera=lambda: _UnpluggableCamera(plugged))) as env:
+        page = browser.new_page(viewport={"width": 1024, "height": 768})
+        page.goto(env.base_url + "/")
+        page.fill("#sample_id", "CAM-1")
+        page.click("button:has-text('Start slide')")
+        page.wait_for_url("**/slides/1")
+        _until(page, "document.getElementById('preview').naturalWidth > 0", timeout=15_000)
+        assert not page.is_visible("#camera-banner")
+        plugged.clear()  # the cable comes out mid-slide
+        page.wait_for_selector("#camera-banner", state="visible", timeout=10_000)
+        assert "unplugged" in page.inner_text("#camera-banner")
+        page.wait_for_selector("#preview-off", state="visible", timeout=10_000)
+        page.click("#capture-btn")
+        _until(page, "document.getElementById('capture-msg').textContent.includes('not connected')")
+        _shot(page, "10-camera-lost")
+        plugged.set()  # and goes back in: the feed reconnects by itself
+        page.wait_for_selector("#camera-banner", state="hidden", timeout=15_000)
+        page.wait_for_selector("#preview-off", state="hidden", timeout=15_000)
+        page.close()
+
+
+def test_auto_capture_takes_one_field_per_still_sharp_scene(browser, make_env, tmp_path):
+    still = tmp_path / "still"
+    still.mkdir()
+    shutil.copy(sorted(SAMPLES_DIR.glob("*.jpg"))[2], still)  # one field, again and again: a still stage
+    with _live(make_env(open_camera=lambda: ReplayCamera(still, fps=5))) as env:
+        page = browser.new_page(viewport={"width": 1024, "height": 768})
+        try:
+            page.goto(env.base_url + "/")
+            page.fill("#sample_id", "AUTO-1")
+            page.click("button:has-text('Start slide')")
+            page.wait_for_url("**/slides/1")
+            page.check("#auto-capture")
+            _until(page, "document.querySelectorAll('#fields-table tbody tr').length === 1", timeout=15_000)
+            time.sleep(2.5)  # the stage has not moved: no second capture of the same field
+            assert page.locator("#fields-table tbody tr").count() == 1
+            assert env.store.totals(1)["fields"] == 1
+        finally:
+            page.close()

@@ -1,0 +1,316 @@
+"""Cameras: channel order on real pixels through each path, replay looping, loss and reconnection."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+import types
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from device import camera as cam_mod
+from device.camera import CameraError, CameraFeed, OpenCVCamera, Picamera2Camera, ReplayCamera, open_camera
+from tests.conftest import SAMPLES_DIR, make_config
+
+RED_BGR = (0, 0, 255)
+
+
+def _assert_red(rgb: np.ndarray) -> None:
+    assert rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3
+    r, g, b = (float(rgb[..., i].mean()) for i in range(3))
+    assert r > 200 and g < 50 and b < 50, f"expected red in RGB order, got mean R={r:.0f} G={g:.0f} B={b:.0f}"
+
+
+def _solid_bgr(color_bgr, w=64, h=48) -> np.ndarray:
+    img = np.zeros((h, w, 3), np.uint8)
+    img[:] = color_bgr
+    return img
+
+
+def _write_video(path: Path, frames: list[np.ndarray], fps: float = 10.0) -> Path:
+    h, w = frames[0].shape[:2]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (w, h))
+    assert writer.isOpened(), "OpenCV cannot write MJPG/AVI here"
+    for f in frames:
+        writer.write(f)
+    writer.release()
+    return path
+
+
+def _small_fields(folder: Path, n: int = 2) -> Path:
+    """Real demo fields, shrunk so the feed loop is fast."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for src in sorted(SAMPLES_DIR.glob("*.jpg"))[:n]:
+        img = cv2.imread(str(src))
+        cv2.imwrite(str(folder / src.name), cv2.resize(img, (400, 300), interpolation=cv2.INTER_AREA))
+    return folder
+
+
+# --- channel order on real pixels -------------------------------------------------------------
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg"])
+def test_replay_folder_red_image_comes_out_red(tmp_path, suffix):
+    cv2.imwrite(str(tmp_path / f"red{suffix}"), _solid_bgr(RED_BGR))
+    with ReplayCamera(tmp_path, fps=60) as cam:
+        _assert_red(cam.read())
+
+
+def test_replay_video_red_comes_out_red_and_loops(tmp_path):
+    video = _write_video(tmp_path / "red.avi", [_solid_bgr(RED_BGR)] * 3)
+    with ReplayCamera(video, fps=60) as cam:
+        for _ in range(7):  # past the end of the 3-frame file: it loops
+            _assert_red(cam.read())
+
+
+def test_opencv_camera_path_converts_bgr_to_rgb(tmp_path):
+    # A video file through cv2.VideoCapture is the same decode path as a V4L2 device, minus the device.
+    video = _write_video(tmp_path / "red.avi", [_solid_bgr(RED_BGR)] * 2)
+    with OpenCVCamera(str(video)) as cam:
+        _assert_red(cam.read())
+
+
+def test_opencv_camera_missing_device_is_a_camera_error(tmp_path):
+    with pytest.raises(CameraError, match="no camera"):
+        OpenCVCamera(str(tmp_path / "no-such-video.avi"))
+
+
+class _FakePicamera2:
+    """Mimics picamera2's memory layout: "BGR888" frames are R, G, B in memory, "RGB888" are B, G, R."""
+
+    instances: list[_FakePicamera2] = []
+    scene_rgb = (255, 0, 0)  # the microscope sees red
+
+    def __init__(self):
+        self.format = None
+        self.started = self.closed = False
+        _FakePicamera2.instances.append(self)
+
+    def create_video_configuration(self, main):
+        return {"main": dict(main)}
+
+    def configure(self, config):
+        self.format = config["main"]["format"]
+        self.size = config["main"]["size"]
+
+    def start(self):
+        self.started = True
+
+    def capture_array(self, name="main"):
+        w, h = self.size
+        memory_order = {"BGR888": self.scene_rgb, "RGB888": self.scene_rgb[::-1]}[self.format]
+        frame = np.empty((h, w, 3), np.uint8)
+        frame[:] = memory_order
+        return frame
+
+    def stop(self):
+        self.started = False
+
+    def close(self):
+        self.closed = True
+
+
+@pytest.fixture
+def fake_picamera2(monkeypatch):
+    module = types.ModuleType("picamera2")
+    module.Picamera2 = _FakePicamera2
+    _FakePicamera2.instances = []
+    monkeypatch.setitem(sys.modules, "picamera2", module)
+    return module
+
+
+def test_picamera2_asks_for_bgr888_and_red_stays_red(fake_picamera2):
+    with Picamera2Camera(320, 240) as cam:
+        frame = cam.read()
+    fake = _FakePicamera2.instances[0]
+    assert fake.format == "BGR888"  # pinned: R, G, B in memory
+    assert frame.shape == (240, 320, 3)
+    _assert_red(frame)
+    assert fake.closed
+
+
+def test_picamera2_no_camera_attached_is_a_camera_error(monkeypatch, fake_picamera2):
+    def no_camera(self):
+        raise IndexError("list index out of range")  # what Picamera2() raises with no camera
+
+    monkeypatch.setattr(_FakePicamera2, "__init__", no_camera)
+    with pytest.raises(CameraError, match="Raspberry Pi camera not available"):
+        Picamera2Camera()
+
+
+def test_picamera2_not_installed_is_a_camera_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "picamera2", None)  # import raises ImportError
+    with pytest.raises(CameraError, match="picamera2 is not installed"):
+        Picamera2Camera()
+
+
+@pytest.mark.pi
+def test_real_pi_camera_gives_rgb_frames():
+    model = Path("/proc/device-tree/model")
+    if not (model.exists() and "Raspberry Pi" in model.read_text(errors="ignore")):
+        pytest.skip("not a Raspberry Pi")
+    pytest.importorskip("picamera2")
+    with Picamera2Camera(640, 480) as cam:
+        frame = cam.read()
+    assert frame.shape == (480, 640, 3) and frame.dtype == np.uint8
+
+
+# --- replay behaviour ---------------------------------------------------------------------------
+
+def test_replay_folder_real_fields_in_order_and_looping():
+    files = sorted(SAMPLES_DIR.glob("*.jpg"))
+    with ReplayCamera(SAMPLES_DIR, fps=60) as cam:
+        frames = [cam.read() for _ in range(len(files) + 1)]
+    first = cv2.cvtColor(cv2.imread(str(files[0])), cv2.COLOR_BGR2RGB)
+    assert frames[0].shape == (1200, 1600, 3)
+    assert np.array_equal(frames[0], first)
+    assert np.array_equal(frames[len(files)], first)  # looped
+    assert not np.array_equal(frames[0], frames[1])
+
+
+def test_replay_is_paced_at_its_frame_rate(tmp_path):
+    cv2.imwrite(str(tmp_path / "a.png"), _solid_bgr(RED_BGR))
+    with ReplayCamera(tmp_path, fps=20) as cam:
+        t0 = time.monotonic()
+        for _ in range(5):
+            cam.read()
+        assert time.monotonic() - t0 >= 4 / 20 - 0.01
+
+
+def test_replay_skips_an_unreadable_file(tmp_path):
+    cv2.imwrite(str(tmp_path / "a.png"), _solid_bgr(RED_BGR))
+    (tmp_path / "b.jpg").write_bytes(b"not a jpeg")
+    with ReplayCamera(tmp_path, fps=60) as cam:
+        for _ in range(3):
+            _assert_red(cam.read())
+
+
+@pytest.mark.parametrize("setup, match", [
+    (lambda p: p / "missing", "not found"),
+    (lambda p: p, "no images"),
+    (lambda p: (p / "notes.txt").write_text("x") and p / "notes.txt", "not a folder or a video"),
+])
+def test_replay_refuses_what_it_cannot_play(tmp_path, setup, match):
+    with pytest.raises(CameraError, match=match):
+        ReplayCamera(setup(tmp_path))
+
+
+def test_open_camera_follows_config(tmp_path, fake_picamera2):
+    cfg = make_config(tmp_path)
+    with open_camera(cfg.camera) as cam:
+        assert isinstance(cam, ReplayCamera)
+    with open_camera(cfg.with_changes("camera", source="picamera2").camera) as cam:
+        assert isinstance(cam, Picamera2Camera)
+    with pytest.raises(CameraError):
+        open_camera(cfg.with_changes("camera", source="opencv", device=str(tmp_path / "none.avi")).camera)
+
+
+# --- the feed: loss, reconnection, back-off -------------------------------------------------------
+
+def _wait_for(predicate, timeout_s=5.0):
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_feed_survives_a_replay_folder_renamed_mid_slide_and_reconnects(tmp_path):
+    folder = _small_fields(tmp_path / "fields")
+    feed = CameraFeed(lambda: ReplayCamera(folder, fps=30), reconnect_max_s=0.2, reconnect_min_s=0.05,
+                      source="replay").start()
+    try:
+        assert _wait_for(lambda: feed.connected and feed.latest() is not None)
+        assert feed.status()["state"] == "connected"
+        folder.rename(tmp_path / "moved")  # the camera disappears mid-slide
+        assert _wait_for(lambda: feed.status()["state"] == "disconnected")
+        st = feed.status()
+        assert feed.latest() is None and st["message"] and st["reconnects"] >= 1
+        assert feed.loop_healthy()  # the loop keeps turning while it waits
+        (tmp_path / "moved").rename(folder)  # plugged back in
+        assert _wait_for(lambda: feed.status()["state"] == "connected" and feed.latest() is not None)
+    finally:
+        feed.stop()
+    assert not feed.loop_healthy()
+
+
+class _FlakyCamera:
+    def __init__(self, frames_before_failure: int):
+        self.left = frames_before_failure
+
+    def read(self):
+        if self.left <= 0:
+            raise CameraError("USB camera unplugged")
+        self.left -= 1
+        time.sleep(0.005)
+        return np.full((48, 64, 3), 128, np.uint8)
+
+    def close(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def test_feed_reconnect_back_off_doubles_and_is_capped():
+    attempts: list[float] = []
+
+    def opener():
+        attempts.append(time.monotonic())
+        raise CameraError("no camera at '0'")
+
+    feed = CameraFeed(opener, reconnect_max_s=0.2, reconnect_min_s=0.025, focus=lambda rgb: 100.0).start()
+    try:
+        assert _wait_for(lambda: len(attempts) >= 6, timeout_s=5)
+        st = feed.status()
+        assert st["state"] == "disconnected" and "no camera" in st["message"]
+    finally:
+        feed.stop()
+    gaps = np.diff(attempts[:6])
+    assert gaps[0] < gaps[2]  # grows
+    assert all(g < 0.2 + 0.15 for g in gaps)  # capped at reconnect_max_s (plus scheduling slack)
+    assert gaps[-1] >= 0.2 - 0.02
+
+
+def test_feed_recovers_from_a_camera_that_raises(tmp_path):
+    opened = []
+
+    def opener():
+        opened.append(1)
+        if len(opened) == 2:
+            raise CameraError("still gone")
+        return _FlakyCamera(frames_before_failure=5)
+
+    feed = CameraFeed(opener, reconnect_max_s=0.1, reconnect_min_s=0.01, focus=lambda rgb: 100.0).start()
+    try:
+        assert _wait_for(lambda: len(opened) >= 3 and feed.status()["reconnects"] >= 2)
+        assert _wait_for(lambda: feed.latest() is not None)
+    finally:
+        feed.stop()
+
+
+def test_feed_reports_focus_steadiness_and_serves_a_cached_preview(tmp_path, monkeypatch):
+    monkeypatch.setattr(cam_mod, "STEADY_MIN_S", 0.2)
+    folder = tmp_path / "one"
+    folder.mkdir()
+    shutil.copy(sorted(SAMPLES_DIR.glob("*.jpg"))[0], folder)  # the same field again and again: a still stage
+    feed = CameraFeed(lambda: ReplayCamera(folder, fps=20), min_focus=40.0).start()
+    try:
+        assert _wait_for(lambda: feed.status()["steady"], timeout_s=5)
+        st = feed.status()
+        assert st["focus"] and st["focus"] > 40 and st["sharp"] is True and st["scene"] == 1
+        seq, jpeg = feed.preview_jpeg()
+        assert jpeg[:2] == b"\xff\xd8"
+        img = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+        assert img.shape[1] == 960
+        frame = feed.wait_frame(after_seq=seq, timeout_s=2)
+        assert frame is not None and frame.seq > seq
+    finally:
+        feed.stop()

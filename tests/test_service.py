@@ -1,0 +1,277 @@
+"""The service as systemd and `make demo` run it: a real waitress server on a free loopback port."""
+
+from __future__ import annotations
+
+import http.cookiejar
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from device import service
+from tests.conftest import MODEL_PATH, ROOT, SAMPLES_DIR, make_config
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _write_config(tmp_path: Path, port: int, model: Path = MODEL_PATH) -> Path:
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(f"""
+[service]
+host = "127.0.0.1"
+port = {port}
+data_dir = "{tmp_path / 'data'}"
+min_free_disk_mb = 0
+[camera]
+source = "replay"
+replay_path = "{SAMPLES_DIR}"
+replay_fps = 5.0
+[model]
+path = "{model}"
+""")
+    return cfg
+
+
+class Client:
+    """urllib with a cookie jar: a browser session without a browser."""
+
+    def __init__(self, base: str):
+        self.base = base
+        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+        self.token = None
+
+    def request(self, path, data=None, method=None, headers=None, timeout=30):
+        req = urllib.request.Request(self.base + path, data=data, method=method, headers=headers or {})
+        try:
+            with self.opener.open(req, timeout=timeout) as r:
+                return r.status, r.read(), r.headers
+        except urllib.error.HTTPError as e:
+            return e.code, e.read(), e.headers
+
+    def json(self, path, body=None):
+        headers = {"Accept": "application/json"}
+        data = None
+        if body is not None:
+            if self.token is None:
+                self.token = self.json("/api/session")[1]["csrf_token"]
+            headers.update({"Content-Type": "application/json", "X-CSRF-Token": self.token})
+            data = json.dumps(body).encode()
+        status, raw, _ = self.request(path, data, "POST" if body is not None else "GET", headers)
+        return status, json.loads(raw)
+
+
+class Notifications:
+    """A NOTIFY_SOCKET for the service under test: what systemd would receive."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.received: list[str] = []
+
+    def wait_for(self, message: str, timeout_s: float) -> bool:
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            if any(message in m for m in self.received):
+                return True
+            self.sock.settimeout(max(0.01, end - time.monotonic()))
+            try:
+                self.received.append(self.sock.recv(4096).decode())
+            except TimeoutError:
+                break
+        return any(message in m for m in self.received)
+
+    def close(self):
+        self.sock.close()
+
+
+def _serve(tmp_path, config: Path, notify: Notifications, watchdog_usec=400_000):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "NOTIFY_SOCKET": str(notify.path),
+           "WATCHDOG_USEC": str(watchdog_usec)}
+    env.pop("WATCHDOG_PID", None)
+    log = open(tmp_path / "service.log", "w")  # noqa: SIM115 - closed by the caller through the process
+    return subprocess.Popen([sys.executable, "-m", "device", "serve", "--config", str(config)], cwd=ROOT, env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+
+
+def _stop(proc) -> int:
+    proc.send_signal(signal.SIGTERM)
+    return proc.wait(20)
+
+
+def test_serve_runs_under_systemd_notify_and_stops_cleanly(tmp_path):
+    port = _free_port()
+    notify = Notifications(tmp_path / "notify")
+    proc = _serve(tmp_path, _write_config(tmp_path, port), notify)
+    try:
+        assert notify.wait_for("READY=1", 60), (tmp_path / "service.log").read_text()
+        assert notify.wait_for("WATCHDOG=1", 5)
+        c = Client(f"http://127.0.0.1:{port}")
+        status, st = c.json("/api/status")
+        assert status == 200 and st["model"]["ok"] and st["model"]["sha256"]
+        for _ in range(100):
+            if c.json("/api/status")[1]["camera"]["state"] == "connected":
+                break
+            time.sleep(0.1)
+        status, slide = c.json("/api/slides", {"sample_id": "SRV-1"})
+        assert status == 201
+        status, body = c.json(f"/api/slides/{slide['id']}/fields", {})
+        assert status == 201 and body["field"]["rbc_count"] > 10
+        status, html, headers = c.request("/")
+        assert status == 200 and b"SRV-1" in html and headers["Server"] == "malaria-detect"
+        assert c.request("/api/slides/999")[0] == 404
+        assert _stop(proc) == 0
+        assert notify.wait_for("STOPPING=1", 5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        notify.close()
+    log = (tmp_path / "service.log").read_text()
+    assert f"serving on http://127.0.0.1:{port}/" in log and "Traceback" not in log
+
+
+def test_serve_with_a_missing_model_keeps_the_page_up_and_says_why(tmp_path):
+    port = _free_port()
+    notify = Notifications(tmp_path / "notify")
+    proc = _serve(tmp_path, _write_config(tmp_path, port, model=tmp_path / "gone.tflite"), notify)
+    try:
+        assert notify.wait_for("READY=1", 60), (tmp_path / "service.log").read_text()
+        c = Client(f"http://127.0.0.1:{port}")
+        status, st = c.json("/api/status")
+        assert status == 200 and st["model"]["ok"] is False and "model file missing" in st["model"]["error"]
+        status, html, _ = c.request("/")
+        assert status == 200 and b"The model is unusable" in html
+        status, body = c.json("/api/slides", {"sample_id": "X"})
+        assert status == 503 and "unusable" in body["error"]
+        assert notify.wait_for("STATUS=camera", 5) and any("model UNUSABLE" in m for m in notify.received)
+        assert _stop(proc) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        notify.close()
+    log = (tmp_path / "service.log").read_text()
+    assert "MODEL UNUSABLE" in log and "Traceback" not in log
+
+
+def test_serve_bad_config_exits_78_without_a_traceback(tmp_path, caplog):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[camera]\nsource = 'webcam'\n")
+    assert service.serve(str(bad)) == service.EX_CONFIG
+    assert "camera.source" in caplog.text
+
+
+def test_serve_port_in_use_exits_1(tmp_path, caplog):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert service.serve(str(_write_config(tmp_path, port))) == 1
+    assert "cannot serve on 127.0.0.1" in caplog.text
+
+
+class _SlowClassifier:
+    """The real classifier, made slow: analysis must not hold up /api/status."""
+
+    def __init__(self, clf, delay_s):
+        self._clf, self._delay_s = clf, delay_s
+
+    def __getattr__(self, name):
+        return getattr(self._clf, name)
+
+    def predict(self, batch):
+        time.sleep(self._delay_s)
+        return self._clf.predict(batch)
+
+
+def test_status_answers_while_a_field_is_analysed(tmp_path, classifier):
+    import waitress
+
+    from device.camera import CameraFeed, ReplayCamera
+    from device.service import FieldAnalyser
+    from device.store import Store
+    from device.web import create_app
+
+    cfg = make_config(tmp_path / "data")
+    store = Store(cfg.service.data_dir)
+    feed = CameraFeed(lambda: ReplayCamera(SAMPLES_DIR, 5), source="replay").start()
+    analyser = FieldAnalyser(store, _SlowClassifier(classifier, 1.5))
+    server = waitress.create_server(create_app(cfg, store, feed, analyser), host="127.0.0.1", port=0, threads=4)
+    loop = threading.Thread(target=server.run, daemon=True)
+    loop.start()
+    try:
+        c = Client(f"http://127.0.0.1:{server.effective_port}")
+        sid = c.json("/api/slides", {"sample_id": "BUSY"})[1]["id"]
+        assert feed.wait_frame(0, 10) is not None
+        result = {}
+        t = threading.Thread(target=lambda: result.update(r=c.json(f"/api/slides/{sid}/fields", {})))
+        t.start()
+        latencies, busy_seen = [], False
+        while t.is_alive():
+            t0 = time.perf_counter()
+            status, st = c.json("/api/status")
+            latencies.append(time.perf_counter() - t0)
+            busy_seen |= st["analysis"]["busy"]
+            time.sleep(0.05)
+        t.join()
+        assert result["r"][0] == 201
+        assert busy_seen and len(latencies) >= 10
+        assert max(latencies) < 0.5, f"/api/status waited for the analysis: {max(latencies):.2f} s"
+        # a third capture while one runs and one waits is refused, not queued without end
+        analyser.max_pending = 0
+        status, body = c.json(f"/api/slides/{sid}/fields", {})
+        assert status == 503 and "still analysing" in body["error"]
+    finally:
+        server.trigger.pull_trigger(server.close)  # closed in the server's own thread: no race with select()
+        loop.join(5)
+        server.task_dispatcher.shutdown()
+        feed.stop()
+        analyser.shutdown()
+        store.close()
+
+
+class _Notifier:
+    def __init__(self):
+        self.sent = []
+
+    def notify(self, msg):
+        self.sent.append(msg)
+
+
+def test_watchdog_pings_only_while_the_capture_loop_turns():
+    healthy = threading.Event()
+    healthy.set()
+    n = _Notifier()
+    wd = service.Watchdog(n, healthy.is_set, 0.02, status=lambda: "camera connected").start()
+    time.sleep(0.15)
+    healthy.clear()
+    time.sleep(0.05)
+    count = n.sent.count("WATCHDOG=1")
+    time.sleep(0.15)
+    wd.stop()
+    assert count >= 3 and n.sent.count("WATCHDOG=1") == count
+    assert n.sent.count("STATUS=camera connected") == 1
+
+
+@pytest.mark.parametrize("usec, pid, expected", [
+    ("60000000", None, 30.0), ("60000000", "1", service.DEFAULT_WATCHDOG_INTERVAL_S),
+    (None, None, service.DEFAULT_WATCHDOG_INTERVAL_S)])
+def test_watchdog_interval_is_half_of_watchdog_usec(monkeypatch, usec, pid, expected):
+    for k, v in (("WATCHDOG_USEC", usec), ("WATCHDOG_PID", pid)):
+        if v is None:
+            monkeypatch.delenv(k, raising=False)
+        else:
+            monkeypatch.setenv(k, v)
+    assert service.watchdog_interval_s() == expected

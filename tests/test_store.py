@@ -1,0 +1,236 @@
+"""Records: schema and migrations, WAL/FULL, files by ID, reviews, and durability across kill -9."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import stat
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from device import store as store_mod
+from device.analysis import CellVerdict, FieldResult
+from device.store import Conflict, FieldImages, ModelInfo, NotFound, Store, StoreError
+from tests.conftest import ROOT
+
+MODEL = ModelInfo("cellnet_int8", "a" * 64, 0.6, 0.001)
+JPEG = b"\xff\xd8\xff\xe0fake-jpeg-bytes"
+
+
+def _result(n_cells=20, n_infected=2, rejected=None) -> FieldResult:
+    cells = [CellVerdict((10 * i, 5, 30, 30), 0.9 if i < n_infected else 0.1, i < n_infected)
+             for i in range(n_cells)]
+    return FieldResult(1600, 1200, rejected, [] if rejected else cells, 120.0, 0.6, {"total_ms": 250.0})
+
+
+def _images(result: FieldResult, raw=True) -> FieldImages:
+    return FieldImages(JPEG + b"annotated", JPEG + b"raw" if raw else None,
+                       {i: JPEG + bytes([i]) for i, c in enumerate(result.cells) if c.infected})
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store(tmp_path / "data")
+    yield s
+    s.close()
+
+
+def _slide(store, sample="S-1", **kw) -> int:
+    return store.create_slide(sample_id=sample, model=MODEL, target_rbc=2000, rbc_per_ul=5e6, **kw)
+
+
+def test_new_database_is_wal_full_at_the_latest_schema(store, tmp_path):
+    assert store.pragma("user_version") == store_mod.SCHEMA_VERSION == len(store_mod.MIGRATIONS)
+    assert store.pragma("journal_mode") == "wal"
+    assert store.pragma("synchronous") == 2  # FULL: each commit fsyncs the WAL
+    assert store.pragma("foreign_keys") == 1
+    assert stat.S_IMODE((tmp_path / "data").stat().st_mode) == 0o700
+
+
+def test_reopening_does_not_migrate_again_and_keeps_data(tmp_path):
+    s = Store(tmp_path)
+    sid = _slide(s)
+    s.close()
+    s2 = Store(tmp_path)
+    assert s2.get_slide(sid)["sample_id"] == "S-1"
+    s2.close()
+
+
+def test_a_new_migration_runs_once_in_order(tmp_path, monkeypatch):
+    s = Store(tmp_path)
+    sid = _slide(s)
+    s.close()
+    monkeypatch.setattr(store_mod, "MIGRATIONS", [*store_mod.MIGRATIONS, "ALTER TABLE slides ADD COLUMN stain TEXT;"])
+    s2 = Store(tmp_path)
+    assert s2.pragma("user_version") == len(store_mod.MIGRATIONS)
+    assert s2.get_slide(sid)["stain"] is None and s2.get_slide(sid)["sample_id"] == "S-1"
+    s2.close()
+
+
+def test_a_failing_migration_rolls_back_and_keeps_the_version(tmp_path, monkeypatch):
+    Store(tmp_path).close()
+    good = len(store_mod.MIGRATIONS)
+    monkeypatch.setattr(store_mod, "MIGRATIONS", [
+        *store_mod.MIGRATIONS, "ALTER TABLE slides ADD COLUMN a TEXT; ALTER TABLE no_such_table ADD COLUMN b;"])
+    with pytest.raises(StoreError, match=f"migration {good + 1} failed"):
+        Store(tmp_path)
+    conn = sqlite3.connect(tmp_path / store_mod.DB_NAME)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == good
+    assert "a" not in [r[1] for r in conn.execute("PRAGMA table_info(slides)")]
+    conn.close()
+
+
+def test_a_database_from_newer_software_is_refused(tmp_path):
+    conn = sqlite3.connect(tmp_path / store_mod.DB_NAME)
+    conn.execute("PRAGMA user_version = 99")
+    conn.close()
+    with pytest.raises(StoreError, match="newer than this software"):
+        Store(tmp_path)
+
+
+def test_a_corrupt_database_file_is_a_store_error(tmp_path):
+    (tmp_path / store_mod.DB_NAME).write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(StoreError, match="not a usable database"):
+        Store(tmp_path)
+
+
+def test_field_images_written_atomically_and_found_by_id(store):
+    sid = _slide(store)
+    res = _result()
+    fid = store.add_field(sid, res, source="camera", model_sha256=MODEL.sha256, images=_images(res))
+    f = store.get_field(fid)
+    assert f["seq"] == 1 and f["rbc_count"] == 20 and f["infected_count"] == 2
+    assert f["model_sha256"] == MODEL.sha256 and f["threshold"] == 0.6
+    ann = store.field_image_path(fid, "annotated")
+    assert ann.read_bytes() == JPEG + b"annotated"
+    assert stat.S_IMODE(ann.stat().st_mode) == 0o600
+    assert store.field_image_path(fid, "raw").read_bytes() == JPEG + b"raw"
+    assert store.field_image_path(fid, "../../etc/passwd") is None
+    assert store.field_image_path(999, "annotated") is None
+    assert not list(store.images_dir.rglob("*.tmp"))  # no temp file left behind
+    flagged = store.flagged_cells(sid)
+    assert [c["idx"] for c in flagged] == [0, 1] and all(c["has_crop"] for c in flagged)
+    assert store.cell_crop_path(flagged[0]["id"]).read_bytes() == JPEG + bytes([0])
+    assert len(store.field_cells(fid)) == 20
+
+
+def test_totals_count_used_fields_and_reviews(store):
+    sid = _slide(store)
+    for res in (_result(20, 2), _result(30, 1), _result(rejected="out of focus")):
+        store.add_field(sid, res, source="camera", model_sha256=MODEL.sha256, images=_images(res))
+    t = store.totals(sid)
+    assert (t["fields"], t["fields_used"], t["fields_rejected"]) == (3, 2, 1)
+    assert (t["rbc_count"], t["infected_count"]) == (50, 3)
+    cells = store.flagged_cells(sid)
+    store.review_cell(cells[0]["id"], "confirmed", by="tech")
+    store.review_cell(cells[1]["id"], "rejected")
+    t = store.totals(sid)
+    assert t["review"] == {"confirmed": 1, "rejected": 1, "pending": 1}
+    assert t["reviewed_infected_count"] == 2 and t["infected_count"] == 3  # both kept
+    assert store.get_cell(cells[1]["id"])["p_infected"] == 0.9  # the model's verdict stays
+    store.review_cell(cells[1]["id"], None)
+    assert store.totals(sid)["review"]["pending"] == 2
+    with pytest.raises(ValueError):
+        store.review_cell(cells[0]["id"], "maybe")
+    with pytest.raises(NotFound):
+        store.review_cell(12345, "confirmed")
+    unflagged = [c for c in store.field_cells(cells[0]["field_id"]) if not c["infected"]][0]
+    with pytest.raises(Conflict):
+        store.review_cell(unflagged["id"], "confirmed")
+
+
+def test_finished_slides_and_other_models_refuse_fields(store):
+    sid = _slide(store)
+    res = _result()
+    with pytest.raises(Conflict, match="another model"):
+        store.add_field(sid, res, source="camera", model_sha256="b" * 64, images=_images(res))
+    store.finish_slide(sid, {"automatic": {"call": "negative"}})
+    assert store.get_slide(sid)["status"] == "finished"
+    with pytest.raises(Conflict, match="finished"):
+        store.add_field(sid, res, source="camera", model_sha256=MODEL.sha256, images=_images(res))
+    with pytest.raises(Conflict):
+        store.finish_slide(sid, {})
+    with pytest.raises(NotFound):
+        store.finish_slide(999, {})
+    with pytest.raises(ValueError):
+        _slide(store, sample="   ")
+
+
+def test_search_by_sample_id_treats_wildcards_literally(store):
+    for s in ("ABC-1", "ABC-2", "X_1", "X%1", "other"):
+        _slide(store, sample=s)
+    assert [s["sample_id"] for s in store.list_slides("abc")] == ["ABC-2", "ABC-1"]
+    assert [s["sample_id"] for s in store.list_slides("_")] == ["X_1"]
+    assert [s["sample_id"] for s in store.list_slides("%")] == ["X%1"]
+    assert len(store.list_slides("")) == 5
+    assert len(store.list_slides(status="open", limit=2)) == 2
+
+
+def test_lost_crop_is_cut_again_from_the_raw_frame(store, tmp_path):
+    import cv2
+    import numpy as np
+
+    from device.service import ensure_crop
+
+    sid = _slide(store)
+    res = _result()
+    rgb = np.zeros((1200, 1600, 3), np.uint8)
+    rgb[:, :, 0] = 200
+    raw = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))[1].tobytes()
+    images = FieldImages(JPEG, raw, {0: JPEG, 1: JPEG})
+    store.add_field(sid, res, source="camera", model_sha256=MODEL.sha256, images=images)
+    cell = store.flagged_cells(sid)[0]
+    path = store.cell_crop_path(cell["id"])
+    path.write_bytes(b"")  # what a power cut can leave of a crop renamed without fsync
+    assert ensure_crop(store, cell["id"]) == path
+    crop = cv2.imdecode(np.frombuffer(path.read_bytes(), np.uint8), cv2.IMREAD_COLOR)
+    assert crop.shape[0] > 30 and crop[..., 2].mean() > 150  # red, from the raw frame
+    path.unlink()
+    assert ensure_crop(store, cell["id"]) == path and path.stat().st_size > 0
+
+
+WRITER = textwrap.dedent("""
+    import sys
+    from device.analysis import CellVerdict, FieldResult
+    from device.store import FieldImages, ModelInfo, Store
+    store = Store(sys.argv[1])
+    model = ModelInfo("m", "a" * 64, 0.6, 0.0)
+    sid = store.create_slide(sample_id="kill-9", model=model, target_rbc=2000, rbc_per_ul=5e6)
+    cells = [CellVerdict((i, i, 20, 20), 0.9, True) for i in range(3)]
+    res = FieldResult(64, 48, None, cells, 100.0, 0.6, {})
+    n = 0
+    while True:
+        fid = store.add_field(sid, res, source="camera", model_sha256=model.sha256,
+                              images=FieldImages(b"A" * 50000, b"R" * 80000, {0: b"c", 1: b"c", 2: b"c"}))
+        print(fid, flush=True)  # the acknowledgement: sent only after the commit
+""")
+
+
+def test_acknowledged_fields_survive_kill_9(tmp_path):
+    data = tmp_path / "data"
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(data)], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    acked = []
+    try:
+        for line in proc.stdout:
+            acked.append(int(line))
+            if len(acked) >= 15:
+                break
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)  # mid-write of the next field, most likely
+        proc.wait(10)
+    assert proc.returncode == -signal.SIGKILL and len(acked) >= 15
+    s = Store(data)
+    try:
+        for fid in acked:
+            f = s.get_field(fid)
+            assert f is not None, f"acknowledged field {fid} lost"
+            assert s.field_image_path(fid, "annotated").read_bytes() == b"A" * 50000
+            assert s.field_image_path(fid, "raw").read_bytes() == b"R" * 80000
+        assert s.pragma("integrity_check") == "ok"
+    finally:
+        s.close()

@@ -1,0 +1,372 @@
+"""Routes and errors with the Flask test client, on real parts: SQLite in tmp_path, replay camera, TFLite."""
+
+from __future__ import annotations
+
+import csv
+import io
+import stat
+import struct
+import time
+import zlib
+
+import cv2
+import numpy as np
+import pytest
+
+from device.camera import CameraError
+from tests.conftest import SAMPLES_DIR
+
+SAMPLE = sorted(SAMPLES_DIR.glob("*.jpg"))[0]
+
+
+def _client(env):
+    c = env.app.test_client()
+    return c, env.csrf(c)
+
+
+def _start(c, token, **form):
+    form = {"sample_id": "S-1", **form, "csrf_token": token}
+    return c.post("/slides", data=form)
+
+
+def _wait_frame(env):
+    assert env.feed.wait_frame(0, timeout_s=10) is not None, "the replay camera gave no frame"
+
+
+def _capture(c, token, slide_id=1, **kw):
+    return c.post(f"/api/slides/{slide_id}/fields", headers={"X-CSRF-Token": token}, **kw)
+
+
+def _upload(c, token, data: bytes, name: str, slide_id=1):
+    return _capture(c, token, slide_id, data={"image": (io.BytesIO(data), name)},
+                    content_type="multipart/form-data")
+
+
+def _png_header_only(w: int, h: int) -> bytes:
+    """A PNG whose header claims w x h (no pixel data): must be refused before any decoding."""
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(ihdr)) + chunk + struct.pack(">I", zlib.crc32(chunk))
+
+
+# --- pages and the workflow ----------------------------------------------------------------------
+
+def test_home_page_is_local_only_and_sets_safe_cookies(make_env):
+    env = make_env()
+    c = env.app.test_client()
+    r = c.get("/")
+    assert r.status_code == 200
+    html = r.get_data(as_text=True)
+    assert 'name="csrf-token"' in html and "Start a slide" in html
+    assert "http://" not in html and "https://" not in html  # nothing from a CDN: the clinic is offline
+    cookie = r.headers["Set-Cookie"]
+    assert "HttpOnly" in cookie and "SameSite=Lax" in cookie
+    assert "script-src 'self'" in r.headers["Content-Security-Policy"]
+    key = env.store.data_dir / "secret_key"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600 and len(key.read_bytes()) >= 32
+    for asset in ("/static/style.css", "/static/app.js"):
+        assert c.get(asset).status_code == 200
+
+
+def test_capture_from_camera_then_result_and_exports(make_env):
+    env = make_env()
+    c, token = _client(env)
+    r = _start(c, token, patient_id="P-9", operator="Amina", notes="thin film", rbc_millions_per_ul="4.5")
+    assert r.status_code == 303 and r.headers["Location"].endswith("/slides/1")
+    assert "Live view" in c.get("/slides/1").get_data(as_text=True)
+    _wait_frame(env)
+    r = _capture(c, token)
+    assert r.status_code == 201, r.get_json()
+    field, slide = r.get_json()["field"], r.get_json()["slide"]
+    assert field["source"] == "camera" and field["seq"] == 1 and field["rejected"] is None
+    assert field["rbc_count"] > 10
+    assert field["model_sha256"] == env.analyser.model.sha256 and field["threshold"] == env.analyser.model.threshold
+    assert slide["automatic"]["rbc_count"] == field["rbc_count"]
+    assert slide["automatic"]["rbc_per_ul"] == 4.5e6 and slide["automatic"]["rbc_per_ul_source"] == "measured"
+    img = c.get(field["annotated_url"])
+    assert img.status_code == 200 and img.data[:2] == b"\xff\xd8" and img.mimetype == "image/jpeg"
+    assert c.get(field["raw_url"]).status_code == 200
+    # the HTML form path (no JavaScript): POST, then a redirect to the slide
+    r = c.post("/slides/1/capture", data={"csrf_token": token})
+    assert r.status_code == 303 and "/slides/1#field-" in r.headers["Location"]
+    detail = c.get("/api/slides/1").get_json()
+    assert [f["seq"] for f in detail["fields"]] == [1, 2]
+    assert detail["sample_id"] == "S-1" and detail["model_sha256"] == env.analyser.model.sha256
+    r = c.post("/slides/1/finish", data={"csrf_token": token})
+    assert r.status_code == 303 and r.headers["Location"].endswith("/slides/1/result")
+    html = c.get("/slides/1/result").get_data(as_text=True)
+    for text in ("Parasitemia", "Parasites per µL", "Detection limit", "Red cells counted", "threshold",
+                 env.analyser.model.sha256, "measured for this patient"):
+        assert text in html
+    assert c.get("/slides/1/report").status_code == 200
+    slides = list(csv.DictReader(io.StringIO(c.get("/export/slides.csv").get_data(as_text=True))))
+    assert len(slides) == 1 and slides[0]["sample_id"] == "S-1" and slides[0]["status"] == "finished"
+    assert int(slides[0]["rbc_count"]) == detail["automatic"]["rbc_count"]
+    assert slides[0]["model_sha256"] == env.analyser.model.sha256
+    fields = list(csv.DictReader(io.StringIO(c.get("/export/fields.csv?slide=1").get_data(as_text=True))))
+    assert [f["seq"] for f in fields] == ["1", "2"]
+    # a finished slide takes no more fields and cannot be finished twice
+    assert _capture(c, token).status_code == 409
+    assert c.post("/api/slides/1/finish", headers={"X-CSRF-Token": token}).status_code == 409
+
+
+def test_review_flagged_cells_keeps_automatic_and_reviewed_counts(make_env):
+    env = make_env(flag_all=True)  # threshold 0: every counted cell is flagged, whatever the model
+    c, token = _client(env)
+    _start(c, token)
+    _wait_frame(env)
+    field = _capture(c, token).get_json()["field"]
+    cells = c.get("/api/slides/1/cells").get_json()["cells"]
+    assert len(cells) == field["infected_count"] == field["rbc_count"] > 0
+    crop = c.get(cells[0]["crop_url"])
+    assert crop.status_code == 200 and crop.mimetype == "image/jpeg"
+    page = c.get("/slides/1/review").get_data(as_text=True)
+    assert page.count('class="tile"') == len(cells)
+    h = {"X-CSRF-Token": token}
+    r = c.post(f"/api/cells/{cells[0]['id']}/review", json={"decision": "rejected"}, headers=h)
+    assert r.status_code == 200 and r.get_json()["cell"]["review"] == "rejected"
+    r = c.post(f"/cells/{cells[1]['id']}/review", data={"decision": "confirmed", "csrf_token": token})
+    assert r.status_code == 303
+    s = c.get("/api/slides/1").get_json()
+    assert s["totals"]["review"] == {"confirmed": 1, "rejected": 1, "pending": len(cells) - 2}
+    assert s["automatic"]["infected_count"] == len(cells)
+    assert s["reviewed"]["infected_count"] == len(cells) - 1
+    assert c.post(f"/api/cells/{cells[0]['id']}/review", json={"decision": "maybe"}, headers=h).status_code == 400
+    assert c.post("/api/cells/99999/review", json={"decision": "confirmed"}, headers=h).status_code == 404
+
+
+def test_upload_of_a_saved_field_is_analysed(make_env):
+    env = make_env()
+    c, token = _client(env)
+    _start(c, token)
+    r = _upload(c, token, SAMPLE.read_bytes(), "field.jpg")
+    assert r.status_code == 201, r.get_json()
+    assert r.get_json()["field"]["source"] == "upload" and r.get_json()["field"]["rbc_count"] > 10
+
+
+def test_rejected_field_says_why(make_env):
+    env = make_env()
+    c, token = _client(env)
+    _start(c, token)
+    blurred = cv2.GaussianBlur(cv2.imread(str(SAMPLE)), (0, 0), 6)
+    r = _upload(c, token, cv2.imencode(".png", blurred)[1].tobytes(), "blurred.png")
+    assert r.status_code == 201
+    f = r.get_json()["field"]
+    assert f["rejected"] and "focus" in f["rejected"] and f["rbc_count"] == 0
+    assert r.get_json()["slide"]["automatic"]["fields_rejected"] == 1
+    assert "Rejected: out of focus" in c.get("/slides/1").get_data(as_text=True)
+
+
+# --- errors: clear 4xx, never a 500 -----------------------------------------------------------
+
+def test_missing_sample_id_is_400(make_env):
+    c, token = _client(make_env())
+    r = _start(c, token, sample_id="  ")
+    assert r.status_code == 400 and "sample ID is required" in r.get_data(as_text=True)
+    r = c.post("/api/slides", json={"patient_id": "x"}, headers={"X-CSRF-Token": token})
+    assert r.status_code == 400 and "sample ID" in r.get_json()["error"]
+    r = c.post("/api/slides", json={"sample_id": "S", "rbc_millions_per_ul": "lots"}, headers={"X-CSRF-Token": token})
+    assert r.status_code == 400 and "number" in r.get_json()["error"]
+    r = c.post("/api/slides", json={"sample_id": "S-2", "operator": "Bo"}, headers={"X-CSRF-Token": token})
+    assert r.status_code == 201 and r.get_json()["operator"] == "Bo"
+
+
+@pytest.mark.parametrize("url", ["/slides/42", "/slides/42/result", "/slides/42/review", "/slides/42/report",
+                                 "/fields/42/annotated.jpg", "/cells/42/crop.jpg", "/fields/1/other.jpg"])
+def test_unknown_things_are_404_pages(make_env, url):
+    c, _ = _client(make_env())
+    r = c.get(url)
+    assert r.status_code == 404 and "text/html" in r.content_type
+
+
+def test_unknown_slide_is_404_json_on_the_api(make_env):
+    c, token = _client(make_env())
+    r = c.get("/api/slides/42")
+    assert r.status_code == 404 and r.get_json()["error"] == "slide 42 not found"
+    assert _capture(c, token, slide_id=42).status_code == 404
+
+
+def test_csrf_token_is_required_on_every_post(make_env):
+    c, token = _client(make_env())
+    r = c.post("/slides", data={"sample_id": "S-1"})
+    assert r.status_code == 400 and "CSRF" in r.get_data(as_text=True)
+    r = c.post("/api/slides", json={"sample_id": "S-1"}, headers={"X-CSRF-Token": "forged"})
+    assert r.status_code == 400 and "CSRF" in r.get_json()["error"]
+    other = make_env().app.test_client()  # another browser's token is not this session's
+    assert other.post("/slides", data={"sample_id": "S", "csrf_token": token}).status_code == 400
+    assert c.get("/api/slides").get_json()["slides"] == []
+
+
+def test_oversized_upload_is_413(make_env):
+    env = make_env()
+    env.app.config["MAX_CONTENT_LENGTH"] = 1024 * 1024
+    c, token = _client(env)
+    _start(c, token)
+    r = _upload(c, token, b"\xff\xd8" + b"\0" * (2 * 1024 * 1024), "big.jpg")
+    assert r.status_code == 413 and "too large" in r.get_json()["error"]
+
+
+@pytest.mark.parametrize("data, name, reason", [
+    (b"hello, not an image", "notes.txt", "not an image file"),
+    (b"hello, not an image", "disguised.png", "not a supported image"),
+    (b"\xff\xd8\xff\xe0" + b"\0" * 100, "truncated.jpg", ""),
+    (_png_header_only(10000, 10000), "bomb.png", "MP"),
+    (b"", "empty.png", "empty"),
+])
+def test_bad_uploads_are_400_with_a_reason(make_env, data, name, reason):
+    env = make_env()
+    c, token = _client(env)
+    _start(c, token)
+    r = _upload(c, token, data, name)
+    assert r.status_code == 400, r.get_json()
+    assert reason in r.get_json()["error"]
+    assert env.analyser.metrics.counts["uploads_refused_total"] == 1
+    r = c.post("/slides/1/capture", data={"csrf_token": token, "image": (io.BytesIO(data), name)},
+               content_type="multipart/form-data")
+    assert r.status_code == 400 and "text/html" in r.content_type
+
+
+def test_no_file_chosen_is_400(make_env):
+    c, token = _client(make_env())
+    _start(c, token)
+    assert _upload(c, token, b"", "").status_code == 400
+
+
+# --- degraded states: no camera, no model ------------------------------------------------------
+
+def test_without_camera_the_page_says_so_and_uploads_still_work(make_env):
+    def no_camera():
+        raise CameraError("no camera at '0': check the USB cable")
+
+    env = make_env(open_camera=no_camera)
+    c, token = _client(env)
+    deadline = time.monotonic() + 5
+    while env.feed.status()["state"] != "disconnected" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    st = c.get("/api/status").get_json()
+    assert st["camera"]["state"] == "disconnected" and "USB cable" in st["camera"]["message"] and not st["ok"]
+    _start(c, token)
+    html = c.get("/slides/1").get_data(as_text=True)
+    assert 'id="camera-banner"' in html and "Camera not connected" in html
+    assert 'id="camera-banner" role="status" hidden' not in html
+    r = _capture(c, token)
+    assert r.status_code == 503 and "camera is not connected" in r.get_json()["error"]
+    assert c.get("/preview.jpg").status_code == 503
+    assert _upload(c, token, SAMPLE.read_bytes(), "f.jpg").status_code == 201
+
+
+def test_unusable_model_shows_a_banner_and_refuses_work(make_env):
+    env = make_env(model_ok=False)
+    c, token = _client(env)
+    html = c.get("/").get_data(as_text=True)
+    assert "The model is unusable" in html and "model file missing" in html
+    st = c.get("/api/status").get_json()
+    assert st["model"]["ok"] is False and "model file missing" in st["model"]["error"]
+    r = c.post("/api/slides", json={"sample_id": "S"}, headers={"X-CSRF-Token": token})
+    assert r.status_code == 503 and "model is unusable" in r.get_json()["error"]
+    assert c.get("/healthz").status_code == 200  # the service itself is up: the admin can see why
+
+
+# --- history, CSV, report ----------------------------------------------------------------------
+
+def test_history_search_and_spreadsheet_safe_csv(make_env):
+    c, token = _client(make_env())
+    for s in ("MAL-001", "MAL-002", "=HYPERLINK(\"http://x\")"):
+        assert _start(c, token, sample_id=s).status_code == 303
+    html = c.get("/history?q=mal-00").get_data(as_text=True)
+    assert "MAL-001" in html and "MAL-002" in html and "HYPERLINK" not in html
+    assert [s["sample_id"] for s in c.get("/api/slides?q=002").get_json()["slides"]] == ["MAL-002"]
+    rows = list(csv.reader(io.StringIO(c.get("/export/slides.csv").get_data(as_text=True))))
+    assert rows[0][:2] == ["slide_id", "sample_id"] and len(rows) == 4
+    assert rows[1][1] == "'=HYPERLINK(\"http://x\")"  # no formula runs when the CSV is opened
+    r = c.get("/export/slides.csv?q=MAL")
+    assert r.headers["Content-Disposition"].startswith("attachment;") and r.get_data(as_text=True).count("MAL-") == 2
+    report = c.get("/slides/1/report").get_data(as_text=True)
+    assert "Malaria screening report" in report and "print-btn" in report and "<object" not in report
+
+
+# --- PIN, admin, health, metrics ----------------------------------------------------------------
+
+def test_technician_pin_is_asked_once_per_session(make_env):
+    env = make_env(security={"technician_pin": "4821", "login_attempts_per_minute": 3})
+    c, token = _client(env)
+    r = c.get("/history")
+    assert r.status_code == 302 and "/pin" in r.headers["Location"]
+    assert c.get("/api/slides").status_code == 401
+    assert c.get("/api/status").status_code == 200  # monitoring stays open
+    assert c.post("/pin", data={"pin": "0000", "csrf_token": token}).status_code == 401
+    r = c.post("/pin", data={"pin": "4821", "csrf_token": token, "next": "/history"})
+    assert r.status_code == 303 and r.headers["Location"] == "/history"
+    assert c.get("/history").status_code == 200 and c.get("/api/slides").status_code == 200
+    intruder, itoken = _client(env)
+    for _ in range(3):
+        assert intruder.post("/pin", data={"pin": "1111", "csrf_token": itoken}).status_code == 401
+    r = intruder.post("/pin", data={"pin": "4821", "csrf_token": itoken})
+    assert r.status_code == 429 and int(r.headers["Retry-After"]) > 0
+
+
+def test_admin_first_run_setup_login_and_rate_limit(make_env):
+    env = make_env(security={"login_attempts_per_minute": 2})
+    c, token = _client(env)
+    assert c.get("/admin/").headers["Location"].endswith("/admin/setup")
+    r = c.post("/admin/setup", data={"password": "short", "password2": "short", "csrf_token": token})
+    assert r.status_code == 400 and "8 characters" in r.get_data(as_text=True)
+    r = c.post("/admin/setup", data={"password": "microscope-42", "password2": "microscope-42", "csrf_token": token})
+    assert r.status_code == 303
+    hash_file = env.store.data_dir / "admin_password_hash"
+    assert stat.S_IMODE(hash_file.stat().st_mode) == 0o600 and "microscope" not in hash_file.read_text()
+    assert "Device" in c.get("/admin/").get_data(as_text=True)
+    assert c.get("/admin/setup").status_code == 302  # only once
+    other, otoken = _client(env)
+    assert other.get("/admin/").headers["Location"].startswith("/admin/login")
+    for _ in range(2):
+        assert other.post("/admin/login", data={"password": "guess", "csrf_token": otoken}).status_code == 401
+    assert other.post("/admin/login", data={"password": "microscope-42", "csrf_token": otoken}).status_code == 429
+    fresh, ftoken = _client(env)
+    fresh.environ_base["REMOTE_ADDR"] = "10.0.0.7"  # another computer is not locked out
+    r = fresh.post("/admin/login", data={"password": "microscope-42", "csrf_token": ftoken, "next": "/admin/"})
+    assert r.status_code == 303 and fresh.get("/admin/").status_code == 200
+
+
+def test_admin_password_hash_from_config(make_env):
+    from werkzeug.security import generate_password_hash
+
+    env = make_env(security={"admin_password_hash": generate_password_hash("from-the-config")})
+    c, token = _client(env)
+    assert c.get("/admin/setup").headers["Location"].endswith("/admin/login")
+    assert c.post("/admin/login", data={"password": "from-the-config", "csrf_token": token}).status_code == 303
+
+
+def test_healthz_and_metrics(make_env):
+    env = make_env()
+    c, token = _client(env)
+    assert c.get("/healthz").get_json()["status"] == "ok"
+    _start(c, token)
+    _upload(c, token, SAMPLE.read_bytes(), "f.jpg")
+    text = c.get("/metrics").get_data(as_text=True)
+    assert "malaria_fields_analysed_total 1" in text
+    assert 'malaria_analysis_latency_seconds_bucket{le="+Inf"} 1' in text
+    assert "malaria_camera_connected" in text and "malaria_model_ok 1" in text
+    cells = int(next(line.split()[1] for line in text.splitlines() if line.startswith("malaria_cells_total")))
+    assert cells > 10
+
+
+def test_preview_is_a_jpeg_of_the_live_frame(make_env):
+    env = make_env()
+    c, _ = _client(env)
+    _wait_frame(env)
+    r = c.get("/preview.jpg")
+    assert r.status_code == 200 and r.headers["Cache-Control"] == "no-store"
+    img = cv2.imdecode(np.frombuffer(r.data, np.uint8), cv2.IMREAD_COLOR)
+    assert img is not None and img.shape[1] == 960
+
+
+def test_low_disk_refuses_captures_with_507_and_a_banner(make_env):
+    env = make_env(service={"min_free_disk_mb": 10**9})  # more than any disk has
+    c, token = _client(env)
+    _start(c, token)
+    html = c.get("/slides/1").get_data(as_text=True)
+    assert 'id="disk-banner" role="alert" hidden' not in html and "disk is nearly full" in html
+    r = _upload(c, token, SAMPLE.read_bytes(), "f.jpg")
+    assert r.status_code == 507 and "disk is nearly full" in r.get_json()["error"]
+    assert c.get("/api/status").get_json()["disk"]["low"] is True
