@@ -175,7 +175,8 @@ def cmd_evaluate_fields(args) -> int:
             return clf.predict(prepare_batch(crops, clf.input_size_px))
 
     report = evaluate_fields(args.dir, classify=classify, threshold=threshold,
-                             progress=lambda i, n, name: _progress(i, n, name))
+                             progress=lambda i, n, name: _progress(i, n, name),
+                             partial_labels=args.partial_labels, ignore_border_gt=not args.count_border_cells)
     print(format_report(report))
     _write_json(args.json, report)
     return 0
@@ -249,6 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", help="folder with images/ and annotations.json")
     p.add_argument("--json", help="write the report here")
     p.add_argument("--no-classifier", action="store_true", help="segmentation only")
+    p.add_argument("--partial-labels", dest="partial_labels", action="store_true", default=None,
+                   help="not every red cell is boxed: precision judges only detections inside boxes "
+                        "(default: assumed for folders named like iml)")
+    p.add_argument("--full-labels", dest="partial_labels", action="store_false", help="every red cell is boxed")
+    p.add_argument("--count-border-cells", action="store_true",
+                   help="score boxes touching the image border too (the segmenter drops cut cells)")
     model_args(p)
     p.set_defaults(func=cmd_evaluate_fields)
 

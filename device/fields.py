@@ -9,10 +9,14 @@ A field folder holds ``images/`` and ``annotations.json``: one record per image,
   true nor a false positive, and it is not counted.
 - Matching is greedy by IoU (highest first, one-to-one) at ``iou`` (0.5), first against cell boxes,
   then the left-over detections against ignore boxes.
-- **Partial labels** (``iml_vivax``: many cells have no box): a detection that touches no box at all
-  cannot be judged, so precision there counts only detections overlapping some box, and count errors
-  are not meaningful (reported, marked ``n/a``). Detected automatically from the folder name, or set
-  ``partial_labels``.
+- **Partial labels** (``iml_vivax``: many cells have no box): a detection centred in no box cannot be
+  judged, so precision there counts only detections centred in some box,
+  and count errors are not meaningful (reported as ``n/a``). Taken as partial when a folder on the path
+  is named like IML (``iml_vivax``, ``runs/iml_cells/val_fields``), or set ``partial_labels``; a
+  "fully" labelled set where many detections overlap no box gets a warning in the report.
+- **Classification** (optional ``classify``): recall of parasite-bearing cells (parasite boxes matched
+  by a detection flagged infected) and false positives per 1,000 cells (detections matched to plain
+  red-cell boxes, flagged infected; on partial sets only boxed cells are judged).
 - **Border cells**: :func:`device.segment.segment_cells` drops cells cut by the image border by design.
   With ``ignore_border_gt`` (default) a ground-truth box touching the border is an ignore region; BBBC041
   does not box such cells anyway, IML does.
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -38,9 +43,11 @@ logger = logging.getLogger(__name__)
 RBC_CATEGORY = "red blood cell"
 PARASITE_CATEGORIES = frozenset({"ring", "trophozoite", "schizont", "gametocyte"})
 IGNORE_CATEGORIES = frozenset({"leukocyte", "difficult"})
-PARTIAL_LABEL_DATASETS = frozenset({"iml_vivax"})
-# A detection overlapping a box by at least this IoU is "about a boxed cell" (partial-label precision).
-JUDGED_MIN_IOU = 0.1
+# IML-Malaria boxes only some red cells. Any folder on the path named like it (iml_vivax, runs/iml_cells/
+# val_fields from train.fieldcrops, ...) is taken as partially labelled unless told otherwise.
+PARTIAL_LABEL_PATTERN = re.compile(r"(^|[^a-z])iml([^a-z]|$)")
+# A fully labelled set where more detections than this lie in no box at all is flagged in the report.
+SUSPECT_UNJUDGED_FRAC = 0.2
 # A box whose edge is this close to the image edge belongs to a cell cut by the border.
 BORDER_MARGIN_PX = 2
 
@@ -81,6 +88,11 @@ def greedy_match(iou_matrix: np.ndarray, min_iou: float) -> list[tuple[int, int]
     return out
 
 
+def is_partially_labelled(field_dir: str | Path) -> bool:
+    """Whether a field folder is known to box only some cells (IML-Malaria and sets cut from it)."""
+    return any(PARTIAL_LABEL_PATTERN.search(part.lower()) for part in Path(field_dir).resolve().parts)
+
+
 def _touches_border(box: Sequence[float], width: int, height: int) -> bool:
     x, y, w, h = box
     m = BORDER_MARGIN_PX
@@ -99,7 +111,7 @@ def match_image(
 
     Returns a dict with ``gt_boxes``, ``gt_parasite`` (bool per GT cell), ``det_to_gt`` (index of the
     matched GT cell or -1 per detection), ``det_ignored`` (bool per detection: matched an ignore box),
-    ``det_judged`` (bool: overlaps some box at ``JUDGED_MIN_IOU``), and ``n_unknown_categories``.
+    ``det_judged`` (bool: its centre lies in some box), and ``n_unknown_categories``.
     """
     gt, parasite, ignore = [], [], []
     unknown = 0
@@ -129,9 +141,15 @@ def match_image(
         m_ig = box_iou(det[free], ig_arr)
         # Several detections may fall on one ignore region (a white cell split in pieces): all ignored.
         det_ignored[free[(m_ig >= iou).any(axis=1)]] = True
+    # "About a boxed cell": the detection's centre lies in some box. An unboxed neighbour of a boxed
+    # cell overlaps the (loose) box but is centred outside it; half of an over-split cell is inside.
     all_boxes = np.concatenate([gt_arr, ig_arr]) if len(ig_arr) else gt_arr
-    overlap = box_iou(det, all_boxes)
-    det_judged = (overlap >= JUDGED_MIN_IOU).any(axis=1) if overlap.size else np.zeros(len(det), dtype=bool)
+    cx, cy = det[:, 0:1] + det[:, 2:3] / 2, det[:, 1:2] + det[:, 3:4] / 2
+    inside = (
+        (cx >= all_boxes[:, 0]) & (cx <= all_boxes[:, 0] + all_boxes[:, 2])
+        & (cy >= all_boxes[:, 1]) & (cy <= all_boxes[:, 1] + all_boxes[:, 3])
+    )
+    det_judged = inside.any(axis=1) if inside.size else np.zeros(len(det), dtype=bool)
     return {
         "gt_boxes": gt_arr,
         "gt_parasite": np.asarray(parasite, dtype=bool),
@@ -182,7 +200,7 @@ def evaluate_fields(
     root = Path(field_dir)
     params = params or SegmentParams()
     dataset = root.resolve().name
-    partial = dataset in PARTIAL_LABEL_DATASETS if partial_labels is None else bool(partial_labels)
+    partial = is_partially_labelled(root) if partial_labels is None else bool(partial_labels)
     records = json.loads((root / "annotations.json").read_text())
     rows: list[dict[str, Any]] = []
     errors: list[dict[str, str]] = []
@@ -220,6 +238,7 @@ def evaluate_fields(
             "n_gt": n_gt,
             "n_detected": n_det,
             "n_judged": int(judged.sum()),
+            "n_in_a_box": int((counted & m["det_judged"]).sum()),
             "tp": tp,
             "fp": fp,
             "fn": n_gt - tp,
@@ -320,6 +339,7 @@ def _totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "n_gt": n_gt,
         "n_detected": n_det,
         "n_judged": sum(row["n_judged"] for row in rows),
+        "n_in_a_box": sum(row["n_in_a_box"] for row in rows),
         "tp": tp,
         "fp": fp,
         "fn": n_gt - tp,
@@ -357,8 +377,8 @@ def format_report(report: dict[str, Any]) -> str:
     ]
     if partial:
         lines.append(
-            "PARTIAL LABELS: not every cell is boxed. Precision counts only detections overlapping a box "
-            f"(IoU >= {JUDGED_MIN_IOU}); 'judged' below. Count errors compare with boxed cells only: n/a."
+            "PARTIAL LABELS: not every cell is boxed. Precision counts only detections centred in some box "
+            "('judged' below); count errors would compare with boxed cells only: n/a."
         )
     head = f"{'image':<42} {'GT':>5} {'det':>5} {'judged':>6} {'TP':>5} {'FP':>4} {'FN':>4} " \
            f"{'P':>6} {'R':>6} {'F1':>6} {'count err':>9} {'err %':>7} {'ms':>6}"
@@ -380,6 +400,12 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append(row_line(f"TOTAL ({t['n_images']} images)", t, None))
     if not partial:
         lines.append(f"mean |count error| per image: {_fmt(t['mean_abs_count_error_pct'], '.1f')}%")
+        far = 1.0 - _ratio(t["n_in_a_box"], t["n_detected"])
+        if far > SUSPECT_UNJUDGED_FRAC:
+            lines.append(
+                f"WARNING: {far:.0%} of detections lie in no box at all: if this set boxes only some "
+                "cells, evaluate it with partial_labels=True (precision is meaningless otherwise)."
+            )
     if report["timing_ms"]:
         tm = report["timing_ms"]
         stages = ", ".join(f"{k} {v:.1f}" for k, v in tm.items() if k != "total")
@@ -388,7 +414,7 @@ def format_report(report: dict[str, Any]) -> str:
     if c:
         lines += [
             "",
-            f"Classification at p_infected >= {report['threshold']}:",
+            f"Classification at p_infected >= {report['threshold']:.3f}:",
             f"  parasite-bearing cells: {c['n_parasite_gt']} boxed, {c['n_parasite_detected']} segmented "
             f"({_fmt(c['parasite_segmented_frac'], '.3f')}), {c['n_parasite_flagged']} flagged -> "
             f"recall {_fmt(c['parasite_recall'], '.3f')}",

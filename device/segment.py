@@ -1,27 +1,32 @@
 """Classical red-cell segmentation of a brightfield thin-smear field (OpenCV + numpy only).
 
-The pipeline, all at a reduced working resolution where a red cell is about 30 px across:
+All the work happens at a reduced resolution where a red cell is ``target_cell_diameter_px`` across;
+boxes and masks are mapped back to full-resolution pixels at the end.
 
-1. **Scale.** A quick pass on a small copy of the field finds dark blobs and reads the typical cell
-   radius off the peaks of their distance transform; the field is then resized so that a cell is
-   ``target_cell_diameter_px`` across. Every size below is a fraction of that estimated cell size, so
-   the same parameters work for other cameras and objectives.
-2. **Foreground.** The background (illumination) is estimated per channel by a large grey-level
-   closing of a small copy of the field, and each pixel's darkening ``1 - I/background`` is summed over
-   R, G and B. That makes pink (Giemsa) and blue (BBBC041) stains, and vignetted fields, look the same:
-   cells are dark on a flat zero. Otsu on that score (scaled down to catch pale, enlarged infected cells),
-   a small closing to shut open outlines, and filling of cell-sized holes (central pallor, vacuoles).
-3. **Split.** Touching and overlapping cells are split by a marker-controlled watershed on the distance
-   transform of the foreground (markers: distance peaks at least ``marker_min_separation`` apart), in
-   the spirit of NLM's Malaria Screener (green channel, Otsu, LoG markers, watershed). Every pixel
-   outside the foreground is one background marker, so the flood cannot leak out of the cells.
-4. **Filter.** Dropped: pieces smaller than a platelet-sized fraction of a cell (platelets, debris,
-   text), thin or elongated pieces (scale bars, fibres), pieces far larger than a cell (unsplit clumps),
-   pieces touching the image border (cut cells cannot be judged), and pieces holding a large solid
-   dark-purple nucleus (white cells).
+1. **Scale.** Red cells are discs. On a small copy of the field every strong edge votes for a centre at
+   distance R along its gradient (a radial-symmetry transform); at the true radius the votes pile up
+   into sharp peaks. The radius with the most concentrated votes is the cell radius, whether the cells
+   lie apart or in dense overlapping fields (a blob-size or distance-transform estimate fails there).
+   The field is resized so that a cell has the target size, and every size below is a fraction of it,
+   so no pixel constant depends on the camera or objective.
+2. **Foreground.** Illumination is a grey-level closing wider than a cell (it reaches the plasma between
+   cells), per channel; each pixel's darkening ``1 - I/background`` is summed over R, G and B, so pink
+   (Giemsa) and blue (BBBC041) stains and vignetted fields all become dark cells on a flat zero. A
+   threshold a little under Otsu's on that score, then filling of holes up to a fraction of a cell
+   (central pallor, vacuoles).
+3. **Split.** One marker per cell: peaks of the radial votes at the working scale (weighted by edge
+   strength) plus a little of the distance transform (which favours the centres of big round cells).
+   Votes find the cells of tight clusters and overlapping pairs, where distance-transform peaks alone
+   merge them -- the role of the LoG markers in NLM's Malaria Screener (green channel, Otsu, LoG
+   markers, watershed). Each foreground pixel goes to its nearest marker (a Voronoi split inside the
+   foreground; for two overlapping discs of equal size the cut runs through both crossing points of
+   their outlines). Neighbouring pieces that share a long border and together are no bigger than a
+   cell are merged again (one cell cut by two markers).
+4. **Filter.** Dropped: pieces much smaller than a cell (platelets, debris, text), elongated pieces
+   (scale bars, fibres), pieces far larger than a cell (unsplit clumps), pieces cut by the image border,
+   and pieces holding part of a large, solid, dark-purple nucleus (white cells).
 
-Boxes and masks are mapped back to full-resolution pixels. :func:`segment_cells` is a pure function;
-nothing happens at import time.
+:func:`segment_cells` is a pure function; nothing happens at import time.
 """
 
 from __future__ import annotations
@@ -41,48 +46,65 @@ logger = logging.getLogger(__name__)
 class SegmentParams:
     """Tunables of :func:`segment_cells`. Sizes are fractions of the estimated cell diameter or area."""
 
-    # Working resolution: ~30 px per cell keeps outlines and the gaps between touching cells while the
-    # field shrinks ~10x in pixels compared with a 1280x960 frame at 100x.
-    target_cell_diameter_px: float = 30.0
+    # Working resolution: a cell ~24 px across keeps the outlines and the seams between touching cells
+    # (22-38 px measured the same F1), and a 1280x960 frame at 100x oil shrinks ~10x in pixels.
+    target_cell_diameter_px: float = 24.0
     # Full-resolution cell diameter when the optics are fixed and known; None estimates it per field.
     cell_diameter_hint_px: float | None = None
-    # Long side of the quick copy used to estimate the cell size (cells stay >= ~10 px across on it).
-    probe_long_side_px: int = 480
-    # Fallback when the probe finds too few blobs to estimate a size: a fraction of the long side.
-    fallback_cell_diameter_frac_of_long_side: float = 0.06
-    # Background closing window: wider than a cell so it always reaches the bright plasma between cells.
+    # Long side of the small copy on which the cell size is estimated (cells stay >= ~10 px there).
+    probe_long_side_px: int = 320
+    # Range searched for the cell diameter, as fractions of the field's long side (40x ... 200x).
+    min_diameter_frac_of_long_side: float = 0.02
+    max_diameter_frac_of_long_side: float = 0.2
+    # Radii tried in that range (geometric steps, ~22% apart; the peak is refined by a parabola).
+    scale_search_steps: int = 12
+    # Background closing window: wider than a cell so it always reaches the plasma between cells.
     background_window_frac_of_diameter: float = 2.5
-    # Otsu separates cells from plasma; scaling it down keeps pale (often infected) cells whole.
-    threshold_frac_of_otsu: float = 0.7
-    # A field whose cells darken the light by less than this (summed over R, G, B) is treated as blank.
-    min_darkening_sum: float = 0.12
-    # Closing that shuts pale cells' open outlines before hole filling.
-    close_frac_of_diameter: float = 0.15
+    # Foreground threshold as a multiple of Otsu's: in-focus cells darken >= 1.3x Otsu (BBBC041, IML);
+    # a little below 1 keeps more of pale infected cells while plasma and most ghost cells stay out.
+    threshold_frac_of_otsu: float = 0.9
+    # A field whose objects darken the light by less than this (summed over R, G, B) is blank.
+    min_darkening_sum: float = 0.15
     # Holes up to this size are filled (central pallor, vacuoles); larger ones are plasma between cells.
     max_hole_area_frac_of_typical: float = 0.6
-    # Watershed markers: distance-transform peaks at least this far apart...
-    marker_min_separation_frac_of_diameter: float = 0.45
-    # ...and at least this deep (a cell's distance peak is ~0.5 diameter; thin debris stays below).
-    marker_min_depth_frac_of_diameter: float = 0.18
+    # Edges vote for a centre at these fractions of the cell radius (crenated ... enlarged cells).
+    vote_radius_fracs: tuple[float, ...] = (0.7, 0.85, 1.0, 1.15)
+    # Edges weaker than this fraction of the field's strong edges (99th percentile) do not vote.
+    vote_min_edge_frac: float = 0.3
+    # Weight of the distance transform (in cell radii) against the normalised votes in the marker map.
+    marker_distance_weight: float = 0.5
+    # Markers: a peak within this distance of a stronger peak is the same cell (overlapping cells'
+    # centres lie >= ~0.5 diameter apart)...
+    marker_min_separation_frac_of_diameter: float = 0.35
+    # ...and a peak must reach this fraction of the field's strong peaks (99th percentile in cells).
+    marker_min_strength_frac: float = 0.25
+    # Neighbouring pieces are merged when their union is at most this big (0 disables merging)...
+    merge_max_area_frac_of_typical: float = 1.6
+    # ...and their shared border is at least this fraction of the smaller piece's width (two halves of
+    # one cell share a border as long as the cell is wide; two cells meet at a neck or a short chord).
+    merge_min_border_frac_of_width: float = 1.0
     # Platelets and debris are far smaller than a red cell.
     min_area_frac_of_typical: float = 0.3
-    # Enlarged infected P. vivax cells reach ~2x the area; beyond this it is a clump or a white cell.
+    # Enlarged infected P. vivax cells reach ~2-3x the area; beyond this it is a clump or a white cell.
     max_area_frac_of_typical: float = 3.5
     # Scale bars and fibres: a box this elongated is not a red cell.
     max_aspect_ratio: float = 2.5
-    # A piece touching a border closer than this is cut by the field edge and dropped.
-    border_margin_frac_of_diameter: float = 0.02
+    # Cells cut by the image border cannot be judged (shape, content) and are dropped...
     drop_border_cells: bool = True
-    # White-cell nucleus: pixels far more purple (green darkened more than red) than the red cells...
-    nucleus_purple_excess: float = 0.3
-    # ...and dark in green...
-    nucleus_min_green_darkening: float = 0.7
+    # ...when they touch it along more than this (a cell grazing the edge is whole).
+    max_border_contact_frac_of_diameter: float = 0.2
+    # White-cell nucleus: pixels passing far less green light than the field's red cells do (chromatin
+    # is the darkest thing in a Giemsa field; relative, because some smears stain red cells deep
+    # magenta)...
+    nucleus_max_green_transmission_frac_of_cells: float = 0.35
+    # ...and purple, not black or blue: red transmission exceeds green by this much (0-255; text, scale
+    # bars and BBBC041's dark blue cells pass red and green alike)...
+    nucleus_min_purple_excess: int = 20
     # ...forming solid blobs that survive an opening this wide (parasite dots do not)...
     nucleus_open_frac_of_diameter: float = 0.2
-    # ...covering at least this much of a typical cell: then the piece is (part of) a white cell.
-    nucleus_min_area_frac_of_typical: float = 0.3
-    seam_width_frac_of_diameter: float = 0.2
-    seam_depth_frac: float = 0.15
+    # ...adding up (lobes within 0.3 cell of each other) to at least this much of a typical cell: a white
+    # cell, and every piece holding part of it is dropped. A schizont's chromatin reached 0.46 on IML.
+    nucleus_min_area_frac_of_typical: float = 0.55
 
 
 @dataclass(frozen=True)
@@ -99,7 +121,9 @@ class Segmentation:
     """Result of :func:`segment_cells`."""
 
     cells: list[Cell]
-    cell_diameter_px: float  # typical red-cell diameter in full-field pixels; 0.0 when no cells were found
+    # Typical red-cell (outline) diameter in full-field pixels that the sizes were scaled to: the hint,
+    # or the per-field estimate. 0.0 for a blank field.
+    cell_diameter_px: float
     foreground_frac: float  # fraction of the field covered by the kept cells' masks
     timing_ms: dict[str, float] = field(default_factory=dict)
 
@@ -111,205 +135,12 @@ class _Timer:
 
     def lap(self, name: str) -> None:
         now = time.perf_counter()
-        self.ms[name] = self.ms.get(name, 0.0) + (now - self._last) * 1000.0
+        self.ms[name] = (now - self._last) * 1000.0
         self._last = now
 
     def total(self) -> dict[str, float]:
         self.ms["total"] = (time.perf_counter() - self._t0) * 1000.0
         return self.ms
-
-
-def _odd(n: float) -> int:
-    k = max(1, int(round(n)))
-    return k if k % 2 else k + 1
-
-
-def _ellipse(diameter: float) -> np.ndarray:
-    k = _odd(diameter)
-    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
-
-
-def _resize(image: np.ndarray, scale: float) -> np.ndarray:
-    if abs(scale - 1.0) < 1e-6:
-        return image
-    h, w = image.shape[:2]
-    size = (max(1, int(round(w * scale))), max(1, int(round(h * scale))))
-    interp = cv2.INTER_AREA if scale < 1.0 else cv2.INTER_LINEAR
-    return cv2.resize(image, size, interpolation=interp)
-
-
-def _background(image: np.ndarray, window_px: float) -> np.ndarray:
-    """Per-channel illumination: a grey-level closing wider than a cell, done on a 4x smaller copy."""
-    h, w = image.shape[:2]
-    f = 4.0
-    small = cv2.resize(image, (max(1, int(w / f)), max(1, int(h / f))), interpolation=cv2.INTER_AREA)
-    k = _ellipse(max(3.0, window_px / f))
-    bright = cv2.dilate(small, k)
-    bright = cv2.blur(bright, (k.shape[1], k.shape[0]))
-    return cv2.resize(bright, (w, h), interpolation=cv2.INTER_LINEAR)
-
-
-def _darkening(image: np.ndarray, background: np.ndarray) -> np.ndarray:
-    """Per-channel ``1 - I / background`` in [0, 1], float32, HxWx3."""
-    img = image.astype(np.float32)
-    bg = np.maximum(background.astype(np.float32), 1.0)
-    d = 1.0 - img / bg
-    np.clip(d, 0.0, 1.0, out=d)
-    return d
-
-
-# Darkening sums live in [0, 3]; this maps them to uint8 for Otsu with ~0.01 resolution.
-_SCORE_TO_U8 = 255.0 / 2.0
-
-
-def _foreground(score_u8: np.ndarray, params: SegmentParams, diameter_px: float) -> tuple[np.ndarray, float]:
-    """Binary foreground (uint8 0/255) and the threshold used (darkening-sum units)."""
-    otsu, _ = cv2.threshold(score_u8, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-    thr = max(otsu * params.threshold_frac_of_otsu, params.min_darkening_sum * _SCORE_TO_U8)
-    fg = (score_u8 > thr).astype(np.uint8) * 255
-    fg = cv2.morphologyEx(fg, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
-    fg = cv2.morphologyEx(fg, cv2.MORPH_CLOSE, _ellipse(params.close_frac_of_diameter * diameter_px))
-    typical_area = math.pi * diameter_px**2 / 4.0
-    fg = _fill_holes(fg, params.max_hole_area_frac_of_typical * typical_area)
-    return fg, thr / _SCORE_TO_U8
-
-
-def _fill_holes(fg: np.ndarray, max_area_px: float) -> np.ndarray:
-    """Fill background pockets enclosed by foreground and smaller than ``max_area_px``."""
-    n, lab, stats, _ = cv2.connectedComponentsWithStats(cv2.bitwise_not(fg), connectivity=4)
-    if n <= 1:
-        return fg
-    h, w = fg.shape
-    x, y, bw, bh, area = (stats[:, i] for i in range(5))
-    touches = (x == 0) | (y == 0) | (x + bw >= w) | (y + bh >= h)
-    fill = (~touches) & (area <= max_area_px)
-    fill[0] = False  # label 0 is the foreground itself
-    if not fill.any():
-        return fg
-    out = fg.copy()
-    out[fill[lab]] = 255
-    return out
-
-
-def _estimate_diameter(fg: np.ndarray) -> float | None:
-    """Typical cell diameter (px of ``fg``) from the distance-transform peaks of a foreground mask."""
-    dt = cv2.distanceTransform(fg, cv2.DIST_L2, 3)
-    peaks = (dt >= cv2.dilate(dt, np.ones((5, 5), np.uint8))) & (dt >= 2.0)
-    vals = dt[peaks]
-    if vals.size < 5:
-        return None
-    # Plateaus and debris give many small peaks; the cells are the upper, dense part of the spread.
-    hi = np.percentile(vals, 90)
-    vals = vals[vals >= 0.5 * hi]
-    return float(2.0 * np.median(vals))
-
-
-def _markers(dt: np.ndarray, params: SegmentParams, diameter_px: float) -> tuple[np.ndarray, int]:
-    sep = params.marker_min_separation_frac_of_diameter * diameter_px
-    depth = params.marker_min_depth_frac_of_diameter * diameter_px
-    smooth = cv2.GaussianBlur(dt, (0, 0), max(0.5, 0.05 * diameter_px))
-    peaks = (smooth >= cv2.dilate(smooth, _ellipse(sep)) - 1e-3) & (dt >= depth)
-    n, markers = cv2.connectedComponents(peaks.astype(np.uint8), connectivity=8)
-    return markers, n - 1
-
-
-def _seams(score_u8: np.ndarray, diameter_px: float, params: SegmentParams) -> np.ndarray:
-    """Thin light lines inside dark regions: where two touching cells meet."""
-    k = _ellipse(params.seam_width_frac_of_diameter * diameter_px)
-    closed = cv2.morphologyEx(score_u8, cv2.MORPH_CLOSE, k)
-    valley = cv2.subtract(closed, score_u8)
-    return valley > params.seam_depth_frac * np.float32(closed)
-
-
-_ORACLE = []
-_DEBUG = {}
-
-
-def _radial_votes(score_u8, diameter_px):
-    import os
-    sm = cv2.GaussianBlur(score_u8, (0, 0), max(1.0, 0.06 * diameter_px)).astype(np.float32)
-    gx = cv2.Sobel(sm, cv2.CV_32F, 1, 0, ksize=3)
-    gy = cv2.Sobel(sm, cv2.CV_32F, 0, 1, ksize=3)
-    mag = cv2.magnitude(gx, gy)
-    mthr = float(os.environ.get("GT", "0.3")) * np.percentile(mag, 99)
-    ys, xs = np.nonzero(mag > mthr)
-    m = mag[ys, xs]
-    ux, uy = gx[ys, xs] / m, gy[ys, xs] / m
-    h, w = score_u8.shape
-    acc = np.zeros(h * w, np.float32)
-    r0 = 0.5 * diameter_px
-    for f in (0.7, 0.85, 1.0, 1.15):
-        cx = np.rint(xs + f * r0 * ux).astype(np.int32)
-        cy = np.rint(ys + f * r0 * uy).astype(np.int32)
-        ok = (cx >= 0) & (cx < w) & (cy >= 0) & (cy < h)
-        acc += np.bincount(cy[ok] * w + cx[ok], minlength=h * w).astype(np.float32)
-    acc = acc.reshape(h, w)
-    return cv2.GaussianBlur(acc, (0, 0), max(1.0, float(os.environ.get("AS", "0.08")) * diameter_px))
-
-
-def _split(fg, score_u8, work, params, diameter_px):
-    import os
-    mode = os.environ.get("MARK", "dt")
-    base = fg
-    if "seam" in mode:
-        seams = _seams(score_u8, diameter_px, params)
-        base = fg.copy()
-        base[seams] = 0
-    dt = cv2.distanceTransform(base, cv2.DIST_L2, 5)
-    if mode.startswith("log"):
-        sig = float(os.environ.get("SIG", "0.25")) * diameter_px
-        sm = cv2.GaussianBlur(score_u8.astype(np.float32), (0, 0), sig)
-        if mode == "logdt":
-            sm = sm / (sm.max() + 1e-6) + float(os.environ.get("W", "1")) * dt / (0.5 * diameter_px)
-        sep = params.marker_min_separation_frac_of_diameter * diameter_px
-        peaks = (sm >= cv2.dilate(sm, _ellipse(sep)) - 1e-4) & (dt >= params.marker_min_depth_frac_of_diameter * diameter_px)
-        n, markers = cv2.connectedComponents(peaks.astype(np.uint8), connectivity=8)
-    elif mode.startswith("frst"):
-        acc = _radial_votes(score_u8, diameter_px)
-        sep = params.marker_min_separation_frac_of_diameter * diameter_px
-        if mode == "frstdt":
-            acc = acc / (np.percentile(acc[fg > 0], 99) + 1e-6) + float(os.environ.get("W", "0.5")) * dt / (0.5 * diameter_px)
-        thr = float(os.environ.get("AT", "0.25")) * np.percentile(acc[fg > 0], 99)
-        peaks = (acc >= cv2.dilate(acc, _ellipse(sep)) - 1e-6) & (acc > thr) & (fg > 0)
-        n, markers = cv2.connectedComponents(peaks.astype(np.uint8), connectivity=8)
-        n -= 1
-        _DEBUG["acc"] = acc
-        _DEBUG["markers"] = markers
-    elif mode == "oracle":
-        markers = np.zeros(fg.shape, np.int32)
-        for i, (cx, cy) in enumerate(_ORACLE):
-            X, Y = int(cx), int(cy)
-            if 0 <= X < fg.shape[1] and 0 <= Y < fg.shape[0]:
-                cv2.circle(markers, (X, Y), 2, i + 1, -1)
-        n = len(_ORACLE)
-    else:
-        markers, n = _markers(dt, params, diameter_px)
-    how = os.environ.get("SPLIT", "vor")
-    if how == "vor":
-        src = np.where(markers > 0, 0, 255).astype(np.uint8)
-        _, vl = cv2.distanceTransformWithLabels(src, cv2.DIST_L2, 5, labelType=cv2.DIST_LABEL_CCOMP)
-        lab = vl.astype(np.int32) + 1
-        lab[fg == 0] = 0
-        edge = np.zeros(fg.shape, bool)
-        edge[:, 1:] |= lab[:, 1:] != lab[:, :-1]
-        edge[1:, :] |= lab[1:, :] != lab[:-1, :]
-        lab[edge] = 0
-        return lab
-    lab = np.where(markers > 0, markers + 1, 0).astype(np.int32)
-    lab[fg == 0] = 1
-    img = np.ascontiguousarray(work) if how == "ws" else cv2.merge([score_u8] * 3)
-    cv2.watershed(img, lab)
-    lab[lab == 1] = 0
-    lab[lab < 0] = 0
-    return lab
-
-
-def _nucleus_mask(dark: np.ndarray, params: SegmentParams, diameter_px: float) -> np.ndarray:
-    """Solid dark-purple blobs (white-cell nuclei): green darkened far more than red, and dark."""
-    d_r, d_g = dark[:, :, 0], dark[:, :, 1]
-    purple = ((d_g - d_r) > params.nucleus_purple_excess) & (d_g > params.nucleus_min_green_darkening)
-    m = purple.astype(np.uint8)
-    return cv2.morphologyEx(m, cv2.MORPH_OPEN, _ellipse(params.nucleus_open_frac_of_diameter * diameter_px))
 
 
 def segment_cells(image_rgb: np.ndarray, params: SegmentParams = SegmentParams()) -> Segmentation:  # noqa: B008
@@ -322,143 +153,410 @@ def segment_cells(image_rgb: np.ndarray, params: SegmentParams = SegmentParams()
     Returns:
         A :class:`Segmentation`: one :class:`Cell` per red cell (box, box-sized mask, area) in
         full-field pixels, the typical cell diameter, the fraction of the field covered by cells, and
-        per-stage timings in milliseconds.
+        per-stage timings in milliseconds (``scale``, ``resize``, ``foreground``, ``split``, ``filter``,
+        ``map_back``, ``total``).
+
+    Raises:
+        ValueError: when the image is not HxWx3 uint8.
     """
     if image_rgb.ndim != 3 or image_rgb.shape[2] != 3 or image_rgb.dtype != np.uint8:
         raise ValueError(f"expected an HxWx3 uint8 RGB image, got {image_rgb.shape} {image_rgb.dtype}")
     timer = _Timer()
     full_h, full_w = image_rgb.shape[:2]
-    long_side = max(full_h, full_w)
 
     # 1. Scale.
     if params.cell_diameter_hint_px:
-        diameter_full = float(params.cell_diameter_hint_px)
+        diameter_full: float | None = float(params.cell_diameter_hint_px)
     else:
-        diameter_full = _probe_diameter(image_rgb, params)
-    scale = min(1.0, params.target_cell_diameter_px / diameter_full)
+        diameter_full = _estimate_diameter(image_rgb, params)
     timer.lap("scale")
-
-    work = _resize(image_rgb, scale)
-    d_work = diameter_full * scale
+    if diameter_full is None:
+        logger.debug("segment: blank field (no contrast)")
+        return Segmentation(cells=[], cell_diameter_px=0.0, foreground_frac=0.0, timing_ms=timer.total())
+    work = _shrink(image_rgb, min(1.0, params.target_cell_diameter_px / diameter_full))
+    sx, sy = work.shape[1] / full_w, work.shape[0] / full_h
+    d_work = diameter_full * 0.5 * (sx + sy)
+    nominal_area = math.pi * d_work**2 / 4.0
     timer.lap("resize")
 
     # 2. Foreground.
-    bg = _background(work, params.background_window_frac_of_diameter * d_work)
-    dark = _darkening(work, bg)
-    score = cv2.convertScaleAbs(dark.sum(axis=2), alpha=_SCORE_TO_U8)
-    fg, thr = _foreground(score, params, d_work)
+    transmission, score = _darkening(work, params.background_window_frac_of_diameter * d_work)
+    otsu, _ = cv2.threshold(score, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    thr = max(otsu * params.threshold_frac_of_otsu, params.min_darkening_sum * _SCORE_SCALE)
+    fg = (score > thr).astype(np.uint8) * 255
+    fg = cv2.morphologyEx(fg, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
+    fg = _fill_holes(fg, params.max_hole_area_frac_of_typical * nominal_area)
     timer.lap("foreground")
 
     # 3. Split.
-    lab = _split(fg, score, work, params, d_work)
+    dt = cv2.distanceTransform(fg, cv2.DIST_L2, 5)
+    markers = _markers(score, fg, dt, params, d_work)
+    pieces = _split(fg, markers, params, d_work)
     timer.lap("split")
 
     # 4. Filter.
-    keep, cc, stats, typical_area = _filter(lab, dark, params, d_work)
+    keep, labels, stats, typical_area = _filter(pieces, transmission, fg, params, d_work)
     timer.lap("filter")
 
-    cells = _map_back(cc, fg, stats, keep, scale, (full_h, full_w))
-    covered = sum(c.area_px for c in cells)
-    diameter_out = 2.0 * math.sqrt(typical_area / math.pi) / scale if cells else 0.0
+    cells = _map_back(labels, fg, stats, keep, (sx, sy), (full_h, full_w))
     timer.lap("map_back")
+    covered = sum(c.area_px for c in cells)
     logger.debug(
-        "segment: %d cells, diameter %.1f px (probe %.1f), scale %.3f, threshold %.3f",
-        len(cells), diameter_out, diameter_full, scale, thr,
+        "segment: %d cells, diameter %.1f px, working %dx%d, threshold %.0f, typical area %.0f px",
+        len(cells), diameter_full, work.shape[1], work.shape[0], thr, typical_area,
     )
     return Segmentation(
         cells=cells,
-        cell_diameter_px=diameter_out,
+        cell_diameter_px=float(diameter_full),
         foreground_frac=covered / float(full_h * full_w),
         timing_ms=timer.total(),
     )
 
 
-def _probe_diameter(image_rgb: np.ndarray, params: SegmentParams) -> float:
+# --- helpers -----------------------------------------------------------------------------------------
+
+# The darkening score is (3 - sum of R, G, B transmissions) * 127.5, as uint8: 0 = plasma, 255 = black.
+_SCORE_SCALE = 127.5
+
+
+def _odd(n: float) -> int:
+    k = max(1, int(round(n)))
+    return k if k % 2 else k + 1
+
+
+def _ellipse(diameter: float) -> np.ndarray:
+    k = _odd(diameter)
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
+
+
+def _quantile(values: np.ndarray, q: float) -> float:
+    """The q-quantile of a 1-D array by partial sort (np.percentile sorts; this is O(n))."""
+    if values.size == 0:
+        return 0.0
+    k = min(values.size - 1, int(q * values.size))
+    return float(np.partition(values, k)[k])
+
+
+def _shrink(image: np.ndarray, scale: float) -> np.ndarray:
+    """Downscale by ``scale`` (<= 1): exact halvings with INTER_AREA (its fast path), then INTER_LINEAR.
+
+    A direct INTER_AREA resize by a non-integer factor costs ~6 ms on a 1280x960 frame; this ~1 ms.
+    """
+    h, w = image.shape[:2]
+    out_w, out_h = max(1, int(round(w * scale))), max(1, int(round(h * scale)))
+    img = image
+    while img.shape[1] >= 2 * out_w and img.shape[0] >= 2 * out_h:
+        hh, ww = img.shape[0] // 2, img.shape[1] // 2
+        img = cv2.resize(img[: 2 * hh, : 2 * ww], (ww, hh), interpolation=cv2.INTER_AREA)
+    if (img.shape[1], img.shape[0]) != (out_w, out_h):
+        img = cv2.resize(img, (out_w, out_h), interpolation=cv2.INTER_LINEAR)
+    return img
+
+
+def _darkening(image: np.ndarray, window_px: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel transmission ``I/background`` (uint8, 255 = plasma) and the darkening score (uint8).
+
+    The background is a grey-level closing wider than a cell, done on a 4x smaller copy and blurred, so
+    uneven illumination divides out.
+    """
+    h, w = image.shape[:2]
+    f = 4
+    small = cv2.resize(image, (max(1, w // f), max(1, h // f)), interpolation=cv2.INTER_AREA)
+    k = _ellipse(max(3.0, window_px / f))
+    bright = cv2.blur(cv2.dilate(small, k), (k.shape[1], k.shape[0]))
+    background = cv2.resize(bright, (w, h), interpolation=cv2.INTER_LINEAR)
+    transmission = cv2.divide(image, np.maximum(background, 1), scale=255.0)
+    score = cv2.transform(
+        transmission, np.array([[-_SCORE_SCALE / 255.0] * 3 + [3 * _SCORE_SCALE]], dtype=np.float32)
+    )
+    return transmission, score
+
+
+def _fill_holes(fg: np.ndarray, max_area_px: float) -> np.ndarray:
+    """Fill background pockets enclosed by foreground and at most ``max_area_px`` large."""
+    n, lab, stats, _ = cv2.connectedComponentsWithStats(cv2.bitwise_not(fg), connectivity=4)
+    if n <= 1:
+        return fg
+    h, w = fg.shape
+    x, y, bw, bh, area = (stats[:, i] for i in range(5))
+    fill = ~((x == 0) | (y == 0) | (x + bw >= w) | (y + bh >= h)) & (area <= max_area_px)
+    fill[0] = False  # label 0 is the foreground itself
+    if not fill.any():
+        return fg
+    out = fg.copy()
+    out[fill[lab]] = 255
+    return out
+
+
+def _edges(score: np.ndarray, min_edge_frac: float) -> tuple[np.ndarray, ...]:
+    """Strong edge pixels: ``(xs, ys, ux, uy, weight)``, unit gradients pointing into the dark cells.
+
+    ``weight`` is the edge strength relative to the field's strong edges (99th percentile), capped at 1.
+    """
+    sm = cv2.GaussianBlur(score, (0, 0), 1.0).astype(np.float32)
+    gx = cv2.Sobel(sm, cv2.CV_32F, 1, 0, ksize=3)
+    gy = cv2.Sobel(sm, cv2.CV_32F, 0, 1, ksize=3)
+    mag = cv2.magnitude(gx, gy)
+    strong = _quantile(mag[::3, ::3].ravel(), 0.99)
+    if strong <= 0:
+        empty = np.zeros(0, np.float32)
+        return empty, empty, empty, empty, empty
+    ys, xs = np.nonzero(mag > min_edge_frac * strong)
+    m = mag[ys, xs]
+    return (
+        xs.astype(np.float32),
+        ys.astype(np.float32),
+        gx[ys, xs] / m,
+        gy[ys, xs] / m,
+        np.minimum(m / strong, 1.0),
+    )
+
+
+def _vote(
+    edges: tuple[np.ndarray, ...], radius: float, shape: tuple[int, int], cell: int = 1, weighted: bool = False
+) -> np.ndarray:
+    """Accumulate each edge's vote at ``radius`` along its gradient, on a grid of ``cell``-px squares."""
+    xs, ys, ux, uy, weight = edges
+    h, w = (shape[0] + cell - 1) // cell, (shape[1] + cell - 1) // cell
+    cx = np.floor((xs + radius * ux) / cell).astype(np.int32)
+    cy = np.floor((ys + radius * uy) / cell).astype(np.int32)
+    ok = (cx >= 0) & (cx < w) & (cy >= 0) & (cy < h)
+    votes = np.bincount(cy[ok] * w + cx[ok], weights=weight[ok] if weighted else None, minlength=h * w)
+    return votes.astype(np.float32).reshape(h, w)
+
+
+def _estimate_diameter(image_rgb: np.ndarray, params: SegmentParams) -> float | None:
+    """Typical cell diameter in full-resolution px by a radial-symmetry scale search; None if blank."""
     long_side = max(image_rgb.shape[:2])
     s0 = min(1.0, params.probe_long_side_px / long_side)
-    probe = _resize(image_rgb, s0)
-    fallback = params.fallback_cell_diameter_frac_of_long_side * long_side
-    # Background for the probe: a closing as wide as the fallback guess of two cells.
-    bg = _background(probe, 2.0 * fallback * s0)
-    score = cv2.convertScaleAbs(_darkening(probe, bg).sum(axis=2), alpha=_SCORE_TO_U8)
-    otsu, _ = cv2.threshold(score, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-    if otsu < params.min_darkening_sum * _SCORE_TO_U8:
-        return fallback
-    fg = (score > otsu * params.threshold_frac_of_otsu).astype(np.uint8) * 255
-    fg = cv2.morphologyEx(fg, cv2.MORPH_CLOSE, np.ones((3, 3), np.uint8))
-    fg = _fill_holes(fg, (fallback * s0) ** 2)
-    d = _estimate_diameter(fg)
-    if d is None:
-        return fallback
-    return d / s0
+    probe = _shrink(image_rgb, s0)
+    p_long = max(probe.shape[:2])
+    _, score = _darkening(probe, 0.25 * p_long)  # window: wider than the largest cell searched
+    if int(score.max()) < params.min_darkening_sum * _SCORE_SCALE:
+        return None
+    edges = _edges(score, params.vote_min_edge_frac)
+    if edges[0].size < 50:
+        return None
+    radii = np.geomspace(
+        0.5 * params.min_diameter_frac_of_long_side * p_long,
+        0.5 * params.max_diameter_frac_of_long_side * p_long,
+        params.scale_search_steps,
+    )
+    concentration = np.zeros(len(radii))
+    for i, r in enumerate(radii):
+        # Votes blurred at sigma = 0.15 R minus their 3x wider blur: only tight piles count. The grid
+        # coarsens with R so that sigma stays ~1 grid cell (cheap). 4*pi*sigma^2 / total^2 makes one
+        # pile score the same at every R, so the radius with the most concentrated votes wins.
+        sigma = 0.15 * r
+        cell = max(1, int(round(sigma)))
+        sig = sigma / cell
+        acc = _vote(edges, r, probe.shape[:2], cell)
+        total = float(acc.sum())
+        if total <= 0:
+            continue
+        dog = cv2.GaussianBlur(acc, (0, 0), sig) - cv2.GaussianBlur(acc, (0, 0), 3 * sig)
+        concentration[i] = 4 * math.pi * sig**2 * float((dog * dog).sum()) / total**2
+    i = int(np.argmax(concentration))
+    log_r = math.log(radii[i])
+    if 0 < i < len(radii) - 1:
+        a, b, c = concentration[i - 1 : i + 2]
+        den = a - 2 * b + c
+        if den < 0:  # vertex of the parabola through the three points, in log-radius
+            log_r += 0.5 * (a - c) / den * (math.log(radii[1]) - math.log(radii[0]))
+    return 2.0 * math.exp(log_r) / s0
+
+
+def _markers(
+    score: np.ndarray, fg: np.ndarray, dt: np.ndarray, params: SegmentParams, diameter_px: float
+) -> np.ndarray:
+    """Marker labels (int32, 0 = none): peaks of edge-strength-weighted radial votes + distance."""
+    inside = fg > 0
+    if not inside.any():
+        return np.zeros(fg.shape, np.int32)
+    edges = _edges(score, params.vote_min_edge_frac)
+    r = 0.5 * diameter_px
+    acc = np.zeros(fg.shape, np.float32)
+    for f in params.vote_radius_fracs:
+        acc += _vote(edges, f * r, fg.shape, weighted=True)
+    acc = cv2.GaussianBlur(acc, (0, 0), max(1.0, 0.08 * diameter_px))
+    ref = _quantile(acc[::2, ::2][inside[::2, ::2]], 0.99) or 1.0
+    strength = acc / ref + params.marker_distance_weight * dt / r
+    sep = params.marker_min_separation_frac_of_diameter * diameter_px
+    # Candidates: local maxima in a (cheap, separable) square window of side ~sep, strong enough.
+    k = _odd(sep)
+    cand = (strength >= cv2.dilate(strength, np.ones((k, k), np.uint8))) & inside
+    cand &= strength > params.marker_min_strength_frac
+    ys, xs = np.nonzero(cand)
+    if ys.size == 0:
+        return np.zeros(fg.shape, np.int32)
+    # A candidate survives unless a stronger one lies within the separation radius. Candidates are a
+    # few hundred, so the pairwise distances are cheap; ties (plateaus) keep the first in raster order.
+    s = strength[ys, xs]
+    order = np.argsort(-s, kind="stable")
+    ys, xs, s = ys[order], xs[order], s[order]
+    pts = np.stack([xs, ys], axis=1).astype(np.float32)
+    markers = np.zeros(fg.shape, np.int32)
+    survivors = _suppress(pts, sep)
+    markers[ys[survivors], xs[survivors]] = np.arange(1, survivors.size + 1, dtype=np.int32)
+    return markers
+
+
+def _suppress(pts: np.ndarray, radius: float, block: int = 512) -> np.ndarray:
+    """Indices of points (sorted strongest first) with no earlier point within ``radius``."""
+    n = len(pts)
+    suppressed = np.zeros(n, dtype=bool)
+    r2 = radius * radius
+    for start in range(0, n, block):
+        chunk = pts[start : start + block]
+        d2 = ((chunk[:, None, :] - pts[None, :, :]) ** 2).sum(axis=2)
+        idx = np.arange(start, start + len(chunk))
+        earlier = np.arange(n)[None, :] < idx[:, None]
+        suppressed[idx] = (earlier & (d2 < r2)).any(axis=1)
+    return np.flatnonzero(~suppressed)
+
+
+def _split(fg: np.ndarray, markers: np.ndarray, params: SegmentParams, diameter_px: float) -> np.ndarray:
+    """Give every foreground pixel to its nearest marker, merge over-split pieces, cut 1-px lines.
+
+    Returns int32 labels: 0 = background or cut line, >0 = a cell piece.
+    """
+    if not markers.any():
+        return np.zeros(fg.shape, np.int32)
+    src = np.where(markers > 0, 0, 255).astype(np.uint8)
+    _, nearest = cv2.distanceTransformWithLabels(src, cv2.DIST_L2, 5, labelType=cv2.DIST_LABEL_CCOMP)
+    lab = nearest.astype(np.int32)
+    lab[fg == 0] = 0
+    if params.merge_max_area_frac_of_typical > 0:
+        lab = _merge(lab, params, diameter_px)
+    cut = np.zeros(fg.shape, dtype=bool)
+    cut[:, 1:] |= lab[:, 1:] != lab[:, :-1]
+    cut[1:, :] |= lab[1:, :] != lab[:-1, :]
+    lab[cut] = 0
+    return lab
+
+
+def _merge(lab: np.ndarray, params: SegmentParams, diameter_px: float) -> np.ndarray:
+    """Merge neighbouring pieces whose shared border is long for their size and whose union is a cell."""
+    n = int(lab.max()) + 1
+    a_h, b_h = lab[:, :-1], lab[:, 1:]
+    a_v, b_v = lab[:-1, :], lab[1:, :]
+    sel_h = (a_h != b_h) & (a_h > 0) & (b_h > 0)
+    sel_v = (a_v != b_v) & (a_v > 0) & (b_v > 0)
+    a = np.concatenate([a_h[sel_h], a_v[sel_v]]).astype(np.int64)
+    b = np.concatenate([b_h[sel_h], b_v[sel_v]]).astype(np.int64)
+    if a.size == 0:
+        return lab
+    pairs, border_px = np.unique(np.minimum(a, b) * n + np.maximum(a, b), return_counts=True)
+    area = np.bincount(lab.ravel(), minlength=n).astype(np.float64)
+    nominal = math.pi * diameter_px**2 / 4.0
+    sized = area[1:][(area[1:] >= 0.4 * nominal) & (area[1:] <= 2.0 * nominal)]
+    typical = float(np.median(sized)) if sized.size >= 3 else nominal
+    max_area = params.merge_max_area_frac_of_typical * typical
+    # A border counted on 4-neighbour steps runs ~1.2x its Euclidean length (mean over directions).
+    border_len = border_px / 1.2
+    parent = np.arange(n)
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    merged = False
+    for idx in np.argsort(-border_len, kind="stable"):
+        i, j = find(int(pairs[idx] // n)), find(int(pairs[idx] % n))
+        if i == j or area[i] + area[j] > max_area:
+            continue
+        smaller_width = 2.0 * math.sqrt(min(area[i], area[j]) / math.pi)
+        if border_len[idx] < params.merge_min_border_frac_of_width * smaller_width:
+            continue
+        parent[j] = i
+        area[i] += area[j]
+        merged = True
+    if not merged:
+        return lab
+    roots = np.array([find(i) for i in range(n)], dtype=np.int32)
+    return roots[lab]
+
+
+def _nucleus_mask(
+    transmission: np.ndarray, fg: np.ndarray, params: SegmentParams, diameter_px: float
+) -> np.ndarray:
+    """Solid blobs much darker in green and more purple than the field's red cells (white-cell nuclei)."""
+    inside = fg > 0
+    t_r = transmission[:, :, 0].astype(np.int16)
+    t_g = transmission[:, :, 1].astype(np.int16)
+    cell_g = _quantile(t_g[::2, ::2][inside[::2, ::2]], 0.5)
+    purple = (t_g < params.nucleus_max_green_transmission_frac_of_cells * cell_g) & (
+        (t_r - t_g) > params.nucleus_min_purple_excess
+    )
+    opened = cv2.morphologyEx(
+        purple.astype(np.uint8), cv2.MORPH_OPEN, _ellipse(params.nucleus_open_frac_of_diameter * diameter_px)
+    )
+    return opened
 
 
 def _filter(
-    lab: np.ndarray, dark: np.ndarray, params: SegmentParams, d_work: float
+    pieces: np.ndarray, transmission: np.ndarray, fg: np.ndarray, params: SegmentParams, d_work: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-    """Decide which watershed regions are red cells. Returns (keep flags, cc labels, cc stats, typical area)."""
-    n, cc, stats, _ = cv2.connectedComponentsWithStats((lab > 0).astype(np.uint8), connectivity=4)
-    h, w = lab.shape
+    """Decide which pieces are red cells: (keep flags, piece labels, piece stats, typical area px)."""
+    n, labels, stats, _ = cv2.connectedComponentsWithStats((pieces > 0).astype(np.uint8), connectivity=4)
     area = stats[:, cv2.CC_STAT_AREA].astype(np.float64)
-    x, y = stats[:, cv2.CC_STAT_LEFT], stats[:, cv2.CC_STAT_TOP]
     bw, bh = stats[:, cv2.CC_STAT_WIDTH], stats[:, cv2.CC_STAT_HEIGHT]
     keep = np.ones(n, dtype=bool)
     keep[0] = False
     nominal_area = math.pi * d_work**2 / 4.0
-    # The typical area: median of plausible pieces, so that debris and clumps do not pull it.
-    plausible = keep & (area >= 0.3 * nominal_area) & (area <= 3.0 * nominal_area)
-    typical_area = float(np.median(area[plausible])) if plausible.any() else nominal_area
+    # The typical area is the median of cell-sized pieces, so debris and clumps do not pull it.
+    sized = keep & (area >= 0.4 * nominal_area) & (area <= 2.0 * nominal_area)
+    typical_area = float(np.median(area[sized])) if sized.sum() >= 3 else nominal_area
     keep &= area >= params.min_area_frac_of_typical * typical_area
     keep &= area <= params.max_area_frac_of_typical * typical_area
-    aspect = np.maximum(bw, bh) / np.maximum(np.minimum(bw, bh), 1)
-    keep &= aspect <= params.max_aspect_ratio
+    keep &= np.maximum(bw, bh) <= params.max_aspect_ratio * np.maximum(np.minimum(bw, bh), 1)
     if params.drop_border_cells:
-        m = max(1, int(round(params.border_margin_frac_of_diameter * d_work)))
-        keep &= (x >= m) & (y >= m) & (x + bw <= w - m) & (y + bh <= h - m)
-    nucleus = _nucleus_mask(dark, params, d_work)
-    if nucleus.any():
-        nuc_px = np.bincount(cc[nucleus > 0], minlength=n)
-        keep &= nuc_px < params.nucleus_min_area_frac_of_typical * typical_area
-    if plausible.sum() < 3:
-        typical_area = float(np.median(area[keep])) if keep.any() else nominal_area
-    return keep, cc, stats, typical_area
+        edge = np.concatenate([labels[0, :], labels[-1, :], labels[:, 0], labels[:, -1]])
+        contact_px = np.bincount(edge, minlength=n)
+        keep &= contact_px <= params.max_border_contact_frac_of_diameter * d_work
+    if keep.any():
+        nucleus = _nucleus_mask(transmission, fg, params, d_work)
+        if nucleus.any():
+            # Lobes of one nucleus lie within a fraction of a cell of each other: group, then weigh.
+            _, groups = cv2.connectedComponents(cv2.dilate(nucleus, _ellipse(0.3 * d_work)), connectivity=8)
+            group_px = np.bincount(groups[nucleus > 0], minlength=int(groups.max()) + 1)
+            white = group_px >= params.nucleus_min_area_frac_of_typical * typical_area
+            white[0] = False
+            in_white = (nucleus > 0) & white[groups]
+            keep &= np.bincount(labels[in_white], minlength=n) < 0.1 * typical_area
+    return keep, labels, stats, typical_area
 
 
 def _map_back(
-    cc: np.ndarray,
+    labels: np.ndarray,
     fg: np.ndarray,
     stats: np.ndarray,
     keep: np.ndarray,
-    scale: float,
+    scale_xy: tuple[float, float],
     full_shape: tuple[int, int],
 ) -> list[Cell]:
-    """Full-resolution boxes and masks of the kept regions."""
+    """Full-resolution boxes and masks of the kept pieces (masks upsampled bilinearly, then cut at 1/2)."""
     full_h, full_w = full_shape
-    h, w = cc.shape
+    sx, sy = scale_xy
+    h, w = labels.shape
+    # The 1-px cut lines between touching cells go back to both neighbours: grow every label by one
+    # pixel into the cut lines (labels < 2^24 are exact in float32).
+    grown = cv2.dilate(labels.astype(np.float32), np.ones((3, 3), np.uint8))
+    grown = np.where(labels > 0, labels, np.where(fg > 0, grown, 0).astype(np.int32))
     cells: list[Cell] = []
-    grow = np.ones((3, 3), np.uint8)
     for k in np.flatnonzero(keep):
         x, y, bw, bh = (int(v) for v in stats[k, :4])
-        # One pixel of margin so the watershed line between touching cells is given back to both.
         x0, y0, x1, y1 = max(0, x - 1), max(0, y - 1), min(w, x + bw + 1), min(h, y + bh + 1)
-        sub = (cc[y0:y1, x0:x1] == k).astype(np.uint8)
-        sub = cv2.dilate(sub, grow) & (fg[y0:y1, x0:x1] > 0)
-        fx0, fy0 = int(math.floor(x0 / scale)), int(math.floor(y0 / scale))
-        fx1, fy1 = min(full_w, int(math.ceil(x1 / scale))), min(full_h, int(math.ceil(y1 / scale)))
-        if scale != 1.0:
-            big = cv2.resize(sub * 255, (fx1 - fx0, fy1 - fy0), interpolation=cv2.INTER_LINEAR) > 127
-        else:
-            big = sub.astype(bool)
-        ys, xs = np.nonzero(big.any(axis=1))[0], np.nonzero(big.any(axis=0))[0]
-        if ys.size == 0:
+        sub = (grown[y0:y1, x0:x1] == k).view(np.uint8)
+        fx0, fy0 = int(x0 / sx), int(y0 / sy)
+        fx1, fy1 = min(full_w, int(math.ceil(x1 / sx))), min(full_h, int(math.ceil(y1 / sy)))
+        big = cv2.resize(sub * 255, (fx1 - fx0, fy1 - fy0), interpolation=cv2.INTER_LINEAR)
+        _, big = cv2.threshold(big, 127, 255, cv2.THRESH_BINARY)
+        tx, ty, tw, th = cv2.boundingRect(big)
+        if tw == 0 or th == 0:
             continue
-        ty0, ty1, tx0, tx1 = ys[0], ys[-1] + 1, xs[0], xs[-1] + 1
-        mask = np.ascontiguousarray(big[ty0:ty1, tx0:tx1])
-        cells.append(
-            Cell(
-                bbox=(fx0 + int(tx0), fy0 + int(ty0), int(tx1 - tx0), int(ty1 - ty0)),
-                mask=mask,
-                area_px=int(mask.sum()),
-            )
-        )
+        mask = big[ty : ty + th, tx : tx + tw] > 0
+        cells.append(Cell(bbox=(fx0 + tx, fy0 + ty, tw, th), mask=mask, area_px=int(cv2.countNonZero(big))))
     return cells
