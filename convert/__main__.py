@@ -21,8 +21,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--out", required=True, help="folder to write <name>.tflite and <name>.json into")
     ap.add_argument("--name", default="cellnet_int8", help="model file stem (default cellnet_int8)")
     ap.add_argument("--representative", type=int, default=400, help="training cells used for calibration")
-    ap.add_argument("--max-fpr", type=float, default=0.003,
-                    help="false-positive rate per healthy cell the threshold is chosen for (default 0.3%%)")
+    ap.add_argument("--target-rbc", type=int, default=2000,
+                    help="RBCs per slide the threshold is optimised for (default 2000)")
     ap.add_argument("--max-drop", type=float, default=0.005, help="largest int8 accuracy drop allowed")
     ap.add_argument("--seed", type=int, default=1234)
     return ap.parse_args(argv)

@@ -16,9 +16,10 @@ import numpy as np
 
 from device.classifier import CellClassifier, make_interpreter
 from device.config import THRESHOLD_SAFE_RANGE
-from device.metrics import binary_metrics, threshold_for_fpr
+from device.metrics import binary_metrics
 from device.model_card import CLASS_ORDER, sha256_of
 from device.preprocess import prepare_cell  # noqa: F401  (the path every cell below went through)
+from device.slide import detection_limit_fraction, wilson_interval
 
 logger = logging.getLogger(__name__)
 
@@ -177,6 +178,27 @@ def runtime_gate(path: Path) -> dict:
     return results
 
 
+def choose_threshold(p: np.ndarray, y: np.ndarray, n_rbc: int, lo: float, hi: float) -> tuple[float, float]:
+    """The threshold that minimises the expected slide detection limit; returns (threshold, limit).
+
+    A threshold too low floods a healthy slide with false positives (the positive cutoff climbs);
+    too high loses sensitivity. ``f`` is the upper 95% bound of the false-positive rate, so a few
+    healthy cells scored confidently wrong (NIH label noise) cannot make the estimate optimistic.
+    """
+    neg, pos = p[y == 0], p[y == 1]
+    if len(neg) == 0 or len(pos) == 0:
+        raise ConvertError("choosing a threshold needs healthy and parasitized early-stopping cells")
+    candidates = np.unique(np.clip(np.concatenate([p, [lo, hi]]), lo, hi))
+    best_t, best = hi, float("inf")
+    for t in candidates:
+        f = wilson_interval(int((neg >= t).sum()), len(neg))[1]
+        s = float((pos >= t).mean())
+        limit = detection_limit_fraction(f, s, n_rbc)
+        if limit < best:
+            best_t, best = float(t), limit
+    return best_t, best
+
+
 def convert(args, argv: list[str]) -> Path:
     from train.data import DataError, list_cells, load_arrays
 
@@ -248,15 +270,26 @@ def convert(args, argv: list[str]) -> Path:
     if runtimes.get("ai_edge_litert") != "ok":
         raise ConvertError(f"runtime gate: ai_edge_litert must run the model ({runtimes['ai_edge_litert']})")
 
-    p_neg_monitor = results["int8"]["p_monitor"][ym == 0]
     lo, hi = THRESHOLD_SAFE_RANGE
-    threshold = float(np.clip(threshold_for_fpr(p_neg_monitor, args.max_fpr), lo, hi))
+    threshold, limit = choose_threshold(results["int8"]["p_monitor"], ym, args.target_rbc, lo, hi)
     m_int8_thr = binary_metrics(yv, results["int8"]["p_val"], threshold)
     m_monitor = binary_metrics(ym, results["int8"]["p_monitor"], threshold)
-    logger.info("threshold %.4f (FP rate %.4f on %d early-stopping uninfected cells): validation "
-                "sensitivity %.4f, specificity %.4f, FP rate %.4f", threshold, m_monitor["false_positive_rate"],
-                int((ym == 0).sum()), m_int8_thr["sensitivity"], m_int8_thr["specificity"],
-                m_int8_thr["false_positive_rate"])
+    # The slide call uses a cautious false-positive rate: the upper 95% bound over every held-out
+    # healthy cell (early-stopping and validation patients), not the point estimate.
+    neg = np.concatenate([results["int8"]["p_monitor"][ym == 0], results["int8"]["p_val"][yv == 0]])
+    pos = np.concatenate([results["int8"]["p_monitor"][ym == 1], results["int8"]["p_val"][yv == 1]])
+    n_fp = int((neg >= threshold).sum())
+    call_fpr = wilson_interval(n_fp, len(neg))[1]
+    curve = [{"threshold": round(float(t), 4),
+              "call_false_positive_rate": wilson_interval(int((neg >= t).sum()), len(neg))[1],
+              "sensitivity": float((pos >= t).mean())}
+             for t in sorted({*np.round(np.linspace(lo, hi, 51), 4).tolist(), round(threshold, 4)})]
+    logger.info("threshold %.4f (early-stopping patients: FP rate %.4f, sensitivity %.4f; expected slide "
+                "detection limit %.3f%% at %d RBC): validation sensitivity %.4f, specificity %.4f, FP rate %.4f; "
+                "call FP rate %.4f (95%% upper bound, %d/%d held-out healthy cells)", threshold,
+                m_monitor["false_positive_rate"], m_monitor["sensitivity"], 100 * limit, args.target_rbc,
+                m_int8_thr["sensitivity"], m_int8_thr["specificity"], m_int8_thr["false_positive_rate"],
+                call_fpr, n_fp, len(neg))
 
     run_dir = model_path.parent
     train_cmd = (run_dir / "command.txt").read_text().strip() if (run_dir / "command.txt").is_file() else None
@@ -265,10 +298,15 @@ def convert(args, argv: list[str]) -> Path:
     card = make_card(
         args.name, final,
         threshold=threshold,
-        threshold_rule=(f"smallest threshold with false-positive rate <= {args.max_fpr:.2%} per healthy cell on the "
-                        f"uninfected cells of the {len(sets['monitor'])} early-stopping patients (int8 model), "
-                        f"clipped to the safe range {lo}-{hi}; chosen so a negative slide of 2,000 cells stays "
-                        "negative"),
+        threshold_rule=(f"the threshold in {lo}-{hi} that minimises the expected slide detection limit at "
+                        f"{args.target_rbc} RBC — (K - n*f) / (n*s), K the positive cutoff for Poisson(n*f) at "
+                        f"p<0.001 — with f the upper 95% false-positive bound and s the sensitivity on the "
+                        f"{len(sets['monitor'])} early-stopping patients (int8 model); expected limit "
+                        f"{100 * limit:.3f}% parasitemia"),
+        call_false_positive_rate=call_fpr,
+        operating_curve=curve,
+        call_false_positive_rule=(f"upper 95% Wilson bound of {n_fp} false positives in {len(neg)} held-out "
+                                  "healthy cells (early-stopping + validation patients) at the threshold"),
         metrics={
             "validation_patients": sorted(sets["val"]),
             "keras": m_keras, "float32": m_float, "int8": m_int8,

@@ -53,15 +53,3 @@ def binary_metrics(y_true: np.ndarray, p: np.ndarray, threshold: float) -> dict:
         "auc": roc_auc(y, p),
         "confusion": [[tn, fp], [fn, tp]],
     }
-
-
-def threshold_for_fpr(p_negative: np.ndarray, max_fpr: float) -> float:
-    """Smallest threshold whose false-positive rate on these negatives is at most ``max_fpr``."""
-    s = np.sort(np.asarray(p_negative, dtype=np.float64))[::-1]
-    if len(s) == 0:
-        raise ValueError("no negative cells to choose a threshold on")
-    allowed = int(np.floor(max_fpr * len(s)))  # this many may score >= threshold
-    if allowed >= len(s):
-        return float(s[-1])
-    # threshold just above the (allowed+1)-th highest negative score
-    return float(np.nextafter(s[allowed], np.inf))

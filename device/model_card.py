@@ -65,10 +65,27 @@ class ModelCard:
 
     @property
     def false_positive_rate(self) -> float | None:
-        """False-positive rate per healthy cell at the card threshold, on the validation patients."""
-        m = self.data.get("metrics", {}).get("int8_at_threshold") or {}
-        v = m.get("false_positive_rate")
+        """False-positive rate per healthy cell at the card threshold used for the slide call.
+
+        The card's ``call_false_positive_rate`` is the upper 95% bound measured on held-out healthy
+        cells, so that a negative slide stays negative.
+        """
+        v = self.data.get("call_false_positive_rate")
+        if v is None:
+            v = (self.data.get("metrics", {}).get("int8_at_threshold") or {}).get("false_positive_rate")
         return float(v) if v is not None else None
+
+    def false_positive_rate_at(self, threshold: float) -> float | None:
+        """Call false-positive rate at another threshold (an admin may move it within the safe range).
+
+        Read from the card's ``operating_curve`` at the nearest listed threshold at or below the
+        one asked for (a lower threshold has at least as many false positives: the cautious side).
+        """
+        curve = self.data.get("operating_curve") or []
+        below = [row for row in curve if row["threshold"] <= threshold + 1e-9]
+        if not below:
+            return self.false_positive_rate if abs(threshold - self.threshold) < 1e-9 else None
+        return float(max(below, key=lambda row: row["threshold"])["call_false_positive_rate"])
 
     def spec(self, which: str) -> TensorSpec:
         d = self.data[which]

@@ -42,6 +42,17 @@ def positive_cutoff(n: int, fp_rate: float, alpha: float = FALSE_ALARM_PROBABILI
     return k
 
 
+def detection_limit_fraction(fp_rate: float, sensitivity: float, n: int) -> float:
+    """Parasitemia (fraction) at which a slide of n cells is expected to reach the positive cutoff.
+
+    Infected count ~ n * (q * sensitivity + fp_rate); the call needs positive_cutoff(n, fp_rate) cells.
+    """
+    if sensitivity <= 0:
+        return float("inf")
+    k = positive_cutoff(n, fp_rate)
+    return max(k - n * fp_rate, 1.0) / (n * sensitivity)
+
+
 @dataclass(frozen=True)
 class SlideSummary:
     rbc_count: int

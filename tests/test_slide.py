@@ -55,3 +55,45 @@ def test_detection_limit_follows_the_cutoff_and_count():
     assert s.detection_limit_pct == pytest.approx(100 * s.positive_cutoff_cells / 2000)
     assert s.detection_limit_per_ul == pytest.approx(s.positive_cutoff_cells / 2000 * 5e6)
     assert s.to_json()["ci95_pct"] == list(s.ci95_pct)
+
+
+def test_detection_limit_fraction_balances_false_positives_and_sensitivity():
+    from device.slide import detection_limit_fraction
+
+    # no false positives: one cell at full sensitivity -> 1/n
+    assert detection_limit_fraction(0.0, 1.0, 2000) == pytest.approx(1 / 2000)
+    # more false positives or less sensitivity both raise the limit
+    assert detection_limit_fraction(0.005, 0.9, 2000) > detection_limit_fraction(0.001, 0.9, 2000)
+    assert detection_limit_fraction(0.001, 0.5, 2000) > detection_limit_fraction(0.001, 0.9, 2000)
+    assert detection_limit_fraction(0.001, 0.0, 2000) == float("inf")
+
+
+def test_threshold_choice_avoids_both_extremes():
+    import numpy as np
+
+    from convert.core import choose_threshold
+
+    rng = np.random.default_rng(0)
+    # healthy cells mostly low, a few confidently wrong (label noise); parasitized mostly high
+    neg = np.concatenate([rng.uniform(0, 0.6, 990), [0.97, 0.985, 0.99, 0.995, 0.999]])
+    pos = np.concatenate([rng.uniform(0.9, 1.0, 900), rng.uniform(0.0, 0.9, 100)])
+    p = np.concatenate([neg, pos])
+    y = np.concatenate([np.zeros(len(neg), int), np.ones(len(pos), int)])
+    t, limit = choose_threshold(p, y, 2000, 0.5, 0.999)
+    assert 0.6 <= t <= 0.97  # above the healthy bulk, below the noisy tail
+    assert 0 < limit < 0.01
+
+
+def test_card_false_positive_rate_at_other_thresholds():
+    from pathlib import Path
+
+    from device.model_card import ModelCard
+
+    card = ModelCard(Path("x.json"), {"threshold": 0.9, "call_false_positive_rate": 0.004, "operating_curve": [
+        {"threshold": 0.5, "call_false_positive_rate": 0.02, "sensitivity": 0.97},
+        {"threshold": 0.9, "call_false_positive_rate": 0.004, "sensitivity": 0.9},
+        {"threshold": 0.99, "call_false_positive_rate": 0.001, "sensitivity": 0.6}]})
+    assert card.false_positive_rate == 0.004
+    assert card.false_positive_rate_at(0.95) == 0.004  # the cautious side: the row below
+    assert card.false_positive_rate_at(0.99) == 0.001
+    assert card.false_positive_rate_at(0.6) == 0.02
