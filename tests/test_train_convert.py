@@ -129,3 +129,35 @@ def test_convert_bad_inputs_are_clear_errors(run_dir, tmp_path):
     r = run_module("convert", "--model", str(run_dir / "model.keras"), "--data", str(FIX),
                    "--out", str(blocker / "models"))
     assert r.returncode == 2 and "cannot be written" in r.stderr
+
+
+@pytest.mark.slow
+def test_field_crops_are_cut_like_the_device_and_join_training(tmp_path):
+    import csv
+
+    from device.imageio import read_rgb
+
+    crops = tmp_path / "field_cells"
+    r = run_module("train.fieldcrops", "--fields", str(ROOT / "tests" / "fixtures" / "fields"), "--out", str(crops),
+                   "--val-fraction", "0.5")
+    assert r.returncode == 0, r.stderr[-2000:]
+    with (crops / "patients.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert {r["split"] for r in rows} == {"train", "val"}
+    assert sum(r["label"] == "parasitized" for r in rows) >= 3  # the fixture fields box 5 infected cells
+    assert sum(r["label"] == "uninfected" for r in rows) > 100
+    # one field per side, never both
+    sides = {}
+    for row in rows:
+        sides.setdefault(row["patient"], set()).add(row["split"])
+    assert all(len(s) == 1 for s in sides.values()) and len(sides) == 2
+    crop = read_rgb(crops / rows[0]["file"], min_side_px=4)
+    assert crop[0, 0].max() == 0 or crop[-1, -1].max() == 0  # NIH form: black outside the cell mask
+    assert json.loads((crops / "val_fields" / "annotations.json").read_text())
+    run = tmp_path / "run"
+    r = run_module("train", "--data", str(FIX), "--extra-data", str(crops), "--out", str(run), "--epochs", "1",
+                   "--size", "32", "--width", "4", "--batch", "32")
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert str(crops) in metrics["extra_val"]
+    assert "extra " in r.stderr and "training cells" in r.stderr
