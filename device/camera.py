@@ -29,7 +29,7 @@ from typing import Protocol
 import cv2
 import numpy as np
 
-from device.imageio import IMAGE_SUFFIXES, ImageError, read_rgb, to_rgb8
+from device.imageio import IMAGE_SUFFIXES, MIN_SIDE_PX, ImageError, read_rgb, to_rgb8
 
 logger = logging.getLogger(__name__)
 
@@ -241,14 +241,41 @@ STEADY_MAX_DIFF = 3.0  # mean absolute gray difference (0-255) between frames of
 STEADY_MIN_S = 1.0  # the stage must be still this long before a field counts as steady
 HEARTBEAT_STALE_S = 20.0  # no loop iteration for this long: the capture loop is stuck
 RECONNECT_MIN_S = 0.5
+BAD_FRAME_PAUSE_S = 0.1  # after an unusable frame: a camera that fails at once must not spin the CPU
 
 
 @dataclass(frozen=True)
 class Frame:
+    """One camera frame; ``rgb`` is None and ``problem`` says why when the frame cannot be analysed."""
+
     seq: int
-    rgb: np.ndarray
+    rgb: np.ndarray | None
     t: float  # time.monotonic() when read
     focus: float | None
+    problem: str | None = None
+
+
+def check_frame(frame: object) -> tuple[np.ndarray | None, str | None]:
+    """A camera's frame as HxWx3 uint8 RGB, or (None, why it cannot be analysed).
+
+    Every camera class already returns RGB uint8; this guards the feed against a driver or a camera
+    class that returns something else (None, 16-bit, grayscale, another shape), which would otherwise
+    stop the capture loop. A fourth channel is the padding of XRGB formats and is dropped.
+    """
+    if frame is None:
+        return None, "the camera sent no picture"
+    if not isinstance(frame, np.ndarray):
+        return None, f"the camera sent a {type(frame).__name__}, not a picture"
+    if frame.dtype != np.uint8:
+        return None, (f"the camera sent {frame.dtype.itemsize * 8}-bit {frame.dtype} pixels, not 8-bit colour: "
+                      "check the camera's pixel format")
+    if frame.ndim == 2 or (frame.ndim == 3 and frame.shape[2] == 1):
+        return None, "the camera sent a grayscale picture: the stain colours are needed; check its colour format"
+    if frame.ndim != 3 or frame.shape[2] not in (3, 4):
+        return None, f"the camera sent an array of shape {tuple(frame.shape)}, not height x width x 3 colours"
+    if min(frame.shape[:2]) < MIN_SIDE_PX:
+        return None, f"the camera sent a {frame.shape[1]}x{frame.shape[0]} picture, too small to analyse"
+    return np.ascontiguousarray(frame[:, :, :3]), None
 
 
 class CameraFeed:
@@ -268,6 +295,9 @@ class CameraFeed:
         if focus is None:
             from device.analysis import focus_measure as focus
         self._open = open_camera
+        self._reopen = False  # set by reopen(): close the camera and open the (new) one
+        self._wake = threading.Event()  # cuts a back-off wait short (stop, reopen)
+        self._bad_frames = 0
         self._focus_fn = focus
         self.reconnect_max_s = float(reconnect_max_s)
         self.reconnect_min_s = min(float(reconnect_min_s), self.reconnect_max_s)
@@ -303,9 +333,17 @@ class CameraFeed:
 
     def stop(self, timeout_s: float = 5.0) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout_s)
             self._thread = None
+
+    def reopen(self, open_camera: Callable[[], Camera], source: str) -> None:
+        """Switch to another camera (an admin changed ``camera.source``): close this one, open that one."""
+        with self._lock:
+            self._open, self.source, self._reopen = open_camera, source, True
+        self._wake.set()
+        logger.info("camera source changed to %s: reopening", source)
 
     def __enter__(self) -> CameraFeed:
         return self.start()
@@ -325,14 +363,15 @@ class CameraFeed:
                 self._still_since = None
 
     def _wait(self, seconds: float) -> None:
-        """Sleep in short slices, keeping the heartbeat fresh, until stopped."""
+        """Sleep in short slices, keeping the heartbeat fresh, until stopped or woken."""
         end = time.monotonic() + seconds
         while not self._stop.is_set():
             self._heartbeat = time.monotonic()
             left = end - self._heartbeat
-            if left <= 0:
+            if left <= 0 or self._reopen:
                 return
-            self._stop.wait(min(left, 1.0))
+            self._wake.wait(min(left, 1.0))
+            self._wake.clear()
 
     def _run(self) -> None:
         cam: Camera | None = None
@@ -340,6 +379,14 @@ class CameraFeed:
         try:
             while not self._stop.is_set():
                 self._heartbeat = time.monotonic()
+                if self._reopen:
+                    with self._lock:
+                        self._reopen = False
+                    if cam is not None:
+                        self._close_quietly(cam)
+                        cam = None
+                    self._set_state("connecting", None)
+                    backoff = self.reconnect_min_s
                 if cam is None:
                     try:
                         cam = self._open()
@@ -371,7 +418,16 @@ class CameraFeed:
                         self._reconnects += 1
                     self._set_state("disconnected", msg)
                     continue
-                self._on_frame(rgb)
+                rgb, problem = check_frame(rgb)
+                if problem is None:
+                    try:
+                        self._on_frame(rgb)
+                        continue
+                    except Exception as exc:  # whatever a frame does, the loop keeps turning
+                        logger.debug("frame handling failed", exc_info=True)
+                        problem = f"the camera sent a picture that could not be handled ({type(exc).__name__})"
+                self._on_bad_frame(problem)
+                self._wait(BAD_FRAME_PAUSE_S)
         finally:
             if cam is not None:
                 self._close_quietly(cam)
@@ -382,6 +438,21 @@ class CameraFeed:
             cam.close()
         except Exception:  # a vanished device can fail to close; nothing more to do
             logger.debug("camera close failed", exc_info=True)
+
+    def _on_bad_frame(self, problem: str) -> None:
+        """Keep an unusable frame as the latest, with its reason: a capture stores it as a rejected field."""
+        with self._lock:
+            changed = self._state != "faulty" or self._message != problem
+            self._bad_frames += 1
+            self._seq += 1
+            self._frame = Frame(self._seq, None, time.monotonic(), None, problem)
+            self._small_prev = None
+            self._still_since = None
+            if changed:
+                self._state, self._message, self._since = "faulty", problem, time.time()
+            self._new_frame.notify_all()
+        if changed:  # once per problem, not once per frame
+            logger.warning("camera frames unusable: %s", problem)
 
     def _on_frame(self, rgb: np.ndarray) -> None:
         now = time.monotonic()
@@ -409,12 +480,17 @@ class CameraFeed:
             self._seq += 1
             self._frame = Frame(self._seq, rgb, now, self._focus)
             if self._state != "connected":
+                if self._state == "faulty":
+                    logger.info("camera frames usable again")
                 self._state, self._message, self._since = "connected", None, time.time()
             self._new_frame.notify_all()
 
     # -- what the service and the page read --
     def latest(self) -> Frame | None:
-        """The latest frame, or None while the camera is disconnected."""
+        """The latest frame, or None while the camera is disconnected.
+
+        While the camera sends unusable frames ("faulty"), the frame has ``rgb`` None and a ``problem``.
+        """
         with self._lock:
             return self._frame
 
@@ -457,6 +533,7 @@ class CameraFeed:
                 "steady": bool(steady),
                 "scene": self._scene,
                 "reconnects": self._reconnects,
+                "unusable_frames": self._bad_frames,
                 "next_retry_in_s": (None if self._next_retry_t is None
                                     else round(max(0.0, self._next_retry_t - time.time()), 1)),
             }
@@ -464,7 +541,7 @@ class CameraFeed:
     def preview_jpeg(self, max_width: int = 960, quality: int = 75) -> tuple[int, bytes] | None:
         """The latest frame as a small JPEG, encoded once per frame whoever asks. None: no frame."""
         frame = self.latest()
-        if frame is None:
+        if frame is None or frame.rgb is None:
             return None
         with self._preview_lock:
             if self._preview is not None and self._preview[:2] == (frame.seq, max_width):

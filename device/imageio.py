@@ -38,8 +38,26 @@ def header_size(data: bytes) -> tuple[int, int] | None:
         w, h = struct.unpack("<ii", data[18:26])
         return abs(w), abs(h)
     if data[:4] in (b"II*\x00", b"MM\x00*"):
-        return None  # TIFF: size lives in an IFD; OpenCV's own limit applies
+        return _tiff_size(data)
     return None
+
+
+def _tiff_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from a TIFF's first IFD (OpenCV's own limit, 2^30 pixels, is far too high)."""
+    e = "<" if data[:2] == b"II" else ">"
+    try:
+        (ifd,) = struct.unpack(e + "I", data[4:8])
+        (n,) = struct.unpack(e + "H", data[ifd : ifd + 2])
+        size = {}
+        for i in range(n):
+            entry = ifd + 2 + 12 * i
+            tag, typ = struct.unpack(e + "HH", data[entry : entry + 4])
+            if tag in (256, 257):  # ImageWidth, ImageLength: SHORT (3) or LONG (4), stored in the entry
+                fmt, width = ("H", 2) if typ == 3 else ("I", 4)
+                size[tag] = struct.unpack(e + fmt, data[entry + 8 : entry + 8 + width])[0]
+        return size[256], size[257]
+    except (struct.error, KeyError) as exc:
+        raise ImageError("unreadable TIFF header") from exc
 
 
 def _jpeg_size(data: bytes) -> tuple[int, int]:
@@ -89,13 +107,15 @@ def decode_rgb(data: bytes, *, name: str = "image", min_side_px: int = MIN_SIDE_
     """
     if not data:
         raise ImageError(f"{name}: empty file")
-    size = header_size(data)
-    if size is None and data[:4] not in (b"II*\x00", b"MM\x00*"):
+    try:
+        size = header_size(data)
+    except ImageError as exc:
+        raise ImageError(f"{name}: {exc}") from exc
+    if size is None:
         raise ImageError(f"{name}: not a supported image (PNG, JPEG, WebP, BMP, TIFF)")
-    if size is not None:
-        w, h = size
-        if w * h > MAX_PIXELS:
-            raise ImageError(f"{name}: {w}x{h} is {w * h / 1e6:.0f} MP, over the {MAX_PIXELS / 1e6:.0f} MP limit")
+    w, h = size
+    if w * h > MAX_PIXELS:
+        raise ImageError(f"{name}: {w}x{h} is {w * h / 1e6:.0f} MP, over the {MAX_PIXELS / 1e6:.0f} MP limit")
     if data[:8] == b"\x89PNG\r\n\x1a\n" and b"IEND" not in data[-32:]:
         raise ImageError(f"{name}: truncated PNG (no end chunk)")
     if data[:2] == b"\xff\xd8" and data.rfind(b"\xff\xd9") < len(data) - 1024:

@@ -3,21 +3,30 @@
 ``serve()`` is what ``python -m device serve`` (``make demo``, the systemd unit) runs. It wires the
 parts together and serves the Flask app with waitress. A missing or corrupt model does not stop the
 service: the page and ``/api/status`` say the model is unusable, so an admin can see why, and captures
-are refused until it is fixed. A bad config is the one start-up error that exits (status 78,
-EX_CONFIG, which the unit does not restart).
+are refused until it is fixed. A bad config, or a bad ``settings.json`` of admin changes, is the one
+start-up error that exits (status 78, EX_CONFIG, which the unit does not restart).
+
+Faults while running: a camera frame that cannot be analysed is stored as a rejected field with the
+reason; below ``LOW_DISK_FACTOR`` x ``service.min_free_disk_mb`` free, raw frames stop being saved (results
+are kept); below ``min_free_disk_mb`` captures are refused (507), as they are when the disk fills up in
+the middle of a write.
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import logging
+import math
 import os
 import shutil
 import signal
+import sqlite3
 import threading
 import time
 from bisect import bisect_left
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -38,6 +47,10 @@ ANNOTATED_JPEG_QUALITY = 85
 RAW_JPEG_QUALITY = 95
 CROP_JPEG_QUALITY = 92  # small crops; parasite dots stay crisp at this quality
 DEFAULT_WATCHDOG_INTERVAL_S = 10.0
+# Below LOW_DISK_FACTOR x service.min_free_disk_mb of free space raw frames stop being saved (results are
+# still kept); below min_free_disk_mb captures are refused. A raw frame is the largest file of a field.
+LOW_DISK_FACTOR = 2
+PLACEHOLDER_SIZE_PX = (640, 480)  # the "annotated image" of a field whose camera frame was unusable
 
 
 class CaptureRefused(RuntimeError):
@@ -63,6 +76,9 @@ class Metrics:
         "cells_flagged_total": "Cells flagged infected in used fields.",
         "analysis_errors_total": "Field analyses that failed with an error.",
         "uploads_refused_total": "Uploaded images refused (not an image, too large, undecodable).",
+        "captures_refused_total": "Captures refused (no camera, model unusable, disk full, busy).",
+        "camera_frames_unusable_total": "Fields captured from a camera frame that could not be analysed.",
+        "raw_frames_skipped_total": "Fields stored without their raw frame because the disk was low.",
     }
 
     def __init__(self) -> None:
@@ -105,19 +121,79 @@ class Metrics:
 
 # --- the analyser ---------------------------------------------------------------------------------
 
+CARD_METRICS = ("n", "accuracy", "sensitivity", "specificity", "false_positive_rate", "auc")
+
+
 @dataclass(frozen=True)
 class ModelStatus:
     ok: bool
     name: str = ""
     sha256: str = ""
     threshold: float = 0.0
+    card_threshold: float = 0.0
     fp_rate_per_cell: float = 0.0
     runtime: str = ""
     error: str | None = None
+    card_date: str = ""
+    card_metrics: dict = field(default_factory=dict)  # validation-patient figures at the card threshold
 
     def to_json(self) -> dict:
         return {"ok": self.ok, "name": self.name, "sha256": self.sha256, "threshold": self.threshold,
-                "fp_rate_per_cell": self.fp_rate_per_cell, "runtime": self.runtime, "error": self.error}
+                "card_threshold": self.card_threshold, "fp_rate_per_cell": self.fp_rate_per_cell,
+                "runtime": self.runtime, "error": self.error, "card_date": self.card_date,
+                "card_metrics": self.card_metrics}
+
+
+def _card_metrics(card) -> dict:
+    """The card's validation figures at its threshold; NaN (no positives) becomes None: JSON has no NaN."""
+    data = getattr(card, "data", None) or {}
+    m = (data.get("metrics") or {}).get("int8_at_threshold") or {}
+    out = {}
+    for k in CARD_METRICS:
+        v = m.get(k)
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            out[k] = float(v) if math.isfinite(v) else None
+    return out
+
+
+# --- disk space ----------------------------------------------------------------------------------
+
+def free_disk_mb(path: str | Path) -> float:
+    """Free space on the file system holding ``path``, in MB: the one probe every check uses."""
+    return shutil.disk_usage(path).free / 1e6
+
+
+@dataclass(frozen=True)
+class DiskState:
+    """Free space against the two levels: ``low`` (raw frames stop) and ``min`` (captures refused)."""
+
+    free_mb: float
+    low_mb: float
+    min_mb: float
+
+    @property
+    def level(self) -> str:
+        if self.free_mb < self.min_mb:
+            return "full"
+        if self.free_mb < self.low_mb:
+            return "low"
+        return "ok"
+
+    @property
+    def message(self) -> str | None:
+        """What the page says, or None when there is room."""
+        if self.level == "full":
+            return (f"The disk is nearly full ({self.free_mb:.0f} MB free, {self.min_mb:.0f} MB needed): new fields "
+                    "are refused. Export the records and free some space.")
+        if self.level == "low":
+            return (f"Disk space is low ({self.free_mb:.0f} MB free): raw frames are no longer saved; results and "
+                    "annotated fields still are. Export the records and free some space.")
+        return None
+
+    def to_json(self) -> dict:
+        return {"free_mb": round(self.free_mb), "low_mb": round(self.low_mb), "min_free_mb": round(self.min_mb),
+                "level": self.level, "low": self.level != "ok", "full": self.level == "full",
+                "message": self.message}
 
 
 def review_crop(rgb: np.ndarray, bbox: tuple[int, int, int, int]) -> np.ndarray:
@@ -133,6 +209,22 @@ def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
     if not ok:  # pragma: no cover
         raise RuntimeError("JPEG encoding failed")
     return buf.tobytes()
+
+
+def placeholder_rgb(text: str = "NO USABLE PICTURE") -> np.ndarray:
+    """A gray image standing in for a camera frame that could not be used."""
+    w, h = PLACEHOLDER_SIZE_PX
+    img = np.full((h, w, 3), 90, np.uint8)
+    cv2.putText(img, text, (30, h // 2), cv2.FONT_HERSHEY_SIMPLEX, 1.1, (230, 230, 230), 2)
+    return img
+
+
+def _disk_full(exc: BaseException) -> bool:
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    if isinstance(exc, sqlite3.Error):
+        return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(exc)
+    return False
 
 
 def ensure_crop(store: Store, cell_id: int) -> Path | None:
@@ -169,8 +261,9 @@ class FieldAnalyser:
         classifier: a loaded ``CellClassifier`` (or anything with its interface), or None when the model
             is unusable; then ``model_error`` says why and every capture is refused.
         settings: the quality gate and threshold for :func:`device.analysis.analyze_field`.
-        save_raw: keep the unannotated frame too (JPEG quality 95).
-        min_free_disk_mb: refuse captures below this much free space in the data folder.
+        save_raw: keep the unannotated frame too (JPEG quality 95) while the disk has room.
+        min_free_disk_mb: refuse captures below this much free space in the data folder; below
+            ``LOW_DISK_FACTOR`` times it, raw frames are no longer saved.
     """
 
     def __init__(self, store: Store, classifier=None, *, settings: AnalysisSettings | None = None,
@@ -186,6 +279,7 @@ class FieldAnalyser:
         self._pending = 0
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="analysis")
+        self._raw_skipped_logged = False
         self.last_latency_s: float | None = None
         if classifier is None:
             self.model = ModelStatus(False, error=model_error or "no model loaded")
@@ -193,11 +287,12 @@ class FieldAnalyser:
             card = getattr(classifier, "card", None)
             threshold = float(self.settings.threshold if self.settings.threshold is not None
                               else classifier.threshold)
-            fp = getattr(card, "false_positive_rate", None) if card is not None else None
+            fp = _call_fp_rate(card, threshold)
             self.model = ModelStatus(
                 True, name=getattr(card, "name", "model"), sha256=getattr(classifier, "sha256", ""),
-                threshold=threshold, fp_rate_per_cell=float(fp or 0.0),
-                runtime=getattr(classifier, "runtime", ""))
+                threshold=threshold, card_threshold=float(getattr(card, "threshold", classifier.threshold)),
+                fp_rate_per_cell=float(fp or 0.0), runtime=getattr(classifier, "runtime", ""),
+                card_date=str((getattr(card, "data", None) or {}).get("date", "")), card_metrics=_card_metrics(card))
 
     @classmethod
     def from_config(cls, cfg, store: Store, metrics: Metrics | None = None) -> FieldAnalyser:
@@ -217,6 +312,17 @@ class FieldAnalyser:
             return cls(store, None, model_error=str(exc), **common)
         return cls(store, clf, **common)
 
+    def set_threshold(self, threshold: float | None) -> None:
+        """The operating threshold for slides started from now on (None: the model card's).
+
+        An open slide keeps the threshold it was started with: its fields are classified with it.
+        """
+        self.settings = replace(self.settings, threshold=threshold)
+        if self.model.ok:
+            t = float(threshold if threshold is not None else self.model.card_threshold)
+            fp = _call_fp_rate(getattr(self.classifier, "card", None), t)
+            self.model = replace(self.model, threshold=t, fp_rate_per_cell=float(fp or 0.0))
+
     def model_info(self) -> ModelInfo:
         if not self.model.ok:
             raise CaptureRefused(f"the model is unusable: {self.model.error}", 503)
@@ -230,31 +336,51 @@ class FieldAnalyser:
     def pending(self) -> int:
         return self._pending
 
-    def check_disk(self) -> None:
-        free_mb = shutil.disk_usage(self.store.data_dir).free / 1e6
-        if free_mb < self.min_free_disk_mb:
-            raise CaptureRefused(f"the disk is nearly full ({free_mb:.0f} MB free, {self.min_free_disk_mb} MB "
-                                 "needed): export the records and free some space", 507)
+    def disk(self) -> DiskState:
+        m = float(self.min_free_disk_mb)
+        return DiskState(free_disk_mb(self.store.data_dir), low_mb=m * LOW_DISK_FACTOR, min_mb=m)
 
-    def submit(self, slide_id: int, rgb: np.ndarray, source: str = "camera") -> Future:
+    def check_disk(self) -> DiskState:
+        disk = self.disk()
+        if disk.level == "full":
+            raise CaptureRefused(f"the disk is nearly full ({disk.free_mb:.0f} MB free, {disk.min_mb:.0f} MB "
+                                 "needed): export the records and free some space", 507)
+        return disk
+
+    def refused(self, exc: CaptureRefused) -> CaptureRefused:
+        """Count a refusal for /metrics; returns it for ``raise``."""
+        self.metrics.inc("captures_refused_total")
+        return exc
+
+    def submit(self, slide_id: int, rgb: np.ndarray | None, source: str = "camera", *,
+               problem: str | None = None) -> Future:
         """Queue one field; the future's result is the stored field row (dict).
 
+        ``problem`` (with ``rgb`` None) says why the camera frame cannot be analysed: the field is stored
+        as rejected with that reason, so the technician sees it in the slide's list.
+
         Raises :class:`CaptureRefused` at once when the model is unusable, the disk full or the queue
-        full; the future raises ``NotFound``/``Conflict`` for a missing or finished slide.
+        full; the future raises ``NotFound``/``Conflict`` for a missing or finished slide, and
+        :class:`CaptureRefused` (507) when the disk fills up while the field is written.
         """
-        model = self.model_info()
-        self.check_disk()
+        try:
+            model = self.model_info()
+            self.check_disk()
+        except CaptureRefused as exc:
+            raise self.refused(exc) from None
         slide = self.store.get_slide(slide_id)
         if slide is None:
             raise NotFound(f"slide {slide_id} not found")
         Store._check_open(slide, model.sha256)
         with self._lock:
             if self._pending >= self.max_pending:
-                raise CaptureRefused("still analysing the previous fields: wait a moment", 503)
+                raise self.refused(CaptureRefused("still analysing the previous fields: wait a moment", 503))
             self._pending += 1
         t0 = time.perf_counter()
+        # The slide's own threshold: an admin may change the threshold while the slide is open.
+        threshold = float(slide["threshold"])
         try:
-            fut = self._executor.submit(self._process, slide_id, rgb, source, model, t0)
+            fut = self._executor.submit(self._process, slide_id, rgb, source, model, threshold, problem, t0)
         except RuntimeError:  # shut down
             with self._lock:
                 self._pending -= 1
@@ -265,17 +391,41 @@ class FieldAnalyser:
     def _done(self, fut: Future) -> None:
         with self._lock:
             self._pending -= 1
-        if fut.cancelled():
-            return
-        exc = fut.exception()
-        if exc is not None and not isinstance(exc, NotFound | Conflict | CaptureRefused):
-            self.metrics.inc("analysis_errors_total")
-            logger.error("field analysis failed", exc_info=exc)
 
-    def _process(self, slide_id: int, rgb: np.ndarray, source: str, model: ModelInfo, t0: float) -> dict:
-        result = analyze_field(rgb, self.classifier, self.settings)
-        images = self.encode_images(rgb, result)
-        field_id = self.store.add_field(slide_id, result, source=source, model_sha256=model.sha256, images=images)
+    def _process(self, *args) -> dict:
+        """Counted and logged here, in the worker, before the page gets its answer."""
+        try:
+            return self._analyse_and_store(*args)
+        except CaptureRefused:
+            self.metrics.inc("captures_refused_total")
+            raise
+        except (NotFound, Conflict):
+            raise
+        except Exception:
+            self.metrics.inc("analysis_errors_total")
+            logger.exception("field analysis failed")
+            raise
+
+    def _analyse_and_store(self, slide_id: int, rgb: np.ndarray | None, source: str, model: ModelInfo,
+                           threshold: float, problem: str | None, t0: float) -> dict:
+        if rgb is None or problem:
+            h, w = (rgb.shape[:2] if isinstance(rgb, np.ndarray) and rgb.ndim >= 2 else (0, 0))
+            result = FieldResult(int(w), int(h), f"camera frame unusable: {problem or 'no picture'}", [], 0.0,
+                                 threshold, {})
+            images = FieldImages(encode_jpeg(placeholder_rgb(), ANNOTATED_JPEG_QUALITY), None, {})
+            self.metrics.inc("camera_frames_unusable_total")
+        else:
+            result = analyze_field(rgb, self.classifier, replace(self.settings, threshold=threshold))
+            images = self.encode_images(rgb, result, save_raw=self._keep_raw())
+        try:
+            field_id = self.store.add_field(slide_id, result, source=source, model_sha256=model.sha256,
+                                            images=images)
+        except (OSError, sqlite3.Error) as exc:
+            if _disk_full(exc):
+                logger.error("slide %d: the disk filled up while a field was written: %s", slide_id, exc)
+                raise CaptureRefused("the disk is full: the field was not saved; export the records and free "
+                                     "some space", 507) from exc
+            raise
         latency = time.perf_counter() - t0
         self.last_latency_s = latency
         m = self.metrics
@@ -290,12 +440,30 @@ class FieldAnalyser:
                     else f"{result.infected_count}/{result.rbc_count} flagged", latency * 1000)
         return self.store.get_field(field_id)  # type: ignore[return-value]
 
-    def encode_images(self, rgb: np.ndarray, result: FieldResult) -> FieldImages:
+    def _keep_raw(self) -> bool:
+        """Raw frames are kept only while the disk is above the low level (the first thing to give up)."""
+        if not self.save_raw:
+            return False
+        disk = self.disk()
+        if disk.level == "ok":
+            if self._raw_skipped_logged:
+                logger.info("disk space recovered (%.0f MB free): raw frames are saved again", disk.free_mb)
+                self._raw_skipped_logged = False
+            return True
+        self.metrics.inc("raw_frames_skipped_total")
+        if not self._raw_skipped_logged:
+            logger.warning("disk space low (%.0f MB free, below %.0f MB): raw frames are no longer saved",
+                           disk.free_mb, disk.low_mb)
+            self._raw_skipped_logged = True
+        return False
+
+    def encode_images(self, rgb: np.ndarray, result: FieldResult, *, save_raw: bool | None = None) -> FieldImages:
+        save_raw = self.save_raw if save_raw is None else save_raw
         crops = {} if result.rejected else {
             i: encode_jpeg(review_crop(rgb, c.bbox), CROP_JPEG_QUALITY)
             for i, c in enumerate(result.cells) if c.infected}
         return FieldImages(annotated_jpeg=encode_jpeg(annotate(rgb, result), ANNOTATED_JPEG_QUALITY),
-                           raw_jpeg=encode_jpeg(rgb, RAW_JPEG_QUALITY) if self.save_raw else None,
+                           raw_jpeg=encode_jpeg(rgb, RAW_JPEG_QUALITY) if save_raw else None,
                            crops_jpeg=crops)
 
     def shutdown(self, wait: bool = True) -> None:
@@ -304,11 +472,26 @@ class FieldAnalyser:
 
 # --- slide results --------------------------------------------------------------------------------
 
+def _call_fp_rate(card, threshold: float) -> float | None:
+    """The card's false-positive rate per healthy cell at this threshold (the slide call needs it)."""
+    if card is None:
+        return None
+    at = getattr(card, "false_positive_rate_at", None)
+    fp = at(threshold) if at is not None else None
+    return fp if fp is not None else getattr(card, "false_positive_rate", None)
+
+
 def slide_summary(slide: dict, totals: dict, *, reviewed: bool = False) -> SlideSummary:
-    """The slide's result from its counts: automatic, or after the technician's review."""
+    """The slide's result from its counts: automatic, or after the technician's review.
+
+    Once every flagged cell has been reviewed, the remaining count is confirmed by a person, so no
+    false-positive allowance applies: one confirmed parasite makes the reviewed call positive.
+    """
     infected = totals["reviewed_infected_count"] if reviewed else totals["infected_count"]
+    all_reviewed = reviewed and totals.get("review", {}).get("pending", 1) == 0
     s = summarize_slide(totals["rbc_count"], infected, threshold=slide["threshold"],
-                        fp_rate_per_cell=slide["fp_rate_per_cell"], target_rbc=slide["target_rbc"],
+                        fp_rate_per_cell=0.0 if all_reviewed else slide["fp_rate_per_cell"],
+                        target_rbc=slide["target_rbc"],
                         rbc_per_ul=slide["rbc_per_ul"], fields_used=totals["fields_used"],
                         fields_rejected=totals["fields_rejected"])
     # summarize_slide calls any given count "measured"; the configured one is a population assumption.
@@ -324,6 +507,84 @@ def finish_slide(store: Store, slide_id: int) -> dict:
     result = {"automatic": summary.to_json(), "model_name": slide["model_name"],
               "model_sha256": slide["model_sha256"], "threshold": slide["threshold"]}
     return store.finish_slide(slide_id, result)
+
+
+# --- settings changed on the admin page -------------------------------------------------------------
+
+SETTINGS_FILE = "settings.json"
+# What an admin may change on the page, by config section; everything else comes from the config file.
+ADMIN_SETTINGS: dict[str, tuple[str, ...]] = {
+    "analysis": ("counting_target_rbc",),
+    "model": ("threshold",),
+    "camera": ("source", "device"),
+    "security": ("technician_pin", "admin_password_hash"),
+}
+
+
+class AdminSettings:
+    """Settings changed on the admin page, kept in ``data_dir/settings.json`` (mode 0600) over the config.
+
+    Under systemd the config file and the code are read-only (/etc, /opt); the data folder is the one
+    place the service writes. At start-up the file is applied over the config and validated the same
+    way (:meth:`device.config.Config.with_changes`): a bad file stops the service like a bad config,
+    naming the file and the key. It may hold the admin password hash and the PIN, hence 0600.
+    """
+
+    def __init__(self, data_dir: str | Path):
+        self.path = Path(data_dir) / SETTINGS_FILE
+        self._lock = threading.Lock()
+
+    def load(self) -> dict[str, dict]:
+        """The stored changes by section ({} without a file). Raises ConfigError naming the file and key."""
+        from device.config import ConfigError
+
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return {}
+        except OSError as exc:
+            raise ConfigError(f"{self.path}: cannot read ({exc.strerror or exc})") from exc
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{self.path}: not valid JSON ({exc})") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{self.path}: expected an object of sections")
+        for section, values in data.items():
+            if section not in ADMIN_SETTINGS or not isinstance(values, dict):
+                raise ConfigError(f"{self.path}: {section}: not a section of admin settings "
+                                  f"({', '.join(ADMIN_SETTINGS)})")
+            for key in values:
+                if key not in ADMIN_SETTINGS[section]:
+                    raise ConfigError(f"{self.path}: {section}.{key}: not a setting the admin page changes")
+        return data
+
+    def apply(self, cfg):
+        """``cfg`` with the stored changes applied and validated. Raises ConfigError naming file and key."""
+        from device.config import ConfigError
+
+        for section, values in self.load().items():
+            try:
+                cfg = cfg.with_changes(section, **values)
+            except ConfigError as exc:
+                raise ConfigError(f"{self.path}: {exc}") from exc
+        return cfg
+
+    def save(self, cfg, changes: dict[str, dict]):
+        """Validate ``changes`` over ``cfg``, keep them with the earlier ones and return the new config.
+
+        Raises ConfigError (``section.key: problem``) and writes nothing when a value is refused.
+        """
+        with self._lock:
+            stored = self.load()
+            for section, values in changes.items():
+                unknown = set(values) - set(ADMIN_SETTINGS.get(section, ()))
+                if unknown:
+                    raise ValueError(f"not admin settings: {section}.{', '.join(sorted(unknown))}")
+                cfg = cfg.with_changes(section, **values)
+                stored.setdefault(section, {}).update(values)
+            write_atomic(self.path, (json.dumps(stored, indent=2, sort_keys=True) + "\n").encode())
+        return cfg
 
 
 # --- serve ---------------------------------------------------------------------------------------
@@ -368,6 +629,13 @@ def watchdog_interval_s() -> float:
     return DEFAULT_WATCHDOG_INTERVAL_S
 
 
+def camera_opener(camera_config):
+    """What the camera feed calls to (re)open the camera that ``camera_config`` names."""
+    from device.camera import open_camera
+
+    return partial(open_camera, camera_config)
+
+
 def _set_log_level(level: str) -> None:
     root = logging.getLogger()
     if not root.handlers:
@@ -383,19 +651,22 @@ def serve(config_path: str | None, host: str | None = None, port: int | None = N
     import sdnotify
     import waitress
 
-    from device.camera import CameraFeed, open_camera
+    from device.camera import CameraFeed
     from device.config import ConfigError, load_config
     from device.web import create_app
+    from device.web.health import install_recent_log
 
     try:
         cfg = load_config(config_path)
         overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
         if overrides:
             cfg = cfg.with_changes("service", **overrides)
+        cfg = AdminSettings(cfg.service.data_dir).apply(cfg)
     except ConfigError as exc:
         logger.error("config error: %s", exc)
         return EX_CONFIG
     _set_log_level(cfg.service.log_level)
+    install_recent_log()  # the admin page's "last problems", from here on
     try:
         store = Store(cfg.service.data_dir)
     except (StoreError, OSError) as exc:
@@ -403,7 +674,7 @@ def serve(config_path: str | None, host: str | None = None, port: int | None = N
         return 1
     metrics = Metrics()
     analyser = FieldAnalyser.from_config(cfg, store, metrics)
-    feed = CameraFeed(partial(open_camera, cfg.camera), reconnect_max_s=cfg.camera.reconnect_max_s,
+    feed = CameraFeed(camera_opener(cfg.camera), reconnect_max_s=cfg.camera.reconnect_max_s,
                       min_focus=cfg.analysis.min_focus, source=cfg.camera.source)
     feed.start()
     try:

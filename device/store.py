@@ -11,6 +11,8 @@ into place without an fsync each, because :func:`device.service.ensure_crop` cut
 from the raw frame and the cell's box in the database.
 
 Files are named from row data (slide ID and a random key stored in the row), never from a request.
+A crash in the middle of a field leaves a temp file or images no row names; opening the store removes
+them (see :meth:`Store._remove_interrupted_writes`).
 
 Schema changes are an ordered list of migrations; ``PRAGMA user_version`` says how many have run.
 """
@@ -25,6 +27,7 @@ import secrets
 import sqlite3
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,6 +40,8 @@ logger = logging.getLogger(__name__)
 DB_NAME = "malaria-detect.sqlite3"
 IMAGES_DIR = "images"
 REVIEW_DECISIONS = ("confirmed", "rejected")
+# A temp file older than this is what a crash (kill -9, power cut) left mid-write; a live one is milliseconds old.
+STALE_TEMP_S = 60.0
 
 # Ordered migrations: MIGRATIONS[i] takes the schema from version i to i + 1. Never edit a shipped one;
 # append a new one.
@@ -216,6 +221,34 @@ class Store:
         except StoreError:
             self.close()
             raise
+        self.interrupted_files_removed = self._remove_interrupted_writes()
+
+    def _remove_interrupted_writes(self) -> int:
+        """Delete what a crash (kill -9, power cut) left of a field it cut short; returns how many files.
+
+        That is the temp file of a write not renamed yet (see :func:`write_atomic`) and the images of a
+        field whose row was never committed: no row names them, so each crash would leak a few MB. A field
+        is only ever written to an open slide, so only open slides' folders are looked at (start-up stays
+        quick with years of records), and only files older than ``STALE_TEMP_S`` (a write in progress is
+        milliseconds old, should another process have the folder open).
+        """
+        cutoff = time.time() - STALE_TEMP_S
+        n = 0
+        conn = self._conn()
+        for (slide_id,) in conn.execute("SELECT id FROM slides WHERE status = 'open'").fetchall():
+            folder = self._slide_dir(slide_id)
+            if not folder.is_dir():
+                continue
+            keys = {r[0] for r in conn.execute("SELECT file_key FROM fields WHERE slide_id = ?", (slide_id,))}
+            for p in folder.iterdir():
+                interrupted = p.name.endswith(".tmp") if p.name.startswith(".") else p.name.split("_")[0] not in keys
+                with contextlib.suppress(OSError):
+                    if interrupted and p.stat().st_mtime < cutoff:
+                        p.unlink()
+                        n += 1
+        if n:
+            logger.warning("removed %d image file(s) left by a write that a crash or power cut interrupted", n)
+        return n
 
     # -- connections --
     def _connect(self) -> sqlite3.Connection:
@@ -298,6 +331,13 @@ class Store:
         sql += " ORDER BY id DESC LIMIT ? OFFSET ?"
         args += [int(limit), int(offset)]
         return [dict(r) for r in self._conn().execute(sql, args)]
+
+    def slide_counts(self) -> dict:
+        """{"slides": n, "open": n, "fields": n}: for the admin page."""
+        c = self._conn()
+        s = c.execute("SELECT COUNT(*), COALESCE(SUM(status = 'open'), 0) FROM slides").fetchone()
+        f = c.execute("SELECT COUNT(*) FROM fields").fetchone()
+        return {"slides": s[0], "open": s[1], "fields": f[0]}
 
     def finish_slide(self, slide_id: int, result: dict) -> dict:
         """Close the slide and keep the automatic result as it stood. Raises NotFound / Conflict."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +12,15 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLES_DIR = ROOT / "device" / "samples"
 MODEL_PATH = ROOT / "models" / "cellnet_int8.tflite"
 ARTIFACTS_DIR = ROOT / "test-artifacts"
+ADMIN_PASSWORD = "microscope-42"
+
+
+@functools.cache
+def admin_hash() -> str:
+    """A hash of ADMIN_PASSWORD for security.admin_password_hash; few iterations, so tests stay fast."""
+    from werkzeug.security import generate_password_hash
+
+    return generate_password_hash(ADMIN_PASSWORD, method="pbkdf2:sha256:1000")
 
 
 @pytest.fixture(scope="session")
@@ -42,6 +52,20 @@ class Env:
 
     def csrf(self, client) -> str:
         return client.get("/api/session").get_json()["csrf_token"]
+
+    @property
+    def deps(self):
+        return self.app.extensions["malaria_detect"]
+
+    def admin_client(self, password: str = ADMIN_PASSWORD):
+        """A test client signed in as admin (the env needs ``security={"admin_password_hash": admin_hash()}``).
+
+        Returns (client, csrf token of the signed-in session).
+        """
+        c = self.app.test_client()
+        r = c.post("/admin/login", data={"password": password, "csrf_token": self.csrf(c)})
+        assert r.status_code == 303, r.get_data(as_text=True)
+        return c, self.csrf(c)
 
 
 @pytest.fixture

@@ -246,3 +246,46 @@ def test_auto_capture_takes_one_field_per_still_sharp_scene(browser, make_env, t
             assert env.store.totals(1)["fields"] == 1
         finally:
             page.close()
+
+
+def test_admin_first_run_health_and_settings(browser, make_env, monkeypatch):
+    from device import service
+
+    with _live(make_env(service={"min_free_disk_mb": 500})) as env:
+        code = env.app.extensions["malaria_detect"].setup_code
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        try:
+            page.goto(env.base_url + "/admin/")
+            page.wait_for_url("**/admin/setup")
+            assert "journalctl" in page.inner_text("main")
+            _shot(page, "11-admin-setup")
+            page.fill("input[name=setup_code]", code)
+            page.fill("input[name=password]", "browser-admin-1")
+            page.fill("input[name=password2]", "browser-admin-1")
+            page.click("button:has-text('Set password')")
+            page.wait_for_url("**/admin/")
+            for text in ("CPU temperature", "Memory available", "Service version", "Last problems", "Settings"):
+                assert page.is_visible(f"text={text}"), text
+            page.fill("#counting_target_rbc", "1500")
+            page.fill("#threshold", "0.7")
+            page.fill("#technician_pin", "2468")
+            page.click("#settings-save")
+            page.wait_for_selector("#admin-flash")
+            assert "counting target 1500 red cells" in page.inner_text("#admin-flash")
+            _shot(page, "12-admin", full_page=True)
+            page.fill("#counting_target_rbc", "5")
+            page.click("#settings-save")
+            page.wait_for_selector("#settings-error")
+            assert "100-100000" in page.inner_text("#settings-error")
+            assert env.app.extensions["malaria_detect"].config.analysis.counting_target_rbc == 1500
+            # the low-disk warning on a technician page (the admin's session passes the PIN)
+            monkeypatch.setattr(service, "free_disk_mb", lambda _p: 700.0)
+            page.goto(env.base_url + "/")
+            page.wait_for_selector("#disk-banner", state="visible")
+            assert "raw frames are no longer saved" in page.inner_text("#disk-banner")
+            _shot(page, "13-disk-low")
+        finally:
+            page.close()
+        assert not errors, errors

@@ -81,3 +81,19 @@ def test_iter_image_files_expands_folders(tmp_path):
     (tmp_path / "a" / "x.png").write_bytes(b"")
     (tmp_path / "a" / "notes.txt").write_text("")
     assert iter_image_files([tmp_path]) == [tmp_path / "a" / "x.png"]
+
+
+@pytest.mark.parametrize("order", [b"II", b"MM"])
+def test_tiff_bomb_is_refused_from_its_header(order, monkeypatch):
+    import struct
+
+    e = "<" if order == b"II" else ">"
+    magic = order + (b"*\x00" if order == b"II" else b"\x00*")
+    entries = struct.pack(e + "HHII", 256, 4, 1, 30000) + struct.pack(e + "HHII", 257, 4, 1, 30000)
+    ifd = struct.pack(e + "H", 2) + entries
+    data = magic + struct.pack(e + "I", 8) + ifd + b"\x00" * 4
+    monkeypatch.setattr(cv2, "imdecode", lambda *a, **k: pytest.fail("decoder called on a TIFF bomb"))
+    with pytest.raises(ImageError, match="30000x30000 is 900 MP"):
+        decode_rgb(data, name="bomb.tif")
+    with pytest.raises(ImageError, match="unreadable TIFF header"):
+        decode_rgb(magic + b"\xff\xff\xff\x00", name="bad.tif")

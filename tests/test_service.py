@@ -275,3 +275,30 @@ def test_watchdog_interval_is_half_of_watchdog_usec(monkeypatch, usec, pid, expe
         else:
             monkeypatch.setenv(k, v)
     assert service.watchdog_interval_s() == expected
+
+
+def _slide(fp: float) -> dict:
+    return {"threshold": 0.9, "fp_rate_per_cell": fp, "target_rbc": 2000, "rbc_per_ul": 5e6,
+            "rbc_per_ul_measured": 0}
+
+
+def test_reviewed_call_drops_the_false_positive_allowance_only_when_every_flag_is_reviewed():
+    totals = {"rbc_count": 2100, "infected_count": 6, "reviewed_infected_count": 2, "fields_used": 10,
+              "fields_rejected": 0, "review": {"confirmed": 2, "rejected": 4, "pending": 0}}
+    auto = service.slide_summary(_slide(0.003), totals)
+    assert auto.call == "negative"  # 6 flags are within the ~6 false positives expected
+    reviewed = service.slide_summary(_slide(0.003), totals, reviewed=True)
+    assert reviewed.call == "positive" and reviewed.infected_count == 2  # two parasites confirmed by a person
+    partly = dict(totals, review={"confirmed": 2, "rejected": 3, "pending": 1}, reviewed_infected_count=3)
+    assert service.slide_summary(_slide(0.003), partly, reviewed=True).call == "negative"
+
+
+def test_call_false_positive_rate_follows_the_operating_threshold():
+    from device.model_card import ModelCard
+
+    card = ModelCard(Path("x.json"), {"threshold": 0.9, "call_false_positive_rate": 0.004, "operating_curve": [
+        {"threshold": 0.5, "call_false_positive_rate": 0.02, "sensitivity": 0.97},
+        {"threshold": 0.9, "call_false_positive_rate": 0.004, "sensitivity": 0.9}]})
+    assert service._call_fp_rate(card, 0.9) == 0.004
+    assert service._call_fp_rate(card, 0.6) == 0.02  # a lower admin threshold gets the higher FP rate
+    assert service._call_fp_rate(None, 0.9) is None

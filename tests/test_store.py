@@ -9,6 +9,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -232,5 +233,33 @@ def test_acknowledged_fields_survive_kill_9(tmp_path):
             assert s.field_image_path(fid, "annotated").read_bytes() == b"A" * 50000
             assert s.field_image_path(fid, "raw").read_bytes() == b"R" * 80000
         assert s.pragma("integrity_check") == "ok"
+    finally:
+        s.close()
+
+
+def test_start_up_removes_what_a_cut_short_write_left_in_open_slides_only(tmp_path):
+    s = Store(tmp_path)
+    open_id, done_id = _slide(s, "OPEN"), _slide(s, "DONE")
+    res = _result()
+    fid = s.add_field(open_id, res, source="camera", model_sha256=MODEL.sha256, images=_images(res))
+    key = s.get_field(fid)["file_key"]
+    s.finish_slide(done_id, {})
+    s.close()
+    open_dir, done_dir = tmp_path / "images" / f"slide-{open_id}", tmp_path / "images" / f"slide-{done_id}"
+    done_dir.mkdir()
+    left = [open_dir / "0123456789abcdef_annotated.jpg", open_dir / "0123456789abcdef_raw.jpg",
+            open_dir / ".0123456789abcdef_cell0.jpg.x1y2.tmp"]
+    untouched = [done_dir / "fedcba9876543210_annotated.jpg", open_dir / "00000000000000aa_annotated.jpg"]
+    old = time.time() - store_mod.STALE_TEMP_S - 5
+    for p in left + untouched:
+        p.write_bytes(b"x")
+        if p != untouched[1]:  # that one is being written right now, by another process
+            os.utime(p, (old, old))
+    s = Store(tmp_path)
+    try:
+        assert s.interrupted_files_removed == len(left)
+        assert not any(p.exists() for p in left) and all(p.exists() for p in untouched)
+        assert s.field_image_path(fid, "annotated").name == f"{key}_annotated.jpg"  # the stored field keeps its files
+        assert s.cell_crop_path(s.flagged_cells(open_id)[0]["id"]).is_file()
     finally:
         s.close()

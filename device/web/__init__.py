@@ -7,15 +7,18 @@ analysed. All assets are local (the clinic is offline).
 
 from __future__ import annotations
 
+import hmac
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from flask import Flask, jsonify, redirect, render_template, request, session, url_for
+from flask import Flask, current_app, jsonify, redirect, render_template, request, session, url_for
 from werkzeug.exceptions import HTTPException
 
-from device.web import security
+from device.web import health, security
 
 logger = logging.getLogger(__name__)
 
@@ -23,17 +26,21 @@ MAX_UPLOAD_MB = 30  # a 12 MP camera PNG is ~25 MB; anything larger is not a mic
 # Endpoints open without the technician PIN: monitoring, assets, the PIN page itself, and the admin
 # pages, which have their own login.
 PIN_EXEMPT = {"static", "pages.pin", "api.status", "api.session_info", "pages.healthz", "pages.metrics"}
+ADMIN_SESSION_MAX_S = 12 * 3600  # an admin sign-in lasts a working day, then the password is asked again
 
 
 @dataclass
 class Deps:
-    config: object
+    config: object  # the live config: the admin page replaces it when a setting changes
     store: object
     camera: object
     analyser: object
-    admin_password: security.AdminPassword
+    settings: object  # device.service.AdminSettings: where admin changes are kept
+    camera_opener: Callable  # camera config -> a callable that opens that camera
     login_limiter: security.RateLimiter
+    recent_log: health.RecentLog
     started_at: datetime
+    setup_code: str | None  # the first-run code printed to the log; None once a password is set
 
 
 def deps() -> Deps:
@@ -49,17 +56,24 @@ def wants_json() -> bool:
     return best == "application/json" and request.accept_mimetypes[best] > request.accept_mimetypes["text/html"]
 
 
-def create_app(config, store, camera, analyser, *, secret_key: bytes | None = None) -> Flask:
+def create_app(config, store, camera, analyser, *, secret_key: bytes | None = None,
+               camera_opener: Callable | None = None) -> Flask:
     """Build the Flask app.
 
     Args:
-        config: the :class:`device.config.Config`.
+        config: the :class:`device.config.Config`, with the admin's ``settings.json`` already applied
+            (:meth:`device.service.AdminSettings.apply`, as :func:`device.service.serve` does).
         store: a :class:`device.store.Store`.
         camera: a :class:`device.camera.CameraFeed` (or a fake with ``latest()``, ``status()``,
-            ``preview_jpeg()``).
+            ``preview_jpeg()``; ``reopen()`` for a camera change on the admin page).
         analyser: a :class:`device.service.FieldAnalyser` (or a fake with its interface).
         secret_key: the session key; None reads or creates ``secret_key`` in the data folder.
+        camera_opener: camera config -> opener, for a camera change on the admin page
+            (default :func:`device.service.camera_opener`).
     """
+    from device.service import AdminSettings
+    from device.service import camera_opener as default_opener
+
     app = Flask(__name__)
     data_dir = Path(store.data_dir)
     app.config.update(
@@ -73,11 +87,18 @@ def create_app(config, store, camera, analyser, *, secret_key: bytes | None = No
         TEMPLATES_AUTO_RELOAD=False,
         JSON_SORT_KEYS=False,
     )
+    setup_code = None
+    if not config.security.admin_password_hash:
+        setup_code = security.new_setup_code()
+        # Printed, never stored: whoever can read the device's log owns it, not whoever opens the page first.
+        logger.warning("FIRST RUN: no admin password is set. Setup code: %s (enter it at /admin/setup to "
+                       "choose the password; a new code is made at every start until one is set)", setup_code,
+                       extra={"not_a_problem": True})
     app.extensions["malaria_detect"] = Deps(
-        config=config, store=store, camera=camera, analyser=analyser,
-        admin_password=security.AdminPassword(config.security.admin_password_hash, data_dir),
+        config=config, store=store, camera=camera, analyser=analyser, settings=AdminSettings(data_dir),
+        camera_opener=camera_opener or default_opener,
         login_limiter=security.RateLimiter(config.security.login_attempts_per_minute),
-        started_at=datetime.now().astimezone(),
+        recent_log=health.install_recent_log(), started_at=datetime.now().astimezone(), setup_code=setup_code,
     )
 
     from device.web import admin, api, pages
@@ -99,10 +120,8 @@ def _install_hooks(app: Flask) -> None:
             given = request.headers.get(security.CSRF_HEADER) or request.form.get(security.CSRF_FIELD)
             if not security.tokens_match(session.get(security.CSRF_FIELD), given):
                 return error_response(400, "CSRF token missing or wrong: reload the page and try again")
-        pin = deps().config.security.technician_pin
         endpoint = request.endpoint or ""
-        if (pin and endpoint not in PIN_EXEMPT and not endpoint.startswith("admin.")
-                and not session.get("pin_ok") and not session.get("admin")):
+        if endpoint not in PIN_EXEMPT and not endpoint.startswith("admin.") and not pin_ok():
             if wants_json():
                 return error_response(401, "technician PIN required: enter it at /pin")
             return redirect(url_for("pages.pin", next=request.full_path if request.method == "GET" else None))
@@ -119,18 +138,15 @@ def _install_hooks(app: Flask) -> None:
 
     @app.context_processor
     def _globals():
-        import shutil
-
         d = deps()
-        free_mb = shutil.disk_usage(d.store.data_dir).free / 1e6
         return {"csrf_token": session.get(security.CSRF_FIELD, ""), "model": d.analyser.model,
                 "camera_status": d.camera.status(), "pin_set": bool(d.config.security.technician_pin),
-                "is_admin": bool(session.get("admin")),
-                "disk_low": free_mb < d.config.service.min_free_disk_mb, "disk_free_mb": round(free_mb)}
+                "is_admin": admin_signed_in(), "disk": d.analyser.disk().to_json()}
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):
         if exc.code == 413:
+            deps().analyser.metrics.inc("uploads_refused_total")
             return error_response(413, f"the upload is too large (at most {MAX_UPLOAD_MB} MB)")
         return error_response(exc.code or 500, exc.description or exc.name)
 
@@ -138,6 +154,42 @@ def _install_hooks(app: Flask) -> None:
     def _unexpected(exc: Exception):
         logger.exception("unexpected error on %s %s", request.method, request.path)
         return error_response(500, "internal error: see the service log")
+
+
+# --- who is signed in -------------------------------------------------------------------------------
+
+def _matches(stored, value: str) -> bool:
+    return isinstance(stored, str) and hmac.compare_digest(stored, security.fingerprint(current_app.secret_key,
+                                                                                        value))
+
+
+def admin_signed_in() -> bool:
+    """The session signed in with the current admin password, less than ADMIN_SESSION_MAX_S ago."""
+    h = deps().config.security.admin_password_hash
+    at = session.get("admin_at")
+    if not h or not isinstance(at, int | float) or not 0 <= time.time() - at <= ADMIN_SESSION_MAX_S:
+        return False
+    return _matches(session.get("admin"), "admin:" + h)
+
+
+def sign_in_admin() -> None:
+    """A fresh session (no fixation) marked with the current password hash's fingerprint."""
+    password_hash = deps().config.security.admin_password_hash
+    session.clear()
+    session["admin"] = security.fingerprint(current_app.secret_key, "admin:" + password_hash)
+    session["admin_at"] = time.time()
+    session[security.CSRF_FIELD] = security.new_csrf_token()
+
+
+def pin_ok() -> bool:
+    """No PIN is configured, or this session entered the current one (or is an admin's)."""
+    pin = deps().config.security.technician_pin
+    return not pin or _matches(session.get("pin_ok"), "pin:" + pin) or admin_signed_in()
+
+
+def accept_pin() -> None:
+    session["pin_ok"] = security.fingerprint(current_app.secret_key, "pin:" + deps().config.security.technician_pin)
+    session[security.CSRF_FIELD] = security.new_csrf_token()
 
 
 def error_response(status: int, message: str, **extra):

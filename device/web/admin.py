@@ -1,82 +1,228 @@
-"""The admin pages: first-run password setup, login (rate-limited), a read-only device overview.
+"""The admin pages: first-run setup, sign-in (rate-limited), device health, settings, password.
 
-Settings changes belong to the admin issue; this is the frame it builds on (``admin_required``).
+Every page and every change here needs the admin password (``admin_required``). Settings are validated
+with :meth:`device.config.Config.with_changes`, kept in ``settings.json`` in the data folder (the config
+file is read-only under systemd) and applied at once: the counting target and the threshold to slides
+started from now on, the camera by reopening it, the PIN to the next technician request.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
 import platform
-import shutil
 import sys
+import threading
+from datetime import datetime
 
-from flask import Blueprint, redirect, render_template, request, session, url_for
+from flask import Blueprint, flash, redirect, render_template, request, session, url_for
 
-from device.web import deps, error_response, security, views
+import device
+from device.config import THRESHOLD_SAFE_RANGE, ConfigError
+from device.web import admin_signed_in, deps, error_response, health, security, sign_in_admin, views
 
 logger = logging.getLogger(__name__)
 bp = Blueprint("admin", __name__, url_prefix="/admin")
+
+CAMERA_SOURCES = ("picamera2", "opencv", "replay")
+_setup_lock = threading.Lock()  # two first-run setups at once: the second finds the password set
 
 
 def admin_required(view):
     @functools.wraps(view)
     def wrapper(*args, **kwargs):
-        if not session.get("admin"):
-            if not deps().admin_password.is_set:
+        if not admin_signed_in():
+            if not deps().config.security.admin_password_hash:
                 return redirect(url_for("admin.setup"))
+            if request.method != "GET":
+                return error_response(401, "admin sign-in needed: sign in at /admin/login")
             return redirect(url_for("admin.login", next=request.path))
         return view(*args, **kwargs)
     return wrapper
 
 
+def _client() -> str:
+    return request.remote_addr or "?"
+
+
+# --- the page ----------------------------------------------------------------------------------------
+
+def _fmt(v, fmt: str, unit: str = "") -> str:
+    return "not available" if v is None else f"{v:{fmt}}{unit}"
+
+
+def device_health() -> dict[str, str]:
+    """What the admin checks first, as label -> text."""
+    d = deps()
+    cfg = d.config
+    disk = d.analyser.disk()
+    mem = health.memory_mb()
+    load = health.load_average()
+    counts = d.store.slide_counts()
+    service_up = (datetime.now().astimezone() - d.started_at).total_seconds()
+    return {
+        "CPU temperature": _fmt(health.cpu_temperature_c(), ".1f", " °C"),
+        "Load (1 / 5 / 15 min)": "not available" if load is None else
+        " / ".join(f"{v:.2f}" for v in load) + f" on {os.cpu_count() or '?'} cores",
+        "Memory available": "not available" if mem is None else f"{mem[0]:,.0f} MB of {mem[1]:,.0f} MB",
+        "Disk free": f"{disk.free_mb / 1000:,.1f} GB" + (f" — {disk.message}" if disk.message else ""),
+        "Uptime": f"board {health.format_duration(health.uptime_s())}, service "
+                  f"{health.format_duration(service_up)} (since {d.started_at:%Y-%m-%d %H:%M})",
+        "Service version": f"malaria-detect {device.__version__}, Python {sys.version.split()[0]} on "
+                           f"{platform.machine()}",
+        "Listening on": f"{cfg.service.host}:{cfg.service.port}",
+        "Data folder": f"{d.store.data_dir} (database schema {d.store.schema_version})",
+        "Records": f"{counts['slides']} slides ({counts['open']} open), {counts['fields']} fields",
+        "Technician PIN": "set" if cfg.security.technician_pin else "not set (technician pages open on the LAN)",
+    }
+
+
+def _render(status: int = 200, *, settings_error: str | None = None, password_error: str | None = None,
+            form: dict | None = None):
+    d = deps()
+    cfg = d.config
+    values = {"counting_target_rbc": cfg.analysis.counting_target_rbc,
+              "threshold": "" if cfg.model.threshold is None else f"{cfg.model.threshold:g}",
+              "camera_source": cfg.camera.source, "camera_device": cfg.camera.device}
+    values.update(form or {})
+    html = render_template(
+        "admin.html", health=device_health(), status=views.status_json(), metrics=d.analyser.metrics.counts,
+        log=d.recent_log.entries(), values=values, sources=CAMERA_SOURCES, safe_range=THRESHOLD_SAFE_RANGE,
+        pin_set=bool(cfg.security.technician_pin), settings_error=settings_error, password_error=password_error)
+    return html, status
+
+
 @bp.get("/")
 @admin_required
 def index():
-    d = deps()
-    cfg = d.config
-    store = d.store
-    disk = shutil.disk_usage(store.data_dir)
-    slides = store.list_slides(limit=1_000_000)
-    info = {
-        "Data folder": str(store.data_dir),
-        "Disk free": f"{disk.free / 1e9:.1f} GB of {disk.total / 1e9:.1f} GB",
-        "Database schema": f"version {store.schema_version}",
-        "Slides": f"{len(slides)} ({sum(s['status'] == 'open' for s in slides)} open)",
-        "Camera source": cfg.camera.source,
-        "Counting target": f"{cfg.analysis.counting_target_rbc} red cells",
-        "Assumed RBC/µL": f"{cfg.analysis.rbc_per_ul:,.0f}",
-        "Technician PIN": "set" if cfg.security.technician_pin else "not set (pages open on the LAN)",
-        "Listening on": f"{cfg.service.host}:{cfg.service.port}",
-        "Python": f"{sys.version.split()[0]} on {platform.machine()}",
-    }
-    return render_template("admin.html", info=info, status=views.status_json(),
-                           metrics=d.analyser.metrics.counts)
+    return _render()
 
+
+# --- settings ----------------------------------------------------------------------------------------
+
+class _Invalid(ValueError):
+    pass
+
+
+def _parse_settings(form) -> dict[str, dict]:
+    """The settings form as config changes by section. Raises _Invalid naming the field."""
+    cfg = deps().config
+    changes: dict[str, dict] = {}
+    raw = form.get("counting_target_rbc", "").strip()
+    try:
+        target = int(raw)
+    except ValueError:
+        raise _Invalid(f"Counting target: {raw!r} is not a whole number of red cells") from None
+    if target != cfg.analysis.counting_target_rbc:
+        changes["analysis"] = {"counting_target_rbc": target}
+    raw = form.get("threshold", "").strip().replace(",", ".")
+    try:
+        threshold = float(raw) if raw else None  # blank: the model card's threshold
+    except ValueError:
+        raise _Invalid(f"Threshold: {raw!r} is not a number") from None
+    if threshold != cfg.model.threshold:
+        changes["model"] = {"threshold": threshold}
+    camera = {"source": form.get("camera_source", cfg.camera.source),
+              "device": form.get("camera_device", cfg.camera.device).strip() or "0"}
+    camera = {k: v for k, v in camera.items() if v != getattr(cfg.camera, k)}
+    if camera:
+        changes["camera"] = camera
+    if form.get("remove_pin"):
+        if cfg.security.technician_pin:
+            changes["security"] = {"technician_pin": ""}
+    else:
+        pin = form.get("technician_pin", "").strip()
+        if pin and pin != cfg.security.technician_pin:
+            changes["security"] = {"technician_pin": pin}
+    return changes
+
+
+def _describe(key: str, value) -> str:
+    """A change as the admin reads it (never the PIN itself)."""
+    if key == "technician_pin":
+        return "technician PIN " + ("set" if value else "removed")
+    if key == "threshold":
+        return "threshold: the model card's" if value is None else f"threshold {value:g}"
+    return {"counting_target_rbc": f"counting target {value} red cells", "source": f"camera {value}",
+            "device": f"USB camera device {value}"}.get(key, f"{key} {value}")
+
+
+@bp.post("/settings")
+@admin_required
+def settings():
+    d = deps()
+    form = {k: request.form.get(k, "") for k in ("counting_target_rbc", "threshold", "camera_source", "camera_device")}
+    try:
+        changes = _parse_settings(request.form)
+        if not changes:
+            flash("Nothing changed.")
+            return redirect(url_for("admin.index", _anchor="settings"), 303)
+        new_cfg = d.settings.save(d.config, changes)
+    except _Invalid as exc:
+        return _render(400, settings_error=str(exc), form=form)
+    except ConfigError as exc:  # names the key and the allowed range
+        return _render(400, settings_error=f"Not saved: {exc}", form=form)
+    d.config = new_cfg
+    if "model" in changes:
+        d.analyser.set_threshold(new_cfg.model.threshold)
+    if "camera" in changes and hasattr(d.camera, "reopen"):
+        d.camera.reopen(d.camera_opener(new_cfg.camera), new_cfg.camera.source)
+    said = [_describe(k, v) for values in changes.values() for k, v in values.items()]
+    logger.info("admin at %s changed settings: %s", _client(), "; ".join(said))
+    flash("Saved: " + "; ".join(said) + ".")
+    return redirect(url_for("admin.index", _anchor="settings"), 303)
+
+
+@bp.post("/password")
+@admin_required
+def password():
+    """Change the admin password: the current one is asked again (a session left open is not enough)."""
+    d = deps()
+    client = "admin:" + _client()
+    wait = d.login_limiter.retry_after_s(client)
+    if wait:
+        return error_response(429, f"too many wrong passwords: try again in {wait} s", retry_after_s=wait)
+    current, new, again = (request.form.get(k, "") for k in ("current", "password", "password2"))
+    if not security.check_password(d.config.security.admin_password_hash, current):
+        d.login_limiter.failed(client)
+        logger.warning("wrong current password on a password change from %s", _client())
+        return _render(401, password_error="The current password is wrong")
+    if new != again:
+        return _render(400, password_error="The two new passwords differ")
+    try:
+        d.config = d.settings.save(d.config, {"security": {"admin_password_hash": security.hash_password(new)}})
+    except ValueError as exc:
+        return _render(400, password_error=str(exc).capitalize())
+    sign_in_admin()  # this session stays signed in; every other admin session is signed out
+    logger.info("admin password changed from %s", _client())
+    flash("Password changed: other admin sessions are signed out.")
+    return redirect(url_for("admin.index"), 303)
+
+
+# --- sign-in and first run ---------------------------------------------------------------------------
 
 @bp.route("/login", methods=["GET", "POST"])
 def login():
     d = deps()
-    if not d.admin_password.is_set:
+    if not d.config.security.admin_password_hash:
         return redirect(url_for("admin.setup"))
     nxt = request.values.get("next") or url_for("admin.index")
     if not nxt.startswith("/admin") or nxt.startswith("//"):
         nxt = url_for("admin.index")
     if request.method == "GET":
         return render_template("admin_login.html", next=nxt, error=None)
-    client = "admin:" + (request.remote_addr or "?")
+    client = "admin:" + _client()
     wait = d.login_limiter.retry_after_s(client)
     if wait:
         return error_response(429, f"too many failed logins: try again in {wait} s", retry_after_s=wait)
-    if d.admin_password.check(request.form.get("password", "")):
+    if security.check_password(d.config.security.admin_password_hash, request.form.get("password", "")):
         d.login_limiter.reset(client)
-        session.clear()  # a fresh session on login: no fixation
-        session["admin"] = True
-        session[security.CSRF_FIELD] = security.new_csrf_token()
-        logger.info("admin login from %s", request.remote_addr)
+        sign_in_admin()
+        logger.info("admin login from %s", _client())
         return redirect(nxt, 303)
     d.login_limiter.failed(client)
-    logger.warning("failed admin login from %s", request.remote_addr)
+    logger.warning("failed admin login from %s", _client())
     return render_template("admin_login.html", next=nxt, error="Wrong password"), 401
 
 
@@ -88,26 +234,32 @@ def logout():
 
 @bp.route("/setup", methods=["GET", "POST"])
 def setup():
-    """First run only: choose the admin password (stored hashed, 0600, in the data folder)."""
+    """First run only: choose the admin password, with the setup code from the service log."""
     d = deps()
-    if d.admin_password.is_set:
+    if d.config.security.admin_password_hash:
         return redirect(url_for("admin.login"))
     if request.method == "GET":
         return render_template("admin_setup.html", error=None)
+    client = "setup:" + _client()
+    wait = d.login_limiter.retry_after_s(client)
+    if wait:
+        return error_response(429, f"too many wrong setup codes: try again in {wait} s", retry_after_s=wait)
+    if not security.setup_code_matches(d.setup_code, request.form.get("setup_code", "")):
+        d.login_limiter.failed(client)
+        logger.warning("wrong first-run setup code from %s", _client())
+        return render_template("admin_setup.html", error="Wrong setup code: copy it from the service log"), 403
     pw, again = request.form.get("password", ""), request.form.get("password2", "")
-    error = None
     if pw != again:
-        error = "The two passwords differ"
-    else:
+        return render_template("admin_setup.html", error="The two passwords differ"), 400
+    with _setup_lock:
+        if d.config.security.admin_password_hash:
+            return redirect(url_for("admin.login"), 303)
         try:
-            d.admin_password.set_first(pw)
+            new_cfg = d.settings.save(d.config, {"security": {"admin_password_hash": security.hash_password(pw)}})
         except ValueError as exc:
-            error = str(exc).capitalize()
-        except (PermissionError, FileExistsError):
-            return redirect(url_for("admin.login"))
-    if error:
-        return render_template("admin_setup.html", error=error), 400
-    session.clear()
-    session["admin"] = True
-    session[security.CSRF_FIELD] = security.new_csrf_token()
+            return render_template("admin_setup.html", error=str(exc).capitalize()), 400
+        d.config, d.setup_code = new_cfg, None  # the code is spent
+    d.login_limiter.reset(client)
+    logger.info("admin password chosen at first-run setup from %s (kept hashed in %s)", _client(), d.settings.path)
+    sign_in_admin()
     return redirect(url_for("admin.index"), 303)

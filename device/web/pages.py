@@ -8,10 +8,10 @@ import json
 import logging
 from datetime import datetime
 
-from flask import Blueprint, Response, abort, redirect, render_template, request, send_file, session, url_for
+from flask import Blueprint, Response, abort, redirect, render_template, request, send_file, url_for
 
 from device.service import ensure_crop
-from device.web import deps, error_response, security, views
+from device.web import accept_pin, deps, error_response, health, pin_ok, security, views
 
 logger = logging.getLogger(__name__)
 bp = Blueprint("pages", __name__)
@@ -201,7 +201,7 @@ def pin():
     d = deps()
     expected = d.config.security.technician_pin
     nxt = _safe_next(request.values.get("next"))
-    if not expected or session.get("pin_ok"):
+    if pin_ok():
         return redirect(nxt)
     if request.method == "GET":
         return render_template("pin.html", next=nxt, error=None)
@@ -211,8 +211,7 @@ def pin():
         return error_response(429, f"too many wrong PINs: try again in {wait} s", retry_after_s=wait)
     if security.tokens_match(expected, request.form.get("pin", "")):
         d.login_limiter.reset("pin:" + client)
-        session["pin_ok"] = True
-        session[security.CSRF_FIELD] = security.new_csrf_token()
+        accept_pin()
         return redirect(nxt, 303)
     d.login_limiter.failed("pin:" + client)
     logger.warning("wrong technician PIN from %s", client)
@@ -223,8 +222,13 @@ def pin():
 
 @bp.get("/healthz")
 def healthz():
+    """For monitoring: 503 when the service cannot work (database, stuck capture loop), else 200.
+
+    ``status`` is "ok", or "degraded" with ``warnings`` when it runs but cannot capture (no camera, model
+    unusable, disk full) or saves less (disk low).
+    """
     d = deps()
-    problems = []
+    problems, warnings = [], []
     try:
         d.store.pragma("user_version")
     except Exception as exc:  # any database failure means unhealthy
@@ -232,8 +236,16 @@ def healthz():
     healthy = getattr(d.camera, "loop_healthy", lambda: True)
     if not healthy():
         problems.append("capture loop is not turning")
-    body = {"status": "fail" if problems else "ok", "problems": problems, "model_ok": d.analyser.model.ok,
-            "camera": d.camera.status()["state"]}
+    cam = d.camera.status()
+    if cam["state"] != "connected":
+        warnings.append(f"camera {cam['state']}: {cam.get('message') or 'no frame yet'}")
+    if not d.analyser.model.ok:
+        warnings.append(f"model unusable: {d.analyser.model.error}")
+    disk = d.analyser.disk()
+    if disk.level != "ok":
+        warnings.append(disk.message)
+    body = {"status": "fail" if problems else "degraded" if warnings else "ok", "problems": problems,
+            "warnings": warnings, "model_ok": d.analyser.model.ok, "camera": cam["state"], "disk": disk.level}
     return body, 503 if problems else 200
 
 
@@ -241,12 +253,19 @@ def healthz():
 def metrics():
     d = deps()
     cam = d.camera.status()
-    s = views.status_json()
+    disk = d.analyser.disk()
     gauges = {
-        "camera_connected": ("1 when the camera delivers frames.", 1.0 if cam["state"] == "connected" else 0.0),
+        "camera_connected": ("1 when the camera delivers usable frames.", 1.0 if cam["state"] == "connected" else 0.0),
         "camera_reconnects": ("Times the camera was lost since start.", float(cam.get("reconnects", 0))),
         "model_ok": ("1 when the model loaded and passed its card checks.", 1.0 if d.analyser.model.ok else 0.0),
         "analysis_pending": ("Fields being analysed or waiting.", float(d.analyser.pending)),
-        "disk_free_bytes": ("Free space in the data folder.", s["disk"]["free_mb"] * 1e6),
+        "disk_free_bytes": ("Free space in the data folder.", round(disk.free_mb * 1e6)),
+        "disk_low": ("1 below the low-disk level (raw frames not saved), 2 below the minimum (captures refused).",
+                     {"ok": 0.0, "low": 1.0, "full": 2.0}[disk.level]),
+        "uptime_seconds": ("Seconds since the service started.",
+                           (datetime.now().astimezone() - d.started_at).total_seconds()),
     }
+    temp = health.cpu_temperature_c()
+    if temp is not None:
+        gauges["cpu_temperature_celsius"] = ("CPU temperature.", temp)
     return Response(d.analyser.metrics.render(gauges), mimetype="text/plain; version=0.0.4")

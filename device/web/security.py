@@ -5,12 +5,20 @@
 - Every POST carries the session's CSRF token, in a hidden ``csrf_token`` field or an ``X-CSRF-Token``
   header; a missing or wrong token is a 400. Cookies are HttpOnly and SameSite=Lax.
 - ``security.technician_pin``, when set, is asked once per session before any technician page.
-- The admin password hash comes from ``security.admin_password_hash`` or, when that is empty, from
-  ``admin_password_hash`` in the data folder, written by the first-run setup at ``/admin/setup``.
+- The admin password is stored only as a werkzeug hash: ``security.admin_password_hash`` in the config
+  file, or in ``settings.json`` in the data folder when it was chosen or changed on the admin page.
+  There is no default password: until one is set, ``/admin/setup`` asks for a one-time setup code
+  that the service prints to its log (the journal) at start-up, so only someone who can read the
+  device's log (its owner) chooses it, not whoever on the LAN opens the page first.
+- A session remembers the admin or PIN sign-in as an HMAC of the current hash or PIN under the session
+  key: changing the password or the PIN signs every other session out. (The cookie is signed, not
+  encrypted, so it never carries the PIN or anything it could be guessed from.)
+- Failed sign-ins, PINs and setup codes are rate-limited per client address.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import os
@@ -18,16 +26,16 @@ import secrets
 import stat
 import threading
 import time
-from collections import defaultdict, deque
+from collections import deque
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
 SECRET_KEY_FILE = "secret_key"
-ADMIN_HASH_FILE = "admin_password_hash"
 CSRF_FIELD = "csrf_token"
 CSRF_HEADER = "X-CSRF-Token"
 MIN_PASSWORD_LEN = 8
+MAX_TRACKED_CLIENTS = 10_000  # distinct addresses remembered by a rate limiter
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -69,41 +77,43 @@ def tokens_match(expected: str | None, given: str | None) -> bool:
     return bool(expected) and bool(given) and hmac.compare_digest(str(expected), str(given))
 
 
-class AdminPassword:
-    """Where the admin password hash lives: the config, else a file in the data folder."""
+def hash_password(password: str) -> str:
+    """A werkzeug hash of a new admin password. Raises ValueError for one that is too short."""
+    from werkzeug.security import generate_password_hash
 
-    def __init__(self, configured_hash: str, data_dir: Path):
-        self.configured_hash = configured_hash
-        self.path = Path(data_dir) / ADMIN_HASH_FILE
+    if len(password) < MIN_PASSWORD_LEN:
+        raise ValueError(f"the password needs at least {MIN_PASSWORD_LEN} characters")
+    return generate_password_hash(password)
 
-    def current_hash(self) -> str:
-        if self.configured_hash:
-            return self.configured_hash
-        try:
-            return self.path.read_text().strip()
-        except FileNotFoundError:
-            return ""
 
-    @property
-    def is_set(self) -> bool:
-        return bool(self.current_hash())
+def check_password(password_hash: str, password: str) -> bool:
+    from werkzeug.security import check_password_hash
 
-    def check(self, password: str) -> bool:
-        from werkzeug.security import check_password_hash
+    return bool(password_hash) and bool(password) and check_password_hash(password_hash, password)
 
-        h = self.current_hash()
-        return bool(h) and check_password_hash(h, password)
 
-    def set_first(self, password: str) -> None:
-        """Store the first password (first-run setup). Refuses when one is already set."""
-        from werkzeug.security import generate_password_hash
+def fingerprint(key: bytes | str, value: str) -> str:
+    """HMAC-SHA256 of ``value`` under the session key: what a session keeps to show it signed in."""
+    k = key.encode() if isinstance(key, str) else key
+    return hmac.new(k, value.encode(), hashlib.sha256).hexdigest()[:32]
 
-        if self.is_set:
-            raise PermissionError("an admin password is already set")
-        if len(password) < MIN_PASSWORD_LEN:
-            raise ValueError(f"the password needs at least {MIN_PASSWORD_LEN} characters")
-        _write_private(self.path, generate_password_hash(password).encode())
-        logger.info("admin password set (stored in %s)", self.path)
+
+# Setup codes avoid characters that read alike in a terminal (0/O, 1/I/L).
+SETUP_CODE_ALPHABET = "23456789ABCDEFGHJKMNPQRSTUVWXYZ"
+SETUP_CODE_LEN = 8  # 31^8: about 40 bits, tried at most login_attempts_per_minute times a minute
+
+
+def new_setup_code() -> str:
+    code = "".join(secrets.choice(SETUP_CODE_ALPHABET) for _ in range(SETUP_CODE_LEN))
+    return f"{code[:4]}-{code[4:]}"
+
+
+def setup_code_matches(expected: str | None, given: str | None) -> bool:
+    """Case, spaces and dashes do not matter: the code is read off a terminal and typed."""
+    def norm(v: str) -> str:
+        return "".join(ch for ch in v.upper() if ch.isalnum())
+
+    return bool(expected) and bool(given) and hmac.compare_digest(norm(expected), norm(str(given)))
 
 
 class RateLimiter:
@@ -111,27 +121,39 @@ class RateLimiter:
 
     def __init__(self, per_minute: int, window_s: float = 60.0, clock=time.monotonic):
         self.per_minute, self.window_s, self.clock = per_minute, window_s, clock
-        self._fails: dict[str, deque] = defaultdict(deque)
+        self._fails: dict[str, deque] = {}
         self._lock = threading.Lock()
 
-    def _prune(self, key: str) -> deque:
-        q = self._fails[key]
+    def _recent(self, key: str) -> deque | None:
+        """The client's failures inside the window; a client with none is forgotten."""
+        q = self._fails.get(key)
+        if q is None:
+            return None
         cutoff = self.clock() - self.window_s
         while q and q[0] < cutoff:
             q.popleft()
+        if not q:
+            del self._fails[key]
+            return None
         return q
 
     def retry_after_s(self, key: str) -> int:
         """0 when an attempt is allowed now, else the seconds to wait."""
         with self._lock:
-            q = self._prune(key)
-            if len(q) < self.per_minute:
+            q = self._recent(key)
+            if q is None or len(q) < self.per_minute:
                 return 0
             return max(1, int(q[0] + self.window_s - self.clock()) + 1)
 
     def failed(self, key: str) -> None:
         with self._lock:
-            self._prune(key).append(self.clock())
+            q = self._recent(key)
+            if q is None:
+                if len(self._fails) >= MAX_TRACKED_CLIENTS:
+                    for k in list(self._fails):
+                        self._recent(k)
+                q = self._fails[key] = deque()
+            q.append(self.clock())
 
     def reset(self, key: str) -> None:
         with self._lock:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
@@ -84,15 +83,17 @@ def start_slide(values: dict) -> int:
 
 
 def _decode_upload():
+    d = deps()
     f = request.files["image"]
-    name = Path(f.filename or "upload").name
+    name = Path(f.filename or "upload").name  # for messages only: an upload is never saved under its name
     if Path(name).suffix.lower() not in IMAGE_SUFFIXES:
-        deps().analyser.metrics.inc("uploads_refused_total")
+        d.analyser.metrics.inc("uploads_refused_total")
         abort(400, f"{name}: not an image file (use PNG, JPEG, WebP, BMP or TIFF)")
+    data = f.read()
     try:
-        return decode_rgb(f.read(), name=name)
+        return decode_rgb(data, name=name)
     except ImageError as exc:
-        deps().analyser.metrics.inc("uploads_refused_total")
+        d.analyser.metrics.inc("uploads_refused_total")
         abort(400, str(exc))
 
 
@@ -106,6 +107,7 @@ def capture(slide_id: int) -> dict | None:
     slide = slide_or_404(slide_id)
     if slide["status"] != "open":
         abort(409, f"slide {slide['sample_id']} is finished: start a new slide to capture more fields")
+    problem = None
     if "image" in request.files:
         if not request.files["image"].filename:
             abort(400, "no file chosen")
@@ -114,10 +116,12 @@ def capture(slide_id: int) -> dict | None:
         frame = d.camera.latest()
         if frame is None:
             msg = d.camera.status().get("message") or "no frame yet"
+            d.analyser.metrics.inc("captures_refused_total")
             abort(503, f"the camera is not connected ({msg}): check the cable; the device keeps retrying")
-        rgb, source = frame.rgb, "camera"
+        # A frame the camera sent but that cannot be analysed is stored as a rejected field with the reason.
+        rgb, source, problem = frame.rgb, "camera", getattr(frame, "problem", None)
     try:
-        fut = d.analyser.submit(slide_id, rgb, source)
+        fut = d.analyser.submit(slide_id, rgb, source, problem=problem)
     except CaptureRefused as exc:
         refuse(exc)
     except NotFound as exc:
@@ -203,7 +207,6 @@ def slide_json(slide: dict, *, with_fields: bool = False) -> dict:
 def status_json() -> dict:
     d = deps()
     cam = d.camera.status()
-    free_mb = shutil.disk_usage(d.store.data_dir).free / 1e6
     a = d.analyser
     return {
         "ok": bool(a.model.ok and cam["state"] == "connected"),
@@ -212,6 +215,5 @@ def status_json() -> dict:
         "model": a.model.to_json(),
         "analysis": {"busy": a.busy, "pending": a.pending,
                      "last_latency_ms": None if a.last_latency_s is None else round(a.last_latency_s * 1000)},
-        "disk": {"free_mb": round(free_mb), "min_free_mb": d.config.service.min_free_disk_mb,
-                 "low": free_mb < d.config.service.min_free_disk_mb},
+        "disk": a.disk().to_json(),
     }

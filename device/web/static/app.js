@@ -32,6 +32,8 @@
     var banner = $("camera-banner");
     if (banner) {
       banner.hidden = connected;
+      var title = $("camera-title");
+      if (title) { title.textContent = cam.state === "faulty" ? "Camera sends unusable pictures." : "Camera not connected."; }
       var msg = $("camera-msg");
       if (msg && !connected) {
         var retry = cam.next_retry_in_s !== null && cam.next_retry_in_s !== undefined ? " Next try in " + Math.ceil(cam.next_retry_in_s) + " s." : "";
@@ -41,7 +43,8 @@
     var disk = $("disk-banner");
     if (disk && s.disk) {
       disk.hidden = !s.disk.low;
-      $("disk-free").textContent = s.disk.free_mb;
+      disk.className = "banner " + (s.disk.full ? "banner-error" : "banner-warn");
+      $("disk-msg").textContent = s.disk.message || "";
     }
     var pill = $("status-pill");
     if (pill) {

@@ -1,0 +1,261 @@
+"""The admin page over the LAN: device health, last problems, settings (validated, kept, applied), password,
+and the monitoring endpoints /healthz and /metrics. Flask test client on real parts."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+import time
+
+import cv2
+import pytest
+
+from device import service
+from device.config import THRESHOLD_SAFE_RANGE
+from device.web import health
+from tests.conftest import ADMIN_PASSWORD, SAMPLES_DIR, admin_hash, make_config
+
+SAMPLE = sorted(SAMPLES_DIR.glob("*.jpg"))[0]
+
+
+def _env(make_env, **sections):
+    security = {"admin_password_hash": admin_hash(), **sections.pop("security", {})}
+    return make_env(security=security, **sections)
+
+
+def _until(predicate, timeout_s=10.0) -> bool:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def _save(c, token, **form):
+    return c.post("/admin/settings", data={"counting_target_rbc": "2000", "threshold": "", "camera_source": "replay",
+                                           "camera_device": "0", **form, "csrf_token": token})
+
+
+def _upload(c, token, slide_id, data=None, name="f.jpg"):
+    return c.post(f"/api/slides/{slide_id}/fields", headers={"X-CSRF-Token": token},
+                  data={"image": (io.BytesIO(data or SAMPLE.read_bytes()), name)}, content_type="multipart/form-data")
+
+
+# --- health -------------------------------------------------------------------------------------------
+
+def _zone(root, n, kind, milli):
+    z = root / f"thermal_zone{n}"
+    z.mkdir(parents=True)
+    (z / "type").write_text(kind + "\n")
+    (z / "temp").write_text(f"{milli}\n")
+
+
+def test_cpu_temperature_prefers_the_cpu_zone_and_says_when_there_is_none(tmp_path):
+    _zone(tmp_path / "pi", 0, "gpu-thermal", 61000)
+    _zone(tmp_path / "pi", 1, "cpu-thermal", 48750)
+    assert health.cpu_temperature_c(tmp_path / "pi") == 48.75
+    _zone(tmp_path / "other", 0, "iwlwifi_1", 39000)
+    assert health.cpu_temperature_c(tmp_path / "other") == 39.0  # no CPU zone: the first readable one
+    (tmp_path / "none").mkdir()
+    assert health.cpu_temperature_c(tmp_path / "none") is None
+    mem = health.memory_mb()
+    assert mem is None or 0 < mem[0] <= mem[1]
+    assert health.format_duration(90061) == "1 d 1 h 1 min" and health.format_duration(None) == "not available"
+
+
+def test_admin_page_shows_device_health_model_and_last_problems(make_env, monkeypatch, tmp_path):
+    env = _env(make_env)
+    c, token = env.admin_client()
+    _zone(tmp_path / "thermal", 0, "cpu-thermal", 52300)
+    monkeypatch.setattr(health, "THERMAL_DIR", tmp_path / "thermal")
+    logging.getLogger("device.camera").warning("camera lost: test cable pulled")
+    html = c.get("/admin/").get_data(as_text=True)
+    m = env.analyser.model
+    for text in ("CPU temperature", "52.3 °C", "Load (1 / 5 / 15 min)", "Memory available", "Disk free", "Uptime",
+                 "malaria-detect 0.1.0", "Listening on", "127.0.0.1:8080", m.name, m.sha256, "Validation (card)",
+                 "specificity", "Camera", "Last problems", "camera lost: test cable pulled", "Counters"):
+        assert text in html, text
+    assert "Setup code" not in html  # the first-run code is not a problem to list
+    monkeypatch.setattr(health, "THERMAL_DIR", tmp_path / "nowhere")
+    html = c.get("/admin/").get_data(as_text=True)
+    assert re.search(r"CPU temperature</dt><dd>not available", html)
+
+
+def test_recent_log_keeps_the_last_warnings_newest_first():
+    log = health.RecentLog(capacity=3)
+    lg = logging.getLogger("test.recent")
+    lg.addHandler(log)
+    lg.propagate = False
+    try:
+        lg.setLevel(logging.INFO)
+        lg.info("not kept")
+        for i in range(5):
+            lg.warning("warning %d", i)
+        try:
+            raise OSError("disk gone")
+        except OSError:
+            lg.exception("write failed")
+        lg.warning("setup code", extra={"not_a_problem": True})
+    finally:
+        lg.removeHandler(log)
+    entries = log.entries()
+    assert [e.message for e in entries] == ["write failed (OSError: disk gone)", "warning 4", "warning 3"]
+    assert entries[0].level == "ERROR" and entries[1].logger == "test.recent"
+
+
+# --- settings -----------------------------------------------------------------------------------------
+
+def test_settings_are_validated_kept_in_the_data_folder_and_applied_at_once(make_env):
+    env = _env(make_env)
+    c, token = env.admin_client()
+    tech = env.app.test_client()
+    ttoken = env.csrf(tech)
+    r = tech.post("/api/slides", json={"sample_id": "BEFORE"}, headers={"X-CSRF-Token": ttoken})
+    assert r.status_code == 201 and r.get_json()["target_rbc"] == 2000
+    before_threshold = r.get_json()["threshold"]
+
+    r = _save(c, token, counting_target_rbc="1500", threshold="0.61", technician_pin="4821")
+    assert r.status_code == 303
+    html = c.get(r.headers["Location"]).get_data(as_text=True)
+    assert "Saved:" in html and "technician PIN set" in html and "4821" not in html
+    settings = env.store.data_dir / "settings.json"
+    stored = json.loads(settings.read_text())
+    assert stored == {"analysis": {"counting_target_rbc": 1500}, "model": {"threshold": 0.61},
+                      "security": {"technician_pin": "4821"}}
+    assert oct(settings.stat().st_mode & 0o777) == "0o600"
+    # applied now: the PIN to technician pages, target and threshold to new slides
+    assert tech.get("/history").status_code == 302
+    assert tech.post("/pin", data={"pin": "4821", "csrf_token": ttoken}).status_code == 303
+    ttoken = env.csrf(tech)
+    new = tech.post("/api/slides", json={"sample_id": "AFTER"}, headers={"X-CSRF-Token": ttoken}).get_json()
+    assert new["target_rbc"] == 1500 and new["threshold"] == 0.61 and env.analyser.model.threshold == 0.61
+    # an open slide keeps its threshold: its new fields are classified with it
+    field = _upload(tech, ttoken, 1).get_json()["field"]
+    assert field["threshold"] == before_threshold != 0.61
+    # a restart applies settings.json over the config file, validated the same way
+    cfg = service.AdminSettings(env.store.data_dir).apply(make_config(env.store.data_dir))
+    assert (cfg.analysis.counting_target_rbc, cfg.model.threshold, cfg.security.technician_pin) == (1500, 0.61, "4821")
+
+
+@pytest.mark.parametrize("form, message", [
+    ({"counting_target_rbc": "50"}, "analysis.counting_target_rbc: 50 outside 100-100000"),
+    ({"counting_target_rbc": "lots"}, "not a whole number"),
+    ({"threshold": "0.2"}, f"model.threshold: 0.2 outside the safe range {THRESHOLD_SAFE_RANGE[0]}"),
+    ({"threshold": "1.5"}, "outside the safe range"),
+    ({"threshold": "high"}, "not a number"),
+    ({"camera_source": "webcam"}, "camera.source"),
+    ({"technician_pin": "12ab"}, "security.technician_pin: must be 4-12 digits"),
+])
+def test_invalid_settings_are_refused_naming_the_setting_and_nothing_is_kept(make_env, form, message):
+    env = _env(make_env)
+    c, token = env.admin_client()
+    r = _save(c, token, **form)
+    assert r.status_code == 400
+    html = r.get_data(as_text=True)
+    assert message in html and 'id="settings-error"' in html
+    assert not (env.store.data_dir / "settings.json").exists()
+    assert env.deps.config.analysis.counting_target_rbc == 2000 and env.deps.config.model.threshold is None
+
+
+def test_camera_source_change_reopens_the_camera(make_env):
+    env = _env(make_env)
+    c, token = env.admin_client()
+    assert _until(lambda: env.feed.status()["state"] == "connected")
+    r = _save(c, token, camera_source="opencv", camera_device="/dev/no-such-video")
+    assert r.status_code == 303
+    assert _until(lambda: env.feed.status()["state"] == "disconnected")
+    st = env.feed.status()
+    assert st["source"] == "opencv" and "no camera at '/dev/no-such-video'" in st["message"]
+    assert _save(c, token, camera_source="replay", camera_device="0").status_code == 303
+    assert _until(lambda: env.feed.status()["state"] == "connected" and env.feed.latest() is not None)
+    assert "camera" not in json.loads((env.store.data_dir / "settings.json").read_text()) or \
+        json.loads((env.store.data_dir / "settings.json").read_text())["camera"]["source"] == "replay"
+
+
+def test_removing_the_pin_opens_the_technician_pages_again(make_env):
+    env = _env(make_env, security={"technician_pin": "2468"})
+    c, token = env.admin_client()
+    tech = env.app.test_client()
+    assert tech.get("/history").status_code == 302
+    assert 'id="remove_pin"' in c.get("/admin/").get_data(as_text=True)
+    assert _save(c, token, remove_pin="1").status_code == 303
+    assert tech.get("/history").status_code == 200
+
+
+def test_password_change_needs_the_current_one_and_signs_out_other_sessions(make_env):
+    env = _env(make_env, security={"login_attempts_per_minute": 3})
+    c, token = env.admin_client()
+    other, _ = env.admin_client()
+    form = {"current": ADMIN_PASSWORD, "password": "new-password-1", "password2": "new-password-1", "csrf_token": token}
+    r = c.post("/admin/password", data={**form, "current": "wrong"})
+    assert r.status_code == 401 and "current password is wrong" in r.get_data(as_text=True)
+    assert c.post("/admin/password", data={**form, "password2": "other-one-2"}).status_code == 400
+    r = c.post("/admin/password", data={**form, "password": "short", "password2": "short"})
+    assert r.status_code == 400 and "8 characters" in r.get_data(as_text=True)
+    assert c.post("/admin/password", data=form).status_code == 303
+    assert c.get("/admin/").status_code == 200  # this session stays signed in
+    assert other.get("/admin/").headers["Location"].startswith("/admin/login")  # the other one is out
+    stored = (env.store.data_dir / "settings.json").read_text()
+    assert "new-password-1" not in stored
+    assert json.loads(stored)["security"]["admin_password_hash"].startswith("scrypt:")
+    fresh = env.app.test_client()
+    ftoken = env.csrf(fresh)
+    assert fresh.post("/admin/login", data={"password": ADMIN_PASSWORD, "csrf_token": ftoken}).status_code == 401
+    assert fresh.post("/admin/login", data={"password": "new-password-1", "csrf_token": ftoken}).status_code == 303
+
+
+# --- monitoring ---------------------------------------------------------------------------------------
+
+PROM_LINE = re.compile(r'^[a-z_]+(\{le="[^"]+"\})? -?[0-9.e+]+$|^# (HELP|TYPE) [a-z_]+ .+$')
+
+
+def test_metrics_count_fields_cells_rejections_errors_latency(make_env, monkeypatch):
+    env = _env(make_env)
+    c, token = env.admin_client()
+    c.post("/api/slides", json={"sample_id": "M-1"}, headers={"X-CSRF-Token": token})
+    assert _upload(c, token, 1).status_code == 201
+    blurred = cv2.imencode(".png", cv2.GaussianBlur(cv2.imread(str(SAMPLE)), (0, 0), 6))[1].tobytes()
+    assert _upload(c, token, 1, blurred, "blurred.png").get_json()["field"]["rejected"]
+    assert _upload(c, token, 1, b"not an image", "x.png").status_code == 400
+
+    def broken(*_a, **_k):
+        raise RuntimeError("segmentation blew up")
+
+    monkeypatch.setattr(service, "analyze_field", broken)
+    r = _upload(c, token, 1)
+    assert r.status_code == 500 and "segmentation blew up" in r.get_json()["error"]
+    text = c.get("/metrics").get_data(as_text=True)
+    assert all(PROM_LINE.match(line) for line in text.strip().splitlines()), text
+    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if not line.startswith("#")}
+    assert values["malaria_fields_analysed_total"] == 2 and values["malaria_fields_rejected_total"] == 1
+    assert values["malaria_cells_total"] > 10 and values["malaria_analysis_errors_total"] == 1
+    assert values["malaria_uploads_refused_total"] == 1
+    assert values['malaria_analysis_latency_seconds_bucket{le="+Inf"}'] == 2
+    assert values["malaria_analysis_latency_seconds_count"] == 2
+    for name in ("malaria_disk_free_bytes", "malaria_disk_low", "malaria_uptime_seconds", "malaria_model_ok",
+                 "malaria_camera_connected", "malaria_captures_refused_total", "malaria_raw_frames_skipped_total"):
+        assert name in values, name
+    # and in the last problems (logged by the future's callback, a moment after the answer)
+    assert _until(lambda: "segmentation blew up" in c.get("/admin/").get_data(as_text=True), 5)
+
+
+def test_healthz_is_ok_degraded_or_failing(make_env, monkeypatch):
+    env = make_env(model_ok=False, security={"admin_password_hash": admin_hash()})
+    admin, _ = env.admin_client()
+    html = admin.get("/admin/").get_data(as_text=True)
+    assert "unusable" in html and "model file missing" in html  # the admin page says why, too
+    c = env.app.test_client()
+    r = c.get("/healthz")
+    body = r.get_json()
+    assert r.status_code == 200 and body["status"] == "degraded"
+    assert any("model unusable" in w for w in body["warnings"])
+
+    def db_gone(_name):
+        raise OSError("disk I/O error")
+
+    monkeypatch.setattr(env.store, "pragma", db_gone)
+    r = c.get("/healthz")
+    assert r.status_code == 503 and r.get_json()["status"] == "fail" and "database" in r.get_json()["problems"][0]

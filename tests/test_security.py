@@ -1,0 +1,370 @@
+"""Security on a clinic LAN: one audit test per point of the brief.
+
+1. admin pages and every setting change need the password (hashed; no default that works)
+2. first-run setup needs the one-time code printed to the service log
+3. technician pages are open or behind a PIN, by config
+4. CSRF token on every POST; session cookies HttpOnly and SameSite; sign-in attempts rate-limited
+5. no path traversal through file routes; uploads limited in size and type; bombs refused undecoded
+6. the service listens on the configured host:port and nothing else
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import struct
+import time
+import tomllib
+import zlib
+from pathlib import Path
+
+import pytest
+
+from device.web import ADMIN_SESSION_MAX_S, MAX_UPLOAD_MB, PIN_EXEMPT
+from tests.conftest import ADMIN_PASSWORD, ROOT, SAMPLES_DIR, admin_hash
+from tests.test_service import Client, Notifications, _free_port, _serve, _stop, _write_config
+
+SAMPLE = sorted(SAMPLES_DIR.glob("*.jpg"))[0]
+BAD = ROOT / "tests" / "fixtures" / "bad_inputs"
+SETUP_CODE = re.compile(r"Setup code: ([A-Z0-9]{4}-[A-Z0-9]{4})")
+
+
+def _client(env, addr: str | None = None):
+    c = env.app.test_client()
+    if addr:
+        c.environ_base["REMOTE_ADDR"] = addr
+    return c, env.csrf(c)
+
+
+def _urls(app, method: str, include) -> list[tuple[str, str]]:
+    """(endpoint, url) of every route taking ``method``, with 1 for each ID and a valid value for the rest."""
+    out = []
+    with app.test_request_context():
+        from flask import url_for
+
+        for rule in app.url_map.iter_rules():
+            if method not in rule.methods or not include(rule.endpoint):
+                continue
+            args = {a: ("annotated" if a == "kind" else "style.css" if a == "filename" else 1) for a in rule.arguments}
+            out.append((rule.endpoint, url_for(rule.endpoint, **args)))
+    assert out
+    return out
+
+
+def _admin_env(make_env, **security):
+    return make_env(security={"admin_password_hash": admin_hash(), **security})
+
+
+# --- 1. the admin password ----------------------------------------------------------------------------
+
+def test_admin_pages_and_every_setting_change_need_the_password(make_env):
+    env = _admin_env(make_env)
+    c, token = _client(env)
+    open_endpoints = {"admin.login", "admin.setup", "admin.logout"}
+    gets = _urls(env.app, "GET", lambda e: e.startswith("admin.") and e not in open_endpoints)
+    posts = _urls(env.app, "POST", lambda e: e.startswith("admin.") and e not in open_endpoints)
+    assert {e for e, _ in posts} >= {"admin.settings", "admin.password"}
+    for _, url in gets:
+        r = c.get(url)
+        assert r.status_code == 302 and r.headers["Location"].startswith("/admin/login"), url
+    form = {"counting_target_rbc": "1000", "threshold": "0.9", "camera_source": "replay", "technician_pin": "1111",
+            "current": ADMIN_PASSWORD, "password": "x" * 12, "password2": "x" * 12, "csrf_token": token}
+    for _, url in posts:
+        r = c.post(url, data=form)
+        assert r.status_code == 401 and "sign-in needed" in r.get_data(as_text=True), url
+    # a PIN session is not an admin session; neither is a forged flag or a sign-in older than a working day
+    with c.session_transaction() as s:
+        s["pin_ok"] = "x"
+        s["admin"] = True
+    assert c.post("/admin/settings", data=form).status_code == 401
+    admin, atoken = env.admin_client()
+    with admin.session_transaction() as s:
+        s["admin_at"] = time.time() - ADMIN_SESSION_MAX_S - 1
+    assert admin.get("/admin/").status_code == 302
+    assert not (env.store.data_dir / "settings.json").exists()
+    assert env.deps.config.security.technician_pin == "" and env.deps.config.analysis.counting_target_rbc == 2000
+
+
+def test_password_is_stored_hashed_and_no_default_password_works(make_env):
+    shipped = tomllib.loads((ROOT / "systemd" / "config.toml").read_text())["security"]
+    assert shipped["admin_password_hash"] == "" and shipped["technician_pin"] == ""  # nothing shipped to guess
+    env = make_env()
+    c, token = _client(env)
+    for guess in ("", "admin", "password", "malaria", "malaria-detect", "raspberry", "12345678", "changeme"):
+        r = c.post("/admin/login", data={"password": guess, "csrf_token": token})
+        assert r.status_code == 302 and r.headers["Location"].endswith("/admin/setup"), guess
+        assert c.get("/admin/").headers["Location"].endswith("/admin/setup")
+    r = c.post("/admin/setup", data={"password": "guessed-first", "password2": "guessed-first", "csrf_token": token})
+    assert r.status_code == 403  # no setup code: no password, however early
+    form = {"setup_code": env.deps.setup_code, "password": "a-long-secret", "password2": "a-long-secret",
+            "csrf_token": token}
+    assert c.post("/admin/setup", data=form).status_code == 303
+    for f in env.store.data_dir.rglob("*"):
+        assert not f.is_file() or b"a-long-secret" not in f.read_bytes(), f
+    assert re.search(r'"admin_password_hash": "(scrypt|pbkdf2):', (env.store.data_dir / "settings.json").read_text())
+
+
+# --- 2. first-run setup ----------------------------------------------------------------------------
+
+def test_first_run_setup_needs_the_one_time_code_printed_to_the_log(make_env, caplog):
+    env = make_env(security={"login_attempts_per_minute": 3})
+    logged = SETUP_CODE.findall(caplog.text)
+    assert logged == [env.deps.setup_code]
+    page = _client(env)[0].get("/admin/setup").get_data(as_text=True)
+    assert "setup code" in page and "journalctl -u malaria-detect" in page
+    lan, token = _client(env, "192.168.1.50")  # from another computer on the LAN: fine, with the code
+    form = {"password": "clinic-admin-1", "password2": "clinic-admin-1", "csrf_token": token}
+    for wrong in ("AAAA-AAAA", "", logged[0][:4]):
+        r = lan.post("/admin/setup", data={**form, "setup_code": wrong})
+        assert r.status_code == 403 and "Wrong setup code" in r.get_data(as_text=True)
+    assert lan.post("/admin/setup", data={**form, "setup_code": logged[0]}).status_code == 429  # rate-limited
+    other, otoken = _client(env, "192.168.1.51")
+    typed = logged[0].lower().replace("-", " ")  # as a person types it
+    r = other.post("/admin/setup", data={**form, "csrf_token": otoken, "setup_code": typed})
+    assert r.status_code == 303 and other.get("/admin/").status_code == 200
+    assert env.deps.setup_code is None  # spent
+    late, ltoken = _client(env, "192.168.1.52")
+    r = late.post("/admin/setup", data={**form, "csrf_token": ltoken, "setup_code": logged[0]})
+    assert r.status_code == 302 and r.headers["Location"].endswith("/admin/login")
+    caplog.clear()
+    _admin_env(make_env)  # a device with a password prints no code
+    assert not SETUP_CODE.search(caplog.text)
+
+
+# --- 3. technician pages ------------------------------------------------------------------------------
+
+def _technician(endpoint: str) -> bool:
+    return endpoint not in PIN_EXEMPT and not endpoint.startswith("admin.")
+
+
+def test_technician_pages_are_open_or_behind_the_pin_by_config(make_env):
+    with_pin = make_env(security={"technician_pin": "5731"})
+    c, token = _client(with_pin)
+    gets = _urls(with_pin.app, "GET", _technician)
+    posts = _urls(with_pin.app, "POST", _technician)
+    assert len(gets) >= 10 and len(posts) >= 6
+    for endpoint, url in gets + posts:
+        method = c.get if (endpoint, url) in gets else c.post
+        r = method(url, data={"csrf_token": token}) if method == c.post else method(url)
+        if url.startswith("/api/"):
+            assert r.status_code == 401 and "PIN" in r.get_json()["error"], url
+        else:
+            assert r.status_code == 302 and r.headers["Location"].startswith("/pin"), url
+    for url in ("/api/status", "/healthz", "/metrics", "/static/app.js", "/pin", "/api/session"):
+        assert c.get(url).status_code == 200, url  # monitoring, assets and the PIN page itself
+    assert c.post("/pin", data={"pin": "5731", "csrf_token": token}).status_code == 303
+    assert c.get("/history").status_code == 200
+    open_lan = make_env()
+    c, _ = _client(open_lan)
+    for _, url in _urls(open_lan.app, "GET", _technician):
+        r = c.get(url)
+        assert not (r.status_code == 302 and "/pin" in r.headers.get("Location", "")) and r.status_code != 401, url
+
+
+# --- 4. CSRF, cookies, rate limits ----------------------------------------------------------------
+
+def test_every_post_needs_the_sessions_csrf_token(make_env):
+    env = _admin_env(make_env, technician_pin="5731")
+    anonymous, _ = _client(env)
+    admin, _ = env.admin_client()
+    posts = _urls(env.app, "POST", lambda e: True)
+    assert len(posts) >= 12
+    for c in (anonymous, admin):
+        for _, url in posts:
+            for headers, form in (({}, {}), ({"X-CSRF-Token": "forged"}, {}), ({}, {"csrf_token": "forged"})):
+                r = c.post(url, headers=headers, data=form)
+                assert r.status_code == 400 and "CSRF" in r.get_data(as_text=True), (url, headers, form)
+
+
+def test_session_cookies_are_httponly_and_samesite(make_env):
+    env = _admin_env(make_env, technician_pin="5731")
+    c = env.app.test_client()
+    cookies = [c.get("/").headers["Set-Cookie"]]
+    token = env.csrf(c)
+    cookies.append(c.post("/pin", data={"pin": "5731", "csrf_token": token}).headers["Set-Cookie"])
+    r = c.post("/admin/login", data={"password": ADMIN_PASSWORD, "csrf_token": env.csrf(c)})
+    cookies.append(r.headers["Set-Cookie"])
+    for cookie in cookies:
+        assert cookie.startswith("malaria_detect=") and "HttpOnly" in cookie and "SameSite=Lax" in cookie
+        assert "Path=/" in cookie
+    for h, v in (("X-Frame-Options", "DENY"), ("X-Content-Type-Options", "nosniff")):
+        assert r.headers[h] == v
+
+
+def test_sign_in_attempts_are_rate_limited_per_client(make_env):
+    env = _admin_env(make_env, technician_pin="5731", login_attempts_per_minute=2)
+    attempts = {
+        "admin login": ("/admin/login", {"password": "wrong"}, {"password": ADMIN_PASSWORD}),
+        "technician PIN": ("/pin", {"pin": "0000"}, {"pin": "5731"}),
+    }
+    for what, (url, wrong, right) in attempts.items():
+        c, token = _client(env, f"10.0.0.{len(what)}")
+        for _ in range(2):
+            assert c.post(url, data={**wrong, "csrf_token": token}).status_code == 401, what
+        r = c.post(url, data={**right, "csrf_token": token})
+        assert r.status_code == 429 and int(r.headers["Retry-After"]) > 0, what  # even the right one, for now
+    admin, atoken = env.admin_client()
+    form = {"password": "new-secret-99", "password2": "new-secret-99", "csrf_token": atoken}
+    for _ in range(2):
+        assert admin.post("/admin/password", data={**form, "current": "wrong"}).status_code == 401
+    assert admin.post("/admin/password", data={**form, "current": ADMIN_PASSWORD}).status_code == 429
+    elsewhere, etoken = _client(env, "10.9.9.9")  # other computers are not locked out
+    assert elsewhere.post("/admin/login", data={"password": ADMIN_PASSWORD, "csrf_token": etoken}).status_code == 303
+
+
+# --- 5. files and uploads -------------------------------------------------------------------------
+
+TRAVERSALS = [
+    "/fields/1/../../secret_key", "/fields/..%2F..%2Fsecret_key/annotated.jpg", "/fields/1/..%2F..%2Fsecret_key.jpg",
+    "/static/../secret_key", "/static/%2e%2e/%2e%2e/data0/secret_key", "/static/..%2f..%2f..%2fdevice/config.py",
+    "/static/%2e%2e%2f%2e%2e%2f%2e%2e%2f%2e%2e%2fetc/passwd", "/cells/-1/crop.jpg",
+    "/cells/1/crop.jpg/../../../etc/passwd",
+    "/fields/1/raw.jpg/..%2f..%2f..%2fsettings.json", "/preview.jpg/../secret_key", "//etc/passwd",
+    "/fields/0x1/annotated.jpg", "/fields/1e3/annotated.jpg",
+]
+
+
+def test_file_routes_take_ids_not_paths(make_env):
+    env = make_env()
+    c, token = _client(env)
+    c.post("/api/slides", json={"sample_id": "T"}, headers={"X-CSRF-Token": token})
+    evil = "../../../../tmp/evil-upload.jpg"
+    r = c.post("/api/slides/1/fields", headers={"X-CSRF-Token": token},
+               data={"image": (io.BytesIO(SAMPLE.read_bytes()), evil)}, content_type="multipart/form-data")
+    assert r.status_code == 201
+    assert not Path("/tmp/evil-upload.jpg").exists() and not list(env.store.data_dir.rglob("*evil*"))
+    secret = (env.store.data_dir / "secret_key").read_bytes()
+    for url in TRAVERSALS:
+        r = c.get(url)
+        assert r.status_code == 404, (url, r.status_code)
+        assert secret not in r.data and b"root:" not in r.data and b"THRESHOLD_SAFE_RANGE" not in r.data, url
+    names = {p.name for p in env.store.images_dir.rglob("*.jpg")}
+    assert names and all(re.fullmatch(r"[0-9a-f]{16}_(annotated|raw|cell\d+)\.jpg", n) for n in names)
+    r = c.post("/api/slides/1/fields", headers={"X-CSRF-Token": token},
+               data={"image": (io.BytesIO(b"x"), "../../etc/notes.txt")}, content_type="multipart/form-data")
+    assert r.status_code == 400 and "../" not in r.get_json()["error"]  # the name is shown, never used as a path
+
+
+def _jpeg_header(w: int, h: int) -> bytes:
+    sof = b"\xff\xc0" + struct.pack(">HBHHB", 11, 8, h, w, 1) + b"\x01\x11\x00"
+    return b"\xff\xd8" + sof + b"\x00" * 2000 + b"\xff\xd9"
+
+
+def _tiff_header(w: int, h: int, big_endian: bool = False) -> bytes:
+    e = ">" if big_endian else "<"
+    entries = [(256, 4, 1, w), (257, 4, 1, h), (258, 3, 1, 8), (259, 3, 1, 8), (277, 3, 1, 3)]
+    ifd = struct.pack(e + "H", len(entries)) + b"".join(
+        struct.pack(e + "HHII", t, typ, n, v) if typ == 4 else struct.pack(e + "HHIHH", t, typ, n, v, 0)
+        for t, typ, n, v in entries) + b"\x00" * 4
+    return (b"MM\x00*" if big_endian else b"II*\x00") + struct.pack(e + "I", 8) + ifd + zlib.compress(b"\0" * 10000)
+
+
+def _webp_header(w: int, h: int) -> bytes:
+    body = b"VP8X" + struct.pack("<I", 10) + b"\x00" * 4 + (w - 1).to_bytes(3, "little") + (h - 1).to_bytes(3, "little")
+    return b"RIFF" + struct.pack("<I", 4 + len(body)) + b"WEBP" + body
+
+
+@pytest.mark.parametrize("name, data", [
+    ("huge.png", (BAD / "huge_30000x30000.png").read_bytes()),
+    ("huge.jpg", _jpeg_header(20000, 20000)),
+    ("huge.tif", _tiff_header(30000, 30000)),
+    ("huge-mm.tiff", _tiff_header(40000, 20000, big_endian=True)),
+    ("huge.webp", _webp_header(16383, 16383)),
+])
+def test_decompression_bombs_are_refused_before_decoding(make_env, monkeypatch, name, data):
+    import cv2
+
+    def no_decoding(*_a, **_k):
+        raise AssertionError("the decoder was called")
+
+    monkeypatch.setattr(cv2, "imdecode", no_decoding)
+    env = make_env()
+    c, token = _client(env)
+    c.post("/api/slides", json={"sample_id": "B"}, headers={"X-CSRF-Token": token})
+    r = c.post("/api/slides/1/fields", headers={"X-CSRF-Token": token},
+               data={"image": (io.BytesIO(data), name)}, content_type="multipart/form-data")
+    assert r.status_code == 400 and "over the 50 MP limit" in r.get_json()["error"], r.get_json()
+
+
+def test_uploads_are_limited_in_size_and_type(make_env):
+    env = make_env()
+    assert env.app.config["MAX_CONTENT_LENGTH"] == MAX_UPLOAD_MB * 1024 * 1024
+    c, token = _client(env)
+    c.post("/api/slides", json={"sample_id": "U"}, headers={"X-CSRF-Token": token})
+
+    def upload(data, name):
+        return c.post("/api/slides/1/fields", headers={"X-CSRF-Token": token},
+                      data={"image": (io.BytesIO(data), name)}, content_type="multipart/form-data")
+
+    r = upload(b"\xff\xd8" + b"\0" * (MAX_UPLOAD_MB * 1024 * 1024 + 1), "big.jpg")
+    assert r.status_code == 413 and "too large" in r.get_json()["error"]
+    for name in ("page.html", "drawing.svg", "script.js", "archive.zip", "noextension"):
+        r = upload(SAMPLE.read_bytes(), name)
+        assert r.status_code == 400 and "not an image file" in r.get_json()["error"], name
+    r = upload(b"<svg xmlns='http://www.w3.org/2000/svg'/>", "disguised.png")
+    assert r.status_code == 400 and "not a supported image" in r.get_json()["error"]
+    assert env.store.totals(1)["fields"] == 0
+
+
+# --- 6. what listens ------------------------------------------------------------------------------
+
+def _sockets_of(pid: int) -> set[str]:
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = fd.readlink().as_posix()
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    return inodes
+
+
+def _inet_sockets(pid: int) -> list[tuple[str, str, int, str]]:
+    """(table, local address, port, state) of the process's TCP/UDP sockets, from /proc/net."""
+    def addr(hex_addr: str) -> str:
+        if len(hex_addr) == 8:
+            return ".".join(str(b) for b in bytes.fromhex(hex_addr)[::-1])
+        words = [bytes.fromhex(hex_addr[i:i + 8])[::-1].hex() for i in range(0, 32, 8)]
+        return ":".join("".join(words)[i:i + 4] for i in range(0, 32, 4))
+
+    mine = _sockets_of(pid)
+    out = []
+    for table in ("tcp", "tcp6", "udp", "udp6"):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            f = line.split()
+            if f[9] in mine:
+                host, port = f[1].split(":")
+                out.append((table, addr(host), int(port, 16), {"0A": "LISTEN", "01": "ESTABLISHED"}.get(f[3], f[3])))
+    return out
+
+
+def test_the_service_listens_on_the_configured_address_only(tmp_path):
+    """Also, on the real process: settings.json applied at start-up, the setup code in the log."""
+    port = _free_port()
+    notify = Notifications(tmp_path / "notify")
+    (tmp_path / "data").mkdir()  # an admin set a PIN on the page earlier: start-up applies it over the config
+    (tmp_path / "data" / "settings.json").write_text('{"security": {"technician_pin": "8642"}}')
+    proc = _serve(tmp_path, _write_config(tmp_path, port), notify)
+    try:
+        assert notify.wait_for("READY=1", 60), (tmp_path / "service.log").read_text()
+        c = Client(f"http://127.0.0.1:{port}")
+        assert c.request("/healthz")[0] == 200
+        assert c.json("/api/slides")[0] == 401 and c.json("/api/status")[0] == 200
+        time.sleep(0.3)  # let the camera and the analysis threads settle: anything they open shows now
+        socks = _inet_sockets(proc.pid)
+        listening = [s for s in socks if s[3] == "LISTEN" or s[0].startswith("udp")]
+        assert listening == [("tcp", "127.0.0.1", port, "LISTEN")], socks
+        # the first-run code is in the log (the journal under systemd) and sets the password over HTTP
+        code = SETUP_CODE.search((tmp_path / "service.log").read_text()).group(1)
+        c.token = c.json("/api/session")[1]["csrf_token"]
+        body = f"setup_code={code}&password=served-secret&password2=served-secret&csrf_token={c.token}".encode()
+        status, _, _ = c.request("/admin/setup", body, "POST", {"Content-Type": "application/x-www-form-urlencoded"})
+        assert status == 200  # 303 followed to the admin page
+        status, html, _ = c.request("/admin/")
+        assert status == 200 and b"Last problems" in html
+        assert _stop(proc) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        notify.close()
