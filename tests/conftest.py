@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,16 @@ SAMPLES_DIR = ROOT / "device" / "samples"
 MODEL_PATH = ROOT / "models" / "cellnet_int8.tflite"
 ARTIFACTS_DIR = ROOT / "test-artifacts"
 ADMIN_PASSWORD = "microscope-42"
+
+
+def wait_until(predicate, timeout_s: float = 10.0) -> bool:
+    """Poll ``predicate`` every 20 ms until it is true or ``timeout_s`` passes; returns whether it became true."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
 
 
 @functools.cache

@@ -7,7 +7,6 @@ import io
 import json
 import logging
 import re
-import time
 
 import cv2
 import pytest
@@ -15,7 +14,7 @@ import pytest
 from device import service
 from device.config import THRESHOLD_SAFE_RANGE
 from device.web import health
-from tests.conftest import ADMIN_PASSWORD, SAMPLES_DIR, admin_hash, make_config
+from tests.conftest import ADMIN_PASSWORD, SAMPLES_DIR, admin_hash, make_config, wait_until
 
 SAMPLE = sorted(SAMPLES_DIR.glob("*.jpg"))[0]
 
@@ -24,14 +23,6 @@ def _env(make_env, **sections):
     security = {"admin_password_hash": admin_hash(), **sections.pop("security", {})}
     return make_env(security=security, **sections)
 
-
-def _until(predicate, timeout_s=10.0) -> bool:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def _save(c, token, **form):
@@ -163,14 +154,14 @@ def test_invalid_settings_are_refused_naming_the_setting_and_nothing_is_kept(mak
 def test_camera_source_change_reopens_the_camera(make_env):
     env = _env(make_env)
     c, token = env.admin_client()
-    assert _until(lambda: env.feed.status()["state"] == "connected")
+    assert wait_until(lambda: env.feed.status()["state"] == "connected")
     r = _save(c, token, camera_source="opencv", camera_device="/dev/no-such-video")
     assert r.status_code == 303
-    assert _until(lambda: env.feed.status()["state"] == "disconnected")
+    assert wait_until(lambda: env.feed.status()["state"] == "disconnected")
     st = env.feed.status()
     assert st["source"] == "opencv" and "no camera at '/dev/no-such-video'" in st["message"]
     assert _save(c, token, camera_source="replay", camera_device="0").status_code == 303
-    assert _until(lambda: env.feed.status()["state"] == "connected" and env.feed.latest() is not None)
+    assert wait_until(lambda: env.feed.status()["state"] == "connected" and env.feed.latest() is not None)
     assert "camera" not in json.loads((env.store.data_dir / "settings.json").read_text()) or \
         json.loads((env.store.data_dir / "settings.json").read_text())["camera"]["source"] == "replay"
 
@@ -239,7 +230,7 @@ def test_metrics_count_fields_cells_rejections_errors_latency(make_env, monkeypa
                  "malaria_camera_connected", "malaria_captures_refused_total", "malaria_raw_frames_skipped_total"):
         assert name in values, name
     # and in the last problems (logged by the future's callback, a moment after the answer)
-    assert _until(lambda: "segmentation blew up" in c.get("/admin/").get_data(as_text=True), 5)
+    assert wait_until(lambda: "segmentation blew up" in c.get("/admin/").get_data(as_text=True), 5)
 
 
 def test_healthz_is_ok_degraded_or_failing(make_env, monkeypatch):

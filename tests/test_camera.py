@@ -14,7 +14,7 @@ import pytest
 
 from device import camera as cam_mod
 from device.camera import CameraError, CameraFeed, OpenCVCamera, Picamera2Camera, ReplayCamera, open_camera
-from tests.conftest import SAMPLES_DIR, make_config
+from tests.conftest import SAMPLES_DIR, make_config, wait_until
 
 RED_BGR = (0, 0, 255)
 
@@ -210,29 +210,21 @@ def test_open_camera_follows_config(tmp_path, fake_picamera2):
 
 # --- the feed: loss, reconnection, back-off -------------------------------------------------------
 
-def _wait_for(predicate, timeout_s=5.0):
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
-
 
 def test_feed_survives_a_replay_folder_renamed_mid_slide_and_reconnects(tmp_path):
     folder = _small_fields(tmp_path / "fields")
     feed = CameraFeed(lambda: ReplayCamera(folder, fps=30), reconnect_max_s=0.2, reconnect_min_s=0.05,
                       source="replay").start()
     try:
-        assert _wait_for(lambda: feed.connected and feed.latest() is not None)
+        assert wait_until(lambda: feed.connected and feed.latest() is not None, timeout_s=5.0)
         assert feed.status()["state"] == "connected"
         folder.rename(tmp_path / "moved")  # the camera disappears mid-slide
-        assert _wait_for(lambda: feed.status()["state"] == "disconnected")
+        assert wait_until(lambda: feed.status()["state"] == "disconnected", timeout_s=5.0)
         st = feed.status()
         assert feed.latest() is None and st["message"] and st["reconnects"] >= 1
         assert feed.loop_healthy()  # the loop keeps turning while it waits
         (tmp_path / "moved").rename(folder)  # plugged back in
-        assert _wait_for(lambda: feed.status()["state"] == "connected" and feed.latest() is not None)
+        assert wait_until(lambda: feed.status()["state"] == "connected" and feed.latest() is not None, timeout_s=5.0)
     finally:
         feed.stop()
     assert not feed.loop_healthy()
@@ -268,7 +260,7 @@ def test_feed_reconnect_back_off_doubles_and_is_capped():
 
     feed = CameraFeed(opener, reconnect_max_s=0.2, reconnect_min_s=0.025, focus=lambda rgb: 100.0).start()
     try:
-        assert _wait_for(lambda: len(attempts) >= 6, timeout_s=5)
+        assert wait_until(lambda: len(attempts) >= 6, timeout_s=5)
         st = feed.status()
         assert st["state"] == "disconnected" and "no camera" in st["message"]
     finally:
@@ -290,8 +282,8 @@ def test_feed_recovers_from_a_camera_that_raises(tmp_path):
 
     feed = CameraFeed(opener, reconnect_max_s=0.1, reconnect_min_s=0.01, focus=lambda rgb: 100.0).start()
     try:
-        assert _wait_for(lambda: len(opened) >= 3 and feed.status()["reconnects"] >= 2)
-        assert _wait_for(lambda: feed.latest() is not None)
+        assert wait_until(lambda: len(opened) >= 3 and feed.status()["reconnects"] >= 2, timeout_s=5.0)
+        assert wait_until(lambda: feed.latest() is not None, timeout_s=5.0)
     finally:
         feed.stop()
 
@@ -303,7 +295,7 @@ def test_feed_reports_focus_steadiness_and_serves_a_cached_preview(tmp_path, mon
     shutil.copy(sorted(SAMPLES_DIR.glob("*.jpg"))[0], folder)  # the same field again and again: a still stage
     feed = CameraFeed(lambda: ReplayCamera(folder, fps=20), min_focus=40.0).start()
     try:
-        assert _wait_for(lambda: feed.status()["steady"], timeout_s=5)
+        assert wait_until(lambda: feed.status()["steady"], timeout_s=5)
         st = feed.status()
         assert st["focus"] and st["focus"] > 40 and st["sharp"] is True and st["scene"] == 1
         seq, jpeg = feed.preview_jpeg()

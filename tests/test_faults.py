@@ -30,21 +30,13 @@ from device import service
 from device import store as store_mod
 from device.camera import CameraFeed, ReplayCamera
 from device.store import Store
-from tests.conftest import ARTIFACTS_DIR, MODEL_PATH, ROOT, SAMPLES_DIR
+from tests.conftest import ARTIFACTS_DIR, MODEL_PATH, ROOT, SAMPLES_DIR, wait_until
 from tests.test_service import Client, Notifications, _free_port, _serve, _stop, _write_config
 
 SAMPLE = sorted(SAMPLES_DIR.glob("*.jpg"))[0]
 BAD = ROOT / "tests" / "fixtures" / "bad_inputs"
 BAD_FILES = sorted(p for p in BAD.iterdir() if p.suffix != ".py")
 
-
-def _until(predicate, timeout_s: float = 10.0) -> bool:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def _client(env):
@@ -98,7 +90,7 @@ def test_camera_unplugged_mid_slide_service_stays_up_and_the_slide_resumes(make_
     assert env.feed.wait_frame(0, 10) is not None
     assert _capture(c, token).status_code == 201
     fields.rename(tmp_path / "unplugged")  # the source fails mid-slide
-    assert _until(lambda: env.feed.status()["state"] == "disconnected")
+    assert wait_until(lambda: env.feed.status()["state"] == "disconnected")
     r = _capture(c, token)
     assert r.status_code == 503 and "camera is not connected" in r.get_json()["error"]
     html = c.get("/slides/1").get_data(as_text=True)
@@ -108,7 +100,7 @@ def test_camera_unplugged_mid_slide_service_stays_up_and_the_slide_resumes(make_
     assert hz.status_code == 200 and hz.get_json()["status"] == "degraded"
     assert env.feed.loop_healthy()
     (tmp_path / "unplugged").rename(fields)  # back: the feed reconnects by itself and the same slide goes on
-    assert _until(lambda: env.feed.latest() is not None and env.feed.latest().rgb is not None)
+    assert wait_until(lambda: env.feed.latest() is not None and env.feed.latest().rgb is not None)
     r = _capture(c, token)
     assert r.status_code == 201 and r.get_json()["field"]["seq"] == 2
     assert env.feed.status()["reconnects"] >= 1
@@ -131,7 +123,7 @@ def test_odd_camera_frames_become_rejected_fields_with_the_reason(make_env, kind
     env = make_env(open_camera=lambda: _OddCamera(lambda: frame))
     c, token = _client(env)
     _start(c, token)
-    assert _until(lambda: env.feed.status()["state"] == "faulty")
+    assert wait_until(lambda: env.feed.status()["state"] == "faulty")
     assert reason in env.feed.status()["message"]
     r = _capture(c, token)
     assert r.status_code == 201, r.get_json()
@@ -152,9 +144,9 @@ def test_camera_frames_usable_again_after_odd_ones(make_env):
     env = make_env(open_camera=lambda: _OddCamera(lambda: replay.read() if good.is_set() else None))
     c, token = _client(env)
     _start(c, token)
-    assert _until(lambda: env.feed.status()["state"] == "faulty")
+    assert wait_until(lambda: env.feed.status()["state"] == "faulty")
     good.set()
-    assert _until(lambda: env.feed.status()["state"] == "connected")
+    assert wait_until(lambda: env.feed.status()["state"] == "connected")
     r = _capture(c, token)
     assert r.status_code == 201 and r.get_json()["field"]["rejected"] is None
 
@@ -313,7 +305,7 @@ def test_kill_9_of_the_real_service_mid_capture_then_restart(tmp_path):
     try:
         assert notify.wait_for("READY=1", 60), (tmp_path / "service.log").read_text()
         c = Client(f"http://127.0.0.1:{port}")
-        _until(lambda: c.json("/api/status")[1]["camera"]["state"] == "connected", 20)
+        wait_until(lambda: c.json("/api/status")[1]["camera"]["state"] == "connected", 20)
         sid = c.json("/api/slides", {"sample_id": "K9"})[1]["id"]
         for _ in range(2):
             status, body = c.json(f"/api/slides/{sid}/fields", {})
@@ -513,7 +505,7 @@ def test_bad_input_corpus_at_every_entry_point(tmp_path, caplog):
             table[p.name]["HTTP form upload"] = f"{status}: HTML page with the reason"
         # still up: healthy, and a good capture goes through
         assert c.request("/healthz")[0] == 200
-        _until(lambda: c.json("/api/status")[1]["camera"]["state"] == "connected", 20)
+        wait_until(lambda: c.json("/api/status")[1]["camera"]["state"] == "connected", 20)
         status, body = c.json(f"/api/slides/{sid}/fields", {})
         assert status == 201 and body["field"]["rbc_count"] > 10
         assert proc.poll() is None
@@ -539,7 +531,7 @@ def test_bad_input_corpus_at_every_entry_point(tmp_path, caplog):
     shutil.copy(SAMPLE, mixed / "zz_good.jpg")
     feed = CameraFeed(lambda: ReplayCamera(mixed, fps=60), focus=lambda rgb: 100.0).start()
     try:
-        assert _until(lambda: feed.status()["frames"] >= 2, 20)
+        assert wait_until(lambda: feed.status()["frames"] >= 2, 20)
         assert feed.latest().rgb.shape == (1200, 1600, 3)
     finally:
         feed.stop()
@@ -548,7 +540,7 @@ def test_bad_input_corpus_at_every_entry_point(tmp_path, caplog):
         table[p.name]["replay camera"] = "skipped with a warning; feed goes on"
     feed = CameraFeed(lambda: ReplayCamera(corpus, fps=60), reconnect_min_s=0.05, reconnect_max_s=0.2).start()
     try:
-        assert _until(lambda: feed.status()["state"] == "disconnected")
+        assert wait_until(lambda: feed.status()["state"] == "disconnected")
         assert "no readable images" in feed.status()["message"] and feed.loop_healthy()
     finally:
         feed.stop()
