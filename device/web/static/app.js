@@ -82,6 +82,10 @@
     };
     preview.addEventListener("load", function () { off.hidden = true; next(document.hidden ? 2000 : 300); });
     preview.addEventListener("error", function () { off.hidden = false; next(2000); });
+    // The status poll also says when the camera is gone, even while an image request is still pending.
+    statusListeners.push(function (st) {
+      if (st.camera && st.camera.state !== "connected") { off.hidden = false; }
+    });
   }
 
   /* --- capture and upload --- */
