@@ -45,9 +45,11 @@ def test_batched_and_single_predictions_agree_on_real_cells(clf):
     files = sorted((FIX / "Parasitized").iterdir())[:5] + sorted((FIX / "Uninfected").iterdir())[:70]
     files = [f for f in files if f.suffix == ".webp"]
     batch = prepare_batch([read_rgb(f) for f in files], clf.input_size_px)
-    p_all = clf.predict(batch)  # more than one interpreter batch of 64: the last one is padded
+    p_all = clf.predict(batch)  # the whole set in one call
     p_one = np.array([clf.predict(batch[i : i + 1])[0] for i in range(len(batch))])
     assert p_all.shape == (len(files),) and np.allclose(p_all, p_one)
+    small = CellClassifier(MODEL, max_batch=16)  # chunked, the last chunk shorter
+    assert np.allclose(small.predict(batch), p_all)
     assert ((p_all >= 0) & (p_all <= 1)).all()
     assert clf.predict(batch[:0]).shape == (0,)
 
