@@ -39,6 +39,18 @@ def _git_commit() -> str:
         return "unknown"
 
 
+def extra_training_data(run_dir: Path) -> list[dict]:
+    """Field-crop sets the run trained on beside the NIH cells, with the field images used."""
+    sp = run_dir / "split.json"
+    out = []
+    for extra in (json.loads(sp.read_text()).get("extra_data", []) if sp.is_file() else []):
+        fs = Path(extra) / "fields_split.json"
+        doc = json.loads(fs.read_text()) if fs.is_file() else {}
+        out.append({"cells": extra, "fields_source": doc.get("source"), "train_images": doc.get("train", []),
+                    "held_out_images": doc.get("val", [])})
+    return out
+
+
 def load_keras(path: Path):
     import keras
 
@@ -206,6 +218,7 @@ def choose_threshold(p: np.ndarray, y: np.ndarray, n_rbc: int, lo: float, hi: fl
 def convert(args, argv: list[str]) -> Path:
     from train.data import DataError, list_cells, load_arrays
 
+    commit = _git_commit()  # before anything is written: a new model in models/ would read as "dirty"
     out_dir = Path(args.out)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -318,13 +331,14 @@ def convert(args, argv: list[str]) -> Path:
             "monitor_int8_at_threshold": m_monitor,
         },
         data={"source": str(Path(args.data).resolve()),
+              "extra_training_data": extra_training_data(model_path.parent),
               "patients": {k: len(v) for k, v in sets.items()},
               "cells": {k: int(len(v[1])) for k, v in arrays.items()},
               "representative": f"{len(rep) - 1} training-patient cells + 1 image spanning 0..255"},
         runtimes=runtimes,
         training_command=train_cmd,
         conversion_command="python -m convert " + shlex.join(argv),
-        git_commit=_git_commit(),
+        git_commit=commit,
         date=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         float32_model=str(float_path),
     )
