@@ -77,14 +77,20 @@
   var preview = $("preview");
   if (preview) {
     var off = $("preview-off");
+    var asked = Date.now();  // when the current picture was asked for
+    var timer = null;
     var next = function (delay) {
-      setTimeout(function () { preview.src = "/preview.jpg?t=" + Date.now(); }, delay);
+      clearTimeout(timer);
+      timer = setTimeout(function () { asked = Date.now(); preview.src = "/preview.jpg?t=" + asked; }, delay);
     };
     preview.addEventListener("load", function () { off.hidden = true; next(document.hidden ? 2000 : 300); });
     preview.addEventListener("error", function () { off.hidden = false; next(2000); });
-    // The status poll also says when the camera is gone, even while an image request is still pending.
+    // The status poll also says when the camera is gone or back. A picture asked for more than 5 s
+    // ago is abandoned and asked for again (a new src drops the old request, so one chain runs).
     statusListeners.push(function (st) {
-      if (st.camera && st.camera.state !== "connected") { off.hidden = false; }
+      var connected = st.camera && st.camera.state === "connected";
+      if (!connected) { off.hidden = false; }
+      if (Date.now() - asked > 5000) { next(0); }
     });
   }
 
