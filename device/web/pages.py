@@ -105,9 +105,7 @@ def field_image(field_id: int, kind: str):
     path = deps().store.field_image_path(field_id, kind)
     if path is None:
         abort(404, f"no {kind} image for field {field_id}")
-    resp = send_file(path, mimetype="image/jpeg", max_age=3600)
-    resp.headers["Cache-Control"] = "private, max-age=3600"
-    return resp
+    return _stored_jpeg(path)
 
 
 @bp.get("/cells/<int:cell_id>/crop.jpg")
@@ -115,6 +113,11 @@ def cell_crop(cell_id: int):
     path = ensure_crop(deps().store, cell_id)
     if path is None:
         abort(404, f"no crop for cell {cell_id}")
+    return _stored_jpeg(path)
+
+
+def _stored_jpeg(path):
+    """A stored image (found by ID, never by a path from the request); private: patient data."""
     resp = send_file(path, mimetype="image/jpeg", max_age=3600)
     resp.headers["Cache-Control"] = "private, max-age=3600"
     return resp
