@@ -88,10 +88,13 @@ def _small(image_rgb: np.ndarray) -> np.ndarray:
     return cv2.resize(image_rgb, (FOCUS_WIDTH_PX, max(1, round(h * FOCUS_WIDTH_PX / w))), interpolation=cv2.INTER_AREA)
 
 
+def _sharpness(gray: np.ndarray) -> float:
+    return float(cv2.Laplacian(gray, cv2.CV_64F).var())
+
+
 def focus_measure(image_rgb: np.ndarray) -> float:
     """Variance of the Laplacian of the gray field at a fixed width (higher is sharper)."""
-    gray = cv2.cvtColor(_small(image_rgb), cv2.COLOR_RGB2GRAY)
-    return float(cv2.Laplacian(gray, cv2.CV_64F).var())
+    return _sharpness(cv2.cvtColor(_small(image_rgb), cv2.COLOR_RGB2GRAY))
 
 
 def image_quality(image_rgb: np.ndarray, settings: AnalysisSettings) -> tuple[float, str | None]:
@@ -101,7 +104,7 @@ def image_quality(image_rgb: np.ndarray, settings: AnalysisSettings) -> tuple[fl
     """
     small = _small(image_rgb)
     gray = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
-    focus = float(cv2.Laplacian(gray, cv2.CV_64F).var())
+    focus = _sharpness(gray)
     gray_mean = float(gray.mean())
     if gray_mean < settings.min_mean_brightness:
         return focus, f"too dark (mean brightness {gray_mean:.0f} < {settings.min_mean_brightness:.0f}): check the lamp"
@@ -177,9 +180,3 @@ def annotate(image_rgb: np.ndarray, result: FieldResult) -> np.ndarray:
     if result.rejected:
         cv2.putText(out, "REJECTED", (10, 40), cv2.FONT_HERSHEY_SIMPLEX, 1.2, INFECTED_RGB, 3)
     return out
-
-
-def infected_crops(image_rgb: np.ndarray, result: FieldResult) -> list[tuple[int, np.ndarray]]:
-    """(cell index, NIH-style crop) of each cell flagged infected, for review."""
-    return [(i, crop_cell(image_rgb, result.masks[i], c.bbox))
-            for i, c in enumerate(result.cells) if c.infected and i < len(result.masks)]

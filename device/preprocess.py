@@ -11,7 +11,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-DEFAULT_INPUT_SIZE_PX = 64
+DEFAULT_INPUT_SIZE_PX = 48  # the shipped model's; the device reads the real size from the model
 
 
 def prepare_cell(crop_rgb: np.ndarray, size_px: int = DEFAULT_INPUT_SIZE_PX) -> np.ndarray:
