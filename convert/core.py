@@ -18,7 +18,6 @@ from device.classifier import CellClassifier, make_interpreter
 from device.config import THRESHOLD_SAFE_RANGE
 from device.metrics import binary_metrics
 from device.model_card import CLASS_ORDER, sha256_of
-from device.preprocess import prepare_cell  # noqa: F401  (the path every cell below went through)
 from device.slide import detection_limit_fraction, wilson_interval
 
 logger = logging.getLogger(__name__)
@@ -66,23 +65,16 @@ def load_keras(path: Path):
     return model
 
 
-def patient_sets(model_path: Path, data: Path, files, csv_split, seed: int) -> dict[str, set[str]]:
-    """The run's own split (split.json beside the model) or, failing that, the data's split."""
-    from train.data import split_patients
+def patient_sets(model_path: Path, files, csv_split, seed: int) -> dict[str, set[str]]:
+    """The run's own split (split.json beside the model) or, failing that, the split train would make."""
+    from train.data import patient_split
 
     sp = model_path.parent / "split.json"
     if sp.is_file():
         doc = json.loads(sp.read_text())
         return {k: set(v) for k, v in doc["patients"].items()}
-    patients = sorted({f.patient for f in files})
-    if csv_split:
-        val = {p for p in patients if csv_split.get(p) == "val"}
-        rest = [p for p in patients if p not in val]
-    else:
-        rest, val_l = split_patients(patients, 0.15, seed)
-        val = set(val_l)
-    train, monitor = split_patients(rest, 0.1, seed + 1)
-    return {"train": set(train), "monitor": set(monitor), "val": val}
+    split, _ = patient_split({f.patient for f in files}, csv_split, seed)
+    return {k: set(v) for k, v in split.items()}
 
 
 def representative_images(x_train: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -233,7 +225,7 @@ def convert(args, argv: list[str]) -> Path:
         files, csv_split = list_cells(args.data)
     except DataError as exc:
         raise ConvertError(str(exc)) from exc
-    sets = patient_sets(model_path, Path(args.data), files, csv_split, args.seed)
+    sets = patient_sets(model_path, files, csv_split, args.seed)
     arrays = {}
     for name in ("train", "monitor", "val"):
         sel = [f for f in files if f.patient in sets[name]]

@@ -60,7 +60,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     import numpy as np
 
     from device.metrics import binary_metrics
-    from train.data import DataError, list_cells, load_arrays, split_patients
+    from train.data import DataError, list_cells, load_arrays, patient_split
 
     t_start = time.time()
     out = Path(args.out)
@@ -75,14 +75,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             capped.extend(sorted(group[: args.max_cells_per_class], key=lambda f: f.rel))
         files = capped
     patients = sorted({f.patient for f in files})
-    if csv_split and any(v == "val" for v in csv_split.values()):
-        val_p = sorted(p for p in patients if csv_split.get(p) == "val")
-        train_all = sorted(p for p in patients if p not in set(val_p))
-        split_source = "patients.csv"
-    else:
-        train_all, val_p = split_patients(patients, args.val_fraction, args.seed)
-        split_source = f"seeded patient split (seed {args.seed}, {args.val_fraction:.0%} held out)"
-    train_p, monitor_p = split_patients(train_all, args.monitor_fraction, args.seed + 1)
+    split, split_source = patient_split(patients, csv_split, args.seed, args.val_fraction, args.monitor_fraction)
+    train_p, monitor_p, val_p = split["train"], split["monitor"], split["val"]
     if not train_p or not val_p:
         raise DataError(f"need at least 2 patients to split by patient; found {len(patients)}")
     assert not (set(train_p) | set(monitor_p)) & set(val_p)

@@ -103,6 +103,27 @@ def split_patients(
     return sorted(pts[n:]), sorted(pts[:n])
 
 
+def patient_split(
+    patients: Iterable[str], csv_split: dict[str, str], seed: int, val_fraction: float = 0.15,
+    monitor_fraction: float = 0.1,
+) -> tuple[dict[str, list[str]], str]:
+    """Train / monitor (early stopping, threshold) / val patients, and where the val side came from.
+
+    Validation patients are the table's ``val`` rows when it has any, else a seeded patient split;
+    the monitor patients are a seeded share of the rest. No patient is on two sides.
+    """
+    pts = sorted(set(patients))
+    if csv_split and any(v == "val" for v in csv_split.values()):
+        val = sorted(p for p in pts if csv_split.get(p) == "val")
+        rest = sorted(p for p in pts if p not in set(val))
+        source = "patients.csv"
+    else:
+        rest, val = split_patients(pts, val_fraction, seed)
+        source = f"seeded patient split (seed {seed}, {val_fraction:.0%} held out)"
+    train, monitor = split_patients(rest, monitor_fraction, seed + 1)
+    return {"train": train, "monitor": monitor, "val": val}, source
+
+
 def load_arrays(
     files: list[CellFile], size_px: int, workers: int = 2
 ) -> tuple[np.ndarray, np.ndarray, list[CellFile], list[tuple[str, str]]]:
