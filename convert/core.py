@@ -77,17 +77,22 @@ def patient_sets(model_path: Path, files, csv_split, seed: int) -> dict[str, set
     return {k: set(v) for k, v in split.items()}
 
 
-def representative_images(x_train: np.ndarray, n: int, seed: int) -> np.ndarray:
+def representative_images(x_cells: np.ndarray) -> np.ndarray:
     """Calibration cells from training patients, plus one image spanning 0..255.
 
     NIH pixels rarely exceed 250, so calibration alone sets the input scale to ~0.98 and raw pixels
     would be read ~2% too bright; the extra image pins the input range to the full 0..255.
     """
-    rng = np.random.default_rng(seed)
-    idx = rng.choice(len(x_train), size=min(n, len(x_train)), replace=False)
-    span = np.zeros_like(x_train[:1])
+    span = np.zeros_like(x_cells[:1])
     span[0, 0, 0, :] = 255
-    return np.concatenate([x_train[idx], span]).astype(np.float32)
+    return np.concatenate([x_cells, span]).astype(np.float32)
+
+
+def calibration_files(files: list, n: int, seed: int) -> list:
+    """A seeded sample of ``n`` training files (sorted), so only those are decoded for calibration."""
+    rng = np.random.default_rng(seed)
+    idx = rng.choice(len(files), size=min(n, len(files)), replace=False)
+    return [files[i] for i in sorted(idx.tolist())]
 
 
 def to_tflite(model, rep: np.ndarray | None) -> bytes:
@@ -226,20 +231,29 @@ def convert(args, argv: list[str]) -> Path:
     except DataError as exc:
         raise ConvertError(str(exc)) from exc
     sets = patient_sets(model_path, files, csv_split, args.seed)
+    # Validation and early-stopping patients are decoded whole (they are measured); of the training
+    # patients only the calibration sample is decoded.
+    train_files = [f for f in files if f.patient in sets["train"]]
+    if not train_files:
+        raise ConvertError(f"no training-patient cells found in {args.data} for calibration")
     arrays = {}
-    for name in ("train", "monitor", "val"):
+    for name in ("monitor", "val"):
         sel = [f for f in files if f.patient in sets[name]]
         x, y, _, _ = load_arrays(sel, size)
         arrays[name] = (x, y)
         logger.info("%s patients: %d, cells: %d", name, len(sets[name]), len(y))
-    if len(arrays["train"][1]) == 0:
-        raise ConvertError(f"no training-patient cells found in {args.data} for calibration")
+    x_cal, _, _, _ = load_arrays(calibration_files(train_files, args.representative, args.seed), size)
+    if len(x_cal) == 0:
+        raise ConvertError(f"no readable training-patient cells in {args.data} for calibration")
+    logger.info("train patients: %d, cells: %d (%d decoded for calibration)", len(sets["train"]),
+                len(train_files), len(x_cal))
     if len(arrays["val"][1]) == 0 or len(set(arrays["val"][1].tolist())) < 2:
         raise ConvertError(f"validation patients in {args.data} need cells of both classes")
     if len(arrays["monitor"][1]) == 0:
-        arrays["monitor"] = arrays["train"]
+        x, y, _, _ = load_arrays(train_files, size)
+        arrays["monitor"] = (x, y)
 
-    rep = representative_images(arrays["train"][0], args.representative, args.seed)
+    rep = representative_images(x_cal)
     logger.info("converting float32 and int8 (calibration: %d training cells + 1 range image)", len(rep) - 1)
     float_bytes = to_tflite(model, None)
     int8_bytes = to_tflite(model, rep)
@@ -325,7 +339,7 @@ def convert(args, argv: list[str]) -> Path:
         data={"source": str(Path(args.data).resolve()),
               "extra_training_data": extra_training_data(model_path.parent),
               "patients": {k: len(v) for k, v in sets.items()},
-              "cells": {k: int(len(v[1])) for k, v in arrays.items()},
+              "cells": {"train": len(train_files), **{k: int(len(v[1])) for k, v in arrays.items()}},
               "representative": f"{len(rep) - 1} training-patient cells + 1 image spanning 0..255"},
         runtimes=runtimes,
         training_command=train_cmd,

@@ -31,7 +31,7 @@ from device import store as store_mod
 from device.camera import CameraFeed, ReplayCamera
 from device.store import Store
 from tests.conftest import ARTIFACTS_DIR, MODEL_PATH, ROOT, SAMPLES_DIR, wait_until
-from tests.test_service import Client, Notifications, _free_port, _serve, _stop, _write_config
+from tests.test_service import Client, _free_port, _stop, _write_config, served
 
 SAMPLE = sorted(SAMPLES_DIR.glob("*.jpg"))[0]
 BAD = ROOT / "tests" / "fixtures" / "bad_inputs"
@@ -299,11 +299,8 @@ def test_kill_9_of_the_real_service_mid_capture_then_restart(tmp_path):
     """The same cut on `python -m device serve` itself: captures over HTTP, kill -9 mid-capture, restart."""
     port = _free_port()
     config = _write_config(tmp_path, port)
-    notify = Notifications(tmp_path / "notify")
-    proc = _serve(tmp_path, config, notify)
     acked = []
-    try:
-        assert notify.wait_for("READY=1", 60), (tmp_path / "service.log").read_text()
+    with served(tmp_path, config) as (proc, notify):
         c = Client(f"http://127.0.0.1:{port}")
         wait_until(lambda: c.json("/api/status")[1]["camera"]["state"] == "connected", 20)
         sid = c.json("/api/slides", {"sample_id": "K9"})[1]["id"]
@@ -320,26 +317,13 @@ def test_kill_9_of_the_real_service_mid_capture_then_restart(tmp_path):
         time.sleep(0.2)
         os.kill(proc.pid, signal.SIGKILL)
         assert proc.wait(10) == -signal.SIGKILL
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        notify.close()
-    notify = Notifications(tmp_path / "notify2")
-    proc = _serve(tmp_path, config, notify)  # start it again
-    try:
-        assert notify.wait_for("READY=1", 60), (tmp_path / "service.log").read_text()
+    with served(tmp_path, config, "notify2") as (proc, notify):  # start it again
         c = Client(f"http://127.0.0.1:{port}")
         for fid in acked:
             status, f = c.json(f"/api/fields/{fid}")
             assert status == 200, f"acknowledged field {fid} lost"
             assert c.request(f["annotated_url"])[0] == 200 and c.request(f["raw_url"])[0] == 200
         assert _stop(proc) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        notify.close()
     s = Store(tmp_path / "data")
     try:
         assert s.pragma("integrity_check") == "ok"
@@ -484,10 +468,7 @@ def test_bad_input_corpus_at_every_entry_point(tmp_path, caplog):
            for cmd in ("analyze", "cells")}
     # the service, for real: the API upload and the HTML form upload
     port = _free_port()
-    notify = Notifications(tmp_path / "notify")
-    proc = _serve(tmp_path, _write_config(tmp_path, port), notify)
-    try:
-        assert notify.wait_for("READY=1", 60), (tmp_path / "service.log").read_text()
+    with served(tmp_path, _write_config(tmp_path, port)) as (proc, notify):
         c = Client(f"http://127.0.0.1:{port}")
         status, slide = c.json("/api/slides", {"sample_id": "CORPUS"})
         assert status == 201
@@ -509,11 +490,7 @@ def test_bad_input_corpus_at_every_entry_point(tmp_path, caplog):
         status, body = c.json(f"/api/slides/{sid}/fields", {})
         assert status == 201 and body["field"]["rbc_count"] > 10
         assert proc.poll() is None
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(20)
-        notify.close()
+        assert _stop(proc) == 0
     log = (tmp_path / "service.log").read_text()
     assert "Traceback" not in log
     for cmd, p in cli.items():

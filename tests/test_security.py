@@ -22,7 +22,7 @@ import pytest
 
 from device.web import ADMIN_SESSION_MAX_S, MAX_UPLOAD_MB, PIN_EXEMPT
 from tests.conftest import ADMIN_PASSWORD, ROOT, SAMPLES_DIR, admin_hash
-from tests.test_service import Client, Notifications, _free_port, _serve, _stop, _write_config
+from tests.test_service import Client, _free_port, _stop, _write_config, served
 
 SAMPLE = sorted(SAMPLES_DIR.glob("*.jpg"))[0]
 BAD = ROOT / "tests" / "fixtures" / "bad_inputs"
@@ -342,12 +342,9 @@ def _inet_sockets(pid: int) -> list[tuple[str, str, int, str]]:
 def test_the_service_listens_on_the_configured_address_only(tmp_path):
     """Also, on the real process: settings.json applied at start-up, the setup code in the log."""
     port = _free_port()
-    notify = Notifications(tmp_path / "notify")
     (tmp_path / "data").mkdir()  # an admin set a PIN on the page earlier: start-up applies it over the config
     (tmp_path / "data" / "settings.json").write_text('{"security": {"technician_pin": "8642"}}')
-    proc = _serve(tmp_path, _write_config(tmp_path, port), notify)
-    try:
-        assert notify.wait_for("READY=1", 60), (tmp_path / "service.log").read_text()
+    with served(tmp_path, _write_config(tmp_path, port)) as (proc, notify):
         c = Client(f"http://127.0.0.1:{port}")
         assert c.request("/healthz")[0] == 200
         assert c.json("/api/slides")[0] == 401 and c.json("/api/status")[0] == 200
@@ -364,7 +361,3 @@ def test_the_service_listens_on_the_configured_address_only(tmp_path):
         status, html, _ = c.request("/admin/")
         assert status == 200 and b"Last problems" in html
         assert _stop(proc) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        notify.close()

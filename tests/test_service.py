@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.cookiejar
 import json
 import os
@@ -102,9 +103,27 @@ def _serve(tmp_path, config: Path, notify: Notifications, watchdog_usec=400_000)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "NOTIFY_SOCKET": str(notify.path),
            "WATCHDOG_USEC": str(watchdog_usec)}
     env.pop("WATCHDOG_PID", None)
-    log = open(tmp_path / "service.log", "w")  # noqa: SIM115 - closed by the caller through the process
-    return subprocess.Popen([sys.executable, "-m", "device", "serve", "--config", str(config)], cwd=ROOT, env=env,
-                            stdout=log, stderr=subprocess.STDOUT)
+    with open(tmp_path / "service.log", "w") as log:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen([sys.executable, "-m", "device", "serve", "--config", str(config)], cwd=ROOT,
+                                env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+@contextlib.contextmanager
+def served(tmp_path, config: Path, notify_name: str = "notify"):
+    """`python -m device serve` under a stand-in systemd: yields ``(proc, notify)`` once it sent READY=1.
+
+    On the way out a service still running is killed and reaped, and the notify socket closed.
+    """
+    notify = Notifications(tmp_path / notify_name)
+    proc = _serve(tmp_path, config, notify)
+    try:
+        assert notify.wait_for("READY=1", 60), (tmp_path / "service.log").read_text()
+        yield proc, notify
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+        notify.close()
 
 
 def _stop(proc) -> int:
@@ -114,10 +133,7 @@ def _stop(proc) -> int:
 
 def test_serve_runs_under_systemd_notify_and_stops_cleanly(tmp_path):
     port = _free_port()
-    notify = Notifications(tmp_path / "notify")
-    proc = _serve(tmp_path, _write_config(tmp_path, port), notify)
-    try:
-        assert notify.wait_for("READY=1", 60), (tmp_path / "service.log").read_text()
+    with served(tmp_path, _write_config(tmp_path, port)) as (proc, notify):
         assert notify.wait_for("WATCHDOG=1", 5)
         c = Client(f"http://127.0.0.1:{port}")
         status, st = c.json("/api/status")
@@ -135,20 +151,13 @@ def test_serve_runs_under_systemd_notify_and_stops_cleanly(tmp_path):
         assert c.request("/api/slides/999")[0] == 404
         assert _stop(proc) == 0
         assert notify.wait_for("STOPPING=1", 5)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        notify.close()
     log = (tmp_path / "service.log").read_text()
     assert f"serving on http://127.0.0.1:{port}/" in log and "Traceback" not in log
 
 
 def test_serve_with_a_missing_model_keeps_the_page_up_and_says_why(tmp_path):
     port = _free_port()
-    notify = Notifications(tmp_path / "notify")
-    proc = _serve(tmp_path, _write_config(tmp_path, port, model=tmp_path / "gone.tflite"), notify)
-    try:
-        assert notify.wait_for("READY=1", 60), (tmp_path / "service.log").read_text()
+    with served(tmp_path, _write_config(tmp_path, port, model=tmp_path / "gone.tflite")) as (proc, notify):
         c = Client(f"http://127.0.0.1:{port}")
         status, st = c.json("/api/status")
         assert status == 200 and st["model"]["ok"] is False and "model file missing" in st["model"]["error"]
@@ -158,10 +167,6 @@ def test_serve_with_a_missing_model_keeps_the_page_up_and_says_why(tmp_path):
         assert status == 503 and "unusable" in body["error"]
         assert notify.wait_for("STATUS=camera", 5) and any("model UNUSABLE" in m for m in notify.received)
         assert _stop(proc) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        notify.close()
     log = (tmp_path / "service.log").read_text()
     assert "MODEL UNUSABLE" in log and "Traceback" not in log
 

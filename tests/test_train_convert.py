@@ -97,6 +97,9 @@ def test_convert_writes_int8_model_and_a_complete_card(converted, run_dir):
     for key in ("threshold_rule", "data", "training_command", "conversion_command", "git_commit", "date"):
         assert card[key]
     assert card["runtimes"]["ai_edge_litert"] == "ok"
+    # only the 20 calibration cells of the training patients were decoded, all of them counted
+    assert card["data"]["representative"].startswith("20 training-patient cells")
+    assert card["data"]["cells"]["train"] > 20
     assert (run_dir / "cellnet_float32.tflite").is_file()  # for comparison, not shipped
     assert not list(out.glob(".*tmp"))  # no temp files left behind
     clf = CellClassifier(model)
@@ -161,3 +164,13 @@ def test_field_crops_are_cut_like_the_device_and_join_training(tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     assert str(crops) in metrics["extra_val"]
     assert "extra " in r.stderr and "training cells" in r.stderr
+
+
+def test_calibration_sample_is_seeded_sorted_and_drawn_from_the_given_files():
+    from convert.core import calibration_files
+
+    files = [f"cell_{i:03d}.png" for i in range(200)]
+    a, b = calibration_files(files, 20, seed=7), calibration_files(files, 20, seed=7)
+    assert a == b and len(a) == 20 and len(set(a)) == 20 and a == sorted(a) and set(a) <= set(files)
+    assert calibration_files(files, 20, seed=8) != a
+    assert calibration_files(files[:5], 20, seed=7) == files[:5]  # fewer files than asked: all of them

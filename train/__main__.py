@@ -27,6 +27,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--patience", type=int, default=5, help="early-stopping patience in epochs (default 5)")
     ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--schedule", choices=("plateau", "cosine"), default="plateau",
+                    help="plateau: cut the rate on a flat monitor loss, stop early; cosine: decay to 0 over "
+                         "--epochs and keep the epoch with the best monitor loss")
+    ap.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (0: plain Adam)")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--val-fraction", type=float, default=0.15,
                     help="patients held out for validation when patients.csv has no split")
@@ -200,17 +204,30 @@ def fit(args, arrays):
           .prefetch(tf.data.AUTOTUNE))
     dm = tf.data.Dataset.from_tensor_slices((xm.astype(np.float32), ym.astype(np.float32))).batch(256)
     model = build_model(args.size, args.width)
+    if args.schedule == "cosine":
+        per_epoch = int(np.ceil(len(yt) / args.batch))
+        steps = args.epochs * per_epoch
+        lr = keras.optimizers.schedules.CosineDecay(0.0, steps, alpha=0.01, warmup_target=args.lr,
+                                                    warmup_steps=min(steps // 10, 2 * per_epoch))
+    else:
+        lr = args.lr
+    optimizer = (keras.optimizers.AdamW(lr, weight_decay=args.weight_decay) if args.weight_decay
+                 else keras.optimizers.Adam(lr))
     model.compile(
-        optimizer=keras.optimizers.Adam(args.lr),
+        optimizer=optimizer,
         loss=keras.losses.BinaryCrossentropy(from_logits=True),
         metrics=[keras.metrics.BinaryAccuracy(threshold=0.0, name="accuracy"),
                  keras.metrics.AUC(from_logits=True, name="auc")],
     )
     model.summary(print_fn=logger.info)
-    callbacks = [
-        keras.callbacks.EarlyStopping(monitor="val_loss", patience=args.patience, restore_best_weights=True),
-        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.3, patience=2, min_lr=1e-5),
-    ]
+    if args.schedule == "cosine":
+        callbacks = [keras.callbacks.EarlyStopping(monitor="val_loss", patience=args.epochs,
+                                                   restore_best_weights=True)]
+    else:
+        callbacks = [
+            keras.callbacks.EarlyStopping(monitor="val_loss", patience=args.patience, restore_best_weights=True),
+            keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.3, patience=2, min_lr=1e-5),
+        ]
     h = model.fit(ds, validation_data=dm, epochs=args.epochs, callbacks=callbacks, verbose=1)
     history = {k: [float(v) for v in vals] for k, vals in h.history.items()}
     return history, model

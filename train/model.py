@@ -51,10 +51,15 @@ def stain_jitter(images: tf.Tensor, strength: float = 1.0) -> tf.Tensor:
     Applied inside the cell only: the black background stays black, as on NIH crops and device crops.
     """
     mask = tf.cast(tf.reduce_max(images, axis=-1, keepdims=True) > 0.0, images.dtype)
-    x = images / 255.0
+    x = tf.clip_by_value(images / 255.0, 0.0, 1.0)
     n = tf.shape(x)[0]
-    x = tf.image.random_hue(x, 0.08 * strength)
-    x = tf.image.random_saturation(x, 1 - 0.4 * strength, 1 + 0.4 * strength)
+    # Every draw is per image: tf.image.random_hue/saturation would shift a whole batch alike, which
+    # batch normalisation then partly cancels during training but not at inference.
+    hsv = tf.image.rgb_to_hsv(x)
+    h, s, v = tf.unstack(hsv, axis=-1)
+    dh = tf.random.uniform((n, 1, 1), -0.08 * strength, 0.08 * strength)
+    ds = tf.random.uniform((n, 1, 1), 1 - 0.4 * strength, 1 + 0.4 * strength)
+    x = tf.image.hsv_to_rgb(tf.stack([tf.math.floormod(h + dh, 1.0), tf.clip_by_value(s * ds, 0.0, 1.0), v], -1))
     gains = tf.random.uniform((n, 1, 1, 3), 1 - 0.15 * strength, 1 + 0.15 * strength)
     brightness = tf.random.uniform((n, 1, 1, 1), 1 - 0.2 * strength, 1 + 0.2 * strength)
     x = x * gains * brightness
