@@ -249,9 +249,11 @@ def convert(args, argv: list[str]) -> Path:
                 len(train_files), len(x_cal))
     if len(arrays["val"][1]) == 0 or len(set(arrays["val"][1].tolist())) < 2:
         raise ConvertError(f"validation patients in {args.data} need cells of both classes")
-    if len(arrays["monitor"][1]) == 0:
-        x, y, _, _ = load_arrays(train_files, size)
-        arrays["monitor"] = (x, y)
+    # The threshold is chosen on held-out patients: the early-stopping ones, or -- for a model trained on
+    # every training patient -- the validation patients (the card says which).
+    threshold_on = "early-stopping" if len(arrays["monitor"][1]) else "validation"
+    if threshold_on == "validation":
+        del arrays["monitor"]
 
     rep = representative_images(x_cal)
     logger.info("converting float32 and int8 (calibration: %d training cells + 1 range image)", len(rep) - 1)
@@ -259,7 +261,7 @@ def convert(args, argv: list[str]) -> Path:
     int8_bytes = to_tflite(model, rep)
 
     xv, yv = arrays["val"]
-    xm, ym = arrays["monitor"]
+    xm, ym = arrays.get("monitor", arrays["val"])
     logits = model.predict(xv.astype(np.float32), batch_size=256, verbose=0)[:, 0]
     p_keras = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
 
@@ -297,19 +299,28 @@ def convert(args, argv: list[str]) -> Path:
     threshold, limit = choose_threshold(results["int8"]["p_monitor"], ym, args.target_rbc, lo, hi)
     m_int8_thr = binary_metrics(yv, results["int8"]["p_val"], threshold)
     m_monitor = binary_metrics(ym, results["int8"]["p_monitor"], threshold)
+    if threshold_on == "early-stopping":
+        thr_patients = f"{len(sets['monitor'])} early-stopping patients"
+        fp_patients = "early-stopping + validation patients"
+    else:
+        thr_patients = f"{len(sets['val'])} validation patients (the model saw every training patient)"
+        fp_patients = "validation patients"
     # The slide call uses a cautious false-positive rate: the upper 95% bound over every held-out
     # healthy cell (early-stopping and validation patients), not the point estimate.
-    neg = np.concatenate([results["int8"]["p_monitor"][ym == 0], results["int8"]["p_val"][yv == 0]])
-    pos = np.concatenate([results["int8"]["p_monitor"][ym == 1], results["int8"]["p_val"][yv == 1]])
+    held_out = [(results["int8"]["p_val"], yv)]
+    if threshold_on == "early-stopping":
+        held_out.append((results["int8"]["p_monitor"], ym))
+    neg = np.concatenate([p[y == 0] for p, y in held_out])
+    pos = np.concatenate([p[y == 1] for p, y in held_out])
     n_fp = int((neg >= threshold).sum())
     call_fpr = wilson_interval(n_fp, len(neg))[1]
     curve = [{"threshold": round(float(t), 4),
               "call_false_positive_rate": wilson_interval(int((neg >= t).sum()), len(neg))[1],
               "sensitivity": float((pos >= t).mean())}
              for t in sorted({*np.round(np.linspace(lo, hi, 51), 4).tolist(), round(threshold, 4)})]
-    logger.info("threshold %.4f (early-stopping patients: FP rate %.4f, sensitivity %.4f; expected slide "
+    logger.info("threshold %.4f (%s: FP rate %.4f, sensitivity %.4f; expected slide "
                 "detection limit %.3f%% at %d RBC): validation sensitivity %.4f, specificity %.4f, FP rate %.4f; "
-                "call FP rate %.4f (95%% upper bound, %d/%d held-out healthy cells)", threshold,
+                "call FP rate %.4f (95%% upper bound, %d/%d held-out healthy cells)", threshold, thr_patients,
                 m_monitor["false_positive_rate"], m_monitor["sensitivity"], 100 * limit, args.target_rbc,
                 m_int8_thr["sensitivity"], m_int8_thr["specificity"], m_int8_thr["false_positive_rate"],
                 call_fpr, n_fp, len(neg))
@@ -324,17 +335,17 @@ def convert(args, argv: list[str]) -> Path:
         threshold_rule=(f"the threshold in {lo}-{hi} that minimises the expected slide detection limit at "
                         f"{args.target_rbc} RBC — (K - n*f) / (n*s), K the positive cutoff for Poisson(n*f) at "
                         f"p<0.001 — with f the upper 95% false-positive bound and s the sensitivity on the "
-                        f"{len(sets['monitor'])} early-stopping patients (int8 model); expected limit "
+                        f"{thr_patients} (int8 model); expected limit "
                         f"{100 * limit:.3f}% parasitemia"),
         call_false_positive_rate=call_fpr,
         operating_curve=curve,
         call_false_positive_rule=(f"upper 95% Wilson bound of {n_fp} false positives in {len(neg)} held-out "
-                                  "healthy cells (early-stopping + validation patients) at the threshold"),
+                                  f"healthy cells ({fp_patients}) at the threshold"),
         metrics={
             "validation_patients": sorted(sets["val"]),
             "keras": m_keras, "float32": m_float, "int8": m_int8,
             "int8_at_threshold": m_int8_thr,
-            "monitor_int8_at_threshold": m_monitor,
+            "threshold_patients_int8_at_threshold": m_monitor,
         },
         data={"source": str(Path(args.data).resolve()),
               "extra_training_data": extra_training_data(model_path.parent),

@@ -174,3 +174,31 @@ def test_calibration_sample_is_seeded_sorted_and_drawn_from_the_given_files():
     assert a == b and len(a) == 20 and len(set(a)) == 20 and a == sorted(a) and set(a) <= set(files)
     assert calibration_files(files, 20, seed=8) != a
     assert calibration_files(files[:5], 20, seed=7) == files[:5]  # fewer files than asked: all of them
+
+
+@pytest.mark.slow
+def test_all_training_patients_run_has_no_monitor_and_convert_thresholds_on_validation(tmp_path):
+    from device.model_card import load_card
+
+    run = tmp_path / "all"
+    r = run_module("train", "--data", str(FIX), "--out", str(run), "--epochs", "1", "--size", "32", "--width", "4",
+                   "--batch", "16", "--monitor-fraction", "0")
+    assert r.returncode == 2 and "--schedule cosine" in r.stderr  # nothing to stop early on
+    r = run_module("train", "--data", str(FIX), "--out", str(run), "--epochs", "2", "--size", "32", "--width", "4",
+                   "--batch", "16", "--monitor-fraction", "0", "--schedule", "cosine", "--weight-decay", "0.004")
+    assert r.returncode == 0, r.stderr[-3000:]
+    split = json.loads((run / "split.json").read_text())
+    assert split["patients"]["monitor"] == []
+    train_p, val_p = set(split["patients"]["train"]), set(split["patients"]["val"])
+    csv_patients = {line.split(",")[2] for line in (FIX / "patients.csv").read_text().splitlines()[1:]}
+    assert train_p | val_p == csv_patients and not train_p & val_p  # every non-validation patient trains
+    history = json.loads((run / "history.json").read_text())
+    assert len(history["loss"]) == 2 and not any(k.startswith("val_") for k in history)  # nothing selected
+    out = tmp_path / "models"
+    r = run_module("convert", "--model", str(run / "model.keras"), "--data", str(FIX), "--out", str(out),
+                   "--representative", "20", "--max-drop", "1.0")
+    assert r.returncode == 0, r.stderr[-3000:]
+    card = load_card(out / "cellnet_int8.tflite").data  # the device's own check of the card passes
+    assert "validation patients (the model saw every training patient)" in card["threshold_rule"]
+    assert "(validation patients)" in card["call_false_positive_rule"]
+    assert card["data"]["patients"]["monitor"] == 0

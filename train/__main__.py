@@ -30,12 +30,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--schedule", choices=("plateau", "cosine"), default="plateau",
                     help="plateau: cut the rate on a flat monitor loss, stop early; cosine: decay to 0 over "
                          "--epochs and keep the epoch with the best monitor loss")
+    ap.add_argument("--no-balance", action="store_true",
+                    help="do not weight the classes to equal total weight (extra field crops are mostly uninfected)")
     ap.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (0: plain Adam)")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--val-fraction", type=float, default=0.15,
                     help="patients held out for validation when patients.csv has no split")
     ap.add_argument("--monitor-fraction", type=float, default=0.1,
-                    help="training patients kept aside for early stopping and threshold choice")
+                    help="training patients kept aside for early stopping and threshold choice; 0 trains on "
+                         "every training patient for a fixed --epochs (needs --schedule cosine)")
     ap.add_argument("--max-cells-per-class", type=int, default=0, help="cap per class (smoke runs)")
     ap.add_argument("--no-stain-jitter", action="store_true")
     ap.add_argument("--jitter-strength", type=float, default=1.0,
@@ -50,6 +53,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.monitor_fraction == 0 and args.schedule != "cosine":
+        print("python -m train: --monitor-fraction 0 leaves nothing to stop early on: use --schedule cosine",
+              file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from train.data import DataError
 
@@ -186,7 +193,7 @@ def fit(args, arrays):
     keras.utils.set_random_seed(args.seed)
     xt, yt, _ = arrays["train"]
     xm, ym, _ = arrays["monitor"]
-    if len(ym) == 0:  # tiny data: fall back to validating on validation patients
+    if len(ym) == 0 and args.monitor_fraction > 0:  # tiny data: fall back to validating on validation patients
         xm, ym, _ = arrays["val"]
     aug = geometric_augmenter(args.seed)
     jitter = not args.no_stain_jitter
@@ -202,7 +209,9 @@ def fit(args, arrays):
           .batch(args.batch)
           .map(augment, num_parallel_calls=tf.data.AUTOTUNE)
           .prefetch(tf.data.AUTOTUNE))
-    dm = tf.data.Dataset.from_tensor_slices((xm.astype(np.float32), ym.astype(np.float32))).batch(256)
+    # Without monitor patients nothing is selected on held-out data: a fixed schedule, the last epoch kept.
+    dm = (tf.data.Dataset.from_tensor_slices((xm.astype(np.float32), ym.astype(np.float32))).batch(256)
+          if len(ym) else None)
     model = build_model(args.size, args.width)
     if args.schedule == "cosine":
         per_epoch = int(np.ceil(len(yt) / args.batch))
@@ -220,7 +229,9 @@ def fit(args, arrays):
                  keras.metrics.AUC(from_logits=True, name="auc")],
     )
     model.summary(print_fn=logger.info)
-    if args.schedule == "cosine":
+    if dm is None:
+        callbacks = []
+    elif args.schedule == "cosine":
         callbacks = [keras.callbacks.EarlyStopping(monitor="val_loss", patience=args.epochs,
                                                    restore_best_weights=True)]
     else:
@@ -228,7 +239,14 @@ def fit(args, arrays):
             keras.callbacks.EarlyStopping(monitor="val_loss", patience=args.patience, restore_best_weights=True),
             keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.3, patience=2, min_lr=1e-5),
         ]
-    h = model.fit(ds, validation_data=dm, epochs=args.epochs, callbacks=callbacks, verbose=1)
+    class_weight = None
+    if not args.no_balance:
+        n_pos = float(yt.sum())
+        class_weight = {0: len(yt) / (2.0 * (len(yt) - n_pos)), 1: len(yt) / (2.0 * n_pos)}
+        logger.info("class weights (equal total weight per class): %s",
+                    {k: round(v, 3) for k, v in class_weight.items()})
+    h = model.fit(ds, validation_data=dm, epochs=args.epochs, callbacks=callbacks, class_weight=class_weight,
+                  verbose=1)
     history = {k: [float(v) for v in vals] for k, vals in h.history.items()}
     return history, model
 

@@ -99,7 +99,7 @@ def split_patients(
     pts = sorted(set(patients) - ex)
     rng = random.Random(seed)
     rng.shuffle(pts)
-    n = max(1, round(len(pts) * fraction)) if len(pts) > 1 else 0
+    n = max(1, round(len(pts) * fraction)) if len(pts) > 1 and fraction > 0 else 0
     return sorted(pts[n:]), sorted(pts[:n])
 
 
