@@ -202,3 +202,26 @@ def test_all_training_patients_run_has_no_monitor_and_convert_thresholds_on_vali
     assert "validation patients (the model saw every training patient)" in card["threshold_rule"]
     assert "(validation patients)" in card["call_false_positive_rule"]
     assert card["data"]["patients"]["monitor"] == 0
+
+
+def test_weight_average_is_the_mean_of_the_last_epochs_weights():
+    import keras
+
+    from train.model import WeightAverage, build_model
+
+    keras.utils.set_random_seed(3)
+    model = build_model(16, 2)
+    model.compile(optimizer="adam", loss="mse")
+    x = np.random.default_rng(0).uniform(0, 255, (32, 16, 16, 3)).astype("float32")
+    y = np.linspace(-1, 1, 32, dtype="float32")[:, None]
+    snapshots = []
+
+    class Snapshot(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            snapshots.append([w.numpy() for w in self.model.weights])
+
+    model.fit(x, y, epochs=4, batch_size=8, verbose=0, callbacks=[Snapshot(), WeightAverage(start_epoch=2)])
+    final = [w.numpy() for w in model.weights]
+    assert not np.allclose(snapshots[2][0], snapshots[3][0])  # the weights moved: averaging is not a no-op
+    for got, a, b in zip(final, snapshots[2], snapshots[3], strict=True):
+        np.testing.assert_allclose(got, (a + b) / 2, rtol=1e-5, atol=1e-6)

@@ -30,6 +30,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--schedule", choices=("plateau", "cosine"), default="plateau",
                     help="plateau: cut the rate on a flat monitor loss, stop early; cosine: decay to 0 over "
                          "--epochs and keep the epoch with the best monitor loss")
+    ap.add_argument("--average-last", type=int, default=0, metavar="N",
+                    help="with --schedule cosine: the model is the average of the weights at the end of the last N "
+                         "epochs (stochastic weight averaging; nothing is selected on held-out data)")
     ap.add_argument("--no-balance", action="store_true",
                     help="do not weight the classes to equal total weight (extra field crops are mostly uninfected)")
     ap.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (0: plain Adam)")
@@ -53,8 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.monitor_fraction == 0 and args.schedule != "cosine":
-        print("python -m train: --monitor-fraction 0 leaves nothing to stop early on: use --schedule cosine",
+    if (args.monitor_fraction == 0 or args.average_last) and args.schedule != "cosine":
+        print("python -m train: --monitor-fraction 0 and --average-last need a fixed schedule: use --schedule cosine",
               file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -188,7 +191,7 @@ def fit(args, arrays):
     import numpy as np
     import tensorflow as tf
 
-    from train.model import build_model, geometric_augmenter, stain_jitter
+    from train.model import WeightAverage, build_model, geometric_augmenter, stain_jitter
 
     keras.utils.set_random_seed(args.seed)
     xt, yt, _ = arrays["train"]
@@ -229,7 +232,9 @@ def fit(args, arrays):
                  keras.metrics.AUC(from_logits=True, name="auc")],
     )
     model.summary(print_fn=logger.info)
-    if dm is None:
+    if args.average_last:
+        callbacks = [WeightAverage(max(0, args.epochs - args.average_last))]
+    elif dm is None:
         callbacks = []
     elif args.schedule == "cosine":
         callbacks = [keras.callbacks.EarlyStopping(monitor="val_loss", patience=args.epochs,

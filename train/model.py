@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+
 import keras
 import tensorflow as tf
 from keras import layers
+
+logger = logging.getLogger(__name__)
 
 
 def build_model(size_px: int = 64, width: int = 16, dropout: float = 0.3) -> keras.Model:
@@ -70,3 +74,30 @@ def stain_jitter(images: tf.Tensor, strength: float = 1.0) -> tf.Tensor:
     x = (x - mean) * contrast + mean
     x = tf.clip_by_value(x, 0.0, 1.0) * mask
     return x * 255.0
+
+
+class WeightAverage(keras.callbacks.Callback):
+    """Stochastic weight averaging: the final model is the mean of the weights (BN statistics included)
+    at the end of every epoch from ``start_epoch`` (0-based) on, so no epoch is picked on held-out data."""
+
+    def __init__(self, start_epoch: int):
+        super().__init__()
+        self.start_epoch = start_epoch
+        self.sums: list | None = None
+        self.n = 0
+
+    def _float_weights(self) -> list:
+        return [w for w in self.model.weights if "float" in str(w.dtype)]
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch < self.start_epoch:
+            return
+        values = [w.numpy() for w in self._float_weights()]
+        self.sums = values if self.sums is None else [a + b for a, b in zip(self.sums, values, strict=True)]
+        self.n += 1
+
+    def on_train_end(self, logs=None):
+        if self.n:
+            for w, total in zip(self._float_weights(), self.sums, strict=True):
+                w.assign(total / self.n)
+            logger.info("model = mean of the weights after each of the last %d epochs", self.n)
