@@ -23,7 +23,8 @@ def write_reports(out: Path, history: dict, y: np.ndarray, p: np.ndarray, x: np.
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key in zip(axes, ("loss", "accuracy"), strict=True):
         ax.plot(history.get(key, []), label=f"train {key}")
-        ax.plot(history.get(f"val_{key}", []), label=f"early-stopping {key}")
+        if history.get(f"val_{key}"):  # none when every training patient was fitted (no monitor patients)
+            ax.plot(history[f"val_{key}"], label=f"early-stopping {key}")
         ax.set_xlabel("epoch")
         ax.set_title(key)
         ax.legend()
