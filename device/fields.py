@@ -207,7 +207,7 @@ def evaluate_fields(
     timings: list[dict[str, float]] = []
     cls_acc = {"n_parasite_gt": 0, "n_parasite_detected": 0, "n_parasite_flagged": 0,
                "n_rbc_matched": 0, "n_rbc_flagged": 0, "n_unmatched_judged": 0, "n_unmatched_flagged": 0,
-               "n_cells_classified": 0, "n_cells_flagged": 0}
+               "n_cells_classified": 0, "n_cells_flagged": 0, "p_parasite": [], "p_rbc": []}
     for i, rec in enumerate(records):
         name = str(rec.get("image", ""))
         if progress is not None:
@@ -268,7 +268,7 @@ def evaluate_fields(
         "timing_ms": _mean_timing(timings),
     }
     if classify is not None:
-        report["classification"] = _classification_summary(cls_acc, partial)
+        report["classification"] = _classification_summary(cls_acc, partial, threshold)
     return report
 
 
@@ -281,7 +281,7 @@ def _classify_image(
     classify: Classifier,
     threshold: float,
     row: dict[str, Any],
-    acc: dict[str, int],
+    acc: dict[str, Any],
 ) -> None:
     crops = [crop_cell(image, c.mask, c.bbox) for c in cells]
     p = np.asarray(classify(crops), dtype=np.float64).reshape(-1) if crops else np.zeros(0)
@@ -312,10 +312,16 @@ def _classify_image(
     acc["n_unmatched_flagged"] += int((unmatched_judged & flagged).sum())
     acc["n_cells_classified"] += int(counted.sum())
     acc["n_cells_flagged"] += row["n_flagged"]
+    acc["p_parasite"].extend(p[par_det].tolist())
+    acc["p_rbc"].extend(p[rbc_det].tolist())
 
 
-def _classification_summary(acc: dict[str, int], partial: bool) -> dict[str, Any]:
-    out: dict[str, Any] = dict(acc)
+# Thresholds of the field operating curve (the card's own threshold is added).
+CURVE_THRESHOLDS = (0.5, 0.7, 0.9, 0.95, 0.98, 0.99, 0.995)
+
+
+def _classification_summary(acc: dict[str, Any], partial: bool, threshold: float) -> dict[str, Any]:
+    out: dict[str, Any] = {k: v for k, v in acc.items() if not k.startswith("p_")}
     out["parasite_recall"] = _ratio(acc["n_parasite_flagged"], acc["n_parasite_gt"])
     out["parasite_segmented_frac"] = _ratio(acc["n_parasite_detected"], acc["n_parasite_gt"])
     out["fp_per_1000_rbc"] = 1000.0 * _ratio(acc["n_rbc_flagged"], acc["n_rbc_matched"])
@@ -324,6 +330,14 @@ def _classification_summary(acc: dict[str, int], partial: bool) -> dict[str, Any
         if partial
         else "detections matched to plain red-cell boxes"
     )
+    # The same two figures at other thresholds: how far the operating point is from the field target.
+    p_par, p_rbc = np.asarray(acc["p_parasite"]), np.asarray(acc["p_rbc"])
+    out["operating_curve"] = [
+        {"threshold": t,
+         "parasite_recall": _ratio(int((p_par >= t).sum()), acc["n_parasite_gt"]),
+         "fp_per_1000_rbc": 1000.0 * _ratio(int((p_rbc >= t).sum()), len(p_rbc))}
+        for t in sorted({*CURVE_THRESHOLDS, round(float(threshold), 4)})
+    ]
     return out
 
 
@@ -422,6 +436,9 @@ def format_report(report: dict[str, Any]) -> str:
             f"{_fmt(c['fp_per_1000_rbc'], '.1f')} per 1,000 cells ({c['fp_basis']})",
             f"  unmatched judged detections flagged: {c['n_unmatched_flagged']} of {c['n_unmatched_judged']}; "
             f"all counted cells flagged: {c['n_cells_flagged']} of {c['n_cells_classified']}",
+            "  threshold     " + "".join(f"{r['threshold']:>8.4g}" for r in c["operating_curve"]),
+            "  recall        " + "".join(f"{_fmt(r['parasite_recall'], '.3f'):>8}" for r in c["operating_curve"]),
+            "  FP per 1,000  " + "".join(f"{_fmt(r['fp_per_1000_rbc'], '.1f'):>8}" for r in c["operating_curve"]),
         ]
     if report["errors"]:
         lines += ["", f"Unreadable images ({len(report['errors'])}), skipped:"]

@@ -229,6 +229,22 @@ def test_classification_metrics_with_a_fake_classifier():
     assert "per 1,000 cells" in format_report(everything)
 
 
+def test_field_operating_curve_counts_each_threshold():
+    # scores spread evenly over 0..1 in every field: each threshold flags a different share
+    report = evaluate_fields(FIELDS, classify=lambda crops: np.linspace(0.0, 1.0, len(crops)), threshold=0.9)
+    c = report["classification"]
+    curve = {row["threshold"]: row for row in c["operating_curve"]}
+    assert 0.9 in curve and list(curve) == sorted(curve)
+    at_card = curve[0.9]
+    assert at_card["parasite_recall"] == pytest.approx(c["parasite_recall"])
+    assert at_card["fp_per_1000_rbc"] == pytest.approx(c["fp_per_1000_rbc"])
+    recalls = [row["parasite_recall"] for row in c["operating_curve"]]
+    fps = [row["fp_per_1000_rbc"] for row in c["operating_curve"]]
+    assert recalls == sorted(recalls, reverse=True) and fps == sorted(fps, reverse=True)
+    assert fps[0] > fps[-1]  # linspace scores: a higher threshold flags fewer plain cells
+    assert "FP per 1,000" in format_report(report)
+
+
 def test_crops_given_to_the_classifier_are_nih_style():
     black_corner = []
 
