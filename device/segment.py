@@ -92,7 +92,7 @@ class SegmentParams:
     # Cells cut by the image border cannot be judged (shape, content) and are dropped...
     drop_border_cells: bool = True
     # ...when they touch it along more than this (a cell grazing the edge is whole).
-    max_border_contact_frac_of_diameter: float = 0.2
+    max_border_contact_frac_of_diameter: float = 0.3
     # White-cell nucleus: pixels passing far less green light than the field's red cells do (chromatin
     # is the darkest thing in a Giemsa field; relative, because some smears stain red cells deep
     # magenta)...
