@@ -31,15 +31,15 @@ def positive_cutoff(n: int, fp_rate: float, alpha: float = FALSE_ALARM_PROBABILI
     lam = n * max(fp_rate, 0.0)
     if lam <= 0:
         return 1
-    # P(X >= k) = 1 - sum_{i<k} e^-lam lam^i / i!
-    term = math.exp(-lam)
-    cdf = term
-    k = 1
-    while 1.0 - cdf >= alpha:
-        term *= lam / k
-        cdf += term
-        k += 1
-    return k
+    # P(X >= k) = 1 - sum_{i<k} e^-lam lam^i / i!, each term in log space: e^-lam underflows to 0 for
+    # lam > ~745 (a long slide, a high FP rate), and a running product of it would never grow.
+    log_lam = math.log(lam)
+    cdf = 0.0
+    for k in range(n + 1):
+        cdf += math.exp(k * log_lam - lam - math.lgamma(k + 1))
+        if 1.0 - cdf < alpha:
+            return k + 1
+    return n + 1  # more than every cell: this many false positives are expected that no count is a call
 
 
 def detection_limit_fraction(fp_rate: float, sensitivity: float, n: int) -> float:

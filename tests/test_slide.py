@@ -28,6 +28,16 @@ def test_cutoff_keeps_a_healthy_slide_negative():
     assert positive_cutoff(2000, 0.0) == 1
 
 
+def test_cutoff_returns_for_a_large_expected_false_positive_count():
+    # e^-lam underflows to 0.0 beyond lam ~745: a running product of it once looped forever (a long
+    # slide on the device; a degenerate model's threshold search in convert).
+    lam = 200_000 * 0.005  # 1,000 expected false positives
+    k = positive_cutoff(200_000, 0.005)
+    assert lam + 3.0 * math.sqrt(lam) < k < lam + 3.3 * math.sqrt(lam)  # Poisson tail: z(0.999) = 3.09
+    assert positive_cutoff(2000, 1.0) == 2001  # every healthy cell flagged: no count can be a call
+    assert positive_cutoff(2000, 0.003) == 16  # small counts unchanged (hand check: Poisson(6) tail)
+
+
 def test_negative_slide_stays_negative_and_positive_is_positive():
     neg = summarize_slide(2100, 6, threshold=0.9, fp_rate_per_cell=0.003)  # 6 ~ expected false positives
     assert neg.call == "negative"

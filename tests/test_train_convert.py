@@ -158,12 +158,16 @@ def test_field_crops_are_cut_like_the_device_and_join_training(tmp_path):
     assert crop[0, 0].max() == 0 or crop[-1, -1].max() == 0  # NIH form: black outside the cell mask
     assert json.loads((crops / "val_fields" / "annotations.json").read_text())
     run = tmp_path / "run"
+    # also the older recipe: early stopping on monitor patients with a plateau schedule
     r = run_module("train", "--data", str(FIX), "--extra-data", str(crops), "--out", str(run), "--epochs", "1",
-                   "--size", "32", "--width", "4", "--batch", "32")
+                   "--size", "32", "--width", "4", "--batch", "32", "--schedule", "plateau", "--average-last", "0",
+                   "--monitor-fraction", "0.3")
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = json.loads((run / "metrics.json").read_text())
     assert str(crops) in metrics["extra_val"]
-    assert "extra " in r.stderr and "training cells" in r.stderr
+    assert "extra " in r.stderr and "training cells" in r.stderr and "class weights" in r.stderr
+    assert json.loads((run / "split.json").read_text())["patients"]["monitor"]
+    assert "val_loss" in json.loads((run / "history.json").read_text())  # the monitor patients were scored
 
 
 def test_calibration_sample_is_seeded_sorted_and_drawn_from_the_given_files():
@@ -182,7 +186,7 @@ def test_all_training_patients_run_has_no_monitor_and_convert_thresholds_on_vali
 
     run = tmp_path / "all"
     r = run_module("train", "--data", str(FIX), "--out", str(run), "--epochs", "1", "--size", "32", "--width", "4",
-                   "--batch", "16", "--monitor-fraction", "0")
+                   "--batch", "16", "--monitor-fraction", "0", "--schedule", "plateau", "--average-last", "0")
     assert r.returncode == 2 and "--schedule cosine" in r.stderr  # nothing to stop early on
     r = run_module("train", "--data", str(FIX), "--out", str(run), "--epochs", "2", "--size", "32", "--width", "4",
                    "--batch", "16", "--monitor-fraction", "0", "--schedule", "cosine", "--weight-decay", "0.004")
