@@ -54,7 +54,12 @@ class Camera(Protocol):
     def __exit__(self, *exc: object) -> None: ...
 
 
-class _ContextCamera:
+class CameraBase:
+    """What every :class:`Camera` shares: ``with camera:`` closes it on the way out.
+
+    Implementations (and test doubles) subclass it and provide ``read`` and ``close``.
+    """
+
     def __enter__(self):
         return self
 
@@ -65,7 +70,7 @@ class _ContextCamera:
         pass
 
 
-class ReplayCamera(_ContextCamera):
+class ReplayCamera(CameraBase):
     """Replay a folder of images (sorted, looped, re-listed each loop) or a video file (looped).
 
     Args:
@@ -140,7 +145,7 @@ class ReplayCamera(_ContextCamera):
             self._video = None
 
 
-class OpenCVCamera(_ContextCamera):
+class OpenCVCamera(CameraBase):
     """A USB (UVC) microscope camera through OpenCV: V4L2 on Linux. Frames come BGR; returned RGB.
 
     Args:
@@ -174,7 +179,7 @@ class OpenCVCamera(_ContextCamera):
         self._cap.release()
 
 
-class Picamera2Camera(_ContextCamera):
+class Picamera2Camera(CameraBase):
     """A Raspberry Pi camera module through picamera2, asking for the pinned ``"BGR888"`` format.
 
     picamera2 comes from apt (``python3-picamera2``); the venv needs ``--system-site-packages`` to see it.

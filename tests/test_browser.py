@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from device.camera import CameraError, ReplayCamera
+from device.camera import CameraBase, CameraError, ReplayCamera
 from tests.conftest import ARTIFACTS_DIR, SAMPLES_DIR
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -180,7 +180,7 @@ def test_technician_flow_start_capture_review_finish_result_csv(browser, live_en
     assert not errors, errors
 
 
-class _UnpluggableCamera:
+class _UnpluggableCamera(CameraBase):
     """The replay camera behind a cable that the test can pull."""
 
     def __init__(self, plugged: threading.Event):
@@ -196,12 +196,6 @@ class _UnpluggableCamera:
 
     def close(self):
         self.cam.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def test_camera_lost_mid_slide_shows_a_banner_then_recovers(browser, make_env):

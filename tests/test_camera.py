@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from device import camera as cam_mod
-from device.camera import CameraError, CameraFeed, OpenCVCamera, Picamera2Camera, ReplayCamera, open_camera
+from device.camera import CameraBase, CameraError, CameraFeed, OpenCVCamera, Picamera2Camera, ReplayCamera, open_camera
 from tests.conftest import SAMPLES_DIR, make_config, wait_until
 
 RED_BGR = (0, 0, 255)
@@ -230,7 +230,7 @@ def test_feed_survives_a_replay_folder_renamed_mid_slide_and_reconnects(tmp_path
     assert not feed.loop_healthy()
 
 
-class _FlakyCamera:
+class _FlakyCamera(CameraBase):
     def __init__(self, frames_before_failure: int):
         self.left = frames_before_failure
 
@@ -243,12 +243,6 @@ class _FlakyCamera:
 
     def close(self):
         pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def test_feed_reconnect_back_off_doubles_and_is_capped():

@@ -28,7 +28,7 @@ import pytest
 
 from device import service
 from device import store as store_mod
-from device.camera import CameraFeed, ReplayCamera
+from device.camera import CameraBase, CameraFeed, ReplayCamera
 from device.store import Store
 from tests.conftest import ARTIFACTS_DIR, MODEL_PATH, ROOT, SAMPLES_DIR, wait_until
 from tests.test_service import Client, _free_port, _stop, _write_config, served
@@ -59,7 +59,7 @@ def _upload(c, token, data: bytes, name: str, slide_id=1):
                   data={"image": (io.BytesIO(data), name)}, content_type="multipart/form-data")
 
 
-class _OddCamera:
+class _OddCamera(CameraBase):
     """A camera whose driver hands over whatever ``frames()`` returns."""
 
     def __init__(self, frames):
@@ -71,12 +71,6 @@ class _OddCamera:
 
     def close(self):
         pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 # --- the camera ---------------------------------------------------------------------------------------
