@@ -252,8 +252,6 @@ def convert(args, argv: list[str]) -> Path:
     # The threshold is chosen on held-out patients: the early-stopping ones, or -- for a model trained on
     # every training patient -- the validation patients (the card says which).
     threshold_on = "early-stopping" if len(arrays["monitor"][1]) else "validation"
-    if threshold_on == "validation":
-        del arrays["monitor"]
 
     rep = representative_images(x_cal)
     logger.info("converting float32 and int8 (calibration: %d training cells + 1 range image)", len(rep) - 1)
@@ -261,7 +259,7 @@ def convert(args, argv: list[str]) -> Path:
     int8_bytes = to_tflite(model, rep)
 
     xv, yv = arrays["val"]
-    xm, ym = arrays.get("monitor", arrays["val"])
+    xm, ym = arrays["monitor"] if threshold_on == "early-stopping" else (xv, yv)
     logits = model.predict(xv.astype(np.float32), batch_size=256, verbose=0)[:, 0]
     p_keras = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
 
@@ -274,7 +272,9 @@ def convert(args, argv: list[str]) -> Path:
             card = make_card(p.stem, p, threshold=0.5)
             (td / f"{p.stem}.json").write_text(json.dumps(card))
             clf = CellClassifier(p, threads=1)  # the device's own loader, card checks included
-            results[kind] = {"path": p, "card": card, "p_val": clf.predict(xv), "p_monitor": clf.predict(xm)}
+            p_val = clf.predict(xv)
+            p_monitor = clf.predict(xm) if threshold_on == "early-stopping" else p_val
+            results[kind] = {"path": p, "card": card, "p_val": p_val, "p_monitor": p_monitor}
         runtimes = runtime_gate(td / f"{args.name}_int8.tflite")
         float_path = model_path.parent / f"{args.name.replace('_int8', '')}_float32.tflite"
         float_path.write_bytes(float_bytes)

@@ -213,7 +213,8 @@ def fit(args, arrays):
           .batch(args.batch)
           .map(augment, num_parallel_calls=tf.data.AUTOTUNE)
           .prefetch(tf.data.AUTOTUNE))
-    # Without monitor patients nothing is selected on held-out data: a fixed schedule, the last epoch kept.
+    # Without monitor patients nothing is selected on held-out data: a fixed schedule, and the model is the
+    # last epoch's weights or the mean over the last --average-last epochs.
     dm = (tf.data.Dataset.from_tensor_slices((xm.astype(np.float32), ym.astype(np.float32))).batch(256)
           if len(ym) else None)
     model = build_model(args.size, args.width)
