@@ -162,21 +162,30 @@ def cmd_analyze(args) -> int:
     return 1 if failed == len(files) else 0
 
 
+def training_images(card: dict) -> set[str]:
+    """Names of the field images whose cells trained the model (``data.extra_training_data`` of its card)."""
+    extra = card.get("data", {}).get("extra_training_data", [])
+    return {str(name) for e in extra if isinstance(e, dict) for name in e.get("train_images", [])}
+
+
 def cmd_evaluate_fields(args) -> int:
     from device.fields import evaluate_fields, format_report
     from device.preprocess import prepare_batch
 
-    classify, threshold = None, 0.5
+    classify, threshold, trained_on = None, 0.5, set()
     if not args.no_classifier:
         clf = _classifier(args)
         threshold = clf.threshold
+        if not args.include_training_fields:
+            trained_on = training_images(clf.card.data)
 
         def classify(crops):
             return clf.predict(prepare_batch(crops, clf.input_size_px))
 
     report = evaluate_fields(args.dir, classify=classify, threshold=threshold,
                              progress=lambda i, n, name: _progress(i, n, name),
-                             partial_labels=args.partial_labels, ignore_border_gt=not args.count_border_cells)
+                             partial_labels=args.partial_labels, ignore_border_gt=not args.count_border_cells,
+                             trained_on=trained_on)
     print(format_report(report))
     _write_json(args.json, report)
     return 0
@@ -256,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full-labels", dest="partial_labels", action="store_false", help="every red cell is boxed")
     p.add_argument("--count-border-cells", action="store_true",
                    help="score boxes touching the image border too (the segmenter drops cut cells)")
+    p.add_argument("--include-training-fields", action="store_true",
+                   help="score the classifier on every image, even those its model card lists as training images "
+                        "(by default they are reported apart)")
     model_args(p)
     p.set_defaults(func=cmd_evaluate_fields)
 

@@ -28,7 +28,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -178,6 +178,7 @@ def evaluate_fields(
     params: SegmentParams | None = None,
     partial_labels: bool | None = None,
     ignore_border_gt: bool = True,
+    trained_on: Collection[str] = (),
 ) -> dict[str, Any]:
     """Segment (and optionally classify) every annotated field in ``field_dir`` and score it.
 
@@ -190,12 +191,15 @@ def evaluate_fields(
         params: segmentation parameters (defaults when None).
         partial_labels: whether not every cell is boxed; None decides by the folder name.
         ignore_border_gt: treat ground-truth cells touching the image border as ignore regions.
+        trained_on: names of images the classifier was trained on (its model card lists them). They are
+            still segmented and scored for detection, but their classification is summed apart
+            (``classification_training_fields``): a model scored on its own training cells says nothing.
 
     Returns:
         A dict: ``dataset``, ``partial_labels``, ``iou``, ``threshold``, ``images`` (one row per image),
         ``errors`` (``{"image", "error"}`` per unreadable file), ``totals`` (summed counts, precision,
         recall, F1, count error), ``timing_ms`` (mean per stage), and ``classification`` when
-        ``classify`` is given.
+        ``classify`` is given (held-out images only when ``trained_on`` names some).
     """
     root = Path(field_dir)
     params = params or SegmentParams()
@@ -205,9 +209,8 @@ def evaluate_fields(
     rows: list[dict[str, Any]] = []
     errors: list[dict[str, str]] = []
     timings: list[dict[str, float]] = []
-    cls_acc = {"n_parasite_gt": 0, "n_parasite_detected": 0, "n_parasite_flagged": 0,
-               "n_rbc_matched": 0, "n_rbc_flagged": 0, "n_unmatched_judged": 0, "n_unmatched_flagged": 0,
-               "n_cells_classified": 0, "n_cells_flagged": 0, "p_parasite": [], "p_rbc": []}
+    trained_on = frozenset(trained_on)
+    cls_acc, cls_acc_trained = _new_classification_acc(), _new_classification_acc()
     for i, rec in enumerate(records):
         name = str(rec.get("image", ""))
         if progress is not None:
@@ -251,7 +254,9 @@ def evaluate_fields(
         }
         row["f1"] = _f1(row["precision"], row["recall"])
         if classify is not None:
-            _classify_image(image, seg.cells, m, counted, judged, classify, threshold, row, cls_acc)
+            row["model_trained_on"] = name in trained_on
+            _classify_image(image, seg.cells, m, counted, judged, classify, threshold, row,
+                            cls_acc_trained if row["model_trained_on"] else cls_acc)
         rows.append(row)
     if progress is not None:
         progress(len(records), len(records), "")
@@ -269,7 +274,18 @@ def evaluate_fields(
     }
     if classify is not None:
         report["classification"] = _classification_summary(cls_acc, partial, threshold)
+        report["classification"]["n_images"] = sum(not r["model_trained_on"] for r in rows)
+        n_trained = sum(r["model_trained_on"] for r in rows)
+        if n_trained:
+            report["classification_training_fields"] = _classification_summary(cls_acc_trained, partial, threshold)
+            report["classification_training_fields"]["n_images"] = n_trained
     return report
+
+
+def _new_classification_acc() -> dict[str, Any]:
+    return {"n_parasite_gt": 0, "n_parasite_detected": 0, "n_parasite_flagged": 0,
+            "n_rbc_matched": 0, "n_rbc_flagged": 0, "n_unmatched_judged": 0, "n_unmatched_flagged": 0,
+            "n_cells_classified": 0, "n_cells_flagged": 0, "p_parasite": [], "p_rbc": []}
 
 
 def _classify_image(
@@ -426,21 +442,34 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"segmentation ms per image (mean, this machine): total {tm.get('total', 0):.1f} ({stages})")
     c = report.get("classification")
     if c:
+        lines.append("")
+        lines += _classification_lines(report, c)
+    ct = report.get("classification_training_fields")
+    if ct:
         lines += [
             "",
-            f"Classification at p_infected >= {report['threshold']:.3f}:",
-            f"  parasite-bearing cells: {c['n_parasite_gt']} boxed, {c['n_parasite_detected']} segmented "
-            f"({_fmt(c['parasite_segmented_frac'], '.3f')}), {c['n_parasite_flagged']} flagged -> "
-            f"recall {_fmt(c['parasite_recall'], '.3f')}",
-            f"  false positives: {c['n_rbc_flagged']} of {c['n_rbc_matched']} -> "
-            f"{_fmt(c['fp_per_1000_rbc'], '.1f')} per 1,000 cells ({c['fp_basis']})",
-            f"  unmatched judged detections flagged: {c['n_unmatched_flagged']} of {c['n_unmatched_judged']}; "
-            f"all counted cells flagged: {c['n_cells_flagged']} of {c['n_cells_classified']}",
-            "  threshold     " + "".join(f"{r['threshold']:>8.4g}" for r in c["operating_curve"]),
-            "  recall        " + "".join(f"{_fmt(r['parasite_recall'], '.3f'):>8}" for r in c["operating_curve"]),
-            "  FP per 1,000  " + "".join(f"{_fmt(r['fp_per_1000_rbc'], '.1f'):>8}" for r in c["operating_curve"]),
+            f"The model was trained on cells of {ct['n_images']} of these images (its model card lists them): "
+            f"the figures above are the other {c['n_images']}. On its own training images, not a measurement:",
+            f"  parasite recall {_fmt(ct['parasite_recall'], '.3f')} ({ct['n_parasite_flagged']} of "
+            f"{ct['n_parasite_gt']}), {_fmt(ct['fp_per_1000_rbc'], '.1f')} false positives per 1,000 cells",
         ]
     if report["errors"]:
         lines += ["", f"Unreadable images ({len(report['errors'])}), skipped:"]
         lines += [f"  {e['image']}: {e['error']}" for e in report["errors"]]
     return "\n".join(lines)
+
+
+def _classification_lines(report: dict[str, Any], c: dict[str, Any]) -> list[str]:
+    return [
+        f"Classification at p_infected >= {report['threshold']:.3f} ({c['n_images']} images):",
+        f"  parasite-bearing cells: {c['n_parasite_gt']} boxed, {c['n_parasite_detected']} segmented "
+        f"({_fmt(c['parasite_segmented_frac'], '.3f')}), {c['n_parasite_flagged']} flagged -> "
+        f"recall {_fmt(c['parasite_recall'], '.3f')}",
+        f"  false positives: {c['n_rbc_flagged']} of {c['n_rbc_matched']} -> "
+        f"{_fmt(c['fp_per_1000_rbc'], '.1f')} per 1,000 cells ({c['fp_basis']})",
+        f"  unmatched judged detections flagged: {c['n_unmatched_flagged']} of {c['n_unmatched_judged']}; "
+        f"all counted cells flagged: {c['n_cells_flagged']} of {c['n_cells_classified']}",
+        "  threshold     " + "".join(f"{r['threshold']:>8.4g}" for r in c["operating_curve"]),
+        "  recall        " + "".join(f"{_fmt(r['parasite_recall'], '.3f'):>8}" for r in c["operating_curve"]),
+        "  FP per 1,000  " + "".join(f"{_fmt(r['fp_per_1000_rbc'], '.1f'):>8}" for r in c["operating_curve"]),
+    ]

@@ -85,3 +85,28 @@ def test_cells_command_reports_every_file_and_a_summary(tmp_path):
     s = doc["summary"]
     assert s["n"] == n_files and set(s) == {"n", "accuracy", "sensitivity", "specificity", "auc", "threshold"}
     assert json.loads(r.stdout.strip().splitlines()[-1]) == s
+
+
+def test_evaluate_fields_scores_the_classifier_only_on_fields_its_card_does_not_list(tmp_path):
+    from device.cli import training_images
+
+    shipped = json.loads((ROOT / "models" / "cellnet_int8.json").read_text())
+    extra = shipped["data"]["extra_training_data"][0]
+    assert training_images(shipped) == set(extra["train_images"]) and not set(extra["held_out_images"]) & set(
+        extra["train_images"])
+    fields = ROOT / "tests" / "fixtures" / "fields"
+    trained = sorted(p.name for p in (fields / "images").iterdir())[0]
+    shutil.copy(ROOT / "models" / "cellnet_int8.tflite", tmp_path / "m.tflite")
+    card = {**shipped, "data": {**shipped["data"], "extra_training_data": [{**extra, "train_images": [trained]}]}}
+    (tmp_path / "m.json").write_text(json.dumps(card))
+    model = str(tmp_path / "m.tflite")
+    r = device("evaluate-fields", str(fields), "--model", model, "--json", str(tmp_path / "a.json"))
+    assert r.returncode == 0, r.stderr
+    doc = json.loads((tmp_path / "a.json").read_text())
+    assert doc["classification"]["n_images"] == 1 and doc["classification_training_fields"]["n_images"] == 1
+    assert "On its own training images, not a measurement" in r.stdout
+    r = device("evaluate-fields", str(fields), "--model", model, "--json", str(tmp_path / "b.json"),
+               "--include-training-fields")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads((tmp_path / "b.json").read_text())
+    assert doc["classification"]["n_images"] == 2 and "classification_training_fields" not in doc

@@ -294,3 +294,23 @@ def test_partial_labels_judge_only_boxed_cells(tmp_path):
     assert partial["fp"] < full["fp"]  # unboxed cells are not counted as false positives
     assert partial["n_judged"] < partial["n_detected"]
     assert "PARTIAL LABELS" in format_report(partial_report)
+
+
+def test_images_the_model_was_trained_on_are_scored_apart():
+    trained = sorted(RECORDS)[0]
+
+    def scores(crops):
+        return np.linspace(0.0, 1.0, len(crops))
+
+    both = evaluate_fields(FIELDS, classify=scores, threshold=0.5)
+    split = evaluate_fields(FIELDS, classify=scores, threshold=0.5, trained_on={trained, "not-here.png"})
+    held, seen = split["classification"], split["classification_training_fields"]
+    assert (held["n_images"], seen["n_images"], both["classification"]["n_images"]) == (1, 1, 2)
+    assert "classification_training_fields" not in both
+    row = next(r for r in split["images"] if r["image"] == trained)
+    assert row["model_trained_on"] and seen["n_parasite_gt"] == row["n_parasite_gt"] > 0
+    for key in ("n_parasite_gt", "n_parasite_flagged", "n_rbc_matched", "n_rbc_flagged", "n_cells_classified"):
+        assert held[key] + seen[key] == both["classification"][key]
+    assert split["totals"] == both["totals"]  # segmentation is scored on every image either way
+    text = format_report(split)
+    assert "trained on cells of 1 of these images" in text and "(1 images)" in text
