@@ -352,7 +352,7 @@ def _classification_summary(acc: dict[str, Any], partial: bool, threshold: float
         {"threshold": t,
          "parasite_recall": _ratio(int((p_par >= t).sum()), acc["n_parasite_gt"]),
          "fp_per_1000_rbc": 1000.0 * _ratio(int((p_rbc >= t).sum()), len(p_rbc))}
-        for t in sorted({*CURVE_THRESHOLDS, round(float(threshold), 4)})
+        for t in sorted({*CURVE_THRESHOLDS, float(threshold)})
     ]
     return out
 

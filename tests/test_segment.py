@@ -314,3 +314,18 @@ def test_images_the_model_was_trained_on_are_scored_apart():
     assert split["totals"] == both["totals"]  # segmentation is scored on every image either way
     text = format_report(split)
     assert "trained on cells of 1 of these images" in text and "(1 images)" in text
+
+
+def test_operating_curve_row_of_the_card_threshold_matches_the_summary_exactly():
+    # int8 outputs are discrete: a score may lie between the card's threshold and its 4-digit rounding
+    threshold = 0.978875
+
+    def scores(crops):
+        return np.full(len(crops), 0.97888)
+
+    report = evaluate_fields(FIELDS, classify=scores, threshold=threshold)
+    c = report["classification"]
+    row = next(r for r in c["operating_curve"] if r["threshold"] == threshold)
+    assert c["parasite_recall"] > 0 and c["fp_per_1000_rbc"] > 0  # every cell is flagged at the card threshold
+    assert row["parasite_recall"] == c["parasite_recall"] and row["fp_per_1000_rbc"] == c["fp_per_1000_rbc"]
+    assert "  0.9789" in format_report(report)  # shown rounded, counted exactly
