@@ -162,22 +162,16 @@ def cmd_analyze(args) -> int:
     return 1 if failed == len(files) else 0
 
 
-def training_images(card: dict) -> set[str]:
-    """Names of the field images whose cells trained the model (``data.extra_training_data`` of its card)."""
-    extra = card.get("data", {}).get("extra_training_data", [])
-    return {str(name) for e in extra if isinstance(e, dict) for name in e.get("train_images", [])}
-
-
 def cmd_evaluate_fields(args) -> int:
     from device.fields import evaluate_fields, format_report
     from device.preprocess import prepare_batch
 
-    classify, threshold, trained_on = None, 0.5, set()
+    classify, threshold, trained_on = None, 0.5, frozenset()
     if not args.no_classifier:
         clf = _classifier(args)
         threshold = clf.threshold
         if not args.include_training_fields:
-            trained_on = training_images(clf.card.data)
+            trained_on = clf.card.training_field_images
 
         def classify(crops):
             return clf.predict(prepare_batch(crops, clf.input_size_px))

@@ -87,6 +87,12 @@ class ModelCard:
             return self.false_positive_rate if abs(threshold - self.threshold) < 1e-9 else None
         return float(max(below, key=lambda row: row["threshold"])["call_false_positive_rate"])
 
+    @property
+    def training_field_images(self) -> frozenset[str]:
+        """Names of the field images whose cells trained the model (``data.extra_training_data``)."""
+        extra = self.data.get("data", {}).get("extra_training_data", [])
+        return frozenset(str(name) for e in extra if isinstance(e, dict) for name in e.get("train_images", []))
+
     def spec(self, which: str) -> TensorSpec:
         d = self.data[which]
         q = d.get("quantization", {})

@@ -88,12 +88,12 @@ def test_cells_command_reports_every_file_and_a_summary(tmp_path):
 
 
 def test_evaluate_fields_scores_the_classifier_only_on_fields_its_card_does_not_list(tmp_path):
-    from device.cli import training_images
+    from device.model_card import load_card
 
     shipped = json.loads((ROOT / "models" / "cellnet_int8.json").read_text())
     extra = shipped["data"]["extra_training_data"][0]
-    assert training_images(shipped) == set(extra["train_images"]) and not set(extra["held_out_images"]) & set(
-        extra["train_images"])
+    listed = load_card(ROOT / "models" / "cellnet_int8.tflite").training_field_images
+    assert listed == set(extra["train_images"]) and len(listed) == 40 and not listed & set(extra["held_out_images"])
     fields = ROOT / "tests" / "fixtures" / "fields"
     trained = sorted(p.name for p in (fields / "images").iterdir())[0]
     shutil.copy(ROOT / "models" / "cellnet_int8.tflite", tmp_path / "m.tflite")
