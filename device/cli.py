@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -35,10 +36,52 @@ def _classifier(args):
     return CellClassifier(args.model or DEFAULT_MODEL_PATH, threads=args.threads, threshold=args.threshold)
 
 
-def _write_json(path: str | None, doc: dict) -> None:
-    if path:
+def _write_json(path: str | None, doc: dict) -> bool:
+    """Write ``doc`` to ``path`` (if given); False, with a one-line error, when that fails."""
+    if not path:
+        return True
+    try:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(doc, indent=2) + "\n")
+    except OSError as exc:
+        print(f"error: cannot write --json {path}: {exc.strerror or exc}", file=sys.stderr)
+        return False
+    return True
+
+
+def _output_problem(json_path: str | None = None, annotate_dir: str | None = None) -> str | None:
+    """Why the outputs cannot be written (None when they can), checked before any work is done so that
+    a long batch is not lost at the end. Creates the folders they need."""
+    try:
+        if json_path:
+            p = Path(json_path)
+            if p.is_dir():
+                return f"--json {p}: is a folder, not a file"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            if not os.access(p.parent, os.W_OK):
+                return f"--json {p}: folder {p.parent} is not writable"
+        if annotate_dir:
+            d = Path(annotate_dir)
+            d.mkdir(parents=True, exist_ok=True)
+            if not os.access(d, os.W_OK):
+                return f"--annotate {d}: folder is not writable"
+    except OSError as exc:
+        return f"cannot write to {exc.filename or json_path or annotate_dir}: {exc.strerror or exc}"
+    return None
+
+
+def _unique_name(stem: str, used: set[str]) -> str:
+    """``stem_annotated.jpg``, or ``stem_2_annotated.jpg``... when another input had the same stem.
+
+    Stems are cut to 150 bytes, so that the name stays under the usual 255-byte limit of file systems.
+    """
+    stem = os.fsdecode(os.fsencode(stem)[:150])
+    name, n = f"{stem}_annotated.jpg", 1
+    while name in used:
+        n += 1
+        name = f"{stem}_{n}_annotated.jpg"
+    used.add(name)
+    return name
 
 
 def cmd_cells(args) -> int:
@@ -48,6 +91,10 @@ def cmd_cells(args) -> int:
     from device.metrics import binary_metrics
     from device.preprocess import prepare_cell
 
+    problem = _output_problem(args.json)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     clf = _classifier(args)
     files = iter_image_files(args.paths)
     if not files:
@@ -89,7 +136,8 @@ def cmd_cells(args) -> int:
     elif len(rows) <= 20:
         for r in rows:
             print(f"{r['file']}: p_infected={r['p_infected']:.4f} {'INFECTED' if r['infected'] else 'uninfected'}")
-    _write_json(args.json, doc)
+    if not _write_json(args.json, doc):
+        return 1
     return 1 if errors and not rows else 0
 
 
@@ -109,6 +157,10 @@ def cmd_analyze(args) -> int:
     from device.imageio import ImageError, iter_image_files, read_rgb
     from device.slide import summarize_slide
 
+    problem = _output_problem(args.json, args.annotate)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     clf = _classifier(args)
     settings = AnalysisSettings(threshold=args.threshold)
     files = iter_image_files(args.paths)
@@ -116,8 +168,7 @@ def cmd_analyze(args) -> int:
         print("no image files found in " + ", ".join(args.paths), file=sys.stderr)
         return 2
     out_dir = Path(args.annotate) if args.annotate else None
-    if out_dir:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    used_names: set[str] = set()
     images, failed = [], 0
     for i, f in enumerate(files, 1):
         t0 = time.perf_counter()
@@ -134,8 +185,18 @@ def cmd_analyze(args) -> int:
         doc["timing_ms"]["read_ms"] = round((time.perf_counter() - t0) * 1000 - res.timing_ms.get("total_ms", 0), 2)
         images.append(doc)
         if out_dir:
-            cv2.imwrite(str(out_dir / (f.stem + "_annotated.jpg")),
-                        cv2.cvtColor(annotate(rgb, res), cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
+            # Encoded here and written by Python: OpenCV's imwrite fails silently on an unwritable path and
+            # crashes on a file name that is not UTF-8.
+            target = out_dir / _unique_name(f.stem, used_names)
+            ok, jpg = cv2.imencode(".jpg", cv2.cvtColor(annotate(rgb, res), cv2.COLOR_RGB2BGR),
+                                   [cv2.IMWRITE_JPEG_QUALITY, 90])
+            try:
+                if not ok:
+                    raise OSError("JPEG encoding failed")
+                target.write_bytes(jpg.tobytes())
+                doc["annotated"] = str(target)
+            except OSError as exc:
+                print(f"\nerror: cannot write annotated copy {target}: {exc.strerror or exc}", file=sys.stderr)
         if len(files) == 1 or args.verbose:
             state = f"rejected: {res.rejected}" if res.rejected else f"{res.infected_count}/{res.rbc_count} infected"
             print(f"{f}: {state} ({res.timing_ms.get('total_ms', 0):.0f} ms)")
@@ -158,12 +219,18 @@ def cmd_analyze(args) -> int:
         print(f"{len(files)} images: {failed} failed, {n_rej} rejected, "
               f"{sum(d.get('rbc_count', 0) for d in images)} red cells, "
               f"{sum(d.get('infected_count', 0) for d in images)} flagged infected")
-    _write_json(args.json, result)
+    if not _write_json(args.json, result):
+        return 1
     return 1 if failed == len(files) else 0
 
 
 def cmd_evaluate_fields(args) -> int:
-    from device.fields import evaluate_fields, format_report
+    from device.fields import FieldsError, evaluate_fields, format_report
+
+    problem = _output_problem(args.json)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     from device.preprocess import prepare_batch
 
     classify, threshold, trained_on = None, 0.5, frozenset()
@@ -176,13 +243,18 @@ def cmd_evaluate_fields(args) -> int:
         def classify(crops):
             return clf.predict(prepare_batch(crops, clf.input_size_px))
 
-    report = evaluate_fields(args.dir, classify=classify, threshold=threshold,
-                             progress=lambda i, n, name: _progress(i, n, name),
-                             partial_labels=args.partial_labels, ignore_border_gt=not args.count_border_cells,
-                             trained_on=trained_on)
+    try:
+        report = evaluate_fields(args.dir, classify=classify, threshold=threshold,
+                                 progress=lambda i, n, name: _progress(i, n, name),
+                                 partial_labels=args.partial_labels, ignore_border_gt=not args.count_border_cells,
+                                 trained_on=trained_on)
+    except FieldsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(format_report(report))
-    _write_json(args.json, report)
-    return 0
+    if not _write_json(args.json, report):
+        return 1
+    return 0 if report["images"] else 1  # nothing evaluated is a failure
 
 
 def cmd_check_config(args) -> int:

@@ -54,6 +54,44 @@ BORDER_MARGIN_PX = 2
 Classifier = Callable[[list[np.ndarray]], np.ndarray]
 
 
+class FieldsError(ValueError):
+    """A field folder that cannot be evaluated at all (no or unreadable annotations, no images folder)."""
+
+
+def load_annotations(root: Path) -> list:
+    """The records of ``root/annotations.json``; :class:`FieldsError` with the reason when unusable."""
+    path = root / "annotations.json"
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise FieldsError(f"{root}: no annotations.json (see the schema in the data README)") from exc
+    except OSError as exc:
+        raise FieldsError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    except UnicodeDecodeError as exc:
+        raise FieldsError(f"{path}: not UTF-8 text") from exc
+    except json.JSONDecodeError as exc:
+        raise FieldsError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
+    if not isinstance(records, list):
+        raise FieldsError(f"{path}: expected a list of image records, got {type(records).__name__}")
+    if not (root / "images").is_dir():
+        raise FieldsError(f"{root}: no images/ folder")
+    return records
+
+
+def _record_problem(rec: Any) -> str | None:
+    """Why one annotation record cannot be scored (None when it can)."""
+    if not isinstance(rec, dict) or not isinstance(rec.get("image"), str):
+        return "record is not an object with an \"image\" name"
+    objects = rec.get("objects", [])
+    if not isinstance(objects, list):
+        return "\"objects\" is not a list"
+    for k, obj in enumerate(objects):
+        box = obj.get("bbox") if isinstance(obj, dict) else None
+        if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, int | float) for v in box)):
+            return f"object {k} has no \"bbox\" of 4 numbers"
+    return None
+
+
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """IoU matrix of boxes ``a`` (n x 4) and ``b`` (m x 4), both ``x, y, w, h``."""
     a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
@@ -205,16 +243,21 @@ def evaluate_fields(
     params = params or SegmentParams()
     dataset = root.resolve().name
     partial = is_partially_labelled(root) if partial_labels is None else bool(partial_labels)
-    records = json.loads((root / "annotations.json").read_text())
+    records = load_annotations(root)
     rows: list[dict[str, Any]] = []
     errors: list[dict[str, str]] = []
     timings: list[dict[str, float]] = []
     trained_on = frozenset(trained_on)
     cls_acc, cls_acc_trained = _new_classification_acc(), _new_classification_acc()
     for i, rec in enumerate(records):
-        name = str(rec.get("image", ""))
+        problem = _record_problem(rec)
+        name = str(rec.get("image", "")) if isinstance(rec, dict) else f"record {i}"
         if progress is not None:
             progress(i, len(records), name)
+        if problem:
+            logger.warning("skipping %s: %s", name or f"record {i}", problem)
+            errors.append({"image": name or f"record {i}", "error": f"annotations.json: {problem}"})
+            continue
         try:
             image = read_rgb(root / "images" / name)
         except ImageError as exc:

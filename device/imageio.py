@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import stat
 import struct
 from pathlib import Path
 
@@ -12,6 +13,9 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 MAX_PIXELS = 50_000_000  # > 50 MP is refused before decoding (decompression bombs)
+# No file of an image that passes (<= 50 MP, 8-bit, at most 4 channels, even uncompressed) is larger than
+# this: bigger files are refused before they are read into memory (a Pi has 1-8 GB).
+MAX_FILE_BYTES = MAX_PIXELS * 4 + (8 << 20)
 MIN_SIDE_PX = 16
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 
@@ -158,6 +162,12 @@ def read_rgb(path: str | Path, *, min_side_px: int = MIN_SIDE_PX) -> np.ndarray:
     """Read an image file as HxWx3 uint8 RGB. Raises :class:`ImageError` with the file and reason."""
     p = Path(path)
     try:
+        st = p.stat()
+        if not stat.S_ISREG(st.st_mode):  # a pipe or a device would block or never end
+            raise ImageError(f"{p}: not a regular file")
+        if st.st_size > MAX_FILE_BYTES:
+            raise ImageError(f"{p}: {st.st_size / 1e6:.0f} MB is larger than any field image of at most "
+                             f"{MAX_PIXELS / 1e6:.0f} MP can be ({MAX_FILE_BYTES / 1e6:.0f} MB)")
         data = p.read_bytes()
     except OSError as exc:
         raise ImageError(f"{p}: cannot read ({exc.strerror or exc})") from exc
@@ -165,12 +175,31 @@ def read_rgb(path: str | Path, *, min_side_px: int = MIN_SIDE_PX) -> np.ndarray:
 
 
 def iter_image_files(paths: list[str | Path]) -> list[Path]:
-    """Expand files and folders (recursively) into a sorted list of image files."""
+    """Expand files and folders (recursively) into a list of image files, each folder's sorted.
+
+    A file named twice (directly, through a folder, or by another path to it) is listed once: a slide
+    must not count one field twice. Each dropped repeat is logged.
+    """
     out: list[Path] = []
+    seen: set[Path] = set()
     for raw in paths:
         p = Path(raw)
         if p.is_dir():
-            out.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES))
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
         else:
-            out.append(p)
+            found = [p]
+        for f in found:
+            key = _identity(f)
+            if key in seen:
+                logger.warning("%s: named more than once, used once", f)
+                continue
+            seen.add(key)
+            out.append(f)
     return out
+
+
+def _identity(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # a symlink loop: read_rgb reports it
+        return path.absolute()

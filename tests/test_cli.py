@@ -1,6 +1,7 @@
 """python -m device analyze / cells on real images, with the bad-input corpus mixed in."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -110,3 +111,85 @@ def test_evaluate_fields_scores_the_classifier_only_on_fields_its_card_does_not_
     assert r.returncode == 0, r.stderr
     doc = json.loads((tmp_path / "b.json").read_text())
     assert doc["classification"]["n_images"] == 2 and "classification_training_fields" not in doc
+
+
+def test_unusable_outputs_are_refused_before_any_work(tmp_path):
+    field = str(sorted(SAMPLES.glob("*.jpg"))[0])
+    (tmp_path / "a_file").write_text("x")
+    r = device("analyze", field, "--json", str(tmp_path))  # a folder, not a file
+    assert r.returncode == 2 and "is a folder, not a file" in r.stderr and "Traceback" not in r.stderr
+    r = device("analyze", field, "--annotate", str(tmp_path / "a_file"))  # a file, not a folder
+    assert r.returncode == 2 and "cannot write to" in r.stderr and "Traceback" not in r.stderr
+    r = device("cells", str(CELLS), "--json", str(tmp_path / "a_file" / "x.json"))  # parent is a file
+    assert r.returncode == 2 and "cannot write to" in r.stderr and "Traceback" not in r.stderr
+    r = device("evaluate-fields", str(ROOT / "tests" / "fixtures" / "fields"), "--json", str(tmp_path))
+    assert r.returncode == 2 and "is a folder, not a file" in r.stderr
+
+
+def test_annotated_copies_of_same_named_fields_do_not_overwrite_each_other(tmp_path):
+    field = sorted(SAMPLES.glob("*.jpg"))[0]
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        shutil.copy(field, tmp_path / d / "field.jpg")
+    shutil.copy(field, tmp_path / "a" / "field.png")  # same stem, other format
+    ann = tmp_path / "ann"
+    (ann / "field_3_annotated.jpg").mkdir(parents=True)  # the third copy cannot be written there
+    out = tmp_path / "out.json"
+    r = device("analyze", str(tmp_path / "a"), str(tmp_path / "b"), "--annotate", str(ann), "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    images = json.loads(out.read_text())["images"]
+    assert len(images) == 3 and all(im["rbc_count"] > 40 for im in images)  # every field analysed
+    written = [im["annotated"] for im in images if "annotated" in im]
+    assert sorted(Path(p).name for p in written) == ["field_2_annotated.jpg", "field_annotated.jpg"]
+    assert all(Path(p).stat().st_size > 10_000 for p in written)
+    assert "cannot write annotated copy" in r.stderr and "field_3_annotated.jpg" in r.stderr
+
+
+def test_a_field_named_twice_counts_once_on_the_slide(tmp_path):
+    field = sorted(SAMPLES.glob("*.jpg"))[0]
+    once, twice = tmp_path / "once.json", tmp_path / "twice.json"
+    assert device("analyze", str(field), "--slide", "--json", str(once)).returncode == 0
+    r = device("analyze", str(field), str(SAMPLES / ".." / "samples" / field.name), str(SAMPLES / field.name),
+               "--slide", "--json", str(twice))
+    assert r.returncode == 0, r.stderr
+    a, b = json.loads(once.read_text()), json.loads(twice.read_text())
+    assert len(b["images"]) == 1
+    assert b["slide"]["rbc_count"] == a["slide"]["rbc_count"] > 40
+    assert "named more than once" in r.stderr
+
+
+def test_a_pipe_is_refused_not_waited_on(tmp_path):
+    fifo = tmp_path / "camera.png"
+    os.mkfifo(fifo)
+    r = device("analyze", str(fifo), timeout=120)  # reading it would block forever
+    assert r.returncode == 1 and "not a regular file" in r.stderr
+
+
+def test_evaluate_fields_bad_annotations_are_clear_errors(tmp_path):
+    fields = ROOT / "tests" / "fixtures" / "fields"
+    broken = tmp_path / "broken"
+    shutil.copytree(fields, broken)
+    (broken / "annotations.json").write_text('[{"image": "a.png",\n oops}]')
+    r = device("evaluate-fields", str(broken), "--no-classifier")
+    assert r.returncode == 2 and "invalid JSON at line 2" in r.stderr and "Traceback" not in r.stderr
+    (broken / "annotations.json").unlink()
+    r = device("evaluate-fields", str(broken), "--no-classifier")
+    assert r.returncode == 2 and "no annotations.json" in r.stderr
+    r = device("evaluate-fields", str(tmp_path / "nowhere"), "--no-classifier")
+    assert r.returncode == 2 and "no annotations.json" in r.stderr
+    # one malformed record is reported and skipped; the other image is still scored
+    records = json.loads((fields / "annotations.json").read_text())
+    assert len(records) == 2
+    records[0]["objects"][0].pop("bbox")
+    (broken / "annotations.json").write_text(json.dumps(records))
+    out = tmp_path / "r.json"
+    r = device("evaluate-fields", str(broken), "--no-classifier", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(out.read_text())
+    assert [row["image"] for row in doc["images"]] == [records[1]["image"]]
+    problem = 'annotations.json: object 0 has no "bbox" of 4 numbers'
+    assert doc["errors"] == [{"image": records[0]["image"], "error": problem}]
+    # nothing evaluated is a failure exit
+    (broken / "annotations.json").write_text(json.dumps(records[:1]))
+    r = device("evaluate-fields", str(broken), "--no-classifier")
+    assert r.returncode == 1

@@ -97,3 +97,28 @@ def test_tiff_bomb_is_refused_from_its_header(order, monkeypatch):
         decode_rgb(data, name="bomb.tif")
     with pytest.raises(ImageError, match="unreadable TIFF header"):
         decode_rgb(magic + b"\xff\xff\xff\x00", name="bad.tif")
+
+
+def test_a_file_too_big_for_any_allowed_image_is_refused_unread(tmp_path, monkeypatch):
+    from device.imageio import MAX_FILE_BYTES
+
+    big = tmp_path / "big.png"
+    with open(big, "wb") as fh:  # sparse: a PNG signature, then nothing written up to the size
+        fh.write(b"\x89PNG\r\n\x1a\n")
+        fh.truncate(MAX_FILE_BYTES + 1)
+
+    def no_read(self):
+        raise AssertionError("the file was read")
+
+    monkeypatch.setattr(Path, "read_bytes", no_read)
+    with pytest.raises(ImageError, match="larger than any field image"):
+        read_rgb(big)
+
+
+def test_a_file_named_twice_is_listed_once(tmp_path):
+    d = tmp_path / "d"
+    d.mkdir()
+    cv2.imwrite(str(d / "a.png"), np.zeros((20, 20, 3), np.uint8))
+    cv2.imwrite(str(d / "b.png"), np.zeros((20, 20, 3), np.uint8))
+    files = iter_image_files([d / "b.png", d, tmp_path / "d" / ".." / "d" / "a.png"])
+    assert files == [d / "b.png", d / "a.png"]  # first mention wins, folder order kept

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import cv2
 
-from device.fields import match_image
+from device.fields import FieldsError, load_annotations, match_image
 from device.imageio import ImageError, read_rgb
 from device.preprocess import crop_cell
 from device.segment import segment_cells
@@ -40,7 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     src = Path(args.fields)
-    records = json.loads((src / "annotations.json").read_text())
+    try:
+        records = load_annotations(src)
+    except FieldsError as exc:
+        print(f"python -m train.fieldcrops: {exc}", file=sys.stderr)
+        return 2
     names = sorted(r["image"] for r in records)
     rng = random.Random(args.seed)
     rng.shuffle(names)
