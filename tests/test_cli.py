@@ -15,7 +15,7 @@ CELLS = ROOT / "tests" / "fixtures" / "nih_cells"
 
 def device(*args, timeout=180):
     return subprocess.run([sys.executable, "-m", "device", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+                          errors="replace", timeout=timeout)
 
 
 def test_analyze_fields_writes_json_annotations_and_a_slide_result(tmp_path):
@@ -193,3 +193,15 @@ def test_evaluate_fields_bad_annotations_are_clear_errors(tmp_path):
     (broken / "annotations.json").write_text(json.dumps(records[:1]))
     r = device("evaluate-fields", str(broken), "--no-classifier")
     assert r.returncode == 1
+
+
+def test_a_file_name_that_is_not_utf8_is_analysed_and_annotated(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    odd = d / os.fsdecode(b"field\xff.jpg")  # bytes a camera or a USB stick can produce
+    shutil.copy(sorted(SAMPLES.glob("*.jpg"))[0], odd)
+    out = tmp_path / "out.json"
+    r = device("analyze", str(d), "--annotate", str(tmp_path / "ann"), "--json", str(out))
+    assert r.returncode == 0, r.stderr  # OpenCV's imwrite crashed (SIGSEGV) on such a name
+    (im,) = json.loads(out.read_text())["images"]
+    assert im["rbc_count"] > 40 and os.path.getsize(im["annotated"]) > 10_000
