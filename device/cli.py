@@ -226,12 +226,12 @@ def cmd_analyze(args) -> int:
 
 def cmd_evaluate_fields(args) -> int:
     from device.fields import FieldsError, evaluate_fields, format_report
+    from device.preprocess import prepare_batch
 
     problem = _output_problem(args.json)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    from device.preprocess import prepare_batch
 
     classify, threshold, trained_on = None, 0.5, frozenset()
     if not args.no_classifier:

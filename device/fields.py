@@ -78,18 +78,19 @@ def load_annotations(root: Path) -> list:
     return records
 
 
-def _record_problem(rec: Any) -> str | None:
-    """Why one annotation record cannot be scored (None when it can)."""
-    if not isinstance(rec, dict) or not isinstance(rec.get("image"), str):
-        return "record is not an object with an \"image\" name"
+def _check_record(rec: Any, index: int) -> tuple[str, str | None]:
+    """The image name of annotation record ``index`` (or ``record N``) and why it cannot be scored (None
+    when it can)."""
+    if not isinstance(rec, dict) or not isinstance(rec.get("image"), str) or not rec["image"]:
+        return f"record {index}", "record is not an object with an \"image\" name"
     objects = rec.get("objects", [])
     if not isinstance(objects, list):
-        return "\"objects\" is not a list"
+        return rec["image"], "\"objects\" is not a list"
     for k, obj in enumerate(objects):
         box = obj.get("bbox") if isinstance(obj, dict) else None
         if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, int | float) for v in box)):
-            return f"object {k} has no \"bbox\" of 4 numbers"
-    return None
+            return rec["image"], f"object {k} has no \"bbox\" of 4 numbers"
+    return rec["image"], None
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -250,13 +251,12 @@ def evaluate_fields(
     trained_on = frozenset(trained_on)
     cls_acc, cls_acc_trained = _new_classification_acc(), _new_classification_acc()
     for i, rec in enumerate(records):
-        problem = _record_problem(rec)
-        name = str(rec.get("image", "")) if isinstance(rec, dict) else f"record {i}"
+        name, problem = _check_record(rec, i)
         if progress is not None:
             progress(i, len(records), name)
         if problem:
-            logger.warning("skipping %s: %s", name or f"record {i}", problem)
-            errors.append({"image": name or f"record {i}", "error": f"annotations.json: {problem}"})
+            logger.warning("skipping %s: %s", name, problem)
+            errors.append({"image": name, "error": f"annotations.json: {problem}"})
             continue
         try:
             image = read_rgb(root / "images" / name)
