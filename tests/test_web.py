@@ -372,3 +372,46 @@ def test_low_disk_refuses_captures_with_507_and_a_banner(make_env):
     r = _upload(c, token, SAMPLE.read_bytes(), "f.jpg")
     assert r.status_code == 507 and "disk is nearly full" in r.get_json()["error"]
     assert c.get("/api/status").get_json()["disk"]["low"] is True
+
+
+def test_ids_too_big_for_sqlite_are_404_not_500(make_env):
+    env = make_env()
+    c, token = _client(env)
+    assert _start(c, token).status_code in (200, 302, 303)
+    huge = "99999999999999999999999"  # > 2^63 - 1: SQLite raised OverflowError (a 500) on these
+    for url in (f"/api/slides/{huge}", f"/api/fields/{huge}", f"/slides/{huge}", f"/cells/{huge}/crop.jpg"):
+        r = c.get(url)
+        assert r.status_code == 404, (url, r.status_code)
+    r = c.post(f"/api/cells/{huge}/review", json={"decision": "confirmed"}, headers={"X-CSRF-Token": token})
+    assert r.status_code == 404
+    assert c.get(f"/api/slides/{2**63 - 1}").status_code == 404  # the largest rowid still reaches the route
+    assert c.get("/api/slides/1").status_code == 200
+
+
+def test_a_review_body_that_is_not_an_object_is_400(make_env):
+    env = make_env()
+    c, token = _client(env)
+    for body in ("[1]", '"confirmed"', "3"):
+        r = c.post("/api/cells/1/review", data=body, content_type="application/json",
+                   headers={"X-CSRF-Token": token})
+        assert r.status_code == 400 and b"expected a JSON object" in r.data, body
+
+
+def test_a_failed_upload_never_becomes_a_camera_capture(make_env):
+    env = make_env()
+    c, token = _client(env)
+    _start(c, token)
+    _wait_frame(env)  # the camera has a frame: a fallback to it would succeed
+    good = SAMPLE.read_bytes()
+    attempts = [
+        {"data": {"other": (io.BytesIO(good), "a.jpg")}, "content_type": "multipart/form-data"},  # wrong field
+        {"data": good, "content_type": "image/jpeg"},  # raw body
+        {"data": b"--XYZ\r\ngarbage", "content_type": "multipart/form-data; boundary=XYZ"},  # broken multipart
+        {"data": good, "content_type": "application/octet-stream"},
+    ]
+    for kw in attempts:
+        r = _capture(c, token, **kw)
+        assert r.status_code == 400 and "no image in the upload" in r.get_json()["error"], kw["content_type"]
+    assert env.store.totals(1)["fields"] == 0  # nothing stored
+    r = _capture(c, token, json={})  # the page's own capture: the live frame
+    assert r.status_code in (200, 201, 202), r.data

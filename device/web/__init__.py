@@ -17,6 +17,7 @@ from pathlib import Path
 
 from flask import Flask, current_app, jsonify, redirect, render_template, request, session, url_for
 from werkzeug.exceptions import HTTPException
+from werkzeug.routing import IntegerConverter
 
 from device.web import health, security
 
@@ -54,6 +55,15 @@ def wants_json() -> bool:
         return True
     best = request.accept_mimetypes.best_match(["application/json", "text/html"])
     return best == "application/json" and request.accept_mimetypes[best] > request.accept_mimetypes["text/html"]
+
+
+class RowIdConverter(IntegerConverter):
+    """``<int:...>`` in every route: ids are SQLite rowids, so a number past 2^63 - 1 is a 404 like any
+    unknown id (SQLite would raise OverflowError, a 500)."""
+
+    def __init__(self, url_map, *args, **kwargs):
+        kwargs.setdefault("max", 2**63 - 1)
+        super().__init__(url_map, *args, **kwargs)
 
 
 def create_app(config, store, camera, analyser, *, secret_key: bytes | None = None,
@@ -103,6 +113,7 @@ def create_app(config, store, camera, analyser, *, secret_key: bytes | None = No
 
     from device.web import admin, api, pages
 
+    app.url_map.converters["int"] = RowIdConverter  # before the routes are added
     app.register_blueprint(pages.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(admin.bp)

@@ -31,11 +31,17 @@ def slides():
     return jsonify({"slides": [views.slide_json(s) for s in deps().store.list_slides(q, limit=limit)]})
 
 
-@bp.post("/slides")
-def new_slide():
+def _object_body():
+    """The request's JSON object or form; 400 for anything else (a JSON list, string, number, invalid)."""
     data = request.get_json(silent=True) if request.is_json else request.form
     if data is None or not hasattr(data, "get"):
         abort(400, "expected a JSON object or a form")
+    return data
+
+
+@bp.post("/slides")
+def new_slide():
+    data = _object_body()
     try:
         values = views.parse_new_slide(data)
     except views.FormError as exc:
@@ -84,8 +90,7 @@ def field(field_id: int):
 
 @bp.post("/cells/<int:cell_id>/review")
 def review(cell_id: int):
-    data = request.get_json(silent=True) if request.is_json else request.form
-    decision = (data or {}).get("decision", "")
+    decision = _object_body().get("decision", "")
     cell = views.review(cell_id, decision)
     slide = views.slide_json(views.slide_or_404(cell["slide_id"]))
     return jsonify({"cell": views.cell_json(cell), "slide": slide})
