@@ -415,3 +415,17 @@ def test_a_failed_upload_never_becomes_a_camera_capture(make_env):
     assert env.store.totals(1)["fields"] == 0  # nothing stored
     r = _capture(c, token, json={})  # the page's own capture: the live frame
     assert r.status_code in (200, 201, 202), r.data
+
+
+def test_slide_text_fields_must_be_text_without_control_characters(make_env):
+    env = make_env()
+    c, token = _client(env)
+    h = {"X-CSRF-Token": token}
+    for body, why in (({"sample_id": {"a": 1}}, "must be text"), ({"sample_id": 5}, "must be text"),
+                      ({"sample_id": "S\x00-1"}, "control characters"),
+                      ({"sample_id": "S-1", "operator": "Bo\nB"}, "control characters")):
+        r = c.post("/api/slides", json=body, headers=h)
+        assert r.status_code == 400 and why in r.get_json()["error"], body
+    assert c.get("/api/slides").get_json()["slides"] == []  # nothing stored
+    r = c.post("/api/slides", json={"sample_id": "S-1", "notes": "line one\r\nline two\tend"}, headers=h)
+    assert r.status_code == 201 and r.get_json()["notes"] == "line one\r\nline two\tend"

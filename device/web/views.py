@@ -48,7 +48,15 @@ def slide_or_404(slide_id: int) -> dict:
 
 def parse_new_slide(data) -> dict:
     """Validate the start-a-slide form (or JSON). Raises :class:`FormError`."""
-    values = {k: str(data.get(k, "") or "").strip() for k in MAX_TEXT}
+    values = {}
+    for k in MAX_TEXT:
+        raw = data.get(k) or ""
+        if not isinstance(raw, str):  # JSON may send a number or an object: the record keeps text only
+            raise FormError(f"{k.replace('_', ' ')} must be text")
+        allowed = "\t\n\r" if k == "notes" else ""  # notes are a multi-line text area
+        if any((ord(ch) < 32 or ord(ch) == 127) and ch not in allowed for ch in raw):
+            raise FormError(f"{k.replace('_', ' ')} contains control characters")
+        values[k] = raw.strip()
     if not values["sample_id"]:
         raise FormError("the sample ID is required")
     for k, n in MAX_TEXT.items():
