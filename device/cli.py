@@ -49,25 +49,29 @@ def _write_json(path: str | None, doc: dict) -> bool:
     return True
 
 
-def _output_problem(json_path: str | None = None, annotate_dir: str | None = None) -> str | None:
-    """Why the outputs cannot be written (None when they can), checked before any work is done so that
-    a long batch is not lost at the end. Creates the folders they need."""
+def _outputs_writable(json_path: str | None = None, annotate_dir: str | None = None) -> bool:
+    """Check the outputs before any work is done, so that a long batch is not lost at the end: False, with
+    a one-line error, when they cannot be written. Creates the folders they need."""
+    problem = None
     try:
         if json_path:
             p = Path(json_path)
             if p.is_dir():
-                return f"--json {p}: is a folder, not a file"
-            p.parent.mkdir(parents=True, exist_ok=True)
-            if not os.access(p.parent, os.W_OK):
-                return f"--json {p}: folder {p.parent} is not writable"
-        if annotate_dir:
+                problem = f"--json {p}: is a folder, not a file"
+            else:
+                p.parent.mkdir(parents=True, exist_ok=True)
+                if not os.access(p.parent, os.W_OK):
+                    problem = f"--json {p}: folder {p.parent} is not writable"
+        if annotate_dir and not problem:
             d = Path(annotate_dir)
             d.mkdir(parents=True, exist_ok=True)
             if not os.access(d, os.W_OK):
-                return f"--annotate {d}: folder is not writable"
+                problem = f"--annotate {d}: folder is not writable"
     except OSError as exc:
-        return f"cannot write to {exc.filename or json_path or annotate_dir}: {exc.strerror or exc}"
-    return None
+        problem = f"cannot write to {exc.filename or json_path or annotate_dir}: {exc.strerror or exc}"
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+    return problem is None
 
 
 def _unique_name(stem: str, used: set[str]) -> str:
@@ -91,9 +95,7 @@ def cmd_cells(args) -> int:
     from device.metrics import binary_metrics
     from device.preprocess import prepare_cell
 
-    problem = _output_problem(args.json)
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
+    if not _outputs_writable(args.json):
         return 2
     clf = _classifier(args)
     files = iter_image_files(args.paths)
@@ -157,9 +159,7 @@ def cmd_analyze(args) -> int:
     from device.imageio import ImageError, iter_image_files, read_rgb
     from device.slide import summarize_slide
 
-    problem = _output_problem(args.json, args.annotate)
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
+    if not _outputs_writable(args.json, args.annotate):
         return 2
     clf = _classifier(args)
     settings = AnalysisSettings(threshold=args.threshold)
@@ -228,9 +228,7 @@ def cmd_evaluate_fields(args) -> int:
     from device.fields import FieldsError, evaluate_fields, format_report
     from device.preprocess import prepare_batch
 
-    problem = _output_problem(args.json)
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
+    if not _outputs_writable(args.json):
         return 2
 
     classify, threshold, trained_on = None, 0.5, frozenset()

@@ -120,8 +120,8 @@ def capture(slide_id: int) -> dict | None:
         if not request.files["image"].filename:
             abort(400, "no file chosen")
         rgb, source = _decode_upload(), "upload"
-    elif request.mimetype == "multipart/form-data" or request.mimetype.startswith("image/") or (
-        request.mimetype == "application/octet-stream"
+    elif request.mimetype in ("multipart/form-data", "application/octet-stream") or request.mimetype.startswith(
+        "image/"
     ):
         # An upload that went wrong must not turn into a capture of whatever the camera shows.
         d.analyser.metrics.inc("uploads_refused_total")
