@@ -173,7 +173,10 @@ class OpenCVCamera(CameraBase):
         ok, frame = self._cap.read()
         if not ok or frame is None:
             raise CameraError(f"camera {self.device!r} stopped delivering frames (unplugged?)")
-        return to_rgb8(frame, name=f"camera {self.device}", bgr=True)
+        if frame.dtype == np.uint8 and frame.ndim == 3 and frame.shape[2] in (3, 4):
+            # a fourth channel is the X padding of XBGR formats, not transparency
+            return cv2.cvtColor(frame, cv2.COLOR_BGRA2RGB if frame.shape[2] == 4 else cv2.COLOR_BGR2RGB)
+        return frame  # grayscale, 16-bit or another layout: check_frame names it; the camera is still there
 
     def close(self) -> None:
         self._cap.release()
@@ -411,22 +414,28 @@ class CameraFeed:
                     else:
                         logger.info("camera connected (%s)", self.source)
                     self._set_state("connecting", None)  # "connected" once a frame has come
-                    backoff = self.reconnect_min_s
                 try:
                     rgb = cam.read()
                 except Exception as exc:
+                    # A camera that opens but gives no frame (an empty replay, a V4L2 node that never
+                    # streams) is retried with the same back-off as one that does not open: never a busy loop.
                     msg = str(exc) or type(exc).__name__
-                    logger.warning("camera lost: %s", msg)
+                    if self._message != msg or self._state != "disconnected":
+                        logger.warning("camera lost: %s (retrying, at most every %.0f s)", msg, self.reconnect_max_s)
                     self._close_quietly(cam)
                     cam = None
                     with self._lock:
                         self._reconnects += 1
                     self._set_state("disconnected", msg)
+                    self._next_retry_t = time.time() + backoff
+                    self._wait(backoff)
+                    backoff = min(backoff * 2, self.reconnect_max_s)
                     continue
                 rgb, problem = check_frame(rgb)
                 if problem is None:
                     try:
                         self._on_frame(rgb)
+                        backoff = self.reconnect_min_s  # reset only by a frame, not by an open
                         continue
                     except Exception as exc:  # whatever a frame does, the loop keeps turning
                         logger.debug("frame handling failed", exc_info=True)

@@ -73,6 +73,31 @@ def test_opencv_camera_path_converts_bgr_to_rgb(tmp_path):
         _assert_red(cam.read())
 
 
+class _FrameCapture:
+    """Stands in for cv2.VideoCapture of a V4L2 node that delivers one given frame."""
+
+    def __init__(self, frame):
+        self.frame = frame
+
+    def read(self):
+        return True, self.frame.copy()
+
+    def release(self):
+        pass
+
+
+def test_opencv_camera_four_channel_frame_is_rgb_and_a_grayscale_frame_is_a_bad_frame(tmp_path):
+    from device.camera import check_frame
+
+    video = _write_video(tmp_path / "red.avi", [_solid_bgr(RED_BGR)] * 2)
+    with OpenCVCamera(str(video)) as cam:
+        cam._cap = _FrameCapture(np.dstack([_solid_bgr(RED_BGR), np.zeros((48, 64), np.uint8)]))  # XBGR padding
+        _assert_red(check_frame(cam.read())[0])
+        cam._cap = _FrameCapture(np.full((48, 64), 90, np.uint8))
+        frame, problem = check_frame(cam.read())  # the camera is there: not "lost", a frame to reject
+        assert frame is None and "grayscale" in problem
+
+
 def test_opencv_camera_missing_device_is_a_camera_error(tmp_path):
     with pytest.raises(CameraError, match="no camera"):
         OpenCVCamera(str(tmp_path / "no-such-video.avi"))
@@ -263,6 +288,30 @@ def test_feed_reconnect_back_off_doubles_and_is_capped():
     assert gaps[0] < gaps[2]  # grows
     assert all(g < 0.2 + 0.15 for g in gaps)  # capped at reconnect_max_s (plus scheduling slack)
     assert gaps[-1] >= 0.2 - 0.02
+
+
+def test_feed_backs_off_from_a_camera_that_opens_but_gives_no_frame():
+    opens: list[float] = []
+
+    class _Silent(CameraBase):  # an empty replay, a V4L2 node that never streams
+        def read(self):
+            raise CameraError("stopped delivering frames")
+
+        def close(self):
+            pass
+
+    def opener():
+        opens.append(time.monotonic())
+        return _Silent()
+
+    feed = CameraFeed(opener, reconnect_max_s=0.2, reconnect_min_s=0.025, focus=lambda rgb: 100.0).start()
+    try:
+        assert wait_until(lambda: len(opens) >= 6, timeout_s=5)
+        assert feed.status()["state"] == "disconnected"
+    finally:
+        feed.stop()
+    gaps = np.diff(opens[:6])
+    assert gaps[0] < gaps[2] and gaps[-1] >= 0.2 - 0.02  # the same doubling, capped back-off (was a busy loop)
 
 
 def test_feed_recovers_from_a_camera_that_raises(tmp_path):
