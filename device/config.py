@@ -6,6 +6,7 @@ range are errors that name the key (``camera.source: must be one of ...``).
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -100,6 +101,8 @@ def _check_type(key: str, value: Any, default: Any, annotation: str) -> Any:
             if value is None and "None" in annotation:
                 return None
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # nan passes every range check (nan < x is false) and disables it
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if annotation == "int":
         if isinstance(value, bool) or not isinstance(value, int):
@@ -136,8 +139,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"camera.replay_fps: {c.replay_fps} outside 0.1-60")
     if not (64 <= c.width <= 8192 and 64 <= c.height <= 8192):
         raise ConfigError(f"camera.width/height: {c.width}x{c.height} outside 64-8192")
-    if c.reconnect_max_s <= 0:
-        raise ConfigError("camera.reconnect_max_s: must be > 0")
+    if not 1 <= c.reconnect_max_s <= 600:
+        raise ConfigError(f"camera.reconnect_max_s: {c.reconnect_max_s:g} outside 1-600 s")
     lo, hi = THRESHOLD_SAFE_RANGE
     if m.threshold is not None and not lo <= m.threshold <= hi:
         raise ConfigError(f"model.threshold: {m.threshold} outside the safe range {lo}-{hi}")
@@ -149,8 +152,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"analysis.counting_target_rbc: {a.counting_target_rbc} outside 100-100000")
     if not 1e6 <= a.rbc_per_ul <= 1e7:
         raise ConfigError(f"analysis.rbc_per_ul: {a.rbc_per_ul:g} outside 1e6-1e7 RBC/uL")
-    if a.min_focus < 0:
-        raise ConfigError("analysis.min_focus: must be >= 0")
+    if not 0 <= a.min_focus <= 10_000:  # sharp fields measure 90-280
+        raise ConfigError(f"analysis.min_focus: {a.min_focus:g} outside 0-10000")
     if a.min_cells_per_field < 1:
         raise ConfigError("analysis.min_cells_per_field: must be >= 1")
     if sec.technician_pin and not (sec.technician_pin.isdigit() and 4 <= len(sec.technician_pin) <= 12):
@@ -206,9 +209,11 @@ def load_config(path: str | Path | None) -> Config:
         return from_dict({})
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_bytes().decode("utf-8")
     except OSError as exc:
         raise ConfigError(f"{p}: cannot read config ({exc.strerror or exc})") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {exc.start}); save the config as UTF-8") from exc
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

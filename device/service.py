@@ -539,11 +539,13 @@ class AdminSettings:
         from device.config import ConfigError
 
         try:
-            text = self.path.read_text()
+            text = self.path.read_bytes().decode("utf-8")
         except FileNotFoundError:
             return {}
         except OSError as exc:
             raise ConfigError(f"{self.path}: cannot read ({exc.strerror or exc})") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{self.path}: not UTF-8 text (byte {exc.start})") from exc
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:

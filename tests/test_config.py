@@ -30,6 +30,11 @@ def test_embedded_defaults_are_the_demo():
     ({"security": {"technician_pin": "12ab"}}, "security.technician_pin"),
     ({"security": {"admin_password_hash": "hunter2"}}, "security.admin_password_hash"),
     ({"service": {"save_raw_frames": "yes"}}, "service.save_raw_frames: expected true or false"),
+    # nan passes `< 0`-style checks: it switched the focus gate off and un-capped the camera back-off
+    ({"analysis": {"min_focus": float("nan")}}, "analysis.min_focus: expected a finite number"),
+    ({"camera": {"reconnect_max_s": float("inf")}}, "camera.reconnect_max_s: expected a finite number"),
+    ({"camera": {"reconnect_max_s": 1e-9}}, "camera.reconnect_max_s: 1e-09 outside 1-600 s"),
+    ({"analysis": {"min_focus": 20000}}, "analysis.min_focus: 20000 outside 0-10000"),
 ])
 def test_bad_values_name_the_key(data, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
@@ -66,3 +71,19 @@ def test_check_config_command(tmp_path):
     r = subprocess.run([sys.executable, "-m", "device", "check-config", str(good)], cwd=ROOT,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "OK" in r.stdout
+
+
+def test_nan_in_a_toml_file_and_a_non_utf8_file_are_config_errors(tmp_path):
+    from device.service import AdminSettings
+
+    nan = tmp_path / "nan.toml"
+    nan.write_text("[analysis]\nmin_focus = nan\n")  # TOML has a nan literal
+    with pytest.raises(ConfigError, match="analysis.min_focus: expected a finite number"):
+        load_config(nan)
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes("# caméra du labo\n[camera]\nsource = \"replay\"\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="latin1.toml: not UTF-8 text"):
+        load_config(latin1)  # was an uncaught UnicodeDecodeError: a traceback and a systemd restart loop
+    (tmp_path / "settings.json").write_bytes('{"analysis": {"note": "é"}}'.encode("latin-1"))
+    with pytest.raises(ConfigError, match="settings.json: not UTF-8 text"):
+        AdminSettings(tmp_path).load()
