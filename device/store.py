@@ -215,13 +215,15 @@ class Store:
         self._conns_lock = threading.Lock()
         try:
             self.schema_version = migrate(self._conn())
+            # reads every open slide's rows: a damaged table (an SD card failing) shows here, not in migrate
+            self.interrupted_files_removed = self._remove_interrupted_writes()
         except sqlite3.DatabaseError as exc:
             self.close()
-            raise StoreError(f"{self.db_path}: not a usable database ({exc})") from exc
+            raise StoreError(f"{self.db_path}: not a usable database ({exc}); move it aside and restore "
+                             "a backup") from exc
         except StoreError:
             self.close()
             raise
-        self.interrupted_files_removed = self._remove_interrupted_writes()
 
     def _remove_interrupted_writes(self) -> int:
         """Delete what a crash (kill -9, power cut) left of a field it cut short; returns how many files.
@@ -365,34 +367,47 @@ class Store:
         key = secrets.token_hex(8)
         folder = self._slide_dir(slide_id)
         folder.mkdir(exist_ok=True, mode=0o700)
-        write_atomic(folder / f"{key}_annotated.jpg", images.annotated_jpeg, sync_dir=False)
-        if images.raw_jpeg is not None:
-            write_atomic(folder / f"{key}_raw.jpg", images.raw_jpeg, sync_dir=False)
-        for idx, jpeg in images.crops_jpeg.items():
-            # With the raw frame kept, a crop lost to a power cut is cut again (see the docstring).
-            write_atomic(folder / f"{key}_cell{int(idx)}.jpg", jpeg, sync_dir=False,
-                         sync_data=images.raw_jpeg is None)
-        _fsync_dir(folder)  # the renames above are durable before the row that names them
-        with self._tx() as c:
-            slide = _row(c.execute("SELECT * FROM slides WHERE id = ?", (slide_id,)).fetchone())
-            self._check_open(slide, model_sha256)  # re-checked inside the write lock
-            seq = c.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM fields WHERE slide_id = ?",
-                            (slide_id,)).fetchone()[0]
-            cur = c.execute(
-                "INSERT INTO fields (slide_id, seq, captured_at, source, width, height, rejected, focus, rbc_count,"
-                " infected_count, model_sha256, threshold, timing_json, file_key, has_raw)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (slide_id, seq, utc_now(), source, result.width, result.height, result.rejected,
-                 float(result.focus), result.rbc_count, result.infected_count, model_sha256,
-                 float(result.threshold), json.dumps({k: round(v, 2) for k, v in result.timing_ms.items()}),
-                 key, int(images.raw_jpeg is not None)))
-            field_id = int(cur.lastrowid)
-            if not result.rejected:
-                c.executemany(
-                    "INSERT INTO cells (field_id, idx, x, y, w, h, p_infected, infected, has_crop)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [(field_id, i, *(int(v) for v in cell.bbox), float(cell.p_infected), int(cell.infected),
-                      int(i in images.crops_jpeg)) for i, cell in enumerate(result.cells)])
+        written: list[Path] = []
+
+        def write(name: str, data: bytes, **kw) -> None:
+            write_atomic(folder / name, data, sync_dir=False, **kw)
+            written.append(folder / name)
+
+        try:
+            write(f"{key}_annotated.jpg", images.annotated_jpeg)
+            if images.raw_jpeg is not None:
+                write(f"{key}_raw.jpg", images.raw_jpeg)
+            for idx, jpeg in images.crops_jpeg.items():
+                # With the raw frame kept, a crop lost to a power cut is cut again (see the docstring).
+                write(f"{key}_cell{int(idx)}.jpg", jpeg, sync_data=images.raw_jpeg is None)
+            _fsync_dir(folder)  # the renames above are durable before the row that names them
+            with self._tx() as c:
+                slide = _row(c.execute("SELECT * FROM slides WHERE id = ?", (slide_id,)).fetchone())
+                self._check_open(slide, model_sha256)  # re-checked inside the write lock
+                seq = c.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM fields WHERE slide_id = ?",
+                                (slide_id,)).fetchone()[0]
+                cur = c.execute(
+                    "INSERT INTO fields (slide_id, seq, captured_at, source, width, height, rejected, focus, rbc_count,"
+                    " infected_count, model_sha256, threshold, timing_json, file_key, has_raw)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (slide_id, seq, utc_now(), source, result.width, result.height, result.rejected,
+                     float(result.focus), result.rbc_count, result.infected_count, model_sha256,
+                     float(result.threshold), json.dumps({k: round(v, 2) for k, v in result.timing_ms.items()}),
+                     key, int(images.raw_jpeg is not None)))
+                field_id = int(cur.lastrowid)
+                if not result.rejected:
+                    c.executemany(
+                        "INSERT INTO cells (field_id, idx, x, y, w, h, p_infected, infected, has_crop)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        [(field_id, i, *(int(v) for v in cell.bbox), float(cell.p_infected), int(cell.infected),
+                          int(i in images.crops_jpeg)) for i, cell in enumerate(result.cells)])
+        except BaseException:
+            # A full disk, a slide finished meanwhile: no row names these files, and a finished slide's
+            # folder is never swept at start-up, so they would be left behind for good.
+            for p in written:
+                with contextlib.suppress(OSError):
+                    p.unlink()
+            raise
         return field_id
 
     @staticmethod

@@ -99,6 +99,43 @@ def test_a_corrupt_database_file_is_a_store_error(tmp_path):
         Store(tmp_path)
 
 
+def test_a_database_with_damaged_table_pages_is_a_store_error(tmp_path):
+    s = Store(tmp_path)
+    for i in range(300):  # enough rows for the slides table to fill many pages
+        _slide(s, sample=f"S{i:03d}" * 20, notes="x" * 500)
+    s._conn().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    s.close()
+    with open(tmp_path / store_mod.DB_NAME, "r+b") as fh:  # header and schema intact, table pages not
+        fh.seek(4096 * 3)
+        fh.write(bytes(range(256)) * 16 * 20)
+    with pytest.raises(StoreError, match="not a usable database .*malformed.*restore a backup"):
+        Store(tmp_path)  # was a raw sqlite3.DatabaseError: a traceback, not the service's one-line error
+
+
+@pytest.mark.parametrize("failure", ["slide finished meanwhile", "disk full"])
+def test_a_field_that_cannot_be_recorded_leaves_no_image_behind(store, monkeypatch, failure):
+    sid = _slide(store)
+    res = _result()
+    real_fsync, real_write = store_mod._fsync_dir, store_mod.write_atomic
+    if failure == "slide finished meanwhile":  # the technician finishes while the images are written
+        def fsync_then_finish(folder):
+            real_fsync(folder)
+            store.finish_slide(sid, {})
+        monkeypatch.setattr(store_mod, "_fsync_dir", fsync_then_finish)
+        expected = Conflict
+    else:
+        def write_until_full(path, data, **kw):
+            if "_raw" in path.name:
+                raise OSError(28, "No space left on device")
+            real_write(path, data, **kw)
+        monkeypatch.setattr(store_mod, "write_atomic", write_until_full)
+        expected = OSError
+    with pytest.raises(expected):
+        store.add_field(sid, res, source="camera", model_sha256=MODEL.sha256, images=_images(res))
+    assert store.list_fields(sid) == []
+    assert not [p for p in store.images_dir.rglob("*") if p.is_file()]  # the annotated copy was removed too
+
+
 def test_field_images_written_atomically_and_found_by_id(store):
     sid = _slide(store)
     res = _result()
