@@ -110,6 +110,29 @@ def test_capture_from_camera_then_result_and_exports(make_env):
     assert c.post("/api/slides/1/finish", headers={"X-CSRF-Token": token}).status_code == 409
 
 
+def test_a_negative_slide_shows_no_parasite_density_in_its_headline(make_env):
+    from device.analysis import CellVerdict, FieldResult
+    from device.store import FieldImages
+
+    env = make_env()
+    c, token = _client(env)
+    _start(c, token)
+    model = env.analyser.model
+    # 2,000 cells with 1 flagged: within the false positives expected of a parasite-free slide
+    cells = [CellVerdict((5, 5, 30, 30), 0.99 if i == 0 else 0.01, i == 0) for i in range(2000)]
+    result = FieldResult(1600, 1200, None, cells, 120.0, model.threshold, {"total_ms": 1.0})
+    env.store.add_field(1, result, source="upload", model_sha256=model.sha256,
+                        images=FieldImages(SAMPLE.read_bytes(), None, {}))
+    assert c.post("/slides/1/finish", data={"csrf_token": token}).status_code == 303
+    slide = c.get("/api/slides/1").get_json()["automatic"]
+    assert slide["call"] == "negative" and slide["parasites_per_ul"] == 2500.0  # 1/2000 of 5e6, as stored
+    html = c.get("/slides/1/result").get_data(as_text=True)
+    banner = html.split('id="call-detail">')[1].split("</div>")[0]
+    assert "No parasitemia above the detection limit" in banner and "1 of 2000 cells flagged" in banner
+    assert "2,500" not in banner and "parasites/µL" in banner  # the limit, not the flagged fraction
+    assert 'id="negative-note"' in html and 'id="negative-note"' in c.get("/slides/1/report").get_data(as_text=True)
+
+
 def test_review_flagged_cells_keeps_automatic_and_reviewed_counts(make_env):
     env = make_env(flag_all=True)  # threshold 0: every counted cell is flagged, whatever the model
     c, token = _client(env)
