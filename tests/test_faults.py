@@ -84,7 +84,9 @@ def test_camera_unplugged_mid_slide_service_stays_up_and_the_slide_resumes(make_
     assert env.feed.wait_frame(0, 10) is not None
     assert _capture(c, token).status_code == 201
     fields.rename(tmp_path / "unplugged")  # the source fails mid-slide
-    assert wait_until(lambda: env.feed.status()["state"] == "disconnected")
+    # the lost frame's error first ("replay image vanished"), then the reopen's, after a back-off
+    assert wait_until(lambda: env.feed.status()["state"] == "disconnected"
+                      and "replay folder" in (env.feed.status()["message"] or ""))
     r = _capture(c, token)
     assert r.status_code == 503 and "camera is not connected" in r.get_json()["error"]
     html = c.get("/slides/1").get_data(as_text=True)
