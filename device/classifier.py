@@ -82,6 +82,8 @@ class CellClassifier:
         self.model_path = Path(model_path)
         self.card: ModelCard = load_card(self.model_path)
         self.threshold = float(threshold if threshold is not None else self.card.threshold)
+        if not 0.0 < self.threshold < 1.0:  # nan too: it would flag nothing
+            raise ValueError(f"threshold {threshold!r} is not a probability in (0, 1)")
         self.interpreter, self.runtime = make_interpreter(self.model_path, threads, runtimes)
         inp = self.interpreter.get_input_details()[0]
         out = self.interpreter.get_output_details()[0]

@@ -162,6 +162,11 @@ def cmd_analyze(args) -> int:
     if not _outputs_writable(args.json, args.annotate):
         return 2
     clf = _classifier(args)
+    fp_rate = clf.card.false_positive_rate_at(clf.threshold)  # what the device's slide call uses too
+    if args.slide and fp_rate is None:
+        print(f"error: --slide needs the false-positive rate at threshold {clf.threshold:g}, and the model card's "
+              "operating curve does not reach down to it: use a higher --threshold", file=sys.stderr)
+        return 2
     settings = AnalysisSettings(threshold=args.threshold)
     files = iter_image_files(args.paths)
     if not files:
@@ -207,7 +212,7 @@ def cmd_analyze(args) -> int:
         used = [d for d in ok if not d["rejected"]]
         s = summarize_slide(
             sum(d["rbc_count"] for d in used), sum(d["infected_count"] for d in used),
-            threshold=clf.threshold, fp_rate_per_cell=clf.card.false_positive_rate or 0.0,
+            threshold=clf.threshold, fp_rate_per_cell=fp_rate,
             target_rbc=args.target, rbc_per_ul=args.rbc_per_ul,
             fields_used=len(used), fields_rejected=len(ok) - len(used) + failed)
         result["slide"] = s.to_json()
@@ -286,6 +291,16 @@ def cmd_serve(args) -> int:
     return serve(args.config, host=args.host, port=args.port)
 
 
+def _threshold(text: str) -> float:
+    try:
+        t = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 < t < 1.0:  # also nan: 0 cells flagged and a JSON file with NaN in it
+        raise argparse.ArgumentTypeError(f"{text} is not a probability in (0, 1)")
+    return t
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m device", description="Malaria Detect device.")
     ap.add_argument("--log-level", default="INFO")
@@ -293,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def model_args(p):
         p.add_argument("--model", help="the .tflite model (default: the shipped model in models/)")
-        p.add_argument("--threshold", type=float, help="decision threshold (default: the model card's)")
+        p.add_argument("--threshold", type=_threshold,
+                       help="decision threshold in (0, 1) (default: the model card's)")
         p.add_argument("--threads", type=int, default=1)
 
     p = sub.add_parser("serve", help="run the service")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,7 +58,7 @@ class ModelCard:
 
     @property
     def output_kind(self) -> str:
-        return self.data["output"].get("kind", "probability")
+        return self.data["output"]["kind"]
 
     @property
     def input_size_px(self) -> int:
@@ -81,6 +82,10 @@ class ModelCard:
         Read from the card's ``operating_curve`` at the nearest listed threshold at or below the
         one asked for (a lower threshold has at least as many false positives: the cautious side).
         """
+        if abs(threshold - self.threshold) < 1e-9 and self.false_positive_rate is not None:
+            # the curve's thresholds are rounded (0.9789 for 0.97887...): its row at or below the card's
+            # own threshold is a lower one with more false positives than the card states
+            return self.false_positive_rate
         curve = self.data.get("operating_curve") or []
         below = [row for row in curve if row["threshold"] <= threshold + 1e-9]
         if not below:
@@ -112,16 +117,17 @@ def load_card(model_path: str | Path, *, check_sha: bool = True) -> ModelCard:
     if not cp.is_file():
         raise ModelError(f"model card missing: {cp} (every .tflite ships with its .json card)")
     try:
-        data = json.loads(cp.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        data = json.loads(cp.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ModelError(f"model card unreadable: {cp} ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ModelError(f"model card {cp}: expected a JSON object, got {type(data).__name__}")
     missing = [k for k in REQUIRED_KEYS if k not in data]
     if missing:
         raise ModelError(f"model card {cp} lacks {', '.join(missing)}")
-    if data["class_order"] != CLASS_ORDER:
-        raise ModelError(f"model card {cp}: class order {data['class_order']} is not {CLASS_ORDER}")
-    if not 0.0 < float(data["threshold"]) < 1.0:
-        raise ModelError(f"model card {cp}: threshold {data['threshold']} outside (0, 1)")
+    problem = _card_problem(data)
+    if problem:
+        raise ModelError(f"model card {cp}: {problem}")
     if check_sha:
         actual = sha256_of(model_path)
         if actual != data["sha256"]:
@@ -130,6 +136,55 @@ def load_card(model_path: str | Path, *, check_sha: bool = True) -> ModelCard:
                 "the model file was changed or corrupted"
             )
     return ModelCard(cp, data)
+
+
+def _number(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _tensor_problem(which: str, d: object) -> str | None:
+    if not isinstance(d, dict):
+        return f"{which}: expected an object with shape, dtype and quantization"
+    shape = d.get("shape")
+    if not (isinstance(shape, list) and shape and all(isinstance(v, int) and not isinstance(v, bool) for v in shape)):
+        return f"{which}.shape: expected a list of whole numbers, got {shape!r}"
+    if not isinstance(d.get("dtype"), str):
+        return f"{which}.dtype: expected a type name, got {d.get('dtype')!r}"
+    q = d.get("quantization", {})
+    if not isinstance(q, dict) or not all(_number(q.get(k, 0)) for k in ("scale", "zero_point")):
+        return f"{which}.quantization: expected numbers scale and zero_point, got {q!r}"
+    return None
+
+
+def _card_problem(data: dict) -> str | None:
+    """What makes a card unusable (a wrong type anywhere would crash or silently mislead later), or None."""
+    if data["class_order"] != CLASS_ORDER:
+        return f"class order {data['class_order']} is not {CLASS_ORDER}"
+    t = data["threshold"]
+    if not _number(t) or not 0.0 < t < 1.0:
+        return f"threshold {t!r} is not a number in (0, 1)"
+    if not isinstance(data["sha256"], str) or not isinstance(data["name"], str):
+        return "name and sha256 must be strings"
+    for which in ("input", "output"):
+        problem = _tensor_problem(which, data[which])
+        if problem:
+            return problem
+    if len(data["input"]["shape"]) != 4 or data["input"]["shape"][3] != 3:
+        return f"input.shape {data['input']['shape']} is not [batch, side, side, 3]"
+    if data["output"]["shape"][1:] != [1]:
+        # one column, p_infected or its logit; a two-column softmax would be read as the wrong class
+        return f"output.shape {data['output']['shape']} is not [batch, 1]"
+    if data["output"].get("kind") not in ("logit", "probability"):
+        return f"output.kind {data['output'].get('kind')!r} is not 'logit' or 'probability'"
+    fp = data.get("call_false_positive_rate")
+    if fp is not None and not (_number(fp) and 0.0 <= fp <= 1.0):
+        return f"call_false_positive_rate {fp!r} is not a rate in [0, 1]"
+    curve = data.get("operating_curve", [])
+    if not isinstance(curve, list) or not all(
+            isinstance(r, dict) and _number(r.get("threshold")) and _number(r.get("call_false_positive_rate"))
+            for r in curve):
+        return "operating_curve: expected rows with numbers threshold and call_false_positive_rate"
+    return None
 
 
 def check_details(card: ModelCard, which: str, detail: dict) -> None:

@@ -95,6 +95,63 @@ def test_input_details_contradicting_the_card_are_refused(tmp_path):
         CellClassifier(m)
 
 
+def _set(path: str, value):
+    def edit(card: dict) -> bytes:
+        *parents, key = path.split(".")
+        node = card
+        for k in parents:
+            node = node[k]
+        if value is _DELETE:
+            del node[key]
+        else:
+            node[key] = value
+        return json.dumps(card).encode()
+    return edit
+
+
+_DELETE = object()
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda card: json.dumps(card).replace("RGB", "RVB").encode("utf-16"), "model card unreadable"),
+    (lambda card: b"null", "expected a JSON object, got NoneType"),
+    (_set("threshold", "abc"), "threshold 'abc' is not a number in"),
+    (_set("threshold", None), "threshold None is not a number in"),
+    (lambda card: json.dumps({**card, "threshold": float("nan")}).encode(), "threshold nan is not a number in"),
+    (_set("input.shape", _DELETE), "input.shape: expected a list of whole numbers"),
+    (_set("output", "logit"), "output: expected an object"),
+    (_set("output.quantization", {"scale": "x", "zero_point": 0}), "output.quantization: expected numbers"),
+    # a missing kind read the logit as a probability (clipped to 0-1): 3 more cells flagged, scores 0 or 1
+    (_set("output.kind", _DELETE), "output.kind None is not 'logit' or 'probability'"),
+    (_set("output.kind", "Logit"), "output.kind 'Logit' is not"),
+    (_set("output.shape", [1, 2]), r"output.shape \[1, 2\] is not \[batch, 1\]"),
+    (_set("operating_curve", [{"call_false_positive_rate": 0.01}]), "operating_curve: expected rows"),
+    (_set("call_false_positive_rate", -0.1), "call_false_positive_rate -0.1 is not a rate"),
+])
+def test_malformed_cards_are_model_errors_not_crashes(tmp_path, edit, message):
+    m = copy_model(tmp_path)
+    card = json.loads(m.with_suffix(".json").read_text())
+    m.with_suffix(".json").write_bytes(edit(card))
+    with pytest.raises(ModelError, match=message):
+        CellClassifier(m)  # the service shows "model unusable" on ModelError; anything else was a traceback
+
+
+def test_the_card_threshold_uses_the_cards_false_positive_rate_not_a_rounded_curve_row():
+    card = load_card(MODEL)
+    rows = card.data["operating_curve"]
+    below = max((r for r in rows if r["threshold"] <= card.threshold), key=lambda r: r["threshold"])
+    assert below["call_false_positive_rate"] > card.false_positive_rate  # the trap: a lower, rounded row
+    assert card.false_positive_rate_at(card.threshold) == card.false_positive_rate
+    row_05 = next(r for r in rows if r["threshold"] == 0.5)
+    assert card.false_positive_rate_at(0.5) == row_05["call_false_positive_rate"]
+
+
+def test_an_out_of_range_threshold_override_is_refused():
+    for bad in (float("nan"), 1.5, 0.0):
+        with pytest.raises(ValueError, match="not a probability"):
+            CellClassifier(MODEL, threshold=bad)
+
+
 def test_missing_and_corrupt_model_files_are_clear_errors(tmp_path):
     with pytest.raises(ModelError, match="model file missing"):
         CellClassifier(tmp_path / "none.tflite")

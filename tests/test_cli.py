@@ -58,6 +58,25 @@ def test_bad_files_are_reported_and_the_batch_goes_on(tmp_path):
     assert "truncated JPEG" in r.stderr and "over the 50 MP limit" in r.stderr
 
 
+def test_slide_call_uses_the_false_positive_rate_at_the_threshold_in_use(tmp_path):
+    from device.model_card import load_card
+
+    card = load_card(ROOT / "models" / "cellnet_int8.tflite")
+    field = sorted(SAMPLES.glob("*.jpg"))[0]
+    for threshold, expected in ((None, card.false_positive_rate), ("0.5", card.false_positive_rate_at(0.5))):
+        out = tmp_path / "o.json"
+        extra = ["--threshold", threshold] if threshold else []
+        r = device("analyze", str(field), "--slide", "--json", str(out), *extra)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(out.read_text())["slide"]["fp_rate_per_cell"] == expected  # as the service does
+    assert card.false_positive_rate_at(0.5) > 5 * card.false_positive_rate  # so the two runs differ
+    for bad in ("nan", "1.5", "high"):
+        r = device("analyze", str(field), "--threshold", bad)
+        assert r.returncode == 2 and "--threshold" in r.stderr and "Traceback" not in r.stderr
+    r = device("analyze", str(field), "--slide", "--threshold", "0.3")  # below the card's operating curve
+    assert r.returncode == 2 and "operating curve" in r.stderr
+
+
 def test_all_bad_is_a_failure_exit(tmp_path):
     r = device("analyze", str(BAD / "empty.png"))
     assert r.returncode == 1 and "empty file" in r.stderr
