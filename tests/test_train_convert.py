@@ -189,19 +189,8 @@ def test_all_training_patients_run_has_no_monitor_and_convert_thresholds_on_vali
                    "--batch", "16", "--monitor-fraction", "0", "--schedule", "plateau", "--average-last", "0")
     assert r.returncode == 2 and "--schedule cosine" in r.stderr  # nothing to stop early on
     r = run_module("train", "--data", str(FIX), "--out", str(run), "--epochs", "2", "--size", "32", "--width", "4",
-                   "--batch", "16", "--monitor-fraction", "0", "--schedule", "cosine", "--weight-decay", "0.004",
-                   "--flip-invariant")
+                   "--batch", "16", "--monitor-fraction", "0", "--schedule", "cosine", "--weight-decay", "0.004")
     assert r.returncode == 0, r.stderr[-3000:]
-    import keras
-
-    from device.imageio import iter_image_files, read_rgb
-    from device.preprocess import prepare_batch
-
-    # --flip-invariant trains paired filters but saves the ordinary graph (nothing custom to load)
-    saved = keras.models.load_model(run / "model.keras", compile=False)
-    assert [type(la).__name__ for la in saved.layers] == [type(la).__name__ for la in build_plain(32, 4).layers]
-    x = prepare_batch([read_rgb(f) for f in iter_image_files([FIX])[:16]], 32).astype(np.float32)
-    np.testing.assert_allclose(saved.predict(x, verbose=0), saved.predict(x[:, ::-1], verbose=0), atol=1e-4)
     split = json.loads((run / "split.json").read_text())
     assert split["patients"]["monitor"] == []
     train_p, val_p = set(split["patients"]["train"]), set(split["patients"]["val"])
@@ -240,32 +229,3 @@ def test_weight_average_is_the_mean_of_the_last_epochs_weights():
     assert not np.allclose(snapshots[2][0], snapshots[3][0])  # the weights moved: averaging is not a no-op
     for got, a, b in zip(final, snapshots[2], snapshots[3], strict=True):
         np.testing.assert_allclose(got, (a + b) / 2, rtol=1e-5, atol=1e-6)
-
-
-def build_plain(size, width):
-    from train.model import build_model
-
-    return build_model(size, width)
-
-
-def test_flip_model_is_exactly_flip_invariant_and_its_plain_graph_computes_the_same():
-    from device.imageio import iter_image_files, read_rgb
-    from device.preprocess import prepare_batch
-    from train.model import build_flip_model, plain_model
-
-    flip = build_flip_model(32, 4)
-    rng = np.random.default_rng(0)
-    for i in range(5):  # trained-looking statistics instead of the identity at initialisation
-        bn = flip.get_layer(f"bn{i}").bn
-        bn.set_weights([rng.uniform(0.5, 1.5, w.shape) if k in (0, 3) else rng.normal(0, 0.5, w.shape)
-                        for k, w in enumerate(bn.get_weights())])
-    x = prepare_batch([read_rgb(f) for f in iter_image_files([FIX])[:16]], 32).astype(np.float32)
-    logits = flip.predict(x, verbose=0)
-    assert logits.std() > 1e-3  # not a constant
-    np.testing.assert_allclose(flip.predict(x[:, ::-1], verbose=0), logits, atol=1e-4)  # upside down: same
-    assert np.abs(flip.predict(x[:, :, ::-1], verbose=0) - logits).max() > 1e-3  # left-right is not built in
-    plain = plain_model(flip, 32, 4)
-    assert plain.count_params() == build_plain(32, 4).count_params() > flip.count_params()
-    np.testing.assert_allclose(plain.predict(x, verbose=0), logits, atol=1e-4)
-    with pytest.raises(ValueError, match="divisible by 16"):
-        build_flip_model(40, 4)

@@ -43,9 +43,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="share of training patients kept aside for early stopping and the threshold; 0 (default) "
                          "fits every training patient for a fixed --epochs (needs --schedule cosine)")
     ap.add_argument("--max-cells-per-class", type=int, default=0, help="cap per class (smoke runs)")
-    ap.add_argument("--flip-invariant", action="store_true",
-                    help="train the network exactly invariant to an upside-down flip (paired, flipped filters; "
-                         "half the free weights); saved as the ordinary graph, same cost per cell")
     ap.add_argument("--no-stain-jitter", action="store_true")
     ap.add_argument("--jitter-strength", type=float, default=0.5,
                     help="scale of the stain/colour jitter (1.0: hue 0.08, saturation/contrast 0.4/0.25, gains 0.15; "
@@ -195,7 +192,7 @@ def fit(args, arrays):
     import numpy as np
     import tensorflow as tf
 
-    from train.model import WeightAverage, build_flip_model, build_model, geometric_augmenter, plain_model, stain_jitter
+    from train.model import WeightAverage, build_model, geometric_augmenter, stain_jitter
 
     keras.utils.set_random_seed(args.seed)
     xt, yt, _ = arrays["train"]
@@ -220,7 +217,7 @@ def fit(args, arrays):
     # last epoch's weights or the mean over the last --average-last epochs.
     dm = (tf.data.Dataset.from_tensor_slices((xm.astype(np.float32), ym.astype(np.float32))).batch(256)
           if len(ym) else None)
-    model = (build_flip_model if args.flip_invariant else build_model)(args.size, args.width)
+    model = build_model(args.size, args.width)
     if args.schedule == "cosine":
         per_epoch = int(np.ceil(len(yt) / args.batch))
         steps = args.epochs * per_epoch
@@ -258,9 +255,6 @@ def fit(args, arrays):
     h = model.fit(ds, validation_data=dm, epochs=args.epochs, callbacks=callbacks, class_weight=class_weight,
                   verbose=1)
     history = {k: [float(v) for v in vals] for k, vals in h.history.items()}
-    if args.flip_invariant:
-        logger.info("flip-invariant network: %d free weights, saved as the plain graph", model.count_params())
-        model = plain_model(model, args.size, args.width)
     return history, model
 
 

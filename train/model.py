@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 
 import keras
-import numpy as np
 import tensorflow as tf
 from keras import layers
 
@@ -33,102 +32,6 @@ def build_model(size_px: int = 64, width: int = 16, dropout: float = 0.3) -> ker
     x = layers.Dropout(dropout, name="dropout")(x)
     outputs = layers.Dense(1, name="logit")(x)
     return keras.Model(inputs, outputs, name=f"cellnet{size_px}w{width}")
-
-
-class FlipConv2D(layers.Layer):
-    """3x3 'same' convolution that commutes with an upside-down flip of the image (a Z2 group convolution).
-
-    Channels come in two halves, ``[a, b]``: flipping the input upside down flips every map and swaps
-    the halves. ``lift=True`` is the first layer (plain RGB in): each free filter ``k`` yields ``k`` and
-    its flipped copy. Otherwise each output pair is ``a' = Wa*a + Wb*b`` and ``b' = F(Wb)*a + F(Wa)*b``
-    (``F``: flip of the kernel rows). The kernel is built from half as many free weights as a plain
-    conv of the same shape, and :func:`plain_model` writes it out as one.
-    """
-
-    def __init__(self, filters: int, lift: bool = False, **kwargs):
-        super().__init__(**kwargs)
-        if filters % 2:
-            raise ValueError(f"filters must be even (pairs of flipped maps), got {filters}")
-        self.filters, self.lift = filters, lift
-
-    def build(self, input_shape):
-        c_in, half = int(input_shape[-1]), self.filters // 2
-        init = keras.initializers.HeNormal(seed=None)
-        if self.lift:
-            self.wa = self.add_weight(shape=(3, 3, c_in, half), initializer=init, name="wa")
-        else:
-            self.wa = self.add_weight(shape=(3, 3, c_in // 2, half), initializer=init, name="wa")
-            self.wb = self.add_weight(shape=(3, 3, c_in // 2, half), initializer=init, name="wb")
-
-    def full_kernel(self):
-        flip = lambda k: tf.reverse(k, axis=[0])  # noqa: E731 - rows of the kernel
-        if self.lift:
-            return tf.concat([self.wa, flip(self.wa)], axis=3)
-        ka = tf.concat([self.wa, self.wb], axis=2)
-        kb = tf.concat([flip(self.wb), flip(self.wa)], axis=2)
-        return tf.concat([ka, kb], axis=3)
-
-    def call(self, x):
-        return tf.nn.conv2d(x, self.full_kernel(), strides=1, padding="SAME")
-
-    def get_config(self):
-        return {**super().get_config(), "filters": self.filters, "lift": self.lift}
-
-
-class PairedBatchNorm(layers.Layer):
-    """Batch normalisation with one set of statistics and parameters per flipped pair of channels."""
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.bn = layers.BatchNormalization(axis=-1, name="bn")
-
-    def build(self, input_shape):
-        self.half = int(input_shape[-1]) // 2
-        self.bn.build((None, None, None, 2, self.half))
-
-    def call(self, x, training=None):
-        s = tf.shape(x)
-        y = self.bn(tf.reshape(x, [s[0], s[1], s[2], 2, self.half]), training=training)
-        return tf.reshape(y, s)
-
-
-def build_flip_model(size_px: int = 48, width: int = 8, dropout: float = 0.3) -> keras.Model:
-    """The :func:`build_model` network made exactly invariant to an upside-down flip of the cell.
-
-    Every conv is a :class:`FlipConv2D` with paired batch normalisation; max-pooling keeps the symmetry
-    while the map sides are even, and the two halves are averaged before the logit. For training only:
-    :func:`plain_model` turns it into the ordinary graph (same layers, same cost per cell) that is saved.
-    """
-    if size_px % 16:
-        raise ValueError(f"the flip-invariant model needs a side divisible by 16, got {size_px}")
-    inputs = keras.Input((size_px, size_px, 3), dtype="float32", name="cell_rgb")
-    x = layers.Rescaling(1.0 / 255.0, name="normalise")(inputs)
-    for i, mult in enumerate((1, 2, 4, 8)):
-        x = FlipConv2D(width * mult, lift=(i == 0), name=f"conv{i}")(x)
-        x = PairedBatchNorm(name=f"bn{i}")(x)
-        x = layers.ReLU(name=f"relu{i}")(x)
-        x = layers.MaxPooling2D(2, name=f"pool{i}")(x)
-    x = FlipConv2D(width * 8, name="conv4")(x)
-    x = PairedBatchNorm(name="bn4")(x)
-    x = layers.ReLU(name="relu4")(x)
-    x = layers.GlobalAveragePooling2D(name="gap")(x)
-    x = layers.Reshape((2, width * 4), name="pairs")(x)
-    x = layers.GlobalAveragePooling1D(name="pair_mean")(x)
-    x = layers.Dropout(dropout, name="dropout")(x)
-    outputs = layers.Dense(1, name="logit")(x)
-    return keras.Model(inputs, outputs, name=f"cellnet{size_px}w{width}flip")
-
-
-def plain_model(flip: keras.Model, size_px: int, width: int) -> keras.Model:
-    """The :func:`build_model` graph computing exactly what a :func:`build_flip_model` network computes."""
-    plain = build_model(size_px, width)
-    for i in range(5):
-        plain.get_layer(f"conv{i}").set_weights([flip.get_layer(f"conv{i}").full_kernel().numpy()])
-        pbn = flip.get_layer(f"bn{i}").bn
-        plain.get_layer(f"bn{i}").set_weights([np.tile(w, 2) for w in pbn.get_weights()])
-    w, b = flip.get_layer("logit").get_weights()
-    plain.get_layer("logit").set_weights([np.concatenate([w, w]) / 2.0, b])
-    return plain
 
 
 def geometric_augmenter(seed: int) -> keras.Sequential:
