@@ -188,22 +188,10 @@ def test_all_training_patients_run_has_no_monitor_and_convert_thresholds_on_vali
     r = run_module("train", "--data", str(FIX), "--out", str(run), "--epochs", "1", "--size", "32", "--width", "4",
                    "--batch", "16", "--monitor-fraction", "0", "--schedule", "plateau", "--average-last", "0")
     assert r.returncode == 2 and "--schedule cosine" in r.stderr  # nothing to stop early on
-    rows = [line.split(",") for line in (FIX / "patients.csv").read_text().splitlines()[1:]]
-    train_cells = [r[0] for r in rows if r[3] == "train"]
-    val_cell = next(r[0] for r in rows if r[3] == "val")
-    exclude = tmp_path / "suspect_labels.txt"
-    exclude.write_text("\n".join([*train_cells[:2], val_cell, ""]))
     r = run_module("train", "--data", str(FIX), "--out", str(run), "--epochs", "2", "--size", "32", "--width", "4",
-                   "--batch", "16", "--monitor-fraction", "0", "--schedule", "cosine", "--weight-decay", "0.004",
-                   "--exclude", str(exclude))
+                   "--batch", "16", "--monitor-fraction", "0", "--schedule", "cosine", "--weight-decay", "0.004")
     assert r.returncode == 0, r.stderr[-3000:]
     split = json.loads((run / "split.json").read_text())
-    # --exclude leaves named training cells out; a validation cell is never left out
-    assert split["excluded_from_training"] == sorted(train_cells[:2])
-    assert split["cells"]["train"] == len(train_cells) - 2 and split["cells"]["val"] == len(rows) - len(train_cells)
-    exclude.write_text("Parasitized/no_such_cell.png\n")
-    bad = run_module("train", "--data", str(FIX), "--out", str(tmp_path / "bad"), "--exclude", str(exclude))
-    assert bad.returncode == 2 and "no cell of the data" in bad.stderr
     assert split["patients"]["monitor"] == []
     train_p, val_p = set(split["patients"]["train"]), set(split["patients"]["val"])
     csv_patients = {line.split(",")[2] for line in (FIX / "patients.csv").read_text().splitlines()[1:]}

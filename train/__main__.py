@@ -47,9 +47,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--jitter-strength", type=float, default=0.5,
                     help="scale of the stain/colour jitter (1.0: hue 0.08, saturation/contrast 0.4/0.25, gains 0.15; "
                          "default 0.5)")
-    ap.add_argument("--exclude", metavar="FILE",
-                    help="text file of cells (paths as in patients.csv, one per line) left out of training, e.g. "
-                         "suspected label errors; validation cells are never left out")
     ap.add_argument("--extra-data", action="append", default=[], metavar="DIR",
                     help="more cells in the same layout (e.g. field crops from `python -m train.fieldcrops`): "
                          "its train-split cells join training, its val-split cells are reported apart")
@@ -102,11 +99,10 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
                 len(train_p), len(monitor_p), len(val_p), split_source)
 
     sets = {"train": set(train_p), "monitor": set(monitor_p), "val": set(val_p)}
-    excluded = _read_exclude(args.exclude, files, sets["train"]) if args.exclude else set()
     arrays = {}
     all_skipped = []
     for name, pts in sets.items():
-        sel = [f for f in files if f.patient in pts and not (name == "train" and f.rel in excluded)]
+        sel = [f for f in files if f.patient in pts]
         x, y, kept, skipped = load_arrays(sel, args.size)
         all_skipped += skipped
         arrays[name] = (x, y, kept)
@@ -140,7 +136,6 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         "cells": {k: len(v[1]) for k, v in arrays.items()},
         "skipped": [{"file": r, "reason": e} for r, e in all_skipped],
         "extra_data": [str(Path(e).resolve()) for e in args.extra_data],
-        "excluded_from_training": sorted(excluded),
     }
     (out / "split.json").write_text(json.dumps(split_doc, indent=2))
 
@@ -170,24 +165,6 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
                 "(threshold 0.5, n=%d) in %.0f s", metrics["accuracy"], metrics["sensitivity"],
                 metrics["specificity"], metrics["auc"], metrics["n"], metrics["train_seconds"])
     return 0
-
-
-def _read_exclude(path: str, files, train_patients: set) -> set:
-    """The training cells named in ``path``; a name that is no cell of the data is a DataError."""
-    from train.data import DataError
-
-    try:
-        names = {line.strip() for line in Path(path).read_text().splitlines() if line.strip()}
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"cannot read --exclude {path}: {exc}") from exc
-    by_rel = {f.rel: f for f in files}
-    unknown = sorted(names - by_rel.keys())
-    if unknown:
-        raise DataError(f"--exclude {path}: {len(unknown)} names are no cell of the data, e.g. {unknown[0]!r}")
-    kept_out = {n for n in names if by_rel[n].patient in train_patients}
-    logger.info("--exclude: %d training cells left out (%d parasitized); %d named cells of other patients kept",
-                len(kept_out), sum(by_rel[n].label for n in kept_out), len(names) - len(kept_out))
-    return kept_out
 
 
 def per_patient(kept, y, p) -> dict:
