@@ -10,12 +10,13 @@ A field folder holds ``images/`` and ``annotations.json``: one record per image,
 - Matching is greedy by IoU (highest first, one-to-one) at ``iou`` (0.5), first against cell boxes,
   then the left-over detections against ignore boxes.
 - **Partial labels** (``iml_vivax``: many cells have no box): a detection centred in no box cannot be
-  judged, so precision there counts only detections centred in some box,
-  and count errors are not meaningful (reported as ``n/a``). Taken as partial when a folder on the path
+  judged, so precision there counts only detections centred in some box, and count errors are not
+  meaningful (``n/a`` in the report, ``null`` in its JSON). Taken as partial when a folder on the path
   is named like IML (``iml_vivax``, ``runs/iml_cells/val_fields``), or set ``partial_labels``; a
   "fully" labelled set where many detections overlap no box gets a warning in the report.
 - **Classification** (optional ``classify``): recall of parasite-bearing cells (parasite boxes matched
-  by a detection flagged infected) and false positives per 1,000 cells (detections matched to plain
+  by a detection flagged infected; a red-cell box on the same cell as a parasite box, IoU >= ``iou``, is
+  the same cell and dropped) and false positives per 1,000 cells (detections matched to plain
   red-cell boxes, flagged infected; on partial sets only boxed cells are judged).
 - **Border cells**: :func:`device.segment.segment_cells` drops cells cut by the image border by design.
   With ``ignore_border_gt`` (default) a ground-truth box touching the border is an ignore region; BBBC041
@@ -167,8 +168,17 @@ def match_image(
             parasite.append(cat in PARASITE_CATEGORIES)
         else:
             unknown += 1
-    det = np.asarray(det_boxes, dtype=np.float64).reshape(-1, 4)
     gt_arr = np.asarray(gt, dtype=np.float64).reshape(-1, 4)
+    par_arr = np.asarray(parasite, dtype=bool)
+    if par_arr.any() and (~par_arr).any():
+        # One cell boxed twice, as a red cell and as a parasite (3 in IML): one infected cell. Otherwise the
+        # detection matches the red-cell box and a found parasite scores as missed plus a false positive.
+        same = box_iou(gt_arr[~par_arr], gt_arr[par_arr]).max(axis=1) >= iou
+        keep = par_arr.copy()
+        keep[np.flatnonzero(~par_arr)[~same]] = True
+        gt_arr, par_arr = gt_arr[keep], par_arr[keep]
+        parasite = par_arr.tolist()
+    det = np.asarray(det_boxes, dtype=np.float64).reshape(-1, 4)
     ig_arr = np.asarray(ignore, dtype=np.float64).reshape(-1, 4)
     m_gt = box_iou(det, gt_arr)
     det_to_gt = np.full(len(det), -1, dtype=np.int64)
@@ -315,6 +325,10 @@ def evaluate_fields(
         "totals": _totals(rows),
         "timing_ms": _mean_timing(timings),
     }
+    if partial:  # unboxed cells make detections minus boxes meaningless: no figure to quote by mistake
+        for r in [*rows, report["totals"]]:
+            r.update(count_error=None, count_error_pct=None)
+        report["totals"]["mean_abs_count_error_pct"] = None
     if classify is not None:
         report["classification"] = _classification_summary(cls_acc, partial, threshold)
         report["classification"]["n_images"] = sum(not r["model_trained_on"] for r in rows)

@@ -294,6 +294,21 @@ def test_partial_labels_judge_only_boxed_cells(tmp_path):
     assert partial["fp"] < full["fp"]  # unboxed cells are not counted as false positives
     assert partial["n_judged"] < partial["n_detected"]
     assert "PARTIAL LABELS" in format_report(partial_report)
+    # detections minus boxes means nothing here: no count error in the JSON to be quoted by mistake
+    assert partial["count_error_pct"] is None and partial["mean_abs_count_error_pct"] is None
+    assert all(r["count_error"] is None for r in partial_report["images"])
+    assert full["count_error"] is not None
+
+
+def test_a_cell_boxed_as_red_cell_and_as_parasite_is_one_infected_cell():
+    cell, other = [100, 100, 80, 80], [300, 100, 80, 80]
+    objects = [{"category": "red blood cell", "bbox": [102, 98, 80, 82]},  # the same cell, boxed twice
+               {"category": "trophozoite", "bbox": cell},
+               {"category": "red blood cell", "bbox": other}]
+    m = match_image([cell, other], objects, 1000, 800)
+    assert len(m["gt_boxes"]) == 2 and m["gt_parasite"].tolist() == [True, False]
+    # the detection on the infected cell matches its parasite box (it matched the red-cell box before)
+    assert m["gt_parasite"][m["det_to_gt"][0]] and not m["gt_parasite"][m["det_to_gt"][1]]
 
 
 def test_images_the_model_was_trained_on_are_scored_apart():
