@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -67,6 +68,20 @@ def test_missing_class_folder_is_a_clear_error(tmp_path):
     (tmp_path / "Parasitized").mkdir()
     r = run_module("train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--epochs", "1")
     assert r.returncode == 2 and "class folder missing" in r.stderr
+
+
+@pytest.mark.slow
+def test_an_unwritable_out_and_a_one_class_validation_side_are_clear_errors_before_training(tmp_path):
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    r = run_module("train", "--data", str(FIX), "--out", str(blocker), "--epochs", "1")
+    assert r.returncode == 2 and "cannot be written" in r.stderr and "Traceback" not in r.stderr
+    nocsv = tmp_path / "nocsv"
+    shutil.copytree(FIX, nocsv)
+    (nocsv / "patients.csv").unlink()  # the seeded split holds out healthy patients only
+    r = run_module("train", "--data", str(nocsv), "--out", str(tmp_path / "run"), "--epochs", "1")
+    assert r.returncode == 2 and "validation patients hold only one class" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and not (tmp_path / "run" / "model.keras").exists()
 
 
 @pytest.fixture(scope="module")

@@ -86,3 +86,46 @@ def test_missing_folder_and_empty_class_name_the_path(tmp_path):
     (tmp_path / "Uninfected").rmdir()
     with pytest.raises(DataError, match="class folder missing"):
         list_cells(tmp_path)
+
+
+def _copy_fixture(tmp_path) -> Path:
+    d = tmp_path / "cells"
+    shutil.copytree(FIX, d)
+    return d
+
+
+def _rewrite_csv(d: Path, edit) -> None:
+    lines = (d / "patients.csv").read_text().splitlines()
+    (d / "patients.csv").write_text("\n".join(edit(lines)) + "\n")
+
+
+def test_a_bom_header_reads_and_a_hidden_macos_copy_is_no_cell(tmp_path):
+    d = _copy_fixture(tmp_path)
+    (d / "patients.csv").write_bytes(b"\xef\xbb\xbf" + (d / "patients.csv").read_bytes())  # Excel's UTF-8
+    first = sorted((d / "Uninfected").iterdir())[0]
+    (d / "Uninfected" / ("._" + first.name)).write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    files, split = list_cells(d)
+    assert len(files) == len(list_cells(FIX)[0]) and split == list_cells(FIX)[1]
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda lines: [lines[0].replace("file", "path")] + lines[1:], "no file column"),
+    (lambda lines: [lines[0], lines[1].replace(",parasitized,", ",uninfected,"), *lines[2:]],
+     "is labelled 'uninfected' but lies in"),
+    (lambda lines: [lines[0]] + [lines[1].replace(",val", ",train")] + lines[2:], "is on both sides"),
+])
+def test_an_inconsistent_patient_table_is_a_clear_error(tmp_path, edit, message):
+    d = _copy_fixture(tmp_path)
+    _rewrite_csv(d, edit)
+    with pytest.raises(DataError, match=message):
+        list_cells(d)
+
+
+def test_a_table_that_is_not_utf8_is_a_clear_error_and_stale_rows_are_counted(tmp_path, caplog):
+    d = _copy_fixture(tmp_path)
+    _rewrite_csv(d, lambda lines: lines + ["Uninfected/gone.png,uninfected,C999,train"])
+    list_cells(d)
+    assert "1 rows name no cell file" in caplog.text
+    (d / "patients.csv").write_bytes((d / "patients.csv").read_bytes() + "Uninfected/é.png,x,y,z\n".encode("latin-1"))
+    with pytest.raises(DataError, match="cannot read .*patients.csv"):
+        list_cells(d)

@@ -79,7 +79,13 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
 
     t_start = time.time()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:  # before hours of decoding and training, not after
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise DataError(f"--out {out} cannot be written: {exc.strerror or exc}") from exc
     files, csv_split = list_cells(args.data)
     if args.max_cells_per_class:
         rng = random.Random(args.seed)
@@ -108,8 +114,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         arrays[name] = (x, y, kept)
         logger.info("%s: %d cells (%d parasitized, %d uninfected), %d skipped",
                     name, len(y), int(y.sum()), int((y == 0).sum()), len(skipped))
-        if name == "train" and (len(y) == 0 or y.min() == y.max()):
-            raise DataError(f"training patients hold only one class in {args.data}")
+        if name in ("train", "val") and (len(y) == 0 or y.min() == y.max()):
+            # accuracy, sensitivity and AUC need both classes on the validation side too
+            raise DataError(f"{'training' if name == 'train' else 'validation'} patients hold "
+                            f"{'no readable cells' if len(y) == 0 else 'only one class'} in {args.data} "
+                            f"({', '.join(sorted(pts))[:200]}); give a patients.csv with a val split")
 
     extra_val = {}
     for extra in args.extra_data:

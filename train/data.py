@@ -66,29 +66,55 @@ def list_cells(data_dir: str | Path) -> tuple[list[CellFile], dict[str, str]]:
     root = Path(data_dir)
     if not root.is_dir():
         raise DataError(f"data folder not found: {root}")
-    csv_rows: dict[str, dict[str, str]] = {}
     csv_path = root / "patients.csv"
-    if csv_path.is_file():
-        with csv_path.open(newline="") as fh:
-            for row in csv.DictReader(fh):
-                csv_rows[row["file"]] = row
+    csv_rows = _read_patients_csv(csv_path) if csv_path.is_file() else {}
     files: list[CellFile] = []
     for label, cls in enumerate(CLASS_DIRS):
         d = root / cls
         if not d.is_dir():
             raise DataError(f"class folder missing: {d}")
-        found = sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in SUFFIXES)
+        try:
+            # hidden files (macOS ._ copies) are no cells; anything else with an image suffix is listed,
+            # and what cannot be decoded (a broken link, a pipe) is skipped with its reason by load_arrays
+            found = sorted(p for p in d.iterdir()
+                           if not p.name.startswith(".") and not p.is_dir() and p.suffix.lower() in SUFFIXES)
+        except OSError as exc:
+            raise DataError(f"cannot list {d}: {exc.strerror or exc}") from exc
         if not found:
             raise DataError(f"class folder has no images (.png/.webp/.jpg): {d}")
         for p in found:
             rel = f"{cls}/{p.name}"
             row = csv_rows.get(rel)
+            if row and row.get("label") and row["label"] != CLASS_NAMES[label]:
+                raise DataError(f"{csv_path}: {rel} is labelled {row['label']!r} but lies in {cls}/")
             patient = row["patient"] if row else patient_from_name(p.name)
             files.append(CellFile(p, rel, label, patient))
-    split = {}
-    for row in csv_rows.values():
-        split.setdefault(row["patient"], row.get("split", ""))
+    listed = {f.rel for f in files}
+    stale = sum(1 for rel in csv_rows if rel not in listed)
+    if stale:
+        logger.warning("%s: %d rows name no cell file in %s (ignored)", csv_path, stale, root)
+    split: dict[str, str] = {}
+    for rel, row in csv_rows.items():
+        if rel not in listed:
+            continue
+        side = row.get("split", "") or ""
+        if split.setdefault(row["patient"], side) != side:
+            raise DataError(f"{csv_path}: patient {row['patient']} is on both sides ({split[row['patient']]!r} and "
+                            f"{side!r}); a patient's cells must never be split")
     return files, split
+
+
+def _read_patients_csv(path: Path) -> dict[str, dict[str, str]]:
+    """Rows of ``patients.csv`` by file; a table that cannot be read is a DataError naming it."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            missing = {"file", "patient"} - set(reader.fieldnames or ())
+            if reader.fieldnames and missing:
+                raise DataError(f"{path}: no {' or '.join(sorted(missing))} column (header: file,label,patient,split)")
+            return {row["file"]: row for row in reader if row.get("file") and row.get("patient")}
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"cannot read {path}: {exc}") from exc
 
 
 def split_patients(

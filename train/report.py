@@ -17,7 +17,8 @@ def write_reports(out: Path, history: dict, y: np.ndarray, p: np.ndarray, x: np.
     from sklearn.metrics import classification_report, confusion_matrix, roc_curve
 
     pred = (p >= 0.5).astype(int)
-    report = classification_report(y, pred, target_names=list(CLASS_NAMES), digits=4, zero_division=0)
+    report = classification_report(y, pred, labels=[0, 1], target_names=list(CLASS_NAMES), digits=4,
+                                   zero_division=0)
     (out / "classification_report.txt").write_text(report)
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
