@@ -60,8 +60,15 @@ def load_keras(path: Path):
     except Exception as exc:
         raise ConvertError(f"{path} is not a loadable Keras model ({type(exc).__name__}: {exc})") from exc
     shape = model.input_shape
-    if len(shape) != 4 or shape[1] != shape[2] or shape[3] != 3:
-        raise ConvertError(f"{path}: expected a square RGB image input, got {shape}")
+    if not (isinstance(shape, tuple) and len(shape) == 4 and isinstance(shape[1], int) and shape[1] == shape[2]
+            and shape[3] == 3):
+        raise ConvertError(f"{path}: expected one square RGB image input of fixed size, got {shape}")
+    if len(model.outputs) != 1 or tuple(model.output_shape) != (None, 1):
+        raise ConvertError(f"{path}: expected one output of one logit per cell, got {model.output_shape}")
+    activation = model.layers[-1].get_config().get("activation", "linear")
+    if activation not in (None, "linear"):
+        # the card says kind "logit" and the device applies the sigmoid: a sigmoid head would be applied twice
+        raise ConvertError(f"{path}: the last layer applies {activation!r}; the model must output the logit")
     return model
 
 
@@ -136,6 +143,43 @@ def make_card(name: str, tflite_path: Path, **extra) -> dict:
     }
     card.update(extra)
     return card
+
+
+def publish(files: list[tuple[Path, bytes]]) -> None:
+    """Write every file under a temp name first, then rename them all.
+
+    A target that cannot be written (a folder in the way, a full disk) fails before any file is replaced,
+    so ``models/`` never holds a new model beside an old card or without one.
+    """
+    staged: list[tuple[str, Path]] = []
+    try:
+        for path, data in files:
+            if path.is_dir():
+                raise ConvertError(f"{path} is a folder; nothing written to {path.parent}")
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            staged.append((tmp, path))
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    except OSError as exc:
+        raise ConvertError(f"cannot write {exc.filename or 'the model'}: {exc.strerror or exc}; "
+                           f"nothing replaced in {files[0][0].parent}") from exc
+    finally:
+        for tmp, _ in staged:
+            Path(tmp).unlink(missing_ok=True)
+
+
+def _write_float32(path: Path, data: bytes) -> bool:
+    """The float32 model for comparison, beside the Keras model; not shipped, so a failure only warns."""
+    try:
+        write_atomic(path, data)
+    except OSError as exc:
+        logger.warning("float32 model not written to %s: %s", path, exc.strerror or exc)
+        return False
+    return True
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -276,8 +320,7 @@ def convert(args, argv: list[str]) -> Path:
             p_monitor = clf.predict(xm) if threshold_on == "early-stopping" else p_val
             results[kind] = {"path": p, "card": card, "p_val": p_val, "p_monitor": p_monitor}
         runtimes = runtime_gate(td / f"{args.name}_int8.tflite")
-        float_path = model_path.parent / f"{args.name.replace('_int8', '')}_float32.tflite"
-        float_path.write_bytes(float_bytes)
+    float_path = model_path.parent / f"{args.name.replace('_int8', '')}_float32.tflite"  # after the gates
 
     m_keras = binary_metrics(yv, p_keras, 0.5)
     m_float = binary_metrics(yv, results["float32"]["p_val"], 0.5)
@@ -328,37 +371,40 @@ def convert(args, argv: list[str]) -> Path:
     run_dir = model_path.parent
     train_cmd = (run_dir / "command.txt").read_text().strip() if (run_dir / "command.txt").is_file() else None
     final = out_dir / f"{args.name}.tflite"
-    write_atomic(final, int8_bytes)
-    card = make_card(
-        args.name, final,
-        threshold=threshold,
-        threshold_rule=(f"the threshold in {lo}-{hi} that minimises the expected slide detection limit at "
-                        f"{args.target_rbc} RBC — (K - n*f) / (n*s), K the positive cutoff for Poisson(n*f) at "
-                        f"p<0.001 — with f the upper 95% false-positive bound and s the sensitivity on the "
-                        f"{thr_patients} (int8 model); expected limit "
-                        f"{100 * limit:.3f}% parasitemia"),
-        call_false_positive_rate=call_fpr,
-        operating_curve=curve,
-        call_false_positive_rule=(f"upper 95% Wilson bound of {n_fp} false positives in {len(neg)} held-out "
-                                  f"healthy cells ({fp_patients}) at the threshold"),
-        metrics={
-            "validation_patients": sorted(sets["val"]),
-            "keras": m_keras, "float32": m_float, "int8": m_int8,
-            "int8_at_threshold": m_int8_thr,
-            "threshold_patients_int8_at_threshold": m_monitor,
-        },
-        data={"source": str(Path(args.data).resolve()),
-              "extra_training_data": extra_training_data(model_path.parent),
-              "patients": {k: len(v) for k, v in sets.items()},
-              "cells": {"train": len(train_files), **{k: int(len(v[1])) for k, v in arrays.items()}},
-              "representative": f"{len(rep) - 1} training-patient cells + 1 image spanning 0..255"},
-        runtimes=runtimes,
-        training_command=train_cmd,
-        conversion_command="python -m convert " + shlex.join(argv),
-        git_commit=commit,
-        date=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        float32_model=str(float_path),
-    )
-    write_atomic(out_dir / f"{args.name}.json", (json.dumps(card, indent=2) + "\n").encode())
+    float_written = _write_float32(float_path, float_bytes)
+    with tempfile.TemporaryDirectory(prefix="convert-") as staged_dir:
+        staged = Path(staged_dir) / final.name  # the card is made from the bytes to ship, under their final name
+        staged.write_bytes(int8_bytes)
+        card = make_card(
+            args.name, staged,
+            threshold=threshold,
+            threshold_rule=(f"the threshold in {lo}-{hi} that minimises the expected slide detection limit at "
+                            f"{args.target_rbc} RBC — (K - n*f) / (n*s), K the positive cutoff for Poisson(n*f) at "
+                            f"p<0.001 — with f the upper 95% false-positive bound and s the sensitivity on the "
+                            f"{thr_patients} (int8 model); expected limit "
+                            f"{100 * limit:.3f}% parasitemia"),
+            call_false_positive_rate=call_fpr,
+            operating_curve=curve,
+            call_false_positive_rule=(f"upper 95% Wilson bound of {n_fp} false positives in {len(neg)} held-out "
+                                      f"healthy cells ({fp_patients}) at the threshold"),
+            metrics={
+                "validation_patients": sorted(sets["val"]),
+                "keras": m_keras, "float32": m_float, "int8": m_int8,
+                "int8_at_threshold": m_int8_thr,
+                "threshold_patients_int8_at_threshold": m_monitor,
+            },
+            data={"source": str(Path(args.data).resolve()),
+                  "extra_training_data": extra_training_data(model_path.parent),
+                  "patients": {k: len(v) for k, v in sets.items()},
+                  "cells": {"train": len(train_files), **{k: int(len(v[1])) for k, v in arrays.items()}},
+                  "representative": f"{len(rep) - 1} training-patient cells + 1 image spanning 0..255"},
+            runtimes=runtimes,
+            training_command=train_cmd,
+            conversion_command="python -m convert " + shlex.join(argv),
+            git_commit=commit,
+            date=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            float32_model=str(float_path) if float_written else None,
+        )
+    publish([(final, int8_bytes), (out_dir / f"{args.name}.json", (json.dumps(card, indent=2) + "\n").encode())])
     logger.info("wrote %s (%d bytes, sha256 %s) and its card", final, card["size_bytes"], card["sha256"][:16])
     return final

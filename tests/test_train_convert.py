@@ -123,12 +123,50 @@ def test_convert_writes_int8_model_and_a_complete_card(converted, run_dir):
 
 @pytest.mark.slow
 def test_parity_gate_refuses_and_writes_nothing(run_dir, tmp_path):
-    out = tmp_path / "models"
-    r = run_module("convert", "--model", str(run_dir / "model.keras"), "--data", str(FIX), "--out", str(out),
+    out, run = tmp_path / "models", tmp_path / "run"
+    run.mkdir()
+    for name in ("model.keras", "split.json"):
+        shutil.copy(run_dir / name, run / name)
+    r = run_module("convert", "--model", str(run / "model.keras"), "--data", str(FIX), "--out", str(out),
                    "--representative", "20", "--max-drop", "-1.0")  # demands int8 beat Keras by 100 points
     assert r.returncode == 2
     assert "parity gate" in r.stderr and "int8 accuracy" in r.stderr and "Keras model" in r.stderr
     assert not list(out.iterdir())
+    assert not (run / "cellnet_float32.tflite").exists()  # not even the comparison model (was written first)
+
+
+@pytest.mark.slow
+def test_a_card_that_cannot_be_written_leaves_no_model_behind(run_dir, tmp_path):
+    out = tmp_path / "models"
+    (out / "cellnet_int8.json").mkdir(parents=True)  # a folder where the card goes
+    r = run_module("convert", "--model", str(run_dir / "model.keras"), "--data", str(FIX), "--out", str(out),
+                   "--representative", "20", "--max-drop", "1.0")
+    assert r.returncode == 2 and "is a folder" in r.stderr and "Traceback" not in r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["cellnet_int8.json"]  # no model without its card
+
+
+def test_convert_refuses_models_the_device_would_misread(tmp_path):
+    import keras
+
+    from convert.core import ConvertError, load_keras
+
+    def save(outputs_fn, shape=(32, 32, 3)):
+        inp = keras.Input(shape)
+        x = keras.layers.GlobalAveragePooling2D()(inp)
+        path = tmp_path / f"m{len(list(tmp_path.iterdir()))}.keras"
+        keras.Model(inp, outputs_fn(x)).save(path)
+        return path
+
+    cases = [
+        (save(lambda x: keras.layers.Dense(1, activation="sigmoid")(x)), "applies 'sigmoid'"),
+        (save(lambda x: keras.layers.Dense(2)(x)), "one output of one logit"),
+        (save(lambda x: [keras.layers.Dense(1)(x), keras.layers.Dense(1)(x)]), "one output of one logit"),
+        (save(lambda x: keras.layers.Dense(1)(x), shape=(None, None, 3)), "fixed size"),
+    ]
+    for path, message in cases:
+        with pytest.raises(ConvertError, match=message):
+            load_keras(path)
+    assert load_keras(save(lambda x: keras.layers.Dense(1)(x))).output_shape == (None, 1)
 
 
 @pytest.mark.slow
