@@ -69,10 +69,11 @@ def test_corrupt_files_are_skipped_with_a_count_not_a_crash(tmp_path, caplog):
     (d / "Parasitized" / "C37BP2_thinF_IMG_x_cell_1.png").write_bytes(good.read_bytes()[:200])  # truncated
     (d / "Uninfected" / "C1_thinF_IMG_x_cell_2.png").write_text("not an image")
     (d / "Uninfected" / "C1_thinF_IMG_x_cell_3.png").write_bytes(b"")
+    (d / "Uninfected" / "C1_thinF_IMG_x_cell_4.png").symlink_to(tmp_path / "gone.png")  # a broken link
     files, _ = list_cells(d)
     x, y, kept, skipped = load_arrays(files, 32)
-    assert len(skipped) == 3 and len(kept) == len(files) - 3 == len(x) == len(y)
-    assert "skipped 3 unreadable files" in caplog.text
+    assert len(skipped) == 4 and len(kept) == len(files) - 4 == len(x) == len(y)  # the link counted, not lost
+    assert "skipped 4 unreadable files" in caplog.text
 
 
 def test_missing_folder_and_empty_class_name_the_path(tmp_path):
