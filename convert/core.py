@@ -162,6 +162,7 @@ def publish(files: list[tuple[Path, bytes]]) -> None:
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
+            os.chmod(tmp, 0o644)  # mkstemp makes 0600; the service reads models/ as another user
         for tmp, path in staged:
             os.replace(tmp, path)
     except OSError as exc:
@@ -175,26 +176,11 @@ def publish(files: list[tuple[Path, bytes]]) -> None:
 def _write_float32(path: Path, data: bytes) -> bool:
     """The float32 model for comparison, beside the Keras model; not shipped, so a failure only warns."""
     try:
-        write_atomic(path, data)
-    except OSError as exc:
-        logger.warning("float32 model not written to %s: %s", path, exc.strerror or exc)
+        publish([(path, data)])
+    except ConvertError as exc:
+        logger.warning("float32 model not written: %s", exc)
         return False
     return True
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temp name in the same folder, fsync, then rename: never a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 _GATE_SCRIPT = """

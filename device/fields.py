@@ -177,7 +177,6 @@ def match_image(
         keep = par_arr.copy()
         keep[np.flatnonzero(~par_arr)[~same]] = True
         gt_arr, par_arr = gt_arr[keep], par_arr[keep]
-        parasite = par_arr.tolist()
     det = np.asarray(det_boxes, dtype=np.float64).reshape(-1, 4)
     ig_arr = np.asarray(ignore, dtype=np.float64).reshape(-1, 4)
     m_gt = box_iou(det, gt_arr)
@@ -201,7 +200,7 @@ def match_image(
     det_judged = inside.any(axis=1) if inside.size else np.zeros(len(det), dtype=bool)
     return {
         "gt_boxes": gt_arr,
-        "gt_parasite": np.asarray(parasite, dtype=bool),
+        "gt_parasite": par_arr,
         "det_to_gt": det_to_gt,
         "det_ignored": det_ignored,
         "det_judged": det_judged,

@@ -117,6 +117,7 @@ def test_convert_writes_int8_model_and_a_complete_card(converted, run_dir):
     assert card["data"]["cells"]["train"] > 20
     assert (run_dir / "cellnet_float32.tflite").is_file()  # for comparison, not shipped
     assert not list(out.glob(".*tmp"))  # no temp files left behind
+    assert {oct(p.stat().st_mode & 0o777) for p in (model, card_path)} == {"0o644"}  # the service user reads them
     clf = CellClassifier(model)
     assert clf.input_size_px == 32
 
