@@ -135,6 +135,10 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"camera.source: {c.source!r} must be one of replay, opencv, picamera2")
     if c.source == "replay" and not c.replay_path:
         raise ConfigError("camera.replay_path: required when camera.source is replay")
+    if not (c.device.isdigit() or c.device.startswith("/")) or len(c.device) > 255 or not c.device.isprintable():
+        # handed to cv2.VideoCapture as it is: a relative name or URL would open something else than a camera
+        raise ConfigError(f"camera.device: {c.device[:80]!r} is not a camera index (0, 1, ...) or an absolute "
+                          "device path such as /dev/video0")
     if not 0.1 <= c.replay_fps <= 60:
         raise ConfigError(f"camera.replay_fps: {c.replay_fps} outside 0.1-60")
     if not (64 <= c.width <= 8192 and 64 <= c.height <= 8192):

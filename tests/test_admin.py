@@ -138,6 +138,7 @@ def test_settings_are_validated_kept_in_the_data_folder_and_applied_at_once(make
     ({"threshold": "1.5"}, "outside the safe range"),
     ({"threshold": "high"}, "not a number"),
     ({"camera_source": "webcam"}, "camera.source"),
+    ({"camera_source": "opencv", "camera_device": "video0"}, "camera.device: &#39;video0&#39; is not a camera index"),
     ({"technician_pin": "12ab"}, "security.technician_pin: must be 4-12 digits"),
 ])
 def test_invalid_settings_are_refused_naming_the_setting_and_nothing_is_kept(make_env, form, message):
