@@ -140,6 +140,18 @@ def test_technician_flow_start_capture_review_finish_result_csv(browser, live_en
     assert page.inner_text("#n-confirmed") == "1" and page.inner_text("#n-rejected") == "1"
     assert int(page.inner_text("#reviewed-infected")) == n - 1
     _shot(page, "06-review")
+    # the device does not answer (Wi-Fi drop): the technician is told, the tile stays undecided
+    said: list[str] = []
+    page.on("dialog", lambda d: (said.append(d.message), d.dismiss()))
+    page.route("**/api/cells/**", lambda route: route.abort())
+    tiles.nth(2).locator("button.btn-yes").click()
+    deadline = time.monotonic() + 10
+    while not said and time.monotonic() < deadline:
+        page.wait_for_timeout(100)
+    assert said and "did not answer" in said[0]  # was an uncaught "Failed to fetch" and no message
+    assert page.evaluate("document.querySelectorAll('.tile')[2].dataset.review") in ("", None)
+    page.unroute("**/api/cells/**")
+    errors[:] = [e for e in errors if "net::ERR_FAILED" not in e]  # the browser's log of the request we cut
 
     # finish -> result
     page.goto(env.base_url + "/slides/1")
@@ -220,6 +232,38 @@ def test_camera_lost_mid_slide_shows_a_banner_then_recovers(browser, make_env):
         page.wait_for_selector("#camera-banner", state="hidden", timeout=15_000)
         page.wait_for_selector("#preview-off", state="hidden", timeout=15_000)
         page.close()
+
+
+def test_fields_still_being_analysed_appear_when_stored(browser, make_env, monkeypatch):
+    from device.web import views
+
+    monkeypatch.setattr(views, "CAPTURE_WAIT_S", 0.05)  # the answer comes before the analysis (a slow Pi)
+    with _live(make_env()) as env:
+        gate = threading.Event()
+        analyse = env.analyser._analyse_and_store
+        env.analyser._analyse_and_store = lambda *a: (gate.wait(20), analyse(*a))[1]
+        page = browser.new_page(viewport={"width": 1024, "height": 768})
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        try:
+            page.goto(env.base_url + "/")
+            page.fill("#sample_id", "SLOW-1")
+            page.click("button:has-text('Start slide')")
+            page.wait_for_url("**/slides/1")
+            _until(page, "document.getElementById('preview').naturalWidth > 0", timeout=15_000)
+            for _ in range(2):  # both answered 202: still analysing
+                page.click("#capture-btn")
+                _until(page, "document.getElementById('capture-msg').textContent.includes('still analysing')")
+                _until(page, "!document.getElementById('capture-btn').disabled")
+            assert page.locator("#fields-table tbody tr[id^='field-']").count() == 0
+            gate.set()
+            # both fields show up without a reload (they stayed hidden until one before), with the totals
+            _until(page, "document.querySelectorAll(\"#fields-table tbody tr[id^='field-']\").length === 2",
+                   timeout=20_000)
+            _until(page, f"document.getElementById('rbc-count').textContent === '{env.store.totals(1)['rbc_count']}'")
+            assert "added" in page.inner_text("#capture-msg") and not errors
+        finally:
+            page.close()
 
 
 def test_auto_capture_takes_one_field_per_still_sharp_scene(browser, make_env, tmp_path):

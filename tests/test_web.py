@@ -409,6 +409,10 @@ def test_ids_too_big_for_sqlite_are_404_not_500(make_env):
     assert r.status_code == 404
     assert c.get(f"/api/slides/{2**63 - 1}").status_code == 404  # the largest rowid still reaches the route
     assert c.get("/api/slides/1").status_code == 200
+    # the fields export's ?slide= too; a slide that is no number was read as "every slide's fields"
+    assert c.get(f"/export/fields.csv?slide={huge}").status_code == 404
+    assert c.get("/export/fields.csv?slide=abc").status_code == 400
+    assert c.get("/export/fields.csv?slide=1").status_code == 200
 
 
 def test_a_review_body_that_is_not_an_object_is_400(make_env):

@@ -188,7 +188,14 @@ FIELD_COLUMNS = [
 
 @bp.get("/export/fields.csv")
 def export_fields():
-    slide_id = request.args.get("slide", type=int)
+    raw = request.args.get("slide", "")
+    slide_id = None
+    if raw:  # one slide's fields; a bad number is refused, not read as "every slide"
+        if not raw.isascii() or not raw.isdigit():
+            abort(400, f"slide must be a slide number, got {raw[:40]!r}")
+        slide_id = int(raw)
+        if not 1 <= slide_id <= 2**63 - 1:  # past SQLite's rowids (OverflowError, a 500): an unknown slide
+            abort(404, f"slide {raw[:40]} not found")
     rows = [[f["id"], f["slide_id"], f["sample_id"], f["patient_id"], f["seq"], f["captured_at"], f["source"],
              f["width"], f["height"], f["rejected"] or "", f"{f['focus']:.1f}", f["rbc_count"],
              f["infected_count"], f["model_sha256"], f"{f['threshold']:.4f}",

@@ -142,6 +142,31 @@
       $("fields-table").querySelector("tbody").appendChild(tr);
     };
 
+    /* a field still being analysed (202) is stored later: fetch the slide until each one is there, then show it */
+    var slideUrl = captureUrl.replace(/\/fields$/, "");
+    var pending = 0, tries = 0, polling = false;
+    var poll = function () {
+      fetch(slideUrl, { cache: "no-store", credentials: "same-origin" }).then(function (r) {
+        return r.ok ? r.json() : null;
+      }).then(function (sl) {
+        var added = sl ? (sl.fields || []).filter(function (f) { return !$("field-" + f.id); }) : [];
+        added.forEach(renderField);
+        if (added.length) {
+          renderSlide(sl);
+          var f = added[added.length - 1];
+          say(f.rejected ? "Field rejected: " + f.rejected : "Field " + f.seq + " added.", f.rejected ? "error" : "ok");
+          pending -= added.length;
+        }
+        if (pending <= 0) { polling = false; return; }
+        if (++tries >= 60) { polling = false; say("Reload the page to see the fields still being analysed.", "info"); return; }
+        setTimeout(poll, 1000);
+      }).catch(function () { polling = false; });
+    };
+    var awaitPending = function () {
+      pending += 1; tries = 0;
+      if (!polling) { polling = true; setTimeout(poll, 1000); }
+    };
+
     var capture = function (body) {
       if (busy) { return Promise.resolve(); }
       busy = true;
@@ -155,6 +180,7 @@
             res.body.field.rejected ? "error" : "ok");
         } else if (res.status === 202) {
           say(res.body.message, "info");
+          awaitPending();
         } else {
           say(res.body.error || ("Error " + res.status), "error");
         }
@@ -191,7 +217,9 @@
       var decision = e.submitter ? e.submitter.value : "confirmed";
       var tile = form.closest(".tile");
       if (tile.dataset.review === decision) { decision = "clear"; }  // a second tap undoes
-      postJSON(form.dataset.api, { decision: decision }).then(function (res) {
+      postJSON(form.dataset.api, { decision: decision }).catch(function () {
+        return { status: 0, body: { error: "The device did not answer: check the connection and try again." } };
+      }).then(function (res) {
         if (res.status !== 200) { alert(res.body.error || ("Error " + res.status)); return; }
         tile.dataset.review = res.body.cell.review || "";
         var rv = res.body.slide.totals.review;
