@@ -81,6 +81,11 @@ class FieldResult:
         }
 
 
+# A stained field has colour somewhere: the 99th percentile of max-min over R, G, B was >= 30 on all 68
+# sample, IML and BBBC041 fields; a gray picture gives 0.
+MIN_STAIN_CHROMA = 10
+
+
 def _small(image_rgb: np.ndarray) -> np.ndarray:
     h, w = image_rgb.shape[:2]
     if w <= FOCUS_WIDTH_PX:
@@ -111,6 +116,12 @@ def image_quality(image_rgb: np.ndarray, settings: AnalysisSettings) -> tuple[fl
     over = float((small.min(axis=2) >= 250).mean())
     if over > settings.max_overexposed_frac:
         return focus, f"overexposed ({over:.0%} of pixels saturated): lower the lamp or exposure"
+    s16 = small.astype(np.int16)
+    chroma = float(np.percentile(s16.max(axis=2) - s16.min(axis=2), 99))
+    if chroma < MIN_STAIN_CHROMA:
+        # a grayscale picture saved in 3 channels (or with an opaque alpha) passes every channel check
+        return focus, ("no stain colour (a grayscale picture): the classifier needs the colours of a stained "
+                       "smear; check the camera's colour format")
     if focus < settings.min_focus:
         return focus, f"out of focus (sharpness {focus:.0f} < {settings.min_focus:.0f}): refocus"
     return focus, None

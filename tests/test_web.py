@@ -180,6 +180,19 @@ def test_rejected_field_says_why(make_env):
     assert "Rejected: out of focus" in c.get("/slides/1").get_data(as_text=True)
 
 
+def test_a_grayscale_field_in_colour_channels_is_rejected_not_counted(make_env):
+    env = make_env()
+    c, token = _client(env)
+    _start(c, token)
+    gray = cv2.cvtColor(cv2.imread(str(SAMPLE), cv2.IMREAD_GRAYSCALE), cv2.COLOR_GRAY2BGRA)  # opaque alpha
+    r = _upload(c, token, cv2.imencode(".png", gray)[1].tobytes(), "gray.png")
+    assert r.status_code == 201
+    f = r.get_json()["field"]
+    # it was stored as a used field of ~130 healthy cells: a colourless smear pushed a slide to "negative"
+    assert f["rejected"] and "no stain colour" in f["rejected"] and f["rbc_count"] == 0
+    assert r.get_json()["slide"]["automatic"]["rbc_count"] == 0
+
+
 # --- errors: clear 4xx, never a 500 -----------------------------------------------------------
 
 def test_missing_sample_id_is_400(make_env):
