@@ -521,6 +521,14 @@ ADMIN_SETTINGS: dict[str, tuple[str, ...]] = {
 }
 
 
+class SettingsNotSaved(RuntimeError):
+    """settings.json could not be written (full disk, read-only data folder); nothing was applied."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
 class AdminSettings:
     """Settings changed on the admin page, kept in ``data_dir/settings.json`` (mode 0600) over the config.
 
@@ -585,7 +593,11 @@ class AdminSettings:
                     raise ValueError(f"not admin settings: {section}.{', '.join(sorted(unknown))}")
                 cfg = cfg.with_changes(section, **values)
                 stored.setdefault(section, {}).update(values)
-            write_atomic(self.path, (json.dumps(stored, indent=2, sort_keys=True) + "\n").encode())
+            try:
+                write_atomic(self.path, (json.dumps(stored, indent=2, sort_keys=True) + "\n").encode())
+            except OSError as exc:
+                raise SettingsNotSaved(f"Not saved: cannot write {self.path} ({exc.strerror or exc})",
+                                       507 if _disk_full(exc) else 500) from exc
         return cfg
 
 

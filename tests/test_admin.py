@@ -251,3 +251,36 @@ def test_healthz_is_ok_degraded_or_failing(make_env, monkeypatch):
     monkeypatch.setattr(env.store, "pragma", db_gone)
     r = c.get("/healthz")
     assert r.status_code == 503 and r.get_json()["status"] == "fail" and "database" in r.get_json()["problems"][0]
+
+
+def test_settings_that_cannot_be_written_say_so_and_change_nothing(make_env, monkeypatch):
+    import errno
+
+    from device import service
+
+    env = _env(make_env)
+    c, token = env.admin_client()
+    before = env.analyser.model.threshold
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(service, "write_atomic", disk_full)
+    r = _save(c, token, threshold="0.6")
+    assert r.status_code == 507  # was a bare 500 "internal error"
+    assert "Not saved: cannot write" in r.get_data(as_text=True) and "No space left" in r.get_data(as_text=True)
+    assert env.analyser.model.threshold == before
+    r = c.post("/admin/password", data={"current": ADMIN_PASSWORD, "password": "a-new-long-pass",
+                                        "password2": "a-new-long-pass", "csrf_token": token})
+    assert r.status_code == 507 and "Not saved" in r.get_data(as_text=True)
+
+
+def test_saving_another_setting_keeps_a_threshold_with_more_digits_than_shown(make_env):
+    env = _env(make_env, model={"threshold": 0.97887501})
+    c, token = env.admin_client()
+    assert 'value="0.978875"' in c.get("/admin/").get_data(as_text=True)  # shown to 6 digits
+    r = _save(c, token, counting_target_rbc="3000", threshold="0.978875")  # the form sent back untouched
+    assert r.status_code == 303
+    # was re-saved rounded to 0.978875 (and new slides got another false-positive rate with it)
+    assert "Saved: counting target 3000 red cells." in c.get("/admin/").get_data(as_text=True)
+    assert "threshold" not in env.store.data_dir.joinpath("settings.json").read_text()

@@ -20,6 +20,7 @@ from flask import Blueprint, flash, redirect, render_template, request, session,
 
 import device
 from device.config import THRESHOLD_SAFE_RANGE, ConfigError
+from device.service import SettingsNotSaved
 from device.web import admin_signed_in, deps, error_response, health, security, sign_in_admin, views
 
 logger = logging.getLogger(__name__)
@@ -78,12 +79,17 @@ def device_health() -> dict[str, str]:
     }
 
 
+def _threshold_text(threshold: float | None) -> str:
+    """The threshold as the settings form shows it (6 significant digits; blank: the card's)."""
+    return "" if threshold is None else f"{threshold:g}"
+
+
 def _render(status: int = 200, *, settings_error: str | None = None, password_error: str | None = None,
             form: dict | None = None):
     d = deps()
     cfg = d.config
     values = {"counting_target_rbc": cfg.analysis.counting_target_rbc,
-              "threshold": "" if cfg.model.threshold is None else f"{cfg.model.threshold:g}",
+              "threshold": _threshold_text(cfg.model.threshold),
               "camera_source": cfg.camera.source, "camera_device": cfg.camera.device}
     values.update(form or {})
     html = render_template(
@@ -121,7 +127,8 @@ def _parse_settings(form) -> dict[str, dict]:
         threshold = float(raw) if raw else None  # blank: the model card's threshold
     except ValueError:
         raise _Invalid(f"Threshold: {raw!r} is not a number") from None
-    if threshold != cfg.model.threshold:
+    shown = _threshold_text(cfg.model.threshold)
+    if threshold != cfg.model.threshold and raw != shown:  # the field as shown, untouched: no change
         changes["model"] = {"threshold": threshold}
     camera = {"source": form.get("camera_source", cfg.camera.source),
               "device": form.get("camera_device", cfg.camera.device).strip() or "0"}
@@ -163,6 +170,8 @@ def settings():
         return _render(400, settings_error=str(exc), form=form)
     except ConfigError as exc:  # names the key and the allowed range
         return _render(400, settings_error=f"Not saved: {exc}", form=form)
+    except SettingsNotSaved as exc:  # a full disk or a read-only data folder: said, not a bare 500
+        return _render(exc.status, settings_error=str(exc), form=form)
     d.config = new_cfg
     if "model" in changes:
         d.analyser.set_threshold(new_cfg.model.threshold)
@@ -194,6 +203,8 @@ def password():
         d.config = d.settings.save(d.config, {"security": {"admin_password_hash": security.hash_password(new)}})
     except ValueError as exc:
         return _render(400, password_error=str(exc).capitalize())
+    except SettingsNotSaved as exc:
+        return _render(exc.status, password_error=str(exc))
     sign_in_admin()  # this session stays signed in; every other admin session is signed out
     logger.info("admin password changed from %s", _client())
     flash("Password changed: other admin sessions are signed out.")
@@ -258,6 +269,8 @@ def setup():
             new_cfg = d.settings.save(d.config, {"security": {"admin_password_hash": security.hash_password(pw)}})
         except ValueError as exc:
             return render_template("admin_setup.html", error=str(exc).capitalize()), 400
+        except SettingsNotSaved as exc:
+            return render_template("admin_setup.html", error=str(exc)), exc.status
         d.config, d.setup_code = new_cfg, None  # the code is spent
     d.login_limiter.reset(client)
     logger.info("admin password chosen at first-run setup from %s (kept hashed in %s)", _client(), d.settings.path)
