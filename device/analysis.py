@@ -81,8 +81,8 @@ class FieldResult:
         }
 
 
-# A stained field has colour somewhere: the 99th percentile of max-min over R, G, B was >= 30 on all 68
-# sample, IML and BBBC041 fields; a gray picture gives 0.
+# A stained field has colour somewhere: the 99th percentile of max-min over R, G, B (on every 4th pixel of
+# the 640 px copy) was >= 30 on all 68 sample, IML and BBBC041 fields; a gray picture gives 0.
 MIN_STAIN_CHROMA = 10
 
 
@@ -116,8 +116,9 @@ def image_quality(image_rgb: np.ndarray, settings: AnalysisSettings) -> tuple[fl
     over = float((small.min(axis=2) >= 250).mean())
     if over > settings.max_overexposed_frac:
         return focus, f"overexposed ({over:.0%} of pixels saturated): lower the lamp or exposure"
-    s16 = small.astype(np.int16)
-    chroma = float(np.percentile(s16.max(axis=2) - s16.min(axis=2), 99))
+    grid = small[::4, ::4].astype(np.int16)  # every 4th pixel each way is plenty for "any colour at all"
+    spread = (grid.max(axis=2) - grid.min(axis=2)).ravel()
+    chroma = float(np.partition(spread, int(0.99 * (spread.size - 1)))[int(0.99 * (spread.size - 1))])
     if chroma < MIN_STAIN_CHROMA:
         # a grayscale picture saved in 3 channels (or with an opaque alpha) passes every channel check
         return focus, ("no stain colour (a grayscale picture): the classifier needs the colours of a stained "
