@@ -361,3 +361,11 @@ def test_the_service_listens_on_the_configured_address_only(tmp_path):
         status, html, _ = c.request("/admin/")
         assert status == 200 and b"Last problems" in html
         assert _stop(proc) == 0
+
+
+def test_a_password_of_only_spaces_is_refused():
+    from device.web.security import hash_password
+
+    with pytest.raises(ValueError, match="only spaces"):
+        hash_password(" " * 12)
+    assert hash_password("correct horse battery")  # spaces inside are fine

@@ -469,3 +469,20 @@ def test_slide_text_fields_must_be_text_without_control_characters(make_env):
     assert c.get("/api/slides").get_json()["slides"] == []  # nothing stored
     r = c.post("/api/slides", json={"sample_id": "S-1", "notes": "line one\r\nline two\tend"}, headers=h)
     assert r.status_code == 201 and r.get_json()["notes"] == "line one\r\nline two\tend"
+
+
+def test_a_capture_cancelled_by_shutdown_is_503_not_500(make_env, monkeypatch):
+    from concurrent.futures import Future
+
+    env = make_env()
+    c, token = _client(env)
+    _start(c, token)
+
+    def cancelled(*args, **kwargs):  # queued behind another field when the service began to stop
+        fut = Future()
+        fut.cancel()
+        return fut
+
+    monkeypatch.setattr(env.analyser, "submit", cancelled)
+    r = _upload(c, token, SAMPLE.read_bytes(), "field.jpg")
+    assert r.status_code == 503 and "stopping" in r.get_json()["error"]  # was 500 "analysis failed (CancelledError)"

@@ -83,6 +83,8 @@ def hash_password(password: str) -> str:
 
     if len(password) < MIN_PASSWORD_LEN:
         raise ValueError(f"the password needs at least {MIN_PASSWORD_LEN} characters")
+    if not password.strip():
+        raise ValueError("the password cannot be only spaces")
     return generate_password_hash(password)
 
 

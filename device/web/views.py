@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from concurrent.futures import CancelledError
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 
@@ -152,6 +153,8 @@ def capture(slide_id: int) -> dict | None:
         abort(409, str(exc))
     except CaptureRefused as exc:
         refuse(exc)
+    except CancelledError:  # queued when the service began to stop: never analysed, nothing stored
+        refuse(CaptureRefused("the service is stopping: capture again once it is back", 503))
     except Exception as exc:  # logged by the analyser; the page gets the reason, not a traceback
         abort(500, f"the analysis failed ({type(exc).__name__}: {exc}); see the service log")
 
