@@ -116,9 +116,10 @@ def image_quality(image_rgb: np.ndarray, settings: AnalysisSettings) -> tuple[fl
     over = float((small.min(axis=2) >= 250).mean())
     if over > settings.max_overexposed_frac:
         return focus, f"overexposed ({over:.0%} of pixels saturated): lower the lamp or exposure"
+    from device.segment import quantile
+
     grid = small[::4, ::4].astype(np.int16)  # every 4th pixel each way is plenty for "any colour at all"
-    spread = (grid.max(axis=2) - grid.min(axis=2)).ravel()
-    chroma = float(np.partition(spread, int(0.99 * (spread.size - 1)))[int(0.99 * (spread.size - 1))])
+    chroma = quantile((grid.max(axis=2) - grid.min(axis=2)).ravel(), 0.99)
     if chroma < MIN_STAIN_CHROMA:
         # a grayscale picture saved in 3 channels (or with an opaque alpha) passes every channel check
         return focus, ("no stain colour (a grayscale picture): the classifier needs the colours of a stained "

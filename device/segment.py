@@ -229,7 +229,7 @@ def _ellipse(diameter: float) -> np.ndarray:
     return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
 
 
-def _quantile(values: np.ndarray, q: float) -> float:
+def quantile(values: np.ndarray, q: float) -> float:
     """The q-quantile of a 1-D array by partial sort (np.percentile sorts; this is O(n))."""
     if values.size == 0:
         return 0.0
@@ -297,7 +297,7 @@ def _edges(score: np.ndarray, min_edge_frac: float) -> tuple[np.ndarray, ...]:
     gx = cv2.Sobel(sm, cv2.CV_32F, 1, 0, ksize=3)
     gy = cv2.Sobel(sm, cv2.CV_32F, 0, 1, ksize=3)
     mag = cv2.magnitude(gx, gy)
-    strong = _quantile(mag[::3, ::3].ravel(), 0.99)
+    strong = quantile(mag[::3, ::3].ravel(), 0.99)
     if strong <= 0:
         empty = np.zeros(0, np.float32)
         return empty, empty, empty, empty, empty
@@ -379,7 +379,7 @@ def _markers(
     for f in params.vote_radius_fracs:
         acc += _vote(edges, f * r, fg.shape, weighted=True)
     acc = cv2.GaussianBlur(acc, (0, 0), max(1.0, 0.08 * diameter_px))
-    ref = _quantile(acc[::2, ::2][inside[::2, ::2]], 0.99) or 1.0
+    ref = quantile(acc[::2, ::2][inside[::2, ::2]], 0.99) or 1.0
     strength = acc / ref + params.marker_distance_weight * dt / r
     sep = params.marker_min_separation_frac_of_diameter * diameter_px
     # Candidates: local maxima in a (cheap, separable) square window of side ~sep, strong enough.
@@ -486,7 +486,7 @@ def _nucleus_mask(
     inside = fg > 0
     t_r = transmission[:, :, 0].astype(np.int16)
     t_g = transmission[:, :, 1].astype(np.int16)
-    cell_g = _quantile(t_g[::2, ::2][inside[::2, ::2]], 0.5)
+    cell_g = quantile(t_g[::2, ::2][inside[::2, ::2]], 0.5)
     purple = (t_g < params.nucleus_max_green_transmission_frac_of_cells * cell_g) & (
         (t_r - t_g) > params.nucleus_min_purple_excess
     )

@@ -90,17 +90,18 @@ def list_cells(data_dir: str | Path) -> tuple[list[CellFile], dict[str, str]]:
             patient = row["patient"] if row else patient_from_name(p.name)
             files.append(CellFile(p, rel, label, patient))
     listed = {f.rel for f in files}
-    stale = sum(1 for rel in csv_rows if rel not in listed)
-    if stale:
-        logger.warning("%s: %d rows name no cell file in %s (ignored)", csv_path, stale, root)
     split: dict[str, str] = {}
+    stale = 0
     for rel, row in csv_rows.items():
         if rel not in listed:
+            stale += 1
             continue
         side = row.get("split", "") or ""
         if split.setdefault(row["patient"], side) != side:
             raise DataError(f"{csv_path}: patient {row['patient']} is on both sides ({split[row['patient']]!r} and "
                             f"{side!r}); a patient's cells must never be split")
+    if stale:
+        logger.warning("%s: %d rows name no cell file in %s (ignored)", csv_path, stale, root)
     return files, split
 
 
