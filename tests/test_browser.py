@@ -139,6 +139,22 @@ def test_technician_flow_start_capture_review_finish_result_csv(browser, live_en
     _until(page, "document.querySelectorAll('.tile')[1].dataset.review === 'rejected'")
     assert page.inner_text("#n-confirmed") == "1" and page.inner_text("#n-rejected") == "1"
     assert int(page.inner_text("#reviewed-infected")) == n - 1
+    # a double tap on the decision already taken keeps it (it used to undo it); "Undo" is the way back
+    first = tiles.nth(0)
+    first_id = int(first.get_attribute("id").removeprefix("cell-"))
+    assert first.locator("button.btn-undo").is_visible()
+    assert not tiles.nth(2).locator("button.btn-undo").is_visible()  # nothing to undo on an undecided cell
+    first.locator("button.btn-yes").dblclick()
+    page.wait_for_timeout(500)
+    assert first.get_attribute("data-review") == "confirmed"
+    assert env.store.get_cell(first_id)["review"] == "confirmed"
+    first.locator("button.btn-undo").click()
+    _until(page, "document.querySelector('.tile').dataset.review === ''")
+    assert env.store.get_cell(first_id)["review"] is None
+    assert page.inner_text("#n-confirmed") == "0" and int(page.inner_text("#n-pending")) == n - 1
+    first.locator("button.btn-yes").click()
+    _until(page, "document.querySelector('.tile').dataset.review === 'confirmed'")
+    assert int(page.inner_text("#reviewed-infected")) == n - 1
     _shot(page, "06-review")
     # the device does not answer (Wi-Fi drop): the technician is told, the tile stays undecided
     said: list[str] = []

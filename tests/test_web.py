@@ -154,6 +154,11 @@ def test_review_flagged_cells_keeps_automatic_and_reviewed_counts(make_env):
     assert s["totals"]["review"] == {"confirmed": 1, "rejected": 1, "pending": len(cells) - 2}
     assert s["automatic"]["infected_count"] == len(cells)
     assert s["reviewed"]["infected_count"] == len(cells) - 1
+    # the page's "Undo" button (a form post, no script needed) clears a decision
+    assert 'value="clear"' in c.get("/slides/1/review").get_data(as_text=True)
+    r = c.post(f"/cells/{cells[1]['id']}/review", data={"decision": "clear", "csrf_token": token})
+    assert r.status_code == 303
+    assert c.get("/api/slides/1").get_json()["totals"]["review"]["confirmed"] == 0
     assert c.post(f"/api/cells/{cells[0]['id']}/review", json={"decision": "maybe"}, headers=h).status_code == 400
     assert c.post("/api/cells/99999/review", json={"decision": "confirmed"}, headers=h).status_code == 404
 

@@ -216,10 +216,16 @@
       e.preventDefault();
       var decision = e.submitter ? e.submitter.value : "confirmed";
       var tile = form.closest(".tile");
-      if (tile.dataset.review === decision) { decision = "clear"; }  // a second tap undoes
+      // A tap on the decision already taken changes nothing (a double tap must not undo it); "Undo" clears.
+      if (form.dataset.busy || tile.dataset.review === decision) { return; }
+      var buttons = form.querySelectorAll("button");
+      form.dataset.busy = "1";
+      buttons.forEach(function (b) { b.disabled = true; });
       postJSON(form.dataset.api, { decision: decision }).catch(function () {
         return { status: 0, body: { error: "The device did not answer: check the connection and try again." } };
       }).then(function (res) {
+        delete form.dataset.busy;
+        buttons.forEach(function (b) { b.disabled = false; });
         if (res.status !== 200) { alert(res.body.error || ("Error " + res.status)); return; }
         tile.dataset.review = res.body.cell.review || "";
         var rv = res.body.slide.totals.review;
