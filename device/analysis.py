@@ -157,13 +157,15 @@ def analyze_field(
     t = time.perf_counter()
     seg = segment_cells(image_rgb)
     timing["segment_ms"] = (time.perf_counter() - t) * 1000
-    if seg.foreground_frac < settings.min_foreground_frac or len(seg.cells) < settings.min_cells_per_field:
+    few = None
+    if len(seg.cells) < settings.min_cells_per_field:
+        few = f"too few red cells ({len(seg.cells)} found, {settings.min_cells_per_field} needed)"
+    elif seg.foreground_frac < settings.min_foreground_frac:
+        few = (f"red cells cover too little of the field ({100 * seg.foreground_frac:.0f}%, "
+               f"{100 * settings.min_foreground_frac:.0f}% needed)")
+    if few:
         timing["total_ms"] = (time.perf_counter() - t0) * 1000
-        return FieldResult(
-            w, h,
-            f"too few red cells ({len(seg.cells)} found, {settings.min_cells_per_field} needed): "
-            "empty area, thick area or not a blood smear",
-            [], focus, threshold, timing)
+        return FieldResult(w, h, f"{few}: empty area, thick area or not a blood smear", [], focus, threshold, timing)
 
     t = time.perf_counter()
     crops = [crop_cell(image_rgb, c.mask, c.bbox) for c in seg.cells]

@@ -214,11 +214,17 @@ def cmd_analyze(args) -> int:
             sum(d["rbc_count"] for d in used), sum(d["infected_count"] for d in used),
             threshold=clf.threshold, fp_rate_per_cell=fp_rate,
             target_rbc=args.target, rbc_per_ul=args.rbc_per_ul,
-            fields_used=len(used), fields_rejected=len(ok) - len(used) + failed)
+            fields_used=len(used), fields_rejected=len(ok) - len(used))  # as the service: unreadable files are errors
         result["slide"] = s.to_json()
-        print(f"slide: {s.call} — {s.infected_count}/{s.rbc_count} infected, parasitemia {s.parasitemia_pct:.3f}% "
-              f"(95% CI {s.ci95_pct[0]:.3f}-{s.ci95_pct[1]:.3f}%), {s.parasites_per_ul:.0f} parasites/uL "
-              f"({s.rbc_per_ul_source} {s.rbc_per_ul:.3g} RBC/uL); {s.call_reason}")
+        if s.call == "positive":
+            print(f"slide: positive — {s.infected_count}/{s.rbc_count} infected, parasitemia "
+                  f"{s.parasitemia_pct:.3f}% (95% CI {s.ci95_pct[0]:.3f}-{s.ci95_pct[1]:.3f}%), "
+                  f"{s.parasites_per_ul:.0f} parasites/uL ({s.rbc_per_ul_source} {s.rbc_per_ul:.3g} RBC/uL); "
+                  f"{s.call_reason}")
+        else:  # the flagged share of a negative slide is the classifier's false positives, not a density
+            print(f"slide: {s.call} — {s.infected_count}/{s.rbc_count} cells flagged; detection limit "
+                  f"{s.detection_limit_pct:.3f}% ({s.detection_limit_per_ul:.0f} parasites/uL, "
+                  f"{s.rbc_per_ul_source} {s.rbc_per_ul:.3g} RBC/uL); {s.call_reason}")
     elif len(files) > 1:
         n_rej = sum(1 for d in images if d.get("rejected"))
         print(f"{len(files)} images: {failed} failed, {n_rej} rejected, "
@@ -301,6 +307,26 @@ def _threshold(text: str) -> float:
     return t
 
 
+def _target(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of red cells") from None
+    if not 1 <= n <= 1_000_000:
+        raise argparse.ArgumentTypeError(f"{text} is outside 1-1000000 red cells")
+    return n
+
+
+def _rbc_per_ul(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 1e6 <= v <= 1e7:  # the config's range; also refuses nan and inf (NaN in the JSON)
+        raise argparse.ArgumentTypeError(f"{text} is outside 1e6-1e7 RBC/uL (a measured count, e.g. 4.5e6)")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m device", description="Malaria Detect device.")
     ap.add_argument("--log-level", default="INFO")
@@ -323,8 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write per-image results (and the slide result) here")
     p.add_argument("--annotate", metavar="DIR", help="write annotated copies here")
     p.add_argument("--slide", action="store_true", help="treat all images as fields of one slide")
-    p.add_argument("--target", type=int, default=2000, help="RBC counting target (default 2000)")
-    p.add_argument("--rbc-per-ul", type=float, help="measured RBC count per uL (default: assume 5e6)")
+    p.add_argument("--target", type=_target, default=2000, help="RBC counting target (default 2000)")
+    p.add_argument("--rbc-per-ul", type=_rbc_per_ul, help="measured RBC count per uL (default: assume 5e6)")
     p.add_argument("-v", "--verbose", action="store_true", help="one line per image")
     model_args(p)
     p.set_defaults(func=cmd_analyze)

@@ -399,7 +399,9 @@ class FieldAnalyser:
         except CaptureRefused:
             self.metrics.inc("captures_refused_total")
             raise
-        except (NotFound, Conflict):
+        except (NotFound, Conflict) as exc:
+            # The page may have had its 202 already: say in the log that this field was not recorded.
+            logger.warning("field of slide %s not recorded: %s", args[0], exc)
             raise
         except Exception:
             self.metrics.inc("analysis_errors_total")
@@ -488,24 +490,29 @@ def slide_summary(slide: dict, totals: dict, *, reviewed: bool = False) -> Slide
     false-positive allowance applies: one confirmed parasite makes the reviewed call positive.
     """
     infected = totals["reviewed_infected_count"] if reviewed else totals["infected_count"]
-    all_reviewed = reviewed and totals.get("review", {}).get("pending", 1) == 0
+    review = totals.get("review", {})
+    all_reviewed = reviewed and review.get("pending", 1) == 0
+    # While the review is partial, a confirmed parasite still makes the call (it once had to beat the
+    # false-positive allowance with the unreviewed cells, and a slide with 5 confirmed read "negative").
     s = summarize_slide(totals["rbc_count"], infected, threshold=slide["threshold"],
                         fp_rate_per_cell=0.0 if all_reviewed else slide["fp_rate_per_cell"],
                         target_rbc=slide["target_rbc"],
                         rbc_per_ul=slide["rbc_per_ul"], fields_used=totals["fields_used"],
-                        fields_rejected=totals["fields_rejected"])
+                        fields_rejected=totals["fields_rejected"],
+                        confirmed_count=review.get("confirmed", 0) if reviewed else 0)
     # summarize_slide calls any given count "measured"; the configured one is a population assumption.
     return s if slide["rbc_per_ul_measured"] else replace(s, rbc_per_ul_source="assumed")
 
 
 def finish_slide(store: Store, slide_id: int) -> dict:
-    """Close a slide, storing the automatic result with the model it was made with."""
-    slide = store.get_slide(slide_id)
-    if slide is None:
-        raise NotFound(f"slide {slide_id} not found")
-    summary = slide_summary(slide, store.totals(slide_id))
-    result = {"automatic": summary.to_json(), "model_name": slide["model_name"],
-              "model_sha256": slide["model_sha256"], "threshold": slide["threshold"]}
+    """Close a slide, storing the automatic result with the model it was made with.
+
+    The result is made from the counts inside the transaction that closes the slide.
+    """
+    def result(slide: dict, totals: dict) -> dict:
+        return {"automatic": slide_summary(slide, totals).to_json(), "model_name": slide["model_name"],
+                "model_sha256": slide["model_sha256"], "threshold": slide["threshold"]}
+
     return store.finish_slide(slide_id, result)
 
 

@@ -93,27 +93,48 @@ def summarize_slide(
     rbc_per_ul: float | None = None,
     fields_used: int = 0,
     fields_rejected: int = 0,
+    confirmed_count: int = 0,
 ) -> SlideSummary:
     """Totals and the slide call.
 
     The call is positive only when the infected count is beyond what the classifier's false-positive
-    rate per healthy cell would produce on a parasite-free slide (probability < 0.1%), so a negative
-    slide stays negative however many cells are counted. Below the counting target the call is
-    "not enough cells" unless the count is already decisively positive.
+    rate per healthy cell would produce on a parasite-free slide of the counting target (probability
+    < 0.1%), so a negative slide stays negative however many cells are counted, and a slide looked at
+    after every field is not called positive early by chance: the early cutoff is the target's, and the
+    count only grows. Below the counting target the call is "not enough cells" unless the count is
+    already decisively positive. ``confirmed_count`` of the infected cells were confirmed as parasites
+    by a person: one is enough for a positive call, and the false-positive allowance applies to the
+    others only.
+
+    Raises:
+        ValueError: a target below 1, an RBC count per uL that is not a positive finite number, or a
+            confirmed count outside 0..infected_count.
     """
-    per_ul = float(rbc_per_ul) if rbc_per_ul else DEFAULT_RBC_PER_UL
-    source = "measured" if rbc_per_ul else "assumed"
+    if int(target_rbc) < 1:
+        raise ValueError(f"the counting target must be at least 1 red cell, not {target_rbc}")
+    if rbc_per_ul is not None and not (math.isfinite(rbc_per_ul) and rbc_per_ul > 0):
+        raise ValueError(f"the RBC count per uL must be a positive number, not {rbc_per_ul}")
     n, k = int(rbc_count), int(infected_count)
+    if not 0 <= int(confirmed_count) <= k:
+        raise ValueError(f"confirmed cells ({confirmed_count}) must lie in 0..{k}, the infected count")
+    per_ul = float(rbc_per_ul) if rbc_per_ul is not None else DEFAULT_RBC_PER_UL
+    source = "measured" if rbc_per_ul is not None else "assumed"
     frac = k / n if n else 0.0
     lo, hi = wilson_interval(k, n)
-    cutoff = positive_cutoff(max(n, target_rbc), fp_rate_per_cell)
-    limit_n = max(n, target_rbc)
+    limit_n = max(n, int(target_rbc))
+    cutoff = positive_cutoff(limit_n, fp_rate_per_cell)
     limit = cutoff / limit_n
     expected_fp = n * fp_rate_per_cell
-    if k >= positive_cutoff(n, fp_rate_per_cell) and n > 0 and k > 0:
+    confirmed = int(confirmed_count)
+    unconfirmed = k - confirmed
+    if n > 0 and confirmed > 0:
         call = "positive"
-        reason = (f"{k} infected cells in {n}: more than the {expected_fp:.1f} false positives expected at "
-                  f"threshold {threshold:.3f} (cutoff {positive_cutoff(n, fp_rate_per_cell)} cells)")
+        reason = (f"{confirmed} flagged cell{'s' if confirmed != 1 else ''} confirmed as parasites by review "
+                  f"({k} infected in {n})")
+    elif n > 0 and unconfirmed > 0 and unconfirmed >= cutoff:
+        call = "positive"
+        reason = (f"{k} infected cells in {n}: more than the false positives a parasite-free slide gives at "
+                  f"threshold {threshold:.3f} ({expected_fp:.1f} expected; positive from {cutoff} cells)")
     elif n < target_rbc:
         call = "not enough cells"
         reason = f"{n} of {target_rbc} red cells counted: keep capturing fields"
@@ -131,7 +152,7 @@ def summarize_slide(
         rbc_per_ul=per_ul,
         rbc_per_ul_source=source,
         target_rbc=int(target_rbc),
-        progress=min(1.0, n / target_rbc) if target_rbc else 1.0,
+        progress=min(1.0, n / target_rbc),
         detection_limit_pct=100.0 * limit,
         detection_limit_per_ul=limit * per_ul,
         positive_cutoff_cells=cutoff,

@@ -28,7 +28,7 @@ import sqlite3
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -341,16 +341,21 @@ class Store:
         f = c.execute("SELECT COUNT(*) FROM fields").fetchone()
         return {"slides": s[0], "open": s[1], "fields": f[0]}
 
-    def finish_slide(self, slide_id: int, result: dict) -> dict:
-        """Close the slide and keep the automatic result as it stood. Raises NotFound / Conflict."""
+    def finish_slide(self, slide_id: int, result: Callable[[dict, dict], dict]) -> dict:
+        """Close the slide and keep the automatic result as it stood. Raises NotFound / Conflict.
+
+        ``result(slide_row, totals)`` makes the stored result; it runs inside the write lock, so a field
+        committed while the slide is being finished is either in that result or refused, never in the
+        record but missing from the result.
+        """
         with self._tx() as c:
-            slide = c.execute("SELECT status FROM slides WHERE id = ?", (slide_id,)).fetchone()
+            slide = _row(c.execute("SELECT * FROM slides WHERE id = ?", (slide_id,)).fetchone())
             if slide is None:
                 raise NotFound(f"slide {slide_id} not found")
             if slide["status"] != "open":
                 raise Conflict(f"slide {slide_id} is already finished")
             c.execute("UPDATE slides SET status = 'finished', finished_at = ?, result_json = ? WHERE id = ?",
-                      (utc_now(), json.dumps(result), slide_id))
+                      (utc_now(), json.dumps(result(slide, self.totals(slide_id))), slide_id))
         return self.get_slide(slide_id)  # type: ignore[return-value]
 
     # -- fields --

@@ -40,7 +40,19 @@ def test_analyze_fields_writes_json_annotations_and_a_slide_result(tmp_path):
     assert slide["call"] in {"positive", "negative", "not enough cells"}
     assert slide["rbc_per_ul_source"] == "assumed" and slide["fields_used"] == len(images)
     assert "slide:" in r.stdout
+    headline = r.stdout.split("slide:")[1]
+    if slide["call"] != "positive":  # a negative headline once printed the flagged share as parasites/uL
+        assert "detection limit" in headline and "parasitemia" not in headline
     assert len(list((tmp_path / "ann").glob("*_annotated.jpg"))) == len(images)
+
+
+def test_slide_options_out_of_range_are_refused_before_any_work():
+    field = str(sorted(SAMPLES.glob("*.jpg"))[0])
+    # --target 0 crashed with ZeroDivisionError after the batch (no JSON); --rbc-per-ul nan wrote NaN
+    for opt, bad in (("--target", "0"), ("--target", "-100"), ("--target", "many"), ("--rbc-per-ul", "0"),
+                     ("--rbc-per-ul", "-4e6"), ("--rbc-per-ul", "nan"), ("--rbc-per-ul", "inf")):
+        r = device("analyze", field, "--slide", opt, bad)
+        assert r.returncode == 2 and opt in r.stderr and "Traceback" not in r.stderr, (opt, bad, r.stderr)
 
 
 def test_bad_files_are_reported_and_the_batch_goes_on(tmp_path):

@@ -287,15 +287,19 @@ def _slide(fp: float) -> dict:
             "rbc_per_ul_measured": 0}
 
 
-def test_reviewed_call_drops_the_false_positive_allowance_only_when_every_flag_is_reviewed():
+def test_reviewed_call_drops_the_allowance_when_every_flag_is_reviewed_and_a_confirmed_cell_always_counts():
     totals = {"rbc_count": 2100, "infected_count": 6, "reviewed_infected_count": 2, "fields_used": 10,
               "fields_rejected": 0, "review": {"confirmed": 2, "rejected": 4, "pending": 0}}
     auto = service.slide_summary(_slide(0.003), totals)
     assert auto.call == "negative"  # 6 flags are within the ~6 false positives expected
     reviewed = service.slide_summary(_slide(0.003), totals, reviewed=True)
     assert reviewed.call == "positive" and reviewed.infected_count == 2  # two parasites confirmed by a person
+    # partly reviewed: the two parasites a person confirmed still make the call (this read "negative")
     partly = dict(totals, review={"confirmed": 2, "rejected": 3, "pending": 1}, reviewed_infected_count=3)
-    assert service.slide_summary(_slide(0.003), partly, reviewed=True).call == "negative"
+    assert service.slide_summary(_slide(0.003), partly, reviewed=True).call == "positive"
+    # nothing confirmed yet: the unreviewed flags keep the false-positive allowance
+    unconfirmed = dict(totals, review={"confirmed": 0, "rejected": 3, "pending": 3}, reviewed_infected_count=3)
+    assert service.slide_summary(_slide(0.003), unconfirmed, reviewed=True).call == "negative"
 
 
 def test_call_false_positive_rate_follows_the_operating_threshold():

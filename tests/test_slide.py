@@ -107,3 +107,43 @@ def test_card_false_positive_rate_at_other_thresholds():
     assert card.false_positive_rate_at(0.95) == 0.004  # the cautious side: the row below
     assert card.false_positive_rate_at(0.99) == 0.001
     assert card.false_positive_rate_at(0.6) == 0.02
+
+
+def test_an_early_positive_call_uses_the_targets_cutoff_so_looking_often_adds_no_false_alarms():
+    fp = 0.00409  # the shipped card's bound
+    cutoff = positive_cutoff(2000, fp)
+    # 10 flagged in 500 cells was "positive" (cutoff at 500 cells) and the same slide at 18 in 2,000
+    # "negative"; its page said "19 flagged cells make a positive call" beside POSITIVE with 10
+    early = summarize_slide(500, 10, threshold=0.98, fp_rate_per_cell=fp)
+    assert early.call == "not enough cells" and early.positive_cutoff_cells == cutoff
+    at_cutoff = summarize_slide(500, cutoff, threshold=0.98, fp_rate_per_cell=fp)
+    assert at_cutoff.call == "positive" and f"positive from {cutoff} cells" in at_cutoff.call_reason
+    # below the target the count only grows and the cutoff stays put, so the call can be looked at
+    # after every field: P(a parasite-free slide ever reads positive by 2,000 cells) = P(X_2000 >= cutoff)
+    for n in range(100, 2000, 100):
+        for k in range(0, 40):
+            if summarize_slide(n, k, threshold=0.98, fp_rate_per_cell=fp).call == "positive":
+                assert summarize_slide(2000, k, threshold=0.98, fp_rate_per_cell=fp).call == "positive"
+    lam = 2000 * fp
+    tail = 1 - sum(math.exp(-lam) * lam**i / math.factorial(i) for i in range(cutoff))
+    assert tail < 0.001
+
+
+def test_a_confirmed_parasite_makes_the_call_while_the_review_is_partial():
+    fp = 0.00409
+    # 8 flagged, 5 confirmed by a person, 3 not yet reviewed: was "negative" (8 < the allowance of 19)
+    s = summarize_slide(2000, 8, threshold=0.98, fp_rate_per_cell=fp, confirmed_count=5)
+    assert s.call == "positive" and "5 flagged cells confirmed" in s.call_reason
+    # nothing confirmed: the allowance applies to the cells not yet reviewed
+    assert summarize_slide(2000, 17, threshold=0.98, fp_rate_per_cell=fp).call == "negative"
+    assert summarize_slide(2000, 25, threshold=0.98, fp_rate_per_cell=fp).call == "positive"
+    with pytest.raises(ValueError, match="confirmed"):
+        summarize_slide(2000, 3, threshold=0.98, fp_rate_per_cell=fp, confirmed_count=4)
+
+
+@pytest.mark.parametrize("kw", [{"target_rbc": 0}, {"target_rbc": -1}, {"rbc_per_ul": 0.0},
+                                {"rbc_per_ul": -4e6}, {"rbc_per_ul": float("nan")}, {"rbc_per_ul": float("inf")}])
+def test_impossible_targets_and_rbc_counts_are_refused(kw):
+    # target 0 divided by zero; target -1 called any slide negative; rbc_per_ul 0 became "assumed 5e6"
+    with pytest.raises(ValueError):
+        summarize_slide(100, 1, threshold=0.9, fp_rate_per_cell=0.003, **kw)

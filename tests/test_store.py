@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -120,7 +121,7 @@ def test_a_field_that_cannot_be_recorded_leaves_no_image_behind(store, monkeypat
     if failure == "slide finished meanwhile":  # the technician finishes while the images are written
         def fsync_then_finish(folder):
             real_fsync(folder)
-            store.finish_slide(sid, {})
+            store.finish_slide(sid, lambda slide, totals: {})
         monkeypatch.setattr(store_mod, "_fsync_dir", fsync_then_finish)
         expected = Conflict
     else:
@@ -181,19 +182,49 @@ def test_totals_count_used_fields_and_reviews(store):
         store.review_cell(unflagged["id"], "confirmed")
 
 
+def test_a_field_committed_while_finishing_is_in_the_result_or_refused_never_lost(store):
+    """Finish reads the counts inside the write lock: a field that arrives meanwhile waits, then is
+    refused. (Counts read before the lock once stored 1 field's result beside 2 recorded fields.)"""
+    import threading
+
+    sid = _slide(store)
+    res = _result(n_cells=30, n_infected=3)
+    store.add_field(sid, res, source="camera", model_sha256=MODEL.sha256, images=_images(res))
+    late: dict = {}
+
+    def add_late():
+        try:
+            late["id"] = store.add_field(sid, res, source="camera", model_sha256=MODEL.sha256, images=_images(res))
+        except Conflict as exc:
+            late["error"] = exc
+
+    def result(slide, totals):
+        t = threading.Thread(target=add_late)
+        t.start()
+        t.join(0.5)
+        late["blocked"] = t.is_alive()  # the late field waits for the finish to commit
+        late["thread"] = t
+        return {"automatic": {"rbc_count": totals["rbc_count"]}}
+
+    done = store.finish_slide(sid, result)
+    late["thread"].join(10)
+    assert late["blocked"] and "error" in late and "id" not in late
+    assert json.loads(done["result_json"])["automatic"]["rbc_count"] == store.totals(sid)["rbc_count"] == 30
+
+
 def test_finished_slides_and_other_models_refuse_fields(store):
     sid = _slide(store)
     res = _result()
     with pytest.raises(Conflict, match="another model"):
         store.add_field(sid, res, source="camera", model_sha256="b" * 64, images=_images(res))
-    store.finish_slide(sid, {"automatic": {"call": "negative"}})
+    store.finish_slide(sid, lambda slide, totals: {"automatic": {"call": "negative"}})
     assert store.get_slide(sid)["status"] == "finished"
     with pytest.raises(Conflict, match="finished"):
         store.add_field(sid, res, source="camera", model_sha256=MODEL.sha256, images=_images(res))
     with pytest.raises(Conflict):
-        store.finish_slide(sid, {})
+        store.finish_slide(sid, lambda slide, totals: {})
     with pytest.raises(NotFound):
-        store.finish_slide(999, {})
+        store.finish_slide(999, lambda slide, totals: {})
     with pytest.raises(ValueError):
         _slide(store, sample="   ")
 
@@ -280,7 +311,7 @@ def test_start_up_removes_what_a_cut_short_write_left_in_open_slides_only(tmp_pa
     res = _result()
     fid = s.add_field(open_id, res, source="camera", model_sha256=MODEL.sha256, images=_images(res))
     key = s.get_field(fid)["file_key"]
-    s.finish_slide(done_id, {})
+    s.finish_slide(done_id, lambda slide, totals: {})
     s.close()
     open_dir, done_dir = tmp_path / "images" / f"slide-{open_id}", tmp_path / "images" / f"slide-{done_id}"
     done_dir.mkdir()

@@ -154,6 +154,9 @@ def test_review_flagged_cells_keeps_automatic_and_reviewed_counts(make_env):
     assert s["totals"]["review"] == {"confirmed": 1, "rejected": 1, "pending": len(cells) - 2}
     assert s["automatic"]["infected_count"] == len(cells)
     assert s["reviewed"]["infected_count"] == len(cells) - 1
+    # one parasite confirmed by a person, the rest not reviewed yet: positive after review (the
+    # confirmed cell once had to beat the false-positive allowance with the unreviewed ones)
+    assert s["reviewed"]["call"] == "positive" and "confirmed" in s["reviewed"]["call_reason"]
     # the page's "Undo" button (a form post, no script needed) clears a decision
     assert 'value="clear"' in c.get("/slides/1/review").get_data(as_text=True)
     r = c.post(f"/cells/{cells[1]['id']}/review", data={"decision": "clear", "csrf_token": token})
@@ -161,6 +164,22 @@ def test_review_flagged_cells_keeps_automatic_and_reviewed_counts(make_env):
     assert c.get("/api/slides/1").get_json()["totals"]["review"]["confirmed"] == 0
     assert c.post(f"/api/cells/{cells[0]['id']}/review", json={"decision": "maybe"}, headers=h).status_code == 400
     assert c.post("/api/cells/99999/review", json={"decision": "confirmed"}, headers=h).status_code == 404
+
+
+def test_finish_pressed_while_a_field_is_analysed_counts_that_field(make_env):
+    # Finish during a capture (or an auto-capture) once threw that field away: the slide closed first
+    # and the analysed field was refused with a Conflict that nobody saw after a 202.
+    env = make_env()
+    c, token = _client(env)
+    _start(c, token)
+    rgb = cv2.cvtColor(cv2.imread(str(SAMPLE)), cv2.COLOR_BGR2RGB)
+    fut = env.analyser.submit(1, rgb, "upload")
+    r = c.post("/api/slides/1/finish", headers={"X-CSRF-Token": token})
+    assert r.status_code == 200, r.get_json()
+    field = fut.result(timeout=60)
+    slide = r.get_json()
+    assert slide["status"] == "finished"
+    assert slide["automatic"]["rbc_count"] == field["rbc_count"] == slide["totals"]["rbc_count"] > 10
 
 
 def test_upload_of_a_saved_field_is_analysed(make_env):

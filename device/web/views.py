@@ -160,7 +160,15 @@ def capture(slide_id: int) -> dict | None:
 
 
 def finish(slide_id: int) -> dict:
+    """Close the slide once the fields still being analysed are stored (Finish pressed during a
+    capture counts that field instead of throwing it away)."""
     slide_or_404(slide_id)
+    analyser = deps().analyser
+    deadline = time.monotonic() + CAPTURE_WAIT_S
+    while getattr(analyser, "pending", 0) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if getattr(analyser, "pending", 0):
+        abort(409, "fields are still being analysed: press Finish again in a moment")
     try:
         return finish_slide(deps().store, slide_id)
     except Conflict as exc:
