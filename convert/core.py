@@ -72,16 +72,24 @@ def load_keras(path: Path):
     return model
 
 
-def patient_sets(model_path: Path, files, csv_split, seed: int) -> dict[str, set[str]]:
-    """The run's own split (split.json beside the model) or, failing that, the split train would make."""
-    from train.data import patient_split
+def patient_sets(model_path: Path) -> dict[str, set[str]]:
+    """The run's own patient split, from split.json beside the model.
 
+    There is no fallback: which patients trained a model is a fact of its run, not something to
+    recompute (a re-made split with another monitor share once took 14 trained-on patients for
+    held-out ones and chose the threshold on them).
+    """
     sp = model_path.parent / "split.json"
-    if sp.is_file():
+    try:
         doc = json.loads(sp.read_text())
-        return {k: set(v) for k, v in doc["patients"].items()}
-    split, _ = patient_split({f.patient for f in files}, csv_split, seed)
-    return {k: set(v) for k, v in split.items()}
+        sets = {k: set(doc["patients"][k]) for k in ("train", "monitor", "val")}
+    except FileNotFoundError:
+        raise ConvertError(f"{sp} not found: convert needs the run's patient split to measure the model on "
+                           "patients it never saw; convert a model.keras from `python -m train` in its run "
+                           "folder") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConvertError(f"{sp} is not a readable patient split ({type(exc).__name__}: {exc})") from None
+    return sets
 
 
 def representative_images(x_cells: np.ndarray) -> np.ndarray:
@@ -255,12 +263,12 @@ def convert(args, argv: list[str]) -> Path:
         raise ConvertError(f"output folder {out_dir} cannot be written ({exc.strerror or exc})") from exc
     model_path = Path(args.model)
     model = load_keras(model_path)
+    sets = patient_sets(model_path)
     size = int(model.input_shape[1])
     try:
         files, csv_split = list_cells(args.data)
     except DataError as exc:
         raise ConvertError(str(exc)) from exc
-    sets = patient_sets(model_path, files, csv_split, args.seed)
     # Validation and early-stopping patients are decoded whole (they are measured); of the training
     # patients only the calibration sample is decoded.
     train_files = [f for f in files if f.patient in sets["train"]]
@@ -343,10 +351,12 @@ def convert(args, argv: list[str]) -> Path:
     pos = np.concatenate([p[y == 1] for p, y in held_out])
     n_fp = int((neg >= threshold).sum())
     call_fpr = wilson_interval(n_fp, len(neg))[1]
-    curve = [{"threshold": round(float(t), 4),
+    # The card's own threshold is listed exactly: rounded (0.9789 for 0.978875...) its row measured
+    # another operating point (sensitivity 0.8506 for the card's 0.8543).
+    curve = [{"threshold": float(t),
               "call_false_positive_rate": wilson_interval(int((neg >= t).sum()), len(neg))[1],
               "sensitivity": float((pos >= t).mean())}
-             for t in sorted({*np.round(np.linspace(lo, hi, 51), 4).tolist(), round(threshold, 4)})]
+             for t in sorted({*np.round(np.linspace(lo, hi, 51), 4).tolist(), float(threshold)})]
     logger.info("threshold %.4f (%s: FP rate %.4f, sensitivity %.4f; expected slide "
                 "detection limit %.3f%% at %d RBC): validation sensitivity %.4f, specificity %.4f, FP rate %.4f; "
                 "call FP rate %.4f (95%% upper bound, %d/%d held-out healthy cells)", threshold, thr_patients,

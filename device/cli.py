@@ -102,7 +102,7 @@ def cmd_cells(args) -> int:
     if not files:
         print("no image files found in " + ", ".join(args.paths), file=sys.stderr)
         return 2
-    rows, errors, batch, batch_files = [], [], [], []
+    rows, errors, batch, batch_files, exact = [], [], [], [], []
 
     def flush():
         if not batch:
@@ -110,6 +110,7 @@ def cmd_cells(args) -> int:
         p = clf.predict(np.stack(batch))
         for f, pi in zip(batch_files, p, strict=True):
             rows.append({"file": str(f), "p_infected": round(float(pi), 4), "infected": bool(pi >= clf.threshold)})
+            exact.append(float(pi))  # the summary uses what the verdicts used, not the 4-digit copy
         batch.clear()
         batch_files.clear()
 
@@ -126,11 +127,11 @@ def cmd_cells(args) -> int:
     flush()
     doc: dict = {"model": clf.card.name, "sha256": clf.sha256, "threshold": clf.threshold, "files": rows,
                  "errors": errors}
-    labelled = [(r, _label_of(Path(r["file"]))) for r in rows]
-    labelled = [(r, y) for r, y in labelled if y is not None]
+    labelled = [(p, _label_of(Path(r["file"]))) for r, p in zip(rows, exact, strict=True)]
+    labelled = [(p, y) for p, y in labelled if y is not None]
     if labelled and len({y for _, y in labelled}) == 2:
         y = np.array([y for _, y in labelled])
-        p = np.array([r["p_infected"] for r, _ in labelled])
+        p = np.array([p for p, _ in labelled])
         m = binary_metrics(y, p, clf.threshold)
         summary = {k: m[k] for k in ("n", "accuracy", "sensitivity", "specificity", "auc", "threshold")}
         doc["summary"] = summary

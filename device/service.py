@@ -136,12 +136,13 @@ class ModelStatus:
     error: str | None = None
     card_date: str = ""
     card_metrics: dict = field(default_factory=dict)  # validation-patient figures at the card threshold
+    threshold_rule: str = ""  # how the card's threshold was chosen, and on which cells
 
     def to_json(self) -> dict:
         return {"ok": self.ok, "name": self.name, "sha256": self.sha256, "threshold": self.threshold,
                 "card_threshold": self.card_threshold, "fp_rate_per_cell": self.fp_rate_per_cell,
                 "runtime": self.runtime, "error": self.error, "card_date": self.card_date,
-                "card_metrics": self.card_metrics}
+                "card_metrics": self.card_metrics, "threshold_rule": self.threshold_rule}
 
 
 def _card_metrics(card) -> dict:
@@ -292,7 +293,8 @@ class FieldAnalyser:
                 True, name=getattr(card, "name", "model"), sha256=getattr(classifier, "sha256", ""),
                 threshold=threshold, card_threshold=float(getattr(card, "threshold", classifier.threshold)),
                 fp_rate_per_cell=float(fp or 0.0), runtime=getattr(classifier, "runtime", ""),
-                card_date=str((getattr(card, "data", None) or {}).get("date", "")), card_metrics=_card_metrics(card))
+                card_date=str((getattr(card, "data", None) or {}).get("date", "")), card_metrics=_card_metrics(card),
+                threshold_rule=str((getattr(card, "data", None) or {}).get("threshold_rule", "")))
 
     @classmethod
     def from_config(cls, cfg, store: Store, metrics: Metrics | None = None) -> FieldAnalyser:

@@ -65,7 +65,9 @@ class SlideSummary:
     rbc_per_ul_source: str  # "assumed" or "measured"
     target_rbc: int
     progress: float  # 0..1 toward the counting target
-    detection_limit_pct: float  # parasitemia at which the call turns positive, at this count
+    # K/n: the flagged share at which the call turns positive at this count (at least the target). As a
+    # parasitemia limit it takes every parasite as flagged and no false positive: README says why.
+    detection_limit_pct: float
     detection_limit_per_ul: float
     positive_cutoff_cells: int
     expected_false_positives: float

@@ -70,6 +70,8 @@ def test_admin_page_shows_device_health_model_and_last_problems(make_env, monkey
                  "specificity", "Camera", "Last problems", "camera lost: test cable pulled", "Counters"):
         assert text in html, text
     assert "Setup code" not in html  # the first-run code is not a problem to list
+    # the shipped card chose its threshold on the validation cells: the page says so beside the figures
+    assert "Threshold chosen" in html and "measured on the cells it was chosen on" in html
     monkeypatch.setattr(health, "THERMAL_DIR", tmp_path / "nowhere")
     html = c.get("/admin/").get_data(as_text=True)
     assert re.search(r"CPU temperature</dt><dd>not available", html)

@@ -236,3 +236,36 @@ def test_a_file_name_that_is_not_utf8_is_analysed_and_annotated(tmp_path):
     assert r.returncode == 0, r.stderr  # OpenCV's imwrite crashed (SIGSEGV) on such a name
     (im,) = json.loads(out.read_text())["images"]
     assert im["rbc_count"] > 40 and os.path.getsize(im["annotated"]) > 10_000
+
+
+def test_cells_summary_uses_the_scores_the_verdicts_used(tmp_path, monkeypatch):
+    """The summary was computed from the 4-digit rounded scores: a threshold between an int8 score
+    (0.978875...) and its rounded copy (0.9789) gave a summary the per-file verdicts contradicted."""
+    import cv2
+    import numpy as np
+
+    import device.cli as cli
+
+    scale, zp = 0.10655409097671509, 92  # the shipped card's output quantisation
+    plan = {"Parasitized/a.png": 128, "Parasitized/b.png": 200, "Uninfected/c.png": 60, "Uninfected/d.png": 128}
+    for name, q in plan.items():
+        (tmp_path / "cells" / name).parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(tmp_path / "cells" / name), np.full((40, 40, 3), q, np.uint8))
+
+    class Fake:
+        input_size_px, sha256 = 48, "x"
+        card = type("Card", (), {"name": "fake"})()
+
+        def __init__(self, threshold):
+            self.threshold = threshold
+
+        def predict(self, batch):  # the pixel value stands in for the quantised output
+            return 1 / (1 + np.exp(-scale * (batch[:, 0, 0, 0].astype(float) - zp)))
+
+    monkeypatch.setattr(cli, "_classifier", lambda args: Fake(args.threshold))
+    out = tmp_path / "out.json"
+    assert cli.main(["cells", str(tmp_path / "cells"), "--threshold", "0.9789", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    flags = {Path(f["file"]).name: f["infected"] for f in doc["files"]}
+    assert flags == {"a.png": False, "b.png": True, "c.png": False, "d.png": False}  # 0.978875 < 0.9789
+    assert doc["summary"]["sensitivity"] == 0.5 and doc["summary"]["specificity"] == 1.0

@@ -112,6 +112,9 @@ def test_convert_writes_int8_model_and_a_complete_card(converted, run_dir):
     for key in ("threshold_rule", "data", "training_command", "conversion_command", "git_commit", "date"):
         assert card[key]
     assert card["runtimes"]["ai_edge_litert"] == "ok"
+    # the curve lists the card's own operating point exactly (it was rounded to 4 digits: another point)
+    own = [row for row in card["operating_curve"] if row["threshold"] == card["threshold"]]
+    assert len(own) == 1 and own[0]["call_false_positive_rate"] == card["call_false_positive_rate"]
     # only the 20 calibration cells of the training patients were decoded, all of them counted
     assert card["data"]["representative"].startswith("20 training-patient cells")
     assert card["data"]["cells"]["train"] > 20
@@ -176,6 +179,13 @@ def test_convert_bad_inputs_are_clear_errors(run_dir, tmp_path):
     junk.write_text("not a model")
     r = run_module("convert", "--model", str(junk), "--data", str(FIX), "--out", str(tmp_path / "m1"))
     assert r.returncode == 2 and "not a loadable Keras model" in r.stderr
+    # a model without its run's split.json: no re-made split (one took trained-on patients as held out)
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    shutil.copy(run_dir / "model.keras", lone / "model.keras")
+    r = run_module("convert", "--model", str(lone / "model.keras"), "--data", str(FIX), "--out", str(tmp_path / "m0"))
+    assert r.returncode == 2 and "split.json not found" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "m0").exists() or not list((tmp_path / "m0").iterdir())
     (tmp_path / "empty" / "Parasitized").mkdir(parents=True)
     (tmp_path / "empty" / "Uninfected").mkdir()
     r = run_module("convert", "--model", str(run_dir / "model.keras"), "--data", str(tmp_path / "empty"),
