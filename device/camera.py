@@ -247,6 +247,18 @@ FOCUS_INTERVAL_S = 0.25  # focus is measured at most this often: ~30 ms per fram
 STEADY_WIDTH_PX = 160  # steadiness compares small gray copies: stage motion, not sensor noise
 STEADY_MAX_DIFF = 3.0  # mean absolute gray difference (0-255) between frames of a still stage
 STEADY_MIN_S = 1.0  # the stage must be still this long before a field counts as steady
+
+
+def thumbnail(rgb: np.ndarray) -> np.ndarray:
+    """A small gray copy of a frame: what steadiness and "this field is already counted" compare."""
+    h, w = rgb.shape[:2]
+    return cv2.cvtColor(cv2.resize(rgb, (STEADY_WIDTH_PX, max(1, round(h * STEADY_WIDTH_PX / w))),
+                                   interpolation=cv2.INTER_AREA), cv2.COLOR_RGB2GRAY)
+
+
+def same_view(a: np.ndarray, b: np.ndarray) -> bool:
+    """True when two thumbnails show the same view (differences at the level of sensor noise)."""
+    return a.shape == b.shape and float(cv2.absdiff(a, b).mean()) <= STEADY_MAX_DIFF
 HEARTBEAT_STALE_S = 20.0  # no loop iteration for this long: the capture loop is stuck
 RECONNECT_MIN_S = 0.5
 BAD_FRAME_PAUSE_S = 0.1  # after an unusable frame: a camera that fails at once must not spin the CPU
@@ -473,13 +485,10 @@ class CameraFeed:
         if now - self._focus_t >= FOCUS_INTERVAL_S or self._focus is None:
             self._focus = self._focus_fn(rgb)
             self._focus_t = now
-        h, w = rgb.shape[:2]
-        small = cv2.cvtColor(cv2.resize(rgb, (STEADY_WIDTH_PX, max(1, round(h * STEADY_WIDTH_PX / w))),
-                                        interpolation=cv2.INTER_AREA), cv2.COLOR_RGB2GRAY)
+        small = thumbnail(rgb)
         with self._lock:
             prev = self._small_prev
-            moved = prev is None or prev.shape != small.shape or float(
-                cv2.absdiff(prev, small).mean()) > STEADY_MAX_DIFF
+            moved = prev is None or not same_view(prev, small)
             if moved:
                 if self._still_since is not None or prev is None:
                     self._scene += 1

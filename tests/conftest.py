@@ -53,6 +53,21 @@ def make_config(data_dir: Path, **sections):
     return from_dict(data)
 
 
+def wait_new_view(env, slide_id: int = 1, timeout_s: float = 10.0) -> None:
+    """Wait until the camera shows a view other than the one last counted into the slide (the replay
+    camera's stand-in for moving the stage): a capture of the same view is refused as counted."""
+    from device.camera import same_view, thumbnail
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        counted = env.app.extensions.get("malaria_detect_counted_views", {}).get(slide_id)
+        f = env.feed.latest()
+        if f is not None and f.rgb is not None and (counted is None or not same_view(counted, thumbnail(f.rgb))):
+            return
+        time.sleep(0.02)
+    raise AssertionError("the camera showed no new view")
+
+
 @dataclass
 class Env:
     config: object

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from device.camera import CameraBase, CameraError, ReplayCamera
-from tests.conftest import ARTIFACTS_DIR, SAMPLES_DIR
+from tests.conftest import ARTIFACTS_DIR, SAMPLES_DIR, wait_new_view
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -57,7 +57,9 @@ def _live(env):
 
 @pytest.fixture
 def live_env(make_env):
-    with _live(make_env(flag_all=True)) as env:  # every counted cell flagged, whatever the model
+    # every counted cell flagged, whatever the model; 5 frames/s: a view seen just before a click is
+    # still (or just past) the one captured
+    with _live(make_env(flag_all=True, camera={"replay_fps": 5.0})) as env:
         yield env
 
 
@@ -75,7 +77,9 @@ def _shot(page, name: str, **kw) -> None:
     page.screenshot(path=str(ARTIFACTS_DIR / f"browser-{name}.png"), **kw)
 
 
-def _capture(page, n_before: int) -> None:
+def _capture(page, n_before: int, env=None) -> None:
+    if env is not None:
+        wait_new_view(env)  # the stage moved on: the last view is counted already
     page.click("#capture-btn")
     _until(page, f"document.querySelectorAll('#fields-table tbody tr').length > {n_before}",
                            timeout=30_000)
@@ -105,11 +109,11 @@ def test_technician_flow_start_capture_review_finish_result_csv(browser, live_en
     _shot(page, "02-slide-live")
 
     # capture two fields with the button, then one by upload
-    _capture(page, 0)
+    _capture(page, 0, env)
     summary = page.inner_text("#last-summary")
     assert "red cells" in summary or "Rejected" in summary
     _shot(page, "03-first-field")
-    _capture(page, 1)
+    _capture(page, 1, env)
     page.click("details.upload summary")
     page.set_input_files("#upload-file", str(sorted(SAMPLES_DIR.glob("*.jpg"))[1]))
     page.click("#upload-form button")
@@ -254,7 +258,7 @@ def test_fields_still_being_analysed_appear_when_stored(browser, make_env, monke
     from device.web import views
 
     monkeypatch.setattr(views, "CAPTURE_WAIT_S", 0.05)  # the answer comes before the analysis (a slow Pi)
-    with _live(make_env()) as env:
+    with _live(make_env(camera={"replay_fps": 5.0})) as env:
         gate = threading.Event()
         analyse = env.analyser._analyse_and_store
         env.analyser._analyse_and_store = lambda *a: (gate.wait(20), analyse(*a))[1]
@@ -268,6 +272,7 @@ def test_fields_still_being_analysed_appear_when_stored(browser, make_env, monke
             page.wait_for_url("**/slides/1")
             _until(page, "document.getElementById('preview').naturalWidth > 0", timeout=15_000)
             for _ in range(2):  # both answered 202: still analysing
+                wait_new_view(env)
                 page.click("#capture-btn")
                 _until(page, "document.getElementById('capture-msg').textContent.includes('still analysing')")
                 _until(page, "!document.getElementById('capture-btn').disabled")

@@ -15,11 +15,12 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from device import service
-from tests.conftest import MODEL_PATH, ROOT, SAMPLES_DIR, make_config
+from tests.conftest import MODEL_PATH, ROOT, SAMPLES_DIR, make_config, wait_new_view
 
 
 def _free_port() -> int:
@@ -213,7 +214,8 @@ def test_status_answers_while_a_field_is_analysed(tmp_path, classifier):
     store = Store(cfg.service.data_dir)
     feed = CameraFeed(lambda: ReplayCamera(SAMPLES_DIR, 5), source="replay").start()
     analyser = FieldAnalyser(store, _SlowClassifier(classifier, 1.5))
-    server = waitress.create_server(create_app(cfg, store, feed, analyser), host="127.0.0.1", port=0, threads=4)
+    app = create_app(cfg, store, feed, analyser)
+    server = waitress.create_server(app, host="127.0.0.1", port=0, threads=4)
     loop = threading.Thread(target=server.run, daemon=True)
     loop.start()
     try:
@@ -236,6 +238,7 @@ def test_status_answers_while_a_field_is_analysed(tmp_path, classifier):
         assert max(latencies) < 0.5, f"/api/status waited for the analysis: {max(latencies):.2f} s"
         # a third capture while one runs and one waits is refused, not queued without end
         analyser.max_pending = 0
+        wait_new_view(SimpleNamespace(app=app, feed=feed), sid)  # not the view just counted
         status, body = c.json(f"/api/slides/{sid}/fields", {})
         assert status == 503 and "still analysing" in body["error"]
     finally:

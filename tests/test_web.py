@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from device.camera import CameraError
-from tests.conftest import ADMIN_PASSWORD, SAMPLES_DIR, admin_hash
+from tests.conftest import ADMIN_PASSWORD, SAMPLES_DIR, admin_hash, wait_new_view
 
 SAMPLE = sorted(SAMPLES_DIR.glob("*.jpg"))[0]
 
@@ -69,7 +69,7 @@ def test_home_page_is_local_only_and_sets_safe_cookies(make_env):
 
 
 def test_capture_from_camera_then_result_and_exports(make_env):
-    env = make_env()
+    env = make_env(camera={"replay_fps": 5.0})  # two captures: 0.8 s before the replay shows a field again
     c, token = _client(env)
     r = _start(c, token, patient_id="P-9", operator="Amina", notes="thin film", rbc_millions_per_ul="4.5")
     assert r.status_code == 303 and r.headers["Location"].endswith("/slides/1")
@@ -87,6 +87,7 @@ def test_capture_from_camera_then_result_and_exports(make_env):
     assert img.status_code == 200 and img.data[:2] == b"\xff\xd8" and img.mimetype == "image/jpeg"
     assert c.get(field["raw_url"]).status_code == 200
     # the HTML form path (no JavaScript): POST, then a redirect to the slide
+    wait_new_view(env)  # the stage moved to the next field
     r = c.post("/slides/1/capture", data={"csrf_token": token})
     assert r.status_code == 303 and "/slides/1#field-" in r.headers["Location"]
     detail = c.get("/api/slides/1").get_json()
@@ -131,6 +132,22 @@ def test_a_negative_slide_shows_no_parasite_density_in_its_headline(make_env):
     assert "No parasitemia above the detection limit" in banner and "1 of 2000 cells flagged" in banner
     assert "2,500" not in banner and "parasites/µL" in banner  # the limit, not the flagged fraction
     assert 'id="negative-note"' in html and 'id="negative-note"' in c.get("/slides/1/report").get_data(as_text=True)
+    # a person confirms the flagged cell: result, report and history lead with the reviewed call
+    # (they printed NEGATIVE in the banner with "After review: positive" in small type)
+    flagged = c.get("/api/slides/1/cells").get_json()["cells"]
+    assert len(flagged) == 1
+    h = {"X-CSRF-Token": token}
+    assert c.post(f"/api/cells/{flagged[0]['id']}/review", json={"decision": "confirmed"}, headers=h).status_code == 200
+    for page in ("/slides/1/result", "/slides/1/report"):
+        html = c.get(page).get_data(as_text=True)
+        word = html.split('class="call-word">')[1].split("</div>")[0]
+        assert word.startswith("POSITIVE") and "after review" in word, page
+        assert "Automatic call: <strong>negative</strong>" in html, page
+    history = c.get("/history").get_data(as_text=True)
+    assert ">positive</span> <span class=\"muted\">after review" in history
+    api = c.get("/api/slides/1").get_json()
+    assert api["headline"] == "reviewed"
+    assert api["automatic"]["call"] == "negative" and api["reviewed"]["call"] == "positive"
 
 
 def test_review_flagged_cells_keeps_automatic_and_reviewed_counts(make_env):
@@ -180,6 +197,36 @@ def test_finish_pressed_while_a_field_is_analysed_counts_that_field(make_env):
     slide = r.get_json()
     assert slide["status"] == "finished"
     assert slide["automatic"]["rbc_count"] == field["rbc_count"] == slide["totals"]["rbc_count"] > 10
+
+
+def test_a_field_already_counted_is_not_counted_again(make_env, tmp_path):
+    # Capture pressed again before the stage moved stored the same cells twice (92 cells for 46).
+    import shutil
+
+    from device.camera import ReplayCamera
+
+    still = tmp_path / "still"
+    still.mkdir()
+    shutil.copy(SAMPLE, still)  # one field, again and again: the stage has not moved
+    env = make_env(open_camera=lambda: ReplayCamera(still, fps=20))
+    c, token = _client(env)
+    _start(c, token)
+    _wait_frame(env)
+    first = _capture(c, token)
+    assert first.status_code == 201 and first.get_json()["field"]["rejected"] is None
+    again = _capture(c, token)
+    assert again.status_code == 409 and "already counted" in again.get_json()["error"]
+    assert env.store.totals(1)["fields"] == 1
+    # an upload is the technician's own choice of image: not refused
+    assert _upload(c, token, SAMPLE.read_bytes(), "field.jpg").status_code == 201
+    # a rejected field counts nothing, so the same (refocused) view may be captured again
+    env2 = make_env(open_camera=lambda: ReplayCamera(still, fps=20), analysis={"min_focus": 1e4})
+    c2, token2 = _client(env2)
+    _start(c2, token2)
+    _wait_frame(env2)
+    for _ in range(2):
+        r = _capture(c2, token2)
+        assert r.status_code == 201 and "focus" in r.get_json()["field"]["rejected"]
 
 
 def test_upload_of_a_saved_field_is_analysed(make_env):

@@ -12,6 +12,7 @@ from pathlib import Path
 from flask import abort, request, url_for
 from werkzeug.exceptions import HTTPException
 
+from device.camera import same_view, thumbnail
 from device.imageio import IMAGE_SUFFIXES, ImageError, decode_rgb
 from device.service import CaptureRefused, finish_slide, slide_summary
 from device.store import Conflict, NotFound
@@ -106,6 +107,13 @@ def _decode_upload():
         abort(400, str(exc))
 
 
+def _counted_views() -> dict:
+    """Slide ID -> thumbnail of the camera view last counted into it (this app's, in memory)."""
+    from flask import current_app
+
+    return current_app.extensions.setdefault("malaria_detect_counted_views", {})
+
+
 def capture(slide_id: int) -> dict | None:
     """Capture the live frame (or the uploaded ``image``) into a slide and wait for its analysis.
 
@@ -116,7 +124,7 @@ def capture(slide_id: int) -> dict | None:
     slide = slide_or_404(slide_id)
     if slide["status"] != "open":
         abort(409, f"slide {slide['sample_id']} is finished: start a new slide to capture more fields")
-    problem = None
+    problem, view = None, None
     if "image" in request.files:
         if not request.files["image"].filename:
             abort(400, "no file chosen")
@@ -133,6 +141,13 @@ def capture(slide_id: int) -> dict | None:
             msg = d.camera.status().get("message") or "no frame yet"
             d.analyser.metrics.inc("captures_refused_total")
             abort(503, f"the camera is not connected ({msg}): check the cable; the device keeps retrying")
+        # Capture pressed again before the stage moved would count the same cells twice.
+        if frame.rgb is not None:
+            view = thumbnail(frame.rgb)
+            last = _counted_views().get(slide_id)
+            if last is not None and same_view(last, view):
+                d.analyser.metrics.inc("captures_refused_total")
+                abort(409, "this field is already counted: move the stage to the next field, then capture")
         # A frame the camera sent but that cannot be analysed is stored as a rejected field with the reason.
         rgb, source, problem = frame.rgb, "camera", getattr(frame, "problem", None)
     try:
@@ -144,9 +159,9 @@ def capture(slide_id: int) -> dict | None:
     except Conflict as exc:
         abort(409, str(exc))
     try:
-        return fut.result(timeout=CAPTURE_WAIT_S)
+        field = fut.result(timeout=CAPTURE_WAIT_S)
     except FutureTimeout:
-        return None
+        field = None  # still analysing: it will be stored, and most likely counted
     except NotFound as exc:
         abort(404, str(exc))
     except Conflict as exc:
@@ -157,6 +172,10 @@ def capture(slide_id: int) -> dict | None:
         refuse(CaptureRefused("the service is stopping: capture again once it is back", 503))
     except Exception as exc:  # logged by the analyser; the page gets the reason, not a traceback
         abort(500, f"the analysis failed ({type(exc).__name__}: {exc}); see the service log")
+    # A rejected field counts nothing: the same field may be refocused and captured again.
+    if view is not None and not (field and field.get("rejected")):
+        _counted_views()[slide_id] = view
+    return field
 
 
 def finish(slide_id: int) -> dict:
@@ -216,12 +235,17 @@ def slide_view(slide: dict) -> dict:
     stored = json.loads(slide["result_json"]) if slide["result_json"] else None
     automatic = stored["automatic"] if stored else slide_summary(slide, totals).to_json()
     reviewed = slide_summary(slide, totals, reviewed=True).to_json()
+    # What the banner leads with: the reviewed result once a person has decided any flagged cell.
+    review = totals["review"]
+    headline = "reviewed" if review["confirmed"] + review["rejected"] > 0 else "automatic"
     return {**{k: v for k, v in slide.items() if k != "result_json"}, "totals": totals,
-            "automatic": automatic, "reviewed": reviewed}
+            "automatic": automatic, "reviewed": reviewed, "headline": headline,
+            "current": reviewed if headline == "reviewed" else automatic}
 
 
 def slide_json(slide: dict, *, with_fields: bool = False) -> dict:
     out = slide_view(slide)
+    out.pop("current")  # the API gives both results and "headline" says which the pages lead with
     out["url"] = url_for("pages.slide", slide_id=slide["id"])
     out["result_url"] = url_for("pages.result", slide_id=slide["id"])
     if with_fields:
