@@ -139,7 +139,7 @@ def summarize_slide(
                   f"threshold {threshold:.3f} ({expected_fp:.1f} expected; positive from {cutoff} cells)")
     elif n < target_rbc:
         call = "not enough cells"
-        reason = f"{n} of {target_rbc} red cells counted: keep capturing fields"
+        reason = f"{n} of {target_rbc} red cells counted: too few for a call"
     else:
         call = "negative"
         reason = (f"{k} infected cells in {n}: within the {expected_fp:.1f} false positives expected at "

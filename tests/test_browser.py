@@ -129,6 +129,16 @@ def test_technician_flow_start_capture_review_finish_result_csv(browser, live_en
     small.set_viewport_size({"width": 800, "height": 480})
     small.goto(env.base_url + "/slides/1")
     _shot(small, "05-touchscreen-800x480", full_page=True)
+
+    def bottom(sel: str) -> float:
+        return small.evaluate(f"document.querySelector('{sel}').getBoundingClientRect().bottom")
+
+    # Capture and its answer stay on the screen, also under a banner (both once fell below 480 px)
+    small.evaluate("document.getElementById('capture-msg').textContent = 'Field 4 added: 52 red cells.'")
+    assert bottom("#capture-btn") <= 480 and bottom("#capture-msg") <= 480
+    small.evaluate("var b = document.getElementById('camera-banner'); b.hidden = false;"
+                   "b.textContent = 'Camera not connected. Next try in 2 s.'")
+    assert bottom("#capture-btn") <= 480 and bottom("#capture-msg") <= 480, bottom("#capture-msg")
     small.close()
 
     # review: confirm one flagged cell, reject another
@@ -142,6 +152,12 @@ def test_technician_flow_start_capture_review_finish_result_csv(browser, live_en
     tiles.nth(1).locator("button.btn-no").click()
     _until(page, "document.querySelectorAll('.tile')[1].dataset.review === 'rejected'")
     assert page.inner_text("#n-confirmed") == "1" and page.inner_text("#n-rejected") == "1"
+    # the decision is said in words and to screen readers, not by the border colour alone
+    state = "getComputedStyle(document.querySelector('.tile .tile-state'), '::after')"
+    assert page.evaluate(f"{state}.content") == '"parasite"'
+    assert page.evaluate("getComputedStyle(document.querySelector('.tile .tile-state')).display") != "none"
+    assert tiles.nth(0).locator("button.btn-yes").get_attribute("aria-pressed") == "true"
+    assert tiles.nth(1).locator("button.btn-no").get_attribute("aria-pressed") == "true"
     assert int(page.inner_text("#reviewed-infected")) == n - 1
     # a double tap on the decision already taken keeps it (it used to undo it); "Undo" is the way back
     first = tiles.nth(0)
@@ -162,7 +178,11 @@ def test_technician_flow_start_capture_review_finish_result_csv(browser, live_en
     _shot(page, "06-review")
     # the device does not answer (Wi-Fi drop): the technician is told, the tile stays undecided
     said: list[str] = []
-    page.on("dialog", lambda d: (said.append(d.message), d.dismiss()))
+    def dismiss(d):
+        said.append(d.message)
+        d.dismiss()
+
+    page.on("dialog", dismiss)
     page.route("**/api/cells/**", lambda route: route.abort())
     tiles.nth(2).locator("button.btn-yes").click()
     deadline = time.monotonic() + 10
@@ -173,8 +193,16 @@ def test_technician_flow_start_capture_review_finish_result_csv(browser, live_en
     page.unroute("**/api/cells/**")
     errors[:] = [e for e in errors if "net::ERR_FAILED" not in e]  # the browser's log of the request we cut
 
-    # finish -> result
+    # finish -> result; below the counting target the page asks first (a tap on Finish, just under
+    # Review, closed a slide of 0 cells for good)
     page.goto(env.base_url + "/slides/1")
+    said.clear()
+    page.click("#finish-btn")  # "no" to the question: nothing happens
+    _until(page, "true")
+    assert said and "Only" in said[0] and "Finish anyway?" in said[0]
+    assert env.store.get_slide(1)["status"] == "open" and page.url.endswith("/slides/1")
+    page.remove_listener("dialog", dismiss)
+    page.once("dialog", lambda d: d.accept())
     page.click("#finish-btn")
     page.wait_for_url("**/slides/1/result")
     banner = page.inner_text("#call-banner")

@@ -109,6 +109,18 @@ def test_capture_from_camera_then_result_and_exports(make_env):
     # a finished slide takes no more fields and cannot be finished twice
     assert _capture(c, token).status_code == 409
     assert c.post("/api/slides/1/finish", headers={"X-CSRF-Token": token}).status_code == 409
+    # pages are never cached: Back after Finish showed the slide open with a working Capture
+    assert c.get("/slides/1").headers["Cache-Control"] == "no-store"
+    assert c.get("/api/slides/1").headers["Cache-Control"] == "no-store"
+
+
+def test_a_slide_without_fields_cannot_be_finished(make_env):
+    env = make_env()
+    c, token = _client(env)
+    _start(c, token)
+    r = c.post("/api/slides/1/finish", headers={"X-CSRF-Token": token})
+    assert r.status_code == 409 and "no fields yet" in r.get_json()["error"]
+    assert env.store.get_slide(1)["status"] == "open"
 
 
 def test_a_negative_slide_shows_no_parasite_density_in_its_headline(make_env):

@@ -143,6 +143,9 @@ def _install_hooks(app: Flask) -> None:
         resp.headers.setdefault("X-Content-Type-Options", "nosniff")
         resp.headers.setdefault("X-Frame-Options", "DENY")
         resp.headers.setdefault("Referrer-Policy", "same-origin")
+        if resp.mimetype in ("text/html", "application/json"):
+            # Back after Finish showed the slide as open with a working Capture: pages are never cached
+            resp.headers.setdefault("Cache-Control", "no-store")
         resp.headers.setdefault("Content-Security-Policy",
                                 "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'")
         return resp

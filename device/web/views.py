@@ -181,8 +181,11 @@ def capture(slide_id: int) -> dict | None:
 def finish(slide_id: int) -> dict:
     """Close the slide once the fields still being analysed are stored (Finish pressed during a
     capture counts that field instead of throwing it away)."""
-    slide_or_404(slide_id)
+    slide = slide_or_404(slide_id)
     analyser = deps().analyser
+    nothing_yet = not getattr(analyser, "pending", 0) and not deps().store.totals(slide_id)["fields"]
+    if slide["status"] == "open" and nothing_yet:
+        abort(409, f"slide {slide['sample_id']} has no fields yet: capture fields before finishing")
     deadline = time.monotonic() + CAPTURE_WAIT_S
     while getattr(analyser, "pending", 0) and time.monotonic() < deadline:
         time.sleep(0.05)

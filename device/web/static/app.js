@@ -210,6 +210,19 @@
     });
   }
 
+  /* --- finish: below the counting target, ask first (the call will most likely be "not enough cells") --- */
+  var finishForm = $("finish-form");
+  if (finishForm) {
+    finishForm.addEventListener("submit", function (e) {
+      var counted = parseInt(($("rbc-count") || {}).textContent, 10) || 0;
+      var target = parseInt(finishForm.dataset.target, 10) || 0;
+      if (counted < target && !window.confirm("Only " + counted + " of " + target + " red cells are counted. " +
+          "A finished slide takes no more fields. Finish anyway?")) {
+        e.preventDefault();
+      }
+    });
+  }
+
   /* --- review gallery --- */
   document.querySelectorAll("form.review-form").forEach(function (form) {
     form.addEventListener("submit", function (e) {
@@ -219,15 +232,18 @@
       // A tap on the decision already taken changes nothing (a double tap must not undo it); "Undo" clears.
       if (form.dataset.busy || tile.dataset.review === decision) { return; }
       var buttons = form.querySelectorAll("button");
+      var pressed = e.submitter;
       form.dataset.busy = "1";
-      buttons.forEach(function (b) { b.disabled = true; });
+      form.setAttribute("aria-busy", "true");
       postJSON(form.dataset.api, { decision: decision }).catch(function () {
         return { status: 0, body: { error: "The device did not answer: check the connection and try again." } };
       }).then(function (res) {
         delete form.dataset.busy;
-        buttons.forEach(function (b) { b.disabled = false; });
+        form.removeAttribute("aria-busy");
         if (res.status !== 200) { alert(res.body.error || ("Error " + res.status)); return; }
         tile.dataset.review = res.body.cell.review || "";
+        buttons.forEach(function (b) { if (b.value !== "clear") { b.setAttribute("aria-pressed", String(b.value === tile.dataset.review)); } });
+        if (pressed && pressed.offsetParent !== null) { pressed.focus(); } else { form.querySelector("button").focus(); }
         var rv = res.body.slide.totals.review;
         $("n-confirmed").textContent = rv.confirmed;
         $("n-rejected").textContent = rv.rejected;
