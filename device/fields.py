@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from device.imageio import ImageError, read_rgb
-from device.preprocess import crop_cell
+from device.preprocess import field_crops
 from device.segment import SegmentParams, segment_cells
 
 logger = logging.getLogger(__name__)
@@ -232,7 +232,7 @@ def evaluate_fields(
 
     Args:
         field_dir: folder with ``images/`` and ``annotations.json``.
-        classify: optional ``crops -> p_infected`` (crops made by :func:`device.preprocess.crop_cell`).
+        classify: optional ``crops -> p_infected`` (crops made by :func:`device.preprocess.field_crops`).
         threshold: p_infected at or above which a cell is flagged infected.
         iou: minimum IoU for a detection to match a ground-truth box.
         progress: optional ``callback(done, total, image_name)``.
@@ -355,7 +355,7 @@ def _classify_image(
     row: dict[str, Any],
     acc: dict[str, Any],
 ) -> None:
-    crops = [crop_cell(image, c.mask, c.bbox) for c in cells]
+    crops = field_crops(image, cells)
     p = np.asarray(classify(crops), dtype=np.float64).reshape(-1) if crops else np.zeros(0)
     if p.shape[0] != len(cells):
         raise ValueError(f"classify returned {p.shape[0]} scores for {len(cells)} crops")

@@ -13,6 +13,38 @@ import numpy as np
 
 DEFAULT_INPUT_SIZE_PX = 48  # the shipped model's; the device reads the real size from the model
 
+# A field's background (the plasma between the cells: the 95th percentile of each channel) is brought to
+# this colour before cells are cut, so a dimmer lamp, another exposure or a colour cast does not change
+# what the classifier sees. It is the mean background of the 40 IML training fields, whose crops the
+# model trained on (README, "Field background").
+REFERENCE_BACKGROUND_RGB = (197.3, 224.0, 202.0)
+BACKGROUND_GAIN_RANGE = (0.5, 2.0)  # beyond this the picture is too far off to be corrected by gains
+
+
+def background_rgb(image_rgb: np.ndarray) -> np.ndarray:
+    """The field's background colour: the 95th percentile of each channel, on every 4th pixel."""
+    grid = image_rgb[::4, ::4].reshape(-1, 3)
+    k = int(0.95 * (len(grid) - 1))
+    return np.array([float(np.partition(grid[:, c], k)[k]) for c in range(3)])
+
+
+def normalise_background(image_rgb: np.ndarray) -> np.ndarray:
+    """Per-channel gains that bring the field's background to :data:`REFERENCE_BACKGROUND_RGB`."""
+    gains = np.clip(np.asarray(REFERENCE_BACKGROUND_RGB) / np.maximum(background_rgb(image_rgb), 1.0),
+                    *BACKGROUND_GAIN_RANGE)
+    lut = np.clip(np.round(np.arange(256)[:, None] * gains[None, :]), 0, 255).astype(np.uint8)
+    return cv2.LUT(np.ascontiguousarray(image_rgb), lut.reshape(256, 1, 3))
+
+
+def field_crops(image_rgb: np.ndarray, cells) -> list[np.ndarray]:
+    """Crops of a field's segmented cells (objects with ``mask`` and ``bbox``), the NIH way, cut from the
+    field with its background normalised: what the device, the field scorer and the field-crop training
+    set all classify."""
+    if not cells:
+        return []
+    field = normalise_background(image_rgb)
+    return [crop_cell(field, c.mask, c.bbox) for c in cells]
+
 
 def prepare_cell(crop_rgb: np.ndarray, size_px: int = DEFAULT_INPUT_SIZE_PX) -> np.ndarray:
     """Turn a cell crop into model input.

@@ -3,7 +3,7 @@
     python -m train.fieldcrops --fields ../shared/data/fields/iml_vivax --out runs/iml_cells
 
 Each field is segmented by the device's own ``segment_cells``; a detection matched (IoU >= 0.5) to
-an annotated cell becomes a crop made by ``crop_cell`` (tight box, black outside the cell mask):
+an annotated cell becomes a crop made by ``field_crops`` (tight box, black outside the cell mask):
 parasite-stage boxes -> ``Parasitized/``, plain red-cell boxes -> ``Uninfected/``. Unmatched
 detections are not used (partially boxed sets leave many cells unlabelled). Fields are split by
 image into train/val; ``patients.csv`` names the field as the "patient", and ``val_fields/`` holds
@@ -24,7 +24,7 @@ import cv2
 
 from device.fields import FieldsError, load_annotations, match_image
 from device.imageio import ImageError, read_rgb
-from device.preprocess import crop_cell
+from device.preprocess import field_crops
 from device.segment import segment_cells
 
 logger = logging.getLogger("train.fieldcrops")
@@ -65,13 +65,13 @@ def main(argv: list[str] | None = None) -> int:
         m = match_image(boxes, rec["objects"], rgb.shape[1], rgb.shape[0])
         split = "val" if rec["image"] in val else "train"
         stem = Path(rec["image"]).stem
-        for i, cell in enumerate(seg.cells):
+        crops = field_crops(rgb, seg.cells)
+        for i, crop in enumerate(crops):
             g = int(m["det_to_gt"][i])
             if g < 0:
                 continue
             cls = "Parasitized" if m["gt_parasite"][g] else "Uninfected"
             name = f"{cls}/field_{stem}_cell_{i}.png"
-            crop = crop_cell(rgb, cell.mask, cell.bbox)
             cv2.imwrite(str(out / name), cv2.cvtColor(crop, cv2.COLOR_RGB2BGR))
             rows.append({"file": name, "label": cls.lower(), "patient": f"field_{stem}", "split": split})
     with (out / "patients.csv").open("w", newline="") as fh:
