@@ -306,14 +306,16 @@ class CameraFeed:
         reconnect_max_s: the longest wait between reconnection attempts.
         min_focus: focus below this is shown as "not sharp".
         source: a name for the status ("replay", "opencv", "picamera2").
-        focus: the focus measure (``device.analysis.focus_measure``).
+        focus: the focus measure (default: a ``device.analysis.FocusMeter``).
     """
 
     def __init__(self, open_camera: Callable[[], Camera], *, reconnect_max_s: float = 30.0,
-                 min_focus: float = 40.0, source: str = "camera",
+                 min_focus: float = 2.4, source: str = "camera",
                  focus: Callable[[np.ndarray], float] | None = None, reconnect_min_s: float = RECONNECT_MIN_S):
         if focus is None:
-            from device.analysis import focus_measure as focus
+            from device.analysis import FocusMeter
+
+            focus = FocusMeter()
         self._open = open_camera
         self._reopen = False  # set by reopen(): close the camera and open the (new) one
         self._wake = threading.Event()  # cuts a back-off wait short (stop, reopen)
@@ -550,7 +552,7 @@ class CameraFeed:
                 "since": self._since,
                 "frames": self._seq,
                 "fps": round(self._fps, 1),
-                "focus": None if frame is None or frame.focus is None else round(frame.focus, 1),
+                "focus": None if frame is None or frame.focus is None else round(frame.focus, 2),
                 "min_focus": self.min_focus,
                 "sharp": None if frame is None or frame.focus is None else frame.focus >= self.min_focus,
                 "steady": bool(steady),

@@ -59,7 +59,7 @@ class ModelConfig:
 class AnalysisConfig:
     counting_target_rbc: int = 2000
     rbc_per_ul: float = 5.0e6
-    min_focus: float = 40.0  # variance of the Laplacian at 640 px wide; sharp fields measured 90-280
+    min_focus: float = 2.4  # device.analysis.focus_measure's sharpness ratio; sharp fields measured 2.49-4.22
     min_cells_per_field: int = 10
 
 
@@ -156,8 +156,9 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"analysis.counting_target_rbc: {a.counting_target_rbc} outside 100-100000")
     if not 1e6 <= a.rbc_per_ul <= 1e7:
         raise ConfigError(f"analysis.rbc_per_ul: {a.rbc_per_ul:g} outside 1e6-1e7 RBC/uL")
-    if not 0 <= a.min_focus <= 10_000:  # sharp fields measure 90-280
-        raise ConfigError(f"analysis.min_focus: {a.min_focus:g} outside 0-10000")
+    if not 0 <= a.min_focus <= 10:  # a sharpness ratio: sharp fields measure 2.55-4.4, no detail 1
+        raise ConfigError(f"analysis.min_focus: {a.min_focus:g} outside 0-10 (the sharpness ratio; sharp fields "
+                          "measure 2.5-4.5, the default is 2.4)")
     if a.min_cells_per_field < 1:
         raise ConfigError("analysis.min_cells_per_field: must be >= 1")
     if sec.technician_pin and not (sec.technician_pin.isdigit() and 4 <= len(sec.technician_pin) <= 12):

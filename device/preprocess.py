@@ -28,22 +28,27 @@ def background_rgb(image_rgb: np.ndarray) -> np.ndarray:
     return np.array([float(np.partition(grid[:, c], k)[k]) for c in range(3)])
 
 
-def normalise_background(image_rgb: np.ndarray) -> np.ndarray:
-    """Per-channel gains that bring the field's background to :data:`REFERENCE_BACKGROUND_RGB`."""
+def _background_lut(image_rgb: np.ndarray) -> np.ndarray:
+    """The per-channel look-up table (256 x 1 x 3) that brings the background to the reference."""
     gains = np.clip(np.asarray(REFERENCE_BACKGROUND_RGB) / np.maximum(background_rgb(image_rgb), 1.0),
                     *BACKGROUND_GAIN_RANGE)
-    lut = np.clip(np.round(np.arange(256)[:, None] * gains[None, :]), 0, 255).astype(np.uint8)
-    return cv2.LUT(np.ascontiguousarray(image_rgb), lut.reshape(256, 1, 3))
+    return np.clip(np.round(np.arange(256)[:, None] * gains[None, :]), 0, 255).astype(np.uint8).reshape(256, 1, 3)
+
+
+def normalise_background(image_rgb: np.ndarray) -> np.ndarray:
+    """Per-channel gains that bring the field's background to :data:`REFERENCE_BACKGROUND_RGB`."""
+    return cv2.LUT(np.ascontiguousarray(image_rgb), _background_lut(image_rgb))
 
 
 def field_crops(image_rgb: np.ndarray, cells) -> list[np.ndarray]:
     """Crops of a field's segmented cells (objects with ``mask`` and ``bbox``), the NIH way, cut from the
     field with its background normalised: what the device, the field scorer and the field-crop training
-    set all classify."""
+    set all classify. (The gains are applied to each crop: the same pixels as normalising the whole
+    field first, black staying black, at a third of the cost.)"""
     if not cells:
         return []
-    field = normalise_background(image_rgb)
-    return [crop_cell(field, c.mask, c.bbox) for c in cells]
+    lut = _background_lut(image_rgb)
+    return [cv2.LUT(crop_cell(image_rgb, c.mask, c.bbox), lut) for c in cells]
 
 
 def prepare_cell(crop_rgb: np.ndarray, size_px: int = DEFAULT_INPUT_SIZE_PX) -> np.ndarray:
@@ -87,12 +92,12 @@ def crop_cell(image_rgb: np.ndarray, mask: np.ndarray, bbox: tuple[int, int, int
         h x w x 3 uint8 crop.
     """
     x, y, w, h = (int(v) for v in bbox)
-    crop = image_rgb[y : y + h, x : x + w].copy()
+    region = image_rgb[y : y + h, x : x + w]
     m = mask[y : y + h, x : x + w] if mask.shape[:2] == image_rgb.shape[:2] else mask
-    if m.shape[:2] != crop.shape[:2]:
-        raise ValueError(f"mask shape {m.shape[:2]} does not match box {crop.shape[:2]}")
-    crop[~m.astype(bool)] = 0
-    return crop
+    if m.shape[:2] != region.shape[:2]:
+        raise ValueError(f"mask shape {m.shape[:2]} does not match box {region.shape[:2]}")
+    m8 = m.view(np.uint8) if m.dtype == np.bool_ else (m != 0).astype(np.uint8)
+    return cv2.bitwise_and(region, region, mask=np.ascontiguousarray(m8))  # outside the mask: 0
 
 
 def prepare_batch(crops: list[np.ndarray], size_px: int = DEFAULT_INPUT_SIZE_PX) -> np.ndarray:

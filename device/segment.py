@@ -325,6 +325,15 @@ def _vote(
     return votes.astype(np.float32).reshape(h, w)
 
 
+def estimate_cell_diameter(image_rgb: np.ndarray, params: SegmentParams = SegmentParams()) -> float | None:  # noqa: B008
+    """Typical red-cell diameter in full-resolution px, or None for a blank field or an estimate at the
+    top of the searched range (a blurred field reads as huge cells there: not to be trusted)."""
+    d = _estimate_diameter(image_rgb, params)
+    if d is None or d >= 0.95 * params.max_diameter_frac_of_long_side * max(image_rgb.shape[:2]):
+        return None
+    return d
+
+
 def _estimate_diameter(image_rgb: np.ndarray, params: SegmentParams) -> float | None:
     """Typical cell diameter in full-resolution px by a radial-symmetry scale search; None if blank."""
     long_side = max(image_rgb.shape[:2])

@@ -58,3 +58,47 @@ def test_cells_too_small_for_the_classifier_are_rejected_with_what_to_do(classif
     # the limit can be set lower on purpose (cells this small also read as noisy: their edges crowd)
     lenient = AnalysisSettings(min_cell_diameter_px=10.0, max_noise=10.0)
     assert analyze_field(small, classifier, lenient).rejected is None
+
+
+def test_focus_reads_the_same_under_a_dimmer_lamp_and_larger_cells_but_falls_with_blur():
+    """The old figure (Laplacian variance at 640 px) fell with a dimmer lamp (x0.37 at gain 0.6) and with
+    larger cells (sharp fields rejected at 2x zoom), and rose with sensor noise, hiding blur."""
+    from device.analysis import focus_measure
+    from device.segment import estimate_cell_diameter
+
+    settings = AnalysisSettings()
+    for path in FIELDS:
+        rgb = read_rgb(path)
+        h, w = rgb.shape[:2]
+        d = estimate_cell_diameter(rgb)
+        sharp = focus_measure(rgb)
+        assert sharp > settings.min_focus
+        assert focus_measure((rgb * 0.6).astype(np.uint8)) == pytest.approx(sharp, rel=0.03)
+        zoom = cv2.resize(rgb[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4], (w, h), interpolation=cv2.INTER_CUBIC)
+        assert focus_measure(zoom) > settings.min_focus
+        blurred = cv2.GaussianBlur(rgb, (0, 0), 0.06 * d)
+        assert focus_measure(blurred) < settings.min_focus
+        assert focus_measure(_noisy(blurred, 5.0)) < settings.min_focus  # noise does not read as detail
+
+
+def test_live_focus_meter_reuses_the_cell_size_between_refits(monkeypatch):
+    import device.segment as seg
+    from device.analysis import FocusMeter, focus_measure
+
+    rgb = read_rgb(FIELDS[0])
+    calls = []
+    real = seg.estimate_cell_diameter
+    monkeypatch.setattr(seg, "estimate_cell_diameter", lambda im: calls.append(1) or real(im))
+    meter = FocusMeter(refit_s=60.0)
+    first = meter(rgb)
+    assert meter(rgb) == first and len(calls) == 1  # the scale search is not run for every frame
+    assert first == pytest.approx(focus_measure(rgb))
+
+
+def test_a_field_without_a_consistent_cell_size_is_rejected_not_counted_at_a_wrong_size(classifier):
+    # a 3x3 mosaic of fields, 4800 px wide: cells span under 1/50 of the picture, outside the size search
+    # (which then settles at its largest size: segmenting there once counted cells 5x too large)
+    tiles = [read_rgb(FIELDS[i % len(FIELDS)]) for i in range(9)]
+    mosaic = np.concatenate([np.concatenate(tiles[r * 3 : r * 3 + 3], axis=1) for r in range(3)], axis=0)
+    res = analyze_field(mosaic, classifier)
+    assert res.rejected and "no red cells of a consistent size" in res.rejected and res.rbc_count == 0

@@ -34,7 +34,7 @@ def test_embedded_defaults_are_the_demo():
     ({"analysis": {"min_focus": float("nan")}}, "analysis.min_focus: expected a finite number"),
     ({"camera": {"reconnect_max_s": float("inf")}}, "camera.reconnect_max_s: expected a finite number"),
     ({"camera": {"reconnect_max_s": 1e-9}}, "camera.reconnect_max_s: 1e-09 outside 1-600 s"),
-    ({"analysis": {"min_focus": 20000}}, "analysis.min_focus: 20000 outside 0-10000"),
+    ({"analysis": {"min_focus": 40}}, "analysis.min_focus: 40 outside 0-10"),  # the old scale's value
     ({"camera": {"device": "video0"}}, "camera.device: 'video0' is not a camera index"),
     ({"camera": {"device": "http://10.0.0.9/stream"}}, "camera.device: 'http://10.0.0.9/stream' is not"),
     ({"camera": {"device": "/dev/video0\n"}}, "camera.device"),

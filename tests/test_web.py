@@ -232,7 +232,7 @@ def test_a_field_already_counted_is_not_counted_again(make_env, tmp_path):
     # an upload is the technician's own choice of image: not refused
     assert _upload(c, token, SAMPLE.read_bytes(), "field.jpg").status_code == 201
     # a rejected field counts nothing, so the same (refocused) view may be captured again
-    env2 = make_env(open_camera=lambda: ReplayCamera(still, fps=20), analysis={"min_focus": 1e4})
+    env2 = make_env(open_camera=lambda: ReplayCamera(still, fps=20), analysis={"min_focus": 10.0})
     c2, token2 = _client(env2)
     _start(c2, token2)
     _wait_frame(env2)

@@ -216,7 +216,7 @@ def field_json(f: dict) -> dict:
     return {
         "id": f["id"], "slide_id": f["slide_id"], "seq": f["seq"], "captured_at": f["captured_at"],
         "source": f["source"], "width": f["width"], "height": f["height"], "rejected": f["rejected"],
-        "focus": round(f["focus"], 1), "rbc_count": f["rbc_count"], "infected_count": f["infected_count"],
+        "focus": round(f["focus"], 2), "rbc_count": f["rbc_count"], "infected_count": f["infected_count"],
         "model_sha256": f["model_sha256"], "threshold": f["threshold"],
         "timing_ms": json.loads(f["timing_json"] or "{}"),
         "annotated_url": url_for("pages.field_image", field_id=f["id"], kind="annotated"),

@@ -54,10 +54,10 @@
     }
     var meter = $("focus-meter"), label = $("focus-label");
     if (meter && label) {
-      meter.value = cam.focus || 0;
+      meter.value = cam.focus || 1;
       if (cam.sharp === null || cam.sharp === undefined) { label.textContent = "—"; label.className = "focus-label"; }
-      else if (cam.sharp) { label.textContent = "Sharp (" + Math.round(cam.focus) + ")"; label.className = "focus-label sharp"; }
-      else { label.textContent = "Blurry: refocus (" + Math.round(cam.focus) + ")"; label.className = "focus-label blurry"; }
+      else if (cam.sharp) { label.textContent = "Sharp (" + cam.focus.toFixed(1) + ")"; label.className = "focus-label sharp"; }
+      else { label.textContent = "Blurry: refocus (" + cam.focus.toFixed(1) + ")"; label.className = "focus-label blurry"; }
     }
     statusListeners.forEach(function (fn) { fn(s); });
   }
@@ -133,7 +133,7 @@
       var link = document.createElement("a");
       link.href = f.annotated_url; link.target = "_blank"; link.textContent = f.seq;
       var cells = [link, localTime(f.captured_at),
-        f.source, f.rbc_count, f.infected_count, Math.round(f.focus), f.rejected ? "Rejected: " + f.rejected : "Used"];
+        f.source, f.rbc_count, f.infected_count, f.focus.toFixed(1), f.rejected ? "Rejected: " + f.rejected : "Used"];
       cells.forEach(function (c) {
         var td = document.createElement("td");
         if (c instanceof Node) { td.appendChild(c); } else { td.textContent = c; }
