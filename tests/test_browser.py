@@ -191,7 +191,13 @@ def test_technician_flow_start_capture_review_finish_result_csv(browser, live_en
     assert said and "did not answer" in said[0]  # was an uncaught "Failed to fetch" and no message
     assert page.evaluate("document.querySelectorAll('.tile')[2].dataset.review") in ("", None)
     page.unroute("**/api/cells/**")
-    errors[:] = [e for e in errors if "net::ERR_FAILED" not in e]  # the browser's log of the request we cut
+    # the device stops answering: the pill says so and no longer reads "Model ready" beside it
+    page.route("**/api/status*", lambda route: route.abort())
+    _until(page, "document.getElementById('status-pill').textContent.includes('unreachable')")
+    assert "ready" not in page.inner_text("#status-pill")
+    page.unroute("**/api/status*")
+    _until(page, "document.getElementById('status-pill').textContent.includes('Model ready')")
+    errors[:] = [e for e in errors if "net::ERR_FAILED" not in e]  # the browser's log of the requests we cut
 
     # finish -> result; below the counting target the page asks first (a tap on Finish, just under
     # Review, closed a slide of 0 cells for good)

@@ -114,6 +114,17 @@ def test_capture_from_camera_then_result_and_exports(make_env):
     assert c.get("/api/slides/1").headers["Cache-Control"] == "no-store"
 
 
+def test_a_second_open_slide_of_the_same_sample_is_refused(make_env):
+    env = make_env()
+    c, token = _client(env)
+    assert _start(c, token).status_code == 303
+    r = _start(c, token, notes="typed again")
+    assert r.status_code == 400 and "already open" in r.get_data(as_text=True)
+    assert "typed again" in r.get_data(as_text=True)  # the form keeps what was typed
+    assert len(env.store.list_slides(status="open")) == 1
+    assert _start(c, token, sample_id="S-2").status_code == 303  # another sample is fine
+
+
 def test_a_slide_without_fields_cannot_be_finished(make_env):
     env = make_env()
     c, token = _client(env)

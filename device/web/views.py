@@ -61,6 +61,10 @@ def parse_new_slide(data) -> dict:
         values[k] = raw.strip()
     if not values["sample_id"]:
         raise FormError("the sample ID is required")
+    if any(s["sample_id"] == values["sample_id"] for s in deps().store.list_slides(status="open", limit=1000)):
+        # two open slides of one sample split its fields between two results
+        raise FormError(f"slide {values['sample_id']} is already open: continue it (open slides are listed "
+                        "below) or finish it first")
     for k, n in MAX_TEXT.items():
         if len(values[k]) > n:
             raise FormError(f"{k.replace('_', ' ')} is longer than {n} characters")

@@ -67,7 +67,11 @@
       .then(applyStatus)
       .catch(function () {
         var pill = $("status-pill");
-        if (pill) { pill.className = "pill pill-bad"; $("pill-camera").textContent = "Device unreachable"; }
+        if (pill) {
+          pill.className = "pill pill-bad";
+          $("pill-camera").textContent = "Device unreachable";
+          $("pill-model").textContent = "state unknown";  // "Model ready" beside it read as all is well
+        }
       })
       .then(function () { setTimeout(pollStatus, 1500); });
   }
