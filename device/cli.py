@@ -298,34 +298,28 @@ def cmd_serve(args) -> int:
     return serve(args.config, host=args.host, port=args.port)
 
 
-def _threshold(text: str) -> float:
-    try:
-        t = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 < t < 1.0:  # also nan: 0 cells flagged and a JSON file with NaN in it
-        raise argparse.ArgumentTypeError(f"{text} is not a probability in (0, 1)")
-    return t
+def _ranged(convert, ok, not_a_number: str, outside: str):
+    """An argparse type: ``convert`` the text, then check it with ``ok``; the messages get ``{text}``."""
+    def parse(text: str):
+        try:
+            v = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(not_a_number.format(text=text)) from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(outside.format(text=text))
+        return v
+
+    return parse
 
 
-def _target(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of red cells") from None
-    if not 1 <= n <= 1_000_000:
-        raise argparse.ArgumentTypeError(f"{text} is outside 1-1000000 red cells")
-    return n
-
-
-def _rbc_per_ul(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 1e6 <= v <= 1e7:  # the config's range; also refuses nan and inf (NaN in the JSON)
-        raise argparse.ArgumentTypeError(f"{text} is outside 1e6-1e7 RBC/uL (a measured count, e.g. 4.5e6)")
-    return v
+# (0, 1) also refuses nan: 0 cells flagged and a JSON file with NaN in it
+_threshold = _ranged(float, lambda t: 0.0 < t < 1.0, "{text!r} is not a number",
+                     "{text} is not a probability in (0, 1)")
+_target = _ranged(int, lambda n: 1 <= n <= 1_000_000, "{text!r} is not a whole number of red cells",
+                  "{text} is outside 1-1000000 red cells")
+# the config's range; also refuses nan and inf (NaN in the JSON)
+_rbc_per_ul = _ranged(float, lambda v: 1e6 <= v <= 1e7, "{text!r} is not a number",
+                      "{text} is outside 1e6-1e7 RBC/uL (a measured count, e.g. 4.5e6)")
 
 
 def build_parser() -> argparse.ArgumentParser:
