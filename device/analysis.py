@@ -13,7 +13,7 @@ from typing import Protocol
 import cv2
 import numpy as np
 
-from device.preprocess import field_crops, prepare_batch
+from device.preprocess import background_gains, field_crops, prepare_batch
 
 FOCUS_WIDTH_PX = 640  # the exposure checks (and focus, when the cell size is unknown) work at this width
 FOCUS_CELL_PX = 36.0  # focus is measured with the field resized so a red cell is this wide
@@ -42,9 +42,10 @@ class AnalysisSettings:
     # Cells narrower than this lose the parasites' detail: on the BBBC041 + IML held-out fields scaled
     # down, parasite cells found fell from 6-8 of 22 (cells >= 33 px) to 2-4 (14-41 px).
     min_cell_diameter_px: float = 32.0
-    # Pixel noise at the classifier's scale (gray levels, a cell resized to the model input). The 64 IML
-    # and BBBC041 fields measure 0.12-0.98; added sensor noise of sd 5 / 8 / 10 gives 1.27-1.56 /
-    # 1.96-2.42 / 2.34-3.03, and sd 10 doubled the cells flagged infected with no field rejected.
+    # Pixel noise at the classifier's scale (gray levels, a cell resized to the model input, after the
+    # background gains). The 64 IML and BBBC041 fields measure 0.09-0.87; added sensor noise of sd 5 /
+    # 8 / 10 gives 1.25-1.68 / 1.71-2.60 / 2.01-3.19, a lamp at 55% with sd 6 2.25-3.38; sd 10 doubled
+    # the cells flagged infected with no field rejected.
     max_noise: float = 2.0
     threshold: float | None = None  # None: the classifier's (model card) threshold
 
@@ -108,10 +109,10 @@ def _small(image_rgb: np.ndarray) -> np.ndarray:
 def focus_measure(image_rgb: np.ndarray, cell_diameter_px: float | None = None, *, estimate: bool = True) -> float:
     """Sharpness: how much finer detail the field has than a slightly smoothed copy of itself.
 
-    The gray field is scaled so its background is 220 (a dimmer lamp reads the same), resized so a cell
-    is :data:`FOCUS_CELL_PX` wide (cells twice as large read the same; without a cell size, 640 px
-    wide), and the variance of the Laplacian after a 1 px Gaussian is divided by that after a 2 px one.
-    The ratio does not depend on the stain's contrast or on how many cells there are, and the 1 px
+    The gray field is resized so a cell is at most :data:`FOCUS_CELL_PX` wide (cells twice as large read
+    the same; without a cell size, 640 px wide), and the variance of the Laplacian after a 1 px Gaussian
+    is divided by that after a 2 px one. A ratio does not change when the picture is multiplied by a
+    constant (a dimmer lamp) and hardly with the stain's contrast or how many cells there are; the 1 px
     smoothing keeps sensor noise from reading as sharpness. About 1 means no fine detail.
 
     Args:
@@ -130,9 +131,6 @@ def focus_measure(image_rgb: np.ndarray, cell_diameter_px: float | None = None, 
     if gray.shape[1] != size[0]:
         gray = cv2.resize(gray, size, interpolation=cv2.INTER_AREA)
     gray = gray.astype(np.float32)
-    flat = gray[::2, ::2].ravel()
-    k = int(0.95 * (flat.size - 1))
-    gray *= 220.0 / max(float(np.partition(flat, k)[k]), 1.0)
     fine = cv2.Laplacian(cv2.GaussianBlur(gray, (0, 0), 1.0), cv2.CV_32F).var()
     coarse = cv2.Laplacian(cv2.GaussianBlur(gray, (0, 0), 2.0), cv2.CV_32F).var()
     return float(fine / max(float(coarse), 1e-6))
@@ -260,7 +258,9 @@ def analyze_field(
                     f"{settings.min_cell_diameter_px:.0f} needed): use the 100x objective or a higher camera "
                     "resolution")
     else:
-        noise = noise_at_cell_scale(image_rgb, seg.cell_diameter_px, classifier.input_size_px)
+        # the crops are cut after the background gains: a dim field's noise is amplified with it
+        gain = float(np.dot(background_gains(image_rgb), (0.299, 0.587, 0.114)))
+        noise = gain * noise_at_cell_scale(image_rgb, seg.cell_diameter_px, classifier.input_size_px)
         if noise > settings.max_noise:
             unusable = (f"too noisy (noise {noise:.1f} > {settings.max_noise:.1f} at the classifier's scale): "
                         "more light, or lower the camera gain")

@@ -6,11 +6,16 @@ range are errors that name the key (``camera.source: must be one of ...``).
 
 from __future__ import annotations
 
+import logging
 import math
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger(__name__)
+
+OLD_FOCUS_SCALE_ABOVE = 10.0  # min_focus above this was written for the old focus measure
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 PROJECT_DIR = PACKAGE_DIR.parent
@@ -156,7 +161,7 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"analysis.counting_target_rbc: {a.counting_target_rbc} outside 100-100000")
     if not 1e6 <= a.rbc_per_ul <= 1e7:
         raise ConfigError(f"analysis.rbc_per_ul: {a.rbc_per_ul:g} outside 1e6-1e7 RBC/uL")
-    if not 0 <= a.min_focus <= 10:  # a sharpness ratio: sharp fields measure 2.55-4.4, no detail 1
+    if not 0 <= a.min_focus <= OLD_FOCUS_SCALE_ABOVE:  # a sharpness ratio: sharp fields 2.49-4.22, no detail 1
         raise ConfigError(f"analysis.min_focus: {a.min_focus:g} outside 0-10 (the sharpness ratio; sharp fields "
                           "measure 2.5-4.5, the default is 2.4)")
     if a.min_cells_per_field < 1:
@@ -189,6 +194,14 @@ def from_dict(data: dict[str, Any], base_dir: Path | None = None) -> Config:
             if key not in known:
                 raise ConfigError(f"{name}.{key}: unknown key (known: {', '.join(known)})")
             values[key] = _check_type(f"{name}.{key}", value, getattr(defaults, key), str(known[key].type))
+        old_focus = values.get("min_focus") if name == "analysis" else None
+        if isinstance(old_focus, int | float) and old_focus > OLD_FOCUS_SCALE_ABOVE:
+            # Up to 2026-11 min_focus was a Laplacian variance (default 40): a config kept across an
+            # upgrade would otherwise stop the service (out of range) or reject every field.
+            logger.warning("analysis.min_focus %g is on the old focus scale (the variance of the Laplacian); "
+                           "using the new default %g: set analysis.min_focus = %g in the config",
+                           values["min_focus"], defaults.min_focus, defaults.min_focus)
+            values["min_focus"] = defaults.min_focus
         section = replace(defaults, **values)
         if base_dir is not None:
             section = _resolve_paths(name, section, base_dir)

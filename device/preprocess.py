@@ -28,10 +28,15 @@ def background_rgb(image_rgb: np.ndarray) -> np.ndarray:
     return np.array([float(np.partition(grid[:, c], k)[k]) for c in range(3)])
 
 
+def background_gains(image_rgb: np.ndarray) -> np.ndarray:
+    """Per-channel gains (R, G, B) that bring the field's background to the reference."""
+    return np.clip(np.asarray(REFERENCE_BACKGROUND_RGB) / np.maximum(background_rgb(image_rgb), 1.0),
+                   *BACKGROUND_GAIN_RANGE)
+
+
 def _background_lut(image_rgb: np.ndarray) -> np.ndarray:
     """The per-channel look-up table (256 x 1 x 3) that brings the background to the reference."""
-    gains = np.clip(np.asarray(REFERENCE_BACKGROUND_RGB) / np.maximum(background_rgb(image_rgb), 1.0),
-                    *BACKGROUND_GAIN_RANGE)
+    gains = background_gains(image_rgb)
     return np.clip(np.round(np.arange(256)[:, None] * gains[None, :]), 0, 255).astype(np.uint8).reshape(256, 1, 3)
 
 
@@ -93,6 +98,8 @@ def crop_cell(image_rgb: np.ndarray, mask: np.ndarray, bbox: tuple[int, int, int
     """
     x, y, w, h = (int(v) for v in bbox)
     region = image_rgb[y : y + h, x : x + w]
+    if region.size == 0:
+        raise ValueError(f"empty box {tuple(bbox)} in a {image_rgb.shape[1]}x{image_rgb.shape[0]} field")
     m = mask[y : y + h, x : x + w] if mask.shape[:2] == image_rgb.shape[:2] else mask
     if m.shape[:2] != region.shape[:2]:
         raise ValueError(f"mask shape {m.shape[:2]} does not match box {region.shape[:2]}")

@@ -485,23 +485,34 @@ def _call_fp_rate(card, threshold: float) -> float | None:
     return fp if fp is not None else getattr(card, "false_positive_rate", None)
 
 
+def review_is_final(totals: dict) -> bool:
+    """Whether the result after review stands on its own: a parasite confirmed by a person, or every
+    flagged cell reviewed. Until then the result after review is the automatic one."""
+    review = totals.get("review", {})
+    return review.get("confirmed", 0) > 0 or (review.get("pending", 1) == 0
+                                              and review.get("rejected", 0) > 0)
+
+
 def slide_summary(slide: dict, totals: dict, *, reviewed: bool = False) -> SlideSummary:
     """The slide's result from its counts: automatic, or after the technician's review.
 
-    Once every flagged cell has been reviewed, the remaining count is confirmed by a person, so no
-    false-positive allowance applies: one confirmed parasite makes the reviewed call positive.
+    After review, a confirmed parasite makes the call positive. Otherwise the result after review is
+    the automatic one until every flagged cell has been reviewed: the cells rejected so far were
+    false positives already inside the allowance, so leaving them out early would let a positive
+    slide read negative after a few rejections. With every flagged cell rejected, none is left to
+    call, and the detection limit stays the automatic one (review cannot find missed parasites).
     """
-    infected = totals["reviewed_infected_count"] if reviewed else totals["infected_count"]
     review = totals.get("review", {})
-    all_reviewed = reviewed and review.get("pending", 1) == 0
-    # While the review is partial, a confirmed parasite still makes the call (it once had to beat the
-    # false-positive allowance with the unreviewed cells, and a slide with 5 confirmed read "negative").
-    s = summarize_slide(totals["rbc_count"], infected, threshold=slide["threshold"],
-                        fp_rate_per_cell=0.0 if all_reviewed else slide["fp_rate_per_cell"],
+    final = reviewed and review_is_final(totals)
+    s = summarize_slide(totals["rbc_count"], totals["reviewed_infected_count"] if final else totals["infected_count"],
+                        threshold=slide["threshold"], fp_rate_per_cell=slide["fp_rate_per_cell"],
                         target_rbc=slide["target_rbc"],
                         rbc_per_ul=slide["rbc_per_ul"], fields_used=totals["fields_used"],
                         fields_rejected=totals["fields_rejected"],
-                        confirmed_count=review.get("confirmed", 0) if reviewed else 0)
+                        confirmed_count=review.get("confirmed", 0) if final else 0)
+    if final and not review.get("confirmed", 0) and s.call == "negative":
+        s = replace(s, call_reason=f"all {totals['infected_count']} flagged cells rejected on review; "
+                                   f"{s.rbc_count} red cells counted")
     # summarize_slide calls any given count "measured"; the configured one is a population assumption.
     return s if slide["rbc_per_ul_measured"] else replace(s, rbc_per_ul_source="assumed")
 
@@ -512,6 +523,8 @@ def finish_slide(store: Store, slide_id: int) -> dict:
     The result is made from the counts inside the transaction that closes the slide.
     """
     def result(slide: dict, totals: dict) -> dict:
+        if not totals["fields"]:  # checked in the closing transaction: a capture may have failed meanwhile
+            raise Conflict(f"slide {slide['sample_id']} has no fields yet: capture fields before finishing")
         return {"automatic": slide_summary(slide, totals).to_json(), "model_name": slide["model_name"],
                 "model_sha256": slide["model_sha256"], "threshold": slide["threshold"]}
 

@@ -48,6 +48,11 @@ def test_a_noisy_field_is_rejected_not_counted(classifier):
     res = analyze_field(_noisy(rgb, 12.0), classifier)
     assert res.rejected and "too noisy" in res.rejected and res.rbc_count == res.infected_count == 0
     assert analyze_field(_noisy(rgb, 5.0), classifier).rejected is None  # harmless noise still counts
+    # a dim lamp with a high gain: the background gains amplify the noise the classifier sees (it once
+    # passed at twice the limit because it was measured before them)
+    dim = np.clip(rgb * 0.55 + np.random.default_rng(2).normal(0, 6.0, rgb.shape), 0, 255).astype(np.uint8)
+    res = analyze_field(dim, classifier)
+    assert res.rejected and "too noisy" in res.rejected
 
 
 def test_cells_too_small_for_the_classifier_are_rejected_with_what_to_do(classifier):

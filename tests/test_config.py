@@ -34,7 +34,7 @@ def test_embedded_defaults_are_the_demo():
     ({"analysis": {"min_focus": float("nan")}}, "analysis.min_focus: expected a finite number"),
     ({"camera": {"reconnect_max_s": float("inf")}}, "camera.reconnect_max_s: expected a finite number"),
     ({"camera": {"reconnect_max_s": 1e-9}}, "camera.reconnect_max_s: 1e-09 outside 1-600 s"),
-    ({"analysis": {"min_focus": 40}}, "analysis.min_focus: 40 outside 0-10"),  # the old scale's value
+    ({"analysis": {"min_focus": -1}}, "analysis.min_focus: -1 outside 0-10"),
     ({"camera": {"device": "video0"}}, "camera.device: 'video0' is not a camera index"),
     ({"camera": {"device": "http://10.0.0.9/stream"}}, "camera.device: 'http://10.0.0.9/stream' is not"),
     ({"camera": {"device": "/dev/video0\n"}}, "camera.device"),
@@ -90,3 +90,15 @@ def test_nan_in_a_toml_file_and_a_non_utf8_file_are_config_errors(tmp_path):
     (tmp_path / "settings.json").write_bytes('{"analysis": {"note": "é"}}'.encode("latin-1"))
     with pytest.raises(ConfigError, match="settings.json: not UTF-8 text"):
         AdminSettings(tmp_path).load()
+
+
+def test_a_min_focus_on_the_old_scale_is_read_as_the_new_default_with_a_warning(caplog):
+    """min_focus was a Laplacian variance (default 40) before 2026-11: a config kept across an upgrade
+    made check-config fail (the installer stopped, the service down) or would reject every field."""
+    from device.config import from_dict
+
+    with caplog.at_level("WARNING"):
+        cfg = from_dict({"analysis": {"min_focus": 40.0}})
+    assert cfg.analysis.min_focus == 2.4
+    assert "old focus scale" in caplog.text and "min_focus = 2.4" in caplog.text
+    assert from_dict({"analysis": {"min_focus": 3.0}}).analysis.min_focus == 3.0  # the new scale is kept

@@ -105,3 +105,9 @@ def test_background_gains_are_bounded():
 
     dark = np.full((64, 64, 3), 20, np.uint8)  # a lamp that is off: the gate rejects it; no 10x gain here
     assert normalise_background(dark).max() == 40
+
+
+def test_an_empty_box_is_a_clear_error():
+    field = np.zeros((20, 20, 3), np.uint8)
+    with pytest.raises(ValueError, match="empty box"):
+        crop_cell(field, np.ones((20, 20), bool), (10, 10, 0, 5))

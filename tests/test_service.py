@@ -314,3 +314,35 @@ def test_call_false_positive_rate_follows_the_operating_threshold():
     assert service._call_fp_rate(card, 0.9) == 0.004
     assert service._call_fp_rate(card, 0.6) == 0.02  # a lower admin threshold gets the higher FP rate
     assert service._call_fp_rate(None, 0.9) is None
+
+
+def test_rejections_alone_do_not_change_the_call_until_the_review_is_complete():
+    """2 of 20 flagged cells rejected turned a positive slide NEGATIVE on the result page: the rejected
+    cells were false positives already inside the allowance."""
+    fp = 0.004090307538499756  # the shipped card's
+    slide = _slide(fp)
+    base = {"rbc_count": 2000, "infected_count": 20, "fields_used": 15, "fields_rejected": 0}
+    auto = service.slide_summary(slide, dict(base, reviewed_infected_count=20,
+                                             review={"confirmed": 0, "rejected": 0, "pending": 20}))
+    assert auto.call == "positive"
+    partial = dict(base, reviewed_infected_count=18, review={"confirmed": 0, "rejected": 2, "pending": 18})
+    assert not service.review_is_final(partial)
+    assert service.slide_summary(slide, partial, reviewed=True).call == "positive"
+    done = dict(base, reviewed_infected_count=0, review={"confirmed": 0, "rejected": 20, "pending": 0})
+    after = service.slide_summary(slide, done, reviewed=True)
+    assert service.review_is_final(done) and after.call == "negative"
+    assert "all 20 flagged cells rejected" in after.call_reason
+    # review cannot find the parasites the classifier missed: the detection limit stays the automatic one
+    assert after.detection_limit_pct == auto.detection_limit_pct
+
+
+def test_a_slide_is_not_closed_without_fields_even_past_the_page_check(tmp_path):
+    from device.store import Conflict, Store
+
+    store = Store(tmp_path / "data")
+    sid = store.create_slide(sample_id="EMPTY", model=service.ModelInfo("m", "a" * 64, 0.98, 0.004),
+                             target_rbc=2000, rbc_per_ul=5e6)
+    with pytest.raises(Conflict, match="no fields yet"):
+        service.finish_slide(store, sid)
+    assert store.get_slide(sid)["status"] == "open"
+    store.close()

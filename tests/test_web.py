@@ -240,6 +240,20 @@ def test_a_field_already_counted_is_not_counted_again(make_env, tmp_path):
     again = _capture(c, token)
     assert again.status_code == 409 and "already counted" in again.get_json()["error"]
     assert env.store.totals(1)["fields"] == 1
+    # two requests for one view at once (a double click without script, two clients): one counts
+    import threading
+
+    first_id = first.get_json()["field"]["id"]
+    assert first_id
+    env.app.extensions["malaria_detect_counted_views"].views.clear()  # as if the stage had moved back
+    clients = [_client(env) for _ in range(2)]
+    codes: list[int] = []
+    threads = [threading.Thread(target=lambda ct=ct: codes.append(_capture(*ct).status_code)) for ct in clients]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(codes) == [201, 409] and env.store.totals(1)["fields"] == 2
     # an upload is the technician's own choice of image: not refused
     assert _upload(c, token, SAMPLE.read_bytes(), "field.jpg").status_code == 201
     # a rejected field counts nothing, so the same (refocused) view may be captured again

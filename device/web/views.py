@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from concurrent.futures import CancelledError
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 
+import numpy as np
 from flask import abort, request, url_for
 from werkzeug.exceptions import HTTPException
 
 from device.camera import same_view, thumbnail
 from device.imageio import IMAGE_SUFFIXES, ImageError, decode_rgb
-from device.service import CaptureRefused, finish_slide, slide_summary
+from device.service import CaptureRefused, finish_slide, review_is_final, slide_summary
 from device.store import Conflict, NotFound
 from device.web import deps
 
@@ -111,11 +113,40 @@ def _decode_upload():
         abort(400, str(exc))
 
 
-def _counted_views() -> dict:
-    """Slide ID -> thumbnail of the camera view last counted into it (this app's, in memory)."""
+class CountedViews:
+    """Slide ID -> thumbnail of the camera view last counted into it (this app's, in memory).
+
+    A capture reserves its view before the analysis starts, so two requests for one view (a double
+    click without script, two clients) cannot both count it; a capture that fails or whose field is
+    rejected gives the view back, so that field may be refocused and captured again.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.views: dict[int, np.ndarray] = {}
+
+    def reserve(self, slide_id: int, view: np.ndarray) -> np.ndarray | None:
+        """Take the view for the slide; returns the one it replaces. Raises Conflict when already counted."""
+        with self.lock:
+            last = self.views.get(slide_id)
+            if last is not None and same_view(last, view):
+                raise Conflict("this field is already counted: move the stage to the next field, then capture")
+            self.views[slide_id] = view
+            return last
+
+    def release(self, slide_id: int, view: np.ndarray, previous: np.ndarray | None) -> None:
+        with self.lock:
+            if self.views.get(slide_id) is view:
+                if previous is None:
+                    self.views.pop(slide_id, None)
+                else:
+                    self.views[slide_id] = previous
+
+
+def _counted_views() -> CountedViews:
     from flask import current_app
 
-    return current_app.extensions.setdefault("malaria_detect_counted_views", {})
+    return current_app.extensions.setdefault("malaria_detect_counted_views", CountedViews())
 
 
 def capture(slide_id: int) -> dict | None:
@@ -128,7 +159,13 @@ def capture(slide_id: int) -> dict | None:
     slide = slide_or_404(slide_id)
     if slide["status"] != "open":
         abort(409, f"slide {slide['sample_id']} is finished: start a new slide to capture more fields")
-    problem, view = None, None
+    problem, view, previous, counted = None, None, None, _counted_views()
+
+    def give_back(fut=None) -> None:  # the view counts only when its field is stored and not rejected
+        if view is None:
+            return
+        if fut is None or fut.cancelled() or fut.exception() is not None or (fut.result() or {}).get("rejected"):
+            counted.release(slide_id, view, previous)
     if "image" in request.files:
         if not request.files["image"].filename:
             abort(400, "no file chosen")
@@ -148,20 +185,25 @@ def capture(slide_id: int) -> dict | None:
         # Capture pressed again before the stage moved would count the same cells twice.
         if frame.rgb is not None:
             view = thumbnail(frame.rgb)
-            last = _counted_views().get(slide_id)
-            if last is not None and same_view(last, view):
+            try:
+                previous = counted.reserve(slide_id, view)
+            except Conflict as exc:
                 d.analyser.metrics.inc("captures_refused_total")
-                abort(409, "this field is already counted: move the stage to the next field, then capture")
+                abort(409, str(exc))
         # A frame the camera sent but that cannot be analysed is stored as a rejected field with the reason.
         rgb, source, problem = frame.rgb, "camera", getattr(frame, "problem", None)
     try:
         fut = d.analyser.submit(slide_id, rgb, source, problem=problem)
     except CaptureRefused as exc:
+        give_back()
         refuse(exc)
     except NotFound as exc:
+        give_back()
         abort(404, str(exc))
     except Conflict as exc:
+        give_back()
         abort(409, str(exc))
+    fut.add_done_callback(give_back)  # also when the answer was a 202 and the field is rejected later
     try:
         field = fut.result(timeout=CAPTURE_WAIT_S)
     except FutureTimeout:
@@ -176,9 +218,6 @@ def capture(slide_id: int) -> dict | None:
         refuse(CaptureRefused("the service is stopping: capture again once it is back", 503))
     except Exception as exc:  # logged by the analyser; the page gets the reason, not a traceback
         abort(500, f"the analysis failed ({type(exc).__name__}: {exc}); see the service log")
-    # A rejected field counts nothing: the same field may be refocused and captured again.
-    if view is not None and not (field and field.get("rejected")):
-        _counted_views()[slide_id] = view
     return field
 
 
@@ -242,9 +281,9 @@ def slide_view(slide: dict) -> dict:
     stored = json.loads(slide["result_json"]) if slide["result_json"] else None
     automatic = stored["automatic"] if stored else slide_summary(slide, totals).to_json()
     reviewed = slide_summary(slide, totals, reviewed=True).to_json()
-    # What the banner leads with: the reviewed result once a person has decided any flagged cell.
-    review = totals["review"]
-    headline = "reviewed" if review["confirmed"] + review["rejected"] > 0 else "automatic"
+    # What the banner leads with: the result after review once it stands on its own (a parasite
+    # confirmed, or every flagged cell reviewed); until then the two are the same.
+    headline = "reviewed" if review_is_final(totals) else "automatic"
     return {**{k: v for k, v in slide.items() if k != "result_json"}, "totals": totals,
             "automatic": automatic, "reviewed": reviewed, "headline": headline,
             "current": reviewed if headline == "reviewed" else automatic}

@@ -115,9 +115,10 @@
       $("parasitemia").textContent = fmtPct(a.parasitemia_pct);
       $("fields-used").textContent = a.fields_used;
       $("fields-rejected").textContent = a.fields_rejected;
+      var cur = sl.headline === "reviewed" ? sl.reviewed : a;  // as the result page leads
       var call = $("call-now");
-      call.textContent = a.call;
-      call.className = "call-chip " + callClass(a.call);
+      call.textContent = cur.call + (sl.headline === "reviewed" ? " (after review)" : "");
+      call.className = "call-chip " + callClass(cur.call);
       $("flagged-n").textContent = sl.totals.review.pending;
     };
 
