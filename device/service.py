@@ -504,12 +504,21 @@ def slide_summary(slide: dict, totals: dict, *, reviewed: bool = False) -> Slide
     """
     review = totals.get("review", {})
     final = reviewed and review_is_final(totals)
-    s = summarize_slide(totals["rbc_count"], totals["reviewed_infected_count"] if final else totals["infected_count"],
-                        threshold=slide["threshold"], fp_rate_per_cell=slide["fp_rate_per_cell"],
-                        target_rbc=slide["target_rbc"],
-                        rbc_per_ul=slide["rbc_per_ul"], fields_used=totals["fields_used"],
-                        fields_rejected=totals["fields_rejected"],
-                        confirmed_count=review.get("confirmed", 0) if final else 0)
+
+    def summary(infected: int, confirmed: int) -> SlideSummary:
+        return summarize_slide(totals["rbc_count"], infected, threshold=slide["threshold"],
+                               fp_rate_per_cell=slide["fp_rate_per_cell"], target_rbc=slide["target_rbc"],
+                               rbc_per_ul=slide["rbc_per_ul"], fields_used=totals["fields_used"],
+                               fields_rejected=totals["fields_rejected"], confirmed_count=confirmed)
+
+    # the counts after review always leave out the rejected cells; only the call waits for the review
+    s = summary(totals["reviewed_infected_count"] if reviewed else totals["infected_count"],
+                review.get("confirmed", 0) if final else 0)
+    if reviewed and not final and review.get("pending", 0) > 0:
+        auto = summary(totals["infected_count"], 0)
+        s = replace(s, call=auto.call, call_reason=(
+            f"review in progress ({review['pending']} of {totals['infected_count']} flagged cells to review): "
+            f"the automatic call stands; {auto.call_reason}"))
     if final and not review.get("confirmed", 0) and s.call == "negative":
         s = replace(s, call_reason=f"all {totals['infected_count']} flagged cells rejected on review; "
                                    f"{s.rbc_count} red cells counted")

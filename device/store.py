@@ -306,6 +306,11 @@ class Store:
         if not sample_id:
             raise ValueError("sample ID is required")
         with self._tx() as c:
+            # one open slide per sample, checked inside the write lock (two starts at once made two)
+            if c.execute("SELECT 1 FROM slides WHERE status = 'open' AND lower(sample_id) = lower(?)",
+                         (sample_id,)).fetchone():
+                raise Conflict(f"slide {sample_id} is already open: continue it (open slides are listed on the "
+                               "start page) or finish it first")
             cur = c.execute(
                 "INSERT INTO slides (sample_id, patient_id, operator, notes, started_at, model_name, model_sha256,"
                 " threshold, fp_rate_per_cell, target_rbc, rbc_per_ul, rbc_per_ul_measured)"

@@ -61,7 +61,7 @@ def wait_new_view(env, slide_id: int = 1, timeout_s: float = 10.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         views = env.app.extensions.get("malaria_detect_counted_views")
-        counted = views.views.get(slide_id) if views is not None else None
+        counted = views.counted.get(slide_id) if views is not None else None
         f = env.feed.latest()
         if f is not None and f.rgb is not None and (counted is None or not same_view(counted, thumbnail(f.rgb))):
             return

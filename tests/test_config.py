@@ -102,3 +102,11 @@ def test_a_min_focus_on_the_old_scale_is_read_as_the_new_default_with_a_warning(
     assert cfg.analysis.min_focus == 2.4
     assert "old focus scale" in caplog.text and "min_focus = 2.4" in caplog.text
     assert from_dict({"analysis": {"min_focus": 3.0}}).analysis.min_focus == 3.0  # the new scale is kept
+
+
+def test_a_min_focus_above_what_sharp_fields_measure_is_warned_about(caplog):
+    from device.config import from_dict
+
+    with caplog.at_level("WARNING"):
+        cfg = from_dict({"analysis": {"min_focus": 6.0}})  # e.g. an old, lowered Laplacian threshold
+    assert cfg.analysis.min_focus == 6.0 and "every field may be rejected" in caplog.text

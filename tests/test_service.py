@@ -327,7 +327,10 @@ def test_rejections_alone_do_not_change_the_call_until_the_review_is_complete():
     assert auto.call == "positive"
     partial = dict(base, reviewed_infected_count=18, review={"confirmed": 0, "rejected": 2, "pending": 18})
     assert not service.review_is_final(partial)
-    assert service.slide_summary(slide, partial, reviewed=True).call == "positive"
+    during = service.slide_summary(slide, partial, reviewed=True)
+    # the call waits for the review; the counts after review leave the rejected cells out at once
+    assert during.call == "positive" and "review in progress (18 of 20" in during.call_reason
+    assert during.infected_count == 18 and during.parasitemia_pct == pytest.approx(0.9)
     done = dict(base, reviewed_infected_count=0, review={"confirmed": 0, "rejected": 20, "pending": 0})
     after = service.slide_summary(slide, done, reviewed=True)
     assert service.review_is_final(done) and after.call == "negative"

@@ -331,3 +331,28 @@ def test_start_up_removes_what_a_cut_short_write_left_in_open_slides_only(tmp_pa
         assert s.cell_crop_path(s.flagged_cells(open_id)[0]["id"]).is_file()
     finally:
         s.close()
+
+
+def test_one_open_slide_per_sample_even_when_two_starts_race(store):
+    """The check ran before the insert, outside the write lock: two starts at once made two open slides."""
+    import threading
+
+    results: list = []
+
+    def start():
+        try:
+            results.append(_slide(store, sample="RACE-1"))
+        except Conflict as exc:
+            results.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert sum(isinstance(r, int) for r in results) == 1 and sum(isinstance(r, Conflict) for r in results) == 3
+    with pytest.raises(Conflict, match="already open"):
+        _slide(store, sample="race-1")  # the same sample in other letters
+    sid = next(r for r in results if isinstance(r, int))
+    store.finish_slide(sid, lambda slide, totals: {})
+    assert _slide(store, sample="RACE-1")  # once finished, the sample may be started again

@@ -122,7 +122,28 @@ def test_a_second_open_slide_of_the_same_sample_is_refused(make_env):
     assert r.status_code == 400 and "already open" in r.get_data(as_text=True)
     assert "typed again" in r.get_data(as_text=True)  # the form keeps what was typed
     assert len(env.store.list_slides(status="open")) == 1
+    assert _start(c, token, sample_id="s-1").status_code == 400  # the same sample in other letters
     assert _start(c, token, sample_id="S-2").status_code == 303  # another sample is fine
+
+
+def test_counted_views_free_a_rejected_view_and_keep_a_counted_one():
+    """A view whose field was rejected was put back as counted when a later capture failed too."""
+    from device.store import Conflict
+    from device.web.views import CountedViews
+
+    a, b = np.zeros((12, 16), np.uint8), np.full((12, 16), 200, np.uint8)
+    cv = CountedViews()
+    cv.reserve(1, a)
+    with pytest.raises(Conflict):
+        cv.reserve(1, a.copy())  # being analysed: a second request for it is refused
+    cv.reserve(1, b)
+    cv.settle(1, a, counts=False)  # A rejected
+    cv.settle(1, b, counts=False)  # then B rejected too
+    cv.reserve(1, a.copy())  # A may be captured again
+    cv.settle(1, cv.inflight[1][0], counts=True)
+    with pytest.raises(Conflict):
+        cv.reserve(1, a.copy())  # counted now
+    cv.reserve(2, a.copy())  # another slide's views are its own
 
 
 def test_a_slide_without_fields_cannot_be_finished(make_env):
@@ -245,7 +266,7 @@ def test_a_field_already_counted_is_not_counted_again(make_env, tmp_path):
 
     first_id = first.get_json()["field"]["id"]
     assert first_id
-    env.app.extensions["malaria_detect_counted_views"].views.clear()  # as if the stage had moved back
+    env.app.extensions["malaria_detect_counted_views"].counted.clear()  # as if the stage had moved back
     clients = [_client(env) for _ in range(2)]
     codes: list[int] = []
     threads = [threading.Thread(target=lambda ct=ct: codes.append(_capture(*ct).status_code)) for ct in clients]

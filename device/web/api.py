@@ -43,10 +43,9 @@ def _object_body():
 def new_slide():
     data = _object_body()
     try:
-        values = views.parse_new_slide(data)
+        slide_id = views.start_slide(views.parse_new_slide(data))
     except views.FormError as exc:
         return error_response(400, str(exc))
-    slide_id = views.start_slide(values)
     return jsonify(views.slide_json(views.slide_or_404(slide_id))), 201
 
 

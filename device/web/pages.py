@@ -36,13 +36,12 @@ def home():
 @bp.post("/slides")
 def new_slide():
     try:
-        values = views.parse_new_slide(request.form)
+        slide_id = views.start_slide(views.parse_new_slide(request.form))
     except views.FormError as exc:
         store = deps().store
         resp = render_template("home.html", open_slides=[views.slide_view(s) for s in store.list_slides(
             status="open", limit=10)], form=request.form, error=str(exc))
         return resp, 400
-    slide_id = views.start_slide(values)
     return redirect(url_for("pages.slide", slide_id=slide_id), 303)
 
 

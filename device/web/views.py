@@ -63,10 +63,6 @@ def parse_new_slide(data) -> dict:
         values[k] = raw.strip()
     if not values["sample_id"]:
         raise FormError("the sample ID is required")
-    if any(s["sample_id"] == values["sample_id"] for s in deps().store.list_slides(status="open", limit=1000)):
-        # two open slides of one sample split its fields between two results
-        raise FormError(f"slide {values['sample_id']} is already open: continue it (open slides are listed "
-                        "below) or finish it first")
     for k, n in MAX_TEXT.items():
         if len(values[k]) > n:
             raise FormError(f"{k.replace('_', ' ')} is longer than {n} characters")
@@ -91,11 +87,14 @@ def start_slide(values: dict) -> int:
     except CaptureRefused as exc:
         refuse(exc)
     measured = values["rbc_millions_per_ul"]
-    return d.store.create_slide(
-        sample_id=values["sample_id"], patient_id=values["patient_id"], operator=values["operator"],
-        notes=values["notes"], model=model, target_rbc=d.config.analysis.counting_target_rbc,
-        rbc_per_ul=measured * 1e6 if measured else d.config.analysis.rbc_per_ul,
-        rbc_per_ul_measured=bool(measured))
+    try:  # two open slides of one sample would split its fields between two results: the store refuses it
+        return d.store.create_slide(
+            sample_id=values["sample_id"], patient_id=values["patient_id"], operator=values["operator"],
+            notes=values["notes"], model=model, target_rbc=d.config.analysis.counting_target_rbc,
+            rbc_per_ul=measured * 1e6 if measured else d.config.analysis.rbc_per_ul,
+            rbc_per_ul_measured=bool(measured))
+    except Conflict as exc:
+        raise FormError(str(exc)) from None
 
 
 def _decode_upload():
@@ -114,33 +113,33 @@ def _decode_upload():
 
 
 class CountedViews:
-    """Slide ID -> thumbnail of the camera view last counted into it (this app's, in memory).
+    """Per slide: the camera view last counted into it, and the views whose capture is being analysed
+    (this app's, in memory).
 
     A capture reserves its view before the analysis starts, so two requests for one view (a double
-    click without script, two clients) cannot both count it; a capture that fails or whose field is
-    rejected gives the view back, so that field may be refocused and captured again.
+    click without script, two clients) cannot both count it. When its field is stored and used, the
+    view becomes the slide's counted one; when the capture fails or the field is rejected, the view is
+    simply dropped, so that field may be refocused and captured again.
     """
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.views: dict[int, np.ndarray] = {}
+        self.counted: dict[int, np.ndarray] = {}
+        self.inflight: dict[int, list[np.ndarray]] = {}
 
-    def reserve(self, slide_id: int, view: np.ndarray) -> np.ndarray | None:
-        """Take the view for the slide; returns the one it replaces. Raises Conflict when already counted."""
+    def reserve(self, slide_id: int, view: np.ndarray) -> None:
+        """Raises Conflict when the view is counted already or being analysed."""
         with self.lock:
-            last = self.views.get(slide_id)
-            if last is not None and same_view(last, view):
+            taken = [self.counted.get(slide_id), *self.inflight.get(slide_id, [])]
+            if any(v is not None and same_view(v, view) for v in taken):
                 raise Conflict("this field is already counted: move the stage to the next field, then capture")
-            self.views[slide_id] = view
-            return last
+            self.inflight.setdefault(slide_id, []).append(view)
 
-    def release(self, slide_id: int, view: np.ndarray, previous: np.ndarray | None) -> None:
+    def settle(self, slide_id: int, view: np.ndarray, counts: bool) -> None:
         with self.lock:
-            if self.views.get(slide_id) is view:
-                if previous is None:
-                    self.views.pop(slide_id, None)
-                else:
-                    self.views[slide_id] = previous
+            self.inflight[slide_id] = [v for v in self.inflight.get(slide_id, []) if v is not view]
+            if counts:
+                self.counted[slide_id] = view
 
 
 def _counted_views() -> CountedViews:
@@ -159,13 +158,12 @@ def capture(slide_id: int) -> dict | None:
     slide = slide_or_404(slide_id)
     if slide["status"] != "open":
         abort(409, f"slide {slide['sample_id']} is finished: start a new slide to capture more fields")
-    problem, view, previous, counted = None, None, None, _counted_views()
+    problem, view, counted = None, None, _counted_views()
 
-    def give_back(fut=None) -> None:  # the view counts only when its field is stored and not rejected
-        if view is None:
-            return
-        if fut is None or fut.cancelled() or fut.exception() is not None or (fut.result() or {}).get("rejected"):
-            counted.release(slide_id, view, previous)
+    def settle(fut=None) -> None:  # the view counts only when its field is stored and not rejected
+        if view is not None:
+            ok = fut is not None and not fut.cancelled() and fut.exception() is None
+            counted.settle(slide_id, view, ok and not (fut.result() or {}).get("rejected"))
     if "image" in request.files:
         if not request.files["image"].filename:
             abort(400, "no file chosen")
@@ -186,24 +184,25 @@ def capture(slide_id: int) -> dict | None:
         if frame.rgb is not None:
             view = thumbnail(frame.rgb)
             try:
-                previous = counted.reserve(slide_id, view)
+                counted.reserve(slide_id, view)
             except Conflict as exc:
                 d.analyser.metrics.inc("captures_refused_total")
                 abort(409, str(exc))
         # A frame the camera sent but that cannot be analysed is stored as a rejected field with the reason.
         rgb, source, problem = frame.rgb, "camera", getattr(frame, "problem", None)
     try:
-        fut = d.analyser.submit(slide_id, rgb, source, problem=problem)
+        try:
+            fut = d.analyser.submit(slide_id, rgb, source, problem=problem)
+        except BaseException:
+            settle()  # nothing was queued: the view is free again
+            raise
     except CaptureRefused as exc:
-        give_back()
         refuse(exc)
     except NotFound as exc:
-        give_back()
         abort(404, str(exc))
     except Conflict as exc:
-        give_back()
         abort(409, str(exc))
-    fut.add_done_callback(give_back)  # also when the answer was a 202 and the field is rejected later
+    fut.add_done_callback(settle)  # also when the answer was a 202 and the field is rejected later
     try:
         field = fut.result(timeout=CAPTURE_WAIT_S)
     except FutureTimeout:
