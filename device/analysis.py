@@ -253,13 +253,14 @@ def analyze_field(
         timing["total_ms"] = (time.perf_counter() - t0) * 1000
         return FieldResult(w, h, f"{few}: empty area, thick area or not a blood smear", [], focus, threshold, timing)
     unusable = None
+    gains = background_gains(image_rgb)  # what the crops are cut with (below)
     if seg.cell_diameter_px < settings.min_cell_diameter_px:
         unusable = (f"cells too small in the picture ({seg.cell_diameter_px:.0f} px across, "
                     f"{settings.min_cell_diameter_px:.0f} needed): use the 100x objective or a higher camera "
                     "resolution")
     else:
         # the crops are cut after the background gains: a dim field's noise is amplified with it
-        gain = float(np.dot(background_gains(image_rgb), (0.299, 0.587, 0.114)))
+        gain = float(np.dot(gains, (0.299, 0.587, 0.114)))
         noise = gain * noise_at_cell_scale(image_rgb, seg.cell_diameter_px, classifier.input_size_px)
         if noise > settings.max_noise:
             unusable = (f"too noisy (noise {noise:.1f} > {settings.max_noise:.1f} at the classifier's scale): "
@@ -270,7 +271,7 @@ def analyze_field(
         return FieldResult(w, h, unusable, [], focus, threshold, timing)
 
     t = time.perf_counter()
-    crops = field_crops(image_rgb, seg.cells)
+    crops = field_crops(image_rgb, seg.cells, gains)
     batch = prepare_batch(crops, classifier.input_size_px)
     timing["crop_ms"] = (time.perf_counter() - t) * 1000
     t = time.perf_counter()
