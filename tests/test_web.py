@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from device.camera import CameraError
-from tests.conftest import ADMIN_PASSWORD, SAMPLES_DIR, admin_hash, wait_new_view
+from tests.conftest import ADMIN_PASSWORD, SAMPLES_DIR, admin_hash, wait_new_view, wait_until
 
 SAMPLE = sorted(SAMPLES_DIR.glob("*.jpg"))[0]
 
@@ -109,6 +109,7 @@ def test_capture_from_camera_then_result_and_exports(make_env):
     # a finished slide takes no more fields and cannot be finished twice
     assert _capture(c, token).status_code == 409
     assert c.post("/api/slides/1/finish", headers={"X-CSRF-Token": token}).status_code == 409
+    assert 1 not in env.app.extensions["malaria_detect_counted_views"].counted  # a finished slide's view is let go
     # pages are never cached: Back after Finish showed the slide open with a working Capture
     assert c.get("/slides/1").headers["Cache-Control"] == "no-store"
     assert c.get("/api/slides/1").headers["Cache-Control"] == "no-store"
@@ -275,6 +276,8 @@ def test_a_field_already_counted_is_not_counted_again(make_env, tmp_path):
     for t in threads:
         t.join(60)
     assert sorted(codes) == [201, 409] and env.store.totals(1)["fields"] == 2
+    views = env.app.extensions["malaria_detect_counted_views"]
+    assert wait_until(lambda: 1 in views.counted and not views.inflight)  # settled: nothing left in analysis
     # an upload is the technician's own choice of image: not refused
     assert _upload(c, token, SAMPLE.read_bytes(), "field.jpg").status_code == 201
     # a rejected field counts nothing, so the same (refocused) view may be captured again

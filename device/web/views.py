@@ -138,8 +138,15 @@ class CountedViews:
     def settle(self, slide_id: int, view: np.ndarray, counts: bool) -> None:
         with self.lock:
             self.inflight[slide_id] = [v for v in self.inflight.get(slide_id, []) if v is not view]
+            if not self.inflight[slide_id]:
+                del self.inflight[slide_id]
             if counts:
                 self.counted[slide_id] = view
+
+    def forget(self, slide_id: int) -> None:
+        """A finished slide takes no more fields: its view is not kept (months of slides on a Pi)."""
+        with self.lock:
+            self.counted.pop(slide_id, None)
 
 
 def _counted_views() -> CountedViews:
@@ -234,9 +241,11 @@ def finish(slide_id: int) -> dict:
     if getattr(analyser, "pending", 0):
         abort(409, "fields are still being analysed: press Finish again in a moment")
     try:
-        return finish_slide(deps().store, slide_id)
+        done = finish_slide(deps().store, slide_id)
     except Conflict as exc:
         abort(409, str(exc))
+    _counted_views().forget(slide_id)
+    return done
 
 
 def review(cell_id: int, decision: str | None) -> dict:
