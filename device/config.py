@@ -16,7 +16,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 OLD_FOCUS_SCALE_ABOVE = 10.0  # min_focus above this was written for the old focus measure
-SHARP_FOCUS_ABOVE = 4.5  # sharp fields measure 2.49-4.22: a min_focus above this rejects nearly all
+SHARP_FOCUS_ABOVE = 4.2  # sharp fields measure 2.49-4.22: a min_focus above this rejects nearly all
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 PROJECT_DIR = PACKAGE_DIR.parent
@@ -204,7 +204,7 @@ def from_dict(data: dict[str, Any], base_dir: Path | None = None) -> Config:
                            values["min_focus"], defaults.min_focus, defaults.min_focus)
             values["min_focus"] = defaults.min_focus
         elif isinstance(old_focus, int | float) and old_focus > SHARP_FOCUS_ABOVE:
-            logger.warning("analysis.min_focus %g is above what sharp fields measure (2.5-4.5): every field may "
+            logger.warning("analysis.min_focus %g is above what sharp fields measure (2.5-4.2): every field may "
                            "be rejected as out of focus (the default is %g)", old_focus, defaults.min_focus)
         section = replace(defaults, **values)
         if base_dir is not None:

@@ -307,8 +307,8 @@ class Store:
             raise ValueError("sample ID is required")
         with self._tx() as c:
             # one open slide per sample, checked inside the write lock (two starts at once made two)
-            if c.execute("SELECT 1 FROM slides WHERE status = 'open' AND lower(sample_id) = lower(?)",
-                         (sample_id,)).fetchone():
+            key = sample_id.casefold()  # SQLite's lower() folds A-Z only: "Échantillon" and "échantillon" differ
+            if any(r[0].casefold() == key for r in c.execute("SELECT sample_id FROM slides WHERE status = 'open'")):
                 raise Conflict(f"slide {sample_id} is already open: continue it (open slides are listed on the "
                                "start page) or finish it first")
             cur = c.execute(

@@ -108,5 +108,5 @@ def test_a_min_focus_above_what_sharp_fields_measure_is_warned_about(caplog):
     from device.config import from_dict
 
     with caplog.at_level("WARNING"):
-        cfg = from_dict({"analysis": {"min_focus": 6.0}})  # e.g. an old, lowered Laplacian threshold
-    assert cfg.analysis.min_focus == 6.0 and "every field may be rejected" in caplog.text
+        cfg = from_dict({"analysis": {"min_focus": 4.4}})  # e.g. an old, lowered Laplacian threshold
+    assert cfg.analysis.min_focus == 4.4 and "every field may be rejected" in caplog.text

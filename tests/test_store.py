@@ -353,6 +353,9 @@ def test_one_open_slide_per_sample_even_when_two_starts_race(store):
     assert sum(isinstance(r, int) for r in results) == 1 and sum(isinstance(r, Conflict) for r in results) == 3
     with pytest.raises(Conflict, match="already open"):
         _slide(store, sample="race-1")  # the same sample in other letters
+    _slide(store, sample="Échantillon-1")
+    with pytest.raises(Conflict, match="already open"):
+        _slide(store, sample="échantillon-1")  # beyond A-Z too (SQLite's lower() folds A-Z only)
     sid = next(r for r in results if isinstance(r, int))
     store.finish_slide(sid, lambda slide, totals: {})
     assert _slide(store, sample="RACE-1")  # once finished, the sample may be started again

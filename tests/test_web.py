@@ -145,6 +145,9 @@ def test_counted_views_free_a_rejected_view_and_keep_a_counted_one():
     with pytest.raises(Conflict):
         cv.reserve(1, a.copy())  # counted now
     cv.reserve(2, a.copy())  # another slide's views are its own
+    cv.forget(2)  # slide 2 finished while its capture was settling: the view is not kept
+    cv.settle(2, cv.inflight[2][0], counts=True)
+    assert 2 not in cv.counted and 2 not in cv.inflight
 
 
 def test_a_slide_without_fields_cannot_be_finished(make_env):

@@ -126,6 +126,7 @@ class CountedViews:
         self.lock = threading.Lock()
         self.counted: dict[int, np.ndarray] = {}
         self.inflight: dict[int, list[np.ndarray]] = {}
+        self.finished: set[int] = set()  # a capture settling after Finish must not keep its view
 
     def reserve(self, slide_id: int, view: np.ndarray) -> None:
         """Raises Conflict when the view is counted already or being analysed."""
@@ -140,13 +141,14 @@ class CountedViews:
             self.inflight[slide_id] = [v for v in self.inflight.get(slide_id, []) if v is not view]
             if not self.inflight[slide_id]:
                 del self.inflight[slide_id]
-            if counts:
+            if counts and slide_id not in self.finished:
                 self.counted[slide_id] = view
 
     def forget(self, slide_id: int) -> None:
         """A finished slide takes no more fields: its view is not kept (months of slides on a Pi)."""
         with self.lock:
             self.counted.pop(slide_id, None)
+            self.finished.add(slide_id)
 
 
 def _counted_views() -> CountedViews:
