@@ -6,6 +6,7 @@ It keeps no state and does no I/O; the service, the CLI and the store sit around
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -47,6 +48,10 @@ class AnalysisSettings:
     # 8 / 10 gives 1.25-1.68 / 1.71-2.60 / 2.01-3.19, a lamp at 55% with sd 6 2.25-3.38; sd 10 doubled
     # the cells flagged infected with no field rejected.
     max_noise: float = 2.0
+    # Median outline size of the kept cells / the cell size the search found. The 66 IML, BBBC041 and
+    # fixture fields measure 0.86-1.01; fields segmented at a wrong size (a mosaic crop, a stretched frame,
+    # a thick area) 0.57-0.65 and counted anyway.
+    min_outline_match: float = 0.75
     threshold: float | None = None  # None: the classifier's (model card) threshold
 
 
@@ -235,8 +240,8 @@ def analyze_field(
         return FieldResult(w, h, reason, [], focus, threshold, timing)
 
     if diameter is None:
-        # A blank field, or a scale search stuck at its largest size (out of focus, thick, not a smear):
-        # segmenting at a wrong size once counted 27 "cells" 378 px across where cells were 72.
+        # A blank field, or a scale search stuck at its largest size (cells under ~1/35 of the picture,
+        # out of focus, thick, not a smear): segmenting at that size counts cells many times too large.
         timing["total_ms"] = (time.perf_counter() - t0) * 1000
         return FieldResult(w, h, "no red cells of a consistent size found (a cell must span 1/50 to 1/5 of the "
                            "picture): empty area, thick area or not a blood smear", [], focus, threshold, timing)
@@ -254,7 +259,11 @@ def analyze_field(
         return FieldResult(w, h, f"{few}: empty area, thick area or not a blood smear", [], focus, threshold, timing)
     unusable = None
     gains = background_gains(image_rgb)  # what the crops are cut with (below)
-    if seg.cell_diameter_px < settings.min_cell_diameter_px:
+    outline = float(np.median([2.0 * math.sqrt(c.area_px / math.pi) for c in seg.cells]))
+    if outline < settings.min_outline_match * seg.cell_diameter_px:
+        unusable = (f"cell outlines do not match the cell size found ({outline:.0f} px for "
+                    f"{seg.cell_diameter_px:.0f} px): thick area, a stretched picture or not a blood smear")
+    elif seg.cell_diameter_px < settings.min_cell_diameter_px:
         unusable = (f"cells too small in the picture ({seg.cell_diameter_px:.0f} px across, "
                     f"{settings.min_cell_diameter_px:.0f} needed): use the 100x objective or a higher camera "
                     "resolution")

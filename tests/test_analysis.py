@@ -107,3 +107,12 @@ def test_a_field_without_a_consistent_cell_size_is_rejected_not_counted_at_a_wro
     mosaic = np.concatenate([np.concatenate(tiles[r * 3 : r * 3 + 3], axis=1) for r in range(3)], axis=0)
     res = analyze_field(mosaic, classifier)
     assert res.rejected and "no red cells of a consistent size" in res.rejected and res.rbc_count == 0
+
+
+def test_a_field_whose_cell_outlines_do_not_match_the_size_found_is_rejected(classifier):
+    # a frame stretched sideways (a camera set to another aspect ratio): the cells turn into ellipses,
+    # the size search settles on 259 px and the outlines measure 0.58 of it; real fields 0.86-1.01
+    rgb = read_rgb(FIELDS[0])
+    stretched = cv2.resize(rgb, (3200, rgb.shape[0]), interpolation=cv2.INTER_LINEAR)
+    res = analyze_field(stretched, classifier)
+    assert res.rejected and "outlines do not match" in res.rejected and res.rbc_count == 0
