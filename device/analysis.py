@@ -176,9 +176,10 @@ def noise_at_cell_scale(image_rgb: np.ndarray, cell_diameter_px: float, cell_inp
     if s < 1.0:
         h, w = gray.shape
         gray = cv2.resize(gray, (max(8, round(w * s)), max(8, round(h * s))), interpolation=cv2.INTER_AREA)
+    from device.segment import quantile
+
     r = np.abs(cv2.filter2D(gray, cv2.CV_32F, _NOISE_KERNEL)[1:-1:2, 1:-1:2]).ravel()  # every 2nd: plenty
-    k = r.size // 2
-    return float(np.partition(r, k)[k]) / (0.6745 * 6.0)
+    return quantile(r, 0.5) / (0.6745 * 6.0)
 
 
 def image_quality(

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from device.config import RBC_PER_UL_RANGE
+
 logger = logging.getLogger(__name__)
 
 
@@ -318,7 +320,8 @@ _threshold = _ranged(float, lambda t: 0.0 < t < 1.0, "{text!r} is not a number",
 _target = _ranged(int, lambda n: 1 <= n <= 1_000_000, "{text!r} is not a whole number of red cells",
                   "{text} is outside 1-1000000 red cells")
 # the config's range; also refuses nan and inf (NaN in the JSON)
-_rbc_per_ul = _ranged(float, lambda v: 1e6 <= v <= 1e7, "{text!r} is not a number",
+_rbc_per_ul = _ranged(float, lambda v: RBC_PER_UL_RANGE[0] <= v <= RBC_PER_UL_RANGE[1],
+                      "{text!r} is not a number",
                       "{text} is outside 1e6-1e7 RBC/uL (a measured count, e.g. 4.5e6)")
 
 

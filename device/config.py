@@ -15,6 +15,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
+RBC_PER_UL_RANGE = (1e6, 1e7)  # a measured or assumed red-cell count per uL (config, CLI, start form)
 OLD_FOCUS_SCALE_ABOVE = 10.0  # min_focus above this was written for the old focus measure
 SHARP_FOCUS_ABOVE = 4.2  # sharp fields measure 2.49-4.22: a min_focus above this rejects nearly all
 
@@ -160,7 +161,7 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("model.path: required")
     if not 100 <= a.counting_target_rbc <= 100_000:
         raise ConfigError(f"analysis.counting_target_rbc: {a.counting_target_rbc} outside 100-100000")
-    if not 1e6 <= a.rbc_per_ul <= 1e7:
+    if not RBC_PER_UL_RANGE[0] <= a.rbc_per_ul <= RBC_PER_UL_RANGE[1]:
         raise ConfigError(f"analysis.rbc_per_ul: {a.rbc_per_ul:g} outside 1e6-1e7 RBC/uL")
     if not 0 <= a.min_focus <= OLD_FOCUS_SCALE_ABOVE:  # a sharpness ratio: sharp fields 2.49-4.22, no detail 1
         raise ConfigError(f"analysis.min_focus: {a.min_focus:g} outside 0-10 (the sharpness ratio; sharp fields "

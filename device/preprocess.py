@@ -23,9 +23,10 @@ BACKGROUND_GAIN_RANGE = (0.5, 2.0)  # beyond this the picture is too far off to 
 
 def background_rgb(image_rgb: np.ndarray) -> np.ndarray:
     """The field's background colour: the 95th percentile of each channel, on every 4th pixel."""
+    from device.segment import quantile
+
     grid = image_rgb[::4, ::4].reshape(-1, 3)
-    k = int(0.95 * (len(grid) - 1))
-    return np.array([float(np.partition(grid[:, c], k)[k]) for c in range(3)])
+    return np.array([quantile(grid[:, c], 0.95) for c in range(3)])
 
 
 def background_gains(image_rgb: np.ndarray) -> np.ndarray:

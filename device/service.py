@@ -289,12 +289,13 @@ class FieldAnalyser:
             threshold = float(self.settings.threshold if self.settings.threshold is not None
                               else classifier.threshold)
             fp = _call_fp_rate(card, threshold)
+            card_data = getattr(card, "data", None) or {}
             self.model = ModelStatus(
                 True, name=getattr(card, "name", "model"), sha256=getattr(classifier, "sha256", ""),
                 threshold=threshold, card_threshold=float(getattr(card, "threshold", classifier.threshold)),
                 fp_rate_per_cell=float(fp or 0.0), runtime=getattr(classifier, "runtime", ""),
-                card_date=str((getattr(card, "data", None) or {}).get("date", "")), card_metrics=_card_metrics(card),
-                threshold_rule=str((getattr(card, "data", None) or {}).get("threshold_rule", "")))
+                card_date=str(card_data.get("date", "")), card_metrics=_card_metrics(card),
+                threshold_rule=str(card_data.get("threshold_rule", "")))
 
     @classmethod
     def from_config(cls, cfg, store: Store, metrics: Metrics | None = None) -> FieldAnalyser:

@@ -15,6 +15,7 @@ from flask import abort, request, url_for
 from werkzeug.exceptions import HTTPException
 
 from device.camera import same_view, thumbnail
+from device.config import RBC_PER_UL_RANGE
 from device.imageio import IMAGE_SUFFIXES, ImageError, decode_rgb
 from device.service import CaptureRefused, finish_slide, review_is_final, slide_summary
 from device.store import Conflict, NotFound
@@ -24,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 CAPTURE_WAIT_S = 60.0  # a capture answers when its field is stored; after this it answers 202 and goes on
 MAX_TEXT = {"sample_id": 64, "patient_id": 64, "operator": 64, "notes": 2000}
-RBC_MILLIONS_RANGE = (1.0, 10.0)  # config.analysis.rbc_per_ul's range, in millions/uL
+RBC_MILLIONS_RANGE = tuple(v / 1e6 for v in RBC_PER_UL_RANGE)  # the start form asks in millions/uL
 
 
 class InsufficientStorage(HTTPException):
@@ -154,7 +155,10 @@ class CountedViews:
 def _counted_views() -> CountedViews:
     from flask import current_app
 
-    return current_app.extensions.setdefault("malaria_detect_counted_views", CountedViews())
+    views = current_app.extensions.get("malaria_detect_counted_views")
+    # built once per app, not on every capture (setdefault keeps a race between two first captures safe)
+    return views if views is not None else current_app.extensions.setdefault("malaria_detect_counted_views",
+                                                                             CountedViews())
 
 
 def capture(slide_id: int) -> dict | None:
@@ -232,11 +236,8 @@ def capture(slide_id: int) -> dict | None:
 def finish(slide_id: int) -> dict:
     """Close the slide once the fields still being analysed are stored (Finish pressed during a
     capture counts that field instead of throwing it away)."""
-    slide = slide_or_404(slide_id)
+    slide_or_404(slide_id)
     analyser = deps().analyser
-    nothing_yet = not getattr(analyser, "pending", 0) and not deps().store.totals(slide_id)["fields"]
-    if slide["status"] == "open" and nothing_yet:
-        abort(409, f"slide {slide['sample_id']} has no fields yet: capture fields before finishing")
     deadline = time.monotonic() + CAPTURE_WAIT_S
     while getattr(analyser, "pending", 0) and time.monotonic() < deadline:
         time.sleep(0.05)
