@@ -111,7 +111,10 @@ def _small(image_rgb: np.ndarray) -> np.ndarray:
     return cv2.resize(image_rgb, (FOCUS_WIDTH_PX, max(1, round(h * FOCUS_WIDTH_PX / w))), interpolation=cv2.INTER_AREA)
 
 
-def focus_measure(image_rgb: np.ndarray, cell_diameter_px: float | None = None, *, estimate: bool = True) -> float:
+def focus_measure(
+    image_rgb: np.ndarray, cell_diameter_px: float | None = None, *, estimate: bool = True,
+    small: np.ndarray | None = None,
+) -> float:
     """Sharpness: how much finer detail the field has than a slightly smoothed copy of itself.
 
     The gray field is resized so a cell is at most :data:`FOCUS_CELL_PX` wide (cells twice as large read
@@ -122,6 +125,7 @@ def focus_measure(image_rgb: np.ndarray, cell_diameter_px: float | None = None, 
 
     Args:
         cell_diameter_px: the field's cell size, or None: estimated when ``estimate`` is true.
+        small: the field's 640 px wide copy (``_small``) when the caller has it already.
     """
     from device.segment import estimate_cell_diameter
 
@@ -131,7 +135,10 @@ def focus_measure(image_rgb: np.ndarray, cell_diameter_px: float | None = None, 
     scale = min(1.0, FOCUS_CELL_PX / cell_diameter_px) if cell_diameter_px else min(1.0, FOCUS_WIDTH_PX / w)
     size = (max(8, round(w * scale)), max(8, round(h * scale)))
     # From the 640 px copy when the target is smaller: an area resize of a large frame costs ~5 ms.
-    src = _small(image_rgb) if size[0] <= min(w, FOCUS_WIDTH_PX) else image_rgb
+    if size[0] <= min(w, FOCUS_WIDTH_PX):
+        src = _small(image_rgb) if small is None else small
+    else:
+        src = image_rgb
     gray = cv2.cvtColor(src, cv2.COLOR_RGB2GRAY)
     if gray.shape[1] != size[0]:
         gray = cv2.resize(gray, size, interpolation=cv2.INTER_AREA)
@@ -191,7 +198,7 @@ def image_quality(
     """
     small = _small(image_rgb)
     gray = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
-    focus = focus_measure(image_rgb, cell_diameter_px, estimate=False)
+    focus = focus_measure(image_rgb, cell_diameter_px, estimate=False, small=small)
     gray_mean = float(gray.mean())
     if gray_mean < settings.min_mean_brightness:
         return focus, f"too dark (mean brightness {gray_mean:.0f} < {settings.min_mean_brightness:.0f}): check the lamp"

@@ -68,7 +68,7 @@ def test_cells_too_small_for_the_classifier_are_rejected_with_what_to_do(classif
 def test_focus_reads_the_same_under_a_dimmer_lamp_and_larger_cells_but_falls_with_blur():
     """The old figure (Laplacian variance at 640 px) fell with a dimmer lamp (x0.37 at gain 0.6) and with
     larger cells (sharp fields rejected at 2x zoom), and rose with sensor noise, hiding blur."""
-    from device.analysis import focus_measure
+    from device.analysis import _small, focus_measure
     from device.segment import estimate_cell_diameter
 
     settings = AnalysisSettings()
@@ -78,6 +78,8 @@ def test_focus_reads_the_same_under_a_dimmer_lamp_and_larger_cells_but_falls_wit
         d = estimate_cell_diameter(rgb)
         sharp = focus_measure(rgb)
         assert sharp > settings.min_focus
+        # the quality gate hands over the 640 px copy it made for the exposure checks: same figure
+        assert focus_measure(rgb, d, estimate=False, small=_small(rgb)) == sharp
         assert focus_measure((rgb * 0.6).astype(np.uint8)) == pytest.approx(sharp, rel=0.03)
         zoom = cv2.resize(rgb[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4], (w, h), interpolation=cv2.INTER_CUBIC)
         assert focus_measure(zoom) > settings.min_focus
