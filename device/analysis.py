@@ -135,10 +135,9 @@ def focus_measure(
     scale = min(1.0, FOCUS_CELL_PX / cell_diameter_px) if cell_diameter_px else min(1.0, FOCUS_WIDTH_PX / w)
     size = (max(8, round(w * scale)), max(8, round(h * scale)))
     # From the 640 px copy when the target is smaller: an area resize of a large frame costs ~5 ms.
+    src = image_rgb
     if size[0] <= min(w, FOCUS_WIDTH_PX):
         src = _small(image_rgb) if small is None else small
-    else:
-        src = image_rgb
     gray = cv2.cvtColor(src, cv2.COLOR_RGB2GRAY)
     if gray.shape[1] != size[0]:
         gray = cv2.resize(gray, size, interpolation=cv2.INTER_AREA)

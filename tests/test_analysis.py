@@ -39,7 +39,8 @@ def test_real_fields_pass_the_noise_and_size_checks(path, classifier):
     rgb = read_rgb(path)
     res = analyze_field(rgb, classifier)
     assert res.rejected is None and res.rbc_count > 40
-    assert res.timing_ms["quality_ms"] > 0
+    # every stage's time is reported (the figures themselves are the benchmark's business)
+    assert {"scale_ms", "quality_ms", "segment_ms", "crop_ms", "classify_ms", "total_ms"} <= set(res.timing_ms)
 
 
 def test_a_noisy_field_is_rejected_not_counted(classifier):

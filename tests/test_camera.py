@@ -196,13 +196,27 @@ def test_replay_folder_real_fields_in_order_and_looping():
     assert not np.array_equal(frames[0], frames[1])
 
 
-def test_replay_is_paced_at_its_frame_rate(tmp_path):
+def test_replay_is_paced_at_its_frame_rate(tmp_path, monkeypatch):
+    import device.camera as camera_module
+
+    class Clock:  # a fake clock: reading a frame takes no time, sleeping moves the clock on
+        now, sleeps = 100.0, []
+
+        def monotonic(self):
+            return self.now
+
+        def sleep(self, s):
+            self.sleeps.append(s)
+            self.now += s
+
+    clock = Clock()
+    monkeypatch.setattr(camera_module, "time", types.SimpleNamespace(monotonic=clock.monotonic, sleep=clock.sleep))
     cv2.imwrite(str(tmp_path / "a.png"), _solid_bgr(RED_BGR))
     with ReplayCamera(tmp_path, fps=20) as cam:
-        t0 = time.monotonic()
         for _ in range(5):
             cam.read()
-        assert time.monotonic() - t0 >= 4 / 20 - 0.01
+    # the first frame at once, then one every 1/20 s, like a camera running at 20 fps
+    assert clock.sleeps == pytest.approx([0.05] * 4)
 
 
 def test_replay_skips_an_unreadable_file(tmp_path):
@@ -270,28 +284,36 @@ class _FlakyCamera(CameraBase):
         pass
 
 
-def test_feed_reconnect_back_off_doubles_and_is_capped():
-    attempts: list[float] = []
+def _recording_waits(feed: CameraFeed) -> list[float]:
+    """Replace the feed's back-off sleep by a record of what it asked for: the schedule, not the clock."""
+    waits: list[float] = []
 
+    def wait(seconds):
+        waits.append(round(seconds, 6))
+        time.sleep(0.001)  # keep the loop from spinning flat out while the test polls
+
+    feed._wait = wait
+    return waits
+
+
+def test_feed_reconnect_back_off_doubles_and_is_capped():
     def opener():
-        attempts.append(time.monotonic())
         raise CameraError("no camera at '0'")
 
-    feed = CameraFeed(opener, reconnect_max_s=0.2, reconnect_min_s=0.025, focus=lambda rgb: 100.0).start()
+    feed = CameraFeed(opener, reconnect_max_s=0.2, reconnect_min_s=0.025, focus=lambda rgb: 100.0)
+    waits = _recording_waits(feed)
+    feed.start()
     try:
-        assert wait_until(lambda: len(attempts) >= 6, timeout_s=5)
+        assert wait_until(lambda: len(waits) >= 6, timeout_s=5)
         st = feed.status()
         assert st["state"] == "disconnected" and "no camera" in st["message"]
     finally:
         feed.stop()
-    gaps = np.diff(attempts[:6])
-    assert gaps[0] < gaps[2]  # grows
-    assert all(g < 0.2 + 0.15 for g in gaps)  # capped at reconnect_max_s (plus scheduling slack)
-    assert gaps[-1] >= 0.2 - 0.02
+    assert waits[:6] == [0.025, 0.05, 0.1, 0.2, 0.2, 0.2]  # doubles from the minimum, capped at the maximum
 
 
 def test_feed_backs_off_from_a_camera_that_opens_but_gives_no_frame():
-    opens: list[float] = []
+    opens: list[int] = []
 
     class _Silent(CameraBase):  # an empty replay, a V4L2 node that never streams
         def read(self):
@@ -301,17 +323,20 @@ def test_feed_backs_off_from_a_camera_that_opens_but_gives_no_frame():
             pass
 
     def opener():
-        opens.append(time.monotonic())
+        opens.append(1)
         return _Silent()
 
-    feed = CameraFeed(opener, reconnect_max_s=0.2, reconnect_min_s=0.025, focus=lambda rgb: 100.0).start()
+    feed = CameraFeed(opener, reconnect_max_s=0.2, reconnect_min_s=0.025, focus=lambda rgb: 100.0)
+    waits = _recording_waits(feed)
+    feed.start()
     try:
-        assert wait_until(lambda: len(opens) >= 6, timeout_s=5)
+        assert wait_until(lambda: len(waits) >= 6, timeout_s=5)
         assert feed.status()["state"] == "disconnected"
     finally:
         feed.stop()
-    gaps = np.diff(opens[:6])
-    assert gaps[0] < gaps[2] and gaps[-1] >= 0.2 - 0.02  # the same doubling, capped back-off (was a busy loop)
+    # one wait per failed open, the same doubling, capped back-off (it was a busy loop)
+    assert waits[:6] == [0.025, 0.05, 0.1, 0.2, 0.2, 0.2]
+    assert len(opens) in (len(waits), len(waits) + 1)
 
 
 def test_feed_recovers_from_a_camera_that_raises(tmp_path):

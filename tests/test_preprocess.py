@@ -64,8 +64,12 @@ def test_bad_crops_are_refused(bad):
 
 def test_prepare_batch_stacks_and_handles_empty():
     assert prepare_batch([], 48).shape == (0, 48, 48, 3)
-    b = prepare_batch([a_real_cell(), a_real_cell()], 48)
+    crops = [read_rgb(sorted((FIX / cls).iterdir())[0]) for cls in ("Parasitized", "Uninfected")]
+    b = prepare_batch(crops, 48)
     assert b.shape == (2, 48, 48, 3) and b.dtype == np.uint8
+    for row, crop in zip(b, crops, strict=True):  # each row is that cell, in order
+        assert np.array_equal(row, prepare_cell(crop, 48))
+    assert not np.array_equal(b[0], b[1])
 
 
 FIELDS = sorted((Path(__file__).parents[1] / "device" / "samples").glob("*.jpg"))

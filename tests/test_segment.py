@@ -177,7 +177,13 @@ def test_blank_field_gives_no_cells(image):
     assert seg.foreground_frac == 0.0
 
 
-def test_diameter_hint_skips_the_scale_search():
+def test_diameter_hint_skips_the_scale_search(monkeypatch):
+    import device.segment as segment_module
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("the scale search ran although the diameter was given")
+
+    monkeypatch.setattr(segment_module, "_estimate_diameter", no_search)
     image = _field()
     seg = segment_cells(image, SegmentParams(cell_diameter_hint_px=2.0 * RADIUS))
     assert seg.cell_diameter_px == 2.0 * RADIUS

@@ -61,9 +61,19 @@ def test_parasites_per_ul_assumed_or_measured():
 
 
 def test_detection_limit_follows_the_cutoff_and_count():
+    # Hand-worked with the Poisson tail (scipy.stats.poisson.sf): at 0.3% false positives, 2,000 cells
+    # expect 6 (P(X >= 16) = 0.00051 < 0.001 <= P(X >= 15) = 0.0014) and 8,000 cells expect 24
+    # (P(X >= 41) = 0.00099, P(X >= 40) = 0.0017): the limit is 16/2000 = 0.8% and 41/8000 = 0.5125%.
     s = summarize_slide(2000, 0, threshold=0.9, fp_rate_per_cell=0.003)
-    assert s.detection_limit_pct == pytest.approx(100 * s.positive_cutoff_cells / 2000)
-    assert s.detection_limit_per_ul == pytest.approx(s.positive_cutoff_cells / 2000 * 5e6)
+    assert s.positive_cutoff_cells == 16
+    assert s.detection_limit_pct == pytest.approx(0.8)
+    assert s.detection_limit_per_ul == pytest.approx(0.008 * 5e6)
+    more = summarize_slide(8000, 0, threshold=0.9, fp_rate_per_cell=0.003)
+    assert more.positive_cutoff_cells == 41
+    assert more.detection_limit_pct == pytest.approx(0.5125)  # counting on lowers the limit
+    # below the target the limit is the target's: what the count will reach, not what it has
+    fewer = summarize_slide(500, 0, threshold=0.9, fp_rate_per_cell=0.003)
+    assert fewer.detection_limit_pct == pytest.approx(0.8)
     assert s.to_json()["ci95_pct"] == list(s.ci95_pct)
 
 

@@ -57,10 +57,17 @@ def test_exported_model_has_normalisation_but_no_augmentation(run_dir):
     model = keras.models.load_model(run_dir / "model.keras", compile=False)
     names = [layer.name for layer in model.layers]
     assert names[1] == "normalise"
-    assert not any("random" in n or "augment" in n for n in names)
-    x = np.full((2, 32, 32, 3), 128, np.float32)
-    a, b = model.predict(x, verbose=0), model.predict(x, verbose=0)
-    assert np.array_equal(a, b)  # deterministic at inference: no augmentation inside
+
+    def all_layers(m):  # nested models and Sequentials included
+        for layer in m.layers:
+            yield layer
+            if hasattr(layer, "layers"):
+                yield from all_layers(layer)
+
+    # Keras's random layers do nothing in predict(), so equal outputs prove nothing: look at the layers
+    kinds = {type(layer).__name__ for layer in all_layers(model)}
+    assert not any(k.startswith("Random") for k in kinds), kinds
+    assert not any("augment" in n for n in names)
 
 
 @pytest.mark.slow

@@ -46,7 +46,10 @@ def test_split_by_patient_is_disjoint_and_seeded():
     pts = sorted({f.patient for f in files})
     rest, held = split_patients(pts, 0.25, seed=3)
     assert set(rest).isdisjoint(held) and set(rest) | set(held) == set(pts)
+    assert len(held) == round(0.25 * len(pts)) >= 1  # the share asked for, never nobody
     assert split_patients(pts, 0.25, seed=3) == (rest, held)
+    # the seed decides which patients: some other seed holds out others
+    assert any(split_patients(pts, 0.25, seed=s)[1] != held for s in range(4, 10))
     # the table's own split keeps every patient on one side
     sides = {}
     for f in files:
