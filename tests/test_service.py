@@ -261,17 +261,21 @@ class _Notifier:
 
 
 def test_watchdog_pings_only_while_the_capture_loop_turns():
-    healthy = threading.Event()
-    healthy.set()
+    script = [True, True, True, False, False, False]  # the capture loop turns, then stalls
+    asked, done = [], threading.Event()
+
+    def healthy():
+        asked.append(1)
+        if len(asked) >= len(script):
+            done.set()
+        return script[min(len(asked), len(script)) - 1]
+
     n = _Notifier()
-    wd = service.Watchdog(n, healthy.is_set, 0.02, status=lambda: "camera connected").start()
-    time.sleep(0.15)
-    healthy.clear()
-    time.sleep(0.05)
-    count = n.sent.count("WATCHDOG=1")
-    time.sleep(0.15)
+    wd = service.Watchdog(n, healthy, 0.001, status=lambda: "camera connected").start()
+    assert done.wait(10)
     wd.stop()
-    assert count >= 3 and n.sent.count("WATCHDOG=1") == count
+    # one ping per healthy turn, none once the loop stalls; the status line is sent once, not every turn
+    assert n.sent.count("WATCHDOG=1") == 3
     assert n.sent.count("STATUS=camera connected") == 1
 
 
