@@ -86,6 +86,31 @@ def _jpeg_size(data: bytes) -> tuple[int, int]:
     raise ImageError("truncated JPEG: no frame header")
 
 
+def _jpeg_has_end(data: bytes) -> bool:
+    """Whether the end-of-image marker follows the first scan.
+
+    Inside entropy-coded data a 0xFF byte is always followed by 0x00 or a restart marker, so the first
+    FF D9 after the scan starts is the end of the image; an EXIF thumbnail's end marker lies before the
+    scan, and whatever a phone appends after the end (a maker trailer, a motion photo's video) is ignored.
+    """
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            i += 1
+            continue
+        marker = data[i + 1]
+        if marker in (0xD8, 0x01, 0xFF) or 0xD0 <= marker <= 0xD7:
+            i += 1 if marker == 0xFF else 2
+            continue
+        if marker == 0xD9:
+            return False  # an end before any scan: nothing to decode
+        seg_len = struct.unpack(">H", data[i + 2 : i + 4])[0]
+        if marker == 0xDA:  # start of scan
+            return data.find(b"\xff\xd9", i + 2 + seg_len) >= 0
+        i += 2 + seg_len
+    return False
+
+
 def _webp_size(data: bytes) -> tuple[int, int]:
     chunk = data[12:16]
     if chunk == b"VP8X" and len(data) >= 30:
@@ -122,7 +147,7 @@ def decode_rgb(data: bytes, *, name: str = "image", min_side_px: int = MIN_SIDE_
         raise ImageError(f"{name}: {w}x{h} is {w * h / 1e6:.0f} MP, over the {MAX_PIXELS / 1e6:.0f} MP limit")
     if data[:8] == b"\x89PNG\r\n\x1a\n" and b"IEND" not in data[-32:]:
         raise ImageError(f"{name}: truncated PNG (no end chunk)")
-    if data[:2] == b"\xff\xd8" and data.rfind(b"\xff\xd9") < len(data) - 1024:
+    if data[:2] == b"\xff\xd8" and not _jpeg_has_end(data):
         raise ImageError(f"{name}: truncated JPEG (no end marker)")
     buf = np.frombuffer(data, dtype=np.uint8)
     img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)

@@ -122,3 +122,32 @@ def test_a_file_named_twice_is_listed_once(tmp_path):
     cv2.imwrite(str(d / "b.png"), np.zeros((20, 20, 3), np.uint8))
     files = iter_image_files([d / "b.png", d, tmp_path / "d" / ".." / "d" / "a.png"])
     assert files == [d / "b.png", d / "a.png"]  # first mention wins, folder order kept
+
+
+def _jpeg(bgr, **params) -> bytes:
+    flags = [cv2.IMWRITE_JPEG_PROGRESSIVE, 1] if params.get("progressive") else []
+    ok, buf = cv2.imencode(".jpg", bgr, flags)
+    assert ok
+    return buf.tobytes()
+
+
+def test_a_phone_jpeg_with_data_after_its_end_decodes_but_a_cut_one_does_not():
+    """Phones append maker trailers and motion-photo videos after the end marker: the picture is whole.
+    The end marker must follow the scan: an EXIF thumbnail's own end marker does not make a cut file whole."""
+    bgr = cv2.imread(str(sorted(SAMPLES.glob("*.jpg"))[0]))[:300, :400]
+    whole = decode_rgb(_jpeg(bgr))
+    for trailer in (b"SEFH" + bytes(5000), b"\x00\x00\x00\x18ftypmp42" + bytes(200_000)):
+        assert np.array_equal(decode_rgb(_jpeg(bgr) + trailer, name="phone.jpg"), whole)
+    for progressive in (False, True):
+        data = _jpeg(bgr, progressive=progressive)
+        assert decode_rgb(data).shape == whole.shape
+        with pytest.raises(ImageError, match="truncated JPEG"):
+            decode_rgb(data[: len(data) // 2], name="cut.jpg")
+    # an APP1 (EXIF) segment carrying a complete thumbnail JPEG, then the main picture cut in its scan
+    thumb = _jpeg(bgr[::8, ::8])
+    main = _jpeg(bgr)
+    app1 = b"\xff\xe1" + (len(thumb) + 8).to_bytes(2, "big") + b"Exif\x00\x00" + thumb
+    with_thumb = main[:2] + app1 + main[2:]
+    assert np.array_equal(decode_rgb(with_thumb), whole)
+    with pytest.raises(ImageError, match="truncated JPEG"):
+        decode_rgb(with_thumb[: len(with_thumb) - len(main) // 2], name="cut_with_thumbnail.jpg")
