@@ -173,8 +173,7 @@ def segment_cells(image_rgb: np.ndarray, params: SegmentParams = SegmentParams()
     if diameter_full is None:
         logger.debug("segment: blank field (no contrast)")
         return Segmentation(cells=[], cell_diameter_px=0.0, foreground_frac=0.0, timing_ms=timer.total())
-    work = _shrink(image_rgb, min(1.0, params.target_cell_diameter_px / diameter_full))
-    sx, sy = work.shape[1] / full_w, work.shape[0] / full_h
+    work, (sx, sy) = _shrink(image_rgb, min(1.0, params.target_cell_diameter_px / diameter_full))
     d_work = diameter_full * 0.5 * (sx + sy)
     nominal_area = math.pi * d_work**2 / 4.0
     timer.lap("resize")
@@ -237,20 +236,31 @@ def quantile(values: np.ndarray, q: float) -> float:
     return float(np.partition(values, k)[k])
 
 
-def _shrink(image: np.ndarray, scale: float) -> np.ndarray:
+def _shrink(image: np.ndarray, scale: float) -> tuple[np.ndarray, tuple[float, float]]:
     """Downscale by ``scale`` (<= 1): exact halvings with INTER_AREA (its fast path), then INTER_LINEAR.
 
-    A direct INTER_AREA resize by a non-integer factor costs ~6 ms on a 1280x960 frame; this ~1 ms.
+    Returns the small image and its exact scale (x, y) against the input: an odd side is first padded
+    by repeating its last row or column, so every halving maps 2 input pixels onto 1 from the same
+    origin and nothing is dropped (cropping the odd pixel instead shifted masks by up to ~1 working
+    pixel towards the right and bottom of odd-sized frames). A direct INTER_AREA resize by a
+    non-integer factor costs ~6 ms on a 1280x960 frame; this ~1 ms.
     """
     h, w = image.shape[:2]
     out_w, out_h = max(1, int(round(w * scale))), max(1, int(round(h * scale)))
     img = image
+    factor = 1
     while img.shape[1] >= 2 * out_w and img.shape[0] >= 2 * out_h:
-        hh, ww = img.shape[0] // 2, img.shape[1] // 2
-        img = cv2.resize(img[: 2 * hh, : 2 * ww], (ww, hh), interpolation=cv2.INTER_AREA)
+        hh, ww = img.shape[:2]
+        if hh % 2 or ww % 2:
+            img = cv2.copyMakeBorder(img, 0, hh % 2, 0, ww % 2, cv2.BORDER_REPLICATE)
+        img = cv2.resize(img, (img.shape[1] // 2, img.shape[0] // 2), interpolation=cv2.INTER_AREA)
+        factor *= 2
+    # the halved image covers img.shape * factor input pixels (the padding included) from the origin
+    covered_w, covered_h = img.shape[1] * factor, img.shape[0] * factor
     if (img.shape[1], img.shape[0]) != (out_w, out_h):
+        # keep the covered/output ratio exact: the output spans the same input extent
         img = cv2.resize(img, (out_w, out_h), interpolation=cv2.INTER_LINEAR)
-    return img
+    return img, (img.shape[1] / covered_w, img.shape[0] / covered_h)
 
 
 def _darkening(image: np.ndarray, window_px: float) -> tuple[np.ndarray, np.ndarray]:
@@ -338,7 +348,8 @@ def _estimate_diameter(image_rgb: np.ndarray, params: SegmentParams) -> float | 
     """Typical cell diameter in full-resolution px by a radial-symmetry scale search; None if blank."""
     long_side = max(image_rgb.shape[:2])
     s0 = min(1.0, params.probe_long_side_px / long_side)
-    probe = _shrink(image_rgb, s0)
+    probe, (s0x, s0y) = _shrink(image_rgb, s0)
+    s0 = 0.5 * (s0x + s0y)
     p_long = max(probe.shape[:2])
     _, score = _darkening(probe, 0.25 * p_long)  # window: wider than the largest cell searched
     if int(score.max()) < params.min_darkening_sum * _SCORE_SCALE:
@@ -550,18 +561,22 @@ def _map_back(
     full_h, full_w = full_shape
     sx, sy = scale_xy
     h, w = labels.shape
-    # The 1-px cut lines between touching cells go back to both neighbours: grow every label by one
-    # pixel into the cut lines (labels < 2^24 are exact in float32).
-    grown = cv2.dilate(labels.astype(np.float32), np.ones((3, 3), np.uint8))
-    grown = np.where(labels > 0, labels, np.where(fg > 0, grown, 0).astype(np.int32))
+    # The 1-px cut lines between touching cells go back to both neighbours: each cell grows by one
+    # pixel into the cut-line pixels next to it (a dilation of the whole label image would give every
+    # cut pixel to the higher label only, leaving one mask short of the contact and the other past it).
+    cut_line = ((labels == 0) & (fg > 0)).view(np.uint8)
+    grow = np.ones((3, 3), np.uint8)
     cells: list[Cell] = []
     for k in np.flatnonzero(keep):
         x, y, bw, bh = (int(v) for v in stats[k, :4])
         x0, y0, x1, y1 = max(0, x - 1), max(0, y - 1), min(w, x + bw + 1), min(h, y + bh + 1)
-        sub = (grown[y0:y1, x0:x1] == k).view(np.uint8)
+        own = (labels[y0:y1, x0:x1] == k).view(np.uint8)
+        sub = own | (cv2.dilate(own, grow) & cut_line[y0:y1, x0:x1])
         fx0, fy0 = int(x0 / sx), int(y0 / sy)
-        fx1, fy1 = min(full_w, int(math.ceil(x1 / sx))), min(full_h, int(math.ceil(y1 / sy)))
+        fx1, fy1 = int(math.ceil(x1 / sx)), int(math.ceil(y1 / sy))
         big = cv2.resize(sub * 255, (fx1 - fx0, fy1 - fy0), interpolation=cv2.INTER_LINEAR)
+        # the working image may reach past the frame (its odd sides were padded): cut what lies outside
+        big = big[: full_h - fy0, : full_w - fx0]
         _, big = cv2.threshold(big, 127, 255, cv2.THRESH_BINARY)
         tx, ty, tw, th = cv2.boundingRect(big)
         if tw == 0 or th == 0:

@@ -350,3 +350,60 @@ def test_operating_curve_row_of_the_card_threshold_matches_the_summary_exactly()
     assert c["parasite_recall"] > 0 and c["fp_per_1000_rbc"] > 0  # every cell is flagged at the card threshold
     assert row["parasite_recall"] == c["parasite_recall"] and row["fp_per_1000_rbc"] == c["fp_per_1000_rbc"]
     assert "  0.9789" in format_report(report)  # shown rounded, counted exactly
+
+
+@pytest.mark.parametrize("size", [(4056, 3040), (4055, 3039)], ids=["even", "odd"])
+def test_masks_sit_on_their_cells_across_the_whole_frame_whatever_its_size(size):
+    """Halving an odd-sized frame dropped its last row and column while the scale back was taken from the
+    full size: masks drifted towards the right and bottom, ~5.6 px at the far corner of a 4055x3039 frame."""
+    w, h = size
+    r = 100
+    img = np.full((h, w, 3), (232, 228, 236), np.uint8)
+    rng = np.random.default_rng(5)
+    centres = []
+    for cy in range(140, h - 140, 260):
+        for cx in range(140, w - 140, 260):
+            x, y = cx + int(rng.integers(-20, 21)), cy + int(rng.integers(-20, 21))
+            cv2.circle(img, (x, y), r, (205, 120, 170), -1)
+            centres.append((x, y))
+    centres = np.array(centres, float)
+    seg = segment_cells(img, SegmentParams(cell_diameter_hint_px=2 * r))
+    assert len(seg.cells) == len(centres)
+    offsets = []
+    for c in seg.cells:
+        ys, xs = np.nonzero(c.mask)
+        centroid = np.array([c.bbox[0] + xs.mean(), c.bbox[1] + ys.mean()])
+        nearest = centres[np.argmin(((centres - centroid) ** 2).sum(axis=1))]
+        if nearest[0] > 2 * w / 3 and nearest[1] > 2 * h / 3:  # the far corner, where drift adds up
+            offsets.append(centroid - nearest)
+    assert len(offsets) >= 10
+    # a drawn disc's pixel centroid sits 0.5 px off its integer centre (pixel centres): allow 1 px
+    assert np.abs(np.mean(offsets, axis=0)).max() < 1.0, np.mean(offsets, axis=0)
+
+
+def test_both_touching_cells_get_the_line_they_were_cut_along():
+    """The 1-px cut line between touching cells goes back to both: a dilation of the label image gave it
+    to the higher label only, so one mask stopped up to 4 px short of the contact and the other ran past."""
+    r, h, w = 45, 960, 1280
+    img = np.full((h, w, 3), (200, 225, 205), np.uint8)
+    pairs = []
+    for y in range(120, h - 100, 200):
+        for x in range(120, w - 200, 300):
+            left, right = (x, y), (x + 2 * r - 6, y)  # overlapping by 6 px: the contact line at x + r - 3
+            for c in (left, right):
+                cv2.circle(img, c, r, (190, 120, 150), -1, cv2.LINE_AA)
+            pairs.append((left, right, x + r - 3))
+    img = np.clip(img + np.random.default_rng(0).normal(0, 2, img.shape), 0, 255).astype(np.uint8)
+    seg = segment_cells(img, SegmentParams(cell_diameter_hint_px=2 * r))
+
+    def cell_at(p):
+        (hit,) = [c for c in seg.cells if c.bbox[0] <= p[0] < c.bbox[0] + c.bbox[2]
+                  and c.bbox[1] <= p[1] < c.bbox[1] + c.bbox[3] and c.mask[p[1] - c.bbox[1], p[0] - c.bbox[0]]]
+        return hit
+
+    for left, right, contact in pairs:
+        a, b = cell_at(left), cell_at(right)
+        assert a is not b
+        a_reaches = a.bbox[0] + np.flatnonzero(a.mask[left[1] - a.bbox[1]]).max() + 1
+        b_starts = b.bbox[0] + np.flatnonzero(b.mask[right[1] - b.bbox[1]]).min()
+        assert a_reaches >= contact - 1 and b_starts <= contact + 1, (left, a_reaches, b_starts, contact)
