@@ -256,6 +256,20 @@ def thumbnail(rgb: np.ndarray) -> np.ndarray:
                                    interpolation=cv2.INTER_AREA), cv2.COLOR_RGB2GRAY)
 
 
+def encode_view(view: np.ndarray) -> bytes:
+    """A thumbnail as PNG bytes (lossless: a restored view compares exactly as the one kept in memory)."""
+    ok, buf = cv2.imencode(".png", view)
+    if not ok:
+        raise ValueError("the view thumbnail could not be encoded")
+    return buf.tobytes()
+
+
+def decode_view(png: bytes) -> np.ndarray | None:
+    """The thumbnail :func:`encode_view` wrote, or None when the bytes are not one."""
+    view = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_GRAYSCALE)
+    return view if view is not None and view.size else None
+
+
 def same_view(a: np.ndarray, b: np.ndarray) -> bool:
     """True when two thumbnails show the same view (differences at the level of sensor noise)."""
     return a.shape == b.shape and float(cv2.absdiff(a, b).mean()) <= STEADY_MAX_DIFF

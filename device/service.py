@@ -356,8 +356,11 @@ class FieldAnalyser:
         return exc
 
     def submit(self, slide_id: int, rgb: np.ndarray | None, source: str = "camera", *,
-               problem: str | None = None) -> Future:
+               problem: str | None = None, view_png: bytes | None = None) -> Future:
         """Queue one field; the future's result is the stored field row (dict).
+
+        ``view_png``: the camera view it was captured from, stored with a counted field so that the
+        view stays "already counted" after a restart.
 
         ``problem`` (with ``rgb`` None) says why the camera frame cannot be analysed: the field is stored
         as rejected with that reason, so the technician sees it in the slide's list.
@@ -383,7 +386,8 @@ class FieldAnalyser:
         # The slide's own threshold: an admin may change the threshold while the slide is open.
         threshold = float(slide["threshold"])
         try:
-            fut = self._executor.submit(self._process, slide_id, rgb, source, model, threshold, problem, t0)
+            fut = self._executor.submit(self._process, slide_id, rgb, source, model, threshold, problem, t0,
+                                        view_png)
         except RuntimeError:  # shut down
             with self._lock:
                 self._pending -= 1
@@ -412,7 +416,7 @@ class FieldAnalyser:
             raise
 
     def _analyse_and_store(self, slide_id: int, rgb: np.ndarray | None, source: str, model: ModelInfo,
-                           threshold: float, problem: str | None, t0: float) -> dict:
+                           threshold: float, problem: str | None, t0: float, view_png: bytes | None = None) -> dict:
         if rgb is None or problem:
             h, w = (rgb.shape[:2] if isinstance(rgb, np.ndarray) and rgb.ndim >= 2 else (0, 0))
             result = FieldResult(int(w), int(h), f"camera frame unusable: {problem or 'no picture'}", [], 0.0,
@@ -424,7 +428,7 @@ class FieldAnalyser:
             images = self.encode_images(rgb, result, save_raw=self._keep_raw())
         try:
             field_id = self.store.add_field(slide_id, result, source=source, model_sha256=model.sha256,
-                                            images=images)
+                                            images=images, view_png=view_png)
         except (OSError, sqlite3.Error) as exc:
             if _disk_full(exc):
                 logger.error("slide %d: the disk filled up while a field was written: %s", slide_id, exc)

@@ -105,6 +105,14 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX cells_flagged ON cells (field_id) WHERE infected = 1;
     """,
+    # 2: the camera view each counted field was captured from (a small gray PNG), so "this field is
+    # already counted" survives a restart: a power cut must not let the same field be counted twice
+    """
+    CREATE TABLE field_views (
+        field_id INTEGER PRIMARY KEY REFERENCES fields (id),
+        png BLOB NOT NULL
+    );
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -364,10 +372,12 @@ class Store:
         return self.get_slide(slide_id)  # type: ignore[return-value]
 
     # -- fields --
-    def add_field(self, slide_id: int, result, *, source: str, model_sha256: str, images: FieldImages) -> int:
+    def add_field(self, slide_id: int, result, *, source: str, model_sha256: str, images: FieldImages,
+                  view_png: bytes | None = None) -> int:
         """Record one analysed field (a ``device.analysis.FieldResult``) and its images.
 
-        Images are written and synced first, then one transaction commits the field and its cells.
+        Images are written and synced first, then one transaction commits the field, its cells and
+        ``view_png`` (the camera view it was captured from, for :meth:`last_counted_view_png`).
         Raises NotFound / Conflict (finished slide, or a slide started with another model).
         """
         slide = self.get_slide(slide_id)
@@ -405,6 +415,8 @@ class Store:
                      float(result.threshold), json.dumps({k: round(v, 2) for k, v in result.timing_ms.items()}),
                      key, int(images.raw_jpeg is not None)))
                 field_id = int(cur.lastrowid)
+                if view_png is not None and not result.rejected:
+                    c.execute("INSERT INTO field_views (field_id, png) VALUES (?, ?)", (field_id, view_png))
                 if not result.rejected:
                     c.executemany(
                         "INSERT INTO cells (field_id, idx, x, y, w, h, p_infected, infected, has_crop)"
@@ -430,6 +442,13 @@ class Store:
             raise Conflict(f"slide {slide['sample_id']} was started with another model "
                            f"({slide['model_name']}, sha256 {slide['model_sha256'][:12]}…): finish it and start a "
                            "new slide")
+
+    def last_counted_view_png(self, slide_id: int) -> bytes | None:
+        """The camera view (as stored by :meth:`add_field`) of the slide's latest counted field, or None."""
+        r = self._conn().execute(
+            "SELECT v.png FROM field_views v JOIN fields f ON f.id = v.field_id"
+            " WHERE f.slide_id = ? AND f.rejected IS NULL ORDER BY f.seq DESC LIMIT 1", (slide_id,)).fetchone()
+        return None if r is None else bytes(r[0])
 
     def get_field(self, field_id: int) -> dict | None:
         return _row(self._conn().execute("SELECT * FROM fields WHERE id = ?", (field_id,)).fetchone())

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from device.camera import CameraError
-from tests.conftest import ADMIN_PASSWORD, SAMPLES_DIR, admin_hash, wait_new_view, wait_until
+from tests.conftest import ADMIN_PASSWORD, SAMPLES_DIR, Env, admin_hash, make_config, wait_new_view, wait_until
 
 SAMPLE = sorted(SAMPLES_DIR.glob("*.jpg"))[0]
 
@@ -291,6 +291,56 @@ def test_a_field_already_counted_is_not_counted_again(make_env, tmp_path):
     for _ in range(2):
         r = _capture(c2, token2)
         assert r.status_code == 201 and "focus" in r.get_json()["field"]["rejected"]
+
+
+def test_a_field_counted_before_a_restart_is_still_counted_after_it(tmp_path, classifier):
+    """The counted view was kept in memory only: after a power cut or a restart, Capture on the same
+    (unmoved) field counted it a second time."""
+    import shutil
+
+    from device.camera import CameraFeed, ReplayCamera
+    from device.service import FieldAnalyser
+    from device.store import Store
+    from device.web import create_app
+
+    still = tmp_path / "still"
+    still.mkdir()
+    shutil.copy(SAMPLE, still)
+    cfg = make_config(tmp_path / "data")
+
+    def boot():  # the service as systemd starts it: a new store, feed, analyser and app on the same data
+        store = Store(cfg.service.data_dir)
+        feed = CameraFeed(lambda: ReplayCamera(still, fps=20), source="replay", reconnect_min_s=0.05).start()
+        analyser = FieldAnalyser(store, classifier)
+        app = create_app(cfg, store, feed, analyser)
+        app.config["TESTING"] = True
+        return Env(cfg, store, feed, analyser, app)
+
+    def shut(env):
+        env.feed.stop()
+        env.analyser.shutdown()
+        env.store.close()
+
+    env = boot()
+    try:
+        c, token = _client(env)
+        _start(c, token)
+        _wait_frame(env)
+        assert _capture(c, token).status_code == 201
+    finally:
+        shut(env)
+    env = boot()
+    try:
+        c, token = _client(env)
+        _wait_frame(env)
+        again = _capture(c, token)
+        assert again.status_code == 409 and "already counted" in again.get_json()["error"]
+        assert env.store.totals(1)["fields"] == 1
+        # an upload has no camera view: it neither counts as the view nor is refused
+        assert _upload(c, token, SAMPLE.read_bytes(), "field.jpg").status_code == 201
+        assert _capture(c, token).status_code == 409
+    finally:
+        shut(env)
 
 
 def test_upload_of_a_saved_field_is_analysed(make_env):

@@ -6,6 +6,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import CancelledError
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
@@ -14,7 +15,7 @@ import numpy as np
 from flask import abort, request, url_for
 from werkzeug.exceptions import HTTPException
 
-from device.camera import same_view, thumbnail
+from device.camera import decode_view, encode_view, same_view, thumbnail
 from device.config import RBC_PER_UL_RANGE
 from device.imageio import IMAGE_SUFFIXES, ImageError, decode_rgb
 from device.service import CaptureRefused, finish_slide, review_is_final, slide_summary
@@ -123,15 +124,24 @@ class CountedViews:
     simply dropped, so that field may be refocused and captured again.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, load: Callable[[int], np.ndarray | None] = lambda slide_id: None) -> None:
         self.lock = threading.Lock()
         self.counted: dict[int, np.ndarray] = {}
         self.inflight: dict[int, list[np.ndarray]] = {}
         self.finished: set[int] = set()  # a capture settling after Finish must not keep its view
+        # The counted view is stored with its field: after a restart it is read back once per slide.
+        self._load = load
+        self._loaded: set[int] = set()
 
     def reserve(self, slide_id: int, view: np.ndarray) -> None:
         """Raises Conflict when the view is counted already or being analysed."""
         with self.lock:
+            if slide_id not in self._loaded:
+                self._loaded.add(slide_id)
+                if slide_id not in self.counted:
+                    stored = self._load(slide_id)
+                    if stored is not None:
+                        self.counted[slide_id] = stored
             taken = [self.counted.get(slide_id), *self.inflight.get(slide_id, [])]
             if any(v is not None and same_view(v, view) for v in taken):
                 raise Conflict("this field is already counted: move the stage to the next field, then capture")
@@ -156,9 +166,16 @@ def _counted_views() -> CountedViews:
     from flask import current_app
 
     views = current_app.extensions.get("malaria_detect_counted_views")
+    if views is not None:
+        return views
+    store = deps().store
+
+    def load(slide_id: int) -> np.ndarray | None:
+        png = store.last_counted_view_png(slide_id)
+        return None if png is None else decode_view(png)
+
     # built once per app, not on every capture (setdefault keeps a race between two first captures safe)
-    return views if views is not None else current_app.extensions.setdefault("malaria_detect_counted_views",
-                                                                             CountedViews())
+    return current_app.extensions.setdefault("malaria_detect_counted_views", CountedViews(load))
 
 
 def capture(slide_id: int) -> dict | None:
@@ -205,7 +222,8 @@ def capture(slide_id: int) -> dict | None:
         rgb, source, problem = frame.rgb, "camera", getattr(frame, "problem", None)
     try:
         try:
-            fut = d.analyser.submit(slide_id, rgb, source, problem=problem)
+            fut = d.analyser.submit(slide_id, rgb, source, problem=problem,
+                                    view_png=None if view is None else encode_view(view))
         except BaseException:
             settle()  # nothing was queued: the view is free again
             raise
