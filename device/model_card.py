@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 CLASS_ORDER = ["uninfected", "parasitized"]
 
 
@@ -179,11 +181,41 @@ def _card_problem(data: dict) -> str | None:
     fp = data.get("call_false_positive_rate")
     if fp is not None and not (_number(fp) and 0.0 <= fp <= 1.0):
         return f"call_false_positive_rate {fp!r} is not a rate in [0, 1]"
+    if fp is not None and fp == 0.0:
+        # an upper confidence bound from a finite count of healthy cells is never 0, and 0 would make a
+        # single flagged cell a positive slide
+        return "call_false_positive_rate 0 is not an upper bound measured on healthy cells"
     curve = data.get("operating_curve", [])
     if not isinstance(curve, list) or not all(
             isinstance(r, dict) and _number(r.get("threshold")) and _number(r.get("call_false_positive_rate"))
             for r in curve):
         return "operating_curve: expected rows with numbers threshold and call_false_positive_rate"
+    return _curve_problem(curve, float(t), fp)
+
+
+def _curve_problem(curve: list[dict], threshold: float, fp: float | None) -> str | None:
+    """The card's threshold and false-positive rate must agree with its operating curve (an edited
+    threshold or rate would change every slide call while the model's sha256 still matches)."""
+    if not curve:
+        return None
+    rows = sorted(curve, key=lambda r: r["threshold"])
+    ts = [float(r["threshold"]) for r in rows]
+    fps = [float(r["call_false_positive_rate"]) for r in rows]
+    if any(b <= a for a, b in zip(ts, ts[1:], strict=False)):
+        return "operating_curve: thresholds repeat"
+    if any(b > a + 1e-12 for a, b in zip(fps, fps[1:], strict=False)):
+        return "operating_curve: the false-positive rate rises with the threshold"
+    if fp is None:
+        return None
+    below = [f for t, f in zip(ts, fps, strict=True) if t <= threshold + 1e-9]
+    above = [f for t, f in zip(ts, fps, strict=True) if t > threshold + 1e-9]
+    if not below:
+        return f"threshold {threshold:g} lies below the operating curve (from {ts[0]:g})"
+    # the curve's thresholds are rounded: the card's rate lies between its neighbours' rows
+    lowest_ok = (above[0] if above else 0.0) - 1e-12
+    if not lowest_ok <= fp <= below[-1] + 1e-12:
+        return (f"call_false_positive_rate {fp:g} at threshold {threshold:g} disagrees with the operating curve "
+                f"({below[-1]:g} at or below it{f', {above[0]:g} above it' if above else ''})")
     return None
 
 
@@ -200,5 +232,13 @@ def check_details(card: ModelCard, which: str, detail: dict) -> None:
         problems.append(f"dtype {dtype} vs card {spec.dtype}")
     if abs(float(scale) - spec.scale) > 1e-6 * max(1.0, abs(spec.scale)) or int(zp) != spec.zero_point:
         problems.append(f"quantisation scale/zero point {scale}/{zp} vs card {spec.scale}/{spec.zero_point}")
+    if which == "output" and dtype in ("uint8", "int8") and float(scale) > 0:
+        # what the quantised output can express: a probability stays in [0, 1], a logit takes both signs
+        info = np.iinfo(dtype)
+        lo, hi = float(scale) * (info.min - int(zp)), float(scale) * (info.max - int(zp))
+        if card.output_kind == "probability" and (lo < -0.01 or hi > 1.01):
+            problems.append(f"the card says probability, but the output spans {lo:.2f}..{hi:.2f} (a logit)")
+        if card.output_kind == "logit" and not lo < 0.0 < hi:
+            problems.append(f"the card says logit, but the output spans {lo:.2f}..{hi:.2f} (a probability)")
     if problems:
         raise ModelError(f"model {which} contradicts its card {card.path}: " + "; ".join(problems))

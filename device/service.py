@@ -290,6 +290,9 @@ class FieldAnalyser:
                               else classifier.threshold)
             fp = _call_fp_rate(card, threshold)
             card_data = getattr(card, "data", None) or {}
+            if fp is None and card is not None:
+                self.model = ModelStatus(False, error=_no_fp_rate(card, threshold))
+                return
             self.model = ModelStatus(
                 True, name=getattr(card, "name", "model"), sha256=getattr(classifier, "sha256", ""),
                 threshold=threshold, card_threshold=float(getattr(card, "threshold", classifier.threshold)),
@@ -320,11 +323,22 @@ class FieldAnalyser:
 
         An open slide keeps the threshold it was started with: its fields are classified with it.
         """
-        self.settings = replace(self.settings, threshold=threshold)
         if self.model.ok:
             t = float(threshold if threshold is not None else self.model.card_threshold)
-            fp = _call_fp_rate(getattr(self.classifier, "card", None), t)
+            card = getattr(self.classifier, "card", None)
+            fp = _call_fp_rate(card, t)
+            if fp is None and card is not None:
+                raise ValueError(_no_fp_rate(card, t))
             self.model = replace(self.model, threshold=t, fp_rate_per_cell=float(fp or 0.0))
+        self.settings = replace(self.settings, threshold=threshold)
+
+    def call_fp_rate_at(self, threshold: float | None) -> float | None:
+        """The false-positive rate the slide call would use at this threshold (None: the card's), or None
+        when the card does not give one there."""
+        card = getattr(self.classifier, "card", None)
+        if card is None:
+            return None
+        return _call_fp_rate(card, float(threshold if threshold is not None else card.threshold))
 
     def model_info(self) -> ModelInfo:
         if not self.model.ok:
@@ -486,8 +500,18 @@ def _call_fp_rate(card, threshold: float) -> float | None:
     if card is None:
         return None
     at = getattr(card, "false_positive_rate_at", None)
-    fp = at(threshold) if at is not None else None
-    return fp if fp is not None else getattr(card, "false_positive_rate", None)
+    if at is not None:
+        # None when the card's curve does not reach this threshold: the card's own rate belongs to its
+        # own threshold only, and a lower threshold flags more healthy cells
+        return at(threshold)
+    return getattr(card, "false_positive_rate", None)
+
+
+def _no_fp_rate(card, threshold: float) -> str:
+    curve = [r["threshold"] for r in (getattr(card, "data", {}) or {}).get("operating_curve") or []]
+    reach = f"its operating curve starts at {min(curve):g}" if curve else "it has no operating curve"
+    return (f"the model card gives no false-positive rate at threshold {threshold:g} ({reach}), so no slide "
+            f"call could be made: set a threshold the curve covers, or none for the card's {card.threshold:g}")
 
 
 def review_is_final(totals: dict) -> bool:

@@ -277,6 +277,25 @@ def test_settings_that_cannot_be_written_say_so_and_change_nothing(make_env, mon
     assert r.status_code == 507 and "Not saved" in r.get_data(as_text=True)
 
 
+def test_a_threshold_the_model_card_gives_no_false_positive_rate_for_is_refused(make_env, monkeypatch):
+    from device.model_card import ModelCard
+
+    env = _env(make_env)
+    c, token = env.admin_client()
+    before = env.analyser.model.threshold
+    card = env.analyser.classifier.card  # the shipped card, its operating curve cut to start at 0.8
+    short = ModelCard(card.path, {**card.data, "operating_curve": [
+        r for r in card.data["operating_curve"] if r["threshold"] >= 0.8]})
+    monkeypatch.setattr(env.analyser.classifier, "card", short)
+    start = min(r["threshold"] for r in short.data["operating_curve"])
+    r = _save(c, token, threshold="0.6")
+    assert r.status_code == 400
+    assert f"gives no false-positive rate at 0.6 (its operating curve starts at {start:g})" in r.get_data(as_text=True)
+    assert env.analyser.model.threshold == before and env.deps.config.model.threshold is None
+    assert _save(c, token, threshold="0.85").status_code == 303  # on the curve: saved
+    assert env.analyser.model.threshold == 0.85
+
+
 def test_saving_another_setting_keeps_a_threshold_with_more_digits_than_shown(make_env):
     env = _env(make_env, model={"threshold": 0.97887501})
     c, token = env.admin_client()

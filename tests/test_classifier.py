@@ -127,6 +127,12 @@ _DELETE = object()
     (_set("output.shape", [1, 2]), r"output.shape \[1, 2\] is not \[batch, 1\]"),
     (_set("operating_curve", [{"call_false_positive_rate": 0.01}]), "operating_curve: expected rows"),
     (_set("call_false_positive_rate", -0.1), "call_false_positive_rate -0.1 is not a rate"),
+    # edits that keep the model's sha256 but change every slide call (a flagged cell or two made positive)
+    (_set("call_false_positive_rate", 0), "call_false_positive_rate 0 is not an upper bound"),
+    (_set("threshold", 0.5), "disagrees with the operating curve"),
+    (_set("threshold", 0.3), "lies below the operating curve"),
+    (_set("call_false_positive_rate", 0.0004), "disagrees with the operating curve"),
+    (_set("output.kind", "probability"), "says probability, but the output spans"),
 ])
 def test_malformed_cards_are_model_errors_not_crashes(tmp_path, edit, message):
     m = copy_model(tmp_path)

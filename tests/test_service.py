@@ -322,6 +322,33 @@ def test_call_false_positive_rate_follows_the_operating_threshold():
     assert service._call_fp_rate(None, 0.9) is None
 
 
+def test_a_threshold_the_card_gives_no_false_positive_rate_for_makes_the_model_unusable(tmp_path):
+    """A card without an operating curve and another threshold in the config used the card's own rate
+    (measured at 0.979) for a threshold of 0.9: a positive call from far fewer flagged cells."""
+    from device.analysis import AnalysisSettings
+    from device.model_card import ModelCard
+    from device.service import FieldAnalyser
+    from device.store import Store
+
+    no_curve = ModelCard(Path("x.json"), {"name": "m", "threshold": 0.979, "call_false_positive_rate": 0.004})
+    clf = SimpleNamespace(card=no_curve, threshold=0.979, sha256="ab" * 32, runtime="test", input_size_px=48)
+    store = Store(tmp_path / "data")
+    try:
+        ok = FieldAnalyser(store, clf)
+        assert ok.model.ok and ok.model.fp_rate_per_cell == 0.004
+        with pytest.raises(ValueError, match="no false-positive rate at threshold 0.9"):
+            ok.set_threshold(0.9)
+        assert ok.model.threshold == 0.979 and ok.settings.threshold is None  # nothing half-applied
+        ok.shutdown()
+        bad = FieldAnalyser(store, clf, settings=AnalysisSettings(threshold=0.9))
+        assert not bad.model.ok and "no false-positive rate at threshold 0.9" in bad.model.error
+        with pytest.raises(service.CaptureRefused, match="no false-positive rate"):
+            bad.model_info()
+        bad.shutdown()
+    finally:
+        store.close()
+
+
 def test_rejections_alone_do_not_change_the_call_until_the_review_is_complete():
     """2 of 20 flagged cells rejected turned a positive slide NEGATIVE on the result page: the rejected
     cells were false positives already inside the allowance."""
