@@ -28,6 +28,7 @@ import sqlite3
 import tempfile
 import threading
 import time
+import unicodedata
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -201,6 +202,17 @@ def write_atomic(path: Path, data: bytes, *, sync_dir: bool = True, sync_data: b
         _fsync_dir(path.parent)
 
 
+def _like_pattern(query: str) -> str:
+    """A search text for LIKE ... ESCAPE '\\': in its NFC form, as the IDs are stored, with % and _ literal."""
+    return unicodedata.normalize("NFC", query.strip()).replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def sample_key(sample_id: str) -> str:
+    """What makes two sample IDs the same sample: case (beyond A-Z: SQLite's lower() folds A-Z only) and
+    look-alike forms (NFKC: a composed or decomposed accent, full-width letters) do not count."""
+    return unicodedata.normalize("NFKC", sample_id).casefold()
+
+
 def _row(r: sqlite3.Row | None) -> dict | None:
     return None if r is None else dict(r)
 
@@ -310,20 +322,23 @@ class Store:
     def create_slide(self, *, sample_id: str, model: ModelInfo, target_rbc: int, rbc_per_ul: float,
                      rbc_per_ul_measured: bool = False, patient_id: str = "", operator: str = "",
                      notes: str = "") -> int:
-        sample_id = sample_id.strip()
+        # One spelling per text: "É" typed as one character or as E + accent is the same ID (NFC), and
+        # the search finds it whichever way it is typed.
+        sample_id = unicodedata.normalize("NFC", sample_id.strip())
         if not sample_id:
             raise ValueError("sample ID is required")
+        patient_id, operator, notes = (unicodedata.normalize("NFC", v.strip()) for v in (patient_id, operator, notes))
         with self._tx() as c:
             # one open slide per sample, checked inside the write lock (two starts at once made two)
-            key = sample_id.casefold()  # SQLite's lower() folds A-Z only: "Échantillon" and "échantillon" differ
-            if any(r[0].casefold() == key for r in c.execute("SELECT sample_id FROM slides WHERE status = 'open'")):
+            key = sample_key(sample_id)
+            if any(sample_key(r[0]) == key for r in c.execute("SELECT sample_id FROM slides WHERE status = 'open'")):
                 raise Conflict(f"slide {sample_id} is already open: continue it (open slides are listed on the "
                                "start page) or finish it first")
             cur = c.execute(
                 "INSERT INTO slides (sample_id, patient_id, operator, notes, started_at, model_name, model_sha256,"
                 " threshold, fp_rate_per_cell, target_rbc, rbc_per_ul, rbc_per_ul_measured)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (sample_id, patient_id.strip(), operator.strip(), notes.strip(), utc_now(), model.name,
+                (sample_id, patient_id, operator, notes, utc_now(), model.name,
                  model.sha256, model.threshold, model.fp_rate_per_cell, int(target_rbc), float(rbc_per_ul),
                  int(bool(rbc_per_ul_measured))))
             return int(cur.lastrowid)
@@ -337,7 +352,7 @@ class Store:
         sql = "SELECT * FROM slides WHERE 1 = 1"
         args: list[Any] = []
         if query:
-            escaped = query.strip().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            escaped = _like_pattern(query)
             sql += " AND sample_id LIKE ? ESCAPE '\\'"
             args.append(f"%{escaped}%")
         if status:
@@ -465,7 +480,7 @@ class Store:
             sql += " AND f.slide_id = ?"
             args.append(slide_id)
         if query:
-            escaped = query.strip().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            escaped = _like_pattern(query)
             sql += " AND s.sample_id LIKE ? ESCAPE '\\'"
             args.append(f"%{escaped}%")
         sql += " ORDER BY f.slide_id DESC, f.seq"

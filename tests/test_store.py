@@ -356,6 +356,15 @@ def test_one_open_slide_per_sample_even_when_two_starts_race(store):
     _slide(store, sample="Échantillon-1")
     with pytest.raises(Conflict, match="already open"):
         _slide(store, sample="échantillon-1")  # beyond A-Z too (SQLite's lower() folds A-Z only)
+    # look-alikes that read the same on screen: É as E + combining accent (NFD), full-width letters
+    import unicodedata
+
+    with pytest.raises(Conflict, match="already open"):
+        _slide(store, sample=unicodedata.normalize("NFD", "Échantillon-1"))
+    with pytest.raises(Conflict, match="already open"):
+        _slide(store, sample="ＲＡＣＥ-1")
+    # stored in one form (NFC), so a search typed either way finds it
+    assert [r["sample_id"] for r in store.list_slides(unicodedata.normalize("NFD", "Échant"))] == ["Échantillon-1"]
     sid = next(r for r in results if isinstance(r, int))
     store.finish_slide(sid, lambda slide, totals: {})
     assert _slide(store, sample="RACE-1")  # once finished, the sample may be started again

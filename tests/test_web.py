@@ -123,8 +123,18 @@ def test_a_second_open_slide_of_the_same_sample_is_refused(make_env):
     assert r.status_code == 400 and "already open" in r.get_data(as_text=True)
     assert "typed again" in r.get_data(as_text=True)  # the form keeps what was typed
     assert len(env.store.list_slides(status="open")) == 1
-    assert _start(c, token, sample_id="s-1").status_code == 400  # the same sample in other letters
+    # the refusal links the open slide itself: the start page lists only the newest ten
+    for i in range(12):
+        assert _start(c, token, sample_id=f"LATER-{i}").status_code == 303
+    r = _start(c, token, sample_id="s-1")  # the same sample in other letters
+    assert r.status_code == 400 and 'href="/slides/1">Continue slide S-1</a>' in r.get_data(as_text=True)
     assert _start(c, token, sample_id="S-2").status_code == 303  # another sample is fine
+    # an invisible character made a second open slide of a sample that looks the same on screen
+    r = _start(c, token, sample_id="S-2\u200b")
+    assert r.status_code == 400 and "invisible characters" in r.get_data(as_text=True)
+    r = _start(c, token, sample_id="S-\u0085-3")  # a C1 control character, not only ASCII ones
+    assert r.status_code == 400 and "control characters" in r.get_data(as_text=True)
+    assert len(env.store.list_slides(status="open")) == 14
 
 
 def test_counted_views_free_a_rejected_view_and_keep_a_counted_one():

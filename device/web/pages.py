@@ -11,6 +11,7 @@ from datetime import datetime
 from flask import Blueprint, Response, abort, redirect, render_template, request, send_file, url_for
 
 from device.service import ensure_crop
+from device.store import sample_key
 from device.web import accept_pin, deps, error_response, health, pin_ok, security, views
 
 logger = logging.getLogger(__name__)
@@ -39,8 +40,13 @@ def new_slide():
         slide_id = views.start_slide(views.parse_new_slide(request.form))
     except views.FormError as exc:
         store = deps().store
+        # the slide already open for this sample, linked even when it is not among the newest listed
+        typed = sample_key(str(request.form.get("sample_id", "")).strip())
+        already = next((s for s in store.list_slides(status="open", limit=10_000)
+                        if typed and sample_key(s["sample_id"]) == typed), None)
         resp = render_template("home.html", open_slides=[views.slide_view(s) for s in store.list_slides(
-            status="open", limit=10)], form=request.form, error=str(exc))
+            status="open", limit=10)], form=request.form, error=str(exc),
+            already_open=views.slide_view(already) if already else None)
         return resp, 400
     return redirect(url_for("pages.slide", slide_id=slide_id), 303)
 

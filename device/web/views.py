@@ -6,6 +6,7 @@ import json
 import logging
 import threading
 import time
+import unicodedata
 from collections.abc import Callable
 from concurrent.futures import CancelledError
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -60,9 +61,12 @@ def parse_new_slide(data) -> dict:
         if not isinstance(raw, str):  # JSON may send a number or an object: the record keeps text only
             raise FormError(f"{k.replace('_', ' ')} must be text")
         allowed = "\t\n\r" if k == "notes" else ""  # notes are a multi-line text area
-        if any((ord(ch) < 32 or ord(ch) == 127) and ch not in allowed for ch in raw):
+        if any(unicodedata.category(ch) == "Cc" and ch not in allowed for ch in raw):
             raise FormError(f"{k.replace('_', ' ')} contains control characters")
-        values[k] = raw.strip()
+        if k != "notes" and any(unicodedata.category(ch) == "Cf" for ch in raw):
+            # a zero-width space or a direction mark makes two IDs that look the same on screen differ
+            raise FormError(f"{k.replace('_', ' ')} contains invisible characters: type it again")
+        values[k] = unicodedata.normalize("NFC", raw.strip())
     if not values["sample_id"]:
         raise FormError("the sample ID is required")
     for k, n in MAX_TEXT.items():
