@@ -95,12 +95,28 @@ class Env:
         return c, self.csrf(c)
 
 
+class _FlagAll:
+    """The real classifier with every score raised to at least its threshold: every cell is flagged."""
+
+    def __init__(self, clf):
+        self._clf = clf
+
+    def __getattr__(self, name):
+        return getattr(self._clf, name)
+
+    def predict(self, batch):
+        import numpy as np
+
+        return np.maximum(self._clf.predict(batch), self._clf.threshold)
+
+
 @pytest.fixture
 def make_env(tmp_path, classifier):
     """Build the service from real parts (SQLite in tmp_path, replay camera, TFLite model).
 
-    ``flag_all=True`` sets the threshold to 0 so every counted cell is flagged, whatever the model:
-    tests of the review flow must not depend on the placeholder model's scores.
+    ``flag_all=True`` raises every cell's score to at least the card's threshold so every counted cell is
+    flagged, whatever the model: tests of the review flow must not depend on the model's scores. (A
+    threshold of 0 would do it too, but the card gives no false-positive rate there: no slide call.)
     """
     from device.analysis import AnalysisSettings
     from device.camera import CameraFeed, ReplayCamera
@@ -116,9 +132,10 @@ def make_env(tmp_path, classifier):
         opener = open_camera or (lambda: ReplayCamera(cfg.camera.replay_path, cfg.camera.replay_fps))
         feed = CameraFeed(opener, reconnect_max_s=cfg.camera.reconnect_max_s, min_focus=cfg.analysis.min_focus,
                           source="replay", reconnect_min_s=0.05).start()
-        settings = AnalysisSettings(min_focus=cfg.analysis.min_focus, threshold=0.0 if flag_all else None)
+        settings = AnalysisSettings(min_focus=cfg.analysis.min_focus)
         common = {"save_raw": cfg.service.save_raw_frames, "min_free_disk_mb": cfg.service.min_free_disk_mb}
-        analyser = (FieldAnalyser(store, classifier, settings=settings, **common) if model_ok
+        clf = _FlagAll(classifier) if flag_all else classifier
+        analyser = (FieldAnalyser(store, clf, settings=settings, **common) if model_ok
                     else FieldAnalyser(store, None, model_error="model file missing: /nowhere/model.tflite", **common))
         app = create_app(cfg, store, feed, analyser)
         app.config["TESTING"] = True
