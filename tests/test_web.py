@@ -169,6 +169,31 @@ def test_a_slide_without_fields_cannot_be_finished(make_env):
     assert env.store.get_slide(1)["status"] == "open"
 
 
+def test_a_slide_short_of_its_target_shows_its_count_not_a_density(make_env):
+    """'NOT ENOUGH CELLS · Parasitemia 0.893% · 44,643 parasites/uL' for 6 flagged cells in 672: the
+    flagged share of a short count is the classifier's false positives, not a density."""
+    from device.analysis import CellVerdict, FieldResult
+    from device.store import FieldImages
+
+    env = make_env()
+    c, token = _client(env)
+    _start(c, token)
+    model = env.analyser.model
+    cells = [CellVerdict((5, 5, 30, 30), 0.99 if i < 2 else 0.01, i < 2) for i in range(600)]
+    env.store.add_field(1, FieldResult(1600, 1200, None, cells, 120.0, model.threshold, {"total_ms": 1.0}),
+                        source="upload", model_sha256=model.sha256, images=FieldImages(SAMPLE.read_bytes(), None, {}))
+    assert c.post("/slides/1/finish", data={"csrf_token": token}).status_code == 303  # finished short
+    slide = c.get("/api/slides/1").get_json()["automatic"]
+    assert slide["call"] == "not enough cells"
+    banner = c.get("/slides/1/result").get_data(as_text=True).split('id="call-detail">')[1].split("</div>")[0]
+    assert "600 of 2000 red cells counted" in banner and "2 cells flagged" in banner
+    assert "Parasitemia" not in banner and "parasites/µL" not in banner
+    assert f"positive from {slide['positive_cutoff_cells']}" in banner
+    history = c.get("/history").get_data(as_text=True)
+    row = history.split('id="history-table"')[1]
+    assert "0.333%" not in row and "—" in row  # 2/600 is not shown as a parasitemia
+
+
 def test_a_negative_slide_shows_no_parasite_density_in_its_headline(make_env):
     from device.analysis import CellVerdict, FieldResult
     from device.store import FieldImages
