@@ -228,6 +228,33 @@ def _disk_full(exc: BaseException) -> bool:
     return False
 
 
+def _read_only(exc: BaseException) -> bool:
+    if isinstance(exc, OSError):
+        return exc.errno == errno.EROFS
+    if isinstance(exc, sqlite3.Error):
+        return (getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_READONLY
+                or "readonly database" in str(exc))
+    return False
+
+
+def storage_problem(exc: BaseException) -> str | None:
+    """What a technician or admin is told when a write failed for want of storage, or None."""
+    if _disk_full(exc):
+        return "the device's storage is full: nothing was saved; export the records and free some space"
+    if _read_only(exc):
+        return ("the device's storage has become read-only (a failing SD card or a remount): nothing was "
+                "saved; export the records, then check the card")
+    return None
+
+
+def storage_writable(store: Store) -> str | None:
+    """None when the data folder and database can be written, else why not (for /healthz)."""
+    for path in (store.data_dir, store.db_path):
+        if path.exists() and not os.access(path, os.W_OK):
+            return f"storage read-only: {path} cannot be written"
+    return None
+
+
 def ensure_crop(store: Store, cell_id: int) -> Path | None:
     """The crop file of a flagged cell, cut again from the raw frame if a power cut lost it."""
     path = store.cell_crop_path(cell_id)
@@ -448,6 +475,9 @@ class FieldAnalyser:
                 logger.error("slide %d: the disk filled up while a field was written: %s", slide_id, exc)
                 raise CaptureRefused("the disk is full: the field was not saved; export the records and free "
                                      "some space", 507) from exc
+            if _read_only(exc):
+                logger.error("slide %d: storage read-only while a field was written: %s", slide_id, exc)
+                raise CaptureRefused(storage_problem(exc) or str(exc), 507) from exc
             raise
         latency = time.perf_counter() - t0
         self.last_latency_s = latency

@@ -255,6 +255,33 @@ def test_healthz_is_ok_degraded_or_failing(make_env, monkeypatch):
     assert r.status_code == 503 and r.get_json()["status"] == "fail" and "database" in r.get_json()["problems"][0]
 
 
+def test_read_only_or_full_storage_is_said_as_such_and_fails_healthz(make_env, monkeypatch):
+    """A card remounted read-only answered Finish and Review with a bare 500 "internal error" while
+    /healthz said ok; a full disk did the same on the pages that write without the capture's check."""
+    import os
+    import sqlite3
+
+    from device import service
+
+    env = make_env()
+    c = env.app.test_client()
+    token = env.csrf(c)
+    assert c.post("/slides", data={"sample_id": "RO-1", "csrf_token": token}).status_code == 303
+    for message, said in (("attempt to write a readonly database", "read-only"),
+                          ("database or disk is full", "storage is full")):
+        def fail(*args, message=message, **kwargs):
+            raise sqlite3.OperationalError(message)
+
+        monkeypatch.setattr(env.store, "finish_slide", fail)
+        r = c.post("/api/slides/1/finish", headers={"X-CSRF-Token": token})
+        assert r.status_code == 507 and said in r.get_json()["error"] and "nothing was saved" in r.get_json()["error"]
+    assert env.store.get_slide(1)["status"] == "open"
+    real_access = os.access
+    monkeypatch.setattr(service.os, "access", lambda p, mode: False if mode == os.W_OK else real_access(p, mode))
+    r = c.get("/healthz")
+    assert r.status_code == 503 and any("read-only" in p for p in r.get_json()["problems"])
+
+
 def test_settings_that_cannot_be_written_say_so_and_change_nothing(make_env, monkeypatch):
     import errno
 

@@ -359,21 +359,29 @@ def test_low_disk_stops_raw_frames_first_then_refuses_captures(make_env, monkeyp
     assert env.store.totals(1)["fields"] == 2
 
 
-@pytest.mark.parametrize("failure", ["file", "database"])
+@pytest.mark.parametrize("failure", ["file", "database", "read-only file", "read-only database"])
 def test_disk_filling_up_mid_write_is_507_and_nothing_half_stored(make_env, monkeypatch, failure):
     env = make_env()
     c, token = _client(env)
     _start(c, token)
-    if failure == "file":
+    if failure.endswith("file"):
+        code, text = (errno.EROFS, "Read-only file system") if "read-only" in failure else (errno.ENOSPC,
+                                                                                             "No space left on device")
+
         def full(*_a, **_k):
-            raise OSError(errno.ENOSPC, "No space left on device")
+            raise OSError(code, text)
         monkeypatch.setattr(store_mod, "write_atomic", full)
     else:
+        text = "attempt to write a readonly database" if "read-only" in failure else "database or disk is full"
+
         def full(*_a, **_k):
-            raise sqlite3.OperationalError("database or disk is full")
+            raise sqlite3.OperationalError(text)
         monkeypatch.setattr(env.store, "add_field", full)
     r = _upload(c, token, SAMPLE.read_bytes(), "f.jpg")
-    assert r.status_code == 507 and "the field was not saved" in r.get_json()["error"]
+    assert r.status_code == 507, r.get_json()
+    said = r.get_json()["error"]
+    assert ("read-only" in said and "nothing was saved" in said) if "read-only" in failure else (
+        "the field was not saved" in said)
     assert env.store.totals(1)["fields"] == 0 and env.analyser.metrics.counts["analysis_errors_total"] == 0
     monkeypatch.undo()
     assert _upload(c, token, SAMPLE.read_bytes(), "f.jpg").status_code == 201

@@ -166,6 +166,12 @@ def _install_hooks(app: Flask) -> None:
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception):
+        from device.service import storage_problem
+
+        problem = storage_problem(exc)
+        if problem:  # a full or read-only card: said as such, not as an internal error
+            logger.error("%s %s: %s (%s)", request.method, request.path, problem, exc)
+            return error_response(507, problem)
         logger.exception("unexpected error on %s %s", request.method, request.path)
         return error_response(500, "internal error: see the service log")
 

@@ -10,7 +10,7 @@ from datetime import datetime
 
 from flask import Blueprint, Response, abort, redirect, render_template, request, send_file, url_for
 
-from device.service import ensure_crop
+from device.service import ensure_crop, storage_writable
 from device.store import sample_key
 from device.web import accept_pin, deps, error_response, health, pin_ok, security, views
 
@@ -248,6 +248,9 @@ def healthz():
         d.store.pragma("user_version")
     except Exception as exc:  # any database failure means unhealthy
         problems.append(f"database: {exc}")
+    read_only = storage_writable(d.store)
+    if read_only:  # reads still work, so the database check above passes: nothing new can be saved
+        problems.append(read_only)
     healthy = getattr(d.camera, "loop_healthy", lambda: True)
     if not healthy():
         problems.append("capture loop is not turning")
