@@ -210,7 +210,10 @@ def iter_image_files(paths: list[str | Path]) -> list[Path]:
     for raw in paths:
         p = Path(raw)
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            # a broken or looping link named like an image is listed too: reading it then says why it
+            # failed, instead of the file vanishing from the batch's count without a word
+            found = sorted(f for f in p.rglob("*")
+                           if (f.is_file() or f.is_symlink()) and f.suffix.lower() in IMAGE_SUFFIXES)
         else:
             found = [p]
         for f in found:

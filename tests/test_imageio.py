@@ -83,6 +83,16 @@ def test_iter_image_files_expands_folders(tmp_path):
     assert iter_image_files([tmp_path]) == [tmp_path / "a" / "x.png"]
 
 
+def test_broken_and_looping_links_in_a_folder_are_reported_not_dropped(tmp_path):
+    (tmp_path / "dangling.png").symlink_to(tmp_path / "gone.png")
+    (tmp_path / "loop.png").symlink_to(tmp_path / "loop.png")
+    files = iter_image_files([tmp_path])
+    assert files == [tmp_path / "dangling.png", tmp_path / "loop.png"]  # the batch counts them...
+    for f in files:  # ...and each says why it cannot be read
+        with pytest.raises(ImageError, match="cannot read"):
+            read_rgb(f)
+
+
 @pytest.mark.parametrize("order", [b"II", b"MM"])
 def test_tiff_bomb_is_refused_from_its_header(order, monkeypatch):
     import struct
