@@ -18,6 +18,20 @@ MAX_PIXELS = 50_000_000  # > 50 MP is refused before decoding (decompression bom
 MAX_FILE_BYTES = MAX_PIXELS * 4 + (8 << 20)
 MIN_SIDE_PX = 16
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+# JPEG compression erases the small dark dots a parasite is: the 20 held-out IML fields (themselves
+# JPEGs of quality ~78) saved again at quality 75 / 50 / 20 gave 13 / 11 / 7 of 29 parasite cells flagged
+# instead of 18, and at 10 twenty false positives per 1,000 cells (README, "Image files"). A JPEG whose
+# quantisation says a quality below this is refused.
+MIN_JPEG_QUALITY = 70
+# The IJG (libjpeg) luminance table that quality 50 uses; other qualities scale it.
+_IJG_LUMINANCE = np.array([
+    16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69, 56,
+    14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
+    49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99], dtype=np.float64)
+_ZIGZAG = np.array([
+    0, 1, 8, 16, 9, 2, 3, 10, 17, 24, 32, 25, 18, 11, 4, 5, 12, 19, 26, 33, 40, 48, 41, 34, 27, 20, 13, 6,
+    7, 14, 21, 28, 35, 42, 49, 56, 57, 50, 43, 36, 29, 22, 15, 23, 30, 37, 44, 51, 58, 59, 52, 45, 38, 31,
+    39, 46, 53, 60, 61, 54, 47, 55, 62, 63])
 
 
 class ImageError(ValueError):
@@ -111,6 +125,44 @@ def _jpeg_has_end(data: bytes) -> bool:
     return False
 
 
+def jpeg_quality(data: bytes) -> float | None:
+    """The IJG quality (1-100) a JPEG's luminance quantisation table corresponds to, or None.
+
+    The table's mean ratio to the standard one is the IJG scale factor S (%): quality (200 - S) / 2 for
+    S <= 100, else 5000 / S. Cameras with tables of their own get the quality of the same mean step.
+    """
+    if data[:2] != b"\xff\xd8":
+        return None
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            i += 1
+            continue
+        marker = data[i + 1]
+        if marker in (0xD8, 0x01, 0xFF) or 0xD0 <= marker <= 0xD7:
+            i += 1 if marker == 0xFF else 2
+            continue
+        if marker in (0xD9, 0xDA):  # the tables come before the first scan
+            return None
+        seg_len = struct.unpack(">H", data[i + 2 : i + 4])[0]
+        if marker == 0xDB:  # one or more quantisation tables
+            j, end = i + 4, min(n, i + 2 + seg_len)
+            while j < end:
+                precision, table_id = data[j] >> 4, data[j] & 0x0F
+                size = 128 if precision else 64
+                values = np.frombuffer(data[j + 1 : j + 1 + size], ">u2" if precision else "u1")
+                j += 1 + size
+                if values.size != 64:
+                    return None
+                if table_id == 0:
+                    table = np.empty(64)
+                    table[_ZIGZAG] = values
+                    scale = float(np.mean(table / _IJG_LUMINANCE)) * 100.0
+                    return (200.0 - scale) / 2.0 if scale <= 100.0 else 5000.0 / scale
+        i += 2 + seg_len
+    return None
+
+
 def _webp_size(data: bytes) -> tuple[int, int]:
     chunk = data[12:16]
     if chunk == b"VP8X" and len(data) >= 30:
@@ -149,6 +201,11 @@ def decode_rgb(data: bytes, *, name: str = "image", min_side_px: int = MIN_SIDE_
         raise ImageError(f"{name}: truncated PNG (no end chunk)")
     if data[:2] == b"\xff\xd8" and not _jpeg_has_end(data):
         raise ImageError(f"{name}: truncated JPEG (no end marker)")
+    if data[:2] == b"\xff\xd8":
+        quality = jpeg_quality(data)
+        if quality is not None and quality < MIN_JPEG_QUALITY:
+            raise ImageError(f"{name}: a JPEG saved at quality ~{quality:.0f}: compression this strong erases "
+                             f"parasites; save at quality {MIN_JPEG_QUALITY} or more, or as PNG")
     buf = np.frombuffer(data, dtype=np.uint8)
     img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
     if img is None:
