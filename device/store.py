@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 DB_NAME = "malaria-detect.sqlite3"
 IMAGES_DIR = "images"
 REVIEW_DECISIONS = ("confirmed", "rejected")
+_ANY = object()  # review_cell without a "seen" decision: whatever is stored is replaced
 # A temp file older than this is what a crash (kill -9, power cut) left mid-write; a live one is milliseconds old.
 STALE_TEMP_S = 60.0
 
@@ -520,16 +521,25 @@ class Store:
             "SELECT c.*, f.slide_id, f.file_key FROM cells c JOIN fields f ON f.id = c.field_id WHERE c.id = ?",
             (cell_id,)).fetchone())
 
-    def review_cell(self, cell_id: int, decision: str | None, by: str = "") -> dict:
-        """Record a technician's decision on a flagged cell (None clears it). The model's verdict stays."""
+    def review_cell(self, cell_id: int, decision: str | None, by: str = "", *,
+                    seen: str | None | object = _ANY) -> dict:
+        """Record a technician's decision on a flagged cell (None clears it). The model's verdict stays.
+
+        ``seen``: the decision the person saw on their page (None: none yet). When another window changed
+        it meanwhile, Conflict is raised instead of silently overwriting that decision.
+        """
         if decision is not None and decision not in REVIEW_DECISIONS:
             raise ValueError(f"decision must be one of {', '.join(REVIEW_DECISIONS)}")
         with self._tx() as c:
-            cell = c.execute("SELECT infected FROM cells WHERE id = ?", (cell_id,)).fetchone()
+            cell = c.execute("SELECT infected, review FROM cells WHERE id = ?", (cell_id,)).fetchone()
             if cell is None:
                 raise NotFound(f"cell {cell_id} not found")
             if not cell["infected"]:
                 raise Conflict("only cells flagged infected are reviewed")
+            if seen is not _ANY and seen != cell["review"]:
+                now = {"confirmed": "a parasite", "rejected": "not a parasite"}.get(cell["review"], "not reviewed")
+                raise Conflict(f"this cell was changed in another window meanwhile (now: {now}): the page shows "
+                               "it again; decide once more if needed")
             c.execute("UPDATE cells SET review = ?, reviewed_at = ?, reviewed_by = ? WHERE id = ?",
                       (decision, utc_now() if decision else None, by if decision else "", cell_id))
         return self.get_cell(cell_id)  # type: ignore[return-value]

@@ -191,13 +191,29 @@ def test_technician_flow_start_capture_review_finish_result_csv(browser, live_en
     assert said and "did not answer" in said[0]  # was an uncaught "Failed to fetch" and no message
     assert page.evaluate("document.querySelectorAll('.tile')[2].dataset.review") in ("", None)
     page.unroute("**/api/cells/**")
+    # another window decided this cell meanwhile: this page is told and shows the stored decision,
+    # instead of overwriting it unseen (the last tap used to win silently)
+    third_id = int(tiles.nth(2).get_attribute("id").split("-")[1])
+    env.store.review_cell(third_id, "rejected")
+    said.clear()
+    tiles.nth(2).locator("button.btn-yes").click()
+    deadline = time.monotonic() + 10
+    while not said and time.monotonic() < deadline:
+        page.wait_for_timeout(100)
+    assert said and "changed in another window" in said[0]
+    page.wait_for_selector(f"#cell-{third_id}[data-review='rejected']", timeout=10_000)  # reloaded: as stored
+    assert env.store.get_cell(third_id)["review"] == "rejected"
+    env.store.review_cell(third_id, None)  # as it was: the rest of the flow counts it undecided
+    page.reload()
+    page.wait_for_selector(f"#cell-{third_id}[data-review='']", timeout=10_000)
     # the device stops answering: the pill says so and no longer reads "Model ready" beside it
     page.route("**/api/status*", lambda route: route.abort())
     _until(page, "document.getElementById('status-pill').textContent.includes('unreachable')")
     assert "ready" not in page.inner_text("#status-pill")
     page.unroute("**/api/status*")
     _until(page, "document.getElementById('status-pill').textContent.includes('Model ready')")
-    errors[:] = [e for e in errors if "net::ERR_FAILED" not in e]  # the browser's log of the requests we cut
+    # the browser's log of the requests we cut, and of the 409 the other window's decision brought
+    errors[:] = [e for e in errors if "net::ERR_FAILED" not in e and "409 (CONFLICT)" not in e]
 
     # finish -> result; below the counting target the page asks first (a tap on Finish, just under
     # Review, closed a slide of 0 cells for good)

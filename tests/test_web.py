@@ -264,6 +264,19 @@ def test_review_flagged_cells_keeps_automatic_and_reviewed_counts(make_env):
     assert c.get("/api/slides/1").get_json()["totals"]["review"]["confirmed"] == 0
     assert c.post(f"/api/cells/{cells[0]['id']}/review", json={"decision": "maybe"}, headers=h).status_code == 400
     assert c.post("/api/cells/99999/review", json={"decision": "confirmed"}, headers=h).status_code == 404
+    # two windows on one cell: the second decides on what it saw, not over the first's decision unseen
+    cid = cells[2]["id"]
+    assert 'name="seen" value=""' in c.get("/slides/1/review").get_data(as_text=True)
+    r = c.post(f"/api/cells/{cid}/review", json={"decision": "rejected", "seen": ""}, headers=h)
+    assert r.status_code == 200  # window 1
+    r = c.post(f"/api/cells/{cid}/review", json={"decision": "confirmed", "seen": ""}, headers=h)  # window 2
+    assert r.status_code == 409 and "changed in another window" in r.get_json()["error"]
+    assert "now: not a parasite" in r.get_json()["error"]
+    assert env.store.get_cell(cid)["review"] == "rejected"  # kept
+    r = c.post(f"/cells/{cid}/review", data={"decision": "confirmed", "seen": "", "csrf_token": token})
+    assert r.status_code == 409  # the script-free form says the same
+    r = c.post(f"/api/cells/{cid}/review", json={"decision": "confirmed", "seen": "rejected"}, headers=h)
+    assert r.status_code == 200 and env.store.get_cell(cid)["review"] == "confirmed"  # decided on what is stored
 
 
 def test_finish_pressed_while_a_field_is_analysed_counts_that_field(make_env):

@@ -89,7 +89,10 @@ def field(field_id: int):
 
 @bp.post("/cells/<int:cell_id>/review")
 def review(cell_id: int):
-    decision = _object_body().get("decision", "")
-    cell = views.review(cell_id, decision)
+    body = _object_body()
+    seen = body.get("seen")
+    if seen is not None and seen not in ("", "confirmed", "rejected"):
+        abort(400, "seen must be '', 'confirmed' or 'rejected'")
+    cell = views.review(cell_id, body.get("decision", ""), seen)
     slide = views.slide_json(views.slide_or_404(cell["slide_id"]))
     return jsonify({"cell": views.cell_json(cell), "slide": slide})

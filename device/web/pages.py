@@ -79,7 +79,9 @@ def review(slide_id: int):
 
 @bp.post("/cells/<int:cell_id>/review")
 def review_cell(cell_id: int):
-    cell = views.review(cell_id, request.form.get("decision", ""))
+    seen = request.form.get("seen")
+    cell = views.review(cell_id, request.form.get("decision", ""),
+                        seen if seen in ("", "confirmed", "rejected") else None)
     return redirect(url_for("pages.review", slide_id=cell["slide_id"], _anchor=f"cell-{cell_id}"), 303)
 
 

@@ -273,11 +273,13 @@ def finish(slide_id: int) -> dict:
     return done
 
 
-def review(cell_id: int, decision: str | None) -> dict:
+def review(cell_id: int, decision: str | None, seen: str | None = None) -> dict:
+    """``seen``: the decision the page showed ("" none; None when the client does not say)."""
     if decision in ("", "clear"):
         decision = None
+    kwargs = {} if seen is None else {"seen": seen or None}
     try:
-        return deps().store.review_cell(cell_id, decision)
+        return deps().store.review_cell(cell_id, decision, **kwargs)
     except NotFound as exc:
         abort(404, str(exc))
     except Conflict as exc:

@@ -240,11 +240,17 @@
       var pressed = e.submitter;
       form.dataset.busy = "1";
       form.setAttribute("aria-busy", "true");
-      postJSON(form.dataset.api, { decision: decision }).catch(function () {
+      // what this page shows: a decision changed in another window meanwhile is not overwritten unseen
+      postJSON(form.dataset.api, { decision: decision, seen: tile.dataset.review || "" }).catch(function () {
         return { status: 0, body: { error: "The device did not answer: check the connection and try again." } };
       }).then(function (res) {
         delete form.dataset.busy;
         form.removeAttribute("aria-busy");
+        if (res.status === 409) {  // changed elsewhere meanwhile: show what is stored now
+          alert(res.body.error);
+          location.reload();
+          return;
+        }
         if (res.status !== 200) { alert(res.body.error || ("Error " + res.status)); return; }
         tile.dataset.review = res.body.cell.review || "";
         buttons.forEach(function (b) { if (b.value !== "clear") { b.setAttribute("aria-pressed", String(b.value === tile.dataset.review)); } });
