@@ -374,7 +374,8 @@ def convert(args, argv: list[str]) -> Path:
         card = make_card(
             args.name, staged,
             threshold=threshold,
-            threshold_rule=(f"the threshold in {lo}-{hi} that minimises the expected slide detection limit at "
+            threshold_rule=(f"the lowest threshold in {lo}-{hi} whose expected slide detection limit is within "
+                            f"10% of the minimum at "
                             f"{args.target_rbc} RBC — (K - n*f) / (n*s), K the positive cutoff for Poisson(n*f) at "
                             f"p<0.001 — with f the upper 95% false-positive bound and s the sensitivity on the "
                             f"{thr_patients} (int8 model); expected limit "
