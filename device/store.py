@@ -115,7 +115,14 @@ MIGRATIONS: list[str] = [
         png BLOB NOT NULL
     );
     """,
+    # 3: a field the technician took out of the count (wrong slide or area, an area counted twice): kept
+    # with its reason, time and cells, and counted again if they change their mind
+    """
+    ALTER TABLE fields ADD COLUMN excluded TEXT;
+    ALTER TABLE fields ADD COLUMN excluded_at TEXT;
+    """,
 ]
+EXCLUDE_REASONS = ("wrong slide or area", "same area counted twice", "thick or damaged area", "other")
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -463,8 +470,31 @@ class Store:
         """The camera view (as stored by :meth:`add_field`) of the slide's latest counted field, or None."""
         r = self._conn().execute(
             "SELECT v.png FROM field_views v JOIN fields f ON f.id = v.field_id"
-            " WHERE f.slide_id = ? AND f.rejected IS NULL ORDER BY f.seq DESC LIMIT 1", (slide_id,)).fetchone()
+            " WHERE f.slide_id = ? AND f.rejected IS NULL AND f.excluded IS NULL ORDER BY f.seq DESC LIMIT 1",
+            (slide_id,)).fetchone()
         return None if r is None else bytes(r[0])
+
+    def exclude_field(self, field_id: int, reason: str | None) -> dict:
+        """Take a used field out of the slide's count (``reason``), or count it again (None).
+
+        The field, its cells and images stay in the records. Only while its slide is open: a finished
+        result is not changed afterwards. Raises NotFound, Conflict (finished slide, a field the quality
+        gate rejected) or ValueError (a reason not in :data:`EXCLUDE_REASONS`).
+        """
+        if reason is not None and reason not in EXCLUDE_REASONS:
+            raise ValueError(f"reason must be one of: {', '.join(EXCLUDE_REASONS)}")
+        with self._tx() as c:
+            f = c.execute("SELECT f.rejected, f.seq, s.status, s.sample_id FROM fields f JOIN slides s"
+                          " ON s.id = f.slide_id WHERE f.id = ?", (field_id,)).fetchone()
+            if f is None:
+                raise NotFound(f"field {field_id} not found")
+            if f["status"] != "open":
+                raise Conflict(f"slide {f['sample_id']} is finished: its fields can no longer be changed")
+            if f["rejected"] is not None:
+                raise Conflict(f"field {f['seq']} was rejected by the quality gate: it counts nothing already")
+            c.execute("UPDATE fields SET excluded = ?, excluded_at = ? WHERE id = ?",
+                      (reason, utc_now() if reason else None, field_id))
+        return self.get_field(field_id)  # type: ignore[return-value]
 
     def get_field(self, field_id: int) -> dict | None:
         return _row(self._conn().execute("SELECT * FROM fields WHERE id = ?", (field_id,)).fetchone())
@@ -488,18 +518,22 @@ class Store:
         return [dict(r) for r in self._conn().execute(sql, args)]
 
     def totals(self, slide_id: int) -> dict:
-        """Counts over the slide's fields (used = not rejected) and the review of its flagged cells."""
+        """Counts over the slide's fields (used = not rejected by the gate and not excluded by the
+        technician) and the review of its flagged cells."""
         c = self._conn()
         f = c.execute(
-            "SELECT COUNT(*) AS fields, COALESCE(SUM(rejected IS NULL), 0) AS fields_used,"
+            "SELECT COUNT(*) AS fields, COALESCE(SUM(rejected IS NULL AND excluded IS NULL), 0) AS fields_used,"
             " COALESCE(SUM(rejected IS NOT NULL), 0) AS fields_rejected,"
-            " COALESCE(SUM(rbc_count), 0) AS rbc_count, COALESCE(SUM(infected_count), 0) AS infected_count"
+            " COALESCE(SUM(rejected IS NULL AND excluded IS NOT NULL), 0) AS fields_excluded,"
+            " COALESCE(SUM(CASE WHEN excluded IS NULL THEN rbc_count ELSE 0 END), 0) AS rbc_count,"
+            " COALESCE(SUM(CASE WHEN excluded IS NULL THEN infected_count ELSE 0 END), 0) AS infected_count"
             " FROM fields WHERE slide_id = ?", (slide_id,)).fetchone()
         r = c.execute(
             "SELECT COALESCE(SUM(c.review = 'confirmed'), 0) AS confirmed,"
             " COALESCE(SUM(c.review = 'rejected'), 0) AS rejected, COALESCE(SUM(c.review IS NULL), 0) AS pending"
             " FROM cells c JOIN fields f ON f.id = c.field_id"
-            " WHERE f.slide_id = ? AND c.infected = 1 AND f.rejected IS NULL", (slide_id,)).fetchone()
+            " WHERE f.slide_id = ? AND c.infected = 1 AND f.rejected IS NULL AND f.excluded IS NULL",
+            (slide_id,)).fetchone()
         out = dict(f)
         out["review"] = dict(r)
         # After review: the automatic count less the cells a technician rejected.
@@ -510,7 +544,8 @@ class Store:
     def flagged_cells(self, slide_id: int) -> list[dict]:
         return [dict(r) for r in self._conn().execute(
             "SELECT c.*, f.seq AS field_seq FROM cells c JOIN fields f ON f.id = c.field_id"
-            " WHERE f.slide_id = ? AND c.infected = 1 AND f.rejected IS NULL ORDER BY f.seq, c.idx", (slide_id,))]
+            " WHERE f.slide_id = ? AND c.infected = 1 AND f.rejected IS NULL AND f.excluded IS NULL"
+            " ORDER BY f.seq, c.idx", (slide_id,))]
 
     def field_cells(self, field_id: int) -> list[dict]:
         return [dict(r) for r in self._conn().execute(

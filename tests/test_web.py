@@ -719,3 +719,55 @@ def test_a_capture_cancelled_by_shutdown_is_503_not_500(make_env, monkeypatch):
     monkeypatch.setattr(env.analyser, "submit", cancelled)
     r = _upload(c, token, SAMPLE.read_bytes(), "field.jpg")
     assert r.status_code == 503 and "stopping" in r.get_json()["error"]  # was 500 "analysis failed (CancelledError)"
+
+
+def test_a_captured_field_can_be_taken_out_of_the_count_and_back(make_env, tmp_path):
+    """A field of the wrong slide or area, or an area counted twice, had no way out of the count."""
+    import shutil
+
+    from device.camera import ReplayCamera
+
+    still = tmp_path / "still"
+    still.mkdir()
+    shutil.copy(SAMPLE, still)
+    env = make_env(flag_all=True, open_camera=lambda: ReplayCamera(still, fps=20))
+    c, token = _client(env)
+    _start(c, token)
+    _wait_frame(env)
+    first = _capture(c, token).get_json()["field"]
+    assert _upload(c, token, SAMPLE.read_bytes(), "f.jpg").status_code == 201
+    both = env.store.totals(1)
+    assert both["fields_used"] == 2 and both["review"]["pending"] == 2 * first["infected_count"]
+    page = c.get("/slides/1").get_data(as_text=True)
+    assert f'href="/fields/{first["id"]}/exclude"' in page
+    ask = c.get(f"/fields/{first['id']}/exclude").get_data(as_text=True)  # asks first, with the reasons
+    assert "Take field 1 out of the count?" in ask and "same area counted twice" in ask
+    r = c.post(f"/fields/{first['id']}/exclude", data={"reason": "same area counted twice", "csrf_token": token})
+    assert r.status_code == 303
+    t = env.store.totals(1)
+    assert (t["fields_used"], t["fields_excluded"], t["rbc_count"]) == (1, 1, both["rbc_count"] - first["rbc_count"])
+    assert t["review"]["pending"] == first["infected_count"]  # its flagged cells leave the review too
+    assert len(c.get("/api/slides/1/cells").get_json()["cells"]) == first["infected_count"]
+    row = c.get("/slides/1").get_data(as_text=True).split(f'id="field-{first["id"]}"')[1].split("</tr>")[0]
+    assert "Excluded: same area counted twice" in row and "Count again" in row
+    assert env.store.get_field(first["id"])["excluded_at"]  # kept, with its time: nothing is deleted
+    # its camera view no longer counts: the same (unmoved) field may be captured again
+    assert _capture(c, token).status_code == 201
+    # the API: back into the count, then refusals
+    h = {"X-CSRF-Token": token}
+    r = c.post(f"/api/fields/{first['id']}/exclude", json={"reason": None}, headers=h)
+    assert r.status_code == 200 and r.get_json()["field"]["excluded"] is None
+    assert r.get_json()["slide"]["totals"]["fields_used"] == 3
+    assert c.post(f"/api/fields/{first['id']}/exclude", json={"reason": "bored"}, headers=h).status_code == 400
+    assert c.post("/api/fields/9999/exclude", json={"reason": "other"}, headers=h).status_code == 404
+    second = env.store.list_fields(1)[1]["id"]
+    assert c.post(f"/api/fields/{second}/exclude", json={"reason": "wrong slide or area"}, headers=h).status_code == 200
+    assert c.post("/api/slides/1/finish", headers=h).status_code == 200
+    result = c.get("/slides/1/result").get_data(as_text=True)
+    assert "1 taken out of the count by the technician" in result
+    assert "Excluded by the technician: wrong slide or area" in c.get("/slides/1/report").get_data(as_text=True)
+    export = c.get("/export/fields.csv?slide=1").get_data(as_text=True)
+    assert "excluded,excluded_at" in export.splitlines()[0] and "wrong slide or area" in export
+    r = c.post(f"/api/fields/{first['id']}/exclude", json={"reason": "other"}, headers=h)
+    assert r.status_code == 409 and "finished" in r.get_json()["error"]  # a finished result stays as it was
+    assert "Exclude…" not in c.get("/slides/1").get_data(as_text=True)

@@ -87,6 +87,17 @@ def field(field_id: int):
     return jsonify(out)
 
 
+@bp.post("/fields/<int:field_id>/exclude")
+def exclude_field(field_id: int):
+    """{"reason": one of the reasons} takes the field out of the count; {"reason": null} counts it again."""
+    reason = _object_body().get("reason")
+    if reason is not None and not isinstance(reason, str):
+        abort(400, "reason must be text or null")
+    field = views.exclude_field(field_id, reason)
+    return jsonify({"field": views.field_json(field),
+                    "slide": views.slide_json(views.slide_or_404(field["slide_id"]))})
+
+
 @bp.post("/cells/<int:cell_id>/review")
 def review(cell_id: int):
     body = _object_body()

@@ -11,7 +11,7 @@ from datetime import datetime
 from flask import Blueprint, Response, abort, redirect, render_template, request, send_file, url_for
 
 from device.service import ensure_crop, storage_writable
-from device.store import sample_key
+from device.store import EXCLUDE_REASONS, sample_key
 from device.web import accept_pin, deps, error_response, health, pin_ok, security, views
 
 logger = logging.getLogger(__name__)
@@ -69,6 +69,26 @@ def capture(slide_id: int):
 def finish(slide_id: int):
     views.finish(slide_id)
     return redirect(url_for("pages.result", slide_id=slide_id), 303)
+
+
+@bp.route("/fields/<int:field_id>/exclude", methods=["GET", "POST"])
+def exclude_field(field_id: int):
+    """Take a captured field out of the count (wrong slide or area, an area counted twice): asks first."""
+    f = deps().store.get_field(field_id)
+    if f is None:
+        abort(404, f"field {field_id} not found")
+    if request.method == "POST":
+        reason = request.form.get("reason", "")
+        field = views.exclude_field(field_id, reason or "other")
+        return redirect(url_for("pages.slide", slide_id=field["slide_id"], _anchor=f"field-{field_id}"), 303)
+    slide = views.slide_or_404(f["slide_id"])
+    return render_template("exclude.html", field=views.field_json(f), slide=slide, reasons=EXCLUDE_REASONS)
+
+
+@bp.post("/fields/<int:field_id>/include")
+def include_field(field_id: int):
+    field = views.exclude_field(field_id, None)
+    return redirect(url_for("pages.slide", slide_id=field["slide_id"], _anchor=f"field-{field_id}"), 303)
 
 
 @bp.get("/slides/<int:slide_id>/review")
@@ -190,6 +210,7 @@ def export_slides():
 FIELD_COLUMNS = [
     "field_id", "slide_id", "sample_id", "patient_id", "seq", "captured_at", "source", "width", "height",
     "rejected", "focus", "rbc_count", "infected_count", "model_sha256", "threshold", "analysis_ms",
+    "excluded", "excluded_at",
 ]
 
 
@@ -206,7 +227,7 @@ def export_fields():
     rows = [[f["id"], f["slide_id"], f["sample_id"], f["patient_id"], f["seq"], f["captured_at"], f["source"],
              f["width"], f["height"], f["rejected"] or "", f"{f['focus']:.1f}", f["rbc_count"],
              f["infected_count"], f["model_sha256"], f"{f['threshold']:.4f}",
-             json.loads(f["timing_json"] or "{}").get("total_ms", "")]
+             json.loads(f["timing_json"] or "{}").get("total_ms", ""), f["excluded"] or "", f["excluded_at"] or ""]
             for f in deps().store.fields_for_export(request.args.get("q", "")[:64], slide_id)]
     return _csv_response(f"slide{slide_id}-fields" if slide_id else "fields", FIELD_COLUMNS, rows)
 

@@ -159,6 +159,12 @@ class CountedViews:
             if counts and slide_id not in self.finished:
                 self.counted[slide_id] = view
 
+    def reload(self, slide_id: int) -> None:
+        """The slide's counted fields changed (one excluded or counted again): read its view back."""
+        with self.lock:
+            self.counted.pop(slide_id, None)
+            self._loaded.discard(slide_id)
+
     def forget(self, slide_id: int) -> None:
         """A finished slide takes no more fields: its view is not kept (months of slides on a Pi)."""
         with self.lock:
@@ -273,6 +279,23 @@ def finish(slide_id: int) -> dict:
     return done
 
 
+def exclude_field(field_id: int, reason: str | None) -> dict:
+    """Take a field out of its slide's count (``reason``) or count it again (None): the stored field row."""
+    store = deps().store
+    try:
+        field = store.exclude_field(field_id, reason)
+    except NotFound as exc:
+        abort(404, str(exc))
+    except Conflict as exc:
+        abort(409, str(exc))
+    except ValueError as exc:
+        abort(400, str(exc))
+    _counted_views().reload(field["slide_id"])  # an excluded field's view may be captured again
+    logger.info("field %d of slide %d %s", field_id, field["slide_id"],
+                f"excluded ({reason})" if reason else "counted again")
+    return field
+
+
 def review(cell_id: int, decision: str | None, seen: str | None = None) -> dict:
     """``seen``: the decision the page showed ("" none; None when the client does not say)."""
     if decision in ("", "clear"):
@@ -296,6 +319,8 @@ def field_json(f: dict) -> dict:
         "source": f["source"], "width": f["width"], "height": f["height"], "rejected": f["rejected"],
         "focus": round(f["focus"], 2), "rbc_count": f["rbc_count"], "infected_count": f["infected_count"],
         "model_sha256": f["model_sha256"], "threshold": f["threshold"],
+        "excluded": f.get("excluded"), "excluded_at": f.get("excluded_at"),
+        "exclude_url": url_for("pages.exclude_field", field_id=f["id"]),
         "timing_ms": json.loads(f["timing_json"] or "{}"),
         "annotated_url": url_for("pages.field_image", field_id=f["id"], kind="annotated"),
         "raw_url": url_for("pages.field_image", field_id=f["id"], kind="raw") if f["has_raw"] else None,

@@ -144,6 +144,12 @@
         if (c instanceof Node) { td.appendChild(c); } else { td.textContent = c; }
         tr.appendChild(td);
       });
+      if (!f.rejected) {  // as the server renders it: a used field may be taken out of the count
+        var ex = document.createElement("a");
+        ex.href = f.exclude_url; ex.className = "exclude-link"; ex.textContent = "Exclude…";
+        tr.lastChild.appendChild(document.createTextNode(" · "));
+        tr.lastChild.appendChild(ex);
+      }
       $("fields-table").querySelector("tbody").appendChild(tr);
     };
 
