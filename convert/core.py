@@ -17,7 +17,7 @@ import numpy as np
 from device.classifier import CellClassifier, make_interpreter
 from device.config import THRESHOLD_SAFE_RANGE
 from device.metrics import binary_metrics
-from device.model_card import CLASS_ORDER, sha256_of
+from device.model_card import CLASS_ORDER, ModelError, sha256_of
 from device.slide import detection_limit_fraction, wilson_interval
 
 logger = logging.getLogger(__name__)
@@ -309,7 +309,10 @@ def convert(args, argv: list[str]) -> Path:
             p.write_bytes(blob)
             card = make_card(p.stem, p, threshold=0.5)
             (td / f"{p.stem}.json").write_text(json.dumps(card))
-            clf = CellClassifier(p, threads=1)  # the device's own loader, card checks included
+            try:
+                clf = CellClassifier(p, threads=1)  # the device's own loader, card checks included
+            except ModelError as exc:  # what the device would refuse: refused here, exit 2, nothing written
+                raise ConvertError(f"the converted {kind} model fails the device's checks: {exc}") from exc
             p_val = clf.predict(xv)
             p_monitor = clf.predict(xm) if threshold_on == "early-stopping" else p_val
             results[kind] = {"path": p, "card": card, "p_val": p_val, "p_monitor": p_monitor}

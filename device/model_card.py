@@ -185,6 +185,11 @@ def _card_problem(data: dict) -> str | None:
         # an upper confidence bound from a finite count of healthy cells is never 0, and 0 would make a
         # single flagged cell a positive slide
         return "call_false_positive_rate 0 is not an upper bound measured on healthy cells"
+    if fp is None:  # an older card: the measured rate at the threshold stands in (ModelCard.false_positive_rate)
+        measured = ((data.get("metrics") or {}).get("int8_at_threshold") or {}).get("false_positive_rate")
+        if measured is not None and not (_number(measured) and 0.0 < measured <= 1.0):
+            return (f"no call_false_positive_rate, and the measured rate {measured!r} at the threshold cannot stand "
+                    "in for one (0 would make one flagged cell a positive slide)")
     curve = data.get("operating_curve", [])
     if not isinstance(curve, list) or not all(
             isinstance(r, dict) and _number(r.get("threshold")) and _number(r.get("call_false_positive_rate"))
@@ -236,9 +241,10 @@ def check_details(card: ModelCard, which: str, detail: dict) -> None:
         # what the quantised output can express: a probability stays in [0, 1], a logit takes both signs
         info = np.iinfo(dtype)
         lo, hi = float(scale) * (info.min - int(zp)), float(scale) * (info.max - int(zp))
-        if card.output_kind == "probability" and (lo < -0.01 or hi > 1.01):
+        within_0_1 = lo >= -0.01 and hi <= 1.01
+        if card.output_kind == "probability" and not within_0_1:
             problems.append(f"the card says probability, but the output spans {lo:.2f}..{hi:.2f} (a logit)")
-        if card.output_kind == "logit" and not lo < 0.0 < hi:
+        if card.output_kind == "logit" and within_0_1:  # an undertrained logit may span -0.4..0: still a logit
             problems.append(f"the card says logit, but the output spans {lo:.2f}..{hi:.2f} (a probability)")
     if problems:
         raise ModelError(f"model {which} contradicts its card {card.path}: " + "; ".join(problems))

@@ -133,6 +133,11 @@ _DELETE = object()
     (_set("threshold", 0.3), "lies below the operating curve"),
     (_set("call_false_positive_rate", 0.0004), "disagrees with the operating curve"),
     (_set("output.kind", "probability"), "says probability, but the output spans"),
+    # an older card without the bound: its measured rate of 0 at the threshold must not stand in for it
+    (lambda card: json.dumps({k: v for k, v in card.items() if k != "call_false_positive_rate"} | {
+        "metrics": {**card["metrics"], "int8_at_threshold": {**card["metrics"]["int8_at_threshold"],
+                                                              "false_positive_rate": 0.0}}}).encode(),
+     "the measured rate 0.0 at the threshold cannot stand in"),
 ])
 def test_malformed_cards_are_model_errors_not_crashes(tmp_path, edit, message):
     m = copy_model(tmp_path)
@@ -196,3 +201,27 @@ def test_device_never_imports_tensorflow():
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "False False"
+
+
+def test_the_output_kind_is_checked_against_what_the_quantised_output_can_express():
+    """A probability output cannot leave 0..1; a logit's range can sit wholly below 0 (an undertrained
+    model's calibration logits were all negative, and convert was refused with a traceback)."""
+    from device.model_card import ModelCard, check_details
+
+    card = load_card(MODEL)
+    spec = card.data["output"]
+
+    def detail(scale, zero_point):
+        return {"shape": [1, 1], "dtype": np.uint8, "quantization": (scale, zero_point)}
+
+    def with_output(kind, scale, zero_point):
+        out = {**spec, "kind": kind, "quantization": {"scale": scale, "zero_point": zero_point}}
+        return ModelCard(card.path, {**card.data, "output": out})
+
+    check_details(with_output("logit", 0.36 / 255, 255), "output", detail(0.36 / 255, 255))  # -0.36..0
+    check_details(with_output("logit", 0.1066, 92), "output", detail(0.1066, 92))  # the shipped one
+    check_details(with_output("probability", 1 / 255, 0), "output", detail(1 / 255, 0))
+    with pytest.raises(ModelError, match="says logit, but the output spans 0.00..1.00"):
+        check_details(with_output("logit", 1 / 255, 0), "output", detail(1 / 255, 0))
+    with pytest.raises(ModelError, match="says probability, but the output spans"):
+        check_details(with_output("probability", 0.1066, 92), "output", detail(0.1066, 92))

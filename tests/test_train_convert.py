@@ -71,6 +71,28 @@ def test_exported_model_has_normalisation_but_no_augmentation(run_dir):
 
 
 @pytest.mark.slow
+def test_early_stopping_without_monitor_cells_is_refused_not_done_on_the_validation_patients(tmp_path):
+    """With one training patient there are no early-stopping patients: the fit silently monitored the
+    validation patients, whose figures were then reported as held out."""
+    import csv
+
+    data = tmp_path / "onepatient"
+    shutil.copytree(FIX, data)
+    rows = list(csv.DictReader((data / "patients.csv").open()))
+    for r in rows:
+        if r["split"] != "val":
+            r["patient"] = "P999"
+    with (data / "patients.csv").open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    r = run_module("train", "--data", str(data), "--out", str(tmp_path / "run"), "--epochs", "1",
+                   "--monitor-fraction", "0.2", "--average-last", "0", "--schedule", "plateau")
+    assert r.returncode == 2 and "left no readable early-stopping cells" in r.stderr
+    assert not (tmp_path / "run" / "model.keras").exists()
+
+
+@pytest.mark.slow
 def test_missing_class_folder_is_a_clear_error(tmp_path):
     (tmp_path / "Parasitized").mkdir()
     r = run_module("train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--epochs", "1")

@@ -23,6 +23,9 @@ FIX = Path(__file__).parent / "fixtures" / "nih_cells"
     ("C201ThinF_IMG_20151029_091810_cell_1.png", "C201"),
     ("C3thin_original_IMG_20150608_162922_cell_1.png", "C3"),
     ("C238NThinF_IMG_20151207_114038_cell_81.png", "C238N"),
+    # renamed or re-cased copies: the slide number is never cut short into another patient's
+    ("c37bp2_thinF_IMG_1.png", "C37BP2"),
+    ("C12nThinF_IMG_1.png", "C12N"),
 ])
 def test_patient_from_real_names(name, patient):
     assert patient_from_name(name) == patient
@@ -36,9 +39,11 @@ def test_parsing_agrees_with_the_patient_table_on_every_fixture_file():
         assert patient_from_name(row["file"]) == row["patient"], row["file"]
 
 
-def test_unparseable_name_is_a_clear_error():
+@pytest.mark.parametrize("name", ["IMG_0001.png", "C12AthinF_IMG_1.png", "C1weird_IMG_1.png"])
+def test_unparseable_name_is_a_clear_error(name):
+    # C12AthinF once read as patient C1 (the healthy pattern gave back digits to its lookahead)
     with pytest.raises(DataError, match="cannot tell the patient"):
-        patient_from_name("IMG_0001.png")
+        patient_from_name(name)
 
 
 def test_split_by_patient_is_disjoint_and_seeded():
@@ -117,6 +122,7 @@ def test_a_bom_header_reads_and_a_hidden_macos_copy_is_no_cell(tmp_path):
     (lambda lines: [lines[0], lines[1].replace(",parasitized,", ",uninfected,"), *lines[2:]],
      "is labelled 'uninfected' but lies in"),
     (lambda lines: [lines[0]] + [lines[1].replace(",val", ",train")] + lines[2:], "is on both sides"),
+    (lambda lines: [], "patients.csv is empty"),  # was read as "no table": a seeded split, without a word
 ])
 def test_an_inconsistent_patient_table_is_a_clear_error(tmp_path, edit, message):
     d = _copy_fixture(tmp_path)

@@ -119,6 +119,12 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             raise DataError(f"{'training' if name == 'train' else 'validation'} patients hold "
                             f"{'no readable cells' if len(y) == 0 else 'only one class'} in {args.data} "
                             f"({', '.join(sorted(pts))[:200]}); give a patients.csv with a val split")
+        if name == "monitor" and args.monitor_fraction > 0 and len(y) == 0:
+            # early stopping would otherwise select on the validation patients, whose figures are then
+            # no longer held out (it silently did)
+            raise DataError(f"--monitor-fraction {args.monitor_fraction:g} left no readable early-stopping cells "
+                            f"({len(train_p)} training patient(s) besides the validation ones): use "
+                            "--monitor-fraction 0 (a fixed schedule) or give more patients")
 
     extra_val = {}
     for extra in args.extra_data:
@@ -205,9 +211,7 @@ def fit(args, arrays):
 
     keras.utils.set_random_seed(args.seed)
     xt, yt, _ = arrays["train"]
-    xm, ym, _ = arrays["monitor"]
-    if len(ym) == 0 and args.monitor_fraction > 0:  # tiny data: fall back to validating on validation patients
-        xm, ym, _ = arrays["val"]
+    xm, ym, _ = arrays["monitor"]  # never the validation patients: refused above when empty
     aug = geometric_augmenter(args.seed)
     jitter = not args.no_stain_jitter
 

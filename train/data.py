@@ -26,9 +26,11 @@ SUFFIXES = {".png", ".webp", ".jpg", ".jpeg"}
 # C47P8thinOriginalOlympusCX21 -> P8. A lettered slide (C37BP2_thinF, C51AP12thinF) is kept whole,
 # as the NIH patient table does. Healthy slides (C1, C12NThinF, C201ThinF, C3thin_original) are
 # their own patient: the C<m> prefix with an optional N.
-_LETTERED_RE = re.compile(r"^(C\d+[A-Z]P\d+)")
+_LETTERED_RE = re.compile(r"^(C\d+[A-Z]P\d+)", re.IGNORECASE)
 _INFECTED_RE = re.compile(r"^C\d+P(\d+)", re.IGNORECASE)
-_HEALTHY_RE = re.compile(r"^(C\d+N?)(?=$|[^A-Za-z]|thin|ThinF)", re.IGNORECASE)
+# \d++ is possessive: the slide number is never cut short to satisfy what follows (C37BP2 -> "C3" was
+# possible when the lookahead accepted the next digit)
+_HEALTHY_RE = re.compile(r"^(C\d++N?)(?=$|[^A-Za-z0-9]|thin)", re.IGNORECASE)
 
 
 class DataError(ValueError):
@@ -48,13 +50,13 @@ def patient_from_name(name: str) -> str:
     stem = Path(name).name
     m = _LETTERED_RE.match(stem)
     if m:
-        return m.group(1)
+        return m.group(1).upper()
     m = _INFECTED_RE.match(stem)
     if m:
         return f"P{int(m.group(1))}"
     m = _HEALTHY_RE.match(stem)
     if m:
-        return m.group(1)[0].upper() + m.group(1)[1:]
+        return m.group(1).upper()
     raise DataError(f"cannot tell the patient from file name {stem!r}")
 
 
@@ -110,8 +112,11 @@ def _read_patients_csv(path: Path) -> dict[str, dict[str, str]]:
     try:
         with path.open(newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
-            missing = {"file", "patient"} - set(reader.fieldnames or ())
-            if reader.fieldnames and missing:
+            if not reader.fieldnames:  # an empty table silently meant "no table": a seeded split instead
+                raise DataError(f"{path} is empty: give the header file,label,patient,split and a row per "
+                                "cell, or remove it to split by the patients in the file names")
+            missing = {"file", "patient"} - set(reader.fieldnames)
+            if missing:
                 raise DataError(f"{path}: no {' or '.join(sorted(missing))} column (header: file,label,patient,split)")
             return {row["file"]: row for row in reader if row.get("file") and row.get("patient")}
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
