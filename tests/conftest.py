@@ -54,16 +54,17 @@ def make_config(data_dir: Path, **sections):
 
 
 def wait_new_view(env, slide_id: int = 1, timeout_s: float = 10.0) -> None:
-    """Wait until the camera shows a view other than the one last counted into the slide (the replay
-    camera's stand-in for moving the stage): a capture of the same view is refused as counted."""
+    """Wait until the camera shows a view other than the one last counted into the slide or one still being
+    analysed (the replay camera's stand-in for moving the stage): a capture of such a view is refused."""
     from device.camera import same_view, thumbnail
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         views = env.app.extensions.get("malaria_detect_counted_views")
-        counted = views.counted.get(slide_id) if views is not None else None
+        taken = [] if views is None else [v for v in (views.counted.get(slide_id),
+                                                      *views.inflight.get(slide_id, [])) if v is not None]
         f = env.feed.latest()
-        if f is not None and f.rgb is not None and (counted is None or not same_view(counted, thumbnail(f.rgb))):
+        if f is not None and f.rgb is not None and not any(same_view(v, thumbnail(f.rgb)) for v in taken):
             return
         time.sleep(0.02)
     raise AssertionError("the camera showed no new view")
