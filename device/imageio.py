@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import stat
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -78,35 +79,9 @@ def _tiff_size(data: bytes) -> tuple[int, int]:
         raise ImageError("unreadable TIFF header") from exc
 
 
-def _jpeg_size(data: bytes) -> tuple[int, int]:
-    i = 2
-    n = len(data)
-    while i + 4 <= n:
-        if data[i] != 0xFF:
-            i += 1
-            continue
-        marker = data[i + 1]
-        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
-            i += 2
-            continue
-        seg_len = struct.unpack(">H", data[i + 2 : i + 4])[0]
-        # SOF0..SOF15 except DHT (C4), JPG (C8), DAC (CC) carry the frame size.
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            if i + 9 > n:
-                break
-            h, w = struct.unpack(">HH", data[i + 5 : i + 9])
-            return w, h
-        i += 2 + seg_len
-    raise ImageError("truncated JPEG: no frame header")
-
-
-def _jpeg_has_end(data: bytes) -> bool:
-    """Whether the end-of-image marker follows the first scan.
-
-    Inside entropy-coded data a 0xFF byte is always followed by 0x00 or a restart marker, so the first
-    FF D9 after the scan starts is the end of the image; an EXIF thumbnail's end marker lies before the
-    scan, and whatever a phone appends after the end (a maker trailer, a motion photo's video) is ignored.
-    """
+def _jpeg_segments(data: bytes) -> Iterator[tuple[int, int, int]]:
+    """(marker, offset, segment length) of each JPEG marker up to the first scan (SOS, included) or an
+    end marker (EOI, length 0); stand-alone markers (SOI, TEM, RSTn) and fill bytes are skipped."""
     i, n = 2, len(data)
     while i + 4 <= n:
         if data[i] != 0xFF:
@@ -117,12 +92,37 @@ def _jpeg_has_end(data: bytes) -> bool:
             i += 1 if marker == 0xFF else 2
             continue
         if marker == 0xD9:
-            return False  # an end before any scan: nothing to decode
+            yield marker, i, 0
+            return
         seg_len = struct.unpack(">H", data[i + 2 : i + 4])[0]
-        if marker == 0xDA:  # start of scan
-            return data.find(b"\xff\xd9", i + 2 + seg_len) >= 0
+        yield marker, i, seg_len
+        if marker == 0xDA:
+            return
         i += 2 + seg_len
-    return False
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int]:
+    for marker, i, _ in _jpeg_segments(data):
+        # SOF0..SOF15 except DHT (C4), JPG (C8), DAC (CC) carry the frame size.
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            if i + 9 > len(data):
+                break
+            h, w = struct.unpack(">HH", data[i + 5 : i + 9])
+            return w, h
+    raise ImageError("truncated JPEG: no frame header")
+
+
+def _jpeg_has_end(data: bytes) -> bool:
+    """Whether the end-of-image marker follows the first scan.
+
+    Inside entropy-coded data a 0xFF byte is always followed by 0x00 or a restart marker, so the first
+    FF D9 after the scan starts is the end of the image; an EXIF thumbnail's end marker lies before the
+    scan, and whatever a phone appends after the end (a maker trailer, a motion photo's video) is ignored.
+    """
+    for marker, i, seg_len in _jpeg_segments(data):
+        if marker == 0xDA:
+            return data.find(b"\xff\xd9", i + 2 + seg_len) >= 0
+    return False  # no scan, or an end before it: nothing to decode
 
 
 def jpeg_quality(data: bytes) -> float | None:
@@ -133,33 +133,22 @@ def jpeg_quality(data: bytes) -> float | None:
     """
     if data[:2] != b"\xff\xd8":
         return None
-    i, n = 2, len(data)
-    while i + 4 <= n:
-        if data[i] != 0xFF:
-            i += 1
+    for marker, i, seg_len in _jpeg_segments(data):
+        if marker != 0xDB:  # quantisation tables, one or more per segment, all before the first scan
             continue
-        marker = data[i + 1]
-        if marker in (0xD8, 0x01, 0xFF) or 0xD0 <= marker <= 0xD7:
-            i += 1 if marker == 0xFF else 2
-            continue
-        if marker in (0xD9, 0xDA):  # the tables come before the first scan
-            return None
-        seg_len = struct.unpack(">H", data[i + 2 : i + 4])[0]
-        if marker == 0xDB:  # one or more quantisation tables
-            j, end = i + 4, min(n, i + 2 + seg_len)
-            while j < end:
-                precision, table_id = data[j] >> 4, data[j] & 0x0F
-                size = 128 if precision else 64
-                values = np.frombuffer(data[j + 1 : j + 1 + size], ">u2" if precision else "u1")
-                j += 1 + size
-                if values.size != 64:
-                    return None
-                if table_id == 0:
-                    table = np.empty(64)
-                    table[_ZIGZAG] = values
-                    scale = float(np.mean(table / _IJG_LUMINANCE)) * 100.0
-                    return (200.0 - scale) / 2.0 if scale <= 100.0 else 5000.0 / scale
-        i += 2 + seg_len
+        j, end = i + 4, min(len(data), i + 2 + seg_len)
+        while j < end:
+            precision, table_id = data[j] >> 4, data[j] & 0x0F
+            size = 128 if precision else 64
+            values = np.frombuffer(data[j + 1 : j + 1 + size], ">u2" if precision else "u1")
+            j += 1 + size
+            if values.size != 64:
+                return None
+            if table_id == 0:
+                table = np.empty(64)
+                table[_ZIGZAG] = values
+                scale = float(np.mean(table / _IJG_LUMINANCE)) * 100.0
+                return (200.0 - scale) / 2.0 if scale <= 100.0 else 5000.0 / scale
     return None
 
 

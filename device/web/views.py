@@ -7,9 +7,10 @@ import logging
 import threading
 import time
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import CancelledError
 from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -279,17 +280,23 @@ def finish(slide_id: int) -> dict:
     return done
 
 
-def exclude_field(field_id: int, reason: str | None) -> dict:
-    """Take a field out of its slide's count (``reason``) or count it again (None): the stored field row."""
-    store = deps().store
+@contextmanager
+def _store_answers() -> Iterator[None]:
+    """A store's refusal as the page's answer: not found 404, not possible now 409, bad value 400."""
     try:
-        field = store.exclude_field(field_id, reason)
+        yield
     except NotFound as exc:
         abort(404, str(exc))
     except Conflict as exc:
         abort(409, str(exc))
     except ValueError as exc:
         abort(400, str(exc))
+
+
+def exclude_field(field_id: int, reason: str | None) -> dict:
+    """Take a field out of its slide's count (``reason``) or count it again (None): the stored field row."""
+    with _store_answers():
+        field = deps().store.exclude_field(field_id, reason)
     _counted_views().reload(field["slide_id"])  # an excluded field's view may be captured again
     logger.info("field %d of slide %d %s", field_id, field["slide_id"],
                 f"excluded ({reason})" if reason else "counted again")
@@ -301,14 +308,8 @@ def review(cell_id: int, decision: str | None, seen: str | None = None) -> dict:
     if decision in ("", "clear"):
         decision = None
     kwargs = {} if seen is None else {"seen": seen or None}
-    try:
+    with _store_answers():
         return deps().store.review_cell(cell_id, decision, **kwargs)
-    except NotFound as exc:
-        abort(404, str(exc))
-    except Conflict as exc:
-        abort(409, str(exc))
-    except ValueError as exc:
-        abort(400, str(exc))
 
 
 # --- JSON shapes ----------------------------------------------------------------------------------
