@@ -191,6 +191,10 @@ def _card_problem(data: dict) -> str | None:
             return (f"no call_false_positive_rate, and the measured rate {measured!r} at the threshold cannot stand "
                     "in for one (0 would make one flagged cell a positive slide)")
     curve = data.get("operating_curve", [])
+    if not curve:
+        # without it neither the card's threshold and rate nor another threshold can be checked; convert
+        # always writes one
+        return "operating_curve missing: the card's threshold and false-positive rate cannot be checked"
     if not isinstance(curve, list) or not all(
             isinstance(r, dict) and _number(r.get("threshold")) and _number(r.get("call_false_positive_rate"))
             for r in curve):

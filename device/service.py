@@ -312,20 +312,25 @@ class FieldAnalyser:
         if classifier is None:
             self.model = ModelStatus(False, error=model_error or "no model loaded")
         else:
-            card = getattr(classifier, "card", None)
-            threshold = float(self.settings.threshold if self.settings.threshold is not None
-                              else classifier.threshold)
-            fp = _call_fp_rate(card, threshold)
-            card_data = getattr(card, "data", None) or {}
-            if fp is None and card is not None:
-                self.model = ModelStatus(False, error=_no_fp_rate(card, threshold))
-                return
-            self.model = ModelStatus(
-                True, name=getattr(card, "name", "model"), sha256=getattr(classifier, "sha256", ""),
-                threshold=threshold, card_threshold=float(getattr(card, "threshold", classifier.threshold)),
-                fp_rate_per_cell=float(fp or 0.0), runtime=getattr(classifier, "runtime", ""),
-                card_date=str(card_data.get("date", "")), card_metrics=_card_metrics(card),
-                threshold_rule=str(card_data.get("threshold_rule", "")))
+            self.model = self._status(self.settings.threshold if self.settings.threshold is not None
+                                      else classifier.threshold)
+
+    def _status(self, threshold: float | None) -> ModelStatus:
+        """The loaded model's status at this operating threshold (None: the card's): unusable when the card
+        gives no false-positive rate there, since no slide call could be made."""
+        classifier = self.classifier
+        card = getattr(classifier, "card", None)
+        t = float(threshold if threshold is not None else getattr(card, "threshold", classifier.threshold))
+        fp = _call_fp_rate(card, t)
+        if fp is None and card is not None:
+            return ModelStatus(False, error=_no_fp_rate(card, t))
+        card_data = getattr(card, "data", None) or {}
+        return ModelStatus(
+            True, name=getattr(card, "name", "model"), sha256=getattr(classifier, "sha256", ""),
+            threshold=t, card_threshold=float(getattr(card, "threshold", classifier.threshold)),
+            fp_rate_per_cell=float(fp or 0.0), runtime=getattr(classifier, "runtime", ""),
+            card_date=str(card_data.get("date", "")), card_metrics=_card_metrics(card),
+            threshold_rule=str(card_data.get("threshold_rule", "")))
 
     @classmethod
     def from_config(cls, cfg, store: Store, metrics: Metrics | None = None) -> FieldAnalyser:
@@ -350,13 +355,11 @@ class FieldAnalyser:
 
         An open slide keeps the threshold it was started with: its fields are classified with it.
         """
-        if self.model.ok:
-            t = float(threshold if threshold is not None else self.model.card_threshold)
-            card = getattr(self.classifier, "card", None)
-            fp = _call_fp_rate(card, t)
-            if fp is None and card is not None:
-                raise ValueError(_no_fp_rate(card, t))
-            self.model = replace(self.model, threshold=t, fp_rate_per_cell=float(fp or 0.0))
+        if self.classifier is not None:  # also when unusable at the old threshold: the new one may do
+            status = self._status(threshold)
+            if not status.ok and self.model.ok:
+                raise ValueError(status.error)  # nothing applied: the admin page refuses it first
+            self.model = status
         self.settings = replace(self.settings, threshold=threshold)
 
     def call_fp_rate_at(self, threshold: float | None) -> float | None:

@@ -20,6 +20,7 @@ Schema changes are an ordered list of migrations; ``PRAGMA user_version`` says h
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -210,11 +211,6 @@ def write_atomic(path: Path, data: bytes, *, sync_dir: bool = True, sync_data: b
         _fsync_dir(path.parent)
 
 
-def _like_pattern(query: str) -> str:
-    """A search text for LIKE ... ESCAPE '\\': in its NFC form, as the IDs are stored, with % and _ literal."""
-    return unicodedata.normalize("NFC", query.strip()).replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-
-
 def sample_key(sample_id: str) -> str:
     """What makes two sample IDs the same sample: case (beyond A-Z: SQLite's lower() folds A-Z only) and
     look-alike forms (NFKC: a composed or decomposed accent, full-width letters) do not count."""
@@ -356,19 +352,20 @@ class Store:
 
     def list_slides(self, query: str = "", *, limit: int = 100, offset: int = 0,
                     status: str | None = None) -> list[dict]:
-        """Slides, newest first; ``query`` matches part of the sample ID (case-insensitive)."""
+        """Slides, newest first; ``query`` matches part of the sample ID as the one-open-slide rule
+        compares IDs (:func:`sample_key`: any case, composed or decomposed accents, full-width letters)."""
         sql = "SELECT * FROM slides WHERE 1 = 1"
         args: list[Any] = []
-        if query:
-            escaped = _like_pattern(query)
-            sql += " AND sample_id LIKE ? ESCAPE '\\'"
-            args.append(f"%{escaped}%")
         if status:
             sql += " AND status = ?"
             args.append(status)
-        sql += " ORDER BY id DESC LIMIT ? OFFSET ?"
-        args += [int(limit), int(offset)]
-        return [dict(r) for r in self._conn().execute(sql, args)]
+        sql += " ORDER BY id DESC"
+        if not query.strip():
+            return [dict(r) for r in self._conn().execute(sql + " LIMIT ? OFFSET ?", [*args, int(limit), int(offset)])]
+        # SQLite's LIKE folds A-Z only: matched here (a device holds thousands of slides, not millions)
+        key = sample_key(query.strip())
+        found = (dict(r) for r in self._conn().execute(sql, args) if key in sample_key(r["sample_id"]))
+        return list(itertools.islice(found, int(offset), int(offset) + int(limit)))
 
     def slide_counts(self) -> dict:
         """{"slides": n, "open": n, "fields": n}: for the admin page."""
@@ -466,6 +463,16 @@ class Store:
                            f"({slide['model_name']}, sha256 {slide['model_sha256'][:12]}…): finish it and start a "
                            "new slide")
 
+    def counted_views_png(self, slide_id: int) -> dict[int, bytes]:
+        """The camera view of each counted (used) field of the slide, by field ID."""
+        return {int(r[0]): bytes(r[1]) for r in self._conn().execute(
+            "SELECT f.id, v.png FROM field_views v JOIN fields f ON f.id = v.field_id"
+            " WHERE f.slide_id = ? AND f.rejected IS NULL AND f.excluded IS NULL", (slide_id,))}
+
+    def field_view_png(self, field_id: int) -> bytes | None:
+        r = self._conn().execute("SELECT png FROM field_views WHERE field_id = ?", (field_id,)).fetchone()
+        return None if r is None else bytes(r[0])
+
     def last_counted_view_png(self, slide_id: int) -> bytes | None:
         """The camera view (as stored by :meth:`add_field`) of the slide's latest counted field, or None."""
         r = self._conn().execute(
@@ -510,12 +517,12 @@ class Store:
         if slide_id is not None:
             sql += " AND f.slide_id = ?"
             args.append(slide_id)
-        if query:
-            escaped = _like_pattern(query)
-            sql += " AND s.sample_id LIKE ? ESCAPE '\\'"
-            args.append(f"%{escaped}%")
         sql += " ORDER BY f.slide_id DESC, f.seq"
-        return [dict(r) for r in self._conn().execute(sql, args)]
+        rows = (dict(r) for r in self._conn().execute(sql, args))
+        if query.strip():  # as list_slides matches
+            key = sample_key(query.strip())
+            rows = (r for r in rows if key in sample_key(r["sample_id"]))
+        return list(rows)
 
     def totals(self, slide_id: int) -> dict:
         """Counts over the slide's fields (used = not rejected by the gate and not excluded by the
@@ -566,11 +573,15 @@ class Store:
         if decision is not None and decision not in REVIEW_DECISIONS:
             raise ValueError(f"decision must be one of {', '.join(REVIEW_DECISIONS)}")
         with self._tx() as c:
-            cell = c.execute("SELECT infected, review FROM cells WHERE id = ?", (cell_id,)).fetchone()
+            cell = c.execute("SELECT c.infected, c.review, f.excluded, f.seq FROM cells c JOIN fields f"
+                             " ON f.id = c.field_id WHERE c.id = ?", (cell_id,)).fetchone()
             if cell is None:
                 raise NotFound(f"cell {cell_id} not found")
             if not cell["infected"]:
                 raise Conflict("only cells flagged infected are reviewed")
+            if cell["excluded"] is not None:
+                raise Conflict(f"field {cell['seq']} is out of the count ({cell['excluded']}): its cells are not "
+                               "reviewed unless it is counted again")
             if seen is not _ANY and seen != cell["review"]:
                 now = {"confirmed": "a parasite", "rejected": "not a parasite"}.get(cell["review"], "not reviewed")
                 raise Conflict(f"this cell was changed in another window meanwhile (now: {now}): the page shows "

@@ -126,6 +126,9 @@ _DELETE = object()
     (_set("output.kind", "Logit"), "output.kind 'Logit' is not"),
     (_set("output.shape", [1, 2]), r"output.shape \[1, 2\] is not \[batch, 1\]"),
     (_set("operating_curve", [{"call_false_positive_rate": 0.01}]), "operating_curve: expected rows"),
+    # without a curve an edited threshold or rate could not be caught
+    (_set("operating_curve", _DELETE), "operating_curve missing"),
+    (_set("operating_curve", []), "operating_curve missing"),
     (_set("call_false_positive_rate", -0.1), "call_false_positive_rate -0.1 is not a rate"),
     # edits that keep the model's sha256 but change every slide call (a flagged cell or two made positive)
     (_set("call_false_positive_rate", 0), "call_false_positive_rate 0 is not an upper bound"),

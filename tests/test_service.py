@@ -344,6 +344,9 @@ def test_a_threshold_the_card_gives_no_false_positive_rate_for_makes_the_model_u
         assert not bad.model.ok and "no false-positive rate at threshold 0.9" in bad.model.error
         with pytest.raises(service.CaptureRefused, match="no false-positive rate"):
             bad.model_info()
+        # the message's advice works at once: back to the card's threshold, the model is usable again
+        bad.set_threshold(None)
+        assert bad.model.ok and bad.model.threshold == 0.979 and bad.model.fp_rate_per_cell == 0.004
         bad.shutdown()
     finally:
         store.close()

@@ -363,8 +363,12 @@ def test_one_open_slide_per_sample_even_when_two_starts_race(store):
         _slide(store, sample=unicodedata.normalize("NFD", "Échantillon-1"))
     with pytest.raises(Conflict, match="already open"):
         _slide(store, sample="ＲＡＣＥ-1")
-    # stored in one form (NFC), so a search typed either way finds it
-    assert [r["sample_id"] for r in store.list_slides(unicodedata.normalize("NFD", "Échant"))] == ["Échantillon-1"]
+    # stored in one form (NFC), and searched as the open-slide rule compares: typed either way, in any
+    # case (beyond A-Z too), or in full-width letters, a search finds the slide it would refuse beside
+    for typed in (unicodedata.normalize("NFD", "Échant"), "échant", "ÉCHANT", "ｅｃｈａｎｔ".replace("ｅ", "é", 1)):
+        assert [r["sample_id"] for r in store.list_slides(typed)] == ["Échantillon-1"], typed
+    assert [r["sample_id"] for r in store.list_slides("ＲＡＣＥ")] == ["RACE-1"]
+    assert len(store.list_slides("a", limit=1)) == 1 and store.list_slides("a", limit=1, offset=5) == []
     sid = next(r for r in results if isinstance(r, int))
     store.finish_slide(sid, lambda slide, totals: {})
     assert _slide(store, sample="RACE-1")  # once finished, the sample may be started again

@@ -123,6 +123,7 @@ def test_a_bom_header_reads_and_a_hidden_macos_copy_is_no_cell(tmp_path):
      "is labelled 'uninfected' but lies in"),
     (lambda lines: [lines[0]] + [lines[1].replace(",val", ",train")] + lines[2:], "is on both sides"),
     (lambda lines: [], "patients.csv is empty"),  # was read as "no table": a seeded split, without a word
+    (lambda lines: [lines[0], ""], "has no rows with a file and a patient"),  # a header alone, the same
 ])
 def test_an_inconsistent_patient_table_is_a_clear_error(tmp_path, edit, message):
     d = _copy_fixture(tmp_path)

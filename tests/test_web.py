@@ -134,6 +134,8 @@ def test_a_second_open_slide_of_the_same_sample_is_refused(make_env):
     assert r.status_code == 400 and "invisible characters" in r.get_data(as_text=True)
     r = _start(c, token, sample_id="S-\u0085-3")  # a C1 control character, not only ASCII ones
     assert r.status_code == 400 and "control characters" in r.get_data(as_text=True)
+    r = c.post("/api/slides", json={"sample_id": "S-\ud800"}, headers={"X-CSRF-Token": token})
+    assert r.status_code == 400 and "broken character" in r.get_json()["error"]  # was a 500 from SQLite
     assert len(env.store.list_slides(status="open")) == 14
 
 
@@ -274,7 +276,11 @@ def test_review_flagged_cells_keeps_automatic_and_reviewed_counts(make_env):
     assert "now: not a parasite" in r.get_json()["error"]
     assert env.store.get_cell(cid)["review"] == "rejected"  # kept
     r = c.post(f"/cells/{cid}/review", data={"decision": "confirmed", "seen": "", "csrf_token": token})
-    assert r.status_code == 409  # the script-free form says the same
+    # the script-free form: back to the gallery at that cell, which shows the stored decision and why
+    assert r.status_code == 303 and r.headers["Location"].endswith(f"/slides/1/review#cell-{cid}")
+    gallery = c.get("/slides/1/review").get_data(as_text=True)
+    assert 'id="review-flash"' in gallery and "changed in another window" in gallery
+    assert env.store.get_cell(cid)["review"] == "rejected"
     r = c.post(f"/api/cells/{cid}/review", json={"decision": "confirmed", "seen": "rejected"}, headers=h)
     assert r.status_code == 200 and env.store.get_cell(cid)["review"] == "confirmed"  # decided on what is stored
 
@@ -751,23 +757,36 @@ def test_a_captured_field_can_be_taken_out_of_the_count_and_back(make_env, tmp_p
     row = c.get("/slides/1").get_data(as_text=True).split(f'id="field-{first["id"]}"')[1].split("</tr>")[0]
     assert "Excluded: same area counted twice" in row and "Count again" in row
     assert env.store.get_field(first["id"])["excluded_at"]  # kept, with its time: nothing is deleted
-    # its camera view no longer counts: the same (unmoved) field may be captured again
-    assert _capture(c, token).status_code == 201
-    # the API: back into the count, then refusals
     h = {"X-CSRF-Token": token}
+    excluded_cell = next(x for x in env.store.field_cells(first["id"]) if x["infected"])
+    r = c.post(f"/api/cells/{excluded_cell['id']}/review", json={"decision": "confirmed"}, headers=h)
+    assert r.status_code == 409 and "out of the count" in r.get_json()["error"]  # its cells are not reviewed
+    # its camera view no longer counts: the same (unmoved) field may be captured again...
+    again = _capture(c, token)
+    assert again.status_code == 201
+    # ...and then the first may not be counted again beside it: the same cells would count twice
+    r = c.post(f"/api/fields/{first['id']}/exclude", json={"reason": None}, headers=h)
+    assert r.status_code == 409 and "shows the same view and is counted" in r.get_json()["error"]
+    assert c.post(f"/api/fields/{first['id']}/exclude", json={}, headers=h).status_code == 400  # say which
+    r = c.post(f"/api/fields/{again.get_json()['field']['id']}/exclude", json={"reason": "other"}, headers=h)
+    assert r.status_code == 200
+    # the API: back into the count, then refusals
     r = c.post(f"/api/fields/{first['id']}/exclude", json={"reason": None}, headers=h)
     assert r.status_code == 200 and r.get_json()["field"]["excluded"] is None
-    assert r.get_json()["slide"]["totals"]["fields_used"] == 3
+    assert r.get_json()["slide"]["totals"]["fields_used"] == 2
     assert c.post(f"/api/fields/{first['id']}/exclude", json={"reason": "bored"}, headers=h).status_code == 400
     assert c.post("/api/fields/9999/exclude", json={"reason": "other"}, headers=h).status_code == 404
     second = env.store.list_fields(1)[1]["id"]
     assert c.post(f"/api/fields/{second}/exclude", json={"reason": "wrong slide or area"}, headers=h).status_code == 200
     assert c.post("/api/slides/1/finish", headers=h).status_code == 200
     result = c.get("/slides/1/result").get_data(as_text=True)
-    assert "1 taken out of the count by the technician" in result
+    assert "2 taken out of the count by the technician" in result
+    slides_csv = c.get("/export/slides.csv").get_data(as_text=True).splitlines()
+    assert slides_csv[0].endswith(",fields_excluded") and slides_csv[1].endswith(",2")
     assert "Excluded by the technician: wrong slide or area" in c.get("/slides/1/report").get_data(as_text=True)
     export = c.get("/export/fields.csv?slide=1").get_data(as_text=True)
     assert "excluded,excluded_at" in export.splitlines()[0] and "wrong slide or area" in export
     r = c.post(f"/api/fields/{first['id']}/exclude", json={"reason": "other"}, headers=h)
     assert r.status_code == 409 and "finished" in r.get_json()["error"]  # a finished result stays as it was
     assert "Exclude…" not in c.get("/slides/1").get_data(as_text=True)
+    assert c.get(f"/fields/{first['id']}/exclude").status_code == 409  # not even asked once finished

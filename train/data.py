@@ -118,7 +118,11 @@ def _read_patients_csv(path: Path) -> dict[str, dict[str, str]]:
             missing = {"file", "patient"} - set(reader.fieldnames)
             if missing:
                 raise DataError(f"{path}: no {' or '.join(sorted(missing))} column (header: file,label,patient,split)")
-            return {row["file"]: row for row in reader if row.get("file") and row.get("patient")}
+            rows = {row["file"]: row for row in reader if row.get("file") and row.get("patient")}
+            if not rows:  # a header alone also meant "no table": a seeded split, without a word
+                raise DataError(f"{path} has no rows with a file and a patient: give one per cell, or remove it "
+                                "to split by the patients in the file names")
+            return rows
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"cannot read {path}: {exc}") from exc
 

@@ -131,7 +131,7 @@ def _parse_settings(form) -> dict[str, dict]:
     if threshold != cfg.model.threshold and raw != shown:  # the field as shown, untouched: no change
         analyser = deps().analyser
         lo, hi = THRESHOLD_SAFE_RANGE  # outside it the config's own message says so
-        if (threshold is not None and lo <= threshold <= hi and analyser.model.ok
+        if (threshold is not None and lo <= threshold <= hi and analyser.classifier is not None
                 and analyser.call_fp_rate_at(threshold) is None):
             curve = (getattr(getattr(analyser.classifier, "card", None), "data", {}) or {}).get("operating_curve") or []
             start = f" (its operating curve starts at {min(r['threshold'] for r in curve):g})" if curve else ""

@@ -90,7 +90,10 @@ def field(field_id: int):
 @bp.post("/fields/<int:field_id>/exclude")
 def exclude_field(field_id: int):
     """{"reason": one of the reasons} takes the field out of the count; {"reason": null} counts it again."""
-    reason = _object_body().get("reason")
+    body = _object_body()
+    if "reason" not in body:  # {} counted the field again without a word
+        abort(400, 'say "reason": one of the reasons to exclude the field, or null to count it again')
+    reason = body["reason"]
     if reason is not None and not isinstance(reason, str):
         abort(400, "reason must be text or null")
     field = views.exclude_field(field_id, reason)

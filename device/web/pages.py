@@ -8,7 +8,8 @@ import json
 import logging
 from datetime import datetime
 
-from flask import Blueprint, Response, abort, redirect, render_template, request, send_file, url_for
+from flask import Blueprint, Response, abort, flash, redirect, render_template, request, send_file, url_for
+from werkzeug.exceptions import HTTPException
 
 from device.service import ensure_crop, storage_writable
 from device.store import EXCLUDE_REASONS, sample_key
@@ -82,6 +83,8 @@ def exclude_field(field_id: int):
         field = views.exclude_field(field_id, reason or "other")
         return redirect(url_for("pages.slide", slide_id=field["slide_id"], _anchor=f"field-{field_id}"), 303)
     slide = views.slide_or_404(f["slide_id"])
+    if slide["status"] != "open":
+        abort(409, f"slide {slide['sample_id']} is finished: its fields can no longer be changed")
     return render_template("exclude.html", field=views.field_json(f), slide=slide, reasons=EXCLUDE_REASONS)
 
 
@@ -100,8 +103,16 @@ def review(slide_id: int):
 @bp.post("/cells/<int:cell_id>/review")
 def review_cell(cell_id: int):
     seen = request.form.get("seen")
-    cell = views.review(cell_id, request.form.get("decision", ""),
-                        seen if seen in ("", "confirmed", "rejected") else None)
+    try:
+        cell = views.review(cell_id, request.form.get("decision", ""),
+                            seen if seen in ("", "confirmed", "rejected") else None)
+    except HTTPException as exc:
+        stored = deps().store.get_cell(cell_id)
+        if exc.code != 409 or stored is None:
+            raise
+        # changed in another window meanwhile: back to the gallery, which shows what is stored, and why
+        flash(exc.description)
+        return redirect(url_for("pages.review", slide_id=stored["slide_id"], _anchor=f"cell-{cell_id}"), 303)
     return redirect(url_for("pages.review", slide_id=cell["slide_id"], _anchor=f"cell-{cell_id}"), 303)
 
 
@@ -185,7 +196,7 @@ SLIDE_COLUMNS = [
     "fields_used", "fields_rejected", "rbc_count", "infected_count", "parasitemia_pct", "ci95_low_pct",
     "ci95_high_pct", "parasites_per_ul", "rbc_per_ul", "rbc_per_ul_source", "detection_limit_pct", "call",
     "reviewed_infected_count", "reviewed_parasitemia_pct", "reviewed_call", "review_confirmed",
-    "review_rejected", "review_pending", "model_name", "model_sha256", "threshold", "notes",
+    "review_rejected", "review_pending", "model_name", "model_sha256", "threshold", "notes", "fields_excluded",
 ]
 
 
@@ -202,7 +213,7 @@ def export_slides():
             f"{a['parasites_per_ul']:.0f}", f"{a['rbc_per_ul']:.0f}", a["rbc_per_ul_source"],
             f"{a['detection_limit_pct']:.4f}", a["call"], r["infected_count"], f"{r['parasitemia_pct']:.4f}",
             r["call"], rv["confirmed"], rv["rejected"], rv["pending"], v["model_name"], v["model_sha256"],
-            f"{v['threshold']:.4f}", v["notes"],
+            f"{v['threshold']:.4f}", v["notes"], v["totals"].get("fields_excluded", 0),
         ])
     return _csv_response("slides", SLIDE_COLUMNS, rows)
 

@@ -64,6 +64,8 @@ def parse_new_slide(data) -> dict:
         allowed = "\t\n\r" if k == "notes" else ""  # notes are a multi-line text area
         if any(unicodedata.category(ch) == "Cc" and ch not in allowed for ch in raw):
             raise FormError(f"{k.replace('_', ' ')} contains control characters")
+        if any(unicodedata.category(ch) == "Cs" for ch in raw):  # half of a character pair: not storable text
+            raise FormError(f"{k.replace('_', ' ')} contains a broken character: type it again")
         if k != "notes" and any(unicodedata.category(ch) == "Cf" for ch in raw):
             # a zero-width space or a direction mark makes two IDs that look the same on screen differ
             raise FormError(f"{k.replace('_', ' ')} contains invisible characters: type it again")
@@ -142,11 +144,11 @@ class CountedViews:
         """Raises Conflict when the view is counted already or being analysed."""
         with self.lock:
             if slide_id not in self._loaded:
-                self._loaded.add(slide_id)
                 if slide_id not in self.counted:
-                    stored = self._load(slide_id)
+                    stored = self._load(slide_id)  # a failed read is tried again on the next capture
                     if stored is not None:
                         self.counted[slide_id] = stored
+                self._loaded.add(slide_id)
             taken = [self.counted.get(slide_id), *self.inflight.get(slide_id, [])]
             if any(v is not None and same_view(v, view) for v in taken):
                 raise Conflict("this field is already counted: move the stage to the next field, then capture")
@@ -294,9 +296,25 @@ def _store_answers() -> Iterator[None]:
 
 
 def exclude_field(field_id: int, reason: str | None) -> dict:
-    """Take a field out of its slide's count (``reason``) or count it again (None): the stored field row."""
+    """Take a field out of its slide's count (``reason``) or count it again (None): the stored field row.
+
+    Counting a field again is refused while another counted field shows the same camera view (it was
+    excluded, then the unmoved view captured again): the same cells must not count twice.
+    """
+    store = deps().store
+    if reason is None:
+        f = store.get_field(field_id)
+        png = store.field_view_png(field_id) if f is not None and f["excluded"] is not None else None
+        if png is not None:
+            mine = decode_view(png)
+            for other_id, other in store.counted_views_png(f["slide_id"]).items():
+                theirs = decode_view(other)
+                if mine is not None and theirs is not None and same_view(mine, theirs):
+                    seq = (store.get_field(other_id) or {}).get("seq", other_id)
+                    abort(409, f"field {seq} shows the same view and is counted: exclude it first, or the "
+                               "same cells would count twice")
     with _store_answers():
-        field = deps().store.exclude_field(field_id, reason)
+        field = store.exclude_field(field_id, reason)
     _counted_views().reload(field["slide_id"])  # an excluded field's view may be captured again
     logger.info("field %d of slide %d %s", field_id, field["slide_id"],
                 f"excluded ({reason})" if reason else "counted again")
