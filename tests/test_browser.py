@@ -123,6 +123,17 @@ def test_technician_flow_start_capture_review_finish_result_csv(browser, live_en
     assert rbc == env.store.totals(1)["rbc_count"] > 0
     assert page.get_attribute("#rbc-progress", "value") is not None
     _shot(page, "04-three-fields", full_page=True)
+    # a row added by the page's script offers "Exclude…" as a served row does; it asks first, then
+    # "Keep it" leaves the field counted
+    used = [f for f in env.store.list_fields(1) if not f["rejected"]]
+    row = page.locator(f"#field-{used[-1]['id']}")
+    row.locator("a.exclude-link").click()
+    page.wait_for_url(f"**/fields/{used[-1]['id']}/exclude")
+    assert "out of the count?" in page.inner_text("h1")
+    page.click("text=Keep it")
+    page.wait_for_url("**/slides/1**")
+    assert env.store.get_field(used[-1]["id"])["excluded"] is None
+    _until(page, "document.getElementById('preview').naturalWidth > 0", timeout=15_000)
 
     # the small touchscreen beside the scope
     small = ctx.new_page()
