@@ -62,6 +62,31 @@ def test_reopening_does_not_migrate_again_and_keeps_data(tmp_path):
     s2.close()
 
 
+def test_a_database_of_the_first_schema_upgrades_with_its_records(tmp_path, monkeypatch):
+    """A device updated in the field opens its version-1 records: the counted views (2) and field
+    exclusion (3) are added, and every slide, field and cell is still there and counts as before."""
+    monkeypatch.setattr(store_mod, "MIGRATIONS", store_mod.MIGRATIONS[:1])
+    old = Store(tmp_path)
+    sid = _slide(old)
+    r = _result()
+    fid = old.add_field(sid, r, source="camera", model_sha256=MODEL.sha256, images=_images(r))
+    assert old.pragma("user_version") == 1
+    old.close()
+    monkeypatch.undo()
+    new = Store(tmp_path)
+    try:
+        assert new.pragma("user_version") == store_mod.SCHEMA_VERSION == 3
+        after = new.totals(sid)
+        assert (after["fields"], after["fields_used"], after["rbc_count"], after["infected_count"]) == (1, 1, 20, 2)
+        assert after["fields_excluded"] == 0 and after["review"] == {"confirmed": 0, "rejected": 0, "pending": 2}
+        assert new.get_field(fid)["excluded"] is None and new.last_counted_view_png(sid) is None
+        assert len(new.flagged_cells(sid)) == 2
+        new.exclude_field(fid, "other")  # the new columns work on old rows
+        assert new.totals(sid)["rbc_count"] == 0
+    finally:
+        new.close()
+
+
 def test_a_new_migration_runs_once_in_order(tmp_path, monkeypatch):
     s = Store(tmp_path)
     sid = _slide(s)
