@@ -70,12 +70,12 @@ class ModelCard:
     def false_positive_rate(self) -> float | None:
         """False-positive rate per healthy cell at the card threshold used for the slide call.
 
-        The card's ``call_false_positive_rate`` is the upper 95% bound measured on held-out healthy
-        cells, so that a negative slide stays negative.
+        The card's ``call_false_positive_rate``: the upper 95% bound measured on held-out healthy cells,
+        so that a negative slide stays negative. None on a card without one (an interim card of convert's
+        own checks): no slide call can be made with it. A point estimate of the rate (the card's metrics)
+        never stands in: it may well be 0, and one flagged cell would then make a slide positive.
         """
         v = self.data.get("call_false_positive_rate")
-        if v is None:
-            v = (self.data.get("metrics", {}).get("int8_at_threshold") or {}).get("false_positive_rate")
         return float(v) if v is not None else None
 
     def false_positive_rate_at(self, threshold: float) -> float | None:
@@ -185,15 +185,10 @@ def _card_problem(data: dict) -> str | None:
         # an upper confidence bound from a finite count of healthy cells is never 0, and 0 would make a
         # single flagged cell a positive slide
         return "call_false_positive_rate 0 is not an upper bound measured on healthy cells"
-    if fp is None:  # an older card: the measured rate at the threshold stands in (ModelCard.false_positive_rate)
-        measured = ((data.get("metrics") or {}).get("int8_at_threshold") or {}).get("false_positive_rate")
-        if measured is not None and not (_number(measured) and 0.0 < measured <= 1.0):
-            return (f"no call_false_positive_rate, and the measured rate {measured!r} at the threshold cannot stand "
-                    "in for one (0 would make one flagged cell a positive slide)")
     curve = data.get("operating_curve", [])
-    if not curve:
-        # without it neither the card's threshold and rate nor another threshold can be checked; convert
-        # always writes one
+    if fp is not None and not curve:
+        # a card for slide calls: without its curve neither its threshold and rate nor another threshold
+        # can be checked (convert always writes one beside the rate)
         return "operating_curve missing: the card's threshold and false-positive rate cannot be checked"
     if not isinstance(curve, list) or not all(
             isinstance(r, dict) and _number(r.get("threshold")) and _number(r.get("call_false_positive_rate"))

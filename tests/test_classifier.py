@@ -136,11 +136,6 @@ _DELETE = object()
     (_set("threshold", 0.3), "lies below the operating curve"),
     (_set("call_false_positive_rate", 0.0004), "disagrees with the operating curve"),
     (_set("output.kind", "probability"), "says probability, but the output spans"),
-    # an older card without the bound: its measured rate of 0 at the threshold must not stand in for it
-    (lambda card: json.dumps({k: v for k, v in card.items() if k != "call_false_positive_rate"} | {
-        "metrics": {**card["metrics"], "int8_at_threshold": {**card["metrics"]["int8_at_threshold"],
-                                                              "false_positive_rate": 0.0}}}).encode(),
-     "the measured rate 0.0 at the threshold cannot stand in"),
 ])
 def test_malformed_cards_are_model_errors_not_crashes(tmp_path, edit, message):
     m = copy_model(tmp_path)

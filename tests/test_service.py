@@ -348,6 +348,13 @@ def test_a_threshold_the_card_gives_no_false_positive_rate_for_makes_the_model_u
         bad.set_threshold(None)
         assert bad.model.ok and bad.model.threshold == 0.979 and bad.model.fp_rate_per_cell == 0.004
         bad.shutdown()
+        # a card without the bound (convert's interim cards): its metrics' point estimate, 0 here, never
+        # stands in for it, since one flagged cell would then make a slide positive
+        point = ModelCard(Path("x.json"), {"name": "m", "threshold": 0.979,
+                                           "metrics": {"int8_at_threshold": {"false_positive_rate": 0.0}}})
+        unbound = FieldAnalyser(store, SimpleNamespace(**{**vars(clf), "card": point}))
+        assert not unbound.model.ok and "no false-positive rate at threshold 0.979" in unbound.model.error
+        unbound.shutdown()
     finally:
         store.close()
 
