@@ -30,7 +30,7 @@ from device import service
 from device import store as store_mod
 from device.camera import CameraBase, CameraFeed, ReplayCamera
 from device.store import Store
-from tests.conftest import ARTIFACTS_DIR, MODEL_PATH, ROOT, SAMPLES_DIR, wait_new_view, wait_until
+from tests.conftest import ARTIFACTS_DIR, MODEL_PATH, ROOT, SAMPLES_DIR, capture_new_view, wait_until
 from tests.test_service import Client, _free_port, _stop, _write_config, served
 
 SAMPLE = sorted(SAMPLES_DIR.glob("*.jpg"))[0]
@@ -97,11 +97,10 @@ def test_camera_unplugged_mid_slide_service_stays_up_and_the_slide_resumes(make_
     assert env.feed.loop_healthy()
     (tmp_path / "unplugged").rename(fields)  # back: the feed reconnects by itself and the same slide goes on
     assert wait_until(lambda: env.feed.latest() is not None and env.feed.latest().rgb is not None)
-    wait_new_view(env)  # the replay restarts at the field counted first: the stage moves on
-    r = _capture(c, token)
+    assert env.analyser.metrics.counts["captures_refused_total"] == 1  # the capture while unplugged
+    r = capture_new_view(env, lambda: _capture(c, token))  # the replay restarts at the field counted first
     assert r.status_code == 201 and r.get_json()["field"]["seq"] == 2
     assert env.feed.status()["reconnects"] >= 1
-    assert env.analyser.metrics.counts["captures_refused_total"] == 1
 
 
 ODD_FRAMES = {

@@ -14,7 +14,15 @@ import numpy as np
 import pytest
 
 from device.camera import CameraError
-from tests.conftest import ADMIN_PASSWORD, SAMPLES_DIR, Env, admin_hash, make_config, wait_new_view, wait_until
+from tests.conftest import (
+    ADMIN_PASSWORD,
+    SAMPLES_DIR,
+    Env,
+    admin_hash,
+    capture_new_view,
+    make_config,
+    wait_until,
+)
 
 SAMPLE = sorted(SAMPLES_DIR.glob("*.jpg"))[0]
 
@@ -87,8 +95,8 @@ def test_capture_from_camera_then_result_and_exports(make_env):
     assert img.status_code == 200 and img.data[:2] == b"\xff\xd8" and img.mimetype == "image/jpeg"
     assert c.get(field["raw_url"]).status_code == 200
     # the HTML form path (no JavaScript): POST, then a redirect to the slide
-    wait_new_view(env)  # the stage moved to the next field
-    r = c.post("/slides/1/capture", data={"csrf_token": token})
+    # the stage moved to the next field
+    r = capture_new_view(env, lambda: c.post("/slides/1/capture", data={"csrf_token": token}))
     assert r.status_code == 303 and "/slides/1#field-" in r.headers["Location"]
     detail = c.get("/api/slides/1").get_json()
     assert [f["seq"] for f in detail["fields"]] == [1, 2]
