@@ -237,7 +237,7 @@ def check_details(card: ModelCard, which: str, detail: dict) -> None:
     if abs(float(scale) - spec.scale) > 1e-6 * max(1.0, abs(spec.scale)) or int(zp) != spec.zero_point:
         problems.append(f"quantisation scale/zero point {scale}/{zp} vs card {spec.scale}/{spec.zero_point}")
     if which == "output" and dtype in ("uint8", "int8") and float(scale) > 0:
-        # what the quantised output can express: a probability stays in [0, 1], a logit takes both signs
+        # what the quantised output can express: a probability stays in [0, 1], a logit reaches outside it
         info = np.iinfo(dtype)
         lo, hi = float(scale) * (info.min - int(zp)), float(scale) * (info.max - int(zp))
         within_0_1 = lo >= -0.01 and hi <= 1.01

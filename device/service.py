@@ -362,13 +362,12 @@ class FieldAnalyser:
             self.model = status
         self.settings = replace(self.settings, threshold=threshold)
 
-    def call_fp_rate_at(self, threshold: float | None) -> float | None:
-        """The false-positive rate the slide call would use at this threshold (None: the card's), or None
-        when the card does not give one there."""
-        card = getattr(self.classifier, "card", None)
-        if card is None:
-            return None
-        return _call_fp_rate(card, float(threshold if threshold is not None else card.threshold))
+    def threshold_problem(self, threshold: float | None) -> str | None:
+        """Why no slide call could be made at this operating threshold (None: the card's), or None."""
+        if self.classifier is None:
+            return None  # no model: the page says that already
+        status = self._status(threshold)
+        return None if status.ok else status.error
 
     def model_info(self) -> ModelInfo:
         if not self.model.ok:

@@ -317,7 +317,8 @@ def test_a_threshold_the_model_card_gives_no_false_positive_rate_for_is_refused(
     start = min(r["threshold"] for r in short.data["operating_curve"])
     r = _save(c, token, threshold="0.6")
     assert r.status_code == 400
-    assert f"gives no false-positive rate at 0.6 (its operating curve starts at {start:g})" in r.get_data(as_text=True)
+    said = r.get_data(as_text=True)
+    assert f"gives no false-positive rate at threshold 0.6 (its operating curve starts at {start:g})" in said
     assert env.analyser.model.threshold == before and env.deps.config.model.threshold is None
     assert _save(c, token, threshold="0.85").status_code == 303  # on the curve: saved
     assert env.analyser.model.threshold == 0.85

@@ -129,14 +129,10 @@ def _parse_settings(form) -> dict[str, dict]:
         raise _Invalid(f"Threshold: {raw!r} is not a number") from None
     shown = _threshold_text(cfg.model.threshold)
     if threshold != cfg.model.threshold and raw != shown:  # the field as shown, untouched: no change
-        analyser = deps().analyser
         lo, hi = THRESHOLD_SAFE_RANGE  # outside it the config's own message says so
-        if (threshold is not None and lo <= threshold <= hi and analyser.classifier is not None
-                and analyser.call_fp_rate_at(threshold) is None):
-            curve = (getattr(getattr(analyser.classifier, "card", None), "data", {}) or {}).get("operating_curve") or []
-            start = f" (its operating curve starts at {min(r['threshold'] for r in curve):g})" if curve else ""
-            raise _Invalid(f"Threshold: the model card gives no false-positive rate at {threshold:g}{start}, "
-                           "so the slide call could not be made")
+        problem = deps().analyser.threshold_problem(threshold) if threshold is None or lo <= threshold <= hi else None
+        if problem:
+            raise _Invalid(f"Threshold: {problem}")
         changes["model"] = {"threshold": threshold}
     camera = {"source": form.get("camera_source", cfg.camera.source),
               "device": form.get("camera_device", cfg.camera.device).strip() or "0"}

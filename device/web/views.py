@@ -62,11 +62,12 @@ def parse_new_slide(data) -> dict:
         if not isinstance(raw, str):  # JSON may send a number or an object: the record keeps text only
             raise FormError(f"{k.replace('_', ' ')} must be text")
         allowed = "\t\n\r" if k == "notes" else ""  # notes are a multi-line text area
-        if any(unicodedata.category(ch) == "Cc" and ch not in allowed for ch in raw):
+        kinds = {unicodedata.category(ch) for ch in raw if ch not in allowed}
+        if "Cc" in kinds:
             raise FormError(f"{k.replace('_', ' ')} contains control characters")
-        if any(unicodedata.category(ch) == "Cs" for ch in raw):  # half of a character pair: not storable text
+        if "Cs" in kinds:  # half of a character pair: not storable text
             raise FormError(f"{k.replace('_', ' ')} contains a broken character: type it again")
-        if k != "notes" and any(unicodedata.category(ch) == "Cf" for ch in raw):
+        if k != "notes" and "Cf" in kinds:
             # a zero-width space or a direction mark makes two IDs that look the same on screen differ
             raise FormError(f"{k.replace('_', ' ')} contains invisible characters: type it again")
         values[k] = unicodedata.normalize("NFC", raw.strip())
