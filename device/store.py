@@ -43,6 +43,8 @@ DB_NAME = "malaria-detect.sqlite3"
 IMAGES_DIR = "images"
 REVIEW_DECISIONS = ("confirmed", "rejected")
 _ANY = object()  # review_cell without a "seen" decision: whatever is stored is replaced
+# A field that counts (alias f): not rejected by the quality gate, not taken out by the technician.
+_COUNTED = "f.rejected IS NULL AND f.excluded IS NULL"
 # A temp file older than this is what a crash (kill -9, power cut) left mid-write; a live one is milliseconds old.
 STALE_TEMP_S = 60.0
 
@@ -217,6 +219,12 @@ def sample_key(sample_id: str) -> str:
     return unicodedata.normalize("NFKC", sample_id).casefold()
 
 
+def _sample_match(query: str) -> Callable[[dict], bool]:
+    """Whether a row's sample ID contains ``query``, compared as :func:`sample_key` compares IDs."""
+    key = sample_key(query.strip())
+    return lambda row: key in sample_key(row["sample_id"])
+
+
 def _row(r: sqlite3.Row | None) -> dict | None:
     return None if r is None else dict(r)
 
@@ -363,8 +371,7 @@ class Store:
         if not query.strip():
             return [dict(r) for r in self._conn().execute(sql + " LIMIT ? OFFSET ?", [*args, int(limit), int(offset)])]
         # SQLite's LIKE folds A-Z only: matched here (a device holds thousands of slides, not millions)
-        key = sample_key(query.strip())
-        found = (dict(r) for r in self._conn().execute(sql, args) if key in sample_key(r["sample_id"]))
+        found = filter(_sample_match(query), (dict(r) for r in self._conn().execute(sql, args)))
         return list(itertools.islice(found, int(offset), int(offset) + int(limit)))
 
     def slide_counts(self) -> dict:
@@ -467,7 +474,7 @@ class Store:
         """The camera view of each counted (used) field of the slide, by field ID."""
         return {int(r[0]): bytes(r[1]) for r in self._conn().execute(
             "SELECT f.id, v.png FROM field_views v JOIN fields f ON f.id = v.field_id"
-            " WHERE f.slide_id = ? AND f.rejected IS NULL AND f.excluded IS NULL", (slide_id,))}
+            f" WHERE f.slide_id = ? AND {_COUNTED}", (slide_id,))}
 
     def field_view_png(self, field_id: int) -> bytes | None:
         r = self._conn().execute("SELECT png FROM field_views WHERE field_id = ?", (field_id,)).fetchone()
@@ -477,7 +484,7 @@ class Store:
         """The camera view (as stored by :meth:`add_field`) of the slide's latest counted field, or None."""
         r = self._conn().execute(
             "SELECT v.png FROM field_views v JOIN fields f ON f.id = v.field_id"
-            " WHERE f.slide_id = ? AND f.rejected IS NULL AND f.excluded IS NULL ORDER BY f.seq DESC LIMIT 1",
+            f" WHERE f.slide_id = ? AND {_COUNTED} ORDER BY f.seq DESC LIMIT 1",
             (slide_id,)).fetchone()
         return None if r is None else bytes(r[0])
 
@@ -519,27 +526,24 @@ class Store:
             args.append(slide_id)
         sql += " ORDER BY f.slide_id DESC, f.seq"
         rows = (dict(r) for r in self._conn().execute(sql, args))
-        if query.strip():  # as list_slides matches
-            key = sample_key(query.strip())
-            rows = (r for r in rows if key in sample_key(r["sample_id"]))
-        return list(rows)
+        return list(filter(_sample_match(query), rows) if query.strip() else rows)
 
     def totals(self, slide_id: int) -> dict:
         """Counts over the slide's fields (used = not rejected by the gate and not excluded by the
         technician) and the review of its flagged cells."""
         c = self._conn()
         f = c.execute(
-            "SELECT COUNT(*) AS fields, COALESCE(SUM(rejected IS NULL AND excluded IS NULL), 0) AS fields_used,"
+            f"SELECT COUNT(*) AS fields, COALESCE(SUM({_COUNTED}), 0) AS fields_used,"
             " COALESCE(SUM(rejected IS NOT NULL), 0) AS fields_rejected,"
             " COALESCE(SUM(rejected IS NULL AND excluded IS NOT NULL), 0) AS fields_excluded,"
             " COALESCE(SUM(CASE WHEN excluded IS NULL THEN rbc_count ELSE 0 END), 0) AS rbc_count,"
             " COALESCE(SUM(CASE WHEN excluded IS NULL THEN infected_count ELSE 0 END), 0) AS infected_count"
-            " FROM fields WHERE slide_id = ?", (slide_id,)).fetchone()
+            " FROM fields f WHERE f.slide_id = ?", (slide_id,)).fetchone()
         r = c.execute(
             "SELECT COALESCE(SUM(c.review = 'confirmed'), 0) AS confirmed,"
             " COALESCE(SUM(c.review = 'rejected'), 0) AS rejected, COALESCE(SUM(c.review IS NULL), 0) AS pending"
             " FROM cells c JOIN fields f ON f.id = c.field_id"
-            " WHERE f.slide_id = ? AND c.infected = 1 AND f.rejected IS NULL AND f.excluded IS NULL",
+            f" WHERE f.slide_id = ? AND c.infected = 1 AND {_COUNTED}",
             (slide_id,)).fetchone()
         out = dict(f)
         out["review"] = dict(r)
@@ -551,8 +555,7 @@ class Store:
     def flagged_cells(self, slide_id: int) -> list[dict]:
         return [dict(r) for r in self._conn().execute(
             "SELECT c.*, f.seq AS field_seq FROM cells c JOIN fields f ON f.id = c.field_id"
-            " WHERE f.slide_id = ? AND c.infected = 1 AND f.rejected IS NULL AND f.excluded IS NULL"
-            " ORDER BY f.seq, c.idx", (slide_id,))]
+            f" WHERE f.slide_id = ? AND c.infected = 1 AND {_COUNTED} ORDER BY f.seq, c.idx", (slide_id,))]
 
     def field_cells(self, field_id: int) -> list[dict]:
         return [dict(r) for r in self._conn().execute(
