@@ -145,8 +145,15 @@ def test_malformed_cards_are_model_errors_not_crashes(tmp_path, edit, message):
         CellClassifier(m)  # the service shows "model unusable" on ModelError; anything else was a traceback
 
 
-def test_the_card_threshold_uses_the_cards_false_positive_rate_not_a_rounded_curve_row():
-    card = load_card(MODEL)
+def test_the_card_threshold_uses_the_cards_false_positive_rate_not_a_rounded_curve_row(tmp_path):
+    shipped = load_card(MODEL)
+    assert shipped.threshold in [r["threshold"] for r in shipped.data["operating_curve"]]  # listed exactly
+    # A card written before that listed only rounded thresholds (0.9789 for 0.978875...):
+    model = copy_model(tmp_path)
+    old = json.loads(model.with_suffix(".json").read_text())
+    old["operating_curve"] = [r for r in old["operating_curve"] if r["threshold"] != old["threshold"]]
+    model.with_suffix(".json").write_text(json.dumps(old))
+    card = load_card(model)
     rows = card.data["operating_curve"]
     below = max((r for r in rows if r["threshold"] <= card.threshold), key=lambda r: r["threshold"])
     assert below["call_false_positive_rate"] > card.false_positive_rate  # the trap: a lower, rounded row
