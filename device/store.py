@@ -381,6 +381,21 @@ class Store:
         f = c.execute("SELECT COUNT(*) FROM fields").fetchone()
         return {"slides": s[0], "open": s[1], "fields": f[0]}
 
+    def newest_record_time(self) -> datetime | None:
+        """The latest time the records hold (a slide started or finished, the newest field captured),
+        or None without records: the device clock was at that time once, so it cannot now be earlier."""
+        c = self._conn()
+        times = [*c.execute("SELECT MAX(started_at), MAX(finished_at) FROM slides").fetchone(),
+                 *(c.execute("SELECT captured_at FROM fields ORDER BY id DESC LIMIT 1").fetchone() or ())]
+        parsed = []
+        for t in times:
+            try:
+                d = datetime.fromisoformat(t)
+            except (TypeError, ValueError):
+                continue
+            parsed.append(d if d.tzinfo else d.replace(tzinfo=UTC))
+        return max(parsed, default=None)
+
     def finish_slide(self, slide_id: int, result: Callable[[dict, dict], dict]) -> dict:
         """Close the slide and keep the automatic result as it stood. Raises NotFound / Conflict.
 

@@ -333,3 +333,49 @@ def test_saving_another_setting_keeps_a_threshold_with_more_digits_than_shown(ma
     # was re-saved rounded to 0.978875 (and new slides got another false-positive rate with it)
     assert "Saved: counting target 3000 red cells." in c.get("/admin/").get_data(as_text=True)
     assert "threshold" not in env.store.data_dir.joinpath("settings.json").read_text()
+
+
+# --- the clock ----------------------------------------------------------------------------------------
+
+def test_clock_problem_names_the_time_the_clock_must_be_past():
+    from datetime import UTC, datetime, timedelta
+
+    made = datetime(2026, 11, 30, 2, 54, tzinfo=UTC)
+    record = datetime(2027, 3, 1, 9, 0, tzinfo=UTC)
+    assert health.clock_problem(record + timedelta(hours=1), record, made) is None
+    # a network time correction of a few minutes is no problem
+    assert health.clock_problem(record - timedelta(minutes=5), record, made) is None
+    night_off = health.clock_problem(record - timedelta(hours=14), record, made)
+    assert night_off and "earlier than its newest record" in night_off
+    assert "2027-03-01" in night_off  # the record's date, so the admin sees how far behind
+    epoch = health.clock_problem(datetime(1970, 1, 1, tzinfo=UTC), None, made)
+    assert epoch and "earlier than the date its model was made" in epoch
+    assert health.clock_problem(datetime(1970, 1, 1, tzinfo=UTC), None, None) is None  # nothing to compare
+
+
+def test_a_clock_behind_the_records_is_shown_to_technician_and_admin(make_env, monkeypatch):
+    from datetime import timedelta
+
+    env = _env(make_env)
+    c, token = env.admin_client()
+    assert c.post("/api/slides", json={"sample_id": "S-CLOCK"}, headers={"X-CSRF-Token": token}).status_code == 201
+    newest = env.store.newest_record_time()
+    assert newest is not None and abs((newest - health.wall_clock()).total_seconds()) < 60
+    # a right clock (set, so that the test does not depend on this machine's clock and the card's date)
+    monkeypatch.setattr(health, "wall_clock", lambda: newest + timedelta(minutes=1))
+    status = c.get("/api/status").get_json()["clock"]
+    assert status["problem"] is None and status["now"]
+    html = c.get("/").get_data(as_text=True)
+    assert 'id="clock-banner"' not in html
+    assert "compare it with your watch" in c.get("/admin/").get_data(as_text=True)
+    # the Pi was off overnight without network: its clock resumed from the last shutdown
+    monkeypatch.setattr(health, "wall_clock", lambda: newest - timedelta(hours=9))
+    status = c.get("/api/status").get_json()["clock"]
+    assert status["problem"] and "earlier than its newest record" in status["problem"]
+    html = c.get("/").get_data(as_text=True)
+    assert 'id="clock-banner"' in html and "The device clock is wrong" in html
+    admin = c.get("/admin/").get_data(as_text=True)
+    assert "WRONG" in admin and "sudo date -s" in admin
+    # counting goes on: a field is still captured and counted
+    r = _upload(c, token, 1)
+    assert r.status_code in (200, 201, 202), r.get_data(as_text=True)

@@ -397,3 +397,18 @@ def test_one_open_slide_per_sample_even_when_two_starts_race(store):
     sid = next(r for r in results if isinstance(r, int))
     store.finish_slide(sid, lambda slide, totals: {})
     assert _slide(store, sample="RACE-1")  # once finished, the sample may be started again
+
+
+def test_newest_record_time_is_the_latest_slide_or_field_time(store, monkeypatch):
+    from datetime import UTC, datetime
+
+    assert store.newest_record_time() is None  # a new device: nothing to compare the clock with
+    clock = iter(["2026-12-01T08:00:00+00:00", "2026-12-01T08:05:00+00:00", "2026-12-01T08:09:30+00:00"])
+    monkeypatch.setattr(store_mod, "utc_now", lambda: next(clock))
+    sid = _slide(store)
+    assert store.newest_record_time() == datetime(2026, 12, 1, 8, 0, tzinfo=UTC)
+    res = _result()
+    store.add_field(sid, res, source="camera", model_sha256=MODEL.sha256, images=_images(res))
+    assert store.newest_record_time() == datetime(2026, 12, 1, 8, 5, tzinfo=UTC)
+    store.finish_slide(sid, lambda slide, totals: {"call": "negative"})
+    assert store.newest_record_time() == datetime(2026, 12, 1, 8, 9, 30, tzinfo=UTC)

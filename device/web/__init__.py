@@ -152,10 +152,13 @@ def _install_hooks(app: Flask) -> None:
 
     @app.context_processor
     def _globals():
+        from device.web import views
+
         d = deps()
         return {"csrf_token": session.get(security.CSRF_FIELD, ""), "model": d.analyser.model,
                 "camera_status": d.camera.status(), "pin_set": bool(d.config.security.technician_pin),
-                "is_admin": admin_signed_in(), "disk": d.analyser.disk().to_json()}
+                "is_admin": admin_signed_in(), "disk": d.analyser.disk().to_json(),
+                "clock": views.clock_status()}
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):

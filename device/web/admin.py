@@ -68,6 +68,7 @@ def device_health() -> dict[str, str]:
         " / ".join(f"{v:.2f}" for v in load) + f" on {os.cpu_count() or '?'} cores",
         "Memory available": "not available" if mem is None else f"{mem[0]:,.0f} MB of {mem[1]:,.0f} MB",
         "Disk free": f"{disk.free_mb / 1000:,.1f} GB" + (f" — {disk.message}" if disk.message else ""),
+        "Clock": _clock_text(),
         "Uptime": f"board {health.format_duration(health.uptime_s())}, service "
                   f"{health.format_duration(service_up)} (since {d.started_at:%Y-%m-%d %H:%M})",
         "Service version": f"malaria-detect {device.__version__}, Python {sys.version.split()[0]} on "
@@ -77,6 +78,15 @@ def device_health() -> dict[str, str]:
         "Records": f"{counts['slides']} slides ({counts['open']} open), {counts['fields']} fields",
         "Technician PIN": "set" if cfg.security.technician_pin else "not set (technician pages open on the LAN)",
     }
+
+
+def _clock_text() -> str:
+    clock = views.clock_status()
+    now = datetime.fromisoformat(clock["now"]).astimezone()
+    text = f"{now:%Y-%m-%d %H:%M} ({now:%Z}): compare it with your watch; slides and reports are dated by it"
+    if clock["problem"]:
+        text = f"WRONG — {clock['problem']}. Set it on the Pi: sudo date -s 'YYYY-MM-DD HH:MM' (local time, {now:%Z})"
+    return text
 
 
 def _threshold_text(threshold: float | None) -> str:

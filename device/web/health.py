@@ -1,4 +1,5 @@
-"""Device health for the admin page: temperature, load, memory, uptime, and the last problems logged.
+"""Device health for the admin page: temperature, load, memory, uptime, the clock, and the last problems
+logged.
 
 Each probe reads what Linux exposes (``/sys/class/thermal``, ``/proc``) and returns None where the
 board or the OS does not expose it; the page then says "not available". Nothing here raises.
@@ -12,6 +13,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 THERMAL_DIR = Path("/sys/class/thermal")
@@ -19,6 +21,35 @@ PROC_DIR = Path("/proc")
 RECENT_LOG_CAPACITY = 50  # WARNING+ records kept for the admin page; older ones are in the journal
 # Thermal zones that measure the SoC: the Pi's is "cpu-thermal"; x86 boards say "x86_pkg_temp" or "acpitz".
 CPU_ZONE_TYPES = ("cpu", "soc", "x86_pkg", "acpitz")
+# How far the clock may lie behind a time it has already written before it is called wrong (a network
+# time correction moves it by seconds, a Pi that was off without network by hours or days).
+CLOCK_SLACK = timedelta(minutes=10)
+
+
+def wall_clock() -> datetime:
+    """Now, with its time zone (one place, so tests can set the device clock)."""
+    return datetime.now(UTC)
+
+
+def _local(t: datetime) -> str:
+    return t.astimezone().strftime("%Y-%m-%d %H:%M")
+
+
+def clock_problem(now: datetime, newest_record: datetime | None, model_made: datetime | None) -> str | None:
+    """Why the device clock is certainly wrong, or None.
+
+    A Raspberry Pi has no battery-backed clock: without network time it starts from the time saved at
+    the last shutdown (or from 1970), so after a night switched off it runs hours behind and every slide
+    and report is misdated. The clock cannot be earlier than the newest time the records hold, nor than
+    the date the running model was made; a clock that runs ahead cannot be told from here.
+    """
+    if newest_record is not None and now < newest_record - CLOCK_SLACK:
+        return (f"the device clock reads {_local(now)}, earlier than its newest record "
+                f"({_local(newest_record)})")
+    if model_made is not None and now < model_made - CLOCK_SLACK:
+        return (f"the device clock reads {_local(now)}, earlier than the date its model was made "
+                f"({_local(model_made)})")
+    return None
 
 
 def cpu_temperature_c(thermal_dir: Path | None = None) -> float | None:

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import CancelledError
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from device.config import RBC_PER_UL_RANGE
 from device.imageio import IMAGE_SUFFIXES, ImageError, decode_rgb
 from device.service import CaptureRefused, finish_slide, review_is_final, slide_summary
 from device.store import Conflict, NotFound
-from device.web import deps
+from device.web import deps, health
 
 logger = logging.getLogger(__name__)
 
@@ -379,6 +380,24 @@ def slide_json(slide: dict, *, with_fields: bool = False) -> dict:
     return out
 
 
+def clock_status() -> dict:
+    """{"now": ISO time, "problem": why the clock is certainly wrong or None}; never raises (a broken
+    database or card leaves that check out)."""
+    d = deps()
+    now = health.wall_clock()
+    try:
+        newest = d.store.newest_record_time()
+    except Exception:  # the page must still render; the storage problem is reported elsewhere
+        logger.debug("newest record time unavailable", exc_info=True)
+        newest = None
+    try:
+        made = datetime.fromisoformat(d.analyser.model.card_date) if d.analyser.model.card_date else None
+        made = made if made is None or made.tzinfo else made.replace(tzinfo=UTC)
+    except ValueError:
+        made = None
+    return {"now": now.isoformat(timespec="seconds"), "problem": health.clock_problem(now, newest, made)}
+
+
 def status_json() -> dict:
     d = deps()
     cam = d.camera.status()
@@ -391,4 +410,5 @@ def status_json() -> dict:
         "analysis": {"busy": a.busy, "pending": a.pending,
                      "last_latency_ms": None if a.last_latency_s is None else round(a.last_latency_s * 1000)},
         "disk": a.disk().to_json(),
+        "clock": clock_status(),
     }
