@@ -381,6 +381,40 @@ class Store:
         f = c.execute("SELECT COUNT(*) FROM fields").fetchone()
         return {"slides": s[0], "open": s[1], "fields": f[0]}
 
+    def backup(self, target: str | Path) -> dict:
+        """Copy the records (the database; not the images) into one self-contained file, while the service
+        runs: SQLite's online backup takes a consistent snapshot, so a field committed meanwhile is in
+        the copy whole or not at all, and captures are not stopped.
+
+        The copy is checked (``PRAGMA quick_check``), synced and written under a temporary name first:
+        ``target`` is either a complete, checked copy or absent. Returns ``{"bytes", "slides", "fields"}``.
+        Raises StoreError when the copy fails its check, OSError when ``target`` cannot be written.
+        """
+        target = Path(target)
+        tmp = target.with_name(f".{target.name}.tmp")
+        tmp.write_bytes(b"")  # OSError (no such folder, no permission, disk full) before any copying
+        try:
+            dst = sqlite3.connect(tmp, isolation_level=None)
+            try:
+                self._conn().backup(dst)
+                # the source's WAL mode came with the pages: one file, no -wal/-shm beside it
+                dst.execute("PRAGMA journal_mode=DELETE")
+                check = dst.execute("PRAGMA quick_check").fetchone()[0]
+                if check != "ok":
+                    raise StoreError(f"the backup copy failed its check ({check}); the records were not copied")
+                slides = dst.execute("SELECT COUNT(*) FROM slides").fetchone()[0]
+                fields = dst.execute("SELECT COUNT(*) FROM fields").fetchone()[0]
+            finally:
+                dst.close()
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        return {"bytes": target.stat().st_size, "slides": int(slides), "fields": int(fields)}
+
     def newest_record_time(self) -> datetime | None:
         """The latest time the records hold (a slide started or finished, the newest field captured),
         or None without records: the device clock was at that time once, so it cannot now be earlier."""

@@ -379,3 +379,30 @@ def test_a_clock_behind_the_records_is_shown_to_technician_and_admin(make_env, m
     # counting goes on: a field is still captured and counted
     r = _upload(c, token, 1)
     assert r.status_code in (200, 201, 202), r.get_data(as_text=True)
+
+
+def test_the_records_download_is_for_the_admin_and_is_a_whole_database(make_env, tmp_path):
+    import sqlite3
+
+    env = _env(make_env)
+    anonymous = env.app.test_client()
+    r = anonymous.get("/admin/backup")
+    assert r.status_code == 302 and "/admin/login" in r.headers["Location"]  # patient records: admin only
+    c, token = env.admin_client()
+    assert c.post("/api/slides", json={"sample_id": "S-BACKUP"}, headers={"X-CSRF-Token": token}).status_code == 201
+    assert _upload(c, token, 1).status_code in (200, 201, 202)
+    assert wait_until(lambda: env.store.slide_counts()["fields"] == 1, 30)
+    assert 'href="/admin/backup"' in c.get("/admin/").get_data(as_text=True)
+    r = c.get("/admin/backup")
+    assert r.status_code == 200 and r.mimetype == "application/vnd.sqlite3"
+    disposition = r.headers["Content-Disposition"]
+    assert re.search(r"attachment; filename=malaria-detect-records-\d{8}-\d{4}\.sqlite", disposition)
+    copy = tmp_path / "download.sqlite"
+    copy.write_bytes(r.data)
+    db = sqlite3.connect(copy)
+    try:
+        assert db.execute("SELECT sample_id FROM slides").fetchall() == [("S-BACKUP",)]
+        assert db.execute("SELECT COUNT(*) FROM fields").fetchone()[0] == 1
+        assert db.execute("SELECT COUNT(*) FROM cells").fetchone()[0] == env.store.list_fields(1)[0]["rbc_count"]
+    finally:
+        db.close()

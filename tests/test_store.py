@@ -17,7 +17,7 @@ import pytest
 from device import store as store_mod
 from device.analysis import CellVerdict, FieldResult
 from device.store import Conflict, FieldImages, ModelInfo, NotFound, Store, StoreError
-from tests.conftest import ROOT
+from tests.conftest import ROOT, wait_until
 
 MODEL = ModelInfo("cellnet_int8", "a" * 64, 0.6, 0.001)
 JPEG = b"\xff\xd8\xff\xe0fake-jpeg-bytes"
@@ -412,3 +412,64 @@ def test_newest_record_time_is_the_latest_slide_or_field_time(store, monkeypatch
     assert store.newest_record_time() == datetime(2026, 12, 1, 8, 5, tzinfo=UTC)
     store.finish_slide(sid, lambda slide, totals: {"call": "negative"})
     assert store.newest_record_time() == datetime(2026, 12, 1, 8, 9, 30, tzinfo=UTC)
+
+
+def test_a_backup_taken_while_fields_are_written_is_whole_and_restores(store, tmp_path):
+    import threading
+
+    sid = _slide(store)
+    store.add_field(sid, _result(), source="camera", model_sha256=MODEL.sha256, images=_images(_result()))
+    stop = threading.Event()
+
+    def capture_fields():  # the technician keeps counting while the admin downloads a backup
+        while not stop.is_set():
+            res = _result(n_cells=37, n_infected=3)
+            store.add_field(sid, res, source="camera", model_sha256=MODEL.sha256, images=_images(res))
+
+    writer = threading.Thread(target=capture_fields)
+    writer.start()
+    try:
+        copies = []
+        for i in range(4):
+            seen = len(store.list_fields(sid))
+            assert wait_until(lambda seen=seen: len(store.list_fields(sid)) > seen, 10), "no field was written"
+            info = store.backup(tmp_path / f"copy{i}.sqlite")
+            copies.append((tmp_path / f"copy{i}.sqlite", info))
+    finally:
+        stop.set()
+        writer.join()
+    for path, info in copies:
+        assert not path.with_name(f".{path.name}.tmp").exists()
+        assert path.read_bytes()[:16] == b"SQLite format 3\x00" and info["bytes"] == path.stat().st_size
+        db = sqlite3.connect(path)
+        try:
+            assert db.execute("PRAGMA journal_mode").fetchone()[0] == "delete"  # one file, no -wal needed
+            assert info["fields"] == db.execute("SELECT COUNT(*) FROM fields").fetchone()[0] >= 1
+            # every field in the copy is whole: all of its cells are there
+            rows = db.execute("SELECT f.rbc_count, COUNT(c.id) FROM fields f LEFT JOIN cells c ON c.field_id = f.id"
+                              " GROUP BY f.id").fetchall()
+            assert all(n == cells for n, cells in rows), rows
+        finally:
+            db.close()
+    # restore (systemd/README.md): the copy under the database's name in a data folder
+    last, info = copies[-1]
+    restored_dir = tmp_path / "restored"
+    restored_dir.mkdir()
+    os.replace(last, restored_dir / store_mod.DB_NAME)
+    restored = Store(restored_dir)
+    try:
+        assert len(restored.list_fields(sid)) == info["fields"]
+        assert restored.get_slide(sid)["sample_id"] == "S-1"
+    finally:
+        restored.close()
+
+
+def test_a_backup_that_cannot_be_written_leaves_nothing(store, tmp_path):
+    _slide(store)
+    with pytest.raises(OSError):
+        store.backup(tmp_path / "no-such-folder" / "copy.sqlite")
+    target = tmp_path / "copy.sqlite"
+    target.mkdir()  # a folder in the way: the rename fails after the copy was made
+    with pytest.raises(OSError):
+        store.backup(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy.sqlite", "data"]

@@ -13,10 +13,12 @@ import logging
 import os
 import platform
 import sys
+import tempfile
 import threading
 from datetime import datetime
+from pathlib import Path
 
-from flask import Blueprint, flash, redirect, render_template, request, session, url_for
+from flask import Blueprint, flash, redirect, render_template, request, send_file, session, url_for
 
 import device
 from device.config import THRESHOLD_SAFE_RANGE, ConfigError
@@ -105,7 +107,8 @@ def _render(status: int = 200, *, settings_error: str | None = None, password_er
     html = render_template(
         "admin.html", health=device_health(), status=views.status_json(), metrics=d.analyser.metrics.counts,
         log=d.recent_log.entries(), values=values, sources=CAMERA_SOURCES, safe_range=THRESHOLD_SAFE_RANGE,
-        pin_set=bool(cfg.security.technician_pin), settings_error=settings_error, password_error=password_error)
+        pin_set=bool(cfg.security.technician_pin), settings_error=settings_error, password_error=password_error,
+        data_dir=d.store.data_dir)
     return html, status
 
 
@@ -113,6 +116,20 @@ def _render(status: int = 200, *, settings_error: str | None = None, password_er
 @admin_required
 def index():
     return _render()
+
+
+@bp.get("/backup")
+@admin_required
+def backup():
+    """The records as one checked SQLite file, copied while the service runs (Store.backup)."""
+    d = deps()
+    name = f"malaria-detect-records-{health.wall_clock().astimezone():%Y%m%d-%H%M}.sqlite"
+    with tempfile.TemporaryDirectory(prefix="malaria-detect-backup-") as tmp:
+        info = d.store.backup(Path(tmp) / name)
+        fh = open(Path(tmp) / name, "rb")  # noqa: SIM115 - open before the folder goes; send_file closes it
+    logger.info("records backup downloaded by %s: %d slides, %d fields, %d bytes", _client(), info["slides"],
+                info["fields"], info["bytes"])
+    return send_file(fh, mimetype="application/vnd.sqlite3", as_attachment=True, download_name=name, max_age=0)
 
 
 # --- settings ----------------------------------------------------------------------------------------
