@@ -27,6 +27,7 @@ import time
 from bisect import bisect_left
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from functools import partial
 from pathlib import Path
 
@@ -185,10 +186,10 @@ class DiskState:
         """What the page says, or None when there is room."""
         if self.level == "full":
             return (f"The disk is nearly full ({self.free_mb:.0f} MB free, {self.min_mb:.0f} MB needed): new fields "
-                    "are refused. Export the records and free some space.")
+                    "are refused. Download the records, then free space on the admin page (Free space).")
         if self.level == "low":
             return (f"Disk space is low ({self.free_mb:.0f} MB free): raw frames are no longer saved; results and "
-                    "annotated fields still are. Export the records and free some space.")
+                    "annotated fields still are. Download the records, then free space on the admin page (Free space).")
         return None
 
     def to_json(self) -> dict:
@@ -253,6 +254,19 @@ def storage_writable(store: Store) -> str | None:
         if path.exists() and not os.access(path, os.W_OK):
             return f"storage read-only: {path} cannot be written"
     return None
+
+
+def free_raw_frames(store: Store, finished_before: datetime) -> dict:
+    """Delete the raw frames of slides finished before that time (Store.delete_raw_frames), after making
+    sure every flagged cell's crop of those fields is on disk: a crop a power cut lost is cut again from
+    its raw frame while that still exists. Returns ``{"fields", "bytes", "crops_recut"}``."""
+    recut = 0
+    for cell_id in store.flagged_cells_with_old_raw_frames(finished_before):
+        path = store.cell_crop_path(cell_id)
+        missing = path is None or not path.is_file() or path.stat().st_size == 0
+        if missing and ensure_crop(store, cell_id) is not None:
+            recut += 1
+    return {**store.delete_raw_frames(finished_before), "crops_recut": recut}
 
 
 def ensure_crop(store: Store, cell_id: int) -> Path | None:

@@ -642,6 +642,47 @@ class Store:
                       (decision, utc_now() if decision else None, by if decision else "", cell_id))
         return self.get_cell(cell_id)  # type: ignore[return-value]
 
+    # -- freeing space --
+    def _old_raw_frames_sql(self) -> str:
+        return ("FROM fields f JOIN slides s ON s.id = f.slide_id"
+                " WHERE s.status = 'finished' AND s.finished_at < ? AND f.has_raw = 1")
+
+    def count_raw_frames(self, finished_before: datetime | None = None) -> int:
+        """How many fields of finished slides (finished before that time, if given) keep their raw frame."""
+        cutoff = "9999" if finished_before is None else finished_before.astimezone(UTC).isoformat(timespec="seconds")
+        return int(self._conn().execute("SELECT COUNT(*) " + self._old_raw_frames_sql(), (cutoff,)).fetchone()[0])
+
+    def flagged_cells_with_old_raw_frames(self, finished_before: datetime) -> list[int]:
+        """IDs of the flagged cells (with a crop) in the fields :meth:`delete_raw_frames` would reach."""
+        cutoff = finished_before.astimezone(UTC).isoformat(timespec="seconds")
+        return [r[0] for r in self._conn().execute(
+            "SELECT c.id FROM cells c JOIN fields f ON f.id = c.field_id JOIN slides s ON s.id = f.slide_id"
+            " WHERE s.status = 'finished' AND s.finished_at < ? AND f.has_raw = 1 AND c.has_crop = 1", (cutoff,))]
+
+    def delete_raw_frames(self, finished_before: datetime) -> dict:
+        """Delete the raw frames (the largest file of a field) of slides finished before that time; their
+        results, annotated fields and flagged-cell crops are kept. What frees the SD card of a busy clinic.
+
+        The rows stop naming the frames first (one transaction), then the files go: a crash in between
+        leaves files no row names, never a row that names a missing file. Open slides are never touched
+        (a lost crop is cut again from its raw frame). Returns ``{"fields", "bytes"}`` freed.
+        """
+        cutoff = finished_before.astimezone(UTC).isoformat(timespec="seconds")
+        with self._tx() as c:
+            rows = c.execute("SELECT f.id, f.slide_id, f.file_key " + self._old_raw_frames_sql(), (cutoff,)).fetchall()
+            c.executemany("UPDATE fields SET has_raw = 0 WHERE id = ?", [(r[0],) for r in rows])
+        freed = 0
+        for _, slide_id, key in rows:
+            path = self._slide_dir(slide_id) / f"{key}_raw.jpg"
+            with contextlib.suppress(FileNotFoundError):
+                size = path.stat().st_size
+                path.unlink()
+                freed += size
+        if rows:
+            logger.info("deleted the raw frames of %d fields of slides finished before %s (%.1f MB)", len(rows),
+                        cutoff, freed / 1e6)
+        return {"fields": len(rows), "bytes": freed}
+
     # -- files, by ID only --
     def _slide_dir(self, slide_id: int) -> Path:
         return self.images_dir / f"slide-{int(slide_id)}"

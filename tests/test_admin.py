@@ -406,3 +406,39 @@ def test_the_records_download_is_for_the_admin_and_is_a_whole_database(make_env,
         assert db.execute("SELECT COUNT(*) FROM cells").fetchone()[0] == env.store.list_fields(1)[0]["rbc_count"]
     finally:
         db.close()
+
+
+def test_the_admin_frees_space_by_deleting_old_raw_frames_and_keeps_the_results(make_env, monkeypatch):
+    from datetime import timedelta
+
+    env = _env(make_env)
+    c, token = env.admin_client()
+    assert c.post("/api/slides", json={"sample_id": "S-SPACE"}, headers={"X-CSRF-Token": token}).status_code == 201
+    assert _upload(c, token, 1).status_code in (200, 201, 202)
+    assert wait_until(lambda: env.store.slide_counts()["fields"] == 1, 30)
+    field = env.store.list_fields(1)[0]
+    assert field["has_raw"], "the test config keeps raw frames"
+    assert c.post("/api/slides/1/finish", headers={"X-CSRF-Token": token}, json={"confirm": True}).status_code == 200
+    html = c.get("/admin/").get_data(as_text=True)
+    assert re.search(r'id="raw-frames-finished">1<', html) and re.search(r'id="raw-frames-old">0<', html)
+    # a finished slide newer than the days asked for keeps its raw frame
+    r = c.post("/admin/free-space", data={"days": "30", "csrf_token": token})
+    assert r.status_code == 303
+    assert "raw frames of 0 fields" in c.get("/admin/").get_data(as_text=True)
+    assert c.get(f"/fields/{field['id']}/raw.jpg").status_code == 200
+    for bad in ("-1", "ten", "99999"):
+        c.post("/admin/free-space", data={"days": bad, "csrf_token": token})
+        assert "nothing was deleted" in c.get("/admin/").get_data(as_text=True), bad
+    assert c.post("/admin/free-space", data={"days": "0"}).status_code == 400  # CSRF token required
+    assert env.app.test_client().post("/admin/free-space", data={"days": "0"}).status_code in (400, 401)
+    # a month later
+    later = health.wall_clock() + timedelta(days=31)
+    monkeypatch.setattr(health, "wall_clock", lambda: later)
+    assert re.search(r'id="raw-frames-old">1<', c.get("/admin/").get_data(as_text=True))
+    c.post("/admin/free-space", data={"days": "30", "csrf_token": token})
+    assert "raw frames of 1 fields" in c.get("/admin/").get_data(as_text=True)
+    assert c.get(f"/fields/{field['id']}/raw.jpg").status_code == 404
+    assert c.get(f"/fields/{field['id']}/annotated.jpg").status_code == 200
+    slide = c.get("/api/slides/1").get_json()
+    assert slide["status"] == "finished" and slide["automatic"]["rbc_count"] == field["rbc_count"]
+    assert slide["fields"][0]["raw_url"] is None and slide["fields"][0]["rbc_count"] == field["rbc_count"]

@@ -473,3 +473,53 @@ def test_a_backup_that_cannot_be_written_leaves_nothing(store, tmp_path):
     with pytest.raises(OSError):
         store.backup(target)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["copy.sqlite", "data"]
+
+
+def _real_field(n_cells=6, n_infected=2):
+    """A field result and images whose raw frame is a real JPEG (crops can be cut again from it)."""
+    import cv2
+    import numpy as np
+
+    rgb = np.full((1200, 1600, 3), 200, np.uint8)
+    res = _result(n_cells=n_cells, n_infected=n_infected)
+    ok, raw = cv2.imencode(".jpg", rgb)
+    assert ok
+    return res, FieldImages(JPEG + b"annotated", raw.tobytes(),
+                            {i: JPEG + bytes([i]) for i, c in enumerate(res.cells) if c.infected})
+
+
+def test_raw_frames_of_old_finished_slides_are_deleted_and_everything_else_kept(store, monkeypatch):
+    from datetime import UTC, datetime, timedelta
+
+    from device.service import free_raw_frames
+
+    clock = iter(["2026-10-01T08:00:00+00:00", "2026-10-01T08:01:00+00:00", "2026-10-01T09:00:00+00:00",
+                  "2026-11-20T08:00:00+00:00", "2026-11-20T08:01:00+00:00", "2026-11-20T09:00:00+00:00",
+                  "2026-11-29T08:00:00+00:00", "2026-11-29T08:01:00+00:00"])
+    monkeypatch.setattr(store_mod, "utc_now", lambda: next(clock))
+    fields = {}
+    for sample in ("OLD", "RECENT", "OPEN"):
+        sid = _slide(store, sample)
+        res, images = _real_field()
+        fields[sample] = store.add_field(sid, res, source="camera", model_sha256=MODEL.sha256, images=images)
+        if sample != "OPEN":
+            store.finish_slide(sid, lambda slide, totals: {"call": "negative"})
+    now = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+    month_ago = now - timedelta(days=30)
+    assert store.count_raw_frames(month_ago) == 1 and store.count_raw_frames() == 2  # the open slide: never
+    old = fields["OLD"]
+    raw = store.field_image_path(old, "raw")
+    crops = [store.cell_crop_path(c["id"]) for c in store.field_cells(old) if c["infected"]]
+    assert raw.is_file() and len(crops) == 2
+    crops[0].unlink()  # a crop a power cut lost: cut again from the raw frame before that goes
+    size = raw.stat().st_size
+    freed = free_raw_frames(store, month_ago)
+    assert freed == {"fields": 1, "bytes": size, "crops_recut": 1}
+    assert not raw.exists() and store.field_image_path(old, "raw") is None and not store.get_field(old)["has_raw"]
+    assert store.field_image_path(old, "annotated").is_file() and all(p.is_file() for p in crops)
+    assert store.get_slide(store.get_field(old)["slide_id"])["result_json"]  # the result stays
+    for sample in ("RECENT", "OPEN"):
+        assert store.field_image_path(fields[sample], "raw").is_file(), sample
+    assert free_raw_frames(store, month_ago) == {"fields": 0, "bytes": 0, "crops_recut": 0}  # nothing left to do
+    assert free_raw_frames(store, now)["fields"] == 1  # 0 days: every finished slide, still not the open one
+    assert store.field_image_path(fields["OPEN"], "raw").is_file()

@@ -15,14 +15,14 @@ import platform
 import sys
 import tempfile
 import threading
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from flask import Blueprint, flash, redirect, render_template, request, send_file, session, url_for
 
 import device
 from device.config import THRESHOLD_SAFE_RANGE, ConfigError
-from device.service import SettingsNotSaved
+from device.service import SettingsNotSaved, free_raw_frames
 from device.web import admin_signed_in, deps, error_response, health, security, sign_in_admin, views
 
 logger = logging.getLogger(__name__)
@@ -108,7 +108,9 @@ def _render(status: int = 200, *, settings_error: str | None = None, password_er
         "admin.html", health=device_health(), status=views.status_json(), metrics=d.analyser.metrics.counts,
         log=d.recent_log.entries(), values=values, sources=CAMERA_SOURCES, safe_range=THRESHOLD_SAFE_RANGE,
         pin_set=bool(cfg.security.technician_pin), settings_error=settings_error, password_error=password_error,
-        data_dir=d.store.data_dir)
+        data_dir=d.store.data_dir, raw_frame_days=RAW_FRAME_DAYS_DEFAULT,
+        raw_frames_old=d.store.count_raw_frames(health.wall_clock() - timedelta(days=RAW_FRAME_DAYS_DEFAULT)),
+        raw_frames_finished=d.store.count_raw_frames())
     return html, status
 
 
@@ -130,6 +132,36 @@ def backup():
     logger.info("records backup downloaded by %s: %d slides, %d fields, %d bytes", _client(), info["slides"],
                 info["fields"], info["bytes"])
     return send_file(fh, mimetype="application/vnd.sqlite3", as_attachment=True, download_name=name, max_age=0)
+
+
+RAW_FRAME_DAYS_DEFAULT = 30
+
+
+def _days(raw: str) -> int | None:
+    try:
+        days = int(raw.strip())
+    except ValueError:
+        return None
+    return days if 0 <= days <= 3650 else None
+
+
+@bp.post("/free-space")
+@admin_required
+def free_space():
+    """Delete the raw frames of slides finished more than ``days`` days ago (results and images kept)."""
+    d = deps()
+    raw = request.form.get("days", "")
+    days = _days(raw)
+    if days is None:
+        flash(f"Free space: {raw.strip()!r} is not a number of days from 0 to 3650; nothing was deleted")
+        return redirect(url_for("admin.index", _anchor="free-space"), 303)
+    before = health.wall_clock() - timedelta(days=days)
+    freed = free_raw_frames(d.store, before)
+    logger.info("admin %s freed space: raw frames of %d fields of slides finished more than %d days ago, %.1f MB",
+                _client(), freed["fields"], days, freed["bytes"] / 1e6)
+    flash(f"Deleted the raw frames of {freed['fields']} fields of slides finished more than {days} days ago "
+          f"({freed['bytes'] / 1e6:,.1f} MB freed); their results, annotated fields and flagged cells are kept.")
+    return redirect(url_for("admin.index", _anchor="free-space"), 303)
 
 
 # --- settings ----------------------------------------------------------------------------------------
