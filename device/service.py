@@ -36,7 +36,7 @@ import numpy as np
 
 from device.analysis import AnalysisSettings, FieldResult, analyze_field, annotate
 from device.slide import SlideSummary, summarize_slide
-from device.store import Conflict, FieldImages, ModelInfo, NotFound, Store, StoreError, write_atomic
+from device.store import Conflict, FieldImages, ModelInfo, NotFound, Store, StoreError, fsync_dir, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -186,10 +186,10 @@ class DiskState:
         """What the page says, or None when there is room."""
         if self.level == "full":
             return (f"The disk is nearly full ({self.free_mb:.0f} MB free, {self.min_mb:.0f} MB needed): new fields "
-                    "are refused. Download the records, then free space on the admin page (Free space).")
+                    "are refused. An admin can free space on the admin page (Free space).")
         if self.level == "low":
             return (f"Disk space is low ({self.free_mb:.0f} MB free): raw frames are no longer saved; results and "
-                    "annotated fields still are. Download the records, then free space on the admin page (Free space).")
+                    "annotated fields still are. An admin can free space on the admin page (Free space).")
         return None
 
     def to_json(self) -> dict:
@@ -241,10 +241,11 @@ def _read_only(exc: BaseException) -> bool:
 def storage_problem(exc: BaseException) -> str | None:
     """What a technician or admin is told when a write failed for want of storage, or None."""
     if _disk_full(exc):
-        return "the device's storage is full: nothing was saved; export the records and free some space"
+        return ("the device's storage is full: nothing was saved; an admin can free space on the admin page "
+                "(Free space)")
     if _read_only(exc):
         return ("the device's storage has become read-only (a failing SD card or a remount): nothing was "
-                "saved; export the records, then check the card")
+                "saved; an admin can download the records (admin page, Backup), then check the card")
     return None
 
 
@@ -257,16 +258,33 @@ def storage_writable(store: Store) -> str | None:
 
 
 def free_raw_frames(store: Store, finished_before: datetime) -> dict:
-    """Delete the raw frames of slides finished before that time (Store.delete_raw_frames), after making
-    sure every flagged cell's crop of those fields is on disk: a crop a power cut lost is cut again from
-    its raw frame while that still exists. Returns ``{"fields", "bytes", "crops_recut"}``."""
+    """Delete the raw frames of slides finished before that time (:meth:`Store.delete_raw_frames`).
+
+    First every flagged cell's crop of those fields is made durable: a crop a power cut lost is cut again
+    from its raw frame while that still exists, and every crop and its folder are fsynced (crops are
+    written without an fsync when their raw frame is kept). Before that, what an interrupted earlier run
+    left is swept. Returns ``{"fields", "bytes", "failed", "crops_recut", "swept"}``.
+    """
+    swept = store.sweep_raw_frames()  # what an earlier run cut short left: no row names those files
+    field_ids = store.raw_frame_fields(finished_before)
     recut = 0
-    for cell_id in store.flagged_cells_with_old_raw_frames(finished_before):
+    folders: set[Path] = set()
+    for cell_id in store.crop_cells(field_ids):
         path = store.cell_crop_path(cell_id)
-        missing = path is None or not path.is_file() or path.stat().st_size == 0
-        if missing and ensure_crop(store, cell_id) is not None:
+        if path is None:
+            continue
+        if not path.is_file() or path.stat().st_size == 0:
+            if ensure_crop(store, cell_id) is None:
+                continue
             recut += 1
-    return {**store.delete_raw_frames(finished_before), "crops_recut": recut}
+        with open(path, "rb") as fh:
+            os.fsync(fh.fileno())
+        folders.add(path.parent)
+    for folder in folders:
+        fsync_dir(folder)
+    freed = store.delete_raw_frames(field_ids)
+    return {**freed, "bytes": freed["bytes"] + swept["bytes"], "failed": freed["failed"] + swept["failed"],
+            "crops_recut": recut, "swept": swept["files"]}
 
 
 def ensure_crop(store: Store, cell_id: int) -> Path | None:
@@ -404,7 +422,7 @@ class FieldAnalyser:
         disk = self.disk()
         if disk.level == "full":
             raise CaptureRefused(f"the disk is nearly full ({disk.free_mb:.0f} MB free, {disk.min_mb:.0f} MB "
-                                 "needed): export the records and free some space", 507)
+                                 "needed): an admin can free space on the admin page (Free space)", 507)
         return disk
 
     def refused(self, exc: CaptureRefused) -> CaptureRefused:
@@ -489,8 +507,8 @@ class FieldAnalyser:
         except (OSError, sqlite3.Error) as exc:
             if _disk_full(exc):
                 logger.error("slide %d: the disk filled up while a field was written: %s", slide_id, exc)
-                raise CaptureRefused("the disk is full: the field was not saved; export the records and free "
-                                     "some space", 507) from exc
+                raise CaptureRefused("the disk is full: the field was not saved; an admin can free space on the "
+                                     "admin page (Free space)", 507) from exc
             if _read_only(exc):
                 logger.error("slide %d: storage read-only while a field was written: %s", slide_id, exc)
                 raise CaptureRefused(storage_problem(exc) or str(exc), 507) from exc

@@ -40,6 +40,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 DB_NAME = "malaria-detect.sqlite3"
+CLOCK_FILE = "clock-confirmed.json"  # see Store.confirm_clock
 IMAGES_DIR = "images"
 REVIEW_DECISIONS = ("confirmed", "rejected")
 _ANY = object()  # review_cell without a "seen" decision: whatever is stored is replaced
@@ -184,7 +185,14 @@ def migrate(conn: sqlite3.Connection, migrations: list[str] | None = None) -> in
     return len(migrations)
 
 
-def _fsync_dir(path: Path) -> None:
+def _chunks(items: list, n: int) -> Iterator[list]:
+    """``items`` in lists of at most ``n`` (SQLite limits the parameters of one statement)."""
+    for i in range(0, len(items), n):
+        yield items[i : i + n]
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a folder's entries (a file created, renamed or deleted in it) survive a power cut."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -210,7 +218,7 @@ def write_atomic(path: Path, data: bytes, *, sync_dir: bool = True, sync_data: b
         Path(tmp).unlink(missing_ok=True)
         raise
     if sync_dir:
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
 
 def sample_key(sample_id: str) -> str:
@@ -243,6 +251,7 @@ class Store:
         self.images_dir.mkdir(exist_ok=True, mode=0o700)
         self.db_path = self.data_dir / DB_NAME
         self._local = threading.local()
+        self._clock_confirmed: dict | None = None
         self._conns: list[sqlite3.Connection] = []
         self._conns_lock = threading.Lock()
         try:
@@ -415,12 +424,41 @@ class Store:
             raise
         return {"bytes": target.stat().st_size, "slides": int(slides), "fields": int(fields)}
 
+    def database_bytes(self) -> int:
+        """Size of the database with its write-ahead log: about what a copy of the records takes."""
+        return sum(p.stat().st_size for p in (self.db_path, self.db_path.with_name(self.db_path.name + "-wal"))
+                   if p.exists())
+
+    def snapshot(self) -> tuple[bytes, dict]:
+        """The records as the bytes of one self-contained SQLite file, made in memory (nothing is written,
+        so it works on a full or read-only card): one read transaction checks the database
+        (``quick_check``), counts it and copies it, so all three see the same records while captures go on.
+
+        Returns ``(image, {"bytes", "slides", "fields"})``. Raises StoreError when the check fails.
+        """
+        conn = self._conn()
+        conn.execute("BEGIN")  # a read transaction: the check, the counts and the copy see one snapshot
+        try:
+            check = conn.execute("PRAGMA quick_check").fetchone()[0]
+            if check != "ok":
+                raise StoreError(f"the records failed their check ({check}); no copy was made")
+            slides = conn.execute("SELECT COUNT(*) FROM slides").fetchone()[0]
+            fields = conn.execute("SELECT COUNT(*) FROM fields").fetchone()[0]
+            image = conn.serialize()
+        finally:
+            conn.execute("COMMIT")
+        return image, {"bytes": len(image), "slides": int(slides), "fields": int(fields)}
+
     def newest_record_time(self) -> datetime | None:
         """The latest time the records hold (a slide started or finished, the newest field captured),
-        or None without records: the device clock was at that time once, so it cannot now be earlier."""
+        or None without records: the device clock was at that time once, so it cannot now be earlier.
+        Records made before an admin confirmed the clock (:meth:`confirm_clock`) do not count."""
+        mark = self._clock_mark()
         c = self._conn()
-        times = [*c.execute("SELECT MAX(started_at), MAX(finished_at) FROM slides").fetchone(),
-                 *(c.execute("SELECT captured_at FROM fields ORDER BY id DESC LIMIT 1").fetchone() or ())]
+        times = [*c.execute("SELECT MAX(started_at), MAX(finished_at) FROM slides WHERE id > ?",
+                            (mark["slide_id"],)).fetchone(),
+                 *(c.execute("SELECT captured_at FROM fields WHERE id > ? ORDER BY id DESC LIMIT 1",
+                             (mark["field_id"],)).fetchone() or ())]
         parsed = []
         for t in times:
             try:
@@ -429,6 +467,31 @@ class Store:
                 continue
             parsed.append(d if d.tzinfo else d.replace(tzinfo=UTC))
         return max(parsed, default=None)
+
+    def confirm_clock(self) -> None:
+        """An admin says the clock is right: the records made so far no longer count against it (their
+        times came from a clock that ran ahead, e.g. a date typed wrongly, and stay as they were written)."""
+        c = self._conn()
+        mark = {"slide_id": int(c.execute("SELECT COALESCE(MAX(id), 0) FROM slides").fetchone()[0]),
+                "field_id": int(c.execute("SELECT COALESCE(MAX(id), 0) FROM fields").fetchone()[0]),
+                "confirmed_at": utc_now()}
+        write_atomic(self.data_dir / CLOCK_FILE, json.dumps(mark).encode())
+        self._clock_confirmed = mark
+        logger.warning("the clock was confirmed right at %s: records up to slide %d, field %d no longer count "
+                       "against it", mark["confirmed_at"], mark["slide_id"], mark["field_id"])
+
+    def _clock_mark(self) -> dict:
+        if self._clock_confirmed is None:
+            mark = {"slide_id": 0, "field_id": 0}
+            try:
+                data = json.loads((self.data_dir / CLOCK_FILE).read_text())
+                mark = {k: int(data[k]) for k in ("slide_id", "field_id")}
+            except FileNotFoundError:
+                pass
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                logger.warning("%s unreadable (%s): every record counts against the clock", CLOCK_FILE, exc)
+            self._clock_confirmed = mark
+        return self._clock_confirmed
 
     def finish_slide(self, slide_id: int, result: Callable[[dict, dict], dict]) -> dict:
         """Close the slide and keep the automatic result as it stood. Raises NotFound / Conflict.
@@ -476,7 +539,7 @@ class Store:
             for idx, jpeg in images.crops_jpeg.items():
                 # With the raw frame kept, a crop lost to a power cut is cut again (see the docstring).
                 write(f"{key}_cell{int(idx)}.jpg", jpeg, sync_data=images.raw_jpeg is None)
-            _fsync_dir(folder)  # the renames above are durable before the row that names them
+            fsync_dir(folder)  # the renames above are durable before the row that names them
             with self._tx() as c:
                 slide = _row(c.execute("SELECT * FROM slides WHERE id = ?", (slide_id,)).fetchone())
                 self._check_open(slide, model_sha256)  # re-checked inside the write lock
@@ -643,45 +706,81 @@ class Store:
         return self.get_cell(cell_id)  # type: ignore[return-value]
 
     # -- freeing space --
-    def _old_raw_frames_sql(self) -> str:
-        return ("FROM fields f JOIN slides s ON s.id = f.slide_id"
-                " WHERE s.status = 'finished' AND s.finished_at < ? AND f.has_raw = 1")
+    _FINISHED_BEFORE = ("FROM fields f JOIN slides s ON s.id = f.slide_id"
+                        " WHERE s.status = 'finished' AND s.finished_at < ?")
 
     def count_raw_frames(self, finished_before: datetime | None = None) -> int:
         """How many fields of finished slides (finished before that time, if given) keep their raw frame."""
         cutoff = "9999" if finished_before is None else finished_before.astimezone(UTC).isoformat(timespec="seconds")
-        return int(self._conn().execute("SELECT COUNT(*) " + self._old_raw_frames_sql(), (cutoff,)).fetchone()[0])
+        return int(self._conn().execute(f"SELECT COUNT(*) {self._FINISHED_BEFORE} AND f.has_raw = 1",
+                                        (cutoff,)).fetchone()[0])
 
-    def flagged_cells_with_old_raw_frames(self, finished_before: datetime) -> list[int]:
-        """IDs of the flagged cells (with a crop) in the fields :meth:`delete_raw_frames` would reach."""
+    def raw_frame_fields(self, finished_before: datetime) -> list[int]:
+        """IDs of the fields of slides finished before that time that keep their raw frame."""
         cutoff = finished_before.astimezone(UTC).isoformat(timespec="seconds")
-        return [r[0] for r in self._conn().execute(
-            "SELECT c.id FROM cells c JOIN fields f ON f.id = c.field_id JOIN slides s ON s.id = f.slide_id"
-            " WHERE s.status = 'finished' AND s.finished_at < ? AND f.has_raw = 1 AND c.has_crop = 1", (cutoff,))]
+        return [r[0] for r in self._conn().execute(f"SELECT f.id {self._FINISHED_BEFORE} AND f.has_raw = 1",
+                                                   (cutoff,))]
 
-    def delete_raw_frames(self, finished_before: datetime) -> dict:
-        """Delete the raw frames (the largest file of a field) of slides finished before that time; their
+    def crop_cells(self, field_ids: list[int]) -> list[int]:
+        """IDs of the flagged cells with a crop in these fields."""
+        out: list[int] = []
+        for chunk in _chunks(field_ids, 500):
+            marks = ",".join("?" * len(chunk))
+            out += [r[0] for r in self._conn().execute(
+                f"SELECT id FROM cells WHERE has_crop = 1 AND field_id IN ({marks})", chunk)]
+        return out
+
+    def delete_raw_frames(self, field_ids: list[int]) -> dict:
+        """Delete the raw frames (the largest file of a field) of these fields, where their slide is finished;
         results, annotated fields and flagged-cell crops are kept. What frees the SD card of a busy clinic.
 
-        The rows stop naming the frames first (one transaction), then the files go: a crash in between
-        leaves files no row names, never a row that names a missing file. Open slides are never touched
-        (a lost crop is cut again from its raw frame). Returns ``{"fields", "bytes"}`` freed.
+        The rows stop naming the frames first (one transaction), then the files go, each on its own: a
+        file that cannot be deleted (a failing card) is counted and the others still go, and a run cut
+        short leaves files no row names, which :meth:`sweep_raw_frames` deletes on the next run. Open
+        slides are never touched. Returns ``{"fields", "bytes", "failed"}``.
         """
-        cutoff = finished_before.astimezone(UTC).isoformat(timespec="seconds")
+        rows: list[tuple[int, int, str]] = []
         with self._tx() as c:
-            rows = c.execute("SELECT f.id, f.slide_id, f.file_key " + self._old_raw_frames_sql(), (cutoff,)).fetchall()
-            c.executemany("UPDATE fields SET has_raw = 0 WHERE id = ?", [(r[0],) for r in rows])
-        freed = 0
-        for _, slide_id, key in rows:
+            for chunk in _chunks(field_ids, 500):
+                marks = ",".join("?" * len(chunk))
+                found = c.execute("SELECT f.id, f.slide_id, f.file_key FROM fields f JOIN slides s ON s.id = f.slide_id"
+                                  f" WHERE s.status = 'finished' AND f.has_raw = 1 AND f.id IN ({marks})",
+                                  chunk).fetchall()
+                c.executemany("UPDATE fields SET has_raw = 0 WHERE id = ?", [(r[0],) for r in found])
+                rows += [tuple(r) for r in found]
+        freed, failed = self._unlink_raw_frames((slide_id, key) for _, slide_id, key in rows)
+        if rows:
+            logger.info("deleted the raw frames of %d fields (%.1f MB)%s", len(rows), freed / 1e6,
+                        f"; {failed} could not be deleted" if failed else "")
+        return {"fields": len(rows), "bytes": freed, "failed": failed}
+
+    def sweep_raw_frames(self) -> dict:
+        """Delete the raw-frame files of finished slides that no row names any more (what a Free space run
+        cut short by a power cut or a failing card left). Returns ``{"files", "bytes", "failed"}``."""
+        rows = self._conn().execute(
+            "SELECT f.slide_id, f.file_key FROM fields f JOIN slides s ON s.id = f.slide_id"
+            " WHERE s.status = 'finished' AND f.has_raw = 0").fetchall()
+        files = [(sid, key) for sid, key in rows if (self._slide_dir(sid) / f"{key}_raw.jpg").exists()]
+        freed, failed = self._unlink_raw_frames(files)
+        if files:
+            logger.warning("deleted %d raw frames an interrupted Free space had left (%.1f MB)", len(files) - failed,
+                           freed / 1e6)
+        return {"files": len(files) - failed, "bytes": freed, "failed": failed}
+
+    def _unlink_raw_frames(self, slide_keys) -> tuple[int, int]:
+        freed = failed = 0
+        for slide_id, key in slide_keys:
             path = self._slide_dir(slide_id) / f"{key}_raw.jpg"
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 size = path.stat().st_size
                 path.unlink()
                 freed += size
-        if rows:
-            logger.info("deleted the raw frames of %d fields of slides finished before %s (%.1f MB)", len(rows),
-                        cutoff, freed / 1e6)
-        return {"fields": len(rows), "bytes": freed}
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                failed += 1
+                logger.warning("raw frame %s could not be deleted: %s", path, exc)
+        return freed, failed
 
     # -- files, by ID only --
     def _slide_dir(self, slide_id: int) -> Path:

@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import re
+from datetime import datetime
 
 import cv2
 import pytest
@@ -373,12 +374,49 @@ def test_a_clock_behind_the_records_is_shown_to_technician_and_admin(make_env, m
     status = c.get("/api/status").get_json()["clock"]
     assert status["problem"] and "earlier than its newest record" in status["problem"]
     html = c.get("/").get_data(as_text=True)
-    assert 'id="clock-banner"' in html and "The device clock is wrong" in html
+    assert 'id="clock-banner"' in html and "Check the device clock" in html
     admin = c.get("/admin/").get_data(as_text=True)
-    assert "WRONG" in admin and "sudo date -s" in admin
+    assert "CHECK" in admin and "sudo date -s" in admin and 'id="clock-confirm"' in admin
     # counting goes on: a field is still captured and counted
     r = _upload(c, token, 1)
     assert r.status_code in (200, 201, 202), r.get_data(as_text=True)
+    # Free space reads "N days ago" on this clock: refused until it is set or confirmed
+    r = c.post("/admin/free-space", data={"days": "0", "csrf_token": token})
+    assert r.status_code == 303 and "nothing was deleted" in c.get("/admin/").get_data(as_text=True)
+
+
+def test_an_admin_confirms_a_right_clock_behind_records_dated_by_a_clock_that_ran_ahead(make_env, monkeypatch):
+    from datetime import timedelta
+
+    env = _env(make_env)
+    c, token = env.admin_client()
+    right_now = health.wall_clock()
+    # a year typed wrongly: records dated a year ahead...
+    monkeypatch.setattr(health, "wall_clock", lambda: right_now + timedelta(days=365))
+    from device import store as store_mod
+
+    monkeypatch.setattr(store_mod, "utc_now", lambda: (right_now + timedelta(days=365)).isoformat(timespec="seconds"))
+    assert c.post("/api/slides", json={"sample_id": "S-AHEAD"}, headers={"X-CSRF-Token": token}).status_code == 201
+    monkeypatch.undo()
+    # ...then the clock was corrected: it is right, the records are ahead
+    monkeypatch.setattr(health, "wall_clock", lambda: right_now)
+    assert c.get("/api/status").get_json()["clock"]["can_confirm"] is True
+    assert c.post("/admin/clock-ok", data={}).status_code == 400  # CSRF token required
+    assert env.app.test_client().post("/admin/clock-ok").status_code in (400, 401)
+    r = c.post("/admin/clock-ok", data={"csrf_token": token})
+    assert r.status_code == 303
+    clock = c.get("/api/status").get_json()["clock"]
+    assert clock["problem"] is None and clock["can_confirm"] is False
+    assert 'id="clock-banner"' not in c.get("/").get_data(as_text=True)
+    # kept across a restart of the store (the mark is a file in the data folder)
+    env.store._clock_confirmed = None
+    assert c.get("/api/status").get_json()["clock"]["problem"] is None
+    # a clock behind the model's date is wrong for sure: nothing to confirm
+    made = datetime.fromisoformat(env.analyser.model.card_date)
+    monkeypatch.setattr(health, "wall_clock", lambda: made - timedelta(days=400))
+    clock = c.get("/api/status").get_json()["clock"]
+    assert "model was made" in clock["problem"] and clock["can_confirm"] is False
+    assert 'id="clock-confirm"' not in c.get("/admin/").get_data(as_text=True)
 
 
 def test_the_records_download_is_for_the_admin_and_is_a_whole_database(make_env, tmp_path):
@@ -393,7 +431,7 @@ def test_the_records_download_is_for_the_admin_and_is_a_whole_database(make_env,
     assert _upload(c, token, 1).status_code in (200, 201, 202)
     assert wait_until(lambda: env.store.slide_counts()["fields"] == 1, 30)
     assert 'href="/admin/backup"' in c.get("/admin/").get_data(as_text=True)
-    r = c.get("/admin/backup")
+    r = c.get("/admin/backup", buffered=True)
     assert r.status_code == 200 and r.mimetype == "application/vnd.sqlite3"
     disposition = r.headers["Content-Disposition"]
     assert re.search(r"attachment; filename=malaria-detect-records-\d{8}-\d{4}\.sqlite", disposition)
@@ -442,3 +480,44 @@ def test_the_admin_frees_space_by_deleting_old_raw_frames_and_keeps_the_results(
     slide = c.get("/api/slides/1").get_json()
     assert slide["status"] == "finished" and slide["automatic"]["rbc_count"] == field["rbc_count"]
     assert slide["fields"][0]["raw_url"] is None and slide["fields"][0]["rbc_count"] == field["rbc_count"]
+
+
+def test_the_records_download_needs_no_disk_and_a_large_one_checks_its_space_first(make_env, monkeypatch):
+    import sqlite3
+    import tempfile
+
+    from device.web import admin
+
+    env = _env(make_env)
+    c, token = env.admin_client()
+    assert c.post("/api/slides", json={"sample_id": "S-FULL"}, headers={"X-CSRF-Token": token}).status_code == 201
+
+    def no_temp_space(*a, **kw):
+        raise OSError(28, "No space left on device")
+
+    # a full (or read-only) card is when the records matter most: the copy is made in memory
+    monkeypatch.setattr(tempfile, "TemporaryDirectory", no_temp_space)
+    for _ in range(2):  # one after the other: the first released its turn
+        r = c.get("/admin/backup", buffered=True)  # read whole and closed, as the server does
+        assert r.status_code == 200 and r.data[:16] == b"SQLite format 3\x00" and r.data[18:20] == b"\x01\x01"
+    monkeypatch.undo()
+    # a database too large for memory goes through a temporary file, if the disk can take it
+    monkeypatch.setattr(admin, "BACKUP_IN_MEMORY_MAX_BYTES", 0)
+    r = c.get("/admin/backup", buffered=True)
+    assert r.status_code == 200 and r.data[:16] == b"SQLite format 3\x00"
+    monkeypatch.setattr(service, "free_disk_mb", lambda _p: 0.01)  # less than the records' size
+    r = c.get("/admin/backup", buffered=True)
+    assert r.status_code == 507 and "not enough free space to copy the records" in r.get_data(as_text=True)
+    monkeypatch.undo()
+    # one copy at a time (each holds the size of the records)
+    lock = env.app.extensions["malaria_detect_backup_lock"]
+    assert lock.acquire(blocking=False)
+    try:
+        assert c.get("/admin/backup", buffered=True).status_code == 409
+    finally:
+        lock.release()
+    r = c.get("/admin/backup", buffered=True)
+    assert r.status_code == 200
+    db = sqlite3.connect(":memory:")
+    db.deserialize(r.data)
+    assert db.execute("SELECT sample_id FROM slides").fetchall() == [("S-FULL",)]

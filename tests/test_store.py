@@ -142,12 +142,12 @@ def test_a_database_with_damaged_table_pages_is_a_store_error(tmp_path):
 def test_a_field_that_cannot_be_recorded_leaves_no_image_behind(store, monkeypatch, failure):
     sid = _slide(store)
     res = _result()
-    real_fsync, real_write = store_mod._fsync_dir, store_mod.write_atomic
+    real_fsync, real_write = store_mod.fsync_dir, store_mod.write_atomic
     if failure == "slide finished meanwhile":  # the technician finishes while the images are written
         def fsync_then_finish(folder):
             real_fsync(folder)
             store.finish_slide(sid, lambda slide, totals: {})
-        monkeypatch.setattr(store_mod, "_fsync_dir", fsync_then_finish)
+        monkeypatch.setattr(store_mod, "fsync_dir", fsync_then_finish)
         expected = Conflict
     else:
         def write_until_full(path, data, **kw):
@@ -514,12 +514,53 @@ def test_raw_frames_of_old_finished_slides_are_deleted_and_everything_else_kept(
     crops[0].unlink()  # a crop a power cut lost: cut again from the raw frame before that goes
     size = raw.stat().st_size
     freed = free_raw_frames(store, month_ago)
-    assert freed == {"fields": 1, "bytes": size, "crops_recut": 1}
+    assert freed == {"fields": 1, "bytes": size, "failed": 0, "crops_recut": 1, "swept": 0}
     assert not raw.exists() and store.field_image_path(old, "raw") is None and not store.get_field(old)["has_raw"]
     assert store.field_image_path(old, "annotated").is_file() and all(p.is_file() for p in crops)
     assert store.get_slide(store.get_field(old)["slide_id"])["result_json"]  # the result stays
     for sample in ("RECENT", "OPEN"):
         assert store.field_image_path(fields[sample], "raw").is_file(), sample
-    assert free_raw_frames(store, month_ago) == {"fields": 0, "bytes": 0, "crops_recut": 0}  # nothing left to do
+    assert free_raw_frames(store, month_ago) == {"fields": 0, "bytes": 0, "failed": 0, "crops_recut": 0,
+                                                 "swept": 0}  # nothing left to do
     assert free_raw_frames(store, now)["fields"] == 1  # 0 days: every finished slide, still not the open one
     assert store.field_image_path(fields["OPEN"], "raw").is_file()
+
+
+def test_free_space_cut_short_is_finished_by_the_next_run_and_crops_are_synced_first(store, monkeypatch):
+    from datetime import UTC, datetime
+
+    from device import service
+    from device.service import free_raw_frames
+
+    sids = []
+    for sample in ("A", "B"):
+        sid = _slide(store, sample)
+        res, images = _real_field()
+        store.add_field(sid, res, source="camera", model_sha256=MODEL.sha256, images=images)
+        store.finish_slide(sid, lambda slide, totals: {"call": "negative"})
+        sids.append(sid)
+    later = datetime(2100, 1, 1, tzinfo=UTC)
+    raws = [store.field_image_path(f["id"], "raw") for sid in sids for f in store.list_fields(sid)]
+    field_ids = [f["id"] for sid in sids for f in store.list_fields(sid)]
+    crops = {str(store.cell_crop_path(c)) for c in store.crop_cells(field_ids)}
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(service.os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")),
+                                                         real_fsync(fd))[1])
+    from pathlib import Path
+
+    real_unlink = Path.unlink
+
+    def failing_card(path, *a, **kw):  # the first raw frame cannot be deleted (a failing card)
+        if path == raws[0]:
+            raise OSError(5, "Input/output error")
+        return real_unlink(path, *a, **kw)
+
+    monkeypatch.setattr(Path, "unlink", failing_card)
+    freed = free_raw_frames(store, later)
+    assert freed["fields"] == 2 and freed["failed"] == 1 and not raws[1].exists() and raws[0].exists()
+    assert crops <= set(synced), "every crop is fsynced before the raw frames go"
+    monkeypatch.setattr(Path, "unlink", real_unlink)
+    assert store.count_raw_frames() == 0  # no row names the frame left behind...
+    again = free_raw_frames(store, later)
+    assert again["swept"] == 1 and again["failed"] == 0 and not raws[0].exists()  # ...and the next run deletes it

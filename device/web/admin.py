@@ -15,10 +15,11 @@ import platform
 import sys
 import tempfile
 import threading
+from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from flask import Blueprint, flash, redirect, render_template, request, send_file, session, url_for
+from flask import Blueprint, Response, flash, redirect, render_template, request, session, url_for
 
 import device
 from device.config import THRESHOLD_SAFE_RANGE, ConfigError
@@ -87,7 +88,8 @@ def _clock_text() -> str:
     now = datetime.fromisoformat(clock["now"]).astimezone()
     text = f"{now:%Y-%m-%d %H:%M} ({now:%Z}): compare it with your watch; slides and reports are dated by it"
     if clock["problem"]:
-        text = f"WRONG — {clock['problem']}. Set it on the Pi: sudo date -s 'YYYY-MM-DD HH:MM' (local time, {now:%Z})"
+        text = (f"CHECK — {clock['problem']}. If it is wrong, set it on the Pi: sudo date -s 'YYYY-MM-DD HH:MM' "
+                f"(local time, {now:%Z})")
     return text
 
 
@@ -120,18 +122,114 @@ def index():
     return _render()
 
 
+# Up to this size the records are copied in memory and sent from there (nothing written: it works on a full
+# or read-only card); a larger database is copied to a temporary file, which needs its size in free space.
+# The unit's MemoryMax is 600 MB and the service itself uses ~110 MB.
+BACKUP_IN_MEMORY_MAX_BYTES = 160 * 1024 * 1024
+BACKUP_CHUNK_BYTES = 1024 * 1024
+
+
+def _backup_lock() -> threading.Lock:
+    """One copy of the records at a time (each holds their size in memory or on disk), per app."""
+    from flask import current_app
+
+    return current_app.extensions.setdefault("malaria_detect_backup_lock", threading.Lock())
+
+
+def _sqlite_file_chunks(image: bytes) -> Iterator[bytes]:
+    """The in-memory copy in chunks; its header says rollback journal (bytes 18-19: 1, not WAL's 2), so
+    the file opens on its own, without a -wal beside it."""
+    head = bytearray(image[:100])
+    if head[18:20] == b"\x02\x02":
+        head[18:20] = b"\x01\x01"
+    yield bytes(head)
+    view = memoryview(image)
+    for at in range(100, len(image), BACKUP_CHUNK_BYTES):
+        yield bytes(view[at : at + BACKUP_CHUNK_BYTES])
+
+
+def _release_once(lock: threading.Lock):
+    done = threading.Event()
+
+    def release() -> None:
+        if not done.is_set():
+            done.set()
+            lock.release()
+    return release
+
+
 @bp.get("/backup")
 @admin_required
 def backup():
-    """The records as one checked SQLite file, copied while the service runs (Store.backup)."""
+    """The records as one checked SQLite file, copied while the service runs."""
     d = deps()
-    name = f"malaria-detect-records-{health.wall_clock().astimezone():%Y%m%d-%H%M}.sqlite"
-    with tempfile.TemporaryDirectory(prefix="malaria-detect-backup-") as tmp:
-        info = d.store.backup(Path(tmp) / name)
-        fh = open(Path(tmp) / name, "rb")  # noqa: SIM115 - open before the folder goes; send_file closes it
+    lock = _backup_lock()
+    if not lock.acquire(blocking=False):
+        return error_response(409, "a copy of the records is being made already: wait for it, then try again")
+    release = _release_once(lock)  # when the download ends (the server closes the response) or fails
+    try:
+        name = f"malaria-detect-records-{health.wall_clock().astimezone():%Y%m%d-%H%M}.sqlite"
+        size = d.store.database_bytes()
+        if size <= BACKUP_IN_MEMORY_MAX_BYTES:
+            image, info = d.store.snapshot()
+            resp = _download(_sqlite_file_chunks(image), name, len(image))
+        else:
+            resp, info = _backup_via_file(d, name, size)
+        resp.call_on_close(release)
+    except _NoRoom as exc:
+        release()
+        return error_response(507, str(exc))
+    except BaseException:
+        release()
+        raise
     logger.info("records backup downloaded by %s: %d slides, %d fields, %d bytes", _client(), info["slides"],
                 info["fields"], info["bytes"])
-    return send_file(fh, mimetype="application/vnd.sqlite3", as_attachment=True, download_name=name, max_age=0)
+    return resp
+
+
+class _NoRoom(Exception):
+    pass
+
+
+def _backup_via_file(d, name: str, size: int):
+    """A large database: copied to a temporary file (Store.backup), if that leaves the disk usable."""
+    from device.service import free_disk_mb
+
+    tmp_root = Path(tempfile.gettempdir())
+    free_mb = free_disk_mb(tmp_root)
+    same_disk = tmp_root.stat().st_dev == d.store.data_dir.stat().st_dev
+    keep_mb = d.analyser.disk().min_mb if same_disk else 0.0
+    if free_mb - size / 1e6 < keep_mb:
+        raise _NoRoom(f"not enough free space to copy the records ({size / 1e6:,.0f} MB needed, {free_mb:,.0f} MB free"
+                   f"{f', {keep_mb:,.0f} MB kept for captures' if keep_mb else ''}): use Free space below first, or "
+                   "copy the data folder with the service stopped (deployment notes)")
+    with tempfile.TemporaryDirectory(prefix="malaria-detect-backup-") as tmp:
+        info = d.store.backup(Path(tmp) / name)
+        fh = open(Path(tmp) / name, "rb")  # noqa: SIM115 - open before the folder goes; closed with the response
+
+    def chunks() -> Iterator[bytes]:
+        while chunk := fh.read(BACKUP_CHUNK_BYTES):
+            yield chunk
+
+    resp = _download(chunks(), name, info["bytes"])
+    resp.call_on_close(fh.close)
+    return resp, info
+
+
+def _download(body: Iterator[bytes], name: str, size: int) -> Response:
+    return Response(body, mimetype="application/vnd.sqlite3",
+                    headers={"Content-Disposition": f"attachment; filename={name}", "Content-Length": str(size),
+                             "Cache-Control": "no-store"})
+
+
+@bp.post("/clock-ok")
+@admin_required
+def confirm_clock():
+    """The admin says the clock is right: records dated by a clock that ran ahead stop counting against it."""
+    deps().store.confirm_clock()
+    logger.warning("admin %s confirmed the device clock (%s)", _client(), health.wall_clock().isoformat())
+    flash("Noted: the clock is right; the records made so far no longer count against it.")
+    return redirect(url_for("admin.index"), 303)
 
 
 RAW_FRAME_DAYS_DEFAULT = 30
@@ -155,12 +253,23 @@ def free_space():
     if days is None:
         flash(f"Free space: {raw.strip()!r} is not a number of days from 0 to 3650; nothing was deleted")
         return redirect(url_for("admin.index", _anchor="free-space"), 303)
+    clock = views.clock_status()
+    if clock["problem"]:
+        # "N days ago" is read on this clock, and the slides were dated by it: a wrong one deletes the wrong ones
+        flash(f"Free space: {clock['problem']}. Set the clock first (see Clock above); nothing was deleted")
+        return redirect(url_for("admin.index", _anchor="free-space"), 303)
     before = health.wall_clock() - timedelta(days=days)
     freed = free_raw_frames(d.store, before)
     logger.info("admin %s freed space: raw frames of %d fields of slides finished more than %d days ago, %.1f MB",
                 _client(), freed["fields"], days, freed["bytes"] / 1e6)
-    flash(f"Deleted the raw frames of {freed['fields']} fields of slides finished more than {days} days ago "
-          f"({freed['bytes'] / 1e6:,.1f} MB freed); their results, annotated fields and flagged cells are kept.")
+    text = (f"Deleted the raw frames of {freed['fields']} fields of slides finished more than {days} days ago "
+            f"({freed['bytes'] / 1e6:,.1f} MB freed); their results, annotated fields and flagged cells are kept.")
+    if freed["swept"]:
+        text += f" {freed['swept']} raw frames an interrupted earlier run had left were deleted too."
+    if freed["failed"]:
+        text += (f" {freed['failed']} could not be deleted (the storage may be failing: see Last problems); "
+                 "they are tried again next time.")
+    flash(text)
     return redirect(url_for("admin.index", _anchor="free-space"), 303)
 
 

@@ -36,12 +36,13 @@ def _local(t: datetime) -> str:
 
 
 def clock_problem(now: datetime, newest_record: datetime | None, model_made: datetime | None) -> str | None:
-    """Why the device clock is certainly wrong, or None.
+    """Why the device clock looks wrong, or None.
 
     A Raspberry Pi has no battery-backed clock: without network time it starts from the time saved at
     the last shutdown (or from 1970), so after a night switched off it runs hours behind and every slide
     and report is misdated. The clock cannot be earlier than the newest time the records hold, nor than
-    the date the running model was made; a clock that runs ahead cannot be told from here.
+    the date the running model was made. A clock that runs ahead cannot be told from here; once it is
+    corrected, the records it dated are ahead of it, which an admin confirms (Store.confirm_clock).
     """
     if newest_record is not None and now < newest_record - CLOCK_SLACK:
         return (f"the device clock reads {_local(now)}, earlier than its newest record "

@@ -381,8 +381,9 @@ def slide_json(slide: dict, *, with_fields: bool = False) -> dict:
 
 
 def clock_status() -> dict:
-    """{"now": ISO time, "problem": why the clock is certainly wrong or None}; never raises (a broken
-    database or card leaves that check out)."""
+    """{"now": ISO time, "problem": why the clock looks wrong or None, "can_confirm": whether an admin may
+    say it is right (when only records contradict it)}; never raises (a broken database or card leaves
+    that check out)."""
     d = deps()
     now = health.wall_clock()
     try:
@@ -395,7 +396,11 @@ def clock_status() -> dict:
         made = made if made is None or made.tzinfo else made.replace(tzinfo=UTC)
     except ValueError:
         made = None
-    return {"now": now.isoformat(timespec="seconds"), "problem": health.clock_problem(now, newest, made)}
+    problem = health.clock_problem(now, newest, made)
+    # behind the records only: the clock may be right and the records dated by a clock that ran ahead
+    behind_records = newest is not None and now < newest - health.CLOCK_SLACK
+    return {"now": now.isoformat(timespec="seconds"), "problem": problem,
+            "can_confirm": bool(problem and behind_records)}
 
 
 def status_json() -> dict:
