@@ -124,8 +124,9 @@ def index():
 
 # Up to this size the records are copied in memory and sent from there (nothing written: it works on a full
 # or read-only card); a larger database is copied to a temporary file, which needs its size in free space.
-# The unit's MemoryMax is 600 MB and the service itself uses ~110 MB.
-BACKUP_IN_MEMORY_MAX_BYTES = 160 * 1024 * 1024
+# The unit's MemoryMax is 600 MB, the service itself uses ~110 MB, and the in-memory copy peaks at about
+# twice the database (103 MB: peak RSS 57 -> 258 MB, tests/benchmarks/bench_backup.py --slides 800).
+BACKUP_IN_MEMORY_MAX_BYTES = 128 * 1024 * 1024
 BACKUP_CHUNK_BYTES = 1024 * 1024
 
 
