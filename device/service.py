@@ -42,6 +42,11 @@ logger = logging.getLogger(__name__)
 
 EX_CONFIG = 78  # sysexits.h; the systemd unit's RestartPreventExitStatus
 WAITRESS_THREADS = 8  # captures wait for their analysis in a request thread; status and preview need others
+# waitress keeps what a slow client has not read yet in memory up to outbuf_overflow, then in a temporary
+# file, which on a full or read-only card breaks the reply half way (the records download is for exactly
+# that card): keep it in memory, and hold the app back above the watermark (at most ~8 MB per client).
+WAITRESS_SETTINGS = {"threads": WAITRESS_THREADS, "ident": "malaria-detect",
+                     "outbuf_high_watermark": 4 * 1024 * 1024, "outbuf_overflow": 8 * 1024 * 1024}
 MAX_PENDING_FIELDS = 2  # one analysing, one waiting; more is a double tap, refused with 503
 REVIEW_CROP_MARGIN_FRAC = 0.3  # context around a flagged cell: the reviewer compares it with its neighbours
 ANNOTATED_JPEG_QUALITY = 85
@@ -817,8 +822,7 @@ def serve(config_path: str | None, host: str | None = None, port: int | None = N
     feed.start()
     try:
         app = create_app(cfg, store, feed, analyser)
-        server = waitress.create_server(app, host=cfg.service.host, port=cfg.service.port,
-                                        threads=WAITRESS_THREADS, ident="malaria-detect")
+        server = waitress.create_server(app, host=cfg.service.host, port=cfg.service.port, **WAITRESS_SETTINGS)
     except OSError as exc:
         logger.error("cannot serve on %s:%d: %s", cfg.service.host, cfg.service.port, exc)
         feed.stop()

@@ -521,3 +521,60 @@ def test_the_records_download_needs_no_disk_and_a_large_one_checks_its_space_fir
     db = sqlite3.connect(":memory:")
     db.deserialize(r.data)
     assert db.execute("SELECT sample_id FROM slides").fetchall() == [("S-FULL",)]
+
+
+def test_a_large_records_download_reaches_a_slow_client_whole_on_a_full_card(make_env, monkeypatch):
+    """On the real server: what a slow client has not read stays in memory (waitress would spill it to a
+    temporary file past 1 MB, which on a full card cut the download off after 1 MB under a 200 OK)."""
+    import http.client
+    import sqlite3
+    import threading
+    import time
+
+    import waitress
+    import waitress.buffers
+
+    env = _env(make_env)
+    db = sqlite3.connect(env.store.db_path)
+    with db:
+        db.execute("INSERT INTO slides (id, sample_id, status, started_at, model_name, model_sha256, threshold,"
+                   " fp_rate_per_cell, target_rbc, rbc_per_ul) VALUES (1, 'BIG', 'open', '2026-11-30T08:00:00+00:00',"
+                   " 'm', ?, 0.9, 0.001, 2000, 5e6)", ("a" * 64,))
+        for fid in range(1, 31):
+            db.execute("INSERT INTO fields (id, slide_id, seq, captured_at, source, width, height, focus, rbc_count,"
+                       " infected_count, model_sha256, threshold, file_key) VALUES (?, 1, ?, "
+                       "'2026-11-30T08:00:00+00:00', 'camera', 1280, 960, 4, 2000, 0, ?, 0.9, 'k')",
+                       (fid, fid, "a" * 64))
+            db.executemany("INSERT INTO cells (field_id, idx, x, y, w, h, p_infected, infected) VALUES"
+                           " (?, ?, ?, ?, 60, 60, 0.01, 0)", [(fid, i, i, i) for i in range(2000)])
+    db.close()
+    assert env.store.database_bytes() > 2 * 1024 * 1024  # well past waitress's 1 MB default
+    monkeypatch.setattr(waitress.buffers.TempfileBasedBuffer, "newfile",
+                        lambda self: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    server = waitress.create_server(env.app, host="127.0.0.1", port=0, **service.WAITRESS_SETTINGS)
+    loop = threading.Thread(target=server.run, daemon=True)
+    loop.start()
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", server.effective_port, timeout=30)
+        conn.request("GET", "/api/session")
+        r = conn.getresponse()
+        cookie = r.getheader("Set-Cookie").split(";")[0]
+        token = json.loads(r.read())["csrf_token"]
+        conn.request("POST", "/admin/login", body=f"password={ADMIN_PASSWORD}&csrf_token={token}",
+                     headers={"Cookie": cookie, "Content-Type": "application/x-www-form-urlencoded"})
+        r = conn.getresponse()
+        r.read()
+        assert r.status == 303
+        cookie = r.getheader("Set-Cookie").split(";")[0]
+        conn.request("GET", "/admin/backup", headers={"Cookie": cookie})
+        r = conn.getresponse()
+        time.sleep(1.5)  # a slow client: the server has written what it may meanwhile
+        body = r.read()
+        assert r.status == 200 and len(body) == int(r.getheader("Content-Length")) > 2 * 1024 * 1024
+        copy = sqlite3.connect(":memory:")
+        copy.deserialize(body)
+        assert copy.execute("SELECT COUNT(*) FROM cells").fetchone()[0] == 60_000
+    finally:
+        server.trigger.pull_trigger(server.close)
+        loop.join(5)
+        server.task_dispatcher.shutdown()

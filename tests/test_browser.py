@@ -43,7 +43,9 @@ def _live(env):
     """The app on a real waitress server, on 127.0.0.1 and a free port."""
     import waitress
 
-    server = waitress.create_server(env.app, host="127.0.0.1", port=0, threads=8)
+    from device.service import WAITRESS_SETTINGS
+
+    server = waitress.create_server(env.app, host="127.0.0.1", port=0, **WAITRESS_SETTINGS)
     loop = threading.Thread(target=server.run, daemon=True)
     loop.start()
     env.base_url = f"http://127.0.0.1:{server.effective_port}"
