@@ -36,7 +36,7 @@ import numpy as np
 
 from device.analysis import AnalysisSettings, FieldResult, analyze_field, annotate
 from device.slide import SlideSummary, summarize_slide
-from device.store import Conflict, FieldImages, ModelInfo, NotFound, Store, StoreError, fsync_dir, write_atomic
+from device.store import Conflict, FieldImages, ModelInfo, NotFound, Store, StoreError, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -265,28 +265,24 @@ def storage_writable(store: Store) -> str | None:
 def free_raw_frames(store: Store, finished_before: datetime) -> dict:
     """Delete the raw frames of slides finished before that time (:meth:`Store.delete_raw_frames`).
 
-    First every flagged cell's crop of those fields is made durable: a crop a power cut lost is cut again
-    from its raw frame while that still exists, and every crop and its folder are fsynced (crops are
-    written without an fsync when their raw frame is kept). Before that, what an interrupted earlier run
-    left is swept. Returns ``{"fields", "bytes", "failed", "crops_recut", "swept"}``.
+    First what an interrupted earlier run left is swept. Then the flagged cells' crops of those fields are
+    made durable: a crop a power cut lost is cut again from its raw frame while that still exists, and
+    one ``sync`` puts every crop on the card (they are written without an fsync while their raw frame is
+    kept; one fsync each took 10 s for 30,000 crops). Returns ``{"fields", "bytes", "failed",
+    "crops_recut", "swept"}``.
     """
     swept = store.sweep_raw_frames()  # what an earlier run cut short left: no row names those files
     field_ids = store.raw_frame_fields(finished_before)
     recut = 0
-    folders: set[Path] = set()
-    for cell_id in store.crop_cells(field_ids):
-        path = store.cell_crop_path(cell_id)
-        if path is None:
-            continue
-        if not path.is_file() or path.stat().st_size == 0:
-            if ensure_crop(store, cell_id) is None:
-                continue
+    for cell_id, path in store.crop_files(field_ids):
+        try:
+            whole = path.stat().st_size > 0
+        except FileNotFoundError:
+            whole = False
+        if not whole and ensure_crop(store, cell_id) is not None:
             recut += 1
-        with open(path, "rb") as fh:
-            os.fsync(fh.fileno())
-        folders.add(path.parent)
-    for folder in folders:
-        fsync_dir(folder)
+    if field_ids:
+        os.sync()
     freed = store.delete_raw_frames(field_ids)
     return {**freed, "bytes": freed["bytes"] + swept["bytes"], "failed": freed["failed"] + swept["failed"],
             "crops_recut": recut, "swept": swept["files"]}

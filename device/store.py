@@ -40,7 +40,6 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 DB_NAME = "malaria-detect.sqlite3"
-CLOCK_FILE = "clock-confirmed.json"  # see Store.confirm_clock
 IMAGES_DIR = "images"
 REVIEW_DECISIONS = ("confirmed", "rejected")
 _ANY = object()  # review_cell without a "seen" decision: whatever is stored is replaced
@@ -124,6 +123,16 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE fields ADD COLUMN excluded TEXT;
     ALTER TABLE fields ADD COLUMN excluded_at TEXT;
+    """,
+    # 4: an admin confirmed the clock right while records dated by a clock that ran ahead contradicted it:
+    # the records up to these ids no longer count against it (in the database, so it travels with a backup)
+    """
+    CREATE TABLE clock_confirmations (
+        id INTEGER PRIMARY KEY,
+        confirmed_at TEXT NOT NULL,
+        up_to_slide_id INTEGER NOT NULL,
+        up_to_field_id INTEGER NOT NULL
+    );
     """,
 ]
 EXCLUDE_REASONS = ("wrong slide or area", "same area counted twice", "thick or damaged area", "other")
@@ -251,7 +260,6 @@ class Store:
         self.images_dir.mkdir(exist_ok=True, mode=0o700)
         self.db_path = self.data_dir / DB_NAME
         self._local = threading.local()
-        self._clock_confirmed: dict | None = None
         self._conns: list[sqlite3.Connection] = []
         self._conns_lock = threading.Lock()
         try:
@@ -453,14 +461,15 @@ class Store:
         """The latest time the records hold (a slide started or finished, the newest field captured),
         or None without records: the device clock was at that time once, so it cannot now be earlier.
         Records made before an admin confirmed the clock (:meth:`confirm_clock`) do not count."""
-        mark = self._clock_mark()
         c = self._conn()
+        mark = c.execute("SELECT up_to_slide_id, up_to_field_id FROM clock_confirmations ORDER BY id DESC LIMIT 1"
+                         ).fetchone() or (0, 0)
         # It runs on every page and status poll: the newest 100 slides only (an index-ordered read, not a
         # scan of years of slides; an older slide finished now is missed, which only weakens the check).
         times = [*c.execute("SELECT MAX(started_at), MAX(finished_at) FROM (SELECT started_at, finished_at"
-                            " FROM slides WHERE id > ? ORDER BY id DESC LIMIT 100)", (mark["slide_id"],)).fetchone(),
+                            " FROM slides WHERE id > ? ORDER BY id DESC LIMIT 100)", (mark[0],)).fetchone(),
                  *(c.execute("SELECT captured_at FROM fields WHERE id > ? ORDER BY id DESC LIMIT 1",
-                             (mark["field_id"],)).fetchone() or ())]
+                             (mark[1],)).fetchone() or ())]
         parsed = []
         for t in times:
             try:
@@ -470,30 +479,19 @@ class Store:
             parsed.append(d if d.tzinfo else d.replace(tzinfo=UTC))
         return max(parsed, default=None)
 
-    def confirm_clock(self) -> None:
+    def confirm_clock(self) -> dict:
         """An admin says the clock is right: the records made so far no longer count against it (their
-        times came from a clock that ran ahead, e.g. a date typed wrongly, and stay as they were written)."""
-        c = self._conn()
-        mark = {"slide_id": int(c.execute("SELECT COALESCE(MAX(id), 0) FROM slides").fetchone()[0]),
-                "field_id": int(c.execute("SELECT COALESCE(MAX(id), 0) FROM fields").fetchone()[0]),
-                "confirmed_at": utc_now()}
-        write_atomic(self.data_dir / CLOCK_FILE, json.dumps(mark).encode())
-        self._clock_confirmed = mark
+        times came from a clock that ran ahead, e.g. a date typed wrongly, and stay as they were written).
+        Kept in the database, so a restored copy carries the confirmation that goes with its records."""
+        with self._tx() as c:
+            mark = {"confirmed_at": utc_now(),
+                    "up_to_slide_id": int(c.execute("SELECT COALESCE(MAX(id), 0) FROM slides").fetchone()[0]),
+                    "up_to_field_id": int(c.execute("SELECT COALESCE(MAX(id), 0) FROM fields").fetchone()[0])}
+            c.execute("INSERT INTO clock_confirmations (confirmed_at, up_to_slide_id, up_to_field_id)"
+                      " VALUES (:confirmed_at, :up_to_slide_id, :up_to_field_id)", mark)
         logger.warning("the clock was confirmed right at %s: records up to slide %d, field %d no longer count "
-                       "against it", mark["confirmed_at"], mark["slide_id"], mark["field_id"])
-
-    def _clock_mark(self) -> dict:
-        if self._clock_confirmed is None:
-            mark = {"slide_id": 0, "field_id": 0}
-            try:
-                data = json.loads((self.data_dir / CLOCK_FILE).read_text())
-                mark = {k: int(data[k]) for k in ("slide_id", "field_id")}
-            except FileNotFoundError:
-                pass
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                logger.warning("%s unreadable (%s): every record counts against the clock", CLOCK_FILE, exc)
-            self._clock_confirmed = mark
-        return self._clock_confirmed
+                       "against it", mark["confirmed_at"], mark["up_to_slide_id"], mark["up_to_field_id"])
+        return mark
 
     def finish_slide(self, slide_id: int, result: Callable[[dict, dict], dict]) -> dict:
         """Close the slide and keep the automatic result as it stood. Raises NotFound / Conflict.
@@ -723,13 +721,15 @@ class Store:
         return [r[0] for r in self._conn().execute(f"SELECT f.id {self._FINISHED_BEFORE} AND f.has_raw = 1",
                                                    (cutoff,))]
 
-    def crop_cells(self, field_ids: list[int]) -> list[int]:
-        """IDs of the flagged cells with a crop in these fields."""
-        out: list[int] = []
+    def crop_files(self, field_ids: list[int]) -> list[tuple[int, Path]]:
+        """(cell ID, crop path) of the flagged cells with a crop in these fields (the files may be missing)."""
+        out: list[tuple[int, Path]] = []
         for chunk in _chunks(field_ids, 500):
             marks = ",".join("?" * len(chunk))
-            out += [r[0] for r in self._conn().execute(
-                f"SELECT id FROM cells WHERE has_crop = 1 AND field_id IN ({marks})", chunk)]
+            out += [(cid, self._slide_dir(sid) / f"{key}_cell{int(idx)}.jpg") for cid, sid, key, idx in
+                    self._conn().execute("SELECT c.id, f.slide_id, f.file_key, c.idx FROM cells c"
+                                         " JOIN fields f ON f.id = c.field_id"
+                                         f" WHERE c.has_crop = 1 AND c.field_id IN ({marks})", chunk)]
         return out
 
     def delete_raw_frames(self, field_ids: list[int]) -> dict:

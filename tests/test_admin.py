@@ -403,20 +403,35 @@ def test_an_admin_confirms_a_right_clock_behind_records_dated_by_a_clock_that_ra
     assert c.get("/api/status").get_json()["clock"]["can_confirm"] is True
     assert c.post("/admin/clock-ok", data={}).status_code == 400  # CSRF token required
     assert env.app.test_client().post("/admin/clock-ok").status_code in (400, 401)
-    r = c.post("/admin/clock-ok", data={"csrf_token": token})
-    assert r.status_code == 303
+    def confirm(browser_time):
+        form = {"csrf_token": token, "browser_time_ms": "" if browser_time is None else
+                str(int(browser_time.timestamp() * 1000))}
+        assert c.post("/admin/clock-ok", data=form).status_code == 303
+        return c.get("/admin/").get_data(as_text=True)
+
+    # the admin's computer disagrees (the device clock is hours behind after a night off): not confirmed
+    assert "Set the device clock instead" in confirm(right_now + timedelta(hours=9))
+    assert "needs your computer" in confirm(None)  # no time sent (script off): not confirmed either
+    assert c.get("/api/status").get_json()["clock"]["can_confirm"] is True
+    assert "Noted: the clock is right" in confirm(right_now + timedelta(seconds=40))
     clock = c.get("/api/status").get_json()["clock"]
     assert clock["problem"] is None and clock["can_confirm"] is False
     assert 'id="clock-banner"' not in c.get("/").get_data(as_text=True)
-    # kept across a restart of the store (the mark is a file in the data folder)
-    env.store._clock_confirmed = None
-    assert c.get("/api/status").get_json()["clock"]["problem"] is None
+    # kept in the database: across a restart, and in a backup (a restored copy carries its own)
+    from device.store import Store
+
+    again = Store(env.store.data_dir)
+    try:
+        assert again.newest_record_time() is None
+    finally:
+        again.close()
     # a clock behind the model's date is wrong for sure: nothing to confirm
     made = datetime.fromisoformat(env.analyser.model.card_date)
     monkeypatch.setattr(health, "wall_clock", lambda: made - timedelta(days=400))
     clock = c.get("/api/status").get_json()["clock"]
     assert "model was made" in clock["problem"] and clock["can_confirm"] is False
     assert 'id="clock-confirm"' not in c.get("/admin/").get_data(as_text=True)
+    assert "nothing to confirm" in confirm(made - timedelta(days=400))
 
 
 def test_the_records_download_is_for_the_admin_and_is_a_whole_database(make_env, tmp_path):
@@ -510,13 +525,13 @@ def test_the_records_download_needs_no_disk_and_a_large_one_checks_its_space_fir
     assert r.status_code == 507 and "not enough free space to copy the records" in r.get_data(as_text=True)
     monkeypatch.undo()
     # one copy at a time (each holds the size of the records)
-    lock = env.app.extensions["malaria_detect_backup_lock"]
-    assert lock.acquire(blocking=False)
-    try:
-        assert c.get("/admin/backup", buffered=True).status_code == 409
-    finally:
-        lock.release()
+    turn = env.app.extensions["malaria_detect_backup_turn"]
+    held = [io.BytesIO(b"a paused download's copy")]
+    assert turn.take(held)
+    assert c.get("/admin/backup", buffered=True).status_code == 409
+    turn.stale_s = 0.0  # the paused download has sent nothing for longer than that: its turn goes
     r = c.get("/admin/backup", buffered=True)
+    assert r.status_code == 200 and held == []  # and its copy is let go
     assert r.status_code == 200
     db = sqlite3.connect(":memory:")
     db.deserialize(r.data)
@@ -578,3 +593,23 @@ def test_a_large_records_download_reaches_a_slow_client_whole_on_a_full_card(mak
         server.trigger.pull_trigger(server.close)
         loop.join(5)
         server.task_dispatcher.shutdown()
+
+
+def test_a_download_whose_turn_was_taken_stops_and_lets_its_copy_go():
+    from device.web.admin import BACKUP_CHUNK_BYTES, BackupTurn, _chunks
+
+    turn = BackupTurn(stale_s=60.0)
+    image = b"SQLite format 3\x00" + bytes(2) + b"\x02\x02" + bytes(3 * BACKUP_CHUNK_BYTES)
+    box = [image]
+    assert turn.take(box)
+    stream = _chunks(box, turn)
+    first = next(stream)
+    assert first[18:20] == b"\x01\x01" and len(first) == BACKUP_CHUNK_BYTES  # opens without a -wal
+    assert not turn.take([b"next"])  # an active download keeps its turn
+    turn.stale_s = 0.0
+    assert turn.take([b"next"])  # a stalled one gives it up...
+    assert box == [] and list(stream) == []  # ...its copy goes and it sends no more
+    whole = [image]
+    turn2 = BackupTurn()
+    assert turn2.take(whole)
+    assert b"".join(_chunks(whole, turn2)) == image[:18] + b"\x01\x01" + image[20:]

@@ -420,6 +420,24 @@ def test_admin_first_run_health_and_settings(browser, make_env, monkeypatch):
             page.click("form.free-space button")
             page.wait_for_selector("#admin-flash")
             assert "raw frames of 0 fields" in page.inner_text("#admin-flash")
+            # records dated two days ahead (a clock that ran ahead, since corrected): the right clock is
+            # confirmed with this computer's time, which the page's script sends
+            from datetime import UTC, datetime, timedelta
+
+            from device import store as store_mod
+            from device.store import ModelInfo
+
+            ahead = (datetime.now(UTC) + timedelta(days=2)).isoformat(timespec="seconds")
+            with monkeypatch.context() as m:
+                m.setattr(store_mod, "utc_now", lambda: ahead)
+                env.store.create_slide(sample_id="AHEAD", model=ModelInfo("m", "a" * 64, 0.9, 0.001),
+                                       target_rbc=2000, rbc_per_ul=5e6)
+            page.goto(env.base_url + "/admin/")
+            assert page.is_visible("#clock-banner")
+            page.click("#clock-confirm button")
+            page.wait_for_selector("#admin-flash")
+            assert "Noted: the clock is right" in page.inner_text("#admin-flash")
+            assert not page.is_visible("#clock-banner")
             page.fill("#counting_target_rbc", "5")
             page.click("#settings-save")
             page.wait_for_selector("#settings-error")

@@ -63,8 +63,9 @@ def test_reopening_does_not_migrate_again_and_keeps_data(tmp_path):
 
 
 def test_a_database_of_the_first_schema_upgrades_with_its_records(tmp_path, monkeypatch):
-    """A device updated in the field opens its version-1 records: the counted views (2) and field
-    exclusion (3) are added, and every slide, field and cell is still there and counts as before."""
+    """A device updated in the field opens its version-1 records: the counted views (2), field
+    exclusion (3) and clock confirmations (4) are added, and every slide, field and cell is still there
+    and counts as before."""
     monkeypatch.setattr(store_mod, "MIGRATIONS", store_mod.MIGRATIONS[:1])
     old = Store(tmp_path)
     sid = _slide(old)
@@ -75,7 +76,10 @@ def test_a_database_of_the_first_schema_upgrades_with_its_records(tmp_path, monk
     monkeypatch.undo()
     new = Store(tmp_path)
     try:
-        assert new.pragma("user_version") == store_mod.SCHEMA_VERSION == 3
+        assert new.pragma("user_version") == store_mod.SCHEMA_VERSION == 4
+        assert new.newest_record_time() is not None  # the clock check reads the new table on old records
+        new.confirm_clock()
+        assert new.newest_record_time() is None
         after = new.totals(sid)
         assert (after["fields"], after["fields_used"], after["rbc_count"], after["infected_count"]) == (1, 1, 20, 2)
         assert after["fields_excluded"] == 0 and after["review"] == {"confirmed": 0, "rejected": 0, "pending": 2}
@@ -542,16 +546,17 @@ def test_free_space_cut_short_is_finished_by_the_next_run_and_crops_are_synced_f
     later = datetime(2100, 1, 1, tzinfo=UTC)
     raws = [store.field_image_path(f["id"], "raw") for sid in sids for f in store.list_fields(sid)]
     field_ids = [f["id"] for sid in sids for f in store.list_fields(sid)]
-    crops = {str(store.cell_crop_path(c)) for c in store.crop_cells(field_ids)}
-    synced = []
-    real_fsync = os.fsync
-    monkeypatch.setattr(service.os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")),
-                                                         real_fsync(fd))[1])
+    crops = store.crop_files(field_ids)
+    assert len(crops) == 4 and all(p == store.cell_crop_path(cid) for cid, p in crops)
+    events = []
+    real_sync = os.sync
+    monkeypatch.setattr(service.os, "sync", lambda: (events.append("sync"), real_sync())[1])
     from pathlib import Path
 
     real_unlink = Path.unlink
 
     def failing_card(path, *a, **kw):  # the first raw frame cannot be deleted (a failing card)
+        events.append(path.name)
         if path == raws[0]:
             raise OSError(5, "Input/output error")
         return real_unlink(path, *a, **kw)
@@ -559,8 +564,30 @@ def test_free_space_cut_short_is_finished_by_the_next_run_and_crops_are_synced_f
     monkeypatch.setattr(Path, "unlink", failing_card)
     freed = free_raw_frames(store, later)
     assert freed["fields"] == 2 and freed["failed"] == 1 and not raws[1].exists() and raws[0].exists()
-    assert crops <= set(synced), "every crop is fsynced before the raw frames go"
+    assert events[0] == "sync" and all(e.endswith("_raw.jpg") for e in events[1:]), "crops synced before"
     monkeypatch.setattr(Path, "unlink", real_unlink)
     assert store.count_raw_frames() == 0  # no row names the frame left behind...
     again = free_raw_frames(store, later)
     assert again["swept"] == 1 and again["failed"] == 0 and not raws[0].exists()  # ...and the next run deletes it
+
+
+def test_a_clock_confirmation_travels_with_the_records_it_is_about(store, tmp_path, monkeypatch):
+    clock = iter(["2027-11-30T08:00:00+00:00", "2026-11-30T09:00:00+00:00", "2026-11-30T09:05:00+00:00",
+                  "2026-11-30T09:10:00+00:00"])
+    monkeypatch.setattr(store_mod, "utc_now", lambda: next(clock))
+    _slide(store, "AHEAD")  # dated by a clock a year ahead
+    older = tmp_path / "older.sqlite"
+    store.backup(older)  # a copy from before the confirmation
+    mark = store.confirm_clock()
+    assert mark["up_to_slide_id"] == 1 and store.newest_record_time() is None
+    _slide(store, "NEXT")
+    assert store.newest_record_time().isoformat() == "2026-11-30T09:05:00+00:00"
+    # the copy made before the confirmation is restored: its records count again, as they should
+    restored_dir = tmp_path / "restored"
+    restored_dir.mkdir()
+    os.replace(older, restored_dir / store_mod.DB_NAME)
+    restored = Store(restored_dir)
+    try:
+        assert restored.newest_record_time().isoformat() == "2027-11-30T08:00:00+00:00"
+    finally:
+        restored.close()

@@ -9,12 +9,14 @@ started from now on, the camera by reopening it, the PIN to the next technician 
 from __future__ import annotations
 
 import functools
+import io
 import logging
 import os
 import platform
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -130,33 +132,79 @@ BACKUP_IN_MEMORY_MAX_BYTES = 128 * 1024 * 1024
 BACKUP_CHUNK_BYTES = 1024 * 1024
 
 
-def _backup_lock() -> threading.Lock:
-    """One copy of the records at a time (each holds their size in memory or on disk), per app."""
+class BackupTurn:
+    """One copy of the records at a time (each holds their size in memory or on disk), per app.
+
+    A download that has sent nothing for ``stale_s`` (a paused browser download keeps its connection and
+    its copy) gives its turn up to the next request: its copy is let go at once (the ``box`` it reads
+    from is emptied, its file closed) and it stops where it stands.
+    """
+
+    def __init__(self, stale_s: float = 120.0) -> None:
+        self.stale_s = stale_s
+        self._lock = threading.Lock()
+        self._box: list | None = None
+        self._seen = 0.0
+
+    def take(self, box: list) -> bool:
+        with self._lock:
+            now = time.monotonic()
+            if self._box is not None and now - self._seen < self.stale_s:
+                return False
+            if self._box is not None:
+                logger.warning("a records download sent nothing for %.0f s: its turn goes to a new one",
+                               now - self._seen)
+                _empty(self._box)
+            self._box, self._seen = box, now
+            return True
+
+    def alive(self, box: list) -> bool:
+        """Still this download's turn (it then counts as active now)."""
+        with self._lock:
+            if self._box is not box:
+                return False
+            self._seen = time.monotonic()
+            return True
+
+    def give_back(self, box: list) -> None:
+        with self._lock:
+            if self._box is box:
+                self._box = None
+        _empty(box)
+
+
+def _empty(box: list) -> None:
+    for item in box:
+        if hasattr(item, "close"):
+            item.close()
+    box.clear()
+
+
+def _backup_turn() -> BackupTurn:
     from flask import current_app
 
-    return current_app.extensions.setdefault("malaria_detect_backup_lock", threading.Lock())
+    return current_app.extensions.setdefault("malaria_detect_backup_turn", BackupTurn())
 
 
-def _sqlite_file_chunks(image: bytes) -> Iterator[bytes]:
-    """The in-memory copy in chunks; its header says rollback journal (bytes 18-19: 1, not WAL's 2), so
-    the file opens on its own, without a -wal beside it."""
-    head = bytearray(image[:100])
-    if head[18:20] == b"\x02\x02":
-        head[18:20] = b"\x01\x01"
-    yield bytes(head)
-    view = memoryview(image)
-    for at in range(100, len(image), BACKUP_CHUNK_BYTES):
-        yield bytes(view[at : at + BACKUP_CHUNK_BYTES])
-
-
-def _release_once(lock: threading.Lock):
-    done = threading.Event()
-
-    def release() -> None:
-        if not done.is_set():
-            done.set()
-            lock.release()
-    return release
+def _chunks(box: list, turn: BackupTurn) -> Iterator[bytes]:
+    """What the box holds (the in-memory copy, or the open file of the copy), in chunks, while it is this
+    download's turn. No reference to the copy is kept between chunks, so a turn given up frees it.
+    The in-memory copy's header is set to rollback journal (bytes 18-19: 1, not WAL's 2), so the file
+    opens on its own, without a -wal beside it."""
+    at = 0
+    while turn.alive(box) and box:
+        source = box[0]
+        if isinstance(source, bytes):
+            chunk = bytes(memoryview(source)[at : at + BACKUP_CHUNK_BYTES])
+            if at == 0 and chunk[18:20] == b"\x02\x02":
+                chunk = chunk[:18] + b"\x01\x01" + chunk[20:]
+        else:
+            chunk = source.read(BACKUP_CHUNK_BYTES)
+        del source
+        if not chunk:
+            return
+        at += len(chunk)
+        yield chunk
 
 
 @bp.get("/backup")
@@ -164,24 +212,28 @@ def _release_once(lock: threading.Lock):
 def backup():
     """The records as one checked SQLite file, copied while the service runs."""
     d = deps()
-    lock = _backup_lock()
-    if not lock.acquire(blocking=False):
+    turn, box = _backup_turn(), []
+    if not turn.take(box):
         return error_response(409, "a copy of the records is being made already: wait for it, then try again")
-    release = _release_once(lock)  # when the download ends (the server closes the response) or fails
     try:
         name = f"malaria-detect-records-{health.wall_clock().astimezone():%Y%m%d-%H%M}.sqlite"
         size = d.store.database_bytes()
         if size <= BACKUP_IN_MEMORY_MAX_BYTES:
             image, info = d.store.snapshot()
-            resp = _download(_sqlite_file_chunks(image), name, len(image))
+            box.append(image)
+            del image
         else:
-            resp, info = _backup_via_file(d, name, size)
-        resp.call_on_close(release)
+            box.append(_copy_to_file(d, name, size))
+            info = box[0].info
+        resp = Response(_chunks(box, turn), mimetype="application/vnd.sqlite3",
+                        headers={"Content-Disposition": f"attachment; filename={name}",
+                                 "Content-Length": str(info["bytes"]), "Cache-Control": "no-store"})
+        resp.call_on_close(lambda: turn.give_back(box))  # the server closes it when the download ends or fails
     except _NoRoom as exc:
-        release()
+        turn.give_back(box)
         return error_response(507, str(exc))
     except BaseException:
-        release()
+        turn.give_back(box)
         raise
     logger.info("records backup downloaded by %s: %d slides, %d fields, %d bytes", _client(), info["slides"],
                 info["fields"], info["bytes"])
@@ -192,8 +244,13 @@ class _NoRoom(Exception):
     pass
 
 
-def _backup_via_file(d, name: str, size: int):
-    """A large database: copied to a temporary file (Store.backup), if that leaves the disk usable."""
+class _CopyFile(io.FileIO):
+    info: dict
+
+
+def _copy_to_file(d, name: str, size: int) -> _CopyFile:
+    """A large database: copied to a temporary file (Store.backup), if that leaves the disk usable; the file
+    is returned open, already unlinked (it goes when closed)."""
     from device.service import free_disk_mb
 
     tmp_root = Path(tempfile.gettempdir())
@@ -202,35 +259,46 @@ def _backup_via_file(d, name: str, size: int):
     keep_mb = d.analyser.disk().min_mb if same_disk else 0.0
     if free_mb - size / 1e6 < keep_mb:
         raise _NoRoom(f"not enough free space to copy the records ({size / 1e6:,.0f} MB needed, {free_mb:,.0f} MB free"
-                   f"{f', {keep_mb:,.0f} MB kept for captures' if keep_mb else ''}): use Free space below first, or "
-                   "copy the data folder with the service stopped (deployment notes)")
+                      f"{f', {keep_mb:,.0f} MB kept for captures' if keep_mb else ''}): use Free space below first, "
+                      "or copy the data folder with the service stopped (deployment notes)")
     with tempfile.TemporaryDirectory(prefix="malaria-detect-backup-") as tmp:
         info = d.store.backup(Path(tmp) / name)
-        fh = open(Path(tmp) / name, "rb")  # noqa: SIM115 - open before the folder goes; closed with the response
-
-    def chunks() -> Iterator[bytes]:
-        while chunk := fh.read(BACKUP_CHUNK_BYTES):
-            yield chunk
-
-    resp = _download(chunks(), name, info["bytes"])
-    resp.call_on_close(fh.close)
-    return resp, info
-
-
-def _download(body: Iterator[bytes], name: str, size: int) -> Response:
-    return Response(body, mimetype="application/vnd.sqlite3",
-                    headers={"Content-Disposition": f"attachment; filename={name}", "Content-Length": str(size),
-                             "Cache-Control": "no-store"})
+        fh = _CopyFile(Path(tmp) / name, "rb")  # open before the folder goes; closed when the download ends
+    fh.info = info
+    return fh
 
 
 @bp.post("/clock-ok")
 @admin_required
 def confirm_clock():
-    """The admin says the clock is right: records dated by a clock that ran ahead stop counting against it."""
+    """The admin says the clock is right: records dated by a clock that ran ahead stop counting against it.
+
+    Only when records are what contradicts the clock, and only when the admin's computer agrees with it
+    (its time comes with the form): a clock behind after a night off must be set, not confirmed.
+    """
+    if not views.clock_status()["can_confirm"]:
+        flash("The clock: nothing to confirm (no record contradicts it, or it is earlier than the model's date)")
+        return redirect(url_for("admin.index"), 303)
+    now = health.wall_clock()
+    try:
+        theirs = datetime.fromtimestamp(int(request.form.get("browser_time_ms", "")) / 1000.0, tz=now.tzinfo)
+    except (ValueError, OverflowError, OSError):
+        flash("The clock was not confirmed: this page needs your computer's time to compare (allow its script)")
+        return redirect(url_for("admin.index"), 303)
+    off_s = (now - theirs).total_seconds()
+    if abs(off_s) > CLOCK_CONFIRM_TOLERANCE_S:
+        flash(f"The clock was not confirmed: it reads {now.astimezone():%Y-%m-%d %H:%M}, your computer "
+              f"{theirs.astimezone():%Y-%m-%d %H:%M} ({abs(off_s) / 3600:,.1f} h apart). Set the device clock "
+              "instead (see Clock above).")
+        return redirect(url_for("admin.index"), 303)
     deps().store.confirm_clock()
-    logger.warning("admin %s confirmed the device clock (%s)", _client(), health.wall_clock().isoformat())
+    logger.warning("admin %s confirmed the device clock (%s; their computer %+.0f s)", _client(), now.isoformat(),
+                   -off_s)
     flash("Noted: the clock is right; the records made so far no longer count against it.")
     return redirect(url_for("admin.index"), 303)
+
+
+CLOCK_CONFIRM_TOLERANCE_S = 300.0
 
 
 RAW_FRAME_DAYS_DEFAULT = 30

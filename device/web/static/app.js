@@ -270,6 +270,12 @@
     });
   });
 
+  /* --- admin: confirming the device clock sends this computer's time to compare --- */
+  var clockForm = $("clock-confirm");
+  if (clockForm) {
+    clockForm.addEventListener("submit", function () { clockForm.elements.browser_time_ms.value = String(Date.now()); });
+  }
+
   /* --- report --- */
   var printBtn = $("print-btn");
   if (printBtn) { printBtn.addEventListener("click", function () { window.print(); }); }
