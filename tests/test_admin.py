@@ -528,6 +528,7 @@ def test_the_records_download_needs_no_disk_and_a_large_one_checks_its_space_fir
     turn = env.app.extensions["malaria_detect_backup_turn"]
     held = [io.BytesIO(b"a paused download's copy")]
     assert turn.take(held)
+    turn.copied(held)
     assert c.get("/admin/backup", buffered=True).status_code == 409
     turn.stale_s = 0.0  # the paused download has sent nothing for longer than that: its turn goes
     r = c.get("/admin/backup", buffered=True)
@@ -602,6 +603,10 @@ def test_a_download_whose_turn_was_taken_stops_and_lets_its_copy_go():
     image = b"SQLite format 3\x00" + bytes(2) + b"\x02\x02" + bytes(3 * BACKUP_CHUNK_BYTES)
     box = [image]
     assert turn.take(box)
+    turn.stale_s = 0.0
+    assert not turn.take([b"next"])  # while its copy is being made, a download is never stalled
+    turn.stale_s = 60.0
+    turn.copied(box)
     stream = _chunks(box, turn)
     first = next(stream)
     assert first[18:20] == b"\x01\x01" and len(first) == BACKUP_CHUNK_BYTES  # opens without a -wal
@@ -612,4 +617,5 @@ def test_a_download_whose_turn_was_taken_stops_and_lets_its_copy_go():
     whole = [image]
     turn2 = BackupTurn()
     assert turn2.take(whole)
+    turn2.copied(whole)
     assert b"".join(_chunks(whole, turn2)) == image[:18] + b"\x01\x01" + image[20:]

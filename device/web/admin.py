@@ -145,18 +145,26 @@ class BackupTurn:
         self._lock = threading.Lock()
         self._box: list | None = None
         self._seen = 0.0
+        self._copying = False  # the copy is being made: never stale (a large one takes minutes on a Pi)
 
     def take(self, box: list) -> bool:
+        """The turn for ``box`` (then being copied into), or False while another download has it."""
         with self._lock:
             now = time.monotonic()
-            if self._box is not None and now - self._seen < self.stale_s:
+            if self._box is not None and (self._copying or now - self._seen < self.stale_s):
                 return False
             if self._box is not None:
                 logger.warning("a records download sent nothing for %.0f s: its turn goes to a new one",
                                now - self._seen)
                 _empty(self._box)
-            self._box, self._seen = box, now
+            self._box, self._seen, self._copying = box, now, True
             return True
+
+    def copied(self, box: list) -> None:
+        """The copy is made: from now on the download counts as stalled when it sends nothing."""
+        with self._lock:
+            if self._box is box:
+                self._copying, self._seen = False, time.monotonic()
 
     def alive(self, box: list) -> bool:
         """Still this download's turn (it then counts as active now)."""
@@ -169,7 +177,7 @@ class BackupTurn:
     def give_back(self, box: list) -> None:
         with self._lock:
             if self._box is box:
-                self._box = None
+                self._box, self._copying = None, False
         _empty(box)
 
 
@@ -225,6 +233,7 @@ def backup():
         else:
             box.append(_copy_to_file(d, name, size))
             info = box[0].info
+        turn.copied(box)
         resp = Response(_chunks(box, turn), mimetype="application/vnd.sqlite3",
                         headers={"Content-Disposition": f"attachment; filename={name}",
                                  "Content-Length": str(info["bytes"]), "Cache-Control": "no-store"})
