@@ -152,7 +152,7 @@ class Conflict(StoreError):
 
 
 def utc_now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
+    return _utc_text(datetime.now(UTC))
 
 
 @dataclass(frozen=True)
@@ -192,6 +192,24 @@ def migrate(conn: sqlite3.Connection, migrations: list[str] | None = None) -> in
             raise StoreError(f"database migration {i + 1} failed: {exc}") from exc
         logger.info("database schema migrated to version %d", i + 1)
     return len(migrations)
+
+
+def _image_name(key: str, kind: str) -> str:
+    """File name of a field's image (``kind``: "annotated", "raw" or "cell<idx>"); the key comes first,
+    as the clean-up of interrupted writes reads it."""
+    return f"{key}_{kind}.jpg"
+
+
+def _utc_text(t: datetime) -> str:
+    """A time as the records write it (:func:`utc_now`), so that the text compares as the time does."""
+    return t.astimezone(UTC).isoformat(timespec="seconds")
+
+
+def _record_counts(conn: sqlite3.Connection) -> dict:
+    """{"slides", "open", "fields"}: how many records a database (or a copy of it) holds."""
+    s = conn.execute("SELECT COUNT(*), COALESCE(SUM(status = 'open'), 0) FROM slides").fetchone()
+    fields = conn.execute("SELECT COUNT(*) FROM fields").fetchone()[0]
+    return {"slides": int(s[0]), "open": int(s[1]), "fields": int(fields)}
 
 
 def _chunks(items: list, n: int) -> Iterator[list]:
@@ -393,10 +411,7 @@ class Store:
 
     def slide_counts(self) -> dict:
         """{"slides": n, "open": n, "fields": n}: for the admin page."""
-        c = self._conn()
-        s = c.execute("SELECT COUNT(*), COALESCE(SUM(status = 'open'), 0) FROM slides").fetchone()
-        f = c.execute("SELECT COUNT(*) FROM fields").fetchone()
-        return {"slides": s[0], "open": s[1], "fields": f[0]}
+        return _record_counts(self._conn())
 
     def backup(self, target: str | Path) -> dict:
         """Copy the records (the database; not the images) into one self-contained file, while the service
@@ -419,8 +434,7 @@ class Store:
                 check = dst.execute("PRAGMA quick_check").fetchone()[0]
                 if check != "ok":
                     raise StoreError(f"the backup copy failed its check ({check}); the records were not copied")
-                slides = dst.execute("SELECT COUNT(*) FROM slides").fetchone()[0]
-                fields = dst.execute("SELECT COUNT(*) FROM fields").fetchone()[0]
+                counts = _record_counts(dst)
             finally:
                 dst.close()
             with open(tmp, "rb+") as fh:
@@ -430,7 +444,7 @@ class Store:
             with contextlib.suppress(OSError):
                 tmp.unlink()
             raise
-        return {"bytes": target.stat().st_size, "slides": int(slides), "fields": int(fields)}
+        return {"bytes": target.stat().st_size, "slides": counts["slides"], "fields": counts["fields"]}
 
     def database_bytes(self) -> int:
         """Size of the database with its write-ahead log: about what a copy of the records takes."""
@@ -450,12 +464,11 @@ class Store:
             check = conn.execute("PRAGMA quick_check").fetchone()[0]
             if check != "ok":
                 raise StoreError(f"the records failed their check ({check}); no copy was made")
-            slides = conn.execute("SELECT COUNT(*) FROM slides").fetchone()[0]
-            fields = conn.execute("SELECT COUNT(*) FROM fields").fetchone()[0]
+            counts = _record_counts(conn)
             image = conn.serialize()
         finally:
             conn.execute("COMMIT")
-        return image, {"bytes": len(image), "slides": int(slides), "fields": int(fields)}
+        return image, {"bytes": len(image), "slides": counts["slides"], "fields": counts["fields"]}
 
     def newest_record_time(self) -> datetime | None:
         """The latest time the records hold (a slide started or finished, the newest field captured),
@@ -533,12 +546,12 @@ class Store:
             written.append(folder / name)
 
         try:
-            write(f"{key}_annotated.jpg", images.annotated_jpeg)
+            write(_image_name(key, "annotated"), images.annotated_jpeg)
             if images.raw_jpeg is not None:
-                write(f"{key}_raw.jpg", images.raw_jpeg)
+                write(_image_name(key, "raw"), images.raw_jpeg)
             for idx, jpeg in images.crops_jpeg.items():
                 # With the raw frame kept, a crop lost to a power cut is cut again (see the docstring).
-                write(f"{key}_cell{int(idx)}.jpg", jpeg, sync_data=images.raw_jpeg is None)
+                write(_image_name(key, f"cell{int(idx)}"), jpeg, sync_data=images.raw_jpeg is None)
             fsync_dir(folder)  # the renames above are durable before the row that names them
             with self._tx() as c:
                 slide = _row(c.execute("SELECT * FROM slides WHERE id = ?", (slide_id,)).fetchone())
@@ -711,13 +724,13 @@ class Store:
 
     def count_raw_frames(self, finished_before: datetime | None = None) -> int:
         """How many fields of finished slides (finished before that time, if given) keep their raw frame."""
-        cutoff = "9999" if finished_before is None else finished_before.astimezone(UTC).isoformat(timespec="seconds")
+        cutoff = "9999" if finished_before is None else _utc_text(finished_before)
         return int(self._conn().execute(f"SELECT COUNT(*) {self._FINISHED_BEFORE} AND f.has_raw = 1",
                                         (cutoff,)).fetchone()[0])
 
     def raw_frame_fields(self, finished_before: datetime) -> list[int]:
         """IDs of the fields of slides finished before that time that keep their raw frame."""
-        cutoff = finished_before.astimezone(UTC).isoformat(timespec="seconds")
+        cutoff = _utc_text(finished_before)
         return [r[0] for r in self._conn().execute(f"SELECT f.id {self._FINISHED_BEFORE} AND f.has_raw = 1",
                                                    (cutoff,))]
 
@@ -726,7 +739,7 @@ class Store:
         out: list[tuple[int, Path]] = []
         for chunk in _chunks(field_ids, 500):
             marks = ",".join("?" * len(chunk))
-            out += [(cid, self._slide_dir(sid) / f"{key}_cell{int(idx)}.jpg") for cid, sid, key, idx in
+            out += [(cid, self._image_path(sid, key, f"cell{int(idx)}")) for cid, sid, key, idx in
                     self._conn().execute("SELECT c.id, f.slide_id, f.file_key, c.idx FROM cells c"
                                          " JOIN fields f ON f.id = c.field_id"
                                          f" WHERE c.has_crop = 1 AND c.field_id IN ({marks})", chunk)]
@@ -762,7 +775,7 @@ class Store:
         rows = self._conn().execute(
             "SELECT f.slide_id, f.file_key FROM fields f JOIN slides s ON s.id = f.slide_id"
             " WHERE s.status = 'finished' AND f.has_raw = 0").fetchall()
-        files = [(sid, key) for sid, key in rows if (self._slide_dir(sid) / f"{key}_raw.jpg").exists()]
+        files = [(sid, key) for sid, key in rows if self._image_path(sid, key, "raw").exists()]
         freed, failed = self._unlink_raw_frames(files)
         if files:
             logger.warning("deleted %d raw frames an interrupted Free space had left (%.1f MB)", len(files) - failed,
@@ -772,7 +785,7 @@ class Store:
     def _unlink_raw_frames(self, slide_keys) -> tuple[int, int]:
         freed = failed = 0
         for slide_id, key in slide_keys:
-            path = self._slide_dir(slide_id) / f"{key}_raw.jpg"
+            path = self._image_path(slide_id, key, "raw")
             try:
                 size = path.stat().st_size
                 path.unlink()
@@ -788,6 +801,10 @@ class Store:
     def _slide_dir(self, slide_id: int) -> Path:
         return self.images_dir / f"slide-{int(slide_id)}"
 
+    def _image_path(self, slide_id: int, key: str, kind: str) -> Path:
+        """A field's image: ``kind`` "annotated", "raw" or "cell<idx>" (a flagged cell's crop)."""
+        return self._slide_dir(slide_id) / _image_name(key, kind)
+
     def field_image_path(self, field_id: int, kind: str) -> Path | None:
         """The annotated or raw image of a field, or None. ``kind`` is "annotated" or "raw"."""
         if kind not in ("annotated", "raw"):
@@ -795,7 +812,7 @@ class Store:
         f = self.get_field(field_id)
         if f is None or (kind == "raw" and not f["has_raw"]):
             return None
-        p = self._slide_dir(f["slide_id"]) / f"{f['file_key']}_{kind}.jpg"
+        p = self._image_path(f["slide_id"], f["file_key"], kind)
         return p if p.is_file() else None
 
     def cell_crop_path(self, cell_id: int) -> Path | None:
@@ -803,4 +820,4 @@ class Store:
         c = self.get_cell(cell_id)
         if c is None or not c["has_crop"]:
             return None
-        return self._slide_dir(c["slide_id"]) / f"{c['file_key']}_cell{int(c['idx'])}.jpg"
+        return self._image_path(c["slide_id"], c["file_key"], f"cell{int(c['idx'])}")
