@@ -36,7 +36,16 @@ import numpy as np
 
 from device.analysis import AnalysisSettings, FieldResult, analyze_field, annotate
 from device.slide import SlideSummary, summarize_slide
-from device.store import Conflict, FieldImages, ModelInfo, NotFound, Store, StoreError, write_atomic
+from device.store import (
+    Conflict,
+    FieldImages,
+    ModelInfo,
+    NotFound,
+    Store,
+    StoreError,
+    sync_filesystem,
+    write_atomic,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -267,9 +276,9 @@ def free_raw_frames(store: Store, finished_before: datetime) -> dict:
 
     First what an interrupted earlier run left is swept. Then the flagged cells' crops of those fields are
     made durable: a crop a power cut lost is cut again from its raw frame while that still exists, and
-    one ``sync`` puts every crop on the card (they are written without an fsync while their raw frame is
-    kept; one fsync each took 10 s for 30,000 crops). Returns ``{"fields", "bytes", "failed",
-    "crops_recut", "swept"}``.
+    one ``syncfs`` puts every crop on the card (they are written without an fsync while their raw frame
+    is kept; one fsync each took 10 s for 30,000 crops). When that reports a write error (a failing card)
+    nothing is deleted: OSError. Returns ``{"fields", "bytes", "failed", "crops_recut", "swept"}``.
     """
     swept = store.sweep_raw_frames()  # what an earlier run cut short left: no row names those files
     field_ids = store.raw_frame_fields(finished_before)
@@ -282,7 +291,7 @@ def free_raw_frames(store: Store, finished_before: datetime) -> dict:
         if not whole and ensure_crop(store, cell_id) is not None:
             recut += 1
     if field_ids:
-        os.sync()
+        sync_filesystem(store.images_dir)  # raises on a write error: the raw frames then stay
     freed = store.delete_raw_frames(field_ids)
     return {**freed, "bytes": freed["bytes"] + swept["bytes"], "failed": freed["failed"] + swept["failed"],
             "crops_recut": recut, "swept": swept["files"]}

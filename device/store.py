@@ -218,6 +218,26 @@ def _chunks(items: list, n: int) -> Iterator[list]:
         yield items[i : i + n]
 
 
+def sync_filesystem(path: Path) -> None:
+    """Write everything cached for the file system holding ``path`` to the card, raising OSError when that
+    failed (syncfs(2), which reports write-back errors since Linux 5.8; os.sync() reports nothing and is
+    the fallback where libc has no syncfs)."""
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    if not hasattr(libc, "syncfs"):
+        os.sync()
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"{os.strerror(err)}: writing to the storage of {path} failed")
+    finally:
+        os.close(fd)
+
+
 def fsync_dir(path: Path) -> None:
     """Make a folder's entries (a file created, renamed or deleted in it) survive a power cut."""
     fd = os.open(path, os.O_RDONLY)

@@ -488,6 +488,11 @@ def test_the_admin_frees_space_by_deleting_old_raw_frames_and_keeps_the_results(
     later = health.wall_clock() + timedelta(days=31)
     monkeypatch.setattr(health, "wall_clock", lambda: later)
     assert re.search(r'id="raw-frames-old">1<', c.get("/admin/").get_data(as_text=True))
+    with monkeypatch.context() as m:  # a failing card: the crops cannot be made durable, nothing goes
+        m.setattr(service, "sync_filesystem", lambda p: (_ for _ in ()).throw(OSError(5, "Input/output error")))
+        c.post("/admin/free-space", data={"days": "30", "csrf_token": token})
+        assert "nothing was deleted" in c.get("/admin/").get_data(as_text=True)
+    assert c.get(f"/fields/{field['id']}/raw.jpg").status_code == 200
     c.post("/admin/free-space", data={"days": "30", "csrf_token": token})
     assert "raw frames of 1 fields" in c.get("/admin/").get_data(as_text=True)
     assert c.get(f"/fields/{field['id']}/raw.jpg").status_code == 404
@@ -612,8 +617,15 @@ def test_a_download_whose_turn_was_taken_stops_and_lets_its_copy_go():
     assert first[18:20] == b"\x01\x01" and len(first) == BACKUP_CHUNK_BYTES  # opens without a -wal
     assert not turn.take([b"next"])  # an active download keeps its turn
     turn.stale_s = 0.0
-    assert turn.take([b"next"])  # a stalled one gives it up...
+    nxt = [b"next"]
+    assert turn.take(nxt)  # a stalled one gives it up...
     assert box == [] and list(stream) == []  # ...its copy goes and it sends no more
+    turn.copied(nxt)
+    # while the given-up download's connection is open (its server thread waits on the paused client), no
+    # other turn is given up: at most one thread waits so
+    assert not turn.take([b"third"])
+    turn.give_back(box)  # the server closed the paused download
+    assert turn.take([b"third"])
     whole = [image]
     turn2 = BackupTurn()
     assert turn2.take(whole)

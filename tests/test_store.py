@@ -549,8 +549,8 @@ def test_free_space_cut_short_is_finished_by_the_next_run_and_crops_are_synced_f
     crops = store.crop_files(field_ids)
     assert len(crops) == 4 and all(p == store.cell_crop_path(cid) for cid, p in crops)
     events = []
-    real_sync = os.sync
-    monkeypatch.setattr(service.os, "sync", lambda: (events.append("sync"), real_sync())[1])
+    real_sync = service.sync_filesystem
+    monkeypatch.setattr(service, "sync_filesystem", lambda p: (events.append("sync"), real_sync(p))[1])
     from pathlib import Path
 
     real_unlink = Path.unlink
@@ -591,3 +591,26 @@ def test_a_clock_confirmation_travels_with_the_records_it_is_about(store, tmp_pa
         assert restored.newest_record_time().isoformat() == "2027-11-30T08:00:00+00:00"
     finally:
         restored.close()
+
+
+def test_free_space_deletes_nothing_when_the_crops_cannot_be_written_to_the_card(store, monkeypatch):
+    from datetime import UTC, datetime
+
+    from device import service
+
+    sid = _slide(store)
+    res, images = _real_field()
+    fid = store.add_field(sid, res, source="camera", model_sha256=MODEL.sha256, images=images)
+    store.finish_slide(sid, lambda slide, totals: {"call": "negative"})
+    raw = store.field_image_path(fid, "raw")
+
+    def failing_card(path):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(service, "sync_filesystem", failing_card)
+    with pytest.raises(OSError):
+        service.free_raw_frames(store, datetime(2100, 1, 1, tzinfo=UTC))
+    assert raw.is_file() and store.get_field(fid)["has_raw"]  # the raw frame stays: a lost crop is cut from it
+    monkeypatch.undo()
+    assert service.free_raw_frames(store, datetime(2100, 1, 1, tzinfo=UTC))["fields"] == 1
+    assert not raw.exists()

@@ -129,7 +129,8 @@ def index():
 # The unit's MemoryMax is 600 MB, the service itself uses ~110 MB, and the in-memory copy peaks at about
 # twice the database (103 MB: peak RSS 57 -> 258 MB, tests/benchmarks/bench_backup.py --slides 800).
 BACKUP_IN_MEMORY_MAX_BYTES = 128 * 1024 * 1024
-BACKUP_CHUNK_BYTES = 1024 * 1024
+# Each chunk asked for renews the download's turn: 64 KB keeps a download read at 0.5 KB/s alive.
+BACKUP_CHUNK_BYTES = 64 * 1024
 
 
 class BackupTurn:
@@ -137,7 +138,9 @@ class BackupTurn:
 
     A download that has sent nothing for ``stale_s`` (a paused browser download keeps its connection and
     its copy) gives its turn up to the next request: its copy is let go at once (the ``box`` it reads
-    from is emptied, its file closed) and it stops where it stands.
+    from is emptied, its file closed), and it sends nothing more once the server asks it for more. Its
+    server thread stays waiting on the paused client until that connection closes, so while one such
+    download is still open no other turn is given up: at most one thread waits so.
     """
 
     def __init__(self, stale_s: float = 120.0) -> None:
@@ -146,17 +149,19 @@ class BackupTurn:
         self._box: list | None = None
         self._seen = 0.0
         self._copying = False  # the copy is being made: never stale (a large one takes minutes on a Pi)
+        self._abandoned: list[list] = []  # downloads whose turn was given up, until the server closes them
 
     def take(self, box: list) -> bool:
         """The turn for ``box`` (then being copied into), or False while another download has it."""
         with self._lock:
             now = time.monotonic()
-            if self._box is not None and (self._copying or now - self._seen < self.stale_s):
+            if self._box is not None and (self._copying or now - self._seen < self.stale_s or self._abandoned):
                 return False
             if self._box is not None:
                 logger.warning("a records download sent nothing for %.0f s: its turn goes to a new one",
                                now - self._seen)
                 _empty(self._box)
+                self._abandoned.append(self._box)
             self._box, self._seen, self._copying = box, now, True
             return True
 
@@ -175,9 +180,11 @@ class BackupTurn:
             return True
 
     def give_back(self, box: list) -> None:
+        """The download ended (the server closed it, or it failed)."""
         with self._lock:
             if self._box is box:
                 self._box, self._copying = None, False
+            self._abandoned = [b for b in self._abandoned if b is not box]
         _empty(box)
 
 
@@ -337,7 +344,14 @@ def free_space():
         flash(f"Free space: {clock['problem']}. Set the clock first (see Clock above); nothing was deleted")
         return redirect(url_for("admin.index", _anchor="free-space"), 303)
     before = health.wall_clock() - timedelta(days=days)
-    freed = free_raw_frames(d.store, before)
+    try:
+        freed = free_raw_frames(d.store, before)
+    except OSError as exc:
+        logger.error("free space: the flagged-cell crops could not be written to the card: %s", exc)
+        flash(f"Free space: writing to the storage failed ({exc.strerror or exc}); nothing was deleted, as the "
+              "raw frames are what a lost flagged-cell crop is cut again from. The card may be failing: download "
+              "the records and replace it.")
+        return redirect(url_for("admin.index", _anchor="free-space"), 303)
     logger.info("admin %s freed space: raw frames of %d fields of slides finished more than %d days ago, %.1f MB",
                 _client(), freed["fields"], days, freed["bytes"] / 1e6)
     text = (f"Deleted the raw frames of {freed['fields']} fields of slides finished more than {days} days ago "
