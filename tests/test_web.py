@@ -798,3 +798,22 @@ def test_a_captured_field_can_be_taken_out_of_the_count_and_back(make_env, tmp_p
     assert r.status_code == 409 and "finished" in r.get_json()["error"]  # a finished result stays as it was
     assert "Exclude…" not in c.get("/slides/1").get_data(as_text=True)
     assert c.get(f"/fields/{first['id']}/exclude").status_code == 409  # not even asked once finished
+
+
+def test_csv_exports_are_sent_in_pieces_with_their_length(make_env, monkeypatch):
+    """A large export goes out piece by piece (the server then holds it back for a slow client instead of
+    spilling it to a temporary file, which a full card would cut short), whole and with its length."""
+    from device.web import pages
+
+    env = make_env()
+    c, token = _client(env)
+    for i in range(3):
+        assert _start(c, token, sample_id=f"PIECES-{i}").status_code in (302, 303)
+    whole = c.get("/export/slides.csv", buffered=True).data
+    monkeypatch.setattr(pages, "CSV_CHUNK_BYTES", 50)
+    r = c.get("/export/slides.csv")
+    pieces = list(r.response)
+    r.close()
+    assert len(pieces) > 3 and all(len(p) <= 50 for p in pieces)
+    assert b"".join(pieces) == whole and int(r.headers["Content-Length"]) == len(whole)
+    assert [row[1] for row in csv.reader(io.StringIO(whole.decode()))][1:] == [f"PIECES-{i}" for i in (2, 1, 0)]

@@ -187,8 +187,16 @@ def _csv_response(name: str, header: list[str], rows: list[list]) -> Response:
     for r in rows:
         w.writerow([_cell(v) for v in r])
     stamp = datetime.now().strftime("%Y%m%d-%H%M")
-    return Response(buf.getvalue(), mimetype="text/csv",
-                    headers={"Content-Disposition": f'attachment; filename="malaria-detect-{name}-{stamp}.csv"'})
+    body = buf.getvalue().encode("utf-8")
+    # In pieces: waitress then holds the view back while a slow client reads, instead of putting a
+    # large body (years of fields) into a temporary file, which a full card would cut short.
+    pieces = (body[i : i + CSV_CHUNK_BYTES] for i in range(0, len(body), CSV_CHUNK_BYTES))
+    return Response(pieces, mimetype="text/csv",
+                    headers={"Content-Disposition": f'attachment; filename="malaria-detect-{name}-{stamp}.csv"',
+                             "Content-Length": str(len(body))})
+
+
+CSV_CHUNK_BYTES = 64 * 1024
 
 
 SLIDE_COLUMNS = [
