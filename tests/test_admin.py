@@ -338,6 +338,14 @@ def test_saving_another_setting_keeps_a_threshold_with_more_digits_than_shown(ma
 
 # --- the clock ----------------------------------------------------------------------------------------
 
+def _model_made_long_ago(env, monkeypatch):
+    """The card's date well before this machine's clock, whatever that reads: these tests are about records."""
+    import dataclasses
+
+    monkeypatch.setattr(env.analyser, "model", dataclasses.replace(env.analyser.model,
+                                                                   card_date="2026-01-01T00:00:00+00:00"))
+
+
 def test_clock_problem_names_the_time_the_clock_must_be_past():
     from datetime import UTC, datetime, timedelta
 
@@ -358,6 +366,7 @@ def test_a_clock_behind_the_records_is_shown_to_technician_and_admin(make_env, m
     from datetime import timedelta
 
     env = _env(make_env)
+    _model_made_long_ago(env, monkeypatch)
     c, token = env.admin_client()
     assert c.post("/api/slides", json={"sample_id": "S-CLOCK"}, headers={"X-CSRF-Token": token}).status_code == 201
     newest = env.store.newest_record_time()
@@ -389,6 +398,7 @@ def test_an_admin_confirms_a_right_clock_behind_records_dated_by_a_clock_that_ra
     from datetime import timedelta
 
     env = _env(make_env)
+    _model_made_long_ago(env, monkeypatch)
     c, token = env.admin_client()
     right_now = health.wall_clock()
     # a year typed wrongly: records dated a year ahead...

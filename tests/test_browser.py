@@ -422,11 +422,15 @@ def test_admin_first_run_health_and_settings(browser, make_env, monkeypatch):
             assert "raw frames of 0 fields" in page.inner_text("#admin-flash")
             # records dated two days ahead (a clock that ran ahead, since corrected): the right clock is
             # confirmed with this computer's time, which the page's script sends
+            import dataclasses
             from datetime import UTC, datetime, timedelta
 
             from device import store as store_mod
             from device.store import ModelInfo
 
+            # the card's date well before this machine's clock, whatever that reads: this is about records
+            monkeypatch.setattr(env.analyser, "model", dataclasses.replace(
+                env.analyser.model, card_date="2026-01-01T00:00:00+00:00"))
             ahead = (datetime.now(UTC) + timedelta(days=2)).isoformat(timespec="seconds")
             with monkeypatch.context() as m:
                 m.setattr(store_mod, "utc_now", lambda: ahead)
