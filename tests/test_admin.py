@@ -455,7 +455,9 @@ def test_the_records_download_is_for_the_admin_and_is_a_whole_database(make_env,
     assert c.post("/api/slides", json={"sample_id": "S-BACKUP"}, headers={"X-CSRF-Token": token}).status_code == 201
     assert _upload(c, token, 1).status_code in (200, 201, 202)
     assert wait_until(lambda: env.store.slide_counts()["fields"] == 1, 30)
-    assert 'href="/admin/backup"' in c.get("/admin/").get_data(as_text=True)
+    admin_page = c.get("/admin/").get_data(as_text=True)
+    assert 'href="/admin/backup"' in admin_page
+    assert re.search(r"1 slides \(1 open\), 1 fields; database \d+\.\d MB", admin_page)  # what a copy will take
     r = c.get("/admin/backup", buffered=True)
     assert r.status_code == 200 and r.mimetype == "application/vnd.sqlite3"
     disposition = r.headers["Content-Disposition"]

@@ -80,7 +80,8 @@ def device_health() -> dict[str, str]:
                            f"{platform.machine()}",
         "Listening on": f"{cfg.service.host}:{cfg.service.port}",
         "Data folder": f"{d.store.data_dir} (database schema {d.store.schema_version})",
-        "Records": f"{counts['slides']} slides ({counts['open']} open), {counts['fields']} fields",
+        "Records": f"{counts['slides']} slides ({counts['open']} open), {counts['fields']} fields; database "
+                   f"{d.store.database_bytes() / 1e6:,.1f} MB",
         "Technician PIN": "set" if cfg.security.technician_pin else "not set (technician pages open on the LAN)",
     }
 
