@@ -35,6 +35,11 @@ def _local(t: datetime) -> str:
     return t.astimezone().strftime("%Y-%m-%d %H:%M")
 
 
+def clock_behind(now: datetime, t: datetime | None) -> bool:
+    """The clock reads earlier than ``t`` (a time it has been at) by more than :data:`CLOCK_SLACK`."""
+    return t is not None and now < t - CLOCK_SLACK
+
+
 def clock_problem(now: datetime, newest_record: datetime | None, model_made: datetime | None) -> str | None:
     """Why the device clock looks wrong, or None.
 
@@ -44,10 +49,10 @@ def clock_problem(now: datetime, newest_record: datetime | None, model_made: dat
     the date the running model was made. A clock that runs ahead cannot be told from here; once it is
     corrected, the records it dated are ahead of it, which an admin confirms (Store.confirm_clock).
     """
-    if newest_record is not None and now < newest_record - CLOCK_SLACK:
+    if clock_behind(now, newest_record):
         return (f"the device clock reads {_local(now)}, earlier than its newest record "
                 f"({_local(newest_record)})")
-    if model_made is not None and now < model_made - CLOCK_SLACK:
+    if clock_behind(now, model_made):
         return (f"the device clock reads {_local(now)}, earlier than the date its model was made "
                 f"({_local(model_made)})")
     return None

@@ -398,7 +398,7 @@ def clock_status() -> dict:
         made = None
     problem = health.clock_problem(now, newest, made)
     # behind the records only: the clock may be right and the records dated by a clock that ran ahead
-    behind_records = newest is not None and now < newest - health.CLOCK_SLACK
+    behind_records = health.clock_behind(now, newest)
     return {"now": now.isoformat(timespec="seconds"), "problem": problem,
             "can_confirm": bool(problem and behind_records)}
 
