@@ -272,7 +272,7 @@ def storage_writable(store: Store) -> str | None:
 
 
 def free_raw_frames(store: Store, finished_before: datetime) -> dict:
-    """Delete the raw frames of slides finished before that time (:meth:`Store.delete_raw_frames`).
+    """Delete the raw frames of slides finished before that time (:meth:`Store.delete_images`).
 
     First what an interrupted earlier run left is swept. Then the flagged cells' crops of those fields are
     made durable: a crop a power cut lost is cut again from its raw frame while that still exists, and
@@ -280,8 +280,8 @@ def free_raw_frames(store: Store, finished_before: datetime) -> dict:
     is kept; one fsync each took 10 s for 30,000 crops). When that reports a write error (a failing card)
     nothing is deleted: OSError. Returns ``{"fields", "bytes", "failed", "crops_recut", "swept"}``.
     """
-    swept = store.sweep_raw_frames()  # what an earlier run cut short left: no row names those files
-    field_ids = store.raw_frame_fields(finished_before)
+    swept = store.sweep_images("raw")  # what an earlier run cut short left: no row names those files
+    field_ids = store.image_fields("raw", finished_before)
     recut = 0
     for cell_id, path in store.crop_files(field_ids):
         try:
@@ -292,9 +292,19 @@ def free_raw_frames(store: Store, finished_before: datetime) -> dict:
             recut += 1
     if field_ids:
         sync_filesystem(store.images_dir)  # raises on a write error: the raw frames then stay
-    freed = store.delete_raw_frames(field_ids)
+    freed = store.delete_images("raw", field_ids)
     return {**freed, "bytes": freed["bytes"] + swept["bytes"], "failed": freed["failed"] + swept["failed"],
             "crops_recut": recut, "swept": swept["files"]}
+
+
+def free_annotated_images(store: Store, finished_before: datetime) -> dict:
+    """Delete the annotated images of the fields of slides finished before that time; each field's result,
+    cell list (with every box) and flagged-cell crops stay. Nothing is cut from an annotated image, so
+    nothing needs to be made durable first. Returns ``{"fields", "bytes", "failed", "swept"}``."""
+    swept = store.sweep_images("annotated")
+    freed = store.delete_images("annotated", store.image_fields("annotated", finished_before))
+    return {**freed, "bytes": freed["bytes"] + swept["bytes"], "failed": freed["failed"] + swept["failed"],
+            "swept": swept["files"]}
 
 
 def ensure_crop(store: Store, cell_id: int) -> Path | None:

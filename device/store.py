@@ -134,6 +134,11 @@ MIGRATIONS: list[str] = [
         up_to_field_id INTEGER NOT NULL
     );
     """,
+    # 5: the annotated image of a field of a finished slide can be deleted to free space (Free space);
+    # the row then says so, as has_raw does for the raw frame
+    """
+    ALTER TABLE fields ADD COLUMN has_annotated INTEGER NOT NULL DEFAULT 1;
+    """,
 ]
 EXCLUDE_REASONS = ("wrong slide or area", "same area counted twice", "thick or damaged area", "other")
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -742,17 +747,26 @@ class Store:
     _FINISHED_BEFORE = ("FROM fields f JOIN slides s ON s.id = f.slide_id"
                         " WHERE s.status = 'finished' AND s.finished_at < ?")
 
-    def count_raw_frames(self, finished_before: datetime | None = None) -> int:
-        """How many fields of finished slides (finished before that time, if given) keep their raw frame."""
-        cutoff = "9999" if finished_before is None else _utc_text(finished_before)
-        return int(self._conn().execute(f"SELECT COUNT(*) {self._FINISHED_BEFORE} AND f.has_raw = 1",
-                                        (cutoff,)).fetchone()[0])
+    # which column says a field still has each deletable image
+    _IMAGE_FLAG = {"raw": "has_raw", "annotated": "has_annotated"}
 
-    def raw_frame_fields(self, finished_before: datetime) -> list[int]:
-        """IDs of the fields of slides finished before that time that keep their raw frame."""
+    def _image_flag(self, kind: str) -> str:
+        if kind not in self._IMAGE_FLAG:
+            raise ValueError(f"no deletable image kind {kind!r}")
+        return self._IMAGE_FLAG[kind]
+
+    def count_images(self, kind: str, finished_before: datetime | None = None) -> int:
+        """How many fields of finished slides (finished before that time, if given) keep their ``kind``
+        image ("raw" frame or "annotated" field)."""
+        cutoff = "9999" if finished_before is None else _utc_text(finished_before)
+        return int(self._conn().execute(
+            f"SELECT COUNT(*) {self._FINISHED_BEFORE} AND f.{self._image_flag(kind)} = 1", (cutoff,)).fetchone()[0])
+
+    def image_fields(self, kind: str, finished_before: datetime) -> list[int]:
+        """IDs of the fields of slides finished before that time that keep their ``kind`` image."""
         cutoff = _utc_text(finished_before)
-        return [r[0] for r in self._conn().execute(f"SELECT f.id {self._FINISHED_BEFORE} AND f.has_raw = 1",
-                                                   (cutoff,))]
+        return [r[0] for r in self._conn().execute(
+            f"SELECT f.id {self._FINISHED_BEFORE} AND f.{self._image_flag(kind)} = 1", (cutoff,))]
 
     def crop_files(self, field_ids: list[int]) -> list[tuple[int, Path]]:
         """(cell ID, crop path) of the flagged cells with a crop in these fields (the files may be missing)."""
@@ -765,47 +779,49 @@ class Store:
                                          f" WHERE c.has_crop = 1 AND c.field_id IN ({marks})", chunk)]
         return out
 
-    def delete_raw_frames(self, field_ids: list[int]) -> dict:
-        """Delete the raw frames (the largest file of a field) of these fields, where their slide is finished;
-        results, annotated fields and flagged-cell crops are kept. What frees the SD card of a busy clinic.
+    def delete_images(self, kind: str, field_ids: list[int]) -> dict:
+        """Delete the ``kind`` images ("raw" frames, the largest file of a field, or "annotated" fields) of
+        these fields, where their slide is finished. The result, the cell list and the flagged-cell crops
+        are kept. What frees the SD card of a busy clinic.
 
-        The rows stop naming the frames first (one transaction), then the files go, each on its own: a
+        The rows stop naming the files first (one transaction), then the files go, each on its own: a
         file that cannot be deleted (a failing card) is counted and the others still go, and a run cut
-        short leaves files no row names, which :meth:`sweep_raw_frames` deletes on the next run. Open
+        short leaves files no row names, which :meth:`sweep_images` deletes on the next run. Open
         slides are never touched. Returns ``{"fields", "bytes", "failed"}``.
         """
+        flag = self._image_flag(kind)
         rows: list[tuple[int, int, str]] = []
         with self._tx() as c:
             for chunk in _chunks(field_ids, 500):
                 marks = ",".join("?" * len(chunk))
                 found = c.execute("SELECT f.id, f.slide_id, f.file_key FROM fields f JOIN slides s ON s.id = f.slide_id"
-                                  f" WHERE s.status = 'finished' AND f.has_raw = 1 AND f.id IN ({marks})",
+                                  f" WHERE s.status = 'finished' AND f.{flag} = 1 AND f.id IN ({marks})",
                                   chunk).fetchall()
-                c.executemany("UPDATE fields SET has_raw = 0 WHERE id = ?", [(r[0],) for r in found])
+                c.executemany(f"UPDATE fields SET {flag} = 0 WHERE id = ?", [(r[0],) for r in found])
                 rows += [tuple(r) for r in found]
-        freed, failed = self._unlink_raw_frames((slide_id, key) for _, slide_id, key in rows)
+        freed, failed = self._unlink_images(kind, ((slide_id, key) for _, slide_id, key in rows))
         if rows:
-            logger.info("deleted the raw frames of %d fields (%.1f MB)%s", len(rows), freed / 1e6,
+            logger.info("deleted the %s images of %d fields (%.1f MB)%s", kind, len(rows), freed / 1e6,
                         f"; {failed} could not be deleted" if failed else "")
         return {"fields": len(rows), "bytes": freed, "failed": failed}
 
-    def sweep_raw_frames(self) -> dict:
-        """Delete the raw-frame files of finished slides that no row names any more (what a Free space run
-        cut short by a power cut or a failing card left). Returns ``{"files", "bytes", "failed"}``."""
+    def sweep_images(self, kind: str) -> dict:
+        """Delete the ``kind`` image files of finished slides that no row names any more (what a Free space
+        run cut short by a power cut or a failing card left). Returns ``{"files", "bytes", "failed"}``."""
         rows = self._conn().execute(
             "SELECT f.slide_id, f.file_key FROM fields f JOIN slides s ON s.id = f.slide_id"
-            " WHERE s.status = 'finished' AND f.has_raw = 0").fetchall()
-        files = [(sid, key) for sid, key in rows if self._image_path(sid, key, "raw").exists()]
-        freed, failed = self._unlink_raw_frames(files)
+            f" WHERE s.status = 'finished' AND f.{self._image_flag(kind)} = 0").fetchall()
+        files = [(sid, key) for sid, key in rows if self._image_path(sid, key, kind).exists()]
+        freed, failed = self._unlink_images(kind, files)
         if files:
-            logger.warning("deleted %d raw frames an interrupted Free space had left (%.1f MB)", len(files) - failed,
-                           freed / 1e6)
+            logger.warning("deleted %d %s images an interrupted Free space had left (%.1f MB)", len(files) - failed,
+                           kind, freed / 1e6)
         return {"files": len(files) - failed, "bytes": freed, "failed": failed}
 
-    def _unlink_raw_frames(self, slide_keys) -> tuple[int, int]:
+    def _unlink_images(self, kind: str, slide_keys) -> tuple[int, int]:
         freed = failed = 0
         for slide_id, key in slide_keys:
-            path = self._image_path(slide_id, key, "raw")
+            path = self._image_path(slide_id, key, kind)
             try:
                 size = path.stat().st_size
                 path.unlink()
@@ -814,7 +830,7 @@ class Store:
                 continue
             except OSError as exc:
                 failed += 1
-                logger.warning("raw frame %s could not be deleted: %s", path, exc)
+                logger.warning("%s image %s could not be deleted: %s", kind, path, exc)
         return freed, failed
 
     # -- files, by ID only --
@@ -830,7 +846,7 @@ class Store:
         if kind not in ("annotated", "raw"):
             return None
         f = self.get_field(field_id)
-        if f is None or (kind == "raw" and not f["has_raw"]):
+        if f is None or not f[self._image_flag(kind)]:
             return None
         p = self._image_path(f["slide_id"], f["file_key"], kind)
         return p if p.is_file() else None

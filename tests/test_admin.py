@@ -512,6 +512,19 @@ def test_the_admin_frees_space_by_deleting_old_raw_frames_and_keeps_the_results(
     slide = c.get("/api/slides/1").get_json()
     assert slide["status"] == "finished" and slide["automatic"]["rbc_count"] == field["rbc_count"]
     assert slide["fields"][0]["raw_url"] is None and slide["fields"][0]["rbc_count"] == field["rbc_count"]
+    # the annotated fields too, when asked: the counts, cells and flagged-cell crops stay
+    html = c.get("/admin/").get_data(as_text=True)
+    assert re.search(r'id="annotated-finished">1<', html) and re.search(r'id="annotated-old">1<', html)
+    c.post("/admin/free-space", data={"days": "30", "annotated": "1", "csrf_token": token})
+    html = c.get("/admin/").get_data(as_text=True)
+    assert "annotated images of 1 fields" in html and re.search(r'id="annotated-finished">0<', html)
+    assert c.get(f"/fields/{field['id']}/annotated.jpg").status_code == 404
+    slide = c.get("/api/slides/1").get_json()
+    assert slide["fields"][0]["annotated_url"] is None and slide["automatic"]["rbc_count"] == field["rbc_count"]
+    page = c.get("/slides/1").get_data(as_text=True)
+    assert f'href="/fields/{field["id"]}/annotated.jpg"' not in page and "(no picture)" in page
+    crops = [x["crop_url"] for x in c.get("/api/slides/1/cells").get_json()["cells"] if x["crop_url"]]
+    assert all(c.get(u).status_code == 200 for u in crops)
 
 
 def test_the_records_download_needs_no_disk_and_a_large_one_checks_its_space_first(make_env, monkeypatch):

@@ -64,8 +64,8 @@ def test_reopening_does_not_migrate_again_and_keeps_data(tmp_path):
 
 def test_a_database_of_the_first_schema_upgrades_with_its_records(tmp_path, monkeypatch):
     """A device updated in the field opens its version-1 records: the counted views (2), field
-    exclusion (3) and clock confirmations (4) are added, and every slide, field and cell is still there
-    and counts as before."""
+    exclusion (3), clock confirmations (4) and deletable annotated images (5) are added, and every slide,
+    field, cell and image is still there and counts as before."""
     monkeypatch.setattr(store_mod, "MIGRATIONS", store_mod.MIGRATIONS[:1])
     old = Store(tmp_path)
     sid = _slide(old)
@@ -76,7 +76,8 @@ def test_a_database_of_the_first_schema_upgrades_with_its_records(tmp_path, monk
     monkeypatch.undo()
     new = Store(tmp_path)
     try:
-        assert new.pragma("user_version") == store_mod.SCHEMA_VERSION == 4
+        assert new.pragma("user_version") == store_mod.SCHEMA_VERSION == 5
+        assert new.get_field(fid)["has_annotated"] == 1 and new.field_image_path(fid, "annotated").is_file()
         assert new.newest_record_time() is not None  # the clock check reads the new table on old records
         new.confirm_clock()
         assert new.newest_record_time() is None
@@ -510,7 +511,7 @@ def test_raw_frames_of_old_finished_slides_are_deleted_and_everything_else_kept(
             store.finish_slide(sid, lambda slide, totals: {"call": "negative"})
     now = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
     month_ago = now - timedelta(days=30)
-    assert store.count_raw_frames(month_ago) == 1 and store.count_raw_frames() == 2  # the open slide: never
+    assert store.count_images("raw", month_ago) == 1 and store.count_images("raw") == 2  # the open slide: never
     old = fields["OLD"]
     raw = store.field_image_path(old, "raw")
     crops = [store.cell_crop_path(c["id"]) for c in store.field_cells(old) if c["infected"]]
@@ -566,7 +567,7 @@ def test_free_space_cut_short_is_finished_by_the_next_run_and_crops_are_synced_f
     assert freed["fields"] == 2 and freed["failed"] == 1 and not raws[1].exists() and raws[0].exists()
     assert events[0] == "sync" and all(e.endswith("_raw.jpg") for e in events[1:]), "crops synced before"
     monkeypatch.setattr(Path, "unlink", real_unlink)
-    assert store.count_raw_frames() == 0  # no row names the frame left behind...
+    assert store.count_images("raw") == 0  # no row names the frame left behind...
     again = free_raw_frames(store, later)
     assert again["swept"] == 1 and again["failed"] == 0 and not raws[0].exists()  # ...and the next run deletes it
 
@@ -614,3 +615,51 @@ def test_free_space_deletes_nothing_when_the_crops_cannot_be_written_to_the_card
     monkeypatch.undo()
     assert service.free_raw_frames(store, datetime(2100, 1, 1, tzinfo=UTC))["fields"] == 1
     assert not raw.exists()
+
+
+def test_annotated_images_of_old_finished_slides_can_be_deleted_and_a_cut_short_run_is_finished(store,
+                                                                                                 monkeypatch):
+    from datetime import UTC, datetime, timedelta
+    from pathlib import Path
+
+    from device.service import free_annotated_images
+
+    clock = iter(["2026-10-01T08:00:00+00:00", "2026-10-01T08:01:00+00:00", "2026-10-01T09:00:00+00:00",
+                  "2026-10-02T08:00:00+00:00", "2026-10-02T08:01:00+00:00", "2026-10-02T09:00:00+00:00",
+                  "2026-11-29T08:00:00+00:00", "2026-11-29T08:01:00+00:00"])
+    monkeypatch.setattr(store_mod, "utc_now", lambda: next(clock))
+    fields = {}
+    for sample in ("OLD", "OLD2", "OPEN"):
+        sid = _slide(store, sample)
+        res, images = _real_field()
+        fields[sample] = store.add_field(sid, res, source="camera", model_sha256=MODEL.sha256, images=images)
+        if sample != "OPEN":
+            store.finish_slide(sid, lambda slide, totals: {"call": "negative"})
+    month_ago = datetime(2026, 11, 30, 12, 0, tzinfo=UTC) - timedelta(days=30)
+    assert store.count_images("annotated", month_ago) == 2 and store.count_images("annotated") == 2
+    paths = {k: store.field_image_path(v, "annotated") for k, v in fields.items()}
+    cells_before = store.field_cells(fields["OLD"])
+    real_unlink = Path.unlink
+
+    def failing_card(path, *a, **kw):  # the first annotated image cannot be deleted (a failing card)
+        if path == paths["OLD"]:
+            raise OSError(5, "Input/output error")
+        return real_unlink(path, *a, **kw)
+
+    monkeypatch.setattr(Path, "unlink", failing_card)
+    freed = free_annotated_images(store, month_ago)
+    assert freed["fields"] == 2 and freed["failed"] == 1 and freed["swept"] == 0
+    assert paths["OLD"].exists() and not paths["OLD2"].exists()
+    monkeypatch.setattr(Path, "unlink", real_unlink)
+    for k in ("OLD", "OLD2"):  # no row names them: the pages say the picture is gone
+        assert not store.get_field(fields[k])["has_annotated"]
+        assert store.field_image_path(fields[k], "annotated") is None
+    again = free_annotated_images(store, month_ago)
+    assert again["swept"] == 1 and again["fields"] == 0 and not paths["OLD"].exists()
+    # what stays: the raw frame (a separate choice), the cells with their boxes, the flagged-cell crops
+    assert store.field_image_path(fields["OLD"], "raw").is_file()
+    assert store.field_cells(fields["OLD"]) == cells_before
+    assert all(store.cell_crop_path(c["id"]).is_file() for c in cells_before if c["infected"])
+    assert paths["OPEN"].is_file() and store.get_field(fields["OPEN"])["has_annotated"]  # open slides: never
+    with pytest.raises(ValueError):
+        store.delete_images("cell0", [fields["OLD"]])  # only the two deletable kinds

@@ -25,7 +25,7 @@ from flask import Blueprint, Response, flash, redirect, render_template, request
 
 import device
 from device.config import THRESHOLD_SAFE_RANGE, ConfigError
-from device.service import SettingsNotSaved, free_raw_frames
+from device.service import SettingsNotSaved, free_annotated_images, free_raw_frames
 from device.web import admin_signed_in, deps, error_response, health, security, sign_in_admin, views
 
 logger = logging.getLogger(__name__)
@@ -109,13 +109,16 @@ def _render(status: int = 200, *, settings_error: str | None = None, password_er
               "threshold": _threshold_text(cfg.model.threshold),
               "camera_source": cfg.camera.source, "camera_device": cfg.camera.device}
     values.update(form or {})
+    old = health.wall_clock() - timedelta(days=RAW_FRAME_DAYS_DEFAULT)
     html = render_template(
         "admin.html", health=device_health(), status=views.status_json(), metrics=d.analyser.metrics.counts,
         log=d.recent_log.entries(), values=values, sources=CAMERA_SOURCES, safe_range=THRESHOLD_SAFE_RANGE,
         pin_set=bool(cfg.security.technician_pin), settings_error=settings_error, password_error=password_error,
         data_dir=d.store.data_dir, raw_frame_days=RAW_FRAME_DAYS_DEFAULT,
-        raw_frames_old=d.store.count_raw_frames(health.wall_clock() - timedelta(days=RAW_FRAME_DAYS_DEFAULT)),
-        raw_frames_finished=d.store.count_raw_frames())
+        raw_frames_old=d.store.count_images("raw", old),
+        raw_frames_finished=d.store.count_images("raw"),
+        annotated_old=d.store.count_images("annotated", old),
+        annotated_finished=d.store.count_images("annotated"))
     return html, status
 
 
@@ -332,10 +335,12 @@ def _days(raw: str) -> int | None:
 @bp.post("/free-space")
 @admin_required
 def free_space():
-    """Delete the raw frames of slides finished more than ``days`` days ago (results and images kept)."""
+    """Delete the raw frames of slides finished more than ``days`` days ago, and with ``annotated`` their
+    annotated fields too; results, cell lists and flagged-cell crops are kept."""
     d = deps()
     raw = request.form.get("days", "")
     days = _days(raw)
+    annotated = request.form.get("annotated") == "1"
     if days is None:
         flash(f"Free space: {raw.strip()!r} is not a number of days from 0 to 3650; nothing was deleted")
         return redirect(url_for("admin.index", _anchor="free-space"), 303)
@@ -356,11 +361,23 @@ def free_space():
     logger.info("admin %s freed space: raw frames of %d fields of slides finished more than %d days ago, %.1f MB",
                 _client(), freed["fields"], days, freed["bytes"] / 1e6)
     text = (f"Deleted the raw frames of {freed['fields']} fields of slides finished more than {days} days ago "
-            f"({freed['bytes'] / 1e6:,.1f} MB freed); their results, annotated fields and flagged cells are kept.")
-    if freed["swept"]:
-        text += f" {freed['swept']} raw frames an interrupted earlier run had left were deleted too."
-    if freed["failed"]:
-        text += (f" {freed['failed']} could not be deleted (the storage may be failing: see Last problems); "
+            f"({freed['bytes'] / 1e6:,.1f} MB freed)")
+    done = [freed]
+    if annotated:
+        ann = free_annotated_images(d.store, before)
+        logger.info("admin %s freed space: annotated images of %d fields of slides finished more than %d days ago, "
+                    "%.1f MB", _client(), ann["fields"], days, ann["bytes"] / 1e6)
+        text += (f" and the annotated images of {ann['fields']} fields ({ann['bytes'] / 1e6:,.1f} MB); their results, "
+                 "cell lists and flagged cells are kept.")
+        done.append(ann)
+    else:
+        text += "; their results, annotated fields and flagged cells are kept."
+    for what, res in zip(("raw frames", "annotated images"), done, strict=False):
+        if res["swept"]:
+            text += f" {res['swept']} {what} an interrupted earlier run had left were deleted too."
+    failed = sum(res["failed"] for res in done)
+    if failed:
+        text += (f" {failed} could not be deleted (the storage may be failing: see Last problems); "
                  "they are tried again next time.")
     flash(text)
     return redirect(url_for("admin.index", _anchor="free-space"), 303)

@@ -343,7 +343,8 @@ def field_json(f: dict) -> dict:
         "excluded": f.get("excluded"), "excluded_at": f.get("excluded_at"),
         "exclude_url": url_for("pages.exclude_field", field_id=f["id"]),
         "timing_ms": json.loads(f["timing_json"] or "{}"),
-        "annotated_url": url_for("pages.field_image", field_id=f["id"], kind="annotated"),
+        "annotated_url": (url_for("pages.field_image", field_id=f["id"], kind="annotated") if f["has_annotated"]
+                          else None),
         "raw_url": url_for("pages.field_image", field_id=f["id"], kind="raw") if f["has_raw"] else None,
     }
 
