@@ -273,6 +273,30 @@ def decode_view(png: bytes) -> np.ndarray | None:
 def same_view(a: np.ndarray, b: np.ndarray) -> bool:
     """True when two thumbnails show the same view (differences at the level of sensor noise)."""
     return a.shape == b.shape and float(cv2.absdiff(a, b).mean()) <= STEADY_MAX_DIFF
+
+
+# Phase correlation of two thumbnails of one smear peaks where the stage moved; measured on windows cut
+# from 34 real fields (tests/benchmarks/bench_overlap.py): two different fields never reached a response
+# of 0.18, and windows overlapping by 60% or more never fell below 0.34.
+OVERLAP_MIN_RESPONSE = 0.3
+
+
+def view_overlap(a: np.ndarray, b: np.ndarray) -> float:
+    """The share (0..1) of view ``a`` that view ``b`` shows too, from the stage shift between them.
+
+    0.0 when the two do not match (the correlation's response is below :data:`OVERLAP_MIN_RESPONSE`) or
+    when the shift is under one thumbnail pixel: a pattern that does not move with the stage (dust on the
+    sensor, uneven light) correlates at zero shift in every pair of views, and an unmoved stage is what
+    :func:`same_view` is for. Each thumbnail is high-passed first, so the lamp's falloff does not match.
+    """
+    if a.shape != b.shape or min(a.shape) < 8:
+        return 0.0
+    h, w = a.shape
+    fa, fb = (x.astype(np.float32) - cv2.GaussianBlur(x.astype(np.float32), (0, 0), 6) for x in (a, b))
+    (dx, dy), response = cv2.phaseCorrelate(fa, fb, cv2.createHanningWindow((w, h), cv2.CV_32F))
+    if response < OVERLAP_MIN_RESPONSE or max(abs(dx), abs(dy)) < 1.0:
+        return 0.0
+    return max(0.0, 1 - abs(dx) / w) * max(0.0, 1 - abs(dy) / h)
 HEARTBEAT_STALE_S = 20.0  # no loop iteration for this long: the capture loop is stuck
 RECONNECT_MIN_S = 0.5
 BAD_FRAME_PAUSE_S = 0.1  # after an unusable frame: a camera that fails at once must not spin the CPU

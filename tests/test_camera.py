@@ -374,3 +374,37 @@ def test_feed_reports_focus_steadiness_and_serves_a_cached_preview(tmp_path, mon
         assert frame is not None and frame.seq > seq
     finally:
         feed.stop()
+
+
+def _fields_rgb() -> list[np.ndarray]:
+    return [cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in sorted(SAMPLES_DIR.glob("*.jpg"))]
+
+
+@pytest.mark.parametrize("dx,dy", [(300, 0), (0, 225), (-240, 180), (120, -90), (360, 150)])
+def test_how_far_the_stage_moved_gives_the_share_two_views_have_in_common(dx, dy):
+    from device.camera import thumbnail, view_overlap
+
+    rgb = _fields_rgb()[0]
+    h, w = 900, 1200  # two windows of one real field, the second moved by (dx, dy)
+    x0, y0 = max(0, -dx), max(0, -dy)
+    a = thumbnail(rgb[y0:y0 + h, x0:x0 + w])
+    b = thumbnail(rgb[y0 + dy:y0 + dy + h, x0 + dx:x0 + dx + w])
+    true = (1 - abs(dx) / w) * (1 - abs(dy) / h)
+    assert view_overlap(a, b) == pytest.approx(true, abs=0.03)
+    assert view_overlap(b, a) == pytest.approx(true, abs=0.03)
+
+
+def test_views_that_share_nothing_or_did_not_move_have_no_overlap():
+    from device.camera import thumbnail, view_overlap
+
+    fields = _fields_rgb()
+    assert len(fields) >= 2
+    views = [thumbnail(f[:900, :1200]) for f in fields]
+    for i, a in enumerate(views):
+        for j, b in enumerate(views):
+            if i != j:
+                assert view_overlap(a, b) == 0.0, (i, j)  # two different fields
+        assert view_overlap(a, a) == 0.0  # an unmoved stage is same_view's case, not an overlap
+    a = fields[0]
+    assert view_overlap(thumbnail(a[:600, :800]), thumbnail(a[600:1200, 800:1600])) == 0.0  # side by side
+    assert view_overlap(views[0], views[0][:50]) == 0.0  # different sizes

@@ -309,6 +309,33 @@ def test_finish_pressed_while_a_field_is_analysed_counts_that_field(make_env):
     assert slide["automatic"]["rbc_count"] == field["rbc_count"] == slide["totals"]["rbc_count"] > 10
 
 
+def test_a_field_that_overlaps_a_counted_one_says_so_and_offers_to_exclude_it(make_env, tmp_path):
+    # The stage moved a quarter of a field: three quarters of the cells would count twice.
+    from device.camera import ReplayCamera
+
+    rgb = cv2.imread(str(SAMPLE))
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    cv2.imwrite(str(moved / "a.png"), rgb[:900, :1200])
+    cv2.imwrite(str(moved / "b.png"), rgb[:900, 300:1500])
+    env = make_env(open_camera=lambda: ReplayCamera(moved, fps=20))
+    c, token = _client(env)
+    _start(c, token)
+    _wait_frame(env)
+    first = _capture(c, token)
+    assert first.status_code == 201 and first.get_json()["field"]["overlap"] is None  # nothing counted before
+    second = capture_new_view(env, lambda: _capture(c, token))
+    assert second.status_code == 201, second.get_json()
+    field = second.get_json()["field"]
+    assert field["overlap"]["seq"] == 1 and field["overlap"]["fraction"] == pytest.approx(0.75, abs=0.03)
+    page = c.get("/slides/1").get_data(as_text=True)  # the page says it too (also without script)
+    assert "overlaps field 1 by about 75%" in page and f'href="/fields/{field["id"]}/exclude"' in page
+    # excluded: no longer counted, so no warning; and the first field is not warned about the second
+    assert c.post(f"/fields/{field['id']}/exclude", data={"reason": "same area counted twice",
+                                                        "csrf_token": token}).status_code == 303
+    assert "overlaps field" not in c.get("/slides/1").get_data(as_text=True)
+
+
 def test_a_field_already_counted_is_not_counted_again(make_env, tmp_path):
     # Capture pressed again before the stage moved stored the same cells twice (92 cells for 46).
     import shutil

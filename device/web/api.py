@@ -62,7 +62,9 @@ def capture(slide_id: int):
     if field is None:
         return jsonify({"pending": True, "slide": slide,
                         "message": "still analysing: the field will appear in the list"}), 202
-    return jsonify({"field": views.field_json(field), "slide": slide}), 201
+    out = views.field_json(field)
+    out["overlap"] = views.overlap_warning(field)
+    return jsonify({"field": out, "slide": slide}), 201
 
 
 @bp.get("/slides/<int:slide_id>/cells")

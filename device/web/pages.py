@@ -56,7 +56,9 @@ def new_slide():
 def slide(slide_id: int):
     s = views.slide_view(views.slide_or_404(slide_id))
     fields = deps().store.list_fields(slide_id)
-    return render_template("slide.html", slide=s, fields=fields, last=fields[-1] if fields else None)
+    last = fields[-1] if fields else None
+    overlap = views.overlap_warning(last) if last and s["status"] == "open" else None
+    return render_template("slide.html", slide=s, fields=fields, last=last, overlap=overlap)
 
 
 @bp.post("/slides/<int:slide_id>/capture")

@@ -18,7 +18,7 @@ import numpy as np
 from flask import abort, request, url_for
 from werkzeug.exceptions import HTTPException
 
-from device.camera import decode_view, encode_view, same_view, thumbnail
+from device.camera import decode_view, encode_view, same_view, thumbnail, view_overlap
 from device.config import RBC_PER_UL_RANGE
 from device.imageio import IMAGE_SUFFIXES, ImageError, decode_rgb
 from device.service import CaptureRefused, finish_slide, review_is_final, slide_summary
@@ -295,6 +295,33 @@ def _store_answers() -> Iterator[None]:
         abort(409, str(exc))
     except ValueError as exc:
         abort(400, str(exc))
+
+
+OVERLAP_WARN = 0.5  # a field sharing this much of its view with a counted one counts those cells twice
+
+
+def overlap_warning(field: dict) -> dict | None:
+    """``{"field_id", "seq", "fraction"}`` of the other counted field of the slide whose camera view this
+    used field's overlaps most, when that is at least :data:`OVERLAP_WARN` (the stage was moved too
+    little, or moved back): the shared cells count twice, and the technician may exclude one. None
+    otherwise, and for uploads (no camera view)."""
+    if field.get("rejected") or field.get("excluded"):
+        return None
+    store = deps().store
+    png = store.field_view_png(field["id"])
+    mine = decode_view(png) if png is not None else None
+    if mine is None:
+        return None
+    best: tuple[float, int] | None = None
+    for other_id, other in store.counted_views_png(field["slide_id"]).items():
+        theirs = decode_view(other) if other_id != field["id"] else None
+        share = view_overlap(mine, theirs) if theirs is not None else 0.0
+        if share >= OVERLAP_WARN and (best is None or share > best[0]):
+            best = (share, other_id)
+    if best is None:
+        return None
+    seq = (store.get_field(best[1]) or {}).get("seq", best[1])
+    return {"field_id": best[1], "seq": seq, "fraction": round(best[0], 2)}
 
 
 def exclude_field(field_id: int, reason: str | None) -> dict:

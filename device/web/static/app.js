@@ -130,6 +130,16 @@
       var s = $("last-summary");
       if (f.rejected) { s.textContent = "Rejected: " + f.rejected; s.className = "msg msg-error"; }
       else { s.textContent = f.rbc_count + " red cells, " + f.infected_count + " flagged infected"; s.className = "msg msg-ok"; }
+      var ov = $("last-overlap");
+      ov.textContent = "";
+      if (f.overlap) {  // the stage moved too little (or back): the shared cells count twice
+        ov.appendChild(document.createTextNode("This view overlaps field " + f.overlap.seq + " by about " +
+          Math.round(f.overlap.fraction * 100) + "%: those cells count twice. Move the stage a whole field between captures; "));
+        var exl = document.createElement("a");
+        exl.href = f.exclude_url; exl.textContent = "exclude field " + f.seq;
+        ov.appendChild(exl);
+        ov.appendChild(document.createTextNode(" if it is the same area."));
+      }
       var none = $("no-fields");
       if (none) { none.remove(); }
       var tr = document.createElement("tr");
