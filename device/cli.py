@@ -38,17 +38,53 @@ def _classifier(args):
     return CellClassifier(args.model or DEFAULT_MODEL_PATH, threads=args.threads, threshold=args.threshold)
 
 
+def _json_safe(value):
+    """NaN and infinities (a blank field's undefined F1) become null: JSON has no NaN, and strict readers
+    refuse the whole file over one."""
+    if isinstance(value, float):
+        return value if value == value and value not in (float("inf"), float("-inf")) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def _write_json(path: str | None, doc: dict) -> bool:
-    """Write ``doc`` to ``path`` (if given); False, with a one-line error, when that fails."""
+    """Write ``doc`` to ``path`` (if given) atomically: a full card or a kill leaves the previous file whole,
+    never half of a new one. False, with a one-line error, when that fails."""
     if not path:
         return True
+    from device.store import write_atomic
+
     try:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(doc, indent=2) + "\n")
+        text = json.dumps(_json_safe(doc), indent=2, allow_nan=False) + "\n"
+        write_atomic(Path(path), text.encode(), sync_dir=False)
     except OSError as exc:
         print(f"error: cannot write --json {path}: {exc.strerror or exc}", file=sys.stderr)
         return False
     return True
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _overwrites_input(json_path: str | None, inputs: list[Path]) -> bool:
+    """True, with a one-line error, when ``--json`` names one of the files the command reads (an image, a
+    folder's annotations): writing the report there would destroy it."""
+    if not json_path:
+        return False
+    target = Path(json_path)
+    for f in inputs:
+        if _same_file(target, f):
+            print(f"error: --json {target} is one of the inputs ({f}): name another file", file=sys.stderr)
+            return True
+    return False
 
 
 def _outputs_writable(json_path: str | None = None, annotate_dir: str | None = None) -> bool:
@@ -97,13 +133,13 @@ def cmd_cells(args) -> int:
     from device.metrics import binary_metrics
     from device.preprocess import prepare_cell
 
-    if not _outputs_writable(args.json):
-        return 2
-    clf = _classifier(args)
     files = iter_image_files(args.paths)
     if not files:
         print("no image files found in " + ", ".join(args.paths), file=sys.stderr)
         return 2
+    if _overwrites_input(args.json, files) or not _outputs_writable(args.json):
+        return 2
+    clf = _classifier(args)
     rows, errors, batch, batch_files, exact = [], [], [], [], []
 
     def flush():
@@ -116,19 +152,27 @@ def cmd_cells(args) -> int:
         batch.clear()
         batch_files.clear()
 
-    for i, f in enumerate(files, 1):
-        try:
-            batch.append(prepare_cell(read_rgb(f, min_side_px=4), clf.input_size_px))
-            batch_files.append(f)
-        except ImageError as exc:
-            errors.append({"file": str(f), "error": str(exc)})
-            print(f"error: {exc}", file=sys.stderr)
-        if len(batch) >= 256:
-            flush()
-        _progress(i, len(files), f.name)
+    interrupted = False
+    try:
+        for i, f in enumerate(files, 1):
+            try:
+                batch.append(prepare_cell(read_rgb(f, min_side_px=4), clf.input_size_px))
+                batch_files.append(f)
+            except ImageError as exc:
+                errors.append({"file": str(f), "error": str(exc)})
+                print(f"error: {exc}", file=sys.stderr)
+            if len(batch) >= 256:
+                flush()
+            _progress(i, len(files), f.name)
+    except KeyboardInterrupt:  # Ctrl-C: keep what was done
+        interrupted = True
     flush()
     doc: dict = {"model": clf.card.name, "sha256": clf.sha256, "threshold": clf.threshold, "files": rows,
                  "errors": errors}
+    if interrupted:
+        doc["interrupted"] = True
+        print(f"\ninterrupted: {len(rows) + len(errors)} of {len(files)} files done"
+              + (f"; they are in {args.json}" if args.json else ""), file=sys.stderr)
     labelled = [(p, _label_of(Path(r["file"]))) for r, p in zip(rows, exact, strict=True)]
     labelled = [(p, y) for p, y in labelled if y is not None]
     if labelled and len({y for _, y in labelled}) == 2:
@@ -141,8 +185,15 @@ def cmd_cells(args) -> int:
     elif len(rows) <= 20:
         for r in rows:
             print(f"{r['file']}: p_infected={r['p_infected']:.4f} {'INFECTED' if r['infected'] else 'uninfected'}")
+    if len(rows) > 20 and "summary" not in doc or errors:  # say what happened, also without per-file lines
+        flagged = sum(r["infected"] for r in rows)
+        print(f"{len(rows)} cells classified: {flagged} infected, {len(rows) - flagged} uninfected at threshold "
+              f"{clf.threshold:g}; {len(errors)} files could not be read"
+              + ("" if args.json else " (per file: --json FILE)"))
     if not _write_json(args.json, doc):
         return 1
+    if interrupted:
+        return 130
     return 1 if errors and not rows else 0
 
 
@@ -156,13 +207,16 @@ def _label_of(path: Path) -> int | None:
 
 
 def cmd_analyze(args) -> int:
-    import cv2
-
-    from device.analysis import AnalysisSettings, analyze_field, annotate
-    from device.imageio import ImageError, iter_image_files, read_rgb
+    from device.analysis import AnalysisSettings
+    from device.imageio import iter_image_files
     from device.slide import summarize_slide
 
-    if not _outputs_writable(args.json, args.annotate):
+    # an annotate folder inside an input folder: its copies (boxes drawn on them) are not fields to count
+    files = iter_image_files(args.paths, exclude=[Path(args.annotate)] if args.annotate else [])
+    if not files:
+        print("no image files found in " + ", ".join(args.paths), file=sys.stderr)
+        return 2
+    if _overwrites_input(args.json, files) or not _outputs_writable(args.json, args.annotate):
         return 2
     clf = _classifier(args)
     fp_rate = clf.card.false_positive_rate_at(clf.threshold)  # what the device's slide call uses too
@@ -171,20 +225,67 @@ def cmd_analyze(args) -> int:
               "operating curve does not reach down to it: use a higher --threshold", file=sys.stderr)
         return 2
     settings = AnalysisSettings(threshold=args.threshold)
-    files = iter_image_files(args.paths)
-    if not files:
-        print("no image files found in " + ", ".join(args.paths), file=sys.stderr)
-        return 2
     out_dir = Path(args.annotate) if args.annotate else None
+    images: list[dict] = []
+    try:
+        _analyze_files(files, clf, settings, out_dir, images, args.verbose)
+    except KeyboardInterrupt:  # Ctrl-C: the fields done so far are kept, and said to be a part
+        print(f"\ninterrupted: {len(images)} of {len(files)} images done"
+              + (f"; they are in {args.json}" if args.json else ""), file=sys.stderr)
+    failed = sum("error" in d for d in images)
+    interrupted = len(images) < len(files)
+    result: dict = {"model": clf.card.name, "sha256": clf.sha256, "threshold": clf.threshold, "images": images,
+                    "failed": failed}
+    if interrupted:
+        result["interrupted"] = {"done": len(images), "of": len(files)}
+    if failed:
+        print(f"{failed} of {len(images)} images could not be read (errors above)"
+              + (": the slide counts the others" if args.slide else ""), file=sys.stderr)
+    if args.slide:
+        ok = [d for d in images if "error" not in d]
+        used = [d for d in ok if not d["rejected"]]
+        s = summarize_slide(
+            sum(d["rbc_count"] for d in used), sum(d["infected_count"] for d in used),
+            threshold=clf.threshold, fp_rate_per_cell=fp_rate,
+            target_rbc=args.target, rbc_per_ul=args.rbc_per_ul,
+            fields_used=len(used), fields_rejected=len(ok) - len(used))  # as the service: unreadable files are errors
+        result["slide"] = s.to_json()
+        result["slide"]["images_failed"] = failed
+        if s.call == "positive":
+            print(f"slide: positive — {s.infected_count}/{s.rbc_count} infected, parasitemia "
+                  f"{s.parasitemia_pct:.3f}% (95% CI {s.ci95_pct[0]:.3f}-{s.ci95_pct[1]:.3f}%), "
+                  f"{s.parasites_per_ul:.0f} parasites/uL ({s.rbc_per_ul_source} {s.rbc_per_ul:.3g} RBC/uL); "
+                  f"{s.call_reason}")
+        else:  # the flagged share of a negative slide is the classifier's false positives, not a density
+            print(f"slide: {s.call} — {s.infected_count}/{s.rbc_count} cells flagged; detection limit "
+                  f"{s.detection_limit_pct:.3f}% ({s.detection_limit_per_ul:.0f} parasites/uL, "
+                  f"{s.rbc_per_ul_source} {s.rbc_per_ul:.3g} RBC/uL); {s.call_reason}")
+    elif len(files) > 1:
+        n_rej = sum(1 for d in images if d.get("rejected"))
+        print(f"{len(images)} images: {failed} failed, {n_rej} rejected, "
+              f"{sum(d.get('rbc_count', 0) for d in images)} red cells, "
+              f"{sum(d.get('infected_count', 0) for d in images)} flagged infected")
+    if not _write_json(args.json, result):
+        return 1
+    if interrupted:
+        return 130
+    return 1 if failed == len(files) else 0
+
+
+def _analyze_files(files, clf, settings, out_dir, images: list, verbose: bool) -> None:
+    """Analyse each file into ``images`` (appended as it goes, so that an interrupted batch keeps its part)."""
+    import cv2
+
+    from device.analysis import analyze_field, annotate
+    from device.imageio import ImageError, read_rgb
+
     used_names: set[str] = set()
-    images, failed = [], 0
     for i, f in enumerate(files, 1):
         t0 = time.perf_counter()
         try:
             rgb = read_rgb(f)
             res = analyze_field(rgb, clf, settings)
         except ImageError as exc:
-            failed += 1
             images.append({"image": str(f), "error": str(exc)})
             print(f"\nerror: {exc}", file=sys.stderr)
             _progress(i, len(files), f.name)
@@ -205,44 +306,19 @@ def cmd_analyze(args) -> int:
                 doc["annotated"] = str(target)
             except OSError as exc:
                 print(f"\nerror: cannot write annotated copy {target}: {exc.strerror or exc}", file=sys.stderr)
-        if len(files) == 1 or args.verbose:
+        if len(files) == 1 or verbose:
             state = f"rejected: {res.rejected}" if res.rejected else f"{res.infected_count}/{res.rbc_count} infected"
             print(f"{f}: {state} ({res.timing_ms.get('total_ms', 0):.0f} ms)")
         _progress(i, len(files), f.name)
-    result: dict = {"model": clf.card.name, "sha256": clf.sha256, "threshold": clf.threshold, "images": images}
-    if args.slide:
-        ok = [d for d in images if "error" not in d]
-        used = [d for d in ok if not d["rejected"]]
-        s = summarize_slide(
-            sum(d["rbc_count"] for d in used), sum(d["infected_count"] for d in used),
-            threshold=clf.threshold, fp_rate_per_cell=fp_rate,
-            target_rbc=args.target, rbc_per_ul=args.rbc_per_ul,
-            fields_used=len(used), fields_rejected=len(ok) - len(used))  # as the service: unreadable files are errors
-        result["slide"] = s.to_json()
-        if s.call == "positive":
-            print(f"slide: positive — {s.infected_count}/{s.rbc_count} infected, parasitemia "
-                  f"{s.parasitemia_pct:.3f}% (95% CI {s.ci95_pct[0]:.3f}-{s.ci95_pct[1]:.3f}%), "
-                  f"{s.parasites_per_ul:.0f} parasites/uL ({s.rbc_per_ul_source} {s.rbc_per_ul:.3g} RBC/uL); "
-                  f"{s.call_reason}")
-        else:  # the flagged share of a negative slide is the classifier's false positives, not a density
-            print(f"slide: {s.call} — {s.infected_count}/{s.rbc_count} cells flagged; detection limit "
-                  f"{s.detection_limit_pct:.3f}% ({s.detection_limit_per_ul:.0f} parasites/uL, "
-                  f"{s.rbc_per_ul_source} {s.rbc_per_ul:.3g} RBC/uL); {s.call_reason}")
-    elif len(files) > 1:
-        n_rej = sum(1 for d in images if d.get("rejected"))
-        print(f"{len(files)} images: {failed} failed, {n_rej} rejected, "
-              f"{sum(d.get('rbc_count', 0) for d in images)} red cells, "
-              f"{sum(d.get('infected_count', 0) for d in images)} flagged infected")
-    if not _write_json(args.json, result):
-        return 1
-    return 1 if failed == len(files) else 0
 
 
 def cmd_evaluate_fields(args) -> int:
     from device.fields import FieldsError, evaluate_fields, format_report
     from device.preprocess import prepare_batch
 
-    if not _outputs_writable(args.json):
+    folder = Path(args.dir)
+    reads = [folder / "annotations.json", *sorted((folder / "images").glob("*"))]
+    if _overwrites_input(args.json, reads) or not _outputs_writable(args.json):
         return 2
 
     classify, threshold, trained_on = None, 0.5, frozenset()
@@ -325,6 +401,10 @@ _rbc_per_ul = _ranged(float, lambda v: RBC_PER_UL_RANGE[0] <= v <= RBC_PER_UL_RA
                       "{text} is outside 1e6-1e7 RBC/uL (a measured count, e.g. 4.5e6)")
 
 
+_threads = _ranged(int, lambda n: 1 <= n <= 64, "{text!r} is not a whole number of threads",
+                   "{text} is outside 1-64 threads")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m device", description="Malaria Detect device.")
     ap.add_argument("--log-level", default="INFO")
@@ -334,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", help="the .tflite model (default: the shipped model in models/)")
         p.add_argument("--threshold", type=_threshold,
                        help="decision threshold in (0, 1) (default: the model card's)")
-        p.add_argument("--threads", type=int, default=1)
+        p.add_argument("--threads", type=_threads, default=1, help="interpreter threads (default 1)")
 
     p = sub.add_parser("serve", help="run the service")
     p.add_argument("--config", help="TOML config file (default: the embedded demo config)")
@@ -386,6 +466,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # a file name that is not UTF-8 (a card written elsewhere) is printed with escapes instead of
+    # crashing the batch on its first line of output
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

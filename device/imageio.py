@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import stat
 import struct
 from collections.abc import Iterator
@@ -234,6 +235,13 @@ def read_rgb(path: str | Path, *, min_side_px: int = MIN_SIDE_PX) -> np.ndarray:
     p = Path(path)
     try:
         st = p.stat()
+        if stat.S_ISDIR(st.st_mode):  # listed by iter_image_files because it could not be searched
+            try:
+                os.listdir(p)
+            except OSError as exc:
+                raise ImageError(f"{p}: a folder that cannot be searched for images ({exc.strerror or exc}); "
+                                 "its fields are not in this batch") from exc
+            raise ImageError(f"{p}: a folder, not an image")
         if not stat.S_ISREG(st.st_mode):  # a pipe or a device would block or never end
             raise ImageError(f"{p}: not a regular file")
         if st.st_size > MAX_FILE_BYTES:
@@ -245,23 +253,21 @@ def read_rgb(path: str | Path, *, min_side_px: int = MIN_SIDE_PX) -> np.ndarray:
     return decode_rgb(data, name=str(p), min_side_px=min_side_px)
 
 
-def iter_image_files(paths: list[str | Path]) -> list[Path]:
-    """Expand files and folders (recursively) into a list of image files, each folder's sorted.
+def iter_image_files(paths: list[str | Path], exclude: list[Path] | tuple = ()) -> list[Path]:
+    """Expand files and folders (recursively, through linked folders too) into a list of image files,
+    each folder's sorted.
 
     A file named twice (directly, through a folder, or by another path to it) is listed once: a slide
-    must not count one field twice. Each dropped repeat is logged.
+    must not count one field twice. Each dropped repeat is logged. Folders in ``exclude`` (where the
+    command writes its own images) are not searched. A sub-folder that cannot be listed is itself listed,
+    so that reading it says why instead of its fields vanishing from the batch without a word.
     """
     out: list[Path] = []
     seen: set[Path] = set()
+    skip = {_identity(Path(e)) for e in exclude}
     for raw in paths:
         p = Path(raw)
-        if p.is_dir():
-            # a broken or looping link named like an image is listed too: reading it then says why it
-            # failed, instead of the file vanishing from the batch's count without a word
-            found = sorted(f for f in p.rglob("*")
-                           if (f.is_file() or f.is_symlink()) and f.suffix.lower() in IMAGE_SUFFIXES)
-        else:
-            found = [p]
+        found = _walk_images(p, skip) if p.is_dir() else [p]
         for f in found:
             key = _identity(f)
             if key in seen:
@@ -270,6 +276,28 @@ def iter_image_files(paths: list[str | Path]) -> list[Path]:
             seen.add(key)
             out.append(f)
     return out
+
+
+def _walk_images(top: Path, skip: set[Path]) -> list[Path]:
+    found: list[Path] = []
+    visited: set[Path] = set()  # real folders: a link back up must not loop
+
+    def unreadable(exc: OSError) -> None:
+        found.append(Path(exc.filename))
+
+    for folder, dirs, files in os.walk(top, followlinks=True, onerror=unreadable):
+        real = _identity(Path(folder))
+        if real in visited or real in skip:
+            dirs[:] = []
+            continue
+        visited.add(real)
+        dirs.sort()
+        for name in files:
+            f = Path(folder) / name
+            # a broken or looping link named like an image is listed too: reading it then says why
+            if f.suffix.lower() in IMAGE_SUFFIXES:
+                found.append(f)
+    return sorted(found)
 
 
 def _identity(path: Path) -> Path:

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "device" / "samples"
 BAD = ROOT / "tests" / "fixtures" / "bad_inputs"
@@ -269,3 +271,160 @@ def test_cells_summary_uses_the_scores_the_verdicts_used(tmp_path, monkeypatch):
     flags = {Path(f["file"]).name: f["infected"] for f in doc["files"]}
     assert flags == {"a.png": False, "b.png": True, "c.png": False, "d.png": False}  # 0.978875 < 0.9789
     assert doc["summary"]["sensitivity"] == 0.5 and doc["summary"]["specificity"] == 1.0
+
+
+def test_a_json_report_never_overwrites_an_input(tmp_path):
+    field = tmp_path / "field.jpg"
+    shutil.copy(sorted(SAMPLES.glob("*.jpg"))[0], field)
+    before = field.read_bytes()
+    r = device("analyze", str(field), "--json", str(field))
+    assert r.returncode == 2 and "is one of the inputs" in r.stderr and field.read_bytes() == before
+    cell = next((CELLS / "Parasitized").iterdir())
+    copy = tmp_path / cell.name
+    shutil.copy(cell, copy)
+    r = device("cells", str(copy), "--json", str(copy))
+    assert r.returncode == 2 and copy.read_bytes() == cell.read_bytes()
+    fields = tmp_path / "fields"
+    shutil.copytree(ROOT / "tests" / "fixtures" / "fields", fields)
+    truth = (fields / "annotations.json").read_bytes()
+    r = device("evaluate-fields", str(fields), "--no-classifier", "--json", str(fields / "annotations.json"))
+    assert r.returncode == 2 and (fields / "annotations.json").read_bytes() == truth
+
+
+def test_annotated_copies_written_inside_the_input_folder_are_not_counted_next_time(tmp_path):
+    d = tmp_path / "slide"
+    d.mkdir()
+    shutil.copy(sorted(SAMPLES.glob("*.jpg"))[0], d)
+    counts = []
+    for _ in range(2):
+        out = tmp_path / "out.json"
+        r = device("analyze", str(d), "--annotate", str(d / "annotated"), "--slide", "--json", str(out))
+        assert r.returncode == 0, r.stderr
+        doc = json.loads(out.read_text())
+        counts.append((len(doc["images"]), doc["slide"]["rbc_count"]))
+    assert counts[0] == counts[1] and counts[0][0] == 1  # the copy, boxes drawn on it, was counted too
+    assert not list((d / "annotated").glob("*_annotated_annotated.jpg"))
+
+
+def test_a_name_that_is_not_utf8_does_not_crash_a_utf8_terminal(tmp_path):
+    odd = tmp_path / os.fsdecode(b"field\xff.jpg")
+    shutil.copy(sorted(SAMPLES.glob("*.jpg"))[0], odd)
+    out = tmp_path / "out.json"
+    env = {**os.environ, "LC_ALL": "C.UTF-8", "PYTHONUTF8": "0", "PYTHONIOENCODING": ""}
+    r = subprocess.run([sys.executable, "-m", "device", "analyze", str(odd), "--json", str(out)], cwd=ROOT,
+                       capture_output=True, timeout=180, env=env)
+    assert r.returncode == 0, r.stderr.decode(errors="replace")  # UnicodeEncodeError on the result line
+    assert b"field\\udcff.jpg" in r.stdout or b"field\\xff.jpg" in r.stdout
+    assert json.loads(out.read_text())["images"][0]["rbc_count"] > 40
+
+
+def test_a_report_that_cannot_be_written_leaves_the_previous_one_whole(tmp_path):
+    import resource
+
+    prev = tmp_path / "prev.json"
+    r = device("analyze", str(SAMPLES), "--json", str(prev))
+    assert r.returncode == 0 and prev.stat().st_size > 16_384
+    before = prev.read_bytes()
+
+    def small_card():  # a full SD card: no file may grow past 8 KB
+        resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192))
+
+    r = subprocess.run([sys.executable, "-m", "device", "analyze", str(SAMPLES), "--json", str(prev)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=180, preexec_fn=small_card)
+    assert r.returncode == 1 and "cannot write --json" in r.stderr
+    assert prev.read_bytes() == before and not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_ctrl_c_keeps_the_fields_done_so_far(tmp_path):
+    import signal
+
+    d = tmp_path / "many"
+    d.mkdir()
+    for i in range(12):
+        shutil.copy(sorted(SAMPLES.glob("*.jpg"))[i % 4], d / f"f{i:02d}.jpg")
+    out = tmp_path / "out.json"
+    p = subprocess.Popen([sys.executable, "-m", "device", "analyze", str(d), "--slide", "--json", str(out)],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in p.stderr:  # without a terminal the progress is one line per image here
+            if line.startswith("2/12"):
+                p.send_signal(signal.SIGINT)
+                break
+        _, err = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    assert p.returncode == 130 and "Traceback" not in err, err
+    doc = json.loads(out.read_text())
+    done = doc["interrupted"]["done"]
+    assert 2 <= done < 12 and len(doc["images"]) == done and doc["interrupted"]["of"] == 12
+    assert doc["slide"]["fields_used"] == done
+
+
+def test_fields_in_linked_folders_count_and_unreadable_ones_are_reported(tmp_path, monkeypatch):
+    from device.imageio import ImageError, iter_image_files, read_rgb
+
+    real = tmp_path / "elsewhere"
+    real.mkdir()
+    shutil.copy(sorted(SAMPLES.glob("*.jpg"))[0], real / "a.jpg")
+    top = tmp_path / "slide"
+    (top / "locked").mkdir(parents=True)
+    shutil.copy(sorted(SAMPLES.glob("*.jpg"))[1], top / "locked" / "b.jpg")
+    (top / "linked").symlink_to(real, target_is_directory=True)
+    (top / "linked" / "up").symlink_to(top, target_is_directory=True)  # a loop: searched once
+    assert [f.name for f in iter_image_files([top])] == ["a.jpg", "b.jpg"]
+    locked = str(top / "locked")
+    real_scandir, real_listdir = os.scandir, os.listdir
+
+    def denied(real_fn):
+        def fn(path="."):
+            if os.fspath(path) == locked:
+                raise PermissionError(13, "Permission denied", locked)
+            return real_fn(path)
+        return fn
+
+    monkeypatch.setattr(os, "scandir", denied(real_scandir))
+    monkeypatch.setattr(os, "listdir", denied(real_listdir))
+    files = iter_image_files([top])
+    assert [f.name for f in files] == ["a.jpg", "locked"]
+    with pytest.raises(ImageError, match="cannot be searched for images .*Permission denied"):
+        read_rgb(files[1])
+
+
+def test_a_slide_with_unreadable_files_says_so(tmp_path):
+    d = tmp_path / "mix"
+    d.mkdir()
+    shutil.copy(sorted(SAMPLES.glob("*.jpg"))[0], d / "good.jpg")
+    for bad in ("truncated.jpg", "text_named.png"):
+        shutil.copy(BAD / bad, d / bad)
+    out = tmp_path / "out.json"
+    r = device("analyze", str(d), "--slide", "--json", str(out))
+    doc = json.loads(out.read_text())
+    assert doc["failed"] == 2 and doc["slide"]["images_failed"] == 2 and doc["slide"]["fields_used"] == 1
+    assert "2 of 3 images could not be read" in r.stderr
+
+
+def test_evaluate_fields_writes_strict_json_for_a_blank_field(tmp_path):
+    import cv2
+    import numpy as np
+
+    d = tmp_path / "blank"
+    (d / "images").mkdir(parents=True)
+    cv2.imwrite(str(d / "images" / "b.png"), np.full((600, 800, 3), 235, np.uint8))
+    (d / "annotations.json").write_text(json.dumps([{"image": "b.png", "width": 800, "height": 600,
+                                                      "objects": [{"category": "red blood cell",
+                                                                   "bbox": [100, 100, 60, 60]}]}]))
+    out = tmp_path / "ef.json"
+    device("evaluate-fields", str(d), "--no-classifier", "--full-labels", "--json", str(out))
+
+    def no_nan(token):
+        raise AssertionError(f"{token} in the JSON")
+
+    json.loads(out.read_text(), parse_constant=no_nan)
+
+
+def test_cells_without_labels_prints_a_count_and_bad_threads_are_refused(tmp_path):
+    r = device("cells", str(CELLS / "Parasitized"))
+    n = len(list((CELLS / "Parasitized").iterdir()))
+    assert r.returncode == 0 and f"{n} cells classified:" in r.stdout
+    r = device("cells", str(CELLS), "--threads", "0")
+    assert r.returncode == 2 and "--threads" in r.stderr
