@@ -554,7 +554,7 @@ class Store:
         """Record one analysed field (a ``device.analysis.FieldResult``) and its images.
 
         Images are written and synced first, then one transaction commits the field, its cells and
-        ``view_png`` (the camera view it was captured from, for :meth:`last_counted_view_png`).
+        ``view_png`` (the camera view it was captured from, for :meth:`counted_views_png`).
         Raises NotFound / Conflict (finished slide, or a slide started with another model).
         """
         slide = self.get_slide(slide_id)
@@ -628,14 +628,6 @@ class Store:
 
     def field_view_png(self, field_id: int) -> bytes | None:
         r = self._conn().execute("SELECT png FROM field_views WHERE field_id = ?", (field_id,)).fetchone()
-        return None if r is None else bytes(r[0])
-
-    def last_counted_view_png(self, slide_id: int) -> bytes | None:
-        """The camera view (as stored by :meth:`add_field`) of the slide's latest counted field, or None."""
-        r = self._conn().execute(
-            "SELECT v.png FROM field_views v JOIN fields f ON f.id = v.field_id"
-            f" WHERE f.slide_id = ? AND {_COUNTED} ORDER BY f.seq DESC LIMIT 1",
-            (slide_id,)).fetchone()
         return None if r is None else bytes(r[0])
 
     def exclude_field(self, field_id: int, reason: str | None) -> dict:

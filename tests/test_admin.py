@@ -220,7 +220,7 @@ def test_metrics_count_fields_cells_rejections_errors_latency(make_env, monkeypa
         raise RuntimeError("segmentation blew up")
 
     monkeypatch.setattr(service, "analyze_field", broken)
-    r = _upload(c, token, 1)
+    r = _upload(c, token, 1, sorted(SAMPLE.parent.glob("*.jpg"))[1].read_bytes())  # a new field: not counted yet
     assert r.status_code == 500 and "segmentation blew up" in r.get_json()["error"]
     text = c.get("/metrics").get_data(as_text=True)
     assert all(PROM_LINE.match(line) for line in text.strip().splitlines()), text

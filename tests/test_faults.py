@@ -339,7 +339,8 @@ def test_low_disk_stops_raw_frames_first_then_refuses_captures(make_env, monkeyp
     _start(c, token)
     free = {"mb": 700.0}
     monkeypatch.setattr(service, "free_disk_mb", lambda _path: free["mb"])
-    r = _upload(c, token, SAMPLE.read_bytes(), "f.jpg")
+    fields = sorted(SAMPLE.parent.glob("*.jpg"))  # three different fields: one picture counts once
+    r = _upload(c, token, fields[0].read_bytes(), "f.jpg")
     assert r.status_code == 201
     f = r.get_json()["field"]
     assert f["raw_url"] is None and f["rbc_count"] > 10 and c.get(f["annotated_url"]).status_code == 200
@@ -349,13 +350,13 @@ def test_low_disk_stops_raw_frames_first_then_refuses_captures(make_env, monkeyp
     html = c.get("/slides/1").get_data(as_text=True)
     assert "raw frames are no longer saved" in html and 'class="banner banner-warn" id="disk-banner"' in html
     free["mb"] = 300.0
-    r = _upload(c, token, SAMPLE.read_bytes(), "f.jpg")
+    r = _upload(c, token, fields[1].read_bytes(), "f.jpg")
     assert r.status_code == 507 and "disk is nearly full" in r.get_json()["error"]
     html = c.get("/slides/1").get_data(as_text=True)
     assert "new fields are refused" in html and 'class="banner banner-error" id="disk-banner"' in html
     assert c.get("/healthz").get_json()["disk"] == "full"
     free["mb"] = 5000.0
-    r = _upload(c, token, SAMPLE.read_bytes(), "f.jpg")
+    r = _upload(c, token, fields[2].read_bytes(), "f.jpg")
     assert r.status_code == 201 and r.get_json()["field"]["raw_url"]
     counts = env.analyser.metrics.counts
     assert counts["raw_frames_skipped_total"] == 1 and counts["captures_refused_total"] == 1

@@ -84,7 +84,7 @@ def test_a_database_of_the_first_schema_upgrades_with_its_records(tmp_path, monk
         after = new.totals(sid)
         assert (after["fields"], after["fields_used"], after["rbc_count"], after["infected_count"]) == (1, 1, 20, 2)
         assert after["fields_excluded"] == 0 and after["review"] == {"confirmed": 0, "rejected": 0, "pending": 2}
-        assert new.get_field(fid)["excluded"] is None and new.last_counted_view_png(sid) is None
+        assert new.get_field(fid)["excluded"] is None and new.counted_views_png(sid) == {}
         assert len(new.flagged_cells(sid)) == 2
         new.exclude_field(fid, "other")  # the new columns work on old rows
         assert new.totals(sid)["rbc_count"] == 0

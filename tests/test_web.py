@@ -359,7 +359,8 @@ def test_a_field_already_counted_is_not_counted_again(make_env, tmp_path):
 
     first_id = first.get_json()["field"]["id"]
     assert first_id
-    env.app.extensions["malaria_detect_counted_views"].counted.clear()  # as if the stage had moved back
+    # the first field taken out of the count frees its view
+    assert c.post(f"/fields/{first_id}/exclude", data={"reason": "other", "csrf_token": token}).status_code == 303
     clients = [_client(env) for _ in range(2)]
     codes: list[int] = []
     threads = [threading.Thread(target=lambda ct=ct: codes.append(_capture(*ct).status_code)) for ct in clients]
@@ -370,8 +371,14 @@ def test_a_field_already_counted_is_not_counted_again(make_env, tmp_path):
     assert sorted(codes) == [201, 409] and env.store.totals(1)["fields"] == 2
     views = env.app.extensions["malaria_detect_counted_views"]
     assert wait_until(lambda: 1 in views.counted and not views.inflight)  # settled: nothing left in analysis
-    # an upload is the technician's own choice of image: not refused
-    assert _upload(c, token, SAMPLE.read_bytes(), "field.jpg").status_code == 201
+    # the same picture uploaded is the same cells: refused too, as is uploading it twice
+    refused = _upload(c, token, SAMPLE.read_bytes(), "field.jpg")
+    assert refused.status_code == 409 and "already counted" in refused.get_json()["error"]
+    other = sorted(SAMPLES_DIR.glob("*.jpg"))[1].read_bytes()
+    assert _upload(c, token, other, "other.jpg").status_code == 201
+    assert _upload(c, token, other, "other-again.jpg").status_code == 409
+    # the stage came back to a field counted before the last one: still counted once
+    assert env.store.totals(1)["fields_used"] == 2
     # a rejected field counts nothing, so the same (refocused) view may be captured again
     env2 = make_env(open_camera=lambda: ReplayCamera(still, fps=20), analysis={"min_focus": 10.0})
     c2, token2 = _client(env2)
@@ -425,9 +432,10 @@ def test_a_field_counted_before_a_restart_is_still_counted_after_it(tmp_path, cl
         again = _capture(c, token)
         assert again.status_code == 409 and "already counted" in again.get_json()["error"]
         assert env.store.totals(1)["fields"] == 1
-        # an upload has no camera view: it neither counts as the view nor is refused
-        assert _upload(c, token, SAMPLE.read_bytes(), "field.jpg").status_code == 201
-        assert _capture(c, token).status_code == 409
+        # the same picture uploaded is the same view: refused as well, after the restart too
+        up = _upload(c, token, SAMPLE.read_bytes(), "field.jpg")
+        assert up.status_code == 409 and "this image is already counted" in up.get_json()["error"]
+        assert env.store.totals(1)["fields"] == 1
     finally:
         shut(env)
 
@@ -776,9 +784,11 @@ def test_a_captured_field_can_be_taken_out_of_the_count_and_back(make_env, tmp_p
     _start(c, token)
     _wait_frame(env)
     first = _capture(c, token).get_json()["field"]
-    assert _upload(c, token, SAMPLE.read_bytes(), "f.jpg").status_code == 201
+    up = _upload(c, token, sorted(SAMPLES_DIR.glob("*.jpg"))[1].read_bytes(), "f.jpg")
+    assert up.status_code == 201
     both = env.store.totals(1)
-    assert both["fields_used"] == 2 and both["review"]["pending"] == 2 * first["infected_count"]
+    assert both["fields_used"] == 2
+    assert both["review"]["pending"] == first["infected_count"] + up.get_json()["field"]["infected_count"]
     page = c.get("/slides/1").get_data(as_text=True)
     assert f'href="/fields/{first["id"]}/exclude"' in page
     ask = c.get(f"/fields/{first['id']}/exclude").get_data(as_text=True)  # asks first, with the reasons
@@ -787,8 +797,9 @@ def test_a_captured_field_can_be_taken_out_of_the_count_and_back(make_env, tmp_p
     assert r.status_code == 303
     t = env.store.totals(1)
     assert (t["fields_used"], t["fields_excluded"], t["rbc_count"]) == (1, 1, both["rbc_count"] - first["rbc_count"])
-    assert t["review"]["pending"] == first["infected_count"]  # its flagged cells leave the review too
-    assert len(c.get("/api/slides/1/cells").get_json()["cells"]) == first["infected_count"]
+    kept = up.get_json()["field"]["infected_count"]
+    assert t["review"]["pending"] == kept  # its flagged cells leave the review too
+    assert len(c.get("/api/slides/1/cells").get_json()["cells"]) == kept
     row = c.get("/slides/1").get_data(as_text=True).split(f'id="field-{first["id"]}"')[1].split("</tr>")[0]
     assert "Excluded: same area counted twice" in row and "Count again" in row
     assert env.store.get_field(first["id"])["excluded_at"]  # kept, with its time: nothing is deleted

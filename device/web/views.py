@@ -124,36 +124,33 @@ def _decode_upload():
 
 
 class CountedViews:
-    """Per slide: the camera view last counted into it, and the views whose capture is being analysed
+    """Per slide: the camera views of its counted fields, and the views whose capture is being analysed
     (this app's, in memory).
 
     A capture reserves its view before the analysis starts, so two requests for one view (a double
-    click without script, two clients) cannot both count it. When its field is stored and used, the
-    view becomes the slide's counted one; when the capture fails or the field is rejected, the view is
-    simply dropped, so that field may be refocused and captured again.
+    click without script, two clients) cannot both count it, and a view the stage came back to (or an
+    image uploaded again) is not counted a second time. When its field is stored and used, the view
+    joins the slide's counted ones; when the capture fails or the field is rejected, the view is simply
+    dropped, so that field may be refocused and captured again.
     """
 
-    def __init__(self, load: Callable[[int], np.ndarray | None] = lambda slide_id: None) -> None:
+    def __init__(self, load: Callable[[int], list[np.ndarray]] = lambda slide_id: []) -> None:
         self.lock = threading.Lock()
-        self.counted: dict[int, np.ndarray] = {}
+        self.counted: dict[int, list[np.ndarray]] = {}
         self.inflight: dict[int, list[np.ndarray]] = {}
         self.finished: set[int] = set()  # a capture settling after Finish must not keep its view
-        # The counted view is stored with its field: after a restart it is read back once per slide.
+        # The counted views are stored with their fields: after a restart they are read back once per slide.
         self._load = load
-        self._loaded: set[int] = set()
 
-    def reserve(self, slide_id: int, view: np.ndarray) -> None:
+    def reserve(self, slide_id: int, view: np.ndarray, what: str = "this field") -> None:
         """Raises Conflict when the view is counted already or being analysed."""
         with self.lock:
-            if slide_id not in self._loaded:
-                if slide_id not in self.counted:
-                    stored = self._load(slide_id)  # a failed read is tried again on the next capture
-                    if stored is not None:
-                        self.counted[slide_id] = stored
-                self._loaded.add(slide_id)
-            taken = [self.counted.get(slide_id), *self.inflight.get(slide_id, [])]
-            if any(v is not None and same_view(v, view) for v in taken):
-                raise Conflict("this field is already counted: move the stage to the next field, then capture")
+            if slide_id not in self.counted:
+                self.counted[slide_id] = self._load(slide_id)  # a failed read raises: tried again next time
+            taken = [*self.counted[slide_id], *self.inflight.get(slide_id, [])]
+            if any(same_view(v, view) for v in taken):
+                raise Conflict(f"{what} is already counted: move the stage to the next field, then capture"
+                               if what == "this field" else f"{what} is already counted in this slide")
             self.inflight.setdefault(slide_id, []).append(view)
 
     def settle(self, slide_id: int, view: np.ndarray, counts: bool) -> None:
@@ -161,17 +158,16 @@ class CountedViews:
             self.inflight[slide_id] = [v for v in self.inflight.get(slide_id, []) if v is not view]
             if not self.inflight[slide_id]:
                 del self.inflight[slide_id]
-            if counts and slide_id not in self.finished:
-                self.counted[slide_id] = view
+            if counts and slide_id not in self.finished and slide_id in self.counted:
+                self.counted[slide_id].append(view)
 
     def reload(self, slide_id: int) -> None:
-        """The slide's counted fields changed (one excluded or counted again): read its view back."""
+        """The slide's counted fields changed (one excluded or counted again): read its views back."""
         with self.lock:
             self.counted.pop(slide_id, None)
-            self._loaded.discard(slide_id)
 
     def forget(self, slide_id: int) -> None:
-        """A finished slide takes no more fields: its view is not kept (months of slides on a Pi)."""
+        """A finished slide takes no more fields: its views are not kept (months of slides on a Pi)."""
         with self.lock:
             self.counted.pop(slide_id, None)
             self.finished.add(slide_id)
@@ -185,9 +181,9 @@ def _counted_views() -> CountedViews:
         return views
     store = deps().store
 
-    def load(slide_id: int) -> np.ndarray | None:
-        png = store.last_counted_view_png(slide_id)
-        return None if png is None else decode_view(png)
+    def load(slide_id: int) -> list[np.ndarray]:
+        decoded = (decode_view(png) for png in store.counted_views_png(slide_id).values())
+        return [v for v in decoded if v is not None]
 
     # built once per app, not on every capture (setdefault keeps a race between two first captures safe)
     return current_app.extensions.setdefault("malaria_detect_counted_views", CountedViews(load))
@@ -213,6 +209,12 @@ def capture(slide_id: int) -> dict | None:
         if not request.files["image"].filename:
             abort(400, "no file chosen")
         rgb, source = _decode_upload(), "upload"
+        view = thumbnail(rgb)  # the same picture uploaded again would count its cells twice
+        try:
+            counted.reserve(slide_id, view, "this image")
+        except Conflict as exc:
+            d.analyser.metrics.inc("captures_refused_total")
+            abort(409, str(exc))
     elif request.mimetype in ("multipart/form-data", "application/octet-stream") or request.mimetype.startswith(
         "image/"
     ):
@@ -304,7 +306,7 @@ def overlap_warning(field: dict) -> dict | None:
     """``{"field_id", "seq", "fraction"}`` of the other counted field of the slide whose camera view this
     used field's overlaps most, when that is at least :data:`OVERLAP_WARN` (the stage was moved too
     little, or moved back): the shared cells count twice, and the technician may exclude one. None
-    otherwise, and for uploads (no camera view)."""
+    otherwise (uploads have a view too: their own picture's)."""
     if field.get("rejected") or field.get("excluded"):
         return None
     store = deps().store
