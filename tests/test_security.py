@@ -161,6 +161,44 @@ def test_technician_pages_are_open_or_behind_the_pin_by_config(make_env):
         assert not (r.status_code == 302 and "/pin" in r.headers.get("Location", "")) and r.status_code != 401, url
 
 
+@pytest.mark.parametrize("nxt", ["/%09/evil.com", "/%0d/evil.com", "/%0a", "//evil.com", "/%5Cevil.com",
+                                 "https://evil.com/", "/ /evil.com", "javascript:alert(1)"])
+def test_a_next_address_never_leads_off_the_device(make_env, nxt):
+    # "/\t/evil.com" went out as Location "//evil.com" (browsers drop the tab): another host; "/\n" was a 500
+    env = _admin_env(make_env, technician_pin="5731")
+    c, token = _client(env)
+    r = c.post(f"/pin?next={nxt}", data={"pin": "5731", "csrf_token": token})
+    assert r.status_code == 303 and r.headers["Location"] == "/", r.headers.get("Location")
+    r = c.get(f"/pin?next={nxt}")  # the PIN entered already: straight on, still to the start page
+    assert r.status_code == 302 and r.headers["Location"] == "/"
+    a, atoken = _client(env)
+    r = a.post(f"/admin/login?next={nxt}", data={"password": ADMIN_PASSWORD, "csrf_token": atoken})
+    assert r.status_code == 303 and r.headers["Location"] == "/admin/", r.headers.get("Location")
+    ok = a.post("/admin/logout", data={"csrf_token": env.csrf(a)})
+    assert ok.status_code == 303
+    a2, t2 = _client(env)
+    r = a2.post("/admin/login?next=/admin/%23backup", data={"password": ADMIN_PASSWORD, "csrf_token": t2})
+    assert r.headers["Location"] == "/admin/#backup"  # a local admin address is kept
+
+
+def test_an_admin_signing_in_or_out_in_another_tab_leaves_the_technicians_slide_working(make_env):
+    # one browser: the technician's slide tab kept its CSRF token in the page, and both the admin's
+    # sign-in and sign-out cleared the session: "CSRF token missing or wrong", then back to the PIN
+    env = _admin_env(make_env, technician_pin="5731")
+    c, token = _client(env)
+    assert c.post("/pin", data={"pin": "5731", "csrf_token": token}).status_code == 303
+    token = env.csrf(c)  # what the slide page holds
+    h = {"X-CSRF-Token": token}
+    assert c.post("/api/slides", json={"sample_id": "TAB-1"}, headers=h).status_code == 201
+    assert c.post("/admin/login", data={"password": ADMIN_PASSWORD, "csrf_token": token}).status_code == 303
+    assert c.get("/admin/").status_code == 200
+    assert c.post("/api/slides", json={"sample_id": "TAB-2"}, headers=h).status_code == 201
+    assert c.post("/admin/logout", data={"csrf_token": token}).status_code == 303
+    assert c.get("/admin/").status_code == 302  # signed out of the admin pages...
+    assert c.get("/slides/1").status_code == 200  # ...not out of the PIN
+    assert c.post("/api/slides", json={"sample_id": "TAB-3"}, headers=h).status_code == 201
+
+
 # --- 4. CSRF, cookies, rate limits ----------------------------------------------------------------
 
 def test_every_post_needs_the_sessions_csrf_token(make_env):

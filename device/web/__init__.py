@@ -196,12 +196,23 @@ def admin_signed_in() -> bool:
 
 
 def sign_in_admin() -> None:
-    """A fresh session (no fixation) marked with the current password hash's fingerprint."""
+    """Mark the session with the current password hash's fingerprint and the time.
+
+    The rest of the session (the technician's PIN and CSRF token) is kept: the session is a signed
+    cookie, so a copy taken before sign-in never gains the admin mark (no fixation), and a technician's
+    slide open in another tab of the same browser must go on capturing (clearing it broke every capture
+    there with "CSRF token missing or wrong").
+    """
     password_hash = deps().config.security.admin_password_hash
-    session.clear()
     session["admin"] = security.fingerprint(current_app.secret_key, "admin:" + password_hash)
     session["admin_at"] = time.time()
-    session[security.CSRF_FIELD] = security.new_csrf_token()
+    session.setdefault(security.CSRF_FIELD, security.new_csrf_token())
+
+
+def sign_out_admin() -> None:
+    """Drop the admin mark only: a technician's PIN and open slide in another tab stay usable."""
+    session.pop("admin", None)
+    session.pop("admin_at", None)
 
 
 def pin_ok() -> bool:
@@ -212,7 +223,7 @@ def pin_ok() -> bool:
 
 def accept_pin() -> None:
     session["pin_ok"] = security.fingerprint(current_app.secret_key, "pin:" + deps().config.security.technician_pin)
-    session[security.CSRF_FIELD] = security.new_csrf_token()
+    session.setdefault(security.CSRF_FIELD, security.new_csrf_token())  # other tabs keep theirs working
 
 
 def error_response(status: int, message: str, **extra):

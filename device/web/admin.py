@@ -21,12 +21,21 @@ from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from flask import Blueprint, Response, flash, redirect, render_template, request, session, url_for
+from flask import Blueprint, Response, flash, redirect, render_template, request, url_for
 
 import device
 from device.config import THRESHOLD_SAFE_RANGE, ConfigError
 from device.service import SettingsNotSaved, free_annotated_images, free_raw_frames
-from device.web import admin_signed_in, deps, error_response, health, security, sign_in_admin, views
+from device.web import (
+    admin_signed_in,
+    deps,
+    error_response,
+    health,
+    security,
+    sign_in_admin,
+    sign_out_admin,
+    views,
+)
 
 logger = logging.getLogger(__name__)
 bp = Blueprint("admin", __name__, url_prefix="/admin")
@@ -500,9 +509,7 @@ def login():
     d = deps()
     if not d.config.security.admin_password_hash:
         return redirect(url_for("admin.setup"))
-    nxt = request.values.get("next") or url_for("admin.index")
-    if not nxt.startswith("/admin") or nxt.startswith("//"):
-        nxt = url_for("admin.index")
+    nxt = security.local_path(request.values.get("next"), "/admin") or url_for("admin.index")
     if request.method == "GET":
         return render_template("admin_login.html", next=nxt, error=None)
     client = "admin:" + _client()
@@ -521,7 +528,7 @@ def login():
 
 @bp.post("/logout")
 def logout():
-    session.clear()
+    sign_out_admin()
     return redirect(url_for("pages.home"), 303)
 
 

@@ -21,9 +21,7 @@ bp = Blueprint("pages", __name__)
 
 def _safe_next(target: str | None) -> str:
     """Only local paths: never redirect to another site."""
-    if target and target.startswith("/") and not target.startswith("//") and "\\" not in target:
-        return target
-    return url_for("pages.home")
+    return security.local_path(target) or url_for("pages.home")
 
 
 # --- the workflow ---------------------------------------------------------------------------------

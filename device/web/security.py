@@ -105,6 +105,17 @@ SETUP_CODE_ALPHABET = "23456789ABCDEFGHJKMNPQRSTUVWXYZ"
 SETUP_CODE_LEN = 8  # 31^8: about 40 bits, tried at most login_attempts_per_minute times a minute
 
 
+def local_path(target: str | None, prefix: str = "/") -> str | None:
+    """``target`` when it is a path on this device under ``prefix``, else None: a ``next=`` must never send
+    a browser to another site. Browsers drop tab, CR and LF inside a URL, so "/\t/evil.com" would become
+    "//evil.com" (another host); control characters, spaces and backslashes are refused outright."""
+    if not target or not target.startswith(prefix) or target.startswith("//"):
+        return None
+    if any(ord(ch) < 0x21 or ord(ch) == 0x7F or ch == "\\" for ch in target):
+        return None
+    return target
+
+
 def new_setup_code() -> str:
     code = "".join(secrets.choice(SETUP_CODE_ALPHABET) for _ in range(SETUP_CODE_LEN))
     return f"{code[:4]}-{code[4:]}"
