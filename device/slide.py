@@ -142,8 +142,9 @@ def summarize_slide(
         reason = f"{n} of {target_rbc} red cells counted: too few for a call"
     else:
         call = "negative"
-        reason = (f"{k} infected cells in {n}: within the {expected_fp:.1f} false positives expected at "
-                  f"threshold {threshold:.3f} (positive from {cutoff} cells)")
+        reason = (f"{k} infected cells in {n}: fewer than the {cutoff} that make a slide positive at threshold "
+                  f"{threshold:.3f} (a parasite-free slide gives {expected_fp:.1f} false positives on average, and "
+                  f"up to {cutoff - 1} by chance)")
     return SlideSummary(
         rbc_count=n,
         infected_count=k,

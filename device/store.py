@@ -543,7 +543,7 @@ class Store:
             if slide is None:
                 raise NotFound(f"slide {slide_id} not found")
             if slide["status"] != "open":
-                raise Conflict(f"slide {slide_id} is already finished")
+                raise Conflict(f"slide {slide['sample_id']} is already finished")
             c.execute("UPDATE slides SET status = 'finished', finished_at = ?, result_json = ? WHERE id = ?",
                       (utc_now(), json.dumps(result(slide, self.totals(slide_id))), slide_id))
         return self.get_slide(slide_id)  # type: ignore[return-value]

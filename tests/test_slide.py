@@ -157,3 +157,12 @@ def test_impossible_targets_and_rbc_counts_are_refused(kw):
     # target 0 divided by zero; target -1 called any slide negative; rbc_per_ul 0 became "assumed 5e6"
     with pytest.raises(ValueError):
         summarize_slide(100, 1, threshold=0.9, fp_rate_per_cell=0.003, **kw)
+
+
+def test_a_negative_call_with_more_flags_than_expected_says_it_is_below_the_cutoff():
+    # 3 flagged with 1.4 expected was "within the 1.4 false positives expected": it is not
+    s = summarize_slide(2000, 3, threshold=0.979, fp_rate_per_cell=0.0007, target_rbc=2000, rbc_per_ul=None,
+                        fields_used=20, fields_rejected=0)
+    assert s.call == "negative" and s.expected_false_positives == pytest.approx(1.4)
+    assert s.positive_cutoff_cells > 3
+    assert "within" not in s.call_reason and f"fewer than the {s.positive_cutoff_cells}" in s.call_reason

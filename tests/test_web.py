@@ -855,3 +855,74 @@ def test_csv_exports_are_sent_in_pieces_with_their_length(make_env, monkeypatch)
     assert len(pieces) > 3 and all(len(p) <= 50 for p in pieces)
     assert b"".join(pieces) == whole and int(r.headers["Content-Length"]) == len(whole)
     assert [row[1] for row in csv.reader(io.StringIO(whole.decode()))][1:] == [f"PIECES-{i}" for i in (2, 1, 0)]
+
+
+def test_a_file_sent_without_multipart_is_refused_not_replaced_by_the_camera_frame(make_env):
+    env = make_env()
+    c, token = _client(env)
+    _start(c, token)
+    _wait_frame(env)
+    # curl --data-binary @field.png sends it form-encoded: it became a capture of the live frame
+    r = c.post("/api/slides/1/fields", headers={"X-CSRF-Token": token}, data=SAMPLE.read_bytes(),
+               content_type="application/x-www-form-urlencoded")
+    assert r.status_code == 400 and "no image in the upload" in r.get_json()["error"]
+    assert env.store.totals(1)["fields"] == 0
+    assert _capture(c, token, json={}).status_code == 201  # a capture asks with an empty body
+
+
+def test_an_empty_review_body_does_not_clear_a_decision(make_env):
+    env = make_env(flag_all=True)
+    c, token = _client(env)
+    _start(c, token)
+    assert _upload(c, token, SAMPLE.read_bytes(), "f.jpg").status_code == 201
+    cell = c.get("/api/slides/1/cells").get_json()["cells"][0]
+    h = {"X-CSRF-Token": token}
+    assert c.post(f"/api/cells/{cell['id']}/review", json={"decision": "confirmed"}, headers=h).status_code == 200
+    r = c.post(f"/api/cells/{cell['id']}/review", json={}, headers=h)
+    assert r.status_code == 400 and env.store.get_cell(cell["id"])["review"] == "confirmed"
+    r = c.post(f"/api/cells/{cell['id']}/review", json={"decision": None}, headers=h)
+    assert r.status_code == 200 and env.store.get_cell(cell["id"])["review"] is None  # null clears, as documented
+
+
+def test_start_page_and_history_show_every_open_slide_and_page_through_old_ones(make_env, monkeypatch):
+    from device.web import pages
+
+    env = make_env()
+    c, token = _client(env)
+    monkeypatch.setattr(pages, "HOME_OPEN", 3)
+    monkeypatch.setattr(pages, "HISTORY_PAGE", 4)
+    for i in range(7):
+        r = c.post("/api/slides", json={"sample_id": f"OPEN-{i}"}, headers={"X-CSRF-Token": token})
+        assert r.status_code == 201
+    home = c.get("/").get_data(as_text=True)
+    assert "OPEN-6" in home and "OPEN-3" not in home and "and 4 more open slides" in home
+    assert 'href="/history?open=1"' in home
+    first = c.get("/history?open=1").get_data(as_text=True)
+    assert "OPEN-6" in first and "OPEN-2" not in first and 'id="older"' in first
+    older = c.get("/history?open=1&page=1").get_data(as_text=True)
+    assert "OPEN-2" in older and "OPEN-0" in older and "OPEN-6" not in older and 'id="older"' not in older
+    # refusing a second open slide of a sample names it even when the start page does not list it
+    r = c.post("/slides", data={"sample_id": "OPEN-0", "csrf_token": token})
+    assert r.status_code == 400 and 'href="/slides/1"' in r.get_data(as_text=True)
+
+
+def test_a_measured_count_of_zero_is_refused_and_finish_names_the_sample(make_env):
+    env = make_env()
+    c, token = _client(env)
+    h = {"X-CSRF-Token": token}
+    r = c.post("/api/slides", json={"sample_id": "Z-1", "rbc_millions_per_ul": 0}, headers=h)
+    assert r.status_code == 400 and "between" in r.get_json()["error"]  # it silently became "assumed"
+    assert c.post("/api/slides", json={"sample_id": "Z-1"}, headers=h).status_code == 201
+    assert _upload(c, token, SAMPLE.read_bytes(), "f.jpg").status_code == 201
+    assert c.post("/api/slides/1/finish", headers=h).status_code == 200
+    again = c.post("/api/slides/1/finish", headers=h)  # a stale window
+    assert again.status_code == 409 and "Z-1 is already finished" in again.get_json()["error"]
+
+
+def test_a_new_fields_time_is_the_devices_as_after_a_reload(make_env):
+    env = make_env()
+    c, token = _client(env)
+    _start(c, token)
+    field = _upload(c, token, SAMPLE.read_bytes(), "f.jpg").get_json()["field"]
+    row = c.get("/slides/1").get_data(as_text=True).split(f'id="field-{field["id"]}"')[1].split("</tr>")[0]
+    assert field["captured_at_local"] and f"<td>{field['captured_at_local']}</td>" in row

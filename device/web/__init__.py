@@ -244,12 +244,16 @@ def app_render(template: str, **ctx):
     return make_response(render_template(template, **ctx))
 
 
+def local_time_text(iso: str | None) -> str:
+    """A stored UTC time as the device's pages show it: the device's time zone, not the browser's (a row
+    added by script and the same row after a reload must read alike)."""
+    if not iso:
+        return ""
+    return datetime.fromisoformat(iso).astimezone().strftime("%Y-%m-%d %H:%M")
+
+
 def _install_filters(app: Flask) -> None:
-    @app.template_filter("localtime")
-    def _localtime(iso: str | None) -> str:
-        if not iso:
-            return ""
-        return datetime.fromisoformat(iso).astimezone().strftime("%Y-%m-%d %H:%M")
+    app.add_template_filter(local_time_text, "localtime")
 
     @app.template_filter("pct")
     def _pct(v: float | None, digits: int = 3) -> str:

@@ -109,6 +109,8 @@ def review(cell_id: int):
     seen = body.get("seen")
     if seen is not None and seen not in ("", "confirmed", "rejected"):
         abort(400, "seen must be '', 'confirmed' or 'rejected'")
-    cell = views.review(cell_id, body.get("decision", ""), seen)
+    if "decision" not in body:  # an empty body must not clear a decision someone made
+        abort(400, 'say the decision: "confirmed", "rejected", or null to clear it')
+    cell = views.review(cell_id, body["decision"], seen)
     slide = views.slide_json(views.slide_or_404(cell["slide_id"]))
     return jsonify({"cell": views.cell_json(cell), "slide": slide})

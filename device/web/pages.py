@@ -26,11 +26,20 @@ def _safe_next(target: str | None) -> str:
 
 # --- the workflow ---------------------------------------------------------------------------------
 
+HISTORY_PAGE = 200  # slides per History page
+HOME_OPEN = 50  # open slides listed on the start page; more are one click away (History, open only)
+
+
+def _open_slides() -> dict:
+    store = deps().store
+    rows = store.list_slides(status="open", limit=HOME_OPEN)
+    more = store.slide_counts()["open"] - len(rows)
+    return {"open_slides": [views.slide_view(s) for s in rows], "more_open": max(0, more)}
+
+
 @bp.get("/")
 def home():
-    store = deps().store
-    return render_template("home.html", open_slides=[views.slide_view(s) for s in store.list_slides(
-        status="open", limit=10)], form={}, error=None)
+    return render_template("home.html", **_open_slides(), form={}, error=None)
 
 
 @bp.post("/slides")
@@ -43,8 +52,7 @@ def new_slide():
         typed = sample_key(str(request.form.get("sample_id", "")).strip())
         already = next((s for s in store.list_slides(status="open", limit=10_000)
                         if typed and sample_key(s["sample_id"]) == typed), None)
-        resp = render_template("home.html", open_slides=[views.slide_view(s) for s in store.list_slides(
-            status="open", limit=10)], form=request.form, error=str(exc),
+        resp = render_template("home.html", **_open_slides(), form=request.form, error=str(exc),
             already_open=views.slide_view(already) if already else None)
         return resp, 400
     return redirect(url_for("pages.slide", slide_id=slide_id), 303)
@@ -132,8 +140,16 @@ def report(slide_id: int):
 @bp.get("/history")
 def history():
     q = request.args.get("q", "").strip()[:64]
-    slides = [views.slide_view(s) for s in deps().store.list_slides(q, limit=200)]
-    return render_template("history.html", slides=slides, q=q)
+    only_open = request.args.get("open") == "1"
+    try:
+        page = max(0, int(request.args.get("page", "0")))
+    except ValueError:
+        page = 0
+    rows = deps().store.list_slides(q, limit=HISTORY_PAGE + 1, offset=page * HISTORY_PAGE,
+                                    status="open" if only_open else None)
+    slides = [views.slide_view(s) for s in rows[:HISTORY_PAGE]]
+    return render_template("history.html", slides=slides, q=q, only_open=only_open, page=page,
+                           more=len(rows) > HISTORY_PAGE, page_size=HISTORY_PAGE)
 
 
 # --- images, by ID only ---------------------------------------------------------------------------

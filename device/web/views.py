@@ -23,7 +23,7 @@ from device.config import RBC_PER_UL_RANGE
 from device.imageio import IMAGE_SUFFIXES, ImageError, decode_rgb
 from device.service import CaptureRefused, finish_slide, review_is_final, slide_summary
 from device.store import Conflict, NotFound
-from device.web import deps, health
+from device.web import deps, health, local_time_text
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,8 @@ def parse_new_slide(data) -> dict:
     for k, n in MAX_TEXT.items():
         if len(values[k]) > n:
             raise FormError(f"{k.replace('_', ' ')} is longer than {n} characters")
-    raw = str(data.get("rbc_millions_per_ul", "") or "").strip()
+    given = data.get("rbc_millions_per_ul")
+    raw = "" if given is None else str(given).strip()  # 0 is a value to refuse, not "not measured"
     values["rbc_millions_per_ul"] = None
     if raw:
         try:
@@ -121,6 +122,11 @@ def _decode_upload():
     except ImageError as exc:
         d.analyser.metrics.inc("uploads_refused_total")
         abort(400, str(exc))
+
+
+# A capture asks with a CSRF token or an empty JSON object; a larger body is a file sent the wrong way
+# (curl --data-binary sends it form-encoded), and must not turn into a capture of the live camera frame.
+CAPTURE_BODY_MAX = 4096
 
 
 class CountedViews:
@@ -217,7 +223,7 @@ def capture(slide_id: int) -> dict | None:
             abort(409, str(exc))
     elif request.mimetype in ("multipart/form-data", "application/octet-stream") or request.mimetype.startswith(
         "image/"
-    ):
+    ) or (request.content_length or 0) > CAPTURE_BODY_MAX:
         # An upload that went wrong must not turn into a capture of whatever the camera shows.
         d.analyser.metrics.inc("uploads_refused_total")
         abort(400, 'no image in the upload: send the file as the multipart form field "image"')
@@ -366,6 +372,7 @@ def review(cell_id: int, decision: str | None, seen: str | None = None) -> dict:
 def field_json(f: dict) -> dict:
     return {
         "id": f["id"], "slide_id": f["slide_id"], "seq": f["seq"], "captured_at": f["captured_at"],
+        "captured_at_local": local_time_text(f["captured_at"]),
         "source": f["source"], "width": f["width"], "height": f["height"], "rejected": f["rejected"],
         "focus": round(f["focus"], 2), "rbc_count": f["rbc_count"], "infected_count": f["infected_count"],
         "model_sha256": f["model_sha256"], "threshold": f["threshold"],

@@ -16,11 +16,6 @@
     });
   }
 
-  function pad(n) { return (n < 10 ? "0" : "") + n; }
-  function localTime(iso) {  /* as the server writes it: YYYY-MM-DD HH:MM, local time */
-    var d = new Date(iso);
-    return d.getFullYear() + "-" + pad(d.getMonth() + 1) + "-" + pad(d.getDate()) + " " + pad(d.getHours()) + ":" + pad(d.getMinutes());
-  }
   function fmtPct(v) { return (v === null || v === undefined) ? "—" : v.toFixed(3) + "%"; }
   function callClass(c) { return c === "positive" ? "call-pos" : (c === "negative" ? "call-neg" : "call-wait"); }
 
@@ -147,7 +142,7 @@
       if (f.rejected) { tr.className = "row-rejected"; }
       var link = document.createElement("a");
       link.href = f.annotated_url; link.target = "_blank"; link.textContent = f.seq;
-      var cells = [link, localTime(f.captured_at),
+      var cells = [link, f.captured_at_local,  /* in the device's time zone, as the server renders the rows */
         f.source, f.rbc_count, f.infected_count, f.focus.toFixed(1), f.rejected ? "Rejected: " + f.rejected : "Used"];
       cells.forEach(function (c) {
         var td = document.createElement("td");
