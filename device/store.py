@@ -531,6 +531,24 @@ class Store:
                        "against it", mark["confirmed_at"], mark["up_to_slide_id"], mark["up_to_field_id"])
         return mark
 
+    def discard_slide(self, slide_id: int) -> dict:
+        """Delete an open slide that has no fields (started by mistake, or under a wrong sample ID): it holds
+        no result, so nothing is lost. Returns the deleted row. Raises NotFound, or Conflict for a finished
+        slide (a record) or one with fields (those are taken out of the count with their reason instead)."""
+        with self._tx() as c:
+            slide = _row(c.execute("SELECT * FROM slides WHERE id = ?", (slide_id,)).fetchone())
+            if slide is None:
+                raise NotFound(f"slide {slide_id} not found")
+            if slide["status"] != "open":
+                raise Conflict(f"slide {slide['sample_id']} is finished: its result is a record and is kept")
+            n = c.execute("SELECT COUNT(*) FROM fields WHERE slide_id = ?", (slide_id,)).fetchone()[0]
+            if n:
+                raise Conflict(f"slide {slide['sample_id']} has {n} field{'s' if n != 1 else ''}: only an empty slide "
+                               "can be discarded (take a wrong field out of the count with Exclude…)")
+            c.execute("DELETE FROM slides WHERE id = ?", (slide_id,))
+        logger.info("discarded the empty slide %d (%s)", slide_id, slide["sample_id"])
+        return slide
+
     def finish_slide(self, slide_id: int, result: Callable[[dict, dict], dict]) -> dict:
         """Close the slide and keep the automatic result as it stood. Raises NotFound / Conflict.
 

@@ -926,3 +926,25 @@ def test_a_new_fields_time_is_the_devices_as_after_a_reload(make_env):
     field = _upload(c, token, SAMPLE.read_bytes(), "f.jpg").get_json()["field"]
     row = c.get("/slides/1").get_data(as_text=True).split(f'id="field-{field["id"]}"')[1].split("</tr>")[0]
     assert field["captured_at_local"] and f"<td>{field['captured_at_local']}</td>" in row
+
+
+def test_an_empty_slide_started_by_mistake_can_be_discarded_and_nothing_else_can(make_env):
+    env = make_env()
+    c, token = _client(env)
+    h = {"X-CSRF-Token": token}
+    _start(c, token, sample_id="WRONG-ID")
+    page = c.get("/slides/1").get_data(as_text=True)
+    assert 'id="discard-form"' in page
+    r = c.post("/slides/1/discard", data={"csrf_token": token})
+    assert r.status_code == 303 and r.headers["Location"] == "/"
+    assert env.store.get_slide(1) is None and "WRONG-ID" not in c.get("/").get_data(as_text=True)
+    assert c.post("/api/slides", json={"sample_id": "WRONG-ID"}, headers=h).status_code == 201  # the ID is free
+    sid = c.get("/api/slides").get_json()["slides"][0]["id"]
+    assert _upload(c, token, SAMPLE.read_bytes(), "f.jpg", slide_id=sid).status_code == 201
+    assert 'id="discard-form"' not in c.get(f"/slides/{sid}").get_data(as_text=True)
+    r = c.post(f"/api/slides/{sid}/discard", headers=h)
+    assert r.status_code == 409 and "only an empty slide" in r.get_json()["error"]
+    assert c.post(f"/api/slides/{sid}/finish", headers=h).status_code == 200
+    r = c.post(f"/api/slides/{sid}/discard", headers=h)
+    assert r.status_code == 409 and "is finished" in r.get_json()["error"] and env.store.get_slide(sid)
+    assert c.post("/api/slides/999/discard", headers=h).status_code == 404

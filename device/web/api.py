@@ -79,6 +79,13 @@ def finish(slide_id: int):
     return jsonify(views.slide_json(views.slide_or_404(slide_id)))
 
 
+@bp.post("/slides/<int:slide_id>/discard")
+def discard(slide_id: int):
+    """Delete an open slide with no fields (started by mistake)."""
+    slide = views.discard(slide_id)
+    return jsonify({"discarded": slide["id"], "sample_id": slide["sample_id"]})
+
+
 @bp.get("/fields/<int:field_id>")
 def field(field_id: int):
     f = deps().store.get_field(field_id)

@@ -80,6 +80,12 @@ def finish(slide_id: int):
     return redirect(url_for("pages.result", slide_id=slide_id), 303)
 
 
+@bp.post("/slides/<int:slide_id>/discard")
+def discard(slide_id: int):
+    views.discard(slide_id)
+    return redirect(url_for("pages.home"), 303)
+
+
 @bp.route("/fields/<int:field_id>/exclude", methods=["GET", "POST"])
 def exclude_field(field_id: int):
     """Take a captured field out of the count (wrong slide or area, an area counted twice): asks first."""

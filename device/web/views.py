@@ -292,6 +292,17 @@ def finish(slide_id: int) -> dict:
     return done
 
 
+def discard(slide_id: int) -> dict:
+    """Delete an open slide with no fields (started by mistake); refused while a field is being analysed."""
+    slide_or_404(slide_id)
+    if getattr(deps().analyser, "pending", 0):
+        abort(409, "a field is being analysed: try again in a moment")
+    with _store_answers():
+        slide = deps().store.discard_slide(slide_id)
+    _counted_views().forget(slide_id)
+    return slide
+
+
 @contextmanager
 def _store_answers() -> Iterator[None]:
     """A store's refusal as the page's answer: not found 404, not possible now 409, bad value 400."""
