@@ -656,3 +656,24 @@ def test_a_download_whose_turn_was_taken_stops_and_lets_its_copy_go():
     assert turn2.take(whole)
     turn2.copied(whole)
     assert b"".join(_chunks(whole, turn2)) == image[:18] + b"\x01\x01" + image[20:]
+
+
+def test_a_settings_page_loaded_before_another_admins_change_does_not_undo_it(make_env):
+    env = _env(make_env)
+    one, t1 = env.admin_client()
+    two, t2 = env.admin_client()
+    page_two = two.get("/admin/").get_data(as_text=True)  # loaded first, showing target 2000
+    shown = dict(re.findall(r'name="shown_([a-z_]+)" value="([^"]*)"', page_two))
+    assert shown["counting_target_rbc"] == "2000"
+    form = {"counting_target_rbc": "3000", "threshold": shown["threshold"], "camera_source": shown["camera_source"],
+            "camera_device": shown["camera_device"]}
+    assert one.post("/admin/settings", data={**form, **{f"shown_{k}": v for k, v in shown.items()},
+                                             "csrf_token": t1}).status_code == 303
+    stored = json.loads((env.store.data_dir / "settings.json").read_text())
+    assert stored["analysis"]["counting_target_rbc"] == 3000
+    # window two changes only the camera device; its target field still says 2000, as its page showed
+    stale = {**form, "counting_target_rbc": "2000", "camera_device": "1",
+             **{f"shown_{k}": v for k, v in shown.items()}, "csrf_token": t2}
+    assert two.post("/admin/settings", data=stale).status_code == 303
+    stored = json.loads((env.store.data_dir / "settings.json").read_text())
+    assert stored["analysis"]["counting_target_rbc"] == 3000 and stored["camera"]["device"] == "1"

@@ -117,10 +117,12 @@ def _render(status: int = 200, *, settings_error: str | None = None, password_er
     values = {"counting_target_rbc": cfg.analysis.counting_target_rbc,
               "threshold": _threshold_text(cfg.model.threshold),
               "camera_source": cfg.camera.source, "camera_device": cfg.camera.device}
+    shown = {k: str(v) for k, v in values.items()}  # the stored settings, also when re-showing a refused form
     values.update(form or {})
     old = health.wall_clock() - timedelta(days=RAW_FRAME_DAYS_DEFAULT)
     html = render_template(
-        "admin.html", health=device_health(), status=views.status_json(), metrics=d.analyser.metrics.counts,
+        "admin.html", shown=shown, health=device_health(), status=views.status_json(),
+        metrics=d.analyser.metrics.counts,
         log=d.recent_log.entries(), values=values, sources=CAMERA_SOURCES, safe_range=THRESHOLD_SAFE_RANGE,
         pin_set=bool(cfg.security.technician_pin), settings_error=settings_error, password_error=password_error,
         data_dir=d.store.data_dir, raw_frame_days=RAW_FRAME_DAYS_DEFAULT,
@@ -402,12 +404,20 @@ def _parse_settings(form) -> dict[str, dict]:
     """The settings form as config changes by section. Raises _Invalid naming the field."""
     cfg = deps().config
     changes: dict[str, dict] = {}
+
+    def touched(name: str) -> bool:
+        """Whether the admin changed this field from what their page showed (``shown_<name>``): a page
+        loaded before another admin's change must not put the old value back. Without it (a script),
+        every field counts."""
+        shown = form.get("shown_" + name)
+        return shown is None or form.get(name, "").strip() != shown.strip()
+
     raw = form.get("counting_target_rbc", "").strip()
     try:
         target = int(raw)
     except ValueError:
         raise _Invalid(f"Counting target: {raw!r} is not a whole number of red cells") from None
-    if target != cfg.analysis.counting_target_rbc:
+    if target != cfg.analysis.counting_target_rbc and touched("counting_target_rbc"):
         changes["analysis"] = {"counting_target_rbc": target}
     raw = form.get("threshold", "").strip().replace(",", ".")
     try:
@@ -415,7 +425,8 @@ def _parse_settings(form) -> dict[str, dict]:
     except ValueError:
         raise _Invalid(f"Threshold: {raw!r} is not a number") from None
     shown = _threshold_text(cfg.model.threshold)
-    if threshold != cfg.model.threshold and raw != shown:  # the field as shown, untouched: no change
+    # the field as shown, untouched: no change
+    if threshold != cfg.model.threshold and raw != shown and touched("threshold"):
         lo, hi = THRESHOLD_SAFE_RANGE  # outside it the config's own message says so
         problem = deps().analyser.threshold_problem(threshold) if threshold is None or lo <= threshold <= hi else None
         if problem:
@@ -423,7 +434,7 @@ def _parse_settings(form) -> dict[str, dict]:
         changes["model"] = {"threshold": threshold}
     camera = {"source": form.get("camera_source", cfg.camera.source),
               "device": form.get("camera_device", cfg.camera.device).strip() or "0"}
-    camera = {k: v for k, v in camera.items() if v != getattr(cfg.camera, k)}
+    camera = {k: v for k, v in camera.items() if v != getattr(cfg.camera, k) and touched("camera_" + k)}
     if camera:
         changes["camera"] = camera
     if form.get("remove_pin"):
