@@ -25,6 +25,28 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 # instead of 18, and at 10 twenty false positives per 1,000 cells (README, "Image files"). A JPEG whose
 # quantisation says a quality below this is refused.
 MIN_JPEG_QUALITY = 70
+# Lossy WebP likewise: the held-out IML fields saved again as WebP at quality 95 / 90 / 85 / 80 / 60 / 40 /
+# 20 gave 18 / 17 / 16 / 11 / 8 / 6 / 6 of 29 parasite cells flagged (18 as stored; README, "Image
+# files"; tests/benchmarks/bench_field_conditions.py --webp-quality Q), so below 85 is refused. Its
+# quality is read back from the frame's quantiser index (webp_quantizer); libwebp's quality -> index:
+_WEBP_QUALITY_INDEX = ((100, 0), (98, 2), (95, 6), (90, 12), (85, 20), (80, 27), (75, 36), (70, 39), (60, 45),
+                       (50, 52), (40, 59), (30, 68), (20, 78), (10, 92), (1, 115))
+MIN_WEBP_QUALITY = 85
+MAX_WEBP_QUANTIZER = dict(_WEBP_QUALITY_INDEX)[MIN_WEBP_QUALITY]
+
+
+def _webp_quality_text(index: int) -> str:
+    """The libwebp quality a quantiser index corresponds to: "85", "85-90" between two, or "below 1"."""
+    better = _WEBP_QUALITY_INDEX[0][0]
+    for quality, q in _WEBP_QUALITY_INDEX:
+        if index == q:
+            return str(quality)
+        if index < q:
+            return f"{quality}-{better}"
+        better = quality
+    return "below 1"
+
+
 # The IJG (libjpeg) luminance table that quality 50 uses; other qualities scale it.
 _IJG_LUMINANCE = np.array([
     16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69, 56,
@@ -59,6 +81,8 @@ def header_size(data: bytes) -> tuple[int, int] | None:
         return abs(w), abs(h)
     if data[:4] in (b"II*\x00", b"MM\x00*"):
         return _tiff_size(data)
+    if data[:4] in (b"II+\x00", b"MM\x00+"):
+        return _bigtiff_size(data)
     return None
 
 
@@ -78,6 +102,70 @@ def _tiff_size(data: bytes) -> tuple[int, int]:
         return size[256], size[257]
     except (struct.error, KeyError) as exc:
         raise ImageError("unreadable TIFF header") from exc
+
+
+def _bigtiff_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from a BigTIFF's first IFD: 8-byte offsets and counts, 20-byte entries."""
+    e = "<" if data[:2] == b"II" else ">"
+    try:
+        (ifd,) = struct.unpack(e + "Q", data[8:16])
+        (n,) = struct.unpack(e + "Q", data[ifd : ifd + 8])
+        size = {}
+        for i in range(min(n, 4096)):
+            entry = ifd + 8 + 20 * i
+            tag, typ = struct.unpack(e + "HH", data[entry : entry + 4])
+            if tag in (256, 257):  # SHORT (3), LONG (4) or LONG8 (16), stored in the entry
+                fmt, width = {3: ("H", 2), 4: ("I", 4), 16: ("Q", 8)}[typ]
+                size[tag] = struct.unpack(e + fmt, data[entry + 12 : entry + 12 + width])[0]
+        return size[256], size[257]
+    except (struct.error, KeyError) as exc:
+        raise ImageError("unreadable BigTIFF header") from exc
+
+
+def _png_complete(data: bytes) -> bool:
+    """Whether a PNG's chunks run whole up to its end chunk (IEND); bytes after it (a trailer some tools
+    append) do not matter, a chunk cut short does."""
+    pos, n = 8, len(data)
+    while pos + 8 <= n:
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        if data[pos + 4 : pos + 8] == b"IEND":
+            return True
+        pos += 12 + length  # length, type, data, CRC
+    return False
+
+
+def jpeg_orientation(data: bytes) -> int:
+    """The EXIF Orientation (1-8) of a JPEG, 1 when it has none: phones store pictures as the sensor read
+    them and say in EXIF how to turn them; the analysis and annotated copies must match what a viewer shows."""
+    if data[:2] != b"\xff\xd8":
+        return 1
+    for marker, i, seg_len in _jpeg_segments(data):
+        if marker != 0xE1 or data[i + 4 : i + 10] != b"Exif\x00\x00":
+            continue
+        tiff = data[i + 10 : i + 2 + seg_len]
+        e = "<" if tiff[:2] == b"II" else ">"
+        try:
+            (ifd,) = struct.unpack(e + "I", tiff[4:8])
+            (count,) = struct.unpack(e + "H", tiff[ifd : ifd + 2])
+            for k in range(count):
+                entry = ifd + 2 + 12 * k
+                tag, typ = struct.unpack(e + "HH", tiff[entry : entry + 4])
+                if tag == 0x0112 and typ == 3:
+                    (value,) = struct.unpack(e + "H", tiff[entry + 8 : entry + 10])
+                    return value if 1 <= value <= 8 else 1
+        except struct.error:
+            return 1
+    return 1
+
+
+def apply_orientation(img: np.ndarray, orientation: int) -> np.ndarray:
+    """Turn an image as its EXIF Orientation says (2-8: mirrored and/or rotated; 1: as stored)."""
+    if orientation in (5, 6, 7, 8):  # the stored picture lies on its side: its columns become rows
+        img = img.swapaxes(0, 1)  # transposed = orientation 5
+        img = {5: img, 6: img[:, ::-1], 7: img[::-1, ::-1], 8: img[::-1]}[orientation]
+    else:
+        img = {1: img, 2: img[:, ::-1], 3: img[::-1, ::-1], 4: img[::-1]}.get(orientation, img)
+    return np.ascontiguousarray(img)
 
 
 def _jpeg_segments(data: bytes) -> Iterator[tuple[int, int, int]]:
@@ -153,6 +241,86 @@ def jpeg_quality(data: bytes) -> float | None:
     return None
 
 
+class _BoolDecoder:
+    """VP8's boolean entropy decoder (RFC 6386, section 7), enough to read a frame header."""
+
+    def __init__(self, data: bytes):
+        self.data, self.pos = data, 2
+        self.value = (data[0] << 8) | data[1] if len(data) >= 2 else 0
+        self.range, self.bits = 255, 0
+
+    def bool(self, prob: int = 128) -> int:
+        split = 1 + (((self.range - 1) * prob) >> 8)
+        if self.value >= split << 8:
+            bit, self.range, self.value = 1, self.range - split, self.value - (split << 8)
+        else:
+            bit, self.range = 0, split
+        while self.range < 128:
+            self.value, self.range, self.bits = self.value << 1, self.range << 1, self.bits + 1
+            if self.bits == 8:
+                self.bits = 0
+                if self.pos < len(self.data):
+                    self.value |= self.data[self.pos]
+                self.pos += 1
+        return bit
+
+    def literal(self, n: int) -> int:
+        v = 0
+        for _ in range(n):
+            v = (v << 1) | self.bool()
+        return v
+
+    def signed(self, n: int) -> int:
+        v = self.literal(n)
+        return -v if self.bool() else v
+
+    def optional_signed(self, n: int) -> int:
+        return self.signed(n) if self.bool() else 0
+
+
+def webp_quantizer(data: bytes) -> int | None:
+    """The coarsest luma quantiser index (0-127) of a lossy WebP's key frame, or None (lossless, or not
+    readable): what the encoder's quality became (libwebp: quality 95 -> 6, 90 -> 12, 80 -> 27, 50 -> 52).
+
+    Read from the frame header (RFC 6386, 9.2-9.6): the segment quantisers when segmentation is on, else
+    the frame's base index.
+    """
+    pos, frame = 12, None
+    while pos + 8 <= len(data):
+        fourcc, (size,) = data[pos : pos + 4], struct.unpack("<I", data[pos + 4 : pos + 8])
+        if fourcc == b"VP8 ":
+            frame = data[pos + 8 : pos + 8 + size]
+            break
+        pos += 8 + size + (size & 1)
+    if frame is None or len(frame) < 12 or frame[0] & 1:  # no lossy image, or not a key frame
+        return None
+    d = _BoolDecoder(frame[10:])
+    d.literal(2)  # colour space, clamping
+    segments = None
+    if d.bool():  # segmentation
+        update_map, update_data = d.bool(), d.bool()
+        if update_data:
+            absolute = d.bool()
+            quant = [d.optional_signed(7) for _ in range(4)]
+            for _ in range(4):
+                d.optional_signed(6)  # loop filter levels
+            segments = (absolute, quant)
+        if update_map:
+            for _ in range(3):
+                if d.bool():
+                    d.literal(8)
+    d.literal(10)  # filter type, loop filter level, sharpness
+    if d.bool() and d.bool():  # loop filter deltas present and updated
+        for _ in range(8):
+            d.optional_signed(6)
+    d.literal(2)  # token partitions
+    base = d.literal(7)
+    if segments is None:
+        return base
+    absolute, quant = segments
+    return max(min(127, max(0, q if absolute else base + q)) for q in quant)
+
+
 def _webp_size(data: bytes) -> tuple[int, int]:
     chunk = data[12:16]
     if chunk == b"VP8X" and len(data) >= 30:
@@ -187,7 +355,7 @@ def decode_rgb(data: bytes, *, name: str = "image", min_side_px: int = MIN_SIDE_
     w, h = size
     if w * h > MAX_PIXELS:
         raise ImageError(f"{name}: {w}x{h} is {w * h / 1e6:.0f} MP, over the {MAX_PIXELS / 1e6:.0f} MP limit")
-    if data[:8] == b"\x89PNG\r\n\x1a\n" and b"IEND" not in data[-32:]:
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and not _png_complete(data):
         raise ImageError(f"{name}: truncated PNG (no end chunk)")
     if data[:2] == b"\xff\xd8" and not _jpeg_has_end(data):
         raise ImageError(f"{name}: truncated JPEG (no end marker)")
@@ -196,11 +364,18 @@ def decode_rgb(data: bytes, *, name: str = "image", min_side_px: int = MIN_SIDE_
         if quality is not None and quality < MIN_JPEG_QUALITY:
             raise ImageError(f"{name}: a JPEG saved at quality ~{quality:.0f}: compression this strong erases "
                              f"parasites; save at quality {MIN_JPEG_QUALITY} or more, or as PNG")
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        q = webp_quantizer(data)
+        if q is not None and q > MAX_WEBP_QUANTIZER:
+            raise ImageError(f"{name}: a lossy WebP compressed this strongly (quantiser {q}, quality about "
+                             f"{_webp_quality_text(q)}) erases parasites; save at WebP quality "
+                             f"{MIN_WEBP_QUALITY} or more, lossless WebP, or PNG")
     buf = np.frombuffer(data, dtype=np.uint8)
-    img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)  # UNCHANGED: 16-bit and alpha are seen, EXIF is not applied
     if img is None:
         raise ImageError(f"{name}: could not decode (corrupt or truncated file)")
-    return to_rgb8(img, name=name, min_side_px=min_side_px, bgr=True)
+    rgb = to_rgb8(img, name=name, min_side_px=min_side_px, bgr=True)
+    return apply_orientation(rgb, jpeg_orientation(data)) if data[:2] == b"\xff\xd8" else rgb
 
 
 def to_rgb8(img: np.ndarray, *, name: str = "image", min_side_px: int = MIN_SIDE_PX, bgr: bool) -> np.ndarray:

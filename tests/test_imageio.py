@@ -1,5 +1,6 @@
 """Image reading: the bad-input corpus gets clear errors; good images decode to RGB."""
 
+import struct
 from pathlib import Path
 
 import cv2
@@ -178,3 +179,79 @@ def test_a_heavily_compressed_jpeg_is_refused_with_the_quality_it_was_saved_at()
         decode_rgb(cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 50])[1].tobytes(), name="web.jpg")
     assert jpeg_quality(cv2.imencode(".png", bgr)[1].tobytes()) is None  # not a JPEG: nothing to say
     assert jpeg_quality((SAMPLES / sorted(p.name for p in SAMPLES.glob("*.jpg"))[0]).read_bytes()) > 90
+
+
+def _with_exif_orientation(jpg: bytes, orientation: int) -> bytes:
+    """The JPEG with an EXIF APP1 segment holding only the Orientation tag, as phones write it."""
+    tiff = (b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", 1)
+            + struct.pack("<HHIHH", 0x0112, 3, 1, orientation, 0) + struct.pack("<I", 0))
+    payload = b"Exif\x00\x00" + tiff
+    return jpg[:2] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload + jpg[2:]
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_a_phone_jpeg_is_turned_as_its_exif_says_like_every_viewer(orientation):
+    img = np.zeros((60, 90, 3), np.uint8)  # asymmetric: a red and a green corner, a white column
+    img[:20, :30] = (0, 0, 255)
+    img[40:, 60:] = (0, 255, 0)
+    img[:, 45] = 255
+    data = _with_exif_orientation(cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes(),
+                                  orientation)
+    viewer = cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    got = decode_rgb(data)
+    assert got.shape == viewer.shape == ((60, 90, 3) if orientation <= 4 else (90, 60, 3))
+    assert np.array_equal(got, viewer)  # OpenCV's own EXIF handling, pixel for pixel
+
+
+def _bigtiff(rgb: np.ndarray, size: tuple[int, int] | None = None) -> bytes:
+    """An uncompressed RGB BigTIFF (8-byte offsets, 20-byte IFD entries); ``size`` overrides the header's."""
+    h, w = rgb.shape[:2]
+    hw, hh = size or (w, h)
+    pixels = rgb.tobytes()
+    tags = [(256, 16, hw), (257, 16, hh), (258, 3, None), (259, 3, 1), (262, 3, 2), (273, 16, None),
+            (277, 3, 3), (278, 3, h), (279, 16, len(pixels)), (284, 3, 1)]
+    data_off = 16 + 8 + 20 * len(tags) + 8
+    out = b"II" + struct.pack("<HHHQ", 43, 8, 0, 16) + struct.pack("<Q", len(tags))
+    for tag, typ, val in tags:
+        raw = (struct.pack("<HHHH", 8, 8, 8, 0) if tag == 258 else struct.pack("<Q", data_off) if tag == 273
+               else struct.pack("<Q", val) if typ == 16 else struct.pack("<H", val) + b"\0" * 6)
+        out += struct.pack("<HHQ", tag, typ, 3 if tag == 258 else 1) + raw
+    return out + struct.pack("<Q", 0) + pixels
+
+
+def test_bigtiff_is_read_and_a_huge_one_refused_before_decoding():
+    rgb = np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)
+    assert np.array_equal(decode_rgb(_bigtiff(rgb)), rgb)  # was "not a supported image"
+    with pytest.raises(ImageError, match="over the 50 MP limit"):
+        decode_rgb(_bigtiff(rgb, size=(20_000, 20_000)))
+
+
+def test_a_png_with_bytes_after_its_end_is_read_and_one_cut_short_is_refused():
+    png = cv2.imencode(".png", np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8))[1].tobytes()
+    assert decode_rgb(png + b"\x00" * 64).shape == (64, 64, 3)  # a trailer some tools append
+    with pytest.raises(ImageError, match="truncated PNG"):
+        decode_rgb(png[: len(png) // 2])
+    with pytest.raises(ImageError, match="truncated PNG"):
+        decode_rgb(png[: len(png) // 2] + b"IEND\xaeB`\x82")  # "IEND" bytes inside a chunk cut short
+
+
+def test_a_strongly_compressed_lossy_webp_is_refused_and_a_light_or_lossless_one_read():
+    from device.imageio import MAX_WEBP_QUANTIZER, MIN_WEBP_QUALITY, webp_quantizer
+
+    field = cv2.imread(str(sorted(SAMPLES.glob("*.jpg"))[0]))
+
+    def webp(quality: int) -> bytes:
+        return cv2.imencode(".webp", field, [cv2.IMWRITE_WEBP_QUALITY, quality])[1].tobytes()
+
+    # the quantiser read back from the frame header rises as the quality falls
+    indices = [webp_quantizer(webp(q)) for q in (100, 95, 90, 85, 80, 50, 20)]
+    assert indices == sorted(indices) and indices[0] == 0 and indices[-1] > 60
+    assert webp_quantizer(webp(MIN_WEBP_QUALITY)) <= MAX_WEBP_QUANTIZER < webp_quantizer(webp(80))
+    assert decode_rgb(webp(95)).shape == (1200, 1600, 3)
+    assert decode_rgb(webp(MIN_WEBP_QUALITY)).shape == (1200, 1600, 3)
+    for q in (80, 50):
+        with pytest.raises(ImageError, match="lossy WebP compressed this strongly"):
+            decode_rgb(webp(q))
+    lossless = webp(101)  # OpenCV: above 100 is lossless
+    assert lossless[12:16] == b"VP8L" and webp_quantizer(lossless) is None
+    assert decode_rgb(lossless).shape == (1200, 1600, 3)

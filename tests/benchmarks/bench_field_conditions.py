@@ -1,12 +1,13 @@
 """Parasite detection under other imaging conditions: every field of an evaluate-fields folder dimmed,
-saved again as JPEG, or cut without the background normalisation, then scored as
+saved again as JPEG or lossy WebP, or cut without the background normalisation, then scored as
 `python -m device evaluate-fields` scores it.
 
     python tests/benchmarks/bench_field_conditions.py FIELD_DIR [--gain 0.7] [--jpeg-quality 50]
-        [--no-background-normalisation]
+        [--webp-quality 50] [--no-background-normalisation]
 
 A measurement, not a test: it prints the evaluate-fields report. (The device refuses JPEG files below
-device.imageio.MIN_JPEG_QUALITY; the re-encoded pixels here never pass through that check.)
+device.imageio.MIN_JPEG_QUALITY and lossy WebP files above MAX_WEBP_QUANTIZER; the re-encoded pixels here
+never pass through those checks.)
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ def main() -> int:
     ap.add_argument("field_dir")
     ap.add_argument("--gain", type=float, default=1.0, help="multiply every pixel (a dimmer lamp: < 1)")
     ap.add_argument("--jpeg-quality", type=int, default=None, help="save each field again at this JPEG quality")
+    ap.add_argument("--webp-quality", type=int, default=None, help="save each field again at this lossy WebP quality")
     ap.add_argument("--no-background-normalisation", action="store_true",
                     help="cut the cells with background gains of 1 (as before device.preprocess.field_crops)")
     args = ap.parse_args()
@@ -40,6 +42,9 @@ def main() -> int:
             rgb = np.clip(np.round(rgb.astype(np.float32) * args.gain), 0, 255).astype(np.uint8)
         if args.jpeg_quality is not None:
             ok, buf = cv2.imencode(".jpg", rgb[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, args.jpeg_quality])
+            rgb = cv2.imdecode(buf, cv2.IMREAD_COLOR)[..., ::-1].copy()
+        if args.webp_quality is not None:
+            ok, buf = cv2.imencode(".webp", rgb[..., ::-1], [cv2.IMWRITE_WEBP_QUALITY, args.webp_quality])
             rgb = cv2.imdecode(buf, cv2.IMREAD_COLOR)[..., ::-1].copy()
         return rgb
 
