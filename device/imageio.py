@@ -444,7 +444,7 @@ def iter_image_files(paths: list[str | Path], exclude: list[Path] | tuple = ()) 
         p = Path(raw)
         found = _walk_images(p, skip) if p.is_dir() else [p]
         for f in found:
-            key = _identity(f)
+            key = _file_key(f)
             if key in seen:
                 logger.warning("%s: named more than once, used once", f)
                 continue
@@ -473,6 +473,15 @@ def _walk_images(top: Path, skip: set[Path]) -> list[Path]:
             if f.suffix.lower() in IMAGE_SUFFIXES:
                 found.append(f)
     return sorted(found)
+
+
+def _file_key(path: Path) -> tuple | Path:
+    """What makes two names one file: the same inode (a link, a hard link, another path), else the path."""
+    try:
+        st = path.stat()
+        return (st.st_dev, st.st_ino)
+    except (OSError, RuntimeError):  # a broken link or a loop: read_rgb reports it
+        return _identity(path)
 
 
 def _identity(path: Path) -> Path:

@@ -255,3 +255,13 @@ def test_a_strongly_compressed_lossy_webp_is_refused_and_a_light_or_lossless_one
     lossless = webp(101)  # OpenCV: above 100 is lossless
     assert lossless[12:16] == b"VP8L" and webp_quantizer(lossless) is None
     assert decode_rgb(lossless).shape == (1200, 1600, 3)
+
+
+def test_a_hard_linked_copy_of_a_field_is_listed_once(tmp_path):
+    import os
+    import shutil
+
+    shutil.copy(sorted(SAMPLES.glob("*.jpg"))[0], tmp_path / "a.jpg")
+    os.link(tmp_path / "a.jpg", tmp_path / "b.jpg")  # one file, two names: a slide must count it once
+    shutil.copy(sorted(SAMPLES.glob("*.jpg"))[0], tmp_path / "c.jpg")  # a copy is another file
+    assert [f.name for f in iter_image_files([tmp_path])] == ["a.jpg", "c.jpg"]
