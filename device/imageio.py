@@ -79,47 +79,30 @@ def header_size(data: bytes) -> tuple[int, int] | None:
     if data[:2] == b"BM" and len(data) >= 26:
         w, h = struct.unpack("<ii", data[18:26])
         return abs(w), abs(h)
-    if data[:4] in (b"II*\x00", b"MM\x00*"):
+    if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):  # TIFF, BigTIFF
         return _tiff_size(data)
-    if data[:4] in (b"II+\x00", b"MM\x00+"):
-        return _bigtiff_size(data)
     return None
 
 
 def _tiff_size(data: bytes) -> tuple[int, int]:
-    """(width, height) from a TIFF's first IFD (OpenCV's own limit, 2^30 pixels, is far too high)."""
+    """(width, height) from a TIFF's or BigTIFF's first IFD (OpenCV's own limit, 2^30 pixels, is far too
+    high). BigTIFF has 8-byte offsets and counts and 20-byte entries."""
     e = "<" if data[:2] == b"II" else ">"
+    big = data[2:4] in (b"+\x00", b"\x00+")
+    off, count, entry_size, value_at = ("Q", "Q", 20, 12) if big else ("I", "H", 12, 8)
     try:
-        (ifd,) = struct.unpack(e + "I", data[4:8])
-        (n,) = struct.unpack(e + "H", data[ifd : ifd + 2])
+        (ifd,) = struct.unpack(e + off, data[(8 if big else 4) : (16 if big else 8)])
+        (n,) = struct.unpack(e + count, data[ifd : ifd + struct.calcsize(count)])
         size = {}
-        for i in range(n):
-            entry = ifd + 2 + 12 * i
+        for i in range(min(n, 4096)):
+            entry = ifd + struct.calcsize(count) + entry_size * i
             tag, typ = struct.unpack(e + "HH", data[entry : entry + 4])
-            if tag in (256, 257):  # ImageWidth, ImageLength: SHORT (3) or LONG (4), stored in the entry
-                fmt, width = ("H", 2) if typ == 3 else ("I", 4)
-                size[tag] = struct.unpack(e + fmt, data[entry + 8 : entry + 8 + width])[0]
+            if tag in (256, 257):  # ImageWidth, ImageLength: SHORT (3), LONG (4) or LONG8 (16), in the entry
+                fmt = {3: "H", 4: "I", 16: "Q"}[typ]
+                size[tag] = struct.unpack(e + fmt, data[entry + value_at : entry + value_at + struct.calcsize(fmt)])[0]
         return size[256], size[257]
     except (struct.error, KeyError) as exc:
         raise ImageError("unreadable TIFF header") from exc
-
-
-def _bigtiff_size(data: bytes) -> tuple[int, int]:
-    """(width, height) from a BigTIFF's first IFD: 8-byte offsets and counts, 20-byte entries."""
-    e = "<" if data[:2] == b"II" else ">"
-    try:
-        (ifd,) = struct.unpack(e + "Q", data[8:16])
-        (n,) = struct.unpack(e + "Q", data[ifd : ifd + 8])
-        size = {}
-        for i in range(min(n, 4096)):
-            entry = ifd + 8 + 20 * i
-            tag, typ = struct.unpack(e + "HH", data[entry : entry + 4])
-            if tag in (256, 257):  # SHORT (3), LONG (4) or LONG8 (16), stored in the entry
-                fmt, width = {3: ("H", 2), 4: ("I", 4), 16: ("Q", 8)}[typ]
-                size[tag] = struct.unpack(e + fmt, data[entry + 12 : entry + 12 + width])[0]
-        return size[256], size[257]
-    except (struct.error, KeyError) as exc:
-        raise ImageError("unreadable BigTIFF header") from exc
 
 
 def _png_complete(data: bytes) -> bool:
