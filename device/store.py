@@ -139,6 +139,16 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE fields ADD COLUMN has_annotated INTEGER NOT NULL DEFAULT 1;
     """,
+    # 6: empty slides discarded by the technician (started by mistake): kept here so that their number
+    # is never given to another slide (a tab still showing the discarded one would capture into it)
+    """
+    CREATE TABLE discarded_slides (
+        id INTEGER PRIMARY KEY,
+        sample_id TEXT NOT NULL,
+        started_at TEXT NOT NULL,
+        discarded_at TEXT NOT NULL
+    );
+    """,
 ]
 EXCLUDE_REASONS = ("wrong slide or area", "same area counted twice", "thick or damaged area", "other")
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -406,11 +416,14 @@ class Store:
             if any(sample_key(r[0]) == key for r in c.execute("SELECT sample_id FROM slides WHERE status = 'open'")):
                 raise Conflict(f"slide {sample_id} is already open: continue it (open slides are listed on the "
                                "start page) or finish it first")
+            # never a discarded slide's number: a page still showing that slide must not reach this one
+            new_id = c.execute("SELECT MAX(COALESCE((SELECT MAX(id) FROM slides), 0),"
+                               " COALESCE((SELECT MAX(id) FROM discarded_slides), 0)) + 1").fetchone()[0]
             cur = c.execute(
-                "INSERT INTO slides (sample_id, patient_id, operator, notes, started_at, model_name, model_sha256,"
+                "INSERT INTO slides (id, sample_id, patient_id, operator, notes, started_at, model_name, model_sha256,"
                 " threshold, fp_rate_per_cell, target_rbc, rbc_per_ul, rbc_per_ul_measured)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (sample_id, patient_id, operator, notes, utc_now(), model.name,
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (new_id, sample_id, patient_id, operator, notes, utc_now(), model.name,
                  model.sha256, model.threshold, model.fp_rate_per_cell, int(target_rbc), float(rbc_per_ul),
                  int(bool(rbc_per_ul_measured))))
             return int(cur.lastrowid)
@@ -546,6 +559,8 @@ class Store:
                 raise Conflict(f"slide {slide['sample_id']} has {n} field{'s' if n != 1 else ''}: only an empty slide "
                                "can be discarded (take a wrong field out of the count with Exclude…)")
             c.execute("DELETE FROM slides WHERE id = ?", (slide_id,))
+            c.execute("INSERT INTO discarded_slides (id, sample_id, started_at, discarded_at) VALUES (?, ?, ?, ?)",
+                      (slide_id, slide["sample_id"], slide["started_at"], utc_now()))
         logger.info("discarded the empty slide %d (%s)", slide_id, slide["sample_id"])
         return slide
 

@@ -64,11 +64,15 @@ def test_reopening_does_not_migrate_again_and_keeps_data(tmp_path):
 
 def test_a_database_of_the_first_schema_upgrades_with_its_records(tmp_path, monkeypatch):
     """A device updated in the field opens its version-1 records: the counted views (2), field
-    exclusion (3), clock confirmations (4) and deletable annotated images (5) are added, and every slide,
-    field, cell and image is still there and counts as before."""
+    exclusion (3), clock confirmations (4), deletable annotated images (5) and discarded slides (6) are
+    added, and every slide, field, cell and image is still there and counts as before."""
     monkeypatch.setattr(store_mod, "MIGRATIONS", store_mod.MIGRATIONS[:1])
     old = Store(tmp_path)
-    sid = _slide(old)
+    with old._tx() as c:  # the row as the first software wrote it (today's create_slide needs table 6)
+        sid = c.execute(
+            "INSERT INTO slides (sample_id, started_at, model_name, model_sha256, threshold, fp_rate_per_cell,"
+            " target_rbc, rbc_per_ul) VALUES ('S-1', '2026-11-01T08:00:00+00:00', ?, ?, ?, ?, 2000, 5e6)",
+            (MODEL.name, MODEL.sha256, MODEL.threshold, MODEL.fp_rate_per_cell)).lastrowid
     r = _result()
     fid = old.add_field(sid, r, source="camera", model_sha256=MODEL.sha256, images=_images(r))
     assert old.pragma("user_version") == 1
@@ -76,7 +80,7 @@ def test_a_database_of_the_first_schema_upgrades_with_its_records(tmp_path, monk
     monkeypatch.undo()
     new = Store(tmp_path)
     try:
-        assert new.pragma("user_version") == store_mod.SCHEMA_VERSION == 5
+        assert new.pragma("user_version") == store_mod.SCHEMA_VERSION == 6
         assert new.get_field(fid)["has_annotated"] == 1 and new.field_image_path(fid, "annotated").is_file()
         assert new.newest_record_time() is not None  # the clock check reads the new table on old records
         new.confirm_clock()
@@ -87,6 +91,7 @@ def test_a_database_of_the_first_schema_upgrades_with_its_records(tmp_path, monk
         assert new.get_field(fid)["excluded"] is None and new.counted_views_png(sid) == {}
         assert len(new.flagged_cells(sid)) == 2
         new.exclude_field(fid, "other")  # the new columns work on old rows
+        assert _slide(new, "S-2") == sid + 1  # and a new slide gets the next number
         assert new.totals(sid)["rbc_count"] == 0
     finally:
         new.close()

@@ -940,6 +940,9 @@ def test_an_empty_slide_started_by_mistake_can_be_discarded_and_nothing_else_can
     assert env.store.get_slide(1) is None and "WRONG-ID" not in c.get("/").get_data(as_text=True)
     assert c.post("/api/slides", json={"sample_id": "WRONG-ID"}, headers=h).status_code == 201  # the ID is free
     sid = c.get("/api/slides").get_json()["slides"][0]["id"]
+    assert sid == 2  # not the discarded slide's number: a tab still showing slide 1 must not capture into it
+    stale = _capture(c, token, slide_id=1)
+    assert stale.status_code == 404 and env.store.totals(sid)["fields"] == 0
     assert _upload(c, token, SAMPLE.read_bytes(), "f.jpg", slide_id=sid).status_code == 201
     assert 'id="discard-form"' not in c.get(f"/slides/{sid}").get_data(as_text=True)
     r = c.post(f"/api/slides/{sid}/discard", headers=h)
