@@ -692,10 +692,14 @@ class Store:
         return [dict(r) for r in self._conn().execute(
             "SELECT * FROM fields WHERE slide_id = ? ORDER BY seq", (slide_id,))]
 
-    def fields_for_export(self, query: str = "", slide_id: int | None = None) -> list[dict]:
+    def fields_for_export(self, query: str = "", slide_id: int | None = None, *,
+                          status: str | None = None) -> list[dict]:
         sql = ("SELECT f.*, s.sample_id, s.patient_id FROM fields f JOIN slides s ON s.id = f.slide_id"
                " WHERE 1 = 1")
         args: list[Any] = []
+        if status:
+            sql += " AND s.status = ?"
+            args.append(status)
         if slide_id is not None:
             sql += " AND f.slide_id = ?"
             args.append(slide_id)

@@ -493,7 +493,9 @@ def test_the_admin_frees_space_by_deleting_old_raw_frames_and_keeps_the_results(
     assert c.get(f"/fields/{field['id']}/raw.jpg").status_code == 200
     for bad in ("-1", "ten", "99999"):
         c.post("/admin/free-space", data={"days": bad, "csrf_token": token})
-        assert "nothing was deleted" in c.get("/admin/").get_data(as_text=True), bad
+        page = c.get("/admin/").get_data(as_text=True)
+        assert "nothing was deleted" in page, bad
+        assert 'class="msg msg-error" role="alert" id="admin-flash"' in page  # a refusal does not look like success
     assert c.post("/admin/free-space", data={"days": "0"}).status_code == 400  # CSRF token required
     assert env.app.test_client().post("/admin/free-space", data={"days": "0"}).status_code in (400, 401)
     # a month later

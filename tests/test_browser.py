@@ -124,7 +124,12 @@ def test_technician_flow_start_capture_review_finish_result_csv(browser, live_en
     _shot(page, "03-first-field")
     _capture(page, 1, env)
     page.click("details.upload summary")
-    page.set_input_files("#upload-file", str(sorted(SAMPLES_DIR.glob("*.jpg"))[1]))
+    # a saved picture the replay camera does not show (one it showed and was counted is refused as counted)
+    import cv2
+
+    saved = tmp_path / "saved-field.png"
+    cv2.imwrite(str(saved), cv2.flip(cv2.imread(str(sorted(SAMPLES_DIR.glob("*.jpg"))[1])), 1))
+    page.set_input_files("#upload-file", str(saved))
     page.click("#upload-form button")
     _until(page, "document.querySelectorAll('#fields-table tbody tr').length > 2", timeout=30_000)
     _until(page, "!document.getElementById('capture-btn').disabled")
@@ -456,3 +461,86 @@ def test_admin_first_run_health_and_settings(browser, make_env, monkeypatch):
         finally:
             page.close()
         assert not errors, errors
+
+
+def test_a_slide_page_follows_other_windows_and_keeps_the_keyboard_on_capture(browser, live_env):
+    env = live_env
+    ctx = browser.new_context(viewport={"width": 1280, "height": 900})
+    a, b = ctx.new_page(), ctx.new_page()
+    errors: list[str] = []
+    a.on("pageerror", lambda e: errors.append(str(e)))
+    a.goto(env.base_url + "/")
+    a.fill("#sample_id", "TWO-WINDOWS")
+    a.click("button:has-text('Start slide')")
+    a.wait_for_url("**/slides/1")
+    assert a.is_visible("#discard-form") and a.is_visible("#auto-capture")  # shown by the script
+    _until(a, "document.getElementById('preview').naturalWidth > 0", timeout=15_000)
+    # keyboard: Enter on Capture, and the focus is back on Capture for the next field
+    wait_new_view(env)
+    a.focus("#capture-btn")
+    a.keyboard.press("Enter")
+    _until(a, "document.querySelectorAll('#fields-table tbody tr').length > 0"
+              " || document.getElementById('capture-msg').textContent.includes('already counted')", timeout=30_000)
+    _until(a, "!document.getElementById('capture-btn').disabled")
+    assert a.evaluate("() => document.activeElement && document.activeElement.id") == "capture-btn"
+    if a.evaluate("() => document.querySelectorAll('#fields-table tbody tr').length") == 0:
+        _capture(a, 0, env)
+    assert a.locator("#discard-form").count() == 0  # a slide with a field cannot be discarded
+    # window B adds a field and then finishes the slide; window A shows both without a reload
+    b.goto(env.base_url + "/slides/1")
+    _capture(b, 1, env)
+    _until(a, "document.querySelectorAll('#fields-table tbody tr').length === 2", timeout=20_000)
+    seqs = a.evaluate("() => Array.from(document.querySelectorAll('#fields-table tbody tr'), r => +r.dataset.seq)")
+    assert seqs == [1, 2]
+    assert int(a.inner_text("#rbc-count")) == env.store.totals(1)["rbc_count"]
+    token = b.evaluate("() => fetch('/api/session').then(r => r.json()).then(j => j.csrf_token)")
+    status = b.evaluate("t => fetch('/api/slides/1/finish', {method: 'POST', headers: {'X-CSRF-Token': t,"
+                        " 'Content-Type': 'application/json'}, body: '{}'}).then(r => r.status)", token)
+    assert status == 200
+    _until(a, "document.getElementById('capture-btn') === null", timeout=20_000)  # reloaded as finished
+    assert "finished" in a.inner_text("#totals h2").lower() and not errors
+
+
+def test_an_upload_pressed_during_a_capture_is_said_and_its_file_kept(browser, live_env, tmp_path):
+    import cv2
+
+    env = live_env
+    page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
+    page.goto(env.base_url + "/")
+    page.fill("#sample_id", "BUSY")
+    page.click("button:has-text('Start slide')")
+    page.wait_for_url("**/slides/1")
+    _until(page, "document.getElementById('preview').naturalWidth > 0", timeout=15_000)
+    saved = tmp_path / "saved.png"
+    cv2.imwrite(str(saved), cv2.flip(cv2.imread(str(sorted(SAMPLES_DIR.glob("*.jpg"))[0])), 0))
+    page.click("details.upload summary")
+    page.set_input_files("#upload-file", str(saved))
+    wait_new_view(env)
+    # the upload is pressed while the capture is still being analysed (same script turn: certainly busy)
+    page.evaluate("() => { document.getElementById('capture-btn').click();"
+                  " document.getElementById('upload-form').requestSubmit(); }")
+    assert "being analysed" in page.inner_text("#capture-msg")
+    assert page.evaluate("() => document.getElementById('upload-file').files.length") == 1  # not cleared
+    _until(page, "!document.getElementById('capture-btn').disabled", timeout=30_000)
+    assert page.is_enabled("#upload-btn")
+
+
+@pytest.mark.parametrize("path", ["/slides/1", "/history", "/slides/1/result", "/slides/1/report"])
+def test_pages_fit_a_phone_screen(browser, live_env, path):
+    env = live_env
+    c = env.app.test_client()
+    h = {"X-CSRF-Token": env.csrf(c)}
+    assert c.post("/api/slides", json={"sample_id": "PHONE-WIDE-SAMPLE-ID-2026-0001"}, headers=h).status_code == 201
+    up = c.post("/api/slides/1/fields", headers=h, content_type="multipart/form-data",
+                data={"image": ((sorted(SAMPLES_DIR.glob("*.jpg"))[0]).open("rb"), "f.jpg")})
+    assert up.status_code == 201
+    if path != "/slides/1":
+        assert c.post("/api/slides/1/finish", headers=h, json={}).status_code == 200
+    page = browser.new_context(viewport={"width": 390, "height": 844}).new_page()
+    page.goto(env.base_url + path)
+    # the page itself does not scroll sideways (a wide table scrolls inside its own box)
+    assert page.evaluate("() => document.documentElement.scrollWidth") <= 390, path
+    if path == "/history":
+        box = page.locator("input[name=open]").bounding_box()
+        assert box and box["width"] <= 40  # the checkbox beside its label, not a 272 px bar
+    _shot(page, "phone" + path.replace("/", "-"))

@@ -101,7 +101,10 @@ def test_capture_from_camera_then_result_and_exports(make_env):
     detail = c.get("/api/slides/1").get_json()
     assert [f["seq"] for f in detail["fields"]] == [1, 2]
     assert detail["sample_id"] == "S-1" and detail["model_sha256"] == env.analyser.model.sha256
-    r = c.post("/slides/1/finish", data={"csrf_token": token})
+    r = c.post("/slides/1/finish", data={"csrf_token": token})  # below the target, without script: asked
+    assert r.status_code == 200 and 'id="finish-anyway"' in r.get_data(as_text=True)
+    assert c.get("/api/slides/1").get_json()["status"] == "open"
+    r = c.post("/slides/1/finish", data={"csrf_token": token, "confirm": "1"})
     assert r.status_code == 303 and r.headers["Location"].endswith("/slides/1/result")
     html = c.get("/slides/1/result").get_data(as_text=True)
     for text in ("Parasitemia", "Parasites per µL", "Detection limit", "Red cells counted", "threshold",
@@ -192,7 +195,7 @@ def test_a_slide_short_of_its_target_shows_its_count_not_a_density(make_env):
     cells = [CellVerdict((5, 5, 30, 30), 0.99 if i < 2 else 0.01, i < 2) for i in range(600)]
     env.store.add_field(1, FieldResult(1600, 1200, None, cells, 120.0, model.threshold, {"total_ms": 1.0}),
                         source="upload", model_sha256=model.sha256, images=FieldImages(SAMPLE.read_bytes(), None, {}))
-    assert c.post("/slides/1/finish", data={"csrf_token": token}).status_code == 303  # finished short
+    assert c.post("/slides/1/finish", data={"csrf_token": token, "confirm": "1"}).status_code == 303  # short
     slide = c.get("/api/slides/1").get_json()["automatic"]
     assert slide["call"] == "not enough cells"
     banner = c.get("/slides/1/result").get_data(as_text=True).split('id="call-detail">')[1].split("</div>")[0]
@@ -236,6 +239,7 @@ def test_a_negative_slide_shows_no_parasite_density_in_its_headline(make_env):
         word = html.split('class="call-word">')[1].split("</div>")[0]
         assert word.startswith("POSITIVE") and "after review" in word, page
         assert "Automatic call: <strong>negative</strong>" in html, page
+        assert '<p class="muted reason">Automatic call, negative: ' in html, page  # its reason says whose it is
     history = c.get("/history").get_data(as_text=True)
     assert ">positive</span> <span class=\"muted\">after review" in history
     api = c.get("/api/slides/1").get_json()
@@ -951,3 +955,34 @@ def test_an_empty_slide_started_by_mistake_can_be_discarded_and_nothing_else_can
     r = c.post(f"/api/slides/{sid}/discard", headers=h)
     assert r.status_code == 409 and "is finished" in r.get_json()["error"] and env.store.get_slide(sid)
     assert c.post("/api/slides/999/discard", headers=h).status_code == 404
+
+
+def test_small_page_promises_hold_without_script(make_env):
+    env = make_env()
+    c, token = _client(env)
+    h = {"X-CSRF-Token": token}
+    _start(c, token)
+    page = c.get("/slides/1").get_data(as_text=True)
+    assert 'id="auto-capture-label" hidden' in page  # needs the script: not shown as a dead control
+    field = _upload(c, token, SAMPLE.read_bytes(), "f.jpg").get_json()["field"]
+    page = c.get("/slides/1").get_data(as_text=True)
+    # 1 field is "not enough cells": no density beside it, as History and the result banner show it
+    assert c.get("/api/slides/1").get_json()["automatic"]["call"] == "not enough cells"
+    assert '<dd id="parasitemia">—</dd>' in page
+    ask = c.get(f"/fields/{field['id']}/exclude?reason=same+area+counted+twice").get_data(as_text=True)
+    assert 'value="same area counted twice" checked' in ask  # the overlap warning's link says why
+    plain = c.get(f"/fields/{field['id']}/exclude").get_data(as_text=True)
+    assert 'value="wrong slide or area" checked' in plain
+    for i in range(2):  # History's "open only" exports what it shows
+        assert c.post("/api/slides", json={"sample_id": f"DONE-{i}"}, headers=h).status_code == 201
+        sid = c.get("/api/slides").get_json()["slides"][0]["id"]
+        assert _upload(c, token, sorted(SAMPLES_DIR.glob("*.jpg"))[1 + i].read_bytes(), "g.jpg",
+                       slide_id=sid).status_code == 201
+        assert c.post(f"/api/slides/{sid}/finish", headers=h, json={}).status_code == 200
+    history = c.get("/history?open=1").get_data(as_text=True)
+    assert 'href="/export/slides.csv?open=1"' in history
+    assert len(c.get("/export/slides.csv?open=1").get_data(as_text=True).splitlines()) == 2  # header + S-1
+    assert len(c.get("/export/slides.csv").get_data(as_text=True).splitlines()) == 4
+    assert len(c.get("/export/fields.csv?open=1").get_data(as_text=True).splitlines()) == 2
+    report = c.get(f"/slides/{sid}/report").get_data(as_text=True)
+    assert 'id="print-btn" type="button" hidden' in report

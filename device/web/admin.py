@@ -308,19 +308,21 @@ def confirm_clock():
     (its time comes with the form): a clock behind after a night off must be set, not confirmed.
     """
     if not views.clock_status()["can_confirm"]:
-        flash("The clock: nothing to confirm (no record contradicts it, or it is earlier than the model's date)")
+        flash("The clock: nothing to confirm (no record contradicts it, or it is earlier than the model's date)",
+              "error")
         return redirect(url_for("admin.index"), 303)
     now = health.wall_clock()
     try:
         theirs = datetime.fromtimestamp(int(request.form.get("browser_time_ms", "")) / 1000.0, tz=now.tzinfo)
     except (ValueError, OverflowError, OSError):
-        flash("The clock was not confirmed: this page needs your computer's time to compare (allow its script)")
+        flash("The clock was not confirmed: this page needs your computer's time to compare (allow its script)",
+              "error")
         return redirect(url_for("admin.index"), 303)
     off_s = (now - theirs).total_seconds()
     if abs(off_s) > CLOCK_CONFIRM_TOLERANCE_S:
         flash(f"The clock was not confirmed: it reads {now.astimezone():%Y-%m-%d %H:%M}, your computer "
               f"{theirs.astimezone():%Y-%m-%d %H:%M} ({abs(off_s) / 3600:,.1f} h apart). Set the device clock "
-              "instead (see Clock above).")
+              "instead (see Clock above).", "error")
         return redirect(url_for("admin.index"), 303)
     deps().store.confirm_clock()
     logger.warning("admin %s confirmed the device clock (%s; their computer %+.0f s)", _client(), now.isoformat(),
@@ -353,12 +355,12 @@ def free_space():
     days = _days(raw)
     annotated = request.form.get("annotated") == "1"
     if days is None:
-        flash(f"Free space: {raw.strip()!r} is not a number of days from 0 to 3650; nothing was deleted")
+        flash(f"Free space: {raw.strip()!r} is not a number of days from 0 to 3650; nothing was deleted", "error")
         return redirect(url_for("admin.index", _anchor="free-space"), 303)
     clock = views.clock_status()
     if clock["problem"]:
         # "N days ago" is read on this clock, and the slides were dated by it: a wrong one deletes the wrong ones
-        flash(f"Free space: {clock['problem']}. Set the clock first (see Clock above); nothing was deleted")
+        flash(f"Free space: {clock['problem']}. Set the clock first (see Clock above); nothing was deleted", "error")
         return redirect(url_for("admin.index", _anchor="free-space"), 303)
     before = health.wall_clock() - timedelta(days=days)
     try:
@@ -367,7 +369,7 @@ def free_space():
         logger.error("free space: the flagged-cell crops could not be written to the card: %s", exc)
         flash(f"Free space: writing to the storage failed ({exc.strerror or exc}); nothing was deleted, as the "
               "raw frames are what a lost flagged-cell crop is cut again from. The card may be failing: download "
-              "the records and replace it.")
+              "the records and replace it.", "error")
         return redirect(url_for("admin.index", _anchor="free-space"), 303)
     logger.info("admin %s freed space: raw frames of %d fields of slides finished more than %d days ago, %.1f MB",
                 _client(), freed["fields"], days, freed["bytes"] / 1e6)

@@ -76,6 +76,11 @@ def capture(slide_id: int):
 
 @bp.post("/slides/<int:slide_id>/finish")
 def finish(slide_id: int):
+    s = views.slide_view(views.slide_or_404(slide_id))
+    a = s["automatic"]
+    if s["status"] == "open" and a["rbc_count"] < a["target_rbc"] and request.form.get("confirm") != "1":
+        # the script asks this in a dialog; without script the device asks: a finished slide takes no more fields
+        return render_template("finish_confirm.html", slide=s)
     views.finish(slide_id)
     return redirect(url_for("pages.result", slide_id=slide_id), 303)
 
@@ -99,7 +104,10 @@ def exclude_field(field_id: int):
     slide = views.slide_or_404(f["slide_id"])
     if slide["status"] != "open":
         abort(409, f"slide {slide['sample_id']} is finished: its fields can no longer be changed")
-    return render_template("exclude.html", field=views.field_json(f), slide=slide, reasons=EXCLUDE_REASONS)
+    # a link may say why (the overlap warning: "same area counted twice"); else the first reason
+    chosen = request.args.get("reason") if request.args.get("reason") in EXCLUDE_REASONS else EXCLUDE_REASONS[0]
+    return render_template("exclude.html", field=views.field_json(f), slide=slide, reasons=EXCLUDE_REASONS,
+                           chosen=chosen)
 
 
 @bp.post("/fields/<int:field_id>/include")
@@ -233,7 +241,8 @@ SLIDE_COLUMNS = [
 @bp.get("/export/slides.csv")
 def export_slides():
     rows = []
-    for s in deps().store.list_slides(request.args.get("q", "")[:64], limit=1_000_000):
+    status = "open" if request.args.get("open") == "1" else None  # as History showed them
+    for s in deps().store.list_slides(request.args.get("q", "")[:64], limit=1_000_000, status=status):
         v = views.slide_view(s)
         a, r, rv = v["automatic"], v["reviewed"], v["totals"]["review"]
         rows.append([
@@ -269,7 +278,8 @@ def export_fields():
              f["width"], f["height"], f["rejected"] or "", f"{f['focus']:.1f}", f["rbc_count"],
              f["infected_count"], f["model_sha256"], f"{f['threshold']:.4f}",
              json.loads(f["timing_json"] or "{}").get("total_ms", ""), f["excluded"] or "", f["excluded_at"] or ""]
-            for f in deps().store.fields_for_export(request.args.get("q", "")[:64], slide_id)]
+            for f in deps().store.fields_for_export(request.args.get("q", "")[:64], slide_id,
+                                                    status="open" if request.args.get("open") == "1" else None)]
     return _csv_response(f"slide{slide_id}-fields" if slide_id else "fields", FIELD_COLUMNS, rows)
 
 

@@ -107,10 +107,15 @@
       $("rbc-count").textContent = a.rbc_count;
       $("rbc-progress").value = Math.min(a.rbc_count, a.target_rbc);
       $("infected-count").textContent = a.infected_count;
-      $("parasitemia").textContent = fmtPct(a.parasitemia_pct);
+
       $("fields-used").textContent = a.fields_used;
       $("fields-rejected").textContent = a.fields_rejected;
       var cur = sl.headline === "reviewed" ? sl.reviewed : a;  // as the result page leads
+      // a density only for a positive call: otherwise the flagged share is the classifier's false positives
+      $("parasitemia").textContent = cur.call === "positive" ? fmtPct(cur.parasitemia_pct) : "—";
+      var discardForm = $("discard-form");
+      if (discardForm && sl.totals.fields > 0) { discardForm.remove(); }  // only an empty slide can be discarded
+      if (sl.status !== "open") { window.location.reload(); return; }  // finished in another window
       var call = $("call-now");
       call.textContent = cur.call + (sl.headline === "reviewed" ? " (after review)" : "");
       call.className = "call-chip " + callClass(cur.call);
@@ -131,7 +136,8 @@
         ov.appendChild(document.createTextNode("This view overlaps field " + f.overlap.seq + " by about " +
           Math.round(f.overlap.fraction * 100) + "%: those cells count twice. Move the stage a whole field between captures; "));
         var exl = document.createElement("a");
-        exl.href = f.exclude_url; exl.textContent = "exclude field " + f.seq;
+        exl.href = f.exclude_url + "?reason=" + encodeURIComponent("same area counted twice");
+        exl.textContent = "exclude field " + f.seq;
         ov.appendChild(exl);
         ov.appendChild(document.createTextNode(" if it is the same area."));
       }
@@ -155,7 +161,10 @@
         tr.lastChild.appendChild(document.createTextNode(" · "));
         tr.lastChild.appendChild(ex);
       }
-      $("fields-table").querySelector("tbody").appendChild(tr);
+      tr.dataset.seq = f.seq;
+      var tbody = $("fields-table").querySelector("tbody");  // in capture order, also for another window's fields
+      var after = Array.prototype.find.call(tbody.rows, function (row) { return +row.dataset.seq > f.seq; });
+      tbody.insertBefore(tr, after || null);
     };
 
     /* a field still being analysed (202) is stored later: fetch the slide until each one is there, then show it */
@@ -182,11 +191,32 @@
       pending += 1; tries = 0;
       if (!polling) { polling = true; setTimeout(poll, 1000); }
     };
+    /* another window (or the auto-capture of another tab) may add fields or finish the slide: read it again
+       every few seconds while this page is in view */
+    var refresh = function () {
+      if (!busy && !polling && !document.hidden) {
+        fetch(slideUrl, { cache: "no-store", credentials: "same-origin" }).then(function (r) {
+          return r.ok ? r.json() : null;
+        }).then(function (sl) {
+          if (!sl || busy || polling) { return; }
+          (sl.fields || []).filter(function (f) { return !$("field-" + f.id); }).forEach(renderField);
+          renderSlide(sl);
+        }).catch(function () {});
+      }
+      setTimeout(refresh, 5000);
+    };
+    setTimeout(refresh, 5000);
 
+    var uploadBtn = $("upload-btn");
     var capture = function (body) {
-      if (busy) { return Promise.resolve(); }
+      if (busy) {  // said, not dropped: the upload's chosen file stays chosen
+        say("A field is being analysed: try again in a moment.", "info");
+        return Promise.resolve(false);
+      }
       busy = true;
+      var hadFocus = document.activeElement === btn;  // a keyboard user presses Enter again for the next field
       btn.disabled = true; btn.classList.add("busy");
+      if (uploadBtn) { uploadBtn.disabled = true; }
       say("Analysing the field…", "info");
       return postJSON(captureUrl, body).then(function (res) {
         if (res.status === 201) {
@@ -204,6 +234,9 @@
         say("The device did not answer: check the connection and try again.", "error");
       }).then(function () {
         busy = false; btn.disabled = false; btn.classList.remove("busy");
+        if (uploadBtn) { uploadBtn.disabled = false; }
+        if (hadFocus) { btn.focus(); }
+        return true;
       });
     };
 
@@ -211,10 +244,12 @@
     $("upload-form").addEventListener("submit", function (e) {
       e.preventDefault();
       var form = e.target;
-      capture(new FormData(form)).then(function () { form.reset(); });
+      capture(new FormData(form)).then(function (sent) { if (sent) { form.reset(); } });
     });
 
-    /* auto-capture: once per steady, sharp scene (the stage moved, then stopped) */
+    /* auto-capture: once per steady, sharp scene (the stage moved, then stopped); shown only with the script */
+    var autoLabel = $("auto-capture-label");
+    if (autoLabel) { autoLabel.hidden = false; }
     var lastScene = null;
     statusListeners.push(function (s) {
       var auto = $("auto-capture");
@@ -235,7 +270,9 @@
       if (counted < target && !window.confirm("Only " + counted + " of " + target + " red cells are counted. " +
           "A finished slide takes no more fields. Finish anyway?")) {
         e.preventDefault();
+        return;
       }
+      $("finish-confirm").value = "1";  // asked here: the device does not ask again
     });
   }
 
@@ -283,5 +320,5 @@
 
   /* --- report --- */
   var printBtn = $("print-btn");
-  if (printBtn) { printBtn.addEventListener("click", function () { window.print(); }); }
+  if (printBtn) { printBtn.hidden = false; printBtn.addEventListener("click", function () { window.print(); }); }
 })();
