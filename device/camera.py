@@ -29,7 +29,7 @@ from typing import Protocol
 import cv2
 import numpy as np
 
-from device.imageio import IMAGE_SUFFIXES, MIN_SIDE_PX, ImageError, read_rgb, to_rgb8
+from device.imageio import IMAGE_SUFFIXES, MIN_SIDE_PX, ImageError, apply_orientation, read_rgb, to_rgb8
 
 logger = logging.getLogger(__name__)
 
@@ -76,10 +76,14 @@ class ReplayCamera(CameraBase):
     Args:
         path: a folder of images or a video file.
         fps: frames per second; :meth:`read` sleeps so frames come no faster, like a real camera.
+        turns: each pass over the folder shows the pictures turned the next of 8 ways (the EXIF
+            orientations 1-8: mirrored and/or rotated), for a demo with few pictures.
     """
 
-    def __init__(self, path: str | Path, fps: float = 2.0):
+    def __init__(self, path: str | Path, fps: float = 2.0, turns: bool = False):
         self.path = Path(path)
+        self.turns = turns
+        self._pass = 0
         self.frame_interval_s = 1.0 / fps
         self._next_t = 0.0
         self._video: cv2.VideoCapture | None = None
@@ -101,6 +105,8 @@ class ReplayCamera(CameraBase):
         if not self.path.is_dir():
             raise CameraError(f"replay folder is gone: {self.path}")
         self._files = sorted(p for p in self.path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if self._files and self._index:  # a new pass (not the first listing)
+            self._pass += 1
         self._index = 0
         if not self._files:
             raise CameraError(f"replay folder has no images: {self.path}")
@@ -122,7 +128,8 @@ class ReplayCamera(CameraBase):
             path = self._files[self._index]
             self._index += 1
             try:
-                return read_rgb(path)
+                rgb = read_rgb(path)
+                return apply_orientation(rgb, 1 + self._pass % 8) if self.turns else rgb
             except ImageError as exc:
                 if not path.exists():
                     raise CameraError(f"replay image vanished: {path}") from exc
@@ -233,7 +240,7 @@ def open_camera(camera_config) -> Camera:
     """Open the camera that ``config.camera.source`` names. Raises :class:`CameraError`."""
     c = camera_config
     if c.source == "replay":
-        return ReplayCamera(c.replay_path, c.replay_fps)
+        return ReplayCamera(c.replay_path, c.replay_fps, turns=getattr(c, "replay_turns", False))
     if c.source == "opencv":
         return OpenCVCamera(c.device, c.width, c.height)
     if c.source == "picamera2":

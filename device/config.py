@@ -49,6 +49,10 @@ class CameraConfig:
     source: str = "replay"  # replay | opencv | picamera2
     replay_path: str = str(DEFAULT_SAMPLES_DIR)
     replay_fps: float = 2.0
+    # Each pass over a replay folder shows its pictures turned the next of 8 ways (mirrored, rotated):
+    # distinct views, so the demo's 4 sample fields make 32 before "already counted". Off for recorded
+    # fields (their turned copies would count the same cells again); on in the embedded demo config.
+    replay_turns: bool = False
     device: str = "0"  # OpenCV: index ("0") or path ("/dev/video0")
     width: int = 1280
     height: int = 960
@@ -228,8 +232,8 @@ def _resolve_paths(name: str, section: Any, base_dir: Path) -> Any:
 
 def load_config(path: str | Path | None) -> Config:
     """Load a TOML config file (None: the embedded defaults). Raises :class:`ConfigError`."""
-    if path is None:
-        return from_dict({})
+    if path is None:  # the demo: the bundled sample fields, turned on each pass to give more fields
+        return from_dict({"camera": {"replay_turns": True}})
     p = Path(path)
     try:
         text = p.read_bytes().decode("utf-8")

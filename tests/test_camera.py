@@ -408,3 +408,20 @@ def test_views_that_share_nothing_or_did_not_move_have_no_overlap():
     a = fields[0]
     assert view_overlap(thumbnail(a[:600, :800]), thumbnail(a[600:1200, 800:1600])) == 0.0  # side by side
     assert view_overlap(views[0], views[0][:50]) == 0.0  # different sizes
+
+
+def test_a_demo_replay_turns_each_pass_so_few_pictures_make_many_fields(tmp_path):
+    from device.camera import same_view, thumbnail
+    from device.config import load_config
+
+    shutil.copy(sorted(SAMPLES_DIR.glob("*.jpg"))[0], tmp_path / "only.jpg")
+    cam = ReplayCamera(tmp_path, fps=60, turns=True)
+    views = [thumbnail(cam.read()) for _ in range(9)]
+    for i in range(8):  # eight different views of one picture...
+        for j in range(i):
+            assert views[i].shape != views[j].shape or not same_view(views[i], views[j]), (i, j)
+    assert same_view(views[8], views[0])  # ...then the first again
+    plain = ReplayCamera(tmp_path, fps=60)  # recorded fields are replayed as they are
+    assert np.array_equal(plain.read(), plain.read())
+    assert load_config(None).camera.replay_turns is True  # the demo
+    assert make_config(tmp_path / "d").camera.replay_turns is False
