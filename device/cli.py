@@ -57,10 +57,17 @@ def _write_json(path: str | None, doc: dict) -> bool:
         return True
     from device.store import write_atomic
 
+    target = Path(path)
+    if target.is_symlink():  # a "latest.json" link: the file it names is the one to update
+        target = target.resolve()
     try:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
         text = json.dumps(_json_safe(doc), indent=2, allow_nan=False) + "\n"
-        write_atomic(Path(path), text.encode(), sync_dir=False)
+        # the mode a plain write would give (the umask's), or the file's own when it exists
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = target.stat().st_mode & 0o7777 if target.exists() else 0o666 & ~umask
+        write_atomic(target, text.encode(), sync_dir=False, mode=mode)
     except OSError as exc:
         print(f"error: cannot write --json {path}: {exc.strerror or exc}", file=sys.stderr)
         return False
@@ -212,6 +219,10 @@ def cmd_analyze(args) -> int:
     from device.slide import summarize_slide
 
     # an annotate folder inside an input folder: its copies (boxes drawn on them) are not fields to count
+    if args.annotate and any(_same_file(Path(args.annotate), Path(p)) for p in args.paths):
+        print(f"error: --annotate {args.annotate} is an input folder: its annotated copies would be read as "
+              "fields next time; name another folder", file=sys.stderr)
+        return 2
     files = iter_image_files(args.paths, exclude=[Path(args.annotate)] if args.annotate else [])
     if not files:
         print("no image files found in " + ", ".join(args.paths), file=sys.stderr)

@@ -19,6 +19,7 @@ MAX_PIXELS = 50_000_000  # > 50 MP is refused before decoding (decompression bom
 # this: bigger files are refused before they are read into memory (a Pi has 1-8 GB).
 MAX_FILE_BYTES = MAX_PIXELS * 4 + (8 << 20)
 MIN_SIDE_PX = 16
+MAX_SIDE_PX = 1 << 20  # OpenCV's decoders refuse a longer side (CV_IO_MAX_IMAGE_WIDTH/HEIGHT) with an error
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 # JPEG compression erases the small dark dots a parasite is: the 20 held-out IML fields (themselves
 # JPEGs of quality ~78) saved again at quality 75 / 50 / 20 gave 13 / 11 / 7 of 29 parasite cells flagged
@@ -97,24 +98,29 @@ def _tiff_size(data: bytes) -> tuple[int, int]:
         for i in range(min(n, 4096)):
             entry = ifd + struct.calcsize(count) + entry_size * i
             tag, typ = struct.unpack(e + "HH", data[entry : entry + 4])
-            if tag in (256, 257):  # ImageWidth, ImageLength: SHORT (3), LONG (4) or LONG8 (16), in the entry
-                fmt = {3: "H", 4: "I", 16: "Q"}[typ]
+            if tag in (256, 257) and tag not in size:  # ImageWidth, ImageLength; the first, as libtiff reads
+                fmt = {3: "H", 4: "I", 16: "Q"}[typ]  # SHORT, LONG or LONG8, stored in the entry
                 size[tag] = struct.unpack(e + fmt, data[entry + value_at : entry + value_at + struct.calcsize(fmt)])[0]
         return size[256], size[257]
     except (struct.error, KeyError) as exc:
         raise ImageError("unreadable TIFF header") from exc
 
 
-def _png_complete(data: bytes) -> bool:
-    """Whether a PNG's chunks run whole up to its end chunk (IEND); bytes after it (a trailer some tools
-    append) do not matter, a chunk cut short does."""
-    pos, n = 8, len(data)
+def _png_end(data: bytes) -> int | None:
+    """Where a whole PNG ends: just past its end chunk (IEND, empty), when its chunks run whole up to it
+    and an image data chunk (IDAT) came first; None otherwise (cut short, or no pixels). Bytes after the
+    end (a trailer some tools append) are not handed to the decoder: without an IDAT, OpenCV read on past
+    IEND and allocated whatever a trailer declared (2 GB for a 117-byte file)."""
+    pos, n, pixels = 8, len(data), False
     while pos + 8 <= n:
         (length,) = struct.unpack(">I", data[pos : pos + 4])
-        if data[pos + 4 : pos + 8] == b"IEND":
-            return True
+        kind = data[pos + 4 : pos + 8]
+        if kind == b"IEND":
+            end = pos + 12
+            return end if pixels and length == 0 and end <= n else None
+        pixels = pixels or kind == b"IDAT"
         pos += 12 + length  # length, type, data, CRC
-    return False
+    return None
 
 
 def jpeg_orientation(data: bytes) -> int:
@@ -160,7 +166,9 @@ def _jpeg_segments(data: bytes) -> Iterator[tuple[int, int, int]]:
             i += 1
             continue
         marker = data[i + 1]
-        if marker in (0xD8, 0x01, 0xFF) or 0xD0 <= marker <= 0xD7:
+        if marker in (0xD8, 0x01, 0xFF, 0x00) or 0xD0 <= marker <= 0xD7:
+            # FF 00 is no marker: libjpeg skips it while it looks for one, and so must this walk, or a frame
+            # header hidden behind it would be read as the image's size
             i += 1 if marker == 0xFF else 2
             continue
         if marker == 0xD9:
@@ -338,8 +346,13 @@ def decode_rgb(data: bytes, *, name: str = "image", min_side_px: int = MIN_SIDE_
     w, h = size
     if w * h > MAX_PIXELS:
         raise ImageError(f"{name}: {w}x{h} is {w * h / 1e6:.0f} MP, over the {MAX_PIXELS / 1e6:.0f} MP limit")
-    if data[:8] == b"\x89PNG\r\n\x1a\n" and not _png_complete(data):
-        raise ImageError(f"{name}: truncated PNG (no end chunk)")
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        end = _png_end(data)
+        if end is None:
+            raise ImageError(f"{name}: truncated PNG (no end chunk after its image data)")
+        data = data[:end]
+    if max(w, h) > MAX_SIDE_PX:
+        raise ImageError(f"{name}: {w}x{h} has a side over {MAX_SIDE_PX} px, more than the decoder reads")
     if data[:2] == b"\xff\xd8" and not _jpeg_has_end(data):
         raise ImageError(f"{name}: truncated JPEG (no end marker)")
     if data[:2] == b"\xff\xd8":
@@ -354,7 +367,10 @@ def decode_rgb(data: bytes, *, name: str = "image", min_side_px: int = MIN_SIDE_
                              f"{_webp_quality_text(q)}) erases parasites; save at WebP quality "
                              f"{MIN_WEBP_QUALITY} or more, lossless WebP, or PNG")
     buf = np.frombuffer(data, dtype=np.uint8)
-    img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)  # UNCHANGED: 16-bit and alpha are seen, EXIF is not applied
+    try:
+        img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)  # UNCHANGED: 16-bit and alpha are seen, EXIF is not applied
+    except cv2.error as exc:  # OpenCV's own limits and checks: a bad file, never a crashed batch
+        raise ImageError(f"{name}: could not decode ({str(exc).strip().splitlines()[-1][:120]})") from exc
     if img is None:
         raise ImageError(f"{name}: could not decode (corrupt or truncated file)")
     rgb = to_rgb8(img, name=name, min_side_px=min_side_px, bgr=True)
@@ -439,13 +455,17 @@ def iter_image_files(paths: list[str | Path], exclude: list[Path] | tuple = ()) 
 def _walk_images(top: Path, skip: set[Path]) -> list[Path]:
     found: list[Path] = []
     visited: set[Path] = set()  # real folders: a link back up must not loop
+    root = _identity(top)
 
     def unreadable(exc: OSError) -> None:
         found.append(Path(exc.filename))
 
     for folder, dirs, files in os.walk(top, followlinks=True, onerror=unreadable):
         real = _identity(Path(folder))
-        if real in visited or real in skip:
+        if real in visited or real in skip or not real.is_relative_to(root):
+            # a linked folder outside the one named (another slide's folder, /usr) is not this batch's
+            if not real.is_relative_to(root):
+                logger.warning("%s: a link out of %s, not searched", folder, top)
             dirs[:] = []
             continue
         visited.add(real)

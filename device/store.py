@@ -262,14 +262,18 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes, *, sync_dir: bool = True, sync_data: bool = True) -> None:
+def write_atomic(path: Path, data: bytes, *, sync_dir: bool = True, sync_data: bool = True,
+                 mode: int | None = None) -> None:
     """Write a file so that it is either absent or complete, even after a power cut.
 
-    Temp file in the same folder (mode 0600), data fsynced, renamed over the target, folder fsynced.
-    Without ``sync_data`` a crash leaves the old file, the new one, or (power cut) an empty one.
+    Temp file in the same folder (mode 0600 unless ``mode``), data fsynced, renamed over the target,
+    folder fsynced. Without ``sync_data`` a crash leaves the old file, the new one, or (power cut) an
+    empty one.
     """
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        if mode is not None:
+            os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

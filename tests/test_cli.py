@@ -428,3 +428,46 @@ def test_cells_without_labels_prints_a_count_and_bad_threads_are_refused(tmp_pat
     assert r.returncode == 0 and f"{n} cells classified:" in r.stdout
     r = device("cells", str(CELLS), "--threads", "0")
     assert r.returncode == 2 and "--threads" in r.stderr
+
+
+def test_links_out_of_the_named_folder_are_not_followed(tmp_path):
+    from device.imageio import iter_image_files
+
+    a, b = tmp_path / "slideA", tmp_path / "slideB"
+    a.mkdir()
+    b.mkdir()
+    shutil.copy(sorted(SAMPLES.glob("*.jpg"))[0], a / "a.jpg")
+    shutil.copy(sorted(SAMPLES.glob("*.jpg"))[1], b / "b.jpg")
+    (a / "parent").symlink_to(tmp_path, target_is_directory=True)  # up and into slideB
+    (a / "usr").symlink_to("/usr", target_is_directory=True)
+    assert [f.name for f in iter_image_files([a])] == ["a.jpg"]
+
+
+def test_the_json_report_keeps_the_usual_mode_and_a_link_to_it(tmp_path):
+    field = sorted(SAMPLES.glob("*.jpg"))[0]
+    real = tmp_path / "reports" / "2026-11-30.json"
+    real.parent.mkdir()
+    real.write_text("{}")
+    os.chmod(real, 0o644)
+    latest = tmp_path / "latest.json"
+    latest.symlink_to(real)
+    r = device("analyze", str(field), "--json", str(latest))
+    assert r.returncode == 0, r.stderr
+    assert latest.is_symlink() and json.loads(real.read_text())["images"][0]["rbc_count"] > 40
+    assert real.stat().st_mode & 0o777 == 0o644  # not the temp file's 0600
+    r = device("analyze", str(field), "--json", str(tmp_path / "new.json"))
+    assert (tmp_path / "new.json").stat().st_mode & 0o777 == 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    m = os.umask(0)
+    os.umask(m)
+    return m
+
+
+def test_annotating_into_the_input_folder_itself_is_refused_with_the_reason(tmp_path):
+    d = tmp_path / "slide"
+    d.mkdir()
+    shutil.copy(sorted(SAMPLES.glob("*.jpg"))[0], d)
+    r = device("analyze", str(d), "--annotate", str(d))
+    assert r.returncode == 2 and "is an input folder" in r.stderr  # was "no image files found"

@@ -265,3 +265,39 @@ def test_a_hard_linked_copy_of_a_field_is_listed_once(tmp_path):
     os.link(tmp_path / "a.jpg", tmp_path / "b.jpg")  # one file, two names: a slide must count it once
     shutil.copy(sorted(SAMPLES.glob("*.jpg"))[0], tmp_path / "c.jpg")  # a copy is another file
     assert [f.name for f in iter_image_files([tmp_path])] == ["a.jpg", "c.jpg"]
+
+
+def test_headers_that_lie_about_the_size_are_refused_cheaply():
+    import resource
+
+    # a PNG without image data and a trailer declaring 2 GB: OpenCV allocated it all (117 bytes in)
+    png = cv2.imencode(".png", np.full((16, 16, 3), 128, np.uint8))[1].tobytes()
+    bad = png[:37] + b"IDA\x00" + png[41:] + struct.pack(">I", 0x7FFFFFF0) + b"junk"
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ImageError, match="truncated PNG"):
+        decode_rgb(bad)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KB: no 2 GB buffer
+    # a side longer than OpenCV decodes raised cv2.error, which no batch caught
+    wide = cv2.imencode(".bmp", np.zeros((1, 64, 3), np.uint8))[1].tobytes()
+    wide = wide[:18] + struct.pack("<i", 1 << 21) + wide[22:]
+    with pytest.raises(ImageError, match="side over"):
+        decode_rgb(wide)
+    # a TIFF saying 8000x8000 first and 10x10 after: libtiff reads the first, and so does the size check
+    tiff = bytearray(cv2.imencode(".tiff", np.zeros((64, 64, 3), np.uint8))[1].tobytes())
+    ifd = struct.unpack("<I", tiff[4:8])[0]
+    entries = [ifd + 2 + 12 * i for i in range(struct.unpack("<H", tiff[ifd : ifd + 2])[0])]
+    tags = {struct.unpack("<H", tiff[o : o + 2])[0]: o for o in entries}
+    tiff[tags[256] : tags[256] + 12] = struct.pack("<HHII", 256, 4, 1, 8000)
+    tiff[tags[257] : tags[257] + 12] = struct.pack("<HHII", 257, 4, 1, 8000)
+    spare = [t for t in tags if t not in (256, 257, 273, 279, 258, 277, 262)]
+    tiff[tags[spare[0]] : tags[spare[0]] + 12] = struct.pack("<HHIHH", 256, 3, 1, 10, 0)
+    tiff[tags[spare[1]] : tags[spare[1]] + 12] = struct.pack("<HHIHH", 257, 3, 1, 10, 0)
+    assert header_size(bytes(tiff)) == (8000, 8000)
+    # a JPEG hiding a small frame header behind "FF 00", which libjpeg skips and this walk read as a marker
+    real = cv2.imencode(".jpg", np.full((64, 48, 3), 180, np.uint8))[1].tobytes()
+    sof_body = struct.pack(">BHHB", 8, 16, 16, 3) + b"\x01\x11\x00\x02\x11\x01\x03\x11\x01" + b"\x00" * 8
+    length = 2 + len(sof_body)
+    app1 = 2 + 4 + 2 + length
+    trick = (real[:2] + b"\xff\x00\x00\x0a" + b"\xff\xe1" + struct.pack(">H", app1) + b"\x00" * 4
+             + b"\xff\xc0" + struct.pack(">H", length) + sof_body + real[2:])
+    assert header_size(trick) == (48, 64)  # the frame libjpeg decodes, not the hidden 16x16
