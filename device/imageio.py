@@ -415,6 +415,9 @@ def read_rgb(path: str | Path, *, min_side_px: int = MIN_SIDE_PX) -> np.ndarray:
             except OSError as exc:
                 raise ImageError(f"{p}: a folder that cannot be searched for images ({exc.strerror or exc}); "
                                  "its fields are not in this batch") from exc
+            if p.is_symlink():
+                raise ImageError(f"{p}: a link to a folder outside the one named ({p.resolve()}): not searched; "
+                                 "name that folder too to include its fields")
             raise ImageError(f"{p}: a folder, not an image")
         if not stat.S_ISREG(st.st_mode):  # a pipe or a device would block or never end
             raise ImageError(f"{p}: not a regular file")
@@ -462,10 +465,13 @@ def _walk_images(top: Path, skip: set[Path]) -> list[Path]:
 
     for folder, dirs, files in os.walk(top, followlinks=True, onerror=unreadable):
         real = _identity(Path(folder))
-        if real in visited or real in skip or not real.is_relative_to(root):
-            # a linked folder outside the one named (another slide's folder, /usr) is not this batch's
-            if not real.is_relative_to(root):
-                logger.warning("%s: a link out of %s, not searched", folder, top)
+        if real in visited or real in skip:
+            dirs[:] = []
+            continue
+        if not real.is_relative_to(root):
+            # a linked folder outside the one named (another slide's folder, /usr) is not searched, but
+            # listed: reading it says so, instead of its fields vanishing from the batch without a word
+            found.append(Path(folder))
             dirs[:] = []
             continue
         visited.add(real)

@@ -360,7 +360,7 @@ def test_ctrl_c_keeps_the_fields_done_so_far(tmp_path):
     assert doc["slide"]["fields_used"] == done
 
 
-def test_fields_in_linked_folders_count_and_unreadable_ones_are_reported(tmp_path, monkeypatch):
+def test_linked_and_unreadable_folders_are_reported_not_dropped(tmp_path, monkeypatch):
     from device.imageio import ImageError, iter_image_files, read_rgb
 
     real = tmp_path / "elsewhere"
@@ -369,9 +369,13 @@ def test_fields_in_linked_folders_count_and_unreadable_ones_are_reported(tmp_pat
     top = tmp_path / "slide"
     (top / "locked").mkdir(parents=True)
     shutil.copy(sorted(SAMPLES.glob("*.jpg"))[1], top / "locked" / "b.jpg")
-    (top / "linked").symlink_to(real, target_is_directory=True)
-    (top / "linked" / "up").symlink_to(top, target_is_directory=True)  # a loop: searched once
-    assert [f.name for f in iter_image_files([top])] == ["a.jpg", "b.jpg"]
+    (top / "linked").symlink_to(real, target_is_directory=True)  # out of the named folder: listed, not searched
+    (top / "locked" / "up").symlink_to(top, target_is_directory=True)  # a loop: searched once
+    listed = iter_image_files([top])
+    assert [f.name for f in listed] == ["linked", "b.jpg"]
+    with pytest.raises(ImageError, match="a link to a folder outside the one named"):
+        read_rgb(listed[0])
+    assert [f.name for f in iter_image_files([top, top / "linked"])] == ["linked", "b.jpg", "a.jpg"]
     locked = str(top / "locked")
     real_scandir, real_listdir = os.scandir, os.listdir
 
@@ -385,7 +389,7 @@ def test_fields_in_linked_folders_count_and_unreadable_ones_are_reported(tmp_pat
     monkeypatch.setattr(os, "scandir", denied(real_scandir))
     monkeypatch.setattr(os, "listdir", denied(real_listdir))
     files = iter_image_files([top])
-    assert [f.name for f in files] == ["a.jpg", "locked"]
+    assert [f.name for f in files] == ["linked", "locked"]
     with pytest.raises(ImageError, match="cannot be searched for images .*Permission denied"):
         read_rgb(files[1])
 
@@ -440,7 +444,13 @@ def test_links_out_of_the_named_folder_are_not_followed(tmp_path):
     shutil.copy(sorted(SAMPLES.glob("*.jpg"))[1], b / "b.jpg")
     (a / "parent").symlink_to(tmp_path, target_is_directory=True)  # up and into slideB
     (a / "usr").symlink_to("/usr", target_is_directory=True)
-    assert [f.name for f in iter_image_files([a])] == ["a.jpg"]
+    listed = iter_image_files([a])  # another slide's fields and /usr are not searched; the links are said
+    assert [f.name for f in listed] == ["a.jpg", "parent", "usr"]
+    from device.imageio import ImageError, read_rgb
+
+    for link in listed[1:]:
+        with pytest.raises(ImageError, match="a link to a folder outside"):
+            read_rgb(link)
 
 
 def test_the_json_report_keeps_the_usual_mode_and_a_link_to_it(tmp_path):
