@@ -17,6 +17,7 @@ exponential back-off capped at ``camera.reconnect_max_s``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import threading
@@ -296,14 +297,29 @@ def view_overlap(a: np.ndarray, b: np.ndarray) -> float:
     sensor, uneven light) correlates at zero shift in every pair of views, and an unmoved stage is what
     :func:`same_view` is for. Each thumbnail is high-passed first, so the lamp's falloff does not match.
     """
-    if a.shape != b.shape or min(a.shape) < 8:
+    return prepared_overlap(prepare_view(a), prepare_view(b))
+
+
+def prepare_view(view: np.ndarray) -> np.ndarray:
+    """A thumbnail high-passed for :func:`prepared_overlap` (kept with a counted view: done once)."""
+    f = view.astype(np.float32)
+    return f - cv2.GaussianBlur(f, (0, 0), 6)
+
+
+def prepared_overlap(fa: np.ndarray, fb: np.ndarray) -> float:
+    """:func:`view_overlap` of two :func:`prepare_view` results."""
+    if fa.shape != fb.shape or min(fa.shape) < 8:
         return 0.0
-    h, w = a.shape
-    fa, fb = (x.astype(np.float32) - cv2.GaussianBlur(x.astype(np.float32), (0, 0), 6) for x in (a, b))
-    (dx, dy), response = cv2.phaseCorrelate(fa, fb, cv2.createHanningWindow((w, h), cv2.CV_32F))
+    h, w = fa.shape
+    (dx, dy), response = cv2.phaseCorrelate(fa, fb, _hanning(w, h))
     if response < OVERLAP_MIN_RESPONSE or max(abs(dx), abs(dy)) < 1.0:
         return 0.0
     return max(0.0, 1 - abs(dx) / w) * max(0.0, 1 - abs(dy) / h)
+
+
+@functools.lru_cache(maxsize=4)
+def _hanning(w: int, h: int) -> np.ndarray:
+    return cv2.createHanningWindow((w, h), cv2.CV_32F)
 HEARTBEAT_STALE_S = 20.0  # no loop iteration for this long: the capture loop is stuck
 RECONNECT_MIN_S = 0.5
 BAD_FRAME_PAUSE_S = 0.1  # after an unusable frame: a camera that fails at once must not spin the CPU

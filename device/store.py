@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import sqlite3
 import tempfile
 import threading
@@ -549,23 +550,32 @@ class Store:
         return mark
 
     def discard_slide(self, slide_id: int) -> dict:
-        """Delete an open slide that has no fields (started by mistake, or under a wrong sample ID): it holds
-        no result, so nothing is lost. Returns the deleted row. Raises NotFound, or Conflict for a finished
-        slide (a record) or one with fields (those are taken out of the count with their reason instead)."""
+        """Delete an open slide that counts nothing (started by mistake, or under a wrong sample ID): no
+        fields, or only fields the quality gate rejected, which go with it. It holds no result, so nothing
+        is lost. Its images folder goes too (a capture cut short by a crash may have left files there).
+        Returns the deleted row. Raises NotFound, or Conflict for a finished slide (a record) or one with a
+        used or excluded field (taken out of the count with its reason instead)."""
         with self._tx() as c:
             slide = _row(c.execute("SELECT * FROM slides WHERE id = ?", (slide_id,)).fetchone())
             if slide is None:
                 raise NotFound(f"slide {slide_id} not found")
             if slide["status"] != "open":
                 raise Conflict(f"slide {slide['sample_id']} is finished: its result is a record and is kept")
-            n = c.execute("SELECT COUNT(*) FROM fields WHERE slide_id = ?", (slide_id,)).fetchone()[0]
+            n = c.execute("SELECT COUNT(*) FROM fields WHERE slide_id = ? AND rejected IS NULL",
+                          (slide_id,)).fetchone()[0]
             if n:
-                raise Conflict(f"slide {slide['sample_id']} has {n} field{'s' if n != 1 else ''}: only an empty slide "
-                               "can be discarded (take a wrong field out of the count with Exclude…)")
+                raise Conflict(f"slide {slide['sample_id']} has {n} counted field{'s' if n != 1 else ''}: only a "
+                               "slide that counts nothing can be discarded (finish it, or take a wrong field out "
+                               "of the count with Exclude…)")
+            fields = "SELECT id FROM fields WHERE slide_id = ?"
+            c.execute(f"DELETE FROM cells WHERE field_id IN ({fields})", (slide_id,))
+            c.execute(f"DELETE FROM field_views WHERE field_id IN ({fields})", (slide_id,))
+            c.execute("DELETE FROM fields WHERE slide_id = ?", (slide_id,))
             c.execute("DELETE FROM slides WHERE id = ?", (slide_id,))
             c.execute("INSERT INTO discarded_slides (id, sample_id, started_at, discarded_at) VALUES (?, ?, ?, ?)",
                       (slide_id, slide["sample_id"], slide["started_at"], utc_now()))
-        logger.info("discarded the empty slide %d (%s)", slide_id, slide["sample_id"])
+        shutil.rmtree(self._slide_dir(slide_id), ignore_errors=True)  # no row names anything in it now
+        logger.info("discarded the slide %d (%s), which counted nothing", slide_id, slide["sample_id"])
         return slide
 
     def finish_slide(self, slide_id: int, result: Callable[[dict, dict], dict]) -> dict:

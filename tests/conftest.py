@@ -61,7 +61,8 @@ def wait_new_view(env, slide_id: int = 1, timeout_s: float = 10.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         views = env.app.extensions.get("malaria_detect_counted_views")
-        taken = [] if views is None else [*views.counted.get(slide_id, []), *views.inflight.get(slide_id, [])]
+        taken = [] if views is None else [*(v for v, _ in views.counted.get(slide_id, {}).values()),
+                                          *views.inflight.get(slide_id, [])]
         f = env.feed.latest()
         if f is not None and f.rgb is not None and not any(same_view(v, thumbnail(f.rgb)) for v in taken):
             return

@@ -544,3 +544,17 @@ def test_pages_fit_a_phone_screen(browser, live_env, path):
         box = page.locator("input[name=open]").bounding_box()
         assert box and box["width"] <= 40  # the checkbox beside its label, not a 272 px bar
     _shot(page, "phone" + path.replace("/", "-"))
+
+
+def test_a_slide_discarded_in_another_window_says_so(browser, live_env):
+    env = live_env
+    page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
+    page.goto(env.base_url + "/")
+    page.fill("#sample_id", "DISCARDED-ELSEWHERE")
+    page.click("button:has-text('Start slide')")
+    page.wait_for_url("**/slides/1")
+    c = env.app.test_client()
+    assert c.post("/api/slides/1/discard", headers={"X-CSRF-Token": env.csrf(c)}).status_code == 200
+    _until(page, "document.getElementById('capture-msg').textContent.includes('discarded in another window')",
+           timeout=20_000)
+    assert page.is_disabled("#capture-btn")

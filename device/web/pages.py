@@ -156,7 +156,7 @@ def history():
     q = request.args.get("q", "").strip()[:64]
     only_open = request.args.get("open") == "1"
     try:
-        page = max(0, int(request.args.get("page", "0")))
+        page = min(max(0, int(request.args.get("page", "0"))), 10**6)  # past SQLite's integers: a 500
     except ValueError:
         page = 0
     rows = deps().store.list_slides(q, limit=HISTORY_PAGE + 1, offset=page * HISTORY_PAGE,

@@ -18,7 +18,7 @@ import numpy as np
 from flask import abort, request, url_for
 from werkzeug.exceptions import HTTPException
 
-from device.camera import decode_view, encode_view, same_view, thumbnail, view_overlap
+from device.camera import decode_view, encode_view, prepare_view, prepared_overlap, same_view, thumbnail
 from device.config import RBC_PER_UL_RANGE
 from device.imageio import IMAGE_SUFFIXES, ImageError, decode_rgb
 from device.service import CaptureRefused, finish_slide, review_is_final, slide_summary
@@ -130,8 +130,8 @@ CAPTURE_BODY_MAX = 4096
 
 
 class CountedViews:
-    """Per slide: the camera views of its counted fields, and the views whose capture is being analysed
-    (this app's, in memory).
+    """Per slide: the camera views of its counted fields (by field ID, with the high-passed copy the overlap
+    check compares), and the views whose capture is being analysed (this app's, in memory).
 
     A capture reserves its view before the analysis starts, so two requests for one view (a double
     click without script, two clients) cannot both count it, and a view the stage came back to (or an
@@ -140,32 +140,46 @@ class CountedViews:
     dropped, so that field may be refocused and captured again.
     """
 
-    def __init__(self, load: Callable[[int], list[np.ndarray]] = lambda slide_id: []) -> None:
+    def __init__(self, load: Callable[[int], dict[int, np.ndarray]] = lambda slide_id: {}) -> None:
         self.lock = threading.Lock()
-        self.counted: dict[int, list[np.ndarray]] = {}
+        self.counted: dict[int, dict[int, tuple[np.ndarray, np.ndarray]]] = {}
         self.inflight: dict[int, list[np.ndarray]] = {}
         self.finished: set[int] = set()  # a capture settling after Finish must not keep its view
         # The counted views are stored with their fields: after a restart they are read back once per slide.
         self._load = load
 
+    def _views(self, slide_id: int) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """Under the lock: the slide's counted views, read from the records the first time."""
+        if slide_id not in self.counted:  # a failed read raises: tried again next time
+            self.counted[slide_id] = {fid: (v, prepare_view(v)) for fid, v in self._load(slide_id).items()}
+        return self.counted[slide_id]
+
     def reserve(self, slide_id: int, view: np.ndarray, what: str = "this field") -> None:
         """Raises Conflict when the view is counted already or being analysed."""
         with self.lock:
-            if slide_id not in self.counted:
-                self.counted[slide_id] = self._load(slide_id)  # a failed read raises: tried again next time
-            taken = [*self.counted[slide_id], *self.inflight.get(slide_id, [])]
+            taken = [v for v, _ in self._views(slide_id).values()] + self.inflight.get(slide_id, [])
             if any(same_view(v, view) for v in taken):
                 raise Conflict(f"{what} is already counted: move the stage to the next field, then capture"
                                if what == "this field" else f"{what} is already counted in this slide")
             self.inflight.setdefault(slide_id, []).append(view)
 
-    def settle(self, slide_id: int, view: np.ndarray, counts: bool) -> None:
+    def settle(self, slide_id: int, view: np.ndarray, field_id: int | None) -> None:
+        """The capture is over: ``field_id`` of its stored, used field, or None (failed or rejected)."""
         with self.lock:
             self.inflight[slide_id] = [v for v in self.inflight.get(slide_id, []) if v is not view]
             if not self.inflight[slide_id]:
                 del self.inflight[slide_id]
-            if counts and slide_id not in self.finished and slide_id in self.counted:
-                self.counted[slide_id].append(view)
+            if field_id is not None and slide_id not in self.finished and slide_id in self.counted:
+                self.counted[slide_id][field_id] = (view, prepare_view(view))
+
+    def overlapping(self, slide_id: int, field_id: int, view: np.ndarray) -> tuple[float, int] | None:
+        """(share, field ID) of the counted field whose view ``view`` overlaps most, other than
+        ``field_id``; None when none does."""
+        mine = prepare_view(view)
+        with self.lock:
+            others = [(fid, p) for fid, (_, p) in self._views(slide_id).items() if fid != field_id]
+        best = max(((prepared_overlap(mine, p), fid) for fid, p in others), default=None)
+        return best if best and best[0] > 0 else None
 
     def reload(self, slide_id: int) -> None:
         """The slide's counted fields changed (one excluded or counted again): read its views back."""
@@ -187,9 +201,9 @@ def _counted_views() -> CountedViews:
         return views
     store = deps().store
 
-    def load(slide_id: int) -> list[np.ndarray]:
-        decoded = (decode_view(png) for png in store.counted_views_png(slide_id).values())
-        return [v for v in decoded if v is not None]
+    def load(slide_id: int) -> dict[int, np.ndarray]:
+        decoded = {fid: decode_view(png) for fid, png in store.counted_views_png(slide_id).items()}
+        return {fid: v for fid, v in decoded.items() if v is not None}
 
     # built once per app, not on every capture (setdefault keeps a race between two first captures safe)
     return current_app.extensions.setdefault("malaria_detect_counted_views", CountedViews(load))
@@ -210,7 +224,8 @@ def capture(slide_id: int) -> dict | None:
     def settle(fut=None) -> None:  # the view counts only when its field is stored and not rejected
         if view is not None:
             ok = fut is not None and not fut.cancelled() and fut.exception() is None
-            counted.settle(slide_id, view, ok and not (fut.result() or {}).get("rejected"))
+            stored = (fut.result() or {}) if ok else {}
+            counted.settle(slide_id, view, stored.get("id") if stored and not stored.get("rejected") else None)
     if "image" in request.files:
         if not request.files["image"].filename:
             abort(400, "no file chosen")
@@ -295,8 +310,8 @@ def finish(slide_id: int) -> dict:
 def discard(slide_id: int) -> dict:
     """Delete an open slide with no fields (started by mistake); refused while a field is being analysed."""
     slide_or_404(slide_id)
-    if getattr(deps().analyser, "pending", 0):
-        abort(409, "a field is being analysed: try again in a moment")
+    if _counted_views().inflight.get(slide_id):  # this slide's own captures; other slides' do not matter
+        abort(409, "a field of this slide is being analysed: try again in a moment")
     with _store_answers():
         slide = deps().store.discard_slide(slide_id)
     _counted_views().forget(slide_id)
@@ -323,23 +338,18 @@ def overlap_warning(field: dict) -> dict | None:
     """``{"field_id", "seq", "fraction"}`` of the other counted field of the slide whose camera view this
     used field's overlaps most, when that is at least :data:`OVERLAP_WARN` (the stage was moved too
     little, or moved back): the shared cells count twice, and the technician may exclude one. None
-    otherwise (uploads have a view too: their own picture's)."""
+    otherwise (uploads have a view too: their own picture's). The counted views are kept decoded and
+    high-passed in memory: one comparison per counted field, not a read of each from the records."""
     if field.get("rejected") or field.get("excluded"):
         return None
-    store = deps().store
-    png = store.field_view_png(field["id"])
+    png = deps().store.field_view_png(field["id"])
     mine = decode_view(png) if png is not None else None
     if mine is None:
         return None
-    best: tuple[float, int] | None = None
-    for other_id, other in store.counted_views_png(field["slide_id"]).items():
-        theirs = decode_view(other) if other_id != field["id"] else None
-        share = view_overlap(mine, theirs) if theirs is not None else 0.0
-        if share >= OVERLAP_WARN and (best is None or share > best[0]):
-            best = (share, other_id)
-    if best is None:
+    best = _counted_views().overlapping(field["slide_id"], field["id"], mine)
+    if best is None or best[0] < OVERLAP_WARN:
         return None
-    seq = (store.get_field(best[1]) or {}).get("seq", best[1])
+    seq = (deps().store.get_field(best[1]) or {}).get("seq", best[1])
     return {"field_id": best[1], "seq": seq, "fraction": round(best[0], 2)}
 
 

@@ -114,7 +114,8 @@
       // a density only for a positive call: otherwise the flagged share is the classifier's false positives
       $("parasitemia").textContent = cur.call === "positive" ? fmtPct(cur.parasitemia_pct) : "—";
       var discardForm = $("discard-form");
-      if (discardForm && sl.totals.fields > 0) { discardForm.remove(); }  // only an empty slide can be discarded
+      // only a slide that counts nothing can be discarded
+      if (discardForm && (sl.totals.fields_used > 0 || sl.totals.fields_excluded > 0)) { discardForm.remove(); }
       if (sl.status !== "open") { window.location.reload(); return; }  // finished in another window
       var call = $("call-now");
       call.textContent = cur.call + (sl.headline === "reviewed" ? " (after review)" : "");
@@ -196,6 +197,13 @@
     var refresh = function () {
       if (!busy && !polling && !document.hidden) {
         fetch(slideUrl, { cache: "no-store", credentials: "same-origin" }).then(function (r) {
+          if (r.status === 404) {  // discarded in another window: say so, stop asking
+            gone = true;
+            btn.disabled = true;
+            if (uploadBtn) { uploadBtn.disabled = true; }
+            say("This slide was discarded in another window: start a new slide from the start page.", "error");
+            return null;
+          }
           return r.ok ? r.json() : null;
         }).then(function (sl) {
           if (!sl || busy || polling) { return; }
@@ -203,8 +211,9 @@
           renderSlide(sl);
         }).catch(function () {});
       }
-      setTimeout(refresh, 5000);
+      if (!gone) { setTimeout(refresh, 5000); }
     };
+    var gone = false;
     setTimeout(refresh, 5000);
 
     var uploadBtn = $("upload-btn");
