@@ -140,14 +140,16 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE fields ADD COLUMN has_annotated INTEGER NOT NULL DEFAULT 1;
     """,
-    # 6: empty slides discarded by the technician (started by mistake): kept here so that their number
-    # is never given to another slide (a tab still showing the discarded one would capture into it)
+    # 6: slides discarded by the technician (started by mistake, counting nothing): kept here so that
+    # neither their number nor their (rejected) fields' numbers are given again: a tab or a link still
+    # naming them must not reach another patient's slide or picture
     """
     CREATE TABLE discarded_slides (
         id INTEGER PRIMARY KEY,
         sample_id TEXT NOT NULL,
         started_at TEXT NOT NULL,
-        discarded_at TEXT NOT NULL
+        discarded_at TEXT NOT NULL,
+        fields_up_to INTEGER NOT NULL DEFAULT 0
     );
     """,
 ]
@@ -564,16 +566,18 @@ class Store:
             n = c.execute("SELECT COUNT(*) FROM fields WHERE slide_id = ? AND rejected IS NULL",
                           (slide_id,)).fetchone()[0]
             if n:
-                raise Conflict(f"slide {slide['sample_id']} has {n} counted field{'s' if n != 1 else ''}: only a "
-                               "slide that counts nothing can be discarded (finish it, or take a wrong field out "
-                               "of the count with Exclude…)")
+                raise Conflict(f"slide {slide['sample_id']} has {n} used or excluded field{'s' if n != 1 else ''}, "
+                               "which stay in the records: only a slide whose fields were all rejected (or that "
+                               "has none) can be discarded; finish this one instead")
             fields = "SELECT id FROM fields WHERE slide_id = ?"
+            max_field = c.execute("SELECT COALESCE(MAX(id), 0) FROM fields").fetchone()[0]  # before the delete
             c.execute(f"DELETE FROM cells WHERE field_id IN ({fields})", (slide_id,))
             c.execute(f"DELETE FROM field_views WHERE field_id IN ({fields})", (slide_id,))
             c.execute("DELETE FROM fields WHERE slide_id = ?", (slide_id,))
             c.execute("DELETE FROM slides WHERE id = ?", (slide_id,))
-            c.execute("INSERT INTO discarded_slides (id, sample_id, started_at, discarded_at) VALUES (?, ?, ?, ?)",
-                      (slide_id, slide["sample_id"], slide["started_at"], utc_now()))
+            c.execute("INSERT INTO discarded_slides (id, sample_id, started_at, discarded_at, fields_up_to)"
+                      " VALUES (?, ?, ?, ?, ?)", (slide_id, slide["sample_id"], slide["started_at"], utc_now(),
+                                                  max_field))
         shutil.rmtree(self._slide_dir(slide_id), ignore_errors=True)  # no row names anything in it now
         logger.info("discarded the slide %d (%s), which counted nothing", slide_id, slide["sample_id"])
         return slide
@@ -630,11 +634,14 @@ class Store:
                 self._check_open(slide, model_sha256)  # re-checked inside the write lock
                 seq = c.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM fields WHERE slide_id = ?",
                                 (slide_id,)).fetchone()[0]
+                # never the number of a discarded slide's field (see migration 6)
+                new_id = c.execute("SELECT MAX(COALESCE((SELECT MAX(id) FROM fields), 0),"
+                                   " COALESCE((SELECT MAX(fields_up_to) FROM discarded_slides), 0)) + 1").fetchone()[0]
                 cur = c.execute(
-                    "INSERT INTO fields (slide_id, seq, captured_at, source, width, height, rejected, focus, rbc_count,"
-                    " infected_count, model_sha256, threshold, timing_json, file_key, has_raw)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (slide_id, seq, utc_now(), source, result.width, result.height, result.rejected,
+                    "INSERT INTO fields (id, slide_id, seq, captured_at, source, width, height, rejected, focus,"
+                    " rbc_count, infected_count, model_sha256, threshold, timing_json, file_key, has_raw)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (new_id, slide_id, seq, utc_now(), source, result.width, result.height, result.rejected,
                      float(result.focus), result.rbc_count, result.infected_count, model_sha256,
                      float(result.threshold), json.dumps({k: round(v, 2) for k, v in result.timing_ms.items()}),
                      key, int(images.raw_jpeg is not None)))

@@ -494,6 +494,15 @@ def test_a_slide_page_follows_other_windows_and_keeps_the_keyboard_on_capture(br
     assert seqs == [1, 2]
     assert int(a.inner_text("#rbc-count")) == env.store.totals(1)["rbc_count"]
     token = b.evaluate("() => fetch('/api/session').then(r => r.json()).then(j => j.csrf_token)")
+    # B takes field 1 out of the count: A's row says so, with the totals
+    first_id = env.store.list_fields(1)[0]["id"]
+    status = b.evaluate("([t, fid]) => fetch('/api/fields/' + fid + '/exclude', {method: 'POST', headers:"
+                        " {'X-CSRF-Token': t, 'Content-Type': 'application/json'}, body: JSON.stringify({reason:"
+                        " 'other'})}).then(r => r.status)", [token, first_id])
+    assert status == 200
+    _until(a, f"document.getElementById('field-{first_id}').dataset.state === 'excluded'", timeout=20_000)
+    assert "Excluded: other" in a.inner_text(f"#field-{first_id}")
+    assert int(a.inner_text("#rbc-count")) == env.store.totals(1)["rbc_count"]
     status = b.evaluate("t => fetch('/api/slides/1/finish', {method: 'POST', headers: {'X-CSRF-Token': t,"
                         " 'Content-Type': 'application/json'}, body: '{}'}).then(r => r.status)", token)
     assert status == 200
@@ -558,3 +567,5 @@ def test_a_slide_discarded_in_another_window_says_so(browser, live_env):
     _until(page, "document.getElementById('capture-msg').textContent.includes('discarded in another window')",
            timeout=20_000)
     assert page.is_disabled("#capture-btn")
+    assert page.locator("#finish-form").count() == 0 and page.locator("#discard-form").count() == 0
+    assert page.is_disabled("#auto-capture")

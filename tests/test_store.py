@@ -68,13 +68,22 @@ def test_a_database_of_the_first_schema_upgrades_with_its_records(tmp_path, monk
     added, and every slide, field, cell and image is still there and counts as before."""
     monkeypatch.setattr(store_mod, "MIGRATIONS", store_mod.MIGRATIONS[:1])
     old = Store(tmp_path)
-    with old._tx() as c:  # the row as the first software wrote it (today's create_slide needs table 6)
+    with old._tx() as c:  # the rows as the first software wrote them (today's code needs table 6)
         sid = c.execute(
             "INSERT INTO slides (sample_id, started_at, model_name, model_sha256, threshold, fp_rate_per_cell,"
             " target_rbc, rbc_per_ul) VALUES ('S-1', '2026-11-01T08:00:00+00:00', ?, ?, ?, ?, 2000, 5e6)",
             (MODEL.name, MODEL.sha256, MODEL.threshold, MODEL.fp_rate_per_cell)).lastrowid
-    r = _result()
-    fid = old.add_field(sid, r, source="camera", model_sha256=MODEL.sha256, images=_images(r))
+        # its field and cells as the first software wrote them: 20 cells, 2 flagged, an annotated image
+        fid = c.execute(
+            "INSERT INTO fields (slide_id, seq, captured_at, source, width, height, focus, rbc_count,"
+            " infected_count, model_sha256, threshold, timing_json, file_key, has_raw)"
+            " VALUES (?, 1, '2026-11-01T08:01:00+00:00', 'camera', 1600, 1200, 120.0, 20, 2, ?, 0.6, '{}',"
+            " 'k1', 1)", (sid, MODEL.sha256)).lastrowid
+        c.executemany("INSERT INTO cells (field_id, idx, x, y, w, h, p_infected, infected, has_crop)"
+                      " VALUES (?, ?, ?, 5, 30, 30, ?, ?, ?)",
+                      [(fid, i, 10 * i, 0.9 if i < 2 else 0.1, int(i < 2), int(i < 2)) for i in range(20)])
+    (tmp_path / "images" / f"slide-{sid}").mkdir(parents=True)
+    (tmp_path / "images" / f"slide-{sid}" / "k1_annotated.jpg").write_bytes(JPEG + b"annotated")
     assert old.pragma("user_version") == 1
     old.close()
     monkeypatch.undo()
@@ -91,7 +100,9 @@ def test_a_database_of_the_first_schema_upgrades_with_its_records(tmp_path, monk
         assert new.get_field(fid)["excluded"] is None and new.counted_views_png(sid) == {}
         assert len(new.flagged_cells(sid)) == 2
         new.exclude_field(fid, "other")  # the new columns work on old rows
-        assert _slide(new, "S-2") == sid + 1  # and a new slide gets the next number
+        assert _slide(new, "S-2") == sid + 1  # and a new slide gets the next number, a new field too
+        assert new.add_field(sid + 1, _result(), source="camera", model_sha256=MODEL.sha256,
+                             images=_images(_result())) == fid + 1
         assert new.totals(sid)["rbc_count"] == 0
     finally:
         new.close()

@@ -951,7 +951,7 @@ def test_an_empty_slide_started_by_mistake_can_be_discarded_and_nothing_else_can
     assert _upload(c, token, SAMPLE.read_bytes(), "f.jpg", slide_id=sid).status_code == 201
     assert 'id="discard-form"' not in c.get(f"/slides/{sid}").get_data(as_text=True)
     r = c.post(f"/api/slides/{sid}/discard", headers=h)
-    assert r.status_code == 409 and "only a slide that counts nothing" in r.get_json()["error"]
+    assert r.status_code == 409 and "only a slide whose fields were all rejected" in r.get_json()["error"]
     assert c.post(f"/api/slides/{sid}/finish", headers=h).status_code == 200
     r = c.post(f"/api/slides/{sid}/discard", headers=h)
     assert r.status_code == 409 and "is finished" in r.get_json()["error"] and env.store.get_slide(sid)
@@ -997,7 +997,8 @@ def test_a_slide_whose_only_fields_were_rejected_can_be_discarded_with_its_files
     h = {"X-CSRF-Token": token}
     assert c.post("/api/slides", json={"sample_id": "WRONG-2"}, headers=h).status_code == 201
     blurred = cv2.imencode(".png", cv2.GaussianBlur(cv2.imread(str(SAMPLE)), (0, 0), 6))[1].tobytes()
-    assert _upload(c, token, blurred, "blurred.png").get_json()["field"]["rejected"]
+    rejected = _upload(c, token, blurred, "blurred.png").get_json()["field"]
+    assert rejected["rejected"]
     assert 'id="discard-form"' in c.get("/slides/1").get_data(as_text=True)  # it counts nothing
     folder = env.store.data_dir / "images" / "slide-1"
     (folder / "0123456789abcdef_raw.jpg").write_bytes(b"left by a capture a crash cut short")
@@ -1007,8 +1008,67 @@ def test_a_slide_whose_only_fields_were_rejected_can_be_discarded_with_its_files
     assert r.status_code == 200, r.get_json()
     assert env.store.get_slide(1) is None and not folder.exists()
     assert env.store.slide_counts()["fields"] == 0
-    env.app.extensions["malaria_detect_counted_views"].inflight[2] = [np.zeros((8, 8), np.uint8)]
+    # the next patient's field does not take the discarded field's number (its picture was cached under it)
+    assert c.post("/api/slides", json={"sample_id": "NEXT"}, headers=h).status_code == 201
+    nxt = _upload(c, token, SAMPLE.read_bytes(), "f.jpg", slide_id=2).get_json()["field"]
+    assert nxt["id"] > rejected["id"] and c.get(f"/fields/{rejected['id']}/annotated.jpg").status_code == 404
+    env.app.extensions["malaria_detect_counted_views"].inflight[3] = [np.zeros((8, 8), np.uint8)]
     assert c.post("/api/slides", json={"sample_id": "BUSY"}, headers=h).status_code == 201
-    r = c.post("/api/slides/2/discard", headers=h)
+    r = c.post("/api/slides/3/discard", headers=h)
     assert r.status_code == 409 and "being analysed" in r.get_json()["error"]
     assert c.get("/history?page=99999999999999999999").status_code == 200  # was an OverflowError, a 500
+
+
+def test_counted_views_keep_memory_bounded():
+    from device.web.views import CountedViews
+
+    views = {fid: np.full((120, 160), fid % 251, np.uint8) for fid in range(1, 251)}
+    cv = CountedViews(lambda slide_id: dict(views))
+    cv.reserve(1, np.random.default_rng(0).integers(0, 255, (120, 160), dtype=np.uint8))  # loads slide 1
+    kept = cv.counted[1]
+    assert len(kept) == 250  # every view: "already counted" compares with all of them
+    prepared = sorted(fid for fid, (_, p) in kept.items() if p is not None)
+    assert prepared == list(range(51, 251))  # high-passed copies of the newest 200 only
+    cv.settle(1, cv.inflight[1][0], 251)
+    assert sum(p is not None for _, p in cv.counted[1].values()) == 200 and cv.counted[1][251][1] is not None
+    for sid in range(2, 12):
+        cv.overlapping(sid, 0, views[1])
+    assert len(cv.counted) == CountedViews.SLIDES_KEPT and 1 not in cv.counted  # read back when needed
+
+
+def test_a_refused_settings_form_still_does_not_undo_another_admins_change(make_env):
+    import json
+    import re
+
+    env = make_env(security={"admin_password_hash": admin_hash()})
+    one, t1 = env.admin_client()
+    two, t2 = env.admin_client()
+    shown = dict(re.findall(r'name="shown_([a-z_]+)" value="([^"]*)"', two.get("/admin/").get_data(as_text=True)))
+    base = {f"shown_{k}": v for k, v in shown.items()}
+    form = {"counting_target_rbc": shown["counting_target_rbc"], "threshold": shown["threshold"],
+            "camera_source": shown["camera_source"], "camera_device": shown["camera_device"]}
+    assert one.post("/admin/settings", data={**form, **base, "counting_target_rbc": "3000",
+                                             "csrf_token": t1}).status_code == 303
+    bad = two.post("/admin/settings", data={**form, **base, "threshold": "seven", "csrf_token": t2})
+    assert bad.status_code == 400
+    again = dict(re.findall(r'name="shown_([a-z_]+)" value="([^"]*)"', bad.get_data(as_text=True)))
+    assert again["counting_target_rbc"] == "2000"  # what window two first showed, not the stored 3000
+    assert two.post("/admin/settings", data={**form, **{f"shown_{k}": v for k, v in again.items()},
+                                             "camera_device": "2", "csrf_token": t2}).status_code == 303
+    stored = json.loads((env.store.data_dir / "settings.json").read_text())
+    assert stored["analysis"]["counting_target_rbc"] == 3000 and stored["camera"]["device"] == "2"
+
+
+def test_finish_without_script_asks_on_a_page_of_its_own_and_history_past_the_end_says_so(make_env):
+    env = make_env()
+    c, token = _client(env)
+    _start(c, token)
+    assert _upload(c, token, SAMPLE.read_bytes(), "f.jpg").status_code == 201
+    r = c.post("/slides/1/finish", data={"csrf_token": token})
+    assert r.status_code == 303 and r.headers["Location"].endswith("/slides/1/finish")  # Back never re-posts
+    assert 'id="finish-anyway"' in c.get("/slides/1/finish").get_data(as_text=True)
+    assert c.post("/slides/1/finish", data={"csrf_token": token, "confirm": "1"}).status_code == 303
+    assert c.get("/slides/1/finish").headers["Location"].endswith("/slides/1/result")  # finished: the result
+    past = c.get("/history?page=5").get_data(as_text=True)
+    assert 'id="history-past-end"' in past and "No slides yet" not in past
+    assert "No open slides." in c.get("/history?open=1").get_data(as_text=True)

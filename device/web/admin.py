@@ -117,7 +117,10 @@ def _render(status: int = 200, *, settings_error: str | None = None, password_er
     values = {"counting_target_rbc": cfg.analysis.counting_target_rbc,
               "threshold": _threshold_text(cfg.model.threshold),
               "camera_source": cfg.camera.source, "camera_device": cfg.camera.device}
-    shown = {k: str(v) for k, v in values.items()}  # the stored settings, also when re-showing a refused form
+    shown = {k: str(v) for k, v in values.items()}  # the stored settings...
+    if form is not None:  # ...or, re-showing a refused form, what that form was first shown with: the
+        # fields the admin left alone must still not undo another admin's change saved meanwhile
+        shown.update({k: request.form["shown_" + k] for k in shown if "shown_" + k in request.form})
     values.update(form or {})
     old = health.wall_clock() - timedelta(days=RAW_FRAME_DAYS_DEFAULT)
     html = render_template(

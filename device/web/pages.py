@@ -79,10 +79,19 @@ def finish(slide_id: int):
     s = views.slide_view(views.slide_or_404(slide_id))
     a = s["automatic"]
     if s["status"] == "open" and a["rbc_count"] < a["target_rbc"] and request.form.get("confirm") != "1":
-        # the script asks this in a dialog; without script the device asks: a finished slide takes no more fields
-        return render_template("finish_confirm.html", slide=s)
+        # the script asks this in a dialog; without script the device asks (a page of its own, so that Back
+        # later never offers to send a form again): a finished slide takes no more fields
+        return redirect(url_for("pages.finish_question", slide_id=slide_id), 303)
     views.finish(slide_id)
     return redirect(url_for("pages.result", slide_id=slide_id), 303)
+
+
+@bp.get("/slides/<int:slide_id>/finish")
+def finish_question(slide_id: int):
+    s = views.slide_view(views.slide_or_404(slide_id))
+    if s["status"] != "open":
+        return redirect(url_for("pages.result", slide_id=slide_id), 303)
+    return render_template("finish_confirm.html", slide=s)
 
 
 @bp.post("/slides/<int:slide_id>/discard")

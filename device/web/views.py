@@ -7,6 +7,7 @@ import logging
 import threading
 import time
 import unicodedata
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import CancelledError
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -140,18 +141,30 @@ class CountedViews:
     dropped, so that field may be refocused and captured again.
     """
 
+    # Memory: a view is 19 kB, its high-passed copy 77 kB. The copies are kept for the newest fields of a
+    # slide only (overlap is checked against those), and the views of the most recently used slides only
+    # (others are read back from the records when needed): a slide left open must not hold 100 MB.
+    OVERLAP_FIELDS = 200
+    SLIDES_KEPT = 8
+
     def __init__(self, load: Callable[[int], dict[int, np.ndarray]] = lambda slide_id: {}) -> None:
         self.lock = threading.Lock()
-        self.counted: dict[int, dict[int, tuple[np.ndarray, np.ndarray]]] = {}
+        self.counted: OrderedDict[int, dict[int, tuple[np.ndarray, np.ndarray | None]]] = OrderedDict()
         self.inflight: dict[int, list[np.ndarray]] = {}
         self.finished: set[int] = set()  # a capture settling after Finish must not keep its view
         # The counted views are stored with their fields: after a restart they are read back once per slide.
         self._load = load
 
-    def _views(self, slide_id: int) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    def _views(self, slide_id: int) -> dict[int, tuple[np.ndarray, np.ndarray | None]]:
         """Under the lock: the slide's counted views, read from the records the first time."""
         if slide_id not in self.counted:  # a failed read raises: tried again next time
-            self.counted[slide_id] = {fid: (v, prepare_view(v)) for fid, v in self._load(slide_id).items()}
+            views = self._load(slide_id)
+            recent = set(sorted(views)[-self.OVERLAP_FIELDS:])
+            self.counted[slide_id] = {fid: (v, prepare_view(v) if fid in recent else None)
+                                      for fid, v in views.items()}
+            while len(self.counted) > self.SLIDES_KEPT:
+                self.counted.popitem(last=False)  # the least recently used slide: read back when needed
+        self.counted.move_to_end(slide_id)
         return self.counted[slide_id]
 
     def reserve(self, slide_id: int, view: np.ndarray, what: str = "this field") -> None:
@@ -170,14 +183,18 @@ class CountedViews:
             if not self.inflight[slide_id]:
                 del self.inflight[slide_id]
             if field_id is not None and slide_id not in self.finished and slide_id in self.counted:
-                self.counted[slide_id][field_id] = (view, prepare_view(view))
+                views = self.counted[slide_id]
+                views[field_id] = (view, prepare_view(view))
+                prepared = sorted(fid for fid, (_, p) in views.items() if p is not None)
+                for fid in prepared[:-self.OVERLAP_FIELDS]:  # only the newest fields' copies are kept
+                    views[fid] = (views[fid][0], None)
 
     def overlapping(self, slide_id: int, field_id: int, view: np.ndarray) -> tuple[float, int] | None:
         """(share, field ID) of the counted field whose view ``view`` overlaps most, other than
-        ``field_id``; None when none does."""
+        ``field_id``, among the slide's newest :data:`OVERLAP_FIELDS`; None when none does."""
         mine = prepare_view(view)
         with self.lock:
-            others = [(fid, p) for fid, (_, p) in self._views(slide_id).items() if fid != field_id]
+            others = [(fid, p) for fid, (_, p) in self._views(slide_id).items() if fid != field_id and p is not None]
         best = max(((prepared_overlap(mine, p), fid) for fid, p in others), default=None)
         return best if best and best[0] > 0 else None
 

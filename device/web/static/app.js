@@ -142,21 +142,32 @@
         ov.appendChild(exl);
         ov.appendChild(document.createTextNode(" if it is the same area."));
       }
+      renderRow(f);
+    };
+
+    /* a row of the fields table, as the server renders it; rowState says when another window changed it */
+    var rowState = function (f) { return f.rejected ? "rejected" : (f.excluded ? "excluded" : "used"); };
+    var renderRow = function (f) {
       var none = $("no-fields");
       if (none) { none.remove(); }
       var tr = document.createElement("tr");
       tr.id = "field-" + f.id;
-      if (f.rejected) { tr.className = "row-rejected"; }
-      var link = document.createElement("a");
-      link.href = f.annotated_url; link.target = "_blank"; link.textContent = f.seq;
-      var cells = [link, f.captured_at_local,  /* in the device's time zone, as the server renders the rows */
-        f.source, f.rbc_count, f.infected_count, f.focus.toFixed(1), f.rejected ? "Rejected: " + f.rejected : "Used"];
+      tr.dataset.state = rowState(f);
+      if (f.rejected || f.excluded) { tr.className = "row-rejected"; }
+      var first = document.createTextNode(f.seq);
+      if (f.annotated_url) {
+        first = document.createElement("a");
+        first.href = f.annotated_url; first.target = "_blank"; first.textContent = f.seq;
+      }
+      var state = f.rejected ? "Rejected: " + f.rejected : (f.excluded ? "Excluded: " + f.excluded + " (reload to count it again)" : "Used");
+      var cells = [first, f.captured_at_local,  /* in the device's time zone, as the server renders the rows */
+        f.source, f.rbc_count, f.infected_count, f.focus.toFixed(1), state];
       cells.forEach(function (c) {
         var td = document.createElement("td");
         if (c instanceof Node) { td.appendChild(c); } else { td.textContent = c; }
         tr.appendChild(td);
       });
-      if (!f.rejected) {  // as the server renders it: a used field may be taken out of the count
+      if (!f.rejected && !f.excluded) {  // as the server renders it: a used field may be taken out of the count
         var ex = document.createElement("a");
         ex.href = f.exclude_url; ex.className = "exclude-link"; ex.textContent = "Exclude…";
         tr.lastChild.appendChild(document.createTextNode(" · "));
@@ -201,13 +212,20 @@
             gone = true;
             btn.disabled = true;
             if (uploadBtn) { uploadBtn.disabled = true; }
+            ["finish-form", "discard-form"].forEach(function (id) { var f = $(id); if (f) { f.remove(); } });
+            var auto = $("auto-capture");
+            if (auto) { auto.checked = false; auto.disabled = true; }
             say("This slide was discarded in another window: start a new slide from the start page.", "error");
             return null;
           }
           return r.ok ? r.json() : null;
         }).then(function (sl) {
           if (!sl || busy || polling) { return; }
-          (sl.fields || []).filter(function (f) { return !$("field-" + f.id); }).forEach(renderField);
+          (sl.fields || []).forEach(function (f) {
+            var row = $("field-" + f.id);
+            if (!row) { renderField(f); }
+            else if (row.dataset.state !== rowState(f)) { row.remove(); renderRow(f); }  // excluded or counted again elsewhere
+          });
           renderSlide(sl);
         }).catch(function () {});
       }
