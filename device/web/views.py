@@ -189,6 +189,11 @@ class CountedViews:
                 for fid in prepared[:-self.OVERLAP_FIELDS]:  # only the newest fields' copies are kept
                     views[fid] = (views[fid][0], None)
 
+    def same_as(self, slide_id: int, view: np.ndarray) -> int | None:
+        """The ID of a counted field of the slide that shows this very view, or None."""
+        with self.lock:
+            return next((fid for fid, (v, _) in self._views(slide_id).items() if same_view(v, view)), None)
+
     def overlapping(self, slide_id: int, field_id: int, view: np.ndarray) -> tuple[float, int] | None:
         """(share, field ID) of the counted field whose view ``view`` overlaps most, other than
         ``field_id``, among the slide's newest :data:`OVERLAP_FIELDS`; None when none does."""
@@ -380,14 +385,12 @@ def exclude_field(field_id: int, reason: str | None) -> dict:
     if reason is None:
         f = store.get_field(field_id)
         png = store.field_view_png(field_id) if f is not None and f["excluded"] is not None else None
-        if png is not None:
-            mine = decode_view(png)
-            for other_id, other in store.counted_views_png(f["slide_id"]).items():
-                theirs = decode_view(other)
-                if mine is not None and theirs is not None and same_view(mine, theirs):
-                    seq = (store.get_field(other_id) or {}).get("seq", other_id)
-                    abort(409, f"field {seq} shows the same view and is counted: exclude it first, or the "
-                               "same cells would count twice")
+        mine = decode_view(png) if png is not None else None
+        other_id = _counted_views().same_as(f["slide_id"], mine) if mine is not None else None
+        if other_id is not None:  # an excluded field is not among the counted views: any match is another
+            seq = (store.get_field(other_id) or {}).get("seq", other_id)
+            abort(409, f"field {seq} shows the same view and is counted: exclude it first, or the "
+                       "same cells would count twice")
     with _store_answers():
         field = store.exclude_field(field_id, reason)
     _counted_views().reload(field["slide_id"])  # an excluded field's view may be captured again
