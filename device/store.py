@@ -140,17 +140,20 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE fields ADD COLUMN has_annotated INTEGER NOT NULL DEFAULT 1;
     """,
-    # 6: slides discarded by the technician (started by mistake, counting nothing): kept here so that
-    # neither their number nor their (rejected) fields' numbers are given again: a tab or a link still
-    # naming them must not reach another patient's slide or picture
+    # 6: empty slides discarded by the technician (started by mistake): kept here so that their number
+    # is never given to another slide (a tab still showing the discarded one would capture into it)
     """
     CREATE TABLE discarded_slides (
         id INTEGER PRIMARY KEY,
         sample_id TEXT NOT NULL,
         started_at TEXT NOT NULL,
-        discarded_at TEXT NOT NULL,
-        fields_up_to INTEGER NOT NULL DEFAULT 0
+        discarded_at TEXT NOT NULL
     );
+    """,
+    # 7: the highest field number when a slide was discarded: its (rejected) fields' numbers are not
+    # given again either (a page or a cached picture naming one must not show another patient's field)
+    """
+    ALTER TABLE discarded_slides ADD COLUMN fields_up_to INTEGER NOT NULL DEFAULT 0;
     """,
 ]
 EXCLUDE_REASONS = ("wrong slide or area", "same area counted twice", "thick or damaged area", "other")
@@ -634,7 +637,7 @@ class Store:
                 self._check_open(slide, model_sha256)  # re-checked inside the write lock
                 seq = c.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM fields WHERE slide_id = ?",
                                 (slide_id,)).fetchone()[0]
-                # never the number of a discarded slide's field (see migration 6)
+                # never the number of a discarded slide's field (see migration 7)
                 new_id = c.execute("SELECT MAX(COALESCE((SELECT MAX(id) FROM fields), 0),"
                                    " COALESCE((SELECT MAX(fields_up_to) FROM discarded_slides), 0)) + 1").fetchone()[0]
                 cur = c.execute(

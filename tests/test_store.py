@@ -64,8 +64,8 @@ def test_reopening_does_not_migrate_again_and_keeps_data(tmp_path):
 
 def test_a_database_of_the_first_schema_upgrades_with_its_records(tmp_path, monkeypatch):
     """A device updated in the field opens its version-1 records: the counted views (2), field
-    exclusion (3), clock confirmations (4), deletable annotated images (5) and discarded slides (6) are
-    added, and every slide, field, cell and image is still there and counts as before."""
+    exclusion (3), clock confirmations (4), deletable annotated images (5) and discarded slides (6, 7)
+    are added, and every slide, field, cell and image is still there and counts as before."""
     monkeypatch.setattr(store_mod, "MIGRATIONS", store_mod.MIGRATIONS[:1])
     old = Store(tmp_path)
     with old._tx() as c:  # the rows as the first software wrote them (today's code needs table 6)
@@ -89,7 +89,7 @@ def test_a_database_of_the_first_schema_upgrades_with_its_records(tmp_path, monk
     monkeypatch.undo()
     new = Store(tmp_path)
     try:
-        assert new.pragma("user_version") == store_mod.SCHEMA_VERSION == 6
+        assert new.pragma("user_version") == store_mod.SCHEMA_VERSION == 7
         assert new.get_field(fid)["has_annotated"] == 1 and new.field_image_path(fid, "annotated").is_file()
         assert new.newest_record_time() is not None  # the clock check reads the new table on old records
         new.confirm_clock()
@@ -679,3 +679,23 @@ def test_annotated_images_of_old_finished_slides_can_be_deleted_and_a_cut_short_
     assert paths["OPEN"].is_file() and store.get_field(fields["OPEN"])["has_annotated"]  # open slides: never
     with pytest.raises(ValueError):
         store.delete_images("cell0", [fields["OLD"]])  # only the two deletable kinds
+
+
+def test_a_database_at_schema_6_gets_the_discarded_field_numbers_column(tmp_path, monkeypatch):
+    # migration 6 was once all there was of discarded slides: such a database must still take fields
+    monkeypatch.setattr(store_mod, "MIGRATIONS", store_mod.MIGRATIONS[:6])
+    Store(tmp_path).close()
+    monkeypatch.undo()
+    new = Store(tmp_path)
+    try:
+        assert new.pragma("user_version") == 7
+        sid = _slide(new)
+        fid = new.add_field(sid, _result(rejected="blurred"), source="camera", model_sha256=MODEL.sha256,
+                            images=_images(_result(rejected="blurred")))
+        new.discard_slide(sid)
+        sid2 = _slide(new, "S-2")
+        assert sid2 == sid + 1
+        assert new.add_field(sid2, _result(), source="camera", model_sha256=MODEL.sha256,
+                             images=_images(_result())) == fid + 1
+    finally:
+        new.close()

@@ -1072,3 +1072,42 @@ def test_finish_without_script_asks_on_a_page_of_its_own_and_history_past_the_en
     past = c.get("/history?page=5").get_data(as_text=True)
     assert 'id="history-past-end"' in past and "No slides yet" not in past
     assert "No open slides." in c.get("/history?open=1").get_data(as_text=True)
+
+
+def test_counting_a_field_again_while_the_same_view_is_being_captured_is_refused(make_env, classifier, tmp_path,
+                                                                                  monkeypatch):
+    import shutil
+    import threading
+
+    from device.camera import ReplayCamera
+
+    still = tmp_path / "still"
+    still.mkdir()
+    shutil.copy(SAMPLE, still)  # the stage does not move
+    env = make_env(flag_all=True, open_camera=lambda: ReplayCamera(still, fps=20))
+    c, token = _client(env)
+    h = {"X-CSRF-Token": token}
+    _start(c, token)
+    _wait_frame(env)
+    first = _capture(c, token).get_json()["field"]
+    assert c.post(f"/api/fields/{first['id']}/exclude", json={"reason": "other"}, headers=h).status_code == 200
+    go = threading.Event()
+    real = classifier.predict
+    monkeypatch.setattr(classifier, "predict", lambda batch: (go.wait(60), real(batch))[1])  # held until told
+    out = {}
+    t = threading.Thread(target=lambda: out.setdefault("r", _capture(c, token)))
+    t.start()
+    views = env.app.extensions["malaria_detect_counted_views"]
+    assert wait_until(lambda: views.inflight.get(1), 30)  # the same view is being analysed
+    r = c.post(f"/api/fields/{first['id']}/exclude", json={"reason": None}, headers=h)
+    go.set()
+    t.join(60)
+    assert r.status_code == 409 and "being analysed" in r.get_json()["error"]
+    assert out["r"].status_code == 201 and env.store.totals(1)["fields_used"] == 1  # the same cells once
+    # and the other way round: while the field counts again, a capture of its view is refused
+    r = c.post(f"/api/fields/{out['r'].get_json()['field']['id']}/exclude", json={"reason": "other"}, headers=h)
+    assert r.status_code == 200
+    assert c.post(f"/api/fields/{first['id']}/exclude", json={"reason": None}, headers=h).status_code == 200
+    again = _capture(c, token)
+    assert again.status_code == 409 and "already counted" in again.get_json()["error"]
+    assert env.store.totals(1)["fields_used"] == 1

@@ -381,19 +381,34 @@ def exclude_field(field_id: int, reason: str | None) -> dict:
     Counting a field again is refused while another counted field shows the same camera view (it was
     excluded, then the unmoved view captured again): the same cells must not count twice.
     """
-    store = deps().store
+    store, counted = deps().store, _counted_views()
+    mine, slide_id = None, None
     if reason is None:
         f = store.get_field(field_id)
         png = store.field_view_png(field_id) if f is not None and f["excluded"] is not None else None
         mine = decode_view(png) if png is not None else None
-        other_id = _counted_views().same_as(f["slide_id"], mine) if mine is not None else None
+        slide_id = f["slide_id"] if f is not None else None
+        other_id = counted.same_as(slide_id, mine) if mine is not None else None
         if other_id is not None:  # an excluded field is not among the counted views: any match is another
             seq = (store.get_field(other_id) or {}).get("seq", other_id)
             abort(409, f"field {seq} shows the same view and is counted: exclude it first, or the "
                        "same cells would count twice")
-    with _store_answers():
-        field = store.exclude_field(field_id, reason)
-    _counted_views().reload(field["slide_id"])  # an excluded field's view may be captured again
+        if mine is not None:
+            # held as a capture holds its view, until the field counts again: a capture of the same view
+            # meanwhile is refused, and one already being analysed refuses this
+            try:
+                counted.reserve(slide_id, mine, "this field's view")
+            except Conflict:
+                abort(409, "a capture of the same view is being analysed: wait for it, then exclude one of "
+                           "the two, or the same cells would count twice")
+    stored = None
+    try:
+        with _store_answers():
+            field = stored = store.exclude_field(field_id, reason)
+    finally:
+        if mine is not None:
+            counted.settle(slide_id, mine, stored["id"] if stored else None)
+    counted.reload(field["slide_id"])  # an excluded field's view may be captured again
     logger.info("field %d of slide %d %s", field_id, field["slide_id"],
                 f"excluded ({reason})" if reason else "counted again")
     return field
