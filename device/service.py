@@ -357,6 +357,7 @@ class FieldAnalyser:
         self.metrics = metrics or Metrics()
         self.max_pending = max_pending
         self._pending = 0
+        self._pending_by_slide: dict[int, int] = {}  # Finish waits for its own slide's fields only
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="analysis")
         self._raw_skipped_logged = False
@@ -477,6 +478,7 @@ class FieldAnalyser:
             if self._pending >= self.max_pending:
                 raise self.refused(CaptureRefused("still analysing the previous fields: wait a moment", 503))
             self._pending += 1
+            self._pending_by_slide[slide_id] = self._pending_by_slide.get(slide_id, 0) + 1
         t0 = time.perf_counter()
         # The slide's own threshold: an admin may change the threshold while the slide is open.
         threshold = float(slide["threshold"])
@@ -484,15 +486,24 @@ class FieldAnalyser:
             fut = self._executor.submit(self._process, slide_id, rgb, source, model, threshold, problem, t0,
                                         view_png)
         except RuntimeError:  # shut down
-            with self._lock:
-                self._pending -= 1
+            self._done(None, slide_id)
             raise CaptureRefused("the service is stopping", 503) from None
-        fut.add_done_callback(self._done)
+        fut.add_done_callback(lambda f: self._done(f, slide_id))
         return fut
 
-    def _done(self, fut: Future) -> None:
+    def _done(self, fut: Future | None, slide_id: int) -> None:
         with self._lock:
             self._pending -= 1
+            left = self._pending_by_slide.get(slide_id, 1) - 1
+            if left > 0:
+                self._pending_by_slide[slide_id] = left
+            else:
+                self._pending_by_slide.pop(slide_id, None)
+
+    def pending_for(self, slide_id: int) -> int:
+        """Fields of this slide still being analysed."""
+        with self._lock:
+            return self._pending_by_slide.get(slide_id, 0)
 
     def _process(self, *args) -> dict:
         """Counted and logged here, in the worker, before the page gets its answer."""

@@ -102,7 +102,8 @@ def test_capture_from_camera_then_result_and_exports(make_env):
     assert [f["seq"] for f in detail["fields"]] == [1, 2]
     assert detail["sample_id"] == "S-1" and detail["model_sha256"] == env.analyser.model.sha256
     r = c.post("/slides/1/finish", data={"csrf_token": token})  # below the target, without script: asked
-    assert r.status_code == 200 and 'id="finish-anyway"' in r.get_data(as_text=True)
+    assert r.status_code == 303 and r.headers["Location"].endswith("/slides/1/finish")
+    assert 'id="finish-anyway"' in c.get("/slides/1/finish").get_data(as_text=True)
     assert c.get("/api/slides/1").get_json()["status"] == "open"
     r = c.post("/slides/1/finish", data={"csrf_token": token, "confirm": "1"})
     assert r.status_code == 303 and r.headers["Location"].endswith("/slides/1/result")
@@ -1111,3 +1112,42 @@ def test_counting_a_field_again_while_the_same_view_is_being_captured_is_refused
     again = _capture(c, token)
     assert again.status_code == 409 and "already counted" in again.get_json()["error"]
     assert env.store.totals(1)["fields_used"] == 1
+
+
+def test_a_capture_settling_after_its_field_was_excluded_does_not_put_its_view_back():
+    from device.web.views import CountedViews
+
+    a, b = np.full((12, 16), 10, np.uint8), np.full((12, 16), 200, np.uint8)
+    store = {1: a}  # what the records say is counted
+    cv = CountedViews(lambda slide_id: dict(store))
+    cv.reserve(1, b)  # a capture of B is being analysed
+    store[2] = b  # its field is committed...
+    del store[2]  # ...and excluded from the list before its answer settled
+    cv.reload(1)
+    cv.reserve(1, np.full((12, 16), 90, np.uint8))  # another capture reads the views back meanwhile
+    cv.settle(1, b, 2)  # B's settle comes last
+    assert 2 not in cv._views(1)  # read back from the records, where field 2 is excluded
+    cv.reserve(1, b.copy())  # so its view may be captured again (it counts nowhere)
+
+
+def test_finish_waits_for_its_own_slides_fields_only(make_env, classifier, monkeypatch):
+    import threading
+
+    env = make_env()
+    c, token = _client(env)
+    h = {"X-CSRF-Token": token}
+    for sample in ("A", "B"):
+        assert c.post("/api/slides", json={"sample_id": sample}, headers=h).status_code == 201
+    assert _upload(c, token, SAMPLE.read_bytes(), "a.jpg", slide_id=1).status_code == 201
+    go = threading.Event()
+    real = classifier.predict
+    monkeypatch.setattr(classifier, "predict", lambda batch: (go.wait(60), real(batch))[1])
+    other = sorted(SAMPLES_DIR.glob("*.jpg"))[1].read_bytes()
+    t = threading.Thread(target=lambda: _upload(c, token, other, "b.jpg", slide_id=2))
+    t.start()
+    assert wait_until(lambda: env.analyser.pending_for(2) == 1, 30)  # slide B's field is being analysed
+    r = c.post("/api/slides/1/finish", headers=h, json={})  # slide A has nothing in flight
+    go.set()
+    t.join(60)
+    assert r.status_code == 200 and r.get_json()["status"] == "finished"
+    assert env.analyser.pending_for(2) == 0

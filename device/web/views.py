@@ -152,6 +152,11 @@ class CountedViews:
         self.counted: OrderedDict[int, dict[int, tuple[np.ndarray, np.ndarray | None]]] = OrderedDict()
         self.inflight: dict[int, list[np.ndarray]] = {}
         self.finished: set[int] = set()  # a capture settling after Finish must not keep its view
+        # Bumped when a slide's counted fields change (reload): a capture reserved before that must not
+        # add its view to the reloaded set (its field may have been excluded meanwhile); the slide's
+        # views are read back from the records instead.
+        self._generation: dict[int, int] = {}
+        self._reserved_at: dict[int, int] = {}  # id(view) -> its slide's generation at reserve()
         # The counted views are stored with their fields: after a restart they are read back once per slide.
         self._load = load
 
@@ -175,6 +180,7 @@ class CountedViews:
                 raise Conflict(f"{what} is already counted: move the stage to the next field, then capture"
                                if what == "this field" else f"{what} is already counted in this slide")
             self.inflight.setdefault(slide_id, []).append(view)
+            self._reserved_at[id(view)] = self._generation.get(slide_id, 0)
 
     def settle(self, slide_id: int, view: np.ndarray, field_id: int | None) -> None:
         """The capture is over: ``field_id`` of its stored, used field, or None (failed or rejected)."""
@@ -182,7 +188,10 @@ class CountedViews:
             self.inflight[slide_id] = [v for v in self.inflight.get(slide_id, []) if v is not view]
             if not self.inflight[slide_id]:
                 del self.inflight[slide_id]
-            if field_id is not None and slide_id not in self.finished and slide_id in self.counted:
+            reserved_at = self._reserved_at.pop(id(view), None)
+            if field_id is not None and reserved_at != self._generation.get(slide_id, 0):
+                self.counted.pop(slide_id, None)  # changed meanwhile: read back what the records say
+            elif field_id is not None and slide_id not in self.finished and slide_id in self.counted:
                 views = self.counted[slide_id]
                 views[field_id] = (view, prepare_view(view))
                 prepared = sorted(fid for fid, (_, p) in views.items() if p is not None)
@@ -207,6 +216,7 @@ class CountedViews:
         """The slide's counted fields changed (one excluded or counted again): read its views back."""
         with self.lock:
             self.counted.pop(slide_id, None)
+            self._generation[slide_id] = self._generation.get(slide_id, 0) + 1
 
     def forget(self, slide_id: int) -> None:
         """A finished slide takes no more fields: its views are not kept (months of slides on a Pi)."""
@@ -317,9 +327,14 @@ def finish(slide_id: int) -> dict:
     slide_or_404(slide_id)
     analyser = deps().analyser
     deadline = time.monotonic() + CAPTURE_WAIT_S
-    while getattr(analyser, "pending", 0) and time.monotonic() < deadline:
+
+    def busy() -> bool:  # this slide's own fields (a capture reserved, or queued); other slides' do not matter
+        own = analyser.pending_for(slide_id) if hasattr(analyser, "pending_for") else getattr(analyser, "pending", 0)
+        return bool(own or _counted_views().inflight.get(slide_id))
+
+    while busy() and time.monotonic() < deadline:
         time.sleep(0.05)
-    if getattr(analyser, "pending", 0):
+    if busy():
         abort(409, "fields are still being analysed: press Finish again in a moment")
     try:
         done = finish_slide(deps().store, slide_id)
