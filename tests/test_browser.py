@@ -79,6 +79,14 @@ def _shot(page, name: str, **kw) -> None:
     page.screenshot(path=str(ARTIFACTS_DIR / f"browser-{name}.png"), **kw)
 
 
+def _start_slide(page, env, sample_id: str) -> None:
+    """Start the first slide from the start page, as a technician does."""
+    page.goto(env.base_url + "/")
+    page.fill("#sample_id", sample_id)
+    page.click("button:has-text('Start slide')")
+    page.wait_for_url("**/slides/1")
+
+
 def _capture(page, n_before: int, env=None) -> None:
     rows = f"document.querySelectorAll('#fields-table tbody tr').length > {n_before}"
     refused = "document.getElementById('capture-msg').textContent.includes('already counted')"
@@ -310,10 +318,7 @@ def test_camera_lost_mid_slide_shows_a_banner_then_recovers(browser, make_env):
     plugged.set()
     with _live(make_env(open_camera=lambda: _UnpluggableCamera(plugged))) as env:
         page = browser.new_page(viewport={"width": 1024, "height": 768})
-        page.goto(env.base_url + "/")
-        page.fill("#sample_id", "CAM-1")
-        page.click("button:has-text('Start slide')")
-        page.wait_for_url("**/slides/1")
+        _start_slide(page, env, "CAM-1")
         _until(page, "document.getElementById('preview').naturalWidth > 0", timeout=15_000)
         assert not page.is_visible("#camera-banner")
         plugged.clear()  # the cable comes out mid-slide
@@ -341,10 +346,7 @@ def test_fields_still_being_analysed_appear_when_stored(browser, make_env, monke
         errors: list[str] = []
         page.on("pageerror", lambda e: errors.append(str(e)))
         try:
-            page.goto(env.base_url + "/")
-            page.fill("#sample_id", "SLOW-1")
-            page.click("button:has-text('Start slide')")
-            page.wait_for_url("**/slides/1")
+            _start_slide(page, env, "SLOW-1")
             _until(page, "document.getElementById('preview').naturalWidth > 0", timeout=15_000)
             for _ in range(2):  # both answered 202: still analysing
                 for _attempt in range(5):
@@ -376,10 +378,7 @@ def test_auto_capture_takes_one_field_per_still_sharp_scene(browser, make_env, t
     with _live(make_env(open_camera=lambda: ReplayCamera(still, fps=5))) as env:
         page = browser.new_page(viewport={"width": 1024, "height": 768})
         try:
-            page.goto(env.base_url + "/")
-            page.fill("#sample_id", "AUTO-1")
-            page.click("button:has-text('Start slide')")
-            page.wait_for_url("**/slides/1")
+            _start_slide(page, env, "AUTO-1")
             page.check("#auto-capture")
             _until(page, "document.querySelectorAll('#fields-table tbody tr').length === 1", timeout=15_000)
             time.sleep(2.5)  # the stage has not moved: no second capture of the same field
@@ -469,10 +468,7 @@ def test_a_slide_page_follows_other_windows_and_keeps_the_keyboard_on_capture(br
     a, b = ctx.new_page(), ctx.new_page()
     errors: list[str] = []
     a.on("pageerror", lambda e: errors.append(str(e)))
-    a.goto(env.base_url + "/")
-    a.fill("#sample_id", "TWO-WINDOWS")
-    a.click("button:has-text('Start slide')")
-    a.wait_for_url("**/slides/1")
+    _start_slide(a, env, "TWO-WINDOWS")
     assert a.is_visible("#discard-form") and a.is_visible("#auto-capture")  # shown by the script
     _until(a, "document.getElementById('preview').naturalWidth > 0", timeout=15_000)
     # keyboard: Enter on Capture, and the focus is back on Capture for the next field
@@ -515,10 +511,7 @@ def test_an_upload_pressed_during_a_capture_is_said_and_its_file_kept(browser, l
 
     env = live_env
     page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
-    page.goto(env.base_url + "/")
-    page.fill("#sample_id", "BUSY")
-    page.click("button:has-text('Start slide')")
-    page.wait_for_url("**/slides/1")
+    _start_slide(page, env, "BUSY")
     _until(page, "document.getElementById('preview').naturalWidth > 0", timeout=15_000)
     saved = tmp_path / "saved.png"
     cv2.imwrite(str(saved), cv2.flip(cv2.imread(str(sorted(SAMPLES_DIR.glob("*.jpg"))[0])), 0))
@@ -558,10 +551,7 @@ def test_pages_fit_a_phone_screen(browser, live_env, path):
 def test_a_slide_discarded_in_another_window_says_so(browser, live_env):
     env = live_env
     page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
-    page.goto(env.base_url + "/")
-    page.fill("#sample_id", "DISCARDED-ELSEWHERE")
-    page.click("button:has-text('Start slide')")
-    page.wait_for_url("**/slides/1")
+    _start_slide(page, env, "DISCARDED-ELSEWHERE")
     c = env.app.test_client()
     assert c.post("/api/slides/1/discard", headers={"X-CSRF-Token": env.csrf(c)}).status_code == 200
     _until(page, "document.getElementById('capture-msg').textContent.includes('discarded in another window')",
