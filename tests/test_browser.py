@@ -68,10 +68,22 @@ def live_env(make_env):
 def _until(page, js: str, timeout: float = 10_000) -> None:
     """Poll a JS expression until true. (wait_for_function evaluates strings, which the page's CSP forbids.)"""
     deadline = time.monotonic() + timeout / 1000
-    while not page.evaluate(f"() => Boolean({js})"):
+    while not _evaluate_across_reloads(page, f"() => Boolean({js})"):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {js}")
         time.sleep(0.1)
+
+
+def _evaluate_across_reloads(page, js: str):
+    """page.evaluate, None while the page is being replaced (a reload the test waits for)."""
+    from playwright.sync_api import Error
+
+    try:
+        return page.evaluate(js)
+    except Error as exc:
+        if "context was destroyed" in str(exc) or "navigat" in str(exc):
+            return None
+        raise
 
 
 def _shot(page, name: str, **kw) -> None:
