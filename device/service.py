@@ -356,8 +356,7 @@ class FieldAnalyser:
         self.min_free_disk_mb = min_free_disk_mb
         self.metrics = metrics or Metrics()
         self.max_pending = max_pending
-        self._pending = 0
-        self._pending_by_slide: dict[int, int] = {}  # Finish waits for its own slide's fields only
+        self._pending_by_slide: dict[int, int] = {}  # fields being analysed, per slide (Finish waits for its own)
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="analysis")
         self._raw_skipped_logged = False
@@ -429,11 +428,12 @@ class FieldAnalyser:
 
     @property
     def busy(self) -> bool:
-        return self._pending > 0
+        return self.pending > 0
 
     @property
     def pending(self) -> int:
-        return self._pending
+        with self._lock:
+            return sum(self._pending_by_slide.values())
 
     def disk(self) -> DiskState:
         m = float(self.min_free_disk_mb)
@@ -475,9 +475,8 @@ class FieldAnalyser:
             raise NotFound(f"slide {slide_id} not found")
         Store._check_open(slide, model.sha256)
         with self._lock:
-            if self._pending >= self.max_pending:
+            if sum(self._pending_by_slide.values()) >= self.max_pending:
                 raise self.refused(CaptureRefused("still analysing the previous fields: wait a moment", 503))
-            self._pending += 1
             self._pending_by_slide[slide_id] = self._pending_by_slide.get(slide_id, 0) + 1
         t0 = time.perf_counter()
         # The slide's own threshold: an admin may change the threshold while the slide is open.
@@ -493,7 +492,6 @@ class FieldAnalyser:
 
     def _done(self, fut: Future | None, slide_id: int) -> None:
         with self._lock:
-            self._pending -= 1
             left = self._pending_by_slide.get(slide_id, 1) - 1
             if left > 0:
                 self._pending_by_slide[slide_id] = left
