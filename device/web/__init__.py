@@ -247,9 +247,7 @@ def app_render(template: str, **ctx):
 def local_time_text(iso: str | None) -> str:
     """A stored UTC time as the device's pages show it: the device's time zone, not the browser's (a row
     added by script and the same row after a reload must read alike)."""
-    if not iso:
-        return ""
-    return datetime.fromisoformat(iso).astimezone().strftime("%Y-%m-%d %H:%M")
+    return health.local_text(datetime.fromisoformat(iso)) if iso else ""
 
 
 def _install_filters(app: Flask) -> None:

@@ -323,8 +323,8 @@ def confirm_clock():
         return redirect(url_for("admin.index"), 303)
     off_s = (now - theirs).total_seconds()
     if abs(off_s) > CLOCK_CONFIRM_TOLERANCE_S:
-        flash(f"The clock was not confirmed: it reads {now.astimezone():%Y-%m-%d %H:%M}, your computer "
-              f"{theirs.astimezone():%Y-%m-%d %H:%M} ({abs(off_s) / 3600:,.1f} h apart). Set the device clock "
+        flash(f"The clock was not confirmed: it reads {health.local_text(now)}, your computer "
+              f"{health.local_text(theirs)} ({abs(off_s) / 3600:,.1f} h apart). Set the device clock "
               "instead (see Clock above).", "error")
         return redirect(url_for("admin.index"), 303)
     deps().store.confirm_clock()

@@ -31,7 +31,8 @@ def wall_clock() -> datetime:
     return datetime.now(UTC)
 
 
-def _local(t: datetime) -> str:
+def local_text(t: datetime) -> str:
+    """A time as the pages show it: in the device's time zone, to the minute."""
     return t.astimezone().strftime("%Y-%m-%d %H:%M")
 
 
@@ -50,11 +51,11 @@ def clock_problem(now: datetime, newest_record: datetime | None, model_made: dat
     corrected, the records it dated are ahead of it, which an admin confirms (Store.confirm_clock).
     """
     if clock_behind(now, newest_record):
-        return (f"the device clock reads {_local(now)}, earlier than its newest record "
-                f"({_local(newest_record)})")
+        return (f"the device clock reads {local_text(now)}, earlier than its newest record "
+                f"({local_text(newest_record)})")
     if clock_behind(now, model_made):
-        return (f"the device clock reads {_local(now)}, earlier than the date its model was made "
-                f"({_local(model_made)})")
+        return (f"the device clock reads {local_text(now)}, earlier than the date its model was made "
+                f"({local_text(model_made)})")
     return None
 
 
