@@ -459,6 +459,7 @@ class CameraFeed:
     def _run(self) -> None:
         cam: Camera | None = None
         backoff = self.reconnect_min_s
+        warned: str | None = None  # the failure last logged: once per failure, not once per retry
         try:
             while not self._stop.is_set():
                 self._heartbeat = time.monotonic()
@@ -475,7 +476,8 @@ class CameraFeed:
                         cam = self._open()
                     except Exception as exc:
                         msg = str(exc) or type(exc).__name__
-                        if self._message != msg or self._state != "disconnected":
+                        if warned != msg:
+                            warned = msg
                             logger.warning("camera unavailable: %s (retrying, at most every %.0f s)",
                                            msg, self.reconnect_max_s)
                         self._set_state("disconnected", msg)
@@ -495,7 +497,8 @@ class CameraFeed:
                     # A camera that opens but gives no frame (an empty replay, a V4L2 node that never
                     # streams) is retried with the same back-off as one that does not open: never a busy loop.
                     msg = str(exc) or type(exc).__name__
-                    if self._message != msg or self._state != "disconnected":
+                    if warned != msg:
+                        warned = msg
                         logger.warning("camera lost: %s (retrying, at most every %.0f s)", msg, self.reconnect_max_s)
                     self._close_quietly(cam)
                     cam = None
@@ -511,6 +514,7 @@ class CameraFeed:
                     try:
                         self._on_frame(rgb)
                         backoff = self.reconnect_min_s  # reset only by a frame, not by an open
+                        warned = None
                         continue
                     except Exception as exc:  # whatever a frame does, the loop keeps turning
                         logger.debug("frame handling failed", exc_info=True)

@@ -284,11 +284,17 @@ class _FlakyCamera(CameraBase):
         pass
 
 
-def _recording_waits(feed: CameraFeed) -> list[float]:
-    """Replace the feed's back-off sleep by a record of what it asked for: the schedule, not the clock."""
+def _recording_waits(feed: CameraFeed, states: list[str] | None = None) -> list[float]:
+    """Replace the feed's back-off sleep by a record of what it asked for: the schedule, not the clock.
+
+    With ``states``, the feed's state during each back-off is recorded too: read from the polling
+    test thread it would race the loop, which passes through "connecting" on every retry.
+    """
     waits: list[float] = []
 
     def wait(seconds):
+        if states is not None:
+            states.append(feed.status()["state"])
         waits.append(round(seconds, 6))
         time.sleep(0.001)  # keep the loop from spinning flat out while the test polls
 
@@ -312,7 +318,7 @@ def test_feed_reconnect_back_off_doubles_and_is_capped():
     assert waits[:6] == [0.025, 0.05, 0.1, 0.2, 0.2, 0.2]  # doubles from the minimum, capped at the maximum
 
 
-def test_feed_backs_off_from_a_camera_that_opens_but_gives_no_frame():
+def test_feed_backs_off_from_a_camera_that_opens_but_gives_no_frame(caplog):
     opens: list[int] = []
 
     class _Silent(CameraBase):  # an empty replay, a V4L2 node that never streams
@@ -327,13 +333,16 @@ def test_feed_backs_off_from_a_camera_that_opens_but_gives_no_frame():
         return _Silent()
 
     feed = CameraFeed(opener, reconnect_max_s=0.2, reconnect_min_s=0.025, focus=lambda rgb: 100.0)
-    waits = _recording_waits(feed)
+    states: list[str] = []
+    waits = _recording_waits(feed, states)
     feed.start()
     try:
         assert wait_until(lambda: len(waits) >= 6, timeout_s=5)
-        assert feed.status()["state"] == "disconnected"
     finally:
         feed.stop()
+    assert set(states[:6]) == {"disconnected"}  # it says so while it waits to retry
+    lost = [r for r in caplog.records if r.name == "device.camera" and "camera lost" in r.getMessage()]
+    assert len(lost) == 1  # logged once, not once per retry
     # one wait per failed open, the same doubling, capped back-off (it was a busy loop)
     assert waits[:6] == [0.025, 0.05, 0.1, 0.2, 0.2, 0.2]
     assert len(opens) in (len(waits), len(waits) + 1)
