@@ -487,7 +487,9 @@ class FieldAnalyser:
         except RuntimeError:  # shut down
             self._done(None, slide_id)
             raise CaptureRefused("the service is stopping", 503) from None
-        fut.add_done_callback(lambda f: self._done(f, slide_id))
+        # A field that ran is released by _process before its result is set, so a client acting on the answer
+        # (Finish, the next capture) never finds it still pending; one cancelled before it ran is released here.
+        fut.add_done_callback(lambda f: self._done(f, slide_id) if f.cancelled() else None)
         return fut
 
     def _done(self, fut: Future | None, slide_id: int) -> None:
@@ -518,6 +520,8 @@ class FieldAnalyser:
             self.metrics.inc("analysis_errors_total")
             logger.exception("field analysis failed")
             raise
+        finally:
+            self._done(None, args[0])
 
     def _analyse_and_store(self, slide_id: int, rgb: np.ndarray | None, source: str, model: ModelInfo,
                            threshold: float, problem: str | None, t0: float, view_png: bytes | None = None) -> dict:

@@ -298,7 +298,7 @@ def test_kill_9_of_the_real_service_mid_capture_then_restart(tmp_path):
     acked = []
     with served(tmp_path, config) as (proc, notify):
         c = Client(f"http://127.0.0.1:{port}")
-        wait_until(lambda: c.json("/api/status")[1]["camera"]["state"] == "connected", 20)
+        assert wait_until(lambda: c.json("/api/status")[1]["camera"]["state"] == "connected", 20)
         sid = c.json("/api/slides", {"sample_id": "K9"})[1]["id"]
         for _ in range(2):
             for _attempt in range(10):  # the replay moves on by itself; a frame that came round to the
@@ -495,7 +495,7 @@ def test_bad_input_corpus_at_every_entry_point(tmp_path, caplog):
             table[p.name]["HTTP form upload"] = f"{status}: HTML page with the reason"
         # still up: healthy, and a good capture goes through
         assert c.request("/healthz")[0] == 200
-        wait_until(lambda: c.json("/api/status")[1]["camera"]["state"] == "connected", 20)
+        assert wait_until(lambda: c.json("/api/status")[1]["camera"]["state"] == "connected", 20)
         status, body = c.json(f"/api/slides/{sid}/fields", {})
         assert status == 201 and body["field"]["rbc_count"] > 10
         assert proc.poll() is None
@@ -526,8 +526,10 @@ def test_bad_input_corpus_at_every_entry_point(tmp_path, caplog):
         table[p.name]["replay camera"] = "skipped with a warning; feed goes on"
     feed = CameraFeed(lambda: ReplayCamera(corpus, fps=60), reconnect_min_s=0.05, reconnect_max_s=0.2).start()
     try:
-        assert wait_until(lambda: feed.status()["state"] == "disconnected")
-        assert "no readable images" in feed.status()["message"] and feed.loop_healthy()
+        # one reading of state and message: the loop passes through "connecting" (no message) on each retry
+        assert wait_until(lambda: (st := feed.status())["state"] == "disconnected"
+                          and "no readable images" in (st["message"] or ""))
+        assert feed.loop_healthy()
     finally:
         feed.stop()
     entry_points = ["CLI analyze", "CLI cells", "HTTP API upload", "HTTP form upload", "replay camera"]

@@ -6,7 +6,6 @@ import csv
 import io
 import stat
 import struct
-import time
 import zlib
 
 import cv2
@@ -564,9 +563,7 @@ def test_without_camera_the_page_says_so_and_uploads_still_work(make_env):
 
     env = make_env(open_camera=no_camera)
     c, token = _client(env)
-    deadline = time.monotonic() + 5
-    while env.feed.status()["state"] != "disconnected" and time.monotonic() < deadline:
-        time.sleep(0.02)
+    assert wait_until(lambda: env.feed.status()["state"] == "disconnected")
     st = c.get("/api/status").get_json()
     assert st["camera"]["state"] == "disconnected" and "USB cable" in st["camera"]["message"] and not st["ok"]
     _start(c, token)
@@ -1151,3 +1148,29 @@ def test_finish_waits_for_its_own_slides_fields_only(make_env, classifier, monke
     t.join(60)
     assert r.status_code == 200 and r.get_json()["status"] == "finished"
     assert env.analyser.pending_for(2) == 0
+
+
+def test_a_client_acting_on_the_answer_finds_the_field_released(make_env, monkeypatch, tmp_path):
+    """The answer came back from ``fut.result()`` before the future's done-callbacks had run: a client
+    acting on it at once (Finish, capturing the same rejected view again) could find the field still
+    pending or its view still reserved. Callbacks are held back here for 1 s to show the window."""
+    import concurrent.futures._base as futures_base
+    import time as _time
+
+    real = futures_base.Future._invoke_callbacks
+    monkeypatch.setattr(futures_base.Future, "_invoke_callbacks",
+                        lambda self: (_time.sleep(1.0), real(self))[1])
+    from device.camera import ReplayCamera
+
+    still = tmp_path / "still"
+    still.mkdir()
+    (still / "field.jpg").write_bytes(SAMPLE.read_bytes())
+    env = make_env(open_camera=lambda: ReplayCamera(still, fps=20), analysis={"min_focus": 10.0})
+    c, token = _client(env)
+    _start(c, token)
+    _wait_frame(env)
+    r = _capture(c, token)
+    assert r.status_code == 201 and "focus" in r.get_json()["field"]["rejected"]
+    assert env.analyser.pending_for(1) == 0  # released before the answer
+    again = _capture(c, token)  # the rejected view, at once: it counts nothing, so it may be captured again
+    assert again.status_code == 201, again.get_json()

@@ -252,9 +252,10 @@ def capture(slide_id: int) -> dict | None:
     if slide["status"] != "open":
         abort(409, f"slide {slide['sample_id']} is finished: start a new slide to capture more fields")
     problem, view, counted = None, None, _counted_views()
+    settled = threading.Lock()  # settled once: by this request when it has the result, else by the worker
 
     def settle(fut=None) -> None:  # the view counts only when its field is stored and not rejected
-        if view is not None:
+        if view is not None and settled.acquire(blocking=False):
             ok = fut is not None and not fut.cancelled() and fut.exception() is None
             stored = (fut.result() or {}) if ok else {}
             counted.settle(slide_id, view, stored.get("id") if stored and not stored.get("rejected") else None)
@@ -305,7 +306,13 @@ def capture(slide_id: int) -> dict | None:
         abort(409, str(exc))
     fut.add_done_callback(settle)  # also when the answer was a 202 and the field is rejected later
     try:
-        field = fut.result(timeout=CAPTURE_WAIT_S)
+        try:
+            field = fut.result(timeout=CAPTURE_WAIT_S)
+        finally:
+            # Before the answer: done-callbacks run after result() returns, and a client acting on the answer
+            # (capturing the same view again, counting another) would meet the view still reserved.
+            if fut.done():
+                settle(fut)
     except FutureTimeout:
         field = None  # still analysing: it will be stored, and most likely counted
     except NotFound as exc:
