@@ -471,6 +471,7 @@ class CameraFeed:
                         cam = None
                     self._set_state("connecting", None)
                     backoff = self.reconnect_min_s
+                    warned = None  # another camera: its first failure is news
                 if cam is None:
                     try:
                         cam = self._open()
@@ -486,7 +487,9 @@ class CameraFeed:
                         backoff = min(backoff * 2, self.reconnect_max_s)
                         continue
                     self._next_retry_t = None
-                    if self._seq or self._reconnects:
+                    if warned is not None:  # still failing as logged: said when a frame comes, not per retry
+                        logger.debug("camera opened (%s), waiting for a frame", self.source)
+                    elif self._seq or self._reconnects:
                         logger.info("camera reconnected (%s)", self.source)
                     else:
                         logger.info("camera connected (%s)", self.source)
@@ -509,12 +512,14 @@ class CameraFeed:
                     self._wait(backoff)
                     backoff = min(backoff * 2, self.reconnect_max_s)
                     continue
+                if warned is not None:  # the camera answered (even with a bad frame): its next failure is news
+                    logger.info("camera reconnected (%s): frames again after %s", self.source, warned)
+                    warned = None
                 rgb, problem = check_frame(rgb)
                 if problem is None:
                     try:
                         self._on_frame(rgb)
                         backoff = self.reconnect_min_s  # reset only by a frame, not by an open
-                        warned = None
                         continue
                     except Exception as exc:  # whatever a frame does, the loop keeps turning
                         logger.debug("frame handling failed", exc_info=True)

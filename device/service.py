@@ -25,6 +25,7 @@ import sqlite3
 import threading
 import time
 from bisect import bisect_left
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -481,15 +482,20 @@ class FieldAnalyser:
         t0 = time.perf_counter()
         # The slide's own threshold: an admin may change the threshold while the slide is open.
         threshold = float(slide["threshold"])
+        once = threading.Lock()
+
+        def release() -> None:  # exactly once per field, whichever path gets there first
+            if once.acquire(blocking=False):
+                self._done(None, slide_id)
         try:
-            fut = self._executor.submit(self._process, slide_id, rgb, source, model, threshold, problem, t0,
-                                        view_png)
-        except RuntimeError:  # shut down
-            self._done(None, slide_id)
+            fut = self._executor.submit(self._process, release, slide_id, rgb, source, model, threshold, problem,
+                                        t0, view_png)
+        except RuntimeError:  # shut down (or its thread could not start: the item may still run later)
+            release()
             raise CaptureRefused("the service is stopping", 503) from None
         # A field that ran is released by _process before its result is set, so a client acting on the answer
         # (Finish, the next capture) never finds it still pending; one cancelled before it ran is released here.
-        fut.add_done_callback(lambda f: self._done(f, slide_id) if f.cancelled() else None)
+        fut.add_done_callback(lambda f: release() if f.cancelled() else None)
         return fut
 
     def _done(self, fut: Future | None, slide_id: int) -> None:
@@ -505,7 +511,7 @@ class FieldAnalyser:
         with self._lock:
             return self._pending_by_slide.get(slide_id, 0)
 
-    def _process(self, *args) -> dict:
+    def _process(self, release: Callable[[], None], *args) -> dict:
         """Counted and logged here, in the worker, before the page gets its answer."""
         try:
             return self._analyse_and_store(*args)
@@ -521,7 +527,7 @@ class FieldAnalyser:
             logger.exception("field analysis failed")
             raise
         finally:
-            self._done(None, args[0])
+            release()
 
     def _analyse_and_store(self, slide_id: int, rgb: np.ndarray | None, source: str, model: ModelInfo,
                            threshold: float, problem: str | None, t0: float, view_png: bytes | None = None) -> dict:

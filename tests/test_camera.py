@@ -434,3 +434,76 @@ def test_a_demo_replay_turns_each_pass_so_few_pictures_make_many_fields(tmp_path
     assert np.array_equal(plain.read(), plain.read())
     assert load_config(None).camera.replay_turns is True  # the demo
     assert make_config(tmp_path / "d").camera.replay_turns is False
+
+
+def _camera_messages(caplog, text: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "device.camera" and text in r.getMessage()]
+
+
+def test_a_camera_lost_again_after_unusable_frames_is_logged_again(caplog):
+    """lost, then frames that cannot be used, then lost again with the same message: the second loss is a
+    change an admin must see in the log (it ended on "frames unusable" while the camera was gone)."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="device.camera")
+    script = iter(["fail", "bad", "bad", "fail"] + ["ok"] * 10_000)
+
+    class _Cam(CameraBase):
+        def read(self):
+            step = next(script)
+            if step == "fail":
+                raise CameraError("camera '0' stopped delivering frames")
+            if step == "bad":
+                return np.zeros((480, 640), np.uint8)  # one channel: unusable
+            return np.full((480, 640, 3), 128, np.uint8)
+
+        def close(self):
+            pass
+
+    feed = CameraFeed(lambda: _Cam(), reconnect_max_s=0.05, reconnect_min_s=0.01, focus=lambda rgb: 100.0).start()
+    try:
+        assert wait_until(lambda: feed.status()["state"] == "connected", timeout_s=10)
+    finally:
+        feed.stop()
+    assert len(_camera_messages(caplog, "camera lost")) == 2
+    assert _camera_messages(caplog, "frames unusable")
+
+
+def test_another_camera_source_failing_alike_is_logged(caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="device.camera")
+
+    def failing():
+        raise CameraError("picamera2 is not installed")
+
+    feed = CameraFeed(failing, reconnect_max_s=0.05, reconnect_min_s=0.01, focus=lambda rgb: 100.0).start()
+    try:
+        assert wait_until(lambda: len(_camera_messages(caplog, "camera unavailable")) == 1, timeout_s=5)
+        feed.reopen(failing, "csi:1")
+        assert wait_until(lambda: len(_camera_messages(caplog, "camera unavailable")) == 2, timeout_s=5)
+    finally:
+        feed.stop()
+
+
+def test_a_camera_that_opens_but_never_sends_a_frame_does_not_read_as_reconnected(caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="device.camera")
+    opens: list[int] = []
+
+    class _Silent(CameraBase):
+        def read(self):
+            raise CameraError("stopped delivering frames")
+
+        def close(self):
+            pass
+
+    feed = CameraFeed(lambda: (opens.append(1), _Silent())[1], reconnect_max_s=0.05, reconnect_min_s=0.01,
+                      focus=lambda rgb: 100.0).start()
+    try:
+        assert wait_until(lambda: len(opens) >= 6, timeout_s=5)
+    finally:
+        feed.stop()
+    assert len(_camera_messages(caplog, "camera lost")) == 1
+    assert not _camera_messages(caplog, "reconnected")  # opened again and again, never with a frame

@@ -1174,3 +1174,133 @@ def test_a_client_acting_on_the_answer_finds_the_field_released(make_env, monkey
     assert env.analyser.pending_for(1) == 0  # released before the answer
     again = _capture(c, token)  # the rejected view, at once: it counts nothing, so it may be captured again
     assert again.status_code == 201, again.get_json()
+
+
+def test_the_answer_waits_for_a_settle_the_worker_began(make_env, monkeypatch, tmp_path):
+    """The worker's done-callback usually settles the view first: the request's own settle found it taken
+    and answered at once, while the worker was still recording the view, so capturing the rejected view
+    again at once was refused as "already counted". Slowed here (the request after its result, the
+    settle itself) to make that order certain."""
+    import concurrent.futures._base as futures_base
+    import threading
+    import time as _time
+
+    from device.camera import ReplayCamera
+    from device.web import views as web_views
+
+    real_result = futures_base.Future.result
+
+    def slow_result(self, timeout=None):
+        try:
+            return real_result(self, timeout)
+        finally:
+            if not threading.current_thread().name.startswith("analysis"):
+                _time.sleep(0.2)
+
+    monkeypatch.setattr(futures_base.Future, "result", slow_result)
+    real_settle = web_views.CountedViews.settle
+    monkeypatch.setattr(web_views.CountedViews, "settle",
+                        lambda self, *a: (_time.sleep(0.5), real_settle(self, *a))[1])
+    still = tmp_path / "still"
+    still.mkdir()
+    (still / "field.jpg").write_bytes(SAMPLE.read_bytes())
+    env = make_env(open_camera=lambda: ReplayCamera(still, fps=20), analysis={"min_focus": 10.0})
+    c, token = _client(env)
+    _start(c, token)
+    _wait_frame(env)
+    r = _capture(c, token)
+    assert r.status_code == 201 and "focus" in r.get_json()["field"]["rejected"]
+    again = _capture(c, token)
+    assert again.status_code == 201, again.get_json()
+
+
+def _sample_rgb() -> np.ndarray:
+    return cv2.cvtColor(cv2.imread(str(SAMPLE)), cv2.COLOR_BGR2RGB)
+
+
+@pytest.mark.parametrize("exc", [ValueError("boom"), SystemExit(3), KeyboardInterrupt()])
+def test_a_field_is_released_once_whatever_its_analysis_raises(make_env, monkeypatch, exc):
+    env = make_env()
+    c, token = _client(env)
+    _start(c, token)
+    analyser = env.analyser
+
+    def broken(*args):
+        raise exc
+
+    monkeypatch.setattr(analyser, "_analyse_and_store", broken)
+    fut = analyser.submit(1, _sample_rgb())
+    assert isinstance(fut.exception(30), type(exc))
+    assert analyser.pending_for(1) == 0 and analyser.pending == 0
+
+
+def test_fields_cancelled_at_shutdown_are_released_once(make_env, monkeypatch):
+    import threading
+
+    from device.service import CaptureRefused
+
+    env = make_env()
+    c, token = _client(env)
+    _start(c, token)
+    analyser = env.analyser
+    go, entered = threading.Event(), threading.Event()
+    real = analyser._analyse_and_store
+    monkeypatch.setattr(analyser, "_analyse_and_store", lambda *a: (entered.set(), go.wait(30), real(*a))[2])
+    analyser.max_pending = 10
+    first = analyser.submit(1, _sample_rgb())
+    assert entered.wait(30)
+    queued = [analyser.submit(1, _sample_rgb()) for _ in range(2)]
+    assert analyser.pending_for(1) == 3
+    analyser.shutdown(wait=False)
+    assert all(f.cancelled() for f in queued)
+    assert analyser.pending_for(1) == 1  # the one running
+    go.set()
+    first.result(30)
+    assert analyser.pending_for(1) == 0
+    with pytest.raises(CaptureRefused):
+        analyser.submit(1, _sample_rgb())
+    assert analyser.pending_for(1) == 0
+
+
+def test_a_field_refused_after_it_was_queued_is_released_once(make_env, monkeypatch):
+    """ThreadPoolExecutor.submit queues the work, then starts its thread; when the thread cannot start it
+    raises with the work already queued. The refusal released the field, and so did the queued work when a
+    later capture's thread ran it: a field of the same slide then no longer counted as in flight."""
+    import threading
+
+    from device.service import CaptureRefused
+
+    env = make_env()
+    c, token = _client(env)
+    _start(c, token)
+    analyser = env.analyser
+    executor = analyser._executor
+    real_adjust = executor._adjust_thread_count
+    calls = []
+
+    def fails_once():
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("can't start new thread")
+        return real_adjust()
+
+    monkeypatch.setattr(executor, "_adjust_thread_count", fails_once)
+    go = threading.Event()
+    real = analyser._analyse_and_store
+    seen: list[int] = []
+
+    def held(*args):
+        go.wait(30)
+        seen.append(analyser.pending_for(1))
+        return real(*args)
+
+    monkeypatch.setattr(analyser, "_analyse_and_store", held)
+    with pytest.raises(CaptureRefused):
+        analyser.submit(1, _sample_rgb())  # refused, but its work is queued
+    assert analyser.pending_for(1) == 0
+    second = analyser.submit(1, _sample_rgb())  # its thread runs the queued work first
+    assert analyser.pending_for(1) == 1
+    go.set()
+    second.result(30)
+    assert seen == [1, 1]  # the second field was in flight while each ran
+    assert analyser.pending_for(1) == 0

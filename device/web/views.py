@@ -252,10 +252,16 @@ def capture(slide_id: int) -> dict | None:
     if slide["status"] != "open":
         abort(409, f"slide {slide['sample_id']} is finished: start a new slide to capture more fields")
     problem, view, counted = None, None, _counted_views()
-    settled = threading.Lock()  # settled once: by this request when it has the result, else by the worker
+    settle_lock, settled = threading.Lock(), False  # once; a second caller waits until the first is through
 
     def settle(fut=None) -> None:  # the view counts only when its field is stored and not rejected
-        if view is not None and settled.acquire(blocking=False):
+        nonlocal settled
+        if view is None:
+            return
+        with settle_lock:
+            if settled:
+                return
+            settled = True
             ok = fut is not None and not fut.cancelled() and fut.exception() is None
             stored = (fut.result() or {}) if ok else {}
             counted.settle(slide_id, view, stored.get("id") if stored and not stored.get("rejected") else None)
