@@ -486,7 +486,7 @@ class FieldAnalyser:
 
         def release() -> None:  # exactly once per field, whichever path gets there first
             if once.acquire(blocking=False):
-                self._done(None, slide_id)
+                self._release(slide_id)
         try:
             fut = self._executor.submit(self._process, release, slide_id, rgb, source, model, threshold, problem,
                                         t0, view_png)
@@ -498,7 +498,8 @@ class FieldAnalyser:
         fut.add_done_callback(lambda f: release() if f.cancelled() else None)
         return fut
 
-    def _done(self, fut: Future | None, slide_id: int) -> None:
+    def _release(self, slide_id: int) -> None:
+        """One field of the slide is no longer in flight (stored, failed or cancelled)."""
         with self._lock:
             left = self._pending_by_slide.get(slide_id, 1) - 1
             if left > 0:
