@@ -358,13 +358,20 @@ def cmd_evaluate_fields(args) -> int:
 
 def cmd_check_config(args) -> int:
     from device.config import ConfigError, load_config
+    from device.model_card import load_card
+    from device.service import AdminSettings
 
     try:
-        load_config(args.file)
+        cfg = load_config(args.file)
+        if os.access(cfg.service.data_dir, os.R_OK | os.X_OK):
+            cfg = AdminSettings(cfg.service.data_dir).apply(cfg)  # what the service will run with
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    print(f"{args.file}: OK")
+    # The service would start without a usable model and refuse every capture: say so here, where the
+    # installer (and anyone checking a config) still can act. ModelError: "model error: …", exit 3.
+    card = load_card(cfg.model.path, check_sha=True)
+    print(f"{args.file}: OK (model {card.data['name']}, sha256 {card.sha256[:12]}…)")
     return 0
 
 
@@ -476,6 +483,16 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+class JournalFormatter(logging.Formatter):
+    """Each line of a record prefixed with its syslog priority, ``<N>``, as journald reads stderr."""
+
+    PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = f"<{self.PRIORITY.get(record.levelno, 6)}>"
+        return "\n".join(prefix + line for line in super().format(record).splitlines())
+
+
 def main(argv: list[str] | None = None) -> int:
     # a file name that is not UTF-8 (a card written elsewhere) is printed with escapes instead of
     # crashing the batch on its first line of output
@@ -483,8 +500,16 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = getattr(logging, str(args.log_level).upper(), logging.INFO)
+    if os.environ.get("JOURNAL_STREAM"):
+        # Under systemd, stderr goes to the journal: a <N> prefix gives each line its priority (without it
+        # every warning is stored as "info" and `journalctl -p warning` shows none), and the journal has
+        # its own timestamps.
+        handler = logging.StreamHandler()
+        handler.setFormatter(JournalFormatter("%(levelname)s %(name)s: %(message)s"))
+        logging.basicConfig(level=level, handlers=[handler])
+    else:
+        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from device.model_card import ModelError
 
     try:

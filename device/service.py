@@ -42,6 +42,7 @@ from device.store import (
     FieldImages,
     ModelInfo,
     NotFound,
+    SchemaTooNew,
     Store,
     StoreError,
     sync_filesystem,
@@ -824,7 +825,8 @@ def _set_log_level(level: str) -> None:
 def serve(config_path: str | None, host: str | None = None, port: int | None = None) -> int:
     """Run the service until SIGTERM/SIGINT. Returns the exit status (0 after a clean stop).
 
-    Returns 78 (EX_CONFIG) for an invalid config and 1 when the database or the port cannot be used.
+    Returns 78 (EX_CONFIG) for an invalid config or records made by a newer version (systemd does not
+    restart it), and 1 when the database or the port cannot be used.
     """
     import sdnotify
     import waitress
@@ -847,6 +849,9 @@ def serve(config_path: str | None, host: str | None = None, port: int | None = N
     install_recent_log()  # the admin page's "last problems", from here on
     try:
         store = Store(cfg.service.data_dir)
+    except SchemaTooNew as exc:  # older software installed over newer records: not worth restarting
+        logger.error("cannot open the records in %s: %s", cfg.service.data_dir, exc)
+        return EX_CONFIG
     except (StoreError, OSError) as exc:
         logger.error("cannot open the records in %s: %s", cfg.service.data_dir, exc)
         return 1

@@ -164,6 +164,10 @@ class StoreError(RuntimeError):
     """The database cannot be used (e.g. made by a newer version); the message says what to do."""
 
 
+class SchemaTooNew(StoreError):
+    """The database was made by a newer version of the software: retrying cannot help."""
+
+
 class NotFound(StoreError):
     pass
 
@@ -200,7 +204,7 @@ def migrate(conn: sqlite3.Connection, migrations: list[str] | None = None) -> in
     migrations = MIGRATIONS if migrations is None else migrations
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     if version > len(migrations):
-        raise StoreError(f"the database is at schema version {version}, newer than this software "
+        raise SchemaTooNew(f"the database is at schema version {version}, newer than this software "
                          f"({len(migrations)}): install the newer software or restore a matching backup")
     for i in range(version, len(migrations)):
         try:

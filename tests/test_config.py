@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from device.config import ConfigError, from_dict, load_config
+from tests.conftest import MODEL_PATH
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -73,7 +74,21 @@ def test_check_config_command(tmp_path):
     good.write_text('[analysis]\ncounting_target_rbc = 1000\n')
     r = subprocess.run([sys.executable, "-m", "device", "check-config", str(good)], cwd=ROOT,
                        capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0 and "OK" in r.stdout
+    assert r.returncode == 0 and "OK" in r.stdout and "sha256" in r.stdout
+    # a config whose model the service could not use: it started, said ready and refused every capture
+    import shutil
+
+    model = tmp_path / "cellnet_int8.tflite"
+    shutil.copy(MODEL_PATH, model)
+    shutil.copy(MODEL_PATH.with_suffix(".json"), model.with_suffix(".json"))
+    with open(model, "ab") as f:
+        f.write(b"\0")  # not the model its card describes
+    for case, path in (("changed", model), ("missing", tmp_path / "none.tflite")):
+        cfg = tmp_path / f"{case}.toml"
+        cfg.write_text(f'[model]\npath = "{path}"\n')
+        r = subprocess.run([sys.executable, "-m", "device", "check-config", str(cfg)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 3 and r.stderr.startswith("model error:"), (case, r.stderr)
 
 
 def test_nan_in_a_toml_file_and_a_non_utf8_file_are_config_errors(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import http.cookiejar
 import json
+import logging
 import os
 import signal
 import socket
@@ -406,3 +407,40 @@ def test_a_slide_is_not_closed_without_fields_even_past_the_page_check(tmp_path)
         service.finish_slide(store, sid)
     assert store.get_slide(sid)["status"] == "open"
     store.close()
+
+
+def test_serve_over_records_from_newer_software_exits_78(tmp_path, caplog):
+    """Older software installed over newer records: exit 78, which the unit does not restart (exit 1 made
+    systemd retry every 10 s until its start limit)."""
+    import sqlite3
+
+    from device import store as store_mod
+
+    (tmp_path / "data").mkdir()
+    conn = sqlite3.connect(tmp_path / "data" / store_mod.DB_NAME)
+    conn.execute("PRAGMA user_version = 99")
+    conn.close()
+    assert service.serve(str(_write_config(tmp_path, _free_port()))) == service.EX_CONFIG
+    assert "newer than this software" in caplog.text
+
+
+def test_log_lines_carry_their_priority_for_the_journal(tmp_path):
+    """Under systemd (JOURNAL_STREAM set) each line starts with its syslog priority: without it journald
+    stored every warning as "info", and `journalctl -p warning` showed none of the service's."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[camera]\nsource = 'webcam'\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JOURNAL_STREAM": "8:12345"}
+    r = subprocess.run([sys.executable, "-m", "device", "serve", "--config", str(bad)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == service.EX_CONFIG
+    lines = [ln for ln in r.stderr.splitlines() if "camera.source" in ln]
+    assert lines and all(ln.startswith("<3>ERROR device.service: config error") for ln in lines), r.stderr
+    env.pop("JOURNAL_STREAM")
+    r = subprocess.run([sys.executable, "-m", "device", "serve", "--config", str(bad)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert "ERROR device.service: config error" in r.stderr and "<3>" not in r.stderr  # a terminal: plain
+    from device.cli import JournalFormatter
+
+    record = logging.LogRecord("device.camera", logging.WARNING, __file__, 1, "camera lost:\nsecond line", None,
+                               None)
+    assert JournalFormatter("%(message)s").format(record) == "<4>camera lost:\n<4>second line"
