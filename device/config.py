@@ -1,7 +1,7 @@
 """The device configuration: one TOML file, validated once, as a frozen object.
 
-Every key is documented in ``device/default.toml``. Unknown keys, wrong types and values out of
-range are errors that name the key (``camera.source: must be one of ...``).
+Every key is documented in ``systemd/config.toml`` (the installed config). Unknown keys, wrong types
+and values out of range are errors that name the key (``camera.source: must be one of ...``).
 """
 
 from __future__ import annotations

@@ -210,7 +210,28 @@ create_user() {
 stop_service() {
   if [ -z "$ROOT" ] && systemctl is-active --quiet "$UNIT" 2>/dev/null; then
     run systemctl stop "$UNIT"
+    if [ "$DRY_RUN" = 0 ]; then
+      trap restart_after_failure EXIT
+    fi
   fi
+}
+
+# A step after the stop failed (no network for pip, a config the new version refuses): the clinic must
+# not be left with the service down. Start it again on what is installed and say what state it is in.
+restart_after_failure() {
+  local rc=$?
+  trap - EXIT
+  if [ "$rc" = 0 ]; then
+    return
+  fi
+  echo "install.sh: failed after the service was stopped; starting it again on what is installed" >&2
+  if systemctl start "$UNIT"; then
+    echo "install.sh: $APP is running again, but the update is incomplete: fix the error above and run" \
+      "install.sh again" >&2
+  else
+    echo "install.sh: $APP does not start: journalctl -u $APP -n 50 --no-pager" >&2
+  fi
+  exit "$rc"
 }
 
 # Replace the code in /opt/malaria-detect with this folder's, keeping the venv: an upgrade reuses
@@ -264,7 +285,14 @@ install_venv() {
   if [ "$DRY_RUN" = 0 ] && ! "$VENV/bin/python" -c 'import picamera2' 2>/dev/null; then
     note "warning: picamera2 does not import in the venv: camera.source = \"picamera2\" will fail (a USB camera with \"opencv\" still works)"
   fi
-  # The service cannot write to /opt: compile the bytecode now rather than at every start.
+}
+
+# The service cannot write to /opt: compile the bytecode now rather than at every start (also after
+# --skip-venv, since copy_code removed the old bytecode).
+compile_code() {
+  if [ -n "$ROOT" ]; then
+    return
+  fi
   run "$VENV/bin/python" -m compileall -q "$OPT_DIR/device"
 }
 
@@ -319,6 +347,16 @@ print_summary() {
   fi
   note "done. code: $OPT_DIR; config: $ETC_DIR/config.toml; data: $STATE_DIR"
   note "the page: http://${address:-<pi-address>}:${port:-8080} (logs: journalctl -u $APP -f)"
+  if [ -z "$ROOT" ]; then
+    # Records are kept in UTC and shown in the Pi's time zone: both must be right before the first slide.
+    note "clock: $(date '+%Y-%m-%d %H:%M %Z'), time zone $(timedatectl show -p Timezone --value 2>/dev/null ||
+      echo unknown) (wrong? see systemd/README.md, The clock)"
+    local code
+    code=$(journalctl -u "$UNIT" -n 200 -o cat 2>/dev/null | grep -o 'Setup code: [A-Z0-9-]*' | tail -n 1) || true
+    if [ -n "$code" ]; then
+      note "first run: $code (enter it at /admin/setup to choose the admin password)"
+    fi
+  fi
 }
 
 uninstall() {
@@ -361,6 +399,7 @@ main() {
   stop_service
   copy_code
   install_venv
+  compile_code
   install_config
   check_config
   install_unit

@@ -314,3 +314,29 @@ def test_install_refuses_a_source_without_model(source, tmp_path):
 def test_install_rejects_unknown_options(source):
     res = run(["bash", str(source / "systemd" / "install.sh"), "--frobnicate"])
     assert res.returncode != 0 and "unknown option: --frobnicate" in res.stderr
+
+
+@pytest.mark.parametrize("starts", [True, False])
+def test_a_failed_update_starts_the_stopped_service_again(tmp_path, starts):
+    """The update stopped the service, then a later step failed (pip without network, a config the new
+    version refuses): the script exited and left the clinic's device down. Its exit trap, run here on its
+    own with a stand-in systemctl, starts the service again and keeps the failure's exit status."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    calls = tmp_path / "calls"
+    fake = bindir / "systemctl"
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\nexit {0 if starts else 1}\n')
+    fake.chmod(0o755)
+    script = INSTALL_SH.read_text()
+    trap_fn = script[script.index("restart_after_failure() {"):]
+    trap_fn = trap_fn[: trap_fn.index("\n}\n") + 3]
+    answers = {}
+    for status in (0, 5):  # a run that ends well, then one that fails
+        answers[status] = subprocess.run(
+            ["bash", "-c", f"APP=malaria-detect; UNIT=malaria-detect.service\n{trap_fn}\n"
+             f"trap restart_after_failure EXIT\nexit {status}"],
+            env={**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}, capture_output=True, text=True, timeout=60)
+        assert answers[status].returncode == status
+    assert calls.read_text().splitlines() == ["start malaria-detect.service"]  # only after the failure
+    assert answers[0].stderr == ""
+    assert ("is running again" if starts else "does not start") in answers[5].stderr
