@@ -89,7 +89,7 @@ def test_a_database_of_the_first_schema_upgrades_with_its_records(tmp_path, monk
     monkeypatch.undo()
     new = Store(tmp_path)
     try:
-        assert new.pragma("user_version") == store_mod.SCHEMA_VERSION == 7
+        assert new.pragma("user_version") == store_mod.SCHEMA_VERSION == 8
         assert new.get_field(fid)["has_annotated"] == 1 and new.field_image_path(fid, "annotated").is_file()
         assert new.newest_record_time() is not None  # the clock check reads the new table on old records
         new.confirm_clock()
@@ -688,7 +688,7 @@ def test_a_database_at_schema_6_gets_the_discarded_field_numbers_column(tmp_path
     monkeypatch.undo()
     new = Store(tmp_path)
     try:
-        assert new.pragma("user_version") == 7
+        assert new.pragma("user_version") == store_mod.SCHEMA_VERSION
         sid = _slide(new)
         fid = new.add_field(sid, _result(rejected="blurred"), source="camera", model_sha256=MODEL.sha256,
                             images=_images(_result(rejected="blurred")))
@@ -699,3 +699,34 @@ def test_a_database_at_schema_6_gets_the_discarded_field_numbers_column(tmp_path
                              images=_images(_result())) == fid + 1
     finally:
         new.close()
+
+
+def test_a_finished_slide_keeps_no_camera_views(tmp_path, monkeypatch):
+    """The views (about 15 kB a field, three quarters of the database's growth: 20 kB a field measured)
+    only guard against counting a field twice, and a finished slide takes no more fields. Finishing drops
+    them; migration 8 drops those that finished slides kept before it."""
+    view = b"\x89PNG view"
+    monkeypatch.setattr(store_mod, "MIGRATIONS", store_mod.MIGRATIONS[:7])
+    old = Store(tmp_path)
+    done, still_open = _slide(old, "S-1"), _slide(old, "S-2")
+    fields = {sid: old.add_field(sid, _result(), source="camera", model_sha256=MODEL.sha256,
+                                 images=_images(_result()), view_png=view) for sid in (done, still_open)}
+    with old._tx() as c:  # finished under version 7, views kept
+        c.execute("UPDATE slides SET status = 'finished', result_json = '{}' WHERE id = ?", (done,))
+    assert old.field_view_png(fields[done]) == view
+    old.close()
+    monkeypatch.undo()
+    s = Store(tmp_path)
+    try:
+        assert s.pragma("user_version") == 8
+        assert s.field_view_png(fields[done]) is None  # the finished slide's view went
+        assert s.counted_views_png(still_open) == {fields[still_open]: view}  # the open slide's stays
+        third = _slide(s, "S-3")
+        fid = s.add_field(third, _result(), source="camera", model_sha256=MODEL.sha256, images=_images(_result()),
+                          view_png=view)
+        s.finish_slide(still_open, lambda slide, totals: {"call": "negative"})
+        assert s.field_view_png(fields[still_open]) is None  # finishing drops them
+        assert s.counted_views_png(third) == {fid: view}  # another slide's are not touched
+        assert s.totals(still_open)["fields_used"] == 1  # the field itself stays
+    finally:
+        s.close()
