@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 DB_NAME = "malaria-detect.sqlite3"
 IMAGES_DIR = "images"
+MIGRATION_COPY_MARGIN = 50 * 1024 * 1024  # left free after the copy made before a schema migration
 REVIEW_DECISIONS = ("confirmed", "rejected")
 _ANY = object()  # review_cell without a "seen" decision: whatever is stored is replaced
 # A field that counts (alias f): not rejected by the quality gate, not taken out by the technician.
@@ -212,7 +213,7 @@ def migrate(conn: sqlite3.Connection, migrations: list[str] | None = None) -> in
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     if version > len(migrations):
         raise SchemaTooNew(f"the database is at schema version {version}, newer than this software "
-                         f"({len(migrations)}): install the newer software or restore a matching backup")
+                           f"({len(migrations)}): install the newer software or restore a matching backup")
     for i in range(version, len(migrations)):
         try:
             # executescript runs the script as written; BEGIN/COMMIT make the migration and its version
@@ -337,6 +338,7 @@ class Store:
         self._conns: list[sqlite3.Connection] = []
         self._conns_lock = threading.Lock()
         try:
+            self._copy_before_migrating()
             self.schema_version = migrate(self._conn())
             # reads every open slide's rows: a damaged table (an SD card failing) shows here, not in migrate
             self.interrupted_files_removed = self._remove_interrupted_writes()
@@ -347,6 +349,35 @@ class Store:
         except StoreError:
             self.close()
             raise
+
+    def _copy_before_migrating(self) -> Path | None:
+        """Copy records an upgrade is about to migrate to ``<database>.before-schema-<N>`` beside them.
+
+        A migration cannot be undone, and going back to the previous software needs the records as it
+        left them. Skipped (with a warning, the upgrade goes on) when the card has not room for two copies.
+        """
+        conn = self._conn()
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if not 0 < version < len(MIGRATIONS):
+            return None
+        copy = self.db_path.with_name(f"{DB_NAME}.before-schema-{len(MIGRATIONS)}")
+        size = self.db_path.stat().st_size
+        wal = self.db_path.with_name(DB_NAME + "-wal")
+        size += wal.stat().st_size if wal.exists() else 0
+        if shutil.disk_usage(self.data_dir).free < 2 * size + MIGRATION_COPY_MARGIN:
+            logger.warning("no copy of the records before the schema migration to version %d: not enough "
+                           "free space for one (%.0f MB)", len(MIGRATIONS), size / 1e6)
+            return None
+        partial = copy.with_name(copy.name + ".partial")
+        os.close(os.open(partial, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600))  # patient records: owner only
+        target = sqlite3.connect(partial)
+        try:
+            conn.backup(target)
+        finally:
+            target.close()
+        os.replace(partial, copy)
+        logger.info("records copied to %s before the schema migration to version %d", copy, len(MIGRATIONS))
+        return copy
 
     def _remove_interrupted_writes(self) -> int:
         """Delete what a crash (kill -9, power cut) left of a field it cut short; returns how many files.

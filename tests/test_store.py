@@ -720,6 +720,13 @@ def test_a_finished_slide_keeps_no_camera_views(tmp_path, monkeypatch):
     try:
         assert s.pragma("user_version") == 8
         assert s.field_view_png(fields[done]) is None  # the finished slide's view went
+        # ...but the records as the previous software left them were copied first: it can go back to them
+        copy = tmp_path / f"{store_mod.DB_NAME}.before-schema-8"
+        assert stat.S_IMODE(copy.stat().st_mode) == 0o600
+        conn = sqlite3.connect(copy)
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 7
+        assert conn.execute("SELECT png FROM field_views WHERE field_id = ?", (fields[done],)).fetchone()[0] == view
+        conn.close()
         assert s.counted_views_png(still_open) == {fields[still_open]: view}  # the open slide's stays
         third = _slide(s, "S-3")
         fid = s.add_field(third, _result(), source="camera", model_sha256=MODEL.sha256, images=_images(_result()),
@@ -730,3 +737,18 @@ def test_a_finished_slide_keeps_no_camera_views(tmp_path, monkeypatch):
         assert s.totals(still_open)["fields_used"] == 1  # the field itself stays
     finally:
         s.close()
+
+
+def test_no_copy_is_made_of_new_or_current_records_or_without_room(tmp_path, monkeypatch, caplog):
+    Store(tmp_path / "new").close()
+    Store(tmp_path / "new").close()  # opened again at the current schema
+    assert not list((tmp_path / "new").glob("*.before-schema-*"))
+    monkeypatch.setattr(store_mod, "MIGRATIONS", store_mod.MIGRATIONS[:7])
+    Store(tmp_path / "full").close()
+    monkeypatch.undo()
+    monkeypatch.setattr(store_mod, "MIGRATION_COPY_MARGIN", 1 << 62)  # a card with no room for a copy
+    s = Store(tmp_path / "full")  # migrates all the same
+    assert s.pragma("user_version") == store_mod.SCHEMA_VERSION
+    s.close()
+    assert not list((tmp_path / "full").glob("*.before-schema-*"))
+    assert "no copy of the records before the schema migration" in caplog.text
