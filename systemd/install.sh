@@ -28,6 +28,7 @@ SKIP_VENV=0
 UNINSTALL=0
 PURGE=0
 WHEELHOUSE=""
+STARTED_AT="" # when install_unit (re)started the service
 
 usage() {
   cat <<EOF
@@ -212,6 +213,10 @@ stop_service() {
     run systemctl stop "$UNIT"
     if [ "$DRY_RUN" = 0 ]; then
       trap restart_after_failure EXIT
+      # killed by a signal (Ctrl-C, a dropped SSH session), bash runs the EXIT trap with $? = 0
+      trap 'exit 130' INT
+      trap 'exit 129' HUP
+      trap 'exit 143' TERM
     fi
   fi
 }
@@ -220,10 +225,11 @@ stop_service() {
 # not be left with the service down. Start it again on what is installed and say what state it is in.
 restart_after_failure() {
   local rc=$?
-  trap - EXIT
+  trap - EXIT INT HUP TERM
   if [ "$rc" = 0 ]; then
     return
   fi
+  set +e # a terminal that is gone (SSH dropped) fails every echo: start the service all the same
   echo "install.sh: failed after the service was stopped; starting it again on what is installed" >&2
   if systemctl start "$UNIT"; then
     echo "install.sh: $APP is running again, but the update is incomplete: fix the error above and run" \
@@ -323,6 +329,7 @@ check_config() {
 }
 
 install_unit() {
+  STARTED_AT=$(date '+%Y-%m-%d %H:%M:%S') # this start's setup code, not an earlier one's
   run install -D -m 0644 "$SRC_DIR/systemd/$UNIT" "$UNIT_DIR/$UNIT"
   sys systemctl daemon-reload
   sys systemctl enable "$UNIT"
@@ -352,7 +359,8 @@ print_summary() {
     note "clock: $(date '+%Y-%m-%d %H:%M %Z'), time zone $(timedatectl show -p Timezone --value 2>/dev/null ||
       echo unknown) (wrong? see systemd/README.md, The clock)"
     local code
-    code=$(journalctl -u "$UNIT" -n 200 -o cat 2>/dev/null | grep -o 'Setup code: [A-Z0-9-]*' | tail -n 1) || true
+    code=$(journalctl -u "$UNIT" --since "$STARTED_AT" -o cat 2>/dev/null |
+      grep -o 'Setup code: [A-Z0-9-]*' | tail -n 1) || true
     if [ -n "$code" ]; then
       note "first run: $code (enter it at /admin/setup to choose the admin password)"
     fi

@@ -316,27 +316,41 @@ def test_install_rejects_unknown_options(source):
     assert res.returncode != 0 and "unknown option: --frobnicate" in res.stderr
 
 
+def _install_functions(*names: str) -> str:
+    """The named functions of install.sh, as written there."""
+    script = INSTALL_SH.read_text()
+    out = []
+    for name in names:
+        body = script[script.index(f"\n{name}() {{") + 1:]
+        out.append(body[: body.index("\n}\n") + 3])
+    return "".join(out)
+
+
 @pytest.mark.parametrize("starts", [True, False])
 def test_a_failed_update_starts_the_stopped_service_again(tmp_path, starts):
     """The update stopped the service, then a later step failed (pip without network, a config the new
-    version refuses): the script exited and left the clinic's device down. Its exit trap, run here on its
-    own with a stand-in systemctl, starts the service again and keeps the failure's exit status."""
+    version refuses) or the update was interrupted (Ctrl-C, a dropped SSH session): the script exited and
+    left the clinic's device down. Run here with install.sh's own stop_service and exit trap and a
+    stand-in systemctl: the service is started again, and the exit status kept."""
     bindir = tmp_path / "bin"
     bindir.mkdir()
     calls = tmp_path / "calls"
     fake = bindir / "systemctl"
-    fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\nexit {0 if starts else 1}\n')
+    # is-active: the service runs; stop: fine; start: as the parameter says
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\ncase "$1" in start) exit {0 if starts else 1};; esac\n'
+                    "exit 0\n")
     fake.chmod(0o755)
-    script = INSTALL_SH.read_text()
-    trap_fn = script[script.index("restart_after_failure() {"):]
-    trap_fn = trap_fn[: trap_fn.index("\n}\n") + 3]
-    answers = {}
-    for status in (0, 5):  # a run that ends well, then one that fails
-        answers[status] = subprocess.run(
-            ["bash", "-c", f"APP=malaria-detect; UNIT=malaria-detect.service\n{trap_fn}\n"
-             f"trap restart_after_failure EXIT\nexit {status}"],
-            env={**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}, capture_output=True, text=True, timeout=60)
-        assert answers[status].returncode == status
-    assert calls.read_text().splitlines() == ["start malaria-detect.service"]  # only after the failure
-    assert answers[0].stderr == ""
-    assert ("is running again" if starts else "does not start") in answers[5].stderr
+    functions = _install_functions("run", "quote", "stop_service", "restart_after_failure")
+    prelude = f"set -euo pipefail\nAPP=malaria-detect; UNIT=malaria-detect.service; ROOT=; DRY_RUN=0\n{functions}\n"
+    ends = {"success": ("true", 0), "a failed step": ("false", 1), "Ctrl-C": ("kill -INT $$; sleep 5", 130),
+            "SIGTERM": ("kill -TERM $$; sleep 5", 143)}
+    for what, (step, status) in ends.items():
+        calls.write_text("")
+        r = subprocess.run(["bash", "-c", f"{prelude}stop_service\n{step}\n"],
+                           env={**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}, capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == status, (what, r.stderr)
+        started = "start malaria-detect.service" in calls.read_text().splitlines()
+        assert started == (what != "success"), (what, calls.read_text())
+        if what != "success":
+            assert ("is running again" if starts else "does not start") in r.stderr, what
