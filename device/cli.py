@@ -363,8 +363,14 @@ def cmd_check_config(args) -> int:
 
     try:
         cfg = load_config(args.file)
-        if os.access(cfg.service.data_dir, os.R_OK | os.X_OK):
-            cfg = AdminSettings(cfg.service.data_dir).apply(cfg)  # what the service will run with
+        settings = AdminSettings(cfg.service.data_dir)
+        data_dir = cfg.service.data_dir
+        if os.access(settings.path, os.R_OK):
+            cfg = settings.apply(cfg)  # what the service will run with
+        elif os.path.exists(settings.path) or (os.path.isdir(data_dir) and not os.access(data_dir, os.X_OK)):
+            # the service user's file (0600): a member of its group can check the rest
+            print(f"{settings.path}: not read (run as the service user or root to check the admin's saved "
+                  "settings too)", file=sys.stderr)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
@@ -483,6 +489,17 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def stderr_is_journal() -> bool:
+    """Whether stderr is the journal's stream: systemd sets JOURNAL_STREAM to its "device:inode", and a
+    child whose stderr was redirected elsewhere inherits the variable all the same."""
+    try:
+        dev, ino = (int(v) for v in os.environ.get("JOURNAL_STREAM", "").split(":"))
+        st = os.fstat(sys.stderr.fileno())
+    except (ValueError, OSError, AttributeError):
+        return False
+    return (st.st_dev, st.st_ino) == (dev, ino)
+
+
 class JournalFormatter(logging.Formatter):
     """Each line of a record prefixed with its syslog priority, ``<N>``, as journald reads stderr."""
 
@@ -490,7 +507,7 @@ class JournalFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         prefix = f"<{self.PRIORITY.get(record.levelno, 6)}>"
-        return "\n".join(prefix + line for line in super().format(record).splitlines())
+        return "\n".join(prefix + line for line in super().format(record).split("\n"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -501,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
             stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     level = getattr(logging, str(args.log_level).upper(), logging.INFO)
-    if os.environ.get("JOURNAL_STREAM"):
+    if stderr_is_journal():
         # Under systemd, stderr goes to the journal: a <N> prefix gives each line its priority (without it
         # every warning is stored as "info" and `journalctl -p warning` shows none), and the journal has
         # its own timestamps.

@@ -45,6 +45,7 @@ from device.store import (
     SchemaTooNew,
     Store,
     StoreError,
+    pending_migrations,
     sync_filesystem,
     write_atomic,
 )
@@ -52,6 +53,7 @@ from device.store import (
 logger = logging.getLogger(__name__)
 
 EX_CONFIG = 78  # sysexits.h; the systemd unit's RestartPreventExitStatus
+MIGRATION_TIMEOUT_S = 30 * 60  # start time asked of systemd while an upgrade copies and migrates the records
 WAITRESS_THREADS = 8  # captures wait for their analysis in a request thread; status and preview need others
 # waitress keeps what a slow client has not read yet in memory up to outbuf_overflow, then in a temporary
 # file, which on a full or read-only card breaks the reply half way (the records download is for exactly
@@ -847,6 +849,13 @@ def serve(config_path: str | None, host: str | None = None, port: int | None = N
         return EX_CONFIG
     _set_log_level(cfg.service.log_level)
     install_recent_log()  # the admin page's "last problems", from here on
+    migrations = pending_migrations(cfg.service.data_dir)
+    if migrations and os.environ.get("NOTIFY_SOCKET"):
+        # An upgrade copies the records, then migrates them, before the service is ready: minutes on an SD
+        # card with years of records, past the unit's start timeout (which would kill it and start over).
+        notifier = sdnotify.SystemdNotifier()
+        notifier.notify(f"EXTEND_TIMEOUT_USEC={MIGRATION_TIMEOUT_S * 1_000_000}")
+        notifier.notify(f"STATUS=copying and migrating the records ({migrations} schema change(s))")
     try:
         store = Store(cfg.service.data_dir)
     except SchemaTooNew as exc:  # older software installed over newer records: not worth restarting

@@ -43,6 +43,21 @@ logger = logging.getLogger(__name__)
 DB_NAME = "malaria-detect.sqlite3"
 IMAGES_DIR = "images"
 MIGRATION_COPY_MARGIN = 50 * 1024 * 1024  # left free after the copy made before a schema migration
+
+
+def pending_migrations(data_dir: str | Path) -> int:
+    """How many schema migrations opening the records in ``data_dir`` will run (0: none, or no records)."""
+    path = Path(data_dir) / DB_NAME
+    if not path.exists():
+        return 0
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            return max(0, len(MIGRATIONS) - conn.execute("PRAGMA user_version").fetchone()[0])
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return 0  # Store says what is wrong with it
 REVIEW_DECISIONS = ("confirmed", "rejected")
 _ANY = object()  # review_cell without a "seen" decision: whatever is stored is replaced
 # A field that counts (alias f): not rejected by the quality gate, not taken out by the technician.
@@ -214,6 +229,10 @@ def migrate(conn: sqlite3.Connection, migrations: list[str] | None = None) -> in
     if version > len(migrations):
         raise SchemaTooNew(f"the database is at schema version {version}, newer than this software "
                            f"({len(migrations)}): install the newer software or restore a matching backup")
+    if version < len(migrations):
+        # Debian's SQLite zeroes every page a DELETE frees (secure_delete on): migration 8 then wrote
+        # about 2.8x the database (the copy before it included) and left a WAL as large as the views.
+        conn.execute("PRAGMA secure_delete = FAST")
     for i in range(version, len(migrations)):
         try:
             # executescript runs the script as written; BEGIN/COMMIT make the migration and its version
@@ -224,6 +243,8 @@ def migrate(conn: sqlite3.Connection, migrations: list[str] | None = None) -> in
                 conn.execute("ROLLBACK")
             raise StoreError(f"database migration {i + 1} failed: {exc}") from exc
         logger.info("database schema migrated to version %d", i + 1)
+    if version < len(migrations):
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the migrations' WAL back to the card
     return len(migrations)
 
 
@@ -354,28 +375,42 @@ class Store:
         """Copy records an upgrade is about to migrate to ``<database>.before-schema-<N>`` beside them.
 
         A migration cannot be undone, and going back to the previous software needs the records as it
-        left them. Skipped (with a warning, the upgrade goes on) when the card has not room for two copies.
+        left them. Skipped (with a warning, the upgrade goes on) when the card has not room for two copies
+        or the copy fails; not made again by a start after one whose migration failed.
         """
         conn = self._conn()
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if not 0 < version < len(MIGRATIONS):
             return None
         copy = self.db_path.with_name(f"{DB_NAME}.before-schema-{len(MIGRATIONS)}")
-        size = self.db_path.stat().st_size
         wal = self.db_path.with_name(DB_NAME + "-wal")
-        size += wal.stat().st_size if wal.exists() else 0
+        # a WAL just created by opening the records is empty: only one holding writes is newer records
+        live = [p for p in (self.db_path, wal) if p.exists() and (p is self.db_path or p.stat().st_size)]
+        if copy.exists() and copy.stat().st_mtime >= max(p.stat().st_mtime for p in live):
+            return copy  # made by an earlier start whose migration failed; nothing changed since
+        partial = copy.with_name(copy.name + ".partial")
+        for leftover in (partial, partial.with_name(partial.name + "-journal")):  # an interrupted copy
+            leftover.unlink(missing_ok=True)
+        size = sum(p.stat().st_size for p in live)
         if shutil.disk_usage(self.data_dir).free < 2 * size + MIGRATION_COPY_MARGIN:
             logger.warning("no copy of the records before the schema migration to version %d: not enough "
                            "free space for one (%.0f MB)", len(MIGRATIONS), size / 1e6)
             return None
-        partial = copy.with_name(copy.name + ".partial")
-        os.close(os.open(partial, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600))  # patient records: owner only
-        target = sqlite3.connect(partial)
         try:
-            conn.backup(target)
-        finally:
-            target.close()
-        os.replace(partial, copy)
+            os.close(os.open(partial, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600))  # patient records: owner only
+            target = sqlite3.connect(partial)
+            try:
+                conn.backup(target)
+                target.execute("PRAGMA journal_mode = DELETE")  # one file, like the records' download
+            finally:
+                target.close()
+            os.replace(partial, copy)
+        except (sqlite3.Error, OSError) as exc:  # the copy failed, not the records: migrate all the same
+            for leftover in (partial, partial.with_name(partial.name + "-journal")):
+                leftover.unlink(missing_ok=True)
+            logger.warning("no copy of the records before the schema migration to version %d: %s",
+                           len(MIGRATIONS), exc)
+            return None
         logger.info("records copied to %s before the schema migration to version %d", copy, len(MIGRATIONS))
         return copy
 

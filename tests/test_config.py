@@ -125,3 +125,24 @@ def test_a_min_focus_above_what_sharp_fields_measure_is_warned_about(caplog):
     with caplog.at_level("WARNING"):
         cfg = from_dict({"analysis": {"min_focus": 4.4}})  # e.g. an old, lowered Laplacian threshold
     assert cfg.analysis.min_focus == 4.4 and "every field may be rejected" in caplog.text
+
+
+def test_check_config_says_when_it_cannot_read_the_saved_settings(tmp_path, monkeypatch, capsys):
+    """Run by a member of the service's group, the admin's settings (0600, the service user's) cannot be
+    read: the rest is checked, and it says what was not (it failed as "cannot read")."""
+    import os
+
+    from device import cli
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "settings.json").write_text('{"analysis": {"counting_target_rbc": 1000}}')
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(f'[service]\ndata_dir = "{data}"\n[model]\npath = "{MODEL_PATH}"\n')
+    assert cli.main(["check-config", str(cfg)]) == 0
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p).endswith("settings.json") else
+                        real_access(p, mode))
+    assert cli.main(["check-config", str(cfg)]) == 0
+    out = capsys.readouterr()
+    assert "settings.json: not read" in out.err and "OK" in out.out

@@ -429,18 +429,48 @@ def test_log_lines_carry_their_priority_for_the_journal(tmp_path):
     stored every warning as "info", and `journalctl -p warning` showed none of the service's."""
     bad = tmp_path / "bad.toml"
     bad.write_text("[camera]\nsource = 'webcam'\n")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JOURNAL_STREAM": "8:12345"}
-    r = subprocess.run([sys.executable, "-m", "device", "serve", "--config", str(bad)], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == service.EX_CONFIG
-    lines = [ln for ln in r.stderr.splitlines() if "camera.source" in ln]
-    assert lines and all(ln.startswith("<3>ERROR device.service: config error") for ln in lines), r.stderr
-    env.pop("JOURNAL_STREAM")
-    r = subprocess.run([sys.executable, "-m", "device", "serve", "--config", str(bad)], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=120)
-    assert "ERROR device.service: config error" in r.stderr and "<3>" not in r.stderr  # a terminal: plain
+
+    def serve_with_stderr_to(path: Path, journal_stream: str | None) -> str:
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env.pop("JOURNAL_STREAM", None)
+        with open(path, "w") as err:
+            if journal_stream == "this file":  # as systemd does: the "device:inode" of the stream it gave
+                st = os.fstat(err.fileno())
+                journal_stream = f"{st.st_dev}:{st.st_ino}"
+            if journal_stream:
+                env["JOURNAL_STREAM"] = journal_stream
+            r = subprocess.run([sys.executable, "-m", "device", "serve", "--config", str(bad)], cwd=ROOT,
+                               env=env, stdout=subprocess.DEVNULL, stderr=err, timeout=120)
+        assert r.returncode == service.EX_CONFIG
+        return path.read_text()
+
+    out = serve_with_stderr_to(tmp_path / "journal.txt", "this file")
+    lines = [ln for ln in out.splitlines() if "camera.source" in ln]
+    assert lines and all(ln.startswith("<3>ERROR device.service: config error") for ln in lines), out
+    for stream in (None, "8:12345"):  # a terminal, or a child whose stderr is not the journal's stream
+        out = serve_with_stderr_to(tmp_path / "plain.txt", stream)
+        assert "ERROR device.service: config error" in out and "<3>" not in out
     from device.cli import JournalFormatter
 
-    record = logging.LogRecord("device.camera", logging.WARNING, __file__, 1, "camera lost:\nsecond line", None,
+    record = logging.LogRecord("device.camera", logging.WARNING, __file__, 1, "camera lost:\nsecond\rline", None,
                                None)
-    assert JournalFormatter("%(message)s").format(record) == "<4>camera lost:\n<4>second line"
+    assert JournalFormatter("%(message)s").format(record) == "<4>camera lost:\n<4>second\rline"
+
+
+def test_an_upgrade_that_migrates_the_records_asks_systemd_for_time(tmp_path, monkeypatch):
+    """Copying and migrating years of records on an SD card can take minutes, past the unit's start
+    timeout (120 s), and systemd would kill the service and start it over, again and again."""
+    from device import store as store_mod
+
+    monkeypatch.setattr(store_mod, "MIGRATIONS", store_mod.MIGRATIONS[:7])
+    store_mod.Store(tmp_path / "data").close()  # records of the previous version
+    monkeypatch.undo()
+    assert store_mod.pending_migrations(tmp_path / "data") == 1
+    with served(tmp_path, _write_config(tmp_path, _free_port())) as (proc, notify):
+        assert any(m == f"EXTEND_TIMEOUT_USEC={service.MIGRATION_TIMEOUT_S * 1_000_000}" for m in notify.received)
+        assert _stop(proc) == 0
+    assert store_mod.pending_migrations(tmp_path / "data") == 0
+    # an up-to-date database asks for nothing
+    with served(tmp_path, _write_config(tmp_path, _free_port()), "notify2") as (proc, notify):
+        assert not any("EXTEND_TIMEOUT_USEC" in m for m in notify.received)
+        assert _stop(proc) == 0

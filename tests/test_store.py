@@ -726,7 +726,10 @@ def test_a_finished_slide_keeps_no_camera_views(tmp_path, monkeypatch):
         conn = sqlite3.connect(copy)
         assert conn.execute("PRAGMA user_version").fetchone()[0] == 7
         assert conn.execute("SELECT png FROM field_views WHERE field_id = ?", (fields[done],)).fetchone()[0] == view
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"  # one file, like the download
         conn.close()
+        wal = tmp_path / f"{store_mod.DB_NAME}-wal"
+        assert not wal.exists() or wal.stat().st_size == 0  # the migration's WAL went back to the card
         assert s.counted_views_png(still_open) == {fields[still_open]: view}  # the open slide's stays
         third = _slide(s, "S-3")
         fid = s.add_field(third, _result(), source="camera", model_sha256=MODEL.sha256, images=_images(_result()),
@@ -752,3 +755,36 @@ def test_no_copy_is_made_of_new_or_current_records_or_without_room(tmp_path, mon
     s.close()
     assert not list((tmp_path / "full").glob("*.before-schema-*"))
     assert "no copy of the records before the schema migration" in caplog.text
+
+
+def test_a_failed_copy_is_cleaned_up_and_the_migration_goes_on(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(store_mod, "MIGRATIONS", store_mod.MIGRATIONS[:7])
+    Store(tmp_path).close()
+    monkeypatch.undo()
+    real_connect = sqlite3.connect
+
+    def connect(path, *a, **kw):  # the copy cannot be written (a card error): the records are fine
+        if str(path).endswith(".partial"):
+            raise sqlite3.OperationalError("disk I/O error")
+        return real_connect(path, *a, **kw)
+
+    monkeypatch.setattr(store_mod.sqlite3, "connect", connect)
+    s = Store(tmp_path)  # not "not a usable database": it is the copy that failed
+    assert s.pragma("user_version") == store_mod.SCHEMA_VERSION
+    s.close()
+    assert "no copy of the records before the schema migration to version 8: disk I/O error" in caplog.text
+    assert not list(tmp_path.glob("*.before-schema-*"))  # no .partial left to eat the space
+
+
+def test_a_migration_that_keeps_failing_is_not_copied_at_every_start(tmp_path, monkeypatch):
+    Store(tmp_path).close()
+    failing = [*store_mod.MIGRATIONS, "ALTER TABLE no_such_table ADD COLUMN b;"]
+    monkeypatch.setattr(store_mod, "MIGRATIONS", failing)
+    copy = tmp_path / f"{store_mod.DB_NAME}.before-schema-{len(failing)}"
+    with pytest.raises(StoreError, match="migration"):
+        Store(tmp_path)
+    made = copy.stat().st_mtime_ns
+    time.sleep(0.02)
+    with pytest.raises(StoreError, match="migration"):  # systemd restarts it
+        Store(tmp_path)
+    assert copy.stat().st_mtime_ns == made  # the same records: not copied again
