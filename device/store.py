@@ -388,26 +388,15 @@ class Store:
         live = [p for p in (self.db_path, wal) if p.exists() and (p is self.db_path or p.stat().st_size)]
         if copy.exists() and copy.stat().st_mtime >= max(p.stat().st_mtime for p in live):
             return copy  # made by an earlier start whose migration failed; nothing changed since
-        partial = copy.with_name(copy.name + ".partial")
-        for leftover in (partial, partial.with_name(partial.name + "-journal")):  # an interrupted copy
-            leftover.unlink(missing_ok=True)
-        size = sum(p.stat().st_size for p in live)
+        size = self.database_bytes()
         if shutil.disk_usage(self.data_dir).free < 2 * size + MIGRATION_COPY_MARGIN:
             logger.warning("no copy of the records before the schema migration to version %d: not enough "
                            "free space for one (%.0f MB)", len(MIGRATIONS), size / 1e6)
             return None
         try:
-            os.close(os.open(partial, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600))  # patient records: owner only
-            target = sqlite3.connect(partial)
-            try:
-                conn.backup(target)
-                target.execute("PRAGMA journal_mode = DELETE")  # one file, like the records' download
-            finally:
-                target.close()
-            os.replace(partial, copy)
-        except (sqlite3.Error, OSError) as exc:  # the copy failed, not the records: migrate all the same
-            for leftover in (partial, partial.with_name(partial.name + "-journal")):
-                leftover.unlink(missing_ok=True)
+            self.backup(copy)  # checked and synced, or absent
+            os.chmod(copy, 0o600)  # patient records: owner only
+        except (StoreError, sqlite3.Error, OSError) as exc:  # the copy failed, not the records: migrate all the same
             logger.warning("no copy of the records before the schema migration to version %d: %s",
                            len(MIGRATIONS), exc)
             return None
