@@ -887,15 +887,24 @@ def serve(config_path: str | None, host: str | None = None, port: int | None = N
             return f"camera {cam}; model {'ok' if analyser.model.ok else 'UNUSABLE'}"
         watchdog = Watchdog(notifier, feed.loop_healthy, watchdog_interval_s(), status_line).start()
     previous_sigterm = None
+    stopping = threading.Event()
     if threading.current_thread() is threading.main_thread():
         def _terminate(signum, frame):
+            if stopping.is_set():
+                return  # stopping already: let the clean-up finish
+            stopping.set()
             raise SystemExit(0)  # waitress's run() catches it and stops its worker threads
         previous_sigterm = signal.signal(signal.SIGTERM, _terminate)
-    logger.info("Malaria Detect serving on http://%s:%s/ (camera %s, model %s, data %s)",
-                cfg.service.host, server.effective_port, cfg.camera.source,
-                analyser.model.name if analyser.model.ok else "UNUSABLE", store.data_dir)
-    notifier.notify("READY=1")
+    # From here a SIGTERM is a SystemExit anywhere, and the clean-up below runs.
     try:
+        logger.info("Malaria Detect serving on http://%s:%s/ (camera %s, model %s, data %s)",
+                    cfg.service.host, server.effective_port, cfg.camera.source,
+                    analyser.model.name if analyser.model.ok else "UNUSABLE", store.data_dir)
+        notifier.notify("READY=1")
+        if stopping.is_set():
+            # sdnotify swallows every exception, a SIGTERM's SystemExit during READY=1 too: the stop the
+            # service manager sends right after READY was lost, and the process ran on
+            raise SystemExit(0)
         server.run()
     finally:
         notifier.notify("STOPPING=1")

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -474,3 +475,37 @@ def test_an_upgrade_that_migrates_the_records_asks_systemd_for_time(tmp_path, mo
     with served(tmp_path, _write_config(tmp_path, _free_port()), "notify2") as (proc, notify):
         assert not any("EXTEND_TIMEOUT_USEC" in m for m in notify.received)
         assert _stop(proc) == 0
+
+
+def test_a_sigterm_during_ready_still_stops_the_service(tmp_path, monkeypatch):
+    """sdnotify swallows every exception, the SystemExit of a SIGTERM arriving while READY=1 is sent too:
+    a stop right after the start was lost and the service ran on (systemd kills it 30 s later). Here the
+    SIGTERM is sent from inside the READY notification, in this (main) thread, as serve() runs under systemd."""
+    import sdnotify
+
+    real_notify = sdnotify.SystemdNotifier.notify
+
+    def notify(self, state):
+        if state == "READY=1":
+            try:  # as sdnotify does around its send
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.5)
+            except:  # noqa: E722
+                pass
+            return None
+        return real_notify(self, state)
+
+    monkeypatch.setattr(sdnotify.SystemdNotifier, "notify", notify)
+    before = signal.getsignal(signal.SIGTERM)
+    safety = threading.Timer(15, lambda: os.kill(os.getpid(), signal.SIGTERM))  # never hang the suite
+    safety.start()
+    t0 = time.monotonic()
+    try:
+        try:
+            rc = service.serve(str(_write_config(tmp_path, _free_port())))
+        except SystemExit as exc:
+            rc = exc.code
+    finally:
+        safety.cancel()
+    assert rc == 0 and time.monotonic() - t0 < 10
+    assert signal.getsignal(signal.SIGTERM) == before  # put back as it was
