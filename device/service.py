@@ -849,11 +849,11 @@ def serve(config_path: str | None, host: str | None = None, port: int | None = N
         return EX_CONFIG
     _set_log_level(cfg.service.log_level)
     install_recent_log()  # the admin page's "last problems", from here on
+    notifier = sdnotify.SystemdNotifier()
     migrations = pending_migrations(cfg.service.data_dir)
     if migrations and os.environ.get("NOTIFY_SOCKET"):
         # An upgrade copies the records, then migrates them, before the service is ready: minutes on an SD
         # card with years of records, past the unit's start timeout (which would kill it and start over).
-        notifier = sdnotify.SystemdNotifier()
         notifier.notify(f"EXTEND_TIMEOUT_USEC={MIGRATION_TIMEOUT_S * 1_000_000}")
         notifier.notify(f"STATUS=copying and migrating the records ({migrations} schema change(s))")
     try:
@@ -879,7 +879,6 @@ def serve(config_path: str | None, host: str | None = None, port: int | None = N
         store.close()
         return 1
 
-    notifier = sdnotify.SystemdNotifier()
     watchdog = None
     if os.environ.get("NOTIFY_SOCKET"):
         def status_line() -> str:

@@ -229,10 +229,11 @@ def migrate(conn: sqlite3.Connection, migrations: list[str] | None = None) -> in
     if version > len(migrations):
         raise SchemaTooNew(f"the database is at schema version {version}, newer than this software "
                            f"({len(migrations)}): install the newer software or restore a matching backup")
-    if version < len(migrations):
-        # Debian's SQLite zeroes every page a DELETE frees (secure_delete on): migration 8 then wrote
-        # about 2.8x the database (the copy before it included) and left a WAL as large as the views.
-        conn.execute("PRAGMA secure_delete = FAST")
+    if version == len(migrations):
+        return version
+    # Debian's SQLite zeroes every page a DELETE frees (secure_delete on): migration 8 then wrote
+    # about 2.8x the database (the copy before it included) and left a WAL as large as the views.
+    conn.execute("PRAGMA secure_delete = FAST")
     for i in range(version, len(migrations)):
         try:
             # executescript runs the script as written; BEGIN/COMMIT make the migration and its version
@@ -243,8 +244,7 @@ def migrate(conn: sqlite3.Connection, migrations: list[str] | None = None) -> in
                 conn.execute("ROLLBACK")
             raise StoreError(f"database migration {i + 1} failed: {exc}") from exc
         logger.info("database schema migrated to version %d", i + 1)
-    if version < len(migrations):
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the migrations' WAL back to the card
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the migrations' WAL back to the card
     return len(migrations)
 
 
@@ -371,7 +371,7 @@ class Store:
             self.close()
             raise
 
-    def _copy_before_migrating(self) -> Path | None:
+    def _copy_before_migrating(self) -> None:
         """Copy records an upgrade is about to migrate to ``<database>.before-schema-<N>`` beside them.
 
         A migration cannot be undone, and going back to the previous software needs the records as it
@@ -381,27 +381,26 @@ class Store:
         conn = self._conn()
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if not 0 < version < len(MIGRATIONS):
-            return None
+            return
         copy = self.db_path.with_name(f"{DB_NAME}.before-schema-{len(MIGRATIONS)}")
         wal = self.db_path.with_name(DB_NAME + "-wal")
         # a WAL just created by opening the records is empty: only one holding writes is newer records
         live = [p for p in (self.db_path, wal) if p.exists() and (p is self.db_path or p.stat().st_size)]
         if copy.exists() and copy.stat().st_mtime >= max(p.stat().st_mtime for p in live):
-            return copy  # made by an earlier start whose migration failed; nothing changed since
+            return  # made by an earlier start whose migration failed; nothing changed since
         size = self.database_bytes()
         if shutil.disk_usage(self.data_dir).free < 2 * size + MIGRATION_COPY_MARGIN:
             logger.warning("no copy of the records before the schema migration to version %d: not enough "
                            "free space for one (%.0f MB)", len(MIGRATIONS), size / 1e6)
-            return None
+            return
         try:
             self.backup(copy)  # checked and synced, or absent
             os.chmod(copy, 0o600)  # patient records: owner only
         except (StoreError, sqlite3.Error, OSError) as exc:  # the copy failed, not the records: migrate all the same
             logger.warning("no copy of the records before the schema migration to version %d: %s",
                            len(MIGRATIONS), exc)
-            return None
+            return
         logger.info("records copied to %s before the schema migration to version %d", copy, len(MIGRATIONS))
-        return copy
 
     def _remove_interrupted_writes(self) -> int:
         """Delete what a crash (kill -9, power cut) left of a field it cut short; returns how many files.
