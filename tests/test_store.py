@@ -509,22 +509,28 @@ def _real_field(n_cells=6, n_infected=2):
                             {i: JPEG + bytes([i]) for i, c in enumerate(res.cells) if c.infected})
 
 
-def test_raw_frames_of_old_finished_slides_are_deleted_and_everything_else_kept(store, monkeypatch):
-    from datetime import UTC, datetime, timedelta
-
-    from device.service import free_raw_frames
-
-    clock = iter(["2026-10-01T08:00:00+00:00", "2026-10-01T08:01:00+00:00", "2026-10-01T09:00:00+00:00",
-                  "2026-11-20T08:00:00+00:00", "2026-11-20T08:01:00+00:00", "2026-11-20T09:00:00+00:00",
-                  "2026-11-29T08:00:00+00:00", "2026-11-29T08:01:00+00:00"])
+def _two_finished_and_one_open(store, monkeypatch, *finished: tuple[str, str]) -> dict:
+    """One real field on each of two slides finished on the given days and on an open slide ("OPEN",
+    started 2026-11-29): {sample id: field id}."""
+    clock = iter([f"{day}T{t}+00:00" for _, day in finished for t in ("08:00:00", "08:01:00", "09:00:00")]
+                 + ["2026-11-29T08:00:00+00:00", "2026-11-29T08:01:00+00:00"])
     monkeypatch.setattr(store_mod, "utc_now", lambda: next(clock))
     fields = {}
-    for sample in ("OLD", "RECENT", "OPEN"):
+    for sample in [name for name, _ in finished] + ["OPEN"]:
         sid = _slide(store, sample)
         res, images = _real_field()
         fields[sample] = store.add_field(sid, res, source="camera", model_sha256=MODEL.sha256, images=images)
         if sample != "OPEN":
             store.finish_slide(sid, lambda slide, totals: {"call": "negative"})
+    return fields
+
+
+def test_raw_frames_of_old_finished_slides_are_deleted_and_everything_else_kept(store, monkeypatch):
+    from datetime import UTC, datetime, timedelta
+
+    from device.service import free_raw_frames
+
+    fields = _two_finished_and_one_open(store, monkeypatch, ("OLD", "2026-10-01"), ("RECENT", "2026-11-20"))
     now = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
     month_ago = now - timedelta(days=30)
     assert store.count_images("raw", month_ago) == 1 and store.count_images("raw") == 2  # the open slide: never
@@ -640,17 +646,7 @@ def test_annotated_images_of_old_finished_slides_can_be_deleted_and_a_cut_short_
 
     from device.service import free_annotated_images
 
-    clock = iter(["2026-10-01T08:00:00+00:00", "2026-10-01T08:01:00+00:00", "2026-10-01T09:00:00+00:00",
-                  "2026-10-02T08:00:00+00:00", "2026-10-02T08:01:00+00:00", "2026-10-02T09:00:00+00:00",
-                  "2026-11-29T08:00:00+00:00", "2026-11-29T08:01:00+00:00"])
-    monkeypatch.setattr(store_mod, "utc_now", lambda: next(clock))
-    fields = {}
-    for sample in ("OLD", "OLD2", "OPEN"):
-        sid = _slide(store, sample)
-        res, images = _real_field()
-        fields[sample] = store.add_field(sid, res, source="camera", model_sha256=MODEL.sha256, images=images)
-        if sample != "OPEN":
-            store.finish_slide(sid, lambda slide, totals: {"call": "negative"})
+    fields = _two_finished_and_one_open(store, monkeypatch, ("OLD", "2026-10-01"), ("OLD2", "2026-10-02"))
     month_ago = datetime(2026, 11, 30, 12, 0, tzinfo=UTC) - timedelta(days=30)
     assert store.count_images("annotated", month_ago) == 2 and store.count_images("annotated") == 2
     paths = {k: store.field_image_path(v, "annotated") for k, v in fields.items()}
