@@ -230,17 +230,27 @@ def _resolve_paths(name: str, section: Any, base_dir: Path) -> Any:
     return replace(section, **changes) if changes else section
 
 
+def read_utf8(path: Path, what: str, *, missing_ok: bool = False) -> str | None:
+    """The text of a settings file (None when it is missing and ``missing_ok``). Raises ConfigError
+    naming the file when it cannot be read or is not UTF-8."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except FileNotFoundError as exc:
+        if missing_ok:
+            return None
+        raise ConfigError(f"{path}: cannot read {what} ({exc.strerror or exc})") from exc
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read {what} ({exc.strerror or exc})") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save the {what} as UTF-8") from exc
+
+
 def load_config(path: str | Path | None) -> Config:
     """Load a TOML config file (None: the embedded defaults). Raises :class:`ConfigError`."""
     if path is None:  # the demo: the bundled sample fields, turned on each pass to give more fields
         return from_dict({"camera": {"replay_turns": True}})
     p = Path(path)
-    try:
-        text = p.read_bytes().decode("utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{p}: cannot read config ({exc.strerror or exc})") from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{p}: not UTF-8 text (byte {exc.start}); save the config as UTF-8") from exc
+    text = read_utf8(p, "config") or ""  # never None here: a missing config is an error
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

@@ -711,16 +711,11 @@ class AdminSettings:
 
     def load(self) -> dict[str, dict]:
         """The stored changes by section ({} without a file). Raises ConfigError naming the file and key."""
-        from device.config import ConfigError
+        from device.config import ConfigError, read_utf8
 
-        try:
-            text = self.path.read_bytes().decode("utf-8")
-        except FileNotFoundError:
+        text = read_utf8(self.path, "settings", missing_ok=True)
+        if text is None:
             return {}
-        except OSError as exc:
-            raise ConfigError(f"{self.path}: cannot read ({exc.strerror or exc})") from exc
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"{self.path}: not UTF-8 text (byte {exc.start})") from exc
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
