@@ -94,7 +94,8 @@ def _overwrites_input(json_path: str | None, inputs: list[Path]) -> bool:
     return False
 
 
-def _outputs_writable(json_path: str | None = None, annotate_dir: str | None = None) -> bool:
+def _outputs_writable(json_path: str | None = None, annotate_dir: str | None = None,
+                      dir_option: str = "--annotate") -> bool:
     """Check the outputs before any work is done, so that a long batch is not lost at the end: False, with
     a one-line error, when they cannot be written. Creates the folders they need."""
     problem = None
@@ -111,7 +112,7 @@ def _outputs_writable(json_path: str | None = None, annotate_dir: str | None = N
             d = Path(annotate_dir)
             d.mkdir(parents=True, exist_ok=True)
             if not os.access(d, os.W_OK):
-                problem = f"--annotate {d}: folder is not writable"
+                problem = f"{dir_option} {d}: folder is not writable"
     except OSError as exc:
         problem = f"cannot write to {exc.filename or json_path or annotate_dir}: {exc.strerror or exc}"
     if problem:
@@ -329,7 +330,13 @@ def cmd_evaluate_fields(args) -> int:
 
     folder = Path(args.dir)
     reads = [folder / "annotations.json", *sorted((folder / "images").glob("*"))]
-    if _overwrites_input(args.json, reads) or not _outputs_writable(args.json):
+    if args.errors and args.no_classifier:
+        print("error: --errors lists the classifier's errors: leave out --no-classifier", file=sys.stderr)
+        return 2
+    if args.errors and _same_file(Path(args.errors), folder / "images"):
+        print(f"error: --errors {args.errors} is the images folder: name another folder", file=sys.stderr)
+        return 2
+    if _overwrites_input(args.json, reads) or not _outputs_writable(args.json, args.errors, "--errors"):
         return 2
 
     classify, threshold, trained_on = None, 0.5, frozenset()
@@ -353,7 +360,41 @@ def cmd_evaluate_fields(args) -> int:
     print(format_report(report))
     if not _write_json(args.json, report):
         return 1
+    if args.errors and not _write_error_views(folder, report, Path(args.errors)):
+        return 1
     return 0 if report["images"] else 1  # nothing evaluated is a failure
+
+
+def _write_error_views(folder: Path, report: dict, out_dir: Path) -> bool:
+    """One PNG per classification error of ``report`` (held-out fields) in ``out_dir``."""
+    import cv2
+
+    from device.fields import error_view
+    from device.imageio import ImageError, read_rgb
+
+    errors = report.get("classification", {}).get("cell_errors", [])
+    kinds = {"missed": "missed", "not segmented": "notsegmented", "false positive": "fp"}
+    name, image = None, None
+    written = 0
+    for e in errors:
+        try:
+            if e["image"] != name:  # the errors come image by image
+                name, image = e["image"], read_rgb(folder / "images" / e["image"])
+            view = error_view(image, e)
+            x, y = (int(v) for v in (e["bbox"] or e["box"])[:2])
+            score = "none" if e["p_infected"] is None else f"{e['p_infected']:.3f}"
+            target = out_dir / f"{Path(e['image']).stem}-{kinds[e['kind']]}-{score}-{x}-{y}.png"
+            ok, png = cv2.imencode(".png", cv2.cvtColor(view, cv2.COLOR_RGB2BGR))
+            if not ok:
+                raise OSError(f"PNG encoding failed for {target.name}")
+            target.write_bytes(png.tobytes())
+            written += 1
+        except (OSError, ImageError) as exc:
+            print(f"error: cannot write the picture of {e['kind']} cell in {e['image']}: "
+                  f"{getattr(exc, 'strerror', None) or exc}", file=sys.stderr)
+            return False
+    print(f"{written} pictures of classification errors written to {out_dir}")
+    return True
 
 
 def cmd_check_config(args) -> int:
@@ -473,6 +514,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full-labels", dest="partial_labels", action="store_false", help="every red cell is boxed")
     p.add_argument("--count-border-cells", action="store_true",
                    help="score boxes touching the image border too (the segmenter drops cut cells)")
+    p.add_argument("--errors", metavar="DIR",
+                   help="write a picture of each classification error here (missed parasite-bearing cells, "
+                        "false positives), named by image, kind and score, to judge them by eye")
     p.add_argument("--include-training-fields", action="store_true",
                    help="score the classifier on every image, even those its model card lists as training images "
                         "(by default they are reported apart)")

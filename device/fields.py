@@ -247,7 +247,10 @@ def evaluate_fields(
         A dict: ``dataset``, ``partial_labels``, ``iou``, ``threshold``, ``images`` (one row per image),
         ``errors`` (``{"image", "error"}`` per unreadable file), ``totals`` (summed counts, precision,
         recall, F1, count error), ``timing_ms`` (mean per stage), and ``classification`` when
-        ``classify`` is given (held-out images only when ``trained_on`` names some).
+        ``classify`` is given (held-out images only when ``trained_on`` names some). Its ``cell_errors``
+        list each boxed parasite-bearing cell not flagged (``kind`` "missed", or "not segmented") and
+        each plain boxed red cell flagged ("false positive"): ``image``, ``p_infected``, the detection's
+        ``bbox`` and the annotation's ``box`` (both ``[x, y, w, h]``).
     """
     root = Path(field_dir)
     params = params or SegmentParams()
@@ -307,7 +310,7 @@ def evaluate_fields(
         row["f1"] = _f1(row["precision"], row["recall"])
         if classify is not None:
             row["model_trained_on"] = name in trained_on
-            _classify_image(image, seg.cells, m, counted, judged, classify, threshold, row,
+            _classify_image(name, image, seg.cells, m, counted, judged, classify, threshold, row,
                             cls_acc_trained if row["model_trained_on"] else cls_acc)
         rows.append(row)
     if progress is not None:
@@ -341,10 +344,11 @@ def evaluate_fields(
 def _new_classification_acc() -> dict[str, Any]:
     return {"n_parasite_gt": 0, "n_parasite_detected": 0, "n_parasite_flagged": 0,
             "n_rbc_matched": 0, "n_rbc_flagged": 0, "n_unmatched_judged": 0, "n_unmatched_flagged": 0,
-            "n_cells_classified": 0, "n_cells_flagged": 0, "p_parasite": [], "p_rbc": []}
+            "n_cells_classified": 0, "n_cells_flagged": 0, "p_parasite": [], "p_rbc": [], "cell_errors": []}
 
 
 def _classify_image(
+    name: str,
     image: np.ndarray,
     cells: list,
     m: dict[str, Any],
@@ -386,6 +390,53 @@ def _classify_image(
     acc["n_cells_flagged"] += row["n_flagged"]
     acc["p_parasite"].extend(p[par_det].tolist())
     acc["p_rbc"].extend(p[rbc_det].tolist())
+    # Each error, to be looked at (device evaluate-fields --errors DIR): a boxed parasite-bearing cell not
+    # flagged (segmented or not) and a plain boxed red cell flagged.
+    gt_boxes = m["gt_boxes"]
+    for j in np.flatnonzero((par_det & ~flagged) | (rbc_det & flagged)):
+        acc["cell_errors"].append({"image": name, "kind": "missed" if par_det[j] else "false positive",
+                              "p_infected": float(p[j]), "bbox": [int(v) for v in cells[j].bbox],
+                              "box": [round(float(v), 1) for v in gt_boxes[d2g[j]]]})
+    found = set(d2g[par_det].tolist())
+    for g in np.flatnonzero(gt_par):
+        if int(g) not in found:
+            acc["cell_errors"].append({"image": name, "kind": "not segmented", "p_infected": None, "bbox": None,
+                                  "box": [round(float(v), 1) for v in gt_boxes[g]]})
+
+
+def error_view(image_rgb: np.ndarray, error: dict[str, Any], side_px: int = 192) -> np.ndarray:
+    """One ``cell_errors`` entry drawn for a person to judge: the cell and its neighbours (RGB, ``side_px``
+    square), the annotation's box in green and the detection's box in red (flagged, a false positive) or
+    orange (not flagged), with the score written in the corner."""
+    import cv2
+
+    boxes = [b for b in (error["box"], error["bbox"]) if b is not None]
+    x0 = min(b[0] for b in boxes)
+    y0 = min(b[1] for b in boxes)
+    x1 = max(b[0] + b[2] for b in boxes)
+    y1 = max(b[1] + b[3] for b in boxes)
+    half = 0.8 * max(x1 - x0, y1 - y0)  # the cell and a ring of its neighbours
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    h, w = image_rgb.shape[:2]
+    left, top = int(max(0, cx - half)), int(max(0, cy - half))
+    right, bottom = int(min(w, cx + half)), int(min(h, cy + half))
+    view = np.ascontiguousarray(image_rgb[top:bottom, left:right])
+    scale = side_px / max(view.shape[:2])
+    view = cv2.resize(view, (max(1, round(view.shape[1] * scale)), max(1, round(view.shape[0] * scale))),
+                      interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+
+    def rect(b, colour):
+        p0 = (round((b[0] - left) * scale), round((b[1] - top) * scale))
+        p1 = (round((b[0] + b[2] - left) * scale), round((b[1] + b[3] - top) * scale))
+        cv2.rectangle(view, p0, p1, colour, 2)
+
+    rect(error["box"], (0, 200, 0))
+    if error["bbox"] is not None:
+        rect(error["bbox"], (230, 0, 0) if error["kind"] == "false positive" else (255, 150, 0))
+    label = "no cell" if error["p_infected"] is None else f"p {error['p_infected']:.3f}"
+    cv2.putText(view, label, (3, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 3)
+    cv2.putText(view, label, (3, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1)
+    return view
 
 
 # Thresholds of the field operating curve (the card's own threshold is added).

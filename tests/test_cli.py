@@ -146,6 +146,67 @@ def test_evaluate_fields_scores_the_classifier_only_on_fields_its_card_does_not_
     assert doc["classification"]["n_images"] == 2 and "classification_training_fields" not in doc
 
 
+def test_evaluate_fields_draws_every_classification_error_for_a_person_to_judge(tmp_path):
+    import cv2
+
+    fields = ROOT / "tests" / "fixtures" / "fields"
+    out = tmp_path / "errors"
+    r = device("evaluate-fields", str(fields), "--errors", str(out), "--json", str(tmp_path / "r.json"))
+    assert r.returncode == 0, r.stderr
+    doc = json.loads((tmp_path / "r.json").read_text())
+    c = doc["classification"]
+    errors = c["cell_errors"]
+    kinds = [e["kind"] for e in errors]
+    # every boxed parasite-bearing cell not flagged, and every flagged plain red cell: no more, no fewer
+    assert kinds.count("missed") == c["n_parasite_detected"] - c["n_parasite_flagged"]
+    assert kinds.count("not segmented") == c["n_parasite_gt"] - c["n_parasite_detected"]
+    assert kinds.count("false positive") == c["n_rbc_flagged"]
+    assert {"missed", "not segmented", "false positive"} <= set(kinds)  # the fixture holds each kind
+    for e in errors:
+        if e["kind"] == "not segmented":
+            assert e["p_infected"] is None and e["bbox"] is None
+        else:
+            assert (e["p_infected"] >= doc["threshold"]) == (e["kind"] == "false positive")
+    files = sorted(out.iterdir())
+    assert len(files) == len(errors) and f"{len(errors)} pictures of classification errors" in r.stdout
+    names = {f.name for f in files}
+    for e in errors:
+        x, y = (e["bbox"] or e["box"])[:2]
+        kind = {"missed": "missed", "not segmented": "notsegmented", "false positive": "fp"}[e["kind"]]
+        score = "none" if e["p_infected"] is None else f"{e['p_infected']:.3f}"
+        assert f"{Path(e['image']).stem}-{kind}-{score}-{int(x)}-{int(y)}.png" in names
+    for f in files:
+        view = cv2.imread(str(f))
+        assert view is not None and max(view.shape[:2]) == 192
+        green = (view[..., 1] > 150) & (view[..., 0] < 60) & (view[..., 2] < 60)
+        assert green.sum() > 100  # the annotation's box is drawn
+
+    r = device("evaluate-fields", str(fields), "--errors", str(out), "--no-classifier")
+    assert r.returncode == 2 and "leave out --no-classifier" in r.stderr
+    r = device("evaluate-fields", str(fields), "--errors", str(fields / "images"))
+    assert r.returncode == 2 and "is the images folder" in r.stderr
+
+
+def test_an_error_view_frames_the_cell_with_both_boxes_where_they_are():
+    import numpy as np
+
+    from device.fields import error_view
+
+    image = np.full((400, 600, 3), 255, np.uint8)
+    error = {"image": "x", "kind": "false positive", "p_infected": 0.99, "bbox": [300, 200, 40, 40],
+             "box": [290, 190, 50, 50]}
+    view = error_view(image, error, side_px=160)
+    assert view.shape == (160, 160, 3)  # a square around the cell: it lies far from the image's edges
+    # the union of both boxes is 290..340; the view spans 1.6 times it around its centre (275..355), 2 px/px
+    green = np.argwhere((view[..., 1] > 150) & (view[..., 0] < 60) & (view[..., 2] < 60))
+    red = np.argwhere((view[..., 0] > 200) & (view[..., 1] < 60) & (view[..., 2] < 60))
+    assert abs(green[:, 1].min() - (290 - 275) * 2) <= 2 and abs(green[:, 1].max() - (340 - 275) * 2) <= 2
+    assert abs(red[:, 1].min() - (300 - 275) * 2) <= 2 and abs(red[:, 1].max() - (340 - 275) * 2) <= 2
+    assert abs(red[:, 0].min() - (200 - 175) * 2) <= 2  # rows: the union 190..240 gives 175..255
+    edge = error_view(image, {**error, "bbox": [0, 0, 30, 30], "box": [0, 0, 30, 30]}, side_px=160)
+    assert max(edge.shape[:2]) == 160  # cut at the image's corner, still drawn
+
+
 def test_unusable_outputs_are_refused_before_any_work(tmp_path):
     field = str(sorted(SAMPLES.glob("*.jpg"))[0])
     (tmp_path / "a_file").write_text("x")
