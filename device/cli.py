@@ -94,7 +94,7 @@ def _overwrites_input(json_path: str | None, inputs: list[Path]) -> bool:
     return False
 
 
-def _outputs_writable(json_path: str | None = None, annotate_dir: str | None = None,
+def _outputs_writable(json_path: str | None = None, out_dir: str | None = None,
                       dir_option: str = "--annotate") -> bool:
     """Check the outputs before any work is done, so that a long batch is not lost at the end: False, with
     a one-line error, when they cannot be written. Creates the folders they need."""
@@ -108,13 +108,13 @@ def _outputs_writable(json_path: str | None = None, annotate_dir: str | None = N
                 p.parent.mkdir(parents=True, exist_ok=True)
                 if not os.access(p.parent, os.W_OK):
                     problem = f"--json {p}: folder {p.parent} is not writable"
-        if annotate_dir and not problem:
-            d = Path(annotate_dir)
+        if out_dir and not problem:
+            d = Path(out_dir)
             d.mkdir(parents=True, exist_ok=True)
             if not os.access(d, os.W_OK):
                 problem = f"{dir_option} {d}: folder is not writable"
     except OSError as exc:
-        problem = f"cannot write to {exc.filename or json_path or annotate_dir}: {exc.strerror or exc}"
+        problem = f"cannot write to {exc.filename or json_path or out_dir}: {exc.strerror or exc}"
     if problem:
         print(f"error: {problem}", file=sys.stderr)
     return problem is None

@@ -235,11 +235,9 @@ def read_utf8(path: Path, what: str, *, missing_ok: bool = False) -> str | None:
     naming the file when it cannot be read or is not UTF-8."""
     try:
         return path.read_bytes().decode("utf-8")
-    except FileNotFoundError as exc:
-        if missing_ok:
-            return None
-        raise ConfigError(f"{path}: cannot read {what} ({exc.strerror or exc})") from exc
     except OSError as exc:
+        if missing_ok and isinstance(exc, FileNotFoundError):
+            return None
         raise ConfigError(f"{path}: cannot read {what} ({exc.strerror or exc})") from exc
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save the {what} as UTF-8") from exc

@@ -392,16 +392,15 @@ def _classify_image(
     acc["p_rbc"].extend(p[rbc_det].tolist())
     # Each error, to be looked at (device evaluate-fields --errors DIR): a boxed parasite-bearing cell not
     # flagged (segmented or not) and a plain boxed red cell flagged.
-    gt_boxes = m["gt_boxes"]
+    def error(kind: str, g: int, j: int | None) -> dict[str, Any]:
+        return {"image": name, "kind": kind, "p_infected": None if j is None else float(p[j]),
+                "bbox": None if j is None else [int(v) for v in cells[j].bbox],
+                "box": [round(float(v), 1) for v in m["gt_boxes"][g]]}
+
     for j in np.flatnonzero((par_det & ~flagged) | (rbc_det & flagged)):
-        acc["cell_errors"].append({"image": name, "kind": "missed" if par_det[j] else "false positive",
-                              "p_infected": float(p[j]), "bbox": [int(v) for v in cells[j].bbox],
-                              "box": [round(float(v), 1) for v in gt_boxes[d2g[j]]]})
-    found = set(d2g[par_det].tolist())
-    for g in np.flatnonzero(gt_par):
-        if int(g) not in found:
-            acc["cell_errors"].append({"image": name, "kind": "not segmented", "p_infected": None, "bbox": None,
-                                  "box": [round(float(v), 1) for v in gt_boxes[g]]})
+        acc["cell_errors"].append(error("missed" if par_det[j] else "false positive", d2g[j], j))
+    for g in np.setdiff1d(np.flatnonzero(gt_par), d2g[par_det]):
+        acc["cell_errors"].append(error("not segmented", g, None))
 
 
 def error_view(image_rgb: np.ndarray, error: dict[str, Any], side_px: int = 192) -> np.ndarray:

@@ -510,7 +510,7 @@ def _real_field(n_cells=6, n_infected=2):
 
 
 def _two_finished_and_one_open(store, monkeypatch, *finished: tuple[str, str]) -> dict:
-    """One real field on each of two slides finished on the given days and on an open slide ("OPEN",
+    """One real field on each slide finished on the given (sample id, day), and on an open slide ("OPEN",
     started 2026-11-29): {sample id: field id}."""
     clock = iter([f"{day}T{t}+00:00" for _, day in finished for t in ("08:00:00", "08:01:00", "09:00:00")]
                  + ["2026-11-29T08:00:00+00:00", "2026-11-29T08:01:00+00:00"])
