@@ -330,9 +330,6 @@ def cmd_evaluate_fields(args) -> int:
 
     folder = Path(args.dir)
     reads = [folder / "annotations.json", *sorted((folder / "images").glob("*"))]
-    if args.errors and args.no_classifier:
-        print("error: --errors lists the classifier's errors: leave out --no-classifier", file=sys.stderr)
-        return 2
     if args.errors and _same_file(Path(args.errors), folder / "images"):
         print(f"error: --errors {args.errors} is the images folder: name another folder", file=sys.stderr)
         return 2
@@ -366,19 +363,21 @@ def cmd_evaluate_fields(args) -> int:
 
 
 def _write_error_views(folder: Path, report: dict, out_dir: Path) -> bool:
-    """One PNG per classification error of ``report`` (held-out fields) in ``out_dir``."""
+    """One PNG per red-cell detection error and per classification error (held-out fields) of ``report``
+    in ``out_dir``."""
     import cv2
 
     from device.fields import error_view
     from device.imageio import ImageError, read_rgb
 
-    errors = report.get("classification", {}).get("cell_errors", [])
-    kinds = {"missed": "missed", "not segmented": "notsegmented", "false positive": "fp"}
+    errors = report["detection_errors"] + report.get("classification", {}).get("cell_errors", [])
+    kinds = {"missed": "missed", "not segmented": "notsegmented", "false positive": "fp",
+             "cell missed": "cellmissed", "extra cell": "extracell"}
     name, image = None, None
     written = 0
     for e in errors:
         try:
-            if e["image"] != name:  # the errors come image by image
+            if e["image"] != name:  # each list comes image by image
                 name, image = e["image"], read_rgb(folder / "images" / e["image"])
             view = error_view(image, e)
             x, y = (int(v) for v in (e["bbox"] or e["box"])[:2])
@@ -393,7 +392,7 @@ def _write_error_views(folder: Path, report: dict, out_dir: Path) -> bool:
             print(f"error: cannot write the picture of {e['kind']} cell in {e['image']}: "
                   f"{getattr(exc, 'strerror', None) or exc}", file=sys.stderr)
             return False
-    print(f"{written} pictures of classification errors written to {out_dir}")
+    print(f"{written} pictures of errors written to {out_dir}")
     return True
 
 
@@ -515,8 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count-border-cells", action="store_true",
                    help="score boxes touching the image border too (the segmenter drops cut cells)")
     p.add_argument("--errors", metavar="DIR",
-                   help="write a picture of each classification error here (missed parasite-bearing cells, "
-                        "false positives), named by image, kind and score, to judge them by eye")
+                   help="write a picture of each error here (red cells missed or made up; parasite-bearing "
+                        "cells missed, false positives), named by image, kind and score, to judge them by eye")
     p.add_argument("--include-training-fields", action="store_true",
                    help="score the classifier on every image, even those its model card lists as training images "
                         "(by default they are reported apart)")

@@ -246,7 +246,10 @@ def evaluate_fields(
     Returns:
         A dict: ``dataset``, ``partial_labels``, ``iou``, ``threshold``, ``images`` (one row per image),
         ``errors`` (``{"image", "error"}`` per unreadable file), ``totals`` (summed counts, precision,
-        recall, F1, count error), ``timing_ms`` (mean per stage), and ``classification`` when
+        recall, F1, count error), ``detection_errors`` (each red-cell box no detection matched, kind
+        "cell missed", and each judged detection that matched no box, "extra cell", with the box of the
+        other side that overlaps it most and their ``iou``), ``timing_ms`` (mean per stage), and
+        ``classification`` when
         ``classify`` is given (held-out images only when ``trained_on`` names some). Its ``cell_errors``
         list each boxed parasite-bearing cell not flagged (``kind`` "missed", or "not segmented") and
         each plain boxed red cell flagged ("false positive"): ``image``, ``p_infected``, the detection's
@@ -260,6 +263,7 @@ def evaluate_fields(
     rows: list[dict[str, Any]] = []
     errors: list[dict[str, str]] = []
     timings: list[dict[str, float]] = []
+    detection_errors: list[dict[str, Any]] = []
     trained_on = frozenset(trained_on)
     cls_acc, cls_acc_trained = _new_classification_acc(), _new_classification_acc()
     for i, rec in enumerate(records):
@@ -308,6 +312,7 @@ def evaluate_fields(
             "segment_ms": seg.timing_ms.get("total", (time.perf_counter() - t0) * 1000.0),
         }
         row["f1"] = _f1(row["precision"], row["recall"])
+        detection_errors += _detection_errors(name, det, m, judged)
         if classify is not None:
             row["model_trained_on"] = name in trained_on
             _classify_image(name, image, seg.cells, m, counted, judged, classify, threshold, row,
@@ -325,6 +330,7 @@ def evaluate_fields(
         "images": rows,
         "errors": errors,
         "totals": _totals(rows),
+        "detection_errors": detection_errors,
         "timing_ms": _mean_timing(timings),
     }
     if partial:  # unboxed cells make detections minus boxes meaningless: no figure to quote by mistake
@@ -339,6 +345,26 @@ def evaluate_fields(
             report["classification_training_fields"] = _classification_summary(cls_acc_trained, partial, threshold)
             report["classification_training_fields"]["n_images"] = n_trained
     return report
+
+
+def _detection_errors(name: str, det: np.ndarray, m: dict[str, Any], judged: np.ndarray) -> list[dict[str, Any]]:
+    """The red-cell detection errors of one image, in the form of the classification's ``cell_errors``, each
+    with the box of the other side that overlaps it most (``iou``; None when nothing overlaps it): a cell
+    missed beside the detection that swallowed or cut it, an extra cell beside the cell it was cut from."""
+    gt = m["gt_boxes"]
+    iou = box_iou(det, gt) if len(det) and len(gt) else np.zeros((len(det), len(gt)))
+    out = []
+    for g in np.setdiff1d(np.arange(len(gt)), m["det_to_gt"]):
+        j = int(np.argmax(iou[:, g])) if len(det) and iou[:, g].max() > 0 else None
+        out.append({"image": name, "kind": "cell missed", "p_infected": None,
+                    "bbox": None if j is None else [int(v) for v in det[j]],
+                    "box": [round(float(v), 1) for v in gt[g]], "iou": None if j is None else float(iou[j, g])})
+    for j in np.flatnonzero(judged & (m["det_to_gt"] < 0)):
+        g = int(np.argmax(iou[j])) if len(gt) and iou[j].max() > 0 else None
+        out.append({"image": name, "kind": "extra cell", "p_infected": None, "bbox": [int(v) for v in det[j]],
+                    "box": None if g is None else [round(float(v), 1) for v in gt[g]],
+                    "iou": None if g is None else float(iou[j, g])})
+    return out
 
 
 def _new_classification_acc() -> dict[str, Any]:
@@ -404,9 +430,9 @@ def _classify_image(
 
 
 def error_view(image_rgb: np.ndarray, error: dict[str, Any], side_px: int = 192) -> np.ndarray:
-    """One ``cell_errors`` entry drawn for a person to judge: the cell and its neighbours (RGB, ``side_px``
-    square), the annotation's box in green and the detection's box in red (flagged, a false positive) or
-    orange (not flagged), with the score written in the corner."""
+    """One ``cell_errors`` or ``detection_errors`` entry drawn for a person to judge: the cell and its
+    neighbours (RGB, ``side_px`` square), the annotation's box in green and the detection's box in red (a
+    false positive, an extra cell) or orange (not flagged), with the score or the kind in the corner."""
     import cv2
 
     boxes = [b for b in (error["box"], error["bbox"]) if b is not None]
@@ -429,10 +455,16 @@ def error_view(image_rgb: np.ndarray, error: dict[str, Any], side_px: int = 192)
         p1 = (round((b[0] + b[2] - left) * scale), round((b[1] + b[3] - top) * scale))
         cv2.rectangle(view, p0, p1, colour, 2)
 
-    rect(error["box"], (0, 200, 0))
+    if error["box"] is not None:
+        rect(error["box"], (0, 200, 0))
     if error["bbox"] is not None:
-        rect(error["bbox"], (230, 0, 0) if error["kind"] == "false positive" else (255, 150, 0))
-    label = "no cell" if error["p_infected"] is None else f"p {error['p_infected']:.3f}"
+        rect(error["bbox"], (230, 0, 0) if error["kind"] in ("false positive", "extra cell") else (255, 150, 0))
+    if error["p_infected"] is not None:
+        label = f"p {error['p_infected']:.3f}"
+    elif error.get("iou") is not None:
+        label = f"{error['kind']}, IoU {error['iou']:.2f}"
+    else:
+        label = error["kind"]
     cv2.putText(view, label, (3, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 3)
     cv2.putText(view, label, (3, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1)
     return view

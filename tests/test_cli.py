@@ -155,6 +155,18 @@ def test_evaluate_fields_draws_every_classification_error_for_a_person_to_judge(
     assert r.returncode == 0, r.stderr
     doc = json.loads((tmp_path / "r.json").read_text())
     c = doc["classification"]
+    misses = [e for e in doc["detection_errors"] if e["kind"] == "cell missed"]
+    extras = [e for e in doc["detection_errors"] if e["kind"] == "extra cell"]
+    assert len(misses) == doc["totals"]["fn"] > 0 and len(extras) == doc["totals"]["fp"] > 0
+    assert all(e["box"] for e in misses) and all(e["bbox"] for e in extras)
+    # beside each, the box of the other side that overlaps it most: the detection that swallowed or cut a
+    # missed cell (it may have matched another box better), the cell an extra detection was cut from
+    for e in misses + extras:
+        if e["iou"] is None:
+            assert None in (e["box"], e["bbox"])
+        else:
+            assert 0 < e["iou"] <= 1 and e["box"] and e["bbox"]
+    assert any(e["iou"] is not None for e in misses) and any(e["iou"] is not None for e in extras)
     errors = c["cell_errors"]
     kinds = [e["kind"] for e in errors]
     # every boxed parasite-bearing cell not flagged, and every flagged plain red cell: no more, no fewer
@@ -167,22 +179,32 @@ def test_evaluate_fields_draws_every_classification_error_for_a_person_to_judge(
             assert e["p_infected"] is None and e["bbox"] is None
         else:
             assert (e["p_infected"] >= doc["threshold"]) == (e["kind"] == "false positive")
+    errors += doc["detection_errors"]
     files = sorted(out.iterdir())
-    assert len(files) == len(errors) and f"{len(errors)} pictures of classification errors" in r.stdout
-    names = {f.name for f in files}
+    assert len(files) == len(errors) and f"{len(errors)} pictures of errors" in r.stdout
+    by_name = {}
     for e in errors:
         x, y = (e["bbox"] or e["box"])[:2]
-        kind = {"missed": "missed", "not segmented": "notsegmented", "false positive": "fp"}[e["kind"]]
+        kind = {"missed": "missed", "not segmented": "notsegmented", "false positive": "fp",
+                "cell missed": "cellmissed", "extra cell": "extracell"}[e["kind"]]
         score = "none" if e["p_infected"] is None else f"{e['p_infected']:.3f}"
-        assert f"{Path(e['image']).stem}-{kind}-{score}-{int(x)}-{int(y)}.png" in names
+        by_name[f"{Path(e['image']).stem}-{kind}-{score}-{int(x)}-{int(y)}.png"] = e
+    assert set(by_name) == {f.name for f in files}
     for f in files:
         view = cv2.imread(str(f))
         assert view is not None and max(view.shape[:2]) == 192
         green = (view[..., 1] > 150) & (view[..., 0] < 60) & (view[..., 2] < 60)
-        assert green.sum() > 100  # the annotation's box is drawn
+        red = (view[..., 2] > 200) & (view[..., 1] < 60) & (view[..., 0] < 60)  # BGR
+        e = by_name[f.name]
+        # the annotation's box in green, a flagged or made-up detection in red
+        assert (green.sum() > 100) == (e["box"] is not None)
+        assert (red.sum() > 100) == (e["bbox"] is not None and e["kind"] in ("extra cell", "false positive"))
 
-    r = device("evaluate-fields", str(fields), "--errors", str(out), "--no-classifier")
-    assert r.returncode == 2 and "leave out --no-classifier" in r.stderr
+    segmentation_only = tmp_path / "segmentation"
+    r = device("evaluate-fields", str(fields), "--errors", str(segmentation_only), "--no-classifier")
+    assert r.returncode == 0, r.stderr
+    assert sorted(f.name for f in segmentation_only.iterdir()) == sorted(
+        f.name for f in files if "cellmissed" in f.name or "extracell" in f.name)
     r = device("evaluate-fields", str(fields), "--errors", str(fields / "images"))
     assert r.returncode == 2 and "is the images folder" in r.stderr
 
