@@ -347,7 +347,7 @@ def cmd_evaluate_fields(args) -> int:
             return clf.predict(prepare_batch(crops, clf.input_size_px))
 
     try:
-        report = evaluate_fields(args.dir, classify=classify, threshold=threshold,
+        report = evaluate_fields(args.dir, classify=classify, threshold=threshold, iou=args.iou,
                                  progress=lambda i, n, name: _progress(i, n, name),
                                  partial_labels=args.partial_labels, ignore_border_gt=not args.count_border_cells,
                                  trained_on=trained_on)
@@ -465,6 +465,7 @@ _rbc_per_ul = _ranged(float, lambda v: RBC_PER_UL_RANGE[0] <= v <= RBC_PER_UL_RA
                       "{text} is outside 1e6-1e7 RBC/uL (a measured count, e.g. 4.5e6)")
 
 
+_iou = _ranged(float, lambda v: 0.0 < v <= 1.0, "{text!r} is not a number", "{text} is not an IoU in (0, 1]")
 _threads = _ranged(int, lambda n: 1 <= n <= 64, "{text!r} is not a whole number of threads",
                    "{text} is outside 1-64 threads")
 
@@ -511,6 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="not every red cell is boxed: precision judges only detections inside boxes "
                         "(default: assumed for folders named like iml)")
     p.add_argument("--full-labels", dest="partial_labels", action="store_false", help="every red cell is boxed")
+    p.add_argument("--iou", type=_iou, default=0.5,
+                   help="least intersection over union of a detection and a box to match (default 0.5)")
     p.add_argument("--count-border-cells", action="store_true",
                    help="score boxes touching the image border too (the segmenter drops cut cells)")
     p.add_argument("--errors", metavar="DIR",

@@ -209,6 +209,22 @@ def test_evaluate_fields_draws_every_classification_error_for_a_person_to_judge(
     assert r.returncode == 2 and "is the images folder" in r.stderr
 
 
+def test_evaluate_fields_matches_at_the_iou_asked_for(tmp_path):
+    fields = ROOT / "tests" / "fixtures" / "fields"
+    totals = {}
+    for iou in ("0.5", "0.3"):
+        r = device("evaluate-fields", str(fields), "--no-classifier", "--iou", iou, "--json", str(tmp_path / iou))
+        assert r.returncode == 0, r.stderr
+        doc = json.loads((tmp_path / iou).read_text())
+        assert doc["iou"] == float(iou) and f"Red-cell detection at IoU >= {float(iou):.2f}" in r.stdout
+        totals[iou] = doc["totals"]
+    # a looser match finds more of the same detections: loosely boxed cells, no other change
+    assert totals["0.3"]["tp"] > totals["0.5"]["tp"] and totals["0.3"]["n_detected"] == totals["0.5"]["n_detected"]
+    for bad in ("0", "1.5", "nan", "half"):
+        r = device("evaluate-fields", str(fields), "--no-classifier", "--iou", bad)
+        assert r.returncode == 2 and "--iou" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_an_error_view_frames_the_cell_with_both_boxes_where_they_are():
     import numpy as np
 
