@@ -120,18 +120,23 @@ def _outputs_writable(json_path: str | None = None, out_dir: str | None = None,
     return problem is None
 
 
-def _unique_name(stem: str, used: set[str]) -> str:
+def _unique_name(stem: str, used: set[str], suffix: str = "_annotated.jpg") -> str:
     """``stem_annotated.jpg``, or ``stem_2_annotated.jpg``... when another input had the same stem.
 
     Stems are cut to 150 bytes, so that the name stays under the usual 255-byte limit of file systems.
     """
-    stem = os.fsdecode(os.fsencode(stem)[:150])
-    name, n = f"{stem}_annotated.jpg", 1
+    stem = _cut(stem, 150)
+    name, n = f"{stem}{suffix}", 1
     while name in used:
         n += 1
-        name = f"{stem}_{n}_annotated.jpg"
+        name = f"{stem}_{n}{suffix}"
     used.add(name)
     return name
+
+
+def _cut(text: str, max_bytes: int) -> str:
+    """``text`` cut to at most ``max_bytes`` bytes of file name."""
+    return os.fsdecode(os.fsencode(text)[:max_bytes])
 
 
 def cmd_cells(args) -> int:
@@ -330,9 +335,18 @@ def cmd_evaluate_fields(args) -> int:
 
     folder = Path(args.dir)
     reads = [folder / "annotations.json", *sorted((folder / "images").glob("*"))]
-    if args.errors and _same_file(Path(args.errors), folder / "images"):
-        print(f"error: --errors {args.errors} is the images folder: name another folder", file=sys.stderr)
-        return 2
+    if args.errors:
+        problem = None
+        out = Path(args.errors)
+        if _same_file(out, folder / "images"):
+            problem = "is the images folder"
+        elif args.json and (_same_file(out, Path(args.json)) or out.resolve() == Path(args.json).resolve()):
+            problem = "is also the --json file"
+        elif out.is_dir() and any(out.iterdir()):
+            problem = "is not empty (pictures of an earlier run would mix with these)"
+        if problem:
+            print(f"error: --errors {out} {problem}: name a new or empty folder", file=sys.stderr)
+            return 2
     if _overwrites_input(args.json, reads) or not _outputs_writable(args.json, args.errors, "--errors"):
         return 2
 
@@ -374,23 +388,27 @@ def _write_error_views(folder: Path, report: dict, out_dir: Path) -> bool:
     kinds = {"missed": "missed", "not segmented": "notsegmented", "false positive": "fp",
              "cell missed": "cellmissed", "extra cell": "extracell"}
     name, image = None, None
+    used: set[str] = set()
     written = 0
     for e in errors:
+        target = None
         try:
             if e["image"] != name:  # each list comes image by image
                 name, image = e["image"], read_rgb(folder / "images" / e["image"])
             view = error_view(image, e)
-            x, y = (int(v) for v in (e["bbox"] or e["box"])[:2])
+            own = e["bbox"] if e["kind"] == "extra cell" else e["box"]  # each error's own cell: its name
+            x, y = (int(v) for v in own[:2])
             score = "none" if e["p_infected"] is None else f"{e['p_infected']:.3f}"
-            target = out_dir / f"{Path(e['image']).stem}-{kinds[e['kind']]}-{score}-{x}-{y}.png"
+            stem = f"{_cut(Path(e['image']).stem, 100)}-{kinds[e['kind']]}-{score}-{x}-{y}"
+            target = out_dir / _unique_name(stem, used, ".png")
             ok, png = cv2.imencode(".png", cv2.cvtColor(view, cv2.COLOR_RGB2BGR))
             if not ok:
                 raise OSError(f"PNG encoding failed for {target.name}")
             target.write_bytes(png.tobytes())
             written += 1
         except (OSError, ImageError) as exc:
-            print(f"error: cannot write the picture of {e['kind']} cell in {e['image']}: "
-                  f"{getattr(exc, 'strerror', None) or exc}", file=sys.stderr)
+            what = target or f"the picture of a {e['kind']} error in {e['image']}"
+            print(f"error: cannot write {what}: {getattr(exc, 'strerror', None) or exc}", file=sys.stderr)
             return False
     print(f"{written} pictures of errors written to {out_dir}")
     return True

@@ -49,6 +49,9 @@ IGNORE_CATEGORIES = frozenset({"leukocyte", "difficult"})
 PARTIAL_LABEL_PATTERN = re.compile(r"(^|[^a-z])iml([^a-z]|$)")
 # A fully labelled set where more detections than this lie in no box at all is flagged in the report.
 SUSPECT_UNJUDGED_FRAC = 0.2
+# A red-cell box and a parasite box overlapping this much are one cell boxed twice (fixed: the ground truth
+# must not change with the IoU a detection needs to match).
+SAME_CELL_IOU = 0.5
 # A box whose edge is this close to the image edge belongs to a cell cut by the border.
 BORDER_MARGIN_PX = 2
 
@@ -173,7 +176,7 @@ def match_image(
     if par_arr.any() and (~par_arr).any():
         # One cell boxed twice, as a red cell and as a parasite (3 in IML): one infected cell. Otherwise the
         # detection matches the red-cell box and a found parasite scores as missed plus a false positive.
-        same = box_iou(gt_arr[~par_arr], gt_arr[par_arr]).max(axis=1) >= iou
+        same = box_iou(gt_arr[~par_arr], gt_arr[par_arr]).max(axis=1) >= SAME_CELL_IOU
         keep = par_arr.copy()
         keep[np.flatnonzero(~par_arr)[~same]] = True
         gt_arr, par_arr = gt_arr[keep], par_arr[keep]
@@ -440,11 +443,12 @@ def error_view(image_rgb: np.ndarray, error: dict[str, Any], side_px: int = 192)
     y0 = min(b[1] for b in boxes)
     x1 = max(b[0] + b[2] for b in boxes)
     y1 = max(b[1] + b[3] for b in boxes)
-    half = 0.8 * max(x1 - x0, y1 - y0)  # the cell and a ring of its neighbours
-    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    half = max(0.8 * max(x1 - x0, y1 - y0), 8.0)  # the cell and a ring of its neighbours
     h, w = image_rgb.shape[:2]
+    # kept inside the image even for a box outside it or of no size (an annotation is not checked for that)
+    cx, cy = min(max((x0 + x1) / 2, 0), w - 1), min(max((y0 + y1) / 2, 0), h - 1)
     left, top = int(max(0, cx - half)), int(max(0, cy - half))
-    right, bottom = int(min(w, cx + half)), int(min(h, cy + half))
+    right, bottom = max(left + 1, int(min(w, cx + half))), max(top + 1, int(min(h, cy + half)))
     view = np.ascontiguousarray(image_rgb[top:bottom, left:right])
     scale = side_px / max(view.shape[:2])
     view = cv2.resize(view, (max(1, round(view.shape[1] * scale)), max(1, round(view.shape[0] * scale))),

@@ -184,7 +184,7 @@ def test_evaluate_fields_draws_every_classification_error_for_a_person_to_judge(
     assert len(files) == len(errors) and f"{len(errors)} pictures of errors" in r.stdout
     by_name = {}
     for e in errors:
-        x, y = (e["bbox"] or e["box"])[:2]
+        x, y = (e["bbox"] if e["kind"] == "extra cell" else e["box"])[:2]  # named by the error's own cell
         kind = {"missed": "missed", "not segmented": "notsegmented", "false positive": "fp",
                 "cell missed": "cellmissed", "extra cell": "extracell"}[e["kind"]]
         score = "none" if e["p_infected"] is None else f"{e['p_infected']:.3f}"
@@ -207,12 +207,46 @@ def test_evaluate_fields_draws_every_classification_error_for_a_person_to_judge(
         f.name for f in files if "cellmissed" in f.name or "extracell" in f.name)
     r = device("evaluate-fields", str(fields), "--errors", str(fields / "images"))
     assert r.returncode == 2 and "is the images folder" in r.stderr
+    r = device("evaluate-fields", str(fields), "--errors", str(out))  # an earlier run's pictures are there
+    assert r.returncode == 2 and "is not empty" in r.stderr and len(list(out.iterdir())) == len(files)
+    r = device("evaluate-fields", str(fields), "--errors", str(tmp_path / "x"), "--json", str(tmp_path / "x"))
+    assert r.returncode == 2 and "is also the --json file" in r.stderr
+
+
+def test_error_pictures_of_same_named_images_and_of_partially_boxed_fields(tmp_path):
+    fields = ROOT / "tests" / "fixtures" / "fields"
+    records = json.loads((fields / "annotations.json").read_text())
+    png = next(r for r in records if r["image"].endswith(".png"))
+    (tmp_path / "images").mkdir()
+    # one field under two names with one stem: their pictures must not overwrite each other
+    shutil.copy(fields / "images" / png["image"], tmp_path / "images" / "field.png")
+    shutil.copy(fields / "images" / png["image"], tmp_path / "images" / "field.PNG")
+    # and half of its red-cell boxes taken away, as in a partially labelled set
+    objects = [o for i, o in enumerate(png["objects"]) if o["category"] != "red blood cell" or i % 2]
+    recs = [{**png, "image": n, "objects": objects} for n in ("field.png", "field.PNG")]
+    (tmp_path / "annotations.json").write_text(json.dumps(recs))
+    out = tmp_path / "errors"
+    r = device("evaluate-fields", str(tmp_path), "--no-classifier", "--partial-labels", "--errors", str(out),
+               "--json", str(tmp_path / "r.json"))
+    assert r.returncode == 0, r.stderr
+    doc = json.loads((tmp_path / "r.json").read_text())
+    errors = doc["detection_errors"]
+    assert len(errors) == 2 * (doc["images"][0]["fn"] + doc["images"][0]["fp"]) > 0
+    assert len(list(out.iterdir())) == len(errors) and f"{len(errors)} pictures of errors" in r.stdout
+    # partial labels: an unboxed cell is no error; a detection is judged only when centred in some box
+    boxes = [o["bbox"] for o in objects]
+    for e in errors:
+        if e["kind"] == "extra cell":
+            x, y, w, h = e["bbox"]
+            assert any(bx <= x + w / 2 <= bx + bw and by <= y + h / 2 <= by + bh for bx, by, bw, bh in boxes)
+    n_cells = doc["images"][0]["n_detected"]
+    assert doc["images"][0]["fp"] < n_cells - doc["images"][0]["tp"]  # many unboxed cells were not listed
 
 
 def test_evaluate_fields_matches_at_the_iou_asked_for(tmp_path):
     fields = ROOT / "tests" / "fixtures" / "fields"
     totals = {}
-    for iou in ("0.5", "0.3"):
+    for iou in ("0.5", "0.3", "0.1"):
         r = device("evaluate-fields", str(fields), "--no-classifier", "--iou", iou, "--json", str(tmp_path / iou))
         assert r.returncode == 0, r.stderr
         doc = json.loads((tmp_path / iou).read_text())
@@ -220,9 +254,12 @@ def test_evaluate_fields_matches_at_the_iou_asked_for(tmp_path):
         totals[iou] = doc["totals"]
     # a looser match finds more of the same detections: loosely boxed cells, no other change
     assert totals["0.3"]["tp"] > totals["0.5"]["tp"] and totals["0.3"]["n_detected"] == totals["0.5"]["n_detected"]
+    # the ground truth does not move with it (a red-cell box and a parasite box on one cell stay one cell)
+    assert totals["0.1"]["n_gt"] == totals["0.3"]["n_gt"] == totals["0.5"]["n_gt"]
     for bad in ("0", "1.5", "nan", "half"):
         r = device("evaluate-fields", str(fields), "--no-classifier", "--iou", bad)
-        assert r.returncode == 2 and "--iou" in r.stderr and "Traceback" not in r.stderr
+        assert r.returncode == 2 and "Traceback" not in r.stderr
+        assert "is not an IoU in (0, 1]" in r.stderr or "is not a number" in r.stderr
 
 
 def test_an_error_view_frames_the_cell_with_both_boxes_where_they_are():
@@ -243,6 +280,10 @@ def test_an_error_view_frames_the_cell_with_both_boxes_where_they_are():
     assert abs(red[:, 0].min() - (200 - 175) * 2) <= 2  # rows: the union 190..240 gives 175..255
     edge = error_view(image, {**error, "bbox": [0, 0, 30, 30], "box": [0, 0, 30, 30]}, side_px=160)
     assert max(edge.shape[:2]) == 160  # cut at the image's corner, still drawn
+    # annotations are not checked for boxes of no size or outside the image: a picture all the same
+    for odd in ([10, 10, 0, 0], [10, 10, -5, 3], [10, 10, 0.4, 0.4], [900, 700, 20, 20], [-50, -50, 20, 20]):
+        view = error_view(image, {**error, "bbox": None, "box": odd}, side_px=160)
+        assert max(view.shape[:2]) == 160 and min(view.shape[:2]) >= 1
 
 
 def test_unusable_outputs_are_refused_before_any_work(tmp_path):
