@@ -252,8 +252,8 @@ def evaluate_fields(
         recall, F1, count error), ``detection_errors`` (each red-cell box no detection matched, kind
         "cell missed", and each judged detection that matched no box, "extra cell", with the box of the
         other side that overlaps it most and their ``iou``), ``timing_ms`` (mean per stage), and
-        ``classification`` when
-        ``classify`` is given (held-out images only when ``trained_on`` names some). Its ``cell_errors``
+        ``classification`` when ``classify`` is given (held-out images only when ``trained_on`` names
+        some). Its ``cell_errors``
         list each boxed parasite-bearing cell not flagged (``kind`` "missed", or "not segmented") and
         each plain boxed red cell flagged ("false positive"): ``image``, ``p_infected``, the detection's
         ``bbox`` and the annotation's ``box`` (both ``[x, y, w, h]``).
@@ -359,14 +359,23 @@ def _detection_errors(name: str, det: np.ndarray, m: dict[str, Any], judged: np.
     out = []
     for g in np.setdiff1d(np.arange(len(gt)), m["det_to_gt"]):
         j = int(np.argmax(iou[:, g])) if len(det) and iou[:, g].max() > 0 else None
-        out.append({"image": name, "kind": "cell missed", "p_infected": None,
-                    "bbox": None if j is None else [int(v) for v in det[j]],
-                    "box": [round(float(v), 1) for v in gt[g]], "iou": None if j is None else float(iou[j, g])})
+        out.append(_error_entry(name, "cell missed", gt[g], None if j is None else det[j],
+                                iou=None if j is None else float(iou[j, g])))
     for j in np.flatnonzero(judged & (m["det_to_gt"] < 0)):
         g = int(np.argmax(iou[j])) if len(gt) and iou[j].max() > 0 else None
-        out.append({"image": name, "kind": "extra cell", "p_infected": None, "bbox": [int(v) for v in det[j]],
-                    "box": None if g is None else [round(float(v), 1) for v in gt[g]],
-                    "iou": None if g is None else float(iou[j, g])})
+        out.append(_error_entry(name, "extra cell", None if g is None else gt[g], det[j],
+                                iou=None if g is None else float(iou[j, g])))
+    return out
+
+
+def _error_entry(name: str, kind: str, box: Any, bbox: Any, p: float | None = None,
+                 iou: float | None = None) -> dict[str, Any]:
+    """One listed error: the annotation's ``box`` and the detection's ``bbox`` (either may be None)."""
+    out = {"image": name, "kind": kind, "p_infected": p,
+           "bbox": None if bbox is None else [int(v) for v in bbox],
+           "box": None if box is None else [round(float(v), 1) for v in box]}
+    if kind in ("cell missed", "extra cell"):
+        out["iou"] = iou
     return out
 
 
@@ -421,15 +430,11 @@ def _classify_image(
     acc["p_rbc"].extend(p[rbc_det].tolist())
     # Each error, to be looked at (device evaluate-fields --errors DIR): a boxed parasite-bearing cell not
     # flagged (segmented or not) and a plain boxed red cell flagged.
-    def error(kind: str, g: int, j: int | None) -> dict[str, Any]:
-        return {"image": name, "kind": kind, "p_infected": None if j is None else float(p[j]),
-                "bbox": None if j is None else [int(v) for v in cells[j].bbox],
-                "box": [round(float(v), 1) for v in m["gt_boxes"][g]]}
-
     for j in np.flatnonzero((par_det & ~flagged) | (rbc_det & flagged)):
-        acc["cell_errors"].append(error("missed" if par_det[j] else "false positive", d2g[j], j))
+        acc["cell_errors"].append(_error_entry(name, "missed" if par_det[j] else "false positive",
+                                               m["gt_boxes"][d2g[j]], cells[j].bbox, float(p[j])))
     for g in np.setdiff1d(np.flatnonzero(gt_par), d2g[par_det]):
-        acc["cell_errors"].append(error("not segmented", g, None))
+        acc["cell_errors"].append(_error_entry(name, "not segmented", m["gt_boxes"][g], None))
 
 
 def error_view(image_rgb: np.ndarray, error: dict[str, Any], side_px: int = 192) -> np.ndarray:
