@@ -340,7 +340,7 @@ def cmd_evaluate_fields(args) -> int:
         out = Path(args.errors)
         if _same_file(out, folder / "images"):
             problem = "is the images folder"
-        elif args.json and (_same_file(out, Path(args.json)) or out.resolve() == Path(args.json).resolve()):
+        elif args.json and out.resolve() == Path(args.json).resolve():
             problem = "is also the --json file"
         elif out.is_dir() and any(out.iterdir()):
             problem = "is not empty (pictures of an earlier run would mix with these)"

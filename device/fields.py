@@ -154,7 +154,8 @@ def match_image(
 
     Returns a dict with ``gt_boxes``, ``gt_parasite`` (bool per GT cell), ``det_to_gt`` (index of the
     matched GT cell or -1 per detection), ``det_ignored`` (bool per detection: matched an ignore box),
-    ``det_judged`` (bool: its centre lies in some box), and ``n_unknown_categories``.
+    ``det_judged`` (bool: its centre lies in some box), ``n_unknown_categories``, and ``iou`` (detections x
+    GT cells).
     """
     gt, parasite, ignore = [], [], []
     unknown = 0
@@ -208,6 +209,7 @@ def match_image(
         "det_ignored": det_ignored,
         "det_judged": det_judged,
         "n_unknown_categories": unknown,
+        "iou": m_gt,
     }
 
 
@@ -354,8 +356,7 @@ def _detection_errors(name: str, det: np.ndarray, m: dict[str, Any], judged: np.
     """The red-cell detection errors of one image, in the form of the classification's ``cell_errors``, each
     with the box of the other side that overlaps it most (``iou``; None when nothing overlaps it): a cell
     missed beside the detection that swallowed or cut it, an extra cell beside the cell it was cut from."""
-    gt = m["gt_boxes"]
-    iou = box_iou(det, gt) if len(det) and len(gt) else np.zeros((len(det), len(gt)))
+    gt, iou = m["gt_boxes"], m["iou"]
     out = []
     for g in np.setdiff1d(np.arange(len(gt)), m["det_to_gt"]):
         j = int(np.argmax(iou[:, g])) if len(det) and iou[:, g].max() > 0 else None

@@ -43,21 +43,6 @@ logger = logging.getLogger(__name__)
 DB_NAME = "malaria-detect.sqlite3"
 IMAGES_DIR = "images"
 MIGRATION_COPY_MARGIN = 50 * 1024 * 1024  # left free after the copy made before a schema migration
-
-
-def pending_migrations(data_dir: str | Path) -> int:
-    """How many schema migrations opening the records in ``data_dir`` will run (0: none, or no records)."""
-    path = Path(data_dir) / DB_NAME
-    if not path.exists():
-        return 0
-    try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        try:
-            return max(0, len(MIGRATIONS) - conn.execute("PRAGMA user_version").fetchone()[0])
-        finally:
-            conn.close()
-    except sqlite3.Error:
-        return 0  # Store says what is wrong with it
 REVIEW_DECISIONS = ("confirmed", "rejected")
 _ANY = object()  # review_cell without a "seen" decision: whatever is stored is replaced
 # A field that counts (alias f): not rejected by the quality gate, not taken out by the technician.
@@ -220,6 +205,21 @@ class FieldImages:
     annotated_jpeg: bytes
     raw_jpeg: bytes | None
     crops_jpeg: dict[int, bytes]  # cell index -> crop, for the cells flagged infected
+
+
+def pending_migrations(data_dir: str | Path) -> int:
+    """How many schema migrations opening the records in ``data_dir`` will run (0: none, or no records)."""
+    path = Path(data_dir) / DB_NAME
+    if not path.exists():
+        return 0
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            return max(0, len(MIGRATIONS) - conn.execute("PRAGMA user_version").fetchone()[0])
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return 0  # Store says what is wrong with it
 
 
 def migrate(conn: sqlite3.Connection, migrations: list[str] | None = None) -> int:
