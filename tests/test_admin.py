@@ -7,14 +7,15 @@ import io
 import json
 import logging
 import re
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import cv2
 import pytest
 
 from device import service
 from device.config import THRESHOLD_SAFE_RANGE
-from device.web import health
+from device.web import admin as admin_views
+from device.web import health, pages
 from tests.conftest import ADMIN_PASSWORD, SAMPLES_DIR, admin_hash, make_config, wait_until
 
 SAMPLE = sorted(SAMPLES_DIR.glob("*.jpg"))[0]
@@ -235,6 +236,27 @@ def test_metrics_count_fields_cells_rejections_errors_latency(make_env, monkeypa
         assert name in values, name
     # and in the last problems (logged by the future's callback, a moment after the answer)
     assert wait_until(lambda: "segmentation blew up" in c.get("/admin/").get_data(as_text=True), 5)
+
+
+def test_uptime_does_not_move_when_the_clock_is_set(make_env, monkeypatch):
+    """A Pi boots with its clock behind and an admin sets it (or one that ran ahead is set back): the
+    service's uptime read off the wall clock went negative ("service -1 d 0 h 0 min")."""
+    env = _env(make_env)
+    c, _ = env.admin_client()
+
+    class DayBehind(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime.now(tz) - timedelta(days=1)
+
+    for module in (admin_views, pages):
+        monkeypatch.setattr(module, "datetime", DayBehind)
+    text = c.get("/metrics").get_data(as_text=True)
+    up = float(re.search(r"^malaria_uptime_seconds (\S+)$", text, re.M).group(1))
+    assert 0 <= up < 600
+    html = c.get("/admin/").get_data(as_text=True)
+    since = (datetime.now() - timedelta(days=1)).strftime("%Y-%m-%d")  # the start, on the clock as set now
+    assert re.search(r"service \d+ h \d+ min \(since " + since, html), re.search(r"service [^<]*", html)[0]
 
 
 def test_healthz_is_ok_degraded_or_failing(make_env, monkeypatch):

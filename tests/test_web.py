@@ -263,8 +263,13 @@ def test_review_flagged_cells_keeps_automatic_and_reviewed_counts(make_env):
     h = {"X-CSRF-Token": token}
     r = c.post(f"/api/cells/{cells[0]['id']}/review", json={"decision": "rejected"}, headers=h)
     assert r.status_code == 200 and r.get_json()["cell"]["review"] == "rejected"
-    r = c.post(f"/cells/{cells[1]['id']}/review", data={"decision": "confirmed", "csrf_token": token})
+    r = c.post(f"/cells/{cells[1]['id']}/review", data={"decision": "confirmed", "seen": "", "csrf_token": token})
     assert r.status_code == 303
+    # a form without the button's decision, or without what the page showed, changes nothing
+    for data in ({"seen": "confirmed"}, {"decision": "clear"}, {"decision": "", "seen": "confirmed"}):
+        r = c.post(f"/cells/{cells[1]['id']}/review", data={**data, "csrf_token": token})
+        assert r.status_code == 400 and "reload the page" in r.get_data(as_text=True)
+        assert env.store.get_cell(cells[1]["id"])["review"] == "confirmed"
     s = c.get("/api/slides/1").get_json()
     assert s["totals"]["review"] == {"confirmed": 1, "rejected": 1, "pending": len(cells) - 2}
     assert s["automatic"]["infected_count"] == len(cells)
@@ -274,7 +279,7 @@ def test_review_flagged_cells_keeps_automatic_and_reviewed_counts(make_env):
     assert s["reviewed"]["call"] == "positive" and "confirmed" in s["reviewed"]["call_reason"]
     # the page's "Undo" button (a form post, no script needed) clears a decision
     assert 'value="clear"' in c.get("/slides/1/review").get_data(as_text=True)
-    r = c.post(f"/cells/{cells[1]['id']}/review", data={"decision": "clear", "csrf_token": token})
+    r = c.post(f"/cells/{cells[1]['id']}/review", data={"decision": "clear", "seen": "confirmed", "csrf_token": token})
     assert r.status_code == 303
     assert c.get("/api/slides/1").get_json()["totals"]["review"]["confirmed"] == 0
     assert c.post(f"/api/cells/{cells[0]['id']}/review", json={"decision": "maybe"}, headers=h).status_code == 400
@@ -1148,6 +1153,51 @@ def test_finish_waits_for_its_own_slides_fields_only(make_env, classifier, monke
     t.join(60)
     assert r.status_code == 200 and r.get_json()["status"] == "finished"
     assert env.analyser.pending_for(2) == 0
+
+
+def test_finish_and_discard_wait_for_an_upload_still_being_decoded(make_env, monkeypatch):
+    """The server holds an upload from the moment its body arrived, but its capture reserved nothing until
+    the image was decoded (about a second for a 12 MB PNG on x86, more on a Pi): Finish pressed meanwhile
+    closed the slide at once and the upload was refused with a 409, one field short of the result."""
+    import threading
+
+    from device.web import views as web_views
+
+    env = make_env()
+    c, token = _client(env)
+    h = {"X-CSRF-Token": token}
+    _start(c, token)
+    assert _upload(c, token, SAMPLE.read_bytes(), "a.jpg").status_code == 201
+    decoding, go = threading.Event(), threading.Event()
+    real = web_views.decode_rgb
+    monkeypatch.setattr(web_views, "decode_rgb", lambda *a, **k: (decoding.set(), go.wait(60), real(*a, **k))[2])
+    answers = {}
+    other = sorted(SAMPLES_DIR.glob("*.jpg"))[1].read_bytes()
+    upload = threading.Thread(target=lambda: answers.update(upload=_upload(c, token, other, "b.jpg")))
+    upload.start()
+    assert decoding.wait(30)
+    finish = threading.Thread(target=lambda: answers.update(finish=c.post("/api/slides/1/finish", headers=h, json={})))
+    finish.start()
+    finish.join(0.5)
+    assert finish.is_alive() and "finish" not in answers  # waiting for the field being decoded
+    go.set()
+    upload.join(60)
+    finish.join(60)
+    assert answers["upload"].status_code == 201, answers["upload"].get_json()
+    slide = answers["finish"].get_json()
+    assert answers["finish"].status_code == 200 and slide["status"] == "finished"
+    assert slide["totals"]["fields"] == 2
+    # Discard (a slide started by mistake, no field yet) waits for nothing: it refuses while one is on its way
+    decoding.clear(), go.clear()
+    assert _start(c, token, sample_id="S-2").status_code == 303
+    upload = threading.Thread(target=lambda: answers.update(upload=_upload(c, token, other, "b.jpg", slide_id=2)))
+    upload.start()
+    assert decoding.wait(30)
+    r = c.post("/api/slides/2/discard", headers=h, json={})
+    assert r.status_code == 409 and "being analysed" in r.get_json()["error"]
+    go.set()
+    upload.join(60)
+    assert answers["upload"].status_code == 201 and env.store.get_slide(2)["status"] == "open"
 
 
 def test_a_client_acting_on_the_answer_finds_the_field_released(make_env, monkeypatch, tmp_path):

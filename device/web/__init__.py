@@ -11,7 +11,7 @@ import hmac
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -40,8 +40,13 @@ class Deps:
     camera_opener: Callable  # camera config -> a callable that opens that camera
     login_limiter: security.RateLimiter
     recent_log: health.RecentLog
-    started_at: datetime
     setup_code: str | None  # the first-run code printed to the log; None once a password is set
+    # On the monotonic clock: setting the wall clock (a Pi boots with it behind) must not move the uptime.
+    started_monotonic: float = field(default_factory=time.monotonic)
+
+    def uptime_s(self) -> float:
+        """Seconds since the service started."""
+        return time.monotonic() - self.started_monotonic
 
 
 def deps() -> Deps:
@@ -108,7 +113,7 @@ def create_app(config, store, camera, analyser, *, secret_key: bytes | None = No
         config=config, store=store, camera=camera, analyser=analyser, settings=AdminSettings(data_dir),
         camera_opener=camera_opener or default_opener,
         login_limiter=security.RateLimiter(config.security.login_attempts_per_minute),
-        recent_log=health.install_recent_log(), started_at=datetime.now().astimezone(), setup_code=setup_code,
+        recent_log=health.install_recent_log(), setup_code=setup_code,
     )
 
     from device.web import admin, api, pages

@@ -75,7 +75,8 @@ def device_health() -> dict[str, str]:
     mem = health.memory_mb()
     load = health.load_average()
     counts = d.store.slide_counts()
-    service_up = (datetime.now().astimezone() - d.started_at).total_seconds()
+    service_up = d.uptime_s()
+    since = datetime.now().astimezone() - timedelta(seconds=service_up)  # on the clock as it reads now
     return {
         "CPU temperature": _fmt(health.cpu_temperature_c(), ".1f", " °C"),
         "Load (1 / 5 / 15 min)": "not available" if load is None else
@@ -84,7 +85,7 @@ def device_health() -> dict[str, str]:
         "Disk free": f"{disk.free_mb / 1000:,.1f} GB" + (f" — {disk.message}" if disk.message else ""),
         "Clock": _clock_text(),
         "Uptime": f"board {health.format_duration(health.uptime_s())}, service "
-                  f"{health.format_duration(service_up)} (since {d.started_at:%Y-%m-%d %H:%M})",
+                  f"{health.format_duration(service_up)} (since {since:%Y-%m-%d %H:%M})",
         "Service version": f"malaria-detect {device.__version__}, Python {sys.version.split()[0]} on "
                            f"{platform.machine()}",
         "Listening on": f"{cfg.service.host}:{cfg.service.port}",

@@ -133,10 +133,13 @@ def review(slide_id: int):
 
 @bp.post("/cells/<int:cell_id>/review")
 def review_cell(cell_id: int):
-    seen = request.form.get("seen")
+    decision, seen = request.form.get("decision"), request.form.get("seen")
+    # The page's buttons always send both: a form without them (a stale or hand-made one) must neither clear a
+    # decision someone made nor overwrite one changed in another window unseen.
+    if decision not in ("confirmed", "rejected", "clear") or seen not in ("", "confirmed", "rejected"):
+        abort(400, "the review form is incomplete: reload the page and press Parasite, Not a parasite or Undo")
     try:
-        cell = views.review(cell_id, request.form.get("decision", ""),
-                            seen if seen in ("", "confirmed", "rejected") else None)
+        cell = views.review(cell_id, decision, seen)
     except HTTPException as exc:
         stored = deps().store.get_cell(cell_id)
         if exc.code != 409 or stored is None:
@@ -363,8 +366,7 @@ def metrics():
         "disk_free_bytes": ("Free space in the data folder.", round(disk.free_mb * 1e6)),
         "disk_low": ("1 below the low-disk level (raw frames not saved), 2 below the minimum (captures refused).",
                      {"ok": 0.0, "low": 1.0, "full": 2.0}[disk.level]),
-        "uptime_seconds": ("Seconds since the service started.",
-                           (datetime.now().astimezone() - d.started_at).total_seconds()),
+        "uptime_seconds": ("Seconds since the service started.", d.uptime_s()),
     }
     temp = health.cpu_temperature_c()
     if temp is not None:

@@ -151,6 +151,9 @@ class CountedViews:
         self.lock = threading.Lock()
         self.counted: OrderedDict[int, dict[int, tuple[np.ndarray, np.ndarray | None]]] = OrderedDict()
         self.inflight: dict[int, list[np.ndarray]] = {}
+        # Per slide: captures whose field is still being received (an upload decoding: up to seconds for a
+        # large PNG on a Pi) and so has no view to reserve yet. Finish and Discard wait for them as well.
+        self.receiving: dict[int, int] = {}
         self.finished: set[int] = set()  # a capture settling after Finish must not keep its view
         # Bumped when a slide's counted fields change (reload): a capture reserved before that must not
         # add its view to the reloaded set (its field may have been excluded meanwhile); the slide's
@@ -171,6 +174,24 @@ class CountedViews:
                 self.counted.popitem(last=False)  # the least recently used slide: read back when needed
         self.counted.move_to_end(slide_id)
         return self.counted[slide_id]
+
+    @contextmanager
+    def receiving_field(self, slide_id: int) -> Iterator[None]:
+        """While a capture of this slide decodes its field, before it can :meth:`reserve` the view."""
+        with self.lock:
+            self.receiving[slide_id] = self.receiving.get(slide_id, 0) + 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.receiving[slide_id] -= 1
+                if not self.receiving[slide_id]:
+                    del self.receiving[slide_id]
+
+    def busy(self, slide_id: int) -> bool:
+        """A capture of this slide is being received or has its view reserved (analysed, not settled)."""
+        with self.lock:
+            return bool(self.receiving.get(slide_id) or self.inflight.get(slide_id))
 
     def reserve(self, slide_id: int, view: np.ndarray, what: str = "this field") -> None:
         """Raises Conflict when the view is counted already or being analysed."""
@@ -268,13 +289,14 @@ def capture(slide_id: int) -> dict | None:
     if "image" in request.files:
         if not request.files["image"].filename:
             abort(400, "no file chosen")
-        rgb, source = _decode_upload(), "upload"
-        view = thumbnail(rgb)  # the same picture uploaded again would count its cells twice
-        try:
-            counted.reserve(slide_id, view, "this image")
-        except Conflict as exc:
-            d.analyser.metrics.inc("captures_refused_total")
-            abort(409, str(exc))
+        with counted.receiving_field(slide_id):  # Finish pressed meanwhile waits for this field
+            rgb, source = _decode_upload(), "upload"
+            view = thumbnail(rgb)  # the same picture uploaded again would count its cells twice
+            try:
+                counted.reserve(slide_id, view, "this image")
+            except Conflict as exc:
+                d.analyser.metrics.inc("captures_refused_total")
+                abort(409, str(exc))
     elif request.mimetype in ("multipart/form-data", "application/octet-stream") or request.mimetype.startswith(
         "image/"
     ) or (request.content_length or 0) > CAPTURE_BODY_MAX:
@@ -343,7 +365,7 @@ def finish(slide_id: int) -> dict:
 
     def busy() -> bool:  # this slide's own fields (a capture reserved, or queued); other slides' do not matter
         own = analyser.pending_for(slide_id) if hasattr(analyser, "pending_for") else getattr(analyser, "pending", 0)
-        return bool(own or _counted_views().inflight.get(slide_id))
+        return bool(own or _counted_views().busy(slide_id))
 
     while busy() and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -360,7 +382,7 @@ def finish(slide_id: int) -> dict:
 def discard(slide_id: int) -> dict:
     """Delete an open slide with no fields (started by mistake); refused while a field is being analysed."""
     slide_or_404(slide_id)
-    if _counted_views().inflight.get(slide_id):  # this slide's own captures; other slides' do not matter
+    if _counted_views().busy(slide_id):  # this slide's own captures; other slides' do not matter
         abort(409, "a field of this slide is being analysed: try again in a moment")
     with _store_answers():
         slide = deps().store.discard_slide(slide_id)
