@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -57,10 +58,8 @@ def _write_json(path: str | None, doc: dict) -> bool:
         return True
     from device.store import write_atomic
 
-    target = Path(path)
-    if target.is_symlink():  # a "latest.json" link: the file it names is the one to update
-        target = target.resolve()
     try:
+        target = _json_target(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         text = json.dumps(_json_safe(doc), indent=2, allow_nan=False) + "\n"
         # the mode a plain write would give (the umask's), or the file's own when it exists
@@ -72,6 +71,25 @@ def _write_json(path: str | None, doc: dict) -> bool:
         print(f"error: cannot write --json {path}: {exc.strerror or exc}", file=sys.stderr)
         return False
     return True
+
+
+def _json_target(path: str) -> Path:
+    """The file a ``--json`` path writes: a "latest.json" link's own target is the one to update.
+
+    Raises OSError when the path is a link loop, or names something that is not a regular file (a device
+    such as /dev/null, a pipe, /dev/stdout): the report replaces its target by renaming a new file over it,
+    which would turn /dev/null into a plain file for the whole system when run as root.
+    """
+    target = Path(path)
+    if target.is_symlink():
+        try:
+            target = target.resolve(strict=False)
+        except RuntimeError:  # Python 3.11: a link loop
+            raise OSError(errno.ELOOP, "a link loop", path) from None
+    if target.exists() and not target.is_file():
+        what = "is a folder, not a file" if target.is_dir() else "is not a regular file (a device, a pipe, /dev/stdout)"
+        raise OSError(errno.EINVAL, f"{what}: name a file for the report", path)
+    return target
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -101,13 +119,10 @@ def _outputs_writable(json_path: str | None = None, out_dir: str | None = None,
     problem = None
     try:
         if json_path:
-            p = Path(json_path)
-            if p.is_dir():
-                problem = f"--json {p}: is a folder, not a file"
-            else:
-                p.parent.mkdir(parents=True, exist_ok=True)
-                if not os.access(p.parent, os.W_OK):
-                    problem = f"--json {p}: folder {p.parent} is not writable"
+            p = _json_target(json_path)  # where the report will be written, checked now
+            p.parent.mkdir(parents=True, exist_ok=True)
+            if not os.access(p.parent, os.W_OK):
+                problem = f"--json {json_path}: folder {p.parent} is not writable"
         if out_dir and not problem:
             d = Path(out_dir)
             d.mkdir(parents=True, exist_ok=True)
@@ -233,6 +248,13 @@ def cmd_analyze(args) -> int:
     if not files:
         print("no image files found in " + ", ".join(args.paths), file=sys.stderr)
         return 2
+    if args.annotate:  # images named one by one (a shell glob) in the annotate folder: the same, and worse
+        ann = Path(args.annotate).resolve()
+        inside = next((f for f in files if Path(os.path.abspath(f)).parent.resolve() == ann), None)
+        if inside is not None:
+            print(f"error: --annotate {args.annotate} holds an input image ({inside}): annotated copies would be "
+                  "written over inputs or read as fields next time; name another folder", file=sys.stderr)
+            return 2
     if _overwrites_input(args.json, files) or not _outputs_writable(args.json, args.annotate):
         return 2
     clf = _classifier(args)
@@ -334,6 +356,11 @@ def cmd_evaluate_fields(args) -> int:
     from device.preprocess import prepare_batch
 
     folder = Path(args.dir)
+    if args.json and Path(os.path.abspath(args.json)).parent.resolve().is_relative_to((folder / "images").resolve()):
+        # a record may name an image in a sub-folder: nothing in there is a place for the report
+        print(f"error: --json {args.json} lies in the images folder {folder / 'images'}, among the inputs: "
+              "name a file elsewhere", file=sys.stderr)
+        return 2
     reads = [folder / "annotations.json", *sorted((folder / "images").glob("*"))]
     if args.errors:
         problem = None

@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -621,3 +622,43 @@ def test_annotating_into_the_input_folder_itself_is_refused_with_the_reason(tmp_
     shutil.copy(sorted(SAMPLES.glob("*.jpg"))[0], d)
     r = device("analyze", str(d), "--annotate", str(d))
     assert r.returncode == 2 and "is an input folder" in r.stderr  # was "no image files found"
+    # the images named one by one (a shell glob): a second run read the first run's copies as fields (one
+    # field counted twice on the slide) and wrote copies over inputs
+    (d / "old_annotated.jpg").write_bytes((d / sorted(os.listdir(d))[0]).read_bytes())
+    before = sorted(os.listdir(d))
+    r = device("analyze", *[str(p) for p in sorted(d.iterdir())], "--annotate", str(d))
+    assert r.returncode == 2 and "holds an input image" in r.stderr and "Traceback" not in r.stderr
+    assert sorted(os.listdir(d)) == before  # nothing written
+    out = tmp_path / "annotated"
+    r = device("analyze", *[str(p) for p in sorted(d.iterdir())], "--annotate", str(out))
+    assert r.returncode == 0 and len(list(out.iterdir())) == 2, r.stderr
+
+
+def test_a_json_report_never_replaces_a_device_a_pipe_or_an_input_in_a_sub_folder(tmp_path):
+    """The report is renamed over its target: as root, --json /dev/null replaced /dev/null with a plain file
+    (shown here on a pipe, which any user may make); a record's image in a sub-folder of images/ was
+    replaced by the report; a link loop gave a traceback after the whole batch."""
+    field = str(sorted(SAMPLES.glob("*.jpg"))[0])
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    (tmp_path / "to_pipe").symlink_to(pipe)
+    (tmp_path / "loop.json").symlink_to(tmp_path / "loop.json")
+    for target in ("pipe", "to_pipe", "loop.json"):
+        r = device("analyze", field, "--json", str(tmp_path / target))
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert ("not a regular file" if "pipe" in target else "link loop") in r.stderr
+        assert "infected" not in r.stdout  # refused before the first field
+    assert stat.S_ISFIFO(pipe.stat().st_mode)
+    fields = tmp_path / "fields"
+    shutil.copytree(ROOT / "tests" / "fixtures" / "fields", fields)
+    records = json.loads((fields / "annotations.json").read_text())
+    image = fields / "images" / records[0]["image"]
+    (fields / "images" / "slide1").mkdir()
+    image.rename(fields / "images" / "slide1" / image.name)
+    records[0]["image"] = "slide1/" + image.name
+    (fields / "annotations.json").write_text(json.dumps(records))
+    kept = (fields / "images" / "slide1" / image.name).read_bytes()
+    r = device("evaluate-fields", str(fields), "--no-classifier", "--json",
+               str(fields / "images" / "slide1" / image.name))
+    assert r.returncode == 2 and "lies in the images folder" in r.stderr
+    assert (fields / "images" / "slide1" / image.name).read_bytes() == kept
