@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import time
 from collections.abc import Callable, Collection, Sequence
@@ -87,14 +88,30 @@ def _check_record(rec: Any, index: int) -> tuple[str, str | None]:
     when it can)."""
     if not isinstance(rec, dict) or not isinstance(rec.get("image"), str) or not rec["image"]:
         return f"record {index}", "record is not an object with an \"image\" name"
+    name = rec["image"]
+    if "\0" in name or Path(name).is_absolute() or ".." in Path(name).parts:
+        return repr(name)[1:-1], "\"image\" is not the name of a file inside images/"
     objects = rec.get("objects", [])
     if not isinstance(objects, list):
-        return rec["image"], "\"objects\" is not a list"
+        return name, "\"objects\" is not a list"
     for k, obj in enumerate(objects):
         box = obj.get("bbox") if isinstance(obj, dict) else None
-        if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, int | float) for v in box)):
-            return rec["image"], f"object {k} has no \"bbox\" of 4 numbers"
-    return rec["image"], None
+        if not (isinstance(box, list) and len(box) == 4 and all(_finite_number(v) for v in box)):
+            return name, f"object {k} has no \"bbox\" of 4 finite numbers"
+        if not isinstance(obj.get("category"), str):
+            return name, f"object {k} has no \"category\" name"
+    return name, None
+
+
+def _finite_number(v: Any) -> bool:
+    """A JSON number a box can hold: not NaN or infinite (Python's json reads those, and 1e999 as infinity)
+    and not an integer too large for a float."""
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return False
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:
+        return False
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:

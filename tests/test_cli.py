@@ -361,8 +361,24 @@ def test_evaluate_fields_bad_annotations_are_clear_errors(tmp_path):
     assert r.returncode == 0, r.stderr
     doc = json.loads(out.read_text())
     assert [row["image"] for row in doc["images"]] == [records[1]["image"]]
-    problem = 'annotations.json: object 0 has no "bbox" of 4 numbers'
+    problem = 'annotations.json: object 0 has no "bbox" of 4 finite numbers'
     assert doc["errors"] == [{"image": records[0]["image"], "error": problem}]
+    # records that passed the check and then crashed the run with a traceback (no report, or --errors cut
+    # short): a NUL in the name, a category that is not a name, a box of NaN, infinity or a huge integer
+    from device.fields import evaluate_fields
+
+    good = json.loads((fields / "annotations.json").read_text())[0]
+    odd = [{**good, "image": "bad\0.png"}, {**good, "image": "../fields/images/" + good["image"]}]
+    for key, value in (("category", ["ring"]), ("bbox", [float("nan"), 1, 2, 3]), ("bbox", [1, 2, float("inf"), 3]),
+                       ("bbox", [10**400, 1, 2, 3]), ("bbox", [True, 1, 2, 3])):
+        odd.append({**good, "objects": [*good["objects"][1:], {**good["objects"][0], key: value}]})
+    for rec in odd:
+        (broken / "annotations.json").write_text(json.dumps([rec, records[1]]))
+        doc = evaluate_fields(broken, classify=None)
+        assert [row["image"] for row in doc["images"]] == [records[1]["image"]]
+        assert len(doc["errors"]) == 1 and "annotations.json: " in doc["errors"][0]["error"], doc["errors"]
+    r = device("evaluate-fields", str(broken), "--no-classifier", "--json", str(out), "--errors", str(tmp_path / "e"))
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     # nothing evaluated is a failure exit
     (broken / "annotations.json").write_text(json.dumps(records[:1]))
     r = device("evaluate-fields", str(broken), "--no-classifier")
