@@ -275,8 +275,9 @@ def storage_writable(store: Store) -> str | None:
     return None
 
 
-def free_raw_frames(store: Store, finished_before: datetime) -> dict:
-    """Delete the raw frames of slides finished before that time (:meth:`Store.delete_images`).
+def free_raw_frames(store: Store, finished_before: datetime | None) -> dict:
+    """Delete the raw frames of slides finished before that time, or of every finished slide (None)
+    (:meth:`Store.delete_images`).
 
     First what an interrupted earlier run left is swept. Then the flagged cells' crops of those fields are
     made durable: a crop a power cut lost is cut again from its raw frame while that still exists, and
@@ -301,7 +302,7 @@ def free_raw_frames(store: Store, finished_before: datetime) -> dict:
             "crops_recut": recut, "swept": swept["files"]}
 
 
-def free_annotated_images(store: Store, finished_before: datetime) -> dict:
+def free_annotated_images(store: Store, finished_before: datetime | None) -> dict:
     """Delete the annotated images of the fields of slides finished before that time; each field's result,
     cell list (with every box) and flagged-cell crops stay. Nothing is cut from an annotated image, so
     nothing needs to be made durable first. Returns ``{"fields", "bytes", "failed", "swept"}``."""

@@ -883,9 +883,10 @@ class Store:
         return int(self._conn().execute(
             f"SELECT COUNT(*) {self._FINISHED_BEFORE} AND f.{self._image_flag(kind)} = 1", (cutoff,)).fetchone()[0])
 
-    def image_fields(self, kind: str, finished_before: datetime) -> list[int]:
-        """IDs of the fields of slides finished before that time that keep their ``kind`` image."""
-        cutoff = _utc_text(finished_before)
+    def image_fields(self, kind: str, finished_before: datetime | None) -> list[int]:
+        """IDs of the fields of slides finished before that time (None: of every finished slide, those dated
+        in the future by a clock that ran ahead too) that keep their ``kind`` image."""
+        cutoff = "9999" if finished_before is None else _utc_text(finished_before)
         return [r[0] for r in self._conn().execute(
             f"SELECT f.id {self._FINISHED_BEFORE} AND f.{self._image_flag(kind)} = 1", (cutoff,))]
 

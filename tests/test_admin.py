@@ -551,6 +551,36 @@ def test_the_admin_frees_space_by_deleting_old_raw_frames_and_keeps_the_results(
     assert all(c.get(u).status_code == 200 for u in crops)
 
 
+def test_free_space_reaches_slides_finished_while_the_clock_ran_ahead(make_env, monkeypatch):
+    """A slide finished while the clock ran ahead is dated in the future: once the admin had confirmed the
+    clock, Free space never reached it, not even with 0 days, and said "0 fields" without a reason."""
+    import time as _time
+    from datetime import UTC
+
+    import device.store as store_module
+
+    env = _env(make_env)
+    c, token = env.admin_client()
+    h = {"X-CSRF-Token": token}
+    assert c.post("/api/slides", json={"sample_id": "S-AHEAD"}, headers=h).status_code == 201
+    assert _upload(c, token, 1).status_code == 201
+    ahead = store_module._utc_text(datetime.now(UTC) + timedelta(days=200))
+    with monkeypatch.context() as m:
+        m.setattr(store_module, "utc_now", lambda: ahead)
+        assert c.post("/api/slides/1/finish", headers=h, json={"confirm": True}).status_code == 200
+    assert env.store.get_slide(1)["finished_at"] == ahead
+    r = c.post("/admin/clock-ok", data={"csrf_token": token, "browser_time_ms": str(int(_time.time() * 1000))})
+    assert r.status_code == 303 and c.get("/api/status").get_json()["clock"]["problem"] is None
+    field_id = env.store.list_fields(1)[0]["id"]
+    c.post("/admin/free-space", data={"days": "30", "csrf_token": token})
+    html = c.get("/admin/").get_data(as_text=True)
+    assert "raw frames of 0 fields" in html and "1 fields of slides dated after now" in html
+    assert c.get(f"/fields/{field_id}/raw.jpg").status_code == 200
+    c.post("/admin/free-space", data={"days": "0", "csrf_token": token})
+    assert "raw frames of 1 fields" in c.get("/admin/").get_data(as_text=True)
+    assert c.get(f"/fields/{field_id}/raw.jpg").status_code == 404
+
+
 def test_the_records_download_needs_no_disk_and_a_large_one_checks_its_space_first(make_env, monkeypatch):
     import sqlite3
     import tempfile

@@ -366,7 +366,11 @@ def free_space():
         # "N days ago" is read on this clock, and the slides were dated by it: a wrong one deletes the wrong ones
         flash(f"Free space: {clock['problem']}. Set the clock first (see Clock above); nothing was deleted", "error")
         return redirect(url_for("admin.index", _anchor="free-space"), 303)
-    before = health.wall_clock() - timedelta(days=days)
+    now = health.wall_clock()
+    # 0 days: every finished slide, also one dated after now by a clock that ran ahead (an admin confirmed
+    # the clock since); with more days such a slide's age is not known, and it is kept (said below)
+    before = None if days == 0 else now - timedelta(days=days)
+    ahead = 0 if before is None else d.store.count_images("raw") - d.store.count_images("raw", now)
     try:
         freed = free_raw_frames(d.store, before)
     except OSError as exc:
@@ -392,6 +396,9 @@ def free_space():
     for what, res in zip(("raw frames", "annotated images"), done, strict=False):
         if res["swept"]:
             text += f" {res['swept']} {what} an interrupted earlier run had left were deleted too."
+    if ahead:
+        text += (f" {ahead} fields of slides dated after now (by a clock that ran ahead) keep their raw frames: "
+                 "their age is not known; 0 days frees those too.")
     failed = sum(res["failed"] for res in done)
     if failed:
         text += (f" {failed} could not be deleted (the storage may be failing: see Last problems); "
