@@ -338,6 +338,15 @@ def _sample_match(query: str) -> Callable[[dict], bool]:
     return lambda row: key in sample_key(row["sample_id"])
 
 
+def _cannot_write(folder: Path) -> str | None:
+    """Why no file can be made in ``folder`` (a read-only card, no permission), or None when one can."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return None
+    except OSError as exc:
+        return exc.strerror or str(exc)
+
+
 def _row(r: sqlite3.Row | None) -> dict | None:
     return None if r is None else dict(r)
 
@@ -365,6 +374,13 @@ class Store:
             self.interrupted_files_removed = self._remove_interrupted_writes()
         except sqlite3.DatabaseError as exc:
             self.close()
+            unwritable = _cannot_write(self.data_dir)
+            if unwritable:  # a card remounted read-only keeps it so after a reboot: the records are intact
+                raise StoreError(
+                    f"{self.db_path}: the records cannot be opened because {self.data_dir} cannot be written "
+                    f"({unwritable}). They are not damaged: do not restore a backup over them. A card that turned "
+                    "read-only is failing: copy the data folder off it onto a new card; a folder with the wrong "
+                    "owner: give it back to the service's user") from exc
             raise StoreError(f"{self.db_path}: not a usable database ({exc}); move it aside and restore "
                              "a backup") from exc
         except StoreError:
@@ -433,13 +449,17 @@ class Store:
     def _connect(self) -> sqlite3.Connection:
         # isolation_level=None: no implicit transactions; _tx() opens them explicitly.
         conn = sqlite3.connect(self.db_path, timeout=10.0, isolation_level=None, check_same_thread=False)
-        conn.row_factory = sqlite3.Row
-        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        if mode.lower() != "wal":
-            raise StoreError(f"{self.db_path}: cannot use WAL mode (got {mode}); is it on a network share?")
-        conn.execute("PRAGMA synchronous=FULL")  # see the module docstring: survives power loss
-        conn.execute("PRAGMA foreign_keys=ON")
-        conn.execute("PRAGMA busy_timeout=10000")
+        try:
+            conn.row_factory = sqlite3.Row
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode.lower() != "wal":
+                raise StoreError(f"{self.db_path}: cannot use WAL mode (got {mode}); is it on a network share?")
+            conn.execute("PRAGMA synchronous=FULL")  # see the module docstring: survives power loss
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute("PRAGMA busy_timeout=10000")
+        except BaseException:
+            conn.close()  # not handed out, so close() would never reach it: the file stayed open
+            raise
         return conn
 
     def _conn(self) -> sqlite3.Connection:

@@ -159,6 +159,46 @@ def test_a_database_with_damaged_table_pages_is_a_store_error(tmp_path):
         Store(tmp_path)  # was a raw sqlite3.DatabaseError: a traceback, not the service's one-line error
 
 
+def test_records_on_a_card_that_turned_read_only_are_not_called_damaged(tmp_path):
+    """A failing SD card is remounted read-only and stays so after a reboot: SQLite cannot open the records
+    in WAL mode, and the service called the intact records "not a usable database", advising to restore a
+    backup over them (every record since that backup lost). A real read-only file system when this runs
+    as root and may mount one; otherwise a folder this user cannot write, which SQLite meets the same way."""
+    card = tmp_path / "card"
+    card.mkdir()
+    as_root = os.geteuid() == 0
+    if as_root and subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(card)],
+                                  capture_output=True).returncode != 0:
+        pytest.skip("running as root without the right to mount a file system: no read-only folder to test on")
+    try:
+        s = Store(card / "data")
+        sid = _slide(s)
+        s.close()
+        if as_root:
+            subprocess.run(["mount", "-o", "remount,ro", str(card)], check=True)
+        else:
+            os.chmod(card / "data", 0o500)
+        with pytest.raises(StoreError) as err:
+            Store(card / "data")
+        said = str(err.value)
+        assert "not a usable database" not in said and "not damaged" in said and "do not restore a backup" in said
+        assert ("Read-only file system" if as_root else "Permission denied") in said
+        if as_root:
+            subprocess.run(["mount", "-o", "remount,rw", str(card)], check=True)
+        else:
+            os.chmod(card / "data", 0o700)
+        s = Store(card / "data")  # writable again: every record is there
+        assert s.get_slide(sid)["sample_id"] == "S-1"
+        s.close()
+    finally:
+        busy = as_root and subprocess.run(["umount", str(card)], capture_output=True).returncode != 0
+        if busy:
+            subprocess.run(["umount", "-l", str(card)], check=False)
+        if not as_root:
+            os.chmod(card / "data", 0o700)
+    assert not busy, "a file on the card was left open (the failed start kept a connection, and the card busy)"
+
+
 @pytest.mark.parametrize("failure", ["slide finished meanwhile", "disk full"])
 def test_a_field_that_cannot_be_recorded_leaves_no_image_behind(store, monkeypatch, failure):
     sid = _slide(store)
