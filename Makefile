@@ -10,8 +10,9 @@ STAMP_ALL    := $(VENV)/.all-installed
 
 $(PY):
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "$(PYTHON) not found: install Python 3.11 (Debian 12: apt-get install python3 python3-venv)"; exit 1; }
-	$(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip
+	@# a failed attempt (Debian without python3-venv) leaves a venv without pip behind: removed, so the next try starts clean
+	$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); echo "could not make $(VENV) (Debian 12: apt-get install python3-venv)"; exit 1; }
+	$(PIP) install --quiet --upgrade pip || { rm -rf $(VENV); exit 1; }
 
 $(STAMP_DEVICE): $(PY) pyproject.toml constraints.txt
 	$(PIP) install --quiet -c constraints.txt -e '.[device]'
