@@ -139,19 +139,27 @@ def _unique_name(stem: str, used: set[str], suffix: str = "_annotated.jpg") -> s
     """``stem_annotated.jpg``, or ``stem_2_annotated.jpg``... when another input had the same stem.
 
     Stems are cut to 150 bytes, so that the name stays under the usual 255-byte limit of file systems.
+    Names differing only in case are taken as the same: on a FAT or exFAT stick they are one file.
     """
     stem = _cut(stem, 150)
     name, n = f"{stem}{suffix}", 1
-    while name in used:
+    while name.casefold() in used:
         n += 1
         name = f"{stem}_{n}{suffix}"
-    used.add(name)
+    used.add(name.casefold())
     return name
 
 
 def _cut(text: str, max_bytes: int) -> str:
-    """``text`` cut to at most ``max_bytes`` bytes of file name."""
-    return os.fsdecode(os.fsencode(text)[:max_bytes])
+    """``text`` cut to at most ``max_bytes`` bytes of file name, never inside a UTF-8 character (a name
+    ending in half of one is not valid UTF-8: other tools cannot open it)."""
+    raw = os.fsencode(text)[:max_bytes]
+    for end in range(len(raw), max(len(raw) - 4, -1), -1):
+        try:
+            return raw[:end].decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+    return os.fsdecode(raw)  # not UTF-8 at all (bytes a camera wrote): kept as they are
 
 
 def cmd_cells(args) -> int:

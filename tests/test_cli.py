@@ -678,3 +678,17 @@ def test_a_json_report_never_replaces_a_device_a_pipe_or_an_input_in_a_sub_folde
                str(fields / "images" / "slide1" / image.name))
     assert r.returncode == 2 and "lies in the images folder" in r.stderr
     assert (fields / "images" / "slide1" / image.name).read_bytes() == kept
+
+
+def test_annotated_names_are_whole_utf8_and_unique_without_regard_to_case():
+    """A long name was cut inside a character (a file name other tools cannot open), and A.png and a.png
+    got copies that are one file on a FAT or exFAT stick."""
+    from device.cli import _cut, _unique_name
+
+    long = "a" + "é" * 100  # 201 bytes
+    cut = _cut(long, 150)
+    assert len(cut.encode("utf-8")) <= 150 and cut == "a" + "é" * 74
+    assert _cut(os.fsdecode(b"field\xff" * 40), 150) == os.fsdecode((b"field\xff" * 40)[:150])  # not UTF-8: as is
+    used: set[str] = set()
+    assert [_unique_name(s, used) for s in ("A", "a", "b", "A")] == [
+        "A_annotated.jpg", "a_2_annotated.jpg", "b_annotated.jpg", "A_3_annotated.jpg"]
