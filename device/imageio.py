@@ -20,7 +20,7 @@ MAX_PIXELS = 50_000_000  # > 50 MP is refused before decoding (decompression bom
 MAX_FILE_BYTES = MAX_PIXELS * 4 + (8 << 20)
 MIN_SIDE_PX = 16
 MAX_SIDE_PX = 1 << 20  # OpenCV's decoders refuse a longer side (CV_IO_MAX_IMAGE_WIDTH/HEIGHT) with an error
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".bmp", ".tif", ".tiff"}
 # JPEG compression erases the small dark dots a parasite is: the 20 held-out IML fields (themselves
 # JPEGs of quality ~78) saved again at quality 75 / 50 / 20 gave 13 / 11 / 7 of 29 parasite cells flagged
 # instead of 18, and at 10 twenty false positives per 1,000 cells (README, "Image files"). A JPEG whose

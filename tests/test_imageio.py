@@ -82,6 +82,10 @@ def test_iter_image_files_expands_folders(tmp_path):
     (tmp_path / "a" / "x.png").write_bytes(b"")
     (tmp_path / "a" / "notes.txt").write_text("")
     assert iter_image_files([tmp_path]) == [tmp_path / "a" / "x.png"]
+    # JPEG's other suffixes (Windows saves .jfif) were left out of a folder without a word
+    for name in ("y.jfif", "z.JPE"):
+        (tmp_path / "a" / name).write_bytes(b"")
+    assert iter_image_files([tmp_path]) == [tmp_path / "a" / n for n in ("x.png", "y.jfif", "z.JPE")]
 
 
 def test_broken_and_looping_links_in_a_folder_are_reported_not_dropped(tmp_path):
