@@ -78,6 +78,8 @@ def header_size(data: bytes) -> tuple[int, int] | None:
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return _webp_size(data)
     if data[:2] == b"BM" and len(data) >= 26:
+        if struct.unpack("<I", data[14:18])[0] == 12:  # OS/2 BITMAPCOREHEADER: 16-bit width and height
+            return struct.unpack("<HH", data[18:22])
         w, h = struct.unpack("<ii", data[18:26])
         return abs(w), abs(h)
     if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):  # TIFF, BigTIFF
@@ -366,9 +368,16 @@ def decode_rgb(data: bytes, *, name: str = "image", min_side_px: int = MIN_SIDE_
             raise ImageError(f"{name}: a lossy WebP compressed this strongly (quantiser {q}, quality about "
                              f"{_webp_quality_text(q)}) erases parasites; save at WebP quality "
                              f"{MIN_WEBP_QUALITY} or more, lossless WebP, or PNG")
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 25 and data[25] in (0, 4):
+        # colour type 0 or 4 (gray, gray + alpha): OpenCV makes gray + alpha into four channels, which the
+        # quality gate then rejected as a field without stain colour rather than refusing the file
+        raise ImageError(f"{name}: grayscale image; the classifier needs the stain colours of an RGB field")
     buf = np.frombuffer(data, dtype=np.uint8)
+    # UNCHANGED: 16-bit and alpha are seen, EXIF is not applied. An OS/2 bitmap (12-byte header) has neither,
+    # and OpenCV 4.11 reads it as one gray channel unless asked for colour.
+    os2_bitmap = data[:2] == b"BM" and struct.unpack("<I", data[14:18])[0] == 12
     try:
-        img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)  # UNCHANGED: 16-bit and alpha are seen, EXIF is not applied
+        img = cv2.imdecode(buf, cv2.IMREAD_COLOR if os2_bitmap else cv2.IMREAD_UNCHANGED)
     except cv2.error as exc:  # OpenCV's own limits and checks: a bad file, never a crashed batch
         raise ImageError(f"{name}: could not decode ({str(exc).strip().splitlines()[-1][:120]})") from exc
     if img is None:

@@ -1,6 +1,7 @@
 """Image reading: the bad-input corpus gets clear errors; good images decode to RGB."""
 
 import struct
+import zlib
 from pathlib import Path
 
 import cv2
@@ -305,3 +306,38 @@ def test_headers_that_lie_about_the_size_are_refused_cheaply():
     trick = (real[:2] + b"\xff\x00\x00\x0a" + b"\xff\xe1" + struct.pack(">H", app1) + b"\x00" * 4
              + b"\xff\xc0" + struct.pack(">H", length) + sof_body + real[2:])
     assert header_size(trick) == (48, 64)  # the frame libjpeg decodes, not the hidden 16x16
+
+
+def _os2_bmp(bgr: np.ndarray) -> bytes:
+    """An OS/2 bitmap (12-byte BITMAPCOREHEADER, 24-bit, rows bottom-up and padded to 4 bytes)."""
+    h, w = bgr.shape[:2]
+    row = (w * 3 + 3) // 4 * 4
+    pixels = b"".join(bgr[y].tobytes().ljust(row, b"\0") for y in range(h - 1, -1, -1))
+    header = struct.pack("<IHHHH", 12, w, h, 1, 24)
+    return b"BM" + struct.pack("<IHHI", 14 + 12 + len(pixels), 0, 0, 26) + header + pixels
+
+
+def test_an_os2_bitmap_is_read_in_colour_and_a_gray_png_with_alpha_is_refused_as_gray():
+    """An OS/2 bitmap's size was misread (a 123,697,653 MP image), and OpenCV read it as one gray channel;
+    a gray PNG with an alpha channel became four channels and was rejected as a field, not refused."""
+    bgr = cv2.imread(str(sorted(SAMPLES.glob("*.jpg"))[0]))[:123, :345]
+    data = _os2_bmp(bgr)
+    assert header_size(data) == (345, 123)
+    assert np.array_equal(decode_rgb(data), bgr[..., ::-1])
+    gray = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
+    gray_alpha = _png_gray_alpha(gray)
+    assert cv2.imdecode(np.frombuffer(gray_alpha, np.uint8), cv2.IMREAD_UNCHANGED).shape == (123, 345, 4)
+    with pytest.raises(ImageError, match="grayscale image"):
+        decode_rgb(gray_alpha)
+
+
+def _png_gray_alpha(gray: np.ndarray) -> bytes:
+    """A PNG of colour type 4 (gray + alpha, opaque), which OpenCV cannot write."""
+    h, w = gray.shape
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    rows = b"".join(b"\0" + np.dstack([gray[y], np.full(w, 255, np.uint8)]).tobytes() for y in range(h))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 4, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
