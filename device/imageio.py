@@ -87,25 +87,63 @@ def header_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-def _tiff_size(data: bytes) -> tuple[int, int]:
-    """(width, height) from a TIFF's or BigTIFF's first IFD (OpenCV's own limit, 2^30 pixels, is far too
-    high). BigTIFF has 8-byte offsets and counts and 20-byte entries."""
+def _tiff_entries(data: bytes) -> dict[int, tuple[int, int, int]]:
+    """The first IFD of a TIFF or BigTIFF (the image libtiff and OpenCV read): tag -> (type, count, offset of
+    the value: in the entry itself when it fits there, else where the entry points). BigTIFF has 8-byte
+    offsets and counts and 20-byte entries. Raises ImageError when the header cannot be read."""
     e = "<" if data[:2] == b"II" else ">"
     big = data[2:4] in (b"+\x00", b"\x00+")
     off, count, entry_size, value_at = ("Q", "Q", 20, 12) if big else ("I", "H", 12, 8)
+    type_size = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 16: 8, 17: 8, 18: 8}
     try:
         (ifd,) = struct.unpack(e + off, data[(8 if big else 4) : (16 if big else 8)])
         (n,) = struct.unpack(e + count, data[ifd : ifd + struct.calcsize(count)])
-        size = {}
+        entries: dict[int, tuple[int, int, int]] = {}
         for i in range(min(n, 4096)):
             entry = ifd + struct.calcsize(count) + entry_size * i
             tag, typ = struct.unpack(e + "HH", data[entry : entry + 4])
-            if tag in (256, 257) and tag not in size:  # ImageWidth, ImageLength; the first, as libtiff reads
-                fmt = {3: "H", 4: "I", 16: "Q"}[typ]  # SHORT, LONG or LONG8, stored in the entry
-                size[tag] = struct.unpack(e + fmt, data[entry + value_at : entry + value_at + struct.calcsize(fmt)])[0]
-        return size[256], size[257]
+            (k,) = struct.unpack(e + count.replace("H", "I"), data[entry + 4 : entry + value_at])
+            where = entry + value_at
+            if type_size.get(typ, 1) * k > (8 if big else 4):  # the value does not fit in the entry: an offset
+                (where,) = struct.unpack(e + off, data[where : where + struct.calcsize(off)])
+            entries.setdefault(tag, (typ, k, where))  # the first, as libtiff reads
+        return entries
+    except struct.error as exc:
+        raise ImageError("unreadable TIFF header") from exc
+
+
+def _tiff_number(data: bytes, entry: tuple[int, int, int]) -> int:
+    typ, _, where = entry
+    fmt = {3: "H", 4: "I", 16: "Q"}[typ]  # SHORT, LONG or LONG8
+    return struct.unpack(("<" if data[:2] == b"II" else ">") + fmt, data[where : where + struct.calcsize(fmt)])[0]
+
+
+def _tiff_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from a TIFF's first IFD (OpenCV's own limit, 2^30 pixels, is far too high)."""
+    entries = _tiff_entries(data)
+    try:
+        return _tiff_number(data, entries[256]), _tiff_number(data, entries[257])  # ImageWidth, ImageLength
     except (struct.error, KeyError) as exc:
         raise ImageError("unreadable TIFF header") from exc
+
+
+def tiff_jpeg_tables(data: bytes) -> bytes | None:
+    """For a TIFF whose image is JPEG-compressed (compression 6 or 7), the JPEG data holding its
+    quantisation tables (the JPEGTables tag, else the first strip or tile); None for any other TIFF."""
+    try:
+        entries = _tiff_entries(data)
+        if 259 not in entries or _tiff_number(data, entries[259]) not in (6, 7):
+            return None
+        if 347 in entries:  # JPEGTables: an abbreviated JPEG stream, SOI, DQT, DHT, EOI
+            _, k, where = entries[347]
+            return data[where : where + k]
+        for offsets, counts in ((273, 279), (324, 325)):  # strips, tiles: each then a whole JPEG stream
+            if offsets in entries and counts in entries:
+                start, length = _tiff_number(data, entries[offsets]), _tiff_number(data, entries[counts])
+                return data[start : start + length]
+    except (ImageError, struct.error, KeyError):
+        return None
+    return None
 
 
 def _png_end(data: bytes) -> int | None:
@@ -278,12 +316,15 @@ def webp_quantizer(data: bytes) -> int | None:
     Read from the frame header (RFC 6386, 9.2-9.6): the segment quantisers when segmentation is on, else
     the frame's base index.
     """
-    pos, frame = 12, None
-    while pos + 8 <= len(data):
+    pos, end, frame = 12, len(data), None
+    while pos + 8 <= end:
         fourcc, (size,) = data[pos : pos + 4], struct.unpack("<I", data[pos + 4 : pos + 8])
         if fourcc == b"VP8 ":
             frame = data[pos + 8 : pos + 8 + size]
             break
+        if fourcc == b"ANMF":  # an animation: its first frame (the one decoded) holds its chunks after 16 bytes
+            pos, end = pos + 8 + 16, min(end, pos + 8 + size)
+            continue
         pos += 8 + size + (size & 1)
     if frame is None or len(frame) < 12 or frame[0] & 1:  # no lossy image, or not a key frame
         return None
@@ -362,6 +403,13 @@ def decode_rgb(data: bytes, *, name: str = "image", min_side_px: int = MIN_SIDE_
         if quality is not None and quality < MIN_JPEG_QUALITY:
             raise ImageError(f"{name}: a JPEG saved at quality ~{quality:.0f}: compression this strong erases "
                              f"parasites; save at quality {MIN_JPEG_QUALITY} or more, or as PNG")
+    if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        tables = tiff_jpeg_tables(data)  # a TIFF holding a JPEG: compression erases parasites all the same
+        quality = jpeg_quality(tables) if tables else None
+        if quality is not None and quality < MIN_JPEG_QUALITY:
+            raise ImageError(f"{name}: a TIFF compressed as a JPEG of quality ~{quality:.0f}: compression this "
+                             "strong erases parasites; save it uncompressed, with LZW, or at JPEG quality "
+                             f"{MIN_JPEG_QUALITY} or more")
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         q = webp_quantizer(data)
         if q is not None and q > MAX_WEBP_QUANTIZER:

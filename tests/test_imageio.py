@@ -1,5 +1,6 @@
 """Image reading: the bad-input corpus gets clear errors; good images decode to RGB."""
 
+import io
 import struct
 import zlib
 from pathlib import Path
@@ -8,7 +9,16 @@ import cv2
 import numpy as np
 import pytest
 
-from device.imageio import MAX_PIXELS, ImageError, decode_rgb, header_size, iter_image_files, read_rgb
+from device.imageio import (
+    MAX_PIXELS,
+    ImageError,
+    decode_rgb,
+    header_size,
+    iter_image_files,
+    jpeg_quality,
+    read_rgb,
+    tiff_jpeg_tables,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 BAD = ROOT / "tests" / "fixtures" / "bad_inputs"
@@ -341,3 +351,27 @@ def _png_gray_alpha(gray: np.ndarray) -> bytes:
     rows = b"".join(b"\0" + np.dstack([gray[y], np.full(w, 255, np.uint8)]).tobytes() for y in range(h))
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 4, 0, 0, 0))
             + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def test_strong_compression_inside_an_animated_webp_or_a_tiff_is_refused_too():
+    """The quality guard read only a plain JPEG's tables and a still WebP's frame: the same compression inside
+    an animated WebP (first frame) or a TIFF holding JPEG data was analysed."""
+    from PIL import Image
+
+    rgb = cv2.imread(str(sorted(SAMPLES.glob("*.jpg"))[0]))[:240, :320, ::-1]
+    frames = [Image.fromarray(np.ascontiguousarray(rgb)), Image.fromarray(np.ascontiguousarray(rgb[::-1]))]
+
+    def saved(fmt: str, **kw) -> bytes:
+        out = io.BytesIO()
+        frames[0].save(out, fmt, **kw)
+        return out.getvalue()
+
+    anim = {q: saved("WEBP", save_all=True, append_images=frames[1:], quality=q, lossless=False) for q in (10, 95)}
+    tiff = {q: saved("TIFF", compression="jpeg", quality=q) for q in (10, 95)}
+    for name, data in (("anim.webp", anim[10]), ("field.tif", tiff[10])):
+        with pytest.raises(ImageError, match="quality"):
+            decode_rgb(data, name=name)
+    for data in (anim[95], tiff[95]):  # the same at a high quality: read
+        assert decode_rgb(data).shape == (240, 320, 3)
+    assert jpeg_quality(tiff_jpeg_tables(tiff[95])) > 90
+    assert tiff_jpeg_tables(saved("TIFF", compression="tiff_lzw")) is None
