@@ -81,6 +81,11 @@ def _json_target(path: str) -> Path:
     which would turn /dev/null into a plain file for the whole system when run as root.
     """
     target = Path(path)
+    if Path(os.path.abspath(path)).parts[1:2] in (("dev",), ("proc",)):
+        # /dev/stdout redirected to a file resolves to that file: the report renamed over it would drop
+        # what the command printed there before
+        raise OSError(errno.EINVAL, "is not a regular file (a device, a pipe, /dev/stdout): name a file for the report",
+                      path)
     if target.is_symlink():
         try:
             target = target.resolve(strict=False)

@@ -665,6 +665,11 @@ def test_a_json_report_never_replaces_a_device_a_pipe_or_an_input_in_a_sub_folde
         assert ("not a regular file" if "pipe" in target else "link loop") in r.stderr
         assert "infected" not in r.stdout  # refused before the first field
     assert stat.S_ISFIFO(pipe.stat().st_mode)
+    out = tmp_path / "out.txt"  # /dev/stdout redirected to a file resolves to that file, a regular one
+    with open(out, "w") as fh:
+        r = subprocess.run([sys.executable, "-m", "device", "analyze", field, "--json", "/dev/stdout"], stdout=fh,
+                           stderr=subprocess.PIPE, text=True, cwd=ROOT, timeout=180)
+    assert r.returncode == 2 and "not a regular file" in r.stderr and out.read_text() == ""
     fields = tmp_path / "fields"
     shutil.copytree(ROOT / "tests" / "fixtures" / "fields", fields)
     records = json.loads((fields / "annotations.json").read_text())
