@@ -1,6 +1,7 @@
 """Image reading: the bad-input corpus gets clear errors; good images decode to RGB."""
 
 import io
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -375,3 +376,22 @@ def test_strong_compression_inside_an_animated_webp_or_a_tiff_is_refused_too():
         assert decode_rgb(data).shape == (240, 320, 3)
     assert jpeg_quality(tiff_jpeg_tables(tiff[95])) > 90
     assert tiff_jpeg_tables(saved("TIFF", compression="tiff_lzw")) is None
+
+
+def test_damaged_jpeg_data_is_refused_and_other_stderr_output_passes_through(capfd):
+    """libjpeg decodes damaged compressed data with a warning on stderr that OpenCV passes on unseen: 8 kB of
+    garbage in a field made 29 flagged "cells" and a slide positive."""
+    from device.imageio import _libjpeg_warnings
+
+    data = (SAMPLES / sorted(p.name for p in SAMPLES.glob("*.jpg"))[0]).read_bytes()
+    assert decode_rgb(data).shape[2] == 3
+    zeroed = bytearray(data)
+    zeroed[len(data) // 3 : len(data) // 3 + 4096] = bytes(4096)  # a block of the card read as zeros
+    with pytest.raises(ImageError, match="damaged JPEG data .*premature end of data segment"):
+        decode_rgb(bytes(zeroed), name="field.jpg")
+    padded = data[:-2] + b"\x00\x00" + data[-2:]  # two stray bytes before the end marker: some encoders do it
+    assert decode_rgb(padded).shape == decode_rgb(data).shape
+    found: list[str] = []
+    with _libjpeg_warnings(found):
+        os.write(2, b"another thread's log line\n")
+    assert found == [] and "another thread's log line" in capfd.readouterr().err
