@@ -540,6 +540,8 @@ def read_rgb(path: str | Path, *, min_side_px: int = MIN_SIDE_PX) -> np.ndarray:
         data = p.read_bytes()
     except OSError as exc:
         raise ImageError(f"{p}: cannot read ({exc.strerror or exc})") from exc
+    except ImageError:  # a ValueError too: said above, as it is
+        raise
     except ValueError as exc:  # a NUL byte in the name (no file can have one)
         raise ImageError(f"{str(p)!r}: not a file name ({exc})") from exc
     return decode_rgb(data, name=str(p), min_side_px=min_side_px)

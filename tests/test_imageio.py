@@ -395,3 +395,16 @@ def test_damaged_jpeg_data_is_refused_and_other_stderr_output_passes_through(cap
     with _libjpeg_warnings(found):
         os.write(2, b"another thread's log line\n")
     assert found == [] and "another thread's log line" in capfd.readouterr().err
+
+
+def test_read_rgb_says_what_a_non_image_path_is(tmp_path):
+    """A refusal raised inside read_rgb (an ImageError is a ValueError) was wrapped again as "not a file
+    name (...)" by the check for a NUL in the name."""
+    fifo = tmp_path / "camera.png"
+    os.mkfifo(fifo)
+    for path, said in ((tmp_path, f"{tmp_path}: a folder, not an image"), (fifo, f"{fifo}: not a regular file")):
+        with pytest.raises(ImageError) as err:
+            read_rgb(path)
+        assert str(err.value) == said
+    with pytest.raises(ImageError, match="not a file name"):
+        read_rgb(str(tmp_path / "bad\0.png"))
