@@ -195,13 +195,22 @@ def image_quality(
 
     Returns (focus, reason or None).
     """
+    from device.segment import SegmentParams, lit_mask
+
     small = _small(image_rgb)
     gray = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
     focus = focus_measure(image_rgb, cell_diameter_px, estimate=False, small=small)
-    gray_mean = float(gray.mean())
+    # Exposure is judged where the light falls: a round field of view in a black surround is no darker (and
+    # no less saturated) for the black around it.
+    scale = small.shape[1] / image_rgb.shape[1]
+    cell_px = cell_diameter_px * scale if cell_diameter_px else 0.02 * max(small.shape[:2])
+    lit = lit_mask(small, cell_px, SegmentParams().min_light_frac_of_plasma)
+    seen = np.ones(gray.shape, bool) if lit is None else lit > 0
+    gray_mean = float(gray[seen].mean()) if seen.any() else 0.0
     if gray_mean < settings.min_mean_brightness:
         return focus, f"too dark (mean brightness {gray_mean:.0f} < {settings.min_mean_brightness:.0f}): check the lamp"
-    over = cv2.countNonZero(cv2.inRange(small, (250, 250, 250), (255, 255, 255))) / (small.shape[0] * small.shape[1])
+    saturated = cv2.inRange(small, (250, 250, 250), (255, 255, 255)) > 0
+    over = float((saturated & seen).sum()) / max(1, int(seen.sum()))
     if over > settings.max_overexposed_frac:
         return focus, f"overexposed ({over:.0%} of pixels saturated): lower the lamp or exposure"
     from device.segment import quantile

@@ -11,9 +11,10 @@ boxes and masks are mapped back to full-resolution pixels at the end.
    so no pixel constant depends on the camera or objective.
 2. **Foreground.** Illumination is a grey-level closing wider than a cell (it reaches the plasma between
    cells), per channel; each pixel's darkening ``1 - I/background`` is summed over R, G and B, so pink
-   (Giemsa) and blue (BBBC041) stains and vignetted fields all become dark cells on a flat zero. A
-   threshold a little under Otsu's on that score, then filling of holes up to a fraction of a cell
-   (central pallor, vacuoles).
+   (Giemsa) and blue (BBBC041) stains and vignetted fields all become dark cells on a flat zero. Where
+   no light falls (the black around a round field of view) there is nothing to see: left out, and its
+   edge cuts cells as the image border does. A threshold a little under Otsu's on that score (over the
+   lit part), then filling of holes up to a fraction of a cell (central pallor, vacuoles).
 3. **Split.** One marker per cell: peaks of the radial votes at the working scale (weighted by edge
    strength) plus a little of the distance transform (which favours the centres of big round cells).
    Votes find the cells of tight clusters and overlapping pairs, where distance-transform peaks alone
@@ -89,6 +90,12 @@ class SegmentParams:
     max_area_frac_of_typical: float = 3.5
     # Scale bars and fibres: a box this elongated is not a red cell.
     max_aspect_ratio: float = 2.5
+    # Light: a microscope camera often sees the round field of view in a black surround (a field stop, an
+    # eyepiece adapter). Where the light, averaged over a cell, stays below this fraction of the field's
+    # plasma in every channel (and the dark reaches the image border), there is no smear to see: no cell is
+    # found there, and a cell it cuts is dropped like one at the border (the 64 BBBC041 and IML fields:
+    # >= 0.29; a surround 0-0.15).
+    min_light_frac_of_plasma: float = 0.2
     # Cells cut by the image border cannot be judged (shape, content) and are dropped...
     drop_border_cells: bool = True
     # ...when they touch it along more than this (a cell grazing the edge is whole).
@@ -180,7 +187,11 @@ def segment_cells(image_rgb: np.ndarray, params: SegmentParams = SegmentParams()
 
     # 2. Foreground.
     transmission, score = _darkening(work, params.background_window_frac_of_diameter * d_work)
-    otsu, _ = cv2.threshold(score, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    lit = lit_mask(work, d_work, params.min_light_frac_of_plasma)
+    if lit is not None:
+        score[lit == 0] = 0  # no light, nothing to see: not the darkest of cells
+    lit_scores = score if lit is None else score[lit > 0].reshape(-1, 1)
+    otsu, _ = cv2.threshold(lit_scores, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
     thr = max(otsu * params.threshold_frac_of_otsu, params.min_darkening_sum * _SCORE_SCALE)
     fg = (score > thr).astype(np.uint8) * 255
     fg = cv2.morphologyEx(fg, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
@@ -194,7 +205,7 @@ def segment_cells(image_rgb: np.ndarray, params: SegmentParams = SegmentParams()
     timer.lap("split")
 
     # 4. Filter.
-    keep, labels, stats, typical_area = _filter(pieces, transmission, fg, params, d_work)
+    keep, labels, stats, typical_area = _filter(pieces, transmission, fg, params, d_work, lit)
     timer.lap("filter")
 
     cells = _map_back(labels, fg, stats, keep, (sx, sy), (full_h, full_w))
@@ -261,6 +272,32 @@ def _shrink(image: np.ndarray, scale: float) -> tuple[np.ndarray, tuple[float, f
         # keep the covered/output ratio exact: the output spans the same input extent
         img = cv2.resize(img, (out_w, out_h), interpolation=cv2.INTER_LINEAR)
     return img, (img.shape[1] / covered_w, img.shape[0] / covered_h)
+
+
+def lit_mask(image: np.ndarray, cell_px: float, min_frac: float) -> np.ndarray | None:
+    """Where the field of view is lit (uint8, 255) at the resolution of ``image``, or None when all of it is.
+
+    Unlit is what stays dark in every channel, averaged over a square a cell wide, against the field's
+    plasma (its 99th percentile), and reaches the image border: a field stop's surround always does, while
+    the darkest clumps of stained cells inside a field keep some light in one channel (BBBC041's blue
+    clusters: >= 0.29 of the plasma, IML >= 0.51; the brightest channel, averaged so).
+    """
+    k = max(3, _odd(cell_px))
+    r, g, b = cv2.split(image)
+    light = cv2.blur(cv2.max(cv2.max(r, g), b), (k, k))  # numpy's max over the channel axis: 10x slower
+    plasma = quantile(light[::2, ::2].ravel(), 0.99)
+    dark = (light < min_frac * plasma).astype(np.uint8)
+    if not dark.any():
+        return None
+    n, labels = cv2.connectedComponents(dark, connectivity=8)
+    border = np.unique(np.concatenate([labels[0, :], labels[-1, :], labels[:, 0], labels[:, -1]]))
+    border = border[border > 0]
+    if not border.size:
+        return None
+    # the average over the square reaches half a square past the black: widen the dark by as much, so the
+    # black rim beside the lit disc is not taken for a ring of the darkest cells
+    dark = cv2.dilate(np.isin(labels, border).astype(np.uint8), _ellipse(k))
+    return np.where(dark > 0, 0, 255).astype(np.uint8)
 
 
 def _darkening(image: np.ndarray, window_px: float) -> tuple[np.ndarray, np.ndarray]:
@@ -352,6 +389,11 @@ def _estimate_diameter(image_rgb: np.ndarray, params: SegmentParams) -> float | 
     s0 = 0.5 * (s0x + s0y)
     p_long = max(probe.shape[:2])
     _, score = _darkening(probe, 0.25 * p_long)  # window: wider than the largest cell searched
+    # the cell size is not known yet: light averaged over a middling one (a small square sees into dark cells)
+    middling = math.sqrt(params.min_diameter_frac_of_long_side * params.max_diameter_frac_of_long_side) * p_long
+    lit = lit_mask(probe, middling, params.min_light_frac_of_plasma)
+    if lit is not None:
+        score[lit == 0] = 0
     if int(score.max()) < params.min_darkening_sum * _SCORE_SCALE:
         return None
     edges = _edges(score, params.vote_min_edge_frac)
@@ -517,7 +559,8 @@ def _nucleus_mask(
 
 
 def _filter(
-    pieces: np.ndarray, transmission: np.ndarray, fg: np.ndarray, params: SegmentParams, d_work: float
+    pieces: np.ndarray, transmission: np.ndarray, fg: np.ndarray, params: SegmentParams, d_work: float,
+    lit: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """Decide which pieces are red cells: (keep flags, piece labels, piece stats, typical area px)."""
     n, labels, stats, _ = cv2.connectedComponentsWithStats((pieces > 0).astype(np.uint8), connectivity=4)
@@ -535,6 +578,9 @@ def _filter(
     if params.drop_border_cells:
         edge = np.concatenate([labels[0, :], labels[-1, :], labels[:, 0], labels[:, -1]])
         contact_px = np.bincount(edge, minlength=n)
+        if lit is not None:  # the edge of the lit field of view cuts cells as the image border does
+            rim = cv2.dilate(cv2.bitwise_not(lit), np.ones((3, 3), np.uint8)) & lit
+            contact_px += np.bincount(labels[rim > 0], minlength=n)
         keep &= contact_px <= params.max_border_contact_frac_of_diameter * d_work
     if keep.any():
         nucleus = _nucleus_mask(transmission, fg, params, d_work)

@@ -119,3 +119,20 @@ def test_a_field_whose_cell_outlines_do_not_match_the_size_found_is_rejected(cla
     stretched = cv2.resize(rgb, (3200, rgb.shape[0]), interpolation=cv2.INTER_LINEAR)
     res = analyze_field(stretched, classifier)
     assert res.rejected and "outlines do not match" in res.rejected and res.rbc_count == 0
+
+
+def test_exposure_is_judged_where_the_light_falls(classifier):
+    """Brightness and saturation were averaged over the black around a field stop: a well-lit disc on 17% of
+    the frame was "too dark: check the lamp", and a disc 61% saturated passed."""
+    rgb = read_rgb(FIELDS[0])
+    h, w = rgb.shape[:2]
+    yy, xx = np.mgrid[:h, :w]
+    outside = np.hypot(xx - w / 2, yy - h / 2) >= 0.2 * w
+    small_disc = rgb.copy()
+    small_disc[outside] = 0
+    res = analyze_field(small_disc, classifier)
+    assert res.rejected is None and res.rbc_count > 5
+    bright = np.clip(rgb.astype(np.float32) * 1.6, 0, 255).astype(np.uint8)
+    bright[np.hypot(xx - w / 2, yy - h / 2) >= 0.5 * h] = 0
+    res = analyze_field(bright, classifier)
+    assert res.rejected is not None and res.rejected.startswith("overexposed"), res.rejected

@@ -407,3 +407,40 @@ def test_both_touching_cells_get_the_line_they_were_cut_along():
         a_reaches = a.bbox[0] + np.flatnonzero(a.mask[left[1] - a.bbox[1]]).max() + 1
         b_starts = b.bbox[0] + np.flatnonzero(b.mask[right[1] - b.bbox[1]]).min()
         assert a_reaches >= contact - 1 and b_starts <= contact + 1, (left, a_reaches, b_starts, contact)
+
+
+def _field_stop(rgb: np.ndarray, level: float = 0.0, soft_px: float = 0.0, radius_frac: float = 0.5,
+                seed: int = 0) -> np.ndarray:
+    """The field as a microscope camera with a field stop sees it: a lit disc (radius a fraction of the
+    height) in a dark surround at ``level`` (0-255, with a little sensor noise), with a hard or soft edge."""
+    h, w = rgb.shape[:2]
+    yy, xx = np.mgrid[:h, :w]
+    d = np.sqrt((xx - w / 2) ** 2 + (yy - h / 2) ** 2) - radius_frac * h
+    light = np.clip(-d / soft_px + 0.5, 0, 1) if soft_px else (d < 0).astype(np.float64)
+    surround = level + np.random.default_rng(seed).normal(0, 3 if level else 0, (h, w))
+    out = rgb * light[..., None] + (surround * (1 - light))[..., None]
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("level, soft_px", [(0, 0), (12, 0), (12, 40), (25, 40)])
+def test_a_round_field_of_view_in_a_dark_surround_counts_the_cells_inside_and_none_in_the_dark(level, soft_px):
+    """The black around a field stop divided by a background of ~0 read as the darkest of cells: dozens of
+    made-up cells there, and Otsu's threshold pushed above the real cells (23 counted on an IML field, all in
+    the black, none of the ~105 inside the disc)."""
+    rgb = read_rgb(sorted((FIELDS / "images").glob("*"))[0])
+    h, w = rgb.shape[:2]
+    full = segment_cells(rgb)
+    stopped = _field_stop(rgb, level, soft_px)
+    seg = segment_cells(stopped)
+
+    def within(c: Cell, margin: float) -> bool:
+        x, y, bw, bh = c.bbox
+        return np.hypot(x + bw / 2 - w / 2, y + bh / 2 - h / 2) + max(bw, bh) / 2 < 0.5 * h - margin
+
+    whole = sum(within(c, soft_px / 2) for c in full.cells)  # in full light, all of the cell
+    reached = sum(within(c, -0.5 * full.cell_diameter_px) for c in full.cells)  # the edge cuts them at most
+    dark = [c for c in seg.cells if (stopped[c.bbox[1]:c.bbox[1] + c.bbox[3], c.bbox[0]:c.bbox[0] + c.bbox[2]]
+                                     .max(axis=2)[c.mask] < 60).mean() > 0.5]
+    assert dark == []
+    assert 0.85 * whole <= len(seg.cells) <= reached, (whole, len(seg.cells), reached)
+    assert all(within(c, -0.5 * full.cell_diameter_px) for c in seg.cells)  # none out in the surround
