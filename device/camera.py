@@ -162,7 +162,7 @@ class OpenCVCamera(CameraBase):
     """
 
     def __init__(self, device: str | int = "0", width: int = 1280, height: int = 960):
-        source: int | str = int(device) if str(device).isdigit() else str(device)
+        source: int | str = int(device) if str(device).isascii() and str(device).isdigit() else str(device)
         self.device = source
         v4l2 = sys.platform.startswith("linux") and (isinstance(source, int) or str(source).startswith("/dev/"))
         self._cap = cv2.VideoCapture(source, cv2.CAP_V4L2 if v4l2 else cv2.CAP_ANY)

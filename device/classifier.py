@@ -7,6 +7,7 @@ in fixed-size batches.
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +97,9 @@ class CellClassifier:
         self._out_q = out["quantization"]
         self.max_batch = max_batch
         self._batch = int(inp["shape"][0])
+        # One interpreter: resizing its input for one caller's batch while another's is in it raised
+        # "There is at least 1 reference to internal data"; calls take turns.
+        self._lock = threading.Lock()
         logger.info("model %s (sha256 %s…) on %s, threshold %.3f, input %dpx %s",
                     self.card.name, self.card.sha256[:12], self.runtime, self.threshold,
                     self.input_size_px, np.dtype(self._in_dtype).name)
@@ -124,13 +128,14 @@ class CellClassifier:
             raise ValueError(f"expected (n, {self.input_size_px}, {self.input_size_px}, 3) uint8, "
                              f"got {batch.shape} {batch.dtype}")
         out = np.empty(n, dtype=np.float64)
-        for start in range(0, n, self.max_batch):
-            chunk = batch[start : start + self.max_batch]
-            self._ensure_batch(len(chunk))
-            self.interpreter.set_tensor(self._in_index, self._to_input(chunk))
-            self.interpreter.invoke()
-            raw = self.interpreter.get_tensor(self._out_index)[:, 0]
-            out[start : start + len(chunk)] = self._to_probability(raw)
+        with self._lock:
+            for start in range(0, n, self.max_batch):
+                chunk = batch[start : start + self.max_batch]
+                self._ensure_batch(len(chunk))
+                self.interpreter.set_tensor(self._in_index, self._to_input(chunk))
+                self.interpreter.invoke()
+                raw = self.interpreter.get_tensor(self._out_index)[:, 0].copy()
+                out[start : start + len(chunk)] = self._to_probability(raw)
         return out
 
     def _to_input(self, chunk: np.ndarray) -> np.ndarray:

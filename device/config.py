@@ -146,7 +146,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"camera.source: {c.source!r} must be one of replay, opencv, picamera2")
     if c.source == "replay" and not c.replay_path:
         raise ConfigError("camera.replay_path: required when camera.source is replay")
-    if not (c.device.isdigit() or c.device.startswith("/")) or len(c.device) > 255 or not c.device.isprintable():
+    index = c.device.isascii() and c.device.isdigit()  # isdigit alone passes other scripts' digits
+    if not (index or c.device.startswith("/")) or len(c.device) > 255 or not c.device.isprintable():
         # handed to cv2.VideoCapture as it is: a relative name or URL would open something else than a camera
         raise ConfigError(f"camera.device: {c.device[:80]!r} is not a camera index (0, 1, ...) or an absolute "
                           "device path such as /dev/video0")
@@ -172,7 +173,8 @@ def _validate(cfg: Config) -> None:
                           "measure 2.5-4.5, the default is 2.4)")
     if a.min_cells_per_field < 1:
         raise ConfigError("analysis.min_cells_per_field: must be >= 1")
-    if sec.technician_pin and not (sec.technician_pin.isdigit() and 4 <= len(sec.technician_pin) <= 12):
+    pin = sec.technician_pin
+    if pin and not (pin.isascii() and pin.isdigit() and 4 <= len(pin) <= 12):
         raise ConfigError("security.technician_pin: must be 4-12 digits, or empty for no PIN")
     if sec.admin_password_hash and ":" not in sec.admin_password_hash:
         raise ConfigError("security.admin_password_hash: not a password hash (make one with "

@@ -801,7 +801,7 @@ def watchdog_interval_s() -> float:
     """Half the systemd watchdog period (WATCHDOG_USEC), or a default when it is not set."""
     usec = os.environ.get("WATCHDOG_USEC", "")
     pid = os.environ.get("WATCHDOG_PID", "")
-    if usec.isdigit() and int(usec) > 0 and (not pid or pid == str(os.getpid())):
+    if usec.isascii() and usec.isdigit() and int(usec) > 0 and (not pid or pid == str(os.getpid())):
         return int(usec) / 1e6 / 2
     return DEFAULT_WATCHDOG_INTERVAL_S
 

@@ -29,6 +29,9 @@ def test_embedded_defaults_are_the_demo():
     ({"model": {"threshold": 0.2}}, "model.threshold"),
     ({"analysis": {"counting_target_rbc": 10}}, "analysis.counting_target_rbc"),
     ({"security": {"technician_pin": "12ab"}}, "security.technician_pin"),
+    # digits of other scripts pass str.isdigit: the PIN check then failed on every attempt (TypeError)
+    ({"security": {"technician_pin": "\u0661\u0662\u0663\u0664"}}, "security.technician_pin"),
+    ({"camera": {"device": "\u00b2"}}, "camera.device"),
     ({"security": {"admin_password_hash": "hunter2"}}, "security.admin_password_hash"),
     ({"service": {"save_raw_frames": "yes"}}, "service.save_raw_frames: expected true or false"),
     # nan passes `< 0`-style checks: it switched the focus gate off and un-capped the camera back-off
