@@ -211,15 +211,17 @@ def _curve_problem(curve: list[dict], threshold: float, fp: float | None) -> str
         return "operating_curve: the false-positive rate rises with the threshold"
     if fp is None:
         return None
-    below = [f for t, f in zip(ts, fps, strict=True) if t <= threshold + 1e-9]
-    above = [f for t, f in zip(ts, fps, strict=True) if t > threshold + 1e-9]
-    if not below:
+    if threshold < ts[0] - 1e-9:
         return f"threshold {threshold:g} lies below the operating curve (from {ts[0]:g})"
-    # the curve's thresholds are rounded: the card's rate lies between its neighbours' rows
-    lowest_ok = (above[0] if above else 0.0) - 1e-12
-    if not lowest_ok <= fp <= below[-1] + 1e-12:
+    # convert lists the card's own threshold as a row: the other rows are rounded and step by ~0.01, so a
+    # threshold edited within a step kept a rate that lies between its neighbours' and understated it
+    own = [f for t, f in zip(ts, fps, strict=True) if abs(t - threshold) <= 1e-9]
+    if not own:
+        return (f"threshold {threshold:g} disagrees with the operating curve: it has no row at that threshold "
+                "(an edited card, or one written by an older convert: convert the model again)")
+    if abs(own[0] - fp) > 1e-12:
         return (f"call_false_positive_rate {fp:g} at threshold {threshold:g} disagrees with the operating curve "
-                f"({below[-1]:g} at or below it{f', {above[0]:g} above it' if above else ''})")
+                f"({own[0]:g} at that threshold)")
     return None
 
 

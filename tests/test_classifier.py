@@ -12,7 +12,7 @@ import pytest
 
 from device.classifier import CellClassifier, dequantize, make_interpreter, quantize
 from device.imageio import read_rgb
-from device.model_card import ModelError, load_card
+from device.model_card import ModelCard, ModelError, load_card
 from device.preprocess import prepare_batch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -148,6 +148,9 @@ _DELETE = object()
     # edits that keep the model's sha256 but change every slide call (a flagged cell or two made positive)
     (_set("call_false_positive_rate", 0), "call_false_positive_rate 0 is not an upper bound"),
     (_set("threshold", 0.5), "disagrees with the operating curve"),
+    # edited within one step of the curve (~0.01): the rate kept lay between its neighbours' rows and passed,
+    # 0.00409 where the validation cells give 0.00637 at 0.970 (a healthy slide positive 6% of the time)
+    (_set("threshold", 0.970), "threshold 0.97 disagrees with the operating curve: it has no row"),
     (_set("threshold", 0.3), "lies below the operating curve"),
     (_set("call_false_positive_rate", 0.0004), "disagrees with the operating curve"),
     (_set("output.kind", "probability"), "says probability, but the output spans"),
@@ -168,7 +171,10 @@ def test_the_card_threshold_uses_the_cards_false_positive_rate_not_a_rounded_cur
     old = json.loads(model.with_suffix(".json").read_text())
     old["operating_curve"] = [r for r in old["operating_curve"] if r["threshold"] != old["threshold"]]
     model.with_suffix(".json").write_text(json.dumps(old))
-    card = load_card(model)
+    # its rate could not be checked against a row (an edited threshold looks the same): refused
+    with pytest.raises(ModelError, match="no row at that threshold .*convert the model again"):
+        load_card(model)
+    card = ModelCard(model.with_suffix(".json"), old)  # as such a card's figures read
     rows = card.data["operating_curve"]
     below = max((r for r in rows if r["threshold"] <= card.threshold), key=lambda r: r["threshold"])
     assert below["call_false_positive_rate"] > card.false_positive_rate  # the trap: a lower, rounded row
