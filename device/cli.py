@@ -239,11 +239,12 @@ def cmd_cells(args) -> int:
 
 
 def _label_of(path: Path) -> int | None:
-    parts = {p.lower() for p in path.parts[:-1]}
-    if "parasitized" in parts:
-        return 1
-    if "uninfected" in parts:
-        return 0
+    """1 or 0 by the innermost Parasitized/ or Uninfected/ folder holding the cell (a run kept under
+    lab/Parasitized/ must not label its Uninfected/ cells), None when there is neither."""
+    for part in reversed(path.parts[:-1]):
+        label = {"parasitized": 1, "uninfected": 0}.get(part.lower())
+        if label is not None:
+            return label
     return None
 
 

@@ -697,3 +697,13 @@ def test_annotated_names_are_whole_utf8_and_unique_without_regard_to_case():
     used: set[str] = set()
     assert [_unique_name(s, used) for s in ("A", "a", "b", "A")] == [
         "A_annotated.jpg", "a_2_annotated.jpg", "b_annotated.jpg", "A_3_annotated.jpg"]
+
+
+def test_a_cell_is_labelled_by_the_innermost_class_folder():
+    """Any Parasitized folder on the path labelled the cell parasitized: a run kept under lab/Parasitized/
+    counted its Uninfected/ cells as parasitized in the summary."""
+    from device.cli import _label_of
+
+    assert _label_of(Path("/lab/Parasitized/runs/Uninfected/a.png")) == 0
+    assert _label_of(Path("/lab/uninfected/x/PARASITIZED/a.png")) == 1
+    assert _label_of(Path("/lab/cells/a.png")) is None

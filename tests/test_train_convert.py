@@ -111,6 +111,15 @@ def test_an_unwritable_out_and_a_one_class_validation_side_are_clear_errors_befo
     r = run_module("train", "--data", str(nocsv), "--out", str(tmp_path / "run"), "--epochs", "1")
     assert r.returncode == 2 and "validation patients hold only one class" in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr and not (tmp_path / "run" / "model.keras").exists()
+    # extra data holding validation patients' cells (the whole NIH download given as extra cells): they were
+    # trained on, and the "held-out" figures were not held out
+    again = tmp_path / "again"
+    shutil.copytree(FIX, again)
+    (again / "patients.csv").unlink()
+    r = run_module("train", "--data", str(FIX), "--extra-data", str(again), "--out", str(tmp_path / "run2"),
+                   "--epochs", "1")
+    assert r.returncode == 2 and "holds cells of held-out patients" in r.stderr and "P106" in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "run2" / "model.keras").exists()
 
 
 @pytest.fixture(scope="module")

@@ -124,6 +124,12 @@ def test_a_bom_header_reads_and_a_hidden_macos_copy_is_no_cell(tmp_path):
     (lambda lines: [lines[0]] + [lines[1].replace(",val", ",train")] + lines[2:], "is on both sides"),
     (lambda lines: [], "patients.csv is empty"),  # was read as "no table": a seeded split, without a word
     (lambda lines: [lines[0], ""], "has no rows with a file and a patient"),  # a header alone, the same
+    # a test patient was trained on without a word: only train and val are read
+    (lambda lines: [lines[0]] + [x.replace(",P135,val", ",P135,test") for x in lines[1:]], "has split 'test'"),
+    # the table of the .webp copies beside the original .png cells: a seeded split trained its val patients
+    (lambda lines: [lines[0]] + [x.replace(".webp,", ".png,") for x in lines[1:]], "names none of the"),
+    (lambda lines: [lines[0]] + [x.replace(".webp,", ".png,") if x.endswith(",val") else x for x in lines[1:]],
+     "none of its val rows names a cell file"),
 ])
 def test_an_inconsistent_patient_table_is_a_clear_error(tmp_path, edit, message):
     d = _copy_fixture(tmp_path)
@@ -140,3 +146,15 @@ def test_a_table_that_is_not_utf8_is_a_clear_error_and_stale_rows_are_counted(tm
     (d / "patients.csv").write_bytes((d / "patients.csv").read_bytes() + "Uninfected/é.png,x,y,z\n".encode("latin-1"))
     with pytest.raises(DataError, match="cannot read .*patients.csv"):
         list_cells(d)
+
+
+def test_a_patient_written_in_lower_case_is_the_same_patient_and_every_image_suffix_is_read(tmp_path):
+    """A table's p106 beside a file name's P106 put one patient on both sides; .jfif, .bmp or .tif cells (which
+    the device reads) were left out without a word."""
+    d = _copy_fixture(tmp_path)
+    _rewrite_csv(d, lambda lines: [x.replace(",P106,", ",p106,") for x in lines])
+    extra = sorted((d / "Parasitized").glob("C145P106*"))[0]
+    shutil.copy(extra, extra.with_name("C145P106ThinF_IMG_extra_cell_1.jfif"))  # not in the table
+    files, split = list_cells(d)
+    assert {f.patient for f in files if "P106" in f.path.name} == {"P106"} and split["P106"] == "val"
+    assert any(f.path.suffix == ".jfif" for f in files)

@@ -105,6 +105,14 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
                 len(train_p), len(monitor_p), len(val_p), split_source)
 
     sets = {"train": set(train_p), "monitor": set(monitor_p), "val": set(val_p)}
+    extra_lists = [(extra, *list_cells(extra)) for extra in args.extra_data]
+    for extra, efiles, _ in extra_lists:
+        # extra cells of a validation or monitor patient (the full NIH download given as extra data) were
+        # trained on: the held-out figures then were not held out
+        leak = sorted({f.patient for f in efiles} & (sets["val"] | sets["monitor"]))
+        if leak:
+            raise DataError(f"--extra-data {extra} holds cells of held-out patients of {args.data} "
+                            f"({', '.join(leak[:10])}{'...' if len(leak) > 10 else ''}): leave them out of it")
     arrays = {}
     all_skipped = []
     for name, pts in sets.items():
@@ -127,8 +135,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
                             "--monitor-fraction 0 (a fixed schedule) or give more patients")
 
     extra_val = {}
-    for extra in args.extra_data:
-        efiles, esplit = list_cells(extra)
+    for extra, efiles, esplit in extra_lists:
         etrain = [f for f in efiles if esplit.get(f.patient, "train") != "val"]
         eval_ = [f for f in efiles if esplit.get(f.patient) == "val"]
         xe, ye, _, _ = load_arrays(etrain, args.size)

@@ -13,14 +13,15 @@ from pathlib import Path
 
 import numpy as np
 
-from device.imageio import ImageError, read_rgb
+from device.imageio import IMAGE_SUFFIXES, ImageError, read_rgb
 from device.preprocess import prepare_cell
 
 logger = logging.getLogger(__name__)
 
 CLASS_DIRS = ("Uninfected", "Parasitized")  # index = label: 0 uninfected, 1 parasitized
 CLASS_NAMES = ("uninfected", "parasitized")
-SUFFIXES = {".png", ".webp", ".jpg", ".jpeg"}
+SUFFIXES = IMAGE_SUFFIXES  # what the device reads: a .jfif or .tif cell was left out without a word
+SPLIT_SIDES = ("train", "val", "")  # a patients.csv split; "" (or no column): the training side
 
 # Infected patients carry P<n> after the slide prefix: C100P61ThinF -> P61, C68P29N_ThinF -> P29,
 # C47P8thinOriginalOlympusCX21 -> P8. A lettered slide (C37BP2_thinF, C51AP12thinF) is kept whole,
@@ -83,25 +84,38 @@ def list_cells(data_dir: str | Path) -> tuple[list[CellFile], dict[str, str]]:
         except OSError as exc:
             raise DataError(f"cannot list {d}: {exc.strerror or exc}") from exc
         if not found:
-            raise DataError(f"class folder has no images (.png/.webp/.jpg): {d}")
+            raise DataError(f"class folder has no images ({'/'.join(sorted(SUFFIXES))}): {d}")
         for p in found:
             rel = f"{cls}/{p.name}"
             row = csv_rows.get(rel)
             if row and row.get("label") and row["label"] != CLASS_NAMES[label]:
                 raise DataError(f"{csv_path}: {rel} is labelled {row['label']!r} but lies in {cls}/")
-            patient = row["patient"] if row else patient_from_name(p.name)
+            # as the file names give it (P106, C12N): a table's p106 is the same patient
+            patient = row["patient"].strip().upper() if row else patient_from_name(p.name)
             files.append(CellFile(p, rel, label, patient))
     listed = {f.rel for f in files}
     split: dict[str, str] = {}
     stale = 0
     for rel, row in csv_rows.items():
+        side = (row.get("split", "") or "").strip()
+        if side not in SPLIT_SIDES:  # a "test" patient would have been trained on without a word
+            raise DataError(f"{csv_path}: {rel} has split {side!r}; only train or val are read here (keep test "
+                            "patients out of the training folder)")
         if rel not in listed:
             stale += 1
             continue
-        side = row.get("split", "") or ""
-        if split.setdefault(row["patient"], side) != side:
-            raise DataError(f"{csv_path}: patient {row['patient']} is on both sides ({split[row['patient']]!r} and "
+        patient = row["patient"].strip().upper()
+        if split.setdefault(patient, side) != side:
+            raise DataError(f"{csv_path}: patient {patient} is on both sides ({split[patient]!r} and "
                             f"{side!r}); a patient's cells must never be split")
+    if csv_rows and not split:
+        # e.g. a table naming .webp copies beside the original .png download: its val patients were trained on
+        raise DataError(f"{csv_path} names none of the {len(files)} cell files in {root} (it names "
+                        f"{next(iter(csv_rows))!r}, the folder holds {files[0].rel!r}): give the table of these "
+                        "files, or remove it to split by the patients in the file names")
+    if any(r.get("split", "").strip() == "val" for r in csv_rows.values()) and "val" not in split.values():
+        raise DataError(f"{csv_path}: none of its val rows names a cell file in {root}: the validation "
+                        "patients would be trained on")
     if stale:
         logger.warning("%s: %d rows name no cell file in %s (ignored)", csv_path, stale, root)
     return files, split
