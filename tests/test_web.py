@@ -1352,3 +1352,53 @@ def test_a_field_refused_after_it_was_queued_is_released_once(make_env, monkeypa
     second.result(30)
     assert seen == [1, 1]  # the second field was in flight while each ran
     assert analyser.pending_for(1) == 0
+
+
+def test_a_slide_without_a_call_yet_shows_no_density_and_its_report_says_preliminary(make_env):
+    """'Not enough cells' printed a parasitemia and parasites/uL under a banner that withheld them, and the
+    report of an open slide did not say it was preliminary."""
+    import re
+
+    env = make_env()
+    c, token = _client(env)
+    _start(c, token)
+    _wait_frame(env)
+    assert _capture(c, token).status_code == 201  # one field: far below the counting target
+    assert c.get("/api/slides/1").get_json()["automatic"]["call"] == "not enough cells"
+    table = c.get("/slides/1/result").get_data(as_text=True)
+    rows = re.findall(r"<tr><th>Parasit[^<]*</th>\s*<td>(.*?)</td>\s*<td>(.*?)</td></tr>", table, re.S)
+    assert len(rows) == 2 and all(cell == "—" for row in rows for cell in row), rows
+    assert 'id="not-enough-note"' in table
+    report = c.get("/slides/1/report").get_data(as_text=True)
+    assert 'id="report-preliminary"' in report and 'id="sign-ref">Sample S-1' in report
+    assert c.post("/api/slides/1/finish", headers={"X-CSRF-Token": token}, json={"confirm": True}).status_code == 200
+    assert 'id="report-preliminary"' not in c.get("/slides/1/report").get_data(as_text=True)
+
+
+def test_a_slide_positive_on_a_confirmed_parasite_gives_only_what_review_established(make_env):
+    """A slide positive on one confirmed parasite printed the share of every flagged cell not rejected (17
+    of them unseen) as the density after review, and History read "(17 reviewed)"."""
+    env = make_env(flag_all=True)  # every counted cell flagged
+    c, token = _client(env)
+    _start(c, token)
+    _wait_frame(env)
+    assert _capture(c, token).status_code == 201
+    cells = c.get("/api/slides/1/cells").get_json()["cells"]
+    h = {"X-CSRF-Token": token}
+    page = c.get("/slides/1/result").get_data(as_text=True)
+    assert "(none confirmed yet)" in page  # no lower bound of 0 to read as a density
+    assert c.post(f"/api/cells/{cells[0]['id']}/review", json={"decision": "confirmed"}, headers=h).status_code == 200
+    n, pending = len(cells), len(cells) - 1
+    rbc = c.get("/api/slides/1").get_json()["automatic"]["rbc_count"]
+    page = c.get("/slides/1/result").get_data(as_text=True)
+    assert "1 parasite confirmed on review" in page and f"{pending} flagged cells not reviewed yet" in page
+    assert f'1 confirmed <span class="muted">+ {pending} flagged, not reviewed' in page
+    assert f"≥ {100 / rbc:.3f}%" in page and 'id="review-open-note"' in page
+    assert "cells infected after review" not in page
+    history = c.get("/history").get_data(as_text=True)
+    assert "(1 confirmed, 0 rejected)" in history and "reviewed)" not in history
+    for x in cells[1:]:  # every flagged cell reviewed: the density after review stands
+        c.post(f"/api/cells/{x['id']}/review", json={"decision": "rejected"}, headers=h)
+    page = c.get("/slides/1/result").get_data(as_text=True)
+    assert 'id="review-open-note"' not in page and f"1 of {rbc} cells infected after review" in page
+    assert n > 1

@@ -139,7 +139,7 @@ def _install_hooks(app: Flask) -> None:
         endpoint = request.endpoint or ""
         if endpoint not in PIN_EXEMPT and not endpoint.startswith("admin.") and not pin_ok():
             if wants_json():
-                return error_response(401, "technician PIN required: enter it at /pin")
+                return error_response(401, "technician PIN required: reload the page to enter it")
             return redirect(url_for("pages.pin", next=request.full_path if request.method == "GET" else None))
         return None
 
