@@ -238,9 +238,15 @@ def analyze_field(
 
     Returns:
         A :class:`FieldResult`; a rejected field has ``rejected`` set and counts of zero.
+
+    Raises:
+        ValueError: when the image is not HxWx3 uint8.
     """
     from device.segment import SegmentParams, estimate_cell_diameter, segment_cells
 
+    if image_rgb.ndim != 3 or image_rgb.shape[2] != 3 or image_rgb.dtype != np.uint8:
+        # the camera and file paths make frames so; a caller of its own got an OpenCV error from deep inside
+        raise ValueError(f"expected an HxWx3 uint8 RGB image, got {image_rgb.shape} {image_rgb.dtype}")
     settings = settings or AnalysisSettings()
     threshold = float(settings.threshold if settings.threshold is not None else classifier.threshold)
     h, w = image_rgb.shape[:2]

@@ -162,8 +162,10 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"model.threshold: {m.threshold} outside the safe range {lo}-{hi}")
     if not 1 <= m.threads <= 8:
         raise ConfigError(f"model.threads: {m.threads} outside 1-8")
-    if not m.path:
+    if not m.path.strip():
         raise ConfigError("model.path: required")
+    if not s.data_dir.strip():  # "" resolved to whatever folder the service was started in
+        raise ConfigError("service.data_dir: required (the folder for the records and images)")
     if not 100 <= a.counting_target_rbc <= 100_000:
         raise ConfigError(f"analysis.counting_target_rbc: {a.counting_target_rbc} outside 100-100000")
     if not RBC_PER_UL_RANGE[0] <= a.rbc_per_ul <= RBC_PER_UL_RANGE[1]:

@@ -136,3 +136,9 @@ def test_exposure_is_judged_where_the_light_falls(classifier):
     bright[np.hypot(xx - w / 2, yy - h / 2) >= 0.5 * h] = 0
     res = analyze_field(bright, classifier)
     assert res.rejected is not None and res.rejected.startswith("overexposed"), res.rejected
+
+
+@pytest.mark.parametrize("shape, dtype", [((64, 64, 4), np.uint8), ((64, 64), np.uint8), ((64, 64, 3), np.float32)])
+def test_a_frame_that_is_not_rgb8_is_a_clear_error(classifier, shape, dtype):
+    with pytest.raises(ValueError, match="expected an HxWx3 uint8 RGB image"):  # was an OpenCV error from inside
+        analyze_field(np.zeros(shape, dtype), classifier)

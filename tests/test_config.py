@@ -32,6 +32,8 @@ def test_embedded_defaults_are_the_demo():
     # digits of other scripts pass str.isdigit: the PIN check then failed on every attempt (TypeError)
     ({"security": {"technician_pin": "\u0661\u0662\u0663\u0664"}}, "security.technician_pin"),
     ({"camera": {"device": "\u00b2"}}, "camera.device"),
+    ({"service": {"data_dir": ""}}, "service.data_dir: required"),  # was the working directory
+    ({"model": {"path": "  "}}, "model.path: required"),
     ({"security": {"admin_password_hash": "hunter2"}}, "security.admin_password_hash"),
     ({"service": {"save_raw_frames": "yes"}}, "service.save_raw_frames: expected true or false"),
     # nan passes `< 0`-style checks: it switched the focus gate off and un-capped the camera back-off
