@@ -266,7 +266,8 @@ def analyze_field(
         # out of focus, thick, not a smear): segmenting at that size counts cells many times too large.
         timing["total_ms"] = (time.perf_counter() - t0) * 1000
         return FieldResult(w, h, "no red cells of a consistent size found (a cell must span 1/50 to 1/5 of the "
-                           "picture): empty area, thick area or not a blood smear", [], focus, threshold, timing)
+                           "picture): empty area, thick area or not a blood smear, or cells too small (use the "
+                           "100x oil objective)", [], focus, threshold, timing)
     t = time.perf_counter()
     seg = segment_cells(image_rgb, SegmentParams(cell_diameter_hint_px=diameter))
     timing["segment_ms"] = (time.perf_counter() - t) * 1000
