@@ -369,7 +369,11 @@ class Store:
         self._conns_lock = threading.Lock()
         try:
             self._copy_before_migrating()
-            self.schema_version = migrate(self._conn())
+            conn = self._conn()
+            for path in (self.db_path, *(self.db_path.with_name(DB_NAME + s) for s in ("-wal", "-shm"))):
+                with contextlib.suppress(OSError):  # patient records: owner only, also in a folder made 0755
+                    os.chmod(path, 0o600)  # before (outside the systemd unit, whose umask is 0077)
+            self.schema_version = migrate(conn)
             # reads every open slide's rows: a damaged table (an SD card failing) shows here, not in migrate
             self.interrupted_files_removed = self._remove_interrupted_writes()
         except sqlite3.DatabaseError as exc:

@@ -250,6 +250,42 @@ def test_sign_in_attempts_are_rate_limited_per_client(make_env):
     assert elsewhere.post("/admin/login", data={"password": ADMIN_PASSWORD, "csrf_token": etoken}).status_code == 303
 
 
+def test_guesses_from_many_addresses_meet_a_limit_for_all_and_parallel_ones_cannot_pass_together(make_env,
+                                                                                                 monkeypatch):
+    """The limit counted per address only: 23 addresses of one laptop found a 4-digit PIN in 0.6 s. And it
+    was checked before the slow password hash, so 40 wrong passwords sent at once had 11 checked against a
+    limit of 5."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import device.web.security as security_mod
+    from device.web import LOGIN_ATTEMPTS_ALL_CLIENTS_PER_MINUTE
+
+    env = _admin_env(make_env, technician_pin="5731", login_attempts_per_minute=3)
+    clients = [_client(env, f"10.1.{i // 250}.{i % 250}") for i in range(LOGIN_ATTEMPTS_ALL_CLIENTS_PER_MINUTE + 5)]
+    codes = [c.post("/pin", data={"pin": f"{i:04d}", "csrf_token": t}).status_code for i, (c, t) in enumerate(clients)]
+    assert codes.count(401) == LOGIN_ATTEMPTS_ALL_CLIENTS_PER_MINUTE and codes.count(429) == 5
+    env2 = _admin_env(make_env, login_attempts_per_minute=5)
+    c, token = _client(env2, "10.2.0.1")
+    checked = []
+    real = security_mod.check_password
+    monkeypatch.setattr(security_mod, "check_password", lambda h, p: (checked.append(p), time.sleep(0.05),
+                                                                      real(h, p))[2])
+    with ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(lambda _: c.post("/admin/login", data={"password": "wrong-guess", "csrf_token": token})
+                              .status_code, range(40)))
+    assert len(checked) == 5 and codes.count(401) == 5 and codes.count(429) == 35
+
+
+def test_non_ascii_pins_tokens_and_codes_are_wrong_answers_not_server_errors(make_env):
+    """compare_digest raises TypeError on non-ASCII text: a 500 (and a traceback in the log) before any limit."""
+    env = _admin_env(make_env, technician_pin="5731")
+    c, token = _client(env, "10.3.0.1")
+    assert c.post("/pin", data={"pin": "\u0661\u0662\u0663\u0664", "csrf_token": token}).status_code == 401
+    assert c.post("/pin", data={"pin": "1234", "csrf_token": "\u00e9" * 10}).status_code == 400
+    r = c.post("/api/slides", json={"sample_id": "S"}, headers={"X-CSRF-Token": "\u00e9".encode().decode("latin-1")})
+    assert r.status_code == 400
+
+
 # --- 5. files and uploads -------------------------------------------------------------------------
 
 TRAVERSALS = [

@@ -824,3 +824,21 @@ def test_a_migration_that_keeps_failing_is_not_copied_at_every_start(tmp_path, m
     with pytest.raises(StoreError, match="migration"):  # systemd restarts it
         Store(tmp_path)
     assert copy.stat().st_mtime_ns == made  # the same records: not copied again
+
+
+def test_the_records_are_owner_only_also_in_a_folder_made_open_before(tmp_path):
+    """Outside the systemd unit (umask 0077) the database was created 0644 in a data folder that already
+    existed with mode 0755: every user of the machine could read the patient records."""
+    import stat as stat_mod
+
+    data = tmp_path / "data"
+    data.mkdir(mode=0o755)
+    old = os.umask(0o022)
+    try:
+        s = Store(data)
+        _slide(s)
+    finally:
+        os.umask(old)
+    for name in (store_mod.DB_NAME, store_mod.DB_NAME + "-wal"):
+        assert stat_mod.S_IMODE((data / name).stat().st_mode) == 0o600, name
+    s.close()

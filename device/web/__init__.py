@@ -27,6 +27,9 @@ MAX_UPLOAD_MB = 30  # a 12 MP camera PNG is ~25 MB; anything larger is not a mic
 # Endpoints open without the technician PIN: monitoring, assets, the PIN page itself, and the admin
 # pages, which have their own login.
 PIN_EXEMPT = {"static", "pages.pin", "api.status", "api.session_info", "pages.healthz", "pages.metrics"}
+# PIN, password and setup-code attempts from all clients together, a minute: a 4-digit PIN then takes hours to
+# guess from any number of addresses, not minutes, while a clinic's own few sign-ins never meet it
+LOGIN_ATTEMPTS_ALL_CLIENTS_PER_MINUTE = 30
 ADMIN_SESSION_MAX_S = 12 * 3600  # an admin sign-in lasts a working day, then the password is asked again
 
 
@@ -112,7 +115,8 @@ def create_app(config, store, camera, analyser, *, secret_key: bytes | None = No
     app.extensions["malaria_detect"] = Deps(
         config=config, store=store, camera=camera, analyser=analyser, settings=AdminSettings(data_dir),
         camera_opener=camera_opener or default_opener,
-        login_limiter=security.RateLimiter(config.security.login_attempts_per_minute),
+        login_limiter=security.RateLimiter(config.security.login_attempts_per_minute,
+                                           total_per_minute=LOGIN_ATTEMPTS_ALL_CLIENTS_PER_MINUTE),
         recent_log=health.install_recent_log(), setup_code=setup_code,
     )
 
@@ -148,8 +152,9 @@ def _install_hooks(app: Flask) -> None:
         resp.headers.setdefault("X-Content-Type-Options", "nosniff")
         resp.headers.setdefault("X-Frame-Options", "DENY")
         resp.headers.setdefault("Referrer-Policy", "same-origin")
-        if resp.mimetype in ("text/html", "application/json"):
-            # Back after Finish showed the slide as open with a working Capture: pages are never cached
+        if resp.mimetype in ("text/html", "application/json", "text/csv"):
+            # Back after Finish showed the slide as open with a working Capture: pages are never cached; nor
+            # are the CSV exports of patient IDs on a shared clinic computer
             resp.headers.setdefault("Cache-Control", "no-store")
         resp.headers.setdefault("Content-Security-Policy",
                                 "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'")

@@ -504,14 +504,14 @@ def password():
     """Change the admin password: the current one is asked again (a session left open is not enough)."""
     d = deps()
     client = "admin:" + _client()
-    wait = d.login_limiter.retry_after_s(client)
+    wait = d.login_limiter.acquire(client)  # counted before the slow hash: parallel tries cannot all pass
     if wait:
         return error_response(429, f"too many wrong passwords: try again in {wait} s", retry_after_s=wait)
     current, new, again = (request.form.get(k, "") for k in ("current", "password", "password2"))
-    if not security.check_password(d.config.security.admin_password_hash, current):
-        d.login_limiter.failed(client)
+    if not security.check_password(d.config.security.admin_password_hash, current):  # stays counted
         logger.warning("wrong current password on a password change from %s", _client())
         return _render(401, password_error="The current password is wrong")
+    d.login_limiter.reset(client)
     if new != again:
         return _render(400, password_error="The two new passwords differ")
     try:
@@ -537,7 +537,7 @@ def login():
     if request.method == "GET":
         return render_template("admin_login.html", next=nxt, error=None)
     client = "admin:" + _client()
-    wait = d.login_limiter.retry_after_s(client)
+    wait = d.login_limiter.acquire(client)  # counted before the slow hash: parallel tries cannot all pass
     if wait:
         return error_response(429, f"too many failed logins: try again in {wait} s", retry_after_s=wait)
     if security.check_password(d.config.security.admin_password_hash, request.form.get("password", "")):
@@ -545,7 +545,6 @@ def login():
         sign_in_admin()
         logger.info("admin login from %s", _client())
         return redirect(nxt, 303)
-    d.login_limiter.failed(client)
     logger.warning("failed admin login from %s", _client())
     return render_template("admin_login.html", next=nxt, error="Wrong password"), 401
 
@@ -565,11 +564,10 @@ def setup():
     if request.method == "GET":
         return render_template("admin_setup.html", error=None)
     client = "setup:" + _client()
-    wait = d.login_limiter.retry_after_s(client)
+    wait = d.login_limiter.acquire(client)
     if wait:
         return error_response(429, f"too many wrong setup codes: try again in {wait} s", retry_after_s=wait)
     if not security.setup_code_matches(d.setup_code, request.form.get("setup_code", "")):
-        d.login_limiter.failed(client)
         logger.warning("wrong first-run setup code from %s", _client())
         return render_template("admin_setup.html", error="Wrong setup code: copy it from the service log"), 403
     pw, again = request.form.get("password", ""), request.form.get("password2", "")

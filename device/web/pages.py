@@ -307,14 +307,13 @@ def pin():
     if request.method == "GET":
         return render_template("pin.html", next=nxt, error=None)
     client = request.remote_addr or "?"
-    wait = d.login_limiter.retry_after_s("pin:" + client)
+    wait = d.login_limiter.acquire("pin:" + client)  # counted now: a wrong PIN stays counted
     if wait:
         return error_response(429, f"too many wrong PINs: try again in {wait} s", retry_after_s=wait)
     if security.tokens_match(expected, request.form.get("pin", "")):
         d.login_limiter.reset("pin:" + client)
         accept_pin()
         return redirect(nxt, 303)
-    d.login_limiter.failed("pin:" + client)
     logger.warning("wrong technician PIN from %s", client)
     return render_template("pin.html", next=nxt, error="Wrong PIN"), 401
 

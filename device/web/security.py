@@ -74,7 +74,8 @@ def new_csrf_token() -> str:
 
 
 def tokens_match(expected: str | None, given: str | None) -> bool:
-    return bool(expected) and bool(given) and hmac.compare_digest(str(expected), str(given))
+    # as bytes: compare_digest raises TypeError on str with non-ASCII characters (a 500, before any limit)
+    return bool(expected) and bool(given) and hmac.compare_digest(str(expected).encode(), str(given).encode())
 
 
 def hash_password(password: str) -> str:
@@ -126,16 +127,42 @@ def setup_code_matches(expected: str | None, given: str | None) -> bool:
     def norm(v: str) -> str:
         return "".join(ch for ch in v.upper() if ch.isalnum())
 
-    return bool(expected) and bool(given) and hmac.compare_digest(norm(expected), norm(str(given)))
+    return bool(expected) and bool(given) and hmac.compare_digest(norm(expected).encode(), norm(str(given)).encode())
 
 
 class RateLimiter:
-    """At most ``per_minute`` failed attempts per client in any 60 s window."""
+    """At most ``per_minute`` failed attempts per client in any 60 s window, and ``total_per_minute`` attempts
+    from all clients together (a LAN lends one attacker many addresses: 23 of them found a 4-digit PIN in
+    0.6 s).
 
-    def __init__(self, per_minute: int, window_s: float = 60.0, clock=time.monotonic):
+    :meth:`acquire` counts an attempt before it is checked, so attempts made at once (a slow password hash
+    in parallel threads let 11 of 40 through a limit of 5) cannot all pass; a right answer then
+    :meth:`reset` clears the client's count.
+    """
+
+    TOTAL = "\0all"  # the key of the count over all clients
+
+    def __init__(self, per_minute: int, window_s: float = 60.0, clock=time.monotonic,
+                 total_per_minute: int | None = None):
         self.per_minute, self.window_s, self.clock = per_minute, window_s, clock
+        self.total_per_minute = total_per_minute
         self._fails: dict[str, deque] = {}
         self._lock = threading.Lock()
+
+    def acquire(self, key: str) -> int:
+        """Count an attempt by ``key`` and return 0, or return the seconds to wait (nothing counted)."""
+        with self._lock:
+            now = self.clock()
+            waits = []
+            for k, limit in ((key, self.per_minute), (self.TOTAL, self.total_per_minute)):
+                q = self._recent(k)
+                if limit is not None and q is not None and len(q) >= limit:
+                    waits.append(max(1, int(q[0] + self.window_s - now) + 1))
+            if waits:
+                return max(waits)
+            for k in (key, self.TOTAL) if self.total_per_minute is not None else (key,):
+                self._append(k, now)
+            return 0
 
     def _recent(self, key: str) -> deque | None:
         """The client's failures inside the window; a client with none is forgotten."""
@@ -150,23 +177,15 @@ class RateLimiter:
             return None
         return q
 
-    def retry_after_s(self, key: str) -> int:
-        """0 when an attempt is allowed now, else the seconds to wait."""
-        with self._lock:
-            q = self._recent(key)
-            if q is None or len(q) < self.per_minute:
-                return 0
-            return max(1, int(q[0] + self.window_s - self.clock()) + 1)
-
-    def failed(self, key: str) -> None:
-        with self._lock:
-            q = self._recent(key)
-            if q is None:
-                if len(self._fails) >= MAX_TRACKED_CLIENTS:
-                    for k in list(self._fails):
-                        self._recent(k)
-                q = self._fails[key] = deque()
-            q.append(self.clock())
+    def _append(self, key: str, t: float) -> None:
+        """Under the lock."""
+        q = self._recent(key)
+        if q is None:
+            if len(self._fails) >= MAX_TRACKED_CLIENTS:
+                for k in list(self._fails):
+                    self._recent(k)
+            q = self._fails[key] = deque()
+        q.append(t)
 
     def reset(self, key: str) -> None:
         with self._lock:
