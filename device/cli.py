@@ -73,6 +73,9 @@ def _write_json(path: str | None, doc: dict) -> bool:
     return True
 
 
+STD_STREAMS = {Path("/dev/stdin"), Path("/dev/stdout"), Path("/dev/stderr")}
+
+
 def _json_target(path: str) -> Path:
     """The file a ``--json`` path writes: a "latest.json" link's own target is the one to update.
 
@@ -81,7 +84,8 @@ def _json_target(path: str) -> Path:
     which would turn /dev/null into a plain file for the whole system when run as root.
     """
     target = Path(path)
-    if Path(os.path.abspath(path)).parts[1:2] in (("dev",), ("proc",)):
+    where = Path(os.path.abspath(path))
+    if where.parts[1:2] == ("proc",) or where.parent == Path("/dev/fd") or where in STD_STREAMS:
         # /dev/stdout redirected to a file resolves to that file: the report renamed over it would drop
         # what the command printed there before
         raise OSError(errno.EINVAL, "is not a regular file (a device, a pipe, /dev/stdout): name a file for the report",
@@ -197,7 +201,7 @@ def cmd_cells(args) -> int:
     try:
         for i, f in enumerate(files, 1):
             try:
-                batch.append(prepare_cell(read_rgb(f, min_side_px=4), clf.input_size_px))
+                batch.append(prepare_cell(read_rgb(f, min_side_px=4, check_jpeg_data=True), clf.input_size_px))
                 batch_files.append(f)
             except ImageError as exc:
                 errors.append({"file": str(f), "error": str(exc)})
@@ -336,7 +340,7 @@ def _analyze_files(files, clf, settings, out_dir, images: list, verbose: bool) -
     for i, f in enumerate(files, 1):
         t0 = time.perf_counter()
         try:
-            rgb = read_rgb(f)
+            rgb = read_rgb(f, check_jpeg_data=True)  # one thread decodes here: libjpeg's warnings are this file's
             res = analyze_field(rgb, clf, settings)
         except ImageError as exc:
             images.append({"image": str(f), "error": str(exc)})

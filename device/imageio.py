@@ -377,11 +377,14 @@ def _webp_size(data: bytes) -> tuple[int, int]:
     raise ImageError("truncated WebP header")
 
 
-def decode_rgb(data: bytes, *, name: str = "image", min_side_px: int = MIN_SIDE_PX) -> np.ndarray:
+def decode_rgb(data: bytes, *, name: str = "image", min_side_px: int = MIN_SIDE_PX,
+               check_jpeg_data: bool = False) -> np.ndarray:
     """Decode encoded image bytes to HxWx3 uint8 RGB, refusing what cannot be analysed.
 
     Truncated PNG/JPEG files are refused (a decoder would fill the missing part with gray), as is
-    anything :func:`to_rgb8` refuses. Raises :class:`ImageError` with the reason.
+    anything :func:`to_rgb8` refuses. With ``check_jpeg_data`` a JPEG whose compressed data libjpeg finds
+    damaged is refused too (see :func:`_libjpeg_warnings`: only where no other thread decodes JPEGs).
+    Raises :class:`ImageError` with the reason.
     """
     if not data:
         raise ImageError(f"{name}: empty file")
@@ -430,8 +433,9 @@ def decode_rgb(data: bytes, *, name: str = "image", min_side_px: int = MIN_SIDE_
     # and OpenCV 4.11 reads it as one gray channel unless asked for colour.
     os2_bitmap = data[:2] == b"BM" and struct.unpack("<I", data[14:18])[0] == 12
     warnings: list[str] = []
+    listen = check_jpeg_data and data[:2] == b"\xff\xd8"
     try:
-        with _libjpeg_warnings(warnings) if data[:2] == b"\xff\xd8" else contextlib.nullcontext():
+        with _libjpeg_warnings(warnings) if listen else contextlib.nullcontext():
             img = cv2.imdecode(buf, cv2.IMREAD_COLOR if os2_bitmap else cv2.IMREAD_UNCHANGED)
     except cv2.error as exc:  # OpenCV's own limits and checks: a bad file, never a crashed batch
         raise ImageError(f"{name}: could not decode ({str(exc).strip().splitlines()[-1][:120]})") from exc
@@ -446,48 +450,50 @@ def decode_rgb(data: bytes, *, name: str = "image", min_side_px: int = MIN_SIDE_
 
 
 # libjpeg reports damage in a JPEG's compressed data as warnings on the process's stderr and decodes on:
-# a block of garbage or zeros gives "premature end of data segment", flipped bits often "N extraneous bytes
-# before marker 0xd9", and the image comes out with garbage or gray where the data was hit (measured: 8 kB
-# of garbage in a BBBC041 field made 29 flagged "cells" and a slide positive). OpenCV passes them on
-# unseen. JPEG has no checksum, so most single flipped bits decode silently all the same.
+# a block of garbage or zeros gives "premature end of data segment", and the image comes out with garbage
+# or gray where the data was hit (measured: 8 kB of garbage in a BBBC041 field made 29 flagged "cells" and
+# a slide positive). OpenCV passes them on unseen. Stray bytes before a marker other than a restart marker
+# are padding (some encoders and EXIF editors write it: the pixels are identical); before the end marker
+# they may also follow flipped bits, which is not told apart from padding. JPEG has no checksum: most
+# flipped bits decode without a warning.
 _JPEG_WARNING = re.compile(r"^(Corrupt JPEG data: .*|Premature end of JPEG file|Invalid JPEG file structure: .*)$")
-# A few stray bytes before the end marker are padding some encoders write; the image is whole.
-_HARMLESS_EXTRA_BYTES = 16
+_PADDING_WARNING = re.compile(r"^Corrupt JPEG data: \d+ extraneous bytes before marker 0x(?!d[0-7])[0-9a-f]{2}$")
 _STDERR_LOCK = threading.Lock()
 
 
 def _harmless_jpeg_warning(warning: str) -> bool:
-    m = re.match(r"Corrupt JPEG data: (\d+) extraneous bytes before marker 0xd9$", warning)
-    return bool(m) and int(m.group(1)) <= _HARMLESS_EXTRA_BYTES
+    return bool(_PADDING_WARNING.match(warning))
 
 
 @contextlib.contextmanager
 def _libjpeg_warnings(found: list[str]) -> Iterator[None]:
     """Append to ``found`` what libjpeg warns of while the block decodes. Its warnings go to file
-    descriptor 2, so that is pointed at a temporary file meanwhile (one decode at a time); anything else
-    written there meanwhile (another thread's log line) is passed on to the real stderr afterwards."""
-    with _STDERR_LOCK:
+    descriptor 2, so that is pointed at a temporary file meanwhile; anything else written there meanwhile is
+    passed on to the real stderr afterwards. Process-wide: only for a program that decodes in one thread (the
+    CLI), as another thread's JPEG decoding (a USB camera's MJPG) would warn into the same file.
+    Without a stderr or a temporary file, the block runs without listening."""
+    with _STDERR_LOCK, contextlib.ExitStack() as stack:
         try:
             if sys.stderr is not None:
                 sys.stderr.flush()
+            tmp = stack.enter_context(tempfile.TemporaryFile())
             saved = os.dup(2)
-        except (OSError, ValueError):  # no stderr at all: decode without listening
+        except (OSError, ValueError):  # no temporary file (a read-only card), or no stderr at all
             yield
             return
-        with tempfile.TemporaryFile() as tmp:
-            os.dup2(tmp.fileno(), 2)
-            try:
-                yield
-            finally:
-                os.dup2(saved, 2)
-                os.close(saved)
-                tmp.seek(0)
-                lines = tmp.read().decode("utf-8", "replace").splitlines(keepends=True)
-                found += [line.strip() for line in lines if _JPEG_WARNING.match(line.strip())]
-                other = "".join(line for line in lines if not _JPEG_WARNING.match(line.strip()))
-                if other:
-                    with contextlib.suppress(OSError):
-                        os.write(2, other.encode())
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            lines = tmp.read().decode("utf-8", "replace").splitlines(keepends=True)
+            found += [line.strip() for line in lines if _JPEG_WARNING.match(line.strip())]
+            other = "".join(line for line in lines if not _JPEG_WARNING.match(line.strip()))
+            if other:
+                with contextlib.suppress(OSError):
+                    os.write(2, other.encode())
 
 
 def to_rgb8(img: np.ndarray, *, name: str = "image", min_side_px: int = MIN_SIDE_PX, bgr: bool) -> np.ndarray:
@@ -517,8 +523,9 @@ def to_rgb8(img: np.ndarray, *, name: str = "image", min_side_px: int = MIN_SIDE
     return np.ascontiguousarray(img)
 
 
-def read_rgb(path: str | Path, *, min_side_px: int = MIN_SIDE_PX) -> np.ndarray:
-    """Read an image file as HxWx3 uint8 RGB. Raises :class:`ImageError` with the file and reason."""
+def read_rgb(path: str | Path, *, min_side_px: int = MIN_SIDE_PX, check_jpeg_data: bool = False) -> np.ndarray:
+    """Read an image file as HxWx3 uint8 RGB (``check_jpeg_data``: see :func:`decode_rgb`). Raises
+    :class:`ImageError` with the file and reason."""
     p = Path(path)
     try:
         st = p.stat()
@@ -544,7 +551,7 @@ def read_rgb(path: str | Path, *, min_side_px: int = MIN_SIDE_PX) -> np.ndarray:
         raise
     except ValueError as exc:  # a NUL byte in the name (no file can have one)
         raise ImageError(f"{str(p)!r}: not a file name ({exc})") from exc
-    return decode_rgb(data, name=str(p), min_side_px=min_side_px)
+    return decode_rgb(data, name=str(p), min_side_px=min_side_px, check_jpeg_data=check_jpeg_data)
 
 
 def iter_image_files(paths: list[str | Path], exclude: list[Path] | tuple = ()) -> list[Path]:

@@ -670,6 +670,9 @@ def test_a_json_report_never_replaces_a_device_a_pipe_or_an_input_in_a_sub_folde
         r = subprocess.run([sys.executable, "-m", "device", "analyze", field, "--json", "/dev/stdout"], stdout=fh,
                            stderr=subprocess.PIPE, text=True, cwd=ROOT, timeout=180)
     assert r.returncode == 2 and "not a regular file" in r.stderr and out.read_text() == ""
+    from device.cli import _json_target
+
+    assert _json_target("/dev/shm/report.json") == Path("/dev/shm/report.json")  # a file in memory: fine
     fields = tmp_path / "fields"
     shutil.copytree(ROOT / "tests" / "fixtures" / "fields", fields)
     records = json.loads((fields / "annotations.json").read_text())

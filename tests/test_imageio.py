@@ -378,23 +378,33 @@ def test_strong_compression_inside_an_animated_webp_or_a_tiff_is_refused_too():
     assert tiff_jpeg_tables(saved("TIFF", compression="tiff_lzw")) is None
 
 
-def test_damaged_jpeg_data_is_refused_and_other_stderr_output_passes_through(capfd):
+def test_damaged_jpeg_data_is_refused_where_asked_and_other_stderr_output_passes_through(capfd, monkeypatch):
     """libjpeg decodes damaged compressed data with a warning on stderr that OpenCV passes on unseen: 8 kB of
-    garbage in a field made 29 flagged "cells" and a slide positive."""
+    garbage in a field made 29 flagged "cells" and a slide positive. The CLI asks for the check (one thread
+    decodes there); padding between segments is no damage; without a temporary file the decode goes on."""
+    import tempfile
+
     from device.imageio import _libjpeg_warnings
 
     data = (SAMPLES / sorted(p.name for p in SAMPLES.glob("*.jpg"))[0]).read_bytes()
-    assert decode_rgb(data).shape[2] == 3
+    whole = decode_rgb(data, check_jpeg_data=True)
     zeroed = bytearray(data)
     zeroed[len(data) // 3 : len(data) // 3 + 4096] = bytes(4096)  # a block of the card read as zeros
     with pytest.raises(ImageError, match="damaged JPEG data .*premature end of data segment"):
-        decode_rgb(bytes(zeroed), name="field.jpg")
-    padded = data[:-2] + b"\x00\x00" + data[-2:]  # two stray bytes before the end marker: some encoders do it
-    assert decode_rgb(padded).shape == decode_rgb(data).shape
+        decode_rgb(bytes(zeroed), name="field.jpg", check_jpeg_data=True)
+    assert decode_rgb(bytes(zeroed)).shape == whole.shape  # not asked (the service: other threads decode JPEGs)
+    dqt = data.index(b"\xff\xdb")
+    for padded in (data[:dqt] + b"\x00\x00" + data[dqt:], data[:-2] + bytes(32) + data[-2:]):
+        assert np.array_equal(decode_rgb(padded, check_jpeg_data=True), whole)  # padding: the same pixels
     found: list[str] = []
     with _libjpeg_warnings(found):
         os.write(2, b"another thread's log line\n")
     assert found == [] and "another thread's log line" in capfd.readouterr().err
+    fds = len(os.listdir("/proc/self/fd"))
+    with monkeypatch.context() as m:
+        m.setattr(tempfile, "tempdir", "/nonexistent-folder")  # a card gone read-only: no temporary file
+        assert np.array_equal(decode_rgb(data, check_jpeg_data=True), whole)
+    assert len(os.listdir("/proc/self/fd")) == fds  # nothing left open
 
 
 def test_read_rgb_says_what_a_non_image_path_is(tmp_path):

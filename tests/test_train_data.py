@@ -158,3 +158,11 @@ def test_a_patient_written_in_lower_case_is_the_same_patient_and_every_image_suf
     files, split = list_cells(d)
     assert {f.patient for f in files if "P106" in f.path.name} == {"P106"} and split["P106"] == "val"
     assert any(f.path.suffix == ".jfif" for f in files)
+
+
+def test_a_table_row_without_a_split_is_a_training_row(tmp_path):
+    """A row with no split value (a short line) before the first val row crashed the check for val rows."""
+    d = _copy_fixture(tmp_path)
+    _rewrite_csv(d, lambda lines: [lines[0], "Uninfected/gone.png,uninfected,C999"] + lines[1:])
+    files, split = list_cells(d)
+    assert len(files) == len(list_cells(FIX)[0]) and split == list_cells(FIX)[1]

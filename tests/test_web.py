@@ -96,9 +96,16 @@ def test_capture_from_camera_then_result_and_exports(make_env):
     # the HTML form path (no JavaScript): POST, then a redirect to the slide
     # the stage moved to the next field
     r = capture_new_view(env, lambda: c.post("/slides/1/capture", data={"csrf_token": token}))
-    assert r.status_code == 303 and "/slides/1#field-" in r.headers["Location"]
+    # back at the Capture button with the answer beside it (it landed on the field's table row, far below
+    # the button on the 800x480 screen)
+    assert r.status_code == 303 and r.headers["Location"].endswith("#capture-form")
     detail = c.get("/api/slides/1").get_json()
     assert [f["seq"] for f in detail["fields"]] == [1, 2]
+    second = detail["fields"][1]
+    page = c.get(r.headers["Location"]).get_data(as_text=True)
+    said = (f"rejected: {second['rejected']}" if second["rejected"] else
+            f"{second['rbc_count']} red cells, {second['infected_count']} flagged infected")
+    assert f'role="status" aria-live="polite">Field 2: {said}</p>' in page
     assert detail["sample_id"] == "S-1" and detail["model_sha256"] == env.analyser.model.sha256
     r = c.post("/slides/1/finish", data={"csrf_token": token})  # below the target, without script: asked
     assert r.status_code == 303 and r.headers["Location"].endswith("/slides/1/finish")
@@ -1397,6 +1404,9 @@ def test_a_slide_positive_on_a_confirmed_parasite_gives_only_what_review_establi
     assert "cells infected after review" not in page
     history = c.get("/history").get_data(as_text=True)
     assert "(1 confirmed, 0 rejected)" in history and "reviewed)" not in history
+    assert f"≥ {100 / rbc:.3f}%" in c.get("/slides/1").get_data(as_text=True)  # the slide page's count too
+    export = list(csv.DictReader(io.StringIO(c.get("/export/slides.csv").get_data(as_text=True))))
+    assert export[0]["reviewed_parasitemia_pct"] == "" and export[0]["review_pending"] == str(pending)
     for x in cells[1:]:  # every flagged cell reviewed: the density after review stands
         c.post(f"/api/cells/{x['id']}/review", json={"decision": "rejected"}, headers=h)
     page = c.get("/slides/1/result").get_data(as_text=True)

@@ -113,7 +113,7 @@ def list_cells(data_dir: str | Path) -> tuple[list[CellFile], dict[str, str]]:
         raise DataError(f"{csv_path} names none of the {len(files)} cell files in {root} (it names "
                         f"{next(iter(csv_rows))!r}, the folder holds {files[0].rel!r}): give the table of these "
                         "files, or remove it to split by the patients in the file names")
-    if any(r.get("split", "").strip() == "val" for r in csv_rows.values()) and "val" not in split.values():
+    if any((r.get("split") or "").strip() == "val" for r in csv_rows.values()) and "val" not in split.values():
         raise DataError(f"{csv_path}: none of its val rows names a cell file in {root}: the validation "
                         "patients would be trained on")
     if stale:

@@ -64,14 +64,18 @@ def slide(slide_id: int):
     fields = deps().store.list_fields(slide_id)
     last = fields[-1] if fields else None
     overlap = views.overlap_warning(last) if last and s["status"] == "open" else None
-    return render_template("slide.html", slide=s, fields=fields, last=last, overlap=overlap)
+    captured_id = request.args.get("captured", type=int)
+    captured = next((f for f in fields if f["id"] == captured_id), None)
+    return render_template("slide.html", slide=s, fields=fields, last=last, overlap=overlap, captured=captured)
 
 
 @bp.post("/slides/<int:slide_id>/capture")
 def capture(slide_id: int):
     field = views.capture(slide_id)
-    anchor = f"field-{field['id']}" if field else "fields"
-    return redirect(url_for("pages.slide", slide_id=slide_id, _anchor=anchor), 303)
+    # without the script: back at the Capture button with the answer beside it (the field's table row is
+    # far below it on the 800x480 screen, and each capture meant scrolling back up)
+    return redirect(url_for("pages.slide", slide_id=slide_id, captured=field["id"] if field else None,
+                            _anchor="capture-form"), 303)
 
 
 @bp.post("/slides/<int:slide_id>/finish")
@@ -262,7 +266,9 @@ def export_slides():
             v["finished_at"] or "", a["fields_used"], a["fields_rejected"], a["rbc_count"], a["infected_count"],
             f"{a['parasitemia_pct']:.4f}", f"{a['ci95_pct'][0]:.4f}", f"{a['ci95_pct'][1]:.4f}",
             f"{a['parasites_per_ul']:.0f}", f"{a['rbc_per_ul']:.0f}", a["rbc_per_ul_source"],
-            f"{a['detection_limit_pct']:.4f}", a["call"], r["infected_count"], f"{r['parasitemia_pct']:.4f}",
+            # while flagged cells wait for review the count after review still holds them: no density
+            f"{a['detection_limit_pct']:.4f}", a["call"], r["infected_count"],
+            "" if rv["pending"] else f"{r['parasitemia_pct']:.4f}",
             r["call"], rv["confirmed"], rv["rejected"], rv["pending"], v["model_name"], v["model_sha256"],
             f"{v['threshold']:.4f}", v["notes"], v["totals"].get("fields_excluded", 0),
         ])

@@ -112,7 +112,10 @@
       $("fields-rejected").textContent = a.fields_rejected;
       var cur = sl.headline === "reviewed" ? sl.reviewed : a;  // as the result page leads
       // a density only for a positive call: otherwise the flagged share is the classifier's false positives
-      $("parasitemia").textContent = cur.call === "positive" ? fmtPct(cur.parasitemia_pct) : "—";
+      // after review while flagged cells wait: only the confirmed cells' share is known, a lower bound
+      var open = sl.headline === "reviewed" && sl.review_open;
+      $("parasitemia").textContent = cur.call !== "positive" ? "—" :
+        open ? "\u2265 " + fmtPct(sl.review_open.confirmed_pct) : fmtPct(cur.parasitemia_pct);
       var discardForm = $("discard-form");
       // only a slide that counts nothing can be discarded
       if (discardForm && (sl.totals.fields_used > 0 || sl.totals.fields_excluded > 0)) { discardForm.remove(); }
