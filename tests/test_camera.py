@@ -507,3 +507,60 @@ def test_a_camera_that_opens_but_never_sends_a_frame_does_not_read_as_reconnecte
         feed.stop()
     assert len(_camera_messages(caplog, "camera lost")) == 1
     assert not _camera_messages(caplog, "reconnected")  # opened again and again, never with a frame
+
+
+def test_a_stage_creeping_a_little_each_frame_is_not_steady(monkeypatch):
+    """Steadiness compared each frame with the one before: at 30 fps a stage moving 4% of the view a second
+    read as still after 1 s, and auto-capture fired mid-move."""
+    clock = [1000.0]
+    monkeypatch.setattr(cam_mod.time, "monotonic", lambda: clock[0])
+    feed = CameraFeed(lambda: None, focus=lambda rgb: 3.0)
+    rgb = _fields_rgb()[0]
+    steady = []
+    for i in range(75):  # 2.5 s at 30 fps, 48 px a second across a 1200 px view (4%)
+        clock[0] += 1 / 30
+        x = round(i * 48 / 30)
+        feed._on_frame(np.ascontiguousarray(rgb[:900, x : x + 1200]))
+        steady.append(feed.status()["steady"])
+    assert not any(steady)
+    for _ in range(45):  # then the stage stops: still after STEADY_MIN_S
+        clock[0] += 1 / 30
+        feed._on_frame(np.ascontiguousarray(rgb[:900, x : x + 1200]))
+    assert feed.status()["steady"]
+
+
+def test_the_overlap_check_leaves_the_counted_views_as_they_were():
+    """Given a window, OpenCV 4.11's phaseCorrelate multiplies its inputs by it in place: the counted fields'
+    prepared views shrank at every comparison, and soon every new field 'overlapped' one (40 of 60)."""
+    from device.camera import prepare_view, prepared_overlap, thumbnail
+
+    rgb = _fields_rgb()[0]
+    a, b = prepare_view(thumbnail(rgb[:900, :1200])), prepare_view(thumbnail(rgb[:900, 300:1500]))
+    a0, b0 = a.copy(), b.copy()
+    first = prepared_overlap(a, b)
+    assert np.array_equal(a, a0) and np.array_equal(b, b0)
+    assert [prepared_overlap(a, b) for _ in range(20)] == [first] * 20 and first == pytest.approx(0.75, abs=0.03)
+    others = [prepare_view(thumbnail(f[:900, :1200])) for f in _fields_rgb()[1:]]
+    for _ in range(30):  # a slide's counted views compared with many new fields: none comes to match
+        assert all(prepared_overlap(o, a) == 0.0 for o in others)
+
+
+@pytest.mark.parametrize("change", ["lamp +5%", "lamp -5%", "drift 4 px", "drift 7 px", "refocus + 3 px drift",
+                                    "JPEG q75"])
+def test_the_same_field_captured_again_after_a_small_change_is_the_same_view(change):
+    """A lamp change of 3% or a drift of 4 px (under one thumbnail pixel: no overlap either) counted a field
+    again without a word; different fields stay apart."""
+    from device.camera import same_view, thumbnail
+
+    fields = _fields_rgb()
+    rgb = fields[0]
+    win = rgb[100:1000, 100:1300].astype(np.float32)
+    moved = {"lamp +5%": win * 1.05, "lamp -5%": win * 0.95, "drift 4 px": rgb[100:1000, 104:1304],
+             "drift 7 px": rgb[103:1003, 107:1307],
+             "refocus + 3 px drift": cv2.GaussianBlur(rgb[100:1000, 103:1303], (0, 0), 1.0)}.get(change)
+    if change == "JPEG q75":
+        moved = cv2.imdecode(cv2.imencode(".jpg", rgb[100:1000, 100:1300], [cv2.IMWRITE_JPEG_QUALITY, 75])[1], 1)
+    again = np.clip(moved, 0, 255).astype(np.uint8)
+    assert same_view(thumbnail(np.ascontiguousarray(rgb[100:1000, 100:1300])), thumbnail(again))
+    views = [thumbnail(np.ascontiguousarray(f[:900, :1200])) for f in fields]
+    assert not any(same_view(views[i], views[j]) for i in range(len(views)) for j in range(len(views)) if i != j)
