@@ -338,6 +338,12 @@ def _sample_match(query: str) -> Callable[[dict], bool]:
     return lambda row: key in sample_key(row["sample_id"])
 
 
+def _backup_temp_files(target: Path) -> list[Path]:
+    """The temporary copy :meth:`Store.backup` writes before it is renamed to ``target``, and its journal."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    return [tmp, tmp.with_name(tmp.name + "-journal")]
+
+
 def _cannot_write(folder: Path) -> str | None:
     """Why no file can be made in ``folder`` (a read-only card, no permission), or None when one can."""
     try:
@@ -403,6 +409,9 @@ class Store:
         if not 0 < version < len(MIGRATIONS):
             return
         copy = self.db_path.with_name(f"{DB_NAME}.before-schema-{len(MIGRATIONS)}")
+        for part in _backup_temp_files(copy):  # a copy a crash or power cut cut short: it only takes room
+            with contextlib.suppress(OSError):
+                part.unlink()
         wal = self.db_path.with_name(DB_NAME + "-wal")
         # a WAL just created by opening the records is empty: only one holding writes is newer records
         live = [p for p in (self.db_path, wal) if p.exists() and (p is self.db_path or p.stat().st_size)]
@@ -429,24 +438,40 @@ class Store:
         field whose row was never committed: no row names them, so each crash would leak a few MB. A field
         is only ever written to an open slide, so only open slides' folders are looked at (start-up stays
         quick with years of records), and only files older than ``STALE_TEMP_S`` (a write in progress is
-        milliseconds old, should another process have the folder open).
+        milliseconds old, should another process have the folder open); what is younger, or dated ahead
+        by a clock that was behind, goes when the slide is finished (:meth:`finish_slide`). The folder
+        of a slide discarded just before a crash goes too.
         """
         cutoff = time.time() - STALE_TEMP_S
-        n = 0
         conn = self._conn()
-        for (slide_id,) in conn.execute("SELECT id FROM slides WHERE status = 'open'").fetchall():
+        n = sum(self._remove_unnamed(slide_id, cutoff)
+                for (slide_id,) in conn.execute("SELECT id FROM slides WHERE status = 'open'").fetchall())
+        has_discarded = conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'discarded_slides'").fetchone()
+        for (slide_id,) in conn.execute("SELECT id FROM discarded_slides").fetchall() if has_discarded else []:
             folder = self._slide_dir(slide_id)
-            if not folder.is_dir():
-                continue
-            keys = {r[0] for r in conn.execute("SELECT file_key FROM fields WHERE slide_id = ?", (slide_id,))}
-            for p in folder.iterdir():
-                interrupted = p.name.endswith(".tmp") if p.name.startswith(".") else p.name.split("_")[0] not in keys
-                with contextlib.suppress(OSError):
-                    if interrupted and p.stat().st_mtime < cutoff:
-                        p.unlink()
-                        n += 1
+            if folder.is_dir():  # deleted after the discard's commit: a crash in between left it
+                n += sum(1 for p in folder.iterdir() if p.is_file())
+                shutil.rmtree(folder, ignore_errors=True)
         if n:
             logger.warning("removed %d image file(s) left by a write that a crash or power cut interrupted", n)
+        return n
+
+    def _remove_unnamed(self, slide_id: int, older_than: float | None = None) -> int:
+        """Delete the files in a slide's folder that no field row names (and write_atomic's temp files),
+        only those older than ``older_than`` (epoch seconds) when given; returns how many."""
+        folder = self._slide_dir(slide_id)
+        if not folder.is_dir():
+            return 0
+        conn = self._conn()
+        keys = {r[0] for r in conn.execute("SELECT file_key FROM fields WHERE slide_id = ?", (slide_id,))}
+        n = 0
+        for p in folder.iterdir():
+            interrupted = p.name.endswith(".tmp") if p.name.startswith(".") else p.name.split("_")[0] not in keys
+            with contextlib.suppress(OSError):
+                if interrupted and (older_than is None or p.stat().st_mtime < older_than):
+                    p.unlink()
+                    n += 1
         return n
 
     # -- connections --
@@ -560,7 +585,7 @@ class Store:
         Raises StoreError when the copy fails its check, OSError when ``target`` cannot be written.
         """
         target = Path(target)
-        tmp = target.with_name(f".{target.name}.tmp")
+        tmp = _backup_temp_files(target)[0]
         tmp.write_bytes(b"")  # OSError (no such folder, no permission, disk full) before any copying
         try:
             dst = sqlite3.connect(tmp, isolation_level=None)
@@ -578,8 +603,9 @@ class Store:
                 os.fsync(fh.fileno())
             os.replace(tmp, target)
         except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+            for part in _backup_temp_files(target):
+                with contextlib.suppress(OSError):
+                    part.unlink()
             raise
         return {"bytes": target.stat().st_size, "slides": counts["slides"], "fields": counts["fields"]}
 
@@ -692,6 +718,12 @@ class Store:
             # the views only guard against counting a field twice, and a finished slide takes no more
             c.execute("DELETE FROM field_views WHERE field_id IN (SELECT id FROM fields WHERE slide_id = ?)",
                       (slide_id,))
+        # no field comes into a finished slide: what no row names now, a crash left (a write cut short after
+        # a restart within a minute, or dated ahead by a clock that was behind, was kept at start-up)
+        removed = self._remove_unnamed(slide_id)
+        if removed:
+            logger.warning("slide %d: removed %d image file(s) left by a write that a crash cut short", slide_id,
+                           removed)
         return self.get_slide(slide_id)  # type: ignore[return-value]
 
     # -- fields --

@@ -419,6 +419,38 @@ def test_start_up_removes_what_a_cut_short_write_left_in_open_slides_only(tmp_pa
         s.close()
 
 
+def test_what_a_crash_left_goes_when_the_slide_is_finished_and_a_discarded_slides_folder_at_start_up(tmp_path):
+    """Files a crash left were kept at start-up when young (the service restarts within seconds) or dated
+    ahead (a Pi whose clock came back behind) and nothing looked again once the slide was finished: 40
+    kills left 141 files (13.8 MB). A crash between a discard's commit and its folder's removal kept the
+    folder for good."""
+    s = Store(tmp_path)
+    sid = _slide(s, "OPEN")
+    res = _result()
+    fid = s.add_field(sid, res, source="camera", model_sha256=MODEL.sha256, images=_images(res))
+    folder = tmp_path / "images" / f"slide-{sid}"
+    young, ahead = folder / "0123456789abcdef_annotated.jpg", folder / "0123456789abcdef_raw.jpg"
+    young.write_bytes(b"x")
+    ahead.write_bytes(b"x")
+    later = time.time() + 45 * 60
+    os.utime(ahead, (later, later))
+    gone = _slide(s, "GONE")
+    s.discard_slide(gone)
+    s.close()
+    (tmp_path / "images" / f"slide-{gone}").mkdir()  # the folder a crash left after the discard's commit
+    (tmp_path / "images" / f"slide-{gone}" / "0123456789abcdef_raw.jpg").write_bytes(b"x")
+    s = Store(tmp_path)
+    try:
+        assert young.exists() and ahead.exists()  # possibly a write in progress: kept at start-up
+        assert not (tmp_path / "images" / f"slide-{gone}").exists()
+        s.finish_slide(sid, lambda slide, totals: {})
+        assert not young.exists() and not ahead.exists()
+        assert s.field_image_path(fid, "annotated").is_file() and s.field_image_path(fid, "raw").is_file()
+        assert s.cell_crop_path(s.flagged_cells(sid)[0]["id"]).is_file()
+    finally:
+        s.close()
+
+
 def test_one_open_slide_per_sample_even_when_two_starts_race(store):
     """The check ran before the insert, outside the write lock: two starts at once made two open slides."""
     import threading
@@ -810,6 +842,21 @@ def test_a_failed_copy_is_cleaned_up_and_the_migration_goes_on(tmp_path, monkeyp
     s.close()
     assert "no copy of the records before the schema migration to version 8: disk I/O error" in caplog.text
     assert not [p for p in tmp_path.iterdir() if "before-schema" in p.name]  # nothing left to eat the space
+
+
+def test_a_copy_a_power_cut_cut_short_is_removed_before_the_next_one(tmp_path, monkeypatch):
+    """A kill during the copy before an upgrade left its half-written temporary file and journal for good;
+    the next start counted the room they took, found too little, and migrated without a copy."""
+    monkeypatch.setattr(store_mod, "MIGRATIONS", store_mod.MIGRATIONS[:7])
+    Store(tmp_path).close()
+    monkeypatch.undo()
+    half = tmp_path / f".{store_mod.DB_NAME}.before-schema-8.tmp"
+    half.write_bytes(b"\0" * 4096)
+    (tmp_path / (half.name + "-journal")).write_bytes(b"\0" * 512)
+    s = Store(tmp_path)
+    s.close()
+    assert sorted(p.name for p in tmp_path.iterdir() if "before-schema" in p.name) == [
+        f"{store_mod.DB_NAME}.before-schema-8"]  # the copy made whole, nothing else
 
 
 def test_a_migration_that_keeps_failing_is_not_copied_at_every_start(tmp_path, monkeypatch):
