@@ -366,6 +366,10 @@ def prepared_overlap(fa: np.ndarray, fb: np.ndarray) -> float:
 def _hanning(w: int, h: int) -> np.ndarray:
     return cv2.createHanningWindow((w, h), cv2.CV_32F)
 HEARTBEAT_STALE_S = 20.0  # no loop iteration for this long: the capture loop is stuck
+# A connected camera whose newest picture is older than this (or than 5 of its own frame intervals, for a
+# slow replay) has stalled: a driver stuck in read() left the page saying "connected, steady, sharp" over a
+# frozen picture for 20 s, and Capture stored that picture.
+STALLED_AFTER_S = 3.0
 RECONNECT_MIN_S = 0.5
 BAD_FRAME_PAUSE_S = 0.1  # after an unusable frame: a camera that fails at once must not spin the CPU
 
@@ -657,15 +661,29 @@ class CameraFeed:
         return (self._thread is not None and self._thread.is_alive()
                 and time.monotonic() - self._heartbeat < HEARTBEAT_STALE_S)
 
+    def _stalled_s(self, frame: Frame | None) -> float | None:
+        """Under the lock: how long a connected camera has sent no new picture, when that is a stall."""
+        if self._state != "connected" or frame is None or self._fps <= 0:  # one picture yet: no pace known
+            return None
+        age = time.monotonic() - frame.t
+        return age if age > max(STALLED_AFTER_S, 5.0 / self._fps) else None
+
+    def stalled_s(self) -> float | None:
+        """Seconds since a connected camera's last picture when it has stalled, else None."""
+        with self._lock:
+            return self._stalled_s(self._frame)
+
     def status(self) -> dict:
         with self._lock:
             frame = self._frame
-            steady = (self._still_since is not None and frame is not None
+            stalled = self._stalled_s(frame)
+            steady = (stalled is None and self._still_since is not None and frame is not None
                       and frame.t - self._still_since >= STEADY_MIN_S)
             return {
-                "state": self._state,
+                "state": "stalled" if stalled is not None else self._state,
                 "source": self.source,
-                "message": self._message,
+                "message": (f"no new picture for {stalled:.0f} s: the camera stopped answering"
+                            if stalled is not None else self._message),
                 "since": self._since,
                 "frames": self._seq,
                 "fps": round(self._fps, 1),

@@ -564,3 +564,40 @@ def test_the_same_field_captured_again_after_a_small_change_is_the_same_view(cha
     assert same_view(thumbnail(np.ascontiguousarray(rgb[100:1000, 100:1300])), thumbnail(again))
     views = [thumbnail(np.ascontiguousarray(f[:900, :1200])) for f in fields]
     assert not any(same_view(views[i], views[j]) for i in range(len(views)) for j in range(len(views)) if i != j)
+
+
+def test_a_camera_stuck_in_read_is_said_to_have_stalled_and_its_last_picture_is_not_captured(make_env, monkeypatch):
+    """A driver stuck in read() left the page saying "connected, steady, sharp" over a frozen picture for
+    20 s, until the watchdog, and Capture stored that picture as the field under the objective."""
+    import threading
+
+    release = threading.Event()
+
+    class Stuck:
+        def __init__(self):
+            self.n = 0
+
+        def read(self):
+            self.n += 1
+            if self.n > 10:
+                release.wait(30)  # the driver never answers again
+            time.sleep(0.02)
+            return _fields_rgb()[0]
+
+        def close(self):
+            release.set()
+
+    env = make_env(open_camera=Stuck)
+    try:
+        assert env.feed.wait_frame(0, timeout_s=10) is not None
+        assert wait_until(lambda: env.feed.status()["state"] == "stalled", timeout_s=15)
+        st = env.feed.status()
+        assert "no new picture for" in st["message"] and st["steady"] is False
+        c = env.app.test_client()
+        token = env.csrf(c)
+        assert c.post("/api/slides", json={"sample_id": "S-STUCK"}, headers={"X-CSRF-Token": token}).status_code == 201
+        r = c.post("/api/slides/1/fields", headers={"X-CSRF-Token": token})
+        assert r.status_code == 503 and "no new picture" in r.get_json()["error"]
+        assert env.store.totals(1)["fields"] == 0
+    finally:
+        release.set()

@@ -309,6 +309,11 @@ def capture(slide_id: int) -> dict | None:
             msg = d.camera.status().get("message") or "no frame yet"
             d.analyser.metrics.inc("captures_refused_total")
             abort(503, f"the camera is not connected ({msg}): check the cable; the device keeps retrying")
+        stalled = d.camera.stalled_s() if hasattr(d.camera, "stalled_s") else None
+        if stalled is not None:  # its newest picture is not what the microscope shows now
+            d.analyser.metrics.inc("captures_refused_total")
+            abort(503, f"the camera has sent no new picture for {stalled:.0f} s: check the cable; the device "
+                       "restarts it if it stays stuck")
         # Capture pressed again before the stage moved would count the same cells twice.
         if frame.rgb is not None:
             view = thumbnail(frame.rgb)

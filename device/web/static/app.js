@@ -28,7 +28,10 @@
     if (banner) {
       banner.hidden = connected;
       var title = $("camera-title");
-      if (title) { title.textContent = cam.state === "faulty" ? "Camera sends unusable pictures." : "Camera not connected."; }
+      if (title) {
+        title.textContent = cam.state === "faulty" ? "Camera sends unusable pictures." :
+          cam.state === "stalled" ? "Camera stopped sending pictures." : "Camera not connected.";
+      }
       var msg = $("camera-msg");
       if (msg && !connected) {
         var retry = cam.next_retry_in_s !== null && cam.next_retry_in_s !== undefined ? " Next try in " + Math.ceil(cam.next_retry_in_s) + " s." : "";
