@@ -493,6 +493,7 @@ class CameraFeed:
                 self._frame = None
                 self._small_prev = None
                 self._still_since = None
+                self._fps = 0.0  # no pictures: no rate (it showed the last one's, or a burst's, while lost)
 
     def _wait(self, seconds: float) -> None:
         """Sleep in short slices, keeping the heartbeat fresh, until stopped or woken."""

@@ -259,6 +259,7 @@ def test_feed_survives_a_replay_folder_renamed_mid_slide_and_reconnects(tmp_path
         assert feed.status()["state"] == "connected"
         folder.rename(tmp_path / "moved")  # the camera disappears mid-slide
         assert wait_until(lambda: feed.status()["state"] == "disconnected", timeout_s=5.0)
+        assert feed.status()["fps"] == 0  # no pictures, no rate (the last one's was shown while lost)
         st = feed.status()
         assert feed.latest() is None and st["message"] and st["reconnects"] >= 1
         assert feed.loop_healthy()  # the loop keeps turning while it waits
