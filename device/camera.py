@@ -279,8 +279,17 @@ def decode_view(png: bytes) -> np.ndarray | None:
 
 
 def frames_alike(a: np.ndarray, b: np.ndarray) -> bool:
-    """True when two thumbnails differ by no more than sensor noise: the stage has not moved (steadiness)."""
-    return a.shape == b.shape and float(cv2.absdiff(a, b).mean()) <= STEADY_MAX_DIFF
+    """True when two thumbnails differ by no more than sensor noise: the stage has not moved (steadiness).
+
+    One gain is taken out first: a lamp that flickers or an exposure that settles is no movement (compared
+    with the frame the stage came to rest on, +-2% flicker read as motion 90% of the time).
+    """
+    if a.shape != b.shape:
+        return False
+    ma, mb = float(a.mean()), float(b.mean())
+    if ma > 0 and mb > 0 and SAME_VIEW_MAX_GAIN ** -1 <= ma / mb <= SAME_VIEW_MAX_GAIN:
+        return float(np.abs(a.astype(np.float32) - b.astype(np.float32) * (ma / mb)).mean()) <= STEADY_MAX_DIFF
+    return float(cv2.absdiff(a, b).mean()) <= STEADY_MAX_DIFF
 
 
 # "Already counted": thumbnails compared after a light blur, with the lamp's level matched (one gain) and
@@ -452,6 +461,7 @@ class CameraFeed:
         self._still_since: float | None = None
         self._scene = 0
         self._fps = 0.0
+        self._interval_hint = 0.0  # the camera's own frame interval, when it says (a replay does)
         self._preview: tuple[int, int, bytes] | None = None  # (seq, max_width, jpeg)
         self._preview_lock = threading.Lock()
         self._new_frame = threading.Condition(self._lock)
@@ -537,6 +547,8 @@ class CameraFeed:
                         backoff = min(backoff * 2, self.reconnect_max_s)
                         continue
                     self._next_retry_t = None
+                    with self._lock:  # a replay's own pace (down to one picture in 10 s) is no stall
+                        self._interval_hint = float(getattr(cam, "frame_interval_s", 0.0) or 0.0)
                     if warned is not None:  # still failing as logged: said when a frame comes, not per retry
                         logger.debug("camera opened (%s), waiting for a frame", self.source)
                     elif self._seq or self._reconnects:
@@ -664,10 +676,11 @@ class CameraFeed:
 
     def _stalled_s(self, frame: Frame | None) -> float | None:
         """Under the lock: how long a connected camera has sent no new picture, when that is a stall."""
-        if self._state != "connected" or frame is None or self._fps <= 0:  # one picture yet: no pace known
+        if self._state != "connected" or frame is None:
             return None
+        interval = max(1.0 / self._fps if self._fps > 0 else 0.0, self._interval_hint)
         age = time.monotonic() - frame.t
-        return age if age > max(STALLED_AFTER_S, 5.0 / self._fps) else None
+        return age if age > max(STALLED_AFTER_S, 5.0 * interval) else None
 
     def stalled_s(self) -> float | None:
         """Seconds since a connected camera's last picture when it has stalled, else None."""

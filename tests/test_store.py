@@ -844,17 +844,27 @@ def test_a_failed_copy_is_cleaned_up_and_the_migration_goes_on(tmp_path, monkeyp
     assert not [p for p in tmp_path.iterdir() if "before-schema" in p.name]  # nothing left to eat the space
 
 
-def test_a_copy_a_power_cut_cut_short_is_removed_before_the_next_one(tmp_path, monkeypatch):
-    """A kill during the copy before an upgrade left its half-written temporary file and journal for good;
-    the next start counted the room they took, found too little, and migrated without a copy."""
+def test_a_copy_a_power_cut_cut_short_is_removed_before_the_next_one(tmp_path, monkeypatch, caplog):
+    """A kill during the copy before an upgrade left its half-written temporary file for good; the next
+    start counted the room it took, found too little, and migrated without a copy."""
+    import collections
+
     monkeypatch.setattr(store_mod, "MIGRATIONS", store_mod.MIGRATIONS[:7])
     Store(tmp_path).close()
     monkeypatch.undo()
     half = tmp_path / f".{store_mod.DB_NAME}.before-schema-8.tmp"
-    half.write_bytes(b"\0" * 4096)
-    (tmp_path / (half.name + "-journal")).write_bytes(b"\0" * 512)
+    half.write_bytes(b"\0" * (1 << 20))
+    need = 2 * (tmp_path / store_mod.DB_NAME).stat().st_size + store_mod.MIGRATION_COPY_MARGIN
+    usage = collections.namedtuple("usage", "total used free")
+
+    def card(path):  # just enough room for the copy, less what the cut-short one still takes
+        taken = sum(p.stat().st_size for p in tmp_path.glob(".*.tmp*"))
+        return usage(1 << 40, 0, need + (1 << 19) - taken)
+
+    monkeypatch.setattr(store_mod.shutil, "disk_usage", card)
     s = Store(tmp_path)
     s.close()
+    assert "no copy of the records" not in caplog.text
     assert sorted(p.name for p in tmp_path.iterdir() if "before-schema" in p.name) == [
         f"{store_mod.DB_NAME}.before-schema-8"]  # the copy made whole, nothing else
 

@@ -504,9 +504,9 @@ def password():
     """Change the admin password: the current one is asked again (a session left open is not enough)."""
     d = deps()
     client = "admin:" + _client()
-    wait = d.login_limiter.acquire(client)  # counted before the slow hash: parallel tries cannot all pass
+    wait, everyone = d.login_limiter.acquire(client)  # counted before the slow hash: parallel tries cannot all pass
     if wait:
-        return error_response(429, f"too many wrong passwords: try again in {wait} s", retry_after_s=wait)
+        return error_response(429, security.too_many("wrong passwords", wait, everyone), retry_after_s=wait)
     current, new, again = (request.form.get(k, "") for k in ("current", "password", "password2"))
     if not security.check_password(d.config.security.admin_password_hash, current):  # stays counted
         logger.warning("wrong current password on a password change from %s", _client())
@@ -537,9 +537,9 @@ def login():
     if request.method == "GET":
         return render_template("admin_login.html", next=nxt, error=None)
     client = "admin:" + _client()
-    wait = d.login_limiter.acquire(client)  # counted before the slow hash: parallel tries cannot all pass
+    wait, everyone = d.login_limiter.acquire(client)  # counted before the slow hash: parallel tries cannot all pass
     if wait:
-        return error_response(429, f"too many failed logins: try again in {wait} s", retry_after_s=wait)
+        return error_response(429, security.too_many("failed logins", wait, everyone), retry_after_s=wait)
     if security.check_password(d.config.security.admin_password_hash, request.form.get("password", "")):
         d.login_limiter.reset(client)
         sign_in_admin()
@@ -564,9 +564,9 @@ def setup():
     if request.method == "GET":
         return render_template("admin_setup.html", error=None)
     client = "setup:" + _client()
-    wait = d.login_limiter.acquire(client)
+    wait, everyone = d.login_limiter.acquire(client)
     if wait:
-        return error_response(429, f"too many wrong setup codes: try again in {wait} s", retry_after_s=wait)
+        return error_response(429, security.too_many("wrong setup codes", wait, everyone), retry_after_s=wait)
     if not security.setup_code_matches(d.setup_code, request.form.get("setup_code", "")):
         logger.warning("wrong first-run setup code from %s", _client())
         return render_template("admin_setup.html", error="Wrong setup code: copy it from the service log"), 403

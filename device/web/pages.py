@@ -313,9 +313,9 @@ def pin():
     if request.method == "GET":
         return render_template("pin.html", next=nxt, error=None)
     client = request.remote_addr or "?"
-    wait = d.login_limiter.acquire("pin:" + client)  # counted now: a wrong PIN stays counted
+    wait, everyone = d.login_limiter.acquire("pin:" + client)  # counted now: a wrong PIN stays counted
     if wait:
-        return error_response(429, f"too many wrong PINs: try again in {wait} s", retry_after_s=wait)
+        return error_response(429, security.too_many("wrong PINs", wait, everyone), retry_after_s=wait)
     if security.tokens_match(expected, request.form.get("pin", "")):
         d.login_limiter.reset("pin:" + client)
         accept_pin()

@@ -73,6 +73,14 @@ def new_csrf_token() -> str:
     return secrets.token_urlsafe(32)
 
 
+def too_many(what: str, wait: int, everyone: bool) -> str:
+    """The answer to an attempt the rate limit refused (``what``: "wrong PINs", ...)."""
+    if everyone:  # not this person's typos: someone on the LAN may be guessing
+        return (f"too many sign-in attempts on this device from all computers together: try again in {wait} s "
+                "(if this keeps happening, tell the admin: someone on the network may be guessing)")
+    return f"too many {what}: try again in {wait} s"
+
+
 def tokens_match(expected: str | None, given: str | None) -> bool:
     # as bytes: compare_digest raises TypeError on str with non-ASCII characters (a 500, before any limit)
     return bool(expected) and bool(given) and hmac.compare_digest(str(expected).encode(), str(given).encode())
@@ -149,20 +157,21 @@ class RateLimiter:
         self._fails: dict[str, deque] = {}
         self._lock = threading.Lock()
 
-    def acquire(self, key: str) -> int:
-        """Count an attempt by ``key`` and return 0, or return the seconds to wait (nothing counted)."""
+    def acquire(self, key: str) -> tuple[int, bool]:
+        """Count an attempt by ``key``: (0, False), or (seconds to wait, whether the limit over all clients is
+        the one reached) with nothing counted."""
         with self._lock:
             now = self.clock()
             waits = []
             for k, limit in ((key, self.per_minute), (self.TOTAL, self.total_per_minute)):
                 q = self._recent(k)
                 if limit is not None and q is not None and len(q) >= limit:
-                    waits.append(max(1, int(q[0] + self.window_s - now) + 1))
+                    waits.append((max(1, int(q[0] + self.window_s - now) + 1), k == self.TOTAL))
             if waits:
                 return max(waits)
             for k in (key, self.TOTAL) if self.total_per_minute is not None else (key,):
                 self._append(k, now)
-            return 0
+            return 0, False
 
     def _recent(self, key: str) -> deque | None:
         """The client's failures inside the window; a client with none is forgotten."""
@@ -188,5 +197,9 @@ class RateLimiter:
         q.append(t)
 
     def reset(self, key: str) -> None:
+        """A right answer: the client's count is cleared, and its attempt leaves the count over all clients."""
         with self._lock:
-            self._fails.pop(key, None)
+            if self._fails.pop(key, None) is not None and self.total_per_minute is not None:
+                total = self._recent(self.TOTAL)
+                if total:
+                    total.pop()
