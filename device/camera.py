@@ -286,10 +286,18 @@ def frames_alike(a: np.ndarray, b: np.ndarray) -> bool:
     """
     if a.shape != b.shape:
         return False
-    ma, mb = float(a.mean()), float(b.mean())
-    if ma > 0 and mb > 0 and SAME_VIEW_MAX_GAIN ** -1 <= ma / mb <= SAME_VIEW_MAX_GAIN:
-        return float(np.abs(a.astype(np.float32) - b.astype(np.float32) * (ma / mb)).mean()) <= STEADY_MAX_DIFF
+    gain = _lamp_gain(float(a.mean()), float(b.mean()))
+    if gain is not None:
+        return float(np.abs(a.astype(np.float32) - b.astype(np.float32) * gain).mean()) <= STEADY_MAX_DIFF
     return float(cv2.absdiff(a, b).mean()) <= STEADY_MAX_DIFF
+
+
+def _lamp_gain(ma: float, mb: float) -> float | None:
+    """The gain that brings a view of mean ``mb`` to mean ``ma`` when it is a lamp's or an exposure's nudge
+    (within :data:`SAME_VIEW_MAX_GAIN`), else None (far brighter or darker, or a black view)."""
+    if ma > 0 and mb > 0 and SAME_VIEW_MAX_GAIN ** -1 <= ma / mb <= SAME_VIEW_MAX_GAIN:
+        return ma / mb
+    return None
 
 
 # "Already counted": thumbnails compared after a light blur, with the lamp's level matched (one gain) and
@@ -312,9 +320,10 @@ def same_view(a: np.ndarray, b: np.ndarray) -> bool:
     fb = cv2.GaussianBlur(b.astype(np.float32), (0, 0), SAME_VIEW_BLUR_PX)
     ma, mb = float(fa.mean()), float(fb.mean())
     if ma > 0 and mb > 0:  # the lamp or the exposure: one gain over the view...
-        if not SAME_VIEW_MAX_GAIN ** -1 <= ma / mb <= SAME_VIEW_MAX_GAIN:
+        gain = _lamp_gain(ma, mb)
+        if gain is None:
             return False  # ...not far brighter or darker (a blank view must not match every other)
-        fb = fb * (ma / mb)
+        fb = fb * gain
     h, w = a.shape
     m = 2  # a margin the shift may bring in from outside
     core = fa[m : h - m, m : w - m]
