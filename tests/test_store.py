@@ -175,7 +175,8 @@ def test_records_on_a_card_that_turned_read_only_are_not_called_damaged(tmp_path
         sid = _slide(s)
         s.close()
         if as_root:
-            subprocess.run(["mount", "-o", "remount,ro", str(card)], check=True)
+            if subprocess.run(["mount", "-o", "remount,ro", str(card)], capture_output=True).returncode != 0:
+                pytest.skip("running as root without the right to mount a file system read-only: nothing to test on")
         else:
             os.chmod(card / "data", 0o500)
         with pytest.raises(StoreError) as err:
