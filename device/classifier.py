@@ -134,7 +134,7 @@ class CellClassifier:
                 self._ensure_batch(len(chunk))
                 self.interpreter.set_tensor(self._in_index, self._to_input(chunk))
                 self.interpreter.invoke()
-                raw = self.interpreter.get_tensor(self._out_index)[:, 0].copy()
+                raw = self.interpreter.get_tensor(self._out_index)[:, 0]  # get_tensor gives a copy
                 out[start : start + len(chunk)] = self._to_probability(raw)
         return out
 

@@ -74,6 +74,7 @@ def _write_json(path: str | None, doc: dict) -> bool:
 
 
 STD_STREAMS = {Path("/dev/stdin"), Path("/dev/stdout"), Path("/dev/stderr")}
+NOT_A_FILE = "is not a regular file (a device, a pipe, /dev/stdout)"
 
 
 def _json_target(path: str) -> Path:
@@ -88,15 +89,14 @@ def _json_target(path: str) -> Path:
     if where.parts[1:2] == ("proc",) or where.parent == Path("/dev/fd") or where in STD_STREAMS:
         # /dev/stdout redirected to a file resolves to that file: the report renamed over it would drop
         # what the command printed there before
-        raise OSError(errno.EINVAL, "is not a regular file (a device, a pipe, /dev/stdout): name a file for the report",
-                      path)
+        raise OSError(errno.EINVAL, f"{NOT_A_FILE}: name a file for the report", path)
     if target.is_symlink():
         try:
             target = target.resolve(strict=False)
         except RuntimeError:  # Python 3.11: a link loop
             raise OSError(errno.ELOOP, "a link loop", path) from None
     if target.exists() and not target.is_file():
-        what = "is a folder, not a file" if target.is_dir() else "is not a regular file (a device, a pipe, /dev/stdout)"
+        what = "is a folder, not a file" if target.is_dir() else NOT_A_FILE
         raise OSError(errno.EINVAL, f"{what}: name a file for the report", path)
     return target
 

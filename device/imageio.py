@@ -25,6 +25,7 @@ MAX_PIXELS = 50_000_000  # > 50 MP is refused before decoding (decompression bom
 MAX_FILE_BYTES = MAX_PIXELS * 4 + (8 << 20)
 MIN_SIDE_PX = 16
 MAX_SIDE_PX = 1 << 20  # OpenCV's decoders refuse a longer side (CV_IO_MAX_IMAGE_WIDTH/HEIGHT) with an error
+TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # TIFF and BigTIFF, either byte order
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".bmp", ".tif", ".tiff"}
 # JPEG compression erases the small dark dots a parasite is: the 20 held-out IML fields (themselves
 # JPEGs of quality ~78) saved again at quality 75 / 50 / 20 gave 13 / 11 / 7 of 29 parasite cells flagged
@@ -87,7 +88,7 @@ def header_size(data: bytes) -> tuple[int, int] | None:
             return struct.unpack("<HH", data[18:22])
         w, h = struct.unpack("<ii", data[18:26])
         return abs(w), abs(h)
-    if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):  # TIFF, BigTIFF
+    if data[:4] in TIFF_MAGICS:  # TIFF, BigTIFF
         return _tiff_size(data)
     return None
 
@@ -411,7 +412,7 @@ def decode_rgb(data: bytes, *, name: str = "image", min_side_px: int = MIN_SIDE_
         if quality is not None and quality < MIN_JPEG_QUALITY:
             raise ImageError(f"{name}: a JPEG saved at quality ~{quality:.0f}: compression this strong erases "
                              f"parasites; save at quality {MIN_JPEG_QUALITY} or more, or as PNG")
-    if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+    if data[:4] in TIFF_MAGICS:
         tables = tiff_jpeg_tables(data)  # a TIFF holding a JPEG: compression erases parasites all the same
         quality = jpeg_quality(tables) if tables else None
         if quality is not None and quality < MIN_JPEG_QUALITY:
@@ -439,7 +440,7 @@ def decode_rgb(data: bytes, *, name: str = "image", min_side_px: int = MIN_SIDE_
             img = cv2.imdecode(buf, cv2.IMREAD_COLOR if os2_bitmap else cv2.IMREAD_UNCHANGED)
     except cv2.error as exc:  # OpenCV's own limits and checks: a bad file, never a crashed batch
         raise ImageError(f"{name}: could not decode ({str(exc).strip().splitlines()[-1][:120]})") from exc
-    damage = [w for w in warnings if not _harmless_jpeg_warning(w)]
+    damage = [w for w in warnings if not _PADDING_WARNING.match(w)]
     if damage:
         raise ImageError(f"{name}: damaged JPEG data ({damage[0]}): part of the field would be analysed as "
                          "garbage; copy the file again from the camera or card")
@@ -459,10 +460,6 @@ def decode_rgb(data: bytes, *, name: str = "image", min_side_px: int = MIN_SIDE_
 _JPEG_WARNING = re.compile(r"^(Corrupt JPEG data: .*|Premature end of JPEG file|Invalid JPEG file structure: .*)$")
 _PADDING_WARNING = re.compile(r"^Corrupt JPEG data: \d+ extraneous bytes before marker 0x(?!d[0-7])[0-9a-f]{2}$")
 _STDERR_LOCK = threading.Lock()
-
-
-def _harmless_jpeg_warning(warning: str) -> bool:
-    return bool(_PADDING_WARNING.match(warning))
 
 
 @contextlib.contextmanager

@@ -187,9 +187,7 @@ def segment_cells(image_rgb: np.ndarray, params: SegmentParams = SegmentParams()
 
     # 2. Foreground.
     transmission, score = _darkening(work, params.background_window_frac_of_diameter * d_work)
-    lit = lit_mask(work, d_work, params.min_light_frac_of_plasma)
-    if lit is not None:
-        score[lit == 0] = 0  # no light, nothing to see: not the darkest of cells
+    lit = _blank_unlit(work, score, d_work, params.min_light_frac_of_plasma)
     lit_scores = score if lit is None else score[lit > 0].reshape(-1, 1)
     otsu, _ = cv2.threshold(lit_scores, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
     thr = max(otsu * params.threshold_frac_of_otsu, params.min_darkening_sum * _SCORE_SCALE)
@@ -300,6 +298,15 @@ def lit_mask(image: np.ndarray, cell_px: float, min_frac: float) -> np.ndarray |
     return np.where(dark > 0, 0, 255).astype(np.uint8)
 
 
+def _blank_unlit(image: np.ndarray, score: np.ndarray, cell_px: float, min_frac: float) -> np.ndarray | None:
+    """Zero the darkening ``score`` where no light falls (nothing to see there, not the darkest of cells), in
+    place; returns :func:`lit_mask`."""
+    lit = lit_mask(image, cell_px, min_frac)
+    if lit is not None:
+        score[lit == 0] = 0
+    return lit
+
+
 def _darkening(image: np.ndarray, window_px: float) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel transmission ``I/background`` (uint8, 255 = plasma) and the darkening score (uint8).
 
@@ -391,9 +398,7 @@ def _estimate_diameter(image_rgb: np.ndarray, params: SegmentParams) -> float | 
     _, score = _darkening(probe, 0.25 * p_long)  # window: wider than the largest cell searched
     # the cell size is not known yet: light averaged over a middling one (a small square sees into dark cells)
     middling = math.sqrt(params.min_diameter_frac_of_long_side * params.max_diameter_frac_of_long_side) * p_long
-    lit = lit_mask(probe, middling, params.min_light_frac_of_plasma)
-    if lit is not None:
-        score[lit == 0] = 0
+    _blank_unlit(probe, score, middling, params.min_light_frac_of_plasma)
     if int(score.max()) < params.min_darkening_sum * _SCORE_SCALE:
         return None
     edges = _edges(score, params.vote_min_edge_frac)
