@@ -199,6 +199,60 @@ def test_an_admin_signing_in_or_out_in_another_tab_leaves_the_technicians_slide_
     assert c.post("/api/slides", json={"sample_id": "TAB-3"}, headers=h).status_code == 201
 
 
+def test_signing_out_ends_the_admin_sign_in_for_every_copy_of_the_cookie(make_env):
+    # the session is a signed cookie: "Sign out" dropped the mark in the browser that pressed it, and a copy
+    # taken before (another browser, a shared profile) stayed an admin for the rest of its 12 hours
+    from device.web import create_app
+
+    env = _admin_env(make_env)
+    admin, token = env.admin_client()
+    cookie = admin.get_cookie("malaria_detect").value
+    thief = env.app.test_client()
+    thief.set_cookie("malaria_detect", cookie)
+    assert thief.get("/admin/").status_code == 200  # the copy works while the admin is signed in
+    assert admin.post("/admin/logout", data={"csrf_token": token}).status_code == 303
+    r = thief.get("/admin/")
+    assert r.status_code == 302 and r.headers["Location"].startswith("/admin/login")
+    form = {"counting_target_rbc": "1000", "csrf_token": token}
+    assert thief.post("/admin/settings", data=form).status_code == 401
+    assert env.deps.config.analysis.counting_target_rbc == 2000
+    # signing in again gives a new sign-in; the old cookie stays dead
+    admin2, _ = env.admin_client()
+    assert admin2.get("/admin/").status_code == 200 and thief.get("/admin/").status_code == 302
+    # a restart (same session key) ends every admin sign-in: the cookie alone is not enough
+    restarted = create_app(env.config, env.store, env.feed, env.analyser, secret_key=env.app.secret_key)
+    again = restarted.test_client()
+    again.set_cookie("malaria_detect", admin2.get_cookie("malaria_detect").value)
+    assert again.get("/admin/").status_code == 302
+
+
+def test_a_password_change_ends_the_other_admin_sign_ins_on_the_device(make_env):
+    env = _admin_env(make_env)
+    one, t1 = env.admin_client()
+    two, _ = env.admin_client()
+    r = one.post("/admin/password", data={"current": ADMIN_PASSWORD, "password": "n" * 12, "password2": "n" * 12,
+                                          "csrf_token": t1})
+    assert r.status_code == 303
+    assert one.get("/admin/").status_code == 200 and two.get("/admin/").status_code == 302
+    assert len(env.deps.admin_sessions._alive) == 1  # the other sign-in is gone from the device, not only stale
+
+
+def test_admin_sign_ins_are_bounded_and_expire():
+    from device.web.security import AdminSessions
+
+    now = [0.0]
+    reg = AdminSessions(max_age_s=100, max_alive=3, clock=lambda: now[0])
+    a = reg.start()
+    now[0] = 50
+    b, c = reg.start(), reg.start()
+    assert all(reg.alive(x) for x in (a, b, c)) and not reg.alive("forged") and not reg.alive(None)
+    now[0] = 60
+    d = reg.start()  # a fourth: the oldest ends
+    assert not reg.alive(a) and all(reg.alive(x) for x in (b, c, d))
+    now[0] = 151  # b and c signed in at 50: 101 s ago
+    assert not reg.alive(b) and not reg.alive(c) and reg.alive(d)
+
+
 # --- 4. CSRF, cookies, rate limits ----------------------------------------------------------------
 
 def test_every_post_needs_the_sessions_csrf_token(make_env):

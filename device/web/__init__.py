@@ -42,6 +42,7 @@ class Deps:
     settings: object  # device.service.AdminSettings: where admin changes are kept
     camera_opener: Callable  # camera config -> a callable that opens that camera
     login_limiter: security.RateLimiter
+    admin_sessions: security.AdminSessions
     recent_log: health.RecentLog
     setup_code: str | None  # the first-run code printed to the log; None once a password is set
     # On the monotonic clock: setting the wall clock (a Pi boots with it behind) must not move the uptime.
@@ -117,6 +118,7 @@ def create_app(config, store, camera, analyser, *, secret_key: bytes | None = No
         camera_opener=camera_opener or default_opener,
         login_limiter=security.RateLimiter(config.security.login_attempts_per_minute,
                                            total_per_minute=LOGIN_ATTEMPTS_ALL_CLIENTS_PER_MINUTE),
+        admin_sessions=security.AdminSessions(ADMIN_SESSION_MAX_S),
         recent_log=health.install_recent_log(), setup_code=setup_code,
     )
 
@@ -197,12 +199,14 @@ def _matches(stored, value: str) -> bool:
 
 
 def admin_signed_in() -> bool:
-    """The session signed in with the current admin password, less than ADMIN_SESSION_MAX_S ago."""
-    h = deps().config.security.admin_password_hash
+    """The session signed in with the current admin password, less than ADMIN_SESSION_MAX_S ago, and has not
+    signed out since (a copy of its cookie included)."""
+    d = deps()
+    h = d.config.security.admin_password_hash
     at = session.get("admin_at")
     if not h or not isinstance(at, int | float) or not 0 <= time.time() - at <= ADMIN_SESSION_MAX_S:
         return False
-    return _matches(session.get("admin"), "admin:" + h)
+    return _matches(session.get("admin"), "admin:" + h) and d.admin_sessions.alive(session.get("admin_sid"))
 
 
 def sign_in_admin() -> None:
@@ -213,14 +217,19 @@ def sign_in_admin() -> None:
     slide open in another tab of the same browser must go on capturing (clearing it broke every capture
     there with "CSRF token missing or wrong").
     """
-    password_hash = deps().config.security.admin_password_hash
+    d = deps()
+    password_hash = d.config.security.admin_password_hash
+    d.admin_sessions.end(session.get("admin_sid"))  # signing in again replaces this browser's old sign-in
+    session["admin_sid"] = d.admin_sessions.start()
     session["admin"] = security.fingerprint(current_app.secret_key, "admin:" + password_hash)
     session["admin_at"] = time.time()
     session.setdefault(security.CSRF_FIELD, security.new_csrf_token())
 
 
 def sign_out_admin() -> None:
-    """Drop the admin mark only: a technician's PIN and open slide in another tab stay usable."""
+    """End the admin sign-in on the device (copies of the cookie too) and drop the mark; a technician's PIN
+    and open slide in another tab stay usable."""
+    deps().admin_sessions.end(session.pop("admin_sid", None))
     session.pop("admin", None)
     session.pop("admin_at", None)
 

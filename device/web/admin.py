@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from flask import Blueprint, Response, flash, redirect, render_template, request, url_for
+from flask import Blueprint, Response, flash, redirect, render_template, request, session, url_for
 
 import device
 from device.config import THRESHOLD_SAFE_RANGE, ConfigError
@@ -521,6 +521,7 @@ def password():
     except SettingsNotSaved as exc:
         return _render(exc.status, password_error=str(exc))
     sign_in_admin()  # this session stays signed in; every other admin session is signed out
+    d.admin_sessions.end_all_but(session.get("admin_sid"))
     logger.info("admin password changed from %s", _client())
     flash("Password changed: other admin sessions are signed out.")
     return redirect(url_for("admin.index"), 303)

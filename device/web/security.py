@@ -13,6 +13,9 @@
 - A session remembers the admin or PIN sign-in as an HMAC of the current hash or PIN under the session
   key: changing the password or the PIN signs every other session out. (The cookie is signed, not
   encrypted, so it never carries the PIN or anything it could be guessed from.)
+- An admin sign-in is also kept on the device (:class:`AdminSessions`, in memory): signing out ends it
+  there, so a copy of the cookie taken before (another browser, a shared laptop's profile) is refused
+  afterwards. A restart of the service signs every admin out.
 - Failed sign-ins, PINs and setup codes are rate-limited per client address.
 """
 
@@ -203,3 +206,49 @@ class RateLimiter:
                 total = self._recent(self.TOTAL)
                 if total:
                     total.pop()
+
+
+class AdminSessions:
+    """The admin sign-ins alive on this device, by a random id the session cookie carries.
+
+    The cookie is signed, not stored: without this, "Sign out" only dropped the mark from the browser that
+    pressed it, and a copy of the cookie stayed an admin for the rest of its 12 hours. Kept in memory on
+    purpose: a restart (a reboot) ends every admin sign-in, which costs the admin one password entry.
+    At most ``max_alive`` at once; the oldest sign-in ends first.
+    """
+
+    def __init__(self, max_age_s: float, max_alive: int = 64, clock=time.monotonic):
+        self.max_age_s, self.max_alive, self.clock = max_age_s, max_alive, clock
+        self._alive: dict[str, float] = {}  # id -> when it signed in (insertion order = age)
+        self._lock = threading.Lock()
+
+    def start(self) -> str:
+        sid = secrets.token_urlsafe(24)
+        with self._lock:
+            self._prune()
+            while len(self._alive) >= self.max_alive:
+                del self._alive[next(iter(self._alive))]
+            self._alive[sid] = self.clock()
+        return sid
+
+    def alive(self, sid) -> bool:
+        if not isinstance(sid, str):
+            return False
+        with self._lock:
+            self._prune()
+            return sid in self._alive
+
+    def end(self, sid) -> None:
+        with self._lock:
+            if isinstance(sid, str):
+                self._alive.pop(sid, None)
+
+    def end_all_but(self, sid) -> None:
+        """A changed password: every other admin sign-in ends."""
+        with self._lock:
+            self._alive = {k: t for k, t in self._alive.items() if k == sid}
+
+    def _prune(self) -> None:
+        cutoff = self.clock() - self.max_age_s
+        for k in [k for k, t in self._alive.items() if t < cutoff]:
+            del self._alive[k]
