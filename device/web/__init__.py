@@ -245,6 +245,16 @@ def accept_pin() -> None:
     session.setdefault(security.CSRF_FIELD, security.new_csrf_token())  # other tabs keep theirs working
 
 
+def refuse_if_too_many(key: str, what: str):
+    """Count a sign-in attempt by ``key`` before it is checked (a slow password hash in parallel threads
+    cannot let many through): None, or the 429 to answer. A right answer then calls
+    ``deps().login_limiter.reset(key)``."""
+    wait, everyone = deps().login_limiter.acquire(key)
+    if wait:
+        return error_response(429, security.too_many(what, wait, everyone), retry_after_s=wait)
+    return None
+
+
 def error_response(status: int, message: str, **extra):
     """A JSON error for the API and fetch(), an HTML page for a browser."""
     if wants_json():

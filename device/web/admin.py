@@ -31,6 +31,7 @@ from device.web import (
     deps,
     error_response,
     health,
+    refuse_if_too_many,
     security,
     sign_in_admin,
     sign_out_admin,
@@ -504,9 +505,8 @@ def password():
     """Change the admin password: the current one is asked again (a session left open is not enough)."""
     d = deps()
     client = "admin:" + _client()
-    wait, everyone = d.login_limiter.acquire(client)  # counted before the slow hash: parallel tries cannot all pass
-    if wait:
-        return error_response(429, security.too_many("wrong passwords", wait, everyone), retry_after_s=wait)
+    if (refused := refuse_if_too_many(client, "wrong passwords")) is not None:  # a wrong answer stays counted
+        return refused
     current, new, again = (request.form.get(k, "") for k in ("current", "password", "password2"))
     if not security.check_password(d.config.security.admin_password_hash, current):  # stays counted
         logger.warning("wrong current password on a password change from %s", _client())
@@ -538,9 +538,8 @@ def login():
     if request.method == "GET":
         return render_template("admin_login.html", next=nxt, error=None)
     client = "admin:" + _client()
-    wait, everyone = d.login_limiter.acquire(client)  # counted before the slow hash: parallel tries cannot all pass
-    if wait:
-        return error_response(429, security.too_many("failed logins", wait, everyone), retry_after_s=wait)
+    if (refused := refuse_if_too_many(client, "failed logins")) is not None:  # a wrong answer stays counted
+        return refused
     if security.check_password(d.config.security.admin_password_hash, request.form.get("password", "")):
         d.login_limiter.reset(client)
         sign_in_admin()
@@ -565,9 +564,8 @@ def setup():
     if request.method == "GET":
         return render_template("admin_setup.html", error=None)
     client = "setup:" + _client()
-    wait, everyone = d.login_limiter.acquire(client)
-    if wait:
-        return error_response(429, security.too_many("wrong setup codes", wait, everyone), retry_after_s=wait)
+    if (refused := refuse_if_too_many(client, "wrong setup codes")) is not None:  # a wrong answer stays counted
+        return refused
     if not security.setup_code_matches(d.setup_code, request.form.get("setup_code", "")):
         logger.warning("wrong first-run setup code from %s", _client())
         return render_template("admin_setup.html", error="Wrong setup code: copy it from the service log"), 403

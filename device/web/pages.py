@@ -13,7 +13,7 @@ from werkzeug.exceptions import HTTPException
 
 from device.service import ensure_crop, storage_writable
 from device.store import EXCLUDE_REASONS, sample_key
-from device.web import accept_pin, deps, error_response, health, pin_ok, security, views
+from device.web import accept_pin, deps, error_response, health, pin_ok, refuse_if_too_many, security, views
 
 logger = logging.getLogger(__name__)
 bp = Blueprint("pages", __name__)
@@ -313,9 +313,8 @@ def pin():
     if request.method == "GET":
         return render_template("pin.html", next=nxt, error=None)
     client = request.remote_addr or "?"
-    wait, everyone = d.login_limiter.acquire("pin:" + client)  # counted now: a wrong PIN stays counted
-    if wait:
-        return error_response(429, security.too_many("wrong PINs", wait, everyone), retry_after_s=wait)
+    if (refused := refuse_if_too_many("pin:" + client, "wrong PINs")) is not None:  # a wrong PIN stays counted
+        return refused
     if security.tokens_match(expected, request.form.get("pin", "")):
         d.login_limiter.reset("pin:" + client)
         accept_pin()
