@@ -401,6 +401,31 @@ def test_auto_capture_takes_one_field_per_still_sharp_scene(browser, make_env, t
             page.close()
 
 
+def test_reaching_the_counting_target_asks_to_finish_and_stops_auto_capture(browser, make_env, tmp_path):
+    # looking on past the target until the call turns positive raises its 0.1% false alarm: the page says
+    # the target is reached and auto-capture stops taking the next fields the stage shows
+    stage = tmp_path / "stage"  # three fields, each held still for 2 s (ten frames at 5/s), the first of 127 cells
+    stage.mkdir()
+    for letter, name in zip("abc", ["00d04a90-80e5-4bce-9511-1b64eabb7a47", "0ca25c88-457f-4f03-bbc1-98fb6663f1d1",
+                                    "0d7bf56f-3b5a-40bd-971c-2ca33dd89b2c"], strict=True):
+        for i in range(10):
+            shutil.copy(SAMPLES_DIR / f"{name}.jpg", stage / f"{letter}{i:02d}.jpg")
+    env = make_env(analysis={"counting_target_rbc": 100}, open_camera=lambda: ReplayCamera(stage, fps=5))
+    with _live(env) as env:
+        page = browser.new_page(viewport={"width": 1024, "height": 768})
+        try:
+            _start_slide(page, env, "TARGET-1")
+            assert page.locator("#target-reached").is_hidden()
+            page.check("#auto-capture")
+            _until(page, "!document.getElementById('target-reached').hidden", timeout=30_000)  # a field or two
+            assert not page.is_checked("#auto-capture")
+            n = env.store.totals(1)["fields"]
+            time.sleep(6)  # the stage shows the two other fields meanwhile, each still and sharp: not captured
+            assert env.store.totals(1)["fields"] == n and env.store.totals(1)["rbc_count"] >= 100
+        finally:
+            page.close()
+
+
 def test_admin_first_run_health_and_settings(browser, make_env, monkeypatch):
     from device import service
 
@@ -572,3 +597,22 @@ def test_a_slide_discarded_in_another_window_says_so(browser, live_env):
     assert page.is_disabled("#capture-btn")
     assert page.locator("#finish-form").count() == 0 and page.locator("#discard-form").count() == 0
     assert page.is_disabled("#auto-capture")
+
+
+def test_the_page_script_formats_a_percentage_as_the_pages_do(browser):
+    """After a capture app.js rewrote the parasitemia with toFixed(3): 1 in 1,600 cells read 0.062% on the
+    page (Python rounds ties to even) and 0.063% after the next capture, and small shares read 0.000%."""
+    import re
+
+    from device.web import pct_text
+
+    js = (Path(__file__).resolve().parents[1] / "device" / "web" / "static" / "app.js").read_text()
+    fn = re.search(r"function fmtPct\(v\) \{.*?\n  \}", js, re.S).group(0)
+    values = [None, 0.0, 0.0625, 0.000294, 0.009441, 0.0005, 0.95, 0.1235, 0.0099999, 1e-9, 12.3456, 100 / 1600,
+              100 / 60000, 100.0, 2.5]
+    page = browser.new_page()
+    got = page.evaluate(f"(vs) => {{ {fn}; return vs.map(fmtPct); }}", values)
+    page.close()
+    assert got == [pct_text(v) for v in values]
+    assert pct_text(0.0625) == "0.063%" and pct_text(0.000294) == "0.00029%" and pct_text(None) == "—"
+    assert pct_text(100 / 60000) == "0.0017%" and pct_text(0.95) == "0.950%" and pct_text(0.0) == "0.000%"

@@ -203,6 +203,7 @@ def test_a_slide_short_of_its_target_shows_its_count_not_a_density(make_env):
     cells = [CellVerdict((5, 5, 30, 30), 0.99 if i < 2 else 0.01, i < 2) for i in range(600)]
     env.store.add_field(1, FieldResult(1600, 1200, None, cells, 120.0, model.threshold, {"total_ms": 1.0}),
                         source="upload", model_sha256=model.sha256, images=FieldImages(SAMPLE.read_bytes(), None, {}))
+    assert 'id="target-reached" hidden>' in c.get("/slides/1").get_data(as_text=True)  # 600 of 2,000: not yet
     assert c.post("/slides/1/finish", data={"csrf_token": token, "confirm": "1"}).status_code == 303  # short
     slide = c.get("/api/slides/1").get_json()["automatic"]
     assert slide["call"] == "not enough cells"
@@ -213,6 +214,39 @@ def test_a_slide_short_of_its_target_shows_its_count_not_a_density(make_env):
     history = c.get("/history").get_data(as_text=True)
     row = history.split('id="history-table"')[1]
     assert "0.333%" not in row and "—" in row  # 2/600 is not shown as a parasitemia
+    row = next(csv.DictReader(io.StringIO(c.get("/export/slides.csv").get_data(as_text=True))))
+    assert row["parasitemia_pct"] == row["parasites_per_ul"] == row["ci95_low_pct"] == ""  # 0.3333% and 16667 before
+    assert row["flagged_pct"] == "0.3333" and row["call"] == "not enough cells"
+
+
+def test_a_slide_whose_flagged_cells_are_all_rejected_gives_the_detection_limit_not_an_interval(make_env):
+    """Every flagged cell rejected on review printed 'After review 0.000% (0.000% – 0.192%)' and
+    '0 (0 – 9,585)' parasites/uL: an interval that assumes every parasite was flagged, five times tighter
+    than the detection limit the banner gave."""
+    from device.analysis import CellVerdict, FieldResult
+    from device.store import FieldImages
+
+    env = make_env()
+    c, token = _client(env)
+    _start(c, token)
+    model = env.analyser.model
+    cells = [CellVerdict((5, 5, 30, 30), 0.99 if i < 30 else 0.01, i < 30) for i in range(2000)]
+    env.store.add_field(1, FieldResult(1600, 1200, None, cells, 120.0, model.threshold, {"total_ms": 1.0}),
+                        source="upload", model_sha256=model.sha256,
+                        images=FieldImages(SAMPLE.read_bytes(), None, {i: SAMPLE.read_bytes() for i in range(30)}))
+    h = {"X-CSRF-Token": token}
+    for cell in env.store.flagged_cells(1):
+        assert c.post(f"/api/cells/{cell['id']}/review", json={"decision": "rejected", "seen": ""},
+                      headers=h).status_code == 200
+    slide = c.get("/api/slides/1").get_json()
+    assert slide["automatic"]["call"] == "positive" and slide["reviewed"]["call"] == "negative"
+    html = c.get("/slides/1/result").get_data(as_text=True)
+    after = html.split('id="parasitemia-reviewed">')[1].split("</td>")[0]
+    assert after.startswith(f"&lt; {slide['reviewed']['detection_limit_pct']:.3f}%") and "0.000%" not in after
+    per_ul = html.split('id="per-ul-reviewed">')[1].split("</td>")[0]
+    assert per_ul == f"&lt; {slide['reviewed']['detection_limit_per_ul']:,.0f}"
+    # the automatic (positive) column keeps its density and interval
+    assert f"{slide['automatic']['parasitemia_pct']:.3f}%" in html.split('id="parasitemia-auto">')[1].split("</td>")[0]
 
 
 def test_a_negative_slide_shows_no_parasite_density_in_its_headline(make_env):
@@ -228,13 +262,28 @@ def test_a_negative_slide_shows_no_parasite_density_in_its_headline(make_env):
     result = FieldResult(1600, 1200, None, cells, 120.0, model.threshold, {"total_ms": 1.0})
     env.store.add_field(1, result, source="upload", model_sha256=model.sha256,
                         images=FieldImages(SAMPLE.read_bytes(), None, {}))
+    # the target reached: the page asks to finish (looking on until the call turns positive raises the 0.1%)
+    assert '<p class="msg msg-ok" id="target-reached">' in c.get("/slides/1").get_data(as_text=True)
     assert c.post("/slides/1/finish", data={"csrf_token": token}).status_code == 303
+    assert 'id="target-reached"' not in c.get("/slides/1").get_data(as_text=True)  # finished: nothing to ask
     slide = c.get("/api/slides/1").get_json()["automatic"]
     assert slide["call"] == "negative" and slide["parasites_per_ul"] == 2500.0  # 1/2000 of 5e6, as stored
     html = c.get("/slides/1/result").get_data(as_text=True)
     banner = html.split('id="call-detail">')[1].split("</div>")[0]
-    assert "No parasitemia above the detection limit" in banner and "1 of 2000 cells flagged" in banner
+    assert "Below the detection limit: positive from" in banner and "1 of 2000 cells flagged" in banner
+    assert "if the model flagged every parasite" in banner  # not a ceiling on the parasitemia
     assert "2,500" not in banner and "parasites/µL" in banner  # the limit, not the flagged fraction
+    # the table gives the limit, not a 95% interval of the flagged share (0.050% (0.009% – 0.283%) before)
+    auto = html.split('id="parasitemia-auto">')[1].split("</td>")[0]
+    assert auto.startswith(f"&lt; {slide['detection_limit_pct']:.3f}%") and "0.009%" not in auto
+    assert html.split('id="per-ul-auto">')[1].split("</td>")[0] == f"&lt; {slide['detection_limit_per_ul']:,.0f}"
+    # and the CSV gives no density either (it exported 0.0500% and 2500 parasites/uL), but what the call stood on
+    row = next(csv.DictReader(io.StringIO(c.get("/export/slides.csv").get_data(as_text=True))))
+    assert row["call"] == "negative" and row["parasitemia_pct"] == row["ci95_high_pct"] == row["parasites_per_ul"] == ""
+    assert row["flagged_pct"] == "0.0500" and row["target_rbc"] == "2000"
+    assert row["positive_cutoff_cells"] == str(slide["positive_cutoff_cells"])
+    assert float(row["fp_rate_per_cell"]) == pytest.approx(slide["fp_rate_per_cell"], abs=1e-6)
+    assert float(row["expected_false_positives"]) == pytest.approx(slide["expected_false_positives"], abs=0.01)
     assert 'id="negative-note"' in html and 'id="negative-note"' in c.get("/slides/1/report").get_data(as_text=True)
     # a person confirms the flagged cell: result, report and history lead with the reviewed call
     # (they printed NEGATIVE in the banner with "After review: positive" in small type)
@@ -842,8 +891,8 @@ def test_a_captured_field_can_be_taken_out_of_the_count_and_back(make_env, tmp_p
     assert c.post("/api/slides/1/finish", headers=h).status_code == 200
     result = c.get("/slides/1/result").get_data(as_text=True)
     assert "2 taken out of the count by the technician" in result
-    slides_csv = c.get("/export/slides.csv").get_data(as_text=True).splitlines()
-    assert slides_csv[0].endswith(",fields_excluded") and slides_csv[1].endswith(",2")
+    slides_csv = list(csv.DictReader(io.StringIO(c.get("/export/slides.csv").get_data(as_text=True))))
+    assert slides_csv[0]["fields_excluded"] == "2"
     assert "Excluded by the technician: wrong slide or area" in c.get("/slides/1/report").get_data(as_text=True)
     export = c.get("/export/fields.csv?slide=1").get_data(as_text=True)
     assert "excluded,excluded_at" in export.splitlines()[0] and "wrong slide or area" in export
@@ -1373,7 +1422,7 @@ def test_a_slide_without_a_call_yet_shows_no_density_and_its_report_says_prelimi
     assert _capture(c, token).status_code == 201  # one field: far below the counting target
     assert c.get("/api/slides/1").get_json()["automatic"]["call"] == "not enough cells"
     table = c.get("/slides/1/result").get_data(as_text=True)
-    rows = re.findall(r"<tr><th>Parasit[^<]*</th>\s*<td>(.*?)</td>\s*<td>(.*?)</td></tr>", table, re.S)
+    rows = re.findall(r"<tr><th>Parasit[^<]*</th>\s*<td[^>]*>(.*?)</td>\s*<td[^>]*>(.*?)</td></tr>", table, re.S)
     assert len(rows) == 2 and all(cell == "—" for row in rows for cell in row), rows
     assert 'id="not-enough-note"' in table
     report = c.get("/slides/1/report").get_data(as_text=True)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import hmac
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
 from flask import Flask, current_app, jsonify, redirect, render_template, request, session, url_for
@@ -279,12 +281,26 @@ def local_time_text(iso: str | None) -> str:
     return health.local_text(datetime.fromisoformat(iso)) if iso else ""
 
 
+def pct_text(v: float | None) -> str:
+    """A percentage as every page shows it, and as ``fmtPct`` in static/app.js does after a capture.
+
+    Three decimals, and two significant digits below 0.01% (one confirmed parasite in 60,000 cells has an
+    interval of 0.00029% – 0.0094%, which three decimals printed as "0.000% – 0.009%": possibly none). Ties
+    round up, on the float's exact value, as JavaScript's toFixed does (Python's format rounds them to
+    even: 1 in 1,600 cells read 0.062% on the page and 0.063% after the next capture).
+    """
+    if v is None:
+        return "—"
+    places = 3
+    if 0 < v < 0.01:
+        places = min(12, 1 - math.floor(math.log10(v)))
+    return f"{Decimal(v).quantize(Decimal(1).scaleb(-places), rounding=ROUND_HALF_UP):f}%"
+
+
 def _install_filters(app: Flask) -> None:
     app.add_template_filter(local_time_text, "localtime")
 
-    @app.template_filter("pct")
-    def _pct(v: float | None, digits: int = 3) -> str:
-        return "—" if v is None else f"{v:.{digits}f}%"
+    app.add_template_filter(pct_text, "pct")
 
     @app.template_filter("thousands")
     def _thousands(v: float | None) -> str:

@@ -251,6 +251,10 @@ SLIDE_COLUMNS = [
     "ci95_high_pct", "parasites_per_ul", "rbc_per_ul", "rbc_per_ul_source", "detection_limit_pct", "call",
     "reviewed_infected_count", "reviewed_parasitemia_pct", "reviewed_call", "review_confirmed",
     "review_rejected", "review_pending", "model_name", "model_sha256", "threshold", "notes", "fields_excluded",
+    # what the call stood on: the flagged share (on a slide without a positive call it is the classifier's
+    # false positives, so the density columns above stay empty), the target, the cutoff and the rate behind it
+    "flagged_pct", "target_rbc", "positive_cutoff_cells", "fp_rate_per_cell", "expected_false_positives",
+    "detection_limit_per_ul",
 ]
 
 
@@ -261,16 +265,21 @@ def export_slides():
     for s in deps().store.list_slides(request.args.get("q", "")[:64], limit=1_000_000, status=status):
         v = views.slide_view(s)
         a, r, rv = v["automatic"], v["reviewed"], v["totals"]["review"]
+        density = a["call"] == "positive"  # as the page: no parasitemia or parasites/uL without a positive call
         rows.append([
             v["id"], v["sample_id"], v["patient_id"], v["operator"], v["status"], v["started_at"],
             v["finished_at"] or "", a["fields_used"], a["fields_rejected"], a["rbc_count"], a["infected_count"],
-            f"{a['parasitemia_pct']:.4f}", f"{a['ci95_pct'][0]:.4f}", f"{a['ci95_pct'][1]:.4f}",
-            f"{a['parasites_per_ul']:.0f}", f"{a['rbc_per_ul']:.0f}", a["rbc_per_ul_source"],
-            # while flagged cells wait for review the count after review still holds them: no density
+            *([f"{a['parasitemia_pct']:.4f}", f"{a['ci95_pct'][0]:.4f}", f"{a['ci95_pct'][1]:.4f}",
+               f"{a['parasites_per_ul']:.0f}"] if density else ["", "", "", ""]),
+            f"{a['rbc_per_ul']:.0f}", a["rbc_per_ul_source"],
             f"{a['detection_limit_pct']:.4f}", a["call"], r["infected_count"],
-            "" if rv["pending"] else f"{r['parasitemia_pct']:.4f}",
+            # while flagged cells wait for review the count after review still holds them: no density
+            "" if rv["pending"] or r["call"] != "positive" else f"{r['parasitemia_pct']:.4f}",
             r["call"], rv["confirmed"], rv["rejected"], rv["pending"], v["model_name"], v["model_sha256"],
             f"{v['threshold']:.4f}", v["notes"], v["totals"].get("fields_excluded", 0),
+            f"{100.0 * a['infected_count'] / a['rbc_count']:.4f}" if a["rbc_count"] else "", a["target_rbc"],
+            a["positive_cutoff_cells"], f"{a['fp_rate_per_cell']:.6f}", f"{a['expected_false_positives']:.2f}",
+            f"{a['detection_limit_per_ul']:.0f}",
         ])
     return _csv_response("slides", SLIDE_COLUMNS, rows)
 

@@ -16,7 +16,12 @@
     });
   }
 
-  function fmtPct(v) { return (v === null || v === undefined) ? "—" : v.toFixed(3) + "%"; }
+  /* as the pages' pct filter (device/web/__init__.py, pct_text): three decimals, two significant digits below 0.01% */
+  function fmtPct(v) {
+    if (v === null || v === undefined) { return "—"; }
+    var places = (v > 0 && v < 0.01) ? Math.min(12, 1 - Math.floor(Math.log10(v))) : 3;
+    return v.toFixed(places) + "%";
+  }
   function callClass(c) { return c === "positive" ? "call-pos" : (c === "negative" ? "call-neg" : "call-wait"); }
 
   /* --- status: banners, pill, focus, auto-capture --- */
@@ -109,6 +114,12 @@
       var a = sl.automatic;
       $("rbc-count").textContent = a.rbc_count;
       $("rbc-progress").value = Math.min(a.rbc_count, a.target_rbc);
+      var reached = $("target-reached");
+      if (reached && reached.hidden && a.rbc_count >= a.target_rbc) {
+        reached.hidden = false;
+        var autoBox = $("auto-capture");  // the stage moving on would count on past the target unasked
+        if (autoBox && autoBox.checked) { autoBox.checked = false; }
+      }
       $("infected-count").textContent = a.infected_count;
 
       $("fields-used").textContent = a.fields_used;
