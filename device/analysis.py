@@ -113,7 +113,7 @@ def _small(image_rgb: np.ndarray) -> np.ndarray:
 
 def focus_measure(
     image_rgb: np.ndarray, cell_diameter_px: float | None = None, *, estimate: bool = True,
-    small: np.ndarray | None = None,
+    small: np.ndarray | None = None, small_gray: np.ndarray | None = None,
 ) -> float:
     """Sharpness: how much finer detail the field has than a slightly smoothed copy of itself.
 
@@ -138,7 +138,7 @@ def focus_measure(
     src = image_rgb
     if size[0] <= min(w, FOCUS_WIDTH_PX):
         src = _small(image_rgb) if small is None else small
-    gray = cv2.cvtColor(src, cv2.COLOR_RGB2GRAY)
+    gray = small_gray if src is small and small_gray is not None else cv2.cvtColor(src, cv2.COLOR_RGB2GRAY)
     if gray.shape[1] != size[0]:
         gray = cv2.resize(gray, size, interpolation=cv2.INTER_AREA)
     gray = gray.astype(np.float32)
@@ -189,34 +189,38 @@ def noise_at_cell_scale(image_rgb: np.ndarray, cell_diameter_px: float, cell_inp
 
 
 def image_quality(
-    image_rgb: np.ndarray, settings: AnalysisSettings, cell_diameter_px: float | None = None
+    image_rgb: np.ndarray, settings: AnalysisSettings, cell_diameter_px: float | None = None,
+    small: np.ndarray | None = None,
 ) -> tuple[float, str | None]:
     """Exposure (on a 640 px wide copy), colour and focus checks that need no segmentation.
 
+    ``small``: the field's 640 px wide copy (``_small``) when the caller has it already.
     Returns (focus, reason or None).
     """
     from device.segment import SegmentParams, lit_mask
 
-    small = _small(image_rgb)
+    small = _small(image_rgb) if small is None else small
     gray = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
-    focus = focus_measure(image_rgb, cell_diameter_px, estimate=False, small=small)
+    focus = focus_measure(image_rgb, cell_diameter_px, estimate=False, small=small, small_gray=gray)
     # Exposure is judged where the light falls: a round field of view in a black surround is no darker (and
     # no less saturated) for the black around it.
     scale = small.shape[1] / image_rgb.shape[1]
     cell_px = cell_diameter_px * scale if cell_diameter_px else 0.02 * max(small.shape[:2])
     lit = lit_mask(small, cell_px, SegmentParams().min_light_frac_of_plasma)
-    seen = np.ones(gray.shape, bool) if lit is None else lit > 0
-    gray_mean = float(gray[seen].mean()) if seen.any() else 0.0
+    seen = None if lit is None else lit > 0  # None: all of it (no boolean copies of a whole-field mask)
+    n_seen = gray.size if seen is None else int(seen.sum())
+    gray_mean = float((gray if seen is None else gray[seen]).mean()) if n_seen else 0.0
     if gray_mean < settings.min_mean_brightness:
         return focus, f"too dark (mean brightness {gray_mean:.0f} < {settings.min_mean_brightness:.0f}): check the lamp"
-    saturated = cv2.inRange(small, (250, 250, 250), (255, 255, 255)) > 0
-    over = float((saturated & seen).sum()) / max(1, int(seen.sum()))
+    saturated = cv2.inRange(small, (250, 250, 250), (255, 255, 255))
+    n_over = cv2.countNonZero(saturated) if seen is None else int(((saturated > 0) & seen).sum())
+    over = float(n_over) / max(1, n_seen)
     if over > settings.max_overexposed_frac:
         return focus, f"overexposed ({over:.0%} of pixels saturated): lower the lamp or exposure"
     from device.segment import quantile
 
-    grid = small[::4, ::4].astype(np.int16)  # every 4th pixel each way is plenty for "any colour at all"
-    chroma = quantile((grid.max(axis=2) - grid.min(axis=2)).ravel(), 0.99)
+    r, g, b = cv2.split(np.ascontiguousarray(small[::4, ::4]))  # every 4th pixel each way: plenty for "any colour"
+    chroma = quantile(cv2.subtract(cv2.max(cv2.max(r, g), b), cv2.min(cv2.min(r, g), b)).ravel(), 0.99)
     if chroma < MIN_STAIN_CHROMA:
         # a grayscale picture saved in 3 channels (or with an opaque alpha) passes every channel check
         return focus, ("no stain colour (a grayscale picture): the classifier needs the colours of a stained "
@@ -252,10 +256,13 @@ def analyze_field(
     h, w = image_rgb.shape[:2]
     timing: dict[str, float] = {}
     t0 = time.perf_counter()
-    diameter = estimate_cell_diameter(image_rgb)  # once: for the focus scale and for segmentation
+    halvings: list[np.ndarray] = []  # the frame's halvings, made once for the scale search and segmentation
+    diameter = estimate_cell_diameter(image_rgb, halvings=halvings)  # once: for the focus scale and segmentation
     timing["scale_ms"] = (time.perf_counter() - t0) * 1000
     t = time.perf_counter()
-    focus, reason = image_quality(image_rgb, settings, diameter)
+    # a 1280 px wide frame's 640 px copy is its first halving (the same INTER_AREA resize)
+    small = halvings[0] if halvings and w == 2 * FOCUS_WIDTH_PX and h % 2 == 0 else None
+    focus, reason = image_quality(image_rgb, settings, diameter, small)
     timing["quality_ms"] = (time.perf_counter() - t) * 1000
     if reason:
         timing["total_ms"] = (time.perf_counter() - t0) * 1000
@@ -269,7 +276,7 @@ def analyze_field(
                            "picture): empty area, thick area or not a blood smear, or cells too small (use the "
                            "100x oil objective)", [], focus, threshold, timing)
     t = time.perf_counter()
-    seg = segment_cells(image_rgb, SegmentParams(cell_diameter_hint_px=diameter))
+    seg = segment_cells(image_rgb, SegmentParams(cell_diameter_hint_px=diameter), halvings=halvings)
     timing["segment_ms"] = (time.perf_counter() - t) * 1000
     few = None
     if len(seg.cells) < settings.min_cells_per_field:

@@ -444,3 +444,51 @@ def test_a_round_field_of_view_in_a_dark_surround_counts_the_cells_inside_and_no
     assert dark == []
     assert 0.85 * whole <= len(seg.cells) <= reached, (whole, len(seg.cells), reached)
     assert all(within(c, -0.5 * full.cell_diameter_px) for c in seg.cells)  # none out in the surround
+
+
+def test_the_histogram_quantile_of_uint8_values_is_the_partition_one():
+    from device.segment import quantile
+
+    rng = np.random.default_rng(3)
+    for values in (rng.integers(0, 256, 10_001).astype(np.uint8), np.full(7, 200, np.uint8),
+                   np.array([0, 255], np.uint8), rng.integers(250, 256, 999).astype(np.uint8)):
+        for q in (0.0, 0.01, 0.5, 0.99, 1.0):
+            k = min(values.size - 1, int(q * values.size))
+            assert quantile(values, q) == float(np.partition(values, k)[k]), (values[:5], q)
+    assert quantile(np.zeros(0, np.uint8), 0.5) == 0.0
+
+
+def test_a_fields_halvings_made_once_segment_it_as_made_afresh(segmented):
+    # the scale search, the quality gate's 640 px copy and the segmentation share one set of halvings
+    from device.analysis import AnalysisSettings, _small, image_quality
+    from device.segment import estimate_cell_diameter, lit_mask
+
+    for image, _ in segmented.values():
+        halvings: list[np.ndarray] = []
+        d = estimate_cell_diameter(image, halvings=halvings)
+        assert halvings and d == estimate_cell_diameter(image)
+        params = SegmentParams(cell_diameter_hint_px=d)
+        shared, fresh = segment_cells(image, params, halvings=halvings), segment_cells(image, params)
+        assert [c.bbox for c in shared.cells] == [c.bbox for c in fresh.cells]
+        assert all(np.array_equal(a.mask, b.mask) for a, b in zip(shared.cells, fresh.cells, strict=True))
+        frame = cv2.resize(image, (1280, 960), interpolation=cv2.INTER_AREA)
+        halvings = []
+        estimate_cell_diameter(frame, halvings=halvings)
+        assert np.array_equal(halvings[0], _small(frame))  # what analyze_field passes the quality gate
+        assert image_quality(frame, AnalysisSettings(), d, halvings[0]) == image_quality(frame, AnalysisSettings(), d)
+        assert lit_mask(image, d, 0.2) is None  # a field lit to its edges: the early answer
+
+
+def test_the_lit_mask_early_answer_matches_the_full_one():
+    from device.segment import lit_mask
+
+    rng = np.random.default_rng(5)
+    for lo in (40, 60, 100, 200):  # a darkest corner at lo against a lamp of 230 (min_frac 0.2 of it: 46)
+        img = np.full((120, 160, 3), 230, np.uint8)
+        img[:30, :30] = lo
+        img = cv2.add(img, rng.integers(0, 3, img.shape).astype(np.uint8))
+        m = lit_mask(img, 9.0, 0.2)
+        if lo >= 60:
+            assert m is None
+        else:
+            assert m is not None and not m[5, 5] and m[100, 140]
