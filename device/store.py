@@ -454,7 +454,8 @@ class Store:
                 n += sum(1 for p in folder.iterdir() if p.is_file())
                 shutil.rmtree(folder, ignore_errors=True)
         if n:
-            logger.warning("removed %d image file(s) left by a write that a crash or power cut interrupted", n)
+            logger.warning("removed %d image file(s) of open slides that no record names: left by a write that a "
+                           "crash or power cut interrupted, or by records restored from an older copy", n)
         return n
 
     def _remove_unnamed(self, slide_id: int, older_than: float | None = None) -> int:
@@ -837,8 +838,15 @@ class Store:
         return _row(self._conn().execute("SELECT * FROM fields WHERE id = ?", (field_id,)).fetchone())
 
     def list_fields(self, slide_id: int) -> list[dict]:
-        return [dict(r) for r in self._conn().execute(
+        """The slide's fields; ``has_raw`` and ``has_annotated`` say whether the picture is on the card (a
+        records copy restored from a backup holds no pictures: the page shows "(no picture)", not a dead link)."""
+        rows = [dict(r) for r in self._conn().execute(
             "SELECT * FROM fields WHERE slide_id = ? ORDER BY seq", (slide_id,))]
+        for f in rows:
+            for kind, flag in self._IMAGE_FLAG.items():
+                if f[flag] and not self._image_path(f["slide_id"], f["file_key"], kind).is_file():
+                    f[flag] = 0
+        return rows
 
     def fields_for_export(self, query: str = "", slide_id: int | None = None, *,
                           status: str | None = None) -> list[dict]:
@@ -880,9 +888,17 @@ class Store:
 
     # -- cells --
     def flagged_cells(self, slide_id: int) -> list[dict]:
-        return [dict(r) for r in self._conn().execute(
-            "SELECT c.*, f.seq AS field_seq FROM cells c JOIN fields f ON f.id = c.field_id"
-            f" WHERE f.slide_id = ? AND c.infected = 1 AND {_COUNTED} ORDER BY f.seq, c.idx", (slide_id,))]
+        """The slide's counted flagged cells; ``has_crop`` says whether a crop can be shown: its file is on
+        the card, or the raw frame it is cut again from (not so in a records copy restored from a backup)."""
+        rows = [dict(r) for r in self._conn().execute(
+            "SELECT c.*, f.seq AS field_seq, f.file_key AS _key, f.has_raw AS _has_raw FROM cells c"
+            f" JOIN fields f ON f.id = c.field_id WHERE f.slide_id = ? AND c.infected = 1 AND {_COUNTED}"
+            " ORDER BY f.seq, c.idx", (slide_id,))]
+        for c in rows:
+            key, has_raw = c.pop("_key"), c.pop("_has_raw")
+            if c["has_crop"] and not self._image_path(slide_id, key, f"cell{int(c['idx'])}").is_file():
+                c["has_crop"] = int(bool(has_raw) and self._image_path(slide_id, key, "raw").is_file())
+        return rows
 
     def field_cells(self, field_id: int) -> list[dict]:
         return [dict(r) for r in self._conn().execute(

@@ -1465,3 +1465,31 @@ def test_a_slide_positive_on_a_confirmed_parasite_gives_only_what_review_establi
     page = c.get("/slides/1/result").get_data(as_text=True)
     assert 'id="review-open-note"' not in page and f"1 of {rbc} cells infected after review" in page
     assert n > 1
+
+
+def test_records_restored_without_their_pictures_show_no_dead_links_and_pictures_are_asked_again(make_env):
+    """A records copy holds no pictures: after a restore every field linked a 404 and the review gallery
+    showed broken crops. And a browser kept /fields/N/annotated.jpg for an hour, so after a restore of an
+    older copy (field numbers given again) it showed another patient's field under that address."""
+    import shutil
+
+    env = make_env(flag_all=True)
+    c, token = _client(env)
+    _start(c, token)
+    for name in ("a.jpg", "b.jpg"):
+        assert _upload(c, token, SAMPLE.read_bytes() if name == "a.jpg" else sorted(SAMPLES_DIR.glob("*.jpg"))[1]
+                       .read_bytes(), name).status_code == 201
+    fields = c.get("/api/slides/1").get_json()["fields"]
+    url = fields[0]["annotated_url"]
+    r = c.get(url)
+    assert r.status_code == 200 and r.headers["Cache-Control"] == "private, no-cache" and r.headers.get("ETag")
+    assert c.get(url, headers={"If-None-Match": r.headers["ETag"]}).status_code == 304  # unchanged: not sent again
+    review = c.get("/slides/1/review").get_data(as_text=True)
+    assert "/crop.jpg" in review
+    shutil.rmtree(env.store.images_dir)  # the records as a restored copy has them: no pictures
+    page = c.get("/slides/1").get_data(as_text=True)
+    assert "annotated.jpg" not in page and page.count("(no picture)") == 2
+    assert all(f["annotated_url"] is None and f["raw_url"] is None
+               for f in c.get("/api/slides/1").get_json()["fields"])
+    assert "/crop.jpg" not in c.get("/slides/1/review").get_data(as_text=True)  # no broken crops to judge
+    assert c.get(url).status_code == 404

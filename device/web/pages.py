@@ -201,9 +201,13 @@ def cell_crop(cell_id: int):
 
 
 def _stored_jpeg(path):
-    """A stored image (found by ID, never by a path from the request); private: patient data."""
-    resp = send_file(path, mimetype="image/jpeg", max_age=3600)
-    resp.headers["Cache-Control"] = "private, max-age=3600"
+    """A stored image (found by ID, never by a path from the request); private: patient data.
+
+    Asked again each time (no-cache, answered 304 while the file is the same: its ETag comes from the
+    file): an ID can name another field after records are restored from an older copy, and a browser
+    that kept /fields/13/annotated.jpg for an hour showed another patient's field under it."""
+    resp = send_file(path, mimetype="image/jpeg", max_age=0, etag=True, conditional=True)
+    resp.headers["Cache-Control"] = "private, no-cache"
     return resp
 
 
