@@ -112,14 +112,16 @@ def summarize_slide(
     others only.
 
     Raises:
-        ValueError: a target below 1, an RBC count per uL that is not a positive finite number, or a
-            confirmed count outside 0..infected_count.
+        ValueError: a target below 1, an RBC count per uL that is not a positive finite number, an
+            infected count outside 0..rbc_count, or a confirmed count outside 0..infected_count.
     """
     if int(target_rbc) < 1:
         raise ValueError(f"the counting target must be at least 1 red cell, not {target_rbc}")
     if rbc_per_ul is not None and not (math.isfinite(rbc_per_ul) and rbc_per_ul > 0):
         raise ValueError(f"the RBC count per uL must be a positive number, not {rbc_per_ul}")
     n, k = int(rbc_count), int(infected_count)
+    if not 0 <= k <= n:
+        raise ValueError(f"infected cells ({k}) must lie in 0..{n}, the red cells counted")
     if not 0 <= int(confirmed_count) <= k:
         raise ValueError(f"confirmed cells ({confirmed_count}) must lie in 0..{k}, the infected count")
     per_ul = float(rbc_per_ul) if rbc_per_ul is not None else DEFAULT_RBC_PER_UL

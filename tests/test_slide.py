@@ -159,6 +159,13 @@ def test_impossible_targets_and_rbc_counts_are_refused(kw):
         summarize_slide(100, 1, threshold=0.9, fp_rate_per_cell=0.003, **kw)
 
 
+@pytest.mark.parametrize("n, k", [(10, 20), (-5, 0), (0, 1), (100, -1)])
+def test_impossible_counts_are_refused(n, k):
+    # 20 infected in 10 cells raised a math error in the interval; -5 cells gave a parasitemia of -0.0%
+    with pytest.raises(ValueError, match="infected cells"):
+        summarize_slide(n, k, threshold=0.9, fp_rate_per_cell=0.003)
+
+
 def test_a_negative_call_with_more_flags_than_expected_says_it_is_below_the_cutoff():
     # 3 flagged with 1.4 expected was "within the 1.4 false positives expected": it is not
     s = summarize_slide(2000, 3, threshold=0.979, fp_rate_per_cell=0.0007, target_rbc=2000, rbc_per_ul=None,
