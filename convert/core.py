@@ -385,7 +385,8 @@ def convert(args, argv: list[str]) -> Path:
                             f"{100 * limit:.3f}% parasitemia"),
             call_false_positive_rate=call_fpr,
             operating_curve=curve,
-            call_false_positive_rule=(f"upper 95% Wilson bound of {n_fp} false positives in {len(neg)} held-out "
+            call_false_positive_rule=(f"upper limit of the two-sided 95% Wilson interval (z = 1.96; a one-sided "
+                                      f"97.5% bound) of {n_fp} false positives in {len(neg)} held-out "
                                       f"healthy cells ({fp_patients}) at the threshold"),
             metrics={
                 "validation_patients": sorted(sets["val"]),
