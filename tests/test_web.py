@@ -190,9 +190,8 @@ def test_a_slide_without_fields_cannot_be_finished(make_env):
     assert env.store.get_slide(1)["status"] == "open"
 
 
-def test_a_slide_short_of_its_target_shows_its_count_not_a_density(make_env):
-    """'NOT ENOUGH CELLS · Parasitemia 0.893% · 44,643 parasites/uL' for 6 flagged cells in 672: the
-    flagged share of a short count is the classifier's false positives, not a density."""
+def _slide_with_counts(make_env, n: int, flagged: int, *, crops: bool = False):
+    """An open slide S-1 holding one field of ``n`` cells, the first ``flagged`` flagged: (env, client, token)."""
     from device.analysis import CellVerdict, FieldResult
     from device.store import FieldImages
 
@@ -200,9 +199,18 @@ def test_a_slide_short_of_its_target_shows_its_count_not_a_density(make_env):
     c, token = _client(env)
     _start(c, token)
     model = env.analyser.model
-    cells = [CellVerdict((5, 5, 30, 30), 0.99 if i < 2 else 0.01, i < 2) for i in range(600)]
+    cells = [CellVerdict((5, 5, 30, 30), 0.99 if i < flagged else 0.01, i < flagged) for i in range(n)]
+    jpeg = SAMPLE.read_bytes()
     env.store.add_field(1, FieldResult(1600, 1200, None, cells, 120.0, model.threshold, {"total_ms": 1.0}),
-                        source="upload", model_sha256=model.sha256, images=FieldImages(SAMPLE.read_bytes(), None, {}))
+                        source="upload", model_sha256=model.sha256,
+                        images=FieldImages(jpeg, None, {i: jpeg for i in range(flagged)} if crops else {}))
+    return env, c, token
+
+
+def test_a_slide_short_of_its_target_shows_its_count_not_a_density(make_env):
+    """'NOT ENOUGH CELLS · Parasitemia 0.893% · 44,643 parasites/uL' for 6 flagged cells in 672: the
+    flagged share of a short count is the classifier's false positives, not a density."""
+    env, c, token = _slide_with_counts(make_env, 600, 2)
     assert 'id="target-reached" hidden>' in c.get("/slides/1").get_data(as_text=True)  # 600 of 2,000: not yet
     assert c.post("/slides/1/finish", data={"csrf_token": token, "confirm": "1"}).status_code == 303  # short
     slide = c.get("/api/slides/1").get_json()["automatic"]
@@ -223,17 +231,7 @@ def test_a_slide_whose_flagged_cells_are_all_rejected_gives_the_detection_limit_
     """Every flagged cell rejected on review printed 'After review 0.000% (0.000% – 0.192%)' and
     '0 (0 – 9,585)' parasites/uL: an interval that assumes every parasite was flagged, five times tighter
     than the detection limit the banner gave."""
-    from device.analysis import CellVerdict, FieldResult
-    from device.store import FieldImages
-
-    env = make_env()
-    c, token = _client(env)
-    _start(c, token)
-    model = env.analyser.model
-    cells = [CellVerdict((5, 5, 30, 30), 0.99 if i < 30 else 0.01, i < 30) for i in range(2000)]
-    env.store.add_field(1, FieldResult(1600, 1200, None, cells, 120.0, model.threshold, {"total_ms": 1.0}),
-                        source="upload", model_sha256=model.sha256,
-                        images=FieldImages(SAMPLE.read_bytes(), None, {i: SAMPLE.read_bytes() for i in range(30)}))
+    env, c, token = _slide_with_counts(make_env, 2000, 30, crops=True)
     auto = c.get("/api/slides/1").get_json()["automatic"]
     banner = c.get("/slides/1/result").get_data(as_text=True).split('id="call-detail">')[1].split("</div>")[0]
     assert auto["call"] == "positive" and "30 of 2000 cells flagged" in banner
@@ -254,18 +252,8 @@ def test_a_slide_whose_flagged_cells_are_all_rejected_gives_the_detection_limit_
 
 
 def test_a_negative_slide_shows_no_parasite_density_in_its_headline(make_env):
-    from device.analysis import CellVerdict, FieldResult
-    from device.store import FieldImages
-
-    env = make_env()
-    c, token = _client(env)
-    _start(c, token)
-    model = env.analyser.model
     # 2,000 cells with 1 flagged: within the false positives expected of a parasite-free slide
-    cells = [CellVerdict((5, 5, 30, 30), 0.99 if i == 0 else 0.01, i == 0) for i in range(2000)]
-    result = FieldResult(1600, 1200, None, cells, 120.0, model.threshold, {"total_ms": 1.0})
-    env.store.add_field(1, result, source="upload", model_sha256=model.sha256,
-                        images=FieldImages(SAMPLE.read_bytes(), None, {}))
+    env, c, token = _slide_with_counts(make_env, 2000, 1)
     # the target reached: the page asks to finish (looking on until the call turns positive raises the 0.1%)
     assert '<p class="msg msg-ok" id="target-reached">' in c.get("/slides/1").get_data(as_text=True)
     assert c.post("/slides/1/finish", data={"csrf_token": token}).status_code == 303
