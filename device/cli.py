@@ -315,8 +315,8 @@ def cmd_analyze(args) -> int:
                   f"{s.call_reason}")
         else:  # the flagged share of a negative slide is the classifier's false positives, not a density
             print(f"slide: {s.call} — {s.infected_count}/{s.rbc_count} cells flagged; detection limit "
-                  f"{s.detection_limit_pct:.3f}% ({s.detection_limit_per_ul:.0f} parasites/uL, "
-                  f"{s.rbc_per_ul_source} {s.rbc_per_ul:.3g} RBC/uL); {s.call_reason}")
+                  f"{s.detection_limit_pct:.3f}% of cells flagged ({s.detection_limit_per_ul:.0f} parasites/uL if "
+                  f"every parasite were flagged, {s.rbc_per_ul_source} {s.rbc_per_ul:.3g} RBC/uL); {s.call_reason}")
     elif len(files) > 1:
         n_rej = sum(1 for d in images if d.get("rejected"))
         print(f"{len(images)} images: {failed} failed, {n_rej} rejected, "

@@ -46,6 +46,7 @@ def test_analyze_fields_writes_json_annotations_and_a_slide_result(tmp_path):
     headline = r.stdout.split("slide:")[1]
     if slide["call"] != "positive":  # a negative headline once printed the flagged share as parasites/uL
         assert "detection limit" in headline and "parasitemia" not in headline
+        assert "if every parasite were flagged" in headline  # a limit on what is flagged, not a ceiling
     assert len(list((tmp_path / "ann").glob("*_annotated.jpg"))) == len(images)
 
 
