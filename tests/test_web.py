@@ -190,7 +190,7 @@ def test_a_slide_without_fields_cannot_be_finished(make_env):
     assert env.store.get_slide(1)["status"] == "open"
 
 
-def _slide_with_counts(make_env, n: int, flagged: int, *, crops: bool = False):
+def _slide_with_counts(make_env, n: int, flagged: int):
     """An open slide S-1 holding one field of ``n`` cells, the first ``flagged`` flagged: (env, client, token)."""
     from device.analysis import CellVerdict, FieldResult
     from device.store import FieldImages
@@ -203,7 +203,7 @@ def _slide_with_counts(make_env, n: int, flagged: int, *, crops: bool = False):
     jpeg = SAMPLE.read_bytes()
     env.store.add_field(1, FieldResult(1600, 1200, None, cells, 120.0, model.threshold, {"total_ms": 1.0}),
                         source="upload", model_sha256=model.sha256,
-                        images=FieldImages(jpeg, None, {i: jpeg for i in range(flagged)} if crops else {}))
+                        images=FieldImages(jpeg, None, {i: jpeg for i in range(flagged)}))
     return env, c, token
 
 
@@ -231,7 +231,7 @@ def test_a_slide_whose_flagged_cells_are_all_rejected_gives_the_detection_limit_
     """Every flagged cell rejected on review printed 'After review 0.000% (0.000% – 0.192%)' and
     '0 (0 – 9,585)' parasites/uL: an interval that assumes every parasite was flagged, five times tighter
     than the detection limit the banner gave."""
-    env, c, token = _slide_with_counts(make_env, 2000, 30, crops=True)
+    env, c, token = _slide_with_counts(make_env, 2000, 30)
     auto = c.get("/api/slides/1").get_json()["automatic"]
     banner = c.get("/slides/1/result").get_data(as_text=True).split('id="call-detail">')[1].split("</div>")[0]
     assert auto["call"] == "positive" and "30 of 2000 cells flagged" in banner
@@ -1479,5 +1479,13 @@ def test_records_restored_without_their_pictures_show_no_dead_links_and_pictures
     assert "annotated.jpg" not in page and page.count("(no picture)") == 2
     assert all(f["annotated_url"] is None and f["raw_url"] is None
                for f in c.get("/api/slides/1").get_json()["fields"])
-    assert "/crop.jpg" not in c.get("/slides/1/review").get_data(as_text=True)  # no broken crops to judge
+    review = c.get("/slides/1/review").get_data(as_text=True)
+    assert "/crop.jpg" not in review and "No picture of this cell on the device" in review  # no broken crops
+    assert 'class="review-form"' not in review  # ...and no Parasite button under a cell nobody can see
+    cell = env.store.flagged_cells(1)[0]
+    r = c.post(f"/api/cells/{cell['id']}/review", json={"decision": "confirmed", "seen": ""},
+               headers={"X-CSRF-Token": token})
+    assert r.status_code == 409 and "cannot be judged here" in r.get_json()["error"]
+    assert env.store.get_cell(cell["id"])["review"] is None
+    assert c.get("/api/slides/1").get_json()["totals"]["review"]["confirmed"] == 0  # no guessed parasite
     assert c.get(url).status_code == 404

@@ -22,7 +22,7 @@ from werkzeug.exceptions import HTTPException
 from device.camera import decode_view, encode_view, prepare_view, prepared_overlap, same_view, thumbnail
 from device.config import RBC_PER_UL_RANGE
 from device.imageio import IMAGE_SUFFIXES, ImageError, decode_rgb
-from device.service import CaptureRefused, finish_slide, review_is_final, slide_summary
+from device.service import CaptureRefused, ensure_crop, finish_slide, review_is_final, slide_summary
 from device.store import Conflict, NotFound
 from device.web import deps, health, local_time_text
 
@@ -474,8 +474,13 @@ def review(cell_id: int, decision: str | None, seen: str | None = None) -> dict:
     if decision in ("", "clear"):
         decision = None
     kwargs = {} if seen is None else {"seen": seen or None}
+    store = deps().store
+    if decision is not None and store.get_cell(cell_id) is not None and ensure_crop(store, cell_id) is None:
+        # a decision on a cell nobody can see would be a guess: one "parasite" makes the slide positive
+        abort(409, "no picture of this cell is on the device (records restored from a copy hold none), so it "
+                   "cannot be judged here: look at it under the microscope")
     with _store_answers():
-        return deps().store.review_cell(cell_id, decision, **kwargs)
+        return store.review_cell(cell_id, decision, **kwargs)
 
 
 # --- JSON shapes ----------------------------------------------------------------------------------
