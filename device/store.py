@@ -24,6 +24,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import sqlite3
@@ -369,6 +370,12 @@ class Store:
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.images_dir = self.data_dir / IMAGES_DIR
         self.images_dir.mkdir(exist_ok=True, mode=0o700)
+        # A picture folder numbered above every slide the records know is a slide of records replaced by an
+        # older copy (a restore): a new slide must not take its number, or finishing it would delete
+        # those pictures as files no record names (and a tab left open on that slide would reach it).
+        self._unknown_folders_up_to = max(
+            (int(m.group(1)) for p in self.images_dir.iterdir() if (m := re.fullmatch(r"slide-(\d+)", p.name))),
+            default=0)
         self.db_path = self.data_dir / DB_NAME
         self._local = threading.local()
         self._conns: list[sqlite3.Connection] = []
@@ -542,8 +549,9 @@ class Store:
                 raise Conflict(f"slide {sample_id} is already open: continue it (open slides are listed on the "
                                "start page) or finish it first")
             # never a discarded slide's number: a page still showing that slide must not reach this one
-            new_id = c.execute("SELECT MAX(COALESCE((SELECT MAX(id) FROM slides), 0),"
-                               " COALESCE((SELECT MAX(id) FROM discarded_slides), 0)) + 1").fetchone()[0]
+            new_id = max(self._unknown_folders_up_to + 1, c.execute(
+                "SELECT MAX(COALESCE((SELECT MAX(id) FROM slides), 0),"
+                " COALESCE((SELECT MAX(id) FROM discarded_slides), 0)) + 1").fetchone()[0])
             cur = c.execute(
                 "INSERT INTO slides (id, sample_id, patient_id, operator, notes, started_at, model_name, model_sha256,"
                 " threshold, fp_rate_per_cell, target_rbc, rbc_per_ul, rbc_per_ul_measured)"

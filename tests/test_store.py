@@ -900,3 +900,30 @@ def test_the_records_are_owner_only_also_in_a_folder_made_open_before(tmp_path):
     for name in (store_mod.DB_NAME, store_mod.DB_NAME + "-wal"):
         assert stat_mod.S_IMODE((data / name).stat().st_mode) == 0o600, name
     s.close()
+
+
+def test_an_older_copy_restored_in_place_never_gives_a_slide_the_number_of_pictures_on_the_card(tmp_path):
+    # restoring an older copy: slide 2 of the replaced records left its pictures in images/slide-2; the next
+    # slide took number 2, and finishing it deleted them as files no record names
+    data = tmp_path / "data"
+    s = Store(data)
+    one = _slide(s)
+    s.add_field(one, _result(), source="camera", model_sha256=MODEL.sha256, images=_images(_result()))
+    s.backup(tmp_path / "copy.sqlite")
+    two = _slide(s, "S-2")
+    s.add_field(two, _result(), source="camera", model_sha256=MODEL.sha256, images=_images(_result()))
+    pictures = sorted(p.name for p in (data / "images" / f"slide-{two}").iterdir())
+    assert pictures
+    s.close()
+    for suffix in ("", "-wal", "-shm"):  # the restore steps: the records replaced, the pictures left
+        (data / (store_mod.DB_NAME + suffix)).unlink(missing_ok=True)
+    os.replace(tmp_path / "copy.sqlite", data / store_mod.DB_NAME)
+    s = Store(data)
+    try:
+        new = _slide(s, "OTHER-PATIENT")
+        assert new == two + 1
+        s.add_field(new, _result(), source="camera", model_sha256=MODEL.sha256, images=_images(_result()))
+        s.finish_slide(new, lambda slide, totals: {"automatic": {}})
+        assert sorted(p.name for p in (data / "images" / f"slide-{two}").iterdir()) == pictures
+    finally:
+        s.close()
