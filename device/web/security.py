@@ -228,6 +228,7 @@ class AdminSessions:
             self._prune()
             while len(self._alive) >= self.max_alive:
                 del self._alive[next(iter(self._alive))]
+                logger.warning("%d admin sign-ins at once: the oldest was signed out", self.max_alive)
             self._alive[sid] = self.clock()
         return sid
 

@@ -115,10 +115,13 @@
       $("rbc-count").textContent = a.rbc_count;
       $("rbc-progress").value = Math.min(a.rbc_count, a.target_rbc);
       var reached = $("target-reached");
-      if (reached && reached.hidden && a.rbc_count >= a.target_rbc) {
-        reached.hidden = false;
-        var autoBox = $("auto-capture");  // the stage moving on would count on past the target unasked
-        if (autoBox && autoBox.checked) { autoBox.checked = false; }
+      if (reached) {  // also back below the target (fields excluded in another window), and up again
+        var isReached = a.rbc_count >= a.target_rbc;
+        if (isReached && reached.hidden) {
+          var autoBox = $("auto-capture");  // the stage moving on would count on past the target unasked
+          if (autoBox && autoBox.checked) { autoBox.checked = false; }
+        }
+        reached.hidden = !isReached;
       }
       $("infected-count").textContent = a.infected_count;
 
@@ -171,7 +174,10 @@
       tr.id = "field-" + f.id;
       tr.dataset.state = rowState(f);
       if (f.rejected || f.excluded) { tr.className = "row-rejected"; }
-      var first = document.createTextNode(f.seq);
+      var first = document.createElement("span");  // as the server renders a field whose picture is not on the device
+      first.className = "muted";
+      first.title = "Its picture is not on the device (deleted to free space, or not in a restored copy of the records); its counts and cells are kept";
+      first.textContent = f.seq + " (no picture)";
       if (f.annotated_url) {
         first = document.createElement("a");
         first.href = f.annotated_url; first.target = "_blank"; first.textContent = f.seq;
