@@ -136,7 +136,8 @@ def summarize_slide(
     unconfirmed = k - confirmed
     if n > 0 and confirmed > 0:
         call = "positive"
-        reason = (f"{confirmed} flagged cell{'s' if confirmed != 1 else ''} confirmed as parasites by review "
+        reason = (f"{confirmed} flagged cell{'s' if confirmed != 1 else ''} confirmed as "
+                  f"{'parasites' if confirmed != 1 else 'a parasite'} by review "
                   f"({k} infected in {n})")
     elif n > 0 and unconfirmed > 0 and unconfirmed >= cutoff:
         call = "positive"

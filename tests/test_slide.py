@@ -143,7 +143,9 @@ def test_a_confirmed_parasite_makes_the_call_while_the_review_is_partial():
     fp = 0.00409
     # 8 flagged, 5 confirmed by a person, 3 not yet reviewed: was "negative" (8 < the allowance of 19)
     s = summarize_slide(2000, 8, threshold=0.98, fp_rate_per_cell=fp, confirmed_count=5)
-    assert s.call == "positive" and "5 flagged cells confirmed" in s.call_reason
+    assert s.call == "positive" and "5 flagged cells confirmed as parasites" in s.call_reason
+    one = summarize_slide(2000, 8, threshold=0.98, fp_rate_per_cell=fp, confirmed_count=1)
+    assert "1 flagged cell confirmed as a parasite by review" in one.call_reason
     # nothing confirmed: the allowance applies to the cells not yet reviewed
     assert summarize_slide(2000, 17, threshold=0.98, fp_rate_per_cell=fp).call == "negative"
     assert summarize_slide(2000, 25, threshold=0.98, fp_rate_per_cell=fp).call == "positive"
