@@ -373,9 +373,7 @@ class Store:
         # A picture folder numbered above every slide the records know is a slide of records replaced by an
         # older copy (a restore): a new slide must not take its number, or finishing it would delete
         # those pictures as files no record names (and a tab left open on that slide would reach it).
-        self._unknown_folders_up_to = max(
-            (int(m.group(1)) for p in self.images_dir.iterdir() if (m := re.fullmatch(r"slide-(\d+)", p.name))),
-            default=0)
+        self._unknown_folders_up_to = self._highest_slide_folder()
         self.db_path = self.data_dir / DB_NAME
         self._local = threading.local()
         self._conns: list[sqlite3.Connection] = []
@@ -403,6 +401,26 @@ class Store:
         except StoreError:
             self.close()
             raise
+
+    def _highest_slide_folder(self) -> int:
+        """The highest N of the ``images/slide-N`` folders (0 if none). A number no slide could have (a stray
+        folder: 2^62 or more would leave no number for the next slide) is logged and passed over."""
+        try:
+            names = [p.name for p in self.images_dir.iterdir() if p.is_dir()]
+        except OSError as exc:  # before the records are opened: said as plainly as their own errors
+            raise StoreError(f"{self.images_dir} cannot be read ({exc}): a folder with the wrong owner: give it "
+                             "back to the service's user") from exc
+        numbers = []
+        for name in names:
+            m = re.fullmatch(r"slide-([0-9]+)", name)
+            if m is None:
+                continue
+            if int(m.group(1)) >= 2**62:
+                logger.warning("%s: not a slide's picture folder (no slide has that number): left alone",
+                               self.images_dir / name)
+                continue
+            numbers.append(int(m.group(1)))
+        return max(numbers, default=0)
 
     def _copy_before_migrating(self) -> None:
         """Copy records an upgrade is about to migrate to ``<database>.before-schema-<N>`` beside them.

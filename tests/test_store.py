@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -927,3 +928,33 @@ def test_an_older_copy_restored_in_place_never_gives_a_slide_the_number_of_pictu
         assert sorted(p.name for p in (data / "images" / f"slide-{two}").iterdir()) == pictures
     finally:
         s.close()
+
+
+def test_stray_picture_folders_neither_stop_nor_misnumber_new_slides(tmp_path, caplog):
+    data = tmp_path / "data"
+    (data / "images" / f"slide-{2**63 - 1}").mkdir(parents=True)  # left by hand: no slide could follow it
+    (data / "images" / "slide-7").write_bytes(b"")  # a file, not a slide's folder
+    (data / "images" / "slide-3").mkdir()
+    s = Store(data)
+    try:
+        assert _slide(s) == 4  # above the real folder 3; the file and the huge number passed over
+    finally:
+        s.close()
+    assert "not a slide's picture folder" in caplog.text
+
+
+def test_an_unreadable_pictures_folder_is_said_plainly(tmp_path, monkeypatch):
+    # a pictures folder of another owner (mode 0700): a bare PermissionError traceback at start-up
+    data = tmp_path / "data"
+    images = data / "images"
+    images.mkdir(parents=True)
+    iterdir = Path.iterdir
+
+    def refused(self):
+        if self == images:
+            raise PermissionError(13, "Permission denied", str(self))
+        return iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", refused)
+    with pytest.raises(store_mod.StoreError, match="wrong owner"):
+        Store(data)

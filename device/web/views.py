@@ -477,8 +477,8 @@ def review(cell_id: int, decision: str | None, seen: str | None = None) -> dict:
     store = deps().store
     if decision is not None and store.get_cell(cell_id) is not None and ensure_crop(store, cell_id) is None:
         # a decision on a cell nobody can see would be a guess: one "parasite" makes the slide positive
-        abort(409, "no picture of this cell is on the device (records restored from a copy hold none), so it "
-                   "cannot be judged here: look at it under the microscope")
+        abort(409, "no picture of this cell can be shown (records restored from a copy hold none, or the field's "
+                   "picture cannot be read), so it cannot be judged here: look at it under the microscope")
     with _store_answers():
         return store.review_cell(cell_id, decision, **kwargs)
 
