@@ -45,6 +45,7 @@ from device.store import (
     SchemaTooNew,
     Store,
     StoreError,
+    holds_data,
     pending_migrations,
     sync_filesystem,
     write_atomic,
@@ -289,11 +290,7 @@ def free_raw_frames(store: Store, finished_before: datetime | None) -> dict:
     field_ids = store.image_fields("raw", finished_before)
     recut = 0
     for cell_id, path in store.crop_files(field_ids):
-        try:
-            whole = path.stat().st_size > 0
-        except FileNotFoundError:
-            whole = False
-        if not whole and ensure_crop(store, cell_id) is not None:
+        if not holds_data(path) and ensure_crop(store, cell_id) is not None:
             recut += 1
     if field_ids:
         sync_filesystem(store.images_dir)  # raises on a write error: the raw frames then stay
@@ -317,11 +314,8 @@ def ensure_crop(store: Store, cell_id: int) -> Path | None:
     path = store.cell_crop_path(cell_id)
     if path is None:
         return None
-    try:
-        if path.stat().st_size > 0:
-            return path
-    except FileNotFoundError:
-        pass
+    if holds_data(path):
+        return path
     cell = store.get_cell(cell_id)
     raw = store.field_image_path(cell["field_id"], "raw") if cell else None
     if cell is None or raw is None:

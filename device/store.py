@@ -358,6 +358,15 @@ def _row(r: sqlite3.Row | None) -> dict | None:
     return None if r is None else dict(r)
 
 
+def holds_data(path: Path) -> bool:
+    """A file that exists and is not empty: a crop or picture that can be shown (a write a power cut
+    interrupted can leave an empty one)."""
+    try:
+        return path.stat().st_size > 0
+    except FileNotFoundError:
+        return False
+
+
 class Store:
     """SQLite records under ``data_dir``; safe to use from several threads (one connection each).
 
@@ -914,15 +923,16 @@ class Store:
 
     # -- cells --
     def flagged_cells(self, slide_id: int) -> list[dict]:
-        """The slide's counted flagged cells; ``has_crop`` says whether a crop can be shown: its file is on
-        the card, or the raw frame it is cut again from (not so in a records copy restored from a backup)."""
+        """The slide's counted flagged cells; ``has_crop`` says whether a crop can be shown, as
+        :func:`device.service.ensure_crop` finds it: its file holds data, or the raw frame it is cut again
+        from is on the card (not so in a records copy restored from a backup)."""
         rows = [dict(r) for r in self._conn().execute(
             "SELECT c.*, f.seq AS field_seq, f.file_key AS _key, f.has_raw AS _has_raw FROM cells c"
             f" JOIN fields f ON f.id = c.field_id WHERE f.slide_id = ? AND c.infected = 1 AND {_COUNTED}"
             " ORDER BY f.seq, c.idx", (slide_id,))]
         for c in rows:
             key, has_raw = c.pop("_key"), c.pop("_has_raw")
-            if c["has_crop"] and not self._image_path(slide_id, key, f"cell{int(c['idx'])}").is_file():
+            if c["has_crop"] and not holds_data(self._image_path(slide_id, key, f"cell{int(c['idx'])}")):
                 c["has_crop"] = int(bool(has_raw) and self._image_path(slide_id, key, "raw").is_file())
         return rows
 

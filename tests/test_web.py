@@ -1489,3 +1489,19 @@ def test_records_restored_without_their_pictures_show_no_dead_links_and_pictures
     assert env.store.get_cell(cell["id"])["review"] is None
     assert c.get("/api/slides/1").get_json()["totals"]["review"]["confirmed"] == 0  # no guessed parasite
     assert c.get(url).status_code == 404
+
+
+def test_an_empty_crop_with_no_raw_frame_is_no_picture_in_the_gallery_either(make_env):
+    # the gallery took any crop file as a picture while the review refused an empty one: a broken image
+    # with buttons that answered 409
+    env = make_env(flag_all=True)
+    c, token = _client(env)
+    _start(c, token)
+    assert _upload(c, token, SAMPLE.read_bytes(), "a.jpg").status_code == 201
+    cell = env.store.flagged_cells(1)[0]
+    env.store.cell_crop_path(cell["id"]).write_bytes(b"")  # a write a power cut cut short
+    env.store.field_image_path(cell["field_id"], "raw").unlink()
+    assert env.store.flagged_cells(1)[0]["has_crop"] == 0
+    assert f'id="cell-{cell["id"]}"' in (review := c.get("/slides/1/review").get_data(as_text=True))
+    tile = review.split(f'id="cell-{cell["id"]}"')[1].split("</figure>")[0]
+    assert "No picture of this cell" in tile and "review-form" not in tile
