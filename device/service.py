@@ -480,6 +480,8 @@ class FieldAnalyser:
         t0 = time.perf_counter()
         # The slide's own threshold: an admin may change the threshold while the slide is open.
         threshold = float(slide["threshold"])
+        # cells scored from the slide's review floor up to the threshold keep a crop for review too
+        crop_floor = threshold if slide.get("review_floor") is None else min(threshold, float(slide["review_floor"]))
         once = threading.Lock()
 
         def release() -> None:  # exactly once per field, whichever path gets there first
@@ -487,7 +489,7 @@ class FieldAnalyser:
                 self._release(slide_id)
         try:
             fut = self._executor.submit(self._process, release, slide_id, rgb, source, model, threshold, problem,
-                                        t0, view_png)
+                                        t0, view_png, crop_floor)
         except RuntimeError:  # shut down (or its thread could not start: the item may still run later)
             release()
             raise CaptureRefused("the service is stopping", 503) from None
@@ -529,7 +531,8 @@ class FieldAnalyser:
             release()
 
     def _analyse_and_store(self, slide_id: int, rgb: np.ndarray | None, source: str, model: ModelInfo,
-                           threshold: float, problem: str | None, t0: float, view_png: bytes | None = None) -> dict:
+                           threshold: float, problem: str | None, t0: float, view_png: bytes | None = None,
+                           crop_floor: float | None = None) -> dict:
         if rgb is None or problem:
             h, w = (rgb.shape[:2] if isinstance(rgb, np.ndarray) and rgb.ndim >= 2 else (0, 0))
             result = FieldResult(int(w), int(h), f"camera frame unusable: {problem or 'no picture'}", [], 0.0,
@@ -538,7 +541,7 @@ class FieldAnalyser:
             self.metrics.inc("camera_frames_unusable_total")
         else:
             result = analyze_field(rgb, self.classifier, replace(self.settings, threshold=threshold))
-            images = self.encode_images(rgb, result, save_raw=self._keep_raw())
+            images = self.encode_images(rgb, result, save_raw=self._keep_raw(), crop_floor=crop_floor)
         try:
             field_id = self.store.add_field(slide_id, result, source=source, model_sha256=model.sha256,
                                             images=images, view_png=view_png)
@@ -582,11 +585,15 @@ class FieldAnalyser:
             self._raw_skipped_logged = True
         return False
 
-    def encode_images(self, rgb: np.ndarray, result: FieldResult, *, save_raw: bool | None = None) -> FieldImages:
+    def encode_images(self, rgb: np.ndarray, result: FieldResult, *, save_raw: bool | None = None,
+                      crop_floor: float | None = None) -> FieldImages:
+        """The field's images: annotated, raw (``save_raw``) and a crop of each cell a person reviews, the
+        flagged ones and those scored from ``crop_floor`` up (the slide's review floor; None: flagged only)."""
         save_raw = self.save_raw if save_raw is None else save_raw
         crops = {} if result.rejected else {
             i: encode_jpeg(review_crop(rgb, c.bbox), CROP_JPEG_QUALITY)
-            for i, c in enumerate(result.cells) if c.infected}
+            for i, c in enumerate(result.cells)
+            if c.infected or (crop_floor is not None and c.p_infected >= crop_floor)}
         return FieldImages(annotated_jpeg=encode_jpeg(annotate(rgb, result), ANNOTATED_JPEG_QUALITY),
                            raw_jpeg=encode_jpeg(rgb, RAW_JPEG_QUALITY) if save_raw else None,
                            crops_jpeg=crops)
@@ -616,12 +623,19 @@ def _no_fp_rate(card, threshold: float) -> str:
             f"call could be made: set a threshold the curve covers, or none for the card's {card.threshold:g}")
 
 
+def confirmed_parasites(totals: dict) -> int:
+    """Cells a person confirmed as parasites: flagged ones and ones near the threshold."""
+    return totals.get("review", {}).get("confirmed", 0) + totals.get("near", {}).get("confirmed", 0)
+
+
 def review_is_final(totals: dict) -> bool:
-    """Whether the result after review stands on its own: a parasite confirmed by a person, or every
-    flagged cell reviewed. Until then the result after review is the automatic one."""
+    """Whether the result after review stands on its own: a parasite confirmed by a person (a flagged
+    cell or one near the threshold), or every flagged cell reviewed. Until then the result after review
+    is the automatic one. Cells near the threshold left unreviewed do not hold it back: they were never
+    in the count."""
     review = totals.get("review", {})
-    return review.get("confirmed", 0) > 0 or (review.get("pending", 1) == 0
-                                              and review.get("rejected", 0) > 0)
+    return confirmed_parasites(totals) > 0 or (review.get("pending", 1) == 0
+                                               and review.get("rejected", 0) > 0)
 
 
 def slide_summary(slide: dict, totals: dict, *, reviewed: bool = False) -> SlideSummary:
@@ -644,15 +658,25 @@ def slide_summary(slide: dict, totals: dict, *, reviewed: bool = False) -> Slide
 
     # the counts after review always leave out the rejected cells; only the call waits for the review
     s = summary(totals["reviewed_infected_count"] if reviewed else totals["infected_count"],
-                review.get("confirmed", 0) if final else 0)
+                confirmed_parasites(totals) if final else 0)
     if reviewed and not final and review.get("pending", 0) > 0:
         auto = summary(totals["infected_count"], 0)
         s = replace(s, call=auto.call, call_reason=(
             f"review in progress ({review['pending']} of {totals['infected_count']} flagged cells to review): "
             f"the automatic call stands; {auto.call_reason}"))
-    if final and not review.get("confirmed", 0) and s.call == "negative":
+    near = totals.get("near", {})
+    if final and near.get("confirmed", 0):
+        n_conf = confirmed_parasites(totals)
+        s = replace(s, call_reason=(
+            f"{n_conf} cell{'s' if n_conf != 1 else ''} confirmed as {'parasites' if n_conf != 1 else 'a parasite'}"
+            f" by review ({review.get('confirmed', 0)} flagged, {near['confirmed']} near the threshold; "
+            f"{s.infected_count} infected in {s.rbc_count})"))
+    if final and not confirmed_parasites(totals) and s.call == "negative":
+        unseen = near.get("pending", 0)
         s = replace(s, call_reason=f"all {totals['infected_count']} flagged cells rejected on review; "
-                                   f"{s.rbc_count} red cells counted")
+                                   f"{s.rbc_count} red cells counted" + (
+                                       f"; {unseen} cell{'s' if unseen != 1 else ''} near the threshold not "
+                                       "reviewed" if unseen else ""))
     # summarize_slide calls any given count "measured"; the configured one is a population assumption.
     return s if slide["rbc_per_ul_measured"] else replace(s, rbc_per_ul_source="assumed")
 

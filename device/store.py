@@ -23,6 +23,7 @@ import contextlib
 import itertools
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -48,6 +49,8 @@ REVIEW_DECISIONS = ("confirmed", "rejected")
 _ANY = object()  # review_cell without a "seen" decision: whatever is stored is replaced
 # A field that counts (alias f): not rejected by the quality gate, not taken out by the technician.
 _COUNTED = "f.rejected IS NULL AND f.excluded IS NULL"
+# A cell near the threshold: not flagged, but scored at least the slide's review floor (slides s joined)
+_NEAR = "c.infected = 0 AND s.review_floor IS NOT NULL AND c.p_infected >= s.review_floor"
 # A temp file older than this is what a crash (kill -9, power cut) left mid-write; a live one is milliseconds old.
 STALE_TEMP_S = 60.0
 
@@ -164,6 +167,12 @@ MIGRATIONS: list[str] = [
     DELETE FROM field_views WHERE field_id IN
         (SELECT f.id FROM fields f JOIN slides s ON s.id = f.slide_id WHERE s.status != 'open');
     """,
+    # 9: cells scored just below the threshold ("near the threshold", p_infected >= review_floor) are shown
+    # for review too, as the slide was started: a person may find there the parasites the model missed.
+    # NULL (slides started before): none
+    """
+    ALTER TABLE slides ADD COLUMN review_floor REAL;
+    """,
 ]
 EXCLUDE_REASONS = ("wrong slide or area", "same area counted twice", "thick or damaged area", "other")
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -205,7 +214,7 @@ class FieldImages:
 
     annotated_jpeg: bytes
     raw_jpeg: bytes | None
-    crops_jpeg: dict[int, bytes]  # cell index -> crop, for the cells flagged infected
+    crops_jpeg: dict[int, bytes]  # cell index -> crop, for the cells flagged infected or near the threshold
 
 
 def pending_migrations(data_dir: str | Path) -> int:
@@ -562,7 +571,11 @@ class Store:
     # -- slides --
     def create_slide(self, *, sample_id: str, model: ModelInfo, target_rbc: int, rbc_per_ul: float,
                      rbc_per_ul_measured: bool = False, patient_id: str = "", operator: str = "",
-                     notes: str = "") -> int:
+                     notes: str = "", review_floor: float | None = None) -> int:
+        """A new open slide. ``review_floor``: cells scored from it up to the threshold are shown for review
+        as "near the threshold" (None: none)."""
+        if review_floor is not None and not (math.isfinite(review_floor) and 0.0 < review_floor <= 1.0):
+            raise ValueError(f"the review floor must lie in (0, 1], not {review_floor}")
         # One spelling per text: "É" typed as one character or as E + accent is the same ID (NFC), and
         # the search finds it whichever way it is typed.
         sample_id = unicodedata.normalize("NFC", sample_id.strip())
@@ -581,11 +594,12 @@ class Store:
                 " COALESCE((SELECT MAX(id) FROM discarded_slides), 0)) + 1").fetchone()[0])
             cur = c.execute(
                 "INSERT INTO slides (id, sample_id, patient_id, operator, notes, started_at, model_name, model_sha256,"
-                " threshold, fp_rate_per_cell, target_rbc, rbc_per_ul, rbc_per_ul_measured)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " threshold, fp_rate_per_cell, target_rbc, rbc_per_ul, rbc_per_ul_measured, review_floor)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (new_id, sample_id, patient_id, operator, notes, utc_now(), model.name,
                  model.sha256, model.threshold, model.fp_rate_per_cell, int(target_rbc), float(rbc_per_ul),
-                 int(bool(rbc_per_ul_measured))))
+                 int(bool(rbc_per_ul_measured)),
+                 None if review_floor is None else float(review_floor)))
             return int(cur.lastrowid)
 
     def get_slide(self, slide_id: int) -> dict | None:
@@ -909,16 +923,23 @@ class Store:
             " COALESCE(SUM(CASE WHEN excluded IS NULL THEN rbc_count ELSE 0 END), 0) AS rbc_count,"
             " COALESCE(SUM(CASE WHEN excluded IS NULL THEN infected_count ELSE 0 END), 0) AS infected_count"
             " FROM fields f WHERE f.slide_id = ?", (slide_id,)).fetchone()
-        r = c.execute(
-            "SELECT COALESCE(SUM(c.review = 'confirmed'), 0) AS confirmed,"
-            " COALESCE(SUM(c.review = 'rejected'), 0) AS rejected, COALESCE(SUM(c.review IS NULL), 0) AS pending"
-            " FROM cells c JOIN fields f ON f.id = c.field_id"
-            f" WHERE f.slide_id = ? AND c.infected = 1 AND {_COUNTED}",
-            (slide_id,)).fetchone()
+        def review(which: str) -> dict:
+            return dict(c.execute(
+                "SELECT COALESCE(SUM(c.review = 'confirmed'), 0) AS confirmed,"
+                " COALESCE(SUM(c.review = 'rejected'), 0) AS rejected,"
+                " COALESCE(SUM(c.review IS NULL), 0) AS pending"
+                " FROM cells c JOIN fields f ON f.id = c.field_id JOIN slides s ON s.id = f.slide_id"
+                f" WHERE f.slide_id = ? AND {which} AND {_COUNTED}", (slide_id,)).fetchone())
+
         out = dict(f)
-        out["review"] = dict(r)
-        # After review: the automatic count less the cells a technician rejected.
-        out["reviewed_infected_count"] = out["infected_count"] - out["review"]["rejected"]
+        out["review"] = review("c.infected = 1")
+        # cells near the threshold: not in the automatic count; one a person confirms is a parasite found
+        near = review(_NEAR)
+        out["near"] = {"cells": near["confirmed"] + near["rejected"] + near["pending"], **near}
+        # After review: the automatic count less the cells a technician rejected, plus the cells near the
+        # threshold they confirmed.
+        out["reviewed_infected_count"] = (out["infected_count"] - out["review"]["rejected"]
+                                          + out["near"]["confirmed"])
         return out
 
     # -- cells --
@@ -926,10 +947,18 @@ class Store:
         """The slide's counted flagged cells; ``has_crop`` says whether a crop can be shown, as
         :func:`device.service.ensure_crop` finds it: its file holds data, or the raw frame it is cut again
         from is on the card (not so in a records copy restored from a backup)."""
+        return self._review_cells(slide_id, "c.infected = 1", "f.seq, c.idx")
+
+    def near_cells(self, slide_id: int) -> list[dict]:
+        """The slide's counted cells near the threshold (not flagged, scored at least its review floor),
+        highest score first; ``has_crop`` as in :meth:`flagged_cells`."""
+        return self._review_cells(slide_id, _NEAR, "c.p_infected DESC, f.seq, c.idx")
+
+    def _review_cells(self, slide_id: int, which: str, order: str) -> list[dict]:
         rows = [dict(r) for r in self._conn().execute(
             "SELECT c.*, f.seq AS field_seq, f.file_key AS _key, f.has_raw AS _has_raw FROM cells c"
-            f" JOIN fields f ON f.id = c.field_id WHERE f.slide_id = ? AND c.infected = 1 AND {_COUNTED}"
-            " ORDER BY f.seq, c.idx", (slide_id,))]
+            " JOIN fields f ON f.id = c.field_id JOIN slides s ON s.id = f.slide_id"
+            f" WHERE f.slide_id = ? AND {which} AND {_COUNTED} ORDER BY {order}", (slide_id,))]
         for c in rows:
             key, has_raw = c.pop("_key"), c.pop("_has_raw")
             if c["has_crop"] and not holds_data(self._image_path(slide_id, key, f"cell{int(c['idx'])}")):
@@ -941,13 +970,15 @@ class Store:
             "SELECT * FROM cells WHERE field_id = ? ORDER BY idx", (field_id,))]
 
     def get_cell(self, cell_id: int) -> dict | None:
+        """The cell with its field's slide and file key; ``near``: 1 when it is near the threshold."""
         return _row(self._conn().execute(
-            "SELECT c.*, f.slide_id, f.file_key FROM cells c JOIN fields f ON f.id = c.field_id WHERE c.id = ?",
-            (cell_id,)).fetchone())
+            f"SELECT c.*, f.slide_id, f.file_key, ({_NEAR}) AS near FROM cells c JOIN fields f ON f.id = c.field_id"
+            " JOIN slides s ON s.id = f.slide_id WHERE c.id = ?", (cell_id,)).fetchone())
 
     def review_cell(self, cell_id: int, decision: str | None, by: str = "", *,
                     seen: str | None | object = _ANY) -> dict:
-        """Record a technician's decision on a flagged cell (None clears it). The model's verdict stays.
+        """Record a technician's decision on a flagged cell or one near the threshold (None clears it). The
+        model's verdict stays.
 
         ``seen``: the decision the person saw on their page (None: none yet). When another window changed
         it meanwhile, Conflict is raised instead of silently overwriting that decision.
@@ -955,12 +986,13 @@ class Store:
         if decision is not None and decision not in REVIEW_DECISIONS:
             raise ValueError(f"decision must be one of {', '.join(REVIEW_DECISIONS)}")
         with self._tx() as c:
-            cell = c.execute("SELECT c.infected, c.review, f.excluded, f.seq FROM cells c JOIN fields f"
-                             " ON f.id = c.field_id WHERE c.id = ?", (cell_id,)).fetchone()
+            cell = c.execute(f"SELECT c.infected, ({_NEAR}) AS near, c.review, f.excluded, f.seq FROM cells c"
+                             " JOIN fields f ON f.id = c.field_id JOIN slides s ON s.id = f.slide_id"
+                             " WHERE c.id = ?", (cell_id,)).fetchone()
             if cell is None:
                 raise NotFound(f"cell {cell_id} not found")
-            if not cell["infected"]:
-                raise Conflict("only cells flagged infected are reviewed")
+            if not cell["infected"] and not cell["near"]:
+                raise Conflict("only cells flagged infected or near the threshold are reviewed")
             if cell["excluded"] is not None:
                 raise Conflict(f"field {cell['seq']} is out of the count ({cell['excluded']}): its cells are not "
                                "reviewed unless it is counted again")
@@ -1082,7 +1114,8 @@ class Store:
         return p if p.is_file() else None
 
     def cell_crop_path(self, cell_id: int) -> Path | None:
-        """Where the crop of a flagged cell lives (it may be missing after a power cut), or None."""
+        """Where the crop of a flagged cell or one near the threshold lives (it may be missing after a power
+        cut), or None."""
         c = self.get_cell(cell_id)
         if c is None or not c["has_crop"]:
             return None

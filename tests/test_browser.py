@@ -436,6 +436,43 @@ def test_reaching_the_counting_target_asks_to_finish_and_stops_auto_capture(brow
             page.close()
 
 
+def test_cells_near_the_threshold_are_reviewed_in_the_gallery(browser, make_env, tmp_path):
+    # the real model on a real field (5 of its cells score 0.7-0.979): the slide page says how many wait near
+    # the threshold, and a parasite confirmed among them counts at once on the review page
+    still = tmp_path / "still"
+    still.mkdir()
+    shutil.copy(SAMPLES_DIR / "00d04a90-80e5-4bce-9511-1b64eabb7a47.jpg", still / "field.jpg")
+    with _live(make_env(open_camera=lambda: ReplayCamera(still, fps=5))) as env:
+        page = browser.new_page(viewport={"width": 1024, "height": 768})
+        try:
+            _start_slide(page, env, "NEAR-1")
+            _capture(page, 0)
+            near = env.store.near_cells(1)
+            assert len(near) >= 2
+            _until(page, f"document.getElementById('near-n').textContent === '{len(near)}'")
+            page.click("#review-link")
+            page.wait_for_url("**/slides/1/review")
+            tiles = page.locator("#near-gallery .tile")
+            assert tiles.count() == len(near)
+            assert tiles.nth(0).get_attribute("id") == f"cell-{near[0]['id']}"  # highest score first
+            flagged_after_review = int(page.inner_text("#reviewed-infected"))
+            tiles.nth(0).locator("button.btn-yes").click()
+            _until(page, "document.querySelector('#near-gallery .tile').dataset.review === 'confirmed'")
+            tiles.nth(1).locator("button.btn-no").click()
+            _until(page, "document.querySelectorAll('#near-gallery .tile')[1].dataset.review === 'rejected'")
+            assert page.inner_text("#near-confirmed") == "1" and page.inner_text("#near-rejected") == "1"
+            assert page.inner_text("#near-pending") == str(len(near) - 2)
+            assert int(page.inner_text("#reviewed-infected")) == flagged_after_review + 1
+            assert page.inner_text("#n-confirmed") == "0"  # the flagged cells' own review is apart
+            assert env.store.get_cell(near[0]["id"])["review"] == "confirmed"
+            _shot(page, "06b-review-near-threshold", full_page=True)
+            page.goto(env.base_url + "/slides/1/result")
+            assert "POSITIVE" in page.inner_text("#call-banner") and "near the threshold" in page.inner_text(
+                "#call-reason")
+        finally:
+            page.close()
+
+
 def test_admin_first_run_health_and_settings(browser, make_env, monkeypatch):
     from device import service
 

@@ -90,7 +90,10 @@ def test_a_database_of_the_first_schema_upgrades_with_its_records(tmp_path, monk
     monkeypatch.undo()
     new = Store(tmp_path)
     try:
-        assert new.pragma("user_version") == store_mod.SCHEMA_VERSION == 8
+        assert new.pragma("user_version") == store_mod.SCHEMA_VERSION == 9
+        # a slide started before cells near the threshold were shown has none (9)
+        assert new.get_slide(sid)["review_floor"] is None and new.near_cells(sid) == []
+        assert new.totals(sid)["near"] == {"cells": 0, "confirmed": 0, "rejected": 0, "pending": 0}
         assert new.get_field(fid)["has_annotated"] == 1 and new.field_image_path(fid, "annotated").is_file()
         assert new.newest_record_time() is not None  # the clock check reads the new table on old records
         new.confirm_clock()
@@ -268,6 +271,41 @@ def test_totals_count_used_fields_and_reviews(store):
     unflagged = [c for c in store.field_cells(cells[0]["field_id"]) if not c["infected"]][0]
     with pytest.raises(Conflict):
         store.review_cell(unflagged["id"], "confirmed")
+
+
+def test_cells_near_the_threshold_are_reviewed_beside_the_flagged_ones(store):
+    """A slide started with a review floor lists its unflagged cells scored from the floor up (highest
+    first) for review; one confirmed adds a parasite to the count after review. Cells below the floor,
+    and every cell of a slide started without a floor, take no decision."""
+    sid, before = _slide(store, review_floor=0.5), _slide(store, "S-0")
+    scores = [0.9, 0.55, 0.1, 0.95, 0.5, 0.49, 0.58]  # threshold 0.6: 2 flagged, 3 near (0.58, 0.55, 0.5)
+    cells = [CellVerdict((10 * i, 5, 30, 30), p, p >= 0.6) for i, p in enumerate(scores)]
+    for slide_id in (sid, before):
+        res = FieldResult(1600, 1200, None, cells, 120.0, 0.6, {"total_ms": 1.0})
+        store.add_field(slide_id, res, source="camera", model_sha256=MODEL.sha256,
+                        images=FieldImages(JPEG, None, {i: JPEG for i, p in enumerate(scores) if p >= 0.5}))
+    near = store.near_cells(sid)
+    assert [c["p_infected"] for c in near] == [0.58, 0.55, 0.5] and all(c["has_crop"] for c in near)
+    assert [c["p_infected"] for c in store.flagged_cells(sid)] == [0.9, 0.95]
+    t = store.totals(sid)
+    assert t["near"] == {"cells": 3, "confirmed": 0, "rejected": 0, "pending": 3}
+    assert t["review"]["pending"] == 2 and t["reviewed_infected_count"] == 2  # not counted until confirmed
+    store.review_cell(near[0]["id"], "confirmed", by="tech")
+    store.review_cell(near[1]["id"], "rejected")
+    t = store.totals(sid)
+    assert t["near"] == {"cells": 3, "confirmed": 1, "rejected": 1, "pending": 1}
+    assert t["reviewed_infected_count"] == 3 and t["infected_count"] == 2  # the automatic count stays
+    assert t["review"] == {"confirmed": 0, "rejected": 0, "pending": 2}  # the flagged cells' own review
+    below = [c for c in store.field_cells(near[0]["field_id"]) if c["p_infected"] < 0.5][0]
+    with pytest.raises(Conflict, match="near the threshold"):
+        store.review_cell(below["id"], "confirmed")
+    old = [c for c in store.field_cells(store.list_fields(before)[0]["id"]) if c["p_infected"] == 0.58][0]
+    assert store.near_cells(before) == [] and store.totals(before)["near"]["cells"] == 0
+    with pytest.raises(Conflict):
+        store.review_cell(old["id"], "confirmed")
+    for bad in (0.0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="review floor"):
+            _slide(store, f"S-{bad}", review_floor=bad)
 
 
 def test_a_field_committed_while_finishing_is_in_the_result_or_refused_never_lost(store):
@@ -778,7 +816,12 @@ def test_a_finished_slide_keeps_no_camera_views(tmp_path, monkeypatch):
     view = b"\x89PNG view"
     monkeypatch.setattr(store_mod, "MIGRATIONS", store_mod.MIGRATIONS[:7])
     old = Store(tmp_path)
-    done, still_open = _slide(old, "S-1"), _slide(old, "S-2")
+    with old._tx() as c:  # as version 7 started slides (create_slide writes today's columns)
+        done, still_open = (c.execute(
+            "INSERT INTO slides (sample_id, started_at, model_name, model_sha256, threshold, fp_rate_per_cell,"
+            " target_rbc, rbc_per_ul) VALUES (?, '2026-11-01T08:00:00+00:00', ?, ?, ?, ?, 2000, 5e6)",
+            (sample, MODEL.name, MODEL.sha256, MODEL.threshold, MODEL.fp_rate_per_cell)).lastrowid
+            for sample in ("S-1", "S-2"))
     fields = {sid: old.add_field(sid, _result(), source="camera", model_sha256=MODEL.sha256,
                                  images=_images(_result()), view_png=view) for sid in (done, still_open)}
     with old._tx() as c:  # finished under version 7, views kept
@@ -788,10 +831,10 @@ def test_a_finished_slide_keeps_no_camera_views(tmp_path, monkeypatch):
     monkeypatch.undo()
     s = Store(tmp_path)
     try:
-        assert s.pragma("user_version") == 8
+        assert s.pragma("user_version") == store_mod.SCHEMA_VERSION
         assert s.field_view_png(fields[done]) is None  # the finished slide's view went
         # ...but the records as the previous software left them were copied first: it can go back to them
-        copy = tmp_path / f"{store_mod.DB_NAME}.before-schema-8"
+        copy = tmp_path / f"{store_mod.DB_NAME}.before-schema-{store_mod.SCHEMA_VERSION}"
         assert stat.S_IMODE(copy.stat().st_mode) == 0o600
         conn = sqlite3.connect(copy)
         assert conn.execute("PRAGMA user_version").fetchone()[0] == 7
@@ -834,7 +877,7 @@ def test_a_failed_copy_is_cleaned_up_and_the_migration_goes_on(tmp_path, monkeyp
     real_connect = sqlite3.connect
 
     def connect(path, *a, **kw):  # the copy cannot be written (a card error): the records are fine
-        if str(path).endswith(".before-schema-8.tmp"):
+        if str(path).endswith(f".before-schema-{store_mod.SCHEMA_VERSION}.tmp"):
             raise sqlite3.OperationalError("disk I/O error")
         return real_connect(path, *a, **kw)
 
@@ -842,7 +885,8 @@ def test_a_failed_copy_is_cleaned_up_and_the_migration_goes_on(tmp_path, monkeyp
     s = Store(tmp_path)  # not "not a usable database": it is the copy that failed
     assert s.pragma("user_version") == store_mod.SCHEMA_VERSION
     s.close()
-    assert "no copy of the records before the schema migration to version 8: disk I/O error" in caplog.text
+    assert (f"no copy of the records before the schema migration to version {store_mod.SCHEMA_VERSION}: disk I/O "
+            "error") in caplog.text
     assert not [p for p in tmp_path.iterdir() if "before-schema" in p.name]  # nothing left to eat the space
 
 
@@ -854,7 +898,7 @@ def test_a_copy_a_power_cut_cut_short_is_removed_before_the_next_one(tmp_path, m
     monkeypatch.setattr(store_mod, "MIGRATIONS", store_mod.MIGRATIONS[:7])
     Store(tmp_path).close()
     monkeypatch.undo()
-    half = tmp_path / f".{store_mod.DB_NAME}.before-schema-8.tmp"
+    half = tmp_path / f".{store_mod.DB_NAME}.before-schema-{store_mod.SCHEMA_VERSION}.tmp"
     half.write_bytes(b"\0" * (1 << 20))
     need = 2 * (tmp_path / store_mod.DB_NAME).stat().st_size + store_mod.MIGRATION_COPY_MARGIN
     usage = collections.namedtuple("usage", "total used free")
@@ -868,7 +912,7 @@ def test_a_copy_a_power_cut_cut_short_is_removed_before_the_next_one(tmp_path, m
     s.close()
     assert "no copy of the records" not in caplog.text
     assert sorted(p.name for p in tmp_path.iterdir() if "before-schema" in p.name) == [
-        f"{store_mod.DB_NAME}.before-schema-8"]  # the copy made whole, nothing else
+        f"{store_mod.DB_NAME}.before-schema-{store_mod.SCHEMA_VERSION}"]  # the copy made whole, nothing else
 
 
 def test_a_migration_that_keeps_failing_is_not_copied_at_every_start(tmp_path, monkeypatch):

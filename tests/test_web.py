@@ -190,8 +190,9 @@ def test_a_slide_without_fields_cannot_be_finished(make_env):
     assert env.store.get_slide(1)["status"] == "open"
 
 
-def _slide_with_counts(make_env, n: int, flagged: int):
-    """An open slide S-1 holding one field of ``n`` cells, the first ``flagged`` flagged: (env, client, token)."""
+def _slide_with_counts(make_env, n: int, flagged: int, near: int = 0):
+    """An open slide S-1 holding one field of ``n`` cells, the first ``flagged`` flagged and the ``near`` next
+    ones scored 0.85, near the threshold (the default review floor is 0.7): (env, client, token)."""
     from device.analysis import CellVerdict, FieldResult
     from device.store import FieldImages
 
@@ -199,11 +200,12 @@ def _slide_with_counts(make_env, n: int, flagged: int):
     c, token = _client(env)
     _start(c, token)
     model = env.analyser.model
-    cells = [CellVerdict((5, 5, 30, 30), 0.99 if i < flagged else 0.01, i < flagged) for i in range(n)]
+    cells = [CellVerdict((5, 5, 30, 30), 0.99 if i < flagged else 0.85 if i < flagged + near else 0.01,
+                         i < flagged) for i in range(n)]
     jpeg = SAMPLE.read_bytes()
     env.store.add_field(1, FieldResult(1600, 1200, None, cells, 120.0, model.threshold, {"total_ms": 1.0}),
                         source="upload", model_sha256=model.sha256,
-                        images=FieldImages(jpeg, None, {i: jpeg for i in range(flagged)}))
+                        images=FieldImages(jpeg, None, {i: jpeg for i in range(flagged + near)}))
     return env, c, token
 
 
@@ -349,6 +351,91 @@ def test_review_flagged_cells_keeps_automatic_and_reviewed_counts(make_env):
     assert env.store.get_cell(cid)["review"] == "rejected"
     r = c.post(f"/api/cells/{cid}/review", json={"decision": "confirmed", "seen": "rejected"}, headers=h)
     assert r.status_code == 200 and env.store.get_cell(cid)["review"] == "confirmed"  # decided on what is stored
+
+
+def test_cells_near_the_threshold_are_shown_for_review_and_a_confirmed_one_counts(make_env):
+    """The model misses pale ring forms scored just under its threshold (held-out IML fields: 11 of 29
+    parasite cells, 7 of them from 0.7): a real field's cells scored from the review floor up are listed
+    for review with their crops, highest first, and one a person confirms is a parasite found."""
+    env = make_env()
+    c, token = _client(env)
+    _start(c, token)
+    up = _upload(c, token, SAMPLE.read_bytes(), SAMPLE.name)
+    assert up.status_code == 201, up.get_data(as_text=True)
+    fid = up.get_json()["field"]["id"]
+    slide = c.get("/api/slides/1").get_json()
+    floor, thr = slide["review_floor"], slide["threshold"]
+    assert floor == env.config.analysis.review_floor == 0.7  # the default, kept with the slide
+    scores = {x["id"]: x["p_infected"] for x in env.store.field_cells(fid)}
+    expect = sorted((i for i, p in scores.items() if floor <= p < thr), key=lambda i: -scores[i])
+    listed = c.get("/api/slides/1/cells").get_json()
+    assert [x["id"] for x in listed["near_threshold"]] == expect and len(expect) >= 2  # 5 in this field
+    assert all(scores[x["id"]] >= thr for x in listed["cells"])
+    for x in listed["near_threshold"]:
+        crop = c.get(x["crop_url"])
+        assert crop.status_code == 200 and crop.mimetype == "image/jpeg"
+    page = c.get("/slides/1/review").get_data(as_text=True)
+    assert 'id="near-threshold"' in page
+    assert page.split('id="near-gallery"')[1].count('class="tile"') == len(expect)
+    assert f'<span id="near-pending">{len(expect)}</span> not looked at' in page
+    h = {"X-CSRF-Token": token}
+    below = next(i for i, p in scores.items() if p < floor)
+    r = c.post(f"/api/cells/{below}/review", json={"decision": "confirmed", "seen": ""}, headers=h)
+    assert r.status_code == 409 and "near the threshold" in r.get_json()["error"]
+    before = c.get("/api/slides/1").get_json()
+    assert before["reviewed"]["call"] == before["automatic"]["call"] == "not enough cells"
+    r = c.post(f"/api/cells/{expect[0]}/review", json={"decision": "confirmed", "seen": ""}, headers=h)
+    assert r.status_code == 200
+    s = r.get_json()["slide"]
+    assert s["totals"]["near"] == {"cells": len(expect), "confirmed": 1, "rejected": 0, "pending": len(expect) - 1}
+    assert s["reviewed"]["infected_count"] == s["automatic"]["infected_count"] + 1
+    assert s["headline"] == "reviewed" and s["reviewed"]["call"] == "positive"
+    assert "1 near the threshold" in s["reviewed"]["call_reason"]
+    assert s["automatic"]["call"] == "not enough cells"  # the automatic result is the model's alone
+    result = c.get("/slides/1/result").get_data(as_text=True)
+    summary = result.split('id="near-summary">')[1].split("</dd>")[0]
+    assert f"{len(expect)} scored 0.70" in summary and "1 confirmed as parasites" in summary
+    row = next(csv.DictReader(io.StringIO(c.get("/export/slides.csv").get_data(as_text=True))))
+    assert row["review_floor"] == "0.7000" and row["near_threshold_cells"] == str(len(expect))
+    assert (row["near_confirmed"], row["near_pending"]) == ("1", str(len(expect) - 1))
+    # a device set to show none (review_floor 1) starts its slides without them
+    env2 = make_env(analysis={"review_floor": 1.0})
+    c2, token2 = _client(env2)
+    _start(c2, token2)
+    assert _upload(c2, token2, SAMPLE.read_bytes(), SAMPLE.name).status_code == 201
+    assert c2.get("/api/slides/1").get_json()["review_floor"] is None
+    assert c2.get("/api/slides/1/cells").get_json()["near_threshold"] == []
+    assert 'id="near-threshold"' not in c2.get("/slides/1/review").get_data(as_text=True)
+    assert 'id="near-summary"' not in c2.get("/slides/1/result").get_data(as_text=True)
+
+
+def test_a_negative_slide_says_which_cells_near_the_threshold_nobody_looked_at(make_env):
+    env, c, token = _slide_with_counts(make_env, 2000, 1, near=3)
+    html = c.get("/slides/1/result").get_data(as_text=True)
+    banner = html.split('id="call-detail">')[1].split("</div>")[0]
+    assert "NEGATIVE" in html.split('class="call-word">')[1].split("</div>")[0]
+    assert "3 cells near the threshold not looked at" in banner
+    h = {"X-CSRF-Token": token}
+    flagged, near = (c.get("/api/slides/1/cells").get_json()[k] for k in ("cells", "near_threshold"))
+    assert len(flagged) == 1 and len(near) == 3
+    assert c.post(f"/api/cells/{flagged[0]['id']}/review", json={"decision": "rejected", "seen": ""},
+                  headers=h).status_code == 200
+    s = c.get("/api/slides/1").get_json()
+    assert s["headline"] == "reviewed" and s["reviewed"]["call"] == "negative"
+    assert s["reviewed"]["call_reason"].endswith("; 3 cells near the threshold not reviewed")
+    banner = c.get("/slides/1/result").get_data(as_text=True).split('id="call-detail">')[1].split("</div>")[0]
+    assert "all rejected on review" in banner and "3 cells near the threshold not looked at" in banner
+    for cell in near[:2]:
+        assert c.post(f"/api/cells/{cell['id']}/review", json={"decision": "rejected", "seen": ""},
+                      headers=h).status_code == 200
+    s = c.get("/api/slides/1").get_json()
+    assert s["reviewed"]["call_reason"].endswith("; 1 cell near the threshold not reviewed")
+    assert c.post(f"/api/cells/{near[2]['id']}/review", json={"decision": "confirmed", "seen": ""},
+                  headers=h).status_code == 200
+    s = c.get("/api/slides/1").get_json()
+    assert s["reviewed"]["call"] == "positive" and s["automatic"]["call"] == "negative"
+    assert s["reviewed"]["infected_count"] == 1  # 1 flagged - 1 rejected + 1 near confirmed
+    assert s["reviewed"]["call_reason"].startswith("1 cell confirmed as a parasite by review (0 flagged, 1 near")
 
 
 def test_finish_pressed_while_a_field_is_analysed_counts_that_field(make_env):

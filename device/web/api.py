@@ -70,7 +70,9 @@ def capture(slide_id: int):
 @bp.get("/slides/<int:slide_id>/cells")
 def flagged_cells(slide_id: int):
     views.slide_or_404(slide_id)
-    return jsonify({"cells": [views.cell_json(c) for c in deps().store.flagged_cells(slide_id)]})
+    store = deps().store
+    return jsonify({"cells": [views.cell_json(c) for c in store.flagged_cells(slide_id)],
+                    "near_threshold": [views.cell_json(c) for c in store.near_cells(slide_id)]})
 
 
 @bp.post("/slides/<int:slide_id>/finish")

@@ -132,7 +132,9 @@ def include_field(field_id: int):
 @bp.get("/slides/<int:slide_id>/review")
 def review(slide_id: int):
     s = views.slide_view(views.slide_or_404(slide_id))
-    return render_template("review.html", slide=s, cells=deps().store.flagged_cells(slide_id))
+    store = deps().store
+    return render_template("review.html", slide=s, cells=store.flagged_cells(slide_id),
+                           near=store.near_cells(slide_id))
 
 
 @bp.post("/cells/<int:cell_id>/review")
@@ -259,6 +261,9 @@ SLIDE_COLUMNS = [
     # false positives, so the density columns above stay empty), the target, the cutoff and the rate behind it
     "flagged_pct", "target_rbc", "positive_cutoff_cells", "fp_rate_per_cell", "expected_false_positives",
     "detection_limit_per_ul",
+    # cells near the threshold shown for review (scored from review_floor up to the threshold; not counted
+    # unless confirmed); empty for slides started before they were
+    "review_floor", "near_threshold_cells", "near_confirmed", "near_rejected", "near_pending",
 ]
 
 
@@ -284,6 +289,8 @@ def export_slides():
             f"{100.0 * a['infected_count'] / a['rbc_count']:.4f}" if a["rbc_count"] else "", a["target_rbc"],
             a["positive_cutoff_cells"], f"{a['fp_rate_per_cell']:.6f}", f"{a['expected_false_positives']:.2f}",
             f"{a['detection_limit_per_ul']:.0f}",
+            *(["", "", "", "", ""] if v["review_floor"] is None else [f"{v['review_floor']:.4f}", *(
+                v["totals"]["near"][k] for k in ("cells", "confirmed", "rejected", "pending"))]),
         ])
     return _csv_response("slides", SLIDE_COLUMNS, rows)
 

@@ -22,7 +22,14 @@ from werkzeug.exceptions import HTTPException
 from device.camera import decode_view, encode_view, prepare_view, prepared_overlap, same_view, thumbnail
 from device.config import RBC_PER_UL_RANGE
 from device.imageio import IMAGE_SUFFIXES, ImageError, decode_rgb
-from device.service import CaptureRefused, ensure_crop, finish_slide, review_is_final, slide_summary
+from device.service import (
+    CaptureRefused,
+    confirmed_parasites,
+    ensure_crop,
+    finish_slide,
+    review_is_final,
+    slide_summary,
+)
 from device.store import Conflict, NotFound
 from device.web import deps, health, local_time_text
 
@@ -105,7 +112,9 @@ def start_slide(values: dict) -> int:
             sample_id=values["sample_id"], patient_id=values["patient_id"], operator=values["operator"],
             notes=values["notes"], model=model, target_rbc=d.config.analysis.counting_target_rbc,
             rbc_per_ul=measured * 1e6 if measured else d.config.analysis.rbc_per_ul,
-            rbc_per_ul_measured=bool(measured))
+            rbc_per_ul_measured=bool(measured),
+            # 1: no cells near the threshold shown (none can score from 1 and stay under the threshold)
+            review_floor=floor if (floor := d.config.analysis.review_floor) < 1.0 else None)
     except Conflict as exc:
         raise FormError(str(exc)) from None
 
@@ -475,7 +484,9 @@ def review(cell_id: int, decision: str | None, seen: str | None = None) -> dict:
         decision = None
     kwargs = {} if seen is None else {"seen": seen or None}
     store = deps().store
-    if decision is not None and store.get_cell(cell_id) is not None and ensure_crop(store, cell_id) is None:
+    cell = store.get_cell(cell_id)
+    reviewable = cell is not None and (cell["infected"] or cell["near"])  # else the store says why not
+    if decision is not None and reviewable and ensure_crop(store, cell_id) is None:
         # a decision on a cell nobody can see would be a guess: one "parasite" makes the slide positive
         abort(409, "no picture of this cell can be shown (records restored from a copy hold none, or the field's "
                    "picture cannot be read), so it cannot be judged here: look at it under the microscope")
@@ -522,10 +533,11 @@ def slide_view(slide: dict) -> dict:
     # at once): no density to read off it. What review has established so far is the confirmed cells' share,
     # a lower bound (a confirmed parasite on a slide of 2,098 cells read as 0.858% with 17 cells unseen).
     pending, n = totals["review"]["pending"], automatic["rbc_count"]
+    confirmed = confirmed_parasites(totals)  # flagged and near the threshold
     review_open = None if not pending else {
-        "pending": pending, "confirmed": totals["review"]["confirmed"],
-        "confirmed_pct": 100.0 * totals["review"]["confirmed"] / n if n else 0.0,
-        "confirmed_per_ul": totals["review"]["confirmed"] / n * automatic["rbc_per_ul"] if n else 0.0,
+        "pending": pending, "confirmed": confirmed,
+        "confirmed_pct": 100.0 * confirmed / n if n else 0.0,
+        "confirmed_per_ul": confirmed / n * automatic["rbc_per_ul"] if n else 0.0,
     }
     return {**{k: v for k, v in slide.items() if k != "result_json"}, "totals": totals,
             "automatic": automatic, "reviewed": reviewed, "headline": headline, "review_open": review_open,

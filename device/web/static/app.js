@@ -141,6 +141,7 @@
       call.textContent = cur.call + (sl.headline === "reviewed" ? " (after review)" : "");
       call.className = "call-chip " + callClass(cur.call);
       $("flagged-n").textContent = sl.totals.review.pending;
+      if ($("near-n")) { $("near-n").textContent = sl.totals.near.pending; }
     };
 
     var renderField = function (f) {
@@ -358,6 +359,12 @@
         $("n-rejected").textContent = rv.rejected;
         $("n-pending").textContent = rv.pending;
         $("reviewed-infected").textContent = res.body.slide.reviewed.infected_count;
+        var nr = res.body.slide.totals.near;
+        if (nr && $("near-confirmed")) {
+          $("near-confirmed").textContent = nr.confirmed;
+          $("near-rejected").textContent = nr.rejected;
+          $("near-pending").textContent = nr.pending;
+        }
       });
     });
   });
