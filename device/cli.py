@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from device.config import RBC_PER_UL_RANGE
+from device.config import RBC_PER_UL_RANGE, REVIEW_FLOOR_RANGE, AnalysisConfig
 
 logger = logging.getLogger(__name__)
 
@@ -409,7 +409,8 @@ def cmd_evaluate_fields(args) -> int:
         report = evaluate_fields(args.dir, classify=classify, threshold=threshold, iou=args.iou,
                                  progress=lambda i, n, name: _progress(i, n, name),
                                  partial_labels=args.partial_labels, ignore_border_gt=not args.count_border_cells,
-                                 trained_on=trained_on)
+                                 trained_on=trained_on,
+                                 review_floor=None if args.review_floor >= 1 else args.review_floor)
     except FieldsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -529,6 +530,8 @@ _rbc_per_ul = _ranged(float, lambda v: RBC_PER_UL_RANGE[0] <= v <= RBC_PER_UL_RA
 
 
 _iou = _ranged(float, lambda v: 0.0 < v <= 1.0, "{text!r} is not a number", "{text} is not an IoU in (0, 1]")
+_review_floor = _ranged(float, lambda v: REVIEW_FLOOR_RANGE[0] <= v <= REVIEW_FLOOR_RANGE[1],
+                        "{text!r} is not a number", "{text} is not a review floor in 0.5-1")
 _threads = _ranged(int, lambda n: 1 <= n <= 64, "{text!r} is not a whole number of threads",
                    "{text} is outside 1-64 threads")
 
@@ -582,6 +585,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--errors", metavar="DIR",
                    help="write a picture of each error here (red cells missed or made up; parasite-bearing "
                         "cells missed, false positives), named by image, kind and score, to judge them by eye")
+    p.add_argument("--review-floor", type=_review_floor, default=AnalysisConfig.review_floor,
+                   help="also report the cells scored from this up to the threshold, which the device shows for "
+                        f"review (default {AnalysisConfig.review_floor:g}, the device's; 1: none)")
     p.add_argument("--include-training-fields", action="store_true",
                    help="score the classifier on every image, even those its model card lists as training images "
                         "(by default they are reported apart)")

@@ -251,6 +251,7 @@ def evaluate_fields(
     partial_labels: bool | None = None,
     ignore_border_gt: bool = True,
     trained_on: Collection[str] = (),
+    review_floor: float | None = None,
 ) -> dict[str, Any]:
     """Segment (and optionally classify) every annotated field in ``field_dir`` and score it.
 
@@ -266,6 +267,9 @@ def evaluate_fields(
         trained_on: names of images the classifier was trained on (its model card lists them). They are
             still segmented and scored for detection, but their classification is summed apart
             (``classification_training_fields``): a model scored on its own training cells says nothing.
+        review_floor: the device's review floor (cells scored from it up to ``threshold`` are shown to a
+            person "near the threshold"): the classification then also gives ``review``, how many counted
+            cells that shows per 1,000 and the parasite recall once a person confirms those cells.
 
     Returns:
         A dict: ``dataset``, ``partial_labels``, ``iou``, ``threshold``, ``images`` (one row per image),
@@ -362,11 +366,12 @@ def evaluate_fields(
             r.update(count_error=None, count_error_pct=None)
         report["totals"]["mean_abs_count_error_pct"] = None
     if classify is not None:
-        report["classification"] = _classification_summary(cls_acc, partial, threshold)
+        report["classification"] = _classification_summary(cls_acc, partial, threshold, review_floor)
         report["classification"]["n_images"] = sum(not r["model_trained_on"] for r in rows)
         n_trained = sum(r["model_trained_on"] for r in rows)
         if n_trained:
-            report["classification_training_fields"] = _classification_summary(cls_acc_trained, partial, threshold)
+            report["classification_training_fields"] = _classification_summary(cls_acc_trained, partial, threshold,
+                                                                               review_floor)
             report["classification_training_fields"]["n_images"] = n_trained
     return report
 
@@ -402,7 +407,8 @@ def _error_entry(name: str, kind: str, box: Any, bbox: Any, p: float | None = No
 def _new_classification_acc() -> dict[str, Any]:
     return {"n_parasite_gt": 0, "n_parasite_detected": 0, "n_parasite_flagged": 0,
             "n_rbc_matched": 0, "n_rbc_flagged": 0, "n_unmatched_judged": 0, "n_unmatched_flagged": 0,
-            "n_cells_classified": 0, "n_cells_flagged": 0, "p_parasite": [], "p_rbc": [], "cell_errors": []}
+            "n_cells_classified": 0, "n_cells_flagged": 0, "p_parasite": [], "p_rbc": [], "p_counted": [],
+            "cell_errors": []}
 
 
 def _classify_image(
@@ -448,6 +454,7 @@ def _classify_image(
     acc["n_cells_flagged"] += row["n_flagged"]
     acc["p_parasite"].extend(p[par_det].tolist())
     acc["p_rbc"].extend(p[rbc_det].tolist())
+    acc["p_counted"].extend(p[counted].tolist())
     # Each error, to be looked at (device evaluate-fields --errors DIR): a boxed parasite-bearing cell not
     # flagged (segmented or not) and a plain boxed red cell flagged.
     for j in np.flatnonzero((par_det & ~flagged) | (rbc_det & flagged)):
@@ -503,7 +510,8 @@ def error_view(image_rgb: np.ndarray, error: dict[str, Any], side_px: int = 192)
 CURVE_THRESHOLDS = (0.5, 0.7, 0.9, 0.95, 0.98, 0.99, 0.995)
 
 
-def _classification_summary(acc: dict[str, Any], partial: bool, threshold: float) -> dict[str, Any]:
+def _classification_summary(acc: dict[str, Any], partial: bool, threshold: float,
+                            review_floor: float | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {k: v for k, v in acc.items() if not k.startswith("p_")}
     out["parasite_recall"] = _ratio(acc["n_parasite_flagged"], acc["n_parasite_gt"])
     out["parasite_segmented_frac"] = _ratio(acc["n_parasite_detected"], acc["n_parasite_gt"])
@@ -521,6 +529,19 @@ def _classification_summary(acc: dict[str, Any], partial: bool, threshold: float
          "fp_per_1000_rbc": 1000.0 * _ratio(int((p_rbc >= t).sum()), len(p_rbc))}
         for t in sorted({*CURVE_THRESHOLDS, float(threshold)})
     ]
+    if review_floor is not None and review_floor < threshold:
+        # What the review page adds: the counted cells scored from the floor up to the threshold are shown
+        # to a person; the parasite cells among them are found once that person confirms them.
+        p_all = np.asarray(acc["p_counted"])
+        n_near = int(((p_all >= review_floor) & (p_all < threshold)).sum())
+        found = int((p_par >= review_floor).sum())
+        out["review"] = {
+            "floor": float(review_floor),
+            "n_near": n_near,
+            "near_per_1000": 1000.0 * _ratio(n_near, len(p_all)),
+            "n_parasite_flagged_or_near": found,
+            "parasite_recall_with_review": _ratio(found, acc["n_parasite_gt"]),
+        }
     return out
 
 
@@ -640,4 +661,10 @@ def _classification_lines(report: dict[str, Any], c: dict[str, Any]) -> list[str
         "  threshold     " + "".join(f"{r['threshold']:>8.4g}" for r in c["operating_curve"]),
         "  recall        " + "".join(f"{_fmt(r['parasite_recall'], '.3f'):>8}" for r in c["operating_curve"]),
         "  FP per 1,000  " + "".join(f"{_fmt(r['fp_per_1000_rbc'], '.1f'):>8}" for r in c["operating_curve"]),
+        *([] if not c.get("review") else [
+            f"  with the cells near the threshold reviewed (p from {c['review']['floor']:g}, shown to a person): "
+            f"{c['review']['n_near']} shown of {c['n_cells_classified']} counted "
+            f"({c['review']['near_per_1000']:.1f} per 1,000); parasite-bearing cells flagged or shown "
+            f"{c['review']['n_parasite_flagged_or_near']} of {c['n_parasite_gt']} -> recall "
+            f"{_fmt(c['review']['parasite_recall_with_review'], '.3f')} once a person confirms them"]),
     ]

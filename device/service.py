@@ -301,7 +301,7 @@ def free_raw_frames(store: Store, finished_before: datetime | None) -> dict:
 
 def free_annotated_images(store: Store, finished_before: datetime | None) -> dict:
     """Delete the annotated images of the fields of slides finished before that time; each field's result,
-    cell list (with every box) and flagged-cell crops stay. Nothing is cut from an annotated image, so
+    cell list (with every box) and review crops stay. Nothing is cut from an annotated image, so
     nothing needs to be made durable first. Returns ``{"fields", "bytes", "failed", "swept"}``."""
     swept = store.sweep_images("annotated")
     freed = store.delete_images("annotated", store.image_fields("annotated", finished_before))

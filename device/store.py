@@ -1043,7 +1043,7 @@ class Store:
 
     def delete_images(self, kind: str, field_ids: list[int]) -> dict:
         """Delete the ``kind`` images ("raw" frames, the largest file of a field, or "annotated" fields) of
-        these fields, where their slide is finished. The result, the cell list and the flagged-cell crops
+        these fields, where their slide is finished. The result, the cell list and the review crops
         are kept. What frees the SD card of a busy clinic.
 
         The rows stop naming the files first (one transaction), then the files go, each on its own: a

@@ -148,6 +148,17 @@ def test_evaluate_fields_scores_the_classifier_only_on_fields_its_card_does_not_
     assert doc["classification"]["n_images"] == 2 and "classification_training_fields" not in doc
 
 
+def test_evaluate_fields_review_floor_is_the_devices_range(tmp_path):
+    fields = ROOT / "tests" / "fixtures" / "fields"
+    r = device("evaluate-fields", str(fields), "--review-floor", "1", "--json", str(tmp_path / "none.json"))
+    assert r.returncode == 0, r.stderr
+    assert "review" not in json.loads((tmp_path / "none.json").read_text())["classification"]
+    assert "near the threshold" not in r.stdout
+    for bad in ("0.3", "nan", "x"):
+        r = device("evaluate-fields", str(fields), "--review-floor", bad)
+        assert r.returncode == 2 and "--review-floor" in r.stderr
+
+
 def test_evaluate_fields_draws_every_classification_error_for_a_person_to_judge(tmp_path):
     import cv2
 
@@ -176,6 +187,12 @@ def test_evaluate_fields_draws_every_classification_error_for_a_person_to_judge(
     assert kinds.count("not segmented") == c["n_parasite_gt"] - c["n_parasite_detected"]
     assert kinds.count("false positive") == c["n_rbc_flagged"]
     assert {"missed", "not segmented", "false positive"} <= set(kinds)  # the fixture holds each kind
+    # what the review page adds (the device's default floor, 0.7): the missed parasite cells scored from it
+    rv = c["review"]
+    near_missed = [e for e in errors if e["kind"] == "missed" and e["p_infected"] >= rv["floor"]]
+    assert rv["floor"] == 0.7 and rv["n_parasite_flagged_or_near"] == c["n_parasite_flagged"] + len(near_missed)
+    assert rv["parasite_recall_with_review"] == rv["n_parasite_flagged_or_near"] / c["n_parasite_gt"]
+    assert rv["n_near"] >= len(near_missed) and "with the cells near the threshold reviewed" in r.stdout
     for e in errors:
         if e["kind"] == "not segmented":
             assert e["p_infected"] is None and e["bbox"] is None

@@ -354,7 +354,7 @@ def _days(raw: str) -> int | None:
 @admin_required
 def free_space():
     """Delete the raw frames of slides finished more than ``days`` days ago, and with ``annotated`` their
-    annotated fields too; results, cell lists and flagged-cell crops are kept."""
+    annotated fields too; results, cell lists and review crops are kept."""
     d = deps()
     raw = request.form.get("days", "")
     days = _days(raw)
@@ -375,9 +375,9 @@ def free_space():
     try:
         freed = free_raw_frames(d.store, before)
     except OSError as exc:
-        logger.error("free space: the flagged-cell crops could not be written to the card: %s", exc)
+        logger.error("free space: the review crops could not be written to the card: %s", exc)
         flash(f"Free space: writing to the storage failed ({exc.strerror or exc}); nothing was deleted, as the "
-              "raw frames are what a lost flagged-cell crop is cut again from. The card may be failing: download "
+              "raw frames are what a lost review crop is cut again from. The card may be failing: download "
               "the records and replace it.", "error")
         return redirect(url_for("admin.index", _anchor="free-space"), 303)
     logger.info("admin %s freed space: raw frames of %d fields of slides finished more than %d days ago, %.1f MB",
