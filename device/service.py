@@ -218,7 +218,8 @@ class DiskState:
 
 
 def review_crop(rgb: np.ndarray, bbox: tuple[int, int, int, int]) -> np.ndarray:
-    """The flagged cell with some of its surroundings, unmasked: what a reviewer needs to judge it."""
+    """The cell (flagged, or near the threshold) with some of its surroundings, unmasked: what a reviewer
+    needs to judge it."""
     x, y, w, h = bbox
     m = round(max(w, h) * REVIEW_CROP_MARGIN_FRAC)
     hh, ww = rgb.shape[:2]
@@ -310,7 +311,8 @@ def free_annotated_images(store: Store, finished_before: datetime | None) -> dic
 
 
 def ensure_crop(store: Store, cell_id: int) -> Path | None:
-    """The crop file of a flagged cell, cut again from the raw frame if a power cut lost it."""
+    """The crop file of a cell for review (flagged, or near the threshold), cut again from the raw frame if a
+    power cut lost it."""
     path = store.cell_crop_path(cell_id)
     if path is None:
         return None

@@ -172,6 +172,7 @@ MIGRATIONS: list[str] = [
     # NULL (slides started before): none
     """
     ALTER TABLE slides ADD COLUMN review_floor REAL;
+    CREATE INDEX cells_unflagged ON cells (field_id, p_infected) WHERE infected = 0;
     """,
 ]
 EXCLUDE_REASONS = ("wrong slide or area", "same area counted twice", "thick or damaged area", "other")
@@ -545,6 +546,20 @@ class Store:
         return conn
 
     @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """Reads that must agree with each other: one snapshot (a read transaction under WAL), or the
+        transaction this thread is already in."""
+        conn = self._conn()
+        if conn.in_transaction:
+            yield conn
+            return
+        conn.execute("BEGIN")
+        try:
+            yield conn
+        finally:
+            conn.execute("COMMIT")
+
+    @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         conn = self._conn()
         conn.execute("BEGIN IMMEDIATE")
@@ -914,8 +929,12 @@ class Store:
 
     def totals(self, slide_id: int) -> dict:
         """Counts over the slide's fields (used = not rejected by the gate and not excluded by the
-        technician) and the review of its flagged cells."""
-        c = self._conn()
+        technician) and the review of its flagged cells and of those near the threshold, read in one
+        snapshot (a field counted again between two reads gave confirmed cells beyond the infected count)."""
+        with self._read() as c:
+            return self._totals(c, slide_id)
+
+    def _totals(self, c: sqlite3.Connection, slide_id: int) -> dict:
         f = c.execute(
             f"SELECT COUNT(*) AS fields, COALESCE(SUM({_COUNTED}), 0) AS fields_used,"
             " COALESCE(SUM(rejected IS NOT NULL), 0) AS fields_rejected,"
@@ -1031,7 +1050,7 @@ class Store:
             f"SELECT f.id {self._FINISHED_BEFORE} AND f.{self._image_flag(kind)} = 1", (cutoff,))]
 
     def crop_files(self, field_ids: list[int]) -> list[tuple[int, Path]]:
-        """(cell ID, crop path) of the flagged cells with a crop in these fields (the files may be missing)."""
+        """(cell ID, crop path) of the cells with a review crop in these fields (the files may be missing)."""
         out: list[tuple[int, Path]] = []
         for chunk in _chunks(field_ids, 500):
             marks = ",".join("?" * len(chunk))

@@ -308,6 +308,43 @@ def test_cells_near_the_threshold_are_reviewed_beside_the_flagged_ones(store):
             _slide(store, f"S-{bad}", review_floor=bad)
 
 
+def test_totals_read_one_snapshot(store, tmp_path, monkeypatch):
+    """The counts and the reviews are read in one snapshot: a field counted again by another window between
+    two reads gave 2 confirmed cells beside 0 infected ones, and summarize_slide raised (a 500 on the page)."""
+    sid = _slide(store)
+    res = _result(20, 2)
+    fid = store.add_field(sid, res, source="camera", model_sha256=MODEL.sha256, images=_images(res))
+    for cell in store.flagged_cells(sid):
+        store.review_cell(cell["id"], "confirmed")
+    store.exclude_field(fid, "other")
+    other = Store(tmp_path / "data")  # another thread's connection, as another request has
+    real = store._conn()
+    reads = []
+
+    class Between:  # counts the field again between the first read of totals() and the next
+        def execute(self, sql, *args):
+            out = real.execute(sql, *args)
+            if sql.lstrip().upper().startswith("SELECT"):
+                reads.append(sql)
+                if len(reads) == 1:
+                    other.exclude_field(fid, None)
+            return out
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    monkeypatch.setattr(store, "_conn", lambda: Between())
+    try:
+        t = store.totals(sid)
+    finally:
+        other.close()
+    assert len(reads) >= 2
+    assert (t["rbc_count"], t["infected_count"], t["review"]["confirmed"]) == (0, 0, 0)  # all before the change
+    monkeypatch.undo()
+    t = store.totals(sid)
+    assert (t["rbc_count"], t["infected_count"], t["review"]["confirmed"]) == (20, 2, 2)  # all after it
+
+
 def test_a_field_committed_while_finishing_is_in_the_result_or_refused_never_lost(store):
     """Finish reads the counts inside the write lock: a field that arrives meanwhile waits, then is
     refused. (Counts read before the lock once stored 1 field's result beside 2 recorded fields.)"""

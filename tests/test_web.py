@@ -407,6 +407,10 @@ def test_cells_near_the_threshold_are_shown_for_review_and_a_confirmed_one_count
     assert c2.get("/api/slides/1/cells").get_json()["near_threshold"] == []
     assert 'id="near-threshold"' not in c2.get("/slides/1/review").get_data(as_text=True)
     assert 'id="near-summary"' not in c2.get("/slides/1/result").get_data(as_text=True)
+    # nor with an operating threshold at or below the floor (an admin may set 0.5-0.999)
+    env.analyser.set_threshold(0.6)
+    _start(c, token, sample_id="S-2")
+    assert c.get("/api/slides/2").get_json()["review_floor"] is None
 
 
 def test_a_negative_slide_says_which_cells_near_the_threshold_nobody_looked_at(make_env):
@@ -414,7 +418,7 @@ def test_a_negative_slide_says_which_cells_near_the_threshold_nobody_looked_at(m
     html = c.get("/slides/1/result").get_data(as_text=True)
     banner = html.split('id="call-detail">')[1].split("</div>")[0]
     assert "NEGATIVE" in html.split('class="call-word">')[1].split("</div>")[0]
-    assert "3 cells near the threshold not looked at" in banner
+    assert "3 cells near the threshold not looked at: most parasites the model misses score there" in banner
     h = {"X-CSRF-Token": token}
     flagged, near = (c.get("/api/slides/1/cells").get_json()[k] for k in ("cells", "near_threshold"))
     assert len(flagged) == 1 and len(near) == 3
@@ -436,6 +440,12 @@ def test_a_negative_slide_says_which_cells_near_the_threshold_nobody_looked_at(m
     assert s["reviewed"]["call"] == "positive" and s["automatic"]["call"] == "negative"
     assert s["reviewed"]["infected_count"] == 1  # 1 flagged - 1 rejected + 1 near confirmed
     assert s["reviewed"]["call_reason"].startswith("1 cell confirmed as a parasite by review (0 flagged, 1 near")
+    # History says where the parasite came from (it read "1 (0 confirmed, 1 rejected) ... positive after review")
+    assert "+ 1 near the threshold confirmed" in c.get("/history").get_data(as_text=True)
+    # a positive after review still names the cells near the threshold nobody looked at
+    assert c.post(f"/api/cells/{near[1]['id']}/review", json={"decision": None}, headers=h).status_code == 200
+    banner = c.get("/slides/1/result").get_data(as_text=True).split('id="call-detail">')[1].split("</div>")[0]
+    assert "1 cell near the threshold not looked at: parasites among them would add to this count" in banner
 
 
 def test_finish_pressed_while_a_field_is_analysed_counts_that_field(make_env):

@@ -114,7 +114,8 @@ def start_slide(values: dict) -> int:
             rbc_per_ul=measured * 1e6 if measured else d.config.analysis.rbc_per_ul,
             rbc_per_ul_measured=bool(measured),
             # 1: no cells near the threshold shown (none can score from 1 and stay under the threshold)
-            review_floor=floor if (floor := d.config.analysis.review_floor) < 1.0 else None)
+            # and none when the threshold is at or below the floor (an admin may set it from 0.5)
+            review_floor=floor if (floor := d.config.analysis.review_floor) < min(1.0, model.threshold) else None)
     except Conflict as exc:
         raise FormError(str(exc)) from None
 
