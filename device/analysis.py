@@ -324,16 +324,19 @@ def analyze_field(
 
 INFECTED_RGB = (220, 20, 60)
 UNINFECTED_RGB = (0, 160, 80)
+NEAR_RGB = (255, 176, 0)  # amber: scored just under the threshold, shown for review
 
 
-def annotate(image_rgb: np.ndarray, result: FieldResult) -> np.ndarray:
-    """A copy of the field with each cell boxed: red for infected, green for not."""
+def annotate(image_rgb: np.ndarray, result: FieldResult, near_from: float | None = None) -> np.ndarray:
+    """A copy of the field with each cell boxed: red for infected, amber for a cell not flagged but scored
+    from ``near_from`` up (near the threshold: shown for review; None: none), green for the others."""
     out = image_rgb.copy()
     thick = max(1, round(max(out.shape[:2]) / 600))
     for c in result.cells:
         x, y, w, h = c.bbox
-        colour = INFECTED_RGB if c.infected else UNINFECTED_RGB
-        cv2.rectangle(out, (x, y), (x + w - 1, y + h - 1), colour, thick + (1 if c.infected else 0))
+        near = not c.infected and near_from is not None and c.p_infected >= near_from
+        colour = INFECTED_RGB if c.infected else NEAR_RGB if near else UNINFECTED_RGB
+        cv2.rectangle(out, (x, y), (x + w - 1, y + h - 1), colour, thick + (1 if c.infected or near else 0))
     if result.rejected:
         cv2.putText(out, "REJECTED", (10, 40), cv2.FONT_HERSHEY_SIMPLEX, 1.2, INFECTED_RGB, 3)
     return out

@@ -354,7 +354,9 @@ def _analyze_files(files, clf, settings, out_dir, images: list, verbose: bool) -
             # Encoded here and written by Python: OpenCV's imwrite fails silently on an unwritable path and
             # crashes on a file name that is not UTF-8.
             target = out_dir / _unique_name(f.stem, used_names)
-            ok, jpg = cv2.imencode(".jpg", cv2.cvtColor(annotate(rgb, res), cv2.COLOR_RGB2BGR),
+            # cells near the threshold in amber, from the device's default review floor (none below it)
+            near_from = AnalysisConfig.review_floor if AnalysisConfig.review_floor < res.threshold else None
+            ok, jpg = cv2.imencode(".jpg", cv2.cvtColor(annotate(rgb, res, near_from), cv2.COLOR_RGB2BGR),
                                    [cv2.IMWRITE_JPEG_QUALITY, 90])
             try:
                 if not ok:
@@ -556,7 +558,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("analyze", help="analyse saved field images")
     p.add_argument("paths", nargs="+", metavar="IMAGE_OR_DIR")
     p.add_argument("--json", help="write per-image results (and the slide result) here")
-    p.add_argument("--annotate", metavar="DIR", help="write annotated copies here")
+    p.add_argument("--annotate", metavar="DIR",
+                   help="write annotated copies here (boxes: red flagged infected, amber near the threshold "
+                        f"(from {AnalysisConfig.review_floor:g}, as the device shows them for review), green the "
+                        "others)")
     p.add_argument("--slide", action="store_true", help="treat all images as fields of one slide")
     p.add_argument("--target", type=_target, default=2000, help="RBC counting target (default 2000)")
     p.add_argument("--rbc-per-ul", type=_rbc_per_ul, help="measured RBC count per uL (default: assume 5e6)")

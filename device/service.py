@@ -589,14 +589,16 @@ class FieldAnalyser:
 
     def encode_images(self, rgb: np.ndarray, result: FieldResult, *, save_raw: bool | None = None,
                       crop_floor: float | None = None) -> FieldImages:
-        """The field's images: annotated, raw (``save_raw``) and a crop of each cell a person reviews, the
-        flagged ones and those scored from ``crop_floor`` up (the slide's review floor; None: flagged only)."""
+        """The field's images: annotated (the cells scored from ``crop_floor`` up and not flagged boxed in
+        amber), raw (``save_raw``) and a crop of each cell a person reviews, the flagged ones and those scored
+        from ``crop_floor`` up (the slide's review floor; None: flagged only)."""
         save_raw = self.save_raw if save_raw is None else save_raw
         crops = {} if result.rejected else {
             i: encode_jpeg(review_crop(rgb, c.bbox), CROP_JPEG_QUALITY)
             for i, c in enumerate(result.cells)
             if c.infected or (crop_floor is not None and c.p_infected >= crop_floor)}
-        return FieldImages(annotated_jpeg=encode_jpeg(annotate(rgb, result), ANNOTATED_JPEG_QUALITY),
+        return FieldImages(annotated_jpeg=encode_jpeg(annotate(rgb, result, near_from=crop_floor),
+                                                      ANNOTATED_JPEG_QUALITY),
                            raw_jpeg=encode_jpeg(rgb, RAW_JPEG_QUALITY) if save_raw else None,
                            crops_jpeg=crops)
 

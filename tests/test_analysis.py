@@ -142,3 +142,16 @@ def test_exposure_is_judged_where_the_light_falls(classifier):
 def test_a_frame_that_is_not_rgb8_is_a_clear_error(classifier, shape, dtype):
     with pytest.raises(ValueError, match="expected an HxWx3 uint8 RGB image"):  # was an OpenCV error from inside
         analyze_field(np.zeros(shape, dtype), classifier)
+
+
+def test_annotated_boxes_say_flagged_near_the_threshold_or_neither():
+    from device.analysis import INFECTED_RGB, NEAR_RGB, UNINFECTED_RGB, CellVerdict, FieldResult, annotate
+
+    white = np.full((120, 200, 3), 255, np.uint8)
+    cells = [CellVerdict((10, 10, 40, 40), 0.99, True), CellVerdict((70, 10, 40, 40), 0.8, False),
+             CellVerdict((130, 10, 40, 40), 0.69, False)]
+    res = FieldResult(200, 120, None, cells, 3.0, 0.979, {})
+    out = annotate(white, res, near_from=0.7)
+    assert [tuple(int(v) for v in out[10, x + 20]) for x in (10, 70, 130)] == [INFECTED_RGB, NEAR_RGB, UNINFECTED_RGB]
+    assert tuple(int(v) for v in annotate(white, res)[10, 90]) == UNINFECTED_RGB  # no floor: no amber
+    assert (white == 255).all()  # drawn on a copy

@@ -450,6 +450,8 @@ def test_cells_near_the_threshold_are_reviewed_in_the_gallery(browser, make_env,
             near = env.store.near_cells(1)
             assert len(near) >= 2
             _until(page, f"document.getElementById('near-n').textContent === '{len(near)}'")
+            assert "amber near the threshold" in page.inner_text("#box-key")
+            _shot(page, "06a-slide-near-threshold", full_page=True)
             page.click("#review-link")
             page.wait_for_url("**/slides/1/review")
             tiles = page.locator("#near-gallery .tile")

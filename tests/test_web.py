@@ -374,6 +374,15 @@ def test_cells_near_the_threshold_are_shown_for_review_and_a_confirmed_one_count
     for x in listed["near_threshold"]:
         crop = c.get(x["crop_url"])
         assert crop.status_code == 200 and crop.mimetype == "image/jpeg"
+    # boxed in amber on the annotated field (red: flagged, green: the others), as the key under it says
+    ann = cv2.imdecode(np.frombuffer(c.get(up.get_json()["field"]["annotated_url"]).data, np.uint8), cv2.IMREAD_COLOR)
+    for x in env.store.field_cells(fid):
+        if x["w"] > 30 and x["h"] > 30:
+            edge = ann[x["y"] + 1, x["x"] + x["w"] // 2 - 4: x["x"] + x["w"] // 2 + 4].astype(int)  # BGR
+            near = floor <= x["p_infected"] < thr
+            want = (0, 176, 255) if near else (60, 20, 220) if x["infected"] else (80, 160, 0)
+            assert np.abs(edge.mean(axis=0) - want).max() < 45, (x, edge.mean(axis=0))
+    assert "amber</span> near the threshold" in c.get("/slides/1").get_data(as_text=True)
     page = c.get("/slides/1/review").get_data(as_text=True)
     assert 'id="near-threshold"' in page
     assert page.split('id="near-gallery"')[1].count('class="tile"') == len(expect)
