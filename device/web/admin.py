@@ -130,7 +130,7 @@ def _render(status: int = 200, *, settings_error: str | None = None, password_er
         metrics=d.analyser.metrics.counts,
         log=d.recent_log.entries(), values=values, sources=CAMERA_SOURCES, safe_range=THRESHOLD_SAFE_RANGE,
         pin_set=bool(cfg.security.technician_pin), settings_error=settings_error, password_error=password_error,
-        data_dir=d.store.data_dir, raw_frame_days=RAW_FRAME_DAYS_DEFAULT,
+        data_dir=d.store.data_dir, raw_frame_days=RAW_FRAME_DAYS_DEFAULT, review_floor=cfg.analysis.review_floor,
         raw_frames_old=d.store.count_images("raw", old),
         raw_frames_finished=d.store.count_images("raw"),
         annotated_old=d.store.count_images("annotated", old),
