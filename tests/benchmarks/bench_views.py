@@ -6,6 +6,9 @@ For the cell as it is, its upside-down copy, its mirror image and both flips (me
 the ROC AUC and the sensitivity at 0, 1, 2, 5 and 14 false positives among the healthy validation cells
 (the slide call works near one). A measurement, not a test: nothing asserts. Each extra view costs one
 more pass of the model per cell.
+
+``--band LO HI``: also the second (upside-down) view only for the cells whose first view scores from LO to
+HI, the cells the model is least sure of, with the share of cells that needs it (what it would cost).
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "nih_cells"))
     ap.add_argument("--model", default=str(ROOT / "models" / "cellnet_int8.tflite"))
+    ap.add_argument("--band", nargs=2, type=float, action="append", default=[], metavar=("LO", "HI"),
+                    help="second view only for first-view scores in [LO, HI] (repeatable)")
     args = ap.parse_args()
     data = Path(args.data)
     with open(data / "patients.csv", newline="") as fh:
@@ -63,6 +68,14 @@ def main() -> None:
     for label, names in combos:
         s = np.mean([logits[n] for n in names], axis=0)
         print(f"{label:24s} {roc_auc(y, s):7.4f} " + " ".join(f"{sensitivity_at(s, y, k):8.3f}" for k in ks))
+    p0 = 1.0 / (1.0 + np.exp(-logits["as it is"]))
+    for lo, hi in args.band:
+        band = (p0 >= lo) & (p0 <= hi)
+        s = logits["as it is"].copy()
+        s[band] = (s[band] + logits["upside down"][band]) / 2
+        label = f"2nd view on [{lo:g}, {hi:g}]"
+        print(f"{label:24s} {roc_auc(y, s):7.5f}" + " ".join(f"{sensitivity_at(s, y, k):8.3f}" for k in ks)
+              + f"  ({band.mean():.1%} of the cells take the second view)")
 
 
 if __name__ == "__main__":
