@@ -75,10 +75,10 @@ def test_admin_page_shows_device_health_model_and_last_problems(make_env, monkey
     # the shipped card chose its threshold on the validation cells: the page says so beside the figures
     assert "Threshold chosen" in html and "measured on the cells it was chosen on" in html
     floor = html.split('id="review-floor">')[1].split("</dd>")[0]
-    assert "cells scored from 0.70 up to the threshold are shown for review" in floor
+    assert "cells scored from 0.7 up to the threshold are shown for review" in floor
     env.analyser.set_threshold(0.6)  # at or below the floor: a slide started now shows none
     floor = c.get("/admin/").get_data(as_text=True).split('id="review-floor">')[1].split("</dd>")[0]
-    assert floor.startswith("none shown for review (the threshold is at or below the floor, 0.70)")
+    assert floor.startswith("none shown for review (the threshold is at or below the floor, 0.7)")
     env.analyser.set_threshold(None)
     monkeypatch.setattr(health, "THERMAL_DIR", tmp_path / "nowhere")
     html = c.get("/admin/").get_data(as_text=True)

@@ -403,7 +403,7 @@ def test_cells_near_the_threshold_are_shown_for_review_and_a_confirmed_one_count
     assert s["automatic"]["call"] == "not enough cells"  # the automatic result is the model's alone
     result = c.get("/slides/1/result").get_data(as_text=True)
     summary = result.split('id="near-summary">')[1].split("</dd>")[0]
-    assert f"{len(expect)} scored 0.70" in summary and "1 confirmed as parasites" in summary
+    assert f"{len(expect)} scored 0.7 " in summary and "1 confirmed as parasites" in summary
     row = next(csv.DictReader(io.StringIO(c.get("/export/slides.csv").get_data(as_text=True))))
     assert row["review_floor"] == "0.7000" and row["near_threshold_cells"] == str(len(expect))
     assert (row["near_confirmed"], row["near_pending"]) == ("1", str(len(expect) - 1))
@@ -427,7 +427,7 @@ def test_a_negative_slide_says_which_cells_near_the_threshold_nobody_looked_at(m
     html = c.get("/slides/1/result").get_data(as_text=True)
     banner = html.split('id="call-detail">')[1].split("</div>")[0]
     assert "NEGATIVE" in html.split('class="call-word">')[1].split("</div>")[0]
-    assert "3 cells near the threshold not looked at: most parasites the model misses score there" in banner
+    assert "3 cells near the threshold not looked at: many parasites the model misses score there" in banner
     h = {"X-CSRF-Token": token}
     flagged, near = (c.get("/api/slides/1/cells").get_json()[k] for k in ("cells", "near_threshold"))
     assert len(flagged) == 1 and len(near) == 3
@@ -449,6 +449,8 @@ def test_a_negative_slide_says_which_cells_near_the_threshold_nobody_looked_at(m
     assert s["reviewed"]["call"] == "positive" and s["automatic"]["call"] == "negative"
     assert s["reviewed"]["infected_count"] == 1  # 1 flagged - 1 rejected + 1 near confirmed
     assert s["reviewed"]["call_reason"].startswith("1 cell confirmed as a parasite by review (0 flagged, 1 near")
+    assert s["reviewed"]["call_reason"].endswith("the model flagged none of them: confirm on the slide under the "
+                                                 "microscope")
     # History says where the parasite came from (it read "1 (0 confirmed, 1 rejected) ... positive after review")
     assert "+ 1 near the threshold confirmed" in c.get("/history").get_data(as_text=True)
     # a positive after review still names the cells near the threshold nobody looked at

@@ -74,7 +74,7 @@ def main() -> None:
         s = logits["as it is"].copy()
         s[band] = (s[band] + logits["upside down"][band]) / 2
         label = f"2nd view on [{lo:g}, {hi:g}]"
-        print(f"{label:24s} {roc_auc(y, s):7.5f}" + " ".join(f"{sensitivity_at(s, y, k):8.3f}" for k in ks)
+        print(f"{label:24s} {roc_auc(y, s):7.4f} " + " ".join(f"{sensitivity_at(s, y, k):8.3f}" for k in ks)
               + f"  ({band.mean():.1%} of the cells take the second view)")
 
 
