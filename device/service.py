@@ -649,7 +649,9 @@ def slide_summary(slide: dict, totals: dict, *, reviewed: bool = False) -> Slide
     the automatic one until every flagged cell has been reviewed: the cells rejected so far were
     false positives already inside the allowance, so leaving them out early would let a positive
     slide read negative after a few rejections. With every flagged cell rejected, none is left to
-    call, and the detection limit stays the automatic one (review cannot find missed parasites).
+    call, and the detection limit stays the automatic one (a review of the flagged cells cannot find the
+    parasites the model missed). A cell near the threshold confirmed by review is a parasite found: it
+    joins the count after review and makes the call positive.
     """
     review = totals.get("review", {})
     final = reviewed and review_is_final(totals)
