@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from device.config import RBC_PER_UL_RANGE, REVIEW_FLOOR_RANGE, AnalysisConfig
+from device.config import RBC_PER_UL_RANGE, REVIEW_FLOOR_RANGE, AnalysisConfig, review_floor_at
 
 logger = logging.getLogger(__name__)
 
@@ -355,7 +355,7 @@ def _analyze_files(files, clf, settings, out_dir, images: list, verbose: bool) -
             # crashes on a file name that is not UTF-8.
             target = out_dir / _unique_name(f.stem, used_names)
             # cells near the threshold in amber, from the device's default review floor (none below it)
-            near_from = AnalysisConfig.review_floor if AnalysisConfig.review_floor < res.threshold else None
+            near_from = review_floor_at(AnalysisConfig.review_floor, res.threshold)
             ok, jpg = cv2.imencode(".jpg", cv2.cvtColor(annotate(rgb, res, near_from), cv2.COLOR_RGB2BGR),
                                    [cv2.IMWRITE_JPEG_QUALITY, 90])
             try:
@@ -412,7 +412,7 @@ def cmd_evaluate_fields(args) -> int:
                                  progress=lambda i, n, name: _progress(i, n, name),
                                  partial_labels=args.partial_labels, ignore_border_gt=not args.count_border_cells,
                                  trained_on=trained_on,
-                                 review_floor=None if args.review_floor >= 1 else args.review_floor)
+                                 review_floor=review_floor_at(args.review_floor, threshold))
     except FieldsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -33,6 +33,12 @@ THRESHOLD_SAFE_RANGE = (0.5, 0.999)
 REVIEW_FLOOR_RANGE = (0.5, 1.0)
 
 
+def review_floor_at(review_floor: float, threshold: float) -> float | None:
+    """The floor from which cells are shown near the threshold at this operating threshold, or None when
+    none are: a floor of 1, or a threshold at or below the floor (an admin may set one from 0.5)."""
+    return review_floor if review_floor < min(1.0, threshold) else None
+
+
 class ConfigError(ValueError):
     """A configuration problem, naming the key: ``section.key: problem``."""
 

@@ -482,8 +482,8 @@ class FieldAnalyser:
         t0 = time.perf_counter()
         # The slide's own threshold: an admin may change the threshold while the slide is open.
         threshold = float(slide["threshold"])
-        # cells scored from the slide's review floor up to the threshold keep a crop for review too
-        crop_floor = threshold if slide.get("review_floor") is None else min(threshold, float(slide["review_floor"]))
+        # cells scored from the slide's review floor (below its threshold, or None) up keep a crop for review too
+        crop_floor = slide.get("review_floor")
         once = threading.Lock()
 
         def release() -> None:  # exactly once per field, whichever path gets there first

@@ -24,7 +24,7 @@ from pathlib import Path
 from flask import Blueprint, Response, flash, redirect, render_template, request, session, url_for
 
 import device
-from device.config import THRESHOLD_SAFE_RANGE, ConfigError
+from device.config import THRESHOLD_SAFE_RANGE, ConfigError, review_floor_at
 from device.service import SettingsNotSaved, free_annotated_images, free_raw_frames
 from device.web import (
     admin_signed_in,
@@ -131,6 +131,9 @@ def _render(status: int = 200, *, settings_error: str | None = None, password_er
         log=d.recent_log.entries(), values=values, sources=CAMERA_SOURCES, safe_range=THRESHOLD_SAFE_RANGE,
         pin_set=bool(cfg.security.technician_pin), settings_error=settings_error, password_error=password_error,
         data_dir=d.store.data_dir, raw_frame_days=RAW_FRAME_DAYS_DEFAULT, review_floor=cfg.analysis.review_floor,
+        # as a slide started now keeps it (the configured one while the model is unusable: no slide starts)
+        review_floor_now=review_floor_at(cfg.analysis.review_floor,
+                                         d.analyser.model.threshold if d.analyser.model.ok else 1.0),
         raw_frames_old=d.store.count_images("raw", old),
         raw_frames_finished=d.store.count_images("raw"),
         annotated_old=d.store.count_images("annotated", old),

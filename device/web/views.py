@@ -20,7 +20,7 @@ from flask import abort, request, url_for
 from werkzeug.exceptions import HTTPException
 
 from device.camera import decode_view, encode_view, prepare_view, prepared_overlap, same_view, thumbnail
-from device.config import RBC_PER_UL_RANGE
+from device.config import RBC_PER_UL_RANGE, review_floor_at
 from device.imageio import IMAGE_SUFFIXES, ImageError, decode_rgb
 from device.service import (
     CaptureRefused,
@@ -113,9 +113,7 @@ def start_slide(values: dict) -> int:
             notes=values["notes"], model=model, target_rbc=d.config.analysis.counting_target_rbc,
             rbc_per_ul=measured * 1e6 if measured else d.config.analysis.rbc_per_ul,
             rbc_per_ul_measured=bool(measured),
-            # 1: no cells near the threshold shown (none can score from 1 and stay under the threshold)
-            # and none when the threshold is at or below the floor (an admin may set it from 0.5)
-            review_floor=floor if (floor := d.config.analysis.review_floor) < min(1.0, model.threshold) else None)
+            review_floor=review_floor_at(d.config.analysis.review_floor, model.threshold))
     except Conflict as exc:
         raise FormError(str(exc)) from None
 
