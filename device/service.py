@@ -676,7 +676,7 @@ def slide_summary(slide: dict, totals: dict, *, reviewed: bool = False) -> Slide
         s = replace(s, call_reason=(
             f"{n_conf} cell{'s' if n_conf != 1 else ''} confirmed as {'parasites' if n_conf != 1 else 'a parasite'}"
             f" by review ({review.get('confirmed', 0)} flagged, {near['confirmed']} near the threshold; "
-            f"{s.infected_count} infected in {s.rbc_count})" + (
+            f"{s.rbc_count} red cells counted)" + (
                 # the model flagged none of them: one healthy cell confirmed by mistake makes this call
                 "; the model flagged none of them: confirm on the slide under the microscope"
                 if not review.get("confirmed", 0) else "")))

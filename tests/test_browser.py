@@ -456,6 +456,13 @@ def test_cells_near_the_threshold_are_reviewed_in_the_gallery(browser, make_env,
             page.wait_for_url("**/slides/1/review")
             tiles = page.locator("#near-gallery .tile")
             assert tiles.count() == len(near)
+            # the buttons stay inside their tiles (they stuck out by 3 px at 1024x768)
+            out = page.evaluate("""() => [...document.querySelectorAll('.tile')].filter(t => {
+                const b = t.getBoundingClientRect();
+                return [...t.querySelectorAll('.btn')].some(x => { const r = x.getBoundingClientRect();
+                    return r.width > 0 && (r.left < b.left || r.right > b.right); }); }).length""")
+            assert out == 0
+            assert page.inner_text("#to-near").startswith(f"{len(near)} cells near the threshold below")
             assert tiles.nth(0).get_attribute("id") == f"cell-{near[0]['id']}"  # highest score first
             flagged_after_review = int(page.inner_text("#reviewed-infected"))
             tiles.nth(0).locator("button.btn-yes").click()
@@ -629,6 +636,20 @@ def test_pages_fit_a_phone_screen(browser, live_env, path):
     page.goto(env.base_url + path)
     # the page itself does not scroll sideways (a wide table scrolls inside its own box)
     assert page.evaluate("() => document.documentElement.scrollWidth") <= 390, path
+    # ...and keeps whole words: columns squeezed to a letter each read "S t a r t e d" down the screen
+    broken = page.evaluate("""() => {
+        const out = [];
+        for (const cell of document.querySelectorAll('.table th, .table td')) {
+            const walk = document.createTreeWalker(cell, NodeFilter.SHOW_TEXT);
+            for (let t = walk.nextNode(); t; t = walk.nextNode()) {
+                if (!/^[A-Za-z]{3,14}$/.test(t.textContent.trim())) continue;  // one word
+                const r = document.createRange(); r.selectNodeContents(t);
+                const lines = new Set([...r.getClientRects()].map(x => Math.round(x.top)));
+                if (lines.size > 1) out.push(t.textContent.trim());
+            }
+        }
+        return out; }""")
+    assert broken == [], (path, broken)
     if path == "/history":
         box = page.locator("input[name=open]").bounding_box()
         assert box and box["width"] <= 40  # the checkbox beside its label, not a 272 px bar
