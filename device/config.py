@@ -82,8 +82,8 @@ class AnalysisConfig:
     min_focus: float = 2.4  # device.analysis.focus_measure's sharpness ratio; sharp fields measured 2.49-4.22
     min_cells_per_field: int = 10
     # Cells scored from this up to the threshold are shown for review "near the threshold" (1.0: none).
-    # On the 20 held-out IML P. vivax fields, 0.7 shows 10.6 cells per 1,000 and holds 7 of the 11
-    # parasite cells the threshold missed (recall 0.62 -> 0.86 once a person confirms them); 0.5: 21.1
+    # On the 20 held-out IML P. vivax fields, 0.7 shows 10.8 cells per 1,000 and holds 7 of the 11
+    # parasite cells the threshold missed (recall 0.62 -> 0.86 once a person confirms them); 0.5: 21.5
     # per 1,000, 9 of 11 (README, "Cells near the threshold").
     review_floor: float = 0.7
 
