@@ -138,7 +138,7 @@ def summarize_slide(
         call = "positive"
         reason = (f"{confirmed} flagged cell{'s' if confirmed != 1 else ''} confirmed as "
                   f"{'parasites' if confirmed != 1 else 'a parasite'} by review "
-                  f"({k} infected in {n})")
+                  f"({n} red cells counted)")  # not "k infected": k holds flagged cells not yet reviewed
     elif n > 0 and unconfirmed > 0 and unconfirmed >= cutoff:
         call = "positive"
         reason = (f"{k} infected cells in {n}: more than the false positives a parasite-free slide gives at "

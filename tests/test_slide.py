@@ -146,6 +146,7 @@ def test_a_confirmed_parasite_makes_the_call_while_the_review_is_partial():
     assert s.call == "positive" and "5 flagged cells confirmed as parasites" in s.call_reason
     one = summarize_slide(2000, 8, threshold=0.98, fp_rate_per_cell=fp, confirmed_count=1)
     assert "1 flagged cell confirmed as a parasite by review" in one.call_reason
+    assert "infected in" not in one.call_reason  # the count beside it held cells nobody had confirmed
     # nothing confirmed: the allowance applies to the cells not yet reviewed
     assert summarize_slide(2000, 17, threshold=0.98, fp_rate_per_cell=fp).call == "negative"
     assert summarize_slide(2000, 25, threshold=0.98, fp_rate_per_cell=fp).call == "positive"
