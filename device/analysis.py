@@ -327,6 +327,12 @@ UNINFECTED_RGB = (0, 160, 80)
 NEAR_RGB = (255, 176, 0)  # amber: scored just under the threshold, shown for review
 
 
+def near_threshold(cell: CellVerdict, floor: float | None) -> bool:
+    """A cell not flagged but scored from the review floor up (None: no floor), which a person is shown for
+    review (the store's ``_NEAR`` says the same in SQL)."""
+    return not cell.infected and floor is not None and cell.p_infected >= floor
+
+
 def annotate(image_rgb: np.ndarray, result: FieldResult, near_from: float | None = None) -> np.ndarray:
     """A copy of the field with each cell boxed: red for infected, amber for a cell not flagged but scored
     from ``near_from`` up (near the threshold: shown for review; None: none), green for the others."""
@@ -334,7 +340,7 @@ def annotate(image_rgb: np.ndarray, result: FieldResult, near_from: float | None
     thick = max(1, round(max(out.shape[:2]) / 600))
     for c in result.cells:
         x, y, w, h = c.bbox
-        near = not c.infected and near_from is not None and c.p_infected >= near_from
+        near = near_threshold(c, near_from)
         colour = INFECTED_RGB if c.infected else NEAR_RGB if near else UNINFECTED_RGB
         cv2.rectangle(out, (x, y), (x + w - 1, y + h - 1), colour, thick + (1 if c.infected or near else 0))
     if result.rejected:

@@ -35,7 +35,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from device.analysis import AnalysisSettings, FieldResult, analyze_field, annotate
+from device.analysis import AnalysisSettings, FieldResult, analyze_field, annotate, near_threshold
 from device.slide import SlideSummary, summarize_slide
 from device.store import (
     Conflict,
@@ -596,7 +596,7 @@ class FieldAnalyser:
         crops = {} if result.rejected else {
             i: encode_jpeg(review_crop(rgb, c.bbox), CROP_JPEG_QUALITY)
             for i, c in enumerate(result.cells)
-            if c.infected or (crop_floor is not None and c.p_infected >= crop_floor)}
+            if c.infected or near_threshold(c, crop_floor)}
         return FieldImages(annotated_jpeg=encode_jpeg(annotate(rgb, result, near_from=crop_floor),
                                                       ANNOTATED_JPEG_QUALITY),
                            raw_jpeg=encode_jpeg(rgb, RAW_JPEG_QUALITY) if save_raw else None,

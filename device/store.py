@@ -49,7 +49,8 @@ REVIEW_DECISIONS = ("confirmed", "rejected")
 _ANY = object()  # review_cell without a "seen" decision: whatever is stored is replaced
 # A field that counts (alias f): not rejected by the quality gate, not taken out by the technician.
 _COUNTED = "f.rejected IS NULL AND f.excluded IS NULL"
-# A cell near the threshold: not flagged, but scored at least the slide's review floor (slides s joined)
+# A cell near the threshold: not flagged, but scored at least the slide's review floor (slides s joined);
+# device.analysis.near_threshold says the same of a cell being analysed
 _NEAR = "c.infected = 0 AND s.review_floor IS NOT NULL AND c.p_infected >= s.review_floor"
 # A temp file older than this is what a crash (kill -9, power cut) left mid-write; a live one is milliseconds old.
 STALE_TEMP_S = 60.0
@@ -1119,7 +1120,7 @@ class Store:
         return self.images_dir / f"slide-{int(slide_id)}"
 
     def _image_path(self, slide_id: int, key: str, kind: str) -> Path:
-        """A field's image: ``kind`` "annotated", "raw" or "cell<idx>" (a flagged cell's crop)."""
+        """A field's image: ``kind`` "annotated", "raw" or "cell<idx>" (the crop of a cell for review)."""
         return self._slide_dir(slide_id) / _image_name(key, kind)
 
     def field_image_path(self, field_id: int, kind: str) -> Path | None:
