@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,31 @@ def wait_until(predicate, timeout_s: float = 10.0) -> bool:
             return True
         time.sleep(0.02)
     return False
+
+
+@contextlib.contextmanager
+def live_server(app, **settings):
+    """``app`` on a real waitress server on 127.0.0.1 and a free port; yields the server.
+
+    Stopped in order: first the worker threads, each after the request it is serving (a worker that
+    finishes a response pulls the server's trigger: pulled after the trigger was closed, it failed with
+    EBADF, or wrote into whatever file had been given that descriptor number since); then every
+    connection, the listening socket and the trigger, closed in the server's own thread, so that its
+    loop ends and no thread of this test lives on into the next.
+    """
+    import waitress
+    from waitress import wasyncore
+
+    server = waitress.create_server(app, host="127.0.0.1", port=0, **settings)
+    loop = threading.Thread(target=server.run, daemon=True, name="waitress-loop")
+    loop.start()
+    try:
+        yield server
+    finally:
+        server.task_dispatcher.shutdown(timeout=10)
+        server.trigger.pull_trigger(lambda: wasyncore.close_all(server._map))
+        loop.join(10)
+    assert not loop.is_alive(), "the test server's loop did not end"  # (not over a failure of the test itself)
 
 
 @functools.cache

@@ -16,7 +16,7 @@ from device import service
 from device.config import THRESHOLD_SAFE_RANGE
 from device.web import admin as admin_views
 from device.web import health, pages
-from tests.conftest import ADMIN_PASSWORD, SAMPLES_DIR, admin_hash, make_config, wait_until
+from tests.conftest import ADMIN_PASSWORD, SAMPLES_DIR, admin_hash, live_server, make_config, wait_until
 
 SAMPLE = sorted(SAMPLES_DIR.glob("*.jpg"))[0]
 
@@ -636,7 +636,6 @@ def test_a_large_records_download_reaches_a_slow_client_whole_on_a_full_card(mak
     temporary file past 1 MB, which on a full card cut the download off after 1 MB under a 200 OK)."""
     import http.client
     import sqlite3
-    import threading
     import time
 
     import waitress
@@ -659,10 +658,7 @@ def test_a_large_records_download_reaches_a_slow_client_whole_on_a_full_card(mak
     assert env.store.database_bytes() > 2 * 1024 * 1024  # well past waitress's 1 MB default
     monkeypatch.setattr(waitress.buffers.TempfileBasedBuffer, "newfile",
                         lambda self: (_ for _ in ()).throw(OSError(28, "No space left on device")))
-    server = waitress.create_server(env.app, host="127.0.0.1", port=0, **service.WAITRESS_SETTINGS)
-    loop = threading.Thread(target=server.run, daemon=True)
-    loop.start()
-    try:
+    with live_server(env.app, **service.WAITRESS_SETTINGS) as server:
         conn = http.client.HTTPConnection("127.0.0.1", server.effective_port, timeout=30)
         conn.request("GET", "/api/session")
         r = conn.getresponse()
@@ -682,10 +678,6 @@ def test_a_large_records_download_reaches_a_slow_client_whole_on_a_full_card(mak
         copy = sqlite3.connect(":memory:")
         copy.deserialize(body)
         assert copy.execute("SELECT COUNT(*) FROM cells").fetchone()[0] == 60_000
-    finally:
-        server.trigger.pull_trigger(server.close)
-        loop.join(5)
-        server.task_dispatcher.shutdown()
 
 
 def test_a_download_whose_turn_was_taken_stops_and_lets_its_copy_go():

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from device.camera import CameraBase, CameraError, ReplayCamera
-from tests.conftest import ARTIFACTS_DIR, SAMPLES_DIR, wait_new_view
+from tests.conftest import ARTIFACTS_DIR, SAMPLES_DIR, live_server, wait_new_view
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -41,20 +41,11 @@ def browser():
 @contextlib.contextmanager
 def _live(env):
     """The app on a real waitress server, on 127.0.0.1 and a free port."""
-    import waitress
-
     from device.service import WAITRESS_SETTINGS
 
-    server = waitress.create_server(env.app, host="127.0.0.1", port=0, **WAITRESS_SETTINGS)
-    loop = threading.Thread(target=server.run, daemon=True)
-    loop.start()
-    env.base_url = f"http://127.0.0.1:{server.effective_port}"
-    try:
+    with live_server(env.app, **WAITRESS_SETTINGS) as server:
+        env.base_url = f"http://127.0.0.1:{server.effective_port}"
         yield env
-    finally:
-        server.trigger.pull_trigger(server.close)  # closed in the server's thread: no race with select()
-        loop.join(5)
-        server.task_dispatcher.shutdown()
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import pytest
 
 from device import service
-from tests.conftest import MODEL_PATH, ROOT, SAMPLES_DIR, make_config, wait_new_view, wait_until
+from tests.conftest import MODEL_PATH, ROOT, SAMPLES_DIR, live_server, make_config, wait_new_view, wait_until
 
 
 def _free_port() -> int:
@@ -218,8 +218,6 @@ class _HeldClassifier:
 
 
 def test_status_answers_while_a_field_is_analysed(tmp_path, classifier):
-    import waitress
-
     from device.camera import CameraFeed, ReplayCamera
     from device.service import FieldAnalyser
     from device.store import Store
@@ -231,41 +229,71 @@ def test_status_answers_while_a_field_is_analysed(tmp_path, classifier):
     held = _HeldClassifier(classifier)
     analyser = FieldAnalyser(store, held)
     app = create_app(cfg, store, feed, analyser)
-    server = waitress.create_server(app, host="127.0.0.1", port=0, threads=4)
-    loop = threading.Thread(target=server.run, daemon=True)
-    loop.start()
     try:
-        c = Client(f"http://127.0.0.1:{server.effective_port}")
-        sid = c.json("/api/slides", {"sample_id": "BUSY"})[1]["id"]
-        assert feed.wait_frame(0, 10) is not None
-        result = {}
-        t = threading.Thread(target=lambda: result.update(r=c.json(f"/api/slides/{sid}/fields", {})))
-        t.start()
-        assert held.entered.wait(60)
-        # the analysis is held inside the classifier: the status page still answers, and says busy
-        for _ in range(3):
-            status, st = c.json("/api/status")
-            assert status == 200 and st["analysis"]["busy"] is True
-        assert t.is_alive() and "r" not in result  # answered while the capture was still running
-        held.release.set()
-        t.join(60)
-        assert result["r"][0] == 201
-        # a third capture while one runs and one waits is refused, not queued without end
-        analyser.max_pending = 0
-        for _ in range(5):  # the replay can come round to the counted view between the check and the request
-            wait_new_view(SimpleNamespace(app=app, feed=feed), sid)  # not the view just counted
-            status, body = c.json(f"/api/slides/{sid}/fields", {})
-            if not (status == 409 and "already counted" in body.get("error", "")):
-                break
-        assert status == 503 and "still analysing" in body["error"]
+        with live_server(app, threads=4) as server:
+            try:
+                c = Client(f"http://127.0.0.1:{server.effective_port}")
+                sid = c.json("/api/slides", {"sample_id": "BUSY"})[1]["id"]
+                assert feed.wait_frame(0, 10) is not None
+                result = {}
+                t = threading.Thread(target=lambda: result.update(r=c.json(f"/api/slides/{sid}/fields", {})))
+                t.start()
+                assert held.entered.wait(60)
+                # the analysis is held inside the classifier: the status page still answers, and says busy
+                for _ in range(3):
+                    status, st = c.json("/api/status")
+                    assert status == 200 and st["analysis"]["busy"] is True
+                assert t.is_alive() and "r" not in result  # answered while the capture was still running
+                held.release.set()
+                t.join(60)
+                assert result["r"][0] == 201
+                # a third capture while one runs and one waits is refused, not queued without end
+                analyser.max_pending = 0
+                for _ in range(5):  # the replay can come round to the counted view between the check and the request
+                    wait_new_view(SimpleNamespace(app=app, feed=feed), sid)  # not the view just counted
+                    status, body = c.json(f"/api/slides/{sid}/fields", {})
+                    if not (status == 409 and "already counted" in body.get("error", "")):
+                        break
+                assert status == 503 and "still analysing" in body["error"]
+            finally:
+                held.release.set()  # never leave the analysis thread (nor the server's worker) waiting
     finally:
-        held.release.set()  # never leave the analysis thread waiting, whatever failed
-        server.trigger.pull_trigger(server.close)  # closed in the server's own thread: no race with select()
-        loop.join(5)
-        server.task_dispatcher.shutdown()
         feed.stop()
         analyser.shutdown()
         store.close()
+
+
+def test_the_test_server_stops_after_the_request_it_is_serving(caplog):
+    """The shared test server (conftest.live_server) lets a request being served finish, then closes
+    everything in its own thread: its loop ends, and no worker pulls a closed trigger (waitress logs that
+    "Exception when servicing" ... EBADF)."""
+    import http.client
+
+    gate, entered = threading.Event(), threading.Event()
+
+    def app(environ, start_response):
+        entered.set()
+        gate.wait(10)
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
+        return [b"ok"]
+
+    answer = {}
+
+    def get(port):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", "/")  # HTTP/1.1: the connection stays open after the answer
+        answer["body"] = conn.getresponse().read()
+
+    caplog.set_level(logging.WARNING, logger="waitress")
+    with live_server(app, threads=2) as server:
+        client = threading.Thread(target=get, args=(server.effective_port,))
+        client.start()
+        assert entered.wait(10)
+        threading.Timer(0.3, gate.set).start()  # the request is still being served when the stop begins
+    client.join(10)
+    assert answer == {"body": b"ok"}
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("waitress")] == []
+    assert not any(t.name == "waitress-loop" and t.is_alive() for t in threading.enumerate())
 
 
 class _Notifier:
