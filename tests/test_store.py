@@ -90,7 +90,7 @@ def test_a_database_of_the_first_schema_upgrades_with_its_records(tmp_path, monk
     monkeypatch.undo()
     new = Store(tmp_path)
     try:
-        assert new.pragma("user_version") == store_mod.SCHEMA_VERSION == 9
+        assert new.pragma("user_version") == store_mod.SCHEMA_VERSION == 10
         # a slide started before cells near the threshold were shown has none (9)
         assert new.get_slide(sid)["review_floor"] is None and new.near_cells(sid) == []
         assert new.totals(sid)["near"] == {"cells": 0, "confirmed": 0, "rejected": 0, "pending": 0}
@@ -303,9 +303,36 @@ def test_cells_near_the_threshold_are_reviewed_beside_the_flagged_ones(store):
     assert store.near_cells(before) == [] and store.totals(before)["near"]["cells"] == 0
     with pytest.raises(Conflict):
         store.review_cell(old["id"], "confirmed")
-    for bad in (0.0, 1.5, float("nan")):
+    for bad in (0.0, 0.3, 1.5, float("nan")):  # below 0.5: outside the config's range and the index
         with pytest.raises(ValueError, match="review floor"):
             _slide(store, f"S-{bad}", review_floor=bad)
+
+
+def test_cells_near_the_threshold_are_read_through_their_small_index(store):
+    """The near-threshold counts and gallery read the partial index of unflagged cells scored from 0.5
+    (cells_near), not every cell of the slide. Its predecessor (cells_unflagged) held every unflagged cell:
+    a third of the database."""
+    sid = _slide(store, review_floor=0.7)
+    scores = [0.9, 0.55, 0.1, 0.95, 0.5, 0.49, 0.75, 0.02, 0.3]  # threshold 0.8: 2 flagged, 1 near (0.75)
+    res = FieldResult(1600, 1200, None, [CellVerdict((10 * i, 5, 30, 30), p, p >= 0.8) for i, p in enumerate(scores)],
+                      120.0, 0.8, {"total_ms": 1.0})
+    store.add_field(sid, res, source="camera", model_sha256=MODEL.sha256, images=FieldImages(JPEG, None, {}))
+    conn = store._conn()
+    statements = []
+    conn.set_trace_callback(statements.append)
+    try:
+        assert store.totals(sid)["near"]["cells"] == 1 and [c["p_infected"] for c in store.near_cells(sid)] == [0.75]
+    finally:
+        conn.set_trace_callback(None)
+    near_reads = [q for q in statements if "review_floor" in q and q.lstrip().upper().startswith("SELECT")]
+    assert len(near_reads) == 2, statements
+    for q in near_reads:
+        plan = " ".join(r["detail"] for r in conn.execute("EXPLAIN QUERY PLAN " + q))
+        assert "USING INDEX cells_near" in plan, (q, plan)
+    indexes = dict(conn.execute("SELECT name, sql FROM sqlite_schema WHERE type = 'index' AND tbl_name = 'cells'"
+                                " AND sql IS NOT NULL").fetchall())
+    assert set(indexes) == {"cells_flagged", "cells_near"}
+    assert indexes["cells_near"].endswith("WHERE infected = 0 AND p_infected >= 0.5")
 
 
 def test_totals_read_one_snapshot(store, tmp_path, monkeypatch):
