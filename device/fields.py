@@ -237,6 +237,12 @@ def _ratio(a: float, b: float) -> float:
 
 
 def _f1(p: float, r: float) -> float:
+    """F1 = 2TP / (2TP + FP + FN): none when nothing was boxed and nothing detected; 0 when only one side
+    is empty (its precision or recall is undefined, and there is no true positive)."""
+    if np.isnan(p) and np.isnan(r):
+        return float("nan")
+    if np.isnan(p) or np.isnan(r):
+        return 0.0
     return float(2 * p * r / (p + r)) if p + r > 0 else 0.0
 
 
@@ -664,7 +670,7 @@ def _classification_lines(report: dict[str, Any], c: dict[str, Any]) -> list[str
         *([] if not c.get("review") else [
             f"  with the cells near the threshold reviewed (p from {c['review']['floor']:g}, shown to a person): "
             f"{c['review']['n_near']} shown of {c['n_cells_classified']} counted "
-            f"({c['review']['near_per_1000']:.1f} per 1,000); parasite-bearing cells flagged or shown "
+            f"({_fmt(c['review']['near_per_1000'], '.1f')} per 1,000); parasite-bearing cells flagged or shown "
             f"{c['review']['n_parasite_flagged_or_near']} of {c['n_parasite_gt']} -> recall "
             f"{_fmt(c['review']['parasite_recall_with_review'], '.3f')} once a person confirms them"]),
     ]

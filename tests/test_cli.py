@@ -728,3 +728,16 @@ def test_a_cell_is_labelled_by_the_innermost_class_folder():
     assert _label_of(Path("/lab/Parasitized/runs/Uninfected/a.png")) == 0
     assert _label_of(Path("/lab/uninfected/x/PARASITIZED/a.png")) == 1
     assert _label_of(Path("/lab/cells/a.png")) is None
+
+
+def test_evaluate_fields_on_a_folder_without_images_prints_no_nan(tmp_path):
+    """Nothing to evaluate: the report says n/a where a figure has no cells behind it (it printed "nan per
+    1,000" and an F1 of 0.000), and the run fails (no image evaluated)."""
+    d = tmp_path / "empty"
+    (d / "images").mkdir(parents=True)
+    (d / "annotations.json").write_text("[]")
+    r = device("evaluate-fields", str(d))
+    assert r.returncode == 1
+    assert "nan" not in r.stdout.lower() and "(n/a per 1,000)" in r.stdout
+    total = next(line for line in r.stdout.splitlines() if line.startswith("TOTAL"))
+    assert total.split()[9:12] == ["n/a"] * 3  # P, R and F1
