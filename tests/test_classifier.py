@@ -88,12 +88,30 @@ def test_missing_card_is_refused(tmp_path):
 
 
 def test_sha256_mismatch_is_refused(tmp_path):
+    # a card naming another file's sha256: the model itself still loads, so only the check can refuse it
+    # (a corrupted model failed to load anyway, and "sha256" matched this test's own folder name)
     m = copy_model(tmp_path)
-    data = bytearray(m.read_bytes())
-    data[-10] ^= 0xFF
-    m.write_bytes(bytes(data))
-    with pytest.raises(ModelError, match="sha256"):
+    card = json.loads(m.with_suffix(".json").read_text())
+    card["sha256"] = "0" * 64
+    m.with_suffix(".json").write_text(json.dumps(card))
+    with pytest.raises(ModelError, match="the model file was changed or corrupted"):
         CellClassifier(m)
+
+
+def test_the_shipped_model_tells_parasitized_fixture_cells_from_uninfected_ones(clf):
+    """What p_infected means, end to end on real NIH cells: the parasitized ones score high, the uninfected
+    ones low (a sign or class-order slip read every score the wrong way round and passed the other tests).
+    Measured: 18 of 22 parasitized flagged at the card's threshold, 0 of 35 uninfected, AUC 0.995."""
+    from device.imageio import iter_image_files
+    from device.metrics import roc_auc
+
+    p = {cls: clf.predict(prepare_batch([read_rgb(f) for f in iter_image_files([FIX / cls])], clf.input_size_px))
+         for cls in ("Parasitized", "Uninfected")}
+    assert len(p["Parasitized"]) == 22 and len(p["Uninfected"]) == 35
+    assert (p["Parasitized"] >= clf.threshold).sum() >= 16 and (p["Uninfected"] >= clf.threshold).sum() == 0
+    assert np.median(p["Parasitized"]) > 0.99 and np.median(p["Uninfected"]) < 0.1
+    y = np.r_[np.ones(22, bool), np.zeros(35, bool)]
+    assert roc_auc(y, np.r_[p["Parasitized"], p["Uninfected"]]) > 0.98
 
 
 def test_input_details_contradicting_the_card_are_refused(tmp_path):
@@ -154,6 +172,16 @@ _DELETE = object()
     (_set("threshold", 0.3), "lies below the operating curve"),
     (_set("call_false_positive_rate", 0.0004), "disagrees with the operating curve"),
     (_set("output.kind", "probability"), "says probability, but the output spans"),
+    # the output read as p_infected would be p(uninfected)
+    (_set("class_order", ["parasitized", "uninfected"]), "class order"),
+    (_set("input.shape", [1, 48, 48, 1]), r"input.shape \[1, 48, 48, 1\] is not \[batch, side, side, 3\]"),
+    (_set("input.dtype", "int8"), "input contradicts its card.*dtype uint8 vs card int8"),
+    (lambda card: json.dumps({**card, "operating_curve": card["operating_curve"] + card["operating_curve"][:1]}).encode(),
+     "operating_curve: thresholds repeat"),
+    (lambda card: json.dumps({**card, "operating_curve": [
+        {**r, "call_false_positive_rate": 0.5} if i == len(card["operating_curve"]) - 1 else r
+        for i, r in enumerate(sorted(card["operating_curve"], key=lambda r: r["threshold"]))]}).encode(),
+     "the false-positive rate rises with the threshold"),
 ])
 def test_malformed_cards_are_model_errors_not_crashes(tmp_path, edit, message):
     m = copy_model(tmp_path)
