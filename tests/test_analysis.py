@@ -155,3 +155,43 @@ def test_annotated_boxes_say_flagged_near_the_threshold_or_neither():
     assert [tuple(int(v) for v in out[10, x + 20]) for x in (10, 70, 130)] == [INFECTED_RGB, NEAR_RGB, UNINFECTED_RGB]
     assert tuple(int(v) for v in annotate(white, res)[10, 90]) == UNINFECTED_RGB  # no floor: no amber
     assert (white == 255).all()  # drawn on a copy
+
+
+def test_a_cell_scored_exactly_at_the_floor_is_near_the_threshold():
+    from device.analysis import CellVerdict, near_threshold
+
+    assert near_threshold(CellVerdict((0, 0, 9, 9), 0.7, False), 0.7)  # as the store's SQL: p >= floor
+    assert not near_threshold(CellVerdict((0, 0, 9, 9), 0.6999, False), 0.7)
+    assert not near_threshold(CellVerdict((0, 0, 9, 9), 0.99, True), 0.7)  # flagged: in the other gallery
+    assert not near_threshold(CellVerdict((0, 0, 9, 9), 0.9, False), None)  # a slide without a floor
+
+
+def test_the_threshold_in_the_settings_decides_which_cells_are_flagged(classifier):
+    """An admin's threshold (settings) flags the cells, not the card's: the slide stores the threshold and its
+    false-positive rate, so cells flagged at another one would make its call wrong."""
+    rgb = read_rgb(FIELDS[0])
+    card = analyze_field(rgb, classifier)
+    low = analyze_field(rgb, classifier, AnalysisSettings(threshold=0.5))
+    assert card.threshold == classifier.threshold and low.threshold == 0.5
+    assert [c.p_infected for c in low.cells] == [c.p_infected for c in card.cells]
+    assert all(c.infected == (c.p_infected >= 0.5) for c in low.cells)
+    assert low.infected_count == sum(c.p_infected >= 0.5 for c in low.cells) > card.infected_count
+
+
+def test_a_field_under_a_dim_lamp_is_rejected_as_too_dark_not_counted(classifier):
+    dim = (read_rgb(FIELDS[0]).astype(np.float32) * 0.15).astype(np.uint8)  # counted as 131 cells without the gate
+    res = analyze_field(dim, classifier)
+    assert res.rejected.startswith("too dark") and "check the lamp" in res.rejected
+    assert res.rbc_count == 0 and res.cells == []
+
+
+@pytest.mark.parametrize(("settings", "reason"), [
+    (AnalysisSettings(min_cells_per_field=10_000), r"too few red cells \(\d+ found, 10000 needed\)"),
+    (AnalysisSettings(min_foreground_frac=0.99), r"red cells cover too little of the field \(\d+%, 99% needed\)"),
+])
+def test_too_few_cells_or_too_little_cover_rejects_the_field(classifier, settings, reason):
+    import re
+
+    res = analyze_field(read_rgb(FIELDS[0]), classifier, settings)
+    assert re.match(reason, res.rejected) and res.rejected.endswith("empty area, thick area or not a blood smear")
+    assert res.rbc_count == 0 and res.cells == []
