@@ -176,7 +176,7 @@ _DELETE = object()
     (_set("class_order", ["parasitized", "uninfected"]), "class order"),
     (_set("input.shape", [1, 48, 48, 1]), r"input.shape \[1, 48, 48, 1\] is not \[batch, side, side, 3\]"),
     (_set("input.dtype", "int8"), "input contradicts its card.*dtype uint8 vs card int8"),
-    (lambda card: json.dumps({**card, "operating_curve": card["operating_curve"] + card["operating_curve"][:1]}).encode(),
+    (lambda card: json.dumps({**card, "operating_curve": card["operating_curve"] * 2}).encode(),
      "operating_curve: thresholds repeat"),
     (lambda card: json.dumps({**card, "operating_curve": [
         {**r, "call_false_positive_rate": 0.5} if i == len(card["operating_curve"]) - 1 else r

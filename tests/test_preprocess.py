@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 from device.imageio import read_rgb
-from device.preprocess import crop_cell, prepare_batch, prepare_cell
+from device.preprocess import background_rgb, crop_cell, prepare_batch, prepare_cell
 
 FIX = Path(__file__).parent / "fixtures" / "nih_cells"
+FIELDS = sorted((Path(__file__).parents[1] / "device" / "samples").glob("*.jpg"))
 
 
 def a_real_cell() -> np.ndarray:
@@ -72,9 +73,6 @@ def test_prepare_batch_stacks_and_handles_empty():
     assert not np.array_equal(b[0], b[1])
 
 
-FIELDS = sorted((Path(__file__).parents[1] / "device" / "samples").glob("*.jpg"))
-
-
 def test_field_background_is_brought_to_the_reference_colour():
     from device.preprocess import REFERENCE_BACKGROUND_RGB, background_rgb, normalise_background
 
@@ -115,3 +113,44 @@ def test_an_empty_box_is_a_clear_error():
     field = np.zeros((20, 20, 3), np.uint8)
     with pytest.raises(ValueError, match="empty box"):
         crop_cell(field, np.ones((20, 20), bool), (10, 10, 0, 5))
+
+
+def test_a_crop_is_centred_on_its_square():
+    crop = np.full((20, 96, 3), (200, 100, 50), np.uint8)  # a wide crop: padded above and below alike
+    out = prepare_cell(crop, 48)
+    rows = np.flatnonzero(out.max(axis=(1, 2)) > 0)
+    assert len(rows) == 10 and rows[0] == 47 - rows[-1]
+    tall = prepare_cell(np.ascontiguousarray(crop.transpose(1, 0, 2)), 48)
+    cols = np.flatnonzero(tall.max(axis=(0, 2)) > 0)
+    assert len(cols) == 10 and cols[0] == 47 - cols[-1]
+
+
+def test_shrinking_averages_the_pixels_each_input_pixel_covers():
+    """A parasite's dots are a pixel or two: shrinking must average them in, not sample past them (aliasing)."""
+    crop = np.zeros((144, 144, 3), np.uint8)
+    crop[:, 2::3] = 255  # one bright column in every three
+    out = prepare_cell(crop, 48)  # 3 to 1: every output pixel covers one bright column and two dark ones
+    assert np.abs(out.astype(int) - 85).max() <= 1
+
+
+def test_the_background_is_the_95th_percentile_of_each_channel():
+    field = np.empty((400, 400, 3), np.uint8)
+    field[:] = (120, 90, 130)  # cells over 90% of the field
+    field[:, :40] = (210, 225, 200)  # plasma over the other 10%
+    assert background_rgb(field).tolist() == [210, 225, 200]
+
+
+def test_a_sample_field_gives_its_recorded_background_counts_and_scores(classifier):
+    """A recorded result of the whole path on one shipped sample field (background, segmentation, crops,
+    preprocessing, the int8 model): crops padded off centre, another resize, another background statistic
+    or reference colour each passed every other test, as train, convert and the device share the code.
+    A deliberate change of any of these updates the figures here."""
+    from device.analysis import analyze_field
+
+    field = read_rgb(FIELDS[0])
+    assert background_rgb(field).tolist() == [239, 243, 242]
+    res = analyze_field(field, classifier)
+    assert (res.rbc_count, res.infected_count) == (131, 1)
+    p = np.sort([c.p_infected for c in res.cells])[::-1]
+    assert np.abs(p[:6] - [0.9861, 0.9518, 0.8462, 0.8318, 0.8163, 0.7635]).max() < 0.01
+    assert abs(p.mean() - 0.1702) < 0.003 and abs(np.median(p) - 0.0964) < 0.003
