@@ -426,6 +426,19 @@ def test_rejections_alone_do_not_change_the_call_until_the_review_is_complete():
     assert after.detection_limit_pct == auto.detection_limit_pct
 
 
+def test_a_slide_with_nothing_flagged_has_no_result_after_review():
+    """Nothing flagged and nothing confirmed: there was no review, so the result after review is the
+    automatic one; it must not say "all 0 flagged cells rejected on review"."""
+    slide = _slide(0.004090307538499756)
+    none = {"rbc_count": 2000, "infected_count": 0, "fields_used": 15, "fields_rejected": 0,
+            "reviewed_infected_count": 0, "review": {"confirmed": 0, "rejected": 0, "pending": 0},
+            "near": {"cells": 3, "confirmed": 0, "rejected": 0, "pending": 3}}
+    assert not service.review_is_final(none)
+    after = service.slide_summary(slide, none, reviewed=True)
+    assert after.call == service.slide_summary(slide, none).call == "negative"
+    assert "rejected on review" not in after.call_reason
+
+
 def test_a_slide_is_not_closed_without_fields_even_past_the_page_check(tmp_path):
     from device.store import Conflict, Store
 

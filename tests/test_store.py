@@ -1066,3 +1066,34 @@ def test_an_unreadable_pictures_folder_is_said_plainly(tmp_path, monkeypatch):
     monkeypatch.setattr(Path, "iterdir", refused)
     with pytest.raises(store_mod.StoreError, match="wrong owner"):
         Store(data)
+
+
+def test_a_slide_whose_only_counted_field_was_excluded_is_not_discarded(store):
+    """An excluded field is still a record (taken out with its reason): discarding its slide deleted it."""
+    sid = _slide(store)
+    res = _result()
+    fid = store.add_field(sid, res, source="camera", model_sha256=MODEL.sha256, images=_images(res))
+    store.exclude_field(fid, "other")
+    with pytest.raises(Conflict):
+        store.discard_slide(sid)
+    assert store.get_field(fid)["excluded"] == "other" and len(store.field_cells(fid)) == 20
+
+
+def test_a_field_the_quality_gate_rejected_is_not_excluded_nor_included(store):
+    sid = _slide(store)
+    res = _result(rejected="out of focus (sharpness 1.20 < 2.40): refocus")
+    fid = store.add_field(sid, res, source="camera", model_sha256=MODEL.sha256, images=_images(res))
+    for reason in ("other", None):
+        with pytest.raises(Conflict, match="rejected by the quality gate"):
+            store.exclude_field(fid, reason)
+    assert store.get_field(fid)["excluded"] is None
+
+
+def test_a_review_decision_keeps_who_made_it(store):
+    sid = _slide(store)
+    res = _result()
+    store.add_field(sid, res, source="camera", model_sha256=MODEL.sha256, images=_images(res))
+    cell = store.flagged_cells(sid)[0]
+    store.review_cell(cell["id"], "confirmed", by="tech A")
+    got = store.get_cell(cell["id"])
+    assert (got["review"], got["reviewed_by"]) == ("confirmed", "tech A") and got["reviewed_at"]
