@@ -105,9 +105,12 @@ INTERIOR = [(100, 100), (200, 110), (330, 90), (450, 120), (560, 100), (120, 250
             (530, 250), (150, 390), (300, 380), (450, 390)]
 
 
-def _field(extra_cells=(), white_cell=None, scale_bar=False, seed=0) -> np.ndarray:
-    """A 640x480 pink smear: discs with a pale centre on light plasma, blurred, with sensor noise."""
+def _field(extra_cells=(), white_cell=None, scale_bar=False, seed=0, draw=None) -> np.ndarray:
+    """A 640x480 pink smear: discs with a pale centre on light plasma, blurred, with sensor noise.
+    ``draw(img)``: something more drawn before the blur and noise, as the cells are."""
     img = np.full((480, 640, 3), (232, 228, 236), np.uint8)
+    if draw:
+        draw(img)
     for x, y in [*INTERIOR, *extra_cells]:
         cv2.circle(img, (x, y), RADIUS, (205, 120, 170), -1, lineType=cv2.LINE_AA)
         cv2.circle(img, (x, y), RADIUS // 3, (222, 175, 205), -1, lineType=cv2.LINE_AA)
@@ -157,6 +160,18 @@ def test_touching_cells_are_split():
 
 def test_white_cell_and_scale_bar_are_not_red_cells():
     seg = segment_cells(_field(white_cell=(560, 390), scale_bar=True))
+    _assert_each_disc_found_once(seg, INTERIOR)
+
+
+def test_a_clump_far_larger_than_a_cell_is_not_counted_as_one():
+    # a dark area 4.7 times a cell's (a thick spot, cells piled up): not one red cell
+    seg = segment_cells(_field(draw=lambda img: cv2.circle(img, (570, 400), 65, (205, 120, 170), -1)))
+    _assert_each_disc_found_once(seg, INTERIOR)
+
+
+def test_a_long_thin_shape_is_not_a_red_cell():
+    # a fibre or scratch of about a cell's area, 8 times longer than wide
+    seg = segment_cells(_field(draw=lambda img: cv2.rectangle(img, (80, 440), (230, 458), (205, 120, 170), -1)))
     _assert_each_disc_found_once(seg, INTERIOR)
 
 
@@ -444,6 +459,19 @@ def test_a_round_field_of_view_in_a_dark_surround_counts_the_cells_inside_and_no
     assert dark == []
     assert 0.85 * whole <= len(seg.cells) <= reached, (whole, len(seg.cells), reached)
     assert all(within(c, -0.5 * full.cell_diameter_px) for c in seg.cells)  # none out in the surround
+
+
+@pytest.mark.parametrize("level", [0, 12])
+def test_cells_cut_by_the_edge_of_the_field_of_view_are_dropped_as_at_the_image_border(level):
+    """A hard-edged field stop cuts the cells it crosses as the image border does: each cell counted is a
+    whole cell of the fully lit field (box IoU >= 0.5 with one; measured 0.60-0.79), not a piece of one
+    (7-8 more cells, down to IoU 0.05, when the rim was not treated as a border)."""
+    rgb = read_rgb(sorted((FIELDS / "images").glob("*"))[0])
+    full = segment_cells(rgb)
+    seg = segment_cells(_field_stop(rgb, level, 0))
+    iou = box_iou(np.array([c.bbox for c in seg.cells], dtype=float),
+                  np.array([c.bbox for c in full.cells], dtype=float))
+    assert iou.max(axis=1).min() >= 0.5
 
 
 def test_the_histogram_quantile_of_uint8_values_is_the_partition_one(monkeypatch):
