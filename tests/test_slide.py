@@ -14,6 +14,9 @@ def test_wilson_interval_known_values():
     lo, hi = wilson_interval(0, 1000)
     assert lo == 0.0 and hi == pytest.approx(0.003827, abs=2e-6)
     assert wilson_interval(0, 0) == (0.0, 1.0)
+    # one cell in 100 (worked by hand: centre 0.028127, half-width 0.026361): the lower bound is above 0
+    lo, hi = wilson_interval(1, 100)
+    assert lo == pytest.approx(0.001767, abs=2e-6) and hi == pytest.approx(0.054488, abs=2e-6)
 
 
 def test_cutoff_keeps_a_healthy_slide_negative():
@@ -58,6 +61,15 @@ def test_parasites_per_ul_assumed_or_measured():
     assert lo < 1.0 < hi
     m = summarize_slide(2000, 20, threshold=0.9, fp_rate_per_cell=0.0, rbc_per_ul=4.0e6)
     assert m.parasites_per_ul == pytest.approx(40_000) and m.rbc_per_ul_source == "measured"
+    # the interval in parasites/uL is the parasitemia's, on the same RBC count
+    assert m.ci95_per_ul == pytest.approx((m.ci95_pct[0] / 100 * 4.0e6, m.ci95_pct[1] / 100 * 4.0e6))
+    assert s.ci95_per_ul == pytest.approx((lo / 100 * 5.0e6, hi / 100 * 5.0e6))
+
+
+def test_expected_false_positives_are_those_of_the_cells_counted_so_far():
+    s = summarize_slide(500, 1, threshold=0.979, fp_rate_per_cell=0.004, target_rbc=2000)
+    assert s.expected_false_positives == pytest.approx(2.0)  # 500 x 0.004, not the target's 8
+    assert s.call == "not enough cells" and "500 of 2000" in s.call_reason
 
 
 def test_detection_limit_follows_the_cutoff_and_count():
@@ -82,6 +94,10 @@ def test_detection_limit_fraction_balances_false_positives_and_sensitivity():
 
     # no false positives: one cell at full sensitivity -> 1/n
     assert detection_limit_fraction(0.0, 1.0, 2000) == pytest.approx(1 / 2000)
+    # false positives too rare to expect one (0.0002 in 200 cells; one flagged cell is a call): still one
+    # parasite cell needed, not 0.9998 of one
+    assert positive_cutoff(200, 1e-6) == 1
+    assert detection_limit_fraction(1e-6, 0.8, 200) == pytest.approx(1 / (200 * 0.8), rel=1e-9)
     # more false positives or less sensitivity both raise the limit
     assert detection_limit_fraction(0.005, 0.9, 2000) > detection_limit_fraction(0.001, 0.9, 2000)
     assert detection_limit_fraction(0.001, 0.5, 2000) > detection_limit_fraction(0.001, 0.9, 2000)
