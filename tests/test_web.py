@@ -1613,3 +1613,19 @@ def test_an_empty_crop_with_no_raw_frame_is_no_picture_in_the_gallery_either(mak
     assert f'id="cell-{cell["id"]}"' in (review := c.get("/slides/1/review").get_data(as_text=True))
     tile = review.split(f'id="cell-{cell["id"]}"')[1].split("</figure>")[0]
     assert "No picture of this cell" in tile and "review-form" not in tile
+
+
+def test_the_exclude_form_sent_without_a_reason_takes_the_field_out_as_other(make_env):
+    """The form's reason defaults to "other": a form without one takes the field out of the count; it
+    never puts a field taken out back into it (that is Include's own button)."""
+    env = make_env()
+    c, token = _client(env)
+    _start(c, token)
+    up = _upload(c, token, SAMPLE.read_bytes(), "f.jpg")
+    assert up.status_code == 201
+    fid = up.get_json()["field"]["id"]
+    for _ in range(2):
+        r = c.post(f"/fields/{fid}/exclude", data={"csrf_token": token})
+        assert r.status_code == 303
+        assert env.store.get_field(fid)["excluded"] == "other"
+        assert env.store.totals(1)["fields_used"] == 0
