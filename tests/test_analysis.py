@@ -195,3 +195,18 @@ def test_too_few_cells_or_too_little_cover_rejects_the_field(classifier, setting
     res = analyze_field(read_rgb(FIELDS[0]), classifier, settings)
     assert re.match(reason, res.rejected) and res.rejected.endswith("empty area, thick area or not a blood smear")
     assert res.rbc_count == 0 and res.cells == []
+
+
+def test_a_cell_scored_exactly_at_the_threshold_is_flagged(classifier):
+    """p >= threshold flags (the card's rule, and the store's and the operating curve's): each cell's verdict
+    at a threshold set to its own score, and just above it."""
+    from types import SimpleNamespace
+
+    rgb = read_rgb(FIELDS[0])
+    scores = [c.p_infected for c in analyze_field(rgb, classifier).cells]
+    at = sorted(scores)[len(scores) // 2]  # a score some cell has exactly
+    fixed = SimpleNamespace(threshold=0.5, input_size_px=classifier.input_size_px, predict=classifier.predict)
+    on = analyze_field(rgb, fixed, AnalysisSettings(threshold=at))
+    above = analyze_field(rgb, fixed, AnalysisSettings(threshold=float(np.nextafter(at, 1.0))))
+    exact = [i for i, s in enumerate(scores) if s == at]
+    assert exact and all(on.cells[i].infected for i in exact) and not any(above.cells[i].infected for i in exact)
