@@ -32,11 +32,15 @@ def wait_until(predicate, timeout_s: float = 10.0) -> bool:
 def live_server(app, **settings):
     """``app`` on a real waitress server on 127.0.0.1 and a free port; yields the server.
 
-    Stopped in order: first the worker threads, each after the request it is serving (a worker that
-    finishes a response pulls the server's trigger: pulled after the trigger was closed, it failed with
-    EBADF, or wrote into whatever file had been given that descriptor number since); then every
-    connection, the listening socket and the trigger, closed in the server's own thread, so that its
-    loop ends and no thread of this test lives on into the next.
+    Stopped in order, so that no thread of this test lives on into the next and no descriptor is used
+    after it was closed:
+    - the worker threads end, each after the task it is running (a worker that finished a response pulls
+      the server's trigger; pulled after the trigger was closed, that failed with EBADF, or wrote into
+      whatever file had been given that descriptor number since);
+    - in the server's own thread, every connection and the listening socket close, and its loop ends;
+    - the trigger closes last, from this thread, once the loop has ended: closed in the loop thread, it
+      could be closed while this thread was still writing to it (a worker's earlier pull woke the loop).
+    A response the client has not read is not waited for: the tests read theirs.
     """
     import waitress
     from waitress import wasyncore
@@ -48,8 +52,18 @@ def live_server(app, **settings):
         yield server
     finally:
         server.task_dispatcher.shutdown(timeout=10)
-        server.trigger.pull_trigger(lambda: wasyncore.close_all(server._map))
+
+        def close_but_the_trigger():  # in the loop thread
+            for d in list(server._map.values()):
+                if d is server:
+                    wasyncore.dispatcher.close(server)  # server.close() closes the trigger too
+                elif d is not server.trigger:
+                    d.close()
+            server._map.clear()  # the loop ends
+
+        server.trigger.pull_trigger(close_but_the_trigger)
         loop.join(10)
+        server.trigger.close()
     assert not loop.is_alive(), "the test server's loop did not end"  # (not over a failure of the test itself)
 
 
