@@ -601,7 +601,7 @@ def test_evaluate_fields_writes_strict_json_for_a_blank_field(tmp_path):
         raise AssertionError(f"{token} in the JSON")
 
     doc = json.loads(out.read_text(), parse_constant=no_nan)
-    assert (doc["totals"]["n_gt"], doc["totals"]["n_detected"]) == (1, 0)
+    assert (doc["totals"]["n_gt"], doc["totals"]["n_detected"], doc["totals"]["f1"]) == (1, 0, 0.0)  # nothing found
 
 
 def test_cells_without_labels_prints_a_count_and_bad_threads_are_refused(tmp_path):
