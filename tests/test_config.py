@@ -47,10 +47,57 @@ def test_embedded_defaults_are_the_demo():
     ({"camera": {"device": "video0"}}, "camera.device: 'video0' is not a camera index"),
     ({"camera": {"device": "http://10.0.0.9/stream"}}, "camera.device: 'http://10.0.0.9/stream' is not"),
     ({"camera": {"device": "/dev/video0\n"}}, "camera.device"),
+    # just past each edge (a mutation audit: none of these was tried)
+    ({"service": {"port": 0}}, "service.port: 0 is not a TCP port"),
+    ({"service": {"port": True}}, "service.port: expected a whole number, got True"),
+    ({"service": {"log_level": "VERBOSE"}}, "service.log_level: 'VERBOSE' is not"),
+    ({"service": {"min_free_disk_mb": -1}}, "service.min_free_disk_mb: must be >= 0"),
+    ({"camera": {"source": "replay", "replay_path": ""}}, "camera.replay_path: required"),
+    ({"camera": {"replay_fps": 0.05}}, "camera.replay_fps: 0.05 outside 0.1-60"),
+    ({"camera": {"replay_fps": 61}}, "camera.replay_fps: 61.0 outside 0.1-60"),
+    ({"camera": {"height": 32}}, "camera.width/height"),
+    ({"camera": {"width": 9000}}, "camera.width/height"),
+    ({"model": {"threads": 9}}, "model.threads: 9 outside 1-8"),
+    ({"model": {"threads": 0}}, "model.threads: 0 outside 1-8"),
+    ({"model": {"threshold": 0.9995}}, "model.threshold"),
+    ({"analysis": {"counting_target_rbc": 100_001}}, "analysis.counting_target_rbc: 100001 outside"),
+    ({"analysis": {"rbc_per_ul": 5e5}}, "analysis.rbc_per_ul: 500000 outside 1e6-1e7"),
+    ({"analysis": {"rbc_per_ul": 2e7}}, r"analysis.rbc_per_ul: 2e\+07 outside 1e6-1e7"),
+    ({"analysis": {"min_focus": True}}, "analysis.min_focus: expected a number, got True"),
+    ({"analysis": {"min_cells_per_field": 0}}, "analysis.min_cells_per_field: must be >= 1"),
+    ({"security": {"technician_pin": "123"}}, "security.technician_pin: must be 4-12 digits"),
+    ({"security": {"technician_pin": "1234567890123"}}, "security.technician_pin: must be 4-12 digits"),
+    ({"security": {"login_attempts_per_minute": 0}}, "security.login_attempts_per_minute: outside 1-100"),
+    ({"security": {"login_attempts_per_minute": 101}}, "security.login_attempts_per_minute: outside 1-100"),
 ])
 def test_bad_values_name_the_key(data, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
         from_dict(data)
+
+
+@pytest.mark.parametrize("data", [
+    {"service": {"port": 1}}, {"service": {"port": 65535}}, {"camera": {"replay_fps": 0.1}},
+    {"camera": {"replay_fps": 60}}, {"camera": {"width": 64, "height": 8192}}, {"model": {"threshold": 0.5}},
+    {"model": {"threshold": 0.999}}, {"model": {"threads": 8}}, {"analysis": {"counting_target_rbc": 100}},
+    {"analysis": {"counting_target_rbc": 100_000}}, {"analysis": {"rbc_per_ul": 1e6}},
+    {"analysis": {"rbc_per_ul": 1e7}}, {"analysis": {"review_floor": 0.5}}, {"analysis": {"review_floor": 1}},
+    {"analysis": {"min_cells_per_field": 1}}, {"security": {"technician_pin": "1234"}},
+    {"security": {"technician_pin": "123456789012"}}, {"security": {"login_attempts_per_minute": 1}},
+    {"security": {"login_attempts_per_minute": 100}}, {"service": {"min_free_disk_mb": 0}},
+], ids=lambda d: ".".join(f"{s}.{k}={v}" for s, kv in d.items() for k, v in kv.items()))
+def test_values_at_the_edges_of_their_ranges_are_accepted(data):
+    cfg = from_dict(data)
+    for section, values in data.items():
+        for key, value in values.items():
+            assert getattr(getattr(cfg, section), key) == value
+
+
+def test_the_review_floor_applies_only_below_the_threshold():
+    from device.config import review_floor_at
+
+    assert review_floor_at(0.7, 0.979) == 0.7
+    assert review_floor_at(0.9, 0.9) is None  # no cell lies from the floor up and under the threshold
+    assert review_floor_at(0.95, 0.9) is None and review_floor_at(1.0, 0.999) is None
 
 
 def test_relative_paths_resolve_from_the_config_file(tmp_path):
