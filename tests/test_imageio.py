@@ -87,6 +87,10 @@ def test_opaque_alpha_is_dropped():
     bgra[..., 3] = 255
     ok, buf = cv2.imencode(".png", bgra)
     assert decode_rgb(buf.tobytes())[0, 0].tolist() == [0, 200, 0]
+    bgra[..., 3] = 254  # a picture seen through a little: what lies behind it is not known
+    ok, buf = cv2.imencode(".png", bgra)
+    with pytest.raises(ImageError, match="transparent"):
+        decode_rgb(buf.tobytes())
 
 
 def test_iter_image_files_expands_folders(tmp_path):

@@ -398,8 +398,16 @@ def _webp_header(w: int, h: int) -> bytes:
     return b"RIFF" + struct.pack("<I", 4 + len(body)) + b"WEBP" + body
 
 
+def _bmp_header(w: int, h: int) -> bytes:
+    """A BMP file header and info header; a negative height is a top-down picture of that many rows."""
+    return (b"BM" + struct.pack("<IHHI", 54, 0, 0, 54)
+            + struct.pack("<IiiHHIIiiII", 40, w, h, 1, 24, 0, 0, 2835, 2835, 0, 0) + b"\0" * 100)
+
+
 @pytest.mark.parametrize("name, data", [
     ("huge.png", (BAD / "huge_30000x30000.png").read_bytes()),
+    ("huge.bmp", _bmp_header(20000, 20000)),
+    ("huge-top-down.bmp", _bmp_header(20000, -20000)),  # a negative height is rows top-down: still 400 MP
     ("huge.jpg", _jpeg_header(20000, 20000)),
     ("huge.tif", _tiff_header(30000, 30000)),
     ("huge-mm.tiff", _tiff_header(40000, 20000, big_endian=True)),
@@ -418,6 +426,19 @@ def test_decompression_bombs_are_refused_before_decoding(make_env, monkeypatch, 
     r = c.post("/api/slides/1/fields", headers={"X-CSRF-Token": token},
                data={"image": (io.BytesIO(data), name)}, content_type="multipart/form-data")
     assert r.status_code == 400 and "over the 50 MP limit" in r.get_json()["error"], r.get_json()
+
+
+def test_the_pixel_limit_is_50_mp_exactly():
+    from device.imageio import ImageError, decode_rgb, header_size
+
+    assert header_size(_bmp_header(20000, -20000)) == (20000, 20000)
+    for header in (_webp_header, _jpeg_header):
+        assert header_size(header(7072, 7072)) == (7072, 7072)
+        with pytest.raises(ImageError, match="7072x7072 is 50 MP, over the 50 MP limit"):  # 50.01 MP
+            decode_rgb(header(7072, 7072))
+        with pytest.raises(ImageError) as below:  # 49.998 MP: refused for what it is, not for its size
+            decode_rgb(header(7071, 7071))
+        assert "limit" not in str(below.value)
 
 
 def test_uploads_are_limited_in_size_and_type(make_env):
