@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from train.data import DataError, list_cells, load_arrays, patient_from_name, split_patients
+from train.data import DataError, list_cells, load_arrays, patient_from_name, patient_split, split_patients
 
 FIX = Path(__file__).parent / "fixtures" / "nih_cells"
 
@@ -166,3 +166,19 @@ def test_a_table_row_without_a_split_is_a_training_row(tmp_path):
     _rewrite_csv(d, lambda lines: [lines[0], "Uninfected/gone.png,uninfected,C999"] + lines[1:])
     files, split = list_cells(d)
     assert len(files) == len(list_cells(FIX)[0]) and split == list_cells(FIX)[1]
+
+
+def test_the_three_sides_of_a_split_never_share_a_patient():
+    """Validation patients are exactly the table's val rows; patients with no split in the table, or not in
+    it, are training or early-stopping patients; every patient is on one side only."""
+    pts = ["P1", "P2", "P3", "C1", "C2", "C3"]
+    split, source = patient_split(pts, {"P1": "val", "P2": "train", "C1": ""}, seed=1, monitor_fraction=0.5)
+    assert split["val"] == ["P1"] and source == "patients.csv"
+    assert set(split["train"]) | set(split["monitor"]) == {"P2", "P3", "C1", "C2", "C3"}
+    assert split["monitor"] and split["train"]
+    split, source = patient_split(pts, {}, seed=1, val_fraction=0.3, monitor_fraction=0.3)
+    assert source.startswith("seeded patient split") and split["val"] and split["monitor"]
+    for sides in (split, patient_split(pts, {"P1": "val"}, seed=2, monitor_fraction=0.3)[0]):
+        train, monitor, val = (set(sides[k]) for k in ("train", "monitor", "val"))
+        assert not (train & monitor or train & val or monitor & val) and train | monitor | val == set(pts)
+    assert split_patients(["A", "B", "C"], 0.1, seed=0)[1] != []  # a share rounding to none holds one out

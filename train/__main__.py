@@ -100,7 +100,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     train_p, monitor_p, val_p = split["train"], split["monitor"], split["val"]
     if not train_p or not val_p:
         raise DataError(f"need at least 2 patients to split by patient; found {len(patients)}")
-    assert not (set(train_p) | set(monitor_p)) & set(val_p)
+    if (set(train_p) | set(monitor_p)) & set(val_p) or set(train_p) & set(monitor_p):  # not an assert: -O drops those
+        raise DataError("a patient is on two sides of the split")
     logger.info("patients: %d train, %d monitor (early stopping), %d validation (%s)",
                 len(train_p), len(monitor_p), len(val_p), split_source)
 
