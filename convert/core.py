@@ -250,6 +250,15 @@ def choose_threshold(p: np.ndarray, y: np.ndarray, n_rbc: int, lo: float, hi: fl
     return float(candidates[i]), float(limits[i])
 
 
+def parity_problem(m_keras: dict, m_int8: dict, max_drop: float) -> str | None:
+    """Why the int8 model may not ship (its validation accuracy more than ``max_drop`` below the Keras
+    model's), or None."""
+    if m_int8["accuracy"] < m_keras["accuracy"] - max_drop:
+        return (f"int8 accuracy {m_int8['accuracy']:.4f} is more than {max_drop * 100:.1f} points below the Keras "
+                f"model's {m_keras['accuracy']:.4f}")
+    return None
+
+
 def convert(args, argv: list[str]) -> Path:
     from train.data import DataError, list_cells, load_arrays
 
@@ -325,10 +334,9 @@ def convert(args, argv: list[str]) -> Path:
     logger.info("validation accuracy: keras %.4f, float32 %.4f, int8 %.4f (AUC %.4f / %.4f / %.4f)",
                 m_keras["accuracy"], m_float["accuracy"], m_int8["accuracy"],
                 m_keras["auc"], m_float["auc"], m_int8["auc"])
-    if m_int8["accuracy"] < m_keras["accuracy"] - args.max_drop:
-        raise ConvertError(
-            f"parity gate: int8 accuracy {m_int8['accuracy']:.4f} is more than {args.max_drop * 100:.1f} points "
-            f"below the Keras model's {m_keras['accuracy']:.4f}; nothing written to {out_dir}")
+    problem = parity_problem(m_keras, m_int8, args.max_drop)
+    if problem:
+        raise ConvertError(f"parity gate: {problem}; nothing written to {out_dir}")
     failed = {rt: r for rt, r in runtimes.items() if r.startswith("failed")}
     if failed:
         raise ConvertError(f"runtime gate: {failed}; nothing written to {out_dir}")

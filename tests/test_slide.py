@@ -118,6 +118,19 @@ def test_threshold_choice_avoids_both_extremes():
     t, limit = choose_threshold(p, y, 2000, 0.5, 0.999)
     assert 0.55 <= t <= 0.97  # at the top of the healthy bulk, below the noisy tail
     assert 0 < limit < 0.02
+    # the documented rule, worked out apart from this code (a mutation audit): of the thresholds within 10% of
+    # the lowest limit, the lowest one, with the upper 95% bound of the false-positive rate. The highest of
+    # them would be 0.9048, the lowest limit itself 0.6056, the point false-positive rate 0.5997.
+    assert t == pytest.approx(0.598326, abs=1e-5)
+
+
+def test_the_parity_gate_refuses_an_int8_model_half_a_point_below_keras():
+    from convert.core import parity_problem
+
+    problem = parity_problem({"accuracy": 0.9756}, {"accuracy": 0.9700}, 0.005)
+    assert problem and "int8 accuracy 0.9700" in problem and "0.9756" in problem
+    assert parity_problem({"accuracy": 0.9756}, {"accuracy": 0.9710}, 0.005) is None
+    assert parity_problem({"accuracy": 0.9756}, {"accuracy": 0.9800}, 0.005) is None
 
 
 def test_card_false_positive_rate_at_other_thresholds():
