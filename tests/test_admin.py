@@ -187,6 +187,20 @@ def test_removing_the_pin_opens_the_technician_pages_again(make_env):
     assert tech.get("/history").status_code == 200
 
 
+def test_changing_the_pin_signs_the_technicians_out(make_env):
+    """A PIN changed (it was seen, or a technician left) must be asked again of every browser."""
+    env = _env(make_env, security={"technician_pin": "4821"})
+    c, token = env.admin_client()
+    tech = env.app.test_client()
+    ttoken = tech.get("/api/session").get_json()["csrf_token"]
+    assert tech.post("/pin", data={"pin": "4821", "csrf_token": ttoken}).status_code == 303
+    assert tech.get("/history").status_code == 200 and tech.get("/api/slides").status_code == 200
+    assert _save(c, token, technician_pin="9999").status_code == 303
+    r = tech.get("/history")
+    assert r.status_code == 302 and r.headers["Location"].startswith("/pin")
+    assert tech.get("/api/slides").status_code == 401
+
+
 def test_password_change_needs_the_current_one_and_signs_out_other_sessions(make_env):
     env = _env(make_env, security={"login_attempts_per_minute": 3})
     c, token = env.admin_client()

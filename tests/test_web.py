@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from device.camera import CameraError
+from device.web.pages import SLIDE_COLUMNS
 from tests.conftest import (
     ADMIN_PASSWORD,
     SAMPLES_DIR,
@@ -763,6 +764,14 @@ def test_history_search_and_spreadsheet_safe_csv(make_env):
     assert rows[1][1] == "'=HYPERLINK(\"http://x\")"  # no formula runs when the CSV is opened
     r = c.get("/export/slides.csv?q=MAL")
     assert r.headers["Content-Disposition"].startswith("attachment;") and r.get_data(as_text=True).count("MAL-") == 2
+    assert "no-store" in r.headers["Cache-Control"]  # patient IDs, on a shared clinic computer
+    # every character that starts a formula in Excel or LibreOffice, in a sample ID and in the notes
+    risky = ("+SUM(1+1)", "-2+3", "@A1")
+    for s in risky:
+        assert _start(c, token, sample_id=s, notes="-1+1").status_code == 303
+    rows = {r[1]: r for r in csv.reader(io.StringIO(c.get("/export/slides.csv").get_data(as_text=True)))}
+    notes = SLIDE_COLUMNS.index("notes")
+    assert all(f"'{s}" in rows and rows[f"'{s}"][notes] == "'-1+1" for s in risky), list(rows)
     report = c.get("/slides/1/report").get_data(as_text=True)
     assert "Malaria screening report" in report and "print-btn" in report and "<object" not in report
 
