@@ -476,6 +476,21 @@ def test_finish_pressed_while_a_field_is_analysed_counts_that_field(make_env):
     assert slide["automatic"]["rbc_count"] == field["rbc_count"] == slide["totals"]["rbc_count"] > 10
 
 
+def test_finish_refuses_while_a_field_is_still_being_analysed_past_the_wait(make_env, monkeypatch):
+    """Past its wait, Finish answers 409 and the slide stays open: finished, it would refuse the field
+    being analysed, and that field's count would be lost."""
+    from device.web import views
+
+    env = make_env()
+    c, token = _client(env)
+    _start(c, token)
+    monkeypatch.setattr(views, "CAPTURE_WAIT_S", 0.2)
+    monkeypatch.setattr(env.analyser, "pending_for", lambda slide_id: 1)  # a field of this slide in analysis
+    r = c.post("/api/slides/1/finish", headers={"X-CSRF-Token": token})
+    assert r.status_code == 409 and "still being analysed" in r.get_json()["error"]
+    assert env.store.get_slide(1)["status"] == "open"
+
+
 def test_a_field_that_overlaps_a_counted_one_says_so_and_offers_to_exclude_it(make_env, tmp_path):
     # The stage moved a quarter of a field: three quarters of the cells would count twice.
     from device.camera import ReplayCamera
