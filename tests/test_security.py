@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import re
+import stat
 import struct
 import time
 import tomllib
@@ -524,3 +525,31 @@ def test_a_password_of_only_spaces_is_refused():
     with pytest.raises(ValueError, match="only spaces"):
         hash_password(" " * 12)
     assert hash_password("correct horse battery")  # spaces inside are fine
+
+
+def test_failed_attempts_count_for_one_minute_only():
+    """Five wrong PINs hold a technician back for the rest of that minute, not longer."""
+    from device.web.security import RateLimiter
+
+    clock = [0.0]
+    limiter = RateLimiter(5, clock=lambda: clock[0])
+    for _ in range(5):
+        assert limiter.acquire("10.0.0.7") == (0, False)
+        clock[0] += 1.0
+    wait, everyone = limiter.acquire("10.0.0.7")
+    assert 0 < wait <= 60 and not everyone
+    assert limiter.acquire("10.0.0.8") == (0, False)  # another client is not held back by this one
+    clock[0] = 61.0  # a minute after the first attempt: it no longer counts
+    assert limiter.acquire("10.0.0.7") == (0, False)
+
+
+def test_a_session_key_readable_by_others_is_made_private_again(tmp_path):
+    import os
+
+    from device.web.security import load_or_create_secret_key
+
+    key = load_or_create_secret_key(tmp_path)
+    path = tmp_path / "secret_key"
+    os.chmod(path, 0o644)  # restored from a copy, or changed by hand
+    assert load_or_create_secret_key(tmp_path) == key
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
