@@ -677,3 +677,19 @@ def test_a_field_of_few_cells_captured_again_after_a_lamp_change_is_still_the_sa
         again = np.clip(out[:900, 3:1203].astype(np.float32) * lamp + rng.normal(0, 2, (900, 1200, 3)), 0, 255)
         recognised.append(same_view(first, thumbnail(again.astype(np.uint8))))
     assert all(recognised), recognised
+
+
+def test_a_slow_camera_has_stalled_after_five_of_its_frame_intervals(monkeypatch):
+    """A 1 frame/s camera (a replay, a slow USB camera) that stops sending is stalled after 5 s, not after the
+    3 s floor, nor only after 50 s (a frozen picture read as "connected, steady" and Capture stored it)."""
+    from device.camera import Frame
+
+    clock = [1000.0]
+    monkeypatch.setattr(cam_mod.time, "monotonic", lambda: clock[0])
+    feed = CameraFeed(lambda: None, focus=lambda rgb: 3.0)
+    feed._state, feed._fps, feed._interval_hint = "connected", 1.0, 1.0
+    feed._frame = Frame(1, _fields_rgb()[0], clock[0], 3.0)
+    clock[0] += 4.0  # under five intervals: a slow camera, not a stalled one
+    assert feed.stalled_s() is None
+    clock[0] += 2.0
+    assert feed.stalled_s() == pytest.approx(6.0)
