@@ -182,3 +182,17 @@ def test_the_three_sides_of_a_split_never_share_a_patient():
         train, monitor, val = (set(sides[k]) for k in ("train", "monitor", "val"))
         assert not (train & monitor or train & val or monitor & val) and train | monitor | val == set(pts)
     assert split_patients(["A", "B", "C"], 0.1, seed=0)[1] != []  # a share rounding to none holds one out
+
+
+def test_the_model_logit_becomes_p_infected():
+    """The reported metrics, the plots and the misclassified grid read p_infected = sigmoid(logit)."""
+    import numpy as np
+
+    from train.__main__ import predict_proba
+
+    class Logits:
+        def predict(self, x, batch_size=None, verbose=None):
+            return np.array([[-3.0], [0.0], [3.0]], np.float32)
+
+    p = predict_proba(Logits(), np.zeros((3, 4, 4, 3), np.uint8))
+    assert p == pytest.approx([0.047426, 0.5, 0.952574], abs=1e-6)
