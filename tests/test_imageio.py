@@ -414,11 +414,22 @@ def test_damaged_jpeg_data_is_refused_where_asked_and_other_stderr_output_passes
 def test_read_rgb_says_what_a_non_image_path_is(tmp_path):
     """A refusal raised inside read_rgb (an ImageError is a ValueError) was wrapped again as "not a file
     name (...)" by the check for a NUL in the name."""
+    import concurrent.futures
+    import contextlib
+
     fifo = tmp_path / "camera.png"
     os.mkfifo(fifo)
     for path, said in ((tmp_path, f"{tmp_path}: a folder, not an image"), (fifo, f"{fifo}: not a regular file")):
-        with pytest.raises(ImageError) as err:
-            read_rgb(path)
+        # with a time limit: a reader that opens the pipe waits for a writer forever, and the test would hang
+        # instead of failing
+        pool = concurrent.futures.ThreadPoolExecutor(1)
+        try:
+            with pytest.raises(ImageError) as err:
+                pool.submit(read_rgb, path).result(timeout=10)
+        finally:
+            with contextlib.suppress(OSError):  # a writer that opens and closes lets a stuck reader go
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            pool.shutdown(wait=False)
         assert str(err.value) == said
     with pytest.raises(ImageError, match="not a file name"):
         read_rgb(str(tmp_path / "bad\0.png"))
