@@ -133,13 +133,16 @@ def converted(run_dir, tmp_path_factory):
 
 @pytest.mark.slow
 def test_convert_writes_int8_model_and_a_complete_card(converted, run_dir):
+    import csv
+    import hashlib
+
     from device.classifier import CellClassifier
-    from device.model_card import sha256_of
 
     out, _ = converted
     model, card_path = out / "cellnet_int8.tflite", out / "cellnet_int8.json"
     card = json.loads(card_path.read_text())
-    assert card["sha256"] == sha256_of(model) and card["size_bytes"] == model.stat().st_size
+    assert card["sha256"] == hashlib.sha256(model.read_bytes()).hexdigest()  # not the card's own sha256_of
+    assert card["size_bytes"] == model.stat().st_size
     assert card["input"]["dtype"] == "uint8" and card["output"]["dtype"] == "uint8"
     assert card["input"]["shape"] == [1, 32, 32, 3]
     # raw pixels in: the input range is pinned to 0..255
@@ -155,7 +158,11 @@ def test_convert_writes_int8_model_and_a_complete_card(converted, run_dir):
     assert len(own) == 1 and own[0]["call_false_positive_rate"] == card["call_false_positive_rate"]
     # only the 20 calibration cells of the training patients were decoded, all of them counted
     assert card["data"]["representative"].startswith("20 training-patient cells")
-    assert card["data"]["cells"]["train"] > 20
+    # the calibration cells are drawn from the training patients' cells alone, never a held-out patient's
+    split = json.loads((run_dir / "split.json").read_text())["patients"]
+    with open(FIX / "patients.csv", newline="") as fh:
+        table = list(csv.DictReader(fh))
+    assert card["data"]["cells"]["train"] == sum(r["patient"] in split["train"] for r in table) > 20
     assert (run_dir / "cellnet_float32.tflite").is_file()  # for comparison, not shipped
     assert not list(out.glob(".*tmp"))  # no temp files left behind
     assert {oct(p.stat().st_mode & 0o777) for p in (model, card_path)} == {"0o644"}  # the service user reads them

@@ -196,3 +196,17 @@ def test_the_model_logit_becomes_p_infected():
 
     p = predict_proba(Logits(), np.zeros((3, 4, 4, 3), np.uint8))
     assert p == pytest.approx([0.047426, 0.5, 0.952574], abs=1e-6)
+
+
+def test_an_upper_case_suffix_is_a_cell_and_a_row_without_a_patient_takes_the_file_names(tmp_path):
+    """A cell saved as .PNG (a camera's or Windows' capitals) is a cell like any other; a table row naming a
+    file but no patient gives that file the patient of its name, never the patient ''."""
+    d = _copy_fixture(tmp_path)
+    first = sorted((d / "Uninfected").glob("C1_*"))[0]
+    upper = first.with_name("C1_thinF_IMG_extra_cell_9.PNG")
+    shutil.copy(first, upper)
+    _rewrite_csv(d, lambda lines: [x for x in lines if not x.startswith(f"Uninfected/{first.name},")]
+                 + [f"Uninfected/{first.name},uninfected,,train"])
+    files, _ = list_cells(d)
+    assert any(f.path == upper and f.patient == "C1" for f in files)
+    assert all(f.patient for f in files) and {f.patient for f in files if f.path == first} == {"C1"}
