@@ -277,6 +277,19 @@ def test_field_crops_are_cut_like_the_device_and_join_training(tmp_path):
     assert "extra " in r.stderr and "training cells" in r.stderr and "class weights" in r.stderr
     assert json.loads((run / "split.json").read_text())["patients"]["monitor"]
     assert "val_loss" in json.loads((run / "history.json").read_text())  # the monitor patients were scored
+    # only the extra cells of training fields joined training, parasitized ones 4 times over (the default)
+    train_rows = [r for r in rows if r["split"] == "train"]
+    n_extra = len(train_rows) + 3 * sum(r["label"] == "parasitized" for r in train_rows)
+    assert f"extra {crops}: {n_extra} training cells" in r.stderr
+    # a run with early-stopping patients: convert chooses its threshold on them, and the card says so
+    out = tmp_path / "models"
+    c = run_module("convert", "--model", str(run / "model.keras"), "--data", str(FIX), "--out", str(out),
+                   "--representative", "20", "--max-drop", "1.0")
+    assert c.returncode == 0, c.stderr[-3000:]
+    card = json.loads((out / "cellnet_int8.json").read_text())
+    assert "early-stopping patients" in card["threshold_rule"]
+    assert card["metrics"]["threshold_patients_int8_at_threshold"]["n"] == card["data"]["cells"]["monitor"] > 0
+    assert card["data"]["cells"]["monitor"] != card["data"]["cells"]["val"]
 
 
 def test_calibration_sample_is_seeded_sorted_and_drawn_from_the_given_files():
