@@ -693,3 +693,19 @@ def test_a_slow_camera_has_stalled_after_five_of_its_frame_intervals(monkeypatch
     assert feed.stalled_s() is None
     clock[0] += 2.0
     assert feed.stalled_s() == pytest.approx(6.0)
+
+
+def test_frames_differing_by_more_than_sensor_noise_are_not_steady():
+    """The stage is still when frames differ by sensor noise (mean 2.2 gray levels here), not when they differ
+    by more than 3 (4.2 here: a stage still moving, a hand on the microscope)."""
+    from device.camera import STEADY_MAX_DIFF, frames_alike, thumbnail
+
+    a = thumbnail(np.ascontiguousarray(_fields_rgb()[0][:900, :1200]))
+    rng = np.random.default_rng(0)
+
+    def noisy(amp):
+        return np.clip(a.astype(int) + rng.integers(-amp, amp + 1, a.shape), 0, 255).astype(np.uint8)
+
+    calm, shaken = noisy(4), noisy(8)
+    assert cv2.absdiff(a, calm).mean() < STEADY_MAX_DIFF < cv2.absdiff(a, shaken).mean() < 1.5 * STEADY_MAX_DIFF
+    assert frames_alike(a, calm) and not frames_alike(a, shaken)
