@@ -26,11 +26,19 @@ def run_module(*args, cwd=ROOT):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
+    # the fixture cells and one cell of a training patient cut short (a copy interrupted): skipped and listed
+    data = tmp_path_factory.mktemp("cells") / "nih_cells"
+    shutil.copytree(FIX, data)
+    whole = (data / "Uninfected" / "C1_thinF_IMG_20150604_104722_cell_191.webp").read_bytes()
+    (data / "Uninfected" / BROKEN).write_bytes(whole[: len(whole) // 3])
     out = tmp_path_factory.mktemp("run")
-    r = run_module("train", "--data", str(FIX), "--out", str(out), "--epochs", "1", "--size", "32",
+    r = run_module("train", "--data", str(data), "--out", str(out), "--epochs", "1", "--size", "32",
                    "--width", "4", "--batch", "16")
     assert r.returncode == 0, r.stderr[-3000:]
     return out
+
+
+BROKEN = "C1_thinF_IMG_20150604_104722_cell_999.webp"
 
 
 @pytest.mark.slow
@@ -46,6 +54,7 @@ def test_one_epoch_smoke_run_writes_every_output(run_dir):
     sides = [set(v) for v in split["patients"].values()]
     assert all(a.isdisjoint(b) for i, a in enumerate(sides) for b in sides[i + 1:])
     assert set(split["patients"]["val"]) == {"P106", "P135", "C217"}  # patients.csv's val side
+    assert [s["file"] for s in split["skipped"]] == [f"Uninfected/{BROKEN}"] and split["skipped"][0]["reason"]
     assert "--epochs 1" in (run_dir / "command.txt").read_text()
     assert "parasitized" in (run_dir / "classification_report.txt").read_text()
 
@@ -120,6 +129,23 @@ def test_an_unwritable_out_and_a_one_class_validation_side_are_clear_errors_befo
                    "--epochs", "1")
     assert r.returncode == 2 and "holds cells of held-out patients" in r.stderr and "P106" in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "run2" / "model.keras").exists()
+    # the same for an early-stopping patient: those choose the epoch and (convert) the threshold
+    from train.data import list_cells, patient_split
+
+    files, csv_split = list_cells(FIX)
+    split, _ = patient_split(sorted({f.patient for f in files}), csv_split, 1234, 0.15, 0.3)  # train's defaults
+    held = split["monitor"]
+    assert held and not set(held) & set(split["val"])
+    leak = tmp_path / "leak"  # the early-stopping patients' cells, given again as extra cells
+    for cls in ("Parasitized", "Uninfected"):
+        (leak / cls).mkdir(parents=True)
+    for f in files:
+        if f.patient in held:
+            shutil.copy(f.path, leak / f.rel)
+    r = run_module("train", "--data", str(FIX), "--extra-data", str(leak), "--out", str(tmp_path / "run3"),
+                   "--epochs", "1", "--monitor-fraction", "0.3", "--schedule", "plateau", "--average-last", "0")
+    assert r.returncode == 2 and "holds cells of held-out patients" in r.stderr, r.stderr[-2000:]
+    assert all(p in r.stderr for p in held) and not (tmp_path / "run3" / "model.keras").exists()
 
 
 @pytest.fixture(scope="module")
