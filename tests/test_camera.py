@@ -709,3 +709,41 @@ def test_frames_differing_by_more_than_sensor_noise_are_not_steady():
     calm, shaken = noisy(4), noisy(8)
     assert cv2.absdiff(a, calm).mean() < STEADY_MAX_DIFF < cv2.absdiff(a, shaken).mean() < 1.5 * STEADY_MAX_DIFF
     assert frames_alike(a, calm) and not frames_alike(a, shaken)
+
+
+def test_the_retry_back_off_starts_again_once_frames_came(monkeypatch):
+    """After a long outage the waits between retries had grown; frames coming again reset them, so a later
+    brief loss is retried after the shortest wait, not the longest reached before."""
+    opens, waits = [0], []
+    frame = _fields_rgb()[0][:480, :640]
+
+    class Cam:
+        def __init__(self):
+            self.reads = 0
+
+        def read(self):
+            self.reads += 1
+            if self.reads == 5:
+                raise CameraError("unplugged")
+            time.sleep(0.01)
+            return frame
+
+        def close(self):
+            pass
+
+    def opener():
+        opens[0] += 1
+        if opens[0] <= 4:
+            raise CameraError("not there yet")
+        return Cam()
+
+    feed = CameraFeed(opener, reconnect_min_s=0.01, reconnect_max_s=1.0, focus=lambda rgb: 3.0)
+    real_wait = feed._wait
+    monkeypatch.setattr(feed, "_wait", lambda s: (waits.append(s), real_wait(min(s, 0.01)))[1])
+    feed.start()
+    try:
+        assert wait_until(lambda: len(waits) >= 5, timeout_s=20)
+    finally:
+        feed.stop()
+    assert waits[:4] == pytest.approx([0.01, 0.02, 0.04, 0.08])  # the camera not there: each wait doubles
+    assert waits[4] == pytest.approx(0.01)  # lost after 4 frames: the shortest wait again
