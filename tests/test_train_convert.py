@@ -130,20 +130,24 @@ def test_an_unwritable_out_and_a_one_class_validation_side_are_clear_errors_befo
     assert r.returncode == 2 and "holds cells of held-out patients" in r.stderr and "P106" in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "run2" / "model.keras").exists()
     # the same for an early-stopping patient: those choose the epoch and (convert) the threshold
+    from train.__main__ import parse_args
     from train.data import list_cells, patient_split
 
+    leak = tmp_path / "leak"  # the early-stopping patients' cells, given again as extra cells
+    argv = ["--data", str(FIX), "--extra-data", str(leak), "--out", str(tmp_path / "run3"), "--epochs", "1",
+            "--monitor-fraction", "0.3", "--schedule", "plateau", "--average-last", "0"]
+    args = parse_args(argv)  # the split this command makes: its seed and shares, defaults included
     files, csv_split = list_cells(FIX)
-    split, _ = patient_split(sorted({f.patient for f in files}), csv_split, 1234, 0.15, 0.3)  # train's defaults
+    split, _ = patient_split(sorted({f.patient for f in files}), csv_split, args.seed, args.val_fraction,
+                             args.monitor_fraction)
     held = split["monitor"]
     assert held and not set(held) & set(split["val"])
-    leak = tmp_path / "leak"  # the early-stopping patients' cells, given again as extra cells
     for cls in ("Parasitized", "Uninfected"):
         (leak / cls).mkdir(parents=True)
     for f in files:
         if f.patient in held:
             shutil.copy(f.path, leak / f.rel)
-    r = run_module("train", "--data", str(FIX), "--extra-data", str(leak), "--out", str(tmp_path / "run3"),
-                   "--epochs", "1", "--monitor-fraction", "0.3", "--schedule", "plateau", "--average-last", "0")
+    r = run_module("train", *argv)
     assert r.returncode == 2 and "holds cells of held-out patients" in r.stderr, r.stderr[-2000:]
     assert all(p in r.stderr for p in held) and not (tmp_path / "run3" / "model.keras").exists()
 
