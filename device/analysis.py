@@ -103,12 +103,45 @@ class FieldResult:
 # the 640 px copy) was >= 30 on all 68 sample, IML and BBBC041 fields; a gray picture gives 0.
 MIN_STAIN_CHROMA = 10
 
+# Something in view: detail against the field's smooth light. The 99.9th percentile of |image - its blur at
+# sigma 32 px| on the gray 640 px copy (computed at a quarter of that size, whose area average keeps sensor
+# noise out), where the light falls, away from the edge of a round field of view. Measured
+# (the script is in the session note of 2026-11-30): 47.4-154.3 on the 68 sample, IML and BBBC041 fields, >= 31.2 on
+# copies blurred at sigma 16 px (far past "out of focus"); <= 13.4 on blank fields (bare glass, plasma pink or
+# blue, 0-40% vignetting, sensor noise of sd 0-20, JPEG quality 70).
+MIN_LOCAL_CONTRAST = 20.0
+_CONTRAST_BACKGROUND_PX = 32.0
+
 
 def _small(image_rgb: np.ndarray) -> np.ndarray:
     h, w = image_rgb.shape[:2]
     if w <= FOCUS_WIDTH_PX:
         return image_rgb
     return cv2.resize(image_rgb, (FOCUS_WIDTH_PX, max(1, round(h * FOCUS_WIDTH_PX / w))), interpolation=cv2.INTER_AREA)
+
+
+def local_contrast(gray: np.ndarray, seen: np.ndarray | None = None) -> float | None:
+    """Detail against the smooth light of a gray field copy (see ``MIN_LOCAL_CONTRAST``); None when too little
+    of it is lit to judge (``seen``: the lit pixels, None for all)."""
+    # on a quarter-size copy: the area average smooths sensor noise, and the wide blur costs ~16x less
+    h, w = gray.shape[:2]
+    q = cv2.resize(gray, (max(1, w // 4), max(1, h // 4)), interpolation=cv2.INTER_AREA).astype(np.float32)
+    sigma = _CONTRAST_BACKGROUND_PX / 4
+    diff = cv2.absdiff(q, cv2.GaussianBlur(q, (0, 0), sigma))
+    if seen is not None:
+        # the blur mixes the dark surround into the lit pixels near the rim: judge only those well inside
+        s = cv2.resize(seen.astype(np.uint8), (q.shape[1], q.shape[0]), interpolation=cv2.INTER_NEAREST)
+        k = _odd_int(4 * sigma)
+        inner = cv2.erode(s, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))) > 0
+        if inner.sum() < 0.05 * inner.size:
+            return None
+        diff = diff[inner]
+    return float(np.percentile(diff, 99.9))
+
+
+def _odd_int(n: float) -> int:
+    k = max(1, int(round(n)))
+    return k if k % 2 else k + 1
 
 
 def focus_measure(
@@ -217,6 +250,12 @@ def image_quality(
     over = float(n_over) / max(1, n_seen)
     if over > settings.max_overexposed_frac:
         return focus, f"overexposed ({over:.0%} of pixels saturated): lower the lamp or exposure"
+    contrast = local_contrast(gray, seen)
+    if contrast is not None and contrast < MIN_LOCAL_CONTRAST:
+        # before the colour and focus checks: bare glass is colourless and nothing in it is sharp, and their
+        # advice (the camera's colour format, refocus) would send the technician the wrong way
+        return focus, (f"nothing in view (an even, blank field: detail {contrast:.0f} < {MIN_LOCAL_CONTRAST:.0f}): "
+                       "move the stage onto the smear, or check that the slide is in place")
     from device.segment import quantile
 
     r, g, b = cv2.split(np.ascontiguousarray(small[::4, ::4]))  # every 4th pixel each way: plenty for "any colour"

@@ -185,6 +185,53 @@ def test_a_field_under_a_dim_lamp_is_rejected_as_too_dark_not_counted(classifier
     assert res.rbc_count == 0 and res.cells == []
 
 
+def _blank(colour_rgb, vignetting: float, noise_sd: float, seed: int = 0) -> np.ndarray:
+    """An even field with nothing in it (bare glass, or plasma), darkening to the corners, with sensor noise,
+    through the camera's JPEG."""
+    h, w = 960, 1280
+    yy, xx = np.mgrid[0:h, 0:w]
+    r2 = (np.hypot(xx - w / 2, yy - h / 2) / (0.625 * w)) ** 2
+    rng = np.random.default_rng(seed)
+    img = np.asarray(colour_rgb, np.float32) * (1 - vignetting * r2)[..., None] + rng.normal(0, noise_sd, (h, w, 3))
+    img = np.clip(img, 0, 255).astype(np.uint8)
+    return cv2.imdecode(cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 70])[1], cv2.IMREAD_COLOR)
+
+
+@pytest.mark.parametrize(("colour", "vignetting", "noise_sd"), [
+    ((240, 240, 240), 0.0, 0.0),   # bare glass: colourless, was "no stain colour ... check the camera's colour format"
+    ((240, 240, 240), 0.4, 10.0),
+    ((200, 222, 236), 0.2, 20.0),  # plasma pink (RGB), noisy: the noise once passed as sharp detail
+    ((230, 200, 190), 0.0, 0.0),   # plasma, flat: was "out of focus ... refocus"
+])
+def test_a_blank_field_says_nothing_is_in_view_not_colour_or_focus(classifier, colour, vignetting, noise_sd):
+    res = analyze_field(_blank(colour, vignetting, noise_sd), classifier)
+    assert res.rejected.startswith("nothing in view") and "move the stage onto the smear" in res.rejected
+    assert res.rbc_count == 0 and res.cells == []
+
+
+@pytest.mark.parametrize("path", FIELDS, ids=lambda p: p.stem[:8])
+def test_a_real_field_even_badly_blurred_is_not_called_blank(path, classifier):
+    from device.analysis import MIN_LOCAL_CONTRAST, _small, local_contrast
+
+    rgb = read_rgb(path)
+    for img in (rgb, cv2.GaussianBlur(rgb, (0, 0), 16)):
+        assert local_contrast(cv2.cvtColor(_small(img), cv2.COLOR_RGB2GRAY)) > 1.5 * MIN_LOCAL_CONTRAST
+    assert analyze_field(cv2.GaussianBlur(rgb, (0, 0), 16), classifier).rejected.startswith("out of focus")
+
+
+def test_local_contrast_looks_inside_the_lit_field_of_view_only():
+    """The rim of a round field of view in a black surround is a strong edge: it must not pass a blank field."""
+    from device.analysis import MIN_LOCAL_CONTRAST, local_contrast
+
+    gray = cv2.cvtColor(_blank((240, 240, 240), 0.0, 5.0)[::2, ::2], cv2.COLOR_RGB2GRAY)
+    seen = np.zeros(gray.shape, np.uint8)
+    cv2.circle(seen, (gray.shape[1] // 2, gray.shape[0] // 2), gray.shape[0] // 2 - 10, 1, -1)
+    gray[seen == 0] = 5
+    assert local_contrast(gray) > 100  # the rim, judged everywhere
+    assert local_contrast(gray, seen > 0) < MIN_LOCAL_CONTRAST
+    assert local_contrast(gray, np.zeros(gray.shape, bool)) is None  # nothing lit: not judged here
+
+
 @pytest.mark.parametrize(("settings", "reason"), [
     (AnalysisSettings(min_cells_per_field=10_000), r"too few red cells \(\d+ found, 10000 needed\)"),
     (AnalysisSettings(min_foreground_frac=0.99), r"red cells cover too little of the field \(\d+%, 99% needed\)"),
