@@ -647,6 +647,53 @@ def test_pages_fit_a_phone_screen(browser, live_env, path):
     _shot(page, "phone" + path.replace("/", "-"))
 
 
+_BROKEN_WORDS_JS = """() => {
+    const out = [];
+    for (const cell of document.querySelectorAll('.table th, .table td')) {
+        const walk = document.createTreeWalker(cell, NodeFilter.SHOW_TEXT);
+        for (let t = walk.nextNode(); t; t = walk.nextNode()) {
+            const w = t.textContent.trim();
+            if (!/^([A-Za-z]{3,14}|[0-9][0-9,.]{0,9})$/.test(w)) continue;  // one word or one number
+            const r = document.createRange(); r.selectNodeContents(t);
+            const lines = new Set([...r.getClientRects()].map(x => Math.round(x.top)));
+            if (lines.size > 1) out.push(w);
+        }
+    }
+    return out; }"""
+
+
+@pytest.mark.parametrize("path", ["/slides/1", "/slides/1/report"])
+def test_a_long_reason_beside_the_counts_leaves_numbers_and_words_whole(browser, live_env, path):
+    """A rejected field's reason is a long sentence: with every cell allowed to break anywhere it squeezed the
+    other columns to their narrowest at desktop width, and 131 cells read "13" over "1" ("Cel ls", "uplo ad")."""
+    import cv2
+
+    env = live_env
+    c = env.app.test_client()
+    h = {"X-CSRF-Token": env.csrf(c)}
+    long_id = "LONG-SAMPLE-ID-WITHOUT-SPACES-" + "X" * 30
+    assert c.post("/api/slides", json={"sample_id": long_id, "patient_id": "P" * 60}, headers=h).status_code == 201
+    sample = sorted(SAMPLES_DIR.glob("*.jpg"))[0]
+    import numpy as np
+
+    plasma = np.full((960, 1280, 3), (200, 222, 236), np.uint8)  # BGR: the pale pink between cells, no cell
+    empty = cv2.imencode(".jpg", plasma)[1].tobytes()
+    gray = cv2.imencode(".png", cv2.cvtColor(cv2.imread(str(sample), cv2.IMREAD_GRAYSCALE), cv2.COLOR_GRAY2BGR))[1]
+    for name, data in (("empty.jpg", empty), ("gray.png", gray.tobytes()), ("f.jpg", sample.read_bytes())):
+        up = c.post("/api/slides/1/fields", headers=h, content_type="multipart/form-data",
+                    data={"image": (__import__("io").BytesIO(data), name)})
+        assert up.status_code in (200, 201), up.get_data(as_text=True)
+    fields = env.store.list_fields(1)
+    assert [bool(f["rejected"]) for f in fields] == [True, True, False]  # long reasons beside a counted field
+    page = browser.new_context(viewport={"width": 1366, "height": 900}).new_page()
+    page.goto(env.base_url + path)
+    assert str(fields[2]["rbc_count"]) in page.inner_text("body")
+    assert page.evaluate(_BROKEN_WORDS_JS) == [], path
+    # ...while the ID without spaces still wraps instead of widening the page
+    assert page.evaluate("() => document.documentElement.scrollWidth") <= 1366, path
+    _shot(page, "desktop-long-reason" + path.replace("/", "-"), full_page=True)
+
+
 def test_a_slide_discarded_in_another_window_says_so(browser, live_env):
     env = live_env
     page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
