@@ -770,12 +770,20 @@ class AdminSettings:
                 raise ConfigError(f"{self.path}: {exc}") from exc
         return cfg
 
-    def save(self, cfg, changes: dict[str, dict]):
-        """Validate ``changes`` over ``cfg``, keep them with the earlier ones and return the new config.
+    def update(self, holder, changes: dict[str, dict], after: Callable | None = None):
+        """Apply ``changes`` to the live config ``holder.config`` and keep them with the earlier ones.
 
-        Raises ConfigError (``section.key: problem``) and writes nothing when a value is refused.
+        Under one lock: the live config is read, the changes validated over it, the file written, the new
+        config assigned and ``after(new_config)`` run (the threshold, the camera). Two admins saving at once
+        (a password change beside a settings change) therefore both keep their change: validated over a copy
+        read before the lock, the later assignment took the earlier change out of the running service (an old
+        password working again) while the file held both. Returns the new config.
+
+        Raises ConfigError (``section.key: problem``) and writes nothing when a value is refused;
+        SettingsNotSaved when the file cannot be written (nothing applied).
         """
         with self._lock:
+            cfg = holder.config
             stored = self.load()
             for section, values in changes.items():
                 unknown = set(values) - set(ADMIN_SETTINGS.get(section, ()))
@@ -788,6 +796,9 @@ class AdminSettings:
             except OSError as exc:
                 raise SettingsNotSaved(f"Not saved: cannot write {self.path} ({exc.strerror or exc})",
                                        507 if _disk_full(exc) else 500) from exc
+            holder.config = cfg
+            if after is not None:
+                after(cfg)
         return cfg
 
 

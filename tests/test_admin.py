@@ -745,3 +745,65 @@ def test_a_settings_page_loaded_before_another_admins_change_does_not_undo_it(ma
     assert two.post("/admin/settings", data=stale).status_code == 303
     stored = json.loads((env.store.data_dir / "settings.json").read_text())
     assert stored["analysis"]["counting_target_rbc"] == 3000 and stored["camera"]["device"] == "1"
+
+
+def _password_change_beside_a_settings_save(env, monkeypatch, slow):
+    """Admin A changes the password while admin B saves counting target 1500 (``slow``: where A's request
+    waits, so that B's lands inside it). Returns both answers."""
+    import threading
+    import time
+
+    a, ta = env.admin_client()
+    b, tb = env.admin_client()
+    slow(monkeypatch)
+    out = {}
+    t = threading.Thread(target=lambda: out.setdefault("pw", a.post("/admin/password", data={
+        "current": ADMIN_PASSWORD, "password": "new-password-1", "password2": "new-password-1", "csrf_token": ta})))
+    t.start()
+    time.sleep(0.25)
+    out["settings"] = _save(b, tb, counting_target_rbc="1500")
+    t.join(10)
+    return out["pw"], out["settings"]
+
+
+def _slow_hash(monkeypatch):  # the password hash takes a good part of a second on a Pi
+    import time
+
+    from device.web import security
+
+    real = security.hash_password
+    monkeypatch.setattr(security, "hash_password", lambda pw: (real(pw), time.sleep(0.5))[0])
+
+
+def _slow_password_write(monkeypatch):  # the settings file's fsync on an SD card, for the password's write
+    import time
+
+    real = service.write_atomic
+
+    def write(path, data, **kw):
+        real(path, data, **kw)
+        if b"admin_password_hash" in data and b"counting_target_rbc" not in data:
+            time.sleep(0.5)
+
+    monkeypatch.setattr(service, "write_atomic", write)
+
+
+@pytest.mark.parametrize("slow", [_slow_hash, _slow_password_write], ids=["hashing", "writing"])
+def test_a_password_change_and_a_settings_save_at_once_both_hold_in_the_running_service(make_env, monkeypatch, slow):
+    """Each request validated its change over the live config it read before the settings lock, and assigned
+    the result after it: both reached settings.json, but the later assignment took the other change out of
+    the running service (the counting target back to 2000, or the old password working again and the new
+    one refused) until the next restart, while the page said "Saved" to both."""
+    env = _env(make_env)
+    pw, saved = _password_change_beside_a_settings_save(env, monkeypatch, slow)
+    assert pw.status_code == 303 and saved.status_code == 303
+    stored = json.loads((env.store.data_dir / "settings.json").read_text())
+    assert stored["analysis"]["counting_target_rbc"] == 1500
+    assert env.deps.config.analysis.counting_target_rbc == 1500
+    assert env.deps.config.security.admin_password_hash == stored["security"]["admin_password_hash"]
+
+    def signs_in(password):
+        c = env.app.test_client()
+        return c.post("/admin/login", data={"password": password, "csrf_token": env.csrf(c)}).status_code == 303
+
+    assert (signs_in(ADMIN_PASSWORD), signs_in("new-password-1")) == (False, True)

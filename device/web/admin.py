@@ -484,18 +484,19 @@ def settings():
         if not changes:
             flash("Nothing changed.")
             return redirect(url_for("admin.index", _anchor="settings"), 303)
-        new_cfg = d.settings.save(d.config, changes)
+        def apply_live(new_cfg) -> None:  # under the settings lock, in the order the configs were made
+            if "model" in changes:
+                d.analyser.set_threshold(new_cfg.model.threshold)
+            if "camera" in changes and hasattr(d.camera, "reopen"):
+                d.camera.reopen(d.camera_opener(new_cfg.camera), new_cfg.camera.source)
+
+        d.settings.update(d, changes, after=apply_live)
     except _Invalid as exc:
         return _render(400, settings_error=str(exc), form=form)
     except ConfigError as exc:  # names the key and the allowed range
         return _render(400, settings_error=f"Not saved: {exc}", form=form)
     except SettingsNotSaved as exc:  # a full disk or a read-only data folder: said, not a bare 500
         return _render(exc.status, settings_error=str(exc), form=form)
-    d.config = new_cfg
-    if "model" in changes:
-        d.analyser.set_threshold(new_cfg.model.threshold)
-    if "camera" in changes and hasattr(d.camera, "reopen"):
-        d.camera.reopen(d.camera_opener(new_cfg.camera), new_cfg.camera.source)
     said = [_describe(k, v) for values in changes.values() for k, v in values.items()]
     logger.info("admin at %s changed settings: %s", _client(), "; ".join(said))
     flash("Saved: " + "; ".join(said) + ".")
@@ -518,7 +519,8 @@ def password():
     if new != again:
         return _render(400, password_error="The two new passwords differ")
     try:
-        d.config = d.settings.save(d.config, {"security": {"admin_password_hash": security.hash_password(new)}})
+        hashed = security.hash_password(new)  # slow on a Pi: before the settings lock, not inside it
+        d.settings.update(d, {"security": {"admin_password_hash": hashed}})
     except ValueError as exc:
         return _render(400, password_error=str(exc).capitalize())
     except SettingsNotSaved as exc:
@@ -579,12 +581,12 @@ def setup():
         if d.config.security.admin_password_hash:
             return redirect(url_for("admin.login"), 303)
         try:
-            new_cfg = d.settings.save(d.config, {"security": {"admin_password_hash": security.hash_password(pw)}})
+            d.settings.update(d, {"security": {"admin_password_hash": security.hash_password(pw)}})
         except ValueError as exc:
             return render_template("admin_setup.html", error=str(exc).capitalize()), 400
         except SettingsNotSaved as exc:
             return render_template("admin_setup.html", error=str(exc)), exc.status
-        d.config, d.setup_code = new_cfg, None  # the code is spent
+        d.setup_code = None  # the code is spent
     d.login_limiter.reset(client)
     logger.info("admin password chosen at first-run setup from %s (kept hashed in %s)", _client(), d.settings.path)
     sign_in_admin()
