@@ -550,3 +550,50 @@ def test_a_sigterm_during_ready_still_stops_the_service(tmp_path, monkeypatch):
         safety.cancel()
     assert rc == 0 and time.monotonic() - t0 < 10
     assert signal.getsignal(signal.SIGTERM) == before  # put back as it was
+
+
+@pytest.mark.parametrize("script", [True, False], ids=["page-script", "no-script-form"])
+def test_finish_pressed_while_an_upload_is_being_received_waits_for_that_field(make_env, monkeypatch, script):
+    """Tab 1 uploads a field; Finish is pressed in tab 2 while its body is still being parsed (werkzeug spools a
+    large upload to a file first: slowed here). The capture registered as being received only once the file was
+    parsed, so Finish closed the slide and the field was refused ("slide is finished"). Without the page's
+    script the CSRF token is a form field, so the parse happens before the view, in the request hook."""
+    import io
+    import threading
+    import time
+
+    import werkzeug.formparser as formparser
+
+    from tests.conftest import SAMPLES_DIR
+
+    env = make_env()
+    c1, c2 = env.app.test_client(), env.app.test_client()
+    t1, t2 = env.csrf(c1), env.csrf(c2)
+    sid = c1.post("/api/slides", json={"sample_id": "UP-1"}, headers={"X-CSRF-Token": t1}).get_json()["id"]
+    real_parse = formparser.MultiPartParser.parse
+
+    def slow_parse(self, *a, **k):
+        time.sleep(1.0)
+        return real_parse(self, *a, **k)
+
+    monkeypatch.setattr(formparser.MultiPartParser, "parse", slow_parse)
+    image = sorted(SAMPLES_DIR.glob("*.jpg"))[1].read_bytes()
+    if script:
+        def upload():
+            return c1.post(f"/api/slides/{sid}/fields", headers={"X-CSRF-Token": t1},
+                           content_type="multipart/form-data", data={"image": (io.BytesIO(image), "b.jpg")})
+    else:
+        def upload():
+            return c1.post(f"/slides/{sid}/capture", content_type="multipart/form-data",
+                           data={"image": (io.BytesIO(image), "b.jpg"), "csrf_token": t1})
+    out = {}
+    up = threading.Thread(target=lambda: out.setdefault("upload", upload()))
+    up.start()
+    time.sleep(0.3)  # the upload is being received; Finish pressed in the other tab
+    fin = c2.post(f"/api/slides/{sid}/finish", json={}, headers={"X-CSRF-Token": t2})
+    up.join(30)
+    assert fin.status_code == 200
+    assert out["upload"].status_code in ((201,) if script else (303,))
+    fields = env.store.list_fields(sid)
+    assert len(fields) == 1 and fields[0]["source"] == "upload"
+    assert fin.get_json()["automatic"]["rbc_count"] == fields[0]["rbc_count"] > 0

@@ -135,7 +135,26 @@ def create_app(config, store, camera, analyser, *, secret_key: bytes | None = No
     return app
 
 
+CAPTURE_ENDPOINTS = ("api.capture", "pages.capture")
+
+
 def _install_hooks(app: Flask) -> None:
+    @app.before_request
+    def _capture_is_received_from_its_first_byte():
+        # Before the CSRF check below reads the form: for an upload without the page's script that parses
+        # (spools) the whole body, and Finish pressed meanwhile must wait for this field, not close the
+        # slide under it. Released when the request ends (teardown).
+        if request.method == "POST" and request.endpoint in CAPTURE_ENDPOINTS and request.view_args:
+            from device.web import views
+
+            views.hold_receiving(request.view_args["slide_id"])
+
+    @app.teardown_request
+    def _capture_received(exc=None):
+        from device.web import views
+
+        views.release_receiving()
+
     @app.before_request
     def _csrf_and_pin():
         if security.CSRF_FIELD not in session:
