@@ -1653,3 +1653,58 @@ def test_the_exclude_form_sent_without_a_reason_takes_the_field_out_as_other(mak
         assert r.status_code == 303
         assert env.store.get_field(fid)["excluded"] == "other"
         assert env.store.totals(1)["fields_used"] == 0
+
+
+def _many_fields(store, n_slides: int, per_slide: int) -> None:
+    """Records of ``n_slides`` finished slides of ``per_slide`` fields each, written straight into SQLite."""
+    conn = store._conn()
+    with conn:
+        conn.executemany(
+            "INSERT INTO slides (id, sample_id, status, started_at, finished_at, model_name, model_sha256, threshold,"
+            " fp_rate_per_cell, target_rbc, rbc_per_ul) VALUES (?, ?, 'finished', '2026-01-01T00:00:00Z',"
+            " '2026-01-01T01:00:00Z', 'm', 'ab', 0.98, 0.004, 2000, 5e6)",
+            [(i, f"BULK-{i:05d}") for i in range(1, n_slides + 1)])
+        conn.executemany(
+            "INSERT INTO fields (slide_id, seq, captured_at, source, width, height, focus, rbc_count,"
+            " infected_count, model_sha256, threshold, timing_json, file_key) VALUES (?, ?, '2026-01-01T00:10:00Z',"
+            " 'camera', 1280, 960, 3.1, 120, 1, 'ab', 0.98, '{\"total_ms\": 91.5}', ?)",
+            [(s, q, f"k{s}-{q}") for s in range(1, n_slides + 1) for q in range(1, per_slide + 1)])
+
+
+def test_the_fields_export_is_written_as_it_is_read_not_built_whole(make_env, monkeypatch):
+    """A year of fields (200,000 rows, 35 MB of CSV) was read into a list, written into one string and encoded:
+    343 MB more, and two exports at once passed the unit's memory limit. Now it is read a few slides at a time
+    as the pieces are sent: when the first piece goes out, only the first slides have been read."""
+    env = make_env()
+    _many_fields(env.store, 400, 25)  # 10,000 fields, 0.9 MB of CSV: 8 reads of 50 slides
+    reads = []
+    real_conn = env.store._conn
+
+    class Counting:
+        def __init__(self, conn):
+            self._c = conn
+
+        def execute(self, sql, *args):
+            if "FROM fields f JOIN slides s" in sql:
+                reads.append(sql)
+            return self._c.execute(sql, *args)
+
+        def __getattr__(self, name):
+            return getattr(self._c, name)
+
+    monkeypatch.setattr(env.store, "_conn", lambda: Counting(real_conn()))
+    c = env.app.test_client()
+    r = c.get("/export/fields.csv")
+    pieces = iter(r.response)
+    first = next(pieces)
+    assert len(reads) == 1 and len(first) <= 2 * 64 * 1024  # one read of 50 slides, one piece of ~64 kB
+    rest = b"".join(pieces)
+    r.close()
+    assert len(reads) == 8 and "Content-Length" not in r.headers
+    rows = list(csv.reader(io.StringIO((first + rest).decode())))
+    assert len(rows) == 1 + 10_000
+    assert [r[2] for r in rows[1:26]] == ["BULK-00400"] * 25 and rows[-1][2] == "BULK-00001"  # newest slide first
+    assert [int(r[4]) for r in rows[1:26]] == list(range(1, 26))  # each slide's fields in order
+    assert len({(r[1], r[4]) for r in rows[1:]}) == 10_000  # every field once
+    one = list(csv.reader(io.StringIO(c.get("/export/fields.csv?q=bulk-00007").get_data(as_text=True))))
+    assert len(one) == 26 and {r[2] for r in one[1:]} == {"BULK-00007"}
