@@ -140,10 +140,26 @@ def test_technician_flow_start_capture_review_finish_result_csv(browser, live_en
 
     saved = tmp_path / "saved-field.png"
     cv2.imwrite(str(saved), cv2.flip(cv2.imread(str(sorted(SAMPLES_DIR.glob("*.jpg"))[1])), 1))
+    # a file the device refuses keeps its place in the form, to be sent again (it was cleared)
+    not_image = tmp_path / "notes.png"
+    not_image.write_text("not a picture")
+    page.set_input_files("#upload-file", str(not_image))
+    page.click("#upload-form button")
+    _until(page, "document.getElementById('capture-msg').classList.contains('msg-error')", timeout=30_000)
+    _until(page, "!document.getElementById('upload-btn').disabled")
+    assert page.evaluate("() => document.getElementById('upload-file').files.length") == 1
+    assert sum("400 (BAD REQUEST)" in e for e in errors) == 1  # the browser's log of that refusal: expected
+    errors[:] = [e for e in errors if "400 (BAD REQUEST)" not in e]
     page.set_input_files("#upload-file", str(saved))
     page.click("#upload-form button")
     _until(page, "document.querySelectorAll('#fields-table tbody tr').length > 2", timeout=30_000)
     _until(page, "!document.getElementById('capture-btn').disabled")
+    # a field taken clears the form, and the answer says what it held (it said only "Field 3 added.")
+    assert page.evaluate("() => document.getElementById('upload-file').files.length") == 0
+    third = env.store.list_fields(1)[-1]
+    assert page.inner_text("#capture-msg") == (
+        f"Field {third['seq']} rejected: {third['rejected']}" if third["rejected"] else
+        f"Field {third['seq']}: {third['rbc_count']} red cells, {third['infected_count']} flagged infected.")
     rbc = int(page.inner_text("#rbc-count"))
     assert rbc == env.store.totals(1)["rbc_count"] > 0
     assert page.get_attribute("#rbc-progress", "value") is not None
@@ -254,6 +270,10 @@ def test_technician_flow_start_capture_review_finish_result_csv(browser, live_en
     # finish -> result; below the counting target the page asks first (a tap on Finish, just under
     # Review, closed a slide of 0 cells for good)
     page.goto(env.base_url + "/slides/1")
+    # after review the parasitemia beside the automatic flagged count says whose it is
+    headline = env.app.test_client().get("/api/slides/1").get_json()["headline"]
+    assert page.inner_text("#parasitemia-label") == (
+        "Parasitemia (after review)" if headline == "reviewed" else "Parasitemia")
     said.clear()
     page.click("#finish-btn")  # "no" to the question: nothing happens
     _until(page, "true")
@@ -370,7 +390,13 @@ def test_fields_still_being_analysed_appear_when_stored(browser, make_env, monke
             _until(page, "document.querySelectorAll(\"#fields-table tbody tr[id^='field-']\").length === 2",
                    timeout=20_000)
             _until(page, f"document.getElementById('rbc-count').textContent === '{env.store.totals(1)['rbc_count']}'")
-            assert "added" in page.inner_text("#capture-msg") and not errors
+            # ...and the answer beside the button says what the field held, as without the script
+            last = env.store.list_fields(1)[-1]
+            said = page.inner_text("#capture-msg")
+            assert said == (f"Field {last['seq']} rejected: {last['rejected']}" if last["rejected"] else
+                            f"Field {last['seq']}: {last['rbc_count']} red cells, "
+                            f"{last['infected_count']} flagged infected."), said
+            assert not errors
         finally:
             page.close()
 

@@ -133,6 +133,8 @@
       var open = sl.headline === "reviewed" && sl.review_open;
       $("parasitemia").textContent = cur.call !== "positive" ? "—" :
         open ? "\u2265 " + fmtPct(sl.review_open.confirmed_pct) : fmtPct(cur.parasitemia_pct);
+      // beside the automatic flagged count, a parasitemia after review must say so (12 flagged, 0.050%)
+      $("parasitemia-label").textContent = "Parasitemia" + (sl.headline === "reviewed" ? " (after review)" : "");
       var discardForm = $("discard-form");
       // only a slide that counts nothing can be discarded
       if (discardForm && (sl.totals.fields_used > 0 || sl.totals.fields_excluded > 0)) { discardForm.remove(); }
@@ -142,6 +144,13 @@
       call.className = "call-chip " + callClass(cur.call);
       $("flagged-n").textContent = sl.totals.review.pending;
       if ($("near-n")) { $("near-n").textContent = sl.totals.near.pending; }
+    };
+
+    /* the answer beside the button says what the field held, as without the script: on a phone the
+       last field's card is off screen */
+    var fieldSummary = function (f) {
+      return f.rejected ? "Field " + f.seq + " rejected: " + f.rejected :
+        "Field " + f.seq + ": " + f.rbc_count + " red cells, " + f.infected_count + " flagged infected.";
     };
 
     var renderField = function (f) {
@@ -215,7 +224,7 @@
         if (added.length) {
           renderSlide(sl);
           var f = added[added.length - 1];
-          say(f.rejected ? "Field rejected: " + f.rejected : "Field " + f.seq + " added.", f.rejected ? "error" : "ok");
+          say(fieldSummary(f), f.rejected ? "error" : "ok");
           pending -= added.length;
         }
         if (pending <= 0) { polling = false; return; }
@@ -273,21 +282,23 @@
         if (res.status === 201) {
           renderField(res.body.field);
           renderSlide(res.body.slide);
-          say(res.body.field.rejected ? "Field rejected: " + res.body.field.rejected : "Field " + res.body.field.seq + " added.",
-            res.body.field.rejected ? "error" : "ok");
+          say(fieldSummary(res.body.field), res.body.field.rejected ? "error" : "ok");
+          return true;
         } else if (res.status === 202) {
           say(res.body.message, "info");
           awaitPending();
-        } else {
-          say(res.body.error || ("Error " + res.status), "error");
+          return true;
         }
+        say(res.body.error || ("Error " + res.status), "error");
+        return false;
       }).catch(function () {
         say("The device did not answer: check the connection and try again.", "error");
-      }).then(function () {
+        return false;
+      }).then(function (taken) {
         busy = false; btn.disabled = false; btn.classList.remove("busy");
         if (uploadBtn) { uploadBtn.disabled = false; }
         if (hadFocus) { btn.focus(); }
-        return true;
+        return taken;  // an upload refused or unanswered keeps its chosen file, to send again
       });
     };
 
@@ -295,7 +306,7 @@
     $("upload-form").addEventListener("submit", function (e) {
       e.preventDefault();
       var form = e.target;
-      capture(new FormData(form)).then(function (sent) { if (sent) { form.reset(); } });
+      capture(new FormData(form)).then(function (taken) { if (taken) { form.reset(); } });
     });
 
     /* auto-capture: once per steady, sharp scene (the stage moved, then stopped); shown only with the script */
