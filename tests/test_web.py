@@ -1580,11 +1580,24 @@ def test_a_slide_positive_on_a_confirmed_parasite_gives_only_what_review_establi
     assert f"≥ {100 / rbc:.3f}%" in c.get("/slides/1").get_data(as_text=True)  # the slide page's count too
     export = list(csv.DictReader(io.StringIO(c.get("/export/slides.csv").get_data(as_text=True))))
     assert export[0]["reviewed_parasitemia_pct"] == "" and export[0]["review_pending"] == str(pending)
+    # the export holds what the page leads with: meanwhile the confirmed share (a lower bound), no density
+    assert export[0]["confirmed_pct"] == f"{100 / rbc:.4f}" and export[0]["confirmed_per_ul"] == f"{5e6 / rbc:.0f}"
+    assert {export[0][k] for k in ("reviewed_ci95_low_pct", "reviewed_parasites_per_ul")} == {""}
     for x in cells[1:]:  # every flagged cell reviewed: the density after review stands
         c.post(f"/api/cells/{x['id']}/review", json={"decision": "rejected"}, headers=h)
     page = c.get("/slides/1/result").get_data(as_text=True)
     assert 'id="review-open-note"' not in page and f"1 of {rbc} cells infected after review" in page
     assert n > 1
+    reviewed = c.get("/api/slides/1").get_json()["reviewed"]
+    assert reviewed["call"] == "positive"
+    row = list(csv.DictReader(io.StringIO(c.get("/export/slides.csv").get_data(as_text=True))))[0]
+    assert row["reviewed_parasitemia_pct"] == f"{100 / rbc:.4f}" and row["confirmed_pct"] == ""
+    assert (row["reviewed_ci95_low_pct"], row["reviewed_ci95_high_pct"]) == tuple(
+        f"{v:.4f}" for v in reviewed["ci95_pct"])
+    assert row["reviewed_parasites_per_ul"] == f"{reviewed['parasites_per_ul']:.0f}" == f"{5e6 / rbc:.0f}"
+    assert (row["reviewed_ci95_low_per_ul"], row["reviewed_ci95_high_per_ul"]) == tuple(
+        f"{v:.0f}" for v in reviewed["ci95_per_ul"])
+    assert page.count(f"{reviewed['parasites_per_ul']:,.0f}") >= 1  # the figure the result page shows
 
 
 def test_records_restored_without_their_pictures_show_no_dead_links_and_pictures_are_asked_again(make_env):

@@ -289,6 +289,11 @@ SLIDE_COLUMNS = [
     # cells near the threshold shown for review (scored from review_floor up to the threshold; not counted
     # unless confirmed); empty for slides started before they were
     "review_floor", "near_threshold_cells", "near_confirmed", "near_rejected", "near_pending",
+    # the result after review as the page and the report lead with it: its interval and density, empty
+    # while flagged cells wait (as reviewed_parasitemia_pct) or without a positive call; meanwhile the
+    # confirmed cells' share, a lower bound (the page's "≥ 0.193%")
+    "reviewed_ci95_low_pct", "reviewed_ci95_high_pct", "reviewed_parasites_per_ul", "reviewed_ci95_low_per_ul",
+    "reviewed_ci95_high_per_ul", "confirmed_pct", "confirmed_per_ul",
 ]
 
 
@@ -298,7 +303,7 @@ def export_slides():
     status = "open" if request.args.get("open") == "1" else None  # as History showed them
     for s in deps().store.list_slides(request.args.get("q", "")[:64], limit=1_000_000, status=status):
         v = views.slide_view(s)
-        a, r, rv = v["automatic"], v["reviewed"], v["totals"]["review"]
+        a, r, rv, o = v["automatic"], v["reviewed"], v["totals"]["review"], v["review_open"]
         density = a["call"] == "positive"  # as the page: no parasitemia or parasites/uL without a positive call
         rows.append([
             v["id"], v["sample_id"], v["patient_id"], v["operator"], v["status"], v["started_at"],
@@ -316,6 +321,10 @@ def export_slides():
             f"{a['detection_limit_per_ul']:.0f}",
             *(["", "", "", "", ""] if v["review_floor"] is None else [f"{v['review_floor']:.4f}", *(
                 v["totals"]["near"][k] for k in ("cells", "confirmed", "rejected", "pending"))]),
+            *(["", "", "", "", ""] if rv["pending"] or r["call"] != "positive" else [
+                f"{r['ci95_pct'][0]:.4f}", f"{r['ci95_pct'][1]:.4f}", f"{r['parasites_per_ul']:.0f}",
+                f"{r['ci95_per_ul'][0]:.0f}", f"{r['ci95_per_ul'][1]:.0f}"]),
+            *(["", ""] if not o else [f"{o['confirmed_pct']:.4f}", f"{o['confirmed_per_ul']:.0f}"]),
         ])
     return _csv_response("slides", SLIDE_COLUMNS, rows)
 
