@@ -671,6 +671,26 @@ def test_missing_sample_id_is_400(make_env):
     assert r.status_code == 201 and r.get_json()["operator"] == "Bo"
 
 
+@pytest.mark.parametrize("value", ["abc", "0", "99"])
+def test_a_refused_rbc_count_is_shown_open_with_the_focus_on_it(make_env, value):
+    """The message named the RBC count, but its section came back folded, hiding the value to correct, and
+    the focus went to the sample ID."""
+    import re
+
+    c, token = _client(make_env())
+    page = _start(c, token, rbc_millions_per_ul=value)
+    html = page.get_data(as_text=True)
+    assert page.status_code == 400 and "measured RBC count must" in html
+    assert re.search(r'<details class="more" id="rbc-more"\s+open>', html)
+    rbc = re.search(r'<input name="rbc_millions_per_ul"[^>]*>', html).group(0)
+    assert f'value="{value}"' in rbc and "autofocus" in rbc and 'aria-invalid="true"' in rbc
+    assert "autofocus" not in re.search(r'<input name="sample_id"[^>]*>', html).group(0)
+    # another mistake leaves the focus on the sample ID and the section folded when it holds nothing
+    html = _start(c, token, sample_id=" ").get_data(as_text=True)
+    assert re.search(r'<details class="more" id="rbc-more"\s*>', html)
+    assert "autofocus" in re.search(r'<input name="sample_id"[^>]*>', html).group(0)
+
+
 @pytest.mark.parametrize("url", ["/slides/42", "/slides/42/result", "/slides/42/review", "/slides/42/report",
                                  "/fields/42/annotated.jpg", "/cells/42/crop.jpg", "/fields/1/other.jpg"])
 def test_unknown_things_are_404_pages(make_env, url):

@@ -54,7 +54,7 @@ def new_slide():
         already = next((s for s in store.list_slides(status="open", limit=10_000)
                         if typed and sample_key(s["sample_id"]) == typed), None)
         resp = render_template("home.html", **_open_slides(), form=request.form, error=str(exc),
-            already_open=views.slide_view(already) if already else None)
+            error_field=exc.field, already_open=views.slide_view(already) if already else None)
         return resp, 400
     return redirect(url_for("pages.slide", slide_id=slide_id), 303)
 

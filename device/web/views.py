@@ -53,7 +53,11 @@ def refuse(exc: CaptureRefused):
 
 
 class FormError(ValueError):
-    """A form or JSON body a person must correct; the message says what."""
+    """A form or JSON body a person must correct; the message says what, ``field`` which input (or None)."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 def slide_or_404(slide_id: int) -> dict:
@@ -92,10 +96,12 @@ def parse_new_slide(data) -> dict:
         try:
             v = float(raw.replace(",", "."))
         except ValueError:
-            raise FormError("the measured RBC count must be a number of millions per µL, e.g. 4.5") from None
+            raise FormError("the measured RBC count must be a number of millions per µL, e.g. 4.5",
+                            "rbc_millions_per_ul") from None
         lo, hi = RBC_MILLIONS_RANGE
         if not lo <= v <= hi:
-            raise FormError(f"the measured RBC count must be between {lo:g} and {hi:g} million per µL")
+            raise FormError(f"the measured RBC count must be between {lo:g} and {hi:g} million per µL",
+                            "rbc_millions_per_ul")
         values["rbc_millions_per_ul"] = v
     return values
 
