@@ -671,6 +671,30 @@ def test_missing_sample_id_is_400(make_env):
     assert r.status_code == 201 and r.get_json()["operator"] == "Bo"
 
 
+def test_the_no_script_finish_question_gives_the_call_as_it_stands(make_env):
+    """Below the target, with a parasite confirmed on review, the question said the call "will most likely be
+    'not enough cells'"; the slide then finished positive after review."""
+    import re
+
+    env = make_env(flag_all=True)
+    c, token = _client(env)
+    _start(c, token)
+    _wait_frame(env)
+    assert _capture(c, token).status_code == 201
+    h = {"X-CSRF-Token": token}
+    cell = c.get("/api/slides/1/cells").get_json()["cells"][0]
+    assert c.post(f"/api/cells/{cell['id']}/review", json={"decision": "confirmed"}, headers=h).status_code == 200
+    before = c.get("/api/slides/1").get_json()
+    assert before["headline"] == "reviewed" and before["reviewed"]["call"] == "positive"
+    question = c.get("/slides/1/finish").get_data(as_text=True)
+    said = re.search(r'id="finish-question">(.*?)</p>', question, re.S).group(1)
+    said = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", "", said))
+    assert "most likely" not in said and "The call as it stands: positive (after review)." in said, said
+    assert c.post("/slides/1/finish", data={"csrf_token": token, "confirm": "1"}).status_code == 303
+    after = c.get("/api/slides/1").get_json()
+    assert after["status"] == "finished" and after["reviewed"]["call"] == "positive" and after["headline"] == "reviewed"
+
+
 @pytest.mark.parametrize("value", ["abc", "0", "99"])
 def test_a_refused_rbc_count_is_shown_open_with_the_focus_on_it(make_env, value):
     """The message named the RBC count, but its section came back folded, hiding the value to correct, and
