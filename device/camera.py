@@ -79,11 +79,17 @@ class ReplayCamera(CameraBase):
         fps: frames per second; :meth:`read` sleeps so frames come no faster, like a real camera.
         turns: each pass over the folder shows the pictures turned the next of 8 ways (the EXIF
             orientations 1-8: mirrored and/or rotated), for a demo with few pictures.
+        hold_s: a folder's picture is shown this long (its frames repeated) before the next, as a
+            microscope shows one field until the stage moves: a still view, so the page's auto-capture
+            (a steady, sharp view) has something to take. 0: the next picture on every frame.
     """
 
-    def __init__(self, path: str | Path, fps: float = 2.0, turns: bool = False):
+    def __init__(self, path: str | Path, fps: float = 2.0, turns: bool = False, hold_s: float = 0.0):
         self.path = Path(path)
         self.turns = turns
+        self.hold_s = hold_s
+        self._held: np.ndarray | None = None
+        self._held_until = 0.0
         self._pass = 0
         self.frame_interval_s = 1.0 / fps
         self._next_t = 0.0
@@ -123,6 +129,15 @@ class ReplayCamera(CameraBase):
         self._pace()
         if self._video is not None:
             return self._read_video()
+        now = time.monotonic()
+        if self._held is not None and now < self._held_until:
+            return self._held.copy()  # the stage has not moved: the same view
+        rgb = self._next_picture()
+        if self.hold_s > 0:
+            self._held, self._held_until = rgb, now + self.hold_s
+        return rgb
+
+    def _next_picture(self) -> np.ndarray:
         for _ in range(max(1, len(self._files))):
             if self._index >= len(self._files):
                 self._rescan()
@@ -241,7 +256,8 @@ def open_camera(camera_config) -> Camera:
     """Open the camera that ``config.camera.source`` names. Raises :class:`CameraError`."""
     c = camera_config
     if c.source == "replay":
-        return ReplayCamera(c.replay_path, c.replay_fps, turns=getattr(c, "replay_turns", False))
+        return ReplayCamera(c.replay_path, c.replay_fps, turns=getattr(c, "replay_turns", False),
+                            hold_s=getattr(c, "replay_hold_s", 0.0))
     if c.source == "opencv":
         return OpenCVCamera(c.device, c.width, c.height)
     if c.source == "picamera2":

@@ -63,6 +63,10 @@ class CameraConfig:
     # distinct views, so the demo's 4 sample fields make 32 before "already counted". Off for recorded
     # fields (their turned copies would count the same cells again); on in the embedded demo config.
     replay_turns: bool = False
+    # Each picture of a replay folder is shown this long (seconds, its frames repeated) before the next, as a
+    # microscope shows a field until the stage moves: the page's auto-capture takes a view held steady for
+    # 1 s, so 0 (the next picture on every frame) gives it nothing to take. 4 in the embedded demo config.
+    replay_hold_s: float = 0.0
     device: str = "0"  # OpenCV: index ("0") or path ("/dev/video0")
     width: int = 1280
     height: int = 960
@@ -168,6 +172,8 @@ def _validate(cfg: Config) -> None:
                           "device path such as /dev/video0")
     if not 0.1 <= c.replay_fps <= 60:
         raise ConfigError(f"camera.replay_fps: {c.replay_fps} outside 0.1-60")
+    if not 0 <= c.replay_hold_s <= 600:
+        raise ConfigError(f"camera.replay_hold_s: {c.replay_hold_s:g} outside 0-600 s")
     if not (64 <= c.width <= 8192 and 64 <= c.height <= 8192):
         raise ConfigError(f"camera.width/height: {c.width}x{c.height} outside 64-8192")
     if not 1 <= c.reconnect_max_s <= 600:
@@ -265,10 +271,15 @@ def read_utf8(path: Path, what: str, *, missing_ok: bool = False) -> str | None:
         raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save the {what} as UTF-8") from exc
 
 
+# The demo holds each sample field 4 s: the page's auto-capture (steady for 1 s, sharp) takes each once, and a
+# technician has time to press Capture on it.
+DEMO_REPLAY_HOLD_S = 4.0
+
+
 def load_config(path: str | Path | None) -> Config:
     """Load a TOML config file (None: the embedded defaults). Raises :class:`ConfigError`."""
     if path is None:  # the demo: the bundled sample fields, turned on each pass to give more fields
-        return from_dict({"camera": {"replay_turns": True}})
+        return from_dict({"camera": {"replay_turns": True, "replay_hold_s": DEMO_REPLAY_HOLD_S}})
     p = Path(path)
     text = read_utf8(p, "config") or ""  # never None here: a missing config is an error
     try:

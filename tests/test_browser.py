@@ -418,6 +418,22 @@ def test_auto_capture_takes_one_field_per_still_sharp_scene(browser, make_env, t
             page.close()
 
 
+def test_auto_capture_takes_each_field_of_a_held_replay_once(browser, make_env):
+    """The demo's replay showed a new picture on every frame, never a steady view: auto-capture took nothing.
+    Each sample field held still for a while (as the demo does), auto-capture takes each of them once."""
+    with _live(make_env(open_camera=lambda: ReplayCamera(SAMPLES_DIR, fps=5, hold_s=2.5))) as env:
+        page = browser.new_page(viewport={"width": 1024, "height": 768})
+        try:
+            _start_slide(page, env, "AUTO-HELD")
+            page.check("#auto-capture")
+            _until(page, "document.querySelectorAll('#fields-table tbody tr').length >= 2", timeout=20_000)
+            fields = env.store.list_fields(1)
+            assert len(fields) >= 2 and not any(f["rejected"] for f in fields)
+            assert len({f["rbc_count"] for f in fields[:2]}) == 2  # two different fields, not one twice
+        finally:
+            page.close()
+
+
 def test_reaching_the_counting_target_asks_to_finish_and_stops_auto_capture(browser, make_env, tmp_path):
     # looking on past the target until the call turns positive raises its 0.1% false alarm: the page says
     # the target is reached and auto-capture stops taking the next fields the stage shows

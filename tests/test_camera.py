@@ -219,6 +219,41 @@ def test_replay_is_paced_at_its_frame_rate(tmp_path, monkeypatch):
     assert clock.sleeps == pytest.approx([0.05] * 4)
 
 
+def test_a_replay_hold_shows_each_picture_still_until_the_stage_moves(monkeypatch):
+    """The demo replayed a new picture on every frame: the page's auto-capture (a view steady for 1 s) never
+    fired. Held, a picture's frames repeat for hold_s, then the next picture comes, in order."""
+    import device.camera as camera_module
+    from device.camera import STEADY_MIN_S
+    from device.config import DEMO_REPLAY_HOLD_S, load_config
+
+    class Clock:
+        now = 100.0
+
+        def monotonic(self):
+            return self.now
+
+        def sleep(self, s):
+            self.now += s
+
+    clock = Clock()
+    monkeypatch.setattr(camera_module, "time", types.SimpleNamespace(monotonic=clock.monotonic, sleep=clock.sleep))
+    files = sorted(SAMPLES_DIR.glob("*.jpg"))
+    cam = ReplayCamera(SAMPLES_DIR, fps=4, hold_s=1.5)
+    frames = [cam.read() for _ in range(13)]  # 3 s at 4 frames/s
+    pictures = [next(i for i, f in enumerate(files) if np.array_equal(fr, cv2.cvtColor(cv2.imread(str(f)),
+                                                                                      cv2.COLOR_BGR2RGB)))
+                for fr in frames]
+    assert pictures == [0] * 6 + [1] * 6 + [2]  # 1.5 s of each: frames at 0, 0.25 ... 1.25 s
+    assert frames[1] is not frames[0]  # a copy: whoever changes a frame does not change the next
+    frames[1][:] = 0
+    assert np.array_equal(cam.read(), frames[12])  # the held picture is untouched
+    # the demo holds a picture long enough for a steady view, and the config reaches the camera
+    demo = load_config(None).camera
+    assert demo.replay_hold_s == DEMO_REPLAY_HOLD_S >= 2 * STEADY_MIN_S
+    assert camera_module.open_camera(demo).hold_s == DEMO_REPLAY_HOLD_S
+    assert ReplayCamera(SAMPLES_DIR, fps=60).hold_s == 0
+
+
 def test_replay_skips_an_unreadable_file(tmp_path):
     cv2.imwrite(str(tmp_path / "a.png"), _solid_bgr(RED_BGR))
     (tmp_path / "b.jpg").write_bytes(b"not a jpeg")

@@ -55,6 +55,9 @@ def test_embedded_defaults_are_the_demo():
     ({"camera": {"source": "replay", "replay_path": ""}}, "camera.replay_path: required"),
     ({"camera": {"replay_fps": 0.05}}, "camera.replay_fps: 0.05 outside 0.1-60"),
     ({"camera": {"replay_fps": 61}}, "camera.replay_fps: 61.0 outside 0.1-60"),
+    ({"camera": {"replay_hold_s": -0.5}}, "camera.replay_hold_s: -0.5 outside 0-600 s"),
+    ({"camera": {"replay_hold_s": 601}}, "camera.replay_hold_s: 601 outside 0-600 s"),
+    ({"camera": {"replay_hold_s": float("nan")}}, "camera.replay_hold_s: expected a finite number"),
     ({"camera": {"height": 32}}, "camera.width/height"),
     ({"camera": {"width": 9000}}, "camera.width/height"),
     ({"model": {"threads": 9}}, "model.threads: 9 outside 1-8"),
@@ -78,6 +81,7 @@ def test_bad_values_name_the_key(data, message):
 @pytest.mark.parametrize("data", [
     {"service": {"port": 1}}, {"service": {"port": 65535}}, {"camera": {"replay_fps": 0.1}},
     {"camera": {"replay_fps": 60}}, {"camera": {"width": 64, "height": 8192}}, {"model": {"threshold": 0.5}},
+    {"camera": {"replay_hold_s": 0}}, {"camera": {"replay_hold_s": 600}},
     {"model": {"threshold": 0.999}}, {"model": {"threads": 8}}, {"analysis": {"counting_target_rbc": 100}},
     {"analysis": {"counting_target_rbc": 100_000}}, {"analysis": {"rbc_per_ul": 1e6}},
     {"analysis": {"rbc_per_ul": 1e7}}, {"analysis": {"review_floor": 0.5}}, {"analysis": {"review_floor": 1}},
