@@ -766,3 +766,31 @@ def test_the_page_script_formats_a_percentage_as_the_pages_do(browser):
     assert got == [pct_text(v) for v in values]
     assert pct_text(0.0625) == "0.063%" and pct_text(0.000294) == "0.00029%" and pct_text(None) == "—"
     assert pct_text(100 / 60000) == "0.0017%" and pct_text(0.95) == "0.950%" and pct_text(0.0) == "0.000%"
+
+
+_CONTRAST_JS = """([fg, bg]) => {
+    const lum = (css) => {
+        const [r, g, b] = css.match(/[0-9.]+/g).slice(0, 3).map(Number).map(v => v / 255)
+            .map(v => v <= 0.03928 ? v / 12.92 : Math.pow((v + 0.055) / 1.055, 2.4));
+        return 0.2126 * r + 0.7152 * g + 0.0722 * b;
+    };
+    const [a, b] = [lum(fg), lum(bg)].sort((x, y) => y - x);
+    return (a + 0.05) / (b + 0.05); }"""
+
+
+def test_the_warning_pill_and_the_focus_ring_are_seen(browser, live_env):
+    """The warning pill's white text read 3.5:1 on its orange (text needs 4.5:1) and the keyboard's focus ring
+    2.1:1 against the page (a ring needs 3:1): a technician at a bright window could not see either."""
+    env = live_env
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(env.base_url + "/")
+    page.evaluate("() => { const p = document.getElementById('status-pill'); p.className = 'pill pill-bad';"
+                  " p.textContent = 'Camera disconnected'; }")
+    pill = page.evaluate("() => { const s = getComputedStyle(document.getElementById('status-pill'));"
+                         " return [s.color, s.backgroundColor]; }")
+    assert page.evaluate(_CONTRAST_JS, pill) >= 4.5, pill
+    page.focus("#sample_id")
+    ring = page.evaluate("() => [getComputedStyle(document.activeElement).outlineColor,"
+                         " getComputedStyle(document.body).backgroundColor]")
+    assert page.evaluate(_CONTRAST_JS, ring) >= 3.0, ring
+    page.close()

@@ -695,6 +695,25 @@ def test_the_no_script_finish_question_gives_the_call_as_it_stands(make_env):
     assert after["status"] == "finished" and after["reviewed"]["call"] == "positive" and after["headline"] == "reviewed"
 
 
+def test_every_page_has_one_main_heading(make_env):
+    """A screen reader's "next heading" starts at the page's h1: the slide page and the result had none."""
+    import re
+
+    env = make_env()
+    c, token = _client(env)
+    _start(c, token, sample_id="HEAD-1")
+    _wait_frame(env)
+    assert _capture(c, token).status_code == 201
+    pages = ["/", "/history", "/slides/1", "/slides/1/review", "/slides/1/report", "/slides/1/finish"]
+    for url in pages:
+        html = c.get(url).get_data(as_text=True)
+        assert len(re.findall(r"<h1[\s>]", html)) == 1, url
+    assert re.search(r'<h1 class="slide-title">.*HEAD-1.*</h1>', c.get("/slides/1").get_data(as_text=True))
+    assert c.post("/slides/1/finish", data={"csrf_token": token, "confirm": "1"}).status_code == 303
+    for url in ("/slides/1", "/slides/1/result"):
+        assert len(re.findall(r"<h1[\s>]", c.get(url).get_data(as_text=True))) == 1, url
+
+
 @pytest.mark.parametrize("value", ["abc", "0", "99"])
 def test_a_refused_rbc_count_is_shown_open_with_the_focus_on_it(make_env, value):
     """The message named the RBC count, but its section came back folded, hiding the value to correct, and
