@@ -183,7 +183,7 @@ class OpenCVCamera(CameraBase):
         self._cap = cv2.VideoCapture(source, cv2.CAP_V4L2 if v4l2 else cv2.CAP_ANY)
         if not self._cap.isOpened():
             self._cap.release()
-            raise CameraError(f"no camera at {device!r}: check the USB cable (ls /dev/video*)")
+            raise CameraError(f"no camera at {device!r}")
         if v4l2:
             # Most USB microscopes reach full resolution only in MJPG; OpenCV decodes it to BGR.
             self._cap.set(cv2.CAP_PROP_FOURCC, cv2.VideoWriter_fourcc(*"MJPG"))

@@ -141,14 +141,14 @@ def summarize_slide(
                   f"({n} red cells counted)")  # not "k infected": k holds flagged cells not yet reviewed
     elif n > 0 and unconfirmed > 0 and unconfirmed >= cutoff:
         call = "positive"
-        reason = (f"{k} infected cells in {n}: more than the false positives a parasite-free slide gives at "
+        reason = (f"{k} cells flagged infected in {n}: more than the false positives a parasite-free slide gives at "
                   f"threshold {threshold:.3f} ({expected_fp:.1f} expected; positive from {cutoff} cells)")
     elif n < target_rbc:
         call = "not enough cells"
         reason = f"{n} of {target_rbc} red cells counted: too few for a call"
     else:
         call = "negative"
-        reason = (f"{k} infected cells in {n}: fewer than the {cutoff} that make a slide positive at threshold "
+        reason = (f"{k} cells flagged infected in {n}: fewer than the {cutoff} that make a slide positive at threshold "
                   f"{threshold:.3f} (a parasite-free slide gives {expected_fp:.1f} false positives on average, and "
                   f"up to {cutoff - 1} by chance)")
     return SlideSummary(

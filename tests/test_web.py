@@ -404,7 +404,7 @@ def test_cells_near_the_threshold_are_shown_for_review_and_a_confirmed_one_count
     assert s["automatic"]["call"] == "not enough cells"  # the automatic result is the model's alone
     result = c.get("/slides/1/result").get_data(as_text=True)
     summary = result.split('id="near-summary">')[1].split("</dd>")[0]
-    assert f"{len(expect)} scored 0.7 " in summary and "1 confirmed as parasites" in summary
+    assert f"{len(expect)} scored 0.7 " in summary and "1 confirmed as parasite," in summary
     row = next(csv.DictReader(io.StringIO(c.get("/export/slides.csv").get_data(as_text=True))))
     assert row["review_floor"] == "0.7000" and row["near_threshold_cells"] == str(len(expect))
     assert (row["near_confirmed"], row["near_pending"]) == ("1", str(len(expect) - 1))
@@ -693,6 +693,21 @@ def test_the_no_script_finish_question_gives_the_call_as_it_stands(make_env):
     assert c.post("/slides/1/finish", data={"csrf_token": token, "confirm": "1"}).status_code == 303
     after = c.get("/api/slides/1").get_json()
     assert after["status"] == "finished" and after["reviewed"]["call"] == "positive" and after["headline"] == "reviewed"
+
+
+def test_the_start_page_counts_an_open_slides_counted_fields_in_words(make_env):
+    """It read "1 fields", and counted rejected fields beside the cells they did not add."""
+    import cv2
+
+    env = make_env()
+    c, token = _client(env)
+    _start(c, token, sample_id="OPEN-1")
+    blurred = cv2.imencode(".png", cv2.GaussianBlur(cv2.imread(str(SAMPLE)), (0, 0), 6))[1].tobytes()
+    assert _upload(c, token, blurred, "blurred.png").get_json()["field"]["rejected"]
+    assert "· 0 fields counted" in c.get("/").get_data(as_text=True)
+    assert _upload(c, token, SAMPLE.read_bytes(), "f.jpg").status_code == 201
+    rbc = env.store.totals(1)["rbc_count"]
+    assert f"{rbc} / 2000 cells · 1 field counted" in c.get("/").get_data(as_text=True)
 
 
 def test_every_page_has_one_main_heading(make_env):
