@@ -614,8 +614,10 @@ class Store:
         with self._tx() as c:
             # one open slide per sample, checked inside the write lock (two starts at once made two)
             key = sample_key(sample_id)
-            if any(sample_key(r[0]) == key for r in c.execute("SELECT sample_id FROM slides WHERE status = 'open'")):
-                raise Conflict(f"slide {sample_id} is already open: continue it (open slides are listed on the "
+            same = next((r[0] for r in c.execute("SELECT sample_id FROM slides WHERE status = 'open'")
+                         if sample_key(r[0]) == key), None)
+            if same is not None:  # named as it was recorded ("S-001"), not as typed this time ("s-001")
+                raise Conflict(f"slide {same} is already open: continue it (open slides are listed on the "
                                "start page) or finish it first")
             # never a discarded slide's number: a page still showing that slide must not reach this one
             new_id = max(self._unknown_folders_up_to + 1, c.execute(

@@ -573,8 +573,8 @@ def test_one_open_slide_per_sample_even_when_two_starts_race(store):
     for t in threads:
         t.join(10)
     assert sum(isinstance(r, int) for r in results) == 1 and sum(isinstance(r, Conflict) for r in results) == 3
-    with pytest.raises(Conflict, match="already open"):
-        _slide(store, sample="race-1")  # the same sample in other letters
+    with pytest.raises(Conflict, match="^slide RACE-1 is already open"):
+        _slide(store, sample="race-1")  # the same sample in other letters: named as recorded
     _slide(store, sample="Échantillon-1")
     with pytest.raises(Conflict, match="already open"):
         _slide(store, sample="échantillon-1")  # beyond A-Z too (SQLite's lower() folds A-Z only)
