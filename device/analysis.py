@@ -103,12 +103,16 @@ class FieldResult:
 # the 640 px copy) was >= 30 on all 68 sample, IML and BBBC041 fields; a gray picture gives 0.
 MIN_STAIN_CHROMA = 10
 
-# Something in view: detail against the field's smooth light. The 99.9th percentile of |image - its blur at
-# sigma 32 px| on the gray 640 px copy (computed at a quarter of that size, whose area average keeps sensor
-# noise out), where the light falls, away from the edge of a round field of view. Measured
-# (the script is in the session note of 2026-11-30): 47.4-154.3 on the 68 sample, IML and BBBC041 fields, >= 31.2 on
-# copies blurred at sigma 16 px (far past "out of focus"); <= 13.4 on blank fields (bare glass, plasma pink or
-# blue, 0-40% vignetting, sensor noise of sd 0-20, JPEG quality 70).
+# Something in view: detail against the field's smooth light, in gray levels of a field lit to 240. The 99th
+# percentile of |image - its blur at sigma 32 px| on the gray 640 px copy (computed at a quarter of that size,
+# whose area average keeps sensor noise out), where the light falls, away from the edge of a round field of
+# view, scaled by 240 / the light (the 90th percentile there): a dimmer lamp lowers every difference with it,
+# and a gate in absolute levels rejected a real field under a lamp at 42%. The 99th percentile, not a higher
+# one: a few specks of dust on bare glass are not a smear. Measured (the script is in the session note of
+# 2026-11-30): 43.6-136.9 on the 68 sample, IML and BBBC041 fields, >= 43.7 with the lamp at 42%, >= 27.2 on
+# copies blurred at sigma 16 px (far past "out of focus"), dimmed too; on blank fields (bare glass, plasma
+# pink or blue, 0-40% vignetting, lamp at 35-100%, sensor noise of sd 0-20, JPEG quality 70) <= 12.1, and
+# 17.3 with both the dimmest lamp and the worst noise; bare glass with 3-30 specks of dust 4.5-4.9.
 MIN_LOCAL_CONTRAST = 20.0
 _CONTRAST_BACKGROUND_PX = 32.0
 
@@ -135,8 +139,11 @@ def local_contrast(gray: np.ndarray, seen: np.ndarray | None = None) -> float | 
         inner = cv2.erode(s, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))) > 0
         if inner.sum() < 0.05 * inner.size:
             return None
-        diff = diff[inner]
-    return float(np.percentile(diff, 99.9))
+        diff, lit = diff[inner], q[inner]
+    else:
+        lit = q
+    light = max(1.0, float(np.percentile(lit, 90)))
+    return float(np.percentile(diff, 99)) * 240.0 / light
 
 
 def _odd_int(n: float) -> int:
@@ -254,7 +261,7 @@ def image_quality(
     if contrast is not None and contrast < MIN_LOCAL_CONTRAST:
         # before the colour and focus checks: bare glass is colourless and nothing in it is sharp, and their
         # advice (the camera's colour format, refocus) would send the technician the wrong way
-        return focus, (f"nothing in view (an even, blank field: detail {contrast:.0f} < {MIN_LOCAL_CONTRAST:.0f}): "
+        return focus, (f"nothing in view (an even, blank field: detail {contrast:.1f} < {MIN_LOCAL_CONTRAST:g}): "
                        "move the stage onto the smear, or check that the slide is in place")
     from device.segment import quantile
 

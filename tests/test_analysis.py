@@ -219,6 +219,29 @@ def test_a_real_field_even_badly_blurred_is_not_called_blank(path, classifier):
     assert analyze_field(cv2.GaussianBlur(rgb, (0, 0), 16), classifier).rejected.startswith("out of focus")
 
 
+def test_a_real_field_under_a_dimmer_lamp_is_not_called_blank(classifier):
+    """Measured in absolute gray levels, the detail fell with the lamp: a pale field at 42% light (well above
+    "too dark") was rejected as "nothing in view" and lost. The measure is scaled to the light."""
+    from device.analysis import _small, local_contrast
+
+    pale = np.clip(255 - (255 - read_rgb(FIELDS[0]).astype(np.float32)) * 0.45, 0, 255)  # a paler stain
+    full = analyze_field(pale.astype(np.uint8), classifier)
+    assert full.rejected is None and full.rbc_count > 100
+    dim = (pale * 0.42).astype(np.uint8)
+    res = analyze_field(dim, classifier)
+    assert res.rejected is None or not res.rejected.startswith("nothing in view"), res.rejected
+    detail = [local_contrast(cv2.cvtColor(_small(x), cv2.COLOR_RGB2GRAY)) for x in (pale.astype(np.uint8), dim)]
+    assert detail[1] == pytest.approx(detail[0], rel=0.1)  # the lamp does not move it
+
+
+def test_bare_glass_with_a_little_dust_is_still_nothing_in_view(classifier):
+    glass = _blank((240, 240, 240), 0.2, 3.0)
+    rng = np.random.default_rng(3)
+    for _ in range(10):  # specks of 10 px: 0.07% of the field
+        cv2.circle(glass, (int(rng.integers(0, 1280)), int(rng.integers(0, 960))), 5, (90, 90, 90), -1)
+    assert analyze_field(glass, classifier).rejected.startswith("nothing in view")
+
+
 def test_local_contrast_looks_inside_the_lit_field_of_view_only():
     """The rim of a round field of view in a black surround is a strong edge: it must not pass a blank field."""
     from device.analysis import MIN_LOCAL_CONTRAST, local_contrast
