@@ -650,8 +650,10 @@ def test_an_upload_pressed_during_a_capture_is_said_and_its_file_kept(browser, l
                   " document.getElementById('upload-form').requestSubmit(); }")
     assert "being analysed" in page.inner_text("#capture-msg")
     assert page.evaluate("() => document.getElementById('upload-file').files.length") == 1  # not cleared
+    # Finish waits too: a file still travelling to the device is unseen there until it has all arrived
+    assert page.is_disabled("#finish-btn")
     _until(page, "!document.getElementById('capture-btn').disabled", timeout=30_000)
-    assert page.is_enabled("#upload-btn")
+    assert page.is_enabled("#upload-btn") and page.is_enabled("#finish-btn")
 
 
 @pytest.mark.parametrize("path", ["/slides/1", "/history", "/slides/1/result", "/slides/1/report"])

@@ -143,7 +143,9 @@ def _install_hooks(app: Flask) -> None:
     def _capture_is_received_from_its_first_byte():
         # Before the CSRF check below reads the form: for an upload without the page's script that parses
         # (spools) the whole body, and Finish pressed meanwhile must wait for this field, not close the
-        # slide under it. Released when the request ends (teardown).
+        # slide under it. Released when the request ends (teardown). What this cannot cover: waitress takes
+        # the whole body in before it calls the app, so a file still on its way over the network is unseen
+        # here; the page's script keeps its own Finish disabled until its capture or upload is answered.
         if request.method == "POST" and request.endpoint in CAPTURE_ENDPOINTS and request.view_args:
             from device.web import views
 

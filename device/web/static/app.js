@@ -277,6 +277,10 @@
       var hadFocus = document.activeElement === btn;  // a keyboard user presses Enter again for the next field
       btn.disabled = true; btn.classList.add("busy");
       if (uploadBtn) { uploadBtn.disabled = true; }
+      // Finish waits on the device for a field it is receiving, but a file still on its way over Wi-Fi is not
+      // there yet (the server takes the whole request before the device sees it): Finish waits here for it
+      var finishBtn = $("finish-btn");
+      if (finishBtn) { finishBtn.disabled = true; }
       say("Analysing the field…", "info");
       return postJSON(captureUrl, body).then(function (res) {
         if (res.status === 201) {
@@ -297,6 +301,7 @@
       }).then(function (taken) {
         busy = false; btn.disabled = false; btn.classList.remove("busy");
         if (uploadBtn) { uploadBtn.disabled = false; }
+        if (finishBtn) { finishBtn.disabled = false; }
         if (hadFocus) { btn.focus(); }
         return taken;  // an upload refused or unanswered keeps its chosen file, to send again
       });
