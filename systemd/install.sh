@@ -241,7 +241,9 @@ restart_after_failure() {
 }
 
 # Replace the code in /opt/malaria-detect with this folder's, keeping the venv: an upgrade reuses
-# the installed packages. Owned by root and read-only to the service.
+# the installed packages. Owned by root and read-only to the service. The copy is made beside it first
+# (the step that fails on a full card) and swapped in by renames: a failed copy leaves the installed
+# code whole, for the service to start again on, never half of each.
 copy_code() {
   local excludes=(
     --anchored --exclude=./.git --exclude=./.venv --exclude=./.ci --exclude=./data
@@ -250,17 +252,37 @@ copy_code() {
     --no-anchored --exclude=__pycache__ --exclude='*.pyc' --exclude='*.egg-info'
     --exclude=.pytest_cache --exclude=.ruff_cache
   )
-  if [ -d "$OPT_DIR" ]; then
-    run find "$OPT_DIR" -mindepth 1 -maxdepth 1 ! -name .venv -exec rm -rf -- {} +
-  fi
-  run mkdir -p "$OPT_DIR"
-  echo "+ $(quote tar -C "$SRC_DIR" "${excludes[@]}" -cf - .) | $(quote tar -C "$OPT_DIR" --no-same-owner -xf -)"
+  local stage="$OPT_DIR.new" old="$OPT_DIR.old"
+  run rm -rf -- "$stage" "$old"
+  run mkdir -p "$stage"
+  echo "+ $(quote tar -C "$SRC_DIR" "${excludes[@]}" -cf - .) | $(quote tar -C "$stage" --no-same-owner -xf -)"
   if [ "$DRY_RUN" = 0 ]; then
-    tar -C "$SRC_DIR" "${excludes[@]}" -cf - . | tar -C "$OPT_DIR" --no-same-owner -xf -
+    if ! tar -C "$SRC_DIR" "${excludes[@]}" -cf - . | tar -C "$stage" --no-same-owner -xf -; then
+      rm -rf -- "$stage"
+      die "could not copy the code to $stage (a full card? df -h /opt); $OPT_DIR is left as it was"
+    fi
   fi
   # Directories and executables 0755, other files 0644, whatever the modes in the checkout.
-  run find "$OPT_DIR" -mindepth 1 -maxdepth 1 ! -name .venv -exec chmod -R u=rwX,go=rX -- {} +
-  run chmod 0755 "$OPT_DIR"
+  run chmod -R u=rwX,go=rX -- "$stage"
+  if [ -d "$OPT_DIR" ]; then
+    run mv -- "$OPT_DIR" "$old"
+    if [ -d "$old/.venv" ] || [ "$DRY_RUN" = 1 ]; then
+      run mv -- "$old/.venv" "$stage/.venv"
+    fi
+  fi
+  run mv -- "$stage" "$OPT_DIR"
+  run rm -rf -- "$old"
+}
+
+# The packages of the device extra, as this folder's pyproject.toml lists them (one per line).
+device_requirements() {
+  python3 - "$SRC_DIR/pyproject.toml" <<'PY'
+import sys
+import tomllib
+
+with open(sys.argv[1], "rb") as f:
+    print("\n".join(tomllib.load(f)["project"]["optional-dependencies"]["device"]))
+PY
 }
 
 install_venv() {
@@ -277,16 +299,28 @@ install_venv() {
     "$VENV/bin/python" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null; then
     note "reusing $VENV"
   else
+    stop_service # the service must not run from a venv being replaced (started again on failure)
     run rm -rf "$VENV"
     run python3 -m venv --system-site-packages "$VENV"
   fi
-  local offline=()
+  local offline=() reqs=()
   if [ -n "$WHEELHOUSE" ]; then
     offline=(--no-index --find-links "$WHEELHOUSE")
   fi
-  # constraints.txt pins numpy 1.26.4: apt's picamera2 stack is built on numpy 1.x.
+  mapfile -t reqs < <(device_requirements)
+  [ "${#reqs[@]}" -gt 0 ] || die "no device requirements in $SRC_DIR/pyproject.toml"
+  # Only what the code needs, not the project itself: the service runs the code from $OPT_DIR (its
+  # working directory). Installing the project rebuilt it on every run, which needs setuptools from the
+  # index: a re-run without a network failed even when no package had changed. Installed before the
+  # service is stopped and the code replaced, from this folder's lists: a pip that cannot reach the index
+  # or the wheelhouse stops the update with nothing changed. constraints.txt pins numpy 1.26.4: apt's
+  # picamera2 stack is built on numpy 1.x.
   run "$VENV/bin/python" -m pip install --disable-pip-version-check --no-input "${offline[@]}" \
-    -c "$OPT_DIR/constraints.txt" "${OPT_DIR}[device]"
+    -c "$SRC_DIR/constraints.txt" "${reqs[@]}"
+  # a copy of the code that earlier versions of this script installed into the venv: not what runs
+  if [ "$DRY_RUN" = 0 ] && "$VENV/bin/python" -m pip show --disable-pip-version-check malaria-detect >/dev/null 2>&1; then
+    run "$VENV/bin/python" -m pip uninstall --disable-pip-version-check --no-input -y malaria-detect
+  fi
   run "$VENV/bin/python" -c 'import numpy, sys; print("numpy", numpy.__version__); sys.exit(numpy.__version__[0] != "1")'
   if [ "$DRY_RUN" = 0 ] && ! "$VENV/bin/python" -c 'import picamera2' 2>/dev/null; then
     note "warning: picamera2 does not import in the venv: camera.source = \"picamera2\" will fail (a USB camera with \"opencv\" still works)"
@@ -404,9 +438,9 @@ main() {
   check_platform
   install_apt_packages
   create_user
+  install_venv
   stop_service
   copy_code
-  install_venv
   compile_code
   install_config
   check_config

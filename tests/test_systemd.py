@@ -226,8 +226,16 @@ def test_install_dry_run_on_the_pi_shows_venv_user_and_service(source):
     assert "+ useradd --system --user-group" in out or "user malaria-detect exists" in out
     assert "+ usermod --append --groups video malaria-detect" in out
     assert f"-m venv --system-site-packages {APP_DIR}/.venv" in out or f"reusing {APP_DIR}/.venv" in out
-    assert f"-m pip install --disable-pip-version-check --no-input -c {APP_DIR}/constraints.txt " \
-           f"'{APP_DIR}[device]'" in out
+    # the device extra's packages from the folder being installed, not the project itself (rebuilding it
+    # needed the index on every run), and before the service is stopped and the code replaced
+    pip = re.search(r"-m pip install --disable-pip-version-check --no-input -c (\S+) (.*)", out)
+    assert pip and pip.group(1) == f"{source}/constraints.txt" and "[device]" not in pip.group(2)
+    assert "numpy>=1.24,<2" in pip.group(2) and "ai-edge-litert" in pip.group(2)
+    lines = out.splitlines()
+    first = {what: next((i for i, line in enumerate(lines) if what in line), None)
+             for what in ("-m pip install", "systemctl stop", "| tar -C", "-m device check-config")}
+    assert first["-m pip install"] < first["| tar -C"] < first["-m device check-config"], first
+    assert first["systemctl stop"] is None or first["-m pip install"] < first["systemctl stop"], first
     assert "-m device check-config /etc/malaria-detect/config.toml" in out
     assert "+ systemctl enable malaria-detect.service" in out
     assert "+ systemctl restart malaria-detect.service" in out
@@ -276,6 +284,34 @@ def test_reinstall_keeps_config_and_database_and_replaces_code(source, tmp_path)
     assert not (app / "device/removed_in_new_version.py").exists()
     assert (app / ".venv/bin/python").read_text() == "the installed venv\n"
     assert (app / "device/config.py").is_file()
+
+
+def test_a_copy_that_fails_leaves_the_installed_code_whole(source, tmp_path):
+    """The update deleted the installed code, then copied the new one in: a copy cut short (a full card)
+    left half of it, and the service restarted on that crash-looped. Now the copy is made beside it and
+    swapped in by renames: a failed copy changes nothing."""
+    root = tmp_path / "root"
+    install(source, "--root", str(root))
+    app = root / APP_DIR.lstrip("/")
+    (app / "device/only_in_the_installed_version.py").write_text("installed\n")
+    (app / ".venv/bin").mkdir(parents=True)
+    (app / ".venv/bin/python").write_text("the installed venv\n")
+    before = sorted(str(p.relative_to(app)) for p in app.rglob("*"))
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    real_tar = shutil.which("tar")
+    # the extracting tar writes a little, then the card is full
+    full = 'echo "tar: write error: No space left on device" >&2'
+    (bindir / "tar").write_text(f'#!/bin/sh\ncase " $* " in *" -xf "*) {real_tar} "$@" >/dev/null 2>&1 & '
+                                f'sleep 0.2; kill $! 2>/dev/null; {full}; exit 2;; esac\nexec {real_tar} "$@"\n')
+    (bindir / "tar").chmod(0o755)
+    res = subprocess.run(["bash", str(source / "systemd" / "install.sh"), "--root", str(root)],
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "LC_ALL": "C.UTF-8", "PATH": f"{bindir}:{os.environ['PATH']}"})
+    assert res.returncode != 0 and "left as it was" in res.stderr, res.stderr
+    assert sorted(str(p.relative_to(app)) for p in app.rglob("*")) == before
+    assert (app / ".venv/bin/python").read_text() == "the installed venv\n"
+    assert not (root / (APP_DIR.lstrip("/") + ".new")).exists() and not (root / (APP_DIR.lstrip("/") + ".old")).exists()
 
 
 def test_uninstall_keeps_data_unless_purge(source, tmp_path):
