@@ -108,11 +108,11 @@ MIN_STAIN_CHROMA = 10
 # whose area average keeps sensor noise out), where the light falls, away from the edge of a round field of
 # view, scaled by 240 / the light (the 90th percentile there): a dimmer lamp lowers every difference with it,
 # and a gate in absolute levels rejected a real field under a lamp at 42%. The 99th percentile, not a higher
-# one: a few specks of dust on bare glass are not a smear. Measured (the script is in the session note of
-# 2026-11-30): 43.6-136.9 on the 68 sample, IML and BBBC041 fields, >= 43.7 with the lamp at 42%, >= 27.2 on
+# one: a few specks of dust on bare glass are not a smear. Measured (tests/benchmarks/measure_blank_gate.py):
+# 43.6-136.9 on the 68 sample, IML and BBBC041 fields, >= 43.7 with the lamp at 42%, >= 27.2 on
 # copies blurred at sigma 16 px (far past "out of focus"), dimmed too; on blank fields (bare glass, plasma
 # pink or blue, 0-40% vignetting, lamp at 35-100%, sensor noise of sd 0-20, JPEG quality 70) <= 12.1, and
-# 17.3 with both the dimmest lamp and the worst noise; bare glass with 3-30 specks of dust 4.5-4.9.
+# 17.3 with both the dimmest lamp and the worst noise; bare glass with 3-30 specks of dust 4.6-4.9.
 MIN_LOCAL_CONTRAST = 20.0
 _CONTRAST_BACKGROUND_PX = 32.0
 
