@@ -187,6 +187,14 @@ MIGRATIONS: list[str] = [
     DROP INDEX cells_unflagged;
     CREATE INDEX cells_near ON cells (field_id, p_infected) WHERE infected = 0 AND p_infected >= 0.5;
     """,
+    # 11: a finished slide's cells may still be reviewed (a microscopist confirms later), which can change
+    # its result after a report was printed and filed: how many review decisions changed after Finish, and
+    # when the last did, so that the result and the report say they were amended (an undo leaves no
+    # reviewed_at on the cell: the count here keeps it)
+    """
+    ALTER TABLE slides ADD COLUMN review_changes_after_finish INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE slides ADD COLUMN last_review_change_after_finish_at TEXT;
+    """,
 ]
 EXCLUDE_REASONS = ("wrong slide or area", "same area counted twice", "thick or damaged area", "other")
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -1040,7 +1048,8 @@ class Store:
         if decision is not None and decision not in REVIEW_DECISIONS:
             raise ValueError(f"decision must be one of {', '.join(REVIEW_DECISIONS)}")
         with self._tx() as c:
-            cell = c.execute(f"SELECT c.infected, ({_NEAR}) AS near, c.review, f.excluded, f.seq FROM cells c"
+            cell = c.execute(f"SELECT c.infected, ({_NEAR}) AS near, c.review, f.excluded, f.seq, s.id AS slide_id,"
+                             " s.status FROM cells c"
                              " JOIN fields f ON f.id = c.field_id JOIN slides s ON s.id = f.slide_id"
                              " WHERE c.id = ?", (cell_id,)).fetchone()
             if cell is None:
@@ -1054,8 +1063,12 @@ class Store:
                 now = {"confirmed": "a parasite", "rejected": "not a parasite"}.get(cell["review"], "not reviewed")
                 raise Conflict(f"this cell was changed in another window meanwhile (now: {now}): the page shows "
                                "it again; decide once more if needed")
+            now = utc_now()
             c.execute("UPDATE cells SET review = ?, reviewed_at = ?, reviewed_by = ? WHERE id = ?",
-                      (decision, utc_now() if decision else None, by if decision else "", cell_id))
+                      (decision, now if decision else None, by if decision else "", cell_id))
+            if cell["status"] == "finished" and decision != cell["review"]:  # the filed result may change
+                c.execute("UPDATE slides SET review_changes_after_finish = review_changes_after_finish + 1,"
+                          " last_review_change_after_finish_at = ? WHERE id = ?", (now, cell["slide_id"]))
         return self.get_cell(cell_id)  # type: ignore[return-value]
 
     # -- freeing space --

@@ -90,7 +90,10 @@ def test_a_database_of_the_first_schema_upgrades_with_its_records(tmp_path, monk
     monkeypatch.undo()
     new = Store(tmp_path)
     try:
-        assert new.pragma("user_version") == store_mod.SCHEMA_VERSION == 10
+        assert new.pragma("user_version") == store_mod.SCHEMA_VERSION == 11
+        # a slide finished before review changes after Finish were counted has none (11)
+        assert new.get_slide(sid)["review_changes_after_finish"] == 0
+        assert new.get_slide(sid)["last_review_change_after_finish_at"] is None
         # a slide started before cells near the threshold were shown has none (9)
         assert new.get_slide(sid)["review_floor"] is None and new.near_cells(sid) == []
         assert new.totals(sid)["near"] == {"cells": 0, "confirmed": 0, "rejected": 0, "pending": 0}

@@ -671,6 +671,50 @@ def test_missing_sample_id_is_400(make_env):
     assert r.status_code == 201 and r.get_json()["operator"] == "Bo"
 
 
+def test_a_finished_slides_result_changed_by_review_says_it_was_amended(make_env):
+    """A finished, printed POSITIVE slide turned NEGATIVE after review with the same dates and nothing to show
+    it (a review walk-through): decisions changed after Finish are counted, dated and shown on the result,
+    the report and the CSV; those made before Finish are not."""
+    env = make_env(flag_all=True)
+    c, token = _client(env)
+    h = {"X-CSRF-Token": token}
+    _start(c, token)
+    _wait_frame(env)
+    assert _capture(c, token).status_code == 201
+    cells = c.get("/api/slides/1/cells").get_json()["cells"]
+    assert c.post(f"/api/cells/{cells[0]['id']}/review", json={"decision": "confirmed"}, headers=h).status_code == 200
+    assert c.post(f"/api/cells/{cells[1]['id']}/review", json={"decision": "rejected"}, headers=h).status_code == 200
+    assert c.post("/slides/1/finish", data={"csrf_token": token, "confirm": "1"}).status_code == 303
+    for url in ("/slides/1/result", "/slides/1/report"):
+        assert 'id="amended"' not in c.get(url).get_data(as_text=True), url
+    assert 'id="review-finished"' in c.get("/slides/1/review").get_data(as_text=True)  # said before a decision
+
+    def csv_row():
+        return next(csv.DictReader(io.StringIO(c.get("/export/slides.csv").get_data(as_text=True))))
+
+    assert csv_row()["review_changes_after_finish"] == "0" and csv_row()["last_review_change_after_finish_at"] == ""
+    # the confirmed parasite is rejected after Finish
+    assert c.get("/api/slides/1").get_json()["totals"]["review"]["confirmed"] == 1
+    r = c.post(f"/api/cells/{cells[0]['id']}/review", json={"decision": "rejected"}, headers=h)
+    assert r.status_code == 200
+    assert c.get("/api/slides/1").get_json()["totals"]["review"]["confirmed"] == 0
+    for url in ("/slides/1/result", "/slides/1/report"):
+        html = c.get(url).get_data(as_text=True)
+        assert 'id="amended"' in html and "1 review decision changed since" in html, url
+    row = csv_row()
+    assert row["review_changes_after_finish"] == "1" and row["last_review_change_after_finish_at"]
+    first = row["last_review_change_after_finish_at"]
+    # an undo changes the result too, and leaves no date on the cell: still counted
+    assert c.post(f"/api/cells/{cells[1]['id']}/review", json={"decision": None}, headers=h).status_code == 200
+    assert env.store.get_cell(cells[1]["id"])["reviewed_at"] is None
+    row = csv_row()
+    assert row["review_changes_after_finish"] == "2" and row["last_review_change_after_finish_at"] >= first
+    assert "2 review decisions changed since" in c.get("/slides/1/report").get_data(as_text=True)
+    # the same decision again changes nothing
+    assert c.post(f"/api/cells/{cells[0]['id']}/review", json={"decision": "rejected"}, headers=h).status_code == 200
+    assert csv_row()["review_changes_after_finish"] == "2"
+
+
 def test_the_no_script_finish_question_gives_the_call_as_it_stands(make_env):
     """Below the target, with a parasite confirmed on review, the question said the call "will most likely be
     'not enough cells'"; the slide then finished positive after review."""

@@ -294,6 +294,8 @@ SLIDE_COLUMNS = [
     # confirmed cells' share, a lower bound (the page's "≥ 0.193%")
     "reviewed_ci95_low_pct", "reviewed_ci95_high_pct", "reviewed_parasites_per_ul", "reviewed_ci95_low_per_ul",
     "reviewed_ci95_high_per_ul", "confirmed_pct", "confirmed_per_ul",
+    # review decisions changed after the slide was finished (its filed result amended), and when the last was
+    "review_changes_after_finish", "last_review_change_after_finish_at",
 ]
 
 
@@ -325,6 +327,7 @@ def export_slides():
                 f"{r['ci95_pct'][0]:.4f}", f"{r['ci95_pct'][1]:.4f}", f"{r['parasites_per_ul']:.0f}",
                 f"{r['ci95_per_ul'][0]:.0f}", f"{r['ci95_per_ul'][1]:.0f}"]),
             *(["", ""] if not o else [f"{o['confirmed_pct']:.4f}", f"{o['confirmed_per_ul']:.0f}"]),
+            v["review_changes_after_finish"], v["last_review_change_after_finish_at"] or "",
         ])
     return _csv_response("slides", SLIDE_COLUMNS, rows)
 
