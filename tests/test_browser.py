@@ -656,12 +656,16 @@ def test_an_upload_pressed_during_a_capture_is_said_and_its_file_kept(browser, l
     assert page.is_enabled("#upload-btn") and page.is_enabled("#finish-btn")
 
 
-@pytest.mark.parametrize("path", ["/slides/1", "/history", "/slides/1/result", "/slides/1/report"])
+@pytest.mark.parametrize("path", ["/slides/1", "/history", "/slides/1/result", "/slides/1/report",
+                                  "/slides/1/review"])
 def test_pages_fit_a_phone_screen(browser, live_env, path):
     env = live_env
     c = env.app.test_client()
     h = {"X-CSRF-Token": env.csrf(c)}
-    assert c.post("/api/slides", json={"sample_id": "PHONE-WIDE-SAMPLE-ID-2026-0001"}, headers=h).status_code == 201
+    # IDs as long as the form takes (64 characters), without a space: the slide header ran 250 px off a phone
+    long_ids = {"sample_id": "PHONE-WIDE-SAMPLE-ID-2026-0001-" + "9" * 33, "patient_id": "P-" + "9" * 62,
+                "operator": "OPERATOR-" + "X" * 55}
+    assert c.post("/api/slides", json=long_ids, headers=h).status_code == 201
     up = c.post("/api/slides/1/fields", headers=h, content_type="multipart/form-data",
                 data={"image": ((sorted(SAMPLES_DIR.glob("*.jpg"))[0]).open("rb"), "f.jpg")})
     assert up.status_code == 201

@@ -345,10 +345,14 @@ def test_review_flagged_cells_keeps_automatic_and_reviewed_counts(make_env):
     assert "now: not a parasite" in r.get_json()["error"]
     assert env.store.get_cell(cid)["review"] == "rejected"  # kept
     r = c.post(f"/cells/{cid}/review", data={"decision": "confirmed", "seen": "", "csrf_token": token})
-    # the script-free form: back to the gallery at that cell, which shows the stored decision and why
-    assert r.status_code == 303 and r.headers["Location"].endswith(f"/slides/1/review#cell-{cid}")
-    gallery = c.get("/slides/1/review").get_data(as_text=True)
-    assert 'id="review-flash"' in gallery and "changed in another window" in gallery
+    # the script-free form: back to the gallery at that cell, which shows the stored decision and why, in
+    # that cell's tile (at the top of the gallery it was off screen where the page lands: the tap seemed lost)
+    assert r.status_code == 303 and r.headers["Location"].endswith(f"/slides/1/review?conflict={cid}#cell-{cid}")
+    gallery = c.get(r.headers["Location"]).get_data(as_text=True)
+    tile = gallery.split(f'id="cell-{cid}"')[1].split("</figure>")[0]
+    assert 'id="conflict-msg"' in tile and "changed in another window" in tile
+    assert 'id="review-flash"' not in gallery  # said once, where it is seen
+    assert 'id="conflict-msg"' not in c.get("/slides/1/review").get_data(as_text=True)  # said once only
     assert env.store.get_cell(cid)["review"] == "rejected"
     r = c.post(f"/api/cells/{cid}/review", json={"decision": "confirmed", "seen": "rejected"}, headers=h)
     assert r.status_code == 200 and env.store.get_cell(cid)["review"] == "confirmed"  # decided on what is stored

@@ -9,7 +9,18 @@ import logging
 from collections.abc import Iterator
 from datetime import datetime
 
-from flask import Blueprint, Response, abort, flash, redirect, render_template, request, send_file, url_for
+from flask import (
+    Blueprint,
+    Response,
+    abort,
+    flash,
+    get_flashed_messages,
+    redirect,
+    render_template,
+    request,
+    send_file,
+    url_for,
+)
 from werkzeug.exceptions import HTTPException
 
 from device.service import ensure_crop, storage_writable
@@ -134,8 +145,12 @@ def include_field(field_id: int):
 def review(slide_id: int):
     s = views.slide_view(views.slide_or_404(slide_id))
     store = deps().store
+    # a decision refused without the page's script (changed in another window): said in that cell's tile,
+    # where the redirect lands, not at the top of a gallery that may be 50 screens long
+    said = get_flashed_messages(category_filter=["conflict"])
+    conflict = {"id": request.args.get("conflict", type=int), "message": said[0]} if said else None
     return render_template("review.html", slide=s, cells=store.flagged_cells(slide_id),
-                           near=store.near_cells(slide_id))
+                           near=store.near_cells(slide_id), conflict=conflict)
 
 
 @bp.post("/cells/<int:cell_id>/review")
@@ -152,8 +167,9 @@ def review_cell(cell_id: int):
         if exc.code != 409 or stored is None:
             raise
         # changed in another window meanwhile: back to the gallery, which shows what is stored, and why
-        flash(exc.description)
-        return redirect(url_for("pages.review", slide_id=stored["slide_id"], _anchor=f"cell-{cell_id}"), 303)
+        flash(exc.description, "conflict")
+        return redirect(url_for("pages.review", slide_id=stored["slide_id"], conflict=cell_id,
+                                _anchor=f"cell-{cell_id}"), 303)
     return redirect(url_for("pages.review", slide_id=cell["slide_id"], _anchor=f"cell-{cell_id}"), 303)
 
 
