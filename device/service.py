@@ -217,13 +217,30 @@ class DiskState:
                 "message": self.message}
 
 
+REVIEW_MARK_RGB = (255, 214, 0)  # the corner marks around the judged cell: yellow, unlike any stain
+
+
 def review_crop(rgb: np.ndarray, bbox: tuple[int, int, int, int]) -> np.ndarray:
     """The cell (flagged, or near the threshold) with some of its surroundings, unmasked: what a reviewer
-    needs to judge it."""
+    needs to judge it. The cell stays in the middle (black beyond the frame's edge) and four corner marks
+    just outside its box say which cell is judged: a cell at the frame's edge sat off centre beside whole
+    neighbours, and one confirmation of a neighbour's parasite makes a slide positive. Nothing is drawn
+    over the cell itself."""
     x, y, w, h = bbox
     m = round(max(w, h) * REVIEW_CROP_MARGIN_FRAC)
     hh, ww = rgb.shape[:2]
-    return rgb[max(0, y - m): min(hh, y + h + m), max(0, x - m): min(ww, x + w + m)]
+    x0, y0, x1, y1 = x - m, y - m, x + w + m, y + h + m
+    out = np.zeros((y1 - y0, x1 - x0, 3), np.uint8)
+    sx0, sy0, sx1, sy1 = max(0, x0), max(0, y0), min(ww, x1), min(hh, y1)
+    out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = rgb[sy0:sy1, sx0:sx1]
+    gap = max(2, round(0.08 * max(w, h)))  # off the cell's outline
+    arm = max(4, round(0.25 * max(w, h)))
+    t = max(2, round(0.04 * max(w, h)))
+    bx0, by0, bx1, by1 = m - gap, m - gap, m + w - 1 + gap, m + h - 1 + gap
+    for cx, cy, dx, dy in ((bx0, by0, 1, 1), (bx1, by0, -1, 1), (bx0, by1, 1, -1), (bx1, by1, -1, -1)):
+        cv2.line(out, (cx, cy), (cx + dx * arm, cy), REVIEW_MARK_RGB, t)
+        cv2.line(out, (cx, cy), (cx, cy + dy * arm), REVIEW_MARK_RGB, t)
+    return out
 
 
 def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:

@@ -597,3 +597,27 @@ def test_finish_pressed_while_an_upload_is_being_received_waits_for_that_field(m
     fields = env.store.list_fields(sid)
     assert len(fields) == 1 and fields[0]["source"] == "upload"
     assert fin.get_json()["automatic"]["rbc_count"] == fields[0]["rbc_count"] > 0
+
+
+@pytest.mark.parametrize("where", ["middle", "corner"])
+def test_a_review_crop_centres_and_marks_the_judged_cell_without_covering_it(where):
+    """At the frame's edge the crop was cut short: the judged cell sat off centre beside whole neighbours, and
+    nothing said which cell was meant (a neighbour's parasite confirmed makes a slide positive)."""
+    import numpy as np
+
+    from device.imageio import read_rgb
+    from device.service import REVIEW_CROP_MARGIN_FRAC, REVIEW_MARK_RGB, review_crop
+    from tests.conftest import SAMPLES_DIR
+
+    rgb = read_rgb(sorted(SAMPLES_DIR.glob("*.jpg"))[0])
+    x, y, w, h = (700, 500, 90, 96) if where == "middle" else (4, 2, 90, 96)
+    crop = review_crop(rgb, (x, y, w, h))
+    m = round(max(w, h) * REVIEW_CROP_MARGIN_FRAC)
+    assert crop.shape == (h + 2 * m, w + 2 * m, 3)  # the same frame around the cell wherever it lies
+    assert np.array_equal(crop[m : m + h, m : m + w], rgb[y : y + h, x : x + w])  # the cell itself, untouched
+    marks = np.all(crop == REVIEW_MARK_RGB, axis=2)
+    assert marks.sum() > 4 * 0.25 * max(w, h) and not marks[m : m + h, m : m + w].any()
+    ys, xs = np.nonzero(marks)  # the marks frame the cell: around its centre
+    assert abs(xs.mean() - (m + w / 2)) < 2 and abs(ys.mean() - (m + h / 2)) < 2
+    if where == "corner":  # beyond the frame: black, not another part of the field
+        assert not crop[: m - 10, : m - 10].any()
