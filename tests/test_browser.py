@@ -308,12 +308,13 @@ def test_technician_flow_start_capture_review_finish_result_csv(browser, live_en
         page.click("#export-slides")
     csv_path = tmp_path / "slides.csv"
     dl.value.save_as(csv_path)
-    lines = csv_path.read_text().splitlines()
+    lines = csv_path.read_text(encoding="utf-8-sig").splitlines()  # with the byte-order mark Excel needs
+    assert csv_path.read_bytes().startswith(b"\xef\xbb\xbf")
     assert lines[0].startswith("slide_id,sample_id") and "BRW-2024-001" in lines[1] and ",finished," in lines[1]
     with page.expect_download() as dl:
         page.click("#export-fields")
     dl.value.save_as(tmp_path / "fields.csv")
-    assert len((tmp_path / "fields.csv").read_text().splitlines()) == 4  # header + 3 fields
+    assert len((tmp_path / "fields.csv").read_text(encoding="utf-8-sig").splitlines()) == 4  # header + 3 fields
 
     ctx.close()
     assert not errors, errors

@@ -119,11 +119,11 @@ def test_capture_from_camera_then_result_and_exports(make_env):
                  env.analyser.model.sha256, "measured for this patient"):
         assert text in html
     assert c.get("/slides/1/report").status_code == 200
-    slides = list(csv.DictReader(io.StringIO(c.get("/export/slides.csv").get_data(as_text=True))))
+    slides = list(csv.DictReader(io.StringIO(c.get("/export/slides.csv").data.decode("utf-8-sig"))))
     assert len(slides) == 1 and slides[0]["sample_id"] == "S-1" and slides[0]["status"] == "finished"
     assert int(slides[0]["rbc_count"]) == detail["automatic"]["rbc_count"]
     assert slides[0]["model_sha256"] == env.analyser.model.sha256
-    fields = list(csv.DictReader(io.StringIO(c.get("/export/fields.csv?slide=1").get_data(as_text=True))))
+    fields = list(csv.DictReader(io.StringIO(c.get("/export/fields.csv?slide=1").data.decode("utf-8-sig"))))
     assert [f["seq"] for f in fields] == ["1", "2"]
     # a finished slide takes no more fields and cannot be finished twice
     assert _capture(c, token).status_code == 409
@@ -225,7 +225,7 @@ def test_a_slide_short_of_its_target_shows_its_count_not_a_density(make_env):
     history = c.get("/history").get_data(as_text=True)
     row = history.split('id="history-table"')[1]
     assert "0.333%" not in row and "—" in row  # 2/600 is not shown as a parasitemia
-    row = next(csv.DictReader(io.StringIO(c.get("/export/slides.csv").get_data(as_text=True))))
+    row = next(csv.DictReader(io.StringIO(c.get("/export/slides.csv").data.decode("utf-8-sig"))))
     assert row["parasitemia_pct"] == row["parasites_per_ul"] == row["ci95_low_pct"] == ""  # 0.3333% and 16667 before
     assert row["flagged_pct"] == "0.3333" and row["call"] == "not enough cells"
 
@@ -273,7 +273,7 @@ def test_a_negative_slide_shows_no_parasite_density_in_its_headline(make_env):
     assert auto.startswith(f"&lt; {slide['detection_limit_pct']:.3f}%") and "0.009%" not in auto
     assert html.split('id="per-ul-auto">')[1].split("</td>")[0] == f"&lt; {slide['detection_limit_per_ul']:,.0f}"
     # and the CSV gives no density either (it exported 0.0500% and 2500 parasites/uL), but what the call stood on
-    row = next(csv.DictReader(io.StringIO(c.get("/export/slides.csv").get_data(as_text=True))))
+    row = next(csv.DictReader(io.StringIO(c.get("/export/slides.csv").data.decode("utf-8-sig"))))
     assert row["call"] == "negative" and row["parasitemia_pct"] == row["ci95_high_pct"] == row["parasites_per_ul"] == ""
     assert row["flagged_pct"] == "0.0500" and row["target_rbc"] == "2000"
     assert row["positive_cutoff_cells"] == str(slide["positive_cutoff_cells"])
@@ -409,7 +409,7 @@ def test_cells_near_the_threshold_are_shown_for_review_and_a_confirmed_one_count
     result = c.get("/slides/1/result").get_data(as_text=True)
     summary = result.split('id="near-summary">')[1].split("</dd>")[0]
     assert f"{len(expect)} scored 0.7 " in summary and "1 confirmed as parasite," in summary
-    row = next(csv.DictReader(io.StringIO(c.get("/export/slides.csv").get_data(as_text=True))))
+    row = next(csv.DictReader(io.StringIO(c.get("/export/slides.csv").data.decode("utf-8-sig"))))
     assert row["review_floor"] == "0.7000" and row["near_threshold_cells"] == str(len(expect))
     assert (row["near_confirmed"], row["near_pending"]) == ("1", str(len(expect) - 1))
     # a device set to show none (review_floor 1) starts its slides without them
@@ -694,7 +694,7 @@ def test_a_finished_slides_result_changed_by_review_says_it_was_amended(make_env
     assert 'id="review-finished"' in c.get("/slides/1/review").get_data(as_text=True)  # said before a decision
 
     def csv_row():
-        return next(csv.DictReader(io.StringIO(c.get("/export/slides.csv").get_data(as_text=True))))
+        return next(csv.DictReader(io.StringIO(c.get("/export/slides.csv").data.decode("utf-8-sig"))))
 
     assert csv_row()["review_changes_after_finish"] == "0" and csv_row()["last_review_change_after_finish_at"] == ""
     # the confirmed parasite is rejected after Finish
@@ -900,7 +900,7 @@ def test_history_search_and_spreadsheet_safe_csv(make_env):
     html = c.get("/history?q=mal-00").get_data(as_text=True)
     assert "MAL-001" in html and "MAL-002" in html and "HYPERLINK" not in html
     assert [s["sample_id"] for s in c.get("/api/slides?q=002").get_json()["slides"]] == ["MAL-002"]
-    rows = list(csv.reader(io.StringIO(c.get("/export/slides.csv").get_data(as_text=True))))
+    rows = list(csv.reader(io.StringIO(c.get("/export/slides.csv").data.decode("utf-8-sig"))))
     assert rows[0][:2] == ["slide_id", "sample_id"] and len(rows) == 4
     assert rows[1][1] == "'=HYPERLINK(\"http://x\")"  # no formula runs when the CSV is opened
     r = c.get("/export/slides.csv?q=MAL")
@@ -910,7 +910,7 @@ def test_history_search_and_spreadsheet_safe_csv(make_env):
     risky = ("+SUM(1+1)", "-2+3", "@A1")
     for s in risky:
         assert _start(c, token, sample_id=s, notes="-1+1").status_code == 303
-    rows = {r[1]: r for r in csv.reader(io.StringIO(c.get("/export/slides.csv").get_data(as_text=True)))}
+    rows = {r[1]: r for r in csv.reader(io.StringIO(c.get("/export/slides.csv").data.decode("utf-8-sig")))}
     notes = SLIDE_COLUMNS.index("notes")
     assert all(f"'{s}" in rows and rows[f"'{s}"][notes] == "'-1+1" for s in risky), list(rows)
     report = c.get("/slides/1/report").get_data(as_text=True)
@@ -1141,10 +1141,10 @@ def test_a_captured_field_can_be_taken_out_of_the_count_and_back(make_env, tmp_p
     assert c.post("/api/slides/1/finish", headers=h).status_code == 200
     result = c.get("/slides/1/result").get_data(as_text=True)
     assert "2 taken out of the count by the technician" in result
-    slides_csv = list(csv.DictReader(io.StringIO(c.get("/export/slides.csv").get_data(as_text=True))))
+    slides_csv = list(csv.DictReader(io.StringIO(c.get("/export/slides.csv").data.decode("utf-8-sig"))))
     assert slides_csv[0]["fields_excluded"] == "2"
     assert "Excluded by the technician: wrong slide or area" in c.get("/slides/1/report").get_data(as_text=True)
-    export = c.get("/export/fields.csv?slide=1").get_data(as_text=True)
+    export = c.get("/export/fields.csv?slide=1").data.decode("utf-8-sig")
     assert "excluded,excluded_at" in export.splitlines()[0] and "wrong slide or area" in export
     r = c.post(f"/api/fields/{first['id']}/exclude", json={"reason": "other"}, headers=h)
     assert r.status_code == 409 and "finished" in r.get_json()["error"]  # a finished result stays as it was
@@ -1169,6 +1169,8 @@ def test_csv_exports_are_sent_in_pieces_with_their_length(make_env, monkeypatch)
     assert len(pieces) > 3 and all(len(p) <= 50 for p in pieces)
     assert b"".join(pieces) == whole and int(r.headers["Content-Length"]) == len(whole)
     assert [row[1] for row in csv.reader(io.StringIO(whole.decode()))][1:] == [f"PIECES-{i}" for i in (2, 1, 0)]
+    # UTF-8 with a byte-order mark: without one, Excel read "São-Tomé" as "SÃ£o-TomÃ©"
+    assert whole.startswith(b"\xef\xbb\xbfslide_id,")
 
 
 def test_a_file_sent_without_multipart_is_refused_not_replaced_by_the_camera_frame(make_env):
@@ -1291,9 +1293,9 @@ def test_small_page_promises_hold_without_script(make_env):
         assert c.post(f"/api/slides/{sid}/finish", headers=h, json={}).status_code == 200
     history = c.get("/history?open=1").get_data(as_text=True)
     assert 'href="/export/slides.csv?open=1"' in history
-    assert len(c.get("/export/slides.csv?open=1").get_data(as_text=True).splitlines()) == 2  # header + S-1
-    assert len(c.get("/export/slides.csv").get_data(as_text=True).splitlines()) == 4
-    assert len(c.get("/export/fields.csv?open=1").get_data(as_text=True).splitlines()) == 2
+    assert len(c.get("/export/slides.csv?open=1").data.decode("utf-8-sig").splitlines()) == 2  # header + S-1
+    assert len(c.get("/export/slides.csv").data.decode("utf-8-sig").splitlines()) == 4
+    assert len(c.get("/export/fields.csv?open=1").data.decode("utf-8-sig").splitlines()) == 2
     report = c.get(f"/slides/{sid}/report").get_data(as_text=True)
     assert 'id="print-btn" type="button" hidden' in report
 
@@ -1704,7 +1706,7 @@ def test_a_slide_positive_on_a_confirmed_parasite_gives_only_what_review_establi
     history = c.get("/history").get_data(as_text=True)
     assert "(1 confirmed, 0 rejected)" in history and "reviewed)" not in history
     assert f"≥ {100 / rbc:.3f}%" in c.get("/slides/1").get_data(as_text=True)  # the slide page's count too
-    export = list(csv.DictReader(io.StringIO(c.get("/export/slides.csv").get_data(as_text=True))))
+    export = list(csv.DictReader(io.StringIO(c.get("/export/slides.csv").data.decode("utf-8-sig"))))
     assert export[0]["reviewed_parasitemia_pct"] == "" and export[0]["review_pending"] == str(pending)
     # the export holds what the page leads with: meanwhile the confirmed share (a lower bound), no density
     assert export[0]["confirmed_pct"] == f"{100 / rbc:.4f}" and export[0]["confirmed_per_ul"] == f"{5e6 / rbc:.0f}"
@@ -1716,7 +1718,7 @@ def test_a_slide_positive_on_a_confirmed_parasite_gives_only_what_review_establi
     assert n > 1
     reviewed = c.get("/api/slides/1").get_json()["reviewed"]
     assert reviewed["call"] == "positive"
-    row = list(csv.DictReader(io.StringIO(c.get("/export/slides.csv").get_data(as_text=True))))[0]
+    row = list(csv.DictReader(io.StringIO(c.get("/export/slides.csv").data.decode("utf-8-sig"))))[0]
     assert row["reviewed_parasitemia_pct"] == f"{100 / rbc:.4f}" and row["confirmed_pct"] == ""
     assert (row["reviewed_ci95_low_pct"], row["reviewed_ci95_high_pct"]) == tuple(
         f"{v:.4f}" for v in reviewed["ci95_pct"])
@@ -1837,6 +1839,7 @@ def test_the_fields_export_is_written_as_it_is_read_not_built_whole(make_env, mo
     pieces = iter(r.response)
     first = next(pieces)
     assert len(reads) == 1 and len(first) <= 2 * 64 * 1024  # one read of 50 slides, one piece of ~64 kB
+    assert first.startswith(b"\xef\xbb\xbffield_id,")  # UTF-8 with a byte-order mark, for Excel
     rest = b"".join(pieces)
     r.close()
     assert len(reads) == 8 and "Content-Length" not in r.headers
@@ -1845,5 +1848,5 @@ def test_the_fields_export_is_written_as_it_is_read_not_built_whole(make_env, mo
     assert [r[2] for r in rows[1:26]] == ["BULK-00400"] * 25 and rows[-1][2] == "BULK-00001"  # newest slide first
     assert [int(r[4]) for r in rows[1:26]] == list(range(1, 26))  # each slide's fields in order
     assert len({(r[1], r[4]) for r in rows[1:]}) == 10_000  # every field once
-    one = list(csv.reader(io.StringIO(c.get("/export/fields.csv?q=bulk-00007").get_data(as_text=True))))
+    one = list(csv.reader(io.StringIO(c.get("/export/fields.csv?q=bulk-00007").data.decode("utf-8-sig"))))
     assert len(one) == 26 and {r[2] for r in one[1:]} == {"BULK-00007"}

@@ -249,8 +249,15 @@ def _cell(v):
     return v
 
 
+# UTF-8 with a byte-order mark: Excel, double-clicked, reads a CSV without one in the computer's old code page
+# ("São-Tomé" became "SÃ£o-TomÃ©"); with it, as UTF-8. (Python reads it with encoding="utf-8-sig", pandas
+# and LibreOffice as they are.)
+CSV_BOM = "\ufeff"
+
+
 def _csv_response(name: str, header: list[str], rows: list[list]) -> Response:
     buf = io.StringIO()
+    buf.write(CSV_BOM)
     w = csv.writer(buf, lineterminator="\r\n")
     w.writerow(header)
     for r in rows:
@@ -276,6 +283,7 @@ def _csv_stream(name: str, header: list[str], rows: Iterator[list]) -> Response:
     the browser marks the download failed rather than complete."""
     def pieces() -> Iterator[bytes]:
         buf = io.StringIO()
+        buf.write(CSV_BOM)
         w = csv.writer(buf, lineterminator="\r\n")
         w.writerow(header)
         for r in rows:
