@@ -801,3 +801,21 @@ def test_the_warning_pill_and_the_focus_ring_are_seen(browser, live_env):
                          " getComputedStyle(document.body).backgroundColor]")
     assert page.evaluate(_CONTRAST_JS, ring) >= 3.0, ring
     page.close()
+
+
+def test_every_printed_page_of_a_long_report_names_the_sample(browser, live_env):
+    """A slide of 92 fields printed on 6 pages: pages 2-6 carried no sample or patient ID. The fields table's
+    head, which the browser prints again on each page it runs onto, holds them (in print only)."""
+    env = live_env
+    c = env.app.test_client()
+    h = {"X-CSRF-Token": env.csrf(c)}
+    ids = {"sample_id": "LONG-REPORT-1", "patient_id": "P-77"}
+    assert c.post("/api/slides", json=ids, headers=h).status_code == 201
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(env.base_url + "/slides/1/report")
+    assert not page.is_visible("#fields-sample-row")  # on screen the page's own head says it
+    page.emulate_media(media="print")
+    assert page.is_visible("#fields-sample-row")
+    assert page.inner_text("#fields-sample-row") == "Sample LONG-REPORT-1 · patient P-77"
+    assert page.evaluate("() => document.getElementById('fields-sample-row').parentElement.tagName") == "THEAD"
+    page.close()
