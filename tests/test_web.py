@@ -675,6 +675,24 @@ def test_missing_sample_id_is_400(make_env):
     assert r.status_code == 201 and r.get_json()["operator"] == "Bo"
 
 
+def test_not_enough_cells_after_review_counts_the_flagged_cells_and_those_left(make_env):
+    """Every flagged cell rejected on a slide below its target: the banner said "0 cells flagged"."""
+    import re
+
+    env = make_env(flag_all=True)
+    c, token = _client(env)
+    _start(c, token)
+    _wait_frame(env)
+    assert _capture(c, token).status_code == 201
+    cells = c.get("/api/slides/1/cells").get_json()["cells"]
+    for cell in cells:
+        r = c.post(f"/api/cells/{cell['id']}/review", json={"decision": "rejected"}, headers={"X-CSRF-Token": token})
+        assert r.status_code == 200
+    html = c.get("/slides/1/result").get_data(as_text=True)
+    detail = re.sub(r"\s+", " ", re.search(r'id="call-detail">(.*?)</div>', html, re.S).group(1))
+    assert "NOT ENOUGH CELLS" in html and f"{len(cells)} cells flagged, 0 left after review" in detail, detail
+
+
 def test_a_finished_slides_result_changed_by_review_says_it_was_amended(make_env):
     """A finished, printed POSITIVE slide turned NEGATIVE after review with the same dates and nothing to show
     it (a review walk-through): decisions changed after Finish are counted, dated and shown on the result,
