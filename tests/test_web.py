@@ -675,6 +675,36 @@ def test_missing_sample_id_is_400(make_env):
     assert r.status_code == 201 and r.get_json()["operator"] == "Bo"
 
 
+def test_the_review_gallery_can_show_only_the_cells_left_to_review(make_env):
+    """A big slide's gallery ran to hundreds of tiles (57 screens on the 800x480 screen), the undecided ones
+    among them found only by scrolling."""
+    import re
+
+    env = make_env(flag_all=True)
+    c, token = _client(env)
+    _start(c, token)
+    _wait_frame(env)
+    assert _capture(c, token).status_code == 201
+    cells = c.get("/api/slides/1/cells").get_json()["cells"]
+    h = {"X-CSRF-Token": token}
+    for cell in cells[:3]:
+        assert c.post(f"/api/cells/{cell['id']}/review", json={"decision": "rejected"}, headers=h).status_code == 200
+    full = c.get("/slides/1/review").get_data(as_text=True)
+    assert len(re.findall(r'<figure class="tile"', full)) == len(cells)
+    left = len(cells) - 3
+    assert f'id="show-left">Show only the {left} cells left to review</a>' in full
+    page = c.get("/slides/1/review?left=1").get_data(as_text=True)
+    shown = re.findall(r'<figure class="tile" id="cell-(\d+)" data-review="([a-z]*)"', page)
+    assert len(shown) == left and all(review == "" for _, review in shown)
+    assert {int(i) for i, _ in shown} == {x["id"] for x in cells[3:]}
+    assert f"{len(cells)} flagged</span>" in page and 'id="show-all"' in page  # the counts stay the slide's
+    for cell in cells[3:]:
+        assert c.post(f"/api/cells/{cell['id']}/review", json={"decision": "rejected"}, headers=h).status_code == 200
+    page = c.get("/slides/1/review?left=1").get_data(as_text=True)
+    assert "Every flagged cell is reviewed." in page and "<figure" not in page
+    assert 'id="show-left"' not in c.get("/slides/1/review").get_data(as_text=True)  # nothing left to show
+
+
 def test_not_enough_cells_after_review_counts_the_flagged_cells_and_those_left(make_env):
     """Every flagged cell rejected on a slide below its target: the banner said "0 cells flagged"."""
     import re

@@ -149,8 +149,15 @@ def review(slide_id: int):
     # where the redirect lands, not at the top of a gallery that may be 50 screens long
     said = get_flashed_messages(category_filter=["conflict"])
     conflict = {"id": request.args.get("conflict", type=int), "message": said[0]} if said else None
-    return render_template("review.html", slide=s, cells=store.flagged_cells(slide_id),
-                           near=store.near_cells(slide_id), conflict=conflict)
+    cells, near = store.flagged_cells(slide_id), store.near_cells(slide_id)
+    # a big slide's gallery runs to hundreds of tiles (57 screens at 800x480): "only those left" finds the rest
+    left_only = request.args.get("left") == "1"
+    if left_only:
+        shown, shown_near = [c for c in cells if c["review"] is None], [c for c in near if c["review"] is None]
+    else:
+        shown, shown_near = cells, near
+    return render_template("review.html", slide=s, cells=shown, near=shown_near, n_flagged=len(cells),
+                           n_near=len(near), left_only=left_only, conflict=conflict)
 
 
 @bp.post("/cells/<int:cell_id>/review")
