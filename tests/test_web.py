@@ -692,17 +692,39 @@ def test_the_review_gallery_can_show_only_the_cells_left_to_review(make_env):
     full = c.get("/slides/1/review").get_data(as_text=True)
     assert len(re.findall(r'<figure class="tile"', full)) == len(cells)
     left = len(cells) - 3
-    assert f'id="show-left">Show only the {left} cells left to review</a>' in full
+    assert 'id="show-left">Show only the cells left to review</a>' in full
     page = c.get("/slides/1/review?left=1").get_data(as_text=True)
     shown = re.findall(r'<figure class="tile" id="cell-(\d+)" data-review="([a-z]*)"', page)
     assert len(shown) == left and all(review == "" for _, review in shown)
     assert {int(i) for i, _ in shown} == {x["id"] for x in cells[3:]}
     assert f"{len(cells)} flagged</span>" in page and 'id="show-all"' in page  # the counts stay the slide's
-    for cell in cells[3:]:
+    # without the script a decision keeps the filter and goes on to the next cell left (it showed every cell)
+    r = c.post(f"/cells/{cells[3]['id']}/review", data={"decision": "rejected", "seen": "", "left": "1",
+                                                         "csrf_token": token})
+    assert r.status_code == 303 and r.headers["Location"].endswith(f"/slides/1/review?left=1#cell-{cells[4]['id']}")
+    for cell in cells[4:]:
         assert c.post(f"/api/cells/{cell['id']}/review", json={"decision": "rejected"}, headers=h).status_code == 200
     page = c.get("/slides/1/review?left=1").get_data(as_text=True)
     assert "Every flagged cell is reviewed." in page and "<figure" not in page
     assert 'id="show-left"' not in c.get("/slides/1/review").get_data(as_text=True)  # nothing left to show
+
+
+def test_a_refused_no_script_decision_whose_tile_is_gone_is_said_on_top(make_env):
+    """Another window took the field out of the count; a decision on one of its cells without the script is
+    refused and its tile is no longer drawn: the reason was shown nowhere (only in that tile)."""
+    env = make_env(flag_all=True)
+    c, token = _client(env)
+    _start(c, token)
+    _wait_frame(env)
+    assert _capture(c, token).status_code == 201
+    cell = c.get("/api/slides/1/cells").get_json()["cells"][0]
+    h = {"X-CSRF-Token": token}
+    assert c.post(f"/api/fields/{cell['field_id']}/exclude", json={"reason": "other"}, headers=h).status_code == 200
+    r = c.post(f"/cells/{cell['id']}/review", data={"decision": "confirmed", "seen": "", "csrf_token": token})
+    assert r.status_code == 303
+    page = c.get(r.headers["Location"]).get_data(as_text=True)
+    assert f'id="cell-{cell["id"]}"' not in page and 'id="conflict-msg"' not in page
+    assert 'id="review-flash">field 1 is out of the count' in page
 
 
 def test_not_enough_cells_after_review_counts_the_flagged_cells_and_those_left(make_env):

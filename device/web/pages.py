@@ -148,7 +148,6 @@ def review(slide_id: int):
     # a decision refused without the page's script (changed in another window): said in that cell's tile,
     # where the redirect lands, not at the top of a gallery that may be 50 screens long
     said = get_flashed_messages(category_filter=["conflict"])
-    conflict = {"id": request.args.get("conflict", type=int), "message": said[0]} if said else None
     cells, near = store.flagged_cells(slide_id), store.near_cells(slide_id)
     # a big slide's gallery runs to hundreds of tiles (57 screens at 800x480): "only those left" finds the rest
     left_only = request.args.get("left") == "1"
@@ -156,13 +155,32 @@ def review(slide_id: int):
         shown, shown_near = [c for c in cells if c["review"] is None], [c for c in near if c["review"] is None]
     else:
         shown, shown_near = cells, near
+    conflict, said_on_top = None, []
+    if said:
+        conflict_id = request.args.get("conflict", type=int)
+        if any(c["id"] == conflict_id for c in (*shown, *shown_near)):
+            conflict = {"id": conflict_id, "message": said[0]}
+        else:  # its tile is not drawn (its field taken out of the count meanwhile, or filtered): said on top
+            said_on_top = said
     return render_template("review.html", slide=s, cells=shown, near=shown_near, n_flagged=len(cells),
-                           n_near=len(near), left_only=left_only, conflict=conflict)
+                           n_near=len(near), left_only=left_only, conflict=conflict, said_on_top=said_on_top)
+
+
+def _next_left(slide_id: int, cell_id: int) -> str | None:
+    """The anchor of the next undecided cell after ``cell_id`` in the gallery's order (flagged, then near the
+    threshold), else the first undecided one: where a reviewer showing only the cells left goes on."""
+    store = deps().store
+    order = [*store.flagged_cells(slide_id), *store.near_cells(slide_id)]
+    ids = [c["id"] for c in order]
+    start = ids.index(cell_id) + 1 if cell_id in ids else 0
+    left = [c["id"] for c in order[start:] + order[:start] if c["review"] is None and c["id"] != cell_id]
+    return f"cell-{left[0]}" if left else None
 
 
 @bp.post("/cells/<int:cell_id>/review")
 def review_cell(cell_id: int):
     decision, seen = request.form.get("decision"), request.form.get("seen")
+    left = {"left": 1} if request.form.get("left") == "1" else {}  # the gallery showed only the cells left
     # The page's buttons always send both: a form without them (a stale or hand-made one) must neither clear a
     # decision someone made nor overwrite one changed in another window unseen.
     if decision not in ("confirmed", "rejected", "clear") or seen not in ("", "confirmed", "rejected"):
@@ -176,7 +194,10 @@ def review_cell(cell_id: int):
         # changed in another window meanwhile: back to the gallery, which shows what is stored, and why
         flash(exc.description, "conflict")
         return redirect(url_for("pages.review", slide_id=stored["slide_id"], conflict=cell_id,
-                                _anchor=f"cell-{cell_id}"), 303)
+                                _anchor=f"cell-{cell_id}", **left), 303)
+    if left:  # the decided cell leaves the list: on to the next one left
+        return redirect(url_for("pages.review", slide_id=cell["slide_id"], left=1,
+                                _anchor=_next_left(cell["slide_id"], cell_id)), 303)
     return redirect(url_for("pages.review", slide_id=cell["slide_id"], _anchor=f"cell-{cell_id}"), 303)
 
 
