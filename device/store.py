@@ -190,10 +190,17 @@ MIGRATIONS: list[str] = [
     # 11: a finished slide's cells may still be reviewed (a microscopist confirms later), which can change
     # its result after a report was printed and filed: how many review decisions changed after Finish, and
     # when the last did, so that the result and the report say they were amended (an undo leaves no
-    # reviewed_at on the cell: the count here keeps it)
+    # reviewed_at on the cell: the count here keeps it). Slides amended before this version: the decisions
+    # dated after their Finish, a lower bound (their undos left no date)
     """
     ALTER TABLE slides ADD COLUMN review_changes_after_finish INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE slides ADD COLUMN last_review_change_after_finish_at TEXT;
+    UPDATE slides SET
+        review_changes_after_finish = (SELECT COUNT(*) FROM cells c JOIN fields f ON f.id = c.field_id
+                                       WHERE f.slide_id = slides.id AND c.reviewed_at > slides.finished_at),
+        last_review_change_after_finish_at = (SELECT MAX(c.reviewed_at) FROM cells c JOIN fields f ON f.id = c.field_id
+                                              WHERE f.slide_id = slides.id AND c.reviewed_at > slides.finished_at)
+    WHERE status = 'finished' AND finished_at IS NOT NULL;
     """,
 ]
 EXCLUDE_REASONS = ("wrong slide or area", "same area counted twice", "thick or damaged area", "other")

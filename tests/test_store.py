@@ -63,6 +63,44 @@ def test_reopening_does_not_migrate_again_and_keeps_data(tmp_path):
     s2.close()
 
 
+def test_slides_amended_after_finish_before_the_upgrade_say_so_after_it(tmp_path, monkeypatch):
+    """Migration 11 counts review changes after Finish from then on; a slide amended under the software before it
+    carries the evidence in its cells' dates (reviewed after the slide was finished): counted too."""
+    monkeypatch.setattr(store_mod, "MIGRATIONS", store_mod.MIGRATIONS[:10])
+    old = Store(tmp_path)
+    with old._tx() as c:
+        def slide(status, finished_at):
+            return c.execute(
+                "INSERT INTO slides (sample_id, status, started_at, finished_at, model_name, model_sha256, threshold,"
+                " fp_rate_per_cell, target_rbc, rbc_per_ul) VALUES (?, ?, '2026-11-01T08:00:00+00:00', ?, ?, ?, ?, ?,"
+                " 2000, 5e6)", (f"S-{status}", status, finished_at, MODEL.name, MODEL.sha256, MODEL.threshold,
+                               MODEL.fp_rate_per_cell)).lastrowid
+
+        amended = slide("finished", "2026-11-01T09:00:00+00:00")
+        clean = slide("finished", "2026-11-01T09:00:00+00:00")
+        still_open = slide("open", None)
+        for sid in (amended, clean, still_open):
+            fid = c.execute(
+                "INSERT INTO fields (slide_id, seq, captured_at, source, width, height, focus, rbc_count,"
+                " infected_count, model_sha256, threshold, timing_json, file_key, has_raw) VALUES (?, 1,"
+                " '2026-11-01T08:01:00+00:00', 'camera', 1600, 1200, 3.0, 20, 3, ?, 0.6, '{}', ?, 1)",
+                (sid, MODEL.sha256, f"k{sid}")).lastrowid
+            dates = (["2026-11-01T08:30:00+00:00", "2026-11-02T10:00:00+00:00", "2026-11-03T11:00:00+00:00"]
+                     if sid != clean else ["2026-11-01T08:30:00+00:00", None, None])
+            c.executemany("INSERT INTO cells (field_id, idx, x, y, w, h, p_infected, infected, has_crop, review,"
+                          " reviewed_at) VALUES (?, ?, 0, 0, 30, 30, 0.99, 1, 0, ?, ?)",
+                          [(fid, i, "rejected" if d else None, d) for i, d in enumerate(dates)])
+    old.close()
+    monkeypatch.undo()
+    new = Store(tmp_path)
+    try:
+        got = {sid: (new.get_slide(sid)["review_changes_after_finish"],
+                     new.get_slide(sid)["last_review_change_after_finish_at"]) for sid in (amended, clean, still_open)}
+        assert got == {amended: (2, "2026-11-03T11:00:00+00:00"), clean: (0, None), still_open: (0, None)}
+    finally:
+        new.close()
+
+
 def test_a_database_of_the_first_schema_upgrades_with_its_records(tmp_path, monkeypatch):
     """A device updated in the field opens its version-1 records: the counted views (2), field
     exclusion (3), clock confirmations (4), deletable annotated images (5) and discarded slides (6, 7)
