@@ -150,8 +150,9 @@ check_source() {
   for f in pyproject.toml constraints.txt device/__main__.py systemd/$UNIT systemd/config.toml; do
     [ -f "$SRC_DIR/$f" ] || die "$SRC_DIR/$f is missing: run install.sh from the project folder"
   done
-  if [ "$SRC_DIR" = "$OPT_DIR" ]; then
-    die "install.sh runs from $OPT_DIR, which it replaces: run it from a checkout or release folder"
+  if [ "$SRC_DIR" = "$OPT_DIR" ] || [ "$SRC_DIR" = "$OPT_DIR.new" ] || [ "$SRC_DIR" = "$OPT_DIR.old" ]; then
+    die "install.sh runs from $SRC_DIR, which it replaces or uses for the swap: run it from a checkout or" \
+      "release folder elsewhere"
   fi
   # The model ships with the code: a .tflite and its model card (.json, same name) in models/.
   local models=0 model
@@ -231,6 +232,7 @@ restart_after_failure() {
   fi
   set +e # a terminal that is gone (SSH dropped) fails every echo: start the service all the same
   echo "install.sh: failed after the service was stopped; starting it again on what is installed" >&2
+  recover_interrupted_swap
   if systemctl start "$UNIT"; then
     echo "install.sh: $APP is running again, but the update is incomplete: fix the error above and run" \
       "install.sh again" >&2
@@ -238,6 +240,22 @@ restart_after_failure() {
     echo "install.sh: $APP does not start: journalctl -u $APP -n 50 --no-pager" >&2
   fi
   exit "$rc"
+}
+
+# An update cut short between the renames of copy_code (a failed rename, Ctrl-C) leaves no $OPT_DIR: put the
+# installed tree back before anything else, the venv with it. The new copy holds the venv once the swap got
+# that far, and it is whole (the renames come after the copy): finish the swap; else the old tree goes back.
+recover_interrupted_swap() {
+  if [ -d "$OPT_DIR" ] || [ "$DRY_RUN" = 1 ]; then
+    return
+  fi
+  if [ -d "$OPT_DIR.new/.venv" ]; then
+    note "an earlier update stopped mid-swap: finishing it ($OPT_DIR.new holds the new code and the venv)"
+    mv -- "$OPT_DIR.new" "$OPT_DIR"
+  elif [ -d "$OPT_DIR.old" ]; then
+    note "an earlier update stopped mid-swap: putting $OPT_DIR.old back"
+    mv -- "$OPT_DIR.old" "$OPT_DIR"
+  fi
 }
 
 # Replace the code in /opt/malaria-detect with this folder's, keeping the venv: an upgrade reuses
@@ -318,8 +336,11 @@ install_venv() {
   run "$VENV/bin/python" -m pip install --disable-pip-version-check --no-input "${offline[@]}" \
     -c "$SRC_DIR/constraints.txt" "${reqs[@]}"
   # a copy of the code that earlier versions of this script installed into the venv: not what runs
-  if [ "$DRY_RUN" = 0 ] && "$VENV/bin/python" -m pip show --disable-pip-version-check malaria-detect >/dev/null 2>&1; then
-    run "$VENV/bin/python" -m pip uninstall --disable-pip-version-check --no-input -y malaria-detect
+  local uninstall=("$VENV/bin/python" -m pip uninstall --disable-pip-version-check --no-input -y malaria-detect)
+  if [ "$DRY_RUN" = 1 ]; then
+    echo "+ $(quote "${uninstall[@]}")   # only if an earlier version installed the project into the venv"
+  elif "$VENV/bin/python" -m pip show --disable-pip-version-check malaria-detect >/dev/null 2>&1; then
+    run "${uninstall[@]}"
   fi
   run "$VENV/bin/python" -c 'import numpy, sys; print("numpy", numpy.__version__); sys.exit(numpy.__version__[0] != "1")'
   if [ "$DRY_RUN" = 0 ] && ! "$VENV/bin/python" -c 'import picamera2' 2>/dev/null; then
@@ -407,7 +428,7 @@ uninstall() {
   fi
   run rm -f "$UNIT_DIR/$UNIT"
   sys systemctl daemon-reload
-  run rm -rf "$OPT_DIR"
+  run rm -rf "$OPT_DIR" "$OPT_DIR.new" "$OPT_DIR.old" # with what an update cut short left beside it
   if [ "$PURGE" = 1 ]; then
     run rm -rf "$ETC_DIR" "$STATE_DIR" "$UNIT_DIR/$UNIT.d"
     if getent passwd "$SERVICE_USER" >/dev/null; then
@@ -438,6 +459,7 @@ main() {
   check_platform
   install_apt_packages
   create_user
+  recover_interrupted_swap
   install_venv
   stop_service
   copy_code

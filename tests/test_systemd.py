@@ -314,6 +314,39 @@ def test_a_copy_that_fails_leaves_the_installed_code_whole(source, tmp_path):
     assert not (root / (APP_DIR.lstrip("/") + ".new")).exists() and not (root / (APP_DIR.lstrip("/") + ".old")).exists()
 
 
+@pytest.mark.parametrize("cut_after", ["the old tree moved aside", "the venv moved into the new copy"])
+def test_an_update_cut_short_between_the_renames_is_put_right_by_the_next_run(source, tmp_path, cut_after):
+    """A failed rename or a Ctrl-C between copy_code's renames left no /opt/malaria-detect: the next run rebuilt
+    the venv from the network (offline: failed) and deleted the old tree with its venv."""
+    root = tmp_path / "root"
+    install(source, "--root", str(root))
+    app = root / APP_DIR.lstrip("/")
+    (app / ".venv/bin").mkdir(parents=True)
+    (app / ".venv/bin/python").write_text("the installed venv\n")
+    old, new = Path(f"{app}.old"), Path(f"{app}.new")
+    app.rename(old)  # the first rename
+    if cut_after == "the venv moved into the new copy":
+        shutil.copytree(source / "device", new / "device")
+        (old / ".venv").rename(new / ".venv")
+    out = install(source, "--root", str(root)).stdout
+    assert "an earlier update stopped mid-swap" in out
+    assert (app / ".venv/bin/python").read_text() == "the installed venv\n"
+    assert (app / "device/config.py").is_file() and not old.exists() and not new.exists()
+
+
+def test_a_release_folder_named_like_the_swap_folders_is_refused(source, tmp_path):
+    """Unpacked as /opt/malaria-detect.new and installed from there, the release deleted itself (the stage)."""
+    root = tmp_path / "root"
+    for suffix in (".new", ".old"):
+        release = root / (APP_DIR.lstrip("/") + suffix)
+        release.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(source, release)
+        res = run(["bash", str(release / "systemd" / "install.sh"), "--root", str(root)])
+        assert res.returncode != 0 and "uses for the swap" in res.stderr, res.stderr
+        assert (release / "device/config.py").is_file()  # untouched
+        shutil.rmtree(release)
+
+
 def test_uninstall_keeps_data_unless_purge(source, tmp_path):
     root = tmp_path / "root"
     install(source, "--root", str(root))
