@@ -41,6 +41,16 @@ def _wait_frame(env):
     assert env.feed.wait_frame(0, timeout_s=10) is not None, "the replay camera gave no frame"
 
 
+def _flagged_slide(make_env):
+    """An open slide of one captured field whose every counted cell is flagged: (env, client, token, cells)."""
+    env = make_env(flag_all=True)
+    c, token = _client(env)
+    _start(c, token)
+    _wait_frame(env)
+    assert _capture(c, token).status_code == 201
+    return env, c, token, c.get("/api/slides/1/cells").get_json()["cells"]
+
+
 def _capture(c, token, slide_id=1, **kw):
     return c.post(f"/api/slides/{slide_id}/fields", headers={"X-CSRF-Token": token}, **kw)
 
@@ -680,12 +690,7 @@ def test_the_review_gallery_can_show_only_the_cells_left_to_review(make_env):
     among them found only by scrolling."""
     import re
 
-    env = make_env(flag_all=True)
-    c, token = _client(env)
-    _start(c, token)
-    _wait_frame(env)
-    assert _capture(c, token).status_code == 201
-    cells = c.get("/api/slides/1/cells").get_json()["cells"]
+    env, c, token, cells = _flagged_slide(make_env)
     h = {"X-CSRF-Token": token}
     for cell in cells[:3]:
         assert c.post(f"/api/cells/{cell['id']}/review", json={"decision": "rejected"}, headers=h).status_code == 200
@@ -731,12 +736,7 @@ def test_not_enough_cells_after_review_counts_the_flagged_cells_and_those_left(m
     """Every flagged cell rejected on a slide below its target: the banner said "0 cells flagged"."""
     import re
 
-    env = make_env(flag_all=True)
-    c, token = _client(env)
-    _start(c, token)
-    _wait_frame(env)
-    assert _capture(c, token).status_code == 201
-    cells = c.get("/api/slides/1/cells").get_json()["cells"]
+    env, c, token, cells = _flagged_slide(make_env)
     for cell in cells:
         r = c.post(f"/api/cells/{cell['id']}/review", json={"decision": "rejected"}, headers={"X-CSRF-Token": token})
         assert r.status_code == 200

@@ -6,7 +6,7 @@ import csv
 import io
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import datetime
 
 from flask import (
@@ -283,49 +283,46 @@ def _cell(v):
 CSV_BOM = "\ufeff"
 
 
-def _csv_response(name: str, header: list[str], rows: list[list]) -> Response:
+def _csv_pieces(header: list[str], rows: Iterable[list]) -> Iterator[bytes]:
+    """The CSV (byte-order mark, header, rows) in pieces of about CSV_CHUNK_BYTES, written as rows come."""
     buf = io.StringIO()
     buf.write(CSV_BOM)
     w = csv.writer(buf, lineterminator="\r\n")
     w.writerow(header)
     for r in rows:
         w.writerow([_cell(v) for v in r])
+        if buf.tell() >= CSV_CHUNK_BYTES:
+            yield buf.getvalue().encode("utf-8")
+            buf.seek(0)
+            buf.truncate()
+    if buf.tell():
+        yield buf.getvalue().encode("utf-8")
+
+
+def _attachment(name: str) -> dict[str, str]:
     stamp = datetime.now().strftime("%Y%m%d-%H%M")
-    body = buf.getvalue().encode("utf-8")
+    return {"Content-Disposition": f'attachment; filename="malaria-detect-{name}-{stamp}.csv"'}
+
+
+def _csv_response(name: str, header: list[str], rows: list[list]) -> Response:
+    """A CSV built whole (a few thousand slides), sent with its length."""
+    body = b"".join(_csv_pieces(header, rows))
     # In pieces: waitress then holds the view back while a slow client reads, instead of putting a
     # large body (years of fields) into a temporary file, which a full card would cut short.
     pieces = (body[i : i + CSV_CHUNK_BYTES] for i in range(0, len(body), CSV_CHUNK_BYTES))
-    return Response(pieces, mimetype="text/csv",
-                    headers={"Content-Disposition": f'attachment; filename="malaria-detect-{name}-{stamp}.csv"',
-                             "Content-Length": str(len(body))})
+    return Response(pieces, mimetype="text/csv", headers={**_attachment(name), "Content-Length": str(len(body))})
 
 
 CSV_CHUNK_BYTES = 64 * 1024
 
 
-def _csv_stream(name: str, header: list[str], rows: Iterator[list]) -> Response:
+def _csv_stream(name: str, header: list[str], rows: Iterable[list]) -> Response:
     """A CSV written as ``rows`` are read, in pieces of about CSV_CHUNK_BYTES: for the fields export, which
     after a year holds 200,000 rows (34 MB). Built whole, it took 343 MB more and two at once 582 MB, past
     the unit's memory limit; written as read, nothing measurable (tests/benchmarks/bench_export.py). Sent
     without a length: should the records fail part-way, the connection closes without the last piece and
     the browser marks the download failed rather than complete."""
-    def pieces() -> Iterator[bytes]:
-        buf = io.StringIO()
-        buf.write(CSV_BOM)
-        w = csv.writer(buf, lineterminator="\r\n")
-        w.writerow(header)
-        for r in rows:
-            w.writerow([_cell(v) for v in r])
-            if buf.tell() >= CSV_CHUNK_BYTES:
-                yield buf.getvalue().encode("utf-8")
-                buf.seek(0)
-                buf.truncate()
-        if buf.tell():
-            yield buf.getvalue().encode("utf-8")
-
-    stamp = datetime.now().strftime("%Y%m%d-%H%M")
-    return Response(pieces(), mimetype="text/csv",
-                    headers={"Content-Disposition": f'attachment; filename="malaria-detect-{name}-{stamp}.csv"'})
+    return Response(_csv_pieces(header, rows), mimetype="text/csv", headers=_attachment(name))
 
 
 SLIDE_COLUMNS = [
