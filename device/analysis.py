@@ -127,6 +127,8 @@ def _small(image_rgb: np.ndarray) -> np.ndarray:
 def local_contrast(gray: np.ndarray, seen: np.ndarray | None = None) -> float | None:
     """Detail against the smooth light of a gray field copy (see ``MIN_LOCAL_CONTRAST``); None when too little
     of it is lit to judge (``seen``: the lit pixels, None for all)."""
+    from device.segment import _odd
+
     # on a quarter-size copy: the area average smooths sensor noise, and the wide blur costs ~16x less
     h, w = gray.shape[:2]
     q = cv2.resize(gray, (max(1, w // 4), max(1, h // 4)), interpolation=cv2.INTER_AREA).astype(np.float32)
@@ -135,7 +137,7 @@ def local_contrast(gray: np.ndarray, seen: np.ndarray | None = None) -> float | 
     if seen is not None:
         # the blur mixes the dark surround into the lit pixels near the rim: judge only those well inside
         s = cv2.resize(seen.astype(np.uint8), (q.shape[1], q.shape[0]), interpolation=cv2.INTER_NEAREST)
-        k = _odd_int(4 * sigma)
+        k = _odd(4 * sigma)
         inner = cv2.erode(s, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))) > 0
         if inner.sum() < 0.05 * inner.size:
             return None
@@ -144,11 +146,6 @@ def local_contrast(gray: np.ndarray, seen: np.ndarray | None = None) -> float | 
         lit = q
     light = max(1.0, float(np.percentile(lit, 90)))
     return float(np.percentile(diff, 99)) * 240.0 / light
-
-
-def _odd_int(n: float) -> int:
-    k = max(1, int(round(n)))
-    return k if k % 2 else k + 1
 
 
 def focus_measure(

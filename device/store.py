@@ -1067,8 +1067,8 @@ class Store:
                 raise Conflict(f"field {cell['seq']} is out of the count ({cell['excluded']}): its cells are not "
                                "reviewed unless it is counted again")
             if seen is not _ANY and seen != cell["review"]:
-                now = {"confirmed": "a parasite", "rejected": "not a parasite"}.get(cell["review"], "not reviewed")
-                raise Conflict(f"this cell was changed in another window meanwhile (now: {now}): the page shows "
+                stored = {"confirmed": "a parasite", "rejected": "not a parasite"}.get(cell["review"], "not reviewed")
+                raise Conflict(f"this cell was changed in another window meanwhile (now: {stored}): the page shows "
                                "it again; decide once more if needed")
             now = utc_now()
             c.execute("UPDATE cells SET review = ?, reviewed_at = ?, reviewed_by = ? WHERE id = ?",
