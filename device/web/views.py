@@ -277,7 +277,10 @@ def _counted_views() -> CountedViews:
 
 
 def hold_receiving(slide_id: int) -> None:
-    """Count this request as a capture of ``slide_id`` being received until :func:`release_receiving`."""
+    """Count this request as a capture of ``slide_id`` being received until :func:`release_receiving` (the
+    app's teardown); once per request."""
+    if "malaria_detect_receiving" in g:
+        return
     hold = _counted_views().receiving_field(slide_id)
     hold.__enter__()
     g.malaria_detect_receiving = hold
@@ -310,52 +313,52 @@ def capture(slide_id: int) -> dict | None:
             ok = fut is not None and not fut.cancelled() and fut.exception() is None
             stored = (fut.result() or {}) if ok else {}
             counted.settle(slide_id, view, stored.get("id") if stored and not stored.get("rejected") else None)
-    # From the first step until its view is reserved the capture counts as being received: Finish pressed
-    # meanwhile waits for this field. Registered only around the decoding, an upload still being parsed
-    # (werkzeug spools a large body to a file first) or a frame being thumbnailed let Finish close the slide,
-    # and the field was then refused as "slide is finished". (The app's request hook registers it earlier
-    # still, before the CSRF check parses a form; a count, so the two nest.)
-    with counted.receiving_field(slide_id):
-        slide = slide_or_404(slide_id)
-        if slide["status"] != "open":
-            abort(409, f"slide {slide['sample_id']} is finished: start a new slide to capture more fields")
-        if "image" in request.files:
-            if not request.files["image"].filename:
-                abort(400, "no file chosen")
-            rgb, source = _decode_upload(), "upload"
-            view = thumbnail(rgb)  # the same picture uploaded again would count its cells twice
+    # The whole request counts as a capture being received, from its first step (the app's request hook,
+    # before the CSRF check parses a form; here for a caller without it): Finish pressed meanwhile waits for
+    # this field. Registered only around the decoding, an upload still being parsed (werkzeug spools a large
+    # body to a file first) or a frame being thumbnailed let Finish close the slide, and the field was then
+    # refused as "slide is finished".
+    hold_receiving(slide_id)
+    slide = slide_or_404(slide_id)
+    if slide["status"] != "open":
+        abort(409, f"slide {slide['sample_id']} is finished: start a new slide to capture more fields")
+    if "image" in request.files:
+        if not request.files["image"].filename:
+            abort(400, "no file chosen")
+        rgb, source = _decode_upload(), "upload"
+        view = thumbnail(rgb)  # the same picture uploaded again would count its cells twice
+        try:
+            counted.reserve(slide_id, view, "this image")
+        except Conflict as exc:
+            d.analyser.metrics.inc("captures_refused_total")
+            abort(409, str(exc))
+    elif request.mimetype in ("multipart/form-data", "application/octet-stream") or request.mimetype.startswith(
+        "image/"
+    ) or (request.content_length or 0) > CAPTURE_BODY_MAX:
+        # An upload that went wrong must not turn into a capture of whatever the camera shows.
+        d.analyser.metrics.inc("uploads_refused_total")
+        abort(400, 'no image in the upload: send the file as the multipart form field "image"')
+    else:
+        frame = d.camera.latest()
+        if frame is None:
+            msg = d.camera.status().get("message") or "no frame yet"
+            d.analyser.metrics.inc("captures_refused_total")
+            abort(503, f"the camera is not connected ({msg}): check the cable; the device keeps retrying")
+        stalled = d.camera.stalled_s() if hasattr(d.camera, "stalled_s") else None
+        if stalled is not None:  # its newest picture is not what the microscope shows now
+            d.analyser.metrics.inc("captures_refused_total")
+            abort(503, f"the camera has sent no new picture for {stalled:.0f} s: check the cable; the device "
+                       "restarts it if it stays stuck")
+        # Capture pressed again before the stage moved would count the same cells twice.
+        if frame.rgb is not None:
+            view = thumbnail(frame.rgb)
             try:
-                counted.reserve(slide_id, view, "this image")
+                counted.reserve(slide_id, view)
             except Conflict as exc:
                 d.analyser.metrics.inc("captures_refused_total")
                 abort(409, str(exc))
-        elif request.mimetype in ("multipart/form-data", "application/octet-stream") or request.mimetype.startswith(
-            "image/"
-        ) or (request.content_length or 0) > CAPTURE_BODY_MAX:
-            # An upload that went wrong must not turn into a capture of whatever the camera shows.
-            d.analyser.metrics.inc("uploads_refused_total")
-            abort(400, 'no image in the upload: send the file as the multipart form field "image"')
-        else:
-            frame = d.camera.latest()
-            if frame is None:
-                msg = d.camera.status().get("message") or "no frame yet"
-                d.analyser.metrics.inc("captures_refused_total")
-                abort(503, f"the camera is not connected ({msg}): check the cable; the device keeps retrying")
-            stalled = d.camera.stalled_s() if hasattr(d.camera, "stalled_s") else None
-            if stalled is not None:  # its newest picture is not what the microscope shows now
-                d.analyser.metrics.inc("captures_refused_total")
-                abort(503, f"the camera has sent no new picture for {stalled:.0f} s: check the cable; the device "
-                           "restarts it if it stays stuck")
-            # Capture pressed again before the stage moved would count the same cells twice.
-            if frame.rgb is not None:
-                view = thumbnail(frame.rgb)
-                try:
-                    counted.reserve(slide_id, view)
-                except Conflict as exc:
-                    d.analyser.metrics.inc("captures_refused_total")
-                    abort(409, str(exc))
-            # A frame the camera sent but that cannot be analysed is stored as a rejected field with the reason.
-            rgb, source, problem = frame.rgb, "camera", getattr(frame, "problem", None)
+        # A frame the camera sent but that cannot be analysed is stored as a rejected field with the reason.
+        rgb, source, problem = frame.rgb, "camera", getattr(frame, "problem", None)
     try:
         try:
             fut = d.analyser.submit(slide_id, rgb, source, problem=problem,
