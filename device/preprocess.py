@@ -83,7 +83,7 @@ def prepare_cell(crop_rgb: np.ndarray, size_px: int = DEFAULT_INPUT_SIZE_PX) -> 
     top, left = (side - h) // 2, (side - w) // 2
     square[top : top + h, left : left + w] = crop_rgb
     # INTER_AREA when shrinking avoids aliasing of the parasite's small dark dots.
-    interp = cv2.INTER_AREA if side > size_px else cv2.INTER_LINEAR
+    interp = cv2.INTER_AREA if side > size_px else cv2.INTER_LINEAR_EXACT
     return cv2.resize(square, (size_px, size_px), interpolation=interp)
 
 

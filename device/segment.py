@@ -32,6 +32,7 @@ boxes and masks are mapped back to full-resolution pixels at the end.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -255,7 +256,7 @@ def quantile(values: np.ndarray, q: float) -> float:
 def _shrink(
     image: np.ndarray, scale: float, halvings: list[np.ndarray] | None = None
 ) -> tuple[np.ndarray, tuple[float, float]]:
-    """Downscale by ``scale`` (<= 1): exact halvings with INTER_AREA (its fast path), then INTER_LINEAR.
+    """Downscale by ``scale`` (<= 1): exact halvings with INTER_AREA (its fast path), then INTER_LINEAR_EXACT.
 
     Returns the small image and its exact scale (x, y) against the input: an odd side is first padded
     by repeating its last row or column, so every halving maps 2 input pixels onto 1 from the same
@@ -286,7 +287,7 @@ def _shrink(
     covered_w, covered_h = img.shape[1] * factor, img.shape[0] * factor
     if (img.shape[1], img.shape[0]) != (out_w, out_h):
         # keep the covered/output ratio exact: the output spans the same input extent
-        img = cv2.resize(img, (out_w, out_h), interpolation=cv2.INTER_LINEAR)
+        img = cv2.resize(img, (out_w, out_h), interpolation=cv2.INTER_LINEAR_EXACT)
     return img, (img.shape[1] / covered_w, img.shape[0] / covered_h)
 
 
@@ -339,12 +340,32 @@ def _darkening(image: np.ndarray, window_px: float) -> tuple[np.ndarray, np.ndar
     small = cv2.resize(image, (max(1, w // f), max(1, h // f)), interpolation=cv2.INTER_AREA)
     k = _ellipse(max(3.0, window_px / f))
     bright = cv2.blur(cv2.dilate(small, k), (k.shape[1], k.shape[0]))
-    background = cv2.resize(bright, (w, h), interpolation=cv2.INTER_LINEAR)
-    transmission = cv2.divide(image, np.maximum(background, 1), scale=255.0)
-    score = cv2.transform(
-        transmission, np.array([[-_SCORE_SCALE / 255.0] * 3 + [3 * _SCORE_SCALE]], dtype=np.float32)
-    )
+    background = cv2.resize(bright, (w, h), interpolation=cv2.INTER_LINEAR_EXACT)
+    # Integer lookups, not cv2.divide and cv2.transform: their float kernels round a pixel here and
+    # there one way on x86-64 and the other on the Pi's ARM cores, which moved cell outlines and scores.
+    quotient, score_of_sum = _darkening_luts()
+    index = cv2.bitwise_or(cv2.multiply(image, 256, dtype=cv2.CV_16U), background.astype(np.uint16))
+    transmission = np.take(quotient, index)
+    r, g, b = cv2.split(transmission)
+    score = np.take(score_of_sum, cv2.add(cv2.add(r, g, dtype=cv2.CV_16U), b, dtype=cv2.CV_16U))
     return transmission, score
+
+
+@functools.cache
+def _darkening_luts() -> tuple[np.ndarray, np.ndarray]:
+    """Exact integer tables for :func:`_darkening`, rounding halves to even as OpenCV does on x86-64.
+
+    ``quotient[i * 256 + b]`` is the transmission ``255 * i / max(b, 1)``, rounded and capped at 255;
+    ``score_of_sum[s]`` is the darkening score ``(765 - s) / 2`` of a pixel whose three transmissions
+    sum to ``s``, rounded and capped at 255.
+    """
+    i = np.arange(256, dtype=np.int64)[:, None]
+    b = np.maximum(np.arange(256, dtype=np.int64)[None, :], 1)
+    q, r = np.divmod(255 * i, b)
+    quotient = np.minimum(q + ((2 * r > b) | ((2 * r == b) & (q % 2 == 1))), 255).astype(np.uint8).ravel()
+    half, odd = np.divmod(765 - np.arange(766), 2)
+    score_of_sum = np.minimum(half + ((odd == 1) & (half % 2 == 1)), 255).astype(np.uint8)
+    return quotient, score_of_sum
 
 
 def _fill_holes(fg: np.ndarray, max_area_px: float) -> np.ndarray:
@@ -654,7 +675,7 @@ def _map_back(
         sub = cv2.bitwise_or(own, cv2.bitwise_and(cv2.dilate(own, grow), cut_line[y0:y1, x0:x1]))
         fx0, fy0 = int(x0 / sx), int(y0 / sy)
         fx1, fy1 = int(math.ceil(x1 / sx)), int(math.ceil(y1 / sy))
-        big = cv2.resize(sub, (fx1 - fx0, fy1 - fy0), interpolation=cv2.INTER_LINEAR)
+        big = cv2.resize(sub, (fx1 - fx0, fy1 - fy0), interpolation=cv2.INTER_LINEAR_EXACT)
         # the working image may reach past the frame (its odd sides were padded): cut what lies outside
         big = big[: full_h - fy0, : full_w - fx0]
         _, big = cv2.threshold(big, 127, 255, cv2.THRESH_BINARY)

@@ -140,23 +140,39 @@ def test_the_background_is_the_95th_percentile_of_each_channel():
     assert background_rgb(field).tolist() == [210, 225, 200]
 
 
-def test_a_sample_field_gives_its_recorded_cells_and_scores(classifier):
-    """A recorded result of the whole path on one shipped sample field (background, segmentation, crops,
+@pytest.mark.parametrize("name", [p.name for p in FIELDS])
+def test_a_sample_field_gives_its_recorded_cells_and_scores(classifier, name):
+    """A recorded result of the whole path on each shipped sample field (background, segmentation, crops,
     preprocessing, the int8 model), cell by cell: crops padded off centre, another resize, another
     background statistic or reference colour each passed every other test, as train, convert and the
-    device share the code. They move 19-81 of the field's 131 cells by more than 2 of the model's output
-    steps; the int8 kernels of another runtime (tflite_runtime 2.14) move none by more than 2."""
+    device share the code. They moved 19-81 of one field's 131 cells by more than 2 of the model's output
+    steps.
+
+    The record holds on the Pi's ARM cores too, box for box and score for score: the field path uses no
+    OpenCV kernel that rounds differently there (checked with aarch64 Python under qemu as a Cortex-A72
+    and an A76, the Pi 4's and the Pi 5's cores). The int8 kernels of another runtime (tflite_runtime
+    2.14) move scores by up to 3 steps: its tolerance; ai_edge_litert's is none.
+    Remake the record with tests/fixtures/remake_sample_field_scores.py when a change is meant."""
     import json
 
     from device.analysis import analyze_field
 
     rec = json.loads((FIX.parent / "sample_field_scores.json").read_text())
     assert rec["model_sha256"] == classifier.card.sha256  # a new model: remake the record (see its "about")
-    field = read_rgb(FIELDS[0].parent / rec["image"])
-    assert background_rgb(field).tolist() == rec["background_rgb"]
+    want = next(f for f in rec["fields"] if f["image"] == name)
+    field = read_rgb(FIELDS[0].parent / name)
+    assert background_rgb(field).tolist() == want["background_rgb"]
     res = analyze_field(field, classifier)
-    assert [list(c.bbox) for c in res.cells] == [c["bbox"] for c in rec["cells"]]
+    assert [list(c.bbox) for c in res.cells] == [c["bbox"] for c in want["cells"]]
     p = np.array([c.p_infected for c in res.cells])
     steps = np.log(p / (1 - p)) / classifier.card.spec("output").scale
-    off = np.abs(steps - [c["steps"] for c in rec["cells"]])
-    assert (off > 2.5).sum() <= 2, np.flatnonzero(off > 2.5)
+    off = np.abs(steps - [c["steps"] for c in want["cells"]])
+    tolerance = 0 if classifier.runtime == "ai_edge_litert" else 3  # steps are whole numbers
+    assert off.max() <= tolerance + 0.5, np.flatnonzero(off > tolerance + 0.5)
+
+
+def test_every_sample_field_has_a_record():
+    import json
+
+    rec = json.loads((FIX.parent / "sample_field_scores.json").read_text())
+    assert sorted(f["image"] for f in rec["fields"]) == [p.name for p in FIELDS]
