@@ -160,9 +160,23 @@ def test_evaluate_fields_review_floor_is_the_devices_range(tmp_path):
 
 
 def test_evaluate_fields_draws_every_classification_error_for_a_person_to_judge(tmp_path):
+    import shutil
+
     import cv2
 
-    fields = ROOT / "tests" / "fixtures" / "fields"
+    # The fixture's boxed parasite cells are all segmented. A parasite the segmenter misses: one red cell
+    # it does miss, boxed here as a ring form.
+    fields = tmp_path / "fields"
+    shutil.copytree(ROOT / "tests" / "fixtures" / "fields", fields)
+    r = device("evaluate-fields", str(fields), "--no-classifier", "--json", str(tmp_path / "seg.json"))
+    assert r.returncode == 0, r.stderr
+    missed = next(e for e in json.loads((tmp_path / "seg.json").read_text())["detection_errors"]
+                  if e["kind"] == "cell missed" and e["iou"] is None)
+    records = json.loads((fields / "annotations.json").read_text())
+    cell = next(o for rec in records if rec["image"] == missed["image"] for o in rec["objects"]
+                if o["bbox"] == missed["box"])
+    cell["category"] = "ring"
+    (fields / "annotations.json").write_text(json.dumps(records))
     out = tmp_path / "errors"
     r = device("evaluate-fields", str(fields), "--errors", str(out), "--json", str(tmp_path / "r.json"))
     assert r.returncode == 0, r.stderr
