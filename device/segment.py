@@ -344,7 +344,9 @@ def _darkening(image: np.ndarray, window_px: float) -> tuple[np.ndarray, np.ndar
     # Integer lookups, not cv2.divide and cv2.transform: their float kernels round a pixel here and
     # there one way on x86-64 and the other on the Pi's ARM cores, which moved cell outlines and scores.
     quotient, score_of_sum = _darkening_luts()
-    index = cv2.bitwise_or(cv2.multiply(image, 256, dtype=cv2.CV_16U), background.astype(np.uint16))
+    index = image.astype(np.uint16)  # pixel * 256 + background: not cv2.multiply, whose scalar before
+    index <<= 8  # OpenCV 4.9 scaled the first channel only
+    index |= background
     transmission = np.take(quotient, index)
     r, g, b = cv2.split(transmission)
     score = np.take(score_of_sum, cv2.add(cv2.add(r, g, dtype=cv2.CV_16U), b, dtype=cv2.CV_16U))
@@ -356,8 +358,8 @@ def _darkening_luts() -> tuple[np.ndarray, np.ndarray]:
     """Exact integer tables for :func:`_darkening`, rounding halves to even as OpenCV does on x86-64.
 
     ``quotient[i * 256 + b]`` is the transmission ``255 * i / max(b, 1)``, rounded and capped at 255;
-    ``score_of_sum[s]`` is the darkening score ``(765 - s) / 2`` of a pixel whose three transmissions
-    sum to ``s``, rounded and capped at 255.
+    ``score_of_sum[s]`` is the darkening score ``(3 - s / 255) * _SCORE_SCALE = (765 - s) / 2`` of a pixel
+    whose three transmissions sum to ``s``, rounded and capped at 255.
     """
     i = np.arange(256, dtype=np.int64)[:, None]
     b = np.maximum(np.arange(256, dtype=np.int64)[None, :], 1)
@@ -365,6 +367,7 @@ def _darkening_luts() -> tuple[np.ndarray, np.ndarray]:
     quotient = np.minimum(q + ((2 * r > b) | ((2 * r == b) & (q % 2 == 1))), 255).astype(np.uint8).ravel()
     half, odd = np.divmod(765 - np.arange(766), 2)
     score_of_sum = np.minimum(half + ((odd == 1) & (half % 2 == 1)), 255).astype(np.uint8)
+    quotient.flags.writeable = score_of_sum.flags.writeable = False  # shared by every call
     return quotient, score_of_sum
 
 
