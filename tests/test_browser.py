@@ -657,6 +657,41 @@ def test_an_upload_pressed_during_a_capture_is_said_and_its_file_kept(browser, l
     assert page.is_enabled("#upload-btn") and page.is_enabled("#finish-btn")
 
 
+def test_finish_in_another_window_waits_for_an_upload_still_on_its_way(browser, live_env, tmp_path):
+    """The server takes a request's whole body in before the app sees it: Finish pressed in another window
+    while a file was still travelling over Wi-Fi closed the slide, and the file was refused on arrival
+    ("slide is finished"). The page announces an upload before it sends it; the file is held back here."""
+    import cv2
+
+    env = live_env
+    a = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
+    _start_slide(a, env, "ON-ITS-WAY")
+    saved = tmp_path / "saved.png"
+    cv2.imwrite(str(saved), cv2.flip(cv2.imread(str(sorted(SAMPLES_DIR.glob("*.jpg"))[2])), 1))
+    held = []
+    a.route(lambda url: "/api/slides/1/fields?incoming=" in url, lambda route: held.append(route))  # on its way
+    a.click("details.upload summary")
+    a.set_input_files("#upload-file", str(saved))
+    a.click("#upload-form button")
+    deadline = time.monotonic() + 15
+    while not held and time.monotonic() < deadline:
+        a.wait_for_timeout(100)
+    assert held, "the upload was not sent after an announcement"
+    b = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
+    b.goto(env.base_url + "/slides/1")
+    b.evaluate("() => { window.finished = null; fetch('/api/slides/1/finish', {method: 'POST', headers: {"
+               "'X-CSRF-Token': document.querySelector('meta[name=csrf-token]').content, 'Content-Type':"
+               " 'application/json'}, body: '{}'}).then(r => { window.finished = r.status; }); }")
+    b.wait_for_timeout(1500)
+    assert b.evaluate("() => window.finished") is None  # Finish waits for the file on its way
+    held[0].continue_()
+    _until(b, "window.finished !== null", timeout=60_000)
+    assert b.evaluate("() => window.finished") == 200
+    fields = env.store.list_fields(1)
+    assert len(fields) == 1 and fields[0]["source"] == "upload"
+    _until(a, "document.getElementById('capture-btn') === null", timeout=20_000)  # reloaded as finished
+
+
 @pytest.mark.parametrize("path", ["/slides/1", "/history", "/slides/1/result", "/slides/1/report",
                                   "/slides/1/review"])
 def test_pages_fit_a_phone_screen(browser, live_env, path):

@@ -1578,6 +1578,77 @@ def test_finish_and_discard_wait_for_an_upload_still_being_decoded(make_env, mon
     assert answers["upload"].status_code == 201 and env.store.get_slide(2)["status"] == "open"
 
 
+def test_finish_in_another_window_waits_for_an_upload_announced_before_it_was_sent(make_env):
+    """The server takes a request's whole body in before the app sees it, so a file still on its way over
+    Wi-Fi was unseen: Finish pressed in another window closed the slide, and the upload, arriving a moment
+    later, was refused as "slide is finished". The page's script announces an upload first."""
+    import threading
+
+    env = make_env()
+    c1, t1 = _client(env)
+    c2, t2 = _client(env)
+    _start(c1, t1)
+    r = c1.post("/api/slides/1/incoming", headers={"X-CSRF-Token": t1})
+    assert r.status_code == 201
+    incoming = r.get_json()["incoming"]
+    answers = {}
+    finish = threading.Thread(target=lambda: answers.update(
+        finish=c2.post("/api/slides/1/finish", headers={"X-CSRF-Token": t2}, json={})))
+    finish.start()
+    finish.join(0.5)
+    assert finish.is_alive() and "finish" not in answers  # waiting for the announced upload
+    up = c1.post(f"/api/slides/1/fields?incoming={incoming}", headers={"X-CSRF-Token": t1},
+                 content_type="multipart/form-data", data={"image": (io.BytesIO(SAMPLE.read_bytes()), "a.jpg")})
+    finish.join(60)
+    assert up.status_code == 201, up.get_json()
+    slide = answers["finish"].get_json()
+    assert answers["finish"].status_code == 200 and slide["status"] == "finished"
+    assert slide["totals"]["fields"] == 1 and slide["automatic"]["rbc_count"] == up.get_json()["field"]["rbc_count"]
+
+
+def test_an_announced_upload_that_never_comes_holds_finish_only_so_long(make_env, monkeypatch):
+    """A tab closed while its file was on the way: Finish waits out the announcement, then closes the slide."""
+    import time
+
+    from device.web import views as web_views
+
+    monkeypatch.setattr(web_views, "ANNOUNCED_UPLOAD_TTL_S", 1.0)
+    env = make_env()
+    c, token = _client(env)
+    h = {"X-CSRF-Token": token}
+    _start(c, token)
+    _wait_frame(env)
+    assert _capture(c, token).status_code == 201
+    assert c.post("/api/slides/1/incoming", headers=h).status_code == 201
+    t0 = time.monotonic()
+    r = c.post("/api/slides/1/finish", headers=h, json={})
+    assert r.status_code == 200 and r.get_json()["status"] == "finished"
+    assert 0.8 < time.monotonic() - t0 < 10
+    # a finished slide takes no announcement: the file is not sent for nothing; an unknown slide is 404
+    r = c.post("/api/slides/1/incoming", headers=h)
+    assert r.status_code == 409 and "is finished" in r.get_json()["error"]
+    assert c.post("/api/slides/9/incoming", headers=h).status_code == 404
+    # and neither refusal leaves an announcement behind to hold a Finish
+    assert env.app.extensions["malaria_detect_counted_views"].announced == {}
+
+
+def test_announcements_need_the_csrf_token_and_are_bounded_per_slide(make_env):
+    from device.web import views as web_views
+
+    env = make_env()
+    c, token = _client(env)
+    _start(c, token)
+    r = c.post("/api/slides/1/incoming")
+    assert r.status_code == 400 and "CSRF" in r.get_json()["error"]
+    tokens = [c.post("/api/slides/1/incoming", headers={"X-CSRF-Token": token}).get_json()["incoming"]
+              for _ in range(web_views.MAX_ANNOUNCED_UPLOADS + 3)]
+    views = env.app.extensions["malaria_detect_counted_views"]
+    assert list(views.announced[1]) == tokens[-web_views.MAX_ANNOUNCED_UPLOADS:]  # the oldest gave way
+    for t in tokens:  # each upload that arrives (or its request) clears its own
+        views.arrived(1, t)
+    assert not views.busy(1)
+
+
 def test_a_client_acting_on_the_answer_finds_the_field_released(make_env, monkeypatch, tmp_path):
     """The answer came back from ``fut.result()`` before the future's done-callbacks had run: a client
     acting on it at once (Finish, capturing the same rejected view again) could find the field still

@@ -145,7 +145,9 @@ def _install_hooks(app: Flask) -> None:
         # (spools) the whole body, and Finish pressed meanwhile must wait for this field, not close the
         # slide under it. Released when the request ends (teardown). What this cannot cover: waitress takes
         # the whole body in before it calls the app, so a file still on its way over the network is unseen
-        # here; the page's script keeps its own Finish disabled until its capture or upload is answered.
+        # here. The page's script announces an upload before sending it (POST .../incoming, then the upload
+        # with ?incoming=TOKEN), so Finish in any window waits for it, and keeps its own Finish disabled
+        # until its capture or upload is answered. An upload without the script is not announced.
         if request.method == "POST" and request.endpoint in CAPTURE_ENDPOINTS and request.view_args:
             from device.web import views
 

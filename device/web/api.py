@@ -67,6 +67,12 @@ def capture(slide_id: int):
     return jsonify({"field": out, "slide": slide}), 201
 
 
+@bp.post("/slides/<int:slide_id>/incoming")
+def incoming(slide_id: int):
+    """An upload is about to be sent: 201 with a token for its ``?incoming=`` (Finish waits for it)."""
+    return jsonify(views.announce_upload(slide_id)), 201
+
+
 @bp.get("/slides/<int:slide_id>/cells")
 def flagged_cells(slide_id: int):
     views.slide_or_404(slide_id)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import threading
 import time
 import unicodedata
@@ -36,6 +37,10 @@ from device.web import deps, health, local_time_text
 logger = logging.getLogger(__name__)
 
 CAPTURE_WAIT_S = 60.0  # a capture answers when its field is stored; after this it answers 202 and goes on
+# An upload the page's script announced before sending it holds Finish (from any window) until it arrives, or
+# for this long at most (a tab closed mid-transfer): a 20 MB field over a slow 2 Mbit/s link takes ~80 s.
+ANNOUNCED_UPLOAD_TTL_S = 120.0
+MAX_ANNOUNCED_UPLOADS = 8  # per slide: the oldest announcement gives way to a new one past this
 MAX_TEXT = {"sample_id": 64, "patient_id": 64, "operator": 64, "notes": 2000}
 RBC_MILLIONS_RANGE = tuple(v / 1e6 for v in RBC_PER_UL_RANGE)  # the start form asks in millions/uL
 
@@ -168,6 +173,9 @@ class CountedViews:
         # Per slide: captures whose field is still being received (an upload decoding: up to seconds for a
         # large PNG on a Pi) and so has no view to reserve yet. Finish and Discard wait for them as well.
         self.receiving: dict[int, int] = {}
+        # Per slide: uploads announced by the page's script (token -> monotonic expiry) and not yet arrived. The
+        # server takes a request's whole body in before the app sees it, so a file on its way is otherwise unseen.
+        self.announced: dict[int, dict[str, float]] = {}
         self.finished: set[int] = set()  # a capture settling after Finish must not keep its view
         # Bumped when a slide's counted fields change (reload): a capture reserved before that must not
         # add its view to the reloaded set (its field may have been excluded meanwhile); the slide's
@@ -202,10 +210,34 @@ class CountedViews:
                 if not self.receiving[slide_id]:
                     del self.receiving[slide_id]
 
-    def busy(self, slide_id: int) -> bool:
-        """A capture of this slide is being received or has its view reserved (analysed, not settled)."""
+    def announce(self, slide_id: int, ttl_s: float) -> str:
+        """An upload to this slide is about to be sent: :meth:`busy` until :meth:`arrived` or ``ttl_s``."""
+        token = secrets.token_urlsafe(12)
+        now = time.monotonic()
         with self.lock:
-            return bool(self.receiving.get(slide_id) or self.inflight.get(slide_id))
+            live = {t: until for t, until in self.announced.get(slide_id, {}).items() if until > now}
+            while len(live) >= MAX_ANNOUNCED_UPLOADS:
+                del live[min(live, key=live.__getitem__)]
+            live[token] = now + ttl_s
+            self.announced[slide_id] = live
+        return token
+
+    def arrived(self, slide_id: int, token: str) -> None:
+        """The announced upload is here (its request now holds the slide as being received), or gave up."""
+        with self.lock:
+            live = self.announced.get(slide_id)
+            if live is not None:
+                live.pop(token, None)
+                if not live:
+                    del self.announced[slide_id]
+
+    def busy(self, slide_id: int) -> bool:
+        """A capture of this slide is announced, being received or has its view reserved (analysed, not
+        settled)."""
+        now = time.monotonic()
+        with self.lock:
+            announced = any(until > now for until in self.announced.get(slide_id, {}).values())
+            return bool(announced or self.receiving.get(slide_id) or self.inflight.get(slide_id))
 
     def reserve(self, slide_id: int, view: np.ndarray, what: str = "this field") -> None:
         """Raises Conflict when the view is counted already or being analysed."""
@@ -257,6 +289,7 @@ class CountedViews:
         """A finished slide takes no more fields: its views are not kept (months of slides on a Pi)."""
         with self.lock:
             self.counted.pop(slide_id, None)
+            self.announced.pop(slide_id, None)
             self.finished.add(slide_id)
 
 
@@ -281,9 +314,28 @@ def hold_receiving(slide_id: int) -> None:
     app's teardown); once per request."""
     if "malaria_detect_receiving" in g:
         return
-    hold = _counted_views().receiving_field(slide_id)
+    views = _counted_views()
+    hold = views.receiving_field(slide_id)
     hold.__enter__()
     g.malaria_detect_receiving = hold
+    token = request.args.get("incoming")
+    if token:  # announced before it was sent: held from here on by the request itself
+        views.arrived(slide_id, token)
+
+
+def announce_upload(slide_id: int) -> dict:
+    """The page's script is about to send a field: Finish, from any window, waits for it (up to
+    :data:`ANNOUNCED_UPLOAD_TTL_S`). Refused at once for a finished slide: the file is not sent for nothing."""
+    views = _counted_views()
+    token = views.announce(slide_id, ANNOUNCED_UPLOAD_TTL_S)
+    try:  # read after announcing: a Finish between the two finds the announcement and waits
+        slide = slide_or_404(slide_id)
+        if slide["status"] != "open":
+            abort(409, f"slide {slide['sample_id']} is finished: start a new slide to capture more fields")
+    except HTTPException:
+        views.arrived(slide_id, token)
+        raise
+    return {"incoming": token, "expires_s": ANNOUNCED_UPLOAD_TTL_S}
 
 
 def release_receiving() -> None:
@@ -410,7 +462,7 @@ def finish(slide_id: int) -> dict:
     while busy() and time.monotonic() < deadline:
         time.sleep(0.05)
     if busy():
-        abort(409, "fields are still being analysed: press Finish again in a moment")
+        abort(409, "fields are still being uploaded or analysed: press Finish again in a moment")
     try:
         done = finish_slide(deps().store, slide_id)
     except Conflict as exc:

@@ -214,6 +214,7 @@
 
     /* a field still being analysed (202) is stored later: fetch the slide until each one is there, then show it */
     var slideUrl = captureUrl.replace(/\/fields$/, "");
+    var incomingUrl = slideUrl + "/incoming";
     var pending = 0, tries = 0, polling = false;
     var poll = function () {
       fetch(slideUrl, { cache: "no-store", credentials: "same-origin" }).then(function (r) {
@@ -278,11 +279,20 @@
       btn.disabled = true; btn.classList.add("busy");
       if (uploadBtn) { uploadBtn.disabled = true; }
       // Finish waits on the device for a field it is receiving, but a file still on its way over Wi-Fi is not
-      // there yet (the server takes the whole request before the device sees it): Finish waits here for it
+      // there yet (the server takes the whole request before the device sees it): an upload is announced
+      // first, so that Finish in another window waits for it too, and Finish here waits for the answer
       var finishBtn = $("finish-btn");
       if (finishBtn) { finishBtn.disabled = true; }
       say("Analysing the field…", "info");
-      return postJSON(captureUrl, body).then(function (res) {
+      var sent = !(body instanceof FormData) ? postJSON(captureUrl, body) :
+        postJSON(incomingUrl, null).then(function (res) {
+          if (res.status === 201) {
+            return postJSON(captureUrl + "?incoming=" + encodeURIComponent(res.body.incoming), body);
+          }
+          if (res.status === 409 || res.status === 404) { return res; }  // finished meanwhile: not sent for nothing
+          return postJSON(captureUrl, body);  // not announced (another refusal): sent as before
+        });
+      return sent.then(function (res) {
         if (res.status === 201) {
           renderField(res.body.field);
           renderSlide(res.body.slide);
