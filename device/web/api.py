@@ -69,8 +69,15 @@ def capture(slide_id: int):
 
 @bp.post("/slides/<int:slide_id>/incoming")
 def incoming(slide_id: int):
-    """An upload is about to be sent: 201 with a token for its ``?incoming=`` (Finish waits for it)."""
+    """An upload is about to be sent: 201 with a token for its ``?incoming=`` (Finish waits for it while the
+    sender renews it every ``renew_s``)."""
     return jsonify(views.announce_upload(slide_id)), 201
+
+
+@bp.post("/slides/<int:slide_id>/incoming/<token>/<any(renew, withdraw):action>")
+def incoming_again(slide_id: int, token: str, action: str):
+    """The announced file is still on its way (renew), or will not come (withdraw: its sending failed)."""
+    return jsonify(views.renew_announcement(slide_id, token, withdraw=action == "withdraw"))
 
 
 @bp.get("/slides/<int:slide_id>/cells")

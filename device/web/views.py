@@ -37,9 +37,11 @@ from device.web import deps, health, local_time_text
 logger = logging.getLogger(__name__)
 
 CAPTURE_WAIT_S = 60.0  # a capture answers when its field is stored; after this it answers 202 and goes on
-# An upload the page's script announced before sending it holds Finish (from any window) until it arrives, or
-# for this long at most (a tab closed mid-transfer): a 20 MB field over a slow 2 Mbit/s link takes ~80 s.
-ANNOUNCED_UPLOAD_TTL_S = 120.0
+# An upload the page's script announced before sending it holds Finish (from any window) until it arrives. The
+# page renews the announcement every ANNOUNCE_RENEW_S while its file is on the way, however slow the link; one
+# nobody renews (a tab closed, a connection lost) lapses after ANNOUNCED_UPLOAD_TTL_S.
+ANNOUNCED_UPLOAD_TTL_S = 20.0
+ANNOUNCE_RENEW_S = 8.0
 MAX_ANNOUNCED_UPLOADS = 8  # per slide: the oldest announcement gives way to a new one past this
 MAX_TEXT = {"sample_id": 64, "patient_id": 64, "operator": 64, "notes": 2000}
 RBC_MILLIONS_RANGE = tuple(v / 1e6 for v in RBC_PER_UL_RANGE)  # the start form asks in millions/uL
@@ -177,6 +179,7 @@ class CountedViews:
         # server takes a request's whole body in before the app sees it, so a file on its way is otherwise unseen.
         self.announced: dict[int, dict[str, float]] = {}
         self.finished: set[int] = set()  # a capture settling after Finish must not keep its view
+        self.closing: set[int] = set()  # Finish found the slide idle and is closing it: no new announcement
         # Bumped when a slide's counted fields change (reload): a capture reserved before that must not
         # add its view to the reloaded set (its field may have been excluded meanwhile); the slide's
         # views are read back from the records instead.
@@ -210,17 +213,30 @@ class CountedViews:
                 if not self.receiving[slide_id]:
                     del self.receiving[slide_id]
 
-    def announce(self, slide_id: int, ttl_s: float) -> str:
-        """An upload to this slide is about to be sent: :meth:`busy` until :meth:`arrived` or ``ttl_s``."""
+    def announce(self, slide_id: int, ttl_s: float) -> str | None:
+        """An upload to this slide is about to be sent: :meth:`busy` until :meth:`arrived` or ``ttl_s`` without
+        a :meth:`renew`. None when the slide is being finished or is finished: the file would be refused."""
         token = secrets.token_urlsafe(12)
         now = time.monotonic()
         with self.lock:
-            live = {t: until for t, until in self.announced.get(slide_id, {}).items() if until > now}
+            if slide_id in self.closing or slide_id in self.finished:
+                return None
+            live = self._live(slide_id, now)
             while len(live) >= MAX_ANNOUNCED_UPLOADS:
                 del live[min(live, key=live.__getitem__)]
             live[token] = now + ttl_s
             self.announced[slide_id] = live
         return token
+
+    def renew(self, slide_id: int, token: str, ttl_s: float) -> bool:
+        """The announced file is still on its way: held ``ttl_s`` more. False when it lapsed or arrived."""
+        now = time.monotonic()
+        with self.lock:
+            live = self._live(slide_id, now)
+            if token not in live:
+                return False
+            live[token] = now + ttl_s
+            return True
 
     def arrived(self, slide_id: int, token: str) -> None:
         """The announced upload is here (its request now holds the slide as being received), or gave up."""
@@ -231,13 +247,38 @@ class CountedViews:
                 if not live:
                     del self.announced[slide_id]
 
+    def _live(self, slide_id: int, now: float) -> dict[str, float]:
+        """Under the lock: the slide's announcements not lapsed (the lapsed ones are dropped)."""
+        live = {t: until for t, until in self.announced.get(slide_id, {}).items() if until > now}
+        if live:
+            self.announced[slide_id] = live
+        else:
+            self.announced.pop(slide_id, None)
+        return live
+
+    def _busy(self, slide_id: int) -> bool:
+        return bool(self._live(slide_id, time.monotonic()) or self.receiving.get(slide_id)
+                    or self.inflight.get(slide_id))
+
     def busy(self, slide_id: int) -> bool:
         """A capture of this slide is announced, being received or has its view reserved (analysed, not
         settled)."""
-        now = time.monotonic()
         with self.lock:
-            announced = any(until > now for until in self.announced.get(slide_id, {}).values())
-            return bool(announced or self.receiving.get(slide_id) or self.inflight.get(slide_id))
+            return self._busy(slide_id)
+
+    def close_if_idle(self, slide_id: int) -> bool:
+        """Finish: True, and no upload can be announced from now on, when nothing of the slide is on its way,
+        being received or analysed (one step: an announcement cannot slip in between)."""
+        with self.lock:
+            if self._busy(slide_id):
+                return False
+            self.closing.add(slide_id)
+            return True
+
+    def reopen(self, slide_id: int) -> None:
+        """Finish did not close the slide after all (refused): uploads may be announced again."""
+        with self.lock:
+            self.closing.discard(slide_id)
 
     def reserve(self, slide_id: int, view: np.ndarray, what: str = "this field") -> None:
         """Raises Conflict when the view is counted already or being analysed."""
@@ -290,6 +331,7 @@ class CountedViews:
         with self.lock:
             self.counted.pop(slide_id, None)
             self.announced.pop(slide_id, None)
+            self.closing.discard(slide_id)
             self.finished.add(slide_id)
 
 
@@ -324,17 +366,25 @@ def hold_receiving(slide_id: int) -> None:
 
 
 def announce_upload(slide_id: int) -> dict:
-    """The page's script is about to send a field: Finish, from any window, waits for it (up to
-    :data:`ANNOUNCED_UPLOAD_TTL_S`). Refused at once for a finished slide: the file is not sent for nothing."""
+    """The page's script is about to send a field: Finish, from any window, waits for it while the page
+    renews the announcement. Refused at once for a slide being finished or finished: the file is not sent
+    for nothing."""
+    slide = slide_or_404(slide_id)
+    token = _counted_views().announce(slide_id, ANNOUNCED_UPLOAD_TTL_S) if slide["status"] == "open" else None
+    if token is None:
+        abort(409, f"slide {slide['sample_id']} is finished: start a new slide to capture more fields")
+    return {"incoming": token, "expires_s": ANNOUNCED_UPLOAD_TTL_S, "renew_s": ANNOUNCE_RENEW_S}
+
+
+def renew_announcement(slide_id: int, token: str, withdraw: bool = False) -> dict:
+    """The announced file is still on its way (renewed), or will not come after all (``withdraw``: its
+    sending failed). 404 when the announcement lapsed or its upload arrived."""
     views = _counted_views()
-    token = views.announce(slide_id, ANNOUNCED_UPLOAD_TTL_S)
-    try:  # read after announcing: a Finish between the two finds the announcement and waits
-        slide = slide_or_404(slide_id)
-        if slide["status"] != "open":
-            abort(409, f"slide {slide['sample_id']} is finished: start a new slide to capture more fields")
-    except HTTPException:
+    if withdraw:
         views.arrived(slide_id, token)
-        raise
+        return {"withdrawn": True}
+    if not views.renew(slide_id, token, ANNOUNCED_UPLOAD_TTL_S):
+        abort(404, "no such announcement: it arrived or lapsed")
     return {"incoming": token, "expires_s": ANNOUNCED_UPLOAD_TTL_S}
 
 
@@ -455,19 +505,24 @@ def finish(slide_id: int) -> dict:
     analyser = deps().analyser
     deadline = time.monotonic() + CAPTURE_WAIT_S
 
-    def busy() -> bool:  # this slide's own fields (a capture reserved, or queued); other slides' do not matter
-        own = analyser.pending_for(slide_id) if hasattr(analyser, "pending_for") else getattr(analyser, "pending", 0)
-        return bool(own or _counted_views().busy(slide_id))
+    views = _counted_views()
 
-    while busy() and time.monotonic() < deadline:
+    def closed() -> bool:  # this slide's own fields (a capture reserved, or queued); other slides' do not matter
+        own = analyser.pending_for(slide_id) if hasattr(analyser, "pending_for") else getattr(analyser, "pending", 0)
+        return not own and views.close_if_idle(slide_id)
+
+    while not closed():
+        if time.monotonic() > deadline:
+            abort(409, "a field is still being uploaded or analysed: press Finish again in a moment")
         time.sleep(0.05)
-    if busy():
-        abort(409, "fields are still being uploaded or analysed: press Finish again in a moment")
     try:
         done = finish_slide(deps().store, slide_id)
-    except Conflict as exc:
-        abort(409, str(exc))
-    _counted_views().forget(slide_id)
+    except BaseException as exc:
+        views.reopen(slide_id)
+        if isinstance(exc, Conflict):
+            abort(409, str(exc))
+        raise
+    views.forget(slide_id)
     return done
 
 
@@ -475,7 +530,7 @@ def discard(slide_id: int) -> dict:
     """Delete an open slide with no fields (started by mistake); refused while a field is being analysed."""
     slide_or_404(slide_id)
     if _counted_views().busy(slide_id):  # this slide's own captures; other slides' do not matter
-        abort(409, "a field of this slide is being analysed: try again in a moment")
+        abort(409, "a field of this slide is being uploaded or analysed: try again in a moment")
     with _store_answers():
         slide = deps().store.discard_slide(slide_id)
     _counted_views().forget(slide_id)

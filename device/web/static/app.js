@@ -284,14 +284,23 @@
       var finishBtn = $("finish-btn");
       if (finishBtn) { finishBtn.disabled = true; }
       say("Analysing the field…", "info");
+      var announced = null, renewal = null;  // renewed while the file is on its way, however slow the link
       var sent = !(body instanceof FormData) ? postJSON(captureUrl, body) :
         postJSON(incomingUrl, null).then(function (res) {
           if (res.status === 201) {
+            announced = incomingUrl + "/" + encodeURIComponent(res.body.incoming);
+            renewal = setInterval(function () { postJSON(announced + "/renew", null).catch(function () {}); },
+                                  (res.body.renew_s || 8) * 1000);
             return postJSON(captureUrl + "?incoming=" + encodeURIComponent(res.body.incoming), body);
           }
           if (res.status === 409 || res.status === 404) { return res; }  // finished meanwhile: not sent for nothing
           return postJSON(captureUrl, body);  // not announced (another refusal): sent as before
         });
+      sent = sent.then(function (res) { clearInterval(renewal); return res; }, function (err) {
+        clearInterval(renewal);  // lost on the way: Finish need not wait for it
+        if (announced) { postJSON(announced + "/withdraw", null).catch(function () {}); }
+        throw err;
+      });
       return sent.then(function (res) {
         if (res.status === 201) {
           renderField(res.body.field);
@@ -350,6 +359,21 @@
         return;
       }
       $("finish-confirm").value = "1";  // asked here: the device does not ask again
+      // Finish waits on the device for a field still on its way or being analysed (up to a minute): say so,
+      // and a second press sends nothing more (each would hold one of the server's few threads that long)
+      if (finishForm.dataset.sent) { e.preventDefault(); return; }
+      finishForm.dataset.sent = "1";
+      var b = $("finish-btn"), m = $("capture-msg");
+      if (b) { b.textContent = "Finishing…"; b.setAttribute("aria-disabled", "true"); }
+      if (m) { m.textContent = "Finishing: waiting for any field still being uploaded or analysed…"; m.className = "msg msg-info"; }
+    });
+    var finishText = ($("finish-btn") || {}).textContent;
+    window.addEventListener("pageshow", function (ev) {  // back from a refusal: Finish can be pressed again
+      if (!ev.persisted || !finishForm.dataset.sent) { return; }
+      delete finishForm.dataset.sent;
+      var b = $("finish-btn"), m = $("capture-msg");
+      if (b) { b.textContent = finishText; b.removeAttribute("aria-disabled"); }
+      if (m) { m.textContent = ""; m.className = "msg"; }
     });
   }
 
