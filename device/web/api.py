@@ -74,10 +74,16 @@ def incoming(slide_id: int):
     return jsonify(views.announce_upload(slide_id)), 201
 
 
-@bp.post("/slides/<int:slide_id>/incoming/<token>/<any(renew, withdraw):action>")
-def incoming_again(slide_id: int, token: str, action: str):
-    """The announced file is still on its way (renew), or will not come (withdraw: its sending failed)."""
-    return jsonify(views.renew_announcement(slide_id, token, withdraw=action == "withdraw"))
+@bp.post("/slides/<int:slide_id>/incoming/<token>/renew")
+def incoming_renew(slide_id: int, token: str):
+    """The announced file is still on its way: Finish goes on waiting for it."""
+    return jsonify(views.renew_announcement(slide_id, token))
+
+
+@bp.post("/slides/<int:slide_id>/incoming/<token>/withdraw")
+def incoming_withdraw(slide_id: int, token: str):
+    """The announced file will not come (its sending failed): Finish need not wait for it."""
+    return jsonify(views.renew_announcement(slide_id, token, withdraw=True))
 
 
 @bp.get("/slides/<int:slide_id>/cells")
