@@ -17,6 +17,7 @@ from device.model_card import ModelCard, ModelError, check_details, load_card
 logger = logging.getLogger(__name__)
 
 RUNTIMES = ("ai_edge_litert", "tflite_runtime", "tensorflow")
+SCORE_ULPS = 8  # how far (in units of the last place) a code's score may lie from a card threshold it stands for
 
 
 def _interpreter_class(runtime: str):
@@ -95,6 +96,7 @@ class CellClassifier:
         self._in_dtype = inp["dtype"]
         self._in_q = inp["quantization"]
         self._out_q = out["quantization"]
+        self._p_of_code = self._score_table(np.dtype(out["dtype"]))
         self.max_batch = max_batch
         self._batch = int(inp["shape"][0])
         # One interpreter: resizing its input for one caller's batch while another's is in it raised
@@ -135,8 +137,29 @@ class CellClassifier:
                 self.interpreter.set_tensor(self._in_index, self._to_input(chunk))
                 self.interpreter.invoke()
                 raw = self.interpreter.get_tensor(self._out_index)[:, 0]  # get_tensor gives a copy
-                out[start : start + len(chunk)] = self._to_probability(raw)
+                out[start : start + len(chunk)] = (
+                    self._to_probability(raw) if self._p_of_code is None
+                    else self._p_of_code[raw.astype(np.int64) - np.iinfo(raw.dtype).min])
         return out
+
+    def _score_table(self, dtype: np.dtype) -> np.ndarray | None:
+        """p_infected of every code of an 8-bit output, computed once; None for a float output.
+
+        The logit's sigmoid rounds its last bit differently on different CPUs (numpy's AVX-512 exp on an
+        x86-64 machine, libm on a Pi's ARM core: 20 of the shipped model's 256 codes). The card's threshold
+        is itself such a score, so a cell at exactly the threshold's code could be flagged on one machine
+        and not on the other. A code whose score lies within a few ulps of one of the card's thresholds
+        (its own and its operating curve's) takes that threshold's exact value.
+        """
+        if dtype not in (np.dtype(np.uint8), np.dtype(np.int8)):
+            return None
+        info = np.iinfo(dtype)
+        table = self._to_probability(np.arange(info.min, info.max + 1))
+        curve = self.card.data.get("operating_curve") or []
+        for t in {float(self.card.threshold), *(float(r["threshold"]) for r in curve)}:
+            table[np.abs(table - t) <= SCORE_ULPS * np.spacing(t)] = t
+        table.flags.writeable = False
+        return table
 
     def _to_input(self, chunk: np.ndarray) -> np.ndarray:
         dtype = np.dtype(self._in_dtype)

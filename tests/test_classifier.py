@@ -279,3 +279,29 @@ def test_the_output_kind_is_checked_against_what_the_quantised_output_can_expres
         check_details(with_output("logit", 1 / 255, 0), "output", detail(1 / 255, 0))
     with pytest.raises(ModelError, match="says probability, but the output spans"):
         check_details(with_output("probability", 0.1066, 92), "output", detail(0.1066, 92))
+
+
+@pytest.mark.parametrize("towards", [0.0, np.inf])
+def test_a_last_bit_of_the_sigmoid_never_moves_a_cell_across_a_card_threshold(monkeypatch, towards):
+    """numpy's exp rounds the last bit differently on an x86-64 CPU with AVX-512 and on a Pi's ARM core (20 of
+    the shipped model's 256 output codes score one ulp apart). The card's threshold is the score of one code:
+    one ulp lower on another CPU, a cell at exactly that code would not be flagged there. Here every score
+    comes out one ulp off, as another CPU's may: every code keeps its verdict at every card threshold."""
+    def verdicts(c: CellClassifier) -> dict[float, np.ndarray]:
+        curve = [r["threshold"] for r in c.card.data["operating_curve"]]
+        return {t: c._p_of_code >= t for t in [c.card.threshold, *curve]}
+
+    here = CellClassifier(MODEL)
+    codes = np.arange(256)
+    sigmoid_here = here._to_probability(codes)
+    sigmoid = CellClassifier._to_probability
+    monkeypatch.setattr(CellClassifier, "_to_probability", lambda self, raw: np.nextafter(sigmoid(self, raw), towards))
+    other = CellClassifier(MODEL)
+    assert (other._to_probability(codes) != sigmoid_here).all()
+    assert other._p_of_code[128] == here._p_of_code[128] == here.card.threshold  # the threshold's own code
+    mine, theirs = verdicts(here), verdicts(other)
+    assert mine.keys() == theirs.keys() and all((mine[t] == theirs[t]).all() for t in mine)
+    assert np.abs(other._p_of_code - here._p_of_code).max() < 1e-15  # scores elsewhere agree to an ulp
+    assert not other._p_of_code.flags.writeable
+    cells = prepare_batch([read_rgb(f) for f in sorted((FIX / "Parasitized").glob("*.webp"))[:8]], other.input_size_px)
+    assert np.isin(other.predict(cells), other._p_of_code).all()  # predictions are read from the table
