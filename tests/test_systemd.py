@@ -6,6 +6,7 @@ test skips, except under CI (``CI`` set), where a missing tool fails the test.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -22,6 +23,7 @@ SYSTEMD_DIR = REPO / "systemd"
 UNIT = SYSTEMD_DIR / "malaria-detect.service"
 INSTALL_SH = SYSTEMD_DIR / "install.sh"
 CONFIG_EXAMPLE = SYSTEMD_DIR / "config.toml"
+ARM64_CHECK = REPO / "tests" / "benchmarks" / "arm64_check.sh"
 
 APP_DIR = "/opt/malaria-detect"
 MAX_EXPOSURE = 3.0  # systemd-analyze security: 0 (locked down) to 10 (exposed)
@@ -168,10 +170,51 @@ def test_config_example_documents_every_key():
 # --- the install script ------------------------------------------------------------------------
 
 
-def test_install_script_passes_shellcheck():
+@pytest.mark.parametrize("script", [INSTALL_SH, ARM64_CHECK], ids=["install.sh", "arm64_check.sh"])
+def test_the_pi_scripts_pass_shellcheck(script):
     shellcheck = require_tool("shellcheck")
-    res = run([shellcheck, str(INSTALL_SH)])
+    res = run([shellcheck, str(script)])
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+# A stand-in for the emulated Pi's Python: this machine's, its report then changed as MODE says.
+ARM_PYTHON_STAND_IN = """#!/bin/sh
+"{py}" "$@" || exit $?
+exec "{py}" - "$@" <<'PY'
+import json, os, sys
+path = sys.argv[sys.argv.index("--json") + 1]
+report = json.load(open(path))
+image = report["images"][0]
+if os.environ["MODE"] == "last-bit":  # a number with a fraction one ulp off, as numpy's exp may give it
+    image["cell_diameter_px"] *= 1 + 2 ** -52
+elif os.environ["MODE"] == "count":  # one cell more
+    image["n_detected"] += 1
+json.dump(report, open(path, "w"))
+PY
+"""
+
+
+@pytest.mark.parametrize("mode", ["last-bit", "count"])
+def test_the_pi_check_compares_reports_cell_for_cell_and_numbers_to_their_last_bits(tmp_path, mode):
+    """`arm64_check.sh evaluate` (run on this machine with a stand-in for the emulated Pi's Python): a field
+    folder named relative to where it is called from, a cell size one ulp off (the same), one cell more
+    (DIFFERENT, exit 1)."""
+    import sys
+
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "python").write_text(ARM_PYTHON_STAND_IN.format(py=sys.executable))
+    (work / "python").chmod(0o755)
+    env = {**os.environ, "WORKDIR": str(work), "HOST_PY": sys.executable, "MODE": mode}
+    res = subprocess.run(["bash", str(ARM64_CHECK), "evaluate", "fields"], cwd=REPO / "tests" / "fixtures",
+                         capture_output=True, text=True, env=env, timeout=300)
+    report = json.loads((work / "fields-cortex-a72.json").read_text())
+    assert report["images"][0]["n_detected"] > 0, "the fixture field has cells to compare"
+    if mode == "last-bit":
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert "the same" in res.stdout and "1 of " in res.stdout, res.stdout
+    else:
+        assert res.returncode == 1 and "DIFFERENT" in res.stdout, res.stdout + res.stderr
 
 
 @pytest.fixture

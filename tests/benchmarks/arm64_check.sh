@@ -5,7 +5,8 @@
 #
 #   tests/benchmarks/arm64_check.sh setup                 # once: qemu, an arm64 Python, the device's wheels
 #   tests/benchmarks/arm64_check.sh evaluate FIELD_DIR    # evaluate-fields on both; the reports must match
-#   tests/benchmarks/arm64_check.sh pytest [ARGS...]      # the test suite (no browser, no TensorFlow there)
+#                                                         # (numbers with a fraction to 1e-9: see below)
+#   tests/benchmarks/arm64_check.sh pytest [ARGS...]      # the test suite (no browser, training or conversion tests)
 #
 # CPU=cortex-a72 (a Pi 4, the default) or cortex-a76 (a Pi 5). Not qemu's default CPU ("max"): with it
 # ai_edge_litert's int8 kernels gave wrong scores here (0 or 0.986 for every cell).
@@ -13,8 +14,9 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 WORK=${WORKDIR:-/tmp/malaria-arm64}
+[[ $WORK = /* ]] || WORK=$PWD/$WORK  # it is written into the launcher, which runs from the project folder
 CPU=${CPU:-cortex-a72}
-HOST_PY=${HOST_PY:-$ROOT/.venv/bin/python}
+HOST_PY=${HOST_PY:-$ROOT/.venv/bin/python}  # this machine's Python with the project installed (make test makes it)
 SYSROOT=$WORK/sysroot
 SITE=$WORK/site-packages
 
@@ -81,33 +83,50 @@ cmp -s "$WORK/cpuinfo-\$cpu" "$SYSROOT/proc/cpuinfo" || cp "$WORK/cpuinfo-\$cpu"
 exec env QEMU_CPU="\$cpu" PYTHONPATH="$SITE:\${REPO:-$ROOT}" qemu-aarch64-static -L "$SYSROOT" -0 "$WORK/python" "$SYSROOT/usr/bin/python3.11" "\$@"
 LAUNCH
   chmod +x "$WORK/python"
-  CPU=$CPU REPO=$ROOT "$WORK/python" -c "import platform, cv2, numpy; print('arm64 Python ready:', platform.machine(), 'numpy', numpy.__version__, 'opencv', cv2.__version__)"
+  "$WORK/python" -c "import platform, cv2, numpy; print('arm64 Python ready:', platform.machine(), 'numpy', numpy.__version__, 'opencv', cv2.__version__)"
 }
 
-[ $# -ge 1 ] || { sed -n '2,14p' "$0"; exit 2; }
+[ $# -ge 1 ] || { sed -n '2,13p' "$0"; exit 2; }
 cmd=$1; shift
+[ -x "$HOST_PY" ] || { echo "no Python at $HOST_PY: run 'make test' first, or set HOST_PY" >&2; exit 2; }
+export CPU REPO=$ROOT  # read by the launcher
 case $cmd in
   setup) setup ;;
   evaluate)
     [ $# -eq 1 ] || { echo "usage: $0 evaluate FIELD_DIR" >&2; exit 2; }
     [ -x "$WORK/python" ] || { echo "run '$0 setup' first" >&2; exit 2; }
-    name=$(basename "$1")
-    (cd "$ROOT" && "$HOST_PY" -m device evaluate-fields "$1" --json "$WORK/$name-x86_64.json" > /dev/null)
-    (cd "$ROOT" && CPU=$CPU REPO=$ROOT "$WORK/python" -m device evaluate-fields "$1" --json "$WORK/$name-$CPU.json" > /dev/null)
+    fields=$(cd "$1" && pwd)  # both runs start in the project folder
+    name=$(basename "$fields")
+    (cd "$ROOT" && "$HOST_PY" -m device evaluate-fields "$fields" --json "$WORK/$name-x86_64.json" > /dev/null)
+    (cd "$ROOT" && "$WORK/python" -m device evaluate-fields "$fields" --json "$WORK/$name-$CPU.json" > /dev/null)
+    # Cells, boxes, counts and verdicts must be the same; numbers with a fraction to 1e-9 (numpy's exp and log
+    # round their last bit differently on an x86-64 CPU with AVX-512 than on an ARM core). Timings differ by nature.
     "$HOST_PY" - "$WORK/$name-x86_64.json" "$WORK/$name-$CPU.json" <<'PY'
-import json, sys
-def strip(o):  # timings differ by nature; the folder is named as given
-    if isinstance(o, dict):
-        return {k: strip(v) for k, v in o.items() if not (k.endswith("_ms") or k == "field_dir")}
-    return [strip(v) for v in o] if isinstance(o, list) else o
-a, b = (strip(json.load(open(p))) for p in sys.argv[1:])
-print(f"{sys.argv[1]} and {sys.argv[2]}: " + ("the same (timings aside)" if a == b else "DIFFERENT"))
-sys.exit(0 if a == b else 1)
+import json, math, sys
+floats = []  # (x86-64, arm64) pairs of numbers with a fraction
+def same(a, b, key=""):
+    if key.endswith("_ms") or key == "field_dir":
+        return True
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k], k) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(same(x, y, key) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float):
+        floats.append((a, b))
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+    return type(a) is type(b) and a == b
+a, b = (json.load(open(p)) for p in sys.argv[1:])
+ok = same(a, b)
+off = [abs(x - y) / max(abs(x), abs(y)) for x, y in floats if x != y]
+print(f"{sys.argv[1]} and {sys.argv[2]}: " + ("the same" if ok else "DIFFERENT")
+      + f" (timings aside; {len(off)} of {len(floats)} numbers with a fraction differ in their last bits"
+      + (f", by {max(off):.1e} at most)" if off else ")"))
+sys.exit(0 if ok else 1)
 PY
     ;;
   pytest)
     [ -x "$WORK/python" ] || { echo "run '$0 setup' first" >&2; exit 2; }
-    cd "$ROOT" && CPU=$CPU REPO=$ROOT exec "$WORK/python" -m pytest -p no:cacheprovider \
+    cd "$ROOT" && exec "$WORK/python" -m pytest -p no:cacheprovider \
       --ignore=tests/test_browser.py --ignore=tests/test_train_convert.py --ignore=tests/test_train_data.py "$@"
     ;;
   *) echo "unknown command $cmd (setup, evaluate, pytest)" >&2; exit 2 ;;
