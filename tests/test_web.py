@@ -1660,6 +1660,41 @@ def test_an_announcement_lasts_while_renewed_and_ends_when_withdrawn_or_its_uplo
     assert r.status_code == 400 and not views.busy(1) and views.announced == {}
 
 
+def test_a_late_renewal_brings_a_lapsed_announcement_back_and_a_wrong_withdrawal_is_404(make_env, monkeypatch):
+    """A computer asleep (or a throttled background tab) renews late: the file is still on its way, so the
+    announcement holds Finish again, unless Finish closed the slide meanwhile. A withdrawal that names no
+    announcement of this slide (another slide's, an unknown one, one already withdrawn) is 404 and leaves
+    the real one holding Finish; it said 200 {"withdrawn": true} before."""
+    import time
+
+    from device.web import views as web_views
+
+    monkeypatch.setattr(web_views, "ANNOUNCED_UPLOAD_TTL_S", 0.3)
+    env = make_env()
+    c, token = _client(env)
+    h = {"X-CSRF-Token": token}
+    _start(c, token)
+    incoming = c.post("/api/slides/1/incoming", headers=h).get_json()["incoming"]
+    views = env.app.extensions["malaria_detect_counted_views"]
+    time.sleep(0.5)
+    assert not views.busy(1)  # lapsed: it holds nothing
+    assert c.post(f"/api/slides/1/incoming/{incoming}/renew", headers=h).status_code == 200
+    assert views.busy(1)  # renewed late: held again
+    for url in (f"/api/slides/2/incoming/{incoming}/withdraw", f"/api/slides/99/incoming/{incoming}/withdraw",
+                "/api/slides/1/incoming/not-a-token/withdraw"):
+        assert c.post(url, headers=h).status_code == 404, url
+        assert views.busy(1), url
+    assert c.post(f"/api/slides/1/incoming/{incoming}/withdraw", headers=h).status_code == 200
+    assert c.post(f"/api/slides/1/incoming/{incoming}/withdraw", headers=h).status_code == 404
+    assert c.post(f"/api/slides/1/incoming/{incoming}/renew", headers=h).status_code == 404  # withdrawn: not revived
+    # Finish has found the slide idle: a late renewal of a lapsed announcement is refused
+    incoming = c.post("/api/slides/1/incoming", headers=h).get_json()["incoming"]
+    time.sleep(0.5)
+    assert views.close_if_idle(1)
+    assert c.post(f"/api/slides/1/incoming/{incoming}/renew", headers=h).status_code == 404
+    assert not views.busy(1)
+
+
 def test_no_upload_is_announced_once_finish_has_found_the_slide_idle(make_env):
     """Between Finish's last look and the slide closed, an announcement read the slide as open: the file
     was sent, then refused as "slide is finished". Finish's look and its claim are one step now."""

@@ -177,6 +177,7 @@ class CountedViews:
         self.receiving: dict[int, int] = {}
         # Per slide: uploads announced by the page's script (token -> monotonic expiry) and not yet arrived. The
         # server takes a request's whole body in before the app sees it, so a file on its way is otherwise unseen.
+        # A lapsed announcement is kept (it holds nothing) so that a late renewal can bring it back.
         self.announced: dict[int, dict[str, float]] = {}
         self.finished: set[int] = set()  # a capture settling after Finish must not keep its view
         self.closing: set[int] = set()  # Finish found the slide idle and is closing it: no new announcement
@@ -221,44 +222,39 @@ class CountedViews:
         with self.lock:
             if slide_id in self.closing or slide_id in self.finished:
                 return None
-            live = self._live(slide_id, now)
-            while len(live) >= MAX_ANNOUNCED_UPLOADS:
-                del live[min(live, key=live.__getitem__)]
-            live[token] = now + ttl_s
-            self.announced[slide_id] = live
+            kept = self.announced.setdefault(slide_id, {})
+            while len(kept) >= MAX_ANNOUNCED_UPLOADS:  # the lapsed ones first: they expired first
+                del kept[min(kept, key=kept.__getitem__)]
+            kept[token] = now + ttl_s
         return token
 
     def renew(self, slide_id: int, token: str, ttl_s: float) -> bool:
-        """The announced file is still on its way: held ``ttl_s`` more. False when it lapsed or arrived."""
+        """The announced file is still on its way: held ``ttl_s`` more, also when the renewal comes after the
+        announcement lapsed (a computer asleep, a throttled background tab), unless Finish is closing or has
+        closed the slide meanwhile. False when it arrived, was withdrawn or is unknown."""
         now = time.monotonic()
         with self.lock:
-            live = self._live(slide_id, now)
-            if token not in live:
+            kept = self.announced.get(slide_id, {})
+            if token not in kept or slide_id in self.closing or slide_id in self.finished:
                 return False
-            live[token] = now + ttl_s
+            kept[token] = now + ttl_s
             return True
 
-    def arrived(self, slide_id: int, token: str) -> None:
-        """The announced upload is here (its request now holds the slide as being received), or gave up."""
+    def arrived(self, slide_id: int, token: str) -> bool:
+        """The announced upload is here (its request now holds the slide as being received), or gave up.
+        False when no such announcement was kept."""
         with self.lock:
-            live = self.announced.get(slide_id)
-            if live is not None:
-                live.pop(token, None)
-                if not live:
-                    del self.announced[slide_id]
-
-    def _live(self, slide_id: int, now: float) -> dict[str, float]:
-        """Under the lock: the slide's announcements not lapsed (the lapsed ones are dropped)."""
-        live = {t: until for t, until in self.announced.get(slide_id, {}).items() if until > now}
-        if live:
-            self.announced[slide_id] = live
-        else:
-            self.announced.pop(slide_id, None)
-        return live
+            kept = self.announced.get(slide_id)
+            if kept is None or kept.pop(token, None) is None:
+                return False
+            if not kept:
+                del self.announced[slide_id]
+            return True
 
     def _busy(self, slide_id: int) -> bool:
-        return bool(self._live(slide_id, time.monotonic()) or self.receiving.get(slide_id)
-                    or self.inflight.get(slide_id))
+        now = time.monotonic()
+        return bool(any(until > now for until in self.announced.get(slide_id, {}).values())
+                    or self.receiving.get(slide_id) or self.inflight.get(slide_id))
 
     def busy(self, slide_id: int) -> bool:
         """A capture of this slide is announced, being received or has its view reserved (analysed, not
@@ -377,14 +373,16 @@ def announce_upload(slide_id: int) -> dict:
 
 
 def renew_announcement(slide_id: int, token: str, withdraw: bool = False) -> dict:
-    """The announced file is still on its way (renewed), or will not come after all (``withdraw``: its
-    sending failed). 404 when the announcement lapsed or its upload arrived."""
+    """The announced file is still on its way (renewed, even after it lapsed), or will not come after all
+    (``withdraw``: its sending failed). 404 when there is no such announcement (its upload arrived, it was
+    withdrawn, or the slide is being finished or is finished)."""
     views = _counted_views()
     if withdraw:
-        views.arrived(slide_id, token)
+        if not views.arrived(slide_id, token):
+            abort(404, "no such announcement: its upload arrived or it was withdrawn")
         return {"withdrawn": True}
     if not views.renew(slide_id, token, ANNOUNCED_UPLOAD_TTL_S):
-        abort(404, "no such announcement: it arrived or lapsed")
+        abort(404, "no such announcement: its upload arrived, or the slide is being finished")
     return {"incoming": token, "expires_s": ANNOUNCED_UPLOAD_TTL_S}
 
 
