@@ -214,7 +214,8 @@ def test_the_pi_check_compares_reports_cell_for_cell_and_numbers_to_their_last_b
         assert res.returncode == 0, res.stdout + res.stderr
         assert "the same" in res.stdout and "1 of " in res.stdout, res.stdout
     else:
-        assert res.returncode == 1 and "DIFFERENT" in res.stdout, res.stdout + res.stderr
+        assert res.returncode == 1 and "DIFFERENT in 1 place " in res.stdout, res.stdout + res.stderr
+        assert ".images[0].n_detected: " in res.stdout  # where
 
 
 @pytest.fixture

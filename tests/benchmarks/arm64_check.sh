@@ -104,24 +104,36 @@ case $cmd in
     "$HOST_PY" - "$WORK/$name-x86_64.json" "$WORK/$name-$CPU.json" <<'PY'
 import json, math, sys
 floats = []  # (x86-64, arm64) pairs of numbers with a fraction
-def same(a, b, key=""):
+differ = []  # where the reports differ: counts, boxes, verdicts, or numbers past 1e-9
+def compare(a, b, where="", key=""):
     if key.endswith("_ms") or key == "field_dir":
-        return True
+        return
     if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(same(a[k], b[k], k) for k in a)
-    if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(same(x, y, key) for x, y in zip(a, b))
-    if isinstance(a, float) and isinstance(b, float):
+        for k in sorted(a.keys() | b.keys()):
+            if k in a and k in b:
+                compare(a[k], b[k], f"{where}.{k}", k)
+            elif not k.endswith("_ms"):
+                differ.append(f"{where}.{k}: only on one side")
+    elif isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            differ.append(f"{where}: {len(a)} against {len(b)} entries")
+        for n, (x, y) in enumerate(zip(a, b)):
+            compare(x, y, f"{where}[{n}]", key)
+    elif isinstance(a, float) and isinstance(b, float):
         floats.append((a, b))
-        return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
-    return type(a) is type(b) and a == b
+        if not math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12):
+            differ.append(f"{where}: {a!r} against {b!r}")
+    elif type(a) is not type(b) or a != b:
+        differ.append(f"{where}: {a!r} against {b!r}")
 a, b = (json.load(open(p)) for p in sys.argv[1:])
-ok = same(a, b)
-off = [abs(x - y) / max(abs(x), abs(y)) for x, y in floats if x != y]
-print(f"{sys.argv[1]} and {sys.argv[2]}: " + ("the same" if ok else "DIFFERENT")
+compare(a, b)
+off = [abs(x - y) / max(abs(x), abs(y)) for x, y in floats if x != y and math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-12)]
+print(f"{sys.argv[1]} and {sys.argv[2]}: " + ("the same" if not differ else f"DIFFERENT in {len(differ)} place" + "s" * (len(differ) > 1))
       + f" (timings aside; {len(off)} of {len(floats)} numbers with a fraction differ in their last bits"
       + (f", by {max(off):.1e} at most)" if off else ")"))
-sys.exit(0 if ok else 1)
+for line in differ[:20]:
+    print("  " + line)
+sys.exit(1 if differ else 0)
 PY
     ;;
   pytest)
