@@ -3,9 +3,9 @@
     python tests/benchmarks/bench_views.py [--data ../shared/data/nih_cells] [--model models/cellnet_int8.tflite]
 
 For the cell as it is, its upside-down copy, its mirror image and both flips (mean of the logits), prints
-the ROC AUC and the sensitivity at 0, 1, 2, 5 and 14 false positives among the healthy validation cells
-(the slide call works near one). A measurement, not a test: nothing asserts. Each extra view costs one
-more pass of the model per cell.
+the ROC AUC, the accuracy at 0.5 (a mean logit of at least 0) and the sensitivity at 0, 1, 2, 5 and 14
+false positives among the healthy validation cells (the slide call works near one). A measurement, not a
+test: nothing asserts. Each extra view costs one more pass of the model per cell.
 
 ``--band LO HI``: also the second (upside-down) view only for the cells whose first view scores from LO to
 HI, the cells the model is least sure of, with the share of cells that needs it (what it would cost).
@@ -64,17 +64,19 @@ def main() -> None:
     ks = (0, 1, 2, 5, 14)
     n_pos = int(y.sum())
     print(f"{len(y)} validation cells ({n_pos} parasitized, {len(y) - n_pos} uninfected), {Path(args.model).name}")
-    print(f"{'':24s} {'AUC':>7s} " + " ".join(f"sens@{k}FP" for k in ks))
+    print(f"{'':24s} {'AUC':>7s} {'acc@0.5':>7s} " + " ".join(f"sens@{k}FP" for k in ks))
     for label, names in combos:
         s = np.mean([logits[n] for n in names], axis=0)
-        print(f"{label:24s} {roc_auc(y, s):7.4f} " + " ".join(f"{sensitivity_at(s, y, k):8.3f}" for k in ks))
+        print(f"{label:24s} {roc_auc(y, s):7.4f} {((s >= 0) == y).mean():7.4f} "
+              + " ".join(f"{sensitivity_at(s, y, k):8.3f}" for k in ks))
     p0 = 1.0 / (1.0 + np.exp(-logits["as it is"]))
     for lo, hi in args.band:
         band = (p0 >= lo) & (p0 <= hi)
         s = logits["as it is"].copy()
         s[band] = (s[band] + logits["upside down"][band]) / 2
         label = f"2nd view on [{lo:g}, {hi:g}]"
-        print(f"{label:24s} {roc_auc(y, s):7.4f} " + " ".join(f"{sensitivity_at(s, y, k):8.3f}" for k in ks)
+        print(f"{label:24s} {roc_auc(y, s):7.4f} {((s >= 0) == y).mean():7.4f} "
+              + " ".join(f"{sensitivity_at(s, y, k):8.3f}" for k in ks)
               + f"  ({band.mean():.1%} of the cells take the second view)")
 
 
