@@ -27,6 +27,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--target-rbc", type=int, default=2000,
                     help="RBCs per slide the threshold is optimised for (default 2000)")
     ap.add_argument("--max-drop", type=float, default=0.005, help="largest int8 accuracy drop allowed")
+    ap.add_argument("--views", type=int, choices=(1, 2, 4), default=1,
+                    help="average the model over 1, 2 (+ mirrored) or 4 (+ upside down, both flips) flips of "
+                         "each cell, inside the converted model (default 1); each view costs one more pass")
     ap.add_argument("--seed", type=int, default=1234)
     return ap.parse_args(argv)
 

@@ -72,6 +72,32 @@ def load_keras(path: Path):
     return model
 
 
+VIEWS = {1: ("as it is",), 2: ("as it is", "mirrored"), 4: ("as it is", "mirrored", "upside down", "both flips")}
+
+
+def with_views(model, views: int):
+    """The model averaged over flips of each cell, in one graph: the mean logit of the cell as it is (1), and
+    its mirror image (2), and its upside-down copy and both flips (4). The views live inside the model, as
+    normalisation does, so the device runs the converted file as it runs any other."""
+    if views == 1:
+        return model
+    import keras
+
+    def flipped(axes: tuple[int, ...], name: str):
+        def flip(t):
+            for axis in axes:
+                t = keras.ops.flip(t, axis=axis)
+            return t
+        return keras.layers.Lambda(flip, name=name)
+
+    inp = keras.Input(shape=model.input_shape[1:], name="cell")
+    cells = [inp, flipped((2,), "mirrored")(inp)]
+    if views == 4:
+        cells += [flipped((1,), "upside_down")(inp), flipped((1, 2), "both_flips")(inp)]
+    mean_logit = keras.layers.Average(name="mean_logit")([model(c) for c in cells])
+    return keras.Model(inp, mean_logit, name=f"{model.name}_views")
+
+
 def patient_sets(model_path: Path) -> dict[str, set[str]]:
     """The run's own patient split, from split.json beside the model.
 
@@ -271,7 +297,7 @@ def convert(args, argv: list[str]) -> Path:
     except OSError as exc:
         raise ConvertError(f"output folder {out_dir} cannot be written ({exc.strerror or exc})") from exc
     model_path = Path(args.model)
-    model = load_keras(model_path)
+    model = with_views(load_keras(model_path), args.views)
     sets = patient_sets(model_path)
     size = int(model.input_shape[1])
     try:
@@ -393,6 +419,9 @@ def convert(args, argv: list[str]) -> Path:
                             f"{100 * limit:.3f}% parasitemia"),
             call_false_positive_rate=call_fpr,
             operating_curve=curve,
+            views={"count": args.views, "views": list(VIEWS[args.views]),
+                   "how": "inside the model: the mean logit of these flips of each cell (every figure on this card "
+                          "is of that mean)"},
             call_false_positive_rule=(f"upper limit of the two-sided 95% Wilson interval (z = 1.96; a one-sided "
                                       f"97.5% bound) of {n_fp} false positives in {len(neg)} held-out "
                                       f"healthy cells ({fp_patients}) at the threshold"),

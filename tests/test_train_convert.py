@@ -198,6 +198,53 @@ def test_convert_writes_int8_model_and_a_complete_card(converted, run_dir):
     assert {oct(p.stat().st_mode & 0o777) for p in (model, card_path)} == {"0o644"}  # the service user reads them
     clf = CellClassifier(model)
     assert clf.input_size_px == 32
+    assert card["views"]["count"] == 1 and card["views"]["views"] == ["as it is"]
+
+
+@pytest.mark.slow
+def test_views_are_averaged_inside_the_converted_model(converted, run_dir, tmp_path):
+    """--views 4: the int8 file itself gives each cell the mean logit of its four flips, so the device runs
+    it as any other model: a cell, its mirror image and its upside-down copy score alike, which the one-view
+    model's do not; the scores follow the Keras model's four-flip mean."""
+    import keras
+
+    from device.classifier import CellClassifier
+    from device.imageio import read_rgb
+    from device.preprocess import prepare_batch
+
+    r = run_module("convert", "--model", str(run_dir / "model.keras"), "--data", str(FIX), "--out", str(tmp_path),
+                   "--representative", "20", "--max-drop", "1.0", "--views", "4")
+    assert r.returncode == 0, r.stderr[-3000:]
+    card = json.loads((tmp_path / "cellnet_int8.json").read_text())
+    assert card["views"]["count"] == 4
+    assert card["views"]["views"] == ["as it is", "mirrored", "upside down", "both flips"]
+    assert "--views 4" in card["conversion_command"]
+    four, one = CellClassifier(tmp_path / "cellnet_int8.tflite"), CellClassifier(converted[0] / "cellnet_int8.tflite")
+    files = sorted((FIX / "Parasitized").glob("*.webp"))[:10] + sorted((FIX / "Uninfected").glob("*.webp"))[:10]
+    x = prepare_batch([read_rgb(f) for f in files], four.input_size_px)
+    flips = [x, x[:, :, ::-1], x[:, ::-1], x[:, ::-1, ::-1]]
+
+    def logit(clf, cells):
+        p = clf.predict(np.ascontiguousarray(cells))
+        return np.log(p / (1 - p))
+
+    spread_four = np.ptp([logit(four, v) for v in flips], axis=0)  # how far the flips of a cell score apart
+    spread_one = np.ptp([logit(one, v) for v in flips], axis=0)
+    # each branch of the int8 graph has its own calibrated ranges, so the four views of a flipped cell are not
+    # rounded exactly as those of the cell: alike to a few output steps, not to the last one
+    assert spread_four.max() < 0.25 * spread_one.max()
+    # the graph: each view a pass of the whole network (4 times the one-view model's convolutions)
+    ops = [[d["op_name"] for d in c.interpreter._get_ops_details()] for c in (four, one)]
+    assert ops[0].count("CONV_2D") == 4 * ops[1].count("CONV_2D") > 0
+    assert ops[0].count("REVERSE_V2") == 3 and "REVERSE_V2" not in ops[1]  # one flip per view past the first
+    # in float, the wrapped model is exactly the mean of the model over the four flips
+    from convert.core import with_views
+
+    model = keras.models.load_model(run_dir / "model.keras", compile=False)
+    cells = x.astype(np.float32)
+    mean = np.mean([model.predict(v.astype(np.float32), verbose=0)[:, 0] for v in flips], axis=0)
+    assert np.allclose(with_views(model, 4).predict(cells, verbose=0)[:, 0], mean, rtol=1e-5, atol=1e-6)
+    assert with_views(model, 1) is model
 
 
 @pytest.mark.slow
