@@ -352,7 +352,8 @@ def convert(args, argv: list[str]) -> Path:
             p_monitor = clf.predict(xm) if threshold_on == "early-stopping" else p_val
             results[kind] = {"path": p, "card": card, "p_val": p_val, "p_monitor": p_monitor}
         runtimes = runtime_gate(td / f"{args.name}_int8.tflite")
-    float_path = model_path.parent / f"{args.name.replace('_int8', '')}_float32.tflite"  # after the gates
+    views = f"_views{args.views}" if args.views > 1 else ""  # one run may be converted with several
+    float_path = model_path.parent / f"{args.name.replace('_int8', '')}{views}_float32.tflite"  # after the gates
 
     m_keras = binary_metrics(yv, p_keras, 0.5)
     m_float = binary_metrics(yv, results["float32"]["p_val"], 0.5)

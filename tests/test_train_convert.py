@@ -244,7 +244,15 @@ def test_views_are_averaged_inside_the_converted_model(converted, run_dir, tmp_p
     cells = x.astype(np.float32)
     mean = np.mean([model.predict(v.astype(np.float32), verbose=0)[:, 0] for v in flips], axis=0)
     assert np.allclose(with_views(model, 4).predict(cells, verbose=0)[:, 0], mean, rtol=1e-5, atol=1e-6)
+    mirrored = np.mean([model.predict(v.astype(np.float32), verbose=0)[:, 0] for v in flips[:2]], axis=0)
+    assert np.allclose(with_views(model, 2).predict(cells, verbose=0)[:, 0], mirrored, rtol=1e-5, atol=1e-6)
     assert with_views(model, 1) is model
+    # the one-view conversion's float32 model in the run folder is its own still, beside the four-view one
+    assert card["float32_model"].endswith("cellnet_views4_float32.tflite")
+    from device.classifier import make_interpreter
+
+    floats = {n: make_interpreter(run_dir / n)[0] for n in ("cellnet_float32.tflite", "cellnet_views4_float32.tflite")}
+    assert [sum(d["op_name"] == "REVERSE_V2" for d in i._get_ops_details()) for i in floats.values()] == [0, 3]
 
 
 @pytest.mark.slow

@@ -1,9 +1,10 @@
 """Parasite detection under other imaging conditions: every field of an evaluate-fields folder dimmed,
-saved again as JPEG or lossy WebP, or cut without the background normalisation, then scored as
-`python -m device evaluate-fields` scores it.
+saved again as JPEG or lossy WebP, or cut without the background normalisation, or each cell scored as the
+mean logit of its flips (what `convert --views` would build into a model, here outside the one-view model),
+then scored as `python -m device evaluate-fields` scores it.
 
     python tests/benchmarks/bench_field_conditions.py FIELD_DIR [--gain 0.7] [--jpeg-quality 50]
-        [--webp-quality 50] [--no-background-normalisation]
+        [--webp-quality 50] [--no-background-normalisation] [--views 4] [--threshold T]
 
 A measurement, not a test: it prints the evaluate-fields report. (The device refuses JPEG files below
 device.imageio.MIN_JPEG_QUALITY and lossy WebP files above MAX_WEBP_QUANTIZER; the re-encoded pixels here
@@ -30,6 +31,9 @@ def main() -> int:
     ap.add_argument("--webp-quality", type=int, default=None, help="save each field again at this lossy WebP quality")
     ap.add_argument("--no-background-normalisation", action="store_true",
                     help="cut the cells with background gains of 1 (as before device.preprocess.field_crops)")
+    ap.add_argument("--views", type=int, choices=(1, 2, 4), default=1,
+                    help="score each cell as the mean logit of 1, 2 (+ mirrored) or 4 (+ upside down, both) flips")
+    ap.add_argument("--threshold", type=float, default=None, help="evaluate-fields --threshold (default: the card's)")
     args = ap.parse_args()
     import device.fields as fields
     import device.preprocess as preprocess
@@ -51,7 +55,19 @@ def main() -> int:
     fields.read_rgb = read_changed  # the scorer's reader
     if args.no_background_normalisation:
         preprocess.background_gains = lambda image_rgb: np.ones(3)
-    return cli_main(["evaluate-fields", args.field_dir])
+    if args.views > 1:
+        from device.classifier import CellClassifier
+
+        one_view = CellClassifier.predict
+        flips = [lambda b: b, lambda b: b[:, :, ::-1], lambda b: b[:, ::-1], lambda b: b[:, ::-1, ::-1]]
+
+        def mean_of_views(self, batch):
+            p = [np.clip(one_view(self, np.ascontiguousarray(f(batch))), 1e-7, 1 - 1e-7) for f in flips[: args.views]]
+            return 1 / (1 + np.exp(-np.mean([np.log(q / (1 - q)) for q in p], axis=0)))
+
+        CellClassifier.predict = mean_of_views
+    threshold = [] if args.threshold is None else ["--threshold", str(args.threshold)]
+    return cli_main(["evaluate-fields", args.field_dir, *threshold])
 
 
 if __name__ == "__main__":
