@@ -1632,21 +1632,27 @@ def test_an_announced_upload_that_never_comes_holds_finish_only_so_long(make_env
     assert env.app.extensions["malaria_detect_counted_views"].announced == {}
 
 
+def _slide_with_an_announcement(make_env, monkeypatch, ttl_s: float):
+    """Slide 1 open, one upload announced on it, announcements lasting ``ttl_s`` unrenewed: (client, CSRF
+    headers, the announcement's token, the service's counted views)."""
+    from device.web import views as web_views
+
+    monkeypatch.setattr(web_views, "ANNOUNCED_UPLOAD_TTL_S", ttl_s)
+    env = make_env()
+    c, token = _client(env)
+    h = {"X-CSRF-Token": token}
+    _start(c, token)
+    incoming = c.post("/api/slides/1/incoming", headers=h).get_json()["incoming"]
+    return c, h, incoming, env.app.extensions["malaria_detect_counted_views"]
+
+
 def test_an_announcement_lasts_while_renewed_and_ends_when_withdrawn_or_its_upload_arrives(make_env, monkeypatch):
     """A slow link: the page renews its announcement while the file is on its way, so Finish waits however
     long it takes; a sending that failed withdraws it, and an upload refused on arrival (no file here)
     ends it too, so that neither holds Finish for nothing."""
     import time
 
-    from device.web import views as web_views
-
-    monkeypatch.setattr(web_views, "ANNOUNCED_UPLOAD_TTL_S", 0.5)
-    env = make_env()
-    c, token = _client(env)
-    h = {"X-CSRF-Token": token}
-    _start(c, token)
-    incoming = c.post("/api/slides/1/incoming", headers=h).get_json()["incoming"]
-    views = env.app.extensions["malaria_detect_counted_views"]
+    c, h, incoming, views = _slide_with_an_announcement(make_env, monkeypatch, ttl_s=0.5)
     for _ in range(3):  # 0.9 s in all, past the 0.5 s an announcement lasts unrenewed
         time.sleep(0.3)
         assert c.post(f"/api/slides/1/incoming/{incoming}/renew", headers=h).status_code == 200
@@ -1667,15 +1673,7 @@ def test_a_late_renewal_brings_a_lapsed_announcement_back_and_a_wrong_withdrawal
     the real one holding Finish; it said 200 {"withdrawn": true} before."""
     import time
 
-    from device.web import views as web_views
-
-    monkeypatch.setattr(web_views, "ANNOUNCED_UPLOAD_TTL_S", 0.3)
-    env = make_env()
-    c, token = _client(env)
-    h = {"X-CSRF-Token": token}
-    _start(c, token)
-    incoming = c.post("/api/slides/1/incoming", headers=h).get_json()["incoming"]
-    views = env.app.extensions["malaria_detect_counted_views"]
+    c, h, incoming, views = _slide_with_an_announcement(make_env, monkeypatch, ttl_s=0.3)
     time.sleep(0.5)
     assert not views.busy(1)  # lapsed: it holds nothing
     assert c.post(f"/api/slides/1/incoming/{incoming}/renew", headers=h).status_code == 200
