@@ -157,12 +157,13 @@ class ModelStatus:
     card_date: str = ""
     card_metrics: dict = field(default_factory=dict)  # validation-patient figures at the card threshold
     threshold_rule: str = ""  # how the card's threshold was chosen, and on which cells
+    views: tuple[str, ...] = ("as it is",)  # the flips of each cell the model averages (convert --views)
 
     def to_json(self) -> dict:
         return {"ok": self.ok, "name": self.name, "sha256": self.sha256, "threshold": self.threshold,
                 "card_threshold": self.card_threshold, "fp_rate_per_cell": self.fp_rate_per_cell,
                 "runtime": self.runtime, "error": self.error, "card_date": self.card_date,
-                "card_metrics": self.card_metrics, "threshold_rule": self.threshold_rule}
+                "card_metrics": self.card_metrics, "threshold_rule": self.threshold_rule, "views": list(self.views)}
 
 
 def _card_metrics(card) -> dict:
@@ -175,6 +176,15 @@ def _card_metrics(card) -> dict:
         if isinstance(v, int | float) and not isinstance(v, bool):
             out[k] = float(v) if math.isfinite(v) else None
     return out
+
+
+def _card_views(card_data: dict) -> tuple[str, ...]:
+    """The flips of each cell the model averages inside itself, as its card lists them (a card from before
+    `convert --views`, or one without the entry, is one view)."""
+    views = (card_data.get("views") or {}).get("views") if isinstance(card_data.get("views"), dict) else None
+    if isinstance(views, list) and views and all(isinstance(v, str) for v in views):
+        return tuple(views)
+    return ("as it is",)
 
 
 # --- disk space ----------------------------------------------------------------------------------
@@ -400,7 +410,7 @@ class FieldAnalyser:
             threshold=t, card_threshold=float(getattr(card, "threshold", classifier.threshold)),
             fp_rate_per_cell=float(fp or 0.0), runtime=getattr(classifier, "runtime", ""),
             card_date=str(card_data.get("date", "")), card_metrics=_card_metrics(card),
-            threshold_rule=str(card_data.get("threshold_rule", "")))
+            threshold_rule=str(card_data.get("threshold_rule", "")), views=_card_views(card_data))
 
     @classmethod
     def from_config(cls, cfg, store: Store, metrics: Metrics | None = None) -> FieldAnalyser:

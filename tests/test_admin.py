@@ -74,6 +74,7 @@ def test_admin_page_shows_device_health_model_and_last_problems(make_env, monkey
     assert "Setup code" not in html  # the first-run code is not a problem to list
     # the shipped card chose its threshold on the validation cells: the page says so beside the figures
     assert "Threshold chosen" in html and "measured on the cells it was chosen on" in html
+    assert html.split('id="model-views">')[1].split("</dd>")[0] == "1: each cell as it is"
     floor = html.split('id="review-floor">')[1].split("</dd>")[0]
     assert "cells scored from 0.7 up to the threshold are shown for review" in floor
     env.analyser.set_threshold(0.6)  # at or below the floor: a slide started now shows none
@@ -807,3 +808,25 @@ def test_a_password_change_and_a_settings_save_at_once_both_hold_in_the_running_
         return c.post("/admin/login", data={"password": password, "csrf_token": env.csrf(c)}).status_code == 303
 
     assert (signs_in(ADMIN_PASSWORD), signs_in("new-password-1")) == (False, True)
+
+
+def test_a_model_converted_with_views_says_so_on_the_admin_page(tmp_path):
+    """A card made by `convert --views 4` lists the flips each cell's score averages; the admin sees how many
+    passes a cell costs. A card without the entry (the shipped one) is one view."""
+    import shutil
+    from pathlib import Path
+
+    from device.classifier import CellClassifier
+    from device.service import FieldAnalyser
+    from device.store import Store
+
+    model = Path(__file__).resolve().parent.parent / "models" / "cellnet_int8.tflite"
+    shutil.copy(model, tmp_path / model.name)
+    card = json.loads(model.with_suffix(".json").read_text())
+    assert "views" not in card
+    card["views"] = {"count": 4, "views": ["as it is", "mirrored", "upside down", "both flips"]}
+    (tmp_path / "cellnet_int8.json").write_text(json.dumps(card))
+    analyser = FieldAnalyser(Store(tmp_path / "data"), CellClassifier(tmp_path / model.name))
+    assert analyser.model.to_json()["views"] == ["as it is", "mirrored", "upside down", "both flips"]
+    shipped = FieldAnalyser(Store(tmp_path / "data1"), CellClassifier(model))
+    assert shipped.model.views == ("as it is",)
