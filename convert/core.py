@@ -72,6 +72,9 @@ def load_keras(path: Path):
     return model
 
 
+# The flips of a cell (NHWC axes: 1 turns it upside down, 2 mirrors it) and which of them --views N averages.
+# The benchmarks that score views outside a model (bench_views.py, bench_field_conditions.py) use these too.
+VIEW_AXES = {"as it is": (), "mirrored": (2,), "upside down": (1,), "both flips": (1, 2)}
 VIEWS = {1: ("as it is",), 2: ("as it is", "mirrored"), 4: ("as it is", "mirrored", "upside down", "both flips")}
 
 
@@ -83,17 +86,15 @@ def with_views(model, views: int):
         return model
     import keras
 
-    def flipped(axes: tuple[int, ...], name: str):
+    def flipped(name: str):
         def flip(t):
-            for axis in axes:
+            for axis in VIEW_AXES[name]:
                 t = keras.ops.flip(t, axis=axis)
             return t
-        return keras.layers.Lambda(flip, name=name)
+        return keras.layers.Lambda(flip, name=name.replace(" ", "_"))
 
     inp = keras.Input(shape=model.input_shape[1:], name="cell")
-    cells = [inp, flipped((2,), "mirrored")(inp)]
-    if views == 4:
-        cells += [flipped((1,), "upside_down")(inp), flipped((1, 2), "both_flips")(inp)]
+    cells = [inp, *(flipped(name)(inp) for name in VIEWS[views][1:])]
     mean_logit = keras.layers.Average(name="mean_logit")([model(c) for c in cells])
     return keras.Model(inp, mean_logit, name=f"{model.name}_views")
 

@@ -181,7 +181,8 @@ def _card_metrics(card) -> dict:
 def _card_views(card_data: dict) -> tuple[str, ...]:
     """The flips of each cell the model averages inside itself, as its card lists them (a card from before
     `convert --views`, or one without the entry, is one view)."""
-    views = (card_data.get("views") or {}).get("views") if isinstance(card_data.get("views"), dict) else None
+    entry = card_data.get("views")
+    views = entry.get("views") if isinstance(entry, dict) else None
     if isinstance(views, list) and views and all(isinstance(v, str) for v in views):
         return tuple(views)
     return ("as it is",)

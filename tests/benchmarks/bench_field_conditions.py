@@ -56,13 +56,14 @@ def main() -> int:
     if args.no_background_normalisation:
         preprocess.background_gains = lambda image_rgb: np.ones(3)
     if args.views > 1:
+        from convert.core import VIEW_AXES, VIEWS
         from device.classifier import CellClassifier
 
         one_view = CellClassifier.predict
-        flips = [lambda b: b, lambda b: b[:, :, ::-1], lambda b: b[:, ::-1], lambda b: b[:, ::-1, ::-1]]
 
         def mean_of_views(self, batch):
-            p = [np.clip(one_view(self, np.ascontiguousarray(f(batch))), 1e-7, 1 - 1e-7) for f in flips[: args.views]]
+            p = [np.clip(one_view(self, np.ascontiguousarray(np.flip(batch, axis=VIEW_AXES[name]))), 1e-7, 1 - 1e-7)
+                 for name in VIEWS[args.views]]
             return 1 / (1 + np.exp(-np.mean([np.log(q / (1 - q)) for q in p], axis=0)))
 
         CellClassifier.predict = mean_of_views

@@ -23,17 +23,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from convert.core import VIEW_AXES  # noqa: E402  (the flips `convert --views` builds in)
 from device.classifier import CellClassifier  # noqa: E402
 from device.imageio import read_rgb  # noqa: E402
 from device.metrics import roc_auc  # noqa: E402
 from device.preprocess import prepare_batch  # noqa: E402
-
-VIEWS = {
-    "as it is": lambda a: a,
-    "upside down": lambda a: a[:, ::-1],
-    "mirrored": lambda a: a[:, :, ::-1],
-    "both flips": lambda a: a[:, ::-1, ::-1],
-}
 
 
 def sensitivity_at(scores: np.ndarray, y: np.ndarray, k: int) -> float:
@@ -56,11 +50,11 @@ def main() -> None:
     x = prepare_batch([read_rgb(data / r["file"]) for r in rows], clf.input_size_px)
     y = np.array([r["label"] == "parasitized" for r in rows])
     logits = {}
-    for name, view in VIEWS.items():
-        p = np.clip(clf.predict(np.ascontiguousarray(view(x))), 1e-7, 1 - 1e-7)
+    for name, axes in VIEW_AXES.items():
+        p = np.clip(clf.predict(np.ascontiguousarray(np.flip(x, axis=axes))), 1e-7, 1 - 1e-7)
         logits[name] = np.log(p / (1 - p))
     combos = [("1 view", ["as it is"]), ("2 views: + upside down", ["as it is", "upside down"]),
-              ("2 views: + mirrored", ["as it is", "mirrored"]), ("4 views", list(VIEWS))]
+              ("2 views: + mirrored", ["as it is", "mirrored"]), ("4 views", list(VIEW_AXES))]
     ks = (0, 1, 2, 5, 14)
     n_pos = int(y.sum())
     print(f"{len(y)} validation cells ({n_pos} parasitized, {len(y) - n_pos} uninfected), {Path(args.model).name}")
