@@ -16,7 +16,9 @@ logger = logging.getLogger("convert")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m convert", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="the trained model.keras (its run folder holds split.json)")
+    ap.add_argument("--model", required=True, nargs="+",
+                    help="the trained model.keras (its run folder holds split.json); several: an ensemble, the "
+                         "mean logit of runs trained on one patient split, in one model (each costs one pass)")
     ap.add_argument("--data", required=True, help="NIH cell folder (Parasitized/, Uninfected/, patients.csv)")
     ap.add_argument("--out", required=True, help="folder to write <name>.tflite and <name>.json into")
     ap.add_argument("--name", default="cellnet_int8", help="model file stem (default cellnet_int8)")

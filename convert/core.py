@@ -99,6 +99,40 @@ def with_views(model, views: int):
     return keras.Model(inp, mean_logit, name=f"{model.name}_views")
 
 
+def ensemble(models: list):
+    """The mean logit of several trained models (members), in one graph: each cell passes through every
+    member once. Members must take the same input; a single model is returned as it is."""
+    if len(models) == 1:
+        return models[0]
+    import keras
+
+    shapes = sorted({str(m.input_shape) for m in models})
+    if len(shapes) > 1:
+        raise ConvertError(f"ensemble members must take the same input, got {', '.join(shapes)}")
+    inp = keras.Input(shape=models[0].input_shape[1:], name="cell")
+    # each member under its own name (runs of one recipe share the model's name, and a graph's names are unique)
+    members = [keras.Model(m.inputs[0], m.outputs[0], name=f"member_{i}") for i, m in enumerate(models, 1)]
+    mean_logit = keras.layers.Average(name="mean_logit_members")([m(inp) for m in members])
+    return keras.Model(inp, mean_logit, name=f"{models[0].name}_x{len(models)}")
+
+
+def member_runs(model_paths: list[Path]) -> tuple[dict[str, set[str]], list[dict]]:
+    """The patient split and extra training data the members share. Members trained on other splits would
+    leave no patient held out from all of them, so they are refused, as are members trained on other extra
+    cells (the card lists one training set)."""
+    sets = patient_sets(model_paths[0])
+    extra = extra_training_data(model_paths[0].parent)
+    for path in model_paths[1:]:
+        if patient_sets(path) != sets:
+            raise ConvertError(f"{path} was trained on another patient split than {model_paths[0]}: ensemble "
+                               "members must share one split (split.json), so that the held-out patients are "
+                               "held out from every member")
+        if extra_training_data(path.parent) != extra:
+            raise ConvertError(f"{path} was trained on other extra cells than {model_paths[0]} (split.json "
+                               "extra_data): ensemble members must share one training set")
+    return sets, extra
+
+
 def patient_sets(model_path: Path) -> dict[str, set[str]]:
     """The run's own patient split, from split.json beside the model.
 
@@ -297,9 +331,12 @@ def convert(args, argv: list[str]) -> Path:
             pass
     except OSError as exc:
         raise ConvertError(f"output folder {out_dir} cannot be written ({exc.strerror or exc})") from exc
-    model_path = Path(args.model)
-    model = with_views(load_keras(model_path), args.views)
-    sets = patient_sets(model_path)
+    model_paths = [Path(m) for m in args.model]
+    if len({p.resolve() for p in model_paths}) < len(model_paths):
+        raise ConvertError("the same model is given twice: ensemble members are distinct runs")
+    model_path = model_paths[0]
+    model = with_views(ensemble([load_keras(p) for p in model_paths]), args.views)
+    sets, extra = member_runs(model_paths)
     size = int(model.input_shape[1])
     try:
         files, csv_split = list_cells(args.data)
@@ -353,8 +390,10 @@ def convert(args, argv: list[str]) -> Path:
             p_monitor = clf.predict(xm) if threshold_on == "early-stopping" else p_val
             results[kind] = {"path": p, "card": card, "p_val": p_val, "p_monitor": p_monitor}
         runtimes = runtime_gate(td / f"{args.name}_int8.tflite")
-    views = f"_views{args.views}" if args.views > 1 else ""  # one run may be converted with several
-    float_path = model_path.parent / f"{args.name.replace('_int8', '')}{views}_float32.tflite"  # after the gates
+    # one run may be converted with several views, and be a member of ensembles: each keeps its own float32 file
+    variant = (f"_x{len(model_paths)}" if len(model_paths) > 1 else "") + (f"_views{args.views}" if args.views > 1
+                                                                           else "")
+    float_path = model_path.parent / f"{args.name.replace('_int8', '')}{variant}_float32.tflite"  # after the gates
 
     m_keras = binary_metrics(yv, p_keras, 0.5)
     m_float = binary_metrics(yv, results["float32"]["p_val"], 0.5)
@@ -403,8 +442,8 @@ def convert(args, argv: list[str]) -> Path:
                 m_int8_thr["sensitivity"], m_int8_thr["specificity"], m_int8_thr["false_positive_rate"],
                 call_fpr, n_fp, len(neg))
 
-    run_dir = model_path.parent
-    train_cmd = (run_dir / "command.txt").read_text().strip() if (run_dir / "command.txt").is_file() else None
+    train_cmds = [(p.parent / "command.txt").read_text().strip() if (p.parent / "command.txt").is_file() else None
+                  for p in model_paths]
     final = out_dir / f"{args.name}.tflite"
     float_written = _write_float32(float_path, float_bytes)
     with tempfile.TemporaryDirectory(prefix="convert-") as staged_dir:
@@ -421,6 +460,11 @@ def convert(args, argv: list[str]) -> Path:
                             f"{100 * limit:.3f}% parasitemia"),
             call_false_positive_rate=call_fpr,
             operating_curve=curve,
+            members={"count": len(model_paths),
+                     "models": [{"model": str(p), "training_command": c} for p, c in zip(model_paths, train_cmds,
+                                                                                        strict=True)],
+                     "how": "inside the model: the mean logit of these trained models (every figure on this card "
+                            "is of that mean)"},
             views={"count": args.views, "views": list(VIEWS[args.views]),
                    "how": "inside the model: the mean logit of these flips of each cell (every figure on this card "
                           "is of that mean)"},
@@ -434,12 +478,12 @@ def convert(args, argv: list[str]) -> Path:
                 "threshold_patients_int8_at_threshold": m_monitor,
             },
             data={"source": str(Path(args.data).resolve()),
-                  "extra_training_data": extra_training_data(model_path.parent),
+                  "extra_training_data": extra,
                   "patients": {k: len(v) for k, v in sets.items()},
                   "cells": {"train": len(train_files), **{k: int(len(v[1])) for k, v in arrays.items()}},
                   "representative": f"{len(rep) - 1} training-patient cells + 1 image spanning 0..255"},
             runtimes=runtimes,
-            training_command=train_cmd,
+            training_command=train_cmds[0] if len(train_cmds) == 1 else train_cmds,
             conversion_command="python -m convert " + shlex.join(argv),
             git_commit=commit,
             date=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

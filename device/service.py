@@ -158,12 +158,14 @@ class ModelStatus:
     card_metrics: dict = field(default_factory=dict)  # validation-patient figures at the card threshold
     threshold_rule: str = ""  # how the card's threshold was chosen, and on which cells
     views: tuple[str, ...] = ("as it is",)  # the flips of each cell the model averages (convert --views)
+    members: int = 1  # the trained models whose mean logit the model gives (convert --model A B ...)
 
     def to_json(self) -> dict:
         return {"ok": self.ok, "name": self.name, "sha256": self.sha256, "threshold": self.threshold,
                 "card_threshold": self.card_threshold, "fp_rate_per_cell": self.fp_rate_per_cell,
                 "runtime": self.runtime, "error": self.error, "card_date": self.card_date,
-                "card_metrics": self.card_metrics, "threshold_rule": self.threshold_rule, "views": list(self.views)}
+                "card_metrics": self.card_metrics, "threshold_rule": self.threshold_rule, "views": list(self.views),
+                "members": self.members}
 
 
 def _card_metrics(card) -> dict:
@@ -186,6 +188,14 @@ def _card_views(card_data: dict) -> tuple[str, ...]:
     if isinstance(views, list) and views and all(isinstance(v, str) for v in views):
         return tuple(views)
     return ("as it is",)
+
+
+def _card_members(card_data: dict) -> int:
+    """How many trained models the model averages inside itself, as its card says (a card from before
+    ensembles, or one without the entry, is one model)."""
+    entry = card_data.get("members")
+    count = entry.get("count") if isinstance(entry, dict) else None
+    return count if isinstance(count, int) and not isinstance(count, bool) and count >= 1 else 1
 
 
 # --- disk space ----------------------------------------------------------------------------------
@@ -411,7 +421,8 @@ class FieldAnalyser:
             threshold=t, card_threshold=float(getattr(card, "threshold", classifier.threshold)),
             fp_rate_per_cell=float(fp or 0.0), runtime=getattr(classifier, "runtime", ""),
             card_date=str(card_data.get("date", "")), card_metrics=_card_metrics(card),
-            threshold_rule=str(card_data.get("threshold_rule", "")), views=_card_views(card_data))
+            threshold_rule=str(card_data.get("threshold_rule", "")), views=_card_views(card_data),
+            members=_card_members(card_data))
 
     @classmethod
     def from_config(cls, cfg, store: Store, metrics: Metrics | None = None) -> FieldAnalyser:

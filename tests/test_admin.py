@@ -75,6 +75,7 @@ def test_admin_page_shows_device_health_model_and_last_problems(make_env, monkey
     # the shipped card chose its threshold on the validation cells: the page says so beside the figures
     assert "Threshold chosen" in html and "measured on the cells it was chosen on" in html
     assert html.split('id="model-views">')[1].split("</dd>")[0] == "1: each cell as it is"
+    assert html.split('id="model-members">')[1].split("</dd>")[0] == "1: one trained model"
     floor = html.split('id="review-floor">')[1].split("</dd>")[0]
     assert "cells scored from 0.7 up to the threshold are shown for review" in floor
     env.analyser.set_threshold(0.6)  # at or below the floor: a slide started now shows none
@@ -810,9 +811,10 @@ def test_a_password_change_and_a_settings_save_at_once_both_hold_in_the_running_
     assert (signs_in(ADMIN_PASSWORD), signs_in("new-password-1")) == (False, True)
 
 
-def test_a_model_converted_with_views_says_so_on_the_admin_page(tmp_path):
-    """A card made by `convert --views 4` lists the flips each cell's score averages; the admin sees how many
-    passes a cell costs. A card without the entry (the shipped one) is one view."""
+def test_a_model_converted_with_views_or_members_says_so_on_the_admin_page(make_env, tmp_path):
+    """A card made by `convert --views 4` lists the flips each cell's score averages, one from `convert --model
+    A B C` the trained models it averages; the admin sees how many passes a cell costs. A card without the
+    entries is one view of one model."""
     import shutil
     from pathlib import Path
 
@@ -823,10 +825,24 @@ def test_a_model_converted_with_views_says_so_on_the_admin_page(tmp_path):
     model = Path(__file__).resolve().parent.parent / "models" / "cellnet_int8.tflite"
     shutil.copy(model, tmp_path / model.name)
     card = json.loads(model.with_suffix(".json").read_text())
-    assert "views" not in card
+    card.pop("views", None)
+    card.pop("members", None)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(model, bare / model.name)
+    (bare / "cellnet_int8.json").write_text(json.dumps(card))
     card["views"] = {"count": 4, "views": ["as it is", "mirrored", "upside down", "both flips"]}
+    card["members"] = {"count": 3, "models": [{"model": f"runs/r{i}/model.keras"} for i in range(3)]}
     (tmp_path / "cellnet_int8.json").write_text(json.dumps(card))
     analyser = FieldAnalyser(Store(tmp_path / "data"), CellClassifier(tmp_path / model.name))
     assert analyser.model.to_json()["views"] == ["as it is", "mirrored", "upside down", "both flips"]
-    shipped = FieldAnalyser(Store(tmp_path / "data1"), CellClassifier(model))
-    assert shipped.model.views == ("as it is",)
+    assert analyser.model.to_json()["members"] == 3
+    older = FieldAnalyser(Store(tmp_path / "data1"), CellClassifier(bare / model.name))
+    assert (older.model.views, older.model.members) == (("as it is",), 1)
+    env = _env(make_env)
+    env.analyser.classifier, env.analyser.model = analyser.classifier, analyser.model  # the model the service runs
+    c, _ = env.admin_client()
+    html = c.get("/admin/").get_data(as_text=True)
+    assert html.split('id="model-views">')[1].split("</dd>")[0].startswith("4: each cell is scored as the mean of")
+    assert html.split('id="model-members">')[1].split("</dd>")[0] == (
+        "3: each score is the mean of 3 trained models (inside the model, one pass each)")

@@ -256,6 +256,70 @@ def test_views_are_averaged_inside_the_converted_model(converted, run_dir, tmp_p
 
 
 @pytest.mark.slow
+def test_an_ensemble_of_runs_is_one_model_giving_their_mean_logit(converted, run_dir, tmp_path):
+    """--model A B: the int8 file gives each cell the mean logit of the two trained runs, each member one pass
+    of its network; the card lists the members and their training commands. Members must share the patient
+    split (else no patient is held out from both) and the input; the same run twice is refused."""
+    import keras
+
+    from convert.core import ConvertError, ensemble
+    from device.classifier import CellClassifier, make_interpreter
+    from device.imageio import read_rgb
+    from device.preprocess import prepare_batch
+
+    second = tmp_path / "run2"
+    r = run_module("train", "--data", str(FIX), "--out", str(second), "--epochs", "1", "--size", "32", "--width", "4",
+                   "--batch", "16", "--seed", "7")
+    assert r.returncode == 0, r.stderr[-3000:]
+    members = [run_dir / "model.keras", second / "model.keras"]
+    r = run_module("convert", "--model", *map(str, members), "--data", str(FIX), "--out", str(tmp_path / "m"),
+                   "--representative", "20", "--max-drop", "1.0")
+    assert r.returncode == 0, r.stderr[-3000:]
+    card = json.loads((tmp_path / "m" / "cellnet_int8.json").read_text())
+    assert card["members"]["count"] == 2
+    assert [m["model"] for m in card["members"]["models"]] == list(map(str, members))
+    assert card["training_command"] == [m["training_command"] for m in card["members"]["models"]]
+    assert "--seed 7" in card["training_command"][1] and "--seed" not in card["training_command"][0]
+    assert card["views"]["count"] == 1
+    two = CellClassifier(tmp_path / "m" / "cellnet_int8.tflite")
+    one = CellClassifier(converted[0] / "cellnet_int8.tflite")
+    ops = [[d["op_name"] for d in c.interpreter._get_ops_details()] for c in (two, one)]
+    assert ops[0].count("CONV_2D") == 2 * ops[1].count("CONV_2D") > 0
+    # in float the members' mean, exactly; the float32 file is kept apart from the one-model conversion's
+    models = [keras.models.load_model(m, compile=False) for m in members]
+    files = sorted((FIX / "Parasitized").glob("*.webp"))[:8] + sorted((FIX / "Uninfected").glob("*.webp"))[:8]
+    x = prepare_batch([read_rgb(f) for f in files], 32).astype(np.float32)
+    logits = [m.predict(x, verbose=0)[:, 0] for m in models]
+    assert not np.allclose(logits[0], logits[1], atol=1e-3)  # two seeds: two models
+    assert np.allclose(ensemble(models).predict(x, verbose=0)[:, 0], np.mean(logits, axis=0), rtol=1e-5, atol=1e-6)
+    assert ensemble(models[:1]) is models[0]
+    assert card["float32_model"].endswith("cellnet_x2_float32.tflite")
+    interp, _ = make_interpreter(Path(card["float32_model"]))
+    assert sum(d["op_name"] == "CONV_2D" for d in interp._get_ops_details()) == ops[0].count("CONV_2D")
+    # the int8 ensemble follows the float mean: every score within 0.05 of it
+    p = two.predict(x.astype(np.uint8))
+    mean_p = 1 / (1 + np.exp(-np.mean(logits, axis=0)))
+    assert np.abs(p - mean_p).max() < 0.05
+
+    # refusals, exit 2 with nothing written: the same run twice, a member of another split, another input size
+    other = tmp_path / "other"
+    shutil.copytree(second, other)
+    split = json.loads((other / "split.json").read_text())
+    split["patients"]["val"], split["patients"]["train"] = split["patients"]["train"][:2], split["patients"]["val"]
+    (other / "split.json").write_text(json.dumps(split))
+    for models_given, message in (([members[0], members[0]], "given twice"),
+                                  ([members[0], other / "model.keras"], "another patient split")):
+        out = tmp_path / f"refused{len(message)}"
+        r = run_module("convert", "--model", *map(str, models_given), "--data", str(FIX), "--out", str(out),
+                       "--representative", "20", "--max-drop", "1.0")
+        assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
+        assert not list(out.iterdir())
+    small = keras.Sequential([keras.Input((24, 24, 3)), keras.layers.Flatten(), keras.layers.Dense(1)])
+    with pytest.raises(ConvertError, match="same input"):
+        ensemble([models[0], small])
+
+
+@pytest.mark.slow
 def test_parity_gate_refuses_and_writes_nothing(run_dir, tmp_path):
     out, run = tmp_path / "models", tmp_path / "run"
     run.mkdir()
