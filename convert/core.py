@@ -53,6 +53,8 @@ def extra_training_data(run_dir: Path) -> list[dict]:
 def load_keras(path: Path):
     import keras
 
+    import train.model  # noqa: F401  (registers the model's own layers, e.g. CellColourNorm, for loading)
+
     if not path.is_file():
         raise ConvertError(f"model not found: {path}")
     try:

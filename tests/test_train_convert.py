@@ -319,6 +319,61 @@ def test_an_ensemble_of_runs_is_one_model_giving_their_mean_logit(converted, run
         ensemble([models[0], small])
 
 
+def test_cell_colour_norm_divides_each_channel_by_the_cells_own_mean():
+    """--colour-norm's first layer: a real NIH cell's channels over their mean inside the cell (x 0.5), the black
+    outside kept black; the same cell under other per-channel gains (another stain, another lamp) gives the
+    same input to the network."""
+    from device.imageio import read_rgb
+    from device.preprocess import prepare_batch
+    from train.model import CellColourNorm
+
+    cell = prepare_batch([read_rgb(sorted((FIX / "Parasitized").glob("*.webp"))[0])], 48).astype(np.float32) / 255
+    inside = cell.max(axis=-1) > 0
+    assert 0.3 < inside.mean() < 0.95
+    out = np.asarray(CellColourNorm()(cell))
+    expected = 0.5 * cell / cell[inside].mean(axis=0)  # over the cell's pixels only, per channel
+    assert np.allclose(out, expected, rtol=1e-4, atol=1e-6)
+    assert (out[~inside] == 0).all()
+    tinted = cell * np.array([0.8, 1.1, 0.9], np.float32)
+    assert np.allclose(np.asarray(CellColourNorm()(tinted)), out, rtol=1e-4, atol=1e-6)
+    # an empty square (no cell) is not a division by zero: it stays black
+    assert (np.asarray(CellColourNorm()(np.zeros_like(cell))) == 0).all()
+
+
+@pytest.mark.slow
+def test_a_colour_norm_run_converts_to_int8_that_both_runtimes_run(tmp_path):
+    """The layer has no division (int8 DIV fails on ai_edge_litert and is missing from tflite_runtime 2.14): the
+    converted model passes the runtime gate on both, and the int8 file follows the Keras model."""
+    import importlib.util
+
+    import keras
+
+    from device.classifier import CellClassifier
+    from device.imageio import read_rgb
+    from device.preprocess import prepare_batch
+
+    run = tmp_path / "run"
+    r = run_module("train", "--data", str(FIX), "--out", str(run), "--epochs", "1", "--size", "32", "--width", "4",
+                   "--batch", "16", "--colour-norm")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_module("convert", "--model", str(run / "model.keras"), "--data", str(FIX), "--out", str(tmp_path / "m"),
+                   "--representative", "20", "--max-drop", "1.0")
+    assert r.returncode == 0, r.stderr[-3000:]
+    card = json.loads((tmp_path / "m" / "cellnet_int8.json").read_text())
+    assert card["runtimes"]["ai_edge_litert"] == "ok"
+    if importlib.util.find_spec("tflite_runtime"):
+        assert card["runtimes"]["tflite_runtime"] == "ok"
+    import train.model  # noqa: F401  (the layer's registration, as convert does)
+
+    model = keras.models.load_model(run / "model.keras", compile=False)
+    assert "cell_colour_norm" in [layer.name for layer in model.layers]
+    files = sorted((FIX / "Parasitized").glob("*.webp"))[:8] + sorted((FIX / "Uninfected").glob("*.webp"))[:8]
+    x = prepare_batch([read_rgb(f) for f in files], 32)
+    p_keras = 1 / (1 + np.exp(-model.predict(x.astype(np.float32), verbose=0)[:, 0]))
+    p_int8 = CellClassifier(tmp_path / "m" / "cellnet_int8.tflite").predict(x)
+    assert np.abs(p_int8 - p_keras).max() < 0.05
+
+
 @pytest.mark.slow
 def test_parity_gate_refuses_and_writes_nothing(run_dir, tmp_path):
     out, run = tmp_path / "models", tmp_path / "run"

@@ -37,6 +37,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="do not weight the classes to equal total weight (extra field crops are mostly uninfected)")
     ap.add_argument("--weight-decay", type=float, default=0.004, help="AdamW weight decay (0: plain Adam)")
     ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--colour-norm", action="store_true",
+                    help="the model's first step divides each channel of a cell by its mean over the cell (grey "
+                         "world): a slide's stain and light scale drop out")
     ap.add_argument("--val-fraction", type=float, default=0.15,
                     help="patients held out for validation when patients.csv has no split")
     ap.add_argument("--monitor-fraction", type=float, default=0.0,
@@ -238,7 +241,7 @@ def fit(args, arrays):
     # last epoch's weights or the mean over the last --average-last epochs.
     dm = (tf.data.Dataset.from_tensor_slices((xm.astype(np.float32), ym.astype(np.float32))).batch(256)
           if len(ym) else None)
-    model = build_model(args.size, args.width)
+    model = build_model(args.size, args.width, colour_norm=args.colour_norm)
     if args.schedule == "cosine":
         per_epoch = int(np.ceil(len(yt) / args.batch))
         steps = args.epochs * per_epoch

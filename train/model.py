@@ -11,7 +11,27 @@ from keras import layers
 logger = logging.getLogger(__name__)
 
 
-def build_model(size_px: int = 64, width: int = 16, dropout: float = 0.3) -> keras.Model:
+@keras.saving.register_keras_serializable(package="malaria_detect")
+class CellColourNorm(layers.Layer):
+    """Grey-world colour constancy per cell: each channel divided by its mean over the cell's own pixels
+    (the non-black ones), times 0.5. A slide's stain and light scale every channel of its cells alike; this
+    takes that scale out and keeps the contrast of a parasite against its cell. Part of the model (it runs on
+    the device inside the int8 graph), not of the shared preprocessing."""
+
+    def call(self, x):
+        # 1 / cell mean = share of the square the cell covers / mean of the square, written without a division:
+        # int8 DIV fails on ai_edge_litert (a divisor at its zero point) and tflite_runtime 2.14 has none; RSQRT
+        # runs on both (1/a = rsqrt(a)^2).
+        mask = keras.ops.cast(keras.ops.max(x, axis=-1, keepdims=True) > 0.0, x.dtype)
+        square_mean = keras.ops.mean(x * mask, axis=(1, 2), keepdims=True)
+        share = keras.ops.mean(mask, axis=(1, 2), keepdims=True)
+        # floored at 0.1 (a real cell is brighter: NIH cells ≥ 0.2) so that int8 calibration, whose range image is
+        # one white pixel on black, does not stretch 1/mean over a range that leaves real cells a few steps
+        r = keras.ops.rsqrt(keras.ops.maximum(square_mean, 0.1))
+        return x * (0.5 * share * r * r)
+
+
+def build_model(size_px: int = 64, width: int = 16, dropout: float = 0.3, colour_norm: bool = False) -> keras.Model:
     """A compact CNN: uint8 RGB in, one logit out (p_infected = sigmoid(logit)).
 
     Normalisation is the first layer, so the exported model eats raw pixels. A logit output (not a
@@ -20,6 +40,8 @@ def build_model(size_px: int = 64, width: int = 16, dropout: float = 0.3) -> ker
     """
     inputs = keras.Input((size_px, size_px, 3), dtype="float32", name="cell_rgb")
     x = layers.Rescaling(1.0 / 255.0, name="normalise")(inputs)
+    if colour_norm:
+        x = CellColourNorm(name="cell_colour_norm")(x)
     for i, mult in enumerate((1, 2, 4, 8)):
         x = layers.Conv2D(width * mult, 3, padding="same", use_bias=False, name=f"conv{i}")(x)
         x = layers.BatchNormalization(name=f"bn{i}")(x)
