@@ -431,8 +431,8 @@ def convert(args, argv: list[str]) -> Path:
     pos = np.concatenate([p[y == 1] for p, y in held_out])
     n_fp = int((neg >= threshold).sum())
     call_fpr = wilson_interval(n_fp, len(neg))[1]
-    # The card's own threshold is listed exactly: rounded (0.9789 for 0.978875...) its row measured
-    # another operating point (sensitivity 0.8506 for the card's 0.8543).
+    # The card's own threshold is listed exactly: rounded (0.9789 for 0.978875... on an earlier card) its row
+    # measured another operating point (sensitivity 0.8506 for that card's 0.8543).
     curve = [{"threshold": float(t),
               "call_false_positive_rate": wilson_interval(int((neg >= t).sum()), len(neg))[1],
               "sensitivity": float((pos >= t).mean())}

@@ -41,12 +41,13 @@ class AnalysisSettings:
     min_mean_brightness: float = 40.0  # 0-255 gray; below: lamp off or shutter closed
     min_foreground_frac: float = 0.05  # share of the field covered by cells
     # Cells narrower than this lose the parasites' detail: on the BBBC041 + IML held-out fields scaled
-    # down, parasite cells found fell from 6-8 of 22 (cells >= 33 px) to 2-4 (14-41 px).
+    # down, parasite cells found fell from 6-8 of 22 (cells >= 33 px) to 2-4 (14-41 px; the model before
+    # the one shipped on 2026-12-01).
     min_cell_diameter_px: float = 32.0
     # Pixel noise at the classifier's scale (gray levels, a cell resized to the model input, after the
     # background gains). The 64 IML and BBBC041 fields measure 0.09-0.87; added sensor noise of sd 5 /
     # 8 / 10 gives 1.25-1.68 / 1.71-2.60 / 2.01-3.19, a lamp at 55% with sd 6 2.25-3.38; sd 10 doubled
-    # the cells flagged infected with no field rejected.
+    # the cells flagged infected with no field rejected (the model before the one shipped on 2026-12-01).
     max_noise: float = 2.0
     # Median outline size of the kept cells / the cell size the search found. The 66 IML, BBBC041 and
     # fixture fields measure 0.86-1.01; fields segmented at a wrong size (a mosaic crop, a stretched frame,

@@ -146,10 +146,10 @@ class CellClassifier:
         """p_infected of every code of an 8-bit output, computed once; None for a float output.
 
         The logit's sigmoid rounds its last bit differently on different CPUs (numpy's AVX-512 exp on an
-        x86-64 machine, libm on a Pi's ARM core: 20 of the shipped model's 256 codes). The card's threshold
-        is itself such a score, so a cell at exactly the threshold's code could be flagged on one machine
-        and not on the other. A code whose score lies within a few ulps of one of the card's thresholds
-        (its own and its operating curve's) takes that threshold's exact value.
+        x86-64 machine, libm on a Pi's ARM core: 20 of the 256 codes of the model shipped before
+        2026-12-01). The card's threshold is itself such a score, so a cell at exactly the threshold's code
+        could be flagged on one machine and not on the other. A code whose score lies within a few ulps of
+        one of the card's thresholds (its own and its operating curve's) takes that threshold's exact value.
         """
         if dtype not in (np.dtype(np.uint8), np.dtype(np.int8)):
             return None

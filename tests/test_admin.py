@@ -75,7 +75,10 @@ def test_admin_page_shows_device_health_model_and_last_problems(make_env, monkey
     # the shipped card chose its threshold on the validation cells: the page says so beside the figures
     assert "Threshold chosen" in html and "measured on the cells it was chosen on" in html
     assert html.split('id="model-views">')[1].split("</dd>")[0] == "1: each cell as it is"
-    assert html.split('id="model-members">')[1].split("</dd>")[0] == "1: one trained model"
+    members = json.loads((SAMPLES_DIR.parents[1] / "models" / "cellnet_int8.json").read_text())["members"]["count"]
+    assert html.split('id="model-members">')[1].split("</dd>")[0] == (
+        f"{members}: each score is the mean of {members} trained models (inside the model, one pass each)"
+        if members > 1 else "1: one trained model")
     floor = html.split('id="review-floor">')[1].split("</dd>")[0]
     assert "cells scored from 0.7 up to the threshold are shown for review" in floor
     env.analyser.set_threshold(0.6)  # at or below the floor: a slide started now shows none

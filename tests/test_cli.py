@@ -177,6 +177,15 @@ def test_evaluate_fields_draws_every_classification_error_for_a_person_to_judge(
     cell = next(o for rec in records if rec["image"] == missed["image"] for o in rec["objects"]
                 if o["bbox"] == missed["box"])
     cell["category"] = "ring"
+    # A false positive: a parasite cell the model flags, boxed here as a plain red cell.
+    (fields / "annotations.json").write_text(json.dumps(records))
+    r = device("evaluate-fields", str(fields), "--json", str(tmp_path / "first.json"))
+    assert r.returncode == 0, r.stderr
+    unflagged = {(e["image"], tuple(e["box"])) for e in json.loads((tmp_path / "first.json").read_text())[
+        "classification"]["cell_errors"] if e["kind"] in ("missed", "not segmented")}
+    flagged = next(o for rec in records for o in rec["objects"] if o["category"] in ("ring", "trophozoite")
+                   and (rec["image"], tuple(map(float, o["bbox"]))) not in unflagged)
+    flagged["category"] = "red blood cell"
     (fields / "annotations.json").write_text(json.dumps(records))
     out = tmp_path / "errors"
     r = device("evaluate-fields", str(fields), "--errors", str(out), "--json", str(tmp_path / "r.json"))
