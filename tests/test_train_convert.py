@@ -375,6 +375,37 @@ def test_a_colour_norm_run_converts_to_int8_that_both_runtimes_run(tmp_path):
 
 
 @pytest.mark.slow
+def test_the_shipped_models_members_are_kept_and_are_the_shipped_model():
+    """models/members/ keeps the Keras runs the shipped ensemble was converted from (with their split and
+    command), so the model can be converted again: their mean logit is what the shipped int8 file scores,
+    to int8 rounding, and the card's training commands are theirs."""
+    import keras
+
+    import train.model  # noqa: F401  (registers CellColourNorm)
+    from convert.core import ensemble
+    from device.classifier import CellClassifier
+    from device.imageio import read_rgb
+    from device.preprocess import prepare_batch
+
+    shipped = CellClassifier(ROOT / "models" / "cellnet_int8.tflite")
+    card = shipped.card.data
+    kept = [ROOT / "models" / "members" / Path(m["model"]).parent.name for m in card["members"]["models"]]
+    assert [(k / "command.txt").read_text().strip() for k in kept] == [
+        m["training_command"] for m in card["members"]["models"]]
+    assert all((k / "split.json").is_file() for k in kept)
+    models = [keras.models.load_model(k / "model.keras", compile=False) for k in kept]
+    files = sorted((FIX / "Parasitized").glob("*.webp")) + sorted((FIX / "Uninfected").glob("*.webp"))
+    x = prepare_batch([read_rgb(f) for f in files], shipped.input_size_px)
+    mean_logit = ensemble(models).predict(x.astype(np.float32), verbose=0)[:, 0]
+    p = shipped.predict(x)
+    # in logits (a probability near 0.5 moves most per step): within a few of the output's steps (0.11)
+    assert np.abs(np.log(p / (1 - p)) - mean_logit).max() < 1.0
+    # and neither member alone is what the file scores (they differ from their mean by up to 2.3 here)
+    for m in models:
+        assert np.abs(m.predict(x.astype(np.float32), verbose=0)[:, 0] - mean_logit).max() > 1.5
+
+
+@pytest.mark.slow
 def test_parity_gate_refuses_and_writes_nothing(run_dir, tmp_path):
     out, run = tmp_path / "models", tmp_path / "run"
     run.mkdir()
