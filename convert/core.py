@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import logging
 import os
@@ -44,7 +45,13 @@ def extra_training_data(run_dir: Path) -> list[dict]:
     out = []
     for extra in (json.loads(sp.read_text()).get("extra_data", []) if sp.is_file() else []):
         fs = Path(extra) / "fields_split.json"
-        doc = json.loads(fs.read_text()) if fs.is_file() else {}
+        if not fs.is_file():
+            # without it the card would list no training fields, and evaluate-fields would score the fields
+            # the model trained on as held out
+            raise ConvertError(f"{run_dir} trained on extra cells from {extra}, whose fields_split.json is "
+                               "missing: make them again with `python -m train.fieldcrops` (same fields, same "
+                               "split) so that the card lists the field images the model trained on")
+        doc = json.loads(fs.read_text())
         out.append({"cells": extra, "fields_source": doc.get("source"), "train_images": doc.get("train", []),
                     "held_out_images": doc.get("val", [])})
     return out
@@ -334,7 +341,9 @@ def convert(args, argv: list[str]) -> Path:
     except OSError as exc:
         raise ConvertError(f"output folder {out_dir} cannot be written ({exc.strerror or exc})") from exc
     model_paths = [Path(m) for m in args.model]
-    if len({p.resolve() for p in model_paths}) < len(model_paths):
+    if len({p.resolve() for p in model_paths}) < len(model_paths) or (
+            len(model_paths) > 1 and all(p.is_file() for p in model_paths)
+            and len({sha256_of(p) for p in model_paths}) < len(model_paths)):  # also a run copied elsewhere
         raise ConvertError("the same model is given twice: ensemble members are distinct runs")
     model_path = model_paths[0]
     model = with_views(ensemble([load_keras(p) for p in model_paths]), args.views)
@@ -392,9 +401,11 @@ def convert(args, argv: list[str]) -> Path:
             p_monitor = clf.predict(xm) if threshold_on == "early-stopping" else p_val
             results[kind] = {"path": p, "card": card, "p_val": p_val, "p_monitor": p_monitor}
         runtimes = runtime_gate(td / f"{args.name}_int8.tflite")
-    # one run may be converted with several views, and be a member of ensembles: each keeps its own float32 file
-    variant = (f"_x{len(model_paths)}" if len(model_paths) > 1 else "") + (f"_views{args.views}" if args.views > 1
-                                                                           else "")
+    # one run may be converted with several views, and be the first member of several ensembles: each keeps its
+    # own float32 file (an ensemble's is named by its size and a digest of its members' paths)
+    members = "\n".join(str(p.resolve()) for p in model_paths)
+    variant = (f"_x{len(model_paths)}-{hashlib.sha256(members.encode()).hexdigest()[:8]}" if len(model_paths) > 1
+               else "") + (f"_views{args.views}" if args.views > 1 else "")
     float_path = model_path.parent / f"{args.name.replace('_int8', '')}{variant}_float32.tflite"  # after the gates
 
     m_keras = binary_metrics(yv, p_keras, 0.5)

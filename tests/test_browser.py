@@ -471,8 +471,8 @@ def test_reaching_the_counting_target_asks_to_finish_and_stops_auto_capture(brow
 
 
 def test_cells_near_the_threshold_are_reviewed_in_the_gallery(browser, make_env, tmp_path):
-    # the real model on a real field (5 of its cells score 0.7-0.979): the slide page says how many wait near
-    # the threshold, and a parasite confirmed among them counts at once on the review page
+    # the real model on a real field (11 of its cells score from 0.7 up to the threshold, 0.976): the slide page
+    # says how many wait near the threshold, and a parasite confirmed among them counts at once on the review page
     still = tmp_path / "still"
     still.mkdir()
     shutil.copy(SAMPLES_DIR / "00d04a90-80e5-4bce-9511-1b64eabb7a47.jpg", still / "field.jpg")

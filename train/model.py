@@ -25,8 +25,10 @@ class CellColourNorm(layers.Layer):
         mask = keras.ops.cast(keras.ops.max(x, axis=-1, keepdims=True) > 0.0, x.dtype)
         square_mean = keras.ops.mean(x * mask, axis=(1, 2), keepdims=True)
         share = keras.ops.mean(mask, axis=(1, 2), keepdims=True)
-        # floored at 0.1 (a real cell is brighter: NIH cells ≥ 0.2) so that int8 calibration, whose range image is
-        # one white pixel on black, does not stretch 1/mean over a range that leaves real cells a few steps
+        # floored at 0.1 so that int8 calibration, whose range image is one white pixel on black, does not stretch
+        # 1/mean over a range that leaves real cells a few steps. The floor is on the square's mean (cell mean x
+        # share): NIH cells go down to about 0.17, but the red channel of some blue BBBC041 cells lies below 0.1,
+        # and for those the step is not grey world (a dimmer channel stays dimmer).
         r = keras.ops.rsqrt(keras.ops.maximum(square_mean, 0.1))
         return x * (0.5 * share * r * r)
 
