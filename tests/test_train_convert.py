@@ -378,6 +378,7 @@ def test_a_colour_norm_run_converts_to_int8_that_both_runtimes_run(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Statistics for quantized inputs:UserWarning")  # the converter, on a bare layer
 def test_the_colour_norm_in_int8_follows_the_layer_on_real_cells():
     """The layer alone, converted as convert converts a model (calibrated on real cells plus the one-white-pixel
     range image): its int8 output on the 57 fixture cells follows the float layer to a few output steps. Without
