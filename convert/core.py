@@ -341,9 +341,8 @@ def convert(args, argv: list[str]) -> Path:
     except OSError as exc:
         raise ConvertError(f"output folder {out_dir} cannot be written ({exc.strerror or exc})") from exc
     model_paths = [Path(m) for m in args.model]
-    if len({p.resolve() for p in model_paths}) < len(model_paths) or (
-            len(model_paths) > 1 and all(p.is_file() for p in model_paths)
-            and len({sha256_of(p) for p in model_paths}) < len(model_paths)):  # also a run copied elsewhere
+    found = [p for p in model_paths if p.is_file()]  # (a missing one: load_keras says so)
+    if len({sha256_of(p) for p in found}) < len(found):  # by content: also a run copied to another folder
         raise ConvertError("the same model is given twice: ensemble members are distinct runs")
     model_path = model_paths[0]
     model = with_views(ensemble([load_keras(p) for p in model_paths]), args.views)
