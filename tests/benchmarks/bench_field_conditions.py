@@ -34,6 +34,7 @@ def main() -> int:
     ap.add_argument("--views", type=int, choices=(1, 2, 4), default=1,
                     help="score each cell as the mean logit of 1, 2 (+ mirrored) or 4 (+ upside down, both) flips")
     ap.add_argument("--threshold", type=float, default=None, help="evaluate-fields --threshold (default: the card's)")
+    ap.add_argument("--model", default=None, help="evaluate-fields --model (default: the shipped model)")
     args = ap.parse_args()
     import device.fields as fields
     import device.preprocess as preprocess
@@ -68,7 +69,8 @@ def main() -> int:
 
         CellClassifier.predict = mean_of_views
     threshold = [] if args.threshold is None else ["--threshold", str(args.threshold)]
-    return cli_main(["evaluate-fields", args.field_dir, *threshold])
+    model = [] if args.model is None else ["--model", args.model]
+    return cli_main(["evaluate-fields", args.field_dir, *threshold, *model])
 
 
 if __name__ == "__main__":
