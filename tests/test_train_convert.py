@@ -24,6 +24,16 @@ def run_module(*args, cwd=ROOT):
                           timeout=600)
 
 
+def fixture_cells(size: int, per_class: int | None = None) -> np.ndarray:
+    """The fixture's cells (the first ``per_class`` of each class, parasitized first) through the shared
+    preprocessing: a uint8 batch at ``size`` px."""
+    from device.imageio import read_rgb
+    from device.preprocess import prepare_batch
+
+    files = [f for label in ("Parasitized", "Uninfected") for f in sorted((FIX / label).glob("*.webp"))[:per_class]]
+    return prepare_batch([read_rgb(f) for f in files], size)
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     # the fixture cells and one cell of a training patient cut short (a copy interrupted): skipped and listed
@@ -209,8 +219,6 @@ def test_views_are_averaged_inside_the_converted_model(converted, run_dir, tmp_p
     import keras
 
     from device.classifier import CellClassifier
-    from device.imageio import read_rgb
-    from device.preprocess import prepare_batch
 
     r = run_module("convert", "--model", str(run_dir / "model.keras"), "--data", str(FIX), "--out", str(tmp_path),
                    "--representative", "20", "--max-drop", "1.0", "--views", "4")
@@ -220,8 +228,7 @@ def test_views_are_averaged_inside_the_converted_model(converted, run_dir, tmp_p
     assert card["views"]["views"] == ["as it is", "mirrored", "upside down", "both flips"]
     assert "--views 4" in card["conversion_command"]
     four, one = CellClassifier(tmp_path / "cellnet_int8.tflite"), CellClassifier(converted[0] / "cellnet_int8.tflite")
-    files = sorted((FIX / "Parasitized").glob("*.webp"))[:10] + sorted((FIX / "Uninfected").glob("*.webp"))[:10]
-    x = prepare_batch([read_rgb(f) for f in files], four.input_size_px)
+    x = fixture_cells(four.input_size_px, per_class=10)
     flips = [x, x[:, :, ::-1], x[:, ::-1], x[:, ::-1, ::-1]]
 
     def logit(clf, cells):
@@ -264,8 +271,6 @@ def test_an_ensemble_of_runs_is_one_model_giving_their_mean_logit(converted, run
 
     from convert.core import ConvertError, ensemble
     from device.classifier import CellClassifier, make_interpreter
-    from device.imageio import read_rgb
-    from device.preprocess import prepare_batch
 
     second = tmp_path / "run2"
     r = run_module("train", "--data", str(FIX), "--out", str(second), "--epochs", "1", "--size", "32", "--width", "4",
@@ -287,8 +292,7 @@ def test_an_ensemble_of_runs_is_one_model_giving_their_mean_logit(converted, run
     assert ops[0].count("CONV_2D") == 2 * ops[1].count("CONV_2D") > 0
     # in float the members' mean, exactly; the float32 file is kept apart from the one-model conversion's
     models = [keras.models.load_model(m, compile=False) for m in members]
-    files = sorted((FIX / "Parasitized").glob("*.webp"))[:8] + sorted((FIX / "Uninfected").glob("*.webp"))[:8]
-    x = prepare_batch([read_rgb(f) for f in files], 32).astype(np.float32)
+    x = fixture_cells(32, per_class=8).astype(np.float32)
     logits = [m.predict(x, verbose=0)[:, 0] for m in models]
     assert not np.allclose(logits[0], logits[1], atol=1e-3)  # two seeds: two models
     assert np.allclose(ensemble(models).predict(x, verbose=0)[:, 0], np.mean(logits, axis=0), rtol=1e-5, atol=1e-6)
@@ -335,11 +339,9 @@ def test_cell_colour_norm_divides_each_channel_by_the_cells_own_mean():
     """--colour-norm's first layer: a real NIH cell's channels over their mean inside the cell (x 0.5), the black
     outside kept black; the same cell under other per-channel gains (another stain, another lamp) gives the
     same input to the network."""
-    from device.imageio import read_rgb
-    from device.preprocess import prepare_batch
     from train.model import CellColourNorm
 
-    cell = prepare_batch([read_rgb(sorted((FIX / "Parasitized").glob("*.webp"))[0])], 48).astype(np.float32) / 255
+    cell = fixture_cells(48, per_class=1)[:1].astype(np.float32) / 255  # the first parasitized cell
     inside = cell.max(axis=-1) > 0
     assert 0.3 < inside.mean() < 0.95
     out = np.asarray(CellColourNorm()(cell))
@@ -387,12 +389,9 @@ def test_the_colour_norm_in_int8_follows_the_layer_on_real_cells():
     from ai_edge_litert.interpreter import Interpreter
 
     from convert.core import representative_images, to_tflite
-    from device.imageio import read_rgb
-    from device.preprocess import prepare_batch
     from train.model import CellColourNorm
 
-    files = sorted((FIX / "Parasitized").glob("*.webp")) + sorted((FIX / "Uninfected").glob("*.webp"))
-    x = prepare_batch([read_rgb(f) for f in files], 48)
+    x = fixture_cells(48)
     inp = keras.Input((48, 48, 3))
     layer = keras.Model(inp, CellColourNorm()(keras.layers.Rescaling(1 / 255)(inp)))
     interp = Interpreter(model_content=to_tflite(layer, representative_images(x[::2].astype(np.float32))))
@@ -421,8 +420,6 @@ def test_the_shipped_models_members_are_kept_and_are_the_shipped_model():
     import train.model  # noqa: F401  (registers CellColourNorm)
     from convert.core import ensemble
     from device.classifier import CellClassifier
-    from device.imageio import read_rgb
-    from device.preprocess import prepare_batch
 
     shipped = CellClassifier(ROOT / "models" / "cellnet_int8.tflite")
     card = shipped.card.data
@@ -431,8 +428,7 @@ def test_the_shipped_models_members_are_kept_and_are_the_shipped_model():
         m["training_command"] for m in card["members"]["models"]]
     assert all((k / "split.json").is_file() for k in kept)
     models = [keras.models.load_model(k / "model.keras", compile=False) for k in kept]
-    files = sorted((FIX / "Parasitized").glob("*.webp")) + sorted((FIX / "Uninfected").glob("*.webp"))
-    x = prepare_batch([read_rgb(f) for f in files], shipped.input_size_px)
+    x = fixture_cells(shipped.input_size_px)
     mean_logit = ensemble(models).predict(x.astype(np.float32), verbose=0)[:, 0]
     p = shipped.predict(x)
     # in logits (a probability near 0.5 moves most per step): within a few of the output's steps (0.11)
