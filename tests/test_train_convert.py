@@ -545,9 +545,9 @@ def test_field_crops_are_cut_like_the_device_and_join_training(tmp_path):
     assert "extra " in r.stderr and "training cells" in r.stderr and "class weights" in r.stderr
     assert json.loads((run / "split.json").read_text())["patients"]["monitor"]
     assert "val_loss" in json.loads((run / "history.json").read_text())  # the monitor patients were scored
-    # only the extra cells of training fields joined training, parasitized ones 4 times over (the default)
+    # only the extra cells of training fields joined training, parasitized ones 16 times over (the default)
     train_rows = [r for r in rows if r["split"] == "train"]
-    n_extra = len(train_rows) + 3 * sum(r["label"] == "parasitized" for r in train_rows)
+    n_extra = len(train_rows) + 15 * sum(r["label"] == "parasitized" for r in train_rows)
     assert f"extra {crops}: {n_extra} training cells" in r.stderr
     # a run with early-stopping patients: convert chooses its threshold on them, and the card says so
     out = tmp_path / "models"

@@ -210,3 +210,17 @@ def test_an_upper_case_suffix_is_a_cell_and_a_row_without_a_patient_takes_the_fi
     files, _ = list_cells(d)
     assert any(f.path == upper and f.patient == "C1" for f in files)
     assert all(f.patient for f in files) and {f.patient for f in files if f.path == first} == {"C1"}
+
+
+def test_extra_positive_repeat_below_one_is_refused_before_anything_is_read(tmp_path, capsys):
+    from train.__main__ import parse_args
+
+    base = ["--data", str(tmp_path / "none"), "--out", str(tmp_path / "run")]
+    assert parse_args(base).extra_positive_repeat == 16  # the shipped recipe's
+    assert parse_args([*base, "--extra-positive-repeat", "1"]).extra_positive_repeat == 1
+    for bad in ("0", "-3"):
+        with pytest.raises(SystemExit) as exc:
+            parse_args([*base, "--extra-positive-repeat", bad])
+        assert exc.value.code == 2
+        assert f"--extra-positive-repeat must be at least 1, got {bad}" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
