@@ -377,14 +377,46 @@ def test_a_colour_norm_run_converts_to_int8_that_both_runtimes_run(tmp_path):
 
     model = keras.models.load_model(run / "model.keras", compile=False)
     assert "cell_colour_norm" in [layer.name for layer in model.layers]
+    # the colour norm's ops run in float inside the int8 model, the network's in int8; raw pixels in, as always
+    assert card["input"]["dtype"] == "uint8" and card["input"]["quantization"] == {"scale": 1.0, "zero_point": 0}
+    assert card["output"]["dtype"] == "uint8"
+    ops = op_outputs((tmp_path / "m" / "cellnet_int8.tflite").read_bytes())
+    norm = [(op, dtype) for op, dtype, name in ops if "cell_colour_norm" in name]
+    assert {op for op, _ in norm} >= {"REDUCE_MAX", "MEAN", "RSQRT", "MUL"}
+    assert {dtype for op, dtype in norm if op != "GREATER"} == {"float32"}
+    assert {dtype for op, dtype, _ in ops if op in ("CONV_2D", "FULLY_CONNECTED", "MAX_POOL_2D")} == {"int8"}
+
+
+def op_outputs(tflite: bytes) -> list[tuple[str, str, str]]:
+    """(op, dtype of its first output, that output's name) of every op of a .tflite model, in graph order."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_content=tflite)
+    tensors = {d["index"]: d for d in interp.get_tensor_details()}
+    return [(op["op_name"], np.dtype(tensors[op["outputs"][0]]["dtype"]).name, tensors[op["outputs"][0]]["name"])
+            for op in interp._get_ops_details()]
+
+
+def test_only_a_colour_norm_is_kept_in_float():
+    """float_nodes names the colour norm's tensors, members' included, and nothing of a model without one."""
+    from convert.core import ensemble, float_nodes
+    from train.model import build_model
+
+    plain = build_model(32, 4)
+    assert float_nodes(plain) == []
+    names = float_nodes(ensemble([plain, build_model(32, 4, colour_norm=True)]))
+    assert names and all("cell_colour_norm" in n for n in names)
+    assert any(n.endswith("/Rsqrt") for n in names) and any(n.endswith("/Mean") for n in names)
 
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Statistics for quantized inputs:UserWarning")  # the converter, on a bare layer
 def test_the_colour_norm_in_int8_follows_the_layer_on_real_cells():
     """The layer alone, converted as convert converts a model (calibrated on real cells plus the one-white-pixel
-    range image): its int8 output on the 57 fixture cells follows the float layer to a few output steps. Without
-    the floor on the rsqrt's input, the range image stretches 1/mean and the median error is 5 times this."""
+    range image): its ops run in float, so its int8 model's output on the 57 fixture cells is the float layer's
+    rounded to the output's step (0.0008 median, 0.0028 at the 99th percentile, the step 0.0032), but where a
+    pixel lies past the calibrated range, which clips it. Computed in int8 it was off by 0.0025 and 0.0083 (and
+    without the floor on the rsqrt's input, where the range image stretched 1/mean, a median 0.014)."""
     import keras
     from ai_edge_litert.interpreter import Interpreter
 
@@ -406,7 +438,7 @@ def test_the_colour_norm_in_int8_follows_the_layer_on_real_cells():
     inside = x.max(axis=-1) > 0
     err = np.abs(int8 - ref)[inside]
     assert 0.5 < ref[inside].max() < 1.5  # cells over their mean, x 0.5: around 0.5
-    assert np.median(err) < 0.006 and np.percentile(err, 99) < 0.02  # without the floor: 0.014 and 0.039
+    assert np.median(err) <= 0.5 * scale and np.percentile(err, 99) <= scale  # the output's rounding
     assert (int8[~inside] == 0).all()
 
 
