@@ -397,16 +397,25 @@ def op_outputs(tflite: bytes) -> list[tuple[str, str, str]]:
             for op in interp._get_ops_details()]
 
 
-def test_only_a_colour_norm_is_kept_in_float():
-    """float_nodes names the colour norm's tensors, members' included, and nothing of a model without one."""
-    from convert.core import ensemble, float_nodes
+def test_only_a_colour_norm_is_kept_in_float(monkeypatch):
+    """float_nodes names the colour norm's tensors, members' included, and nothing of a model without one; a
+    colour norm whose tensors it cannot find by name is an error, not a model quantised whole."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from convert.core import ConvertError, ensemble, float_nodes
     from train.model import build_model
 
     plain = build_model(32, 4)
     assert float_nodes(plain) == []
-    names = float_nodes(ensemble([plain, build_model(32, 4, colour_norm=True)]))
+    pair = ensemble([plain, build_model(32, 4, colour_norm=True)])
+    names = float_nodes(pair)
     assert names and all("cell_colour_norm" in n for n in names)
     assert any(n.endswith("/Rsqrt") for n in names) and any(n.endswith("/Mean") for n in names)
+    details = Interpreter.get_tensor_details
+    monkeypatch.setattr(Interpreter, "get_tensor_details", lambda self: [
+        {**d, "name": d["name"].replace("cell_colour_norm", "renamed")} for d in details(self)])
+    with pytest.raises(ConvertError, match="no tensor of the colour norm"):
+        float_nodes(pair)
 
 
 @pytest.mark.slow
