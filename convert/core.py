@@ -11,6 +11,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -240,8 +241,11 @@ def to_tflite(model, rep: np.ndarray | None) -> bytes:
     # Its model takes and gives float; the input and output are then made uint8 as above (scale 1: raw pixels).
     conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
     options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=keep_float, fully_quantize=False)
-    debugger = tf.lite.experimental.QuantizationDebugger(converter=conv, debug_dataset=gen, debug_options=options)
-    return modify_model_io_type(debugger.get_nondebug_quantized_model(), tf.uint8, tf.uint8)
+    with warnings.catch_warnings():  # the debugger runs TensorFlow's own, deprecated tf.lite.Interpreter
+        warnings.filterwarnings("ignore", r"\s*Warning: tf.lite.Interpreter is deprecated", UserWarning)
+        debugger = tf.lite.experimental.QuantizationDebugger(converter=conv, debug_dataset=gen, debug_options=options)
+        quantised = debugger.get_nondebug_quantized_model()
+    return modify_model_io_type(quantised, tf.uint8, tf.uint8)
 
 
 def tensor_card(detail: dict) -> dict:
