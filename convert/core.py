@@ -181,12 +181,15 @@ def calibration_files(files: list, n: int, seed: int) -> list:
     return [files[i] for i in sorted(idx.tolist())]
 
 
-def float_nodes(model) -> list[str]:
+def float_nodes(model, float_tflite: bytes | None = None) -> list[str]:
     """Names of the graph's tensors that the int8 model keeps in float: those of every per-cell colour norm
     (``train.model.CellColourNorm``, also inside ensemble members). In int8 its means over the 48 px square and
     its reciprocal are rounded to 1/256 of their range, so each channel of a cell is scaled a little off the
     trained value (on the shipped pair, the int8 logit's error against float had a standard deviation of 0.257
     all in int8 and 0.165 with these in float; the file also ran faster: README, Conversion).
+
+    ``float_tflite``: the model already converted to float32 TFLite, whose tensor names are read (converted
+    here when not given).
 
     Raises:
         ConvertError: when the model has a colour norm but none of its tensors is found by name.
@@ -204,7 +207,7 @@ def float_nodes(model) -> list[str]:
     names = {layer.name for layer in walk(model) if isinstance(layer, CellColourNorm)}
     if not names:
         return []
-    interp = Interpreter(model_content=tf.lite.TFLiteConverter.from_keras_model(model).convert())
+    interp = Interpreter(model_content=float_tflite or tf.lite.TFLiteConverter.from_keras_model(model).convert())
     # the converted graph names a layer's tensors ".../<layer name>_1/<op>"
     found = sorted(d["name"] for d in interp.get_tensor_details()
                    if any(f"/{n}_1/" in d["name"] or f"/{n}/" in d["name"] for n in names))
@@ -214,9 +217,10 @@ def float_nodes(model) -> list[str]:
     return found
 
 
-def to_tflite(model, rep: np.ndarray | None) -> bytes:
+def to_tflite(model, rep: np.ndarray | None, float_tflite: bytes | None = None) -> bytes:
     """The float32 model (``rep`` None) or the int8 model calibrated on ``rep``: uint8 input (raw pixels, scale
-    1), uint8 logit output, every op int8 but those of :func:`float_nodes`."""
+    1), uint8 logit output, every op int8 but those of :func:`float_nodes` (``float_tflite``: the float32 model
+    when already converted)."""
     import tensorflow as tf
 
     conv = tf.lite.TFLiteConverter.from_keras_model(model)
@@ -229,7 +233,7 @@ def to_tflite(model, rep: np.ndarray | None) -> bytes:
             yield [rep[i : i + 1]]
 
     conv.representative_dataset = gen
-    keep_float = float_nodes(model)
+    keep_float = float_nodes(model, float_tflite)
     if not keep_float:
         conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         conv.inference_input_type = tf.uint8
@@ -427,7 +431,7 @@ def convert(args, argv: list[str]) -> Path:
     rep = representative_images(x_cal)
     logger.info("converting float32 and int8 (calibration: %d training cells + 1 range image)", len(rep) - 1)
     float_bytes = to_tflite(model, None)
-    int8_bytes = to_tflite(model, rep)
+    int8_bytes = to_tflite(model, rep, float_bytes)
 
     xv, yv = arrays["val"]
     xm, ym = arrays["monitor"] if threshold_on == "early-stopping" else (xv, yv)
