@@ -192,7 +192,7 @@ def float_nodes(model, float_tflite: bytes | None = None) -> list[str]:
     here when not given).
 
     Raises:
-        ConvertError: when the model has a colour norm but none of its tensors is found by name.
+        ConvertError: when a colour norm layer's operations are not found by name.
     """
     import tensorflow as tf
     from ai_edge_litert.interpreter import Interpreter
@@ -208,13 +208,41 @@ def float_nodes(model, float_tflite: bytes | None = None) -> list[str]:
     if not names:
         return []
     interp = Interpreter(model_content=float_tflite or tf.lite.TFLiteConverter.from_keras_model(model).convert())
-    # the converted graph names a layer's tensors ".../<layer name>_1/<op>"
-    found = sorted(d["name"] for d in interp.get_tensor_details()
-                   if any(f"/{n}_1/" in d["name"] or f"/{n}/" in d["name"] for n in names))
-    if not found:  # quantised whole instead, the file would still convert, and be the worse model
-        raise ConvertError(f"no tensor of the colour norm ({', '.join(sorted(names))}) found in the converted "
-                           "graph, to keep in float: TensorFlow names the layers' tensors otherwise")
-    return found
+    tensors = {d["index"]: d["name"] for d in interp.get_tensor_details()}
+    outputs = [tensors[i] for op in interp._get_ops_details() for i in op["outputs"]]
+
+    def of_layer(name: str, layer: str) -> bool:  # the converted graph names them ".../<layer>_1/<op>"
+        return f"/{layer}_1/" in name or f"/{layer}/" in name
+
+    missing = [n for n in sorted(names) if not any(of_layer(o, n) for o in outputs)]
+    if missing:  # quantised whole instead, the file would still convert, and be the worse model
+        raise ConvertError(f"no operation of the colour norm ({', '.join(missing)}) found in the converted graph, "
+                           "to keep in float: TensorFlow names the layers' tensors otherwise")
+    return sorted(d for d in set(tensors.values()) if any(of_layer(d, n) for n in names))
+
+
+def _check_float_ops(tflite: bytes, keep_float: list[str]) -> None:
+    """Every operation of ``keep_float`` gives float (or the mask's bool) and every other one int8, apart from
+    the (de)quantisation between them: the quantisation debugger and ``modify_model_io_type`` are experimental
+    and private TensorFlow API, and with float operations allowed, an operation that failed to quantise would
+    otherwise stay float without a word."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_content=tflite)
+    tensors = {d["index"]: d for d in interp.get_tensor_details()}
+    wanted = set(keep_float)
+    wrong = []
+    for op in interp._get_ops_details():
+        if op["op_name"] in ("QUANTIZE", "DEQUANTIZE"):
+            continue
+        out = tensors[op["outputs"][0]]
+        dtype = np.dtype(out["dtype"])
+        ok = {np.dtype(np.float32), np.dtype(np.bool_)} if out["name"] in wanted else {np.dtype(np.int8),
+                                                                                        np.dtype(np.uint8)}
+        if dtype not in ok:
+            wrong.append(f"{op['op_name']} {out['name']} ({dtype.name})")
+    if wrong:
+        raise ConvertError("the int8 model came out with operations of the wrong type: " + "; ".join(wrong[:5]))
 
 
 def to_tflite(model, rep: np.ndarray | None, float_tflite: bytes | None = None) -> bytes:
@@ -239,17 +267,19 @@ def to_tflite(model, rep: np.ndarray | None, float_tflite: bytes | None = None) 
         conv.inference_input_type = tf.uint8
         conv.inference_output_type = tf.uint8
         return conv.convert()
-    from tensorflow.lite.python.util import modify_model_io_type
+    from tensorflow.lite.python.util import modify_model_io_type  # private API, checked below with the result
 
-    # Selective quantisation goes through the quantisation debugger (the converter has no public switch for it).
-    # Its model takes and gives float; the input and output are then made uint8 as above (scale 1: raw pixels).
+    # Selective quantisation goes through the quantisation debugger (experimental; the converter has no public
+    # switch for it). Its model takes and gives float; the input and output are then made uint8 as above.
     conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
     options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=keep_float, fully_quantize=False)
     with warnings.catch_warnings():  # the debugger runs TensorFlow's own, deprecated tf.lite.Interpreter
         warnings.filterwarnings("ignore", r"\s*Warning: tf.lite.Interpreter is deprecated", UserWarning)
         debugger = tf.lite.experimental.QuantizationDebugger(converter=conv, debug_dataset=gen, debug_options=options)
         quantised = debugger.get_nondebug_quantized_model()
-    return modify_model_io_type(quantised, tf.uint8, tf.uint8)
+    blob = modify_model_io_type(quantised, tf.uint8, tf.uint8)
+    _check_float_ops(blob, keep_float)
+    return blob
 
 
 def tensor_card(detail: dict) -> dict:

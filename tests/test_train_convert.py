@@ -397,25 +397,47 @@ def op_outputs(tflite: bytes) -> list[tuple[str, str, str]]:
             for op in interp._get_ops_details()]
 
 
-def test_only_a_colour_norm_is_kept_in_float(monkeypatch):
-    """float_nodes names the colour norm's tensors, members' included, and nothing of a model without one; a
-    colour norm whose tensors it cannot find by name is an error, not a model quantised whole."""
+@pytest.mark.filterwarnings("ignore:Statistics for quantized inputs:UserWarning")  # the converter, on small models
+def test_float_nodes_names_every_colour_norm_and_nothing_else(monkeypatch):
+    """float_nodes names the colour norm's tensors of every member that has one, and no other layer's; nothing of
+    a model without one; a colour norm whose operations it cannot find by name is an error, not a model
+    quantised whole. And a converted model whose operations came out of another type than asked is refused."""
     from ai_edge_litert.interpreter import Interpreter
 
-    from convert.core import ConvertError, ensemble, float_nodes
+    from convert.core import ConvertError, _check_float_ops, ensemble, float_nodes
     from train.model import build_model
 
     plain = build_model(32, 4)
     assert float_nodes(plain) == []
-    pair = ensemble([plain, build_model(32, 4, colour_norm=True)])
-    names = float_nodes(pair)
-    assert names and all("cell_colour_norm" in n for n in names)
+    trio = ensemble([build_model(32, 4, colour_norm=True), plain, build_model(32, 4, colour_norm=True)])
+    names = float_nodes(trio)
+    # the two members' colour norms compute the same thing from the same input (the layer has no weights): the
+    # converter computes it once, under the first member's name, for both
+    assert {n.split("/")[1] for n in names if "/member_" in n} == {"member_1_1"}
     assert any(n.endswith("/Rsqrt") for n in names) and any(n.endswith("/Mean") for n in names)
+    assert not [n for n in names if any(k in n for k in ("conv", "bn", "relu", "pool", "gap", "logit", "normalise"))]
     details = Interpreter.get_tensor_details
-    monkeypatch.setattr(Interpreter, "get_tensor_details", lambda self: [
-        {**d, "name": d["name"].replace("cell_colour_norm", "renamed")} for d in details(self)])
-    with pytest.raises(ConvertError, match="no tensor of the colour norm"):
-        float_nodes(pair)
+    with monkeypatch.context() as m:
+        m.setattr(Interpreter, "get_tensor_details", lambda self: [
+            {**d, "name": d["name"].replace("cell_colour_norm", "renamed")}
+            for d in details(self)])
+        with pytest.raises(ConvertError, match="no operation of the colour norm"):
+            float_nodes(trio)
+    # the post-check: the float32 model is all float, so asking for only the colour norm in float is refused,
+    # as is an int8 model asked to keep a convolution in float
+    import tensorflow as tf
+
+    f32 = tf.lite.TFLiteConverter.from_keras_model(trio).convert()
+    with pytest.raises(ConvertError, match="operations of the wrong type: .*CONV_2D"):
+        _check_float_ops(f32, names)
+    x = fixture_cells(32, 6)
+    from convert.core import representative_images, to_tflite
+
+    int8 = to_tflite(trio, representative_images(x.astype(np.float32)), f32)
+    _check_float_ops(int8, names)  # as converted: passes
+    conv_out = next(n for _, dtype, n in op_outputs(int8) if "conv0" in n or "relu0" in n)
+    with pytest.raises(ConvertError, match="wrong type"):
+        _check_float_ops(int8, [*names, conv_out])
 
 
 @pytest.mark.slow
