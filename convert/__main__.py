@@ -1,7 +1,7 @@
 """python -m convert --model RUN_DIR/model.keras --data DIR --out models/
 
-Writes a full-integer int8 model (uint8 input and output) and its model card; refuses a model that
-loses accuracy in quantisation or uses ops the deployed runtimes cannot run.
+Writes an int8 model (a colour norm's few operations in float; uint8 input and output) and its model card;
+refuses a model that loses accuracy in quantisation or uses ops the deployed runtimes cannot run.
 """
 
 from __future__ import annotations

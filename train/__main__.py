@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "its train-split cells join training, its val-split cells are reported apart")
     ap.add_argument("--extra-positive-repeat", type=int, default=16,
                     help="each parasitized extra cell joins training this many times, each time augmented anew "
-                         "(field sets have few; default 16: at 4 the model flagged 0.69 of its own training "
+                         "(field sets have few; default 16: at 4 the model flagged 0.67 of its own training "
                          "fields' P. vivax parasite cells at its threshold)")
     args = ap.parse_args(argv)
     if args.extra_positive_repeat < 1:

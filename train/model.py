@@ -28,7 +28,9 @@ class CellColourNorm(layers.Layer):
         # floored at 0.1 so that int8 calibration, whose range image is one white pixel on black, does not stretch
         # 1/mean over a range that leaves real cells a few steps. The floor is on the square's mean (cell mean x
         # share): NIH cells go down to about 0.17, but the red channel of some blue BBBC041 cells lies below 0.1,
-        # and for those the step is not grey world (a dimmer channel stays dimmer).
+        # and for those the step is not grey world (a dimmer channel stays dimmer). convert now keeps this layer's
+        # operations in float (convert.core.float_nodes), where the stretch does not arise; the floor stays, as the
+        # trained models have it.
         r = keras.ops.rsqrt(keras.ops.maximum(square_mean, 0.1))
         return x * (0.5 * share * r * r)
 
