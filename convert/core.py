@@ -181,6 +181,17 @@ def calibration_files(files: list, n: int, seed: int) -> list:
     return [files[i] for i in sorted(idx.tolist())]
 
 
+def op_outputs(tflite: bytes) -> list[tuple[str, np.dtype, str]]:
+    """(operation, dtype of its first output, that output's name) of every operation of a .tflite model, in
+    graph order."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_content=tflite)
+    tensors = {d["index"]: d for d in interp.get_tensor_details()}
+    return [(op["op_name"], np.dtype(tensors[op["outputs"][0]]["dtype"]), tensors[op["outputs"][0]]["name"])
+            for op in interp._get_ops_details()]
+
+
 def float_nodes(model, float_tflite: bytes | None = None) -> list[str]:
     """Names of the graph's tensors that the int8 model keeps in float: those of every per-cell colour norm
     (``train.model.CellColourNorm``, also inside ensemble members). In int8 its means over the 48 px square and
@@ -195,7 +206,6 @@ def float_nodes(model, float_tflite: bytes | None = None) -> list[str]:
         ConvertError: when a colour norm layer's operations are not found by name.
     """
     import tensorflow as tf
-    from ai_edge_litert.interpreter import Interpreter
 
     from train.model import CellColourNorm
 
@@ -207,9 +217,8 @@ def float_nodes(model, float_tflite: bytes | None = None) -> list[str]:
     names = {layer.name for layer in walk(model) if isinstance(layer, CellColourNorm)}
     if not names:
         return []
-    interp = Interpreter(model_content=float_tflite or tf.lite.TFLiteConverter.from_keras_model(model).convert())
-    tensors = {d["index"]: d["name"] for d in interp.get_tensor_details()}
-    outputs = [tensors[i] for op in interp._get_ops_details() for i in op["outputs"]]
+    ops = op_outputs(float_tflite or tf.lite.TFLiteConverter.from_keras_model(model).convert())
+    outputs = [name for _, _, name in ops]
 
     def of_layer(name: str, layer: str) -> bool:  # the converted graph names them ".../<layer>_1/<op>"
         return f"/{layer}_1/" in name or f"/{layer}/" in name
@@ -218,7 +227,7 @@ def float_nodes(model, float_tflite: bytes | None = None) -> list[str]:
     if missing:  # quantised whole instead, the file would still convert, and be the worse model
         raise ConvertError(f"no operation of the colour norm ({', '.join(missing)}) found in the converted graph, "
                            "to keep in float: TensorFlow names the layers' tensors otherwise")
-    return sorted(d for d in set(tensors.values()) if any(of_layer(d, n) for n in names))
+    return sorted(o for o in set(outputs) if any(of_layer(o, n) for n in names))
 
 
 def _check_float_ops(tflite: bytes, keep_float: list[str]) -> None:
@@ -226,21 +235,14 @@ def _check_float_ops(tflite: bytes, keep_float: list[str]) -> None:
     the (de)quantisation between them: the quantisation debugger and ``modify_model_io_type`` are experimental
     and private TensorFlow API, and with float operations allowed, an operation that failed to quantise would
     otherwise stay float without a word."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    interp = Interpreter(model_content=tflite)
-    tensors = {d["index"]: d for d in interp.get_tensor_details()}
     wanted = set(keep_float)
     wrong = []
-    for op in interp._get_ops_details():
-        if op["op_name"] in ("QUANTIZE", "DEQUANTIZE"):
+    for op, dtype, name in op_outputs(tflite):
+        if op in ("QUANTIZE", "DEQUANTIZE"):
             continue
-        out = tensors[op["outputs"][0]]
-        dtype = np.dtype(out["dtype"])
-        ok = {np.dtype(np.float32), np.dtype(np.bool_)} if out["name"] in wanted else {np.dtype(np.int8),
-                                                                                        np.dtype(np.uint8)}
+        ok = (np.float32, np.bool_) if name in wanted else (np.int8, np.uint8)
         if dtype not in ok:
-            wrong.append(f"{op['op_name']} {out['name']} ({dtype.name})")
+            wrong.append(f"{op} {name} ({dtype.name})")
     if wrong:
         raise ConvertError("the int8 model came out with operations of the wrong type: " + "; ".join(wrong[:5]))
 

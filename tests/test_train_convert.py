@@ -380,21 +380,13 @@ def test_a_colour_norm_run_converts_to_int8_that_both_runtimes_run(tmp_path):
     # the colour norm's ops run in float inside the int8 model, the network's in int8; raw pixels in, as always
     assert card["input"]["dtype"] == "uint8" and card["input"]["quantization"] == {"scale": 1.0, "zero_point": 0}
     assert card["output"]["dtype"] == "uint8"
+    from convert.core import op_outputs
+
     ops = op_outputs((tmp_path / "m" / "cellnet_int8.tflite").read_bytes())
-    norm = [(op, dtype) for op, dtype, name in ops if "cell_colour_norm" in name]
+    norm = [(op, dtype.name) for op, dtype, name in ops if "cell_colour_norm" in name]
     assert {op for op, _ in norm} >= {"REDUCE_MAX", "MEAN", "RSQRT", "MUL"}
     assert {dtype for op, dtype in norm if op != "GREATER"} == {"float32"}
-    assert {dtype for op, dtype, _ in ops if op in ("CONV_2D", "FULLY_CONNECTED", "MAX_POOL_2D")} == {"int8"}
-
-
-def op_outputs(tflite: bytes) -> list[tuple[str, str, str]]:
-    """(op, dtype of its first output, that output's name) of every op of a .tflite model, in graph order."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    interp = Interpreter(model_content=tflite)
-    tensors = {d["index"]: d for d in interp.get_tensor_details()}
-    return [(op["op_name"], np.dtype(tensors[op["outputs"][0]]["dtype"]).name, tensors[op["outputs"][0]]["name"])
-            for op in interp._get_ops_details()]
+    assert {dtype.name for op, dtype, _ in ops if op in ("CONV_2D", "FULLY_CONNECTED", "MAX_POOL_2D")} == {"int8"}
 
 
 @pytest.mark.filterwarnings("ignore:Statistics for quantized inputs:UserWarning")  # the converter, on small models
@@ -404,7 +396,7 @@ def test_float_nodes_names_every_colour_norm_and_nothing_else(monkeypatch):
     quantised whole. And a converted model whose operations came out of another type than asked is refused."""
     from ai_edge_litert.interpreter import Interpreter
 
-    from convert.core import ConvertError, _check_float_ops, ensemble, float_nodes
+    from convert.core import ConvertError, _check_float_ops, ensemble, float_nodes, op_outputs
     from train.model import build_model
 
     plain = build_model(32, 4)
