@@ -28,13 +28,13 @@ MAX_SIDE_PX = 1 << 20  # OpenCV's decoders refuse a longer side (CV_IO_MAX_IMAGE
 TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # TIFF and BigTIFF, either byte order
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".bmp", ".tif", ".tiff"}
 # JPEG compression erases the small dark dots a parasite is: the 20 held-out IML fields (themselves
-# JPEGs of quality ~78) saved again at quality 75 / 50 / 20 gave 18 / 15 / 10 of 29 parasite cells flagged
-# instead of 19 with the shipped model (14 / 11 / 7 instead of 18 and, at 10, twenty false positives per
-# 1,000 cells with the model before; README, "Image files"). A JPEG whose
+# JPEGs of quality ~78) saved again at quality 75 / 50 / 20 gave 24 / 22 / 16 of 29 parasite cells flagged
+# instead of 25 with the shipped model, and at 10 four times the false positives (14.7 per 1,000 against
+# 3.6; earlier models: 18 / 15 / 10 instead of 19, and 14 / 11 / 7 instead of 18; README, "Image files"). A JPEG whose
 # quantisation says a quality below this is refused.
 MIN_JPEG_QUALITY = 70
 # Lossy WebP likewise: the held-out IML fields saved again as WebP at quality 95 / 90 / 85 / 80 / 60 / 40 /
-# 20 gave 18 / 18 / 17 / 14 / 8 / 6 / 5 of 29 parasite cells flagged with the shipped model (19 as stored;
+# 20 gave 24 / 23 / 23 / 20 / 15 / 8 / 7 of 29 parasite cells flagged with the shipped model (25 as stored;
 # README, "Image files"; tests/benchmarks/bench_field_conditions.py --webp-quality Q), so below 85 is refused. Its
 # quality is read back from the frame's quantiser index (webp_quantizer); libwebp's quality -> index:
 _WEBP_QUALITY_INDEX = ((100, 0), (98, 2), (95, 6), (90, 12), (85, 20), (80, 27), (75, 36), (70, 39), (60, 45),
