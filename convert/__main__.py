@@ -26,6 +26,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # validation accuracy was 0.9749 with 400 or 700 cells and 0.9752-0.9756 with 1,000 to 3,000 (Keras: 0.9756).
     ap.add_argument("--representative", type=int, default=1000,
                     help="training-patient cells drawn for int8 calibration (default 1000)")
+    ap.add_argument("--bias-cells", type=int, default=2000,
+                    help="other training-patient cells the int8 logit's mean error against float32 is measured "
+                         "on, and taken off the model's last bias (default 2000; 0: no correction)")
     ap.add_argument("--target-rbc", type=int, default=2000,
                     help="RBCs per slide the threshold is optimised for (default 2000)")
     ap.add_argument("--max-drop", type=float, default=0.005, help="largest int8 accuracy drop allowed")
@@ -33,7 +36,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="average the model over 1, 2 (+ mirrored) or 4 (+ upside down, both flips) flips of "
                          "each cell, inside the converted model (default 1); each view costs one more pass")
     ap.add_argument("--seed", type=int, default=1234)
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.representative < 1:
+        ap.error("--representative must be at least 1")
+    if args.bias_cells < 0:
+        ap.error("--bias-cells must be 0 (no correction) or more")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

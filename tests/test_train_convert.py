@@ -209,6 +209,9 @@ def test_convert_writes_int8_model_and_a_complete_card(converted, run_dir):
     clf = CellClassifier(model)
     assert clf.input_size_px == 32
     assert card["views"]["count"] == 1 and card["views"]["views"] == ["as it is"]
+    # the int8 logit's mean error was measured on training cells outside the 20 calibration ones
+    bias = card["int8_bias_correction"]
+    assert 0 < bias["cells"] == card["data"]["cells"]["train"] - 20 and bias["error_sd_before"] > 0
 
 
 @pytest.mark.slow
@@ -488,9 +491,45 @@ def test_the_shipped_models_members_are_kept_and_are_the_shipped_model():
     p = shipped.predict(x)
     # in logits (a probability near 0.5 moves most per step): within a few of the output's steps (0.11)
     assert np.abs(np.log(p / (1 - p)) - mean_logit).max() < 1.0
+    # convert took int8 rounding's mean shift off the logit (+0.15 on these cells before, -0.01 after)
+    assert abs(np.mean(np.log(p / (1 - p)) - mean_logit)) < 0.05
+    assert card["int8_bias_correction"]["applied"] < -0.1
     # and neither member alone is what the file scores (they differ from their mean by up to 2.3 here)
     for m in models:
         assert np.abs(m.predict(x.astype(np.float32), verbose=0)[:, 0] - mean_logit).max() > 1.5
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Statistics for quantized inputs:UserWarning")
+def test_the_int8_logits_mean_error_is_taken_off_the_last_bias_and_holds_on_other_cells():
+    """bias_corrected on the shipped pair: int8 rounding raised its logit by about +0.15 on average against
+    float32. Measured on half the fixture cells and taken off the members' last bias, the error on the other half
+    falls to near zero, the scatter stays, the members' weights come back as they were, and an error of zero
+    (the float model measured against itself) is left alone."""
+    import keras
+
+    import train.model  # noqa: F401  (registers CellColourNorm)
+    from convert.core import bias_corrected, ensemble, representative_images, tflite_logits, to_tflite
+
+    members = [keras.models.load_model(ROOT / "models" / "members" / r / "model.keras", compile=False)
+               for r in ("r20rep16", "r20cnrep16")]
+    model = ensemble(members)
+    x = fixture_cells(48)
+    measure, check = x[::2], x[1::2]
+    rep = representative_images(x.astype(np.float32))
+    f32 = to_tflite(model, None)
+    int8 = to_tflite(model, rep, f32)
+    before = tflite_logits(int8, check) - tflite_logits(f32, check)
+    biases = [m.layers[-1].bias.numpy().copy() for m in members]
+    corrected, info = bias_corrected(members, model, rep, f32, int8, measure)
+    after = tflite_logits(corrected, check) - tflite_logits(f32, check)
+    assert before.mean() > 0.08  # the shift to take out (0.14-0.16 on these cells)
+    assert info["cells"] == len(measure) and info["applied"] == pytest.approx(-info["mean_error_before"])
+    assert abs(after.mean()) < 0.04 and abs(info["mean_error_after"]) < 0.02
+    assert after.std() < 1.3 * before.std()
+    assert all(np.array_equal(m.layers[-1].bias.numpy(), b) for m, b in zip(members, biases, strict=True))
+    same, info = bias_corrected(members, model, rep, f32, f32, measure)
+    assert same is f32 and info["applied"] == 0.0 and info["mean_error_before"] == 0.0
 
 
 @pytest.mark.slow
@@ -547,6 +586,11 @@ def test_convert_bad_inputs_are_clear_errors(run_dir, tmp_path):
     junk.write_text("not a model")
     r = run_module("convert", "--model", str(junk), "--data", str(FIX), "--out", str(tmp_path / "m1"))
     assert r.returncode == 2 and "not a loadable Keras model" in r.stderr
+    for flag, value, message in (("--bias-cells", "-1", "0 (no correction) or more"),
+                                 ("--representative", "0", "at least 1")):
+        r = run_module("convert", "--model", str(run_dir / "model.keras"), "--data", str(FIX), "--out",
+                       str(tmp_path / "m9"), flag, value)
+        assert r.returncode == 2 and message in r.stderr and not (tmp_path / "m9").exists()
     # a model without its run's split.json: no re-made split (one took trained-on patients as held out)
     lone = tmp_path / "lone"
     lone.mkdir()
