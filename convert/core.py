@@ -312,6 +312,8 @@ def bias_corrected(members: list, model, rep: np.ndarray, float_bytes: bytes, in
     converted again with the same calibration, and the error measured again. A shift within twice its
     standard error is noise and left alone. The members' own weights are restored afterwards.
     """
+    if len(x) < 2:  # --bias-cells 0 (or 1): nothing to measure a mean error on
+        return int8_bytes, {"cells": int(len(x)), "applied": 0.0, "how": "not measured (--bias-cells below 2)"}
     err = tflite_logits(int8_bytes, x) - tflite_logits(float_bytes, x)
     shift, sd = float(err.mean()), float(err.std())
     info = {"cells": int(len(x)), "mean_error_before": shift, "error_sd_before": sd, "applied": 0.0,
@@ -319,7 +321,7 @@ def bias_corrected(members: list, model, rep: np.ndarray, float_bytes: bytes, in
                    "sample, taken off the last bias of every member and converted again with the same "
                    "calibration; left alone when within twice its standard error"}
     heads = [m.layers[-1] for m in members]
-    if len(x) < 2 or abs(shift) <= 2 * sd / np.sqrt(len(x)):
+    if abs(shift) <= 2 * sd / np.sqrt(len(x)):
         return int8_bytes, info
     if any(getattr(h, "bias", None) is None for h in heads):
         logger.warning("int8 logit error %+.3f not corrected: a member's last layer has no bias", shift)

@@ -30,11 +30,11 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".bmp", ".t
 # JPEG compression erases the small dark dots a parasite is: the 20 held-out IML fields (themselves
 # JPEGs of quality ~78) saved again at quality 75 / 50 / 20 gave 24 / 22 / 16 of 29 parasite cells flagged
 # instead of 25 with the shipped model, and at 10 four times the false positives (14.7 per 1,000 against
-# 3.6; earlier models: 18 / 15 / 10 instead of 19, and 14 / 11 / 7 instead of 18; README, "Image files"). A JPEG whose
+# 3.1; earlier models: 18 / 15 / 10 instead of 19, and 14 / 11 / 7 instead of 18; README, "Image files"). A JPEG whose
 # quantisation says a quality below this is refused.
 MIN_JPEG_QUALITY = 70
 # Lossy WebP likewise: the held-out IML fields saved again as WebP at quality 95 / 90 / 85 / 80 / 60 / 40 /
-# 20 gave 24 / 23 / 23 / 20 / 15 / 8 / 7 of 29 parasite cells flagged with the shipped model (25 as stored;
+# 20 gave 23 / 23 / 22 / 20 / 15 / 7 / 7 of 29 parasite cells flagged with the shipped model (25 as stored;
 # README, "Image files"; tests/benchmarks/bench_field_conditions.py --webp-quality Q), so below 85 is refused. Its
 # quality is read back from the frame's quantiser index (webp_quantizer); libwebp's quality -> index:
 _WEBP_QUALITY_INDEX = ((100, 0), (98, 2), (95, 6), (90, 12), (85, 20), (80, 27), (75, 36), (70, 39), (60, 45),

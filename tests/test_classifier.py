@@ -166,8 +166,8 @@ _DELETE = object()
     # edits that keep the model's sha256 but change every slide call (a flagged cell or two made positive)
     (_set("call_false_positive_rate", 0), "call_false_positive_rate 0 is not an upper bound"),
     (_set("threshold", 0.5), "disagrees with the operating curve"),
-    # edited within one step of the curve (~0.01): the rate kept lay between its neighbours' rows and passed,
-    # 0.00409 where the validation cells give 0.00637 at 0.970 (a healthy slide positive 6% of the time)
+    # edited within one step of the curve (~0.01): the rate kept lay between its neighbours' rows and passed (on
+    # an earlier card 0.00409 where the validation cells gave 0.00637 at 0.970: a healthy slide positive 6% of the time)
     (_set("threshold", 0.970), "threshold 0.97 disagrees with the operating curve: it has no row"),
     (_set("threshold", 0.3), "lies below the operating curve"),
     (_set("call_false_positive_rate", 0.0004), "disagrees with the operating curve"),

@@ -530,6 +530,8 @@ def test_the_int8_logits_mean_error_is_taken_off_the_last_bias_and_holds_on_othe
     assert all(np.array_equal(m.layers[-1].bias.numpy(), b) for m, b in zip(members, biases, strict=True))
     same, info = bias_corrected(members, model, rep, f32, f32, measure)
     assert same is f32 and info["applied"] == 0.0 and info["mean_error_before"] == 0.0
+    same, info = bias_corrected(members, model, rep, f32, int8, measure[:0])  # --bias-cells 0
+    assert same is int8 and info == {"cells": 0, "applied": 0.0, "how": "not measured (--bias-cells below 2)"}
 
 
 @pytest.mark.slow
