@@ -305,7 +305,7 @@ def bias_corrected(members: list, model, rep: np.ndarray, float_bytes: bytes, in
     """The int8 model converted again with its systematic logit error taken out, and what was measured.
 
     Int8 rounding of ``model`` (built from the Keras ``members``) shifts its logit on average, not only
-    scatters it: on the shipped pair, by +0.15 on 2,000 training cells outside the calibration sample (sd 0.16),
+    scatters it: on the shipped pair, by +0.157 on 2,000 training cells outside the calibration sample (sd 0.172),
     which flags more cells at any threshold than the trained model would. The mean error of the int8 model
     against the float32 one is measured on ``x`` (training-patient cells, never a held-out patient's) and taken
     off every member's last bias (the model's logit is their mean, so it moves by exactly that), the model
