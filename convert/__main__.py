@@ -39,8 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.representative < 1:
         ap.error("--representative must be at least 1")
-    if args.bias_cells < 0:
-        ap.error("--bias-cells must be 0 (no correction) or more")
+    if args.bias_cells < 0 or args.bias_cells == 1:  # one cell has no standard error to judge its mean by
+        ap.error("--bias-cells must be 0 (no correction) or at least 2")
     return args
 
 

@@ -197,7 +197,8 @@ def float_nodes(model, float_tflite: bytes | None = None) -> list[str]:
     (``train.model.CellColourNorm``, also inside ensemble members). In int8 its means over the 48 px square and
     its reciprocal are rounded to 1/256 of their range, so each channel of a cell is scaled a little off the
     trained value (on the shipped pair, the int8 logit's error against float had a standard deviation of 0.257
-    all in int8 and 0.165 with these in float; the file also ran faster: README, Conversion).
+    all in int8 and 0.165 with these in float, on one draw of 2,000 training cells; the file also ran faster:
+    README, Conversion).
 
     ``float_tflite``: the model already converted to float32 TFLite, whose tensor names are read (converted
     here when not given).
@@ -291,6 +292,10 @@ def tflite_logits(blob: bytes, x: np.ndarray) -> np.ndarray:
 
     interp = Interpreter(model_content=blob)
     i, o = interp.get_input_details()[0], interp.get_output_details()[0]
+    if i["dtype"] != np.float32 and tuple(i["quantization"]) != (1.0, 0):
+        # raw pixels go in as they are: another input scale would need quantising first
+        raise ConvertError(f"tflite_logits takes a float32 model or one whose input is raw pixels (scale 1, zero "
+                           f"point 0), not {i['quantization']}")
     interp.resize_tensor_input(i["index"], [len(x), *x.shape[1:]])
     interp.allocate_tensors()
     interp.set_tensor(i["index"], x.astype(i["dtype"]))
@@ -312,8 +317,9 @@ def bias_corrected(members: list, model, rep: np.ndarray, float_bytes: bytes, in
     converted again with the same calibration, and the error measured again. A shift within twice its
     standard error is noise and left alone. The members' own weights are restored afterwards.
     """
-    if len(x) < 2:  # --bias-cells 0 (or 1): nothing to measure a mean error on
-        return int8_bytes, {"cells": int(len(x)), "applied": 0.0, "how": "not measured (--bias-cells below 2)"}
+    if len(x) < 2:  # --bias-cells 0, or no training cell left beside the calibration sample
+        return int8_bytes, {"cells": int(len(x)), "applied": 0.0,
+                            "how": "not measured: fewer than 2 training cells outside the calibration sample"}
     err = tflite_logits(int8_bytes, x) - tflite_logits(float_bytes, x)
     shift, sd = float(err.mean()), float(err.std())
     info = {"cells": int(len(x)), "mean_error_before": shift, "error_sd_before": sd, "applied": 0.0,
@@ -322,6 +328,8 @@ def bias_corrected(members: list, model, rep: np.ndarray, float_bytes: bytes, in
                    "calibration; left alone when within twice its standard error"}
     heads = [m.layers[-1] for m in members]
     if abs(shift) <= 2 * sd / np.sqrt(len(x)):
+        logger.info("int8 logit error on %d training cells: mean %+.4f (sd %.4f), within twice its standard error: "
+                    "not corrected", len(x), shift, sd)
         return int8_bytes, info
     if any(getattr(h, "bias", None) is None for h in heads):
         logger.warning("int8 logit error %+.3f not corrected: a member's last layer has no bias", shift)
@@ -517,6 +525,8 @@ def convert(args, argv: list[str]) -> Path:
                                                     args.seed + 1), size)
     logger.info("train patients: %d, cells: %d (%d decoded for calibration, %d for the int8 bias)",
                 len(sets["train"]), len(train_files), len(x_cal), len(x_bias))
+    if args.bias_cells and len(x_bias) < 2:
+        logger.warning("no int8 bias correction: fewer than 2 readable training cells outside the calibration sample")
     if len(arrays["val"][1]) == 0 or len(set(arrays["val"][1].tolist())) < 2:
         raise ConvertError(f"validation patients in {args.data} need cells of both classes")
     # The threshold is chosen on held-out patients: the early-stopping ones, or -- for a model trained on

@@ -29,7 +29,7 @@ TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # TIFF and BigTI
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".bmp", ".tif", ".tiff"}
 # JPEG compression erases the small dark dots a parasite is: the 20 held-out IML fields (themselves
 # JPEGs of quality ~78) saved again at quality 75 / 50 / 20 gave 24 / 22 / 16 of 29 parasite cells flagged
-# instead of 25 with the shipped model, and at 10 four times the false positives (14.7 per 1,000 against
+# instead of 25 with the shipped model, and at 10 nearly five times the false positives (14.7 per 1,000 against
 # 3.1; earlier models: 18 / 15 / 10 instead of 19, and 14 / 11 / 7 instead of 18; README, "Image files"). A JPEG whose
 # quantisation says a quality below this is refused.
 MIN_JPEG_QUALITY = 70

@@ -209,9 +209,16 @@ def test_convert_writes_int8_model_and_a_complete_card(converted, run_dir):
     clf = CellClassifier(model)
     assert clf.input_size_px == 32
     assert card["views"]["count"] == 1 and card["views"]["views"] == ["as it is"]
-    # the int8 logit's mean error was measured on training cells outside the 20 calibration ones
+    # the int8 logit's mean error was measured on training cells outside the 20 calibration ones, and taken off
+    # when beyond twice its standard error; the float32 model stays the trained one (the Keras model's figures)
     bias = card["int8_bias_correction"]
     assert 0 < bias["cells"] == card["data"]["cells"]["train"] - 20 and bias["error_sd_before"] > 0
+    if abs(bias["mean_error_before"]) > 2 * bias["error_sd_before"] / bias["cells"] ** 0.5:
+        assert bias["applied"] == -bias["mean_error_before"]
+        assert abs(bias["mean_error_after"]) < abs(bias["mean_error_before"])
+    else:
+        assert bias["applied"] == 0.0 and "mean_error_after" not in bias
+    assert card["metrics"]["keras"]["auc"] == pytest.approx(card["metrics"]["float32"]["auc"], abs=1e-3)
 
 
 @pytest.mark.slow
@@ -230,6 +237,7 @@ def test_views_are_averaged_inside_the_converted_model(converted, run_dir, tmp_p
     assert card["views"]["count"] == 4
     assert card["views"]["views"] == ["as it is", "mirrored", "upside down", "both flips"]
     assert "--views 4" in card["conversion_command"]
+    assert card["int8_bias_correction"]["cells"] > 0  # measured on the four-view model as on any other
     four, one = CellClassifier(tmp_path / "cellnet_int8.tflite"), CellClassifier(converted[0] / "cellnet_int8.tflite")
     x = fixture_cells(four.input_size_px, per_class=10)
     flips = [x, x[:, :, ::-1], x[:, ::-1], x[:, ::-1, ::-1]]
@@ -501,7 +509,7 @@ def test_the_shipped_models_members_are_kept_and_are_the_shipped_model():
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Statistics for quantized inputs:UserWarning")
-def test_the_int8_logits_mean_error_is_taken_off_the_last_bias_and_holds_on_other_cells():
+def test_the_int8_logits_mean_error_is_taken_off_the_last_bias_and_holds_on_other_cells(monkeypatch):
     """bias_corrected on the shipped pair: int8 rounding raised its logit by about +0.15 on average against
     float32. Measured on half the fixture cells and taken off the members' last bias, the error on the other half
     falls to near zero, the scatter stays, the members' weights come back as they were, and an error of zero
@@ -531,7 +539,42 @@ def test_the_int8_logits_mean_error_is_taken_off_the_last_bias_and_holds_on_othe
     same, info = bias_corrected(members, model, rep, f32, f32, measure)
     assert same is f32 and info["applied"] == 0.0 and info["mean_error_before"] == 0.0
     same, info = bias_corrected(members, model, rep, f32, int8, measure[:0])  # --bias-cells 0
-    assert same is int8 and info == {"cells": 0, "applied": 0.0, "how": "not measured (--bias-cells below 2)"}
+    assert same is int8 and info["cells"] == 0 and info["applied"] == 0.0 and info["how"].startswith("not measured")
+    # a conversion that fails midway leaves the members as they were
+    import convert.core
+
+    def broken(*a, **k):
+        raise RuntimeError("converter failed")
+
+    monkeypatch.setattr(convert.core, "to_tflite", broken)
+    with pytest.raises(RuntimeError, match="converter failed"):
+        bias_corrected(members, model, rep, f32, int8, measure)
+    assert all(np.array_equal(m.layers[-1].bias.numpy(), b) for m, b in zip(members, biases, strict=True))
+    # the shift reaches the logit exactly through the ensemble and the views: each averages the members' logits
+    from convert.core import with_views
+
+    four = with_views(model, 4)
+    before_k = four.predict(check.astype(np.float32), verbose=0)[:, 0]
+    for m in members:
+        m.layers[-1].bias.assign(m.layers[-1].bias - 0.3)
+    after_k = four.predict(check.astype(np.float32), verbose=0)[:, 0]
+    np.testing.assert_allclose(before_k - after_k, 0.3, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_bias_cells_zero_converts_without_the_correction(run_dir, converted, tmp_path):
+    """--bias-cells 0: no cells drawn, nothing measured, the file as the first conversion made it."""
+    r = run_module("convert", "--model", str(run_dir / "model.keras"), "--data", str(FIX), "--out", str(tmp_path),
+                   "--representative", "20", "--max-drop", "1.0", "--bias-cells", "0")
+    assert r.returncode == 0, r.stderr[-3000:]
+    card = json.loads((tmp_path / "cellnet_int8.json").read_text())
+    assert card["int8_bias_correction"]["cells"] == 0 and card["int8_bias_correction"]["applied"] == 0.0
+    assert "0 for the int8 bias" in r.stderr
+    corrected = json.loads((converted[0] / "cellnet_int8.json").read_text())["int8_bias_correction"]
+    if corrected["applied"] == 0.0:  # nothing was taken off there either: the same bytes
+        assert card["sha256"] == json.loads((converted[0] / "cellnet_int8.json").read_text())["sha256"]
+    else:
+        assert card["sha256"] != json.loads((converted[0] / "cellnet_int8.json").read_text())["sha256"]
 
 
 @pytest.mark.slow
@@ -588,7 +631,8 @@ def test_convert_bad_inputs_are_clear_errors(run_dir, tmp_path):
     junk.write_text("not a model")
     r = run_module("convert", "--model", str(junk), "--data", str(FIX), "--out", str(tmp_path / "m1"))
     assert r.returncode == 2 and "not a loadable Keras model" in r.stderr
-    for flag, value, message in (("--bias-cells", "-1", "0 (no correction) or more"),
+    for flag, value, message in (("--bias-cells", "-1", "0 (no correction) or at least 2"),
+                                 ("--bias-cells", "1", "0 (no correction) or at least 2"),
                                  ("--representative", "0", "at least 1")):
         r = run_module("convert", "--model", str(run_dir / "model.keras"), "--data", str(FIX), "--out",
                        str(tmp_path / "m9"), flag, value)
