@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from device.classifier import CellClassifier, make_interpreter
+from device.classifier import CellClassifier, dequantize, make_interpreter, quantize
 from device.config import THRESHOLD_SAFE_RANGE
 from device.metrics import binary_metrics
 from device.model_card import CLASS_ORDER, ModelError, sha256_of
@@ -286,23 +286,19 @@ def to_tflite(model, rep: np.ndarray | None, float_tflite: bytes | None = None) 
 
 
 def tflite_logits(blob: bytes, x: np.ndarray) -> np.ndarray:
-    """The logit a .tflite model (float32, or uint8 in and out) gives each cell of ``x`` (raw uint8 pixels), in
-    one batched call."""
+    """The logit a .tflite model (float32, or quantised in and out) gives each cell of ``x`` (raw uint8 pixels),
+    in one batched call."""
     from ai_edge_litert.interpreter import Interpreter
 
     interp = Interpreter(model_content=blob)
     i, o = interp.get_input_details()[0], interp.get_output_details()[0]
-    if i["dtype"] != np.float32 and tuple(i["quantization"]) != (1.0, 0):
-        # raw pixels go in as they are: another input scale would need quantising first
-        raise ConvertError(f"tflite_logits takes a float32 model or one whose input is raw pixels (scale 1, zero "
-                           f"point 0), not {i['quantization']}")
     interp.resize_tensor_input(i["index"], [len(x), *x.shape[1:]])
     interp.allocate_tensors()
-    interp.set_tensor(i["index"], x.astype(i["dtype"]))
+    cells = (x.astype(np.float32) if i["dtype"] == np.float32  # the device's quantisation, as CellClassifier's
+             else quantize(x.astype(np.float64), *i["quantization"], i["dtype"]))
+    interp.set_tensor(i["index"], cells)
     interp.invoke()
-    raw = interp.get_tensor(o["index"]).astype(np.float64).ravel()
-    scale, zero = o["quantization"]
-    return (raw - zero) * scale if scale else raw
+    return dequantize(interp.get_tensor(o["index"]).ravel(), *o["quantization"])
 
 
 def bias_corrected(members: list, model, rep: np.ndarray, float_bytes: bytes, int8_bytes: bytes,
