@@ -316,7 +316,8 @@ def bias_corrected(members: list, model, rep: np.ndarray, float_bytes: bytes, in
     if len(x) < 2:  # --bias-cells 0, or no training cell left beside the calibration sample
         return int8_bytes, {"cells": int(len(x)), "applied": 0.0,
                             "how": "not measured: fewer than 2 training cells outside the calibration sample"}
-    err = tflite_logits(int8_bytes, x) - tflite_logits(float_bytes, x)
+    ref = tflite_logits(float_bytes, x)
+    err = tflite_logits(int8_bytes, x) - ref
     shift, sd = float(err.mean()), float(err.std())
     info = {"cells": int(len(x)), "mean_error_before": shift, "error_sd_before": sd, "applied": 0.0,
             "how": "the mean of (int8 logit - float32 logit) on training-patient cells outside the calibration "
@@ -338,7 +339,7 @@ def bias_corrected(members: list, model, rep: np.ndarray, float_bytes: bytes, in
     finally:
         for h, b in zip(heads, saved, strict=True):
             h.bias.assign(b)
-    after = tflite_logits(corrected, x) - tflite_logits(float_bytes, x)
+    after = tflite_logits(corrected, x) - ref
     logger.info("int8 logit error on %d training cells: mean %+.4f (sd %.4f) before, %+.4f (sd %.4f) after "
                 "taking %.4f off the last bias", len(x), shift, sd, after.mean(), after.std(), shift)
     return corrected, {**info, "applied": -shift, "mean_error_after": float(after.mean()),
