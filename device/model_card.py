@@ -15,6 +15,12 @@ from pathlib import Path
 import numpy as np
 
 CLASS_ORDER = ["uninfected", "parasitized"]
+# What the device feeds the model: raw RGB pixels, batch x height x width x channel, made by the one
+# preprocessing path. A card that says otherwise describes a model the device would feed wrong input
+# (RGB to a BGR model scored three parasitized cells infected all the same: nothing would show it).
+INPUT_CHANNEL_ORDER = "RGB"
+INPUT_LAYOUT = "NHWC"
+INPUT_PREPROCESSING = "device.preprocess.prepare_cell"
 
 
 class ModelError(RuntimeError):
@@ -171,6 +177,15 @@ def _card_problem(data: dict) -> str | None:
         problem = _tensor_problem(which, data[which])
         if problem:
             return problem
+    inp = data["input"]
+    if inp.get("channel_order") != INPUT_CHANNEL_ORDER:
+        return f"input.channel_order {inp.get('channel_order')!r} is not {INPUT_CHANNEL_ORDER!r}: the device feeds RGB"
+    if inp.get("layout") != INPUT_LAYOUT:
+        return f"input.layout {inp.get('layout')!r} is not {INPUT_LAYOUT!r}: the device feeds NHWC"
+    pre = inp.get("preprocessing")
+    if not (isinstance(pre, str) and pre.split(":")[0].strip() == INPUT_PREPROCESSING):
+        return (f"input.preprocessing {pre!r} does not name {INPUT_PREPROCESSING}, the only preprocessing "
+                "the device has")
     if len(data["input"]["shape"]) != 4 or data["input"]["shape"][3] != 3:
         return f"input.shape {data['input']['shape']} is not [batch, side, side, 3]"
     if data["output"]["shape"][1:] != [1]:

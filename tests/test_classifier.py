@@ -174,6 +174,13 @@ _DELETE = object()
     (_set("output.kind", "probability"), "says probability, but the output spans"),
     # the output read as p_infected would be p(uninfected)
     (_set("class_order", ["parasitized", "uninfected"]), "class order"),
+    # the device feeds RGB, NHWC, made by prepare_cell: a card asking for anything else was accepted and fed
+    # RGB all the same (a BGR card's model scored three parasitized cells infected: nothing showed it)
+    (_set("input.channel_order", "BGR"), "input.channel_order 'BGR' is not 'RGB'"),
+    (_set("input.channel_order", _DELETE), "input.channel_order None is not 'RGB'"),
+    (_set("input.layout", "NCHW"), "input.layout 'NCHW' is not 'NHWC'"),
+    (_set("input.preprocessing", "train.other_resize: stretched"), "input.preprocessing .* does not name"),
+    (_set("input.preprocessing", _DELETE), "input.preprocessing None does not name"),
     (_set("input.shape", [1, 48, 48, 1]), r"input.shape \[1, 48, 48, 1\] is not \[batch, side, side, 3\]"),
     (_set("input.dtype", "int8"), "input contradicts its card.*dtype uint8 vs card int8"),
     (lambda card: json.dumps({**card, "operating_curve": card["operating_curve"] * 2}).encode(),

@@ -223,3 +223,49 @@ def test_extra_positive_repeat_below_one_is_refused(tmp_path, capsys):
             parse_args([*base, "--extra-positive-repeat", bad])
         assert exc.value.code == 2
         assert f"--extra-positive-repeat must be at least 1, got {bad}" in capsys.readouterr().err
+
+
+def test_training_and_conversion_cells_are_the_devices_model_input_byte_for_byte():
+    """The one preprocessing path: train and convert read their cells through ``load_arrays``, which must give
+    exactly what the device feeds the model, ``prepare_batch`` of the RGB crop (padding to a square on
+    black, the resize, RGB order). Decoded here independently, by OpenCV in BGR and turned around, so a
+    channel swap on either side shows too. A stretched resize plus a channel swap in ``load_arrays`` passed
+    every test before this one."""
+    import cv2
+    import numpy as np
+
+    from device.preprocess import prepare_batch
+
+    files, _ = list_cells(FIX)
+    crops = [cv2.imread(str(cf.path), cv2.IMREAD_COLOR)[:, :, ::-1] for cf in files]
+    assert sum(c.shape[0] != c.shape[1] for c in crops) >= 10  # crops that are not square: the padding counts
+    for size in (48, 64):
+        x, y, kept, skipped = load_arrays(files, size)
+        assert not skipped and len(kept) == len(files)
+        assert x.dtype == np.uint8 and x.shape == (len(files), size, size, 3)
+        assert np.array_equal(x, prepare_batch(crops, size))
+        assert list(y) == [cf.label for cf in files]
+    # and the first channel is the red one: the parasitized crops' stain is pink-purple, R above B in the cell
+    red_minus_blue = [int(c[..., 0].astype(int).sum() - c[..., 2].astype(int).sum()) for c in crops]
+    assert np.median(red_minus_blue) > 0
+
+
+def test_train_and_convert_resize_and_reorder_no_pixels_of_their_own():
+    """Every resize and channel reordering of cell pixels lives in ``device.preprocess``: train and convert
+    call it and do none of their own (writing a crop file with OpenCV is the one colour conversion)."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    for path in sorted([*(root / "train").glob("*.py"), *(root / "convert").glob("*.py")]):
+        tree = ast.parse(path.read_text())
+        written = {id(inner) for call in ast.walk(tree)
+                   if isinstance(call, ast.Call) and ast.unparse(call.func) == "cv2.imwrite"
+                   for inner in ast.walk(call)}
+        for node in ast.walk(tree):
+            where = f"{path.relative_to(root)}:{getattr(node, 'lineno', '?')}"
+            if isinstance(node, ast.Call):
+                f = ast.unparse(node.func)
+                assert f not in ("cv2.resize", "tf.image.resize", "np.flip", "tf.reverse"), f"{where}: {f}"
+                assert f != "cv2.cvtColor" or id(node) in written, f"{where}: a colour conversion"
+            if isinstance(node, ast.Subscript) and "::-1" in ast.unparse(node.slice):
+                raise AssertionError(f"{where}: a reversed axis ({ast.unparse(node)})")
