@@ -380,13 +380,21 @@ def near_threshold(cell: CellVerdict, floor: float | None) -> bool:
 def annotate(image_rgb: np.ndarray, result: FieldResult, near_from: float | None = None) -> np.ndarray:
     """A copy of the field with each cell boxed: red for infected, amber for a cell not flagged but scored
     from ``near_from`` up (near the threshold: shown for review; None: none), green for the others."""
-    out = image_rgb.copy()
+    return draw_annotation(image_rgb.copy(), result, near_from)
+
+
+def draw_annotation(image: np.ndarray, result: FieldResult, near_from: float | None = None, *,
+                    bgr: bool = False) -> np.ndarray:
+    """:func:`annotate`'s boxes drawn into ``image`` itself (RGB, or BGR with ``bgr``: the same colours),
+    which is returned: for a caller that has a copy of its own to draw on (a full frame is 3 bytes a pixel)."""
+    out = image
+    order = (lambda rgb: rgb[::-1]) if bgr else (lambda rgb: rgb)
     thick = max(1, round(max(out.shape[:2]) / 600))
     for c in result.cells:
         x, y, w, h = c.bbox
         near = near_threshold(c, near_from)
         colour = INFECTED_RGB if c.infected else NEAR_RGB if near else UNINFECTED_RGB
-        cv2.rectangle(out, (x, y), (x + w - 1, y + h - 1), colour, thick + (1 if c.infected or near else 0))
+        cv2.rectangle(out, (x, y), (x + w - 1, y + h - 1), order(colour), thick + (1 if c.infected or near else 0))
     if result.rejected:
-        cv2.putText(out, "REJECTED", (10, 40), cv2.FONT_HERSHEY_SIMPLEX, 1.2, INFECTED_RGB, 3)
+        cv2.putText(out, "REJECTED", (10, 40), cv2.FONT_HERSHEY_SIMPLEX, 1.2, order(INFECTED_RGB), 3)
     return out

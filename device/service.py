@@ -35,7 +35,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from device.analysis import AnalysisSettings, FieldResult, analyze_field, annotate, near_threshold
+from device.analysis import AnalysisSettings, FieldResult, analyze_field, draw_annotation, near_threshold
 from device.slide import SlideSummary, summarize_slide
 from device.store import (
     Conflict,
@@ -265,7 +265,11 @@ def review_crop(rgb: np.ndarray, bbox: tuple[int, int, int, int]) -> np.ndarray:
 
 
 def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
-    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    return _imencode_jpeg(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), quality)
+
+
+def _imencode_jpeg(bgr: np.ndarray, quality: int) -> bytes:
+    ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, quality])
     if not ok:  # pragma: no cover
         raise RuntimeError("JPEG encoding failed")
     return buf.tobytes()
@@ -636,10 +640,16 @@ class FieldAnalyser:
             i: encode_jpeg(review_crop(rgb, c.bbox), CROP_JPEG_QUALITY)
             for i, c in enumerate(result.cells)
             if c.infected or near_threshold(c, crop_floor)}
-        return FieldImages(annotated_jpeg=encode_jpeg(annotate(rgb, result, near_from=crop_floor),
-                                                      ANNOTATED_JPEG_QUALITY),
-                           raw_jpeg=encode_jpeg(rgb, RAW_JPEG_QUALITY) if save_raw else None,
-                           crops_jpeg=crops)
+        # One full-frame copy, in the encoder's BGR order: the raw frame is encoded from it, then the boxes
+        # are drawn into it. (A copy to draw on and one per encoding made three: a 50 MP upload took the
+        # service from 145 to 718 MB, past the unit's MemoryMax, and was lost.) The caller's frame is not
+        # touched.
+        bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+        raw = _imencode_jpeg(bgr, RAW_JPEG_QUALITY) if save_raw else None
+        annotated = _imencode_jpeg(draw_annotation(bgr, result, near_from=crop_floor, bgr=True),
+                                   ANNOTATED_JPEG_QUALITY)
+        del bgr
+        return FieldImages(annotated_jpeg=annotated, raw_jpeg=raw, crops_jpeg=crops)
 
     def shutdown(self, wait: bool = True) -> None:
         self._executor.shutdown(wait=wait, cancel_futures=True)

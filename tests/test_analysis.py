@@ -280,3 +280,31 @@ def test_a_cell_scored_exactly_at_the_threshold_is_flagged(classifier):
     above = analyze_field(rgb, fixed, AnalysisSettings(threshold=float(np.nextafter(at, 1.0))))
     exact = [i for i, s in enumerate(scores) if s == at]
     assert exact and all(on.cells[i].infected for i in exact) and not any(above.cells[i].infected for i in exact)
+
+
+def test_the_service_encodes_the_same_images_from_one_frame_copy(classifier, tmp_path):
+    """encode_images draws the boxes into its one BGR copy of the frame after the raw frame is encoded from it
+    (a copy to draw on and one per encoding were three: a 50 MP upload passed the unit's MemoryMax). The
+    JPEGs are byte for byte those of annotate() and of the frame, encoded apart, and the frame is untouched;
+    a rejected field's REJECTED is drawn in the same red."""
+    from device.analysis import FieldResult, annotate, draw_annotation
+    from device.service import ANNOTATED_JPEG_QUALITY, RAW_JPEG_QUALITY, FieldAnalyser, encode_jpeg
+    from device.store import Store
+
+    rgb = read_rgb(FIELDS[0])
+    before = rgb.copy()
+    res = analyze_field(rgb, classifier, AnalysisSettings(threshold=0.5))
+    assert res.infected_count and res.rbc_count > res.infected_count  # red and green boxes both drawn
+    analyser = FieldAnalyser(Store(tmp_path / "db.sqlite"), classifier)
+    try:
+        images = analyser.encode_images(rgb, res, save_raw=True, crop_floor=0.3)
+    finally:
+        analyser.shutdown()
+    assert np.array_equal(rgb, before)
+    assert images.annotated_jpeg == encode_jpeg(annotate(rgb, res, near_from=0.3), ANNOTATED_JPEG_QUALITY)
+    assert images.raw_jpeg == encode_jpeg(rgb, RAW_JPEG_QUALITY)
+    rejected = FieldResult(200, 120, "out of focus", [], 0.0, 0.9, {})
+    white = np.full((120, 200, 3), 255, np.uint8)
+    in_bgr = draw_annotation(cv2.cvtColor(white, cv2.COLOR_RGB2BGR), rejected, bgr=True)
+    assert np.array_equal(cv2.cvtColor(in_bgr, cv2.COLOR_BGR2RGB), annotate(white, rejected))
+    assert (annotate(white, rejected) != 255).any()

@@ -426,7 +426,38 @@ def test_decompression_bombs_are_refused_before_decoding(make_env, monkeypatch, 
     c.post("/api/slides", json={"sample_id": "B"}, headers={"X-CSRF-Token": token})
     r = c.post("/api/slides/1/fields", headers={"X-CSRF-Token": token},
                data={"image": (io.BytesIO(data), name)}, content_type="multipart/form-data")
-    assert r.status_code == 400 and "over the 50 MP limit" in r.get_json()["error"], r.get_json()
+    error = r.get_json()["error"]
+    assert r.status_code == 400 and "over the 25 MP limit of the device's uploads" in error, error
+
+
+def test_uploads_stop_at_25_mp_before_decoding_while_the_command_line_reads_up_to_50(make_env):
+    """The service holds one field under its unit's MemoryHigh (400 MB): a 24 MP upload peaked at 350 MB
+    (tests/benchmarks/bench_upload_memory.py); a 50 MP one took it past MemoryMax before. So uploads stop at
+    25 MP, refused before decoding with what to do instead, while ``python -m device analyze`` reads 50."""
+    from device.imageio import ImageError, decode_rgb
+    from device.web.views import MAX_UPLOAD_PIXELS
+
+    assert MAX_UPLOAD_PIXELS == 25_000_000
+    env = make_env()
+    c, token = _client(env)
+    c.post("/api/slides", json={"sample_id": "B"}, headers={"X-CSRF-Token": token})
+
+    def post(data):
+        return c.post("/api/slides/1/fields", headers={"X-CSRF-Token": token},
+                      data={"image": (io.BytesIO(data), "big.jpg")}, content_type="multipart/form-data")
+
+    r = post(_jpeg_header(5001, 5000))  # 25.005 MP; its size is checked first of all, from the header
+    assert r.status_code == 400
+    error = r.get_json()["error"]
+    assert "5001x5000 is 25.005 MP, over the 25 MP limit of the device's uploads" in error
+    assert "python -m device analyze" in error
+    r = post(_jpeg_header(5000, 5000))  # 25 MP: not refused for its size (but this header holds no picture)
+    assert r.status_code == 400 and "limit" not in r.get_json()["error"]
+    with pytest.raises(ImageError) as cli:  # what the command line decodes: not refused for its size
+        decode_rgb(_jpeg_header(7000, 7000))
+    assert "limit" not in str(cli.value)
+    with pytest.raises(ImageError, match="over the 50 MP limit"):  # and no caller can raise the 50 MP cap
+        decode_rgb(_jpeg_header(7072, 7072), max_pixels=10**9)
 
 
 def test_the_pixel_limit_is_50_mp_exactly():
@@ -435,7 +466,7 @@ def test_the_pixel_limit_is_50_mp_exactly():
     assert header_size(_bmp_header(20000, -20000)) == (20000, 20000)
     for header in (_webp_header, _jpeg_header):
         assert header_size(header(7072, 7072)) == (7072, 7072)
-        with pytest.raises(ImageError, match="7072x7072 is 50 MP, over the 50 MP limit"):  # 50.01 MP
+        with pytest.raises(ImageError, match="7072x7072 is 50.013 MP, over the 50 MP limit"):  # 50.01 MP
             decode_rgb(header(7072, 7072))
         with pytest.raises(ImageError) as below:  # 49.998 MP: refused for what it is, not for its size
             decode_rgb(header(7071, 7071))

@@ -41,6 +41,14 @@ CAPTURE_WAIT_S = 60.0  # a capture answers when its field is stored; after this 
 # page renews the announcement every ANNOUNCE_RENEW_S while its file is on the way, however slow the link; one
 # nobody renews (a tab closed, a connection lost) lapses after ANNOUNCED_UPLOAD_TTL_S.
 ANNOUNCED_UPLOAD_TTL_S = 20.0
+# Uploads are refused above 25 MP before decoding (a 24 MP camera's 6000 x 4000 still passes): the service
+# must hold one field under its unit's MemoryHigh (400 MB). Measured (tests/benchmarks/bench_upload_memory.py):
+# a 24 MP JPEG field took the service's peak from ~160 to 350 MB (419 MB before the field's images were
+# encoded from one frame copy instead of three); a 50 MP one, accepted before, reached 718 MB and was killed
+# at the unit's MemoryMax (600 MB). The command line reads up to 50 MP (imageio.MAX_PIXELS).
+MAX_UPLOAD_PIXELS = 25_000_000
+UPLOAD_LIMIT_NOTE = (" of the device's uploads (the memory it keeps for one field); scale the image down, or "
+                     "analyse it on a computer with python -m device analyze")
 ANNOUNCE_RENEW_S = 8.0
 MAX_ANNOUNCED_UPLOADS = 8  # per slide: the oldest announcement gives way to a new one past this
 MAX_TEXT = {"sample_id": 64, "patient_id": 64, "operator": 64, "notes": 2000}
@@ -140,7 +148,7 @@ def _decode_upload():
         abort(400, f"{name}: not an image file (use PNG, JPEG, WebP, BMP or TIFF)")
     data = f.read()
     try:
-        return decode_rgb(data, name=name)
+        return decode_rgb(data, name=name, max_pixels=MAX_UPLOAD_PIXELS, limit_note=UPLOAD_LIMIT_NOTE)
     except ImageError as exc:
         d.analyser.metrics.inc("uploads_refused_total")
         abort(400, str(exc))

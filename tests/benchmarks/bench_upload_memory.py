@@ -1,0 +1,118 @@
+"""Peak memory of `python -m device serve` for one uploaded field, by image size, measured from outside.
+
+    .venv/bin/python tests/benchmarks/bench_upload_memory.py [--mp 12 24 25.5 50]
+
+For each size a fresh service (replay camera) takes one warm-up capture, then one upload: a bundled sample
+field scaled to that many megapixels, saved as JPEG quality 95, posted to /api/slides/N/fields as the
+page does. Printed: the service's peak RSS (VmHWM) before and after the upload, and the answer. The unit
+(systemd/malaria-detect.service) holds the service under MemoryHigh=400M, MemoryMax=600M. A benchmark:
+nothing asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_service import Client, free_port, rss_mb  # noqa: E402
+
+
+def field_jpeg(megapixels: float, out: Path) -> tuple[int, int]:
+    import cv2
+
+    sample = sorted((ROOT / "device" / "samples").glob("*.jpg"))[0]
+    bgr = cv2.imread(str(sample), cv2.IMREAD_COLOR)
+    h0, w0 = bgr.shape[:2]
+    scale = (megapixels * 1e6 / (w0 * h0)) ** 0.5
+    w, h = round(w0 * scale), round(h0 * scale)
+    cv2.imwrite(str(out), cv2.resize(bgr, (w, h), interpolation=cv2.INTER_LINEAR), [cv2.IMWRITE_JPEG_QUALITY, 95])
+    return w, h
+
+
+def upload(c: Client, url: str, path: Path) -> tuple[int, dict]:
+    boundary = uuid.uuid4().hex
+    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{path.name}"\r\n'
+            "Content-Type: image/jpeg\r\n\r\n").encode() + path.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
+    req = urllib.request.Request(c.base + url, data=body, method="POST", headers={
+        "Content-Type": f"multipart/form-data; boundary={boundary}", "X-CSRF-Token": c.token or "",
+        "Accept": "application/json"})
+    try:
+        with c.opener.open(req, timeout=300) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def one(megapixels: float, tmp: Path) -> None:
+    image = tmp / f"field_{megapixels:g}mp.jpg"
+    w, h = field_jpeg(megapixels, image)
+    port = free_port()
+    cfg = tmp / f"config_{megapixels:g}.toml"
+    data = tmp / f"data_{megapixels:g}"
+    cfg.write_text(f'[service]\nhost = "127.0.0.1"\nport = {port}\ndata_dir = "{data}"\nmin_free_disk_mb = 0\n')
+    log_path = tmp / f"service_{megapixels:g}.log"
+    log = open(log_path, "w")  # noqa: SIM115 - lives as long as the service
+    proc = subprocess.Popen([sys.executable, "-m", "device", "serve", "--config", str(cfg)], cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log, stderr=subprocess.STDOUT)
+    c = Client(f"http://127.0.0.1:{port}")
+    try:
+        t0 = time.perf_counter()
+        while True:
+            try:
+                if json.loads(c.get("/api/status", timeout=2)[1])["camera"]["state"] == "connected":
+                    break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.perf_counter() - t0 > 120:
+                print(log_path.read_text())
+                raise SystemExit("the service did not start")
+            time.sleep(0.1)
+        warm = c.post_json("/api/slides", {"sample_id": "WARM-UP"})[1]
+        # warm-up capture: the interpreter's first call, the first stored field (another slide: the upload is
+        # the same sample, which the slide that holds it would refuse as a view already counted)
+        c.post_json(f"/api/slides/{warm['id']}/fields", {})
+        c.post_json(f"/api/slides/{warm['id']}/finish", {})
+        slide = c.post_json("/api/slides", {"sample_id": "MEM"})[1]
+        url = f"/api/slides/{slide['id']}/fields"
+        _, before = rss_mb(proc.pid)
+        status, answer = upload(c, url, image)
+        _, after = rss_mb(proc.pid)
+        alive = proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        log.close()
+    what = (f"stored, {answer['field']['rbc_count']} cells" if status == 201
+            else f"{status}: {answer.get('error', answer)}"[:160])
+    print(f"{w}x{h} ({w * h / 1e6:.1f} MP, {image.stat().st_size / 1e6:.1f} MB JPEG): peak RSS {before:.0f} MB "
+          f"before the upload, {after:.0f} MB after (+{after - before:.0f}); {what}"
+          + ("" if alive else "; THE SERVICE DIED"))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mp", type=float, nargs="+", default=[12.3, 24.0, 25.5, 50.0],
+                    help="image sizes in megapixels (default: 12.3 24 25.5 50)")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-upload-memory-") as tmp:
+        for mp in args.mp:
+            one(mp, Path(tmp))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
