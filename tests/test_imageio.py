@@ -19,7 +19,6 @@ from device.imageio import (
     jpeg_quality,
     read_rgb,
     tiff_jpeg_tables,
-    to_rgb8,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -435,16 +434,3 @@ def test_read_rgb_says_what_a_non_image_path_is(tmp_path):
     with pytest.raises(ImageError, match="not a file name"):
         read_rgb(str(tmp_path / "bad\0.png"))
 
-
-def test_a_decoded_file_is_turned_to_rgb_in_place_and_a_camera_buffer_never_is():
-    """decode_rgb owns the array it decodes: BGR is turned to RGB in it (no second full-frame copy, 150 MB at
-    50 MP); a camera's frame given to to_rgb8 is the camera's, and is left as it was."""
-    data = sorted(SAMPLES.glob("*.jpg"))[0].read_bytes()
-    expected = cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
-    assert np.array_equal(decode_rgb(data), expected)
-    frame = np.ascontiguousarray(expected[:, :, ::-1])  # a BGR frame, as picamera2's BGR888 gives it
-    kept = frame.copy()
-    rgb = to_rgb8(frame, bgr=True)
-    assert np.array_equal(rgb, expected) and np.array_equal(frame, kept) and not np.shares_memory(rgb, frame)
-    owned = frame.copy()
-    assert np.shares_memory(to_rgb8(owned, bgr=True, in_place=True), owned)

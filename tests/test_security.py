@@ -431,7 +431,7 @@ def test_decompression_bombs_are_refused_before_decoding(make_env, monkeypatch, 
 
 
 def test_uploads_stop_at_25_mp_before_decoding_while_the_command_line_reads_up_to_50(make_env):
-    """The service holds one field under its unit's MemoryHigh (400 MB): a 24 MP upload peaked at 350 MB
+    """The service holds one field under its unit's MemoryHigh (400 MB): a 24 MP upload peaked at 350-355 MB
     (tests/benchmarks/bench_upload_memory.py); a 50 MP one took it past MemoryMax before. So uploads stop at
     25 MP, refused before decoding with what to do instead, while ``python -m device analyze`` reads 50."""
     from device.imageio import ImageError, decode_rgb

@@ -43,7 +43,7 @@ CAPTURE_WAIT_S = 60.0  # a capture answers when its field is stored; after this 
 ANNOUNCED_UPLOAD_TTL_S = 20.0
 # Uploads are refused above 25 MP before decoding (a 24 MP camera's 6000 x 4000 still passes): the service
 # must hold one field under its unit's MemoryHigh (400 MB). Measured (tests/benchmarks/bench_upload_memory.py):
-# a 24 MP JPEG field took the service's peak from ~160 to 350 MB (419 MB before the field's images were
+# a 24 MP JPEG field took the service's peak from ~160 to 350-355 MB (419 MB before the field's images were
 # encoded from one frame copy instead of three); a 50 MP one, accepted before, reached 718 MB and was killed
 # at the unit's MemoryMax (600 MB). The command line reads up to 50 MP (imageio.MAX_PIXELS).
 MAX_UPLOAD_PIXELS = 25_000_000
