@@ -223,6 +223,14 @@ class Conflict(StoreError):
     """The request contradicts the record (a finished slide, another model)."""
 
 
+class OpenSlideConflict(Conflict):
+    """A slide of this sample is open already: ``slide_id`` is that slide's."""
+
+    def __init__(self, slide_id: int, message: str) -> None:
+        super().__init__(message)
+        self.slide_id = slide_id
+
+
 def utc_now() -> str:
     return _utc_text(datetime.now(UTC))
 
@@ -629,11 +637,11 @@ class Store:
         with self._tx() as c:
             # one open slide per sample, checked inside the write lock (two starts at once made two)
             key = sample_key(sample_id)
-            same = next((r[0] for r in c.execute("SELECT sample_id FROM slides WHERE status = 'open'")
-                         if sample_key(r[0]) == key), None)
+            same, same_id = next(((r[0], r[1]) for r in c.execute(
+                "SELECT sample_id, id FROM slides WHERE status = 'open'") if sample_key(r[0]) == key), (None, None))
             if same is not None:  # named as it was recorded ("S-001"), not as typed this time ("s-001")
-                raise Conflict(f"slide {same} is already open: continue it (open slides are listed on the "
-                               "start page) or finish it first")
+                raise OpenSlideConflict(same_id, f"slide {same} is already open: continue it (open slides are listed "
+                                        "on the start page) or finish it first")
             # never a discarded slide's number: a page still showing that slide must not reach this one
             new_id = max(self._unknown_folders_up_to + 1, c.execute(
                 "SELECT MAX(COALESCE((SELECT MAX(id) FROM slides), 0),"
@@ -1041,7 +1049,8 @@ class Store:
     def get_cell(self, cell_id: int) -> dict | None:
         """The cell with its field's slide and file key; ``near``: 1 when it is near the threshold."""
         return _row(self._conn().execute(
-            f"SELECT c.*, f.slide_id, f.file_key, ({_NEAR}) AS near FROM cells c JOIN fields f ON f.id = c.field_id"
+            f"SELECT c.*, f.slide_id, f.seq AS field_seq, f.file_key, ({_NEAR}) AS near FROM cells c"
+            " JOIN fields f ON f.id = c.field_id"
             " JOIN slides s ON s.id = f.slide_id WHERE c.id = ?", (cell_id,)).fetchone())
 
     def review_cell(self, cell_id: int, decision: str | None, by: str = "", *,

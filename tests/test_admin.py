@@ -204,6 +204,12 @@ def test_changing_the_pin_signs_the_technicians_out(make_env):
     r = tech.get("/history")
     assert r.status_code == 302 and r.headers["Location"].startswith("/pin")
     assert tech.get("/api/slides").status_code == 401
+    # and the page's script is told so: /api/session said pin_ok true (an old PIN's sign-in) while every
+    # other endpoint refused the session
+    assert tech.get("/api/session").get_json()["pin_ok"] is False
+    ttoken = tech.get("/api/session").get_json()["csrf_token"]
+    assert tech.post("/pin", data={"pin": "9999", "csrf_token": ttoken}).status_code == 303
+    assert tech.get("/api/session").get_json()["pin_ok"] is True
 
 
 def test_password_change_needs_the_current_one_and_signs_out_other_sessions(make_env):

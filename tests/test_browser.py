@@ -858,3 +858,19 @@ def test_every_printed_page_of_a_long_report_names_the_sample(browser, live_env)
     assert page.inner_text("#fields-sample-row") == "Sample LONG-REPORT-1 · patient P-77"
     assert page.evaluate("() => document.getElementById('fields-sample-row').parentElement.tagName") == "THEAD"
     page.close()
+
+
+def test_a_reports_notes_keep_their_lines(browser, live_env):
+    """Notes are typed in a textarea, line by line (Hb, RDT, fever...); the report ran them into one line."""
+    env = live_env
+    c = env.app.test_client()
+    h = {"X-CSRF-Token": env.csrf(c)}
+    notes = "Hb 9.2 g/dL\nRDT: positive (Pf)\nfever 3 days"
+    assert c.post("/api/slides", json={"sample_id": "NOTES-1", "notes": notes}, headers=h).status_code == 201
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(env.base_url + "/slides/1/report")
+    cell = page.locator("td.notes")
+    assert cell.inner_text().splitlines() == notes.splitlines()
+    page.emulate_media(media="print")
+    assert cell.inner_text().splitlines() == notes.splitlines()
+    page.close()

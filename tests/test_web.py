@@ -158,6 +158,12 @@ def test_a_second_open_slide_of_the_same_sample_is_refused(make_env):
     r = _start(c, token, sample_id="s-1")  # the same sample in other letters
     assert r.status_code == 400 and 'href="/slides/1">Continue slide S-1</a>' in r.get_data(as_text=True)
     assert _start(c, token, sample_id="S-2").status_code == 303  # another sample is fine
+    # the API answers a state conflict (409, as for any other), with the open slide to continue
+    r = c.post("/api/slides", json={"sample_id": "s-1"}, headers={"X-CSRF-Token": token})
+    assert r.status_code == 409, r.get_json()
+    assert "already open" in r.get_json()["error"] and r.get_json()["open_slide_id"] == 1
+    r = c.post("/api/slides", json={"sample_id": ""}, headers={"X-CSRF-Token": token})
+    assert r.status_code == 400 and "open_slide_id" not in r.get_json()  # bad input stays a 400
     # an invisible character made a second open slide of a sample that looks the same on screen
     r = _start(c, token, sample_id="S-2\u200b")
     assert r.status_code == 400 and "invisible characters" in r.get_data(as_text=True)
@@ -324,6 +330,8 @@ def test_review_flagged_cells_keeps_automatic_and_reviewed_counts(make_env):
     h = {"X-CSRF-Token": token}
     r = c.post(f"/api/cells/{cells[0]['id']}/review", json={"decision": "rejected"}, headers=h)
     assert r.status_code == 200 and r.get_json()["cell"]["review"] == "rejected"
+    # the answer is the cell as the list gives it (its field's number was null there)
+    assert r.get_json()["cell"]["field_seq"] == cells[0]["field_seq"] == 1
     r = c.post(f"/cells/{cells[1]['id']}/review", data={"decision": "confirmed", "seen": "", "csrf_token": token})
     assert r.status_code == 303
     # a form without the button's decision, or without what the page showed, changes nothing

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from flask import Blueprint, abort, jsonify, request, session
 
-from device.web import deps, error_response, security, views
+from device.web import deps, error_response, pin_ok, security, views
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 
@@ -21,7 +21,7 @@ def status():
 def session_info():
     pin = bool(deps().config.security.technician_pin)
     return jsonify({"csrf_token": session.get(security.CSRF_FIELD), "pin_required": pin,
-                    "pin_ok": bool(session.get("pin_ok")) or not pin})
+                    "pin_ok": pin_ok()})  # the current PIN's, as every other endpoint checks it
 
 
 @bp.get("/slides")
@@ -45,7 +45,9 @@ def new_slide():
     try:
         slide_id = views.start_slide(views.parse_new_slide(data))
     except views.FormError as exc:
-        return error_response(400, str(exc))
+        # the slide already open for this sample: the page (or a script) can continue it
+        extra = {} if exc.open_slide_id is None else {"open_slide_id": exc.open_slide_id}
+        return error_response(exc.status, str(exc), **extra)
     return jsonify(views.slide_json(views.slide_or_404(slide_id))), 201
 
 

@@ -70,9 +70,12 @@ def refuse(exc: CaptureRefused):
 class FormError(ValueError):
     """A form or JSON body a person must correct; the message says what, ``field`` which input (or None)."""
 
-    def __init__(self, message: str, field: str | None = None) -> None:
+    def __init__(self, message: str, field: str | None = None, *, status: int = 400,
+                 open_slide_id: int | None = None) -> None:
         super().__init__(message)
         self.field = field
+        self.status = status  # 409: the state forbids it (a slide of this sample is open), not the input
+        self.open_slide_id = open_slide_id
 
 
 def slide_or_404(slide_id: int) -> dict:
@@ -136,7 +139,7 @@ def start_slide(values: dict) -> int:
             rbc_per_ul_measured=bool(measured),
             review_floor=review_floor_at(d.config.analysis.review_floor, model.threshold))
     except Conflict as exc:
-        raise FormError(str(exc)) from None
+        raise FormError(str(exc), status=409, open_slide_id=getattr(exc, "slide_id", None)) from None
 
 
 def _decode_upload():
