@@ -36,6 +36,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="average the model over 1, 2 (+ mirrored) or 4 (+ upside down, both flips) flips of "
                          "each cell, inside the converted model (default 1); each view costs one more pass")
     ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--card-for", metavar="TFLITE",
+                    help="write the card of this int8 file, converted before from the same --model members and "
+                         "--seed (its card beside it says how), instead of converting again: the figures are "
+                         "measured on it as on a new conversion, with today's rules. Conversion repeats its bytes on "
+                         "one machine, not on another CPU (the shipped pair on an Intel machine with AMX: 339 of "
+                         "149,728 bytes differ from the AMD one's), and the shipped file keeps its measurements")
     args = ap.parse_args(argv)
     if args.representative < 1:
         ap.error("--representative must be at least 1")

@@ -172,6 +172,61 @@ def converted(run_dir, tmp_path_factory):
 
 
 @pytest.mark.slow
+def test_the_call_rate_counts_one_healthy_cell_more_than_scored_above_the_chosen_threshold(converted):
+    """The threshold is chosen among the held-out healthy cells' own scores (the shipped one sits one int8 step
+    above a healthy cell's 0.96170), so those cells undercount the false positives of new ones: the card's
+    rate is the Wilson bound of k + 1 in n + 1 (conformal), at its threshold and at every curve row alike."""
+    import re
+
+    from device.slide import wilson_interval
+
+    out, _ = converted
+    card = json.loads((out / "cellnet_int8.json").read_text())
+    rule = card["call_false_positive_rule"]
+    k, n = map(int, re.search(r"of (\d+) \+ 1 false positives in (\d+) \+ 1 held-out", rule).groups())
+    assert n > 0 and card["call_false_positive_rate"] == wilson_interval(k + 1, n + 1)[1] > wilson_interval(k, n)[1]
+    rates = [r["call_false_positive_rate"] for r in sorted(card["operating_curve"], key=lambda r: r["threshold"])]
+    assert all(b <= a for a, b in zip(rates, rates[1:], strict=False))  # falls with the threshold (device's check)
+    assert min(rates) >= wilson_interval(1, n + 1)[1]  # no row counts fewer than one cell: not even above all
+    assert "not the card's call rate, which counts one more" in card["threshold_rule"]
+
+
+@pytest.mark.slow
+def test_a_converted_file_gets_a_new_card_without_being_converted_again(converted, run_dir, tmp_path):
+    """--card-for measures an earlier conversion's file again (conversion repeats its bytes on one machine, not on
+    another CPU): the same bytes come out, with a card whose every figure is measured as a new conversion's,
+    which names the conversion that made the file; a file without its own card beside it is refused."""
+    import hashlib
+
+    from device.model_card import load_card
+
+    out, _ = converted
+    first = json.loads((out / "cellnet_int8.json").read_text())
+    again = tmp_path / "again"
+    r = run_module("convert", "--model", str(run_dir / "model.keras"), "--data", str(FIX), "--out", str(again),
+                   "--representative", "20", "--max-drop", "1.0", "--card-for", str(out / "cellnet_int8.tflite"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (again / "cellnet_int8.tflite").read_bytes() == (out / "cellnet_int8.tflite").read_bytes()
+    card = load_card(again / "cellnet_int8.tflite").data  # the device's own checks pass
+    made = card["card_of_an_earlier_conversion"]
+    assert made["conversion_command"] == first["conversion_command"] and made["date"] == first["date"]
+    assert made["representative"] == first["data"]["representative"] == card["data"]["representative"]
+    assert "--card-for" in card["conversion_command"]
+    same = {k: v for k, v in card.items() if k not in ("card_of_an_earlier_conversion", "conversion_command", "date",
+                                                       "git_commit")}
+    assert same == {k: v for k, v in first.items() if k not in ("conversion_command", "date", "git_commit")}
+    # a file whose card is not its own (or missing): how it was converted is not known
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (lone / "m.tflite").write_bytes((out / "cellnet_int8.tflite").read_bytes())
+    (lone / "m.json").write_text(json.dumps({**first, "sha256": hashlib.sha256(b"other").hexdigest()}))
+    r = run_module("convert", "--model", str(run_dir / "model.keras"), "--data", str(FIX), "--out",
+                   str(tmp_path / "no"), "--representative", "20", "--card-for", str(lone / "m.tflite"))
+    assert r.returncode == 2 and "the card beside it is not its own" in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "no" / "cellnet_int8.json").exists()
+
+
+@pytest.mark.slow
 def test_convert_writes_int8_model_and_a_complete_card(converted, run_dir):
     import csv
     import hashlib
