@@ -406,7 +406,7 @@ def test_a_threshold_the_card_gives_no_false_positive_rate_for_makes_the_model_u
 def test_rejections_alone_do_not_change_the_call_until_the_review_is_complete():
     """2 of 20 flagged cells rejected turned a positive slide NEGATIVE on the result page: the rejected
     cells were false positives already inside the allowance."""
-    fp = 0.004090307538499756  # the shipped card's
+    fp = 0.004090307538499756  # a card's rate (the shipped card's until 2026-12-01)
     slide = _slide(fp)
     base = {"rbc_count": 2000, "infected_count": 20, "fields_used": 15, "fields_rejected": 0}
     auto = service.slide_summary(slide, dict(base, reviewed_infected_count=20,

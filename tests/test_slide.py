@@ -149,7 +149,7 @@ def test_card_false_positive_rate_at_other_thresholds():
 
 
 def test_an_early_positive_call_uses_the_targets_cutoff_so_looking_often_adds_no_false_alarms():
-    fp = 0.00409  # the shipped card's bound
+    fp = 0.00409  # a card's bound (the shipped card's until 2026-12-01)
     cutoff = positive_cutoff(2000, fp)
     # 10 flagged in 500 cells was "positive" (cutoff at 500 cells) and the same slide at 18 in 2,000
     # "negative"; its page said "19 flagged cells make a positive call" beside POSITIVE with 10
