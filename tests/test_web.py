@@ -254,7 +254,7 @@ def test_a_slide_whose_flagged_cells_are_all_rejected_gives_the_detection_limit_
     auto = c.get("/api/slides/1").get_json()["automatic"]
     banner = c.get("/slides/1/result").get_data(as_text=True).split('id="call-detail">')[1].split("</div>")[0]
     assert auto["call"] == "positive" and "30 of 2000 cells flagged" in banner
-    assert f"about {auto['expected_false_positives']:.0f} of them false positives on average" in banner  # n times the card's rate
+    assert f"about {auto['expected_false_positives']:.0f} of them false positives on average" in banner
     h = {"X-CSRF-Token": token}
     for cell in env.store.flagged_cells(1):
         assert c.post(f"/api/cells/{cell['id']}/review", json={"decision": "rejected", "seen": ""},
