@@ -443,7 +443,7 @@ def runtime_gate(path: Path) -> dict:
     return results
 
 
-def _earlier_conversion(path: Path) -> tuple[bytes, dict, dict]:
+def _earlier_conversion(path: Path, model_paths: list[Path], views: int) -> tuple[bytes, dict, dict]:
     """An int8 file converted before, for ``--card-for``: its bytes, its int8 bias correction and how it was made,
     from the card beside it (which must be its own: same sha256). Without that card nothing says how the file
     was converted, and its correction (taken off inside the file) could not be told."""
@@ -461,6 +461,12 @@ def _earlier_conversion(path: Path) -> tuple[bytes, dict, dict]:
                            "file was converted is not known")
     if "int8_bias_correction" not in old:
         raise ConvertError(f"--card-for {path}: its card predates the int8 bias correction; convert it again")
+    # the new card names the members and views given now: they must be the file's own
+    made_of = [str(Path(m.get("model", "")).resolve()) for m in (old.get("members") or {}).get("models", [])]
+    if made_of != [str(p.resolve()) for p in model_paths] or (old.get("views") or {}).get("count") != views:
+        raise ConvertError(f"--card-for {path}: its card says it was converted from {made_of or 'other models'} "
+                           f"with {(old.get('views') or {}).get('count')} view(s), not from the --model and "
+                           "--views given now")
     # how the file was made (a card written again already names the conversion itself), and its calibration
     made = old.get("card_of_an_earlier_conversion") or {
         **{k: old.get(k) for k in ("conversion_command", "git_commit", "date")},
@@ -576,7 +582,7 @@ def convert(args, argv: list[str]) -> Path:
     float_bytes = to_tflite(model, None)
     recarded = None
     if args.card_for:
-        int8_bytes, bias, recarded = _earlier_conversion(Path(args.card_for))
+        int8_bytes, bias, recarded = _earlier_conversion(Path(args.card_for), model_paths, args.views)
         logger.info("the card of %s, converted %s (%s): measured again, not converted again", args.card_for,
                     recarded["date"], recarded["conversion_command"])
     else:

@@ -224,6 +224,12 @@ def test_a_converted_file_gets_a_new_card_without_being_converted_again(converte
                    str(tmp_path / "no"), "--representative", "20", "--card-for", str(lone / "m.tflite"))
     assert r.returncode == 2 and "the card beside it is not its own" in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "no" / "cellnet_int8.json").exists()
+    # nor is a card written naming other views (or members) than the file was converted with
+    r = run_module("convert", "--model", str(run_dir / "model.keras"), "--data", str(FIX), "--out",
+                   str(tmp_path / "no"), "--representative", "20", "--views", "2",
+                   "--card-for", str(out / "cellnet_int8.tflite"))
+    assert r.returncode == 2 and "not from the --model and --views given now" in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "no" / "cellnet_int8.json").exists()
 
 
 @pytest.mark.slow
