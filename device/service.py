@@ -73,6 +73,9 @@ LOW_DISK_FACTOR = 2
 PLACEHOLDER_SIZE_PX = (640, 480)  # the "annotated image" of a field whose camera frame was unusable
 
 
+BUSY_MESSAGE = "still analysing the previous fields: wait a moment"
+
+
 class CaptureRefused(RuntimeError):
     """A capture that cannot be taken now; ``status`` is the HTTP status the page should get."""
 
@@ -519,8 +522,8 @@ class FieldAnalyser:
             raise NotFound(f"slide {slide_id} not found")
         Store._check_open(slide, model.sha256)
         with self._lock:
-            if sum(self._pending_by_slide.values()) >= self.max_pending:
-                raise self.refused(CaptureRefused("still analysing the previous fields: wait a moment", 503))
+            if self._full():
+                raise self.refused(CaptureRefused(BUSY_MESSAGE, 503))
             self._pending_by_slide[slide_id] = self._pending_by_slide.get(slide_id, 0) + 1
         t0 = time.perf_counter()
         # The slide's own threshold: an admin may change the threshold while the slide is open.
@@ -612,6 +615,15 @@ class FieldAnalyser:
                     f"rejected: {result.rejected}" if result.rejected
                     else f"{result.infected_count}/{result.rbc_count} flagged", latency * 1000)
         return self.store.get_field(field_id)  # type: ignore[return-value]
+
+    def _full(self) -> bool:
+        return sum(self._pending_by_slide.values()) >= self.max_pending
+
+    def full(self) -> bool:
+        """As many fields are being analysed as may be: :meth:`submit` would refuse another (503). An upload
+        asks before it is decoded, so that refused uploads take no memory."""
+        with self._lock:
+            return self._full()
 
     def _keep_raw(self) -> bool:
         """Raw frames are kept only while the disk is above the low level (the first thing to give up)."""

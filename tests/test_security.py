@@ -14,6 +14,7 @@ import io
 import re
 import stat
 import struct
+import threading
 import time
 import tomllib
 import zlib
@@ -431,7 +432,7 @@ def test_decompression_bombs_are_refused_before_decoding(make_env, monkeypatch, 
 
 
 def test_uploads_stop_at_25_mp_before_decoding_while_the_command_line_reads_up_to_50(make_env):
-    """The service holds one field under its unit's MemoryHigh (400 MB): a 24 MP upload peaked at 350-355 MB
+    """The service stays under its unit's memory limits: a 24 MP upload peaked at 350-356 MB
     (tests/benchmarks/bench_upload_memory.py); a 50 MP one took it past MemoryMax before. So uploads stop at
     25 MP, refused before decoding with what to do instead, while ``python -m device analyze`` reads 50."""
     from device.imageio import ImageError, decode_rgb
@@ -458,6 +459,45 @@ def test_uploads_stop_at_25_mp_before_decoding_while_the_command_line_reads_up_t
     assert "limit" not in str(cli.value)
     with pytest.raises(ImageError, match="over the 50 MP limit"):  # and no caller can raise the 50 MP cap
         decode_rgb(_jpeg_header(7072, 7072), max_pixels=10**9)
+
+
+def test_an_upload_is_refused_before_decoding_while_the_analyser_is_full(make_env, monkeypatch):
+    """Uploads were decoded in their request threads and refused only then, busy: four 24 MP uploads at once
+    took the service to 635 MB, past its unit's MemoryMax. Now a full analyser refuses one undecoded (503),
+    and uploads are decoded one at a time."""
+    from device.web import views as web_views
+
+    env = make_env()
+    c, token = _client(env)
+    c.post("/api/slides", json={"sample_id": "B"}, headers={"X-CSRF-Token": token})
+    decoded = []
+    real = web_views.decode_rgb
+    monkeypatch.setattr(web_views, "decode_rgb", lambda *a, **k: decoded.append(1) or real(*a, **k))
+
+    field = sorted(SAMPLES_DIR.glob("*.jpg"))[0].read_bytes()
+
+    def post():
+        return c.post("/api/slides/1/fields", headers={"X-CSRF-Token": token},
+                      data={"image": (io.BytesIO(field), "f.jpg")}, content_type="multipart/form-data")
+
+    monkeypatch.setattr(env.analyser, "full", lambda: True)
+    r = post()
+    assert r.status_code == 503 and "still analysing the previous fields" in r.get_json()["error"]
+    assert not decoded
+    monkeypatch.setattr(env.analyser, "full", lambda: False)
+    r = post()
+    assert r.status_code == 201 and decoded == [1], r.get_json()
+    # one decoding at a time: the lock is held while an upload is decoded
+    assert isinstance(web_views._UPLOAD_DECODING, type(threading.Lock()))
+    web_views._UPLOAD_DECODING.acquire()
+    try:
+        done = threading.Event()
+        t = threading.Thread(target=lambda: (post(), done.set()), daemon=True)
+        t.start()
+        assert not done.wait(1.0) and decoded == [1]  # waits for the decoding before it
+    finally:
+        web_views._UPLOAD_DECODING.release()
+    assert done.wait(60) and decoded == [1, 1]
 
 
 def test_the_pixel_limit_is_50_mp_exactly():

@@ -149,7 +149,7 @@ def index():
 
 # Up to this size the records are copied in memory and sent from there (nothing written: it works on a full
 # or read-only card); a larger database is copied to a temporary file, which needs its size in free space.
-# The unit's MemoryMax is 600 MB, the service itself uses ~110 MB, and the in-memory copy peaks at about
+# The unit's MemoryMax is 800 MB, the service itself uses ~110 MB, and the in-memory copy peaks at about
 # twice the database (103 MB: peak RSS 57 -> 258 MB, tests/benchmarks/bench_backup.py --slides 800).
 BACKUP_IN_MEMORY_MAX_BYTES = 128 * 1024 * 1024
 # Each chunk asked for renews the download's turn: 64 KB keeps a download read at 0.5 KB/s alive.

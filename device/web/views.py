@@ -24,6 +24,7 @@ from device.camera import decode_view, encode_view, prepare_view, prepared_overl
 from device.config import RBC_PER_UL_RANGE, review_floor_at
 from device.imageio import IMAGE_SUFFIXES, ImageError, decode_rgb
 from device.service import (
+    BUSY_MESSAGE,
     CaptureRefused,
     confirmed_parasites,
     ensure_crop,
@@ -42,11 +43,12 @@ CAPTURE_WAIT_S = 60.0  # a capture answers when its field is stored; after this 
 # nobody renews (a tab closed, a connection lost) lapses after ANNOUNCED_UPLOAD_TTL_S.
 ANNOUNCED_UPLOAD_TTL_S = 20.0
 # Uploads are refused above 25 MP before decoding (a 24 MP camera's 6000 x 4000 still passes): the service
-# must hold one field under its unit's MemoryHigh (400 MB). Measured (tests/benchmarks/bench_upload_memory.py):
-# a 24 MP JPEG field took the service's peak from ~160 to 350-355 MB (419 MB before the field's images were
-# encoded from one frame copy instead of three); a 50 MP one, accepted before, reached 718 MB and was killed
-# at the unit's MemoryMax (600 MB). The command line reads up to 50 MP (imageio.MAX_PIXELS).
+# must stay under its unit's memory limits. Measured (tests/benchmarks/bench_upload_memory.py): a 24 MP JPEG
+# field took the service's peak from ~160 to 350-356 MB (419 MB before the field's images were encoded from
+# one frame copy instead of three); a 50 MP one, accepted before, reached 718 MB and was killed at the unit's
+# MemoryMax (then 600 MB). The command line reads up to 50 MP (imageio.MAX_PIXELS).
 MAX_UPLOAD_PIXELS = 25_000_000
+_UPLOAD_DECODING = threading.Lock()
 UPLOAD_LIMIT_NOTE = (" of the device's uploads (the memory it keeps for one field); scale the image down, or "
                      "analyse it on a computer with python -m device analyze")
 ANNOUNCE_RENEW_S = 8.0
@@ -150,11 +152,18 @@ def _decode_upload():
         d.analyser.metrics.inc("uploads_refused_total")
         abort(400, f"{name}: not an image file (use PNG, JPEG, WebP, BMP or TIFF)")
     data = f.read()
-    try:
-        return decode_rgb(data, name=name, max_pixels=MAX_UPLOAD_PIXELS, limit_note=UPLOAD_LIMIT_NOTE)
-    except ImageError as exc:
-        d.analyser.metrics.inc("uploads_refused_total")
-        abort(400, str(exc))
+    # One upload is decoded at a time, and none while the analyser is full (it would be refused after its
+    # decoding): four 24 MP uploads at once, each decoded in its own request thread, took the service to
+    # 635 MB, past the unit's MemoryMax (600 MB).
+    with _UPLOAD_DECODING:
+        if d.analyser.full():
+            d.analyser.metrics.inc("captures_refused_total")
+            abort(503, BUSY_MESSAGE)
+        try:
+            return decode_rgb(data, name=name, max_pixels=MAX_UPLOAD_PIXELS, limit_note=UPLOAD_LIMIT_NOTE)
+        except ImageError as exc:
+            d.analyser.metrics.inc("uploads_refused_total")
+            abort(400, str(exc))
 
 
 # A capture asks with a CSRF token or an empty JSON object; a larger body is a file sent the wrong way

@@ -1,11 +1,12 @@
 """Peak memory of `python -m device serve` for one uploaded field, by image size, measured from outside.
 
-    .venv/bin/python tests/benchmarks/bench_upload_memory.py [--mp 12 24 25.5 50]
+    .venv/bin/python tests/benchmarks/bench_upload_memory.py [--mp 12 24 25.5 50] [--at-once N]
 
 For each size a fresh service (replay camera) takes one warm-up capture, then one upload: a bundled sample
 field scaled to that many megapixels, saved as JPEG quality 95, posted to /api/slides/N/fields as the
-page does. Printed: the service's peak RSS (VmHWM) before and after the upload, and the answer. The unit
-(systemd/malaria-detect.service) holds the service under MemoryHigh=400M, MemoryMax=600M. A benchmark:
+page does; with --at-once N, N such uploads (each made a little different) sent together to N slides.
+Printed: the service's peak RSS (VmHWM) before and after, and the answers. The unit
+(systemd/malaria-detect.service) holds the service under MemoryHigh=600M, MemoryMax=800M. A benchmark:
 nothing asserts.
 """
 
@@ -18,6 +19,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -57,18 +59,28 @@ def upload(c: Client, url: str, path: Path) -> tuple[int, dict]:
         return exc.code, json.loads(exc.read() or b"{}")
 
 
-def one(megapixels: float, tmp: Path) -> None:
-    image = tmp / f"field_{megapixels:g}mp.jpg"
-    w, h = field_jpeg(megapixels, image)
+def one(megapixels: float, tmp: Path, at_once: int = 1) -> None:
+    import cv2
+
+    images = []
+    for i in range(at_once):
+        image = tmp / f"field_{megapixels:g}mp_{i}.jpg"
+        w, h = field_jpeg(megapixels, image)
+        if i:  # another picture for each slide (a corner changed), or it would be the same view
+            bgr = cv2.imread(str(image), cv2.IMREAD_COLOR)
+            bgr[:50, :50] = 40 * i
+            cv2.imwrite(str(image), bgr, [cv2.IMWRITE_JPEG_QUALITY, 95])
+        images.append(image)
     port = free_port()
     cfg = tmp / f"config_{megapixels:g}.toml"
-    data = tmp / f"data_{megapixels:g}"
+    data = tmp / f"data_{megapixels:g}_{at_once}"
     cfg.write_text(f'[service]\nhost = "127.0.0.1"\nport = {port}\ndata_dir = "{data}"\nmin_free_disk_mb = 0\n')
     log_path = tmp / f"service_{megapixels:g}.log"
     log = open(log_path, "w")  # noqa: SIM115 - lives as long as the service
     proc = subprocess.Popen([sys.executable, "-m", "device", "serve", "--config", str(cfg)], cwd=ROOT,
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log, stderr=subprocess.STDOUT)
     c = Client(f"http://127.0.0.1:{port}")
+    answers: list[tuple[int, dict] | None] = [None] * at_once
     try:
         t0 = time.perf_counter()
         while True:
@@ -86,20 +98,35 @@ def one(megapixels: float, tmp: Path) -> None:
         # the same sample, which the slide that holds it would refuse as a view already counted)
         c.post_json(f"/api/slides/{warm['id']}/fields", {})
         c.post_json(f"/api/slides/{warm['id']}/finish", {})
-        slide = c.post_json("/api/slides", {"sample_id": "MEM"})[1]
-        url = f"/api/slides/{slide['id']}/fields"
+        urls = [f"/api/slides/{c.post_json('/api/slides', {'sample_id': f'MEM-{i}'})[1]['id']}/fields"
+                for i in range(at_once)]
         _, before = rss_mb(proc.pid)
-        status, answer = upload(c, url, image)
+
+        def send(i: int) -> None:
+            answers[i] = upload(c, urls[i], images[i])
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(at_once)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
         _, after = rss_mb(proc.pid)
         alive = proc.poll() is None
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
         log.close()
-    what = (f"stored, {answer['field']['rbc_count']} cells" if status == 201
-            else f"{status}: {answer.get('error', answer)}"[:160])
-    print(f"{w}x{h} ({w * h / 1e6:.1f} MP, {image.stat().st_size / 1e6:.1f} MB JPEG): peak RSS {before:.0f} MB "
-          f"before the upload, {after:.0f} MB after (+{after - before:.0f}); {what}"
+
+    def what(answer: tuple[int, dict] | None) -> str:
+        if answer is None:
+            return "no answer"
+        status, body = answer
+        return (f"stored, {body['field']['rbc_count']} cells" if status == 201
+                else f"{status}: {body.get('error', body)}"[:160])
+
+    size = images[0].stat().st_size / 1e6
+    print(f"{w}x{h} ({w * h / 1e6:.1f} MP, {size:.1f} MB JPEG) x {at_once} at once: peak RSS {before:.0f} MB "
+          f"before, {after:.0f} MB after (+{after - before:.0f}); " + "; ".join(what(a) for a in answers)
           + ("" if alive else "; THE SERVICE DIED"))
 
 
@@ -107,10 +134,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mp", type=float, nargs="+", default=[12.3, 24.0, 25.5, 50.0],
                     help="image sizes in megapixels (default: 12.3 24 25.5 50)")
+    ap.add_argument("--at-once", type=int, default=1, help="uploads sent together, each to its own slide")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-upload-memory-") as tmp:
         for mp in args.mp:
-            one(mp, Path(tmp))
+            one(mp, Path(tmp), args.at_once)
     return 0
 
 
