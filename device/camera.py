@@ -30,7 +30,15 @@ from typing import Protocol
 import cv2
 import numpy as np
 
-from device.imageio import IMAGE_SUFFIXES, MIN_SIDE_PX, ImageError, apply_orientation, read_rgb, to_rgb8
+from device.imageio import (
+    IMAGE_SUFFIXES,
+    MAX_SERVICE_FIELD_PIXELS,
+    MIN_SIDE_PX,
+    ImageError,
+    apply_orientation,
+    read_rgb,
+    to_rgb8,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +152,8 @@ class ReplayCamera(CameraBase):
             path = self._files[self._index]
             self._index += 1
             try:
-                rgb = read_rgb(path)
+                # the service's limit for a field (its memory), as for an upload
+                rgb = read_rgb(path, max_pixels=MAX_SERVICE_FIELD_PIXELS, limit_note=" of the device's fields")
                 return apply_orientation(rgb, 1 + self._pass % 8) if self.turns else rgb
             except ImageError as exc:
                 if not path.exists():

@@ -20,6 +20,9 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 MAX_PIXELS = 50_000_000  # > 50 MP is refused before decoding (decompression bombs)
+# The service's own fields (uploads, a replay folder's pictures) stop at 25 MP, so that it stays under its unit's
+# memory limits (device/web/views.py says what was measured); the command line reads up to MAX_PIXELS.
+MAX_SERVICE_FIELD_PIXELS = 25_000_000
 # No file of an image that passes (<= 50 MP, 8-bit, at most 4 channels, even uncompressed) is larger than
 # this: bigger files are refused before they are read into memory (a Pi has 1-8 GB).
 MAX_FILE_BYTES = MAX_PIXELS * 4 + (8 << 20)
@@ -526,9 +529,10 @@ def to_rgb8(img: np.ndarray, *, name: str = "image", min_side_px: int = MIN_SIDE
     return np.ascontiguousarray(img)
 
 
-def read_rgb(path: str | Path, *, min_side_px: int = MIN_SIDE_PX, check_jpeg_data: bool = False) -> np.ndarray:
-    """Read an image file as HxWx3 uint8 RGB (``check_jpeg_data``: see :func:`decode_rgb`). Raises
-    :class:`ImageError` with the file and reason."""
+def read_rgb(path: str | Path, *, min_side_px: int = MIN_SIDE_PX, check_jpeg_data: bool = False,
+             max_pixels: int = MAX_PIXELS, limit_note: str = "") -> np.ndarray:
+    """Read an image file as HxWx3 uint8 RGB (``check_jpeg_data``, ``max_pixels``, ``limit_note``: see
+    :func:`decode_rgb`). Raises :class:`ImageError` with the file and reason."""
     p = Path(path)
     try:
         st = p.stat()
@@ -554,7 +558,8 @@ def read_rgb(path: str | Path, *, min_side_px: int = MIN_SIDE_PX, check_jpeg_dat
         raise
     except ValueError as exc:  # a NUL byte in the name (no file can have one)
         raise ImageError(f"{str(p)!r}: not a file name ({exc})") from exc
-    return decode_rgb(data, name=str(p), min_side_px=min_side_px, check_jpeg_data=check_jpeg_data)
+    return decode_rgb(data, name=str(p), min_side_px=min_side_px, check_jpeg_data=check_jpeg_data,
+                      max_pixels=max_pixels, limit_note=limit_note)
 
 
 def iter_image_files(paths: list[str | Path], exclude: list[Path] | tuple = ()) -> list[Path]:

@@ -262,6 +262,25 @@ def test_replay_skips_an_unreadable_file(tmp_path):
             _assert_red(cam.read())
 
 
+def test_replay_skips_a_picture_over_the_services_25_mp_with_the_reason(tmp_path, caplog):
+    """A replay folder's pictures are the service's fields, as uploads are: over 25 MP (the service's memory
+    for a field) one is skipped, said why in the log, not decoded."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    big = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 5001, 5000, 8, 2, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(b"\x00" * 100)) + chunk(b"IEND", b""))
+    (tmp_path / "a_big.png").write_bytes(big)  # 25.005 MP: its header says so
+    cv2.imwrite(str(tmp_path / "b.png"), _solid_bgr(RED_BGR))
+    with caplog.at_level("WARNING", logger="device.camera"), ReplayCamera(tmp_path, fps=60) as cam:
+        for _ in range(3):
+            _assert_red(cam.read())
+    assert "25.005 MP, over the 25 MP limit of the device's fields" in caplog.text
+
+
 @pytest.mark.parametrize("setup, match", [
     (lambda p: p / "missing", "not found"),
     (lambda p: p, "no images"),

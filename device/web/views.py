@@ -22,7 +22,7 @@ from werkzeug.exceptions import HTTPException
 
 from device.camera import decode_view, encode_view, prepare_view, prepared_overlap, same_view, thumbnail
 from device.config import RBC_PER_UL_RANGE, review_floor_at
-from device.imageio import IMAGE_SUFFIXES, ImageError, decode_rgb
+from device.imageio import IMAGE_SUFFIXES, MAX_SERVICE_FIELD_PIXELS, ImageError, decode_rgb
 from device.service import (
     BUSY_MESSAGE,
     CaptureRefused,
@@ -47,7 +47,7 @@ ANNOUNCED_UPLOAD_TTL_S = 20.0
 # field took the service's peak from ~160 to 350-356 MB (419 MB before the field's images were encoded from
 # one frame copy instead of three); a 50 MP one, accepted before, reached 718 MB and was killed at the unit's
 # MemoryMax (then 600 MB). The command line reads up to 50 MP (imageio.MAX_PIXELS).
-MAX_UPLOAD_PIXELS = 25_000_000
+MAX_UPLOAD_PIXELS = MAX_SERVICE_FIELD_PIXELS
 _UPLOAD_DECODING = threading.Lock()
 UPLOAD_LIMIT_NOTE = (" of the device's uploads (the memory it keeps for one field); scale the image down, or "
                      "analyse it on a computer with python -m device analyze")
