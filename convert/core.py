@@ -443,10 +443,14 @@ def runtime_gate(path: Path) -> dict:
     return results
 
 
-def _earlier_conversion(path: Path, model_paths: list[Path], views: int) -> tuple[bytes, dict, dict]:
+def _earlier_conversion(path: Path, args) -> tuple[bytes, dict, dict]:
     """An int8 file converted before, for ``--card-for``: its bytes, its int8 bias correction and how it was made,
     from the card beside it (which must be its own: same sha256). Without that card nothing says how the file
-    was converted, and its correction (taken off inside the file) could not be told."""
+    was converted, and its correction (taken off inside the file) could not be told. The new card names the
+    views, seed, calibration and bias cells given now: they must be those the file was converted with (read
+    from its card's command); that the members are its own is measured (:func:`_check_same_members`)."""
+    from convert.__main__ import parse_args
+
     if not path.is_file():
         raise ConvertError(f"--card-for {path}: no such file")
     old_card_path = path.with_suffix(".json")
@@ -459,19 +463,42 @@ def _earlier_conversion(path: Path, model_paths: list[Path], views: int) -> tupl
     if not isinstance(old, dict) or old.get("sha256") != sha:
         raise ConvertError(f"--card-for {path}: the card beside it is not its own (sha256 {sha[:12]}…): how the "
                            "file was converted is not known")
-    if "int8_bias_correction" not in old:
+    if not isinstance(old.get("int8_bias_correction"), dict):
         raise ConvertError(f"--card-for {path}: its card predates the int8 bias correction; convert it again")
-    # the new card names the members and views given now: they must be the file's own
-    made_of = [str(Path(m.get("model", "")).resolve()) for m in (old.get("members") or {}).get("models", [])]
-    if made_of != [str(p.resolve()) for p in model_paths] or (old.get("views") or {}).get("count") != views:
-        raise ConvertError(f"--card-for {path}: its card says it was converted from {made_of or 'other models'} "
-                           f"with {(old.get('views') or {}).get('count')} view(s), not from the --model and "
-                           "--views given now")
     # how the file was made (a card written again already names the conversion itself), and its calibration
     made = old.get("card_of_an_earlier_conversion") or {
         **{k: old.get(k) for k in ("conversion_command", "git_commit", "date")},
         "representative": (old.get("data") or {}).get("representative")}
+    words = shlex.split(str(made.get("conversion_command") or ""))
+    try:
+        if words[:3] != ["python", "-m", "convert"]:
+            raise SystemExit(2)
+        then = parse_args(words[3:])
+    except SystemExit:
+        raise ConvertError(f"--card-for {path}: its card's conversion command cannot be read: "
+                           f"{made.get('conversion_command')!r}") from None
+    differ = [f"--{k.replace('_', '-')} {getattr(then, k)} (now {getattr(args, k)})"
+              for k in ("views", "seed", "representative", "bias_cells") if getattr(then, k) != getattr(args, k)]
+    if differ:
+        raise ConvertError(f"--card-for {path}: it was converted with {', '.join(differ)}: give the same")
     return data, old["int8_bias_correction"], made
+
+
+def _check_same_members(path: Path, bias: dict, float_bytes: bytes, int8_bytes: bytes, x: np.ndarray) -> None:
+    """The file's int8 logit against the float32 model of the members given now, on the same bias cells as its
+    conversion measured (the same seed and count): the same mean and scatter, or the members are not its own."""
+    if len(x) < 2 or "error_sd_before" not in bias:
+        return  # nothing was measured then (--bias-cells 0): the parity gate is all that checks them
+    err = tflite_logits(int8_bytes, x) - tflite_logits(float_bytes, x)
+    mean, sd = float(err.mean()), float(err.std())
+    then_mean = float(bias.get("mean_error_after", bias["mean_error_before"]))
+    then_sd = float(bias.get("error_sd_after", bias["error_sd_before"]))
+    if abs(mean - then_mean) > 0.02 or abs(sd - then_sd) > 0.05 * then_sd:
+        raise ConvertError(f"--card-for {path}: its int8 logit differs from the --model members' float32 one by "
+                           f"{mean:+.4f} (sd {sd:.4f}) on the {len(x)} bias cells, where its conversion measured "
+                           f"{then_mean:+.4f} (sd {then_sd:.4f}): it was not converted from these members")
+    logger.info("the file's int8 logit against the members' float32 one: %+.4f (sd %.4f), as converted: %+.4f "
+                "(sd %.4f)", mean, sd, then_mean, then_sd)
 
 
 def chosen_threshold_fp_bound(n_fp: int, n_healthy: int) -> float:
@@ -479,11 +506,12 @@ def chosen_threshold_fp_bound(n_fp: int, n_healthy: int) -> float:
 
     :func:`choose_threshold` picks its threshold among the held-out cells' own scores, so it may sit just
     above a healthy cell's (the shipped card's, 0.96601, is the int8 step above one scored 0.96170): the
-    same cells then count one false positive fewer than new healthy cells would give. The cells' count
-    is made cautious as a conformal bound is: a threshold above the (k+1)-th highest of n exchangeable
-    healthy scores is passed by a new healthy cell with probability at most (k + 1)/(n + 1). So the bound
-    is the upper limit of the 95% Wilson interval of ``n_fp + 1`` in ``n_healthy + 1``, at every listed
-    threshold alike (a rate that rose with the threshold would contradict itself; an admin choosing a
+    same cells then count one false positive fewer than new healthy cells would give. The count is made
+    cautious the way a conformal bound is: a threshold above the (k+1)-th highest of n exchangeable healthy
+    scores, for a k fixed in advance, is passed by a new healthy cell with probability at most
+    (k + 1)/(n + 1). Here k comes from the data too, so this is a correction in that direction, not a
+    guarantee. The bound is the upper limit of the 95% Wilson interval of ``n_fp + 1`` in ``n_healthy + 1``,
+    at every listed threshold alike (a rate that rose with the threshold would contradict itself; an admin choosing a
     threshold from the curve chooses among the same cells). Measured by a reviewer on the validation
     patients: a threshold chosen on 10 of them and its false-positive rate on the other 10 (200 splits)
     read 0.00291 on average against 0.00109 on the choosing half.
@@ -582,7 +610,8 @@ def convert(args, argv: list[str]) -> Path:
     float_bytes = to_tflite(model, None)
     recarded = None
     if args.card_for:
-        int8_bytes, bias, recarded = _earlier_conversion(Path(args.card_for), model_paths, args.views)
+        int8_bytes, bias, recarded = _earlier_conversion(Path(args.card_for), args)
+        _check_same_members(Path(args.card_for), bias, float_bytes, int8_bytes, x_bias)
         logger.info("the card of %s, converted %s (%s): measured again, not converted again", args.card_for,
                     recarded["date"], recarded["conversion_command"])
     else:
@@ -652,6 +681,8 @@ def convert(args, argv: list[str]) -> Path:
     pos = np.concatenate([p[y == 1] for p, y in held_out])
     n_fp = int((neg >= threshold).sum())
     call_fpr = chosen_threshold_fp_bound(n_fp, len(neg))
+    # the limit the slide call will give (the choice above counted the cells as they are)
+    limit_at_call = detection_limit_fraction(call_fpr, m_monitor["sensitivity"], args.target_rbc)
     # The card's own threshold is listed exactly: rounded (0.9789 for 0.978875... on an earlier card) its row
     # measured another operating point (sensitivity 0.8506 for that card's 0.8543).
     curve = [{"threshold": float(t),
@@ -682,7 +713,8 @@ def convert(args, argv: list[str]) -> Path:
                             f"p<0.001 — with f the upper 95% false-positive bound as counted (not the card's call "
                             f"rate, which counts one more) and s the sensitivity on the "
                             f"{thr_patients} (int8 model); expected limit "
-                            f"{100 * limit:.3f}% parasitemia"),
+                            f"{100 * limit:.3f}% parasitemia, and {100 * limit_at_call:.3f}% at the card's call "
+                            f"rate"),
             call_false_positive_rate=call_fpr,
             operating_curve=curve,
             members={"count": len(model_paths),
@@ -696,8 +728,9 @@ def convert(args, argv: list[str]) -> Path:
             call_false_positive_rule=(f"upper limit of the two-sided 95% Wilson interval (z = 1.96; a one-sided "
                                       f"97.5% bound) of {n_fp} + 1 false positives in {len(neg)} + 1 held-out "
                                       f"healthy cells ({fp_patients}) at the threshold: one more than counted, "
-                                      f"because the threshold was chosen among these cells' scores (a "
-                                      f"conformal bound; every operating-curve row is counted the same way)"),
+                                      f"because the threshold was chosen among these cells' scores (as a "
+                                      f"conformal bound counts; every operating-curve row is counted the same "
+                                      f"way)"),
             metrics={
                 "validation_patients": sorted(sets["val"]),
                 "keras": m_keras, "float32": m_float, "int8": m_int8,

@@ -224,11 +224,20 @@ def test_a_converted_file_gets_a_new_card_without_being_converted_again(converte
                    str(tmp_path / "no"), "--representative", "20", "--card-for", str(lone / "m.tflite"))
     assert r.returncode == 2 and "the card beside it is not its own" in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "no" / "cellnet_int8.json").exists()
-    # nor is a card written naming other views (or members) than the file was converted with
+    # nor is a card written naming other views, seed or calibration than the file was converted with...
+    for other, said in ((["--views", "2"], "--views 1 (now 2)"), (["--seed", "7"], "--seed 1234 (now 7)"),
+                        ([], "--representative 20 (now 1000)")):
+        r = run_module("convert", "--model", str(run_dir / "model.keras"), "--data", str(FIX), "--out",
+                       str(tmp_path / "no"), *(["--representative", "20"] if other else []), *other,
+                       "--card-for", str(out / "cellnet_int8.tflite"))
+        assert r.returncode == 2 and f"it was converted with {said}: give the same" in r.stderr, r.stderr[-2000:]
+    # ...or other members: the file's int8 logit against their float32 one is not what its conversion measured
+    (lone / "m.json").write_text(json.dumps({**first, "int8_bias_correction": {
+        **first["int8_bias_correction"], "error_sd_after": 3 * first["int8_bias_correction"]["error_sd_after"]}}))
     r = run_module("convert", "--model", str(run_dir / "model.keras"), "--data", str(FIX), "--out",
-                   str(tmp_path / "no"), "--representative", "20", "--views", "2",
-                   "--card-for", str(out / "cellnet_int8.tflite"))
-    assert r.returncode == 2 and "not from the --model and --views given now" in r.stderr, r.stderr[-2000:]
+                   str(tmp_path / "no"), "--representative", "20", "--max-drop", "1.0", "--card-for",
+                   str(lone / "m.tflite"))
+    assert r.returncode == 2 and "it was not converted from these members" in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "no" / "cellnet_int8.json").exists()
 
 
