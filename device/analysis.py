@@ -383,11 +383,10 @@ def annotate(image_rgb: np.ndarray, result: FieldResult, near_from: float | None
     return draw_annotation(image_rgb.copy(), result, near_from)
 
 
-def draw_annotation(image: np.ndarray, result: FieldResult, near_from: float | None = None, *,
+def draw_annotation(out: np.ndarray, result: FieldResult, near_from: float | None = None, *,
                     bgr: bool = False) -> np.ndarray:
-    """:func:`annotate`'s boxes drawn into ``image`` itself (RGB, or BGR with ``bgr``: the same colours),
-    which is returned: for a caller that has a copy of its own to draw on (a full frame is 3 bytes a pixel)."""
-    out = image
+    """:func:`annotate`'s boxes drawn into ``out`` itself (RGB, or BGR with ``bgr``: the same colours), which
+    is returned: for a caller that has a copy of its own to draw on (a full frame is 3 bytes a pixel)."""
     order = (lambda rgb: rgb[::-1]) if bgr else (lambda rgb: rgb)
     thick = max(1, round(max(out.shape[:2]) / 600))
     for c in result.cells:

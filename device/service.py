@@ -660,7 +660,6 @@ class FieldAnalyser:
         raw = _imencode_jpeg(bgr, RAW_JPEG_QUALITY) if save_raw else None
         annotated = _imencode_jpeg(draw_annotation(bgr, result, near_from=crop_floor, bgr=True),
                                    ANNOTATED_JPEG_QUALITY)
-        del bgr
         return FieldImages(annotated_jpeg=annotated, raw_jpeg=raw, crops_jpeg=crops)
 
     def shutdown(self, wait: bool = True) -> None:
