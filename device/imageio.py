@@ -20,8 +20,11 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 MAX_PIXELS = 50_000_000  # > 50 MP is refused before decoding (decompression bombs)
-# The service's own fields (uploads, a replay folder's pictures) stop at 25 MP, so that it stays under its unit's
-# memory limits (device/web/views.py says what was measured); the command line reads up to MAX_PIXELS.
+# The service's own fields (uploads, a replay folder's pictures) stop at 25 MP (a 24 MP camera's 6000 x 4000
+# still passes), so that it stays under its unit's memory limits. Measured (tests/benchmarks/
+# bench_upload_memory.py): a 24 MP JPEG upload took the service's peak from ~160 to 350-356 MB (419 MB before a
+# field's images were encoded from one frame copy instead of three); a 50 MP one, accepted before, reached
+# 718 MB and was killed at the unit's MemoryMax (then 600 MB). The command line reads up to MAX_PIXELS.
 MAX_SERVICE_FIELD_PIXELS = 25_000_000
 # No file of an image that passes (<= 50 MP, 8-bit, at most 4 channels, even uncompressed) is larger than
 # this: bigger files are refused before they are read into memory (a Pi has 1-8 GB).

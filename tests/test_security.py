@@ -435,10 +435,9 @@ def test_uploads_stop_at_25_mp_before_decoding_while_the_command_line_reads_up_t
     """The service stays under its unit's memory limits: a 24 MP upload peaked at 350-356 MB
     (tests/benchmarks/bench_upload_memory.py); a 50 MP one took it past MemoryMax before. So uploads stop at
     25 MP, refused before decoding with what to do instead, while ``python -m device analyze`` reads 50."""
-    from device.imageio import ImageError, decode_rgb
-    from device.web.views import MAX_UPLOAD_PIXELS
+    from device.imageio import MAX_SERVICE_FIELD_PIXELS, ImageError, decode_rgb
 
-    assert MAX_UPLOAD_PIXELS == 25_000_000
+    assert MAX_SERVICE_FIELD_PIXELS == 25_000_000
     env = make_env()
     c, token = _client(env)
     c.post("/api/slides", json={"sample_id": "B"}, headers={"X-CSRF-Token": token})

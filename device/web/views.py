@@ -42,12 +42,7 @@ CAPTURE_WAIT_S = 60.0  # a capture answers when its field is stored; after this 
 # page renews the announcement every ANNOUNCE_RENEW_S while its file is on the way, however slow the link; one
 # nobody renews (a tab closed, a connection lost) lapses after ANNOUNCED_UPLOAD_TTL_S.
 ANNOUNCED_UPLOAD_TTL_S = 20.0
-# Uploads are refused above 25 MP before decoding (a 24 MP camera's 6000 x 4000 still passes): the service
-# must stay under its unit's memory limits. Measured (tests/benchmarks/bench_upload_memory.py): a 24 MP JPEG
-# field took the service's peak from ~160 to 350-356 MB (419 MB before the field's images were encoded from
-# one frame copy instead of three); a 50 MP one, accepted before, reached 718 MB and was killed at the unit's
-# MemoryMax (then 600 MB). The command line reads up to 50 MP (imageio.MAX_PIXELS).
-MAX_UPLOAD_PIXELS = MAX_SERVICE_FIELD_PIXELS
+# Uploads are refused above imageio.MAX_SERVICE_FIELD_PIXELS (25 MP) before decoding, and decoded one at a time.
 _UPLOAD_DECODING = threading.Lock()
 UPLOAD_LIMIT_NOTE = (" of the device's uploads (the memory it keeps for one field); scale the image down, or "
                      "analyse it on a computer with python -m device analyze")
@@ -160,7 +155,7 @@ def _decode_upload():
             d.analyser.metrics.inc("captures_refused_total")
             abort(503, BUSY_MESSAGE)
         try:
-            return decode_rgb(data, name=name, max_pixels=MAX_UPLOAD_PIXELS, limit_note=UPLOAD_LIMIT_NOTE)
+            return decode_rgb(data, name=name, max_pixels=MAX_SERVICE_FIELD_PIXELS, limit_note=UPLOAD_LIMIT_NOTE)
         except ImageError as exc:
             d.analyser.metrics.inc("uploads_refused_total")
             abort(400, str(exc))

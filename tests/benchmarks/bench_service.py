@@ -26,6 +26,7 @@ import sys
 import tempfile
 import threading
 import time
+import tomllib
 import urllib.request
 from pathlib import Path
 
@@ -67,6 +68,28 @@ def rss_mb(pid: int) -> tuple[float, float]:
     return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
 
 
+def start_service(cfg: Path, log_path: Path) -> tuple[subprocess.Popen, Client, float, object]:
+    """`python -m device serve --config cfg`, waited for until its camera is connected: (process, client,
+    seconds to start, the open log file, to close after the process)."""
+    log = open(log_path, "w")  # noqa: SIM115 - lives as long as the service
+    t_start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "device", "serve", "--config", str(cfg)], cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log, stderr=subprocess.STDOUT)
+    c = Client(f"http://127.0.0.1:{tomllib.loads(cfg.read_text())['service']['port']}")
+    while True:
+        try:
+            if json.loads(c.get("/api/status", timeout=2)[1])["camera"]["state"] == "connected":
+                return proc, c, time.perf_counter() - t_start, log
+        except OSError:
+            pass
+        if proc.poll() is not None or time.perf_counter() - t_start > 120:
+            proc.kill()
+            log.close()
+            print(log_path.read_text())
+            raise SystemExit("the service did not start")
+        time.sleep(0.1)
+
+
 def pct(values: list[float], q: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, max(0, round(q / 100 * len(s)) - 1))]
@@ -85,24 +108,8 @@ def main() -> int:
     cfg = tmp / "config.toml"
     cfg.write_text(f'[service]\nhost = "127.0.0.1"\nport = {port}\ndata_dir = "{tmp / "data"}"\n'
                    f"min_free_disk_mb = 0\n{model_section}")
-    log = open(tmp / "service.log", "w")  # noqa: SIM115 - lives as long as the service
-    t_start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "device", "serve", "--config", str(cfg)], cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log, stderr=subprocess.STDOUT)
-    c = Client(f"http://127.0.0.1:{port}")
+    proc, c, startup_s, log = start_service(cfg, tmp / "service.log")
     try:
-        while True:
-            try:
-                st = json.loads(c.get("/api/status", timeout=2)[1])
-                if st["camera"]["state"] == "connected":
-                    break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.perf_counter() - t_start > 120:
-                print((tmp / "service.log").read_text())
-                raise SystemExit("the service did not start")
-            time.sleep(0.1)
-        startup_s = time.perf_counter() - t_start
         rss_idle, _ = rss_mb(proc.pid)
         slide = c.post_json("/api/slides", {"sample_id": "BENCH"})[1]
         capture_url = f"/api/slides/{slide['id']}/fields"

@@ -14,13 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
-import time
 import urllib.error
 import urllib.request
 import uuid
@@ -30,10 +27,12 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_service import Client, free_port, rss_mb  # noqa: E402
+from bench_service import Client, free_port, rss_mb, start_service  # noqa: E402
 
 
-def field_jpeg(megapixels: float, out: Path) -> tuple[int, int]:
+def field_jpeg(megapixels: float, out: Path, mark: int = 0) -> tuple[int, int]:
+    """A bundled sample field scaled to ``megapixels``, saved as JPEG quality 95; ``mark`` > 0 greys a corner,
+    so that each of several uploads is another picture (the same one would be refused as a view counted)."""
     import cv2
 
     sample = sorted((ROOT / "device" / "samples").glob("*.jpg"))[0]
@@ -41,7 +40,10 @@ def field_jpeg(megapixels: float, out: Path) -> tuple[int, int]:
     h0, w0 = bgr.shape[:2]
     scale = (megapixels * 1e6 / (w0 * h0)) ** 0.5
     w, h = round(w0 * scale), round(h0 * scale)
-    cv2.imwrite(str(out), cv2.resize(bgr, (w, h), interpolation=cv2.INTER_LINEAR), [cv2.IMWRITE_JPEG_QUALITY, 95])
+    big = cv2.resize(bgr, (w, h), interpolation=cv2.INTER_LINEAR)
+    if mark:
+        big[:50, :50] = 40 * mark
+    cv2.imwrite(str(out), big, [cv2.IMWRITE_JPEG_QUALITY, 95])
     return w, h
 
 
@@ -60,39 +62,15 @@ def upload(c: Client, url: str, path: Path) -> tuple[int, dict]:
 
 
 def one(megapixels: float, tmp: Path, at_once: int = 1) -> None:
-    import cv2
-
-    images = []
-    for i in range(at_once):
-        image = tmp / f"field_{megapixels:g}mp_{i}.jpg"
-        w, h = field_jpeg(megapixels, image)
-        if i:  # another picture for each slide (a corner changed), or it would be the same view
-            bgr = cv2.imread(str(image), cv2.IMREAD_COLOR)
-            bgr[:50, :50] = 40 * i
-            cv2.imwrite(str(image), bgr, [cv2.IMWRITE_JPEG_QUALITY, 95])
-        images.append(image)
+    images = [tmp / f"field_{megapixels:g}mp_{i}.jpg" for i in range(at_once)]
+    w, h = [field_jpeg(megapixels, image, mark=i) for i, image in enumerate(images)][0]
     port = free_port()
     cfg = tmp / f"config_{megapixels:g}.toml"
     data = tmp / f"data_{megapixels:g}_{at_once}"
     cfg.write_text(f'[service]\nhost = "127.0.0.1"\nport = {port}\ndata_dir = "{data}"\nmin_free_disk_mb = 0\n')
-    log_path = tmp / f"service_{megapixels:g}.log"
-    log = open(log_path, "w")  # noqa: SIM115 - lives as long as the service
-    proc = subprocess.Popen([sys.executable, "-m", "device", "serve", "--config", str(cfg)], cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log, stderr=subprocess.STDOUT)
-    c = Client(f"http://127.0.0.1:{port}")
+    proc, c, _, log = start_service(cfg, tmp / f"service_{megapixels:g}.log")
     answers: list[tuple[int, dict] | None] = [None] * at_once
     try:
-        t0 = time.perf_counter()
-        while True:
-            try:
-                if json.loads(c.get("/api/status", timeout=2)[1])["camera"]["state"] == "connected":
-                    break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.perf_counter() - t0 > 120:
-                print(log_path.read_text())
-                raise SystemExit("the service did not start")
-            time.sleep(0.1)
         warm = c.post_json("/api/slides", {"sample_id": "WARM-UP"})[1]
         # warm-up capture: the interpreter's first call, the first stored field (another slide: the upload is
         # the same sample, which the slide that holds it would refuse as a view already counted)
