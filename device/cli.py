@@ -10,8 +10,12 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from device.config import RBC_PER_UL_RANGE, REVIEW_FLOOR_RANGE, AnalysisConfig, review_floor_at
+
+if TYPE_CHECKING:
+    import numpy as np
 
 logger = logging.getLogger(__name__)
 
@@ -171,6 +175,25 @@ def _cut(text: str, max_bytes: int) -> str:
     return os.fsdecode(raw)  # not UTF-8 at all (bytes a camera wrote): kept as they are
 
 
+# A cell crop is a box around one red cell: the NIH crops are at most 394 px and 2.6 times as long as wide.
+# prepare_cell pads a crop to a square of its long side, so a strip (a 40000 x 300 panorama, 12 MP) asked
+# for a 4.5 GB square and a 4 x 100000 one for 28 GB: the batch died with a MemoryError and its report.
+MAX_CELL_CROP_SIDE_PX = 4096
+MAX_CELL_CROP_ASPECT = 8.0
+
+
+def _not_a_cell_crop(rgb: np.ndarray) -> str | None:
+    """Why an image cannot be one cell's crop (``cells`` classifies crops, not fields), or None."""
+    h, w = rgb.shape[:2]
+    if max(h, w) > MAX_CELL_CROP_SIDE_PX:
+        return (f"{w}x{h} px is not one cell's crop (at most {MAX_CELL_CROP_SIDE_PX} px a side): for a field "
+                "use `python -m device analyze`")
+    if max(h, w) > MAX_CELL_CROP_ASPECT * min(h, w):
+        return (f"{w}x{h} px is not one cell's crop (a cell's box is at most {MAX_CELL_CROP_ASPECT:g} times as "
+                "long as wide)")
+    return None
+
+
 def cmd_cells(args) -> int:
     import numpy as np
 
@@ -201,7 +224,11 @@ def cmd_cells(args) -> int:
     try:
         for i, f in enumerate(files, 1):
             try:
-                batch.append(prepare_cell(read_rgb(f, min_side_px=4, check_jpeg_data=True), clf.input_size_px))
+                crop = read_rgb(f, min_side_px=4, check_jpeg_data=True)
+                problem = _not_a_cell_crop(crop)
+                if problem:
+                    raise ImageError(f"{f}: {problem}")
+                batch.append(prepare_cell(crop, clf.input_size_px))
                 batch_files.append(f)
             except ImageError as exc:
                 errors.append({"file": str(f), "error": str(exc)})
@@ -254,13 +281,18 @@ def _label_of(path: Path) -> int | None:
 
 def cmd_analyze(args) -> int:
     from device.analysis import AnalysisSettings
-    from device.imageio import iter_image_files
+    from device.imageio import ANNOTATED_MARKER, holds_annotated_copies, iter_image_files
     from device.slide import summarize_slide
 
     # an annotate folder inside an input folder: its copies (boxes drawn on them) are not fields to count
     if args.annotate and any(_same_file(Path(args.annotate), Path(p)) for p in args.paths):
         print(f"error: --annotate {args.annotate} is an input folder: its annotated copies would be read as "
               "fields next time; name another folder", file=sys.stderr)
+        return 2
+    named_copies = next((p for p in args.paths if Path(p).is_dir() and holds_annotated_copies(Path(p))), None)
+    if named_copies is not None:
+        print(f"error: {named_copies} holds annotated copies written by analyze --annotate (boxes drawn over the "
+              "cells), not fields: analyse the original pictures", file=sys.stderr)
         return 2
     files = iter_image_files(args.paths, exclude=[Path(args.annotate)] if args.annotate else [])
     if not files:
@@ -275,6 +307,15 @@ def cmd_analyze(args) -> int:
             return 2
     if _overwrites_input(args.json, files) or not _outputs_writable(args.json, args.annotate):
         return 2
+    if args.annotate:
+        try:
+            (Path(args.annotate) / ANNOTATED_MARKER).write_text(
+                "Annotated copies written by `python -m device analyze --annotate`: boxes drawn over the cells.\n"
+                "`analyze` does not read this folder as fields.\n")
+        except OSError as exc:
+            print(f"error: --annotate {args.annotate}: cannot write {ANNOTATED_MARKER}: {exc.strerror or exc}",
+                  file=sys.stderr)
+            return 2
     clf = _classifier(args)
     fp_rate = clf.card.false_positive_rate_at(clf.threshold)  # what the device's slide call uses too
     if args.slide and fp_rate is None:
@@ -464,7 +505,6 @@ def _write_error_views(folder: Path, report: dict, out_dir: Path) -> bool:
 
 def cmd_check_config(args) -> int:
     from device.config import ConfigError, load_config
-    from device.model_card import load_card
     from device.service import AdminSettings
 
     try:
@@ -482,8 +522,13 @@ def cmd_check_config(args) -> int:
         return 2
     # The service would start without a usable model and refuse every capture: say so here, where the
     # installer (and anyone checking a config) still can act. ModelError: "model error: …", exit 3.
-    card = load_card(cfg.model.path, check_sha=True)
-    print(f"{args.file}: OK (model {card.data['name']}, sha256 {card.sha256[:12]}…)")
+    # Built as the service builds it: the card read and checked, then the interpreter made and its input
+    # and output compared with the card (a card whose quantisation contradicts the file passed here and the
+    # service then refused every capture).
+    from device.classifier import CellClassifier
+
+    clf = CellClassifier(cfg.model.path, threads=cfg.model.threads, threshold=cfg.model.threshold)
+    print(f"{args.file}: OK (model {clf.card.data['name']}, sha256 {clf.card.sha256[:12]}…, on {clf.runtime})")
     return 0
 
 

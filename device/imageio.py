@@ -452,7 +452,7 @@ def decode_rgb(data: bytes, *, name: str = "image", min_side_px: int = MIN_SIDE_
             img = cv2.imdecode(buf, cv2.IMREAD_COLOR if os2_bitmap else cv2.IMREAD_UNCHANGED)
     except cv2.error as exc:  # OpenCV's own limits and checks: a bad file, never a crashed batch
         raise ImageError(f"{name}: could not decode ({str(exc).strip().splitlines()[-1][:120]})") from exc
-    damage = [w for w in warnings if not _PADDING_WARNING.match(w)]
+    damage = [w for w in warnings if not _is_padding(w, data)]
     if damage:
         raise ImageError(f"{name}: damaged JPEG data ({damage[0]}): part of the field would be analysed as "
                          "garbage; copy the file again from the camera or card")
@@ -465,12 +465,66 @@ def decode_rgb(data: bytes, *, name: str = "image", min_side_px: int = MIN_SIDE_
 # libjpeg reports damage in a JPEG's compressed data as warnings on the process's stderr and decodes on:
 # a block of garbage or zeros gives "premature end of data segment", and the image comes out with garbage
 # or gray where the data was hit (measured: 8 kB of garbage in a BBBC041 field made 29 flagged "cells" and
-# a slide positive). OpenCV passes them on unseen. Stray bytes before a marker other than a restart marker
-# are padding (some encoders and EXIF editors write it: the pixels are identical); before the end marker
-# they may also follow flipped bits, which is not told apart from padding. JPEG has no checksum: most
-# flipped bits decode without a warning.
+# a slide positive). OpenCV passes them on unseen. Stray bytes between two segments are padding (some
+# encoders and EXIF editors write it: the pixels are identical), and libjpeg says "N extraneous bytes
+# before marker 0xXX" for them -- but it says the same when damage inside the compressed data threw its
+# decoding off: garbage holding what reads as a marker (0x70, not a marker at all, in a file with restart
+# markers), or a progressive file's scan left with thousands of bytes unread. So a warning is padding only
+# where the file's own segment structure (:func:`_jpeg_padding`) has that many stray bytes before that
+# marker outside the compressed data; before the end marker they may also follow flipped bits in the last
+# scan, which is not told apart from padding. JPEG has no checksum: most flipped bits decode without a warning.
 _JPEG_WARNING = re.compile(r"^(Corrupt JPEG data: .*|Premature end of JPEG file|Invalid JPEG file structure: .*)$")
-_PADDING_WARNING = re.compile(r"^Corrupt JPEG data: \d+ extraneous bytes before marker 0x(?!d[0-7])[0-9a-f]{2}$")
+_PADDING_WARNING = re.compile(r"^Corrupt JPEG data: (\d+) extraneous bytes before marker 0x([0-9a-f]{2})$")
+_JPEG_EOI, _JPEG_SOS = 0xD9, 0xDA
+
+
+def _is_padding(warning: str, data: bytes) -> bool:
+    """Whether libjpeg's ``warning`` is about stray bytes between the segments of ``data`` (harmless)."""
+    m = _PADDING_WARNING.match(warning)
+    if not m:
+        return False
+    n, marker = int(m.group(1)), int(m.group(2), 16)
+    return marker == _JPEG_EOI or (n, marker) in _jpeg_padding(data)
+
+
+def _jpeg_padding(data: bytes) -> set[tuple[int, int]]:
+    """(stray bytes, marker) for every run of bytes that lies between two segments of a JPEG, outside its
+    compressed data, counted as libjpeg counts them (a stuffed 0xFF00 counts 2). Walks the segments by their
+    lengths; compressed data runs from a scan header to the first marker that is not a restart marker."""
+    found: set[tuple[int, int]] = set()
+    pos, end, in_scan = 2, len(data), False
+    while pos < end - 1:
+        if in_scan:  # to the marker that ends the compressed data: 0xFF not followed by 0x00, 0xFF or RSTn
+            i = data.find(b"\xff", pos)
+            while 0 <= i < end - 1 and (data[i + 1] == 0 or data[i + 1] == 0xFF or 0xD0 <= data[i + 1] <= 0xD7):
+                i = data.find(b"\xff", i + 1 if data[i + 1] == 0xFF else i + 2)
+            if i < 0 or i >= end - 1:
+                break
+            pos, in_scan = i, False
+        stray = 0
+        while pos < end:  # libjpeg's next_marker: skip to 0xFF, then past fill bytes; 0xFF00 is 2 stray bytes
+            while pos < end and data[pos] != 0xFF:
+                stray, pos = stray + 1, pos + 1
+            while pos < end and data[pos] == 0xFF:
+                pos += 1
+            if pos >= end or data[pos] != 0:
+                break
+            stray, pos = stray + 2, pos + 1
+        if pos >= end:
+            break
+        marker = data[pos]
+        pos += 1
+        if stray:
+            found.add((stray, marker))
+        if marker == _JPEG_EOI:
+            break
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # no length
+            continue
+        if pos + 2 > end:
+            break
+        pos += struct.unpack(">H", data[pos : pos + 2])[0]
+        in_scan = marker == _JPEG_SOS
+    return found
 _STDERR_LOCK = threading.Lock()
 
 
@@ -565,6 +619,16 @@ def read_rgb(path: str | Path, *, min_side_px: int = MIN_SIDE_PX, check_jpeg_dat
                       max_pixels=max_pixels, limit_note=limit_note)
 
 
+# Left by `analyze --annotate` in the folder it writes: the annotated copies (boxes drawn over the cells) are
+# not fields. An annotate folder inside a slide's folder was read back as fields by the next run over that
+# folder, and the slide counted its cells again (200 cells became 323).
+ANNOTATED_MARKER = ".malaria-detect-annotated"
+
+
+def holds_annotated_copies(folder: Path) -> bool:
+    return (Path(folder) / ANNOTATED_MARKER).is_file()
+
+
 def iter_image_files(paths: list[str | Path], exclude: list[Path] | tuple = ()) -> list[Path]:
     """Expand files and folders (recursively, through linked folders too) into a list of image files,
     each folder's sorted.
@@ -572,7 +636,8 @@ def iter_image_files(paths: list[str | Path], exclude: list[Path] | tuple = ()) 
     A file named twice (directly, through a folder, or by another path to it) is listed once: a slide
     must not count one field twice. Each dropped repeat is logged. Folders in ``exclude`` (where the
     command writes its own images) are not searched. A sub-folder that cannot be listed is itself listed,
-    so that reading it says why instead of its fields vanishing from the batch without a word.
+    so that reading it says why instead of its fields vanishing from the batch without a word. A sub-folder
+    of annotated copies (:data:`ANNOTATED_MARKER`) is not searched.
     """
     out: list[Path] = []
     seen: set[Path] = set()
@@ -601,6 +666,10 @@ def _walk_images(top: Path, skip: set[Path]) -> list[Path]:
     for folder, dirs, files in os.walk(top, followlinks=True, onerror=unreadable):
         real = _identity(Path(folder))
         if real in visited or real in skip:
+            dirs[:] = []
+            continue
+        if real != root and ANNOTATED_MARKER in files:
+            logger.info("%s: annotated copies written by analyze --annotate, not fields: not read", folder)
             dirs[:] = []
             continue
         if not real.is_relative_to(root):

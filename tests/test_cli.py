@@ -123,6 +123,28 @@ def test_cells_command_reports_every_file_and_a_summary(tmp_path):
     assert json.loads(r.stdout.strip().splitlines()[-1]) == s
 
 
+def test_cells_refuses_a_strip_as_no_cell_crop_and_the_batch_goes_on(tmp_path):
+    """A long thin picture was padded to a square of its long side: a 4 x 100000 PNG asked for 28 GB, the
+    batch died with a MemoryError and its JSON was never written (a 40000 x 300 panorama, 12 MP: 4.5 GB)."""
+    import cv2
+    import numpy as np
+
+    folder = tmp_path / "crops"
+    folder.mkdir()
+    good = sorted(CELLS.rglob("*.webp"))[:2]
+    for i, f in enumerate(good):
+        shutil.copy(f, folder / f"{i}_{f.name}")
+    cv2.imwrite(str(folder / "1a_strip.png"), np.full((4, 100_000, 3), 120, np.uint8))
+    cv2.imwrite(str(folder / "1b_long.png"), np.full((90, 1000, 3), 120, np.uint8))  # 11 times as long as wide
+    out = tmp_path / "cells.json"
+    r = device("cells", str(folder), "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(out.read_text())
+    assert len(doc["files"]) == 2 and len(doc["errors"]) == 2
+    assert all("is not one cell's crop" in e["error"] for e in doc["errors"]), doc["errors"]
+    assert "for a field use `python -m device analyze`" in " ".join(e["error"] for e in doc["errors"])
+
+
 def test_evaluate_fields_scores_the_classifier_only_on_fields_its_card_does_not_list(tmp_path):
     from device.model_card import load_card
 
@@ -504,6 +526,17 @@ def test_annotated_copies_written_inside_the_input_folder_are_not_counted_next_t
         counts.append((len(doc["images"]), doc["slide"]["rbc_count"]))
     assert counts[0] == counts[1] and counts[0][0] == 1  # the copy, boxes drawn on it, was counted too
     assert not list((d / "annotated").glob("*_annotated_annotated.jpg"))
+    # the next run over the slide's folder without --annotate read the copies as fields: 200 cells became 323
+    r = device("analyze", str(d), "--slide", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(out.read_text())
+    assert (len(doc["images"]), doc["slide"]["rbc_count"]) == counts[0], doc["images"]
+    # the folder of copies named itself: refused, not analysed as fields
+    r = device("analyze", str(d / "annotated"), "--json", str(tmp_path / "copies.json"))
+    assert r.returncode == 2 and "holds annotated copies" in r.stderr, r.stderr
+    # an annotate folder of its own (outside the input) is marked the same way
+    r = device("analyze", str(next(d.glob("*.jpg"))), "--annotate", str(tmp_path / "elsewhere"))
+    assert r.returncode == 0 and (tmp_path / "elsewhere" / ".malaria-detect-annotated").is_file(), r.stderr
 
 
 def test_a_name_that_is_not_utf8_does_not_crash_a_utf8_terminal(tmp_path):
@@ -693,7 +726,7 @@ def test_annotating_into_the_input_folder_itself_is_refused_with_the_reason(tmp_
     assert sorted(os.listdir(d)) == before  # nothing written
     out = tmp_path / "annotated"
     r = device("analyze", *[str(p) for p in sorted(d.iterdir())], "--annotate", str(out))
-    assert r.returncode == 0 and len(list(out.iterdir())) == 2, r.stderr
+    assert r.returncode == 0 and len(list(out.glob("*_annotated.jpg"))) == 2, r.stderr
 
 
 def test_a_json_report_never_replaces_a_device_a_pipe_or_an_input_in_a_sub_folder(tmp_path):

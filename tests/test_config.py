@@ -148,6 +148,22 @@ def test_check_config_command(tmp_path):
         r = subprocess.run([sys.executable, "-m", "device", "check-config", str(cfg)], cwd=ROOT,
                            capture_output=True, text=True, timeout=60)
         assert r.returncode == 3 and r.stderr.startswith("model error:"), (case, r.stderr)
+    # the file its card names, but a card whose output quantisation is not the file's: the card alone read
+    # fine, the service built the interpreter and refused every capture
+    import json
+
+    other = tmp_path / "other" / "cellnet_int8.tflite"
+    other.parent.mkdir()
+    shutil.copy(MODEL_PATH, other)
+    card = json.loads(MODEL_PATH.with_suffix(".json").read_text())
+    card["output"]["quantization"] = {"scale": 0.2, "zero_point": 90}
+    other.with_suffix(".json").write_text(json.dumps(card))
+    cfg = tmp_path / "contradicted.toml"
+    cfg.write_text(f'[model]\npath = "{other}"\n')
+    r = subprocess.run([sys.executable, "-m", "device", "check-config", str(cfg)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    error = [line for line in r.stderr.splitlines() if line.startswith("model error:")]  # after the runtime's INFO
+    assert r.returncode == 3 and len(error) == 1 and "output" in error[0], r.stderr
 
 
 def test_nan_in_a_toml_file_and_a_non_utf8_file_are_config_errors(tmp_path):
