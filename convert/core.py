@@ -53,6 +53,20 @@ def extra_training_data(run_dir: Path) -> list[dict]:
                                "missing: make them again with `python -m train.fieldcrops` (same fields, same "
                                "split) so that the card lists the field images the model trained on")
         doc = json.loads(fs.read_text())
+        trained = json.loads(sp.read_text()).get("extra_fields_split", {}).get(extra)
+        now = {"train": sorted(doc.get("train", [])), "val": sorted(doc.get("val", []))}
+        if trained is None:
+            # runs trained before the split was recorded (the shipped members): the folder's split is taken
+            # as theirs; cutting the crops again with the same seed gives the same split
+            logger.warning("%s did not record the field split it trained on: taking %s's (%d training fields)",
+                           run_dir, fs, len(now["train"]))
+        elif {k: sorted(trained.get(k, [])) for k in ("train", "val")} != now:
+            moved = sorted(set(now["train"]) ^ set(trained.get("train", [])))
+            raise ConvertError(f"{extra} was cut again with another field split since {run_dir} trained on it "
+                               f"({len(moved)} field(s) changed sides, e.g. {', '.join(moved[:3])}): the card "
+                               "would list the wrong training fields and evaluate-fields would score training "
+                               "fields as held out. Cut them with the run's split (`python -m train.fieldcrops "
+                               f"--seed {trained.get('seed')}`) or train again")
         out.append({"cells": extra, "fields_source": doc.get("source"), "train_images": doc.get("train", []),
                     "held_out_images": doc.get("val", [])})
     return out
@@ -630,7 +644,10 @@ def convert(args, argv: list[str]) -> Path:
         for kind, blob in (("float32", float_bytes), ("int8", int8_bytes)):
             p = td / f"{args.name}_{kind}.tflite"
             p.write_bytes(blob)
-            card = make_card(p.stem, p, threshold=0.5)
+            # a card for the device's checks, before anything is measured: what it will say is written below
+            card = make_card(p.stem, p, threshold=0.5, git_commit=commit,
+                             metrics={"validation": "being measured by this conversion"},
+                             data={"source": str(Path(args.data).resolve())})
             (td / f"{p.stem}.json").write_text(json.dumps(card))
             try:
                 clf = CellClassifier(p, threads=1)  # the device's own loader, card checks included

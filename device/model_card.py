@@ -113,7 +113,9 @@ class ModelCard:
                           float(q.get("scale", 0.0)), int(q.get("zero_point", 0)))
 
 
-REQUIRED_KEYS = ("name", "sha256", "input", "output", "class_order", "threshold")
+# What a card must say (the input and output hold shape, dtype and quantisation): without its metrics, its
+# data or the commit it was made from, nobody can tell what the device runs or how good it was measured.
+REQUIRED_KEYS = ("name", "sha256", "input", "output", "class_order", "threshold", "metrics", "data", "git_commit")
 
 
 def load_card(model_path: str | Path, *, check_sha: bool = True) -> ModelCard:
@@ -161,6 +163,8 @@ def _tensor_problem(which: str, d: object) -> str | None:
     q = d.get("quantization", {})
     if not isinstance(q, dict) or not all(_number(q.get(k, 0)) for k in ("scale", "zero_point")):
         return f"{which}.quantization: expected numbers scale and zero_point, got {q!r}"
+    if q.get("zero_point", 0) != int(q.get("zero_point", 0)):  # read as int(): 84.9 passed as 84
+        return f"{which}.quantization.zero_point {q['zero_point']!r}: expected a whole number"
     return None
 
 
@@ -173,6 +177,11 @@ def _card_problem(data: dict) -> str | None:
         return f"threshold {t!r} is not a number in (0, 1)"
     if not isinstance(data["sha256"], str) or not isinstance(data["name"], str):
         return "name and sha256 must be strings"
+    if not isinstance(data["git_commit"], str) or not data["git_commit"]:
+        return f"git_commit {data['git_commit']!r}: expected the commit the model was made from"
+    for key in ("metrics", "data"):
+        if not isinstance(data[key], dict) or not data[key]:
+            return f"{key}: expected an object (what the model was measured on and trained with), got {data[key]!r}"
     for which in ("input", "output"):
         problem = _tensor_problem(which, data[which])
         if problem:

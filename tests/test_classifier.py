@@ -154,6 +154,15 @@ _DELETE = object()
     (_set("input.shape", _DELETE), "input.shape: expected a list of whole numbers"),
     (_set("output", "logit"), "output: expected an object"),
     (_set("output.quantization", {"scale": "x", "zero_point": 0}), "output.quantization: expected numbers"),
+    # read as int(): 84.9 passed as the model's 84
+    (_set("output.quantization.zero_point", 84.9), "output.quantization.zero_point 84.9: expected a whole"),
+    # what the card must say beside the tensors: without them nobody can tell what the device runs
+    (_set("metrics", _DELETE), "lacks metrics"),
+    (_set("data", _DELETE), "lacks data"),
+    (_set("git_commit", _DELETE), "lacks git_commit"),
+    (_set("git_commit", ""), "git_commit '': expected the commit"),
+    (_set("metrics", []), "metrics: expected an object"),
+    (_set("data", {}), "data: expected an object"),
     # a missing kind read the logit as a probability (clipped to 0-1): 3 more cells flagged, scores 0 or 1
     (_set("output.kind", _DELETE), "output.kind None is not 'logit' or 'probability'"),
     (_set("output.kind", "Logit"), "output.kind 'Logit' is not"),

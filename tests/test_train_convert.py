@@ -774,6 +774,19 @@ def test_field_crops_are_cut_like_the_device_and_join_training(tmp_path):
     assert "early-stopping patients" in card["threshold_rule"]
     assert card["metrics"]["threshold_patients_int8_at_threshold"]["n"] == card["data"]["cells"]["monitor"] > 0
     assert card["data"]["cells"]["monitor"] != card["data"]["cells"]["val"]
+    # the run records the field split it trained on, and the card lists those fields
+    split_doc = json.loads((crops / "fields_split.json").read_text())
+    recorded = json.loads((run / "split.json").read_text())["extra_fields_split"][str(crops.resolve())]
+    assert (recorded["train"], recorded["val"]) == (sorted(split_doc["train"]), sorted(split_doc["val"]))
+    assert card["data"]["extra_training_data"][0]["train_images"] == split_doc["train"]
+    # the crops cut again with another split after training: the card listed the new split's training fields,
+    # and evaluate-fields scored fields the model trained on as held out
+    (crops / "fields_split.json").write_text(json.dumps({**split_doc, "train": split_doc["val"],
+                                                         "val": split_doc["train"], "seed": 7}))
+    c = run_module("convert", "--model", str(run / "model.keras"), "--data", str(FIX), "--out",
+                   str(tmp_path / "refused"), "--representative", "20", "--max-drop", "1.0")
+    assert c.returncode == 2 and "cut again with another field split" in c.stderr, c.stderr[-2000:]
+    assert not (tmp_path / "refused" / "cellnet_int8.tflite").exists()
 
 
 def test_calibration_sample_is_seeded_sorted_and_drawn_from_the_given_files():

@@ -167,6 +167,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         "cells": {k: len(v[1]) for k, v in arrays.items()},
         "skipped": [{"file": r, "reason": e} for r, e in all_skipped],
         "extra_data": [str(Path(e).resolve()) for e in args.extra_data],
+        # the field split the extra crops were cut with, as trained on: cut again with another seed, the
+        # folder's fields_split.json changes, and convert would list other fields as the training ones
+        "extra_fields_split": {str(Path(e).resolve()): _fields_split(e) for e in args.extra_data},
     }
     (out / "split.json").write_text(json.dumps(split_doc, indent=2))
 
@@ -196,6 +199,17 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
                 "(threshold 0.5, n=%d) in %.0f s", metrics["accuracy"], metrics["sensitivity"],
                 metrics["specificity"], metrics["auc"], metrics["n"], metrics["train_seconds"])
     return 0
+
+
+def _fields_split(extra: str | Path) -> dict | None:
+    """The field images an extra crop folder's training and held-out cells were cut from
+    (``fields_split.json``, written by ``train.fieldcrops``), or None for a folder without one."""
+    fs = Path(extra) / "fields_split.json"
+    if not fs.is_file():
+        return None
+    doc = json.loads(fs.read_text())
+    return {"source": doc.get("source"), "seed": doc.get("seed"), "train": sorted(doc.get("train", [])),
+            "val": sorted(doc.get("val", []))}
 
 
 def per_patient(kept, y, p) -> dict:
