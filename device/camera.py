@@ -594,6 +594,7 @@ class CameraFeed:
                         backoff = min(backoff * 2, self.reconnect_max_s)
                         continue
                     self._next_retry_t = None
+                    streamed = False  # a loss is counted only once this camera has given a frame
                     with self._lock:  # a replay's own pace (down to one picture in 10 s) is no stall
                         self._interval_hint = float(getattr(cam, "frame_interval_s", 0.0) or 0.0)
                     if warned is not None:  # still failing as logged: said when a frame comes, not per retry
@@ -614,13 +615,15 @@ class CameraFeed:
                         logger.warning("camera lost: %s (retrying, at most every %.0f s)", msg, self.reconnect_max_s)
                     self._close_quietly(cam)
                     cam = None
-                    with self._lock:
-                        self._reconnects += 1
+                    if streamed:  # a camera that opens but never streams was not lost: it never came
+                        with self._lock:
+                            self._reconnects += 1
                     self._set_state("disconnected", msg)
                     self._next_retry_t = time.time() + backoff
                     self._wait(backoff)
                     backoff = min(backoff * 2, self.reconnect_max_s)
                     continue
+                streamed = True
                 if warned is not None:  # the camera answered (even with a bad frame): its next failure is news
                     logger.info("camera reconnected (%s): frames again after %s", self.source, warned)
                     warned = None

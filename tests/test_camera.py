@@ -398,6 +398,7 @@ def test_feed_backs_off_from_a_camera_that_opens_but_gives_no_frame(caplog):
     assert set(states[:6]) == {"disconnected"}  # it says so while it waits to retry
     lost = [r for r in caplog.records if r.name == "device.camera" and "camera lost" in r.getMessage()]
     assert len(lost) == 1  # logged once, not once per retry
+    assert feed.status()["reconnects"] == 0  # never connected, so never lost (it read 7 after 6 s)
     # one wait per failed open, the same doubling, capped back-off (it was a busy loop)
     assert waits[:6] == [0.025, 0.05, 0.1, 0.2, 0.2, 0.2]
     assert len(opens) in (len(waits), len(waits) + 1)

@@ -114,6 +114,9 @@ def test_unit_runs_the_service_as_the_issue_asks():
     families = set(" ".join(service["RestrictAddressFamilies"]).split())
     assert {"AF_UNIX", "AF_INET", "AF_INET6"} <= families
     assert service["CapabilityBoundingSet"] == [""]
+    # OpenCV's warnings bypass logging: with a USB camera unplugged, one per retry in the journal
+    env = dict(v.split("=", 1) for line in service["Environment"] for v in line.split())
+    assert env["OPENCV_LOG_LEVEL"] == "ERROR" and env["PYTHONUNBUFFERED"] == "1"
     # No network dependency: the device must work without any network.
     text = UNIT.read_text()
     assert not re.search(r"^(After|Wants|Requires)=.*network", text, re.MULTILINE)
