@@ -42,10 +42,12 @@ from device.store import (
     FieldImages,
     ModelInfo,
     NotFound,
+    RecordsDamaged,
     SchemaTooNew,
     Store,
     StoreError,
     holds_data,
+    is_damage,
     pending_migrations,
     sync_filesystem,
     write_atomic,
@@ -304,7 +306,11 @@ def _read_only(exc: BaseException) -> bool:
 
 
 def storage_problem(exc: BaseException) -> str | None:
-    """What a technician or admin is told when a write failed for want of storage, or None."""
+    """What a technician or admin is told when a write failed for want of storage, or when the records
+    are damaged, or None."""
+    if isinstance(exc, RecordsDamaged) or is_damage(exc):
+        return ("the device's records are damaged (a failing SD card): nothing more is saved to them; an admin "
+                "must restore the last backup onto a new card (systemd/README.md, Back up and restore)")
     if _disk_full(exc):
         return ("the device's storage is full: nothing was saved; an admin can free space on the admin page "
                 "(Free space)")
@@ -958,6 +964,8 @@ def serve(config_path: str | None, host: str | None = None, port: int | None = N
     except (StoreError, OSError) as exc:
         logger.error("cannot open the records in %s: %s", cfg.service.data_dir, exc)
         return 1
+    # every page of the records, read while the service already works (Store.check_integrity)
+    threading.Thread(target=store.check_integrity, name="records-check", daemon=True).start()
     metrics = Metrics()
     analyser = FieldAnalyser.from_config(cfg, store, metrics)
     feed = CameraFeed(camera_opener(cfg.camera), reconnect_max_s=cfg.camera.reconnect_max_s,

@@ -46,6 +46,9 @@ logger = logging.getLogger(__name__)
 
 DB_NAME = "malaria-detect.sqlite3"
 IMAGES_DIR = "images"
+# Below this much free space a start-up that SQLite fails with an I/O error is a full card: opening the
+# records writes their shared-memory index (32 kB) and WAL; a full tmpfs failed it as SQLITE_IOERR_SHMSIZE.
+START_FREE_BYTES = 4 * 1024 * 1024
 MIGRATION_COPY_MARGIN = 50 * 1024 * 1024  # left free after the copy made before a schema migration
 REVIEW_DECISIONS = ("confirmed", "rejected")
 _ANY = object()  # review_cell without a "seen" decision: whatever is stored is replaced
@@ -213,6 +216,17 @@ class StoreError(RuntimeError):
 
 class SchemaTooNew(StoreError):
     """The database was made by a newer version of the software: retrying cannot help."""
+
+
+class RecordsDamaged(StoreError):
+    """The records failed their integrity check, or SQLite met a damaged page: nothing more is written to
+    them (a write into a damaged file can spread the damage, and a slide counted into it may be lost)."""
+
+
+def is_damage(exc: BaseException) -> bool:
+    """SQLite found the file damaged (not locked, full or unwritable: those leave the records intact)."""
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    return isinstance(exc, sqlite3.DatabaseError) and name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB"))
 
 
 class NotFound(StoreError):
@@ -433,6 +447,7 @@ class Store:
         self._local = threading.local()
         self._conns: list[sqlite3.Connection] = []
         self._conns_lock = threading.Lock()
+        self.damage: str | None = None  # what the integrity check or a damaged page said (mark_damaged)
         try:
             self._copy_before_migrating()
             conn = self._conn()
@@ -444,18 +459,38 @@ class Store:
             self.interrupted_files_removed = self._remove_interrupted_writes()
         except sqlite3.DatabaseError as exc:
             self.close()
-            unwritable = _cannot_write(self.data_dir)
-            if unwritable:  # a card remounted read-only keeps it so after a reboot: the records are intact
-                raise StoreError(
-                    f"{self.db_path}: the records cannot be opened because {self.data_dir} cannot be written "
-                    f"({unwritable}). They are not damaged: do not restore a backup over them. A card that turned "
-                    "read-only is failing: copy the data folder off it onto a new card; a folder with the wrong "
-                    "owner: give it back to the service's user") from exc
-            raise StoreError(f"{self.db_path}: not a usable database ({exc}); move it aside and restore "
-                             "a backup") from exc
+            raise StoreError(self._why_unopenable(exc)) from exc
         except StoreError:
             self.close()
             raise
+
+    def _why_unopenable(self, exc: sqlite3.DatabaseError) -> str:
+        """What the admin is told when SQLite refused the records at start-up: only damage sends them to a
+        backup; a card that cannot be written, is full or failed a read or write leaves intact records
+        that a restore would replace (every record since that backup lost)."""
+        unwritable = _cannot_write(self.data_dir)
+        if unwritable:  # a card remounted read-only keeps it so after a reboot: the records are intact
+            return (f"{self.db_path}: the records cannot be opened because {self.data_dir} cannot be written "
+                    f"({unwritable}). They are not damaged: do not restore a backup over them. A card that turned "
+                    "read-only is failing: copy the data folder off it onto a new card; a folder with the wrong "
+                    "owner: give it back to the service's user")
+        name = getattr(exc, "sqlite_errorname", "") or ""
+        try:
+            free = shutil.disk_usage(self.data_dir).free
+        except OSError:
+            free = None
+        # a full card fails SQLite's first write (its shared-memory index) as "disk I/O error", not "full"
+        if name.startswith("SQLITE_FULL") or (name.startswith("SQLITE_IOERR") and free is not None
+                                              and free < START_FREE_BYTES):
+            room = "" if free is None else f" ({free / 1e6:.1f} MB free)"
+            return (f"{self.db_path}: the records cannot be opened because the card is full{room}. They are "
+                    "not damaged: do not restore a backup over them. Free room on the card (files that are not "
+                    "this service's: downloads, copies, logs) and start the service again")
+        if name.startswith("SQLITE_IOERR"):
+            return (f"{self.db_path}: the card failed a read or write ({exc}). The records may be intact: do "
+                    "not restore a backup over them; copy the data folder off the card, then check the card "
+                    "(the kernel log says which blocks failed) and move the data onto a new one")
+        return f"{self.db_path}: not a usable database ({exc}); move it aside and restore a backup"
 
     def _highest_slide_folder(self) -> int:
         """The highest N of the ``images/slide-N`` folders (0 if none). A number no slide could have (a stray
@@ -592,19 +627,65 @@ class Store:
         conn.execute("BEGIN")
         try:
             yield conn
+        except sqlite3.DatabaseError as exc:
+            if is_damage(exc):
+                self.mark_damaged(str(exc))
+            raise
         finally:
             conn.execute("COMMIT")
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
+        if self.damage:
+            raise RecordsDamaged(f"the records are damaged ({self.damage}): nothing more is written to them")
         conn = self._conn()
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
+        except BaseException as exc:
+            if is_damage(exc):
+                self.mark_damaged(str(exc))
+            with contextlib.suppress(sqlite3.Error):  # a damaged page can end the transaction itself
+                conn.execute("ROLLBACK")
             raise
         conn.execute("COMMIT")
+
+    def mark_damaged(self, detail: str) -> None:
+        """From now on refuse every write (:class:`RecordsDamaged`); /healthz and the pages say so."""
+        if self.damage is None:
+            self.damage = detail
+            logger.error("%s: the records are damaged (%s): writes refused; restore a backup "
+                         "(systemd/README.md, Back up and restore)", self.db_path, detail)
+
+    def check_integrity(self, max_errors: int = 5) -> str | None:
+        """Read every page of the records (``PRAGMA quick_check``) on a connection of its own; damage found
+        is :meth:`mark_damaged` and returned, else None.
+
+        Opening the records reads only their header, schema and open slides: a page damaged elsewhere (an
+        SD card failing) passed start-up, the pages answered 500 and new slides were written into the
+        damaged file. The service runs this in the background after start-up: it reads the whole file
+        (0.76 s for 110 MB here, cold cache; a Pi's SD card reads 40-90 MB/s), too long to hold start-up
+        for years of records. An I/O error is logged and not called damage.
+        """
+        t0 = time.perf_counter()
+        conn = None
+        try:
+            conn = self._connect()
+            found = [r[0] for r in conn.execute(f"PRAGMA quick_check({int(max_errors)})")]
+        except sqlite3.DatabaseError as exc:
+            if not is_damage(exc):
+                logger.warning("%s: the records could not be checked: %s", self.db_path, exc)
+                return None
+            found = [str(exc)]
+        finally:
+            if conn is not None:
+                conn.close()
+        if found == ["ok"]:
+            logger.info("records checked: no damage (%.1f s)", time.perf_counter() - t0)
+            return None
+        # quick_check heads its first finding with "*** in database main ***" and a line break
+        self.mark_damaged("; ".join(line for r in found for line in r.splitlines() if not line.startswith("***")))
+        return self.damage
 
     def close(self) -> None:
         with self._conns_lock:

@@ -28,6 +28,23 @@ def wait_until(predicate, timeout_s: float = 10.0) -> bool:
     return False
 
 
+def damage_a_page(store, table: str) -> int:
+    """Overwrite a leaf page in the middle of ``table`` on disk, as a failing SD card does, and close the
+    store's connections (a connection keeps the pages it has read). Returns the page number."""
+    conn = store._conn()
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # every page in the file, none in the WAL
+    pages = [r[0] for r in conn.execute("SELECT pageno FROM dbstat WHERE name = ? AND pagetype = 'leaf' "
+                                        "ORDER BY pageno", (table,))]
+    assert len(pages) >= 3, f"{table} fills {len(pages)} leaf page(s): too few to damage one in the middle"
+    page = pages[len(pages) // 2]
+    page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+    store.close()
+    with open(store.db_path, "r+b") as fh:
+        fh.seek(page_size * (page - 1))
+        fh.write(bytes(range(256)) * (page_size // 256))
+    return page
+
+
 @contextlib.contextmanager
 def live_server(app, **settings):
     """``app`` on a real waitress server on 127.0.0.1 and a free port; yields the server.

@@ -16,7 +16,15 @@ from device import service
 from device.config import THRESHOLD_SAFE_RANGE
 from device.web import admin as admin_views
 from device.web import health, pages
-from tests.conftest import ADMIN_PASSWORD, SAMPLES_DIR, admin_hash, live_server, make_config, wait_until
+from tests.conftest import (
+    ADMIN_PASSWORD,
+    SAMPLES_DIR,
+    admin_hash,
+    damage_a_page,
+    live_server,
+    make_config,
+    wait_until,
+)
 
 SAMPLE = sorted(SAMPLES_DIR.glob("*.jpg"))[0]
 
@@ -336,6 +344,32 @@ def test_read_only_or_full_storage_is_said_as_such_and_fails_healthz(make_env, m
     monkeypatch.setattr(service.os, "access", lambda p, mode: False if mode == os.W_OK else real_access(p, mode))
     r = c.get("/healthz")
     assert r.status_code == 503 and any("read-only" in p for p in r.get_json()["problems"])
+
+
+def test_damaged_records_are_said_as_such_stop_writes_and_fail_healthz(make_env):
+    """A page of the records damaged by a failing card: the slide page answered a bare 500 "internal error",
+    /healthz said ok (it read only the schema version) and new slides went on being written into the file."""
+    from tests.test_store import _images, _result
+
+    env = make_env()
+    c = env.app.test_client()
+    token = env.csrf(c)
+    assert c.post("/slides", data={"sample_id": "DMG-1", "csrf_token": token}).status_code == 303
+    sha = env.store.get_slide(1)["model_sha256"]
+    for _ in range(10):
+        result = _result(n_cells=80)
+        env.store.add_field(1, result, source="camera", model_sha256=sha, images=_images(result))
+    assert c.get("/healthz").get_json()["status"] != "fail"
+    damage_a_page(env.store, "cells")
+    r = c.get("/slides/1")  # reads the damaged page
+    assert r.status_code == 507 and "records are damaged" in r.get_data(as_text=True)
+    r = c.get("/healthz")
+    assert r.status_code == 503 and any("records damaged" in p for p in r.get_json()["problems"])
+    r = c.post("/slides", data={"sample_id": "DMG-2", "csrf_token": token})
+    assert r.status_code == 507 and "restore the last backup" in r.get_data(as_text=True)
+    home = c.get("/").get_data(as_text=True)
+    assert 'id="records-banner"' in home and "nothing new can be saved" in home
+    assert [s["sample_id"] for s in env.store.list_slides()] == ["DMG-1"]
 
 
 def test_settings_that_cannot_be_written_say_so_and_change_nothing(make_env, monkeypatch):

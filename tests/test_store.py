@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import stat
@@ -17,8 +19,8 @@ import pytest
 
 from device import store as store_mod
 from device.analysis import CellVerdict, FieldResult
-from device.store import Conflict, FieldImages, ModelInfo, NotFound, Store, StoreError
-from tests.conftest import ROOT, wait_until
+from device.store import Conflict, FieldImages, ModelInfo, NotFound, RecordsDamaged, Store, StoreError
+from tests.conftest import ROOT, damage_a_page, wait_until
 
 MODEL = ModelInfo("cellnet_int8", "a" * 64, 0.6, 0.001)
 JPEG = b"\xff\xd8\xff\xe0fake-jpeg-bytes"
@@ -204,6 +206,31 @@ def test_a_database_with_damaged_table_pages_is_a_store_error(tmp_path):
         Store(tmp_path)  # was a raw sqlite3.DatabaseError: a traceback, not the service's one-line error
 
 
+def test_a_damaged_page_start_up_does_not_read_is_found_by_the_integrity_check(tmp_path):
+    """Opening the records reads their header, schema and open slides: a cells page of a finished slide
+    damaged by the card passed start-up, and new slides were written into the damaged file. The check
+    the service runs after start-up reads every page; from then on writes are refused, reads go on."""
+    s = Store(tmp_path)
+    assert s.check_integrity() is None and s.damage is None  # intact records: nothing said
+    sid = _slide(s)
+    for _ in range(10):
+        result = _result(n_cells=80)
+        s.add_field(sid, result, source="camera", model_sha256=MODEL.sha256, images=_images(result))
+    s.finish_slide(sid, lambda slide, totals: {})
+    damage_a_page(s, "cells")
+    s = Store(tmp_path)  # start-up does not read that page
+    try:
+        assert s.damage is None
+        found = s.check_integrity()
+        assert found and "malformed" in found and s.damage == found
+        with pytest.raises(RecordsDamaged, match="damaged"):
+            _slide(s, sample="S-2")
+        assert s.get_slide(sid)["status"] == "finished"  # what can still be read is
+        assert [r["sample_id"] for r in s.list_slides()] == ["S-1"]
+    finally:
+        s.close()
+
+
 def test_records_on_a_card_that_turned_read_only_are_not_called_damaged(tmp_path):
     """A failing SD card is remounted read-only and stays so after a reboot: SQLite cannot open the records
     in WAL mode, and the service called the intact records "not a usable database", advising to restore a
@@ -242,6 +269,43 @@ def test_records_on_a_card_that_turned_read_only_are_not_called_damaged(tmp_path
             subprocess.run(["umount", "-l", str(card)], check=False)
         if not as_root:
             os.chmod(card / "data", 0o700)
+    assert not busy, "a file on the card was left open (the failed start kept a connection, and the card busy)"
+
+
+def test_records_on_a_full_card_are_not_called_damaged(tmp_path):
+    """A card filled to the last block (a copy left on it, logs): SQLite fails opening the records with
+    "disk I/O error", and the service said "not a usable database ... restore a backup", sending the admin
+    to replace intact records with older ones. A real full file system: a small tmpfs, mounted as root."""
+    if os.geteuid() != 0:
+        pytest.skip("only root can mount a small file system to fill")
+    card = tmp_path / "card"
+    card.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(card)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("running as root without the right to mount a file system: no card to fill")
+    try:
+        s = Store(card / "data")
+        sid = _slide(s)
+        s.close()
+        with open(card / "filler", "wb", buffering=0) as fh, contextlib.suppress(OSError):
+            for size in (65536, 512, 1):  # to the last byte
+                with contextlib.suppress(OSError):
+                    while True:
+                        fh.write(b"\0" * size)
+        assert shutil.disk_usage(card).free < 4096
+        with pytest.raises(StoreError) as err:
+            Store(card / "data")
+        said = str(err.value)
+        assert "card is full" in said and "do not restore a backup" in said
+        assert "not a usable database" not in said and "restore a backup\n" not in said
+        (card / "filler").unlink()
+        s = Store(card / "data")  # room again: every record is there
+        assert s.get_slide(sid)["sample_id"] == "S-1"
+        s.close()
+    finally:
+        busy = subprocess.run(["umount", str(card)], capture_output=True).returncode != 0
+        if busy:
+            subprocess.run(["umount", "-l", str(card)], check=False)
     assert not busy, "a file on the card was left open (the failed start kept a connection, and the card busy)"
 
 

@@ -195,7 +195,7 @@ def _install_hooks(app: Flask) -> None:
         return {"csrf_token": session.get(security.CSRF_FIELD, ""), "model": d.analyser.model,
                 "camera_status": d.camera.status(), "pin_set": bool(d.config.security.technician_pin),
                 "is_admin": admin_signed_in(), "disk": d.analyser.disk().to_json(),
-                "clock": views.clock_status()}
+                "clock": views.clock_status(), "records_damage": d.store.damage}
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):
@@ -207,9 +207,12 @@ def _install_hooks(app: Flask) -> None:
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception):
         from device.service import storage_problem
+        from device.store import is_damage
 
+        if is_damage(exc):  # a damaged page met outside a transaction: no more writes, /healthz fails
+            deps().store.mark_damaged(str(exc))
         problem = storage_problem(exc)
-        if problem:  # a full or read-only card: said as such, not as an internal error
+        if problem:  # a full, read-only or damaged card: said as such, not as an internal error
             logger.error("%s %s: %s (%s)", request.method, request.path, problem, exc)
             return error_response(507, problem)
         logger.exception("unexpected error on %s %s", request.method, request.path)

@@ -444,6 +444,8 @@ def healthz():
         d.store.pragma("user_version")
     except Exception as exc:  # any database failure means unhealthy
         problems.append(f"database: {exc}")
+    if d.store.damage:  # found by the integrity check or met on a page: reads of other pages still work
+        problems.append(f"records damaged: {d.store.damage}")
     read_only = storage_writable(d.store)
     if read_only:  # reads still work, so the database check above passes: nothing new can be saved
         problems.append(read_only)
