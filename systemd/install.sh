@@ -289,7 +289,22 @@ copy_code() {
     fi
   fi
   run mv -- "$stage" "$OPT_DIR"
-  run rm -rf -- "$old"
+  # $old stays until the new code has passed check_config: roll_back_code puts it back otherwise
+}
+
+# The new code refused the config (or the model it names): put the installed version back with the venv,
+# for the service to start again on what ran before (restart_after_failure). The rejected tree is renamed
+# to the stage's name first: cut short there, the next run's recover_interrupted_swap finishes the swap and
+# the check runs again; cut short after the venv went back, it puts the old tree back.
+roll_back_code() {
+  local stage="$OPT_DIR.new" old="$OPT_DIR.old"
+  rm -rf -- "$stage"
+  mv -- "$OPT_DIR" "$stage"
+  if [ -d "$stage/.venv" ]; then
+    mv -- "$stage/.venv" "$old/.venv"
+  fi
+  mv -- "$old" "$OPT_DIR"
+  rm -rf -- "$stage"
 }
 
 # The packages of the device extra, as this folder's pyproject.toml lists them (one per line).
@@ -371,16 +386,23 @@ install_config() {
   run install -m 0644 "$SRC_DIR/systemd/config.toml" "$ETC_DIR/config.toml.example"
 }
 
-# Validate the config with the code just installed, before the service starts on it.
+# Validate the config (and the model it names) with the code just installed, before the service starts on
+# it. Refused by an update: the installed version is put back (roll_back_code) and started again, instead of
+# the new one crash-looping on the config with the old one deleted. Passed: the old tree is deleted.
 check_config() {
-  if [ -n "$ROOT" ]; then
-    return
+  if [ -z "$ROOT" ]; then
+    echo "+ (cd $(quote "$OPT_DIR") && $(quote "$VENV/bin/python" -m device check-config "$ETC_DIR/config.toml"))"
   fi
-  echo "+ (cd $(quote "$OPT_DIR") && $(quote "$VENV/bin/python" -m device check-config "$ETC_DIR/config.toml"))"
-  if [ "$DRY_RUN" = 0 ]; then
-    (cd "$OPT_DIR" && "$VENV/bin/python" -m device check-config "$ETC_DIR/config.toml") ||
-      die "$ETC_DIR/config.toml does not pass with this version: fix it, then: sudo systemctl restart $APP"
+  if [ -z "$ROOT" ] && [ "$DRY_RUN" = 0 ] &&
+    ! (cd "$OPT_DIR" && "$VENV/bin/python" -m device check-config "$ETC_DIR/config.toml"); then
+    if [ -d "$OPT_DIR.old" ]; then
+      roll_back_code
+      die "$ETC_DIR/config.toml does not pass with the new version (above): the installed version is put" \
+        "back; fix the config for the new version, then run install.sh again"
+    fi
+    die "$ETC_DIR/config.toml does not pass with this version (above): fix it, then run install.sh again"
   fi
+  run rm -rf -- "$OPT_DIR.old"
 }
 
 install_unit() {

@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from dataclasses import fields
 from pathlib import Path
 
@@ -470,3 +471,42 @@ def test_a_failed_update_starts_the_stopped_service_again(tmp_path, starts):
         assert started == (what != "success"), (what, calls.read_text())
         if what != "success":
             assert ("is running again" if starts else "does not start") in r.stderr, what
+
+
+@pytest.mark.parametrize("config_passes", [False, True])
+def test_an_update_whose_config_the_new_version_refuses_puts_the_installed_version_back(source, tmp_path,
+                                                                                       config_passes):
+    """check-config ran after the service was stopped, the new code swapped in and the old tree deleted: a
+    config the new version refused left the new code crash-looping with nothing to go back to. Run here with
+    install.sh's own copy_code, check_config and roll_back_code on a stand-in /opt, the real check-config of
+    the copied code and the shipped model."""
+    for name in ("cellnet_int8.tflite", "cellnet_int8.json"):
+        shutil.copy(REPO / "models" / name, source / "models" / name)
+    opt = tmp_path / "opt" / "malaria-detect"
+    shutil.copytree(source, opt, ignore=shutil.ignore_patterns("systemd", "train", "convert", ".venv"))
+    (opt / "device" / "only_in_the_installed_version.py").write_text("installed\n")
+    (opt / ".venv" / "bin").mkdir(parents=True)
+    python = opt / ".venv" / "bin" / "python"
+    python.write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    threshold = "" if config_passes else "threshold = 5\n"  # outside the safe range: refused
+    (etc / "config.toml").write_text(f'[service]\ndata_dir = "{tmp_path / "data"}"\n'
+                                     f'[model]\npath = "{opt}/models/cellnet_int8.tflite"\n{threshold}')
+    functions = _install_functions("run", "quote", "note", "die", "copy_code", "roll_back_code", "check_config")
+    prelude = (f"set -euo pipefail\nAPP=malaria-detect; ROOT=; DRY_RUN=0; SRC_DIR={source}; OPT_DIR={opt}\n"
+               f"VENV={opt}/.venv; ETC_DIR={etc}\n{functions}\n")
+    r = subprocess.run(["bash", "-c", f"{prelude}copy_code\ncheck_config\n"], capture_output=True, text=True,
+                       timeout=120)
+    assert not Path(f"{opt}.old").exists() and not Path(f"{opt}.new").exists()
+    assert python.read_text().startswith("#!/bin/sh")  # the venv is where the service looks for it
+    assert (opt / "device" / "config.py").is_file()
+    if config_passes:
+        assert r.returncode == 0, r.stderr
+        assert not (opt / "device" / "only_in_the_installed_version.py").exists()
+        assert (opt / "systemd" / "install.sh").is_file()
+    else:
+        assert r.returncode == 1 and "model.threshold" in r.stderr and "installed version is put back" in r.stderr
+        assert (opt / "device" / "only_in_the_installed_version.py").read_text() == "installed\n"
+        assert not (opt / "systemd").exists()  # not the new tree
