@@ -242,20 +242,16 @@ restart_after_failure() {
   exit "$rc"
 }
 
-# An update cut short between the renames of copy_code (a failed rename, Ctrl-C) leaves no $OPT_DIR: put the
-# installed tree back before anything else, the venv with it. The new copy holds the venv once the swap got
-# that far, and it is whole (the renames come after the copy): finish the swap; else the old tree goes back.
+# An update cut short after copy_code began its renames and before the new code passed check_config (a
+# failed rename or step, Ctrl-C, a dropped SSH session) leaves $OPT_DIR.old: the version that ran before.
+# Put it back, with the venv from wherever the swap had moved it, before anything else (restart_after_failure
+# then starts the service on it, and the next run copies the new code again and checks it).
 recover_interrupted_swap() {
-  if [ -d "$OPT_DIR" ] || [ "$DRY_RUN" = 1 ]; then
+  if [ "$DRY_RUN" = 1 ] || [ ! -d "$OPT_DIR.old" ]; then
     return
   fi
-  if [ -d "$OPT_DIR.new/.venv" ]; then
-    note "an earlier update stopped mid-swap: finishing it ($OPT_DIR.new holds the new code and the venv)"
-    mv -- "$OPT_DIR.new" "$OPT_DIR"
-  elif [ -d "$OPT_DIR.old" ]; then
-    note "an earlier update stopped mid-swap: putting $OPT_DIR.old back"
-    mv -- "$OPT_DIR.old" "$OPT_DIR"
-  fi
+  note "an earlier update stopped mid-swap, before its new code passed check-config: putting $OPT_DIR.old back"
+  roll_back_code
 }
 
 # Replace the code in /opt/malaria-detect with this folder's, keeping the venv: an upgrade reuses
@@ -289,19 +285,29 @@ copy_code() {
     fi
   fi
   run mv -- "$stage" "$OPT_DIR"
+  if [ -d "$old" ] && [ -z "$(ls -A -- "$old")" ]; then
+    run rmdir -- "$old" # a first install: the folder held only the venv, no version to go back to
+  fi
   # $old stays until the new code has passed check_config: roll_back_code puts it back otherwise
 }
 
-# The new code refused the config (or the model it names): put the installed version back with the venv,
-# for the service to start again on what ran before (restart_after_failure). The rejected tree is renamed
-# to the stage's name first: cut short there, the next run's recover_interrupted_swap finishes the swap and
-# the check runs again; cut short after the venv went back, it puts the old tree back.
+# The new code refused the config (or the model it names), or the update stopped before the check passed:
+# put the installed version ($OPT_DIR.old) back with the venv, for the service to start again on what ran
+# before. Each step leaves a state this function finishes when run again (recover_interrupted_swap): the
+# venv goes into the old tree first, from wherever copy_code had got it to, then the trees swap back.
 roll_back_code() {
-  local stage="$OPT_DIR.new" old="$OPT_DIR.old"
-  rm -rf -- "$stage"
-  mv -- "$OPT_DIR" "$stage"
-  if [ -d "$stage/.venv" ]; then
-    mv -- "$stage/.venv" "$old/.venv"
+  local stage="$OPT_DIR.new" old="$OPT_DIR.old" from
+  if [ ! -d "$old/.venv" ]; then
+    for from in "$OPT_DIR/.venv" "$stage/.venv"; do
+      if [ -d "$from" ]; then
+        mv -- "$from" "$old/.venv"
+        break
+      fi
+    done
+  fi
+  if [ -d "$OPT_DIR" ]; then
+    rm -rf -- "$stage"
+    mv -- "$OPT_DIR" "$stage"
   fi
   mv -- "$old" "$OPT_DIR"
   rm -rf -- "$stage"

@@ -473,9 +473,9 @@ def test_a_failed_update_starts_the_stopped_service_again(tmp_path, starts):
             assert ("is running again" if starts else "does not start") in r.stderr, what
 
 
-@pytest.mark.parametrize("config_passes", [False, True])
-def test_an_update_whose_config_the_new_version_refuses_puts_the_installed_version_back(source, tmp_path,
-                                                                                       config_passes):
+@pytest.mark.parametrize("end", ["config refused", "config passes", "a step before the check fails",
+                                 "Ctrl-C during the check"])
+def test_an_update_whose_config_the_new_version_refuses_puts_the_installed_version_back(source, tmp_path, end):
     """check-config ran after the service was stopped, the new code swapped in and the old tree deleted: a
     config the new version refused left the new code crash-looping with nothing to go back to. Run here with
     install.sh's own copy_code, check_config and roll_back_code on a stand-in /opt, the real check-config of
@@ -487,26 +487,44 @@ def test_an_update_whose_config_the_new_version_refuses_puts_the_installed_versi
     (opt / "device" / "only_in_the_installed_version.py").write_text("installed\n")
     (opt / ".venv" / "bin").mkdir(parents=True)
     python = opt / ".venv" / "bin" / "python"
-    python.write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
+    # Ctrl-C while check-config runs: the terminal's SIGINT reaches the script too
+    interrupt = 'kill -INT "$SCRIPT_PID"\n' if end == "Ctrl-C during the check" else ""
+    python.write_text(f'#!/bin/sh\n{interrupt}exec {sys.executable} "$@"\n')
     python.chmod(0o755)
     etc = tmp_path / "etc"
     etc.mkdir()
+    config_passes = end != "config refused"
     threshold = "" if config_passes else "threshold = 5\n"  # outside the safe range: refused
     (etc / "config.toml").write_text(f'[service]\ndata_dir = "{tmp_path / "data"}"\n'
                                      f'[model]\npath = "{opt}/models/cellnet_int8.tflite"\n{threshold}')
-    functions = _install_functions("run", "quote", "note", "die", "copy_code", "roll_back_code", "check_config")
-    prelude = (f"set -euo pipefail\nAPP=malaria-detect; ROOT=; DRY_RUN=0; SRC_DIR={source}; OPT_DIR={opt}\n"
-               f"VENV={opt}/.venv; ETC_DIR={etc}\n{functions}\n")
-    r = subprocess.run(["bash", "-c", f"{prelude}copy_code\ncheck_config\n"], capture_output=True, text=True,
-                       timeout=120)
+    bindir = tmp_path / "bin"  # systemctl: the service runs; record what it is started on
+    bindir.mkdir()
+    (bindir / "systemctl").write_text(f'#!/bin/sh\n[ "$1" = start ] && ls {opt}/device > {tmp_path}/started_on\n'
+                                      "exit 0\n")
+    (bindir / "systemctl").chmod(0o755)
+    functions = _install_functions("run", "quote", "note", "die", "stop_service", "restart_after_failure",
+                                   "recover_interrupted_swap", "copy_code", "roll_back_code", "check_config")
+    prelude = (f"set -euo pipefail\nAPP=malaria-detect; UNIT=malaria-detect.service; ROOT=; DRY_RUN=0\n"
+               f"SRC_DIR={source}; OPT_DIR={opt}; VENV={opt}/.venv; ETC_DIR={etc}\nexport SCRIPT_PID=$$\n"
+               f"{functions}\n")
+    between = "false\n" if end == "a step before the check fails" else ""  # e.g. compile_code
+    r = subprocess.run(["bash", "-c", f"{prelude}stop_service\ncopy_code\n{between}check_config\n"],
+                       capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"})
     assert not Path(f"{opt}.old").exists() and not Path(f"{opt}.new").exists()
     assert python.read_text().startswith("#!/bin/sh")  # the venv is where the service looks for it
     assert (opt / "device" / "config.py").is_file()
-    if config_passes:
+    started = tmp_path / "started_on"
+    if end == "config passes":
         assert r.returncode == 0, r.stderr
         assert not (opt / "device" / "only_in_the_installed_version.py").exists()
         assert (opt / "systemd" / "install.sh").is_file()
-    else:
-        assert r.returncode == 1 and "model.threshold" in r.stderr and "installed version is put back" in r.stderr
-        assert (opt / "device" / "only_in_the_installed_version.py").read_text() == "installed\n"
-        assert not (opt / "systemd").exists()  # not the new tree
+        assert not started.exists()  # install_unit starts it, after this
+        return
+    assert r.returncode == {"config refused": 1, "a step before the check fails": 1,
+                            "Ctrl-C during the check": 130}[end], r.stderr
+    if end == "config refused":
+        assert "model.threshold" in r.stderr and "installed version is put back" in r.stderr
+    assert (opt / "device" / "only_in_the_installed_version.py").read_text() == "installed\n"
+    assert not (opt / "systemd").exists()  # not the new tree
+    assert "only_in_the_installed_version.py" in started.read_text().split()  # started again on the old one
