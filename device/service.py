@@ -305,12 +305,16 @@ def _read_only(exc: BaseException) -> bool:
     return False
 
 
+RECORDS_DAMAGED_MESSAGE = ("the device's records are damaged (a failing SD card): nothing more is saved to "
+                           "them; an admin must copy the data folder off the card, then restore the last backup "
+                           "onto a new card (systemd/README.md, Back up and restore)")
+
+
 def storage_problem(exc: BaseException) -> str | None:
     """What a technician or admin is told when a write failed for want of storage, or when the records
     are damaged, or None."""
     if isinstance(exc, RecordsDamaged) or is_damage(exc):
-        return ("the device's records are damaged (a failing SD card): nothing more is saved to them; an admin "
-                "must restore the last backup onto a new card (systemd/README.md, Back up and restore)")
+        return RECORDS_DAMAGED_MESSAGE
     if _disk_full(exc):
         return ("the device's storage is full: nothing was saved; an admin can free space on the admin page "
                 "(Free space)")
@@ -521,6 +525,8 @@ class FieldAnalyser:
         try:
             model = self.model_info()
             self.check_disk()
+            if self.store.damage:  # before the analysis and the images: the row could not be written
+                raise CaptureRefused(RECORDS_DAMAGED_MESSAGE, 507)
         except CaptureRefused as exc:
             raise self.refused(exc) from None
         slide = self.store.get_slide(slide_id)
@@ -599,7 +605,10 @@ class FieldAnalyser:
         try:
             field_id = self.store.add_field(slide_id, result, source=source, model_sha256=model.sha256,
                                             images=images, view_png=view_png)
-        except (OSError, sqlite3.Error) as exc:
+        except (OSError, sqlite3.Error, RecordsDamaged) as exc:
+            if isinstance(exc, RecordsDamaged) or is_damage(exc):
+                logger.error("slide %d: the records are damaged; the field was not saved: %s", slide_id, exc)
+                raise CaptureRefused(RECORDS_DAMAGED_MESSAGE, 507) from exc
             if _disk_full(exc):
                 logger.error("slide %d: the disk filled up while a field was written: %s", slide_id, exc)
                 raise CaptureRefused("the disk is full: the field was not saved; an admin can free space on the "

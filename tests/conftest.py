@@ -28,9 +28,12 @@ def wait_until(predicate, timeout_s: float = 10.0) -> bool:
     return False
 
 
-def damage_a_page(store, table: str) -> int:
-    """Overwrite a leaf page in the middle of ``table`` on disk, as a failing SD card does, and close the
-    store's connections (a connection keeps the pages it has read). Returns the page number."""
+def damage_a_page(store, table: str, how: str = "garbage") -> int:
+    """Damage a leaf page in the middle of ``table`` on disk, as a failing SD card does, and close the
+    store's connections (a connection keeps the pages it has read). Returns the page number.
+
+    ``how``: "garbage" overwrites the page (reading it fails); "fragmented" only changes its count of
+    fragmented free bytes (every read works; ``quick_check`` reports it as a finding, not an error)."""
     conn = store._conn()
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # every page in the file, none in the WAL
     pages = [r[0] for r in conn.execute("SELECT pageno FROM dbstat WHERE name = ? AND pagetype = 'leaf' "
@@ -41,7 +44,13 @@ def damage_a_page(store, table: str) -> int:
     store.close()
     with open(store.db_path, "r+b") as fh:
         fh.seek(page_size * (page - 1))
-        fh.write(bytes(range(256)) * (page_size // 256))
+        if how == "garbage":
+            fh.write(bytes(range(256)) * (page_size // 256))
+        else:
+            header = bytearray(fh.read(8))
+            header[7] = (header[7] + 37) % 256  # the b-tree page header's fragmented-bytes count
+            fh.seek(page_size * (page - 1))
+            fh.write(header)
     return page
 
 

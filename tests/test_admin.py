@@ -346,12 +346,19 @@ def test_read_only_or_full_storage_is_said_as_such_and_fails_healthz(make_env, m
     assert r.status_code == 503 and any("read-only" in p for p in r.get_json()["problems"])
 
 
-def test_damaged_records_are_said_as_such_stop_writes_and_fail_healthz(make_env):
+def _records_banner(html: str) -> str:
+    return re.search(r'<div[^>]*id="records-banner"[^>]*>', html)[0]
+
+
+@pytest.mark.parametrize("found_by", ["a page", "the backup's check"])
+def test_damaged_records_are_said_as_such_stop_writes_and_fail_healthz(make_env, found_by):
     """A page of the records damaged by a failing card: the slide page answered a bare 500 "internal error",
-    /healthz said ok (it read only the schema version) and new slides went on being written into the file."""
+    /healthz said ok (it read only the schema version) and new slides went on being written into the file.
+    Then a capture ran the whole analysis and answered 500 "analysis failed", a page already open never
+    showed the damage, and a backup whose check found it answered a bare 500 and marked nothing."""
     from tests.test_store import _images, _result
 
-    env = make_env()
+    env = _env(make_env)
     c = env.app.test_client()
     token = env.csrf(c)
     assert c.post("/slides", data={"sample_id": "DMG-1", "csrf_token": token}).status_code == 303
@@ -360,15 +367,33 @@ def test_damaged_records_are_said_as_such_stop_writes_and_fail_healthz(make_env)
         result = _result(n_cells=80)
         env.store.add_field(1, result, source="camera", model_sha256=sha, images=_images(result))
     assert c.get("/healthz").get_json()["status"] != "fail"
-    damage_a_page(env.store, "cells")
-    r = c.get("/slides/1")  # reads the damaged page
-    assert r.status_code == 507 and "records are damaged" in r.get_data(as_text=True)
+    assert c.get("/api/status").get_json()["records_damage"] is None
+    assert "hidden" in _records_banner(c.get("/").get_data(as_text=True))
+    if found_by == "a page":
+        damage_a_page(env.store, "cells")
+        r = c.get("/slides/1")  # reads the damaged page
+        assert r.status_code == 507 and "records are damaged" in r.get_data(as_text=True)
+    else:  # a page whose count of free bytes is wrong: every read works, only a check finds it
+        damage_a_page(env.store, "cells", how="fragmented")
+        assert c.get("/slides/1").status_code == 200
+        admin, _ = env.admin_client()
+        r = admin.get("/admin/backup", buffered=True)
+        assert r.status_code == 507 and "records are damaged" in r.get_data(as_text=True)
+    assert env.store.damage
     r = c.get("/healthz")
     assert r.status_code == 503 and any("records damaged" in p for p in r.get_json()["problems"])
+    assert c.get("/api/status").get_json()["records_damage"] == env.store.damage  # an open page shows it
     r = c.post("/slides", data={"sample_id": "DMG-2", "csrf_token": token})
     assert r.status_code == 507 and "restore the last backup" in r.get_data(as_text=True)
+    files = sorted(env.store.images_dir.rglob("*"))
+    r = _upload(c, token, 1)  # refused before the analysis and before its images are written
+    assert r.status_code == 507 and "records are damaged" in r.get_json()["error"], r.get_json()
+    assert sorted(env.store.images_dir.rglob("*")) == files
+    metrics = c.get("/metrics").get_data(as_text=True)
+    assert re.search(r"^malaria_captures_refused_total 1(\.0)?$", metrics, re.M)
+    assert re.search(r"^malaria_analysis_errors_total 0(\.0)?$", metrics, re.M)
     home = c.get("/").get_data(as_text=True)
-    assert 'id="records-banner"' in home and "nothing new can be saved" in home
+    assert "hidden" not in _records_banner(home) and "nothing new can be saved" in home
     assert [s["sample_id"] for s in env.store.list_slides()] == ["DMG-1"]
 
 

@@ -874,3 +874,20 @@ def test_a_reports_notes_keep_their_lines(browser, live_env):
     page.emulate_media(media="print")
     assert cell.inner_text().splitlines() == notes.splitlines()
     page.close()
+
+
+def test_records_found_damaged_show_on_a_page_already_open_and_refuse_the_capture(browser, live_env):
+    """The integrity check runs after start-up: damage it finds must reach a slide page the technician
+    already has open (the banner was drawn only when a page loaded), and the capture must say why."""
+    env = live_env
+    page = browser.new_page(viewport={"width": 1024, "height": 768})
+    _start_slide(page, env, "DMG-B1")
+    _until(page, "document.getElementById('preview').naturalWidth > 0", timeout=15_000)
+    assert not page.is_visible("#records-banner")
+    env.store.mark_damaged("On tree page 56 cell 1: invalid page number 5768694")  # what the check calls
+    page.wait_for_selector("#records-banner", state="visible", timeout=10_000)
+    assert "invalid page number" in page.inner_text("#records-banner")
+    page.click("#capture-btn")
+    _until(page, "document.getElementById('capture-msg').textContent.includes('records are damaged')")
+    assert page.locator("#fields-table tbody tr").count() == 0
+    page.close()

@@ -231,6 +231,95 @@ def test_a_damaged_page_start_up_does_not_read_is_found_by_the_integrity_check(t
         s.close()
 
 
+# A card failing a read: read(2)/pread(2) of the records' bytes at BAD_OFFSET fail with EIO (LD_PRELOAD).
+_EIO_SHIM = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+static int bad(int fd, off_t off, size_t n) {
+    const char *o = getenv("BAD_OFFSET"); char p[64], t[4096]; ssize_t k;
+    if (!o || off > atoll(o) || off + (off_t)n <= atoll(o)) return 0;
+    snprintf(p, sizeof p, "/proc/self/fd/%d", fd);
+    k = readlink(p, t, sizeof t - 1);
+    if (k <= 0) return 0;
+    t[k] = 0;
+    k = strlen(t);
+    return k > 22 && strcmp(t + k - 22, "malaria-detect.sqlite3") == 0;
+}
+ssize_t pread64(int fd, void *buf, size_t n, off_t off) {
+    static ssize_t (*real)(int, void *, size_t, off_t);
+    if (!real) real = dlsym(RTLD_NEXT, "pread64");
+    if (bad(fd, off, n)) { errno = EIO; return -1; }
+    return real(fd, buf, n, off);
+}
+ssize_t read(int fd, void *buf, size_t n) {
+    static ssize_t (*real)(int, void *, size_t);
+    if (!real) real = dlsym(RTLD_NEXT, "read");
+    if (bad(fd, lseek(fd, 0, SEEK_CUR), n)) { errno = EIO; return -1; }
+    return real(fd, buf, n);
+}
+"""
+
+
+def test_a_card_failing_a_read_is_not_called_damage(tmp_path):
+    """SQLite 3.40 reports a read that failed with EIO as "database disk image is malformed": a failing card
+    was called damaged records at start-up ("move it aside and restore a backup") and in the check. The
+    records' own bytes are read to tell the two apart. A real EIO from the C library (a preloaded shim)."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler to build the read-error shim")
+    shim = tmp_path / "eio.so"
+    (tmp_path / "eio.c").write_text(_EIO_SHIM)
+    subprocess.run([cc, "-shared", "-fPIC", "-O1", "-o", str(shim), str(tmp_path / "eio.c"), "-ldl"], check=True)
+    data = tmp_path / "data"
+    s = Store(data)
+    sid = _slide(s)
+    for _ in range(10):
+        result = _result(n_cells=80)
+        s.add_field(sid, result, source="camera", model_sha256=MODEL.sha256, images=_images(result))
+    s.finish_slide(sid, lambda slide, totals: {})
+    conn = s._conn()
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+    cells = [r[0] for r in conn.execute("SELECT pageno FROM dbstat WHERE name = 'cells' AND pagetype = 'leaf' "
+                                        "ORDER BY pageno")]
+    s.close()
+    before = (data / store_mod.DB_NAME).read_bytes()
+    probe = textwrap.dedent(f"""
+        import json, sys
+        from device.store import Store, StoreError
+        try:
+            s = Store({str(data)!r})
+        except StoreError as exc:
+            print(json.dumps({{"start": str(exc)}}))
+            sys.exit()
+        print(json.dumps({{"start": None, "check": s.check_integrity()}}))
+        s.close()
+    """)
+
+    def run(bad_page: int) -> dict:
+        env = {**os.environ, "LD_PRELOAD": str(shim), "BAD_OFFSET": str((bad_page - 1) * page_size + 100)}
+        r = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    later = run(cells[len(cells) // 2])  # a page start-up does not read: found by the check
+    assert later["start"] is None
+    assert later["check"].startswith("the card failed a read (Input/output error)"), later
+    early = run(2)  # a page start-up reads (the schema)
+    said = early["start"]
+    assert said and "failed a read" in said and "Input/output error" in said, said
+    assert "not a usable database" not in said and "Do not restore a backup" in said
+    assert (data / store_mod.DB_NAME).read_bytes() == before  # nothing written into the records
+    s = Store(data)  # the card reads again: every record is there
+    assert s.get_slide(sid)["status"] == "finished" and s.check_integrity() is None
+    s.close()
+
+
 def test_records_on_a_card_that_turned_read_only_are_not_called_damaged(tmp_path):
     """A failing SD card is remounted read-only and stays so after a reboot: SQLite cannot open the records
     in WAL mode, and the service called the intact records "not a usable database", advising to restore a

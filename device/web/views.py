@@ -736,4 +736,5 @@ def status_json() -> dict:
                      "last_latency_ms": None if a.last_latency_s is None else round(a.last_latency_s * 1000)},
         "disk": a.disk().to_json(),
         "clock": clock_status(),
+        "records_damage": d.store.damage,
     }

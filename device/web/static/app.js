@@ -49,6 +49,11 @@
       disk.className = "banner " + (s.disk.full ? "banner-error" : "banner-warn");
       $("disk-msg").textContent = s.disk.message || "";
     }
+    var records = $("records-banner");
+    if (records && "records_damage" in s) {
+      records.hidden = !s.records_damage;
+      $("records-msg").textContent = s.records_damage || "";
+    }
     var pill = $("status-pill");
     if (pill) {
       pill.className = "pill " + ((connected && s.model && s.model.ok) ? "pill-ok" : "pill-bad");
