@@ -223,10 +223,14 @@ class RecordsDamaged(StoreError):
     them (a write into a damaged file can spread the damage, and a slide counted into it may be lost)."""
 
 
+def _error_name(exc: BaseException) -> str:
+    """SQLite's extended error name ("SQLITE_IOERR_SHMSIZE"), or "" for other exceptions."""
+    return getattr(exc, "sqlite_errorname", "") or ""
+
+
 def is_damage(exc: BaseException) -> bool:
     """SQLite found the file damaged (not locked, full or unwritable: those leave the records intact)."""
-    name = getattr(exc, "sqlite_errorname", "") or ""
-    return isinstance(exc, sqlite3.DatabaseError) and name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB"))
+    return isinstance(exc, sqlite3.DatabaseError) and _error_name(exc).startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB"))
 
 
 class NotFound(StoreError):
@@ -495,7 +499,7 @@ class Store:
                     f"({unwritable}). They are not damaged: do not restore a backup over them. A card that turned "
                     "read-only is failing: copy the data folder off it onto a new card; a folder with the wrong "
                     "owner: give it back to the service's user")
-        name = getattr(exc, "sqlite_errorname", "") or ""
+        name = _error_name(exc)
         try:
             free = shutil.disk_usage(self.data_dir).free
         except OSError:
@@ -685,7 +689,16 @@ class Store:
             logger.error("%s: the records are damaged (%s): writes refused; copy the data folder off the card, "
                          "then restore a backup (systemd/README.md, Back up and restore)", self.db_path, self.damage)
 
-    def check_integrity(self, max_errors: int = 5) -> str | None:
+    def _check_pages(self, conn: sqlite3.Connection) -> str | None:
+        """``PRAGMA quick_check`` on ``conn`` (the records, or a page-for-page copy of them): None when it finds
+        nothing, else its findings on one line, with the records :meth:`mark_damaged`."""
+        found = [r[0] for r in conn.execute("PRAGMA quick_check(5)")]
+        if found == ["ok"]:
+            return None
+        self.mark_damaged(_findings(found))
+        return _findings(found)
+
+    def check_integrity(self) -> str | None:
         """Read every page of the records (``PRAGMA quick_check``) on a connection of its own; damage found
         is :meth:`mark_damaged` and returned, else None.
 
@@ -700,19 +713,19 @@ class Store:
         conn = None
         try:
             conn = self._connect()
-            found = [r[0] for r in conn.execute(f"PRAGMA quick_check({int(max_errors)})")]
+            found = self._check_pages(conn)
         except sqlite3.DatabaseError as exc:
             if not is_damage(exc):
                 logger.warning("%s: the records could not be checked: %s", self.db_path, exc)
                 return None
-            found = [str(exc)]
+            self.mark_damaged(str(exc))
+            found = str(exc)
         finally:
             if conn is not None:
                 conn.close()
-        if found == ["ok"]:
+        if found is None:
             logger.info("records checked: no damage (%.1f s)", time.perf_counter() - t0)
             return None
-        self.mark_damaged(_findings(found))
         return self.damage
 
     def close(self) -> None:
@@ -806,11 +819,9 @@ class Store:
                 self._conn().backup(dst)
                 # the source's WAL mode came with the pages: one file, no -wal/-shm beside it
                 dst.execute("PRAGMA journal_mode=DELETE")
-                found = [r[0] for r in dst.execute("PRAGMA quick_check(5)")]
-                if found != ["ok"]:  # the copy holds the records' pages as they are: they are damaged
-                    self.mark_damaged(_findings(found))
-                    raise RecordsDamaged(f"the backup copy failed its check ({_findings(found)}); the records "
-                                         "were not copied")
+                found = self._check_pages(dst)  # the copy holds the records' pages as they are
+                if found:
+                    raise RecordsDamaged(f"the backup copy failed its check ({found}); the records were not copied")
                 counts = _record_counts(dst)
             finally:
                 dst.close()
@@ -839,10 +850,9 @@ class Store:
         conn = self._conn()
         conn.execute("BEGIN")  # a read transaction: the check, the counts and the copy see one snapshot
         try:
-            found = [r[0] for r in conn.execute("PRAGMA quick_check(5)")]
-            if found != ["ok"]:
-                self.mark_damaged(_findings(found))
-                raise RecordsDamaged(f"the records failed their check ({_findings(found)}); no copy was made")
+            found = self._check_pages(conn)
+            if found:
+                raise RecordsDamaged(f"the records failed their check ({found}); no copy was made")
             counts = _record_counts(conn)
             image = conn.serialize()
         finally:

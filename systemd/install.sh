@@ -398,15 +398,14 @@ install_config() {
 check_config() {
   if [ -z "$ROOT" ]; then
     echo "+ (cd $(quote "$OPT_DIR") && $(quote "$VENV/bin/python" -m device check-config "$ETC_DIR/config.toml"))"
-  fi
-  if [ -z "$ROOT" ] && [ "$DRY_RUN" = 0 ] &&
-    ! (cd "$OPT_DIR" && "$VENV/bin/python" -m device check-config "$ETC_DIR/config.toml"); then
-    if [ -d "$OPT_DIR.old" ]; then
-      roll_back_code
-      die "$ETC_DIR/config.toml does not pass with the new version (above): the installed version is put" \
-        "back; fix the config for the new version, then run install.sh again"
+    if [ "$DRY_RUN" = 0 ] && ! (cd "$OPT_DIR" && "$VENV/bin/python" -m device check-config "$ETC_DIR/config.toml"); then
+      if [ -d "$OPT_DIR.old" ]; then
+        roll_back_code
+        die "$ETC_DIR/config.toml does not pass with the new version (above): the installed version is put" \
+          "back; fix the config for the new version, then run install.sh again"
+      fi
+      die "$ETC_DIR/config.toml does not pass with this version (above): fix it, then run install.sh again"
     fi
-    die "$ETC_DIR/config.toml does not pass with this version (above): fix it, then run install.sh again"
   fi
   run rm -rf -- "$OPT_DIR.old"
 }

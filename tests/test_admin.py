@@ -356,16 +356,13 @@ def test_damaged_records_are_said_as_such_stop_writes_and_fail_healthz(make_env,
     /healthz said ok (it read only the schema version) and new slides went on being written into the file.
     Then a capture ran the whole analysis and answered 500 "analysis failed", a page already open never
     showed the damage, and a backup whose check found it answered a bare 500 and marked nothing."""
-    from tests.test_store import _images, _result
+    from tests.test_store import add_fields
 
     env = _env(make_env)
     c = env.app.test_client()
     token = env.csrf(c)
     assert c.post("/slides", data={"sample_id": "DMG-1", "csrf_token": token}).status_code == 303
-    sha = env.store.get_slide(1)["model_sha256"]
-    for _ in range(10):
-        result = _result(n_cells=80)
-        env.store.add_field(1, result, source="camera", model_sha256=sha, images=_images(result))
+    add_fields(env.store, 1, env.store.get_slide(1)["model_sha256"])
     assert c.get("/healthz").get_json()["status"] != "fail"
     assert c.get("/api/status").get_json()["records_damage"] is None
     assert "hidden" in _records_banner(c.get("/").get_data(as_text=True))

@@ -48,6 +48,13 @@ def _slide(store, sample="S-1", **kw) -> int:
     return store.create_slide(sample_id=sample, model=MODEL, target_rbc=2000, rbc_per_ul=5e6, **kw)
 
 
+def add_fields(store, slide_id: int, model_sha256: str = MODEL.sha256, n: int = 10) -> None:
+    """``n`` fields of 80 cells each: enough cell rows to fill several pages of the cells table."""
+    for _ in range(n):
+        result = _result(n_cells=80)
+        store.add_field(slide_id, result, source="camera", model_sha256=model_sha256, images=_images(result))
+
+
 def test_new_database_is_wal_full_at_the_latest_schema(store, tmp_path):
     assert store.pragma("user_version") == store_mod.SCHEMA_VERSION == len(store_mod.MIGRATIONS)
     assert store.pragma("journal_mode") == "wal"
@@ -213,9 +220,7 @@ def test_a_damaged_page_start_up_does_not_read_is_found_by_the_integrity_check(t
     s = Store(tmp_path)
     assert s.check_integrity() is None and s.damage is None  # intact records: nothing said
     sid = _slide(s)
-    for _ in range(10):
-        result = _result(n_cells=80)
-        s.add_field(sid, result, source="camera", model_sha256=MODEL.sha256, images=_images(result))
+    add_fields(s, sid)
     s.finish_slide(sid, lambda slide, totals: {})
     damage_a_page(s, "cells")
     s = Store(tmp_path)  # start-up does not read that page
@@ -277,9 +282,7 @@ def test_a_card_failing_a_read_is_not_called_damage(tmp_path):
     data = tmp_path / "data"
     s = Store(data)
     sid = _slide(s)
-    for _ in range(10):
-        result = _result(n_cells=80)
-        s.add_field(sid, result, source="camera", model_sha256=MODEL.sha256, images=_images(result))
+    add_fields(s, sid)
     s.finish_slide(sid, lambda slide, totals: {})
     conn = s._conn()
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
