@@ -19,6 +19,8 @@ from device.preprocess import background_gains, field_crops, prepare_batch
 FOCUS_WIDTH_PX = 640  # the exposure checks (and focus, when the cell size is unknown) work at this width
 FOCUS_CELL_PX = 36.0  # focus is measured with the field resized so a red cell is this wide
 FOCUS_REFIT_S = 5.0  # the live focus meter re-estimates the cell size this often
+_RIM_PX = 10  # focus_measure leaves out this much (at its scale) inside the rim of a round field of view
+_BLACK_OF_LIGHT = 0.15  # and the surround's black: gray under this share of the field's light
 
 
 class Classifier(Protocol):
@@ -149,9 +151,21 @@ def local_contrast(gray: np.ndarray, seen: np.ndarray | None = None) -> float | 
     return float(np.percentile(diff, 99)) * 240.0 / light
 
 
+FIND_LIT = "find"  # focus_measure's lit= default: find the lit field of view itself
+
+
+def _lit_small(small: np.ndarray, cell_diameter_px: float | None, width_px: int) -> np.ndarray | None:
+    """The lit field of view (``segment.lit_mask``) on the 640 px copy ``small`` of a ``width_px`` wide field."""
+    from device.segment import SegmentParams, lit_mask
+
+    scale = small.shape[1] / width_px
+    cell_px = cell_diameter_px * scale if cell_diameter_px else 0.02 * max(small.shape[:2])
+    return lit_mask(small, cell_px, SegmentParams().min_light_frac_of_plasma)
+
+
 def focus_measure(
     image_rgb: np.ndarray, cell_diameter_px: float | None = None, *, estimate: bool = True,
-    small: np.ndarray | None = None, small_gray: np.ndarray | None = None,
+    small: np.ndarray | None = None, small_gray: np.ndarray | None = None, lit: np.ndarray | str | None = FIND_LIT,
 ) -> float:
     """Sharpness: how much finer detail the field has than a slightly smoothed copy of itself.
 
@@ -161,9 +175,15 @@ def focus_measure(
     constant (a dimmer lamp) and hardly with the stain's contrast or how many cells there are; the 1 px
     smoothing keeps sensor noise from reading as sharpness. About 1 means no fine detail.
 
+    Only the lit field of view counts, away from its rim: the sharp edge of a round field stop (an
+    eyepiece adapter's) is detail at any focus, and read a field blurred far past usable (sigma 0.06 of a
+    cell) as 3.6-5.5, sharper than any sharp field.
+
     Args:
         cell_diameter_px: the field's cell size, or None: estimated when ``estimate`` is true.
         small: the field's 640 px wide copy (``_small``) when the caller has it already.
+        lit: the lit field of view (``segment.lit_mask``, any size: 255 lit) or None for all of it;
+            by default found on the 640 px copy.
     """
     from device.segment import estimate_cell_diameter
 
@@ -180,9 +200,21 @@ def focus_measure(
     if gray.shape[1] != size[0]:
         gray = cv2.resize(gray, size, interpolation=cv2.INTER_AREA)
     gray = gray.astype(np.float32)
-    fine = cv2.Laplacian(cv2.GaussianBlur(gray, (0, 0), 1.0), cv2.CV_32F).var()
-    coarse = cv2.Laplacian(cv2.GaussianBlur(gray, (0, 0), 2.0), cv2.CV_32F).var()
-    return float(fine / max(float(coarse), 1e-6))
+    fine = cv2.Laplacian(cv2.GaussianBlur(gray, (0, 0), 1.0), cv2.CV_32F)
+    coarse = cv2.Laplacian(cv2.GaussianBlur(gray, (0, 0), 2.0), cv2.CV_32F)
+    if isinstance(lit, str):
+        lit = _lit_small(_small(image_rgb) if small is None else small, cell_diameter_px, w)
+    if lit is not None:
+        inner = cv2.resize(lit, (gray.shape[1], gray.shape[0]), interpolation=cv2.INTER_NEAREST)
+        # lit_mask's average over a square a cell wide keeps as lit the black slivers where the disc meets
+        # the frame's edge: the black itself is left out too (the darkest stained pixels are far brighter)
+        inner[gray < _BLACK_OF_LIGHT * float(np.percentile(gray, 99))] = 0
+        # the 2 px blur and the Laplacian reach 9 px: the rim's edge stays outside what is measured
+        inner = cv2.erode(inner, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * _RIM_PX + 1, 2 * _RIM_PX + 1)))
+        keep = inner > 0
+        if keep.sum() >= 0.05 * keep.size:  # else too little is lit to judge: the exposure checks say so
+            fine, coarse = fine[keep], coarse[keep]
+    return float(fine.var() / max(float(coarse.var()), 1e-6))
 
 
 class FocusMeter:
@@ -191,6 +223,7 @@ class FocusMeter:
     def __init__(self, refit_s: float = FOCUS_REFIT_S):
         self.refit_s = refit_s
         self._diameter: float | None = None
+        self._lit: np.ndarray | None = None
         self._t = float("-inf")
 
     def __call__(self, image_rgb: np.ndarray) -> float:
@@ -199,7 +232,9 @@ class FocusMeter:
         now = time.monotonic()
         if now - self._t >= self.refit_s:
             self._diameter, self._t = estimate_cell_diameter(image_rgb), now
-        return focus_measure(image_rgb, self._diameter, estimate=False)
+            # the field stop does not move either
+            self._lit = _lit_small(_small(image_rgb), self._diameter, image_rgb.shape[1])
+        return focus_measure(image_rgb, self._diameter, estimate=False, lit=self._lit)
 
 
 _NOISE_KERNEL = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float32)
@@ -235,16 +270,12 @@ def image_quality(
     ``small``: the field's 640 px wide copy (``_small``) when the caller has it already.
     Returns (focus, reason or None).
     """
-    from device.segment import SegmentParams, lit_mask
-
     small = _small(image_rgb) if small is None else small
     gray = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
-    focus = focus_measure(image_rgb, cell_diameter_px, estimate=False, small=small, small_gray=gray)
-    # Exposure is judged where the light falls: a round field of view in a black surround is no darker (and
-    # no less saturated) for the black around it.
-    scale = small.shape[1] / image_rgb.shape[1]
-    cell_px = cell_diameter_px * scale if cell_diameter_px else 0.02 * max(small.shape[:2])
-    lit = lit_mask(small, cell_px, SegmentParams().min_light_frac_of_plasma)
+    # Exposure and focus are judged where the light falls: a round field of view in a black surround is no
+    # darker (and no less saturated) for the black around it, nor sharper for its edge.
+    lit = _lit_small(small, cell_diameter_px, image_rgb.shape[1])
+    focus = focus_measure(image_rgb, cell_diameter_px, estimate=False, small=small, small_gray=gray, lit=lit)
     seen = None if lit is None else lit > 0  # None: all of it (no boolean copies of a whole-field mask)
     n_seen = gray.size if seen is None else int(seen.sum())
     gray_mean = float((gray if seen is None else gray[seen]).mean()) if n_seen else 0.0

@@ -138,6 +138,30 @@ def test_exposure_is_judged_where_the_light_falls(classifier):
     assert res.rejected is not None and res.rejected.startswith("overexposed"), res.rejected
 
 
+def test_the_rim_of_a_round_field_of_view_does_not_read_as_focus(classifier):
+    """The sharp edge of an eyepiece adapter's round field stop read a field blurred far past usable (sigma 0.06
+    of a cell) as 3.6-5.5, above any sharp field: every such field was counted, with no parasite found."""
+    from device.analysis import FocusMeter, focus_measure
+    from device.segment import estimate_cell_diameter
+
+    settings = AnalysisSettings()
+    for path in FIELDS:
+        rgb = read_rgb(path)
+        h, w = rgb.shape[:2]
+        d = estimate_cell_diameter(rgb)
+        yy, xx = np.mgrid[:h, :w]
+        outside = np.hypot(xx - w / 2, yy - h / 2) >= 0.5 * h
+        sharp, blurred = rgb.copy(), cv2.GaussianBlur(rgb, (0, 0), 0.06 * d)
+        sharp[outside] = blurred[outside] = 0  # the surround's edge as sharp as the camera gives it
+        assert focus_measure(sharp) > settings.min_focus
+        assert focus_measure(blurred) < settings.min_focus
+        assert focus_measure(blurred, lit=None) > settings.min_focus  # the whole frame: the rim's edge counted
+        assert FocusMeter()(blurred) == pytest.approx(focus_measure(blurred))  # the live figure too
+        res = analyze_field(blurred, classifier)
+        assert res.rejected and res.rejected.startswith("out of focus"), res.rejected
+        assert analyze_field(sharp, classifier).rejected is None
+
+
 @pytest.mark.parametrize("shape, dtype", [((64, 64, 4), np.uint8), ((64, 64), np.uint8), ((64, 64, 3), np.float32)])
 def test_a_frame_that_is_not_rgb8_is_a_clear_error(classifier, shape, dtype):
     with pytest.raises(ValueError, match="expected an HxWx3 uint8 RGB image"):  # was an OpenCV error from inside
