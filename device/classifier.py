@@ -12,12 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-from device.model_card import ModelCard, ModelError, check_details, load_card
+from device.model_card import SCORE_ULPS, ModelCard, ModelError, check_details, load_card
 
 logger = logging.getLogger(__name__)
 
 RUNTIMES = ("ai_edge_litert", "tflite_runtime", "tensorflow")
-SCORE_ULPS = 8  # how far (in units of the last place) a code's score may lie from a card threshold it stands for
 
 
 def _interpreter_class(runtime: str):

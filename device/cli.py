@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from device.config import RBC_PER_UL_RANGE, REVIEW_FLOOR_RANGE, AnalysisConfig, review_floor_at
+from device.slide import threshold_text
 
 if TYPE_CHECKING:
     import numpy as np
@@ -260,7 +261,7 @@ def cmd_cells(args) -> int:
     if len(rows) > 20 and "summary" not in doc or errors:  # say what happened, also without per-file lines
         flagged = sum(r["infected"] for r in rows)
         print(f"{len(rows)} cells classified: {flagged} infected, {len(rows) - flagged} uninfected at threshold "
-              f"{clf.threshold:g}; {len(errors)} files could not be read"
+              f"{threshold_text(clf.threshold)}; {len(errors)} files could not be read"
               + ("" if args.json else " (per file: --json FILE)"))
     if not _write_json(args.json, doc):
         return 1
@@ -319,8 +320,8 @@ def cmd_analyze(args) -> int:
     clf = _classifier(args)
     fp_rate = clf.card.false_positive_rate_at(clf.threshold)  # what the device's slide call uses too
     if args.slide and fp_rate is None:
-        print(f"error: --slide needs the false-positive rate at threshold {clf.threshold:g}, and the model card's "
-              "operating curve does not reach down to it: use a higher --threshold", file=sys.stderr)
+        print(f"error: --slide needs the false-positive rate at threshold {threshold_text(clf.threshold)}, and the "
+              "model card's operating curve does not reach down to it: use a higher --threshold", file=sys.stderr)
         return 2
     settings = AnalysisSettings(threshold=args.threshold)
     out_dir = Path(args.annotate) if args.annotate else None

@@ -23,6 +23,9 @@ INPUT_LAYOUT = "NHWC"
 INPUT_PREPROCESSING = "device.preprocess.prepare_cell"
 
 
+SCORE_ULPS = 8  # how far (in units of the last place) a code's score may lie from a card threshold it stands for
+
+
 class ModelError(RuntimeError):
     """The model cannot be used; the message says which check failed."""
 
@@ -84,12 +87,44 @@ class ModelCard:
         v = self.data.get("call_false_positive_rate")
         return float(v) if v is not None else None
 
+    def output_scores(self) -> np.ndarray | None:
+        """p_infected of every code of an 8-bit output, lowest code first; None for a float output.
+
+        The only scores the model can give: a threshold anywhere between two of them flags the same cells.
+        """
+        out = self.data.get("output") or {}
+        dtype = np.dtype(out.get("dtype") or "float32")
+        if dtype not in (np.dtype(np.uint8), np.dtype(np.int8)):
+            return None
+        q = out.get("quantization") or {}
+        info = np.iinfo(dtype)
+        codes = np.arange(info.min, info.max + 1, dtype=np.int64)
+        v = float(q.get("scale", 0.0)) * (codes - int(q.get("zero_point", 0)))
+        return 1.0 / (1.0 + np.exp(-v)) if self.output_kind == "logit" else np.clip(v, 0.0, 1.0)
+
+    def effective_threshold(self, threshold: float) -> float:
+        """The lowest score the model can give that a threshold flags: the threshold as far as the cells are
+        concerned (0.966 flags what the card's 0.96600990 does, the scores between them being none). The
+        threshold itself for a float output, or one above every score."""
+        scores = self.output_scores()
+        if scores is None:
+            return float(threshold)
+        flagged = scores[scores >= threshold - SCORE_ULPS * np.spacing(threshold)]
+        if not flagged.size:
+            return float(threshold)
+        low = float(flagged.min())
+        # the card's threshold is such a score, computed on another CPU: the last bits may differ
+        return self.threshold if abs(low - self.threshold) <= SCORE_ULPS * np.spacing(self.threshold) else low
+
     def false_positive_rate_at(self, threshold: float) -> float | None:
         """Call false-positive rate at another threshold (an admin may move it within the safe range).
 
-        Read from the card's ``operating_curve`` at the nearest listed threshold at or below the
-        one asked for (a lower threshold has at least as many false positives: the cautious side).
+        The threshold is first taken to the score it stands for (:meth:`effective_threshold`: a threshold
+        typed as shown, 0.966, is the card's own). Then read from the card's ``operating_curve`` at the
+        nearest listed threshold at or below it (a lower threshold has at least as many false positives:
+        the cautious side).
         """
+        threshold = self.effective_threshold(threshold)
         if abs(threshold - self.threshold) < 1e-9 and self.false_positive_rate is not None:
             # the curve's thresholds are rounded (0.9789 for 0.97887...): its row at or below the card's
             # own threshold is a lower one with more false positives than the card states

@@ -36,7 +36,7 @@ import cv2
 import numpy as np
 
 from device.analysis import AnalysisSettings, FieldResult, analyze_field, draw_annotation, near_threshold
-from device.slide import SlideSummary, summarize_slide
+from device.slide import SlideSummary, summarize_slide, threshold_text
 from device.store import (
     Conflict,
     FieldImages,
@@ -698,8 +698,9 @@ def _call_fp_rate(card, threshold: float) -> float | None:
 def _no_fp_rate(card, threshold: float) -> str:
     curve = [r["threshold"] for r in (getattr(card, "data", {}) or {}).get("operating_curve") or []]
     reach = f"its operating curve starts at {min(curve):g}" if curve else "it has no operating curve"
-    return (f"the model card gives no false-positive rate at threshold {threshold:g} ({reach}), so no slide "
-            f"call could be made: set a threshold the curve covers, or none for the card's {card.threshold:g}")
+    return (f"the model card gives no false-positive rate at threshold {threshold_text(threshold)} ({reach}), "
+            f"so no slide call could be made: set a threshold the curve covers, or none for the card's "
+            f"{threshold_text(card.threshold)}")
 
 
 def confirmed_parasites(totals: dict) -> int:

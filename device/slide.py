@@ -4,9 +4,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from decimal import ROUND_FLOOR, Decimal
 
 DEFAULT_RBC_PER_UL = 5.0e6  # a typical adult count, used when no measured RBC count is given
 FALSE_ALARM_PROBABILITY = 0.001  # chance that a truly negative slide is called positive
+
+
+def threshold_text(threshold: float) -> str:
+    """A threshold as every page, report and message shows it: rounded down to 5 decimals, trailing zeros
+    dropped (0.9660098993814743 is "0.966").
+
+    Down, not to the nearest: a cell is flagged when its score is at least the threshold, and the scores are
+    the few levels of an 8-bit output, so a value typed back as shown flags the same cells (nearest rounding
+    showed 0.96601, above the level 0.96600990 that the card's threshold is, which flags fewer cells). The
+    levels near 0.999 lie 1e-4 apart, ten times the rounding.
+    """
+    d = Decimal(repr(float(threshold))).quantize(Decimal("0.00001"), rounding=ROUND_FLOOR).normalize()
+    return f"{d:f}"
 
 
 def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -142,15 +156,21 @@ def summarize_slide(
     elif n > 0 and unconfirmed > 0 and unconfirmed >= cutoff:
         call = "positive"
         reason = (f"{k} cells flagged infected in {n}: more than the false positives a parasite-free slide gives at "
-                  f"threshold {threshold:.3f} ({expected_fp:.1f} expected; positive from {cutoff} cells)")
+                  f"threshold {threshold_text(threshold)} ({expected_fp:.1f} expected; positive from {cutoff} cells)")
     elif n < target_rbc:
         call = "not enough cells"
         reason = f"{n} of {target_rbc} red cells counted: too few for a call"
+    elif cutoff > n:
+        # no count of these cells could be a call: a negative would say nothing (the target is set that low)
+        call = "not enough cells"
+        reason = (f"{n} red cells counted: too few for a call at threshold {threshold_text(threshold)} (a "
+                  f"parasite-free slide gives {expected_fp:.1f} false positives on average, and a positive call "
+                  f"needs {cutoff}, more cells than were counted): count more cells")
     else:
         call = "negative"
         reason = (f"{k} cells flagged infected in {n}: fewer than the {cutoff} that make a slide positive at threshold "
-                  f"{threshold:.3f} (a parasite-free slide gives {expected_fp:.1f} false positives on average, and "
-                  f"up to {cutoff - 1} by chance)")
+                  f"{threshold_text(threshold)} (a parasite-free slide gives {expected_fp:.1f} false positives on "
+                  f"average, and up to {cutoff - 1} by chance)")
     return SlideSummary(
         rbc_count=n,
         infected_count=k,

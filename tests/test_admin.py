@@ -439,10 +439,10 @@ def test_a_threshold_the_model_card_gives_no_false_positive_rate_for_is_refused(
 def test_saving_another_setting_keeps_a_threshold_with_more_digits_than_shown(make_env):
     env = _env(make_env, model={"threshold": 0.97887501})
     c, token = env.admin_client()
-    assert 'value="0.978875"' in c.get("/admin/").get_data(as_text=True)  # shown to 6 digits
-    r = _save(c, token, counting_target_rbc="3000", threshold="0.978875")  # the form sent back untouched
+    assert 'value="0.97887"' in c.get("/admin/").get_data(as_text=True)  # shown rounded down, 5 decimals
+    r = _save(c, token, counting_target_rbc="3000", threshold="0.97887")  # the form sent back untouched
     assert r.status_code == 303
-    # was re-saved rounded to 0.978875 (and new slides got another false-positive rate with it)
+    # was re-saved rounded (and new slides got another false-positive rate with it)
     assert "Saved: counting target 3000 red cells." in c.get("/admin/").get_data(as_text=True)
     assert "threshold" not in env.store.data_dir.joinpath("settings.json").read_text()
 

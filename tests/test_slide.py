@@ -205,3 +205,42 @@ def test_a_negative_call_with_more_flags_than_expected_says_it_is_below_the_cuto
     assert s.call == "negative" and s.expected_false_positives == pytest.approx(1.4)
     assert s.positive_cutoff_cells > 3
     assert "within" not in s.call_reason and f"fewer than the {s.positive_cutoff_cells}" in s.call_reason
+
+
+def test_a_target_too_small_for_any_call_is_not_enough_cells_not_negative():
+    # 1 of 1 cells flagged read "negative" at a target of 1: at the shipped card's rate a positive call
+    # needs 2 flagged cells, more than were counted, so no count of them is a call
+    fp = 0.00526
+    assert positive_cutoff(1, fp) == 2
+    s = summarize_slide(1, 1, threshold=0.966, fp_rate_per_cell=fp, target_rbc=1)
+    assert s.call == "not enough cells" and "count more cells" in s.call_reason
+    assert summarize_slide(2, 2, threshold=0.966, fp_rate_per_cell=fp, target_rbc=2).call == "positive"
+    assert summarize_slide(2, 1, threshold=0.966, fp_rate_per_cell=fp, target_rbc=2).call == "negative"
+
+
+def test_threshold_text_rounds_down_so_the_shown_value_flags_the_same_cells():
+    from device.slide import threshold_text
+
+    assert threshold_text(0.9660098993814743) == "0.966"  # nearest rounding showed 0.96601: above the level
+    assert threshold_text(0.978873) == "0.97887" and threshold_text(0.5) == "0.5" and threshold_text(0.97) == "0.97"
+
+
+def test_a_threshold_typed_as_shown_gets_the_cards_own_false_positive_rate():
+    # the page showed "threshold 0.966"; `analyze --slide --threshold 0.966` then read the curve's row below
+    # (0.9591: rate 0.00636, K 26) though 0.966 flags exactly the cells the card's 0.96600990 flags
+    from device.model_card import load_card
+    from device.slide import threshold_text
+    from tests.conftest import MODEL_PATH
+
+    card = load_card(MODEL_PATH)
+    levels = card.output_scores()
+    assert levels is not None and len(levels) == 256
+    for t in [card.threshold, *(row["threshold"] for row in card.data["operating_curve"])]:
+        shown = float(threshold_text(t))
+        assert card.effective_threshold(shown) == card.effective_threshold(t)
+        assert card.false_positive_rate_at(shown) == card.false_positive_rate_at(t)
+    assert card.false_positive_rate_at(0.966) == card.false_positive_rate
+    below = float(levels[levels < card.threshold].max())  # the next score down flags more healthy cells
+    assert card.effective_threshold(below) == below
+    assert card.false_positive_rate_at(below) > card.false_positive_rate
+    assert card.false_positive_rate_at(below + 1e-6) == card.false_positive_rate

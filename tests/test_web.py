@@ -428,7 +428,7 @@ def test_cells_near_the_threshold_are_shown_for_review_and_a_confirmed_one_count
     summary = result.split('id="near-summary">')[1].split("</dd>")[0]
     assert f"{len(expect)} scored 0.7 " in summary and "1 confirmed as parasite," in summary
     row = next(csv.DictReader(io.StringIO(c.get("/export/slides.csv").data.decode("utf-8-sig"))))
-    assert row["review_floor"] == "0.7000" and row["near_threshold_cells"] == str(len(expect))
+    assert row["review_floor"] == "0.7" and row["near_threshold_cells"] == str(len(expect))
     assert (row["near_confirmed"], row["near_pending"]) == ("1", str(len(expect) - 1))
     # a device set to show none (review_floor 1) starts its slides without them
     env2 = make_env(analysis={"review_floor": 1.0})
@@ -2081,3 +2081,18 @@ def test_the_fields_export_is_written_as_it_is_read_not_built_whole(make_env, mo
     assert len({(r[1], r[4]) for r in rows[1:]}) == 10_000  # every field once
     one = list(csv.reader(io.StringIO(c.get("/export/fields.csv?q=bulk-00007").data.decode("utf-8-sig"))))
     assert len(one) == 26 and {r[2] for r in one[1:]} == {"BULK-00007"}
+
+
+def test_figures_shown_side_by_side_read_apart_and_the_csv_keeps_small_percentages():
+    from device.web import pct_text
+    from device.web.pages import csv_pct
+
+    # a negative slide of 105,950 cells with 632 flagged, one short of the 633 that make it positive, read
+    # "< 0.597% (detection limit; 0.597% of cells flagged)"
+    flagged, limit = 100 * 632 / 105_950, 100 * 633 / 105_950
+    assert pct_text(flagged) == pct_text(limit) == "0.597%"
+    assert pct_text(flagged, limit) == "0.5965%" and pct_text(limit, flagged) == "0.5975%"
+    assert pct_text(0.5, 0.5) == "0.500%"
+    # one parasite in 500,000 cells: its interval's low end was written 0.0000
+    assert csv_pct(0.0000348) == "0.0000348" and csv_pct(0.00029) == "0.000290"
+    assert csv_pct(1.15) == "1.1500" and csv_pct(0.0) == "0.0000"

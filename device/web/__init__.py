@@ -21,6 +21,7 @@ from flask import Flask, current_app, jsonify, redirect, render_template, reques
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import IntegerConverter
 
+from device.slide import threshold_text
 from device.web import health, security
 
 logger = logging.getLogger(__name__)
@@ -307,11 +308,12 @@ def local_time_text(iso: str | None) -> str:
     return health.local_text(datetime.fromisoformat(iso)) if iso else ""
 
 
-def pct_text(v: float | None) -> str:
+def pct_text(v: float | None, apart_from: float | None = None) -> str:
     """A percentage as every page shows it, and as ``fmtPct`` in static/app.js does after a capture.
 
     Three decimals, and two significant digits below 0.01% (one confirmed parasite in 60,000 cells has an
-    interval of 0.00029% – 0.0094%, which three decimals printed as "0.000% – 0.009%": possibly none). Ties
+    interval of 0.00029% – 0.0094%, which three decimals printed as "0.000% – 0.009%": possibly none); more
+    where it would read the same as ``apart_from``, a different figure shown beside it. Ties
     round up, on the float's exact value, as JavaScript's toFixed does (Python's format rounds them to
     even: 1 in 1,600 cells read 0.062% on the page and 0.063% after the next capture).
     """
@@ -320,13 +322,23 @@ def pct_text(v: float | None) -> str:
     places = 3
     if 0 < v < 0.01:
         places = min(12, 1 - math.floor(math.log10(v)))
-    return f"{Decimal(v).quantize(Decimal(1).scaleb(-places), rounding=ROUND_HALF_UP):f}%"
+
+    def text(x: float, p: int) -> str:
+        return f"{Decimal(x).quantize(Decimal(1).scaleb(-p), rounding=ROUND_HALF_UP):f}%"
+
+    if apart_from is not None and apart_from != v:
+        # two figures shown side by side that differ must read apart: 632 flagged cells in 105,950 (0.5965%)
+        # beside the 633 of the detection limit (0.5975%) both read "0.597%"
+        while places < 12 and text(v, places) == text(apart_from, places):
+            places += 1
+    return text(v, places)
 
 
 def _install_filters(app: Flask) -> None:
     app.add_template_filter(local_time_text, "localtime")
 
     app.add_template_filter(pct_text, "pct")
+    app.add_template_filter(threshold_text, "threshold")
 
     @app.template_filter("thousands")
     def _thousands(v: float | None) -> str:

@@ -26,6 +26,7 @@ from flask import Blueprint, Response, flash, redirect, render_template, request
 import device
 from device.config import THRESHOLD_SAFE_RANGE, ConfigError, review_floor_at
 from device.service import SettingsNotSaved, free_annotated_images, free_raw_frames
+from device.slide import threshold_text
 from device.web import (
     admin_signed_in,
     deps,
@@ -108,8 +109,8 @@ def _clock_text() -> str:
 
 
 def _threshold_text(threshold: float | None) -> str:
-    """The threshold as the settings form shows it (6 significant digits; blank: the card's)."""
-    return "" if threshold is None else f"{threshold:g}"
+    """The threshold as the settings form shows it (as every page does; blank: the card's)."""
+    return "" if threshold is None else threshold_text(threshold)
 
 
 def _render(status: int = 200, *, settings_error: str | None = None, password_error: str | None = None,
@@ -469,7 +470,7 @@ def _describe(key: str, value) -> str:
     if key == "technician_pin":
         return "technician PIN " + ("set" if value else "removed")
     if key == "threshold":
-        return "threshold: the model card's" if value is None else f"threshold {value:g}"
+        return "threshold: the model card's" if value is None else f"threshold {threshold_text(value)}"
     return {"counting_target_rbc": f"counting target {value} red cells", "source": f"camera {value}",
             "device": f"USB camera device {value}"}.get(key, f"{key} {value}")
 

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import logging
+import math
 from collections.abc import Iterable, Iterator
 from datetime import datetime
 
@@ -24,6 +25,7 @@ from flask import (
 from werkzeug.exceptions import HTTPException
 
 from device.service import ensure_crop, storage_writable
+from device.slide import threshold_text
 from device.store import EXCLUDE_REASONS, sample_key
 from device.web import accept_pin, deps, error_response, health, pin_ok, refuse_if_too_many, security, views
 
@@ -348,6 +350,13 @@ SLIDE_COLUMNS = [
 ]
 
 
+def csv_pct(v: float) -> str:
+    """A percentage in the CSV: 4 decimals, and 3 significant digits below 0.01% (one parasite in 500,000 cells
+    has a 95% interval from 0.000035%, which 4 decimals wrote as 0.0000: none)."""
+    places = 4 if not 0 < v < 0.01 else 2 - math.floor(math.log10(v))
+    return f"{v:.{places}f}"
+
+
 @bp.get("/export/slides.csv")
 def export_slides():
     rows = []
@@ -359,23 +368,23 @@ def export_slides():
         rows.append([
             v["id"], v["sample_id"], v["patient_id"], v["operator"], v["status"], v["started_at"],
             v["finished_at"] or "", a["fields_used"], a["fields_rejected"], a["rbc_count"], a["infected_count"],
-            *([f"{a['parasitemia_pct']:.4f}", f"{a['ci95_pct'][0]:.4f}", f"{a['ci95_pct'][1]:.4f}",
+            *([csv_pct(a['parasitemia_pct']), csv_pct(a['ci95_pct'][0]), csv_pct(a['ci95_pct'][1]),
                f"{a['parasites_per_ul']:.0f}"] if density else ["", "", "", ""]),
             f"{a['rbc_per_ul']:.0f}", a["rbc_per_ul_source"],
-            f"{a['detection_limit_pct']:.4f}", a["call"], r["infected_count"],
+            csv_pct(a['detection_limit_pct']), a["call"], r["infected_count"],
             # while flagged cells wait for review the count after review still holds them: no density
-            "" if rv["pending"] or r["call"] != "positive" else f"{r['parasitemia_pct']:.4f}",
+            "" if rv["pending"] or r["call"] != "positive" else csv_pct(r['parasitemia_pct']),
             r["call"], rv["confirmed"], rv["rejected"], rv["pending"], v["model_name"], v["model_sha256"],
-            f"{v['threshold']:.4f}", v["notes"], v["totals"].get("fields_excluded", 0),
-            f"{100.0 * a['infected_count'] / a['rbc_count']:.4f}" if a["rbc_count"] else "", a["target_rbc"],
+            threshold_text(v['threshold']), v["notes"], v["totals"].get("fields_excluded", 0),
+            csv_pct(100.0 * a['infected_count'] / a['rbc_count']) if a["rbc_count"] else "", a["target_rbc"],
             a["positive_cutoff_cells"], f"{a['fp_rate_per_cell']:.6f}", f"{a['expected_false_positives']:.2f}",
             f"{a['detection_limit_per_ul']:.0f}",
-            *(["", "", "", "", ""] if v["review_floor"] is None else [f"{v['review_floor']:.4f}", *(
+            *(["", "", "", "", ""] if v["review_floor"] is None else [threshold_text(v['review_floor']), *(
                 v["totals"]["near"][k] for k in ("cells", "confirmed", "rejected", "pending"))]),
             *(["", "", "", "", ""] if rv["pending"] or r["call"] != "positive" else [
-                f"{r['ci95_pct'][0]:.4f}", f"{r['ci95_pct'][1]:.4f}", f"{r['parasites_per_ul']:.0f}",
+                csv_pct(r['ci95_pct'][0]), csv_pct(r['ci95_pct'][1]), f"{r['parasites_per_ul']:.0f}",
                 f"{r['ci95_per_ul'][0]:.0f}", f"{r['ci95_per_ul'][1]:.0f}"]),
-            *(["", ""] if not o else [f"{o['confirmed_pct']:.4f}", f"{o['confirmed_per_ul']:.0f}"]),
+            *(["", ""] if not o else [csv_pct(o['confirmed_pct']), f"{o['confirmed_per_ul']:.0f}"]),
             v["review_changes_after_finish"], v["last_review_change_after_finish_at"] or "",
         ])
     return _csv_response("slides", SLIDE_COLUMNS, rows)
@@ -400,7 +409,7 @@ def export_fields():
             abort(404, f"slide {raw[:40]} not found")
     rows = ([f["id"], f["slide_id"], f["sample_id"], f["patient_id"], f["seq"], f["captured_at"], f["source"],
              f["width"], f["height"], f["rejected"] or "", f"{f['focus']:.1f}", f["rbc_count"],
-             f["infected_count"], f["model_sha256"], f"{f['threshold']:.4f}",
+             f["infected_count"], f["model_sha256"], threshold_text(f['threshold']),
              json.loads(f["timing_json"] or "{}").get("total_ms", ""), f["excluded"] or "", f["excluded_at"] or ""]
             for f in deps().store.fields_for_export(request.args.get("q", "")[:64], slide_id,
                                                     status="open" if request.args.get("open") == "1" else None))
