@@ -14,7 +14,13 @@ from typing import Protocol
 import cv2
 import numpy as np
 
-from device.preprocess import background_gains, field_crops, prepare_batch
+from device.preprocess import (
+    BACKGROUND_GAIN_RANGE,
+    background_gains,
+    field_crops,
+    needed_background_gains,
+    prepare_batch,
+)
 
 FOCUS_WIDTH_PX = 640  # the exposure checks (and focus, when the cell size is unknown) work at this width
 FOCUS_CELL_PX = 36.0  # focus is measured with the field resized so a red cell is this wide
@@ -363,7 +369,8 @@ def analyze_field(
         timing["total_ms"] = (time.perf_counter() - t0) * 1000
         return FieldResult(w, h, f"{few}: empty area, thick area or not a blood smear", [], focus, threshold, timing)
     unusable = None
-    gains = background_gains(image_rgb)  # what the crops are cut with (below)
+    needed = needed_background_gains(image_rgb)
+    gains = background_gains(image_rgb, needed)  # what the crops are cut with (below)
     outline = float(np.median([2.0 * math.sqrt(c.area_px / math.pi) for c in seg.cells]))
     if outline < settings.min_outline_match * seg.cell_diameter_px:
         unusable = (f"cell outlines do not match the cell size found ({outline:.0f} px for "
@@ -372,12 +379,21 @@ def analyze_field(
         unusable = (f"cells too small in the picture ({seg.cell_diameter_px:.0f} px across, "
                     f"{settings.min_cell_diameter_px:.0f} needed): use the 100x objective or a higher camera "
                     "resolution")
+    elif needed.max() > BACKGROUND_GAIN_RANGE[1]:
+        # the crops could not be brought to the light the model knows: with the gains capped at 2x, the
+        # held-out IML fields at lamp 30% (gains 3.0-4.1 needed) were counted with 13 of 29 parasite cells
+        # found, against 24 with the gains up to 4x and 25 at full light
+        c = int(np.argmax(needed))
+        unusable = (f"too dim for the classifier (the {('red', 'green', 'blue')[c]} light of the background is "
+                    f"{100 / needed[c]:.0f}% of what the model needs, {100 / BACKGROUND_GAIN_RANGE[1]:.0f}% at "
+                    "least): raise the lamp or the exposure" +
+                    (", or check the white balance" if needed.max() > 1.5 * needed.min() else ""))
     else:
         # the crops are cut after the background gains: a dim field's noise is amplified with it
         gain = float(np.dot(gains, (0.299, 0.587, 0.114)))
         noise = gain * noise_at_cell_scale(image_rgb, seg.cell_diameter_px, classifier.input_size_px)
         if noise > settings.max_noise:
-            unusable = (f"too noisy (noise {noise:.1f} > {settings.max_noise:.1f} at the classifier's scale): "
+            unusable = (f"too noisy (noise {noise:.2f} > {settings.max_noise:.2f} at the classifier's scale): "
                         "more light, or lower the camera gain")
     timing["quality_ms"] += (time.perf_counter() - t) * 1000 - timing["segment_ms"]
     if unusable:

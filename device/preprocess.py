@@ -18,7 +18,7 @@ DEFAULT_INPUT_SIZE_PX = 48  # the shipped model's; the device reads the real siz
 # what the classifier sees. It is the mean background of the 40 IML training fields, whose crops the
 # model trained on (README, "Field background").
 REFERENCE_BACKGROUND_RGB = (197.3, 224.0, 202.0)
-BACKGROUND_GAIN_RANGE = (0.5, 2.0)  # beyond this the picture is too far off to be corrected by gains
+BACKGROUND_GAIN_RANGE = (0.5, 4.0)  # beyond this the picture is too far off to be corrected by gains
 
 
 def background_rgb(image_rgb: np.ndarray) -> np.ndarray:
@@ -29,10 +29,15 @@ def background_rgb(image_rgb: np.ndarray) -> np.ndarray:
     return np.array([quantile(grid[:, c], 0.95) for c in range(3)])
 
 
-def background_gains(image_rgb: np.ndarray) -> np.ndarray:
-    """Per-channel gains (R, G, B) that bring the field's background to the reference."""
-    return np.clip(np.asarray(REFERENCE_BACKGROUND_RGB) / np.maximum(background_rgb(image_rgb), 1.0),
-                   *BACKGROUND_GAIN_RANGE)
+def needed_background_gains(image_rgb: np.ndarray) -> np.ndarray:
+    """Per-channel gains (R, G, B) that would bring the field's background to the reference, unbounded."""
+    return np.asarray(REFERENCE_BACKGROUND_RGB) / np.maximum(background_rgb(image_rgb), 1.0)
+
+
+def background_gains(image_rgb: np.ndarray, needed: np.ndarray | None = None) -> np.ndarray:
+    """Per-channel gains (R, G, B) that bring the field's background to the reference, within
+    :data:`BACKGROUND_GAIN_RANGE` (``needed``: :func:`needed_background_gains` when the caller has them)."""
+    return np.clip(needed_background_gains(image_rgb) if needed is None else needed, *BACKGROUND_GAIN_RANGE)
 
 
 def _background_lut(image_rgb: np.ndarray, gains: np.ndarray | None = None) -> np.ndarray:

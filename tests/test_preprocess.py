@@ -106,7 +106,7 @@ def test_background_gains_are_bounded():
     from device.preprocess import normalise_background
 
     dark = np.full((64, 64, 3), 20, np.uint8)  # a lamp that is off: the gate rejects it; no 10x gain here
-    assert normalise_background(dark).max() == 40
+    assert normalise_background(dark).max() == 80
 
 
 def test_an_empty_box_is_a_clear_error():
