@@ -109,8 +109,19 @@ class FieldResult:
 
 
 # A stained field has colour somewhere: the 99th percentile of max-min over R, G, B (on every 4th pixel of
-# the 640 px copy) was >= 30 on all 68 sample, IML and BBBC041 fields; a gray picture gives 0.
+# the 640 px copy), scaled by 240 / the light (the 90th percentile of gray where it falls, taken as at least 60)
+# as the colours dim with the lamp, was >= 35 on all 68 sample, IML and BBBC041 fields, at full light and
+# at lamp 25% alike; a gray picture gives 0 (a gray JPEG 0-1). Unscaled, lamp 25% read 8-31, and 12 of the
+# 68 fields were told "a grayscale picture: check the camera's colour format" instead of the lamp.
 MIN_STAIN_CHROMA = 10
+_CHROMA_LIGHT_FLOOR = 60.0
+
+# A channel at its top over more of the field than the background measure's 5%
+# (``preprocess.background_rgb``: the 95th percentile) leaves the background's colour unknown, and the
+# crops' gains wrong: a red gain of 1.2 at the camera clipped 41-72% of the BBBC041 fields' red and doubled
+# their flagged cells. The 68 real fields: at most 0.03% of pixels at >= 254 in any channel (the IML scale bar).
+CHANNEL_TOP = 254
+MAX_CHANNEL_CLIPPED_FRAC = 0.05
 
 # Something in view: detail against the field's smooth light, in gray levels of a field lit to 240. The 99th
 # percentile of |image - its blur at sigma 32 px| on the gray 640 px copy (computed at a quarter of that size,
@@ -292,6 +303,12 @@ def image_quality(
     over = float(n_over) / max(1, n_seen)
     if over > settings.max_overexposed_frac:
         return focus, f"overexposed ({over:.0%} of pixels saturated): lower the lamp or exposure"
+    clipped = [cv2.compare(small[..., c], CHANNEL_TOP, cv2.CMP_GE) for c in range(3)]
+    shares = [(cv2.countNonZero(m) if seen is None else int(((m > 0) & seen).sum())) / max(1, n_seen) for m in clipped]
+    c = int(np.argmax(shares))
+    if shares[c] > MAX_CHANNEL_CLIPPED_FRAC:
+        return focus, (f"overexposed in the {('red', 'green', 'blue')[c]} channel ({shares[c]:.0%} of pixels at its "
+                       "top): lower the lamp or exposure, or correct the camera's white balance")
     contrast = local_contrast(gray, seen)
     if contrast is not None and contrast < MIN_LOCAL_CONTRAST:
         # before the colour and focus checks: bare glass is colourless and nothing in it is sharp, and their
@@ -301,7 +318,8 @@ def image_quality(
     from device.segment import quantile
 
     r, g, b = cv2.split(np.ascontiguousarray(small[::4, ::4]))  # every 4th pixel each way: plenty for "any colour"
-    chroma = quantile(cv2.subtract(cv2.max(cv2.max(r, g), b), cv2.min(cv2.min(r, g), b)).ravel(), 0.99)
+    light = max(_CHROMA_LIGHT_FLOOR, float(np.percentile(gray if seen is None else gray[seen], 90)))
+    chroma = quantile(cv2.subtract(cv2.max(cv2.max(r, g), b), cv2.min(cv2.min(r, g), b)).ravel(), 0.99) * 240 / light
     if chroma < MIN_STAIN_CHROMA:
         # a grayscale picture saved in 3 channels (or with an opaque alpha) passes every channel check
         return focus, ("no stain colour (a grayscale picture): the classifier needs the colours of a stained "

@@ -227,6 +227,38 @@ def test_a_field_at_lamp_30_percent_is_counted_as_at_full_light_and_a_channel_to
     assert "raise the lamp" in res.rejected and "white balance" in res.rejected and res.rbc_count == 0
 
 
+def test_one_colour_channel_clipped_is_refused_with_the_white_balance_named(classifier):
+    """Only pixels saturated in all three channels counted: a red gain of 1.2 at the camera clipped 41-72% of
+    a BBBC041 field's red, left its background colour unknown and doubled the flagged cells, and passed."""
+    from device.analysis import image_quality
+
+    for path in FIELDS:
+        rgb = read_rgb(path)
+        assert image_quality(rgb, AnalysisSettings())[1] is None
+        cast = np.clip(rgb.astype(np.float32) * (1.2, 1.0, 1.0), 0, 255).astype(np.uint8)
+        res = analyze_field(cast, classifier)
+        assert res.rejected and res.rejected.startswith("overexposed in the red channel"), res.rejected
+        assert "white balance" in res.rejected and res.rbc_count == 0
+
+
+def test_a_dim_field_is_not_called_a_grayscale_picture(classifier):
+    """The stain colour check read absolute levels: at lamp 25% 12 of the 68 real fields were "no stain colour
+    (a grayscale picture): check the camera's colour format" instead of being counted or told about the lamp."""
+    from device.analysis import image_quality
+
+    for path in FIELDS:
+        rgb = read_rgb(path).astype(np.float32)
+        pale = cv2.cvtColor(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB) * 0.5 + rgb * 0.5  # paler
+        assert image_quality(pale.astype(np.uint8), AnalysisSettings())[1] is None
+        dim = np.round(pale * 0.25).astype(np.uint8)
+        reason = image_quality(dim, AnalysisSettings())[1]
+        assert reason is None or reason.startswith("too dark"), reason
+        # a gray picture, as dim (a little brighter than "too dark"), is still told apart
+        gray = np.round(cv2.cvtColor(read_rgb(path), cv2.COLOR_RGB2GRAY).astype(np.float32) * 0.3).astype(np.uint8)
+        reason = image_quality(cv2.cvtColor(gray, cv2.COLOR_GRAY2RGB), AnalysisSettings())[1]
+        assert reason is not None and reason.startswith("no stain colour"), reason
+
+
 def _blank(colour_rgb, vignetting: float, noise_sd: float, seed: int = 0) -> np.ndarray:
     """An even field with nothing in it (bare glass, or plasma), darkening to the corners, with sensor noise,
     through the camera's JPEG."""
