@@ -116,6 +116,12 @@ class FieldResult:
 MIN_STAIN_CHROMA = 10
 _CHROMA_LIGHT_FLOOR = 60.0
 
+# "Too few cells" names the magnification when the frame, less a cell at each edge, has room for fewer than
+# this many cells (packed square): the 4 BBBC041 samples at 2x zoom (cells 200-240 px
+# in 1600 x 1200) have room for 23-35, and one kept 8 cells whole; the 4 samples and 60 IML fields as taken
+# have room for 118-258.
+FEW_FIT_WHOLE = 40
+
 # A channel at its top over more of the field than the background measure's 5%
 # (``preprocess.background_rgb``: the 95th percentile) leaves the background's colour unknown, and the
 # crops' gains wrong: a red gain of 1.2 at the camera clipped 41-72% of the BBBC041 fields' red and doubled
@@ -372,8 +378,8 @@ def analyze_field(
         # out of focus, thick, not a smear): segmenting at that size counts cells many times too large.
         timing["total_ms"] = (time.perf_counter() - t0) * 1000
         return FieldResult(w, h, "no red cells of a consistent size found (a cell must span 1/50 to 1/5 of the "
-                           "picture): empty area, thick area or not a blood smear, or cells too small (use the "
-                           "100x oil objective)", [], focus, threshold, timing)
+                           "picture): empty area, thick area or not a blood smear, or cells too small or too large "
+                           "for the picture (use the 100x oil objective)", [], focus, threshold, timing)
     t = time.perf_counter()
     seg = segment_cells(image_rgb, SegmentParams(cell_diameter_hint_px=diameter), halvings=halvings)
     timing["segment_ms"] = (time.perf_counter() - t) * 1000
@@ -385,6 +391,12 @@ def analyze_field(
                f"{100 * settings.min_foreground_frac:.0f}% needed)")
     if few:
         timing["total_ms"] = (time.perf_counter() - t0) * 1000
+        d = seg.cell_diameter_px
+        if (w - d) * (h - d) < FEW_FIT_WHOLE * d * d:
+            # the cells cut by the frame's edge are dropped, and at a high magnification most are
+            return FieldResult(w, h, f"{few}: cells too large in the picture ({d:.0f} px across, few fit whole): use a "
+                               "lower magnification (the 100x objective) or a wider camera view; or an empty or thick "
+                               "area", [], focus, threshold, timing)
         return FieldResult(w, h, f"{few}: empty area, thick area or not a blood smear", [], focus, threshold, timing)
     unusable = None
     needed = needed_background_gains(image_rgb)

@@ -162,6 +162,19 @@ def test_the_rim_of_a_round_field_of_view_does_not_read_as_focus(classifier):
         assert analyze_field(sharp, classifier).rejected is None
 
 
+def test_a_field_magnified_too_much_says_so_not_only_empty_area(classifier):
+    """At 2x zoom a sample kept 8 cells whole (the others cut by the frame's edge): "too few red cells: empty
+    area, thick area or not a blood smear"; at 3x "cells too small (use the 100x oil objective)"."""
+    rgb = read_rgb(FIELDS[3])
+    h, w = rgb.shape[:2]
+    for z in (2, 3):
+        crop = rgb[h // 2 - h // (2 * z) : h // 2 + h // (2 * z), w // 2 - w // (2 * z) : w // 2 + w // (2 * z)]
+        res = analyze_field(cv2.resize(crop, (w, h), interpolation=cv2.INTER_CUBIC), classifier)
+        assert res.rejected and ("cells too large" in res.rejected or "too small or too large" in res.rejected)
+        assert "100x" in res.rejected and res.rbc_count == 0
+    assert "cells too large" not in (analyze_field(rgb, classifier).rejected or "")
+
+
 @pytest.mark.parametrize("shape, dtype", [((64, 64, 4), np.uint8), ((64, 64), np.uint8), ((64, 64, 3), np.float32)])
 def test_a_frame_that_is_not_rgb8_is_a_clear_error(classifier, shape, dtype):
     with pytest.raises(ValueError, match="expected an HxWx3 uint8 RGB image"):  # was an OpenCV error from inside
