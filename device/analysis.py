@@ -324,7 +324,8 @@ def image_quality(
     from device.segment import quantile
 
     r, g, b = cv2.split(np.ascontiguousarray(small[::4, ::4]))  # every 4th pixel each way: plenty for "any colour"
-    light = max(_CHROMA_LIGHT_FLOOR, float(np.percentile(gray if seen is None else gray[seen], 90)))
+    g4 = gray[::4, ::4]
+    light = max(_CHROMA_LIGHT_FLOOR, quantile((g4 if seen is None else g4[seen[::4, ::4]]).ravel(), 0.9))
     chroma = quantile(cv2.subtract(cv2.max(cv2.max(r, g), b), cv2.min(cv2.min(r, g), b)).ravel(), 0.99) * 240 / light
     if chroma < MIN_STAIN_CHROMA:
         # a grayscale picture saved in 3 channels (or with an opaque alpha) passes every channel check
