@@ -26,6 +26,7 @@ FOCUS_WIDTH_PX = 640  # the exposure checks (and focus, when the cell size is un
 FOCUS_CELL_PX = 36.0  # focus is measured with the field resized so a red cell is this wide
 FOCUS_REFIT_S = 5.0  # the live focus meter re-estimates the cell size this often
 _RIM_PX = 10  # focus_measure leaves out this much (at its scale) inside the rim of a round field of view
+_FOCUS_MIN_PX = 500  # fewer lit pixels than this (at focus_measure's scale): the whole frame is measured
 _BLACK_OF_LIGHT = 0.15  # and the surround's black: gray under this share of the field's light
 
 
@@ -235,7 +236,8 @@ def focus_measure(
         # the 2 px blur and the Laplacian reach 9 px: the rim's edge stays outside what is measured
         inner = cv2.erode(inner, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * _RIM_PX + 1, 2 * _RIM_PX + 1)))
         keep = inner > 0
-        if keep.sum() >= 0.05 * keep.size:  # else too little is lit to judge: the exposure checks say so
+        # a small lit disc is still judged on its own pixels: the whole frame would count the rim again
+        if keep.sum() >= _FOCUS_MIN_PX:
             fine, coarse = fine[keep], coarse[keep]
     return float(fine.var() / max(float(coarse.var()), 1e-6))
 

@@ -157,6 +157,9 @@ def test_the_rim_of_a_round_field_of_view_does_not_read_as_focus(classifier):
         assert focus_measure(blurred) < settings.min_focus
         assert focus_measure(blurred, lit=None) > settings.min_focus  # the whole frame: the rim's edge counted
         assert FocusMeter()(blurred) == pytest.approx(focus_measure(blurred))  # the live figure too
+        small_disc = cv2.GaussianBlur(rgb, (0, 0), 0.06 * d)  # a small lit disc (7% of the frame) fell back to
+        small_disc[np.hypot(xx - w / 2, yy - h / 2) >= 0.17 * h] = 0  # the whole frame, rim and all: 5.2-5.8
+        assert focus_measure(small_disc) < settings.min_focus
         res = analyze_field(blurred, classifier)
         assert res.rejected and res.rejected.startswith("out of focus"), res.rejected
         assert analyze_field(sharp, classifier).rejected is None
