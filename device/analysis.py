@@ -128,6 +128,7 @@ FEW_FIT_WHOLE = 40
 # crops' gains wrong: a red gain of 1.2 at the camera clipped 41-72% of the BBBC041 fields' red and doubled
 # their flagged cells. The 68 real fields: at most 0.03% of pixels at >= 254 in any channel (the IML scale bar).
 CHANNEL_TOP = 254
+CHANNEL_NAMES = ("red", "green", "blue")  # the frames' channel order (RGB), as the messages name them
 MAX_CHANNEL_CLIPPED_FRAC = 0.05
 
 # Something in view: detail against the field's smooth light, in gray levels of a field lit to 240. The 99th
@@ -315,7 +316,7 @@ def image_quality(
     shares = [(cv2.countNonZero(m) if seen is None else int(((m > 0) & seen).sum())) / max(1, n_seen) for m in clipped]
     c = int(np.argmax(shares))
     if shares[c] > MAX_CHANNEL_CLIPPED_FRAC:
-        return focus, (f"overexposed in the {('red', 'green', 'blue')[c]} channel ({shares[c]:.0%} of pixels at its "
+        return focus, (f"overexposed in the {CHANNEL_NAMES[c]} channel ({shares[c]:.0%} of pixels at its "
                        "top): lower the lamp or exposure, or correct the camera's white balance")
     contrast = local_contrast(gray, seen)
     if contrast is not None and contrast < MIN_LOCAL_CONTRAST:
@@ -417,7 +418,7 @@ def analyze_field(
         # held-out IML fields at lamp 30% (gains 3.0-4.1 needed) were counted with 13 of 29 parasite cells
         # found, against 24 with the gains up to 4x and 25 at full light
         c = int(np.argmax(needed))
-        unusable = (f"too dim for the classifier (the {('red', 'green', 'blue')[c]} light of the background is "
+        unusable = (f"too dim for the classifier (the {CHANNEL_NAMES[c]} light of the background is "
                     f"{100 / needed[c]:.0f}% of what the model needs, {100 / BACKGROUND_GAIN_RANGE[1]:.0f}% at "
                     "least): raise the lamp or the exposure" +
                     (", or check the white balance" if needed.max() > 1.5 * needed.min() else ""))
