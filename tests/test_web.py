@@ -2096,3 +2096,22 @@ def test_figures_shown_side_by_side_read_apart_and_the_csv_keeps_small_percentag
     # one parasite in 500,000 cells: its interval's low end was written 0.0000
     assert csv_pct(0.0000348) == "0.0000348" and csv_pct(0.00029) == "0.000290"
     assert csv_pct(1.15) == "1.1500" and csv_pct(0.0) == "0.0000"
+
+
+def test_the_detection_limit_reads_alike_wherever_a_negative_slide_shows_it(make_env):
+    """A negative slide of 105,950 cells with 632 flagged, one short of the 633 of a positive call: the
+    Automatic column read "< 0.5975% (…; 0.5965% of cells flagged)" and, beside it, After review, the banner
+    and the facts read "0.597%" for the same limit, as if it were a second figure."""
+    env, c, token = _slide_with_counts(make_env, 105_950, 632)
+    auto = c.get("/api/slides/1").get_json()["automatic"]
+    # 633 at the shipped card's false-positive rate (another card needs another count)
+    assert auto["call"] == "negative" and auto["positive_cutoff_cells"] == 633
+    for cell in env.store.flagged_cells(1):  # every flagged cell rejected: After review gives the limit too
+        env.store.review_cell(cell["id"], "rejected")
+    html = c.get("/slides/1/result").get_data(as_text=True)
+    cell = html.split('id="parasitemia-auto">')[1].split("</td>")[0]
+    assert cell.startswith("&lt; 0.5975%") and "0.5965% of cells flagged" in cell
+    assert html.split('id="parasitemia-reviewed">')[1].split("</td>")[0].startswith("&lt; 0.5975%")
+    assert "positive from 0.5975% of cells flagged" in html.split('id="call-detail">')[1].split("</div>")[0]
+    assert "<dt>Detection limit</dt><dd>0.5975% of cells flagged" in html
+    assert "0.597%" not in html
