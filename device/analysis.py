@@ -145,6 +145,14 @@ MIN_LOCAL_CONTRAST = 20.0
 _CONTRAST_BACKGROUND_PX = 32.0
 
 
+def measured_beside_limit(value: float, limit: float, places: int = 2) -> tuple[str, str]:
+    """A measurement and the limit it failed, as a message gives them: with the decimals that tell them
+    apart ("sharpness 2.3996 < 2.4000", where two decimals read "2.40 < 2.40")."""
+    while places < 6 and f"{value:.{places}f}" == f"{limit:.{places}f}":
+        places += 1
+    return f"{value:.{places}f}", f"{limit:.{places}f}"
+
+
 def _small(image_rgb: np.ndarray) -> np.ndarray:
     h, w = image_rgb.shape[:2]
     if w <= FOCUS_WIDTH_PX:
@@ -322,7 +330,8 @@ def image_quality(
     if contrast is not None and contrast < MIN_LOCAL_CONTRAST:
         # before the colour and focus checks: bare glass is colourless and nothing in it is sharp, and their
         # advice (the camera's colour format, refocus) would send the technician the wrong way
-        return focus, (f"nothing in view (an even, blank field: detail {contrast:.1f} < {MIN_LOCAL_CONTRAST:g}): "
+        shown, limit = measured_beside_limit(contrast, MIN_LOCAL_CONTRAST, places=1)
+        return focus, (f"nothing in view (an even, blank field: detail {shown} < {limit}): "
                        "move the stage onto the smear, or check that the slide is in place")
     from device.segment import quantile
 
@@ -335,7 +344,8 @@ def image_quality(
         return focus, ("no stain colour (a grayscale picture): the classifier needs the colours of a stained "
                        "smear; check the camera's colour format")
     if focus < settings.min_focus:
-        return focus, f"out of focus (sharpness {focus:.2f} < {settings.min_focus:.2f}): refocus"
+        shown, limit = measured_beside_limit(focus, settings.min_focus)
+        return focus, f"out of focus (sharpness {shown} < {limit}): refocus"
     return focus, None
 
 
@@ -427,7 +437,8 @@ def analyze_field(
         gain = float(np.dot(gains, (0.299, 0.587, 0.114)))
         noise = gain * noise_at_cell_scale(image_rgb, seg.cell_diameter_px, classifier.input_size_px)
         if noise > settings.max_noise:
-            unusable = (f"too noisy (noise {noise:.2f} > {settings.max_noise:.2f} at the classifier's scale): "
+            shown, limit = measured_beside_limit(noise, settings.max_noise)
+            unusable = (f"too noisy (noise {shown} > {limit} at the classifier's scale): "
                         "more light, or lower the camera gain")
     timing["quality_ms"] += (time.perf_counter() - t) * 1000 - timing["segment_ms"]
     if unusable:

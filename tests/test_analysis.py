@@ -398,3 +398,19 @@ def test_the_service_encodes_the_same_images_from_one_frame_copy(classifier, tmp
     in_bgr = draw_annotation(cv2.cvtColor(white, cv2.COLOR_RGB2BGR), rejected, bgr=True)
     assert np.array_equal(cv2.cvtColor(in_bgr, cv2.COLOR_BGR2RGB), annotate(white, rejected))
     assert (annotate(white, rejected) != 255).any()
+
+
+def test_a_field_rejected_at_a_hair_past_the_limit_says_by_how_much(classifier):
+    """A field a hair past a limit read "sharpness 2.40 < 2.40" or "noise 2.00 > 2.00": the message gives
+    the decimals that tell the measurement from the limit."""
+    import re
+
+    from device.analysis import focus_measure, measured_beside_limit
+
+    rgb = read_rgb(FIELDS[0])
+    sharp = focus_measure(rgb)
+    res = analyze_field(rgb, classifier, AnalysisSettings(min_focus=sharp + 0.0004))
+    shown, limit = re.search(r"sharpness ([\d.]+) < ([\d.]+)", res.rejected).groups()
+    assert float(shown) < float(limit) and len(shown) == len(limit) > 4  # more than two decimals
+    assert measured_beside_limit(2.0004, 2.0) == ("2.0004", "2.0000")  # as the noise message gives them
+    assert measured_beside_limit(1.2, 2.4) == ("1.20", "2.40")  # apart at two decimals: as before
