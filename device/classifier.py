@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from device.model_card import SCORE_ULPS, ModelCard, ModelError, check_details, load_card
+from device.model_card import SCORE_ULPS, ModelCard, ModelError, check_details, code_scores, load_card
 
 logger = logging.getLogger(__name__)
 
@@ -150,10 +150,9 @@ class CellClassifier:
         could be flagged on one machine and not on the other. A code whose score lies within a few ulps of
         one of the card's thresholds (its own and its operating curve's) takes that threshold's exact value.
         """
-        if dtype not in (np.dtype(np.uint8), np.dtype(np.int8)):
+        table = code_scores(dtype, *self._out_q, self.card.output_kind)
+        if table is None:
             return None
-        info = np.iinfo(dtype)
-        table = self._to_probability(np.arange(info.min, info.max + 1))
         curve = self.card.data.get("operating_curve") or []
         for t in {float(self.card.threshold), *(float(r["threshold"]) for r in curve)}:
             table[np.abs(table - t) <= SCORE_ULPS * np.spacing(t)] = t

@@ -42,6 +42,19 @@ def card_path_for(model_path: str | Path) -> Path:
     return Path(model_path).with_suffix(".json")
 
 
+def code_scores(dtype: np.dtype, scale: float, zero_point: int, output_kind: str) -> np.ndarray | None:
+    """p_infected of every code of an 8-bit output, lowest code first; None for a float output.
+
+    The one place the score of an output code is worked out: the card's threshold arithmetic
+    (:meth:`ModelCard.output_scores`) and the classifier's table of scores read it alike.
+    """
+    if np.dtype(dtype) not in (np.dtype(np.uint8), np.dtype(np.int8)):
+        return None
+    info = np.iinfo(dtype)
+    v = float(scale) * (np.arange(info.min, info.max + 1, dtype=np.int64) - int(zero_point))
+    return 1.0 / (1.0 + np.exp(-v)) if output_kind == "logit" else np.clip(v, 0.0, 1.0)
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     shape: tuple[int, ...]  # batch dimension first (1 in the file; the device resizes it)
@@ -95,12 +108,9 @@ class ModelCard:
         out = self.data.get("output") or {}
         dtype = np.dtype(out.get("dtype") or "float32")
         if dtype not in (np.dtype(np.uint8), np.dtype(np.int8)):
-            return None
+            return None  # before the output's kind is read: a card's own thresholds need no output
         q = out.get("quantization") or {}
-        info = np.iinfo(dtype)
-        codes = np.arange(info.min, info.max + 1, dtype=np.int64)
-        v = float(q.get("scale", 0.0)) * (codes - int(q.get("zero_point", 0)))
-        return 1.0 / (1.0 + np.exp(-v)) if self.output_kind == "logit" else np.clip(v, 0.0, 1.0)
+        return code_scores(dtype, float(q.get("scale", 0.0)), int(q.get("zero_point", 0)), self.output_kind)
 
     def effective_threshold(self, threshold: float) -> float:
         """The lowest score the model can give that a threshold flags: the threshold as far as the cells are
