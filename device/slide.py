@@ -8,6 +8,7 @@ from decimal import ROUND_FLOOR, Decimal
 
 DEFAULT_RBC_PER_UL = 5.0e6  # a typical adult count, used when no measured RBC count is given
 FALSE_ALARM_PROBABILITY = 0.001  # chance that a truly negative slide is called positive
+TYPED_DECIMALS = 8  # a threshold with no more decimals than this was typed (shown whole), not computed
 
 
 def threshold_text(threshold: float) -> str:
@@ -17,10 +18,15 @@ def threshold_text(threshold: float) -> str:
     Down, not to the nearest: a cell is flagged when its score is at least the threshold, and the scores are
     the few levels of an 8-bit output, so a value typed back as shown flags the same cells (nearest rounding
     showed 0.96601, above the level 0.96600990 that the card's threshold is, which flags fewer cells). The
-    levels near 0.999 lie 1e-4 apart, ten times the rounding.
+    levels near 0.999 lie 1e-4 apart, ten times the rounding. A threshold of at most 8 decimals is one a
+    person typed, not a computed score, and is shown whole.
     """
-    d = Decimal(repr(float(threshold))).quantize(Decimal("0.00001"), rounding=ROUND_FLOOR).normalize()
-    return f"{d:f}"
+    d = Decimal(repr(float(threshold)))
+    if d.as_tuple().exponent >= -TYPED_DECIMALS:
+        # a threshold a person typed (0.973275) is shown as typed: rounded down, it could cross a score
+        # level (0.97327 flags the cells scored 0.973271, which 0.973275 does not)
+        return f"{d.normalize():f}"
+    return f"{d.quantize(Decimal('0.00001'), rounding=ROUND_FLOOR).normalize():f}"
 
 
 def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:

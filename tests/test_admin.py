@@ -437,7 +437,8 @@ def test_a_threshold_the_model_card_gives_no_false_positive_rate_for_is_refused(
 
 
 def test_saving_another_setting_keeps_a_threshold_with_more_digits_than_shown(make_env):
-    env = _env(make_env, model={"threshold": 0.97887501})
+    # more than 8 decimals: a computed score, not a typed threshold (those are shown whole)
+    env = _env(make_env, model={"threshold": 0.978875012345})
     c, token = env.admin_client()
     assert 'value="0.97887"' in c.get("/admin/").get_data(as_text=True)  # shown rounded down, 5 decimals
     r = _save(c, token, counting_target_rbc="3000", threshold="0.97887")  # the form sent back untouched

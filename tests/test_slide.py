@@ -222,7 +222,27 @@ def test_threshold_text_rounds_down_so_the_shown_value_flags_the_same_cells():
     from device.slide import threshold_text
 
     assert threshold_text(0.9660098993814743) == "0.966"  # nearest rounding showed 0.96601: above the level
-    assert threshold_text(0.978873) == "0.97887" and threshold_text(0.5) == "0.5" and threshold_text(0.97) == "0.97"
+    assert threshold_text(0.5) == "0.5" and threshold_text(0.97) == "0.97" and threshold_text(0.9700) == "0.97"
+
+
+def test_a_typed_threshold_is_shown_so_that_typed_back_it_flags_the_same_cells():
+    """A threshold an admin typed with 6 decimals (0.973275) was shown rounded down (0.97327); typed back
+    from the page, it flagged the cells of the score level between the two, which the threshold does not."""
+    from decimal import ROUND_FLOOR, Decimal
+
+    from device.model_card import load_card
+    from device.slide import threshold_text
+    from tests.conftest import MODEL_PATH
+
+    card = load_card(MODEL_PATH)
+    levels = card.output_scores()
+    typed = [round(float(v) + 2e-6, 6) for v in levels if 0.5 < v < 0.9999]
+    floor5 = [float(Decimal(repr(t)).quantize(Decimal("0.00001"), rounding=ROUND_FLOOR)) for t in typed]
+    # rounded down to 5 decimals, some cross a level (the case this test is about)
+    assert any(card.effective_threshold(f) != card.effective_threshold(t) for f, t in zip(floor5, typed, strict=True))
+    for t in typed:
+        assert card.effective_threshold(float(threshold_text(t))) == card.effective_threshold(t), t
+    assert threshold_text(0.973275) == "0.973275" and threshold_text(0.978873) == "0.978873"
 
 
 def test_a_threshold_typed_as_shown_gets_the_cards_own_false_positive_rate():
