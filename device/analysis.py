@@ -72,7 +72,9 @@ class CellVerdict:
     infected: bool
 
     def to_json(self) -> dict:
-        return {"bbox": [int(v) for v in self.bbox], "p_infected": round(float(self.p_infected), 4),
+        # the score whole: rounded to 4 decimals, a cell at the threshold's own score (0.9660099) read 0.966,
+        # below the threshold, beside "infected": true
+        return {"bbox": [int(v) for v in self.bbox], "p_infected": float(self.p_infected),
                 "infected": bool(self.infected)}
 
 

@@ -209,15 +209,14 @@ def cmd_cells(args) -> int:
     if _overwrites_input(args.json, files) or not _outputs_writable(args.json):
         return 2
     clf = _classifier(args)
-    rows, errors, batch, batch_files, exact = [], [], [], [], []
+    rows, errors, batch, batch_files = [], [], [], []
 
     def flush():
         if not batch:
             return
         p = clf.predict(np.stack(batch))
         for f, pi in zip(batch_files, p, strict=True):
-            rows.append({"file": str(f), "p_infected": round(float(pi), 4), "infected": bool(pi >= clf.threshold)})
-            exact.append(float(pi))  # the summary uses what the verdicts used, not the 4-digit copy
+            rows.append({"file": str(f), "p_infected": float(pi), "infected": bool(pi >= clf.threshold)})
         batch.clear()
         batch_files.clear()
 
@@ -246,7 +245,7 @@ def cmd_cells(args) -> int:
         doc["interrupted"] = True
         print(f"\ninterrupted: {len(rows) + len(errors)} of {len(files)} files done"
               + (f"; they are in {args.json}" if args.json else ""), file=sys.stderr)
-    labelled = [(p, _label_of(Path(r["file"]))) for r, p in zip(rows, exact, strict=True)]
+    labelled = [(r["p_infected"], _label_of(Path(r["file"]))) for r in rows]
     labelled = [(p, y) for p, y in labelled if y is not None]
     if labelled and len({y for _, y in labelled}) == 2:
         y = np.array([y for _, y in labelled])
@@ -375,8 +374,8 @@ def _analyze_files(files, clf, settings, out_dir, images: list, verbose: bool) -
     """Analyse each file into ``images`` (appended as it goes, so that an interrupted batch keeps its part)."""
     import cv2
 
-    from device.analysis import analyze_field, annotate
-    from device.imageio import ImageError, read_rgb
+    from device.analysis import analyze_field, draw_annotation
+    from device.imageio import ImageError, read_rgb, swap_red_blue
 
     used_names: set[str] = set()
     for i, f in enumerate(files, 1):
@@ -398,8 +397,12 @@ def _analyze_files(files, clf, settings, out_dir, images: list, verbose: bool) -
             target = out_dir / _unique_name(f.stem, used_names)
             # cells near the threshold in amber, from the device's default review floor (none below it)
             near_from = review_floor_at(AnalysisConfig.review_floor, res.threshold)
-            ok, jpg = cv2.imencode(".jpg", cv2.cvtColor(annotate(rgb, res, near_from), cv2.COLOR_RGB2BGR),
+            # drawn on the field itself, turned to BGR in place: it is not needed after this, and a copy of a
+            # 24 MP field for the boxes and another for the colour order took peak memory to 355 MB
+            bgr = swap_red_blue(rgb)
+            ok, jpg = cv2.imencode(".jpg", draw_annotation(bgr, res, near_from, bgr=True),
                                    [cv2.IMWRITE_JPEG_QUALITY, 90])
+            del bgr
             try:
                 if not ok:
                     raise OSError("JPEG encoding failed")

@@ -458,7 +458,7 @@ def decode_rgb(data: bytes, *, name: str = "image", min_side_px: int = MIN_SIDE_
                          "garbage; copy the file again from the camera or card")
     if img is None:
         raise ImageError(f"{name}: could not decode (corrupt or truncated file)")
-    rgb = to_rgb8(img, name=name, min_side_px=min_side_px, bgr=True)
+    rgb = to_rgb8(img, name=name, min_side_px=min_side_px, bgr=True, owned=True)
     return apply_orientation(rgb, jpeg_orientation(data)) if data[:2] == b"\xff\xd8" else rgb
 
 
@@ -559,8 +559,22 @@ def _libjpeg_warnings(found: list[str]) -> Iterator[None]:
                     os.write(2, other.encode())
 
 
-def to_rgb8(img: np.ndarray, *, name: str = "image", min_side_px: int = MIN_SIDE_PX, bgr: bool) -> np.ndarray:
-    """Check a decoded array and return it as HxWx3 uint8 RGB.
+def swap_red_blue(img: np.ndarray, rows: int = 64) -> np.ndarray:
+    """Turn a C-contiguous HxWx3 uint8 image from BGR to RGB (or back) in place, and return it.
+
+    A band of rows at a time: OpenCV's cvtColor into its own source still makes a whole temporary copy
+    (48 MB more at the peak for a 24 MP field), a band's copy is a few hundred kB.
+    """
+    for y in range(0, img.shape[0], rows):
+        band = img[y : y + rows]
+        cv2.cvtColor(band, cv2.COLOR_BGR2RGB, dst=band)
+    return img
+
+
+def to_rgb8(img: np.ndarray, *, name: str = "image", min_side_px: int = MIN_SIDE_PX, bgr: bool,
+            owned: bool = False) -> np.ndarray:
+    """Check a decoded array and return it as HxWx3 uint8 RGB (``owned``: ``img`` is the caller's to
+    overwrite, and a BGR one is turned into RGB in place: a 24 MP field is 72 MB a copy).
 
     Only 8-bit colour fields are analysed: the classifier was trained on 8-bit colour photographs of
     stained smears, so grayscale (no stain colour), 16-bit (an unknown intensity mapping) and
@@ -580,8 +594,10 @@ def to_rgb8(img: np.ndarray, *, name: str = "image", min_side_px: int = MIN_SIDE
     if img.shape[2] == 4:
         if img[:, :, 3].min() < 255:
             raise ImageError(f"{name}: image has transparent pixels; save the field without transparency")
-        img = img[:, :, :3]
-    if bgr:
+        img = cv2.cvtColor(img, cv2.COLOR_BGRA2RGB) if bgr else img[:, :, :3]
+    elif bgr and owned and img.flags.c_contiguous:
+        swap_red_blue(img)
+    elif bgr:
         img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
     return np.ascontiguousarray(img)
 

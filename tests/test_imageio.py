@@ -466,3 +466,14 @@ def test_read_rgb_says_what_a_non_image_path_is(tmp_path):
     with pytest.raises(ImageError, match="not a file name"):
         read_rgb(str(tmp_path / "bad\0.png"))
 
+
+
+def test_red_and_blue_are_swapped_in_place_band_by_band():
+    from device.imageio import swap_red_blue
+
+    rng = np.random.default_rng(3)
+    img = rng.integers(0, 256, (131, 47, 3), dtype=np.uint8)  # rows not a multiple of the band
+    want = img[..., ::-1].copy()
+    out = swap_red_blue(img, rows=16)
+    assert out is img and np.array_equal(img, want)
+    assert np.array_equal(swap_red_blue(img), want[..., ::-1])  # and back

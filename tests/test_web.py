@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 import stat
 import struct
 import zlib
@@ -410,6 +411,12 @@ def test_cells_near_the_threshold_are_shown_for_review_and_a_confirmed_one_count
     assert 'id="near-threshold"' in page
     assert page.split('id="near-gallery"')[1].count('class="tile"') == len(expect)
     assert f'<span id="near-pending">{len(expect)}</span> not looked at' in page
+    # each tile's score below the threshold, as the page shows it: "p 0.97" read above "threshold 0.966"
+    from device.slide import threshold_text
+
+    shown = re.findall(r"<figcaption>Field \d+ · p ([\d.]+)", page.split('id="near-gallery"')[1])
+    assert shown == [threshold_text(scores[i]) for i in expect]
+    assert all(float(t) < thr for t in shown) and all(float(t) <= scores[i] for t, i in zip(shown, expect, strict=True))
     h = {"X-CSRF-Token": token}
     below = next(i for i, p in scores.items() if p < floor)
     r = c.post(f"/api/cells/{below}/review", json={"decision": "confirmed", "seen": ""}, headers=h)

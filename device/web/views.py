@@ -660,7 +660,7 @@ def field_json(f: dict) -> dict:
 
 def cell_json(c: dict) -> dict:
     return {"id": c["id"], "field_id": c["field_id"], "field_seq": c.get("field_seq"), "idx": c["idx"],
-            "bbox": [c["x"], c["y"], c["w"], c["h"]], "p_infected": round(c["p_infected"], 4),
+            "bbox": [c["x"], c["y"], c["w"], c["h"]], "p_infected": float(c["p_infected"]),
             "infected": bool(c["infected"]), "review": c["review"], "reviewed_at": c["reviewed_at"],
             "crop_url": url_for("pages.cell_crop", cell_id=c["id"]) if c["has_crop"] else None}
 
