@@ -359,7 +359,7 @@ def cmd_analyze(args) -> int:
                   f"{s.detection_limit_pct:.3f}% of cells flagged ({s.detection_limit_per_ul:.0f} parasites/uL if "
                   f"every parasite were flagged, {s.rbc_per_ul_source} {s.rbc_per_ul:.3g} RBC/uL); {s.call_reason}")
     elif len(files) > 1:
-        n_rej = sum(1 for d in images if d.get("rejected"))
+        n_rej = sum(1 for d in images if d["rejected"] and "error" not in d)
         print(f"{len(images)} images: {failed} failed, {n_rej} rejected, "
               f"{sum(d.get('rbc_count', 0) for d in images)} red cells, "
               f"{sum(d.get('infected_count', 0) for d in images)} flagged infected")
@@ -384,7 +384,11 @@ def _analyze_files(files, clf, settings, out_dir, images: list, verbose: bool) -
             rgb = read_rgb(f, check_jpeg_data=True)  # one thread decodes here: libjpeg's warnings are this file's
             res = analyze_field(rgb, clf, settings)
         except ImageError as exc:
-            images.append({"image": str(f), "error": str(exc)})
+            # the entry every image has (a reader taking rbc_count from each one must not fail on this one),
+            # with "error" telling it from a field the quality gate rejected
+            images.append({"image": str(f), "error": str(exc), "width": None, "height": None,
+                           "rejected": f"could not be read: {exc}", "cells": [], "rbc_count": 0,
+                           "infected_count": 0, "timing_ms": {}})
             print(f"\nerror: {exc}", file=sys.stderr)
             _progress(i, len(files), f.name)
             continue

@@ -33,6 +33,9 @@ MIN_SIDE_PX = 16
 MAX_SIDE_PX = 1 << 20  # OpenCV's decoders refuse a longer side (CV_IO_MAX_IMAGE_WIDTH/HEIGHT) with an error
 TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # TIFF and BigTIFF, either byte order
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".bmp", ".tif", ".tiff"}
+# pictures of kinds that are not read: a folder's files of these are named in a warning, not left out unsaid
+OTHER_IMAGE_SUFFIXES = {".gif", ".heic", ".heif", ".avif", ".jxl", ".jp2", ".j2k", ".tga", ".ppm", ".pgm", ".pnm",
+                        ".dng", ".raw", ".cr2", ".cr3", ".nef", ".arw", ".orf", ".rw2", ".psd", ".svg", ".ico"}
 # JPEG compression erases the small dark dots a parasite is: the 20 held-out IML fields (themselves
 # JPEGs of quality ~78) saved again at quality 75 / 50 / 20 gave 24 / 22 / 16 of 29 parasite cells flagged
 # instead of 25 with the shipped model, and at 10 nearly five times the false positives (14.7 per 1,000 against
@@ -673,6 +676,7 @@ def iter_image_files(paths: list[str | Path], exclude: list[Path] | tuple = ()) 
 
 def _walk_images(top: Path, skip: set[Path]) -> list[Path]:
     found: list[Path] = []
+    other: list[Path] = []
     visited: set[Path] = set()  # real folders: a link back up must not loop
     root = _identity(top)
 
@@ -701,6 +705,12 @@ def _walk_images(top: Path, skip: set[Path]) -> list[Path]:
             # a broken or looping link named like an image is listed too: reading it then says why
             if f.suffix.lower() in IMAGE_SUFFIXES:
                 found.append(f)
+            elif f.suffix.lower() in OTHER_IMAGE_SUFFIXES:
+                other.append(f)
+    if other:
+        kinds = " ".join(sorted({f.suffix.lower() for f in other}))
+        logger.warning("%s: %d picture%s of a kind not read (%s) left out, e.g. %s: save fields as JPEG, PNG, "
+                       "TIFF, BMP or WebP", top, len(other), "" if len(other) == 1 else "s", kinds, sorted(other)[0])
     return sorted(found)
 
 

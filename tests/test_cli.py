@@ -70,6 +70,12 @@ def test_bad_files_are_reported_and_the_batch_goes_on(tmp_path):
     n_bad = len([p for p in BAD.iterdir() if p.suffix != ".py"])
     assert sum("error" in i for i in images.values()) == n_bad
     assert images["zz_good.jpg"]["rbc_count"] > 40
+    keys = {"image", "width", "height", "rejected", "cells", "rbc_count", "infected_count", "timing_ms"}
+    for im in images.values():  # a failed image has the entry of every image too: {"image", "error"} did not
+        assert keys <= set(im), im
+        if "error" in im:
+            assert im["rejected"] == f"could not be read: {im['error']}" and im["cells"] == []
+            assert im["rbc_count"] == im["infected_count"] == 0 and im["width"] is None
     assert "Traceback" not in r.stderr
     assert "truncated JPEG" in r.stderr and "over the 50 MP limit" in r.stderr
 
@@ -828,3 +834,15 @@ def test_annotated_copies_cost_no_copy_of_a_large_field_in_memory(tmp_path):
     annotated = _peak_rss_mb("analyze", str(big), "--annotate", str(tmp_path / "ann"))
     assert (tmp_path / "ann" / "big_annotated.jpg").stat().st_size > 100_000
     assert annotated - plain < 18, (plain, annotated)
+
+
+def test_pictures_of_a_kind_not_read_are_named_not_left_out_unsaid(tmp_path):
+    """A folder's .gif and .heic pictures were left out of the batch (and its slide) without a word."""
+    field = sorted(SAMPLES.glob("*.jpg"))[0]
+    for name in ("a.jpg", "b.gif", "c.HEIC"):
+        shutil.copy(field, tmp_path / name)
+    (tmp_path / "notes.txt").write_text("not a picture\n")
+    r = device("analyze", str(tmp_path), "--json", str(tmp_path / "o.json"))
+    assert r.returncode == 0, r.stderr
+    assert [Path(i["image"]).name for i in json.loads((tmp_path / "o.json").read_text())["images"]] == ["a.jpg"]
+    assert "2 pictures of a kind not read (.gif .heic) left out" in r.stderr and "notes.txt" not in r.stderr
