@@ -377,6 +377,14 @@ def analyze_field(
     h, w = image_rgb.shape[:2]
     timing: dict[str, float] = {}
     t0 = time.perf_counter()
+    smallest = math.ceil(settings.min_cell_diameter_px / SegmentParams.max_diameter_frac_of_long_side)
+    if max(h, w) < smallest:
+        # no cell in it can be both big enough for the classifier and at most 1/5 of the picture: said so,
+        # not "use the 100x oil objective" (a 16 x 16 picture read so)
+        timing["total_ms"] = (time.perf_counter() - t0) * 1000
+        return FieldResult(w, h, f"picture too small for a field ({w}x{h} px): cells at least "
+                           f"{settings.min_cell_diameter_px:.0f} px across and at most 1/5 of the picture need "
+                           f"{smallest} px on its long side", [], 0.0, threshold, timing)
     halvings: list[np.ndarray] = []  # the frame's halvings, made once for the scale search and segmentation
     diameter = estimate_cell_diameter(image_rgb, halvings=halvings)  # once: for the focus scale and segmentation
     timing["scale_ms"] = (time.perf_counter() - t0) * 1000

@@ -89,6 +89,8 @@ def _json_target(path: str) -> Path:
     such as /dev/null, a pipe, /dev/stdout): the report replaces its target by renaming a new file over it,
     which would turn /dev/null into a plain file for the whole system when run as root.
     """
+    if path == "-":  # the usual name of standard output: the report went to a file named "-"
+        raise OSError(errno.EINVAL, "standard output is not supported: name a file for the report", path)
     target = Path(path)
     where = Path(os.path.abspath(path))
     if where.parts[1:2] == ("proc",) or where.parent == Path("/dev/fd") or where in STD_STREAMS:
@@ -132,6 +134,14 @@ def _outputs_writable(json_path: str | None = None, out_dir: str | None = None,
     a one-line error, when they cannot be written. Creates the folders they need."""
     problem = None
     try:
+        for option, path in (("--json", Path(json_path).parent if json_path else None), (dir_option, out_dir)):
+            # a file where a folder must be (or be made): said so, not "cannot write to X: File exists"
+            up = Path(path) if path else None
+            while up is not None and not up.exists() and up != up.parent:
+                up = up.parent
+            if up is not None and up.exists() and not up.is_dir():
+                what = json_path if option == "--json" else out_dir
+                raise ValueError(f"{option} {what}: {up} is a file, not a folder")
         if json_path:
             p = _json_target(json_path)  # where the report will be written, checked now
             p.parent.mkdir(parents=True, exist_ok=True)
@@ -144,6 +154,8 @@ def _outputs_writable(json_path: str | None = None, out_dir: str | None = None,
                 problem = f"{dir_option} {d}: folder is not writable"
     except OSError as exc:
         problem = f"cannot write to {exc.filename or json_path or out_dir}: {exc.strerror or exc}"
+    except ValueError as exc:
+        problem = str(exc)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
     return problem is None
@@ -286,8 +298,9 @@ def cmd_analyze(args) -> int:
 
     # an annotate folder inside an input folder: its copies (boxes drawn on them) are not fields to count
     if args.annotate and any(_same_file(Path(args.annotate), Path(p)) for p in args.paths):
-        print(f"error: --annotate {args.annotate} is an input folder: its annotated copies would be read as "
-              "fields next time; name another folder", file=sys.stderr)
+        what = "an input folder: its annotated copies would be read as fields next time" if Path(
+            args.annotate).is_dir() else "one of the input images"
+        print(f"error: --annotate {args.annotate} is {what}; name another folder", file=sys.stderr)
         return 2
     named_copies = next((p for p in args.paths if Path(p).is_dir() and holds_annotated_copies(Path(p))), None)
     if named_copies is not None:
@@ -415,6 +428,9 @@ def _analyze_files(files, clf, settings, out_dir, images: list, verbose: bool) -
             except OSError as exc:
                 print(f"\nerror: cannot write annotated copy {target}: {exc.strerror or exc}", file=sys.stderr)
         if len(files) == 1 or verbose:
+            if len(files) > 1 and sys.stderr.isatty():  # the bar's line cleared: the result takes its place
+                sys.stderr.write("\r\033[K")
+                sys.stderr.flush()
             state = f"rejected: {res.rejected}" if res.rejected else f"{res.infected_count}/{res.rbc_count} infected"
             print(f"{f}: {state} ({res.timing_ms.get('total_ms', 0):.0f} ms)")
         _progress(i, len(files), f.name)

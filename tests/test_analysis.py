@@ -414,3 +414,15 @@ def test_a_field_rejected_at_a_hair_past_the_limit_says_by_how_much(classifier):
     assert float(shown) < float(limit) and len(shown) == len(limit) > 4  # more than two decimals
     assert measured_beside_limit(2.0004, 2.0) == ("2.0004", "2.0000")  # as the noise message gives them
     assert measured_beside_limit(1.2, 2.4) == ("1.20", "2.40")  # apart at two decimals: as before
+
+
+def test_a_picture_too_small_for_any_field_says_so(classifier):
+    """A 16 x 16 picture was told to "use the 100x oil objective": no picture under 160 px can hold a cell
+    of 32 px (the classifier's least) that is at most 1/5 of it, the most the scale search looks for."""
+    rgb = read_rgb(FIELDS[0])
+    for h, w in ((16, 16), (100, 159), (120, 90)):
+        res = analyze_field(np.ascontiguousarray(rgb[:h, :w]), classifier)
+        assert res.rejected == (f"picture too small for a field ({w}x{h} px): cells at least 32 px across and at "
+                                "most 1/5 of the picture need 160 px on its long side"), res.rejected
+        assert res.rbc_count == 0
+    assert not analyze_field(np.ascontiguousarray(rgb[:120, :160]), classifier).rejected.startswith("picture too")

@@ -364,9 +364,9 @@ def test_unusable_outputs_are_refused_before_any_work(tmp_path):
     r = device("analyze", field, "--json", str(tmp_path))  # a folder, not a file
     assert r.returncode == 2 and "is a folder, not a file" in r.stderr and "Traceback" not in r.stderr
     r = device("analyze", field, "--annotate", str(tmp_path / "a_file"))  # a file, not a folder
-    assert r.returncode == 2 and "cannot write to" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "a_file is a file, not a folder" in r.stderr and "Traceback" not in r.stderr
     r = device("cells", str(CELLS), "--json", str(tmp_path / "a_file" / "x.json"))  # parent is a file
-    assert r.returncode == 2 and "cannot write to" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "a_file is a file, not a folder" in r.stderr and "Traceback" not in r.stderr
     r = device("evaluate-fields", str(ROOT / "tests" / "fixtures" / "fields"), "--json", str(tmp_path))
     assert r.returncode == 2 and "is a folder, not a file" in r.stderr
 
@@ -846,3 +846,17 @@ def test_pictures_of_a_kind_not_read_are_named_not_left_out_unsaid(tmp_path):
     assert r.returncode == 0, r.stderr
     assert [Path(i["image"]).name for i in json.loads((tmp_path / "o.json").read_text())["images"]] == ["a.jpg"]
     assert "2 pictures of a kind not read (.gif .heic) left out" in r.stderr and "notes.txt" not in r.stderr
+
+
+def test_outputs_that_cannot_be_written_say_why_in_words(tmp_path):
+    field = str(sorted(SAMPLES.glob("*.jpg"))[0])
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for opts, said in ((["--annotate", str(afile)], f"--annotate {afile}: {afile} is a file, not a folder"),
+                       (["--annotate", str(afile / "sub")], f"{afile} is a file, not a folder"),
+                       (["--json", str(afile / "x.json")], f"x.json: {afile} is a file, not a folder"),
+                       (["--json", "-"], "standard output is not supported: name a file"),
+                       (["--annotate", field], "is one of the input images")):
+        r = device("analyze", field, *opts)
+        assert r.returncode == 2 and said in r.stderr and "File exists" not in r.stderr, (opts, r.stderr)
+    assert not (ROOT / "-").exists()
