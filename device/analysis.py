@@ -132,6 +132,12 @@ FEW_FIT_WHOLE = 40
 CHANNEL_TOP = 254
 CHANNEL_NAMES = ("red", "green", "blue")  # the frames' channel order (RGB), as the messages name them
 MAX_CHANNEL_CLIPPED_FRAC = 0.05
+# A channel crushed to black (<= 2) over more than 2.5% of the field: a camera's saturation or contrast set
+# too high. The white-cell rule reads the cells' green light against the field's: saturation x1.3 put green
+# at 0 on up to 24% of an IML field, and the rule then dropped up to 31% of its red cells, unsaid (helper
+# measurement). The 68 real fields: at most 0.04% of pixels; at lamp 30% 0.5%, gamma 1.5 at most 1.6%.
+CHANNEL_BOTTOM = 2
+MAX_CHANNEL_BLACK_FRAC = 0.025
 
 # Something in view: detail against the field's smooth light, in gray levels of a field lit to 240. The 99th
 # percentile of |image - its blur at sigma 32 px| on the gray 640 px copy (computed at a quarter of that size,
@@ -328,6 +334,12 @@ def image_quality(
     if shares[c] > MAX_CHANNEL_CLIPPED_FRAC:
         return focus, (f"overexposed in the {CHANNEL_NAMES[c]} channel ({shares[c]:.0%} of pixels at its "
                        "top): lower the lamp or exposure, or correct the camera's white balance")
+    crushed = [cv2.compare(small[..., c], CHANNEL_BOTTOM, cv2.CMP_LE) for c in range(3)]
+    shares = [(cv2.countNonZero(m) if seen is None else int(((m > 0) & seen).sum())) / max(1, n_seen) for m in crushed]
+    c = int(np.argmax(shares))
+    if shares[c] > MAX_CHANNEL_BLACK_FRAC:
+        return focus, (f"colour cut off at black in the {CHANNEL_NAMES[c]} channel ({shares[c]:.0%} of pixels at "
+                       "its bottom): lower the camera's saturation or contrast")
     contrast = local_contrast(gray, seen)
     if contrast is not None and contrast < MIN_LOCAL_CONTRAST:
         # before the colour and focus checks: bare glass is colourless and nothing in it is sharp, and their

@@ -426,3 +426,21 @@ def test_a_picture_too_small_for_any_field_says_so(classifier):
                                 "most 1/5 of the picture need 160 px on its long side"), res.rejected
         assert res.rbc_count == 0
     assert not analyze_field(np.ascontiguousarray(rgb[:120, :160]), classifier).rejected.startswith("picture too")
+
+
+def test_a_channel_crushed_to_black_is_rejected_not_counted_short(classifier):
+    """Saturation x1.3 at the camera put the green channel at 0 over part of an IML field; the white-cell
+    rule then took the cells for a nucleus and dropped up to 31% of them with nothing said. This blue
+    BBBC041 field crushes its red channel at x2 (7% of pixels); it, and the same at x1.3, pass."""
+    rgb = read_rgb(FIELDS[0])
+
+    def saturated(k: float) -> np.ndarray:
+        hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV).astype(np.float32)
+        hsv[..., 1] = np.clip(hsv[..., 1] * k, 0, 255)
+        return cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2RGB)
+
+    assert analyze_field(rgb, classifier).rejected is None
+    assert analyze_field(saturated(1.3), classifier).rejected is None
+    res = analyze_field(saturated(2.0), classifier)
+    assert res.rejected and res.rejected.startswith("colour cut off at black in the red channel (7%"), res.rejected
+    assert "lower the camera's saturation or contrast" in res.rejected and res.rbc_count == 0
