@@ -573,3 +573,28 @@ def test_the_field_path_uses_none_of_the_opencv_kernels_found_to_round_different
                 assert node.attr not in banned, f"{where}: cv2.{node.attr}"
             if isinstance(node, ast.Call) and ast.unparse(node.func) == "cv2.resize":
                 assert any(k.arg == "interpolation" for k in node.keywords), f"{where}: a resize names no interpolation"
+
+
+def test_white_text_burned_in_does_not_darken_the_plasma_around_it():
+    """The background is a closing (the brightest light over a cell's width): white text or a scale bar a
+    camera burns in was taken for the light, the plasma beside it read as dark, and on an IML field two cells
+    and the text merged into one 184 x 119 px "cell". Now nothing is taken as brighter than the plasma."""
+    from device.imageio import read_rgb
+    from device.segment import _darkening, estimate_cell_diameter
+
+    samples = Path(__file__).resolve().parent.parent / "device" / "samples"
+    rgb = (read_rgb(sorted(samples.glob("*.jpg"))[2]) * 0.85).astype(np.uint8)  # plasma ~210, as IML's
+    scale = 24 / estimate_cell_diameter(rgb)
+    work = cv2.resize(rgb, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+    h, w = work.shape[:2]
+    x0, y0 = w // 2 - 40, h // 2 - 4
+    text = work.copy()
+    cv2.rectangle(text, (x0, y0), (x0 + 80, y0 + 8), (255, 255, 255), -1)  # a bar of 3 x 1/3 cells
+    near = np.zeros((h, w), bool)
+    near[y0 - 24 : y0 + 33, x0 - 24 : x0 + 105] = True  # a cell's width around it...
+    near[y0 : y0 + 9, x0 : x0 + 81] = False
+    _, before = _darkening(work, 2.5 * 24)
+    _, after = _darkening(text, 2.5 * 24)
+    plasma = near & (before < 20)  # ...where the field is plasma
+    assert plasma.sum() > 2000
+    assert (after[plasma] > 40).mean() < 0.01  # 98% of it read darker than 40 before
