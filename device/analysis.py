@@ -328,13 +328,14 @@ def image_quality(
     over = float(n_over) / max(1, n_seen)
     if over > settings.max_overexposed_frac:
         return focus, f"overexposed ({over:.0%} of pixels saturated): lower the lamp or exposure"
-    clipped = [cv2.compare(small[..., c], CHANNEL_TOP, cv2.CMP_GE) for c in range(3)]
+    channels = cv2.split(small)  # once, contiguous: a compare on a channel's strided view copies it first
+    clipped = [cv2.compare(ch, CHANNEL_TOP, cv2.CMP_GE) for ch in channels]
     shares = [(cv2.countNonZero(m) if seen is None else int(((m > 0) & seen).sum())) / max(1, n_seen) for m in clipped]
     c = int(np.argmax(shares))
     if shares[c] > MAX_CHANNEL_CLIPPED_FRAC:
         return focus, (f"overexposed in the {CHANNEL_NAMES[c]} channel ({shares[c]:.0%} of pixels at its "
                        "top): lower the lamp or exposure, or correct the camera's white balance")
-    crushed = [cv2.compare(small[..., c], CHANNEL_BOTTOM, cv2.CMP_LE) for c in range(3)]
+    crushed = [cv2.compare(ch, CHANNEL_BOTTOM, cv2.CMP_LE) for ch in channels]
     shares = [(cv2.countNonZero(m) if seen is None else int(((m > 0) & seen).sum())) / max(1, n_seen) for m in crushed]
     c = int(np.argmax(shares))
     if shares[c] > MAX_CHANNEL_BLACK_FRAC:
