@@ -231,6 +231,7 @@ def segment_cells(
 
 # The darkening score is (3 - sum of R, G, B transmissions) * 127.5, as uint8: 0 = plasma, 255 = black.
 _SCORE_SCALE = 127.5
+FRAGMENT_AREA_FRAC = 0.75  # a piece at the border under this much of a typical cell is part of a cut one
 PLASMA_QUANTILE = 0.98  # of each channel on the background's small copy: the plasma's light...
 PLASMA_MARGIN = 8  # ...and this much over it (0-255): the plasma's own spread (vignetting) is not cut
 
@@ -648,6 +649,17 @@ def _filter(
         if lit is not None:  # the edge of the lit field of view cuts cells as the image border does
             rim = cv2.dilate(cv2.bitwise_not(lit), np.ones((3, 3), np.uint8)) & lit
             contact_px += np.bincount(labels[rim > 0], minlength=n)
+        # A cut cell split in two: each fragment grazes the border less than the limit, the cell more (a
+        # cell 56% in view was kept as two cells). Fragments (touching the border, smaller than a cell) of
+        # one clump of foreground are weighed together.
+        frag = keep & (contact_px > 0) & (area < FRAGMENT_AREA_FRAC * typical_area)
+        if np.count_nonzero(frag) >= 2:
+            _, clump = cv2.connectedComponents(fg, connectivity=8)
+            clump_of = np.zeros(n, np.int64)
+            inside = labels > 0
+            clump_of[labels[inside]] = clump[inside]
+            together = np.bincount(clump_of[frag], weights=contact_px[frag], minlength=int(clump_of.max()) + 1)
+            contact_px = np.where(frag, together[clump_of], contact_px)
         keep &= contact_px <= params.max_border_contact_frac_of_diameter * d_work
     if keep.any():
         nucleus = _nucleus_mask(transmission, fg, params, d_work)

@@ -598,3 +598,21 @@ def test_white_text_burned_in_does_not_darken_the_plasma_around_it():
     plasma = near & (before < 20)  # ...where the field is plasma
     assert plasma.sum() > 2000
     assert (after[plasma] > 40).mean() < 0.01  # 98% of it read darker than 40 before
+
+
+def test_a_cell_the_border_cuts_is_dropped_even_when_split_in_two():
+    """In the centre 1280 x 960 of a BBBC041 field, a cell 56% in view (at 1379, 723 of the field, 109 x 117
+    px) was kept as two cells: each half touched the border along less than the limit, the cell more."""
+    from device.imageio import read_rgb
+
+    rgb = read_rgb(FIELDS / "images" / "00d04a90-80e5-4bce-9511-1b64eabb7a47.webp")
+    h, w = rgb.shape[:2]
+    x0, y0 = (w - 1280) // 2, (h - 960) // 2
+    whole = segment_cells(rgb).cells
+    assert any(abs(c.bbox[0] - 1379) < 8 and abs(c.bbox[1] - 723) < 8 for c in whole)  # seen whole in the field
+    cut = segment_cells(np.ascontiguousarray(rgb[y0 : y0 + 960, x0 : x0 + 1280])).cells
+    inside = [c.bbox for c in cut if c.bbox[0] + x0 >= 1379 - 4 and c.bbox[1] + y0 + c.bbox[3] <= 723 + 117 + 4
+              and c.bbox[1] + y0 >= 723 - 4]
+    assert inside == []
+    # a whole cell grazing the crop's edge (at 160, 650 of the field: 29 px along it) is still kept
+    assert any(abs(c.bbox[0] + x0 - 160) < 6 and abs(c.bbox[1] + y0 - 650) < 6 for c in cut)
