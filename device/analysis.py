@@ -322,7 +322,8 @@ def image_quality(
     n_seen = gray.size if seen is None else int(seen.sum())
     gray_mean = float((gray if seen is None else gray[seen]).mean()) if n_seen else 0.0
     if gray_mean < settings.min_mean_brightness:
-        return focus, f"too dark (mean brightness {gray_mean:.0f} < {settings.min_mean_brightness:.0f}): check the lamp"
+        shown, limit = measured_beside_limit(gray_mean, settings.min_mean_brightness, places=0)
+        return focus, f"too dark (mean brightness {shown} < {limit}): check the lamp"
     saturated = cv2.inRange(small, (250, 250, 250), (255, 255, 255))
     n_over = cv2.countNonZero(saturated) if seen is None else int(((saturated > 0) & seen).sum())
     over = float(n_over) / max(1, n_seen)
@@ -380,7 +381,7 @@ def analyze_field(
     Raises:
         ValueError: when the image is not HxWx3 uint8.
     """
-    from device.segment import SegmentParams, estimate_cell_diameter, segment_cells
+    from device.segment import SegmentParams, estimate_cell_diameter, largest_trusted_diameter, segment_cells
 
     if image_rgb.ndim != 3 or image_rgb.shape[2] != 3 or image_rgb.dtype != np.uint8:
         # the camera and file paths make frames so; a caller of its own got an OpenCV error from deep inside
@@ -390,13 +391,14 @@ def analyze_field(
     h, w = image_rgb.shape[:2]
     timing: dict[str, float] = {}
     t0 = time.perf_counter()
-    smallest = math.ceil(settings.min_cell_diameter_px / SegmentParams.max_diameter_frac_of_long_side)
+    # the shortest long side on which the scale search trusts a cell as big as the classifier needs
+    smallest = math.ceil(settings.min_cell_diameter_px / largest_trusted_diameter(1))
     if max(h, w) < smallest:
-        # no cell in it can be both big enough for the classifier and at most 1/5 of the picture: said so,
-        # not "use the 100x oil objective" (a 16 x 16 picture read so)
+        # no cell in it can be both big enough for the classifier and small enough for the scale search
+        # (under 0.95 of 1/5 of the picture): said so, not "use the 100x oil objective" (16 x 16 read so)
         timing["total_ms"] = (time.perf_counter() - t0) * 1000
         return FieldResult(w, h, f"picture too small for a field ({w}x{h} px): cells at least "
-                           f"{settings.min_cell_diameter_px:.0f} px across and at most 1/5 of the picture need "
+                           f"{settings.min_cell_diameter_px:.0f} px across and under 1/5 of the picture need "
                            f"{smallest} px on its long side", [], 0.0, threshold, timing)
     halvings: list[np.ndarray] = []  # the frame's halvings, made once for the scale search and segmentation
     diameter = estimate_cell_diameter(image_rgb, halvings=halvings)  # once: for the focus scale and segmentation
@@ -443,9 +445,9 @@ def analyze_field(
         unusable = (f"cell outlines do not match the cell size found ({outline:.0f} px for "
                     f"{seg.cell_diameter_px:.0f} px): thick area, a stretched picture or not a blood smear")
     elif seg.cell_diameter_px < settings.min_cell_diameter_px:
-        unusable = (f"cells too small in the picture ({seg.cell_diameter_px:.0f} px across, "
-                    f"{settings.min_cell_diameter_px:.0f} needed): use the 100x objective or a higher camera "
-                    "resolution")
+        shown, limit = measured_beside_limit(seg.cell_diameter_px, settings.min_cell_diameter_px, places=0)
+        unusable = (f"cells too small in the picture ({shown} px across, {limit} needed): use the 100x "
+                    "objective or a higher camera resolution")
     elif needed.max() > BACKGROUND_GAIN_RANGE[1]:
         # the crops could not be brought to the light the model knows: with the gains capped at 2x, the
         # held-out IML fields at lamp 30% (gains 3.0-4.1 needed) were counted with 13 of 29 parasite cells

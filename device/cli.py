@@ -268,7 +268,9 @@ def cmd_cells(args) -> int:
         print(json.dumps(summary))
     elif len(rows) <= 20:
         for r in rows:
-            print(f"{r['file']}: p_infected={r['p_infected']:.4f} {'INFECTED' if r['infected'] else 'uninfected'}")
+            # rounded down, as the pages show scores: 0.9957 printed beside INFECTED read below 0.99574
+            print(f"{r['file']}: p_infected={threshold_text(r['p_infected'])} "
+                  f"{'INFECTED' if r['infected'] else 'uninfected'}")
     if len(rows) > 20 and "summary" not in doc or errors:  # say what happened, also without per-file lines
         flagged = sum(r["infected"] for r in rows)
         print(f"{len(rows)} cells classified: {flagged} infected, {len(rows) - flagged} uninfected at threshold "

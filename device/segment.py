@@ -444,9 +444,14 @@ def estimate_cell_diameter(
     """Typical red-cell diameter in full-resolution px, or None for a blank field or an estimate at the
     top of the searched range (a blurred field reads as huge cells there: not to be trusted)."""
     d = _estimate_diameter(image_rgb, params, halvings)
-    if d is None or d >= 0.95 * params.max_diameter_frac_of_long_side * max(image_rgb.shape[:2]):
+    if d is None or d >= largest_trusted_diameter(max(image_rgb.shape[:2]), params):
         return None
     return d
+
+
+def largest_trusted_diameter(long_side_px: int, params: SegmentParams = SegmentParams()) -> float:  # noqa: B008
+    """The cell diameter from which :func:`estimate_cell_diameter` gives up: 0.95 of the top of its range."""
+    return 0.95 * params.max_diameter_frac_of_long_side * long_side_px
 
 
 def _estimate_diameter(
@@ -651,12 +656,16 @@ def _filter(
             contact_px += np.bincount(labels[rim > 0], minlength=n)
         # A cut cell split in two: each fragment grazes the border less than the limit, the cell more (a
         # cell 56% in view was kept as two cells). Fragments (touching the border, smaller than a cell) of
-        # one clump of foreground are weighed together.
+        # one cut cell are weighed together.
         frag = keep & (contact_px > 0) & (area < FRAGMENT_AREA_FRAC * typical_area)
         if np.count_nonzero(frag) >= 2:
-            _, clump = cv2.connectedComponents(fg, connectivity=8)
+            # fragments that touch one another (across the 1 px cut between them), not every fragment of a
+            # clump: a small whole cell grazing the border at the far end of a chain of touching cells
+            # was dropped for the cut cell at the other end
+            touching = cv2.dilate(frag[labels].view(np.uint8), np.ones((3, 3), np.uint8))
+            _, clump = cv2.connectedComponents(touching, connectivity=8)
             clump_of = np.zeros(n, np.int64)
-            inside = labels > 0
+            inside = frag[labels]
             clump_of[labels[inside]] = clump[inside]
             together = np.bincount(clump_of[frag], weights=contact_px[frag], minlength=int(clump_of.max()) + 1)
             contact_px = np.where(frag, together[clump_of], contact_px)

@@ -417,15 +417,18 @@ def test_a_field_rejected_at_a_hair_past_the_limit_says_by_how_much(classifier):
 
 
 def test_a_picture_too_small_for_any_field_says_so(classifier):
-    """A 16 x 16 picture was told to "use the 100x oil objective": no picture under 160 px can hold a cell
-    of 32 px (the classifier's least) that is at most 1/5 of it, the most the scale search looks for."""
+    """A 16 x 16 picture was told to "use the 100x oil objective": no picture under 169 px can hold a cell
+    of 32 px (the classifier's least) that the scale search trusts (under 0.95 of 1/5 of the picture)."""
     rgb = read_rgb(FIELDS[0])
-    for h, w in ((16, 16), (100, 159), (120, 90)):
+    for h, w in ((16, 16), (100, 159), (126, 168), (120, 90)):
         res = analyze_field(np.ascontiguousarray(rgb[:h, :w]), classifier)
-        assert res.rejected == (f"picture too small for a field ({w}x{h} px): cells at least 32 px across and at "
-                                "most 1/5 of the picture need 160 px on its long side"), res.rejected
+        assert res.rejected == (f"picture too small for a field ({w}x{h} px): cells at least 32 px across and "
+                                "under 1/5 of the picture need 169 px on its long side"), res.rejected
         assert res.rbc_count == 0
-    assert not analyze_field(np.ascontiguousarray(rgb[:120, :160]), classifier).rejected.startswith("picture too")
+    assert not analyze_field(np.ascontiguousarray(rgb[:127, :169]), classifier).rejected.startswith("picture too")
+    # a field whose 33 px cells fit: cut to 175 x 131 it is judged on its cells, not refused for its size
+    field = cv2.resize(rgb, None, fx=33 / 96.5, fy=33 / 96.5, interpolation=cv2.INTER_AREA)
+    assert not analyze_field(np.ascontiguousarray(field[:131, :175]), classifier).rejected.startswith("picture")
 
 
 def test_a_channel_crushed_to_black_is_rejected_not_counted_short(classifier):

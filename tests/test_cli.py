@@ -860,3 +860,28 @@ def test_outputs_that_cannot_be_written_say_why_in_words(tmp_path):
         r = device("analyze", field, *opts)
         assert r.returncode == 2 and said in r.stderr and "File exists" not in r.stderr, (opts, r.stderr)
     assert not (ROOT / "-").exists()
+
+
+def test_cells_prints_each_score_as_the_pages_show_it(tmp_path, monkeypatch, capsys):
+    """'p_infected=0.9926 INFECTED' at threshold 0.99261937: four decimals rounded a flagged score below it."""
+    import cv2
+    import numpy as np
+
+    import device.cli as cli
+    from device.slide import threshold_text
+
+    scale, zp = 0.10655409097671509, 92
+    cv2.imwrite(str(tmp_path / "a.png"), np.full((40, 40, 3), 138, np.uint8))
+    p = 1 / (1 + np.exp(-scale * (138 - zp)))  # 0.99261937, flagged at a threshold of itself
+
+    class Fake:
+        input_size_px, sha256, threshold = 48, "x", float(p)
+        card = type("Card", (), {"name": "fake"})()
+
+        def predict(self, batch):
+            return 1 / (1 + np.exp(-scale * (batch[:, 0, 0, 0].astype(float) - zp)))
+
+    monkeypatch.setattr(cli, "_classifier", lambda args: Fake())
+    assert float(f"{p:.4f}") < p  # the case: four decimals read below the threshold
+    assert cli.main(["cells", str(tmp_path / "a.png")]) == 0
+    assert f"p_infected={threshold_text(p)} INFECTED" in capsys.readouterr().out

@@ -616,3 +616,23 @@ def test_a_cell_the_border_cuts_is_dropped_even_when_split_in_two():
     assert inside == []
     # a whole cell grazing the crop's edge (at 160, 650 of the field: 29 px along it) is still kept
     assert any(abs(c.bbox[0] + x0 - 160) < 6 and abs(c.bbox[1] + y0 - 650) < 6 for c in cut)
+
+
+def test_a_small_cell_grazing_the_border_is_kept_beside_a_chain_to_a_cut_one():
+    """Drawn: a small whole cell 1 px past the left border, a chain of touching cells, and a half cell cut
+    by the right border 800 px away. Weighing every fragment of the clump together dropped the small cell
+    for the half cell's contact; only fragments touching one another are weighed together."""
+    h, w = 400, 900
+    img = np.full((h, w, 3), (236, 226, 232), np.uint8)
+    colour = (196, 140, 165)
+    cv2.circle(img, (22, 200), 23, colour, -1)
+    for x in np.linspace(72, 843, 15).round().astype(int):
+        cv2.circle(img, (int(x), 200), 30, colour, -1)
+    cv2.circle(img, (w, 200), 30, colour, -1)
+    for x in range(80, w - 60, 90):  # loose whole cells: the typical area
+        cv2.circle(img, (x, 60), 30, colour, -1)
+        cv2.circle(img, (x + 40, 340), 30, colour, -1)
+    img = np.clip(img + np.random.default_rng(0).normal(0, 2, img.shape), 0, 255).astype(np.uint8)
+    cells = segment_cells(img, SegmentParams(cell_diameter_hint_px=60.0)).cells
+    assert any(c.bbox[0] == 0 and 170 < c.bbox[1] + c.bbox[3] / 2 < 230 for c in cells)  # the small cell
+    assert not any(c.bbox[0] + c.bbox[2] >= w - 1 and 170 < c.bbox[1] + c.bbox[3] / 2 < 230 for c in cells)
