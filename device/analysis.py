@@ -324,20 +324,19 @@ def image_quality(
     if gray_mean < settings.min_mean_brightness:
         shown, limit = measured_beside_limit(gray_mean, settings.min_mean_brightness, places=0)
         return focus, f"too dark (mean brightness {shown} < {limit}): check the lamp"
-    saturated = cv2.inRange(small, (250, 250, 250), (255, 255, 255))
-    n_over = cv2.countNonZero(saturated) if seen is None else int(((saturated > 0) & seen).sum())
-    over = float(n_over) / max(1, n_seen)
+    def share(mask: np.ndarray) -> float:  # of the lit field of view
+        return (cv2.countNonZero(mask) if seen is None else int(((mask > 0) & seen).sum())) / max(1, n_seen)
+
+    over = share(cv2.inRange(small, (250, 250, 250), (255, 255, 255)))
     if over > settings.max_overexposed_frac:
         return focus, f"overexposed ({over:.0%} of pixels saturated): lower the lamp or exposure"
     channels = cv2.split(small)  # once, contiguous: a compare on a channel's strided view copies it first
-    clipped = [cv2.compare(ch, CHANNEL_TOP, cv2.CMP_GE) for ch in channels]
-    shares = [(cv2.countNonZero(m) if seen is None else int(((m > 0) & seen).sum())) / max(1, n_seen) for m in clipped]
+    shares = [share(cv2.compare(ch, CHANNEL_TOP, cv2.CMP_GE)) for ch in channels]
     c = int(np.argmax(shares))
     if shares[c] > MAX_CHANNEL_CLIPPED_FRAC:
         return focus, (f"overexposed in the {CHANNEL_NAMES[c]} channel ({shares[c]:.0%} of pixels at its "
                        "top): lower the lamp or exposure, or correct the camera's white balance")
-    crushed = [cv2.compare(ch, CHANNEL_BOTTOM, cv2.CMP_LE) for ch in channels]
-    shares = [(cv2.countNonZero(m) if seen is None else int(((m > 0) & seen).sum())) / max(1, n_seen) for m in crushed]
+    shares = [share(cv2.compare(ch, CHANNEL_BOTTOM, cv2.CMP_LE)) for ch in channels]
     c = int(np.argmax(shares))
     if shares[c] > MAX_CHANNEL_BLACK_FRAC:
         return focus, (f"colour cut off at black in the {CHANNEL_NAMES[c]} channel ({shares[c]:.0%} of pixels at "
