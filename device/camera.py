@@ -32,6 +32,7 @@ import numpy as np
 
 from device.imageio import (
     IMAGE_SUFFIXES,
+    JPEG_DECODE_LOCK,
     MAX_SERVICE_FIELD_PIXELS,
     MIN_SIDE_PX,
     ImageError,
@@ -163,10 +164,10 @@ class ReplayCamera(CameraBase):
 
     def _read_video(self) -> np.ndarray:
         assert self._video is not None
-        ok, frame = self._video.read()
+        ok, frame = _grab_and_decode(self._video)
         if not ok:  # end of file: loop
             self._video.set(cv2.CAP_PROP_POS_FRAMES, 0)
-            ok, frame = self._video.read()
+            ok, frame = _grab_and_decode(self._video)
         if not ok or frame is None:
             raise CameraError(f"replay video gives no frames: {self.path}")
         return to_rgb8(frame, name=str(self.path), bgr=True)
@@ -175,6 +176,16 @@ class ReplayCamera(CameraBase):
         if self._video is not None:
             self._video.release()
             self._video = None
+
+
+def _grab_and_decode(cap: cv2.VideoCapture) -> tuple[bool, np.ndarray | None]:
+    """``cap.read()``, with the decoding under :data:`~device.imageio.JPEG_DECODE_LOCK`: grab waits for the
+    frame, retrieve decodes it (an MJPG frame with libjpeg), so that an upload's check for damaged JPEG data
+    hears only its own file's warnings, and the wait for a frame holds no upload up."""
+    if not cap.grab():
+        return False, None
+    with JPEG_DECODE_LOCK:
+        return cap.retrieve()
 
 
 class OpenCVCamera(CameraBase):
@@ -202,7 +213,7 @@ class OpenCVCamera(CameraBase):
             self._cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)
 
     def read(self) -> np.ndarray:
-        ok, frame = self._cap.read()
+        ok, frame = _grab_and_decode(self._cap)
         if not ok or frame is None:
             raise CameraError(f"camera {self.device!r} stopped delivering frames (unplugged?)")
         if frame.dtype == np.uint8 and frame.ndim == 3 and frame.shape[2] in (3, 4):

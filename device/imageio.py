@@ -395,7 +395,7 @@ def decode_rgb(data: bytes, *, name: str = "image", min_side_px: int = MIN_SIDE_
 
     Truncated PNG/JPEG files are refused (a decoder would fill the missing part with gray), as is
     anything :func:`to_rgb8` refuses. With ``check_jpeg_data`` a JPEG whose compressed data libjpeg finds
-    damaged is refused too (see :func:`_libjpeg_warnings`: only where no other thread decodes JPEGs).
+    damaged is refused too (see :func:`_libjpeg_warnings`). Every decoding holds :data:`JPEG_DECODE_LOCK`.
     Images over ``max_pixels`` (at most :data:`MAX_PIXELS`) are refused before decoding, the reason
     followed by ``limit_note``. Raises :class:`ImageError` with the reason.
     """
@@ -451,7 +451,8 @@ def decode_rgb(data: bytes, *, name: str = "image", min_side_px: int = MIN_SIDE_
     warnings: list[str] = []
     listen = check_jpeg_data and data[:2] == b"\xff\xd8"
     try:
-        with _libjpeg_warnings(warnings) if listen else contextlib.nullcontext():
+        # every format under the lock: a TIFF may hold JPEG data, which libjpeg decodes (and warns of) too
+        with JPEG_DECODE_LOCK, _libjpeg_warnings(warnings) if listen else contextlib.nullcontext():
             img = cv2.imdecode(buf, cv2.IMREAD_COLOR if os2_bitmap else cv2.IMREAD_UNCHANGED)
     except cv2.error as exc:  # OpenCV's own limits and checks: a bad file, never a crashed batch
         raise ImageError(f"{name}: could not decode ({str(exc).strip().splitlines()[-1][:120]})") from exc
@@ -528,17 +529,19 @@ def _jpeg_padding(data: bytes) -> set[tuple[int, int]]:
         pos += struct.unpack(">H", data[pos : pos + 2])[0]
         in_scan = marker == _JPEG_SOS
     return found
-_STDERR_LOCK = threading.Lock()
+# Held while anything in this process decodes JPEG data (decode_rgb, a USB camera's MJPG frames): libjpeg
+# warns of damage on the process's stderr, and the check that listens there must hear only its own file.
+JPEG_DECODE_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
 def _libjpeg_warnings(found: list[str]) -> Iterator[None]:
     """Append to ``found`` what libjpeg warns of while the block decodes. Its warnings go to file
     descriptor 2, so that is pointed at a temporary file meanwhile; anything else written there meanwhile is
-    passed on to the real stderr afterwards. Process-wide: only for a program that decodes in one thread (the
-    CLI), as another thread's JPEG decoding (a USB camera's MJPG) would warn into the same file.
-    Without a stderr or a temporary file, the block runs without listening."""
-    with _STDERR_LOCK, contextlib.ExitStack() as stack:
+    passed on to the real stderr afterwards. Process-wide: called with :data:`JPEG_DECODE_LOCK` held, which
+    every JPEG decoding in this process takes (a USB camera's MJPG frames too), so that no other thread's
+    decoding warns into the same file. Without a stderr or a temporary file, the block runs without listening."""
+    with contextlib.ExitStack() as stack:
         try:
             if sys.stderr is not None:
                 sys.stderr.flush()

@@ -78,6 +78,19 @@ class _FrameCapture:
 
     def __init__(self, frame):
         self.frame = frame
+        self.decoded_under_lock: list[bool] = []
+
+    def grab(self):  # waiting for the frame: no JPEG decoding, so no upload is held up meanwhile
+        from device.imageio import JPEG_DECODE_LOCK
+
+        assert not JPEG_DECODE_LOCK.locked()
+        return True
+
+    def retrieve(self):  # decoding an MJPG frame: libjpeg, whose warnings an upload's check listens for
+        from device.imageio import JPEG_DECODE_LOCK
+
+        self.decoded_under_lock.append(JPEG_DECODE_LOCK.locked())
+        return True, self.frame.copy()
 
     def read(self):
         return True, self.frame.copy()
@@ -93,6 +106,7 @@ def test_opencv_camera_four_channel_frame_is_rgb_and_a_grayscale_frame_is_a_bad_
     with OpenCVCamera(str(video)) as cam:
         cam._cap = _FrameCapture(np.dstack([_solid_bgr(RED_BGR), np.zeros((48, 64), np.uint8)]))  # XBGR padding
         _assert_red(check_frame(cam.read())[0])
+        assert cam._cap.decoded_under_lock == [True]
         cam._cap = _FrameCapture(np.full((48, 64), 90, np.uint8))
         frame, problem = check_frame(cam.read())  # the camera is there: not "lost", a frame to reject
         assert frame is None and "grayscale" in problem

@@ -396,7 +396,7 @@ def test_damaged_jpeg_data_is_refused_where_asked_and_other_stderr_output_passes
     zeroed[len(data) // 3 : len(data) // 3 + 4096] = bytes(4096)  # a block of the card read as zeros
     with pytest.raises(ImageError, match="damaged JPEG data .*premature end of data segment"):
         decode_rgb(bytes(zeroed), name="field.jpg", check_jpeg_data=True)
-    assert decode_rgb(bytes(zeroed)).shape == whole.shape  # not asked (the service: other threads decode JPEGs)
+    assert decode_rgb(bytes(zeroed)).shape == whole.shape  # not asked: decoded (a replayed sample, say)
     dqt = data.index(b"\xff\xdb")
     for padded in (data[:dqt] + b"\x00\x00" + data[dqt:], data[:-2] + bytes(32) + data[-2:]):
         assert np.array_equal(decode_rgb(padded, check_jpeg_data=True), whole)  # padding: the same pixels
@@ -477,3 +477,29 @@ def test_red_and_blue_are_swapped_in_place_band_by_band():
     out = swap_red_blue(img, rows=16)
     assert out is img and np.array_equal(img, want)
     assert np.array_equal(swap_red_blue(img), want[..., ::-1])  # and back
+
+
+def test_a_checked_decode_hears_only_its_own_files_warnings_while_other_threads_decode():
+    """The service checks uploads for damaged JPEG data by listening to libjpeg's warnings on the process's
+    stderr. Another thread decoding a damaged JPEG meanwhile (a replayed file, a USB camera's MJPG frame)
+    must neither make a whole upload read as damaged nor slip past the check: every decoding takes
+    JPEG_DECODE_LOCK."""
+    import threading
+
+    data = (SAMPLES / sorted(p.name for p in SAMPLES.glob("*.jpg"))[0]).read_bytes()
+    damaged = bytearray(data)
+    damaged[len(data) // 3 : len(data) // 3 + 4096] = bytes(4096)
+    stop = threading.Event()
+
+    def other_thread():
+        while not stop.is_set():
+            decode_rgb(bytes(damaged))  # not checked: warns on stderr
+
+    t = threading.Thread(target=other_thread)
+    t.start()
+    try:
+        for _ in range(15):
+            decode_rgb(data, check_jpeg_data=True)  # whole: never refused for the other thread's warnings
+    finally:
+        stop.set()
+        t.join()

@@ -2122,3 +2122,24 @@ def test_the_detection_limit_reads_alike_wherever_a_negative_slide_shows_it(make
     assert "positive from 0.5975% of cells flagged" in html.split('id="call-detail">')[1].split("</div>")[0]
     assert "<dt>Detection limit</dt><dd>0.5975% of cells flagged" in html
     assert "0.597%" not in html
+
+
+def test_an_upload_with_damaged_jpeg_data_is_refused_and_counts_nothing(make_env):
+    """The service did not check uploads for damaged JPEG data (the CLI did): 21 of 32 copies of the samples
+    with 8 kB of garbage or zeros were counted as fields (27 cells of 69), the rest rejected with camera
+    advice. Every JPEG decoding in the service now takes the lock the check listens under."""
+    env = make_env()
+    c, token = _client(env)
+    _start(c, token)
+    data = SAMPLE.read_bytes()
+    zeroed = bytearray(data)
+    zeroed[len(data) // 3 : len(data) // 3 + 8192] = bytes(8192)  # a block of the card read as zeros
+    garbage = bytearray(data)
+    noise = np.random.default_rng(5).integers(0, 256, 8192, np.uint8).tobytes()
+    garbage[len(data) // 2 : len(data) // 2 + 8192] = noise
+    for bad in (zeroed, garbage):
+        r = _upload(c, token, bytes(bad), "field.jpg")
+        assert r.status_code == 400, r.get_data(as_text=True)[:300]
+        assert "damaged JPEG data" in r.get_data(as_text=True) and "copy the file again" in r.get_data(as_text=True)
+    assert env.store.totals(1)["fields_used"] == 0
+    assert _upload(c, token, data, "field.jpg").status_code == 201  # the file whole is counted
