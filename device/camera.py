@@ -354,6 +354,12 @@ SAME_VIEW_MAX_DIFF_OF_CONTRAST = 0.4
 # 0.4 against a limit of 0.2, and 24 of 192 such captures were counted again.
 SAME_VIEW_MIN_LIMIT = 0.75
 SAME_VIEW_BLUR_PX = 1.5
+# Aligned, the same window still differs: resampling a frame moved by a fraction of a thumbnail pixel is not
+# shifting its thumbnail. A drift of 6-10 px of a 1,536 px frame (0.6-1.0 thumbnail px) left 3.5-5.2 gray
+# levels (at most 0.13 of the views' contrast) against the limit of 4: the field counted again, and too
+# little moved for the overlap warning (from 1 thumbnail px). Aligned views are held to the share of
+# their contrast, up to this many levels; different fields never came closer than 15.5 unaligned.
+SAME_VIEW_MAX_DIFF_ALIGNED = 8.0
 SAME_VIEW_MAX_GAIN = 1.25
 
 
@@ -377,17 +383,18 @@ def same_view(a: np.ndarray, b: np.ndarray) -> bool:
                       + float(cv2.absdiff(core_b, float(core_b.mean())).mean()))
     limit = min(SAME_VIEW_MAX_DIFF, max(SAME_VIEW_MIN_LIMIT, SAME_VIEW_MAX_DIFF_OF_CONTRAST * contrast))
     diff = float(cv2.absdiff(core, core_b).mean())
-    if diff <= limit or diff > 3 * SAME_VIEW_MAX_DIFF:  # the same, or plainly another field
+    if diff <= limit or diff > 4 * SAME_VIEW_MAX_DIFF:  # the same, or plainly another field
         return diff <= limit
     # a stage that settled by a fraction of a thumbnail pixel: aligned first (phase correlation, sub-pixel)
     window = _hanning(w, h)
     (dx, dy), _ = cv2.phaseCorrelate((fa - ma) * window, (fb - float(fb.mean())) * window)
     if max(abs(dx), abs(dy)) > 1.5:
         return False  # moved further: the overlap check's case
+    aligned_limit = min(SAME_VIEW_MAX_DIFF_ALIGNED, max(SAME_VIEW_MIN_LIMIT, SAME_VIEW_MAX_DIFF_OF_CONTRAST * contrast))
     for sx, sy in ((dx, dy), (-dx, -dy)):
         shifted = cv2.warpAffine(fb, np.float32([[1, 0, sx], [0, 1, sy]]), (w, h), flags=cv2.INTER_LINEAR,
                                  borderMode=cv2.BORDER_REPLICATE)
-        if float(cv2.absdiff(core, shifted[m : h - m, m : w - m]).mean()) <= limit:
+        if float(cv2.absdiff(core, shifted[m : h - m, m : w - m]).mean()) <= aligned_limit:
             return True
     return False
 

@@ -617,7 +617,7 @@ def test_the_overlap_check_leaves_the_counted_views_as_they_were():
 
 
 @pytest.mark.parametrize("change", ["lamp +5%", "lamp -5%", "drift 4 px", "drift 7 px", "refocus + 3 px drift",
-                                    "JPEG q75"])
+                                    "JPEG q75", "drift 6 px both ways", "drift 8 px both ways"])
 def test_the_same_field_captured_again_after_a_small_change_is_the_same_view(change):
     """A lamp change of 3% or a drift of 4 px (under one thumbnail pixel: no overlap either) counted a field
     again without a word; different fields stay apart."""
@@ -628,6 +628,9 @@ def test_the_same_field_captured_again_after_a_small_change_is_the_same_view(cha
     win = rgb[100:1000, 100:1300].astype(np.float32)
     moved = {"lamp +5%": win * 1.05, "lamp -5%": win * 0.95, "drift 4 px": rgb[100:1000, 104:1304],
              "drift 7 px": rgb[103:1003, 107:1307],
+             # 0.6-1.0 thumbnail px: aligned, 3.5-5.2 gray levels apart, over the limit of 4, and too
+             # little moved for the overlap warning: counted twice (a technician's upload, found in review)
+             "drift 6 px both ways": rgb[106:1006, 106:1306], "drift 8 px both ways": rgb[108:1008, 108:1308],
              "refocus + 3 px drift": cv2.GaussianBlur(rgb[100:1000, 103:1303], (0, 0), 1.0)}.get(change)
     if change == "JPEG q75":
         moved = cv2.imdecode(cv2.imencode(".jpg", rgb[100:1000, 100:1300], [cv2.IMWRITE_JPEG_QUALITY, 75])[1], 1)
@@ -635,6 +638,18 @@ def test_the_same_field_captured_again_after_a_small_change_is_the_same_view(cha
     assert same_view(thumbnail(np.ascontiguousarray(rgb[100:1000, 100:1300])), thumbnail(again))
     views = [thumbnail(np.ascontiguousarray(f[:900, :1200])) for f in fields]
     assert not any(same_view(views[i], views[j]) for i in range(len(views)) for j in range(len(views)) if i != j)
+
+
+def test_no_drift_falls_between_already_counted_and_the_overlap_warning():
+    """Every drift of a window is either the same view (refused as already counted) or an overlap (warned
+    of): 6-8 px both ways of a 1,536 px upload was neither, and its cells counted twice without a word."""
+    from device.camera import same_view, thumbnail, view_overlap
+
+    for rgb in _fields_rgb():
+        first = thumbnail(np.ascontiguousarray(rgb[:900, :1200]))
+        for d in range(0, 25):
+            again = thumbnail(np.ascontiguousarray(rgb[d : 900 + d, d : 1200 + d]))
+            assert same_view(first, again) or view_overlap(again, first) > 0.9, d
 
 
 @pytest.mark.parametrize("pictures", [10, 1])
