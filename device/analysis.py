@@ -398,7 +398,8 @@ def analyze_field(
         timing["total_ms"] = (time.perf_counter() - t0) * 1000
         return FieldResult(w, h, f"picture too small for a field ({w}x{h} px): cells at least "
                            f"{settings.min_cell_diameter_px:.0f} px across and under 1/5 of the picture need "
-                           f"{smallest} px on its long side", [], 0.0, threshold, timing)
+                           f"{smallest} px on its long side: use the camera's whole picture, not a crop or a "
+                           "thumbnail", [], 0.0, threshold, timing)
     halvings: list[np.ndarray] = []  # the frame's halvings, made once for the scale search and segmentation
     diameter = estimate_cell_diameter(image_rgb, halvings=halvings)  # once: for the focus scale and segmentation
     timing["scale_ms"] = (time.perf_counter() - t0) * 1000

@@ -596,7 +596,8 @@ def to_rgb8(img: np.ndarray, *, name: str = "image", min_side_px: int = MIN_SIDE
         raise ImageError(f"{name}: unsupported channel layout {img.shape}")
     h, w = img.shape[:2]
     if min(h, w) < min_side_px:
-        raise ImageError(f"{name}: {w}x{h} is too small (minimum side {min_side_px} px)")
+        raise ImageError(f"{name}: {w}x{h} is too small (minimum side {min_side_px} px): use the camera's whole "
+                         "picture, not a crop or a thumbnail")
     if img.shape[2] == 4:
         if img[:, :, 3].min() < 255:
             raise ImageError(f"{name}: image has transparent pixels; save the field without transparency")

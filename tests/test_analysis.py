@@ -423,7 +423,8 @@ def test_a_picture_too_small_for_any_field_says_so(classifier):
     for h, w in ((16, 16), (100, 159), (126, 168), (120, 90)):
         res = analyze_field(np.ascontiguousarray(rgb[:h, :w]), classifier)
         assert res.rejected == (f"picture too small for a field ({w}x{h} px): cells at least 32 px across and "
-                                "under 1/5 of the picture need 169 px on its long side"), res.rejected
+                                "under 1/5 of the picture need 169 px on its long side: use the camera's whole "
+                                "picture, not a crop or a thumbnail"), res.rejected
         assert res.rbc_count == 0
     assert not analyze_field(np.ascontiguousarray(rgb[:127, :169]), classifier).rejected.startswith("picture too")
     # a field whose 33 px cells fit: cut to 175 x 131 it is judged on its cells, not refused for its size

@@ -2143,3 +2143,18 @@ def test_an_upload_with_damaged_jpeg_data_is_refused_and_counts_nothing(make_env
         assert "damaged JPEG data" in r.get_data(as_text=True) and "copy the file again" in r.get_data(as_text=True)
     assert env.store.totals(1)["fields_used"] == 0
     assert _upload(c, token, data, "field.jpg").status_code == 201  # the file whole is counted
+
+
+def test_a_picture_too_small_or_named_with_a_trailing_space_says_what_to_do(make_env):
+    """A 15 x 15 upload read "too small (minimum side 16 px)", a 16 x 16 one "picture too small for a field",
+    neither saying what to do; a JPEG named "field.jpg " (a trailing space) was "not an image file"."""
+    env = make_env()
+    c, token = _client(env)
+    _start(c, token)
+    rgb = cv2.imread(str(SAMPLE))
+    for side in (15, 16):
+        r = _upload(c, token, cv2.imencode(".png", np.ascontiguousarray(rgb[:side, :side]))[1].tobytes(), "tiny.png")
+        said = r.get_json().get("error") or r.get_json()["field"]["rejected"]
+        assert "use the camera's whole picture, not a crop or a thumbnail" in said, said
+    assert env.store.totals(1)["fields_used"] == 0
+    assert _upload(c, token, SAMPLE.read_bytes(), "field.jpg ").status_code == 201

@@ -143,7 +143,8 @@ def _decode_upload():
     d = deps()
     f = request.files["image"]
     name = Path(f.filename or "upload").name  # for messages only: an upload is never saved under its name
-    if Path(name).suffix.lower() not in IMAGE_SUFFIXES:
+    # the name's suffix, spaces around it aside: "field.jpg " (a name typed or mangled) was refused
+    if Path(name.strip()).suffix.lower().strip() not in IMAGE_SUFFIXES:
         d.analyser.metrics.inc("uploads_refused_total")
         abort(400, f"{name}: not an image file (use PNG, JPEG, WebP, BMP or TIFF)")
     data = f.read()
