@@ -662,10 +662,10 @@ def _filter(
             # fragments that touch one another (across the 1 px cut between them), not every fragment of a
             # clump: a small whole cell grazing the border at the far end of a chain of touching cells
             # was dropped for the cut cell at the other end
-            touching = cv2.dilate(frag[labels].view(np.uint8), np.ones((3, 3), np.uint8))
-            _, clump = cv2.connectedComponents(touching, connectivity=8)
+            inside = frag[labels]  # the fragments' pixels
+            _, clump = cv2.connectedComponents(cv2.dilate(inside.view(np.uint8), np.ones((3, 3), np.uint8)),
+                                               connectivity=8)
             clump_of = np.zeros(n, np.int64)
-            inside = frag[labels]
             clump_of[labels[inside]] = clump[inside]
             together = np.bincount(clump_of[frag], weights=contact_px[frag], minlength=int(clump_of.max()) + 1)
             contact_px = np.where(frag, together[clump_of], contact_px)
