@@ -140,8 +140,16 @@ class Metrics:
             lines += [f"{name}_sum {self._latency_sum:.6f}", f"{name}_count {self._latency_n}"]
         for gname, (help_text, value) in (gauges or {}).items():
             lines += [f"# HELP malaria_{gname} {help_text}", f"# TYPE malaria_{gname} gauge",
-                      f"malaria_{gname} {value:g}"]
+                      f"malaria_{gname} {_sample_value(value)}"]
         return "\n".join(lines) + "\n"
+
+
+def _sample_value(value: float) -> str:
+    """A gauge's value in full: an integer as it is, a float by its shortest exact form (``{:g}`` kept 6
+    significant digits, so 31 GB free read 3.1e+10 and an uptime of 1,234,567 s read 1.23457e+06)."""
+    if isinstance(value, int | bool) or (isinstance(value, float) and value.is_integer() and abs(value) < 2**53):
+        return str(int(value))
+    return repr(float(value))
 
 
 # --- the analyser ---------------------------------------------------------------------------------

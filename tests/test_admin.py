@@ -370,6 +370,8 @@ def test_damaged_records_are_said_as_such_stop_writes_and_fail_healthz(make_env,
         damage_a_page(env.store, "cells")
         r = c.get("/slides/1")  # reads the damaged page
         assert r.status_code == 507 and "records are damaged" in r.get_data(as_text=True)
+        heading = r.get_data(as_text=True).split("<h1>")[1].split("</h1>")[0]
+        assert heading == "Storage problem"  # every 507 was headed "Disk full", damaged records too
     else:  # a page whose count of free bytes is wrong: every read works, only a check finds it
         damage_a_page(env.store, "cells", how="fragmented")
         assert c.get("/slides/1").status_code == 200

@@ -1068,6 +1068,28 @@ def test_healthz_and_metrics(make_env):
     assert "malaria_camera_connected" in text and "malaria_model_ok 1" in text
     cells = int(next(line.split()[1] for line in text.splitlines() if line.startswith("malaria_cells_total")))
     assert cells > 10
+    free = next(line.split()[1] for line in text.splitlines() if line.startswith("malaria_disk_free_bytes "))
+    assert free.isdigit() and int(free) > 10**6  # was written 3.1e+10
+
+
+def test_metrics_gauges_are_written_in_full():
+    from device.service import Metrics
+
+    text = Metrics().render({"a": ("h", 31_234_567_890), "b": ("h", 1_234_567.0), "c": ("h", 1234.5678912),
+                             "d": ("h", 0.0)})
+    values = {line.split()[0]: line.split()[1] for line in text.splitlines() if line.startswith("malaria_")}
+    # {:g} kept 6 significant digits: 3.12346e+10, 1.23457e+06, 1234.57
+    assert (values["malaria_a"], values["malaria_b"], values["malaria_c"], values["malaria_d"]) == (
+        "31234567890", "1234567", "1234.5678912", "0")
+
+
+def test_wrong_method_is_405_with_allow(make_env):
+    env = make_env()
+    c, token = _client(env)
+    for url, client_headers in (("/admin/logout", {}), ("/api/slides/1/finish", {"Accept": "application/json"})):
+        r = c.get(url, headers=client_headers)
+        assert r.status_code == 405, (url, r.status_code)
+        assert "POST" in r.headers["Allow"].replace(" ", "").split(",")  # no Allow header was sent
 
 
 def test_preview_is_a_jpeg_of_the_live_frame(make_env):

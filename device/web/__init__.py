@@ -203,7 +203,12 @@ def _install_hooks(app: Flask) -> None:
         if exc.code == 413:
             deps().analyser.metrics.inc("uploads_refused_total")
             return error_response(413, f"the upload is too large (at most {MAX_UPLOAD_MB} MB)")
-        return error_response(exc.code or 500, exc.description or exc.name)
+        resp = error_response(exc.code or 500, exc.description or exc.name)
+        if exc.code == 405:  # RFC 9110: a 405 names the methods that are allowed
+            allow = dict(exc.get_headers()).get("Allow")
+            if allow:
+                resp.headers["Allow"] = allow
+        return resp
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception):
