@@ -102,7 +102,8 @@ class FieldResult:
             "width": self.width,
             "height": self.height,
             "rejected": self.rejected,
-            "focus": round(self.focus, 1),
+            # unrounded: a field rejected at 2.44 against a limit of 2.45 read "2.4", the limit itself
+            "focus": float(self.focus),
             "threshold": self.threshold,
             "cells": [c.to_json() for c in self.cells],
             "rbc_count": self.rbc_count,

@@ -295,7 +295,7 @@ def _label_of(path: Path) -> int | None:
 
 def cmd_analyze(args) -> int:
     from device.analysis import AnalysisSettings
-    from device.imageio import ANNOTATED_MARKER, holds_annotated_copies, iter_image_files
+    from device.imageio import ANNOTATED_MARKER, drop_identical_copies, holds_annotated_copies, iter_image_files
     from device.slide import summarize_slide
 
     # an annotate folder inside an input folder: its copies (boxes drawn on them) are not fields to count
@@ -309,7 +309,8 @@ def cmd_analyze(args) -> int:
         print(f"error: {named_copies} holds annotated copies written by analyze --annotate (boxes drawn over the "
               "cells), not fields: analyse the original pictures", file=sys.stderr)
         return 2
-    files = iter_image_files(args.paths, exclude=[Path(args.annotate)] if args.annotate else [])
+    # a copy of a field under another name (a picture saved twice) is one field: a slide must not count it twice
+    files = drop_identical_copies(iter_image_files(args.paths, exclude=[Path(args.annotate)] if args.annotate else []))
     if not files:
         print("no image files found in " + ", ".join(args.paths), file=sys.stderr)
         return 2
@@ -334,8 +335,14 @@ def cmd_analyze(args) -> int:
     clf = _classifier(args)
     fp_rate = clf.card.false_positive_rate_at(clf.threshold)  # what the device's slide call uses too
     if args.slide and fp_rate is None:
-        print(f"error: --slide needs the false-positive rate at threshold {threshold_text(clf.threshold)}, and the "
-              "model card's operating curve does not reach down to it: use a higher --threshold", file=sys.stderr)
+        if clf.card.false_positive_rate is None and not clf.card.data.get("operating_curve"):
+            print(f"error: --slide needs the model's false-positive rate per healthy cell, and the card of "
+                  f"{clf.card.name} states none: this model makes no slide calls (analyse without --slide, or use "
+                  "a model whose card states it)", file=sys.stderr)
+        else:
+            print(f"error: --slide needs the false-positive rate at threshold {threshold_text(clf.threshold)}, and "
+                  "the model card's operating curve does not reach down to it: use a higher --threshold",
+                  file=sys.stderr)
         return 2
     settings = AnalysisSettings(threshold=args.threshold)
     out_dir = Path(args.annotate) if args.annotate else None
@@ -402,8 +409,8 @@ def _analyze_files(files, clf, settings, out_dir, images: list, verbose: bool) -
             # the entry every image has (a reader taking rbc_count from each one must not fail on this one),
             # with "error" telling it from a field the quality gate rejected
             images.append({"image": str(f), "error": str(exc), "width": None, "height": None,
-                           "rejected": f"could not be read: {exc}", "cells": [], "rbc_count": 0,
-                           "infected_count": 0, "timing_ms": {}})
+                           "rejected": f"could not be read: {exc}", "focus": None, "threshold": clf.threshold,
+                           "cells": [], "rbc_count": 0, "infected_count": 0, "timing_ms": {}})
             print(f"\nerror: {exc}", file=sys.stderr)
             _progress(i, len(files), f.name)
             continue
@@ -602,6 +609,13 @@ _rbc_per_ul = _ranged(float, lambda v: RBC_PER_UL_RANGE[0] <= v <= RBC_PER_UL_RA
                       "{text} is outside 1e6-1e7 RBC/uL (a measured count, e.g. 4.5e6)")
 
 
+def _out_path(text: str) -> str:
+    """An output path option: an empty one (``--json ""``, an unset shell variable) wrote nothing and exited 0."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path: name a file or folder")
+    return text
+
+
 _iou = _ranged(float, lambda v: 0.0 < v <= 1.0, "{text!r} is not a number", "{text} is not an IoU in (0, 1]")
 _review_floor = _ranged(float, lambda v: REVIEW_FLOOR_RANGE[0] <= v <= REVIEW_FLOOR_RANGE[1],
                         "{text!r} is not a number", "{text} is not a review floor in 0.5-1")
@@ -628,8 +642,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("analyze", help="analyse saved field images")
     p.add_argument("paths", nargs="+", metavar="IMAGE_OR_DIR")
-    p.add_argument("--json", help="write per-image results (and the slide result) here")
-    p.add_argument("--annotate", metavar="DIR",
+    p.add_argument("--json", type=_out_path, help="write per-image results (and the slide result) here")
+    p.add_argument("--annotate", metavar="DIR", type=_out_path,
                    help="write annotated copies here (boxes: red flagged infected, amber near the threshold "
                         f"(from {AnalysisConfig.review_floor:g}, as the device shows them for review), green the "
                         "others)")
@@ -642,13 +656,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("cells", help="classify single-cell images")
     p.add_argument("paths", nargs="+", metavar="PATH")
-    p.add_argument("--json", help="write per-file results (and the summary) here")
+    p.add_argument("--json", type=_out_path, help="write per-file results (and the summary) here")
     model_args(p)
     p.set_defaults(func=cmd_cells)
 
     p = sub.add_parser("evaluate-fields", help="measure segmentation and counting on annotated fields")
     p.add_argument("dir", help="folder with images/ and annotations.json")
-    p.add_argument("--json", help="write the report here")
+    p.add_argument("--json", type=_out_path, help="write the report here")
     p.add_argument("--no-classifier", action="store_true", help="segmentation only")
     p.add_argument("--partial-labels", dest="partial_labels", action="store_true", default=None,
                    help="not every red cell is boxed: precision judges only detections inside boxes "
@@ -658,7 +672,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="least intersection over union of a detection and a box to match (default 0.5)")
     p.add_argument("--count-border-cells", action="store_true",
                    help="score boxes touching the image border too (the segmenter drops cut cells)")
-    p.add_argument("--errors", metavar="DIR",
+    p.add_argument("--errors", metavar="DIR", type=_out_path,
                    help="write a picture of each error here (red cells missed or made up; parasite-bearing "
                         "cells missed, false positives), named by image, kind and score, to judge them by eye")
     p.add_argument("--review-floor", type=_review_floor, default=AnalysisConfig.review_floor,

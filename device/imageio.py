@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import re
@@ -707,15 +708,47 @@ def _walk_images(top: Path, skip: set[Path]) -> list[Path]:
         for name in files:
             f = Path(folder) / name
             # a broken or looping link named like an image is listed too: reading it then says why
-            if f.suffix.lower() in IMAGE_SUFFIXES:
+            # spaces after the suffix aside, as an upload's name: "b.png " (a name typed or mangled) was skipped
+            suffix = f.suffix.lower().strip()
+            if suffix in IMAGE_SUFFIXES:
                 found.append(f)
-            elif f.suffix.lower() in OTHER_IMAGE_SUFFIXES:
+            elif suffix in OTHER_IMAGE_SUFFIXES:
                 other.append(f)
     if other:
-        kinds = " ".join(sorted({f.suffix.lower() for f in other}))
+        kinds = " ".join(sorted({f.suffix.lower().strip() for f in other}))
         logger.warning("%s: %d picture%s of a kind not read (%s) left out, e.g. %s: save fields as JPEG, PNG, "
                        "TIFF, BMP or WebP", top, len(other), "" if len(other) == 1 else "s", kinds, sorted(other)[0])
     return sorted(found)
+
+
+def drop_identical_copies(files: list[Path]) -> list[Path]:
+    """``files`` less those whose bytes repeat an earlier one's (a field saved twice under two names): each
+    dropped copy is logged. Only files of equal size are read and hashed. A file that cannot be read stays,
+    for reading it to say why."""
+    by_size: dict[int, list[int]] = {}
+    for i, f in enumerate(files):
+        try:
+            if f.is_file() and f.stat().st_size:  # empty files: each is reported as such
+                by_size.setdefault(f.stat().st_size, []).append(i)
+        except OSError:
+            continue
+    drop: set[int] = set()
+    for same_size in by_size.values():
+        if len(same_size) < 2:
+            continue
+        first_of: dict[bytes, Path] = {}
+        for i in same_size:
+            try:
+                with open(files[i], "rb") as fh:
+                    digest = hashlib.file_digest(fh, "sha256").digest()
+            except OSError:
+                continue
+            if digest in first_of:
+                logger.warning("%s: the same picture as %s (identical bytes), used once", files[i], first_of[digest])
+                drop.add(i)
+            else:
+                first_of[digest] = files[i]
+    return [f for i, f in enumerate(files) if i not in drop]
 
 
 def _file_key(path: Path) -> tuple | Path:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import cv2
 import numpy as np
 import pytest
@@ -448,3 +450,14 @@ def test_a_channel_crushed_to_black_is_rejected_not_counted_short(classifier):
     res = analyze_field(saturated(2.0), classifier)
     assert res.rejected and res.rejected.startswith("colour cut off at black in the red channel (7%"), res.rejected
     assert "lower the camera's saturation or contrast" in res.rejected and res.rbc_count == 0
+
+
+def test_field_json_keeps_the_focus_unrounded():
+    from device.analysis import FieldResult
+
+    limit = AnalysisSettings().min_focus
+    res = FieldResult(200, 120, "out of focus", [], np.float64(limit - 0.04), 0.9, {})
+    doc = res.to_json()
+    # rounded to 1 decimal, a field rejected just under the limit read as the limit itself
+    assert doc["focus"] == limit - 0.04 and type(doc["focus"]) is float
+    assert json.loads(json.dumps(doc))["focus"] < limit

@@ -70,9 +70,11 @@ def test_bad_files_are_reported_and_the_batch_goes_on(tmp_path):
     n_bad = len([p for p in BAD.iterdir() if p.suffix != ".py"])
     assert sum("error" in i for i in images.values()) == n_bad
     assert images["zz_good.jpg"]["rbc_count"] > 40
-    keys = {"image", "width", "height", "rejected", "cells", "rbc_count", "infected_count", "timing_ms"}
+    keys = set(images["zz_good.jpg"])  # every key of a read field: focus and threshold were missing
+    assert {"image", "width", "height", "rejected", "focus", "threshold", "cells", "rbc_count", "infected_count",
+            "timing_ms"} <= keys
     for im in images.values():  # a failed image has the entry of every image too: {"image", "error"} did not
-        assert keys <= set(im), im
+        assert set(im) - {"error"} == keys, im
         if "error" in im:
             assert im["rejected"] == f"could not be read: {im['error']}" and im["cells"] == []
             assert im["rbc_count"] == im["infected_count"] == 0 and im["width"] is None
@@ -97,6 +99,52 @@ def test_slide_call_uses_the_false_positive_rate_at_the_threshold_in_use(tmp_pat
         assert r.returncode == 2 and "--threshold" in r.stderr and "Traceback" not in r.stderr
     r = device("analyze", str(field), "--slide", "--threshold", "0.3")  # below the card's operating curve
     assert r.returncode == 2 and "operating curve" in r.stderr
+
+
+def test_a_copy_of_a_field_under_another_name_is_counted_once(tmp_path):
+    field = sorted(SAMPLES.glob("*.jpg"))[0]
+    d = tmp_path / "slide"
+    d.mkdir()
+    shutil.copy(field, d / "a.jpg")
+    shutil.copy(field, d / "b.jpg")  # the same picture saved twice
+    shutil.copy(field, d / "c.png ")  # a trailing space after the suffix: it was skipped without a word
+    shutil.copy(sorted(SAMPLES.glob("*.jpg"))[1], d / "d.jpg")
+    out = tmp_path / "o.json"
+    r = device("analyze", str(d), "--slide", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(out.read_text())
+    assert [Path(i["image"]).name for i in doc["images"]] == ["a.jpg", "d.jpg"]
+    assert doc["slide"]["fields_used"] == 2 and doc["slide"]["rbc_count"] == sum(i["rbc_count"] for i in doc["images"])
+    assert "b.jpg: the same picture as" in r.stderr and "c.png : the same picture as" in r.stderr
+    (d / "a.jpg").unlink()
+    (d / "b.jpg").unlink()
+    r = device("analyze", str(d), "--json", str(out))  # the spaced name alone is read as a field
+    assert r.returncode == 0, r.stderr
+    assert sorted(Path(i["image"]).name for i in json.loads(out.read_text())["images"]) == ["c.png ", "d.jpg"]
+
+
+def test_empty_output_paths_are_refused(tmp_path):
+    field = str(sorted(SAMPLES.glob("*.jpg"))[0])
+    fields = str(ROOT / "tests" / "fixtures" / "fields")
+    for args in (("analyze", field, "--json", ""), ("analyze", field, "--annotate", " "),
+                 ("cells", field, "--json", ""), ("evaluate-fields", fields, "--json", ""),
+                 ("evaluate-fields", fields, "--errors", "")):
+        r = device(*args)  # wrote nothing and exited 0
+        assert r.returncode == 2 and "an empty path" in r.stderr and args[-2] in r.stderr, (args, r.stderr)
+
+
+def test_slide_with_a_model_that_states_no_false_positive_rate(tmp_path):
+    card = json.loads((ROOT / "models" / "cellnet_int8.json").read_text())
+    card.pop("call_false_positive_rate")
+    card.pop("operating_curve")
+    shutil.copy(ROOT / "models" / "cellnet_int8.tflite", tmp_path / "m.tflite")
+    (tmp_path / "m.json").write_text(json.dumps(card))
+    field = str(sorted(SAMPLES.glob("*.jpg"))[0])
+    r = device("analyze", field, "--slide", "--model", str(tmp_path / "m.tflite"))
+    # it was told "use a higher --threshold", which no threshold could mend
+    assert r.returncode == 2 and "this model makes no slide calls" in r.stderr and "--threshold" not in r.stderr
+    r = device("analyze", field, "--model", str(tmp_path / "m.tflite"))
+    assert r.returncode == 0, r.stderr
 
 
 def test_all_bad_is_a_failure_exit(tmp_path):
@@ -372,11 +420,11 @@ def test_unusable_outputs_are_refused_before_any_work(tmp_path):
 
 
 def test_annotated_copies_of_same_named_fields_do_not_overwrite_each_other(tmp_path):
-    field = sorted(SAMPLES.glob("*.jpg"))[0]
-    for d in ("a", "b"):
+    fields = sorted(SAMPLES.glob("*.jpg"))  # three pictures: identical copies would be one field
+    for d, field in (("a", fields[0]), ("b", fields[1])):
         (tmp_path / d).mkdir()
         shutil.copy(field, tmp_path / d / "field.jpg")
-    shutil.copy(field, tmp_path / "a" / "field.png")  # same stem, other format
+    shutil.copy(fields[2], tmp_path / "a" / "field.png")  # same stem, other format
     ann = tmp_path / "ann"
     (ann / "field_3_annotated.jpg").mkdir(parents=True)  # the third copy cannot be written there
     out = tmp_path / "out.json"
@@ -580,8 +628,11 @@ def test_ctrl_c_keeps_the_fields_done_so_far(tmp_path):
     d = tmp_path / "many"
     d.mkdir()
     # 40 images: under load the run went on past the 12 it once had before the interrupt arrived (exit 0)
-    for i in range(40):
-        shutil.copy(sorted(SAMPLES.glob("*.jpg"))[i % 4], d / f"f{i:02d}.jpg")
+    import cv2
+
+    samples = [cv2.imread(str(f)) for f in sorted(SAMPLES.glob("*.jpg"))]
+    for i in range(40):  # 40 different pictures (identical copies are one field), at qualities 80-89
+        cv2.imwrite(str(d / f"f{i:02d}.jpg"), samples[i % 4], [cv2.IMWRITE_JPEG_QUALITY, 80 + i // 4])
     out = tmp_path / "out.json"
     p = subprocess.Popen([sys.executable, "-m", "device", "analyze", str(d), "--slide", "--json", str(out)],
                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -725,7 +776,7 @@ def test_annotating_into_the_input_folder_itself_is_refused_with_the_reason(tmp_
     assert r.returncode == 2 and "is an input folder" in r.stderr  # was "no image files found"
     # the images named one by one (a shell glob): a second run read the first run's copies as fields (one
     # field counted twice on the slide) and wrote copies over inputs
-    (d / "old_annotated.jpg").write_bytes((d / sorted(os.listdir(d))[0]).read_bytes())
+    (d / "old_annotated.jpg").write_bytes(sorted(SAMPLES.glob("*.jpg"))[1].read_bytes())
     before = sorted(os.listdir(d))
     r = device("analyze", *[str(p) for p in sorted(d.iterdir())], "--annotate", str(d))
     assert r.returncode == 2 and "holds an input image" in r.stderr and "Traceback" not in r.stderr
