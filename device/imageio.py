@@ -249,6 +249,14 @@ def _jpeg_size(data: bytes) -> tuple[int, int]:
     raise ImageError("truncated JPEG: no frame header")
 
 
+def jpeg_components(data: bytes) -> int | None:
+    """The number of colour components in a JPEG's frame header (1 gray, 3 colour, 4 CMYK), or None."""
+    for marker, i, _ in _jpeg_segments(data):
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return data[i + 9] if i + 10 <= len(data) else None
+    return None
+
+
 def _jpeg_has_end(data: bytes) -> bool:
     """Whether the end-of-image marker follows the first scan.
 
@@ -389,9 +397,12 @@ def _webp_size(data: bytes) -> tuple[int, int]:
     raise ImageError("truncated WebP header")
 
 
+REDUCED_FLAGS = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
+
+
 def decode_rgb(data: bytes, *, name: str = "image", min_side_px: int = MIN_SIDE_PX,
                check_jpeg_data: bool = False, max_pixels: int = MAX_PIXELS,
-               limit_note: str = "") -> np.ndarray:
+               limit_note: str = "", reduce: int = 1) -> np.ndarray:
     """Decode encoded image bytes to HxWx3 uint8 RGB, refusing what cannot be analysed.
 
     Truncated PNG/JPEG files are refused (a decoder would fill the missing part with gray), as is
@@ -399,8 +410,14 @@ def decode_rgb(data: bytes, *, name: str = "image", min_side_px: int = MIN_SIDE_
     damaged is refused too (see :func:`_libjpeg_warnings`). Every decoding holds :data:`JPEG_DECODE_LOCK`.
     Images over ``max_pixels`` (at most :data:`MAX_PIXELS`) are refused before decoding, the reason
     followed by ``limit_note``. Raises :class:`ImageError` with the reason.
+
+    ``reduce`` 2, 4 or 8 decodes a colour JPEG (3 components) at that fraction of its size, by libjpeg's
+    scaled inverse DCT: the full picture is never held (see :func:`device.cli.read_field`). ValueError for
+    any other picture: a gray one would come out as colour and no longer be refused.
     """
     max_pixels = min(max_pixels, MAX_PIXELS)
+    if reduce != 1 and (reduce not in REDUCED_FLAGS or data[:2] != b"\xff\xd8" or jpeg_components(data) != 3):
+        raise ValueError(f"{name}: only a colour JPEG can be decoded reduced (asked: 1/{reduce})")
     if not data:
         raise ImageError(f"{name}: empty file")
     try:
@@ -454,7 +471,10 @@ def decode_rgb(data: bytes, *, name: str = "image", min_side_px: int = MIN_SIDE_
     try:
         # every format under the lock: a TIFF may hold JPEG data, which libjpeg decodes (and warns of) too
         with JPEG_DECODE_LOCK, _libjpeg_warnings(warnings) if listen else contextlib.nullcontext():
-            img = cv2.imdecode(buf, cv2.IMREAD_COLOR if os2_bitmap else cv2.IMREAD_UNCHANGED)
+            if reduce != 1:  # EXIF orientation is applied below, as for every JPEG
+                img = cv2.imdecode(buf, REDUCED_FLAGS[reduce] | cv2.IMREAD_IGNORE_ORIENTATION)
+            else:
+                img = cv2.imdecode(buf, cv2.IMREAD_COLOR if os2_bitmap else cv2.IMREAD_UNCHANGED)
     except cv2.error as exc:  # OpenCV's own limits and checks: a bad file, never a crashed batch
         raise ImageError(f"{name}: could not decode ({str(exc).strip().splitlines()[-1][:120]})") from exc
     damage = [w for w in warnings if not _is_padding(w, data)]
@@ -614,6 +634,13 @@ def read_rgb(path: str | Path, *, min_side_px: int = MIN_SIDE_PX, check_jpeg_dat
              max_pixels: int = MAX_PIXELS, limit_note: str = "") -> np.ndarray:
     """Read an image file as HxWx3 uint8 RGB (``check_jpeg_data``, ``max_pixels``, ``limit_note``: see
     :func:`decode_rgb`). Raises :class:`ImageError` with the file and reason."""
+    return decode_rgb(read_image_bytes(path), name=str(Path(path)), min_side_px=min_side_px,
+                      check_jpeg_data=check_jpeg_data, max_pixels=max_pixels, limit_note=limit_note)
+
+
+def read_image_bytes(path: str | Path) -> bytes:
+    """The bytes of an image file, for :func:`decode_rgb`. Raises :class:`ImageError` with the file and why
+    it cannot be read (a folder, a pipe, a file too large for any field)."""
     p = Path(path)
     try:
         st = p.stat()
@@ -639,8 +666,7 @@ def read_rgb(path: str | Path, *, min_side_px: int = MIN_SIDE_PX, check_jpeg_dat
         raise
     except ValueError as exc:  # a NUL byte in the name (no file can have one)
         raise ImageError(f"{str(p)!r}: not a file name ({exc})") from exc
-    return decode_rgb(data, name=str(p), min_side_px=min_side_px, check_jpeg_data=check_jpeg_data,
-                      max_pixels=max_pixels, limit_note=limit_note)
+    return data
 
 
 # Left by `analyze --annotate` in the folder it writes: the annotated copies (boxes drawn over the cells) are

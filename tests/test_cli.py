@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -936,3 +937,70 @@ def test_cells_prints_each_score_as_the_pages_show_it(tmp_path, monkeypatch, cap
     assert float(f"{p:.4f}") < p  # the case: four decimals read below the threshold
     assert cli.main(["cells", str(tmp_path / "a.png")]) == 0
     assert f"p_infected={threshold_text(p)} INFECTED" in capsys.readouterr().out
+
+
+def _iou(a, b) -> float:
+    ix = max(0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
+    iy = max(0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
+    return ix * iy / (a[2] * a[3] + b[2] * b[3] - ix * iy)
+
+
+def test_a_large_camera_jpeg_is_read_reduced_and_reported_on_the_picture_itself(tmp_path, classifier):
+    """A 24 MP JPEG's full decode took analyze to 265 MB (48 MP: 411 MB); over 16 MP a colour JPEG is decoded
+    at 1/2 (cells kept at least 96 px across), and its boxes and size are given on the picture itself."""
+    import cv2
+
+    from device.analysis import analyze_field
+    from device.cli import read_field
+    from device.imageio import read_rgb
+
+    bgr = cv2.imread(str(sorted(SAMPLES.glob("*.jpg"))[0]))  # 1600 x 1200, cells ~ 110 px
+    big = cv2.resize(bgr, None, fx=3.0, fy=3.0, interpolation=cv2.INTER_CUBIC)  # 17.3 MP
+    path = tmp_path / "big.jpg"
+    path.write_bytes(cv2.imencode(".jpg", big, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes())
+    rgb, factor, size = read_field(path)
+    assert factor == 2 and rgb.shape == (1800, 2400, 3) and size == (4800, 3600)
+    out, ann = tmp_path / "o.json", tmp_path / "ann"
+    r = device("analyze", str(path), "--json", str(out), "--annotate", str(ann))
+    assert r.returncode == 0, r.stderr
+    im = json.loads(out.read_text())["images"][0]
+    assert (im["width"], im["height"], im["read_at"]) == (4800, 3600, 0.5) and im["rejected"] is None
+    assert cv2.imread(im["annotated"]).shape == (1800, 2400, 3)  # drawn on what was analysed
+    whole = analyze_field(read_rgb(path), classifier)  # the same picture decoded whole
+    assert abs(im["rbc_count"] - whole.rbc_count) <= 0.03 * whole.rbc_count
+    found = [max(_iou(c.bbox, r["bbox"]) for r in im["cells"]) for c in whole.cells]
+    assert sum(f >= 0.7 for f in found) >= 0.95 * len(found)  # the boxes lie where the whole decode puts them
+    for c in im["cells"]:
+        x, y, w, h = c["bbox"]
+        assert x >= 0 and y >= 0 and x + w <= 4800 and y + h <= 3600
+
+
+def test_a_large_jpeg_is_read_whole_when_reducing_would_change_what_is_analysed(tmp_path):
+    import cv2
+
+    from device.cli import read_field
+    from device.imageio import ImageError
+    from tests.test_imageio import _with_exif_orientation
+
+    bgr = cv2.imread(str(sorted(SAMPLES.glob("*.jpg"))[0]))
+    big = cv2.resize(bgr, None, fx=3.0, fy=3.0, interpolation=cv2.INTER_CUBIC)
+    data = cv2.imencode(".jpg", big, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
+    turned = tmp_path / "turned.jpg"  # a phone's picture taken on its side
+    turned.write_bytes(_with_exif_orientation(data, 6))
+    rgb, factor, size = read_field(turned)
+    plain = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_REDUCED_COLOR_2)
+    assert factor == 2 and size == (3600, 4800)
+    assert np.array_equal(rgb, cv2.cvtColor(np.rot90(plain, -1), cv2.COLOR_BGR2RGB))  # turned, as a viewer shows
+    gray = tmp_path / "gray.jpg"  # a gray picture decoded reduced as colour would pass as a field
+    gray.write_bytes(cv2.imencode(".jpg", cv2.cvtColor(big, cv2.COLOR_BGR2GRAY))[1].tobytes())
+    with pytest.raises(ImageError, match="grayscale image"):
+        read_field(gray)
+    damaged = bytearray(data)
+    damaged[len(data) // 3 : len(data) // 3 + 4096] = bytes(4096)
+    (tmp_path / "damaged.jpg").write_bytes(bytes(damaged))
+    with pytest.raises(ImageError, match="damaged JPEG data"):
+        read_field(tmp_path / "damaged.jpg")
+    tiled = tmp_path / "tiled.jpg"  # 19 MP of cells ~110 px across: at 1/2 they would be under 96 px
+    tiled.write_bytes(cv2.imencode(".jpg", np.tile(bgr, (3, 3, 1)), [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes())
+    rgb, factor, size = read_field(tiled)
+    assert factor == 1 and rgb.shape == (3600, 4800, 3) and size == (4800, 3600)
