@@ -588,6 +588,10 @@ def test_a_field_already_counted_is_not_counted_again(make_env, tmp_path):
     other = sorted(SAMPLES_DIR.glob("*.jpg"))[1].read_bytes()
     assert _upload(c, token, other, "other.jpg").status_code == 201
     assert _upload(c, token, other, "other-again.jpg").status_code == 409
+    turned = cv2.imencode(".jpg", cv2.rotate(cv2.imdecode(np.frombuffer(other, np.uint8), cv2.IMREAD_COLOR),
+                                             cv2.ROTATE_180), [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
+    r = _upload(c, token, turned, "other-turned.jpg")  # the same cells: it was counted a second time
+    assert r.status_code == 409 and "already counted" in r.get_json()["error"]
     # the stage came back to a field counted before the last one: still counted once
     assert env.store.totals(1)["fields_used"] == 2
     # a rejected field counts nothing, so the same (refocused) view may be captured again

@@ -298,9 +298,12 @@ class CountedViews:
 
     def reserve(self, slide_id: int, view: np.ndarray, what: str = "this field") -> None:
         """Raises Conflict when the view is counted already or being analysed."""
+        # An uploaded picture may come back turned 180 degrees (an editor, a phone held the other way): the same
+        # cells. A camera's frames are never turned.
+        looks = (view,) if what == "this field" else (view, np.ascontiguousarray(view[::-1, ::-1]))
         with self.lock:
             taken = [v for v, _ in self._views(slide_id).values()] + self.inflight.get(slide_id, [])
-            if any(same_view(v, view) for v in taken):
+            if any(same_view(v, look) for v in taken for look in looks):
                 raise Conflict(f"{what} is already counted: move the stage to the next field, then capture"
                                if what == "this field" else f"{what} is already counted in this slide")
             self.inflight.setdefault(slide_id, []).append(view)

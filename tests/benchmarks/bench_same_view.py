@@ -75,9 +75,15 @@ def main() -> int:
         same = [cam.same_view(v, view(c)) for v, img in zip(views, imgs, strict=True) for c in changed(img)]
         pairs = list(itertools.combinations(range(len(views)), 2))
         wrong = sum(cam.same_view(views[i], views[j]) for i, j in pairs)
+        # an upload is also compared turned 180 degrees (CountedViews.reserve): every ordered pair, turned
+        turned = sum(cam.same_view(views[i], np.ascontiguousarray(views[j][::-1, ::-1]))
+                     for i, j in itertools.permutations(range(len(views)), 2))
+        found = sum(cam.same_view(v, np.ascontiguousarray(view(img[100:1000, 100:1300][::-1, ::-1])[::-1, ::-1]))
+                    for v, img in zip(views, imgs, strict=True))
         name = "dense (as captured)" if k is None else f"thin, {k} cells each"
         print(f"{name:22s} same window after a change: {sum(same)} of {len(same)} taken as the same view; "
-              f"different fields: {wrong} of {len(pairs)} pairs taken as the same")
+              f"different fields: {wrong} of {len(pairs)} pairs taken as the same; turned 180: {found} of "
+              f"{len(views)} windows found, {turned} of {len(views) * (len(views) - 1)} other fields' taken")
     return 0
 
 
