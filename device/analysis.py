@@ -125,6 +125,9 @@ _CHROMA_LIGHT_FLOOR = 60.0
 # in 1600 x 1200) have room for 23-35, and one kept 8 cells whole; the 4 samples and 60 IML fields as taken
 # have room for 118-258.
 FEW_FIT_WHOLE = 40
+# ...unless the picture is a strip (a long side this many times its short one; cameras give 4:3 to 16:9): then
+# the picture is too narrow, not the magnification too high
+NARROW_ASPECT = 3.0
 
 # A channel at its top over more of the field than the background measure's 5%
 # (``preprocess.background_rgb``: the 95th percentile) leaves the background's colour unknown, and the
@@ -432,6 +435,10 @@ def analyze_field(
     if few:
         timing["total_ms"] = (time.perf_counter() - t0) * 1000
         d = seg.cell_diameter_px
+        if max(w, h) >= NARROW_ASPECT * min(w, h) and (w - d) * (h - d) < FEW_FIT_WHOLE * d * d:
+            # a strip cut from a field: its cells are not too large, the picture is too narrow for them
+            return FieldResult(w, h, f"{few}: picture too narrow for a field ({w}x{h} px, cells {d:.0f} px across): "
+                               "use the camera's whole picture, not a crop", [], focus, threshold, timing)
         if (w - d) * (h - d) < FEW_FIT_WHOLE * d * d:
             # the cells cut by the frame's edge are dropped, and at a high magnification most are
             return FieldResult(w, h, f"{few}: cells too large in the picture ({d:.0f} px across, few fit whole): use a "

@@ -179,7 +179,10 @@ def _unique_name(stem: str, used: set[str], suffix: str = "_annotated.jpg") -> s
 def _cut(text: str, max_bytes: int) -> str:
     """``text`` cut to at most ``max_bytes`` bytes of file name, never inside a UTF-8 character (a name
     ending in half of one is not valid UTF-8: other tools cannot open it)."""
-    raw = os.fsencode(text)[:max_bytes]
+    raw = os.fsencode(text)
+    if len(raw) <= max_bytes:  # nothing cut: a byte that is not UTF-8 (a camera's) was dropped from short names
+        return text
+    raw = raw[:max_bytes]
     for end in range(len(raw), max(len(raw) - 4, -1), -1):
         try:
             return raw[:end].decode("utf-8")

@@ -178,6 +178,10 @@ def test_a_field_magnified_too_much_says_so_not_only_empty_area(classifier):
         assert res.rejected and ("cells too large" in res.rejected or "too small or too large" in res.rejected)
         assert "100x" in res.rejected and res.rbc_count == 0
     assert "cells too large" not in (analyze_field(rgb, classifier).rejected or "")
+    strip = np.ascontiguousarray(rgb[h // 2 - 120 : h // 2 + 120])  # 1600 x 240: a crop, not a magnification
+    res = analyze_field(strip, classifier)
+    assert res.rejected and "picture too narrow for a field (1600x240 px" in res.rejected, res.rejected
+    assert "magnification" not in res.rejected and "100x" not in res.rejected
 
 
 @pytest.mark.parametrize("shape, dtype", [((64, 64, 4), np.uint8), ((64, 64), np.uint8), ((64, 64, 3), np.float32)])

@@ -834,6 +834,9 @@ def test_annotated_names_are_whole_utf8_and_unique_without_regard_to_case():
     cut = _cut(long, 150)
     assert len(cut.encode("utf-8")) <= 150 and cut == "a" + "é" * 74
     assert _cut(os.fsdecode(b"field\xff" * 40), 150) == os.fsdecode((b"field\xff" * 40)[:150])  # not UTF-8: as is
+    for short in (b"f\xe9", b"field\xff\xfe", b"\xe9t\xe9"):  # a camera's Latin-1 name: its last bytes were dropped
+        assert _cut(os.fsdecode(short), 150) == os.fsdecode(short)
+        assert _unique_name(os.fsdecode(short), set()) == os.fsdecode(short + b"_annotated.jpg")
     used: set[str] = set()
     assert [_unique_name(s, used) for s in ("A", "a", "b", "A")] == [
         "A_annotated.jpg", "a_2_annotated.jpg", "b_annotated.jpg", "A_3_annotated.jpg"]
