@@ -749,32 +749,43 @@ def _walk_images(top: Path, skip: set[Path]) -> list[Path]:
 
 def drop_identical_copies(files: list[Path]) -> list[Path]:
     """``files`` less those whose bytes repeat an earlier one's (a field saved twice under two names): each
-    dropped copy is logged. Only files of equal size are read and hashed. A file that cannot be read stays,
-    for reading it to say why."""
-    by_size: dict[int, list[int]] = {}
+    dropped copy is logged. Only files of equal size are compared: first by their first 64 KiB (uncompressed
+    fields of one camera all have one size), then whole. A file that cannot be read stays, for reading it to
+    say why."""
+    groups: dict[object, list[int]] = {}
     for i, f in enumerate(files):
         try:
             if f.is_file() and f.stat().st_size:  # empty files: each is reported as such
-                by_size.setdefault(f.stat().st_size, []).append(i)
+                groups.setdefault(f.stat().st_size, []).append(i)
         except OSError:
             continue
-    drop: set[int] = set()
-    for same_size in by_size.values():
-        if len(same_size) < 2:
-            continue
-        first_of: dict[bytes, Path] = {}
-        for i in same_size:
-            try:
-                with open(files[i], "rb") as fh:
-                    digest = hashlib.file_digest(fh, "sha256").digest()
-            except OSError:
+    for whole in (False, True):
+        narrowed: dict[object, list[int]] = {}
+        for key, same in groups.items():
+            if len(same) < 2:
                 continue
-            if digest in first_of:
-                logger.warning("%s: the same picture as %s (identical bytes), used once", files[i], first_of[digest])
-                drop.add(i)
-            else:
-                first_of[digest] = files[i]
+            for i in same:
+                digest = _digest(files[i], whole)
+                if digest is not None:
+                    narrowed.setdefault((key, digest), []).append(i)
+        groups = narrowed
+    drop: set[int] = set()
+    for same in groups.values():
+        for i in same[1:]:
+            logger.warning("%s: the same picture as %s (identical bytes), used once", files[i], files[same[0]])
+            drop.add(i)
     return [f for i, f in enumerate(files) if i not in drop]
+
+
+def _digest(path: Path, whole: bool) -> bytes | None:
+    """sha256 of the file's first 64 KiB, or of all of it; None when it cannot be read."""
+    try:
+        with open(path, "rb") as fh:
+            if whole:
+                return hashlib.file_digest(fh, "sha256").digest()
+            return hashlib.sha256(fh.read(1 << 16)).digest()
+    except OSError:
+        return None
 
 
 def _file_key(path: Path) -> tuple | Path:

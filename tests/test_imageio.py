@@ -503,3 +503,23 @@ def test_a_checked_decode_hears_only_its_own_files_warnings_while_other_threads_
     finally:
         stop.set()
         t.join()
+
+
+def test_identical_copies_are_dropped_by_their_bytes_not_their_size_or_first_bytes(tmp_path, caplog):
+    from device.imageio import drop_identical_copies
+
+    rng = np.random.default_rng(0)
+    files = []
+    for i in range(4):  # one size, as an uncompressed camera's fields all have
+        files.append(tmp_path / f"f{i}.bmp")
+        files[-1].write_bytes(b"BM" + rng.integers(0, 256, 200_000, np.uint8).tobytes())
+    (tmp_path / "copy.bmp").write_bytes(files[2].read_bytes())
+    last_byte = bytearray(files[3].read_bytes())
+    last_byte[-1] ^= 1  # the same first 64 KiB: another picture all the same
+    (tmp_path / "tail.bmp").write_bytes(bytes(last_byte))
+    for name in ("e1.png", "e2.png"):  # empty: each is reported as such when read
+        (tmp_path / name).write_bytes(b"")
+    names = ["f0.bmp", "f1.bmp", "f2.bmp", "f3.bmp", "copy.bmp", "tail.bmp", "e1.png", "e2.png", "gone.png"]
+    kept = drop_identical_copies([tmp_path / n for n in names])
+    assert [p.name for p in kept] == [n for n in names if n != "copy.bmp"]
+    assert "copy.bmp: the same picture as" in caplog.text and "f2.bmp (identical bytes)" in caplog.text
