@@ -16,6 +16,8 @@ from device.config import RBC_PER_UL_RANGE, REVIEW_FLOOR_RANGE, AnalysisConfig, 
 from device.slide import threshold_text
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import numpy as np
 
 logger = logging.getLogger(__name__)
@@ -161,15 +163,17 @@ def _outputs_writable(json_path: str | None = None, out_dir: str | None = None,
     return problem is None
 
 
-def _unique_name(stem: str, used: set[str], suffix: str = "_annotated.jpg") -> str:
-    """``stem_annotated.jpg``, or ``stem_2_annotated.jpg``... when another input had the same stem.
+def _unique_name(stem: str, used: set[str], suffix: str = "_annotated.jpg",
+                 taken: Callable[[str], bool] = lambda name: False) -> str:
+    """``stem_annotated.jpg``, or ``stem_2_annotated.jpg``... when another input had the same stem, or when
+    ``taken(name)`` (a copy another field left in the folder).
 
     Stems are cut to 150 bytes, so that the name stays under the usual 255-byte limit of file systems.
     Names differing only in case are taken as the same: on a FAT or exFAT stick they are one file.
     """
     stem = _cut(stem, 150)
     name, n = f"{stem}{suffix}", 1
-    while name.casefold() in used:
+    while name.casefold() in used or taken(name):
         n += 1
         name = f"{stem}_{n}{suffix}"
     used.add(name.casefold())
@@ -453,12 +457,60 @@ def _scale_back(doc: dict, factor: int, size: tuple[int, int]) -> None:
 
 def _analyze_files(files, clf, settings, out_dir, images: list, verbose: bool) -> None:
     """Analyse each file into ``images`` (appended as it goes, so that an interrupted batch keeps its part)."""
+    used_names: set[str] = set()
+    sources = _AnnotatedSources(out_dir) if out_dir else None
+    try:
+        _analyze_each(files, clf, settings, out_dir, images, verbose, used_names, sources)
+    finally:
+        if sources is not None:
+            sources.save()
+
+
+# Beside the annotated copies: {copy's name: the picture it was drawn from}
+ANNOTATED_SOURCES = ".malaria-detect-annotated-sources.json"
+
+
+class _AnnotatedSources:
+    """Which field each annotated copy in an ``--annotate`` folder shows (:data:`ANNOTATED_SOURCES`): a copy
+    is replaced only by one of the same picture. An earlier run over another slide's ``IMG_0001.jpg`` was
+    overwritten, and that run's JSON then named a picture of another field."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / ANNOTATED_SOURCES
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # none yet, or unreadable: every copy there is someone else's
+            data = {}
+        self.by_name = {k: v for k, v in data.items() if isinstance(v, str)} if isinstance(data, dict) else {}
+        self.changed = False
+
+    def taken(self, name: str, source: Path) -> bool:
+        """A copy of another picture (or of one unknown) holds this name."""
+        return (self.path.parent / name).exists() and self.by_name.get(name) != os.path.abspath(source)
+
+    def wrote(self, name: str, source: Path) -> None:
+        self.by_name[name] = os.path.abspath(source)
+        self.changed = True
+
+    def save(self) -> None:
+        if not self.changed:
+            return
+        from device.store import write_atomic
+
+        try:
+            write_atomic(self.path, (json.dumps(self.by_name, indent=1, sort_keys=True) + "\n").encode(),
+                         sync_dir=False)
+        except OSError as exc:
+            print(f"\nerror: cannot write {self.path}: {exc.strerror or exc} (a later run will not replace "
+                  "this run's copies)", file=sys.stderr)
+
+
+def _analyze_each(files, clf, settings, out_dir, images, verbose, used_names, sources) -> None:
     import cv2
 
     from device.analysis import analyze_field, draw_annotation
     from device.imageio import ImageError, swap_red_blue
 
-    used_names: set[str] = set()
     for i, f in enumerate(files, 1):
         t0 = time.perf_counter()
         try:
@@ -485,7 +537,7 @@ def _analyze_files(files, clf, settings, out_dir, images: list, verbose: bool) -
         if out_dir:
             # Encoded here and written by Python: OpenCV's imwrite fails silently on an unwritable path and
             # crashes on a file name that is not UTF-8.
-            target = out_dir / _unique_name(f.stem, used_names)
+            target = out_dir / _unique_name(f.stem, used_names, taken=lambda name, f=f: sources.taken(name, f))
             # cells near the threshold in amber, from the device's default review floor (none below it)
             near_from = review_floor_at(AnalysisConfig.review_floor, res.threshold)
             # drawn on the field itself, turned to BGR in place: it is not needed after this, and a copy of a
@@ -498,6 +550,7 @@ def _analyze_files(files, clf, settings, out_dir, images: list, verbose: bool) -
                 if not ok:
                     raise OSError("JPEG encoding failed")
                 target.write_bytes(jpg.tobytes())
+                sources.wrote(target.name, f)
                 doc["annotated"] = str(target)
             except OSError as exc:
                 print(f"\nerror: cannot write annotated copy {target}: {exc.strerror or exc}", file=sys.stderr)

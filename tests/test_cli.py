@@ -420,23 +420,41 @@ def test_unusable_outputs_are_refused_before_any_work(tmp_path):
     assert r.returncode == 2 and "is a folder, not a file" in r.stderr
 
 
-def test_annotated_copies_of_same_named_fields_do_not_overwrite_each_other(tmp_path):
+def test_annotated_copies_of_same_named_fields_do_not_overwrite_each_other(tmp_path, monkeypatch, capsys):
     fields = sorted(SAMPLES.glob("*.jpg"))  # three pictures: identical copies would be one field
     for d, field in (("a", fields[0]), ("b", fields[1])):
         (tmp_path / d).mkdir()
         shutil.copy(field, tmp_path / d / "field.jpg")
     shutil.copy(fields[2], tmp_path / "a" / "field.png")  # same stem, other format
     ann = tmp_path / "ann"
-    (ann / "field_3_annotated.jpg").mkdir(parents=True)  # the third copy cannot be written there
+    (ann / "field_3_annotated.jpg").mkdir(parents=True)  # something else holds the third name: left alone
     out = tmp_path / "out.json"
     r = device("analyze", str(tmp_path / "a"), str(tmp_path / "b"), "--annotate", str(ann), "--json", str(out))
     assert r.returncode == 0, r.stderr
     images = json.loads(out.read_text())["images"]
     assert len(images) == 3 and all(im["rbc_count"] > 40 for im in images)  # every field analysed
     written = [im["annotated"] for im in images if "annotated" in im]
-    assert sorted(Path(p).name for p in written) == ["field_2_annotated.jpg", "field_annotated.jpg"]
-    assert all(Path(p).stat().st_size > 10_000 for p in written)
-    assert "cannot write annotated copy" in r.stderr and "field_3_annotated.jpg" in r.stderr
+    assert sorted(Path(p).name for p in written) == ["field_2_annotated.jpg", "field_4_annotated.jpg",
+                                                     "field_annotated.jpg"]
+    assert all(Path(p).stat().st_size > 10_000 for p in written) and (ann / "field_3_annotated.jpg").is_dir()
+    # a copy that cannot be written (a full card): said, and the batch goes on without it
+    from device import cli
+
+    real_write = Path.write_bytes
+
+    def failing(self, data):
+        if self.name == "field_2_annotated.jpg":
+            raise OSError(28, "No space left on device")
+        return real_write(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", failing)
+    ann2 = tmp_path / "ann2"
+    assert cli.main(["analyze", str(tmp_path / "a"), str(tmp_path / "b"), "--annotate", str(ann2), "--json",
+                     str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "cannot write annotated copy" in err and "field_2_annotated.jpg: No space left on device" in err
+    images = json.loads(out.read_text())["images"]
+    assert len(images) == 3 and sum("annotated" in im for im in images) == 2
 
 
 def test_a_field_named_twice_counts_once_on_the_slide(tmp_path):
@@ -1007,3 +1025,31 @@ def test_a_large_jpeg_is_read_whole_when_reducing_would_change_what_is_analysed(
     tiled.write_bytes(cv2.imencode(".jpg", np.tile(bgr, (3, 3, 1)), [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes())
     rgb, factor, size = read_field(tiled)
     assert factor == 1 and rgb.shape == (3600, 4800, 3) and size == (4800, 3600)
+
+
+def test_annotate_into_a_folder_used_before_keeps_the_copies_of_other_fields(tmp_path):
+    """Two slides' IMG_0001.jpg annotated into one folder: the second run wrote over the first one's copy, and
+    the first run's JSON then named a picture of another field. A run over the same pictures again replaces
+    its own copies."""
+    fields = sorted(SAMPLES.glob("*.jpg"))
+    for slide, field in (("A", fields[0]), ("B", fields[1])):
+        (tmp_path / slide).mkdir()
+        shutil.copy(field, tmp_path / slide / "IMG_0001.jpg")
+    ann = tmp_path / "ann"
+    (ann).mkdir()
+    (ann / "IMG_0001_2_annotated.jpg").write_bytes(b"someone's own file")  # unknown to any run: kept too
+
+    def run(slide):
+        out = tmp_path / f"{slide}.json"
+        r = device("analyze", str(tmp_path / slide), "--annotate", str(ann), "--json", str(out))
+        assert r.returncode == 0, r.stderr
+        return Path(json.loads(out.read_text())["images"][0]["annotated"])
+
+    a = run("A")
+    a_bytes = a.read_bytes()
+    b = run("B")
+    assert a.name == "IMG_0001_annotated.jpg" and b.name == "IMG_0001_3_annotated.jpg"
+    assert a.read_bytes() == a_bytes and (ann / "IMG_0001_2_annotated.jpg").read_bytes() == b"someone's own file"
+    assert run("A") == a and run("B") == b  # run again: each replaces its own copy, none is added
+    assert sorted(p.name for p in ann.glob("*.jpg")) == [
+        "IMG_0001_2_annotated.jpg", "IMG_0001_3_annotated.jpg", "IMG_0001_annotated.jpg"]
