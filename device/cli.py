@@ -432,8 +432,8 @@ def read_field(path: Path) -> tuple[np.ndarray, int, tuple[int, int]]:
     if (REDUCE_ABOVE_PIXELS < w * h <= MAX_PIXELS and data[:2] == b"\xff\xd8"
             and jpeg_components(data) == 3):
         factor = next(k for k in (2, 4, 8) if w * h <= REDUCE_ABOVE_PIXELS * k * k)
-        try:
-            probe = decode_rgb(data, name=name, reduce=8)
+        try:  # checked as the decode below: libjpeg's warnings (padding too) are heard, not printed
+            probe = decode_rgb(data, name=name, reduce=8, check_jpeg_data=True)
         except ImageError:  # the full decode below says why
             probe = None
         diameter = estimate_cell_diameter(probe) if probe is not None else None
