@@ -302,7 +302,7 @@ def _label_of(path: Path) -> int | None:
 
 def cmd_analyze(args) -> int:
     from device.analysis import AnalysisSettings
-    from device.imageio import ANNOTATED_MARKER, drop_identical_copies, holds_annotated_copies, iter_image_files
+    from device.imageio import ANNOTATED_MARKER, holds_annotated_copies, identical_copies, iter_image_files
     from device.slide import summarize_slide
 
     # an annotate folder inside an input folder: its copies (boxes drawn on them) are not fields to count
@@ -316,8 +316,7 @@ def cmd_analyze(args) -> int:
         print(f"error: {named_copies} holds annotated copies written by analyze --annotate (boxes drawn over the "
               "cells), not fields: analyse the original pictures", file=sys.stderr)
         return 2
-    # a copy of a field under another name (a picture saved twice) is one field: a slide must not count it twice
-    files = drop_identical_copies(iter_image_files(args.paths, exclude=[Path(args.annotate)] if args.annotate else []))
+    files = iter_image_files(args.paths, exclude=[Path(args.annotate)] if args.annotate else [])
     if not files:
         print("no image files found in " + ", ".join(args.paths), file=sys.stderr)
         return 2
@@ -354,22 +353,25 @@ def cmd_analyze(args) -> int:
     settings = AnalysisSettings(threshold=args.threshold)
     out_dir = Path(args.annotate) if args.annotate else None
     images: list[dict] = []
+    # a copy of a field under another name (a picture saved twice) is one field: listed, not counted again
+    copies = identical_copies(files)
     try:
-        _analyze_files(files, clf, settings, out_dir, images, args.verbose)
+        _analyze_files(files, clf, settings, out_dir, images, args.verbose, copies)
     except KeyboardInterrupt:  # Ctrl-C: the fields done so far are kept, and said to be a part
         print(f"\ninterrupted: {len(images)} of {len(files)} images done"
               + (f"; they are in {args.json}" if args.json else ""), file=sys.stderr)
     failed = sum("error" in d for d in images)
+    n_copies = sum("copy_of" in d for d in images)
     interrupted = len(images) < len(files)
     result: dict = {"model": clf.card.name, "sha256": clf.sha256, "threshold": clf.threshold, "images": images,
-                    "failed": failed}
+                    "failed": failed, "copies": n_copies}
     if interrupted:
         result["interrupted"] = {"done": len(images), "of": len(files)}
     if failed:
         print(f"{failed} of {len(images)} images could not be read (errors above)"
               + (": the slide counts the others" if args.slide else ""), file=sys.stderr)
     if args.slide:
-        ok = [d for d in images if "error" not in d]
+        ok = [d for d in images if "error" not in d and "copy_of" not in d]
         used = [d for d in ok if not d["rejected"]]
         s = summarize_slide(
             sum(d["rbc_count"] for d in used), sum(d["infected_count"] for d in used),
@@ -388,9 +390,10 @@ def cmd_analyze(args) -> int:
                   f"{s.detection_limit_pct:.3f}% of cells flagged ({s.detection_limit_per_ul:.0f} parasites/uL if "
                   f"every parasite were flagged, {s.rbc_per_ul_source} {s.rbc_per_ul:.3g} RBC/uL); {s.call_reason}")
     elif len(files) > 1:
-        n_rej = sum(1 for d in images if d["rejected"] and "error" not in d)
+        n_rej = sum(1 for d in images if d["rejected"] and "error" not in d and "copy_of" not in d)
         print(f"{len(images)} images: {failed} failed, {n_rej} rejected, "
-              f"{sum(d.get('rbc_count', 0) for d in images)} red cells, "
+              + (f"{n_copies} copies of others (counted once), " if n_copies else "")
+              + f"{sum(d.get('rbc_count', 0) for d in images)} red cells, "
               f"{sum(d.get('infected_count', 0) for d in images)} flagged infected")
     if not _write_json(args.json, result):
         return 1
@@ -455,12 +458,14 @@ def _scale_back(doc: dict, factor: int, size: tuple[int, int]) -> None:
         c["bbox"] = [x, y, min(w, size[0] - x), min(h, size[1] - y)]
 
 
-def _analyze_files(files, clf, settings, out_dir, images: list, verbose: bool) -> None:
-    """Analyse each file into ``images`` (appended as it goes, so that an interrupted batch keeps its part)."""
+def _analyze_files(files, clf, settings, out_dir, images: list, verbose: bool,
+                   copies: dict[Path, Path] | None = None) -> None:
+    """Analyse each file into ``images`` (appended as it goes, so that an interrupted batch keeps its part);
+    ``copies`` (a file -> the earlier one with its bytes) are listed as such, not analysed again."""
     used_names: set[str] = set()
     sources = _AnnotatedSources(out_dir) if out_dir else None
     try:
-        _analyze_each(files, clf, settings, out_dir, images, verbose, used_names, sources)
+        _analyze_each(files, clf, settings, out_dir, images, verbose, used_names, sources, copies or {})
     finally:
         if sources is not None:
             sources.save()
@@ -505,13 +510,21 @@ class _AnnotatedSources:
                   "this run's copies)", file=sys.stderr)
 
 
-def _analyze_each(files, clf, settings, out_dir, images, verbose, used_names, sources) -> None:
+def _analyze_each(files, clf, settings, out_dir, images, verbose, used_names, sources, copies) -> None:
     import cv2
 
     from device.analysis import analyze_field, draw_annotation
     from device.imageio import ImageError, swap_red_blue
 
     for i, f in enumerate(files, 1):
+        if f in copies:  # the entry every image has, "copy_of" telling it apart; counted once, as the original
+            said = f"the same picture as {copies[f]} (identical bytes): counted once"
+            images.append({"image": str(f), "copy_of": str(copies[f]), "width": None, "height": None,
+                           "rejected": said, "focus": None, "threshold": clf.threshold, "cells": [],
+                           "rbc_count": 0, "infected_count": 0, "timing_ms": {}, "read_at": None})
+            logger.warning("%s: %s", f, said)
+            _progress(i, len(files), f.name)
+            continue
         t0 = time.perf_counter()
         try:
             # one thread decodes here: libjpeg's warnings are this file's

@@ -747,11 +747,11 @@ def _walk_images(top: Path, skip: set[Path]) -> list[Path]:
     return sorted(found)
 
 
-def drop_identical_copies(files: list[Path]) -> list[Path]:
-    """``files`` less those whose bytes repeat an earlier one's (a field saved twice under two names): each
-    dropped copy is logged. Only files of equal size are compared: first by their first 64 KiB (uncompressed
-    fields of one camera all have one size), then whole. A file that cannot be read stays, for reading it to
-    say why."""
+def identical_copies(files: list[Path]) -> dict[Path, Path]:
+    """The files whose bytes repeat an earlier one's (a field saved twice under two names), each with that
+    earlier file. Only files of equal size are compared: first by their first 64 KiB (uncompressed fields of
+    one camera all have one size), then whole. A file that cannot be read is nobody's copy: reading it says
+    why."""
     groups: dict[object, list[int]] = {}
     for i, f in enumerate(files):
         try:
@@ -769,12 +769,7 @@ def drop_identical_copies(files: list[Path]) -> list[Path]:
                 if digest is not None:
                     narrowed.setdefault((key, digest), []).append(i)
         groups = narrowed
-    drop: set[int] = set()
-    for same in groups.values():
-        for i in same[1:]:
-            logger.warning("%s: the same picture as %s (identical bytes), used once", files[i], files[same[0]])
-            drop.add(i)
-    return [f for i, f in enumerate(files) if i not in drop]
+    return {files[i]: files[same[0]] for same in groups.values() for i in same[1:]}
 
 
 def _digest(path: Path, whole: bool) -> bytes | None:

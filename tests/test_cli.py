@@ -114,8 +114,14 @@ def test_a_copy_of_a_field_under_another_name_is_counted_once(tmp_path):
     r = device("analyze", str(d), "--slide", "--json", str(out))
     assert r.returncode == 0, r.stderr
     doc = json.loads(out.read_text())
-    assert [Path(i["image"]).name for i in doc["images"]] == ["a.jpg", "d.jpg"]
-    assert doc["slide"]["fields_used"] == 2 and doc["slide"]["rbc_count"] == sum(i["rbc_count"] for i in doc["images"])
+    images = {Path(i["image"]).name: i for i in doc["images"]}
+    assert list(images) == ["a.jpg", "b.jpg", "c.png ", "d.jpg"]  # every file named has its entry...
+    for copy in ("b.jpg", "c.png "):  # ...the copies as such, with the keys of a field
+        assert images[copy]["copy_of"] == str(d / "a.jpg") and images[copy]["rbc_count"] == 0
+        assert "the same picture as" in images[copy]["rejected"] and set(images[copy]) - {"copy_of"} == set(
+            images["a.jpg"]) - {"copy_of"}
+    assert doc["copies"] == 2 and doc["slide"]["fields_used"] == 2 and doc["slide"]["fields_rejected"] == 0
+    assert doc["slide"]["rbc_count"] == images["a.jpg"]["rbc_count"] + images["d.jpg"]["rbc_count"]
     assert "b.jpg: the same picture as" in r.stderr and "c.png : the same picture as" in r.stderr
     (d / "a.jpg").unlink()
     (d / "b.jpg").unlink()

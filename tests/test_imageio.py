@@ -505,8 +505,8 @@ def test_a_checked_decode_hears_only_its_own_files_warnings_while_other_threads_
         t.join()
 
 
-def test_identical_copies_are_dropped_by_their_bytes_not_their_size_or_first_bytes(tmp_path, caplog):
-    from device.imageio import drop_identical_copies
+def test_identical_copies_are_found_by_their_bytes_not_their_size_or_first_bytes(tmp_path):
+    from device.imageio import identical_copies
 
     rng = np.random.default_rng(0)
     files = []
@@ -520,6 +520,4 @@ def test_identical_copies_are_dropped_by_their_bytes_not_their_size_or_first_byt
     for name in ("e1.png", "e2.png"):  # empty: each is reported as such when read
         (tmp_path / name).write_bytes(b"")
     names = ["f0.bmp", "f1.bmp", "f2.bmp", "f3.bmp", "copy.bmp", "tail.bmp", "e1.png", "e2.png", "gone.png"]
-    kept = drop_identical_copies([tmp_path / n for n in names])
-    assert [p.name for p in kept] == [n for n in names if n != "copy.bmp"]
-    assert "copy.bmp: the same picture as" in caplog.text and "f2.bmp (identical bytes)" in caplog.text
+    assert identical_copies([tmp_path / n for n in names]) == {tmp_path / "copy.bmp": tmp_path / "f2.bmp"}
