@@ -369,7 +369,8 @@ def image_quality(
 
 
 def analyze_field(
-    image_rgb: np.ndarray, classifier: Classifier, settings: AnalysisSettings | None = None
+    image_rgb: np.ndarray, classifier: Classifier, settings: AnalysisSettings | None = None, *,
+    shown_size: tuple[int, int] | None = None,
 ) -> FieldResult:
     """Analyse one field: quality gate, segmentation, one batched classification, counts.
 
@@ -377,6 +378,8 @@ def analyze_field(
         image_rgb: HxWx3 uint8 RGB frame.
         classifier: anything with ``predict(batch) -> p_infected``, ``threshold`` and ``input_size_px``.
         settings: quality-gate settings; the threshold defaults to the classifier's.
+        shown_size: (width, height) of the picture itself when ``image_rgb`` was decoded reduced from it: the
+            sizes a rejection names are given on the picture (the result's boxes and size stay as analysed).
 
     Returns:
         A :class:`FieldResult`; a rejected field has ``rejected`` set and counts of zero.
@@ -392,6 +395,8 @@ def analyze_field(
     settings = settings or AnalysisSettings()
     threshold = float(settings.threshold if settings.threshold is not None else classifier.threshold)
     h, w = image_rgb.shape[:2]
+    shown_w, shown_h = shown_size or (w, h)
+    k = shown_w / w  # picture px per analysed px, for the sizes said in a rejection
     timing: dict[str, float] = {}
     t0 = time.perf_counter()
     # the shortest long side on which the scale search trusts a cell as big as the classifier needs
@@ -437,23 +442,24 @@ def analyze_field(
         d = seg.cell_diameter_px
         if max(w, h) >= NARROW_ASPECT * min(w, h) and (w - d) * (h - d) < FEW_FIT_WHOLE * d * d:
             # a strip cut from a field: its cells are not too large, the picture is too narrow for them
-            return FieldResult(w, h, f"{few}: picture too narrow for a field ({w}x{h} px, cells {d:.0f} px across): "
-                               "use the camera's whole picture, not a crop", [], focus, threshold, timing)
+            return FieldResult(w, h, f"{few}: picture too narrow for a field ({shown_w}x{shown_h} px, cells "
+                               f"{k * d:.0f} px across): use the camera's whole picture, not a crop", [], focus,
+                               threshold, timing)
         if (w - d) * (h - d) < FEW_FIT_WHOLE * d * d:
             # the cells cut by the frame's edge are dropped, and at a high magnification most are
-            return FieldResult(w, h, f"{few}: cells too large in the picture ({d:.0f} px across, few fit whole): use a "
-                               "lower magnification (the 100x objective) or a wider camera view; or an empty or thick "
-                               "area", [], focus, threshold, timing)
+            return FieldResult(w, h, f"{few}: cells too large in the picture ({k * d:.0f} px across, few fit whole): "
+                               "use a lower magnification (the 100x objective) or a wider camera view; or an empty or "
+                               "thick area", [], focus, threshold, timing)
         return FieldResult(w, h, f"{few}: empty area, thick area or not a blood smear", [], focus, threshold, timing)
     unusable = None
     needed = needed_background_gains(image_rgb)
     gains = background_gains(image_rgb, needed)  # what the crops are cut with (below)
     outline = float(np.median([2.0 * math.sqrt(c.area_px / math.pi) for c in seg.cells]))
     if outline < settings.min_outline_match * seg.cell_diameter_px:
-        unusable = (f"cell outlines do not match the cell size found ({outline:.0f} px for "
-                    f"{seg.cell_diameter_px:.0f} px): thick area, a stretched picture or not a blood smear")
+        unusable = (f"cell outlines do not match the cell size found ({k * outline:.0f} px for "
+                    f"{k * seg.cell_diameter_px:.0f} px): thick area, a stretched picture or not a blood smear")
     elif seg.cell_diameter_px < settings.min_cell_diameter_px:
-        shown, limit = measured_beside_limit(seg.cell_diameter_px, settings.min_cell_diameter_px, places=0)
+        shown, limit = measured_beside_limit(k * seg.cell_diameter_px, k * settings.min_cell_diameter_px, places=0)
         unusable = (f"cells too small in the picture ({shown} px across, {limit} needed): use the 100x "
                     "objective or a higher camera resolution")
     elif needed.max() > BACKGROUND_GAIN_RANGE[1]:

@@ -529,7 +529,7 @@ def _analyze_each(files, clf, settings, out_dir, images, verbose, used_names, so
         try:
             # one thread decodes here: libjpeg's warnings are this file's
             rgb, factor, size = read_field(f)
-            res = analyze_field(rgb, clf, settings)
+            res = analyze_field(rgb, clf, settings, shown_size=size if factor != 1 else None)
         except ImageError as exc:
             # the entry every image has (a reader taking rbc_count from each one must not fail on this one),
             # with "error" telling it from a field the quality gate rejected

@@ -1062,3 +1062,23 @@ def test_annotate_into_a_folder_used_before_keeps_the_copies_of_other_fields(tmp
     assert run("A") == a and run("B") == b  # run again: each replaces its own copy, none is added
     assert sorted(p.name for p in ann.glob("*.jpg")) == [
         "IMG_0001_2_annotated.jpg", "IMG_0001_3_annotated.jpg", "IMG_0001_annotated.jpg"]
+
+
+def test_a_rejection_of_a_large_jpeg_read_reduced_gives_sizes_on_the_picture(tmp_path):
+    import re
+
+    import cv2
+
+    bgr = cv2.imread(str(sorted(SAMPLES.glob("*.jpg"))[0]))
+    strip = cv2.resize(bgr[560:680], None, fx=12, fy=12, interpolation=cv2.INTER_LINEAR)  # 19200 x 1440
+    path = tmp_path / "strip.jpg"
+    path.write_bytes(cv2.imencode(".jpg", strip, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes())
+    out = tmp_path / "o.json"
+    r = device("analyze", str(path), "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    im = json.loads(out.read_text())["images"][0]
+    assert im["read_at"] == 0.5 and (im["width"], im["height"]) == (19200, 1440)
+    # was "(9600x720 px, cells 569 px across)": the sizes of the half analysed
+    assert "picture too narrow for a field (19200x1440 px, cells " in im["rejected"], im["rejected"]
+    across = int(re.search(r"cells (\d+) px across", im["rejected"]).group(1))
+    assert 1000 < across < 1300  # the sample's cells (~95 px) enlarged 12 times
