@@ -588,10 +588,14 @@ def test_a_field_already_counted_is_not_counted_again(make_env, tmp_path):
     other = sorted(SAMPLES_DIR.glob("*.jpg"))[1].read_bytes()
     assert _upload(c, token, other, "other.jpg").status_code == 201
     assert _upload(c, token, other, "other-again.jpg").status_code == 409
-    turned = cv2.imencode(".jpg", cv2.rotate(cv2.imdecode(np.frombuffer(other, np.uint8), cv2.IMREAD_COLOR),
-                                             cv2.ROTATE_180), [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
-    r = _upload(c, token, turned, "other-turned.jpg")  # the same cells: it was counted a second time
-    assert r.status_code == 409 and "already counted" in r.get_json()["error"]
+    other_bgr = cv2.imdecode(np.frombuffer(other, np.uint8), cv2.IMREAD_COLOR)
+    turns = (("180", cv2.rotate(other_bgr, cv2.ROTATE_180)), ("90", cv2.rotate(other_bgr, cv2.ROTATE_90_CLOCKWISE)),
+             ("270", cv2.rotate(other_bgr, cv2.ROTATE_90_COUNTERCLOCKWISE)), ("mirror", other_bgr[:, ::-1]),
+             ("flip", other_bgr[::-1]), ("transposed", other_bgr.transpose(1, 0, 2)))
+    for name, turned in turns:
+        data = cv2.imencode(".jpg", np.ascontiguousarray(turned), [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
+        r = _upload(c, token, data, f"other-{name}.jpg")  # the same cells: they were counted a second time
+        assert r.status_code == 409 and "already counted" in r.get_json()["error"], name
     # the stage came back to a field counted before the last one: still counted once
     assert env.store.totals(1)["fields_used"] == 2
     # a rejected field counts nothing, so the same (refocused) view may be captured again

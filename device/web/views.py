@@ -9,7 +9,7 @@ import threading
 import time
 import unicodedata
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import CancelledError
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
@@ -20,7 +20,7 @@ import numpy as np
 from flask import abort, g, request, url_for
 from werkzeug.exceptions import HTTPException
 
-from device.camera import decode_view, encode_view, prepare_view, prepared_overlap, same_view, thumbnail
+from device.camera import decode_view, encode_view, prepare_view, prepared_overlap, same_view, thumbnail, turned_views
 from device.config import RBC_PER_UL_RANGE, review_floor_at
 from device.imageio import IMAGE_SUFFIXES, MAX_SERVICE_FIELD_PIXELS, ImageError, decode_rgb
 from device.service import (
@@ -296,11 +296,11 @@ class CountedViews:
         with self.lock:
             self.closing.discard(slide_id)
 
-    def reserve(self, slide_id: int, view: np.ndarray, what: str = "this field") -> None:
-        """Raises Conflict when the view is counted already or being analysed."""
-        # An uploaded picture may come back turned 180 degrees (an editor, a phone held the other way): the same
-        # cells. A camera's frames are never turned.
-        looks = (view,) if what == "this field" else (view, np.ascontiguousarray(view[::-1, ::-1]))
+    def reserve(self, slide_id: int, view: np.ndarray, what: str = "this field",
+                turned: Sequence[np.ndarray] = ()) -> None:
+        """Raises Conflict when the view is counted already or being analysed; also when one of the ``turned``
+        views is (an uploaded picture turned back: :func:`device.camera.turned_views`)."""
+        looks = (view, *turned)
         with self.lock:
             taken = [v for v, _ in self._views(slide_id).values()] + self.inflight.get(slide_id, [])
             if any(same_view(v, look) for v in taken for look in looks):
@@ -451,7 +451,8 @@ def capture(slide_id: int) -> dict | None:
         rgb, source = _decode_upload(), "upload"
         view = thumbnail(rgb)  # the same picture uploaded again would count its cells twice
         try:
-            counted.reserve(slide_id, view, "this image")
+            # also turned or mirrored (an editor, a phone held upright, an app that drops the EXIF orientation)
+            counted.reserve(slide_id, view, "this image", turned_views(rgb))
         except Conflict as exc:
             d.analyser.metrics.inc("captures_refused_total")
             abort(409, str(exc))

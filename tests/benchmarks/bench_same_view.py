@@ -25,6 +25,10 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 
+TURNS = (lambda a: np.rot90(a, 1), lambda a: np.rot90(a, 2), lambda a: np.rot90(a, 3), lambda a: a[:, ::-1],
+         lambda a: a[::-1], lambda a: a.transpose(1, 0, 2), lambda a: np.rot90(a, 1)[:, ::-1])
+
+
 def main() -> int:
     import device.camera as cam
     from device.imageio import IMAGE_SUFFIXES, read_rgb
@@ -75,15 +79,19 @@ def main() -> int:
         same = [cam.same_view(v, view(c)) for v, img in zip(views, imgs, strict=True) for c in changed(img)]
         pairs = list(itertools.combinations(range(len(views)), 2))
         wrong = sum(cam.same_view(views[i], views[j]) for i, j in pairs)
-        # an upload is also compared turned 180 degrees (CountedViews.reserve): every ordered pair, turned
-        turned = sum(cam.same_view(views[i], np.ascontiguousarray(views[j][::-1, ::-1]))
+        # an upload is also compared turned and mirrored (CountedViews.reserve with camera.turned_views): each
+        # window's 7 turns are found, and no other field's turn is taken for it
+        windows = [np.ascontiguousarray(np.clip(img[100:1000, 100:1300], 0, 255).astype(np.uint8)) for img in imgs]
+        looks = [cam.turned_views(win) for win in windows]
+        turned = sum(any(cam.same_view(views[i], look) for look in looks[j])
                      for i, j in itertools.permutations(range(len(views)), 2))
-        found = sum(cam.same_view(v, np.ascontiguousarray(view(img[100:1000, 100:1300][::-1, ::-1])[::-1, ::-1]))
-                    for v, img in zip(views, imgs, strict=True))
+        found = sum(any(cam.same_view(v, look) for look in cam.turned_views(np.ascontiguousarray(t(win))))
+                    for v, win in zip(views, windows, strict=True) for t in TURNS)
         name = "dense (as captured)" if k is None else f"thin, {k} cells each"
         print(f"{name:22s} same window after a change: {sum(same)} of {len(same)} taken as the same view; "
-              f"different fields: {wrong} of {len(pairs)} pairs taken as the same; turned 180: {found} of "
-              f"{len(views)} windows found, {turned} of {len(views) * (len(views) - 1)} other fields' taken")
+              f"different fields: {wrong} of {len(pairs)} pairs taken as the same; turned or mirrored: {found} of "
+              f"{len(views) * len(TURNS)} found, other fields in any turn taken for one: {turned} of "
+              f"{len(views) * (len(views) - 1)} ordered pairs")
     return 0
 
 
