@@ -293,11 +293,20 @@ STEADY_MAX_DIFF = 3.0  # mean absolute gray difference (0-255) between frames of
 STEADY_MIN_S = 1.0  # the stage must be still this long before a field counts as steady
 
 
+# A thumbnail is at most this many times as tall as wide: a 16 x 100,000 px upload (5 kB as a PNG) made a
+# 160 x 1,000,000 thumbnail, and its four turns 640 MB. Such a picture is no field (the analysis refuses it).
+MAX_THUMBNAIL_ASPECT = 8
+MAX_TURNED_VIEW_ASPECT = 4  # turns of an upload taller than this are not compared: no field's view is
+
+
+def _thumbnail_size(w: int, h: int) -> tuple[int, int]:
+    return STEADY_WIDTH_PX, max(1, min(MAX_THUMBNAIL_ASPECT * STEADY_WIDTH_PX, round(h * STEADY_WIDTH_PX / w)))
+
+
 def thumbnail(rgb: np.ndarray) -> np.ndarray:
     """A small gray copy of a frame: what steadiness and "this field is already counted" compare."""
     h, w = rgb.shape[:2]
-    return cv2.cvtColor(cv2.resize(rgb, (STEADY_WIDTH_PX, max(1, round(h * STEADY_WIDTH_PX / w))),
-                                   interpolation=cv2.INTER_AREA), cv2.COLOR_RGB2GRAY)
+    return cv2.cvtColor(cv2.resize(rgb, _thumbnail_size(w, h), interpolation=cv2.INTER_AREA), cv2.COLOR_RGB2GRAY)
 
 
 def turned_views(rgb: np.ndarray) -> list[np.ndarray]:
@@ -317,7 +326,9 @@ def turned_views(rgb: np.ndarray) -> list[np.ndarray]:
             t = np.rot90(gray, k)
             t = t[:, ::-1] if mirror else t
             tw, th = (w, h) if k % 2 == 0 else (h, w)  # the turned picture's own size
-            size = (STEADY_WIDTH_PX, max(1, round(th * STEADY_WIDTH_PX / tw)))
+            size = _thumbnail_size(tw, th)
+            if size[1] > MAX_TURNED_VIEW_ASPECT * size[0]:  # a strip on end: no field's view has that shape
+                continue
             out.append(cv2.resize(np.ascontiguousarray(t), size, interpolation=cv2.INTER_AREA))
     return out
 
@@ -385,13 +396,20 @@ SAME_VIEW_MAX_DIFF_ALIGNED = 8.0
 SAME_VIEW_MAX_GAIN = 1.25
 
 
-def same_view(a: np.ndarray, b: np.ndarray) -> bool:
+def view_blurred(view: np.ndarray) -> np.ndarray:
+    """The blurred copy of a thumbnail that :func:`same_view` compares (made once, for many comparisons)."""
+    return cv2.GaussianBlur(view.astype(np.float32), (0, 0), SAME_VIEW_BLUR_PX)
+
+
+def same_view(a: np.ndarray, b: np.ndarray, blurred_a: np.ndarray | None = None,
+              blurred_b: np.ndarray | None = None) -> bool:
     """True when two thumbnails show the same field of the smear: captured again after the lamp, the
-    exposure or the focus changed a little, or the stage settled by a few pixels."""
+    exposure or the focus changed a little, or the stage settled by a few pixels. ``blurred_a`` and
+    ``blurred_b``: their :func:`view_blurred` copies, when already made."""
     if a.shape != b.shape or min(a.shape) < 8:
         return a.shape == b.shape and float(cv2.absdiff(a, b).mean()) <= STEADY_MAX_DIFF
-    fa = cv2.GaussianBlur(a.astype(np.float32), (0, 0), SAME_VIEW_BLUR_PX)
-    fb = cv2.GaussianBlur(b.astype(np.float32), (0, 0), SAME_VIEW_BLUR_PX)
+    fa = view_blurred(a) if blurred_a is None else blurred_a
+    fb = view_blurred(b) if blurred_b is None else blurred_b
     ma, mb = float(fa.mean()), float(fb.mean())
     if ma > 0 and mb > 0:  # the lamp or the exposure: one gain over the view...
         gain = _lamp_gain(ma, mb)

@@ -7,6 +7,7 @@ import errno
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -23,10 +24,13 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def _progress(i: int, n: int, label: str, stream=sys.stderr) -> None:
+def _progress(i: int, n: int, label: str, stream=None) -> None:
     """A one-line progress bar on stderr (only when there is more than one item)."""
     if n <= 1:
         return
+    # looked up now, not bound at import: a caller that replaced sys.stderr (a test, a wrapper) had its
+    # stream written to after it was closed
+    stream = stream or sys.stderr
     if not stream.isatty():  # logs and CI: a line every 10%, no carriage returns
         if i == n or i % max(1, n // 10) == 0:
             stream.write(f"{i}/{n} {label}\n")
@@ -355,13 +359,19 @@ def cmd_analyze(args) -> int:
     images: list[dict] = []
     # a copy of a field under another name (a picture saved twice) is one field: listed, not counted again
     copies = identical_copies(files)
+    # stopped another way (systemctl stop, `timeout`, a closed SSH session) as by Ctrl-C: the part done is
+    # written, and the annotate folder's record of its copies with it
+    previous = _stop_signals_interrupt()
     try:
         _analyze_files(files, clf, settings, out_dir, images, args.verbose, copies)
     except KeyboardInterrupt:  # Ctrl-C: the fields done so far are kept, and said to be a part
         print(f"\ninterrupted: {len(images)} of {len(files)} images done"
               + (f"; they are in {args.json}" if args.json else ""), file=sys.stderr)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     failed = sum("error" in d for d in images)
-    n_copies = sum("copy_of" in d for d in images)
+    n_copies = sum("copy_of" in d and "error" not in d for d in images)
     interrupted = len(images) < len(files)
     result: dict = {"model": clf.card.name, "sha256": clf.sha256, "threshold": clf.threshold, "images": images,
                     "failed": failed, "copies": n_copies}
@@ -399,7 +409,7 @@ def cmd_analyze(args) -> int:
         return 1
     if interrupted:
         return 130
-    return 1 if failed == len(files) else 0
+    return 1 if failed and failed == len(files) - n_copies else 0  # nothing could be read
 
 
 # A colour JPEG over this many pixels is decoded at 1/2, 1/4 or 1/8 of its size (the smallest step that brings
@@ -458,6 +468,22 @@ def _scale_back(doc: dict, factor: int, size: tuple[int, int]) -> None:
         c["bbox"] = [x, y, min(w, size[0] - x), min(h, size[1] - y)]
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def _stop_signals_interrupt() -> dict:
+    """SIGTERM and SIGHUP raise KeyboardInterrupt, as Ctrl-C does; returns the handlers they had (none
+    outside the main thread, where they cannot be set)."""
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        try:
+            previous[sig] = signal.signal(sig, _interrupt)
+        except ValueError:  # not the main thread
+            break
+    return previous
+
+
 def _analyze_files(files, clf, settings, out_dir, images: list, verbose: bool,
                    copies: dict[Path, Path] | None = None) -> None:
     """Analyse each file into ``images`` (appended as it goes, so that an interrupted batch keeps its part);
@@ -471,7 +497,7 @@ def _analyze_files(files, clf, settings, out_dir, images: list, verbose: bool,
             sources.save()
 
 
-# Beside the annotated copies: {copy's name: the picture it was drawn from}
+# Beside the annotated copies: {copy's name: the picture it was drawn from (path, size, time of change)}
 ANNOTATED_SOURCES = ".malaria-detect-annotated-sources.json"
 
 
@@ -486,15 +512,27 @@ class _AnnotatedSources:
             data = json.loads(self.path.read_text(encoding="utf-8"))
         except (OSError, ValueError):  # none yet, or unreadable: every copy there is someone else's
             data = {}
-        self.by_name = {k: v for k, v in data.items() if isinstance(v, str)} if isinstance(data, dict) else {}
+        if not isinstance(data, dict) and self.path.exists():
+            logger.warning("%s is not a record of the copies: every copy there is kept", self.path)
+        self.by_name = {k: v for k, v in data.items() if isinstance(v, dict)} if isinstance(data, dict) else {}
         self.changed = False
+
+    @staticmethod
+    def _picture(source: Path) -> dict:
+        """The picture a copy was drawn from: its file (links resolved), size and time of change. A card that
+        starts again at IMG_0001.jpg for the next slide puts another picture at the same path."""
+        try:
+            st = source.stat()
+            return {"source": os.path.realpath(source), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        except OSError:
+            return {"source": os.path.realpath(source)}
 
     def taken(self, name: str, source: Path) -> bool:
         """A copy of another picture (or of one unknown) holds this name."""
-        return (self.path.parent / name).exists() and self.by_name.get(name) != os.path.abspath(source)
+        return (self.path.parent / name).exists() and self.by_name.get(name) != self._picture(source)
 
     def wrote(self, name: str, source: Path) -> None:
-        self.by_name[name] = os.path.abspath(source)
+        self.by_name[name] = self._picture(source)
         self.changed = True
 
     def save(self) -> None:
@@ -518,11 +556,16 @@ def _analyze_each(files, clf, settings, out_dir, images, verbose, used_names, so
 
     for i, f in enumerate(files, 1):
         if f in copies:  # the entry every image has, "copy_of" telling it apart; counted once, as the original
-            said = f"the same picture as {copies[f]} (identical bytes): counted once"
-            images.append({"image": str(f), "copy_of": str(copies[f]), "width": None, "height": None,
-                           "rejected": said, "focus": None, "threshold": clf.threshold, "cells": [],
-                           "rbc_count": 0, "infected_count": 0, "timing_ms": {}, "read_at": None})
-            logger.warning("%s: %s", f, said)
+            first = next((d for d in images if d["image"] == str(copies[f])), {})
+            entry = {"image": str(f), "copy_of": str(copies[f]), "width": None, "height": None,
+                     "rejected": f"the same picture as {copies[f]} (identical bytes): counted once",
+                     "focus": None, "threshold": clf.threshold, "cells": [], "rbc_count": 0, "infected_count": 0,
+                     "timing_ms": {}, "read_at": None}
+            if "error" in first:  # nothing was counted: it failed as its original did
+                entry["error"] = f"{f}: the same bytes as {copies[f]}, which could not be read"
+                entry["rejected"] = f"could not be read: {entry['error']}"
+            images.append(entry)
+            logger.warning("%s: %s", f, entry["rejected"])
             _progress(i, len(files), f.name)
             continue
         t0 = time.perf_counter()

@@ -106,6 +106,17 @@ def _capture(page, n_before: int, env=None) -> None:
     raise AssertionError(f"no field was added: {page.inner_text('#capture-msg')}")
 
 
+def _unseen_field(i: int):
+    """A field the replay camera never shows, in any turn (a turned or mirrored sample is the same cells, and an
+    upload of it is refused as already counted): the left half of sample i beside the right half of the next."""
+    import cv2
+    import numpy as np
+
+    samples = sorted(SAMPLES_DIR.glob("*.jpg"))
+    a, b = (cv2.imread(str(samples[k % len(samples)])) for k in (i, i + 1))
+    return np.hstack([a[:, : a.shape[1] // 2], b[:, b.shape[1] // 2 :]])
+
+
 def test_technician_flow_start_capture_review_finish_result_csv(browser, live_env, tmp_path):
     env = live_env
     errors: list[str] = []
@@ -139,7 +150,7 @@ def test_technician_flow_start_capture_review_finish_result_csv(browser, live_en
     import cv2
 
     saved = tmp_path / "saved-field.png"
-    cv2.imwrite(str(saved), cv2.flip(cv2.imread(str(sorted(SAMPLES_DIR.glob("*.jpg"))[1])), 1))
+    cv2.imwrite(str(saved), _unseen_field(1))
     # a file the device refuses keeps its place in the form, to be sent again (it was cleared)
     not_image = tmp_path / "notes.png"
     not_image.write_text("not a picture")
@@ -642,7 +653,7 @@ def test_an_upload_pressed_during_a_capture_is_said_and_its_file_kept(browser, l
     _start_slide(page, env, "BUSY")
     _until(page, "document.getElementById('preview').naturalWidth > 0", timeout=15_000)
     saved = tmp_path / "saved.png"
-    cv2.imwrite(str(saved), cv2.flip(cv2.imread(str(sorted(SAMPLES_DIR.glob("*.jpg"))[0])), 0))
+    cv2.imwrite(str(saved), _unseen_field(0))
     page.click("details.upload summary")
     page.set_input_files("#upload-file", str(saved))
     wait_new_view(env)
@@ -667,7 +678,7 @@ def test_finish_in_another_window_waits_for_an_upload_still_on_its_way(browser, 
     a = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
     _start_slide(a, env, "ON-ITS-WAY")
     saved = tmp_path / "saved.png"
-    cv2.imwrite(str(saved), cv2.flip(cv2.imread(str(sorted(SAMPLES_DIR.glob("*.jpg"))[2])), 1))
+    cv2.imwrite(str(saved), _unseen_field(2))
     held = []
     a.route(lambda url: "/api/slides/1/fields?incoming=" in url, lambda route: held.append(route))  # on its way
     a.click("details.upload summary")

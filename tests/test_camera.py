@@ -831,3 +831,16 @@ def test_the_retry_back_off_starts_again_once_frames_came(monkeypatch):
         feed.stop()
     assert waits[:4] == pytest.approx([0.01, 0.02, 0.04, 0.08])  # the camera not there: each wait doubles
     assert waits[4] == pytest.approx(0.01)  # lost after 4 frames: the shortest wait again
+
+
+def test_thumbnails_and_turned_views_of_a_strip_stay_small():
+    """A 16 x 100,000 px upload (a 5 kB PNG) made a 160 x 1,000,000 thumbnail, and its four turns 640 MB."""
+    from device.camera import MAX_THUMBNAIL_ASPECT, STEADY_WIDTH_PX, thumbnail, turned_views
+
+    strip = np.zeros((100_000, 16, 3), np.uint8)
+    assert thumbnail(strip).shape == (MAX_THUMBNAIL_ASPECT * STEADY_WIDTH_PX, STEADY_WIDTH_PX)
+    looks = turned_views(strip)
+    assert looks and sum(v.nbytes for v in looks) < 2_000_000
+    assert all(v.shape[0] <= 4 * STEADY_WIDTH_PX for v in looks)  # its turns on end are not compared
+    field = np.random.default_rng(0).integers(0, 256, (300, 400, 3), np.uint8)
+    assert len(turned_views(field)) == 7 and {v.shape for v in turned_views(field)} == {(120, 160), (213, 160)}

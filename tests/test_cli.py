@@ -647,7 +647,10 @@ def test_a_report_that_cannot_be_written_leaves_the_previous_one_whole(tmp_path)
     assert prev.read_bytes() == before and not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
-def test_ctrl_c_keeps_the_fields_done_so_far(tmp_path):
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM", "SIGHUP"])
+def test_ctrl_c_keeps_the_fields_done_so_far(tmp_path, stop):
+    """Ctrl-C, and a stop another way (systemctl stop, `timeout`, a closed SSH session: SIGTERM and SIGHUP
+    ended the run with nothing written, not even the annotate folder's record of its copies)."""
     import signal
 
     d = tmp_path / "many"
@@ -659,12 +662,13 @@ def test_ctrl_c_keeps_the_fields_done_so_far(tmp_path):
     for i in range(40):  # 40 different pictures (identical copies are one field), at qualities 80-89
         cv2.imwrite(str(d / f"f{i:02d}.jpg"), samples[i % 4], [cv2.IMWRITE_JPEG_QUALITY, 80 + i // 4])
     out = tmp_path / "out.json"
-    p = subprocess.Popen([sys.executable, "-m", "device", "analyze", str(d), "--slide", "--json", str(out)],
-                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ann = tmp_path / "ann"
+    p = subprocess.Popen([sys.executable, "-m", "device", "analyze", str(d), "--slide", "--json", str(out),
+                          "--annotate", str(ann)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         for line in p.stderr:  # without a terminal the progress is one line per image here
             if line.startswith("4/40"):  # progress every 4th image of 40
-                p.send_signal(signal.SIGINT)
+                p.send_signal(getattr(signal, stop))
                 break
         _, err = p.communicate(timeout=120)
     finally:
@@ -674,6 +678,8 @@ def test_ctrl_c_keeps_the_fields_done_so_far(tmp_path):
     done = doc["interrupted"]["done"]
     assert 4 <= done < 40 and len(doc["images"]) == done and doc["interrupted"]["of"] == 40
     assert doc["slide"]["fields_used"] == done
+    record = json.loads((ann / ".malaria-detect-annotated-sources.json").read_text())
+    assert sorted(record) == sorted(Path(im["annotated"]).name for im in doc["images"]) and len(record) == done
 
 
 def test_linked_and_unreadable_folders_are_reported_not_dropped(tmp_path, monkeypatch):
@@ -1062,6 +1068,22 @@ def test_annotate_into_a_folder_used_before_keeps_the_copies_of_other_fields(tmp
     assert run("A") == a and run("B") == b  # run again: each replaces its own copy, none is added
     assert sorted(p.name for p in ann.glob("*.jpg")) == [
         "IMG_0001_2_annotated.jpg", "IMG_0001_3_annotated.jpg", "IMG_0001_annotated.jpg"]
+    # a card that starts again at IMG_0001.jpg: another picture at the same path is another field
+    shutil.copy(fields[2], tmp_path / "A" / "IMG_0001.jpg")
+    assert run("A").name == "IMG_0001_4_annotated.jpg" and a.read_bytes() == a_bytes
+
+
+def test_copies_of_a_file_that_cannot_be_read_fail_with_it(tmp_path):
+    damaged = bytearray(sorted(SAMPLES.glob("*.jpg"))[0].read_bytes())
+    damaged[len(damaged) // 3 : len(damaged) // 3 + 4096] = bytes(4096)
+    for name in ("a.jpg", "b.jpg"):
+        (tmp_path / name).write_bytes(bytes(damaged))
+    out = tmp_path / "o.json"
+    r = device("analyze", str(tmp_path / "a.jpg"), str(tmp_path / "b.jpg"), "--json", str(out))
+    assert r.returncode == 1, r.stderr  # nothing could be read: exited 0, the copy "counted once"
+    doc = json.loads(out.read_text())
+    assert doc["failed"] == 2 and doc["copies"] == 0
+    assert "could not be read" in doc["images"][1]["rejected"] and doc["images"][1]["copy_of"].endswith("a.jpg")
 
 
 def test_a_rejection_of_a_large_jpeg_read_reduced_gives_sizes_on_the_picture(tmp_path):

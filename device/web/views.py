@@ -20,7 +20,16 @@ import numpy as np
 from flask import abort, g, request, url_for
 from werkzeug.exceptions import HTTPException
 
-from device.camera import decode_view, encode_view, prepare_view, prepared_overlap, same_view, thumbnail, turned_views
+from device.camera import (
+    decode_view,
+    encode_view,
+    prepare_view,
+    prepared_overlap,
+    same_view,
+    thumbnail,
+    turned_views,
+    view_blurred,
+)
 from device.config import RBC_PER_UL_RANGE, review_floor_at
 from device.imageio import IMAGE_SUFFIXES, MAX_SERVICE_FIELD_PIXELS, ImageError, decode_rgb
 from device.service import (
@@ -171,6 +180,19 @@ def _decode_upload():
 CAPTURE_BODY_MAX = 4096
 
 
+def _same_as_any(view: np.ndarray, looks: list[tuple[np.ndarray, np.ndarray | None]]) -> bool:
+    """:func:`same_view` of ``view`` against each look (with its blurred copy), ``view`` blurred once."""
+    blurred = None
+    for look, look_blurred in looks:
+        if look.shape != view.shape:
+            continue
+        if blurred is None and look_blurred is not None:
+            blurred = view_blurred(view)
+        if same_view(view, look, blurred if look_blurred is not None else None, look_blurred):
+            return True
+    return False
+
+
 class CountedViews:
     """Per slide: the camera views of its counted fields (by field ID, with the high-passed copy the overlap
     check compares), and the views whose capture is being analysed (this app's, in memory).
@@ -300,10 +322,12 @@ class CountedViews:
                 turned: Sequence[np.ndarray] = ()) -> None:
         """Raises Conflict when the view is counted already or being analysed; also when one of the ``turned``
         views is (an uploaded picture turned back: :func:`device.camera.turned_views`)."""
-        looks = (view, *turned)
+        looks = [(look, view_blurred(look)) for look in (view, *turned) if min(look.shape) >= 8]
+        if not looks:  # too small a view to blur: compared as it is
+            looks = [(view, None)]
         with self.lock:
             taken = [v for v, _ in self._views(slide_id).values()] + self.inflight.get(slide_id, [])
-            if any(same_view(v, look) for v in taken for look in looks):
+            if any(_same_as_any(v, looks) for v in taken):
                 raise Conflict(f"{what} is already counted: move the stage to the next field, then capture"
                                if what == "this field" else f"{what} is already counted in this slide")
             self.inflight.setdefault(slide_id, []).append(view)
