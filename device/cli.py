@@ -414,7 +414,7 @@ def cmd_analyze(args) -> int:
 
 # A colour JPEG over this many pixels is decoded at 1/2, 1/4 or 1/8 of its size (the smallest step that brings
 # it under), so that `analyze` stays under 250 MB: the full decode of a 24 MP JPEG held it twice over a moment
-# (+144 MB) and analyze peaked at 265 MB, a 48 MP one at 411 MB; 12 MP peaked at 193 MB. Only when its red
+# (+144 MB) and analyze peaked at 268 MB, a 48 MP one at 413 MB; 12 MP peaks at 195 MB. Only when its red
 # cells stay at least REDUCED_MIN_CELL_PX across (twice the classifier's 48 px input), measured on a 1/8
 # probe decode (a 48 MP field: 44 ms, and 8 ms for the scale search).
 REDUCE_ABOVE_PIXELS = 16_000_000
@@ -488,10 +488,9 @@ def _analyze_files(files, clf, settings, out_dir, images: list, verbose: bool,
                    copies: dict[Path, Path] | None = None) -> None:
     """Analyse each file into ``images`` (appended as it goes, so that an interrupted batch keeps its part);
     ``copies`` (a file -> the earlier one with its bytes) are listed as such, not analysed again."""
-    used_names: set[str] = set()
     sources = _AnnotatedSources(out_dir) if out_dir else None
     try:
-        _analyze_each(files, clf, settings, out_dir, images, verbose, used_names, sources, copies or {})
+        _analyze_each(files, clf, settings, out_dir, images, verbose, sources, copies or {})
     finally:
         if sources is not None:
             sources.save()
@@ -508,11 +507,14 @@ class _AnnotatedSources:
 
     def __init__(self, folder: Path) -> None:
         self.path = folder / ANNOTATED_SOURCES
+        data = None
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):  # none yet, or unreadable: every copy there is someone else's
+        except FileNotFoundError:  # none yet
             data = {}
-        if not isinstance(data, dict) and self.path.exists():
+        except (OSError, ValueError):  # unreadable: every copy there is someone else's (said below)
+            pass
+        if not isinstance(data, dict):
             logger.warning("%s is not a record of the copies: every copy there is kept", self.path)
         self.by_name = {k: v for k, v in data.items() if isinstance(v, dict)} if isinstance(data, dict) else {}
         self.changed = False
@@ -548,22 +550,32 @@ class _AnnotatedSources:
                   "this run's copies)", file=sys.stderr)
 
 
-def _analyze_each(files, clf, settings, out_dir, images, verbose, used_names, sources, copies) -> None:
+def _unread_entry(f: Path, threshold: float, rejected: str, **marks) -> dict:
+    """The JSON entry of a file with no analysis of its own (unreadable, or a copy of another): every key a
+    field's entry has (a reader taking rbc_count from each one must not fail on this one), and ``marks``
+    ("error", "copy_of") telling it from a field the quality gate rejected."""
+    return {"image": str(f), **marks, "width": None, "height": None, "rejected": rejected, "focus": None,
+            "threshold": threshold, "cells": [], "rbc_count": 0, "infected_count": 0, "timing_ms": {},
+            "read_at": None}
+
+
+def _analyze_each(files, clf, settings, out_dir, images, verbose, sources, copies) -> None:
     import cv2
 
     from device.analysis import analyze_field, draw_annotation
     from device.imageio import ImageError, swap_red_blue
 
+    used_names: set[str] = set()
     for i, f in enumerate(files, 1):
         if f in copies:  # the entry every image has, "copy_of" telling it apart; counted once, as the original
             first = next((d for d in images if d["image"] == str(copies[f])), {})
-            entry = {"image": str(f), "copy_of": str(copies[f]), "width": None, "height": None,
-                     "rejected": f"the same picture as {copies[f]} (identical bytes): counted once",
-                     "focus": None, "threshold": clf.threshold, "cells": [], "rbc_count": 0, "infected_count": 0,
-                     "timing_ms": {}, "read_at": None}
             if "error" in first:  # nothing was counted: it failed as its original did
-                entry["error"] = f"{f}: the same bytes as {copies[f]}, which could not be read"
-                entry["rejected"] = f"could not be read: {entry['error']}"
+                error = f"{f}: the same bytes as {copies[f]}, which could not be read"
+                entry = _unread_entry(f, clf.threshold, f"could not be read: {error}", error=error,
+                                      copy_of=str(copies[f]))
+            else:
+                entry = _unread_entry(f, clf.threshold, f"the same picture as {copies[f]} (identical bytes): counted "
+                                      "once", copy_of=str(copies[f]))
             images.append(entry)
             logger.warning("%s: %s", f, entry["rejected"])
             _progress(i, len(files), f.name)
@@ -574,11 +586,7 @@ def _analyze_each(files, clf, settings, out_dir, images, verbose, used_names, so
             rgb, factor, size = read_field(f)
             res = analyze_field(rgb, clf, settings, shown_size=size if factor != 1 else None)
         except ImageError as exc:
-            # the entry every image has (a reader taking rbc_count from each one must not fail on this one),
-            # with "error" telling it from a field the quality gate rejected
-            images.append({"image": str(f), "error": str(exc), "width": None, "height": None,
-                           "rejected": f"could not be read: {exc}", "focus": None, "threshold": clf.threshold,
-                           "cells": [], "rbc_count": 0, "infected_count": 0, "timing_ms": {}, "read_at": None})
+            images.append(_unread_entry(f, clf.threshold, f"could not be read: {exc}", error=str(exc)))
             print(f"\nerror: {exc}", file=sys.stderr)
             _progress(i, len(files), f.name)
             continue

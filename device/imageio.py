@@ -755,10 +755,11 @@ def identical_copies(files: list[Path]) -> dict[Path, Path]:
     groups: dict[object, list[int]] = {}
     for i, f in enumerate(files):
         try:
-            if f.is_file() and f.stat().st_size:  # empty files: each is reported as such
-                groups.setdefault(f.stat().st_size, []).append(i)
-        except OSError:
+            st = f.stat()
+        except (OSError, ValueError):  # reading it says why
             continue
+        if stat.S_ISREG(st.st_mode) and st.st_size:  # empty files: each is reported as such
+            groups.setdefault(st.st_size, []).append(i)
     for whole in (False, True):
         narrowed: dict[object, list[int]] = {}
         for key, same in groups.items():
