@@ -987,7 +987,7 @@ def test_a_large_camera_jpeg_is_read_reduced_and_reported_on_the_picture_itself(
     from device.cli import read_field
     from device.imageio import read_rgb
 
-    bgr = cv2.imread(str(sorted(SAMPLES.glob("*.jpg"))[0]))  # 1600 x 1200, cells ~ 110 px
+    bgr = cv2.imread(str(sorted(SAMPLES.glob("*.jpg"))[0]))  # 1600 x 1200, cells ~ 100 px
     big = cv2.resize(bgr, None, fx=3.0, fy=3.0, interpolation=cv2.INTER_CUBIC)  # 17.3 MP
     path = tmp_path / "big.jpg"
     data = cv2.imencode(".jpg", big, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
@@ -1036,7 +1036,7 @@ def test_a_large_jpeg_is_read_whole_when_reducing_would_change_what_is_analysed(
     (tmp_path / "damaged.jpg").write_bytes(bytes(damaged))
     with pytest.raises(ImageError, match="damaged JPEG data"):
         read_field(tmp_path / "damaged.jpg")
-    tiled = tmp_path / "tiled.jpg"  # 19 MP of cells ~110 px across: at 1/2 they would be under 96 px
+    tiled = tmp_path / "tiled.jpg"  # 17 MP of cells ~100 px across: at 1/2 they would be under 96 px
     tiled.write_bytes(cv2.imencode(".jpg", np.tile(bgr, (3, 3, 1)), [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes())
     rgb, factor, size = read_field(tiled)
     assert factor == 1 and rgb.shape == (3600, 4800, 3) and size == (4800, 3600)
