@@ -516,8 +516,10 @@ class _AnnotatedSources:
             pass
         if not isinstance(data, dict):
             logger.warning("%s is not a record of the copies: every copy there is kept", self.path)
-        self.by_name = {k: v for k, v in data.items() if isinstance(v, dict)} if isinstance(data, dict) else {}
-        self.changed = False
+        kept = {k: v for k, v in data.items() if isinstance(v, dict)} if isinstance(data, dict) else {}
+        # the names of copies deleted since are let go: the record does not grow with every name ever written
+        self.by_name = {k: v for k, v in kept.items() if (folder / k).is_file()}
+        self.changed = len(self.by_name) != len(kept)
 
     @staticmethod
     def _picture(source: Path) -> dict:

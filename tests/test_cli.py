@@ -1071,11 +1071,17 @@ def test_annotate_into_a_folder_used_before_keeps_the_copies_of_other_fields(tmp
     # a card that starts again at IMG_0001.jpg: another picture at the same path is another field
     shutil.copy(fields[2], tmp_path / "A" / "IMG_0001.jpg")
     assert run("A").name == "IMG_0001_4_annotated.jpg" and a.read_bytes() == a_bytes
+    (ann / "IMG_0001_3_annotated.jpg").unlink()  # deleted by hand: its name is let go from the record
+    (tmp_path / "C").mkdir()
+    shutil.copy(fields[3], tmp_path / "C" / "x.jpg")
+    run("C")
+    record = json.loads((ann / ".malaria-detect-annotated-sources.json").read_text())
+    assert "IMG_0001_3_annotated.jpg" not in record and {"IMG_0001_annotated.jpg", "x_annotated.jpg"} <= set(record)
     (ann / ".malaria-detect-annotated-sources.json").write_text("{damaged")  # every copy is kept, and that said
-    r = device("analyze", str(tmp_path / "B"), "--annotate", str(ann), "--json", str(tmp_path / "again.json"))
+    r = device("analyze", str(tmp_path / "A"), "--annotate", str(ann), "--json", str(tmp_path / "again.json"))
     assert r.returncode == 0 and "is not a record of the copies: every copy there is kept" in r.stderr
     assert Path(json.loads((tmp_path / "again.json").read_text())["images"][0]["annotated"]).name == (
-        "IMG_0001_5_annotated.jpg")
+        "IMG_0001_3_annotated.jpg")  # the first free name: no copy there is replaced
 
 
 def test_copies_of_a_file_that_cannot_be_read_fail_with_it(tmp_path):
