@@ -372,6 +372,7 @@ def cmd_analyze(args) -> int:
             signal.signal(sig, handler)
     failed = sum("error" in d for d in images)
     n_copies = sum("copy_of" in d and "error" not in d for d in images)
+    analysed = [d for d in images if "error" not in d and "copy_of" not in d]  # read, each for itself
     interrupted = len(images) < len(files)
     result: dict = {"model": clf.card.name, "sha256": clf.sha256, "threshold": clf.threshold, "images": images,
                     "failed": failed, "copies": n_copies}
@@ -381,13 +382,13 @@ def cmd_analyze(args) -> int:
         print(f"{failed} of {len(images)} images could not be read (errors above)"
               + (": the slide counts the others" if args.slide else ""), file=sys.stderr)
     if args.slide:
-        ok = [d for d in images if "error" not in d and "copy_of" not in d]
-        used = [d for d in ok if not d["rejected"]]
+        used = [d for d in analysed if not d["rejected"]]
         s = summarize_slide(
             sum(d["rbc_count"] for d in used), sum(d["infected_count"] for d in used),
             threshold=clf.threshold, fp_rate_per_cell=fp_rate,
             target_rbc=args.target, rbc_per_ul=args.rbc_per_ul,
-            fields_used=len(used), fields_rejected=len(ok) - len(used))  # as the service: unreadable files are errors
+            # as the service: unreadable files are errors, not rejected fields
+            fields_used=len(used), fields_rejected=len(analysed) - len(used))
         result["slide"] = s.to_json()
         result["slide"]["images_failed"] = failed
         if s.call == "positive":
@@ -400,7 +401,7 @@ def cmd_analyze(args) -> int:
                   f"{s.detection_limit_pct:.3f}% of cells flagged ({s.detection_limit_per_ul:.0f} parasites/uL if "
                   f"every parasite were flagged, {s.rbc_per_ul_source} {s.rbc_per_ul:.3g} RBC/uL); {s.call_reason}")
     elif len(files) > 1:
-        n_rej = sum(1 for d in images if d["rejected"] and "error" not in d and "copy_of" not in d)
+        n_rej = sum(1 for d in analysed if d["rejected"])
         print(f"{len(images)} images: {failed} failed, {n_rej} rejected, "
               + (f"{n_copies} copies of others (counted once), " if n_copies else "")
               + f"{sum(d.get('rbc_count', 0) for d in images)} red cells, "
@@ -522,7 +523,7 @@ class _AnnotatedSources:
         self.changed = len(self.by_name) != len(kept)
 
     @staticmethod
-    def _picture(source: Path) -> dict:
+    def picture(source: Path) -> dict:
         """The picture a copy was drawn from: its file (links resolved), size and time of change. A card that
         starts again at IMG_0001.jpg for the next slide puts another picture at the same path."""
         try:
@@ -531,12 +532,12 @@ class _AnnotatedSources:
         except OSError:
             return {"source": os.path.realpath(source)}
 
-    def taken(self, name: str, source: Path) -> bool:
-        """A copy of another picture (or of one unknown) holds this name."""
-        return (self.path.parent / name).exists() and self.by_name.get(name) != self._picture(source)
+    def taken(self, name: str, picture: dict) -> bool:
+        """A copy of another picture (or of one unknown) than ``picture`` (:meth:`picture`) holds this name."""
+        return (self.path.parent / name).exists() and self.by_name.get(name) != picture
 
-    def wrote(self, name: str, source: Path) -> None:
-        self.by_name[name] = self._picture(source)
+    def wrote(self, name: str, picture: dict) -> None:
+        self.by_name[name] = picture
         self.changed = True
 
     def save(self) -> None:
@@ -568,10 +569,10 @@ def _analyze_each(files, clf, settings, out_dir, images, verbose, sources, copie
     from device.imageio import ImageError, swap_red_blue
 
     used_names: set[str] = set()
+    unreadable: set[Path] = set()
     for i, f in enumerate(files, 1):
         if f in copies:  # the entry every image has, "copy_of" telling it apart; counted once, as the original
-            first = next((d for d in images if d["image"] == str(copies[f])), {})
-            if "error" in first:  # nothing was counted: it failed as its original did
+            if copies[f] in unreadable:  # nothing was counted: it failed as its original did
                 error = f"{f}: the same bytes as {copies[f]}, which could not be read"
                 entry = _unread_entry(f, clf.threshold, f"could not be read: {error}", error=error,
                                       copy_of=str(copies[f]))
@@ -588,6 +589,7 @@ def _analyze_each(files, clf, settings, out_dir, images, verbose, sources, copie
             rgb, factor, size = read_field(f)
             res = analyze_field(rgb, clf, settings, shown_size=size if factor != 1 else None)
         except ImageError as exc:
+            unreadable.add(f)
             images.append(_unread_entry(f, clf.threshold, f"could not be read: {exc}", error=str(exc)))
             print(f"\nerror: {exc}", file=sys.stderr)
             _progress(i, len(files), f.name)
@@ -603,7 +605,9 @@ def _analyze_each(files, clf, settings, out_dir, images, verbose, sources, copie
         if out_dir:
             # Encoded here and written by Python: OpenCV's imwrite fails silently on an unwritable path and
             # crashes on a file name that is not UTF-8.
-            target = out_dir / _unique_name(f.stem, used_names, taken=lambda name, f=f: sources.taken(name, f))
+            picture = sources.picture(f)  # once: each name tried is checked against it
+            target = out_dir / _unique_name(f.stem, used_names,
+                                            taken=lambda name, picture=picture: sources.taken(name, picture))
             # cells near the threshold in amber, from the device's default review floor (none below it)
             near_from = review_floor_at(AnalysisConfig.review_floor, res.threshold)
             # drawn on the field itself, turned to BGR in place: it is not needed after this, and a copy of a
@@ -616,7 +620,7 @@ def _analyze_each(files, clf, settings, out_dir, images, verbose, sources, copie
                 if not ok:
                     raise OSError("JPEG encoding failed")
                 target.write_bytes(jpg.tobytes())
-                sources.wrote(target.name, f)
+                sources.wrote(target.name, picture)
                 doc["annotated"] = str(target)
             except OSError as exc:
                 print(f"\nerror: cannot write annotated copy {target}: {exc.strerror or exc}", file=sys.stderr)

@@ -181,14 +181,15 @@ CAPTURE_BODY_MAX = 4096
 
 
 def _same_as_any(view: np.ndarray, looks: list[tuple[np.ndarray, np.ndarray | None]]) -> bool:
-    """:func:`same_view` of ``view`` against each look (with its blurred copy), ``view`` blurred once."""
+    """:func:`same_view` of ``view`` against each look (with its blurred copy, None for a view too small to
+    blur), ``view`` blurred once."""
     blurred = None
     for look, look_blurred in looks:
         if look.shape != view.shape:
             continue
         if blurred is None and look_blurred is not None:
             blurred = view_blurred(view)
-        if same_view(view, look, blurred if look_blurred is not None else None, look_blurred):
+        if same_view(view, look, blurred, look_blurred):  # too small a view: compared as it is, blurs unused
             return True
     return False
 
@@ -322,9 +323,7 @@ class CountedViews:
                 turned: Sequence[np.ndarray] = ()) -> None:
         """Raises Conflict when the view is counted already or being analysed; also when one of the ``turned``
         views is (an uploaded picture turned back: :func:`device.camera.turned_views`)."""
-        looks = [(look, view_blurred(look)) for look in (view, *turned) if min(look.shape) >= 8]
-        if not looks:  # too small a view to blur: compared as it is
-            looks = [(view, None)]
+        looks = [(look, view_blurred(look) if min(look.shape) >= 8 else None) for look in (view, *turned)]
         with self.lock:
             taken = [v for v, _ in self._views(slide_id).values()] + self.inflight.get(slide_id, [])
             if any(_same_as_any(v, looks) for v in taken):
