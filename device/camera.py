@@ -37,7 +37,8 @@ from device.imageio import (
     MIN_SIDE_PX,
     ImageError,
     apply_orientation,
-    read_rgb,
+    decode_field,
+    read_image_bytes,
     to_rgb8,
 )
 
@@ -153,8 +154,10 @@ class ReplayCamera(CameraBase):
             path = self._files[self._index]
             self._index += 1
             try:
-                # the service's limit for a field (its memory), as for an upload
-                rgb = read_rgb(path, max_pixels=MAX_SERVICE_FIELD_PIXELS, limit_note=" of the device's fields")
+                # the service's limit for a field (its memory), as for an upload: a colour JPEG of large cells
+                # is decoded reduced up to 50 MP, anything else whole up to 25 MP
+                rgb = decode_field(read_image_bytes(path), name=str(path), max_whole_pixels=MAX_SERVICE_FIELD_PIXELS,
+                                   limit_note=" of the device's fields")[0]
                 return apply_orientation(rgb, 1 + self._pass % 8) if self.turns else rgb
             except ImageError as exc:
                 if not path.exists():

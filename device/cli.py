@@ -413,52 +413,12 @@ def cmd_analyze(args) -> int:
     return 1 if failed and failed == len(files) - n_copies else 0  # nothing could be read
 
 
-# A colour JPEG over this many pixels is decoded at 1/2, 1/4 or 1/8 of its size (the smallest step that brings
-# it under), so that `analyze` stays under 250 MB: the full decode of a 24 MP JPEG held it twice over a moment
-# (+144 MB) and analyze peaked at 268 MB, a 48 MP one at 413 MB; 12 MP peaks at 195 MB. Only when its red
-# cells stay at least REDUCED_MIN_CELL_PX across (twice the classifier's 48 px input), measured on a 1/8
-# probe decode (a 48 MP field: 44 ms, and 8 ms for the scale search).
-REDUCE_ABOVE_PIXELS = 16_000_000
-REDUCED_MIN_CELL_PX = 96.0
-
-
 def read_field(path: Path) -> tuple[np.ndarray, int, tuple[int, int]]:
-    """Read a field for analysis: (RGB image, the factor it was reduced by, the file's (width, height) as
-    shown, EXIF orientation applied). Raises :class:`ImageError`."""
-    from device.imageio import (
-        MAX_PIXELS,
-        ImageError,
-        decode_rgb,
-        header_size,
-        jpeg_components,
-        jpeg_orientation,
-        read_image_bytes,
-    )
-    from device.segment import estimate_cell_diameter
+    """Read a field for analysis: :func:`device.imageio.decode_field` of the file's bytes. Raises
+    :class:`ImageError`."""
+    from device.imageio import decode_field, read_image_bytes
 
-    data = read_image_bytes(path)
-    name = str(path)
-    try:
-        w, h = header_size(data) or (0, 0)
-    except ImageError:  # decode_rgb says why
-        w = h = 0
-    factor = 1
-    if (REDUCE_ABOVE_PIXELS < w * h <= MAX_PIXELS and data[:2] == b"\xff\xd8"
-            and jpeg_components(data) == 3):
-        factor = next(k for k in (2, 4, 8) if w * h <= REDUCE_ABOVE_PIXELS * k * k)
-        try:  # checked as the decode below: libjpeg's warnings (padding too) are heard, not printed
-            probe = decode_rgb(data, name=name, reduce=8, check_jpeg_data=True)
-        except ImageError:  # the full decode below says why
-            probe = None
-        diameter = estimate_cell_diameter(probe) if probe is not None else None
-        if diameter is None or diameter * 8 / factor < REDUCED_MIN_CELL_PX:
-            logger.info("%s: %dx%d read whole: cells of %s px would be too small at 1/%d", name, w, h,
-                        "unknown" if diameter is None else f"{diameter * 8:.0f}", factor)
-            factor = 1
-    rgb = decode_rgb(data, name=name, check_jpeg_data=True, reduce=factor)
-    if factor == 1:
-        return rgb, 1, (rgb.shape[1], rgb.shape[0])
-    return rgb, factor, ((h, w) if jpeg_orientation(data) in (5, 6, 7, 8) else (w, h))  # on its side: turned
+    return decode_field(read_image_bytes(path), name=str(path))
 
 
 def _scale_back(doc: dict, factor: int, size: tuple[int, int]) -> None:
@@ -596,7 +556,7 @@ def _analyze_each(files, clf, settings, out_dir, images, verbose, sources, copie
             continue
         doc = {"image": str(f), **res.to_json()}
         # the share of the picture's size analysed (and drawn in the annotated copy): 1, or 1/2, 1/4, 1/8 for a
-        # large JPEG (REDUCE_ABOVE_PIXELS); boxes and size are always the picture's own
+        # large JPEG (imageio.REDUCE_ABOVE_PIXELS); boxes and size are always the picture's own
         doc["read_at"] = 1 / factor
         if factor != 1:
             _scale_back(doc, factor, size)

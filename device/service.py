@@ -517,8 +517,12 @@ class FieldAnalyser:
         return exc
 
     def submit(self, slide_id: int, rgb: np.ndarray | None, source: str = "camera", *,
-               problem: str | None = None, view_png: bytes | None = None) -> Future:
+               problem: str | None = None, view_png: bytes | None = None,
+               shown_size: tuple[int, int] | None = None) -> Future:
         """Queue one field; the future's result is the stored field row (dict).
+
+        ``shown_size``: the picture's (width, height) when ``rgb`` was decoded reduced from it (a large
+        uploaded JPEG): a rejection names sizes on the picture. The field is stored as analysed.
 
         ``view_png``: the camera view it was captured from, stored with a counted field so that the
         view stays "already counted" after a restart.
@@ -557,7 +561,7 @@ class FieldAnalyser:
                 self._release(slide_id)
         try:
             fut = self._executor.submit(self._process, release, slide_id, rgb, source, model, threshold, problem,
-                                        t0, view_png, crop_floor)
+                                        t0, view_png, crop_floor, shown_size)
         except RuntimeError:  # shut down (or its thread could not start: the item may still run later)
             release()
             raise CaptureRefused("the service is stopping", 503) from None
@@ -600,7 +604,7 @@ class FieldAnalyser:
 
     def _analyse_and_store(self, slide_id: int, rgb: np.ndarray | None, source: str, model: ModelInfo,
                            threshold: float, problem: str | None, t0: float, view_png: bytes | None = None,
-                           crop_floor: float | None = None) -> dict:
+                           crop_floor: float | None = None, shown_size: tuple[int, int] | None = None) -> dict:
         if rgb is None or problem:
             h, w = (rgb.shape[:2] if isinstance(rgb, np.ndarray) and rgb.ndim >= 2 else (0, 0))
             result = FieldResult(int(w), int(h), f"camera frame unusable: {problem or 'no picture'}", [], 0.0,
@@ -608,7 +612,8 @@ class FieldAnalyser:
             images = FieldImages(encode_jpeg(placeholder_rgb(), ANNOTATED_JPEG_QUALITY), None, {})
             self.metrics.inc("camera_frames_unusable_total")
         else:
-            result = analyze_field(rgb, self.classifier, replace(self.settings, threshold=threshold))
+            result = analyze_field(rgb, self.classifier, replace(self.settings, threshold=threshold),
+                                   shown_size=shown_size)
             images = self.encode_images(rgb, result, save_raw=self._keep_raw(), crop_floor=crop_floor)
         try:
             field_id = self.store.add_field(slide_id, result, source=source, model_sha256=model.sha256,

@@ -295,6 +295,21 @@ def test_replay_skips_a_picture_over_the_services_25_mp_with_the_reason(tmp_path
     assert "25.005 MP, over the 25 MP limit of the device's fields" in caplog.text
 
 
+def test_replay_reads_a_large_jpeg_of_large_cells_reduced(tmp_path):
+    """As an upload: a colour JPEG over 25 MP whose cells stay at least 96 px across at 1/2 is decoded at 1/2
+    (never held whole), not skipped; the frame is what would be analysed."""
+    from tests.conftest import SAMPLES_DIR
+
+    field = cv2.imread(str(sorted(SAMPLES_DIR.glob("*.jpg"))[0]))  # 1600 x 1200, cells ~100 px
+    big = cv2.resize(field, (6600, 4950), interpolation=cv2.INTER_LINEAR)  # 32.7 MP
+    cv2.imwrite(str(tmp_path / "big.jpg"), big, [cv2.IMWRITE_JPEG_QUALITY, 95])
+    with ReplayCamera(tmp_path, fps=60) as cam:
+        frame = cam.read()
+    assert frame.shape == (2475, 3300, 3)
+    half = cv2.resize(big, (3300, 2475), interpolation=cv2.INTER_AREA)
+    assert np.abs(frame.astype(int) - half[..., ::-1]).mean() < 3  # the picture, in RGB
+
+
 @pytest.mark.parametrize("setup, match", [
     (lambda p: p / "missing", "not found"),
     (lambda p: p, "no images"),

@@ -20,6 +20,7 @@ import tomllib
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from device.web import ADMIN_SESSION_MAX_S, MAX_UPLOAD_MB, PIN_EXEMPT
@@ -432,9 +433,10 @@ def test_decompression_bombs_are_refused_before_decoding(make_env, monkeypatch, 
 
 
 def test_uploads_stop_at_25_mp_before_decoding_while_the_command_line_reads_up_to_50(make_env):
-    """The service stays under its unit's memory limits: a 24 MP upload peaked at 350-356 MB
-    (tests/benchmarks/bench_upload_memory.py); a 50 MP one took it past MemoryMax before. So uploads stop at
-    25 MP, refused before decoding with what to do instead, while ``python -m device analyze`` reads 50."""
+    """The service stays under its unit's memory limits: a 24 MP upload decoded whole peaked at 350-356 MB
+    (tests/benchmarks/bench_upload_memory.py); a 50 MP one took it past MemoryMax before. So a picture decoded
+    whole stops at 25 MP, refused before decoding with what to do instead, while ``python -m device analyze``
+    reads 50. (A colour JPEG of large cells is decoded reduced: the next test.)"""
     from device.imageio import MAX_SERVICE_FIELD_PIXELS, ImageError, decode_rgb
 
     assert MAX_SERVICE_FIELD_PIXELS == 25_000_000
@@ -460,6 +462,42 @@ def test_uploads_stop_at_25_mp_before_decoding_while_the_command_line_reads_up_t
         decode_rgb(_jpeg_header(7072, 7072), max_pixels=10**9)
 
 
+def test_a_large_jpeg_upload_of_large_cells_is_decoded_reduced_up_to_50_mp(make_env):
+    """Uploads over 25 MP were refused, so a 48 MP camera's or phone's JPEG could only be analysed on a
+    computer, and a 24 MP one decoded whole took the service to 352 MB. A colour JPEG over 16 MP whose cells
+    stay at least 96 px across at 1/2 is now decoded at 1/2, never held whole (48 MP: the service peaked at
+    251 MB), and stored as analysed; one whose cells would be too small, and any other picture, is decoded
+    whole and still refused over 25 MP, before decoding."""
+    import cv2
+
+    from device.analysis import analyze_field
+
+    env = make_env()
+    c, token = _client(env)
+    assert c.post("/api/slides", json={"sample_id": "BIG"}, headers={"X-CSRF-Token": token}).status_code == 201
+
+    def post(data, name="big.jpg"):
+        return c.post("/api/slides/1/fields", headers={"X-CSRF-Token": token},
+                      data={"image": (io.BytesIO(data), name)}, content_type="multipart/form-data")
+
+    field = cv2.imread(str(SAMPLE))  # 1600 x 1200, cells ~100 px
+    big = cv2.resize(field, (6600, 4950), interpolation=cv2.INTER_LINEAR)  # 32.7 MP, cells ~410 px
+    r = post(cv2.imencode(".jpg", big, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes())
+    assert r.status_code == 201, r.get_json()
+    stored = r.get_json()["field"]
+    assert (stored["width"], stored["height"]) == (3300, 2475)  # stored as analysed: at 1/2
+    assert stored["rejected"] is None and stored["source"] == "upload"
+    original = analyze_field(cv2.cvtColor(field, cv2.COLOR_BGR2RGB), env.analyser.classifier)
+    assert abs(stored["rbc_count"] - original.rbc_count) <= 0.03 * original.rbc_count  # the same cells found
+    small_cells = np.tile(field, (4, 4, 1))  # 30.7 MP of cells ~100 px: at 1/2 under 96 px, so read whole
+    r = post(cv2.imencode(".jpg", small_cells, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes(), "tiled.jpg")
+    assert r.status_code == 400 and "6400x4800 is 30.72 MP, over the 25 MP limit" in r.get_json()["error"]
+    gray = cv2.imencode(".jpg", cv2.cvtColor(big, cv2.COLOR_BGR2GRAY), [cv2.IMWRITE_JPEG_QUALITY, 95])[1]
+    r = post(gray.tobytes(), "gray.jpg")  # reduced, a gray JPEG would come out as colour: never reduced
+    assert r.status_code == 400 and "over the 25 MP limit" in r.get_json()["error"]
+    assert len(env.store.list_fields(1)) == 1
+
+
 def test_an_upload_is_refused_before_decoding_while_the_analyser_is_full(make_env, monkeypatch):
     """Uploads were decoded in their request threads and refused only then, busy: four 24 MP uploads at once
     took the service to 635 MB, past its unit's MemoryMax. Now a full analyser refuses one undecoded (503),
@@ -470,8 +508,8 @@ def test_an_upload_is_refused_before_decoding_while_the_analyser_is_full(make_en
     c, token = _client(env)
     c.post("/api/slides", json={"sample_id": "B"}, headers={"X-CSRF-Token": token})
     decoded = []
-    real = web_views.decode_rgb
-    monkeypatch.setattr(web_views, "decode_rgb", lambda *a, **k: decoded.append(1) or real(*a, **k))
+    real = web_views.decode_field
+    monkeypatch.setattr(web_views, "decode_field", lambda *a, **k: decoded.append(1) or real(*a, **k))
 
     field = sorted(SAMPLES_DIR.glob("*.jpg"))[0].read_bytes()
 

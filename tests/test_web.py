@@ -1592,8 +1592,8 @@ def test_finish_and_discard_wait_for_an_upload_still_being_decoded(make_env, mon
     _start(c, token)
     assert _upload(c, token, SAMPLE.read_bytes(), "a.jpg").status_code == 201
     decoding, go = threading.Event(), threading.Event()
-    real = web_views.decode_rgb
-    monkeypatch.setattr(web_views, "decode_rgb", lambda *a, **k: (decoding.set(), go.wait(60), real(*a, **k))[2])
+    real = web_views.decode_field
+    monkeypatch.setattr(web_views, "decode_field", lambda *a, **k: (decoding.set(), go.wait(60), real(*a, **k))[2])
     answers = {}
     other = sorted(SAMPLES_DIR.glob("*.jpg"))[1].read_bytes()
     upload = threading.Thread(target=lambda: answers.update(upload=_upload(c, token, other, "b.jpg")))

@@ -31,7 +31,7 @@ from device.camera import (
     view_blurred,
 )
 from device.config import RBC_PER_UL_RANGE, review_floor_at
-from device.imageio import IMAGE_SUFFIXES, MAX_SERVICE_FIELD_PIXELS, ImageError, decode_rgb
+from device.imageio import IMAGE_SUFFIXES, MAX_SERVICE_FIELD_PIXELS, ImageError, decode_field
 from device.service import (
     BUSY_MESSAGE,
     CaptureRefused,
@@ -51,7 +51,8 @@ CAPTURE_WAIT_S = 60.0  # a capture answers when its field is stored; after this 
 # page renews the announcement every ANNOUNCE_RENEW_S while its file is on the way, however slow the link; one
 # nobody renews (a tab closed, a connection lost) lapses after ANNOUNCED_UPLOAD_TTL_S.
 ANNOUNCED_UPLOAD_TTL_S = 20.0
-# Uploads are refused above imageio.MAX_SERVICE_FIELD_PIXELS (25 MP) before decoding, and decoded one at a time.
+# Uploads decoded whole are refused above imageio.MAX_SERVICE_FIELD_PIXELS (25 MP) before decoding (a colour JPEG
+# read at 1/2 may have up to 50 MP: imageio.decode_field), and uploads are decoded one at a time.
 _UPLOAD_DECODING = threading.Lock()
 UPLOAD_LIMIT_NOTE = (" of the device's uploads (the memory it keeps for one field); scale the image down, or "
                      "analyse it on a computer with python -m device analyze")
@@ -148,7 +149,8 @@ def start_slide(values: dict) -> int:
         raise FormError(str(exc), status=409, open_slide_id=getattr(exc, "slide_id", None)) from None
 
 
-def _decode_upload():
+def _decode_upload() -> tuple[np.ndarray, tuple[int, int] | None]:
+    """The uploaded field: (RGB image, the picture's size when the image was decoded reduced from it)."""
     d = deps()
     f = request.files["image"]
     name = Path(f.filename or "upload").name  # for messages only: an upload is never saved under its name
@@ -168,8 +170,10 @@ def _decode_upload():
             # damaged JPEG data refused as by the CLI: every JPEG decoding in the service (a USB camera's MJPG
             # frames too) holds the lock the check listens under. 21 of 32 copies of the samples with 8 kB of
             # garbage or zeros were counted (27 cells of 69), the others rejected with camera advice.
-            return decode_rgb(data, name=name, max_pixels=MAX_SERVICE_FIELD_PIXELS, limit_note=UPLOAD_LIMIT_NOTE,
-                              check_jpeg_data=True)
+            # a colour JPEG of large cells over 16 MP is decoded at 1/2 (1/4, 1/8), never held whole: up to 50 MP
+            rgb, factor, size = decode_field(data, name=name, max_whole_pixels=MAX_SERVICE_FIELD_PIXELS,
+                                             limit_note=UPLOAD_LIMIT_NOTE)
+            return rgb, (size if factor != 1 else None)
         except ImageError as exc:
             d.analyser.metrics.inc("uploads_refused_total")
             abort(400, str(exc))
@@ -445,7 +449,7 @@ def capture(slide_id: int) -> dict | None:
     :data:`CAPTURE_WAIT_S` (it will still be stored). Aborts with 4xx/5xx and a reason otherwise.
     """
     d = deps()
-    problem, view, counted = None, None, _counted_views()
+    problem, view, counted, shown_size = None, None, _counted_views(), None
     settle_lock, settled = threading.Lock(), False  # once; a second caller waits until the first is through
 
     def settle(fut=None) -> None:  # the view counts only when its field is stored and not rejected
@@ -471,7 +475,7 @@ def capture(slide_id: int) -> dict | None:
     if "image" in request.files:
         if not request.files["image"].filename:
             abort(400, "no file chosen")
-        rgb, source = _decode_upload(), "upload"
+        (rgb, shown_size), source = _decode_upload(), "upload"
         view = thumbnail(rgb)  # the same picture uploaded again would count its cells twice
         try:
             # also turned or mirrored (an editor, a phone held upright, an app that drops the EXIF orientation)
@@ -509,7 +513,7 @@ def capture(slide_id: int) -> dict | None:
     try:
         try:
             fut = d.analyser.submit(slide_id, rgb, source, problem=problem,
-                                    view_png=None if view is None else encode_view(view))
+                                    view_png=None if view is None else encode_view(view), shown_size=shown_size)
         except BaseException:
             settle()  # nothing was queued: the view is free again
             raise

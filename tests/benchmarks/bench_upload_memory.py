@@ -1,10 +1,12 @@
 """Peak memory of `python -m device serve` for one uploaded field, by image size, measured from outside.
 
-    .venv/bin/python tests/benchmarks/bench_upload_memory.py [--mp 12 24 25.5 50] [--at-once N]
+    .venv/bin/python tests/benchmarks/bench_upload_memory.py [--mp 12 24 25.5 50] [--at-once N] [--tiled]
 
 For each size a fresh service (replay camera) takes one warm-up capture, then one upload: a bundled sample
 field scaled to that many megapixels, saved as JPEG quality 95, posted to /api/slides/N/fields as the
-page does; with --at-once N, N such uploads (each made a little different) sent together to N slides.
+page does (a colour JPEG over 16 MP of cells this large is decoded at 1/2; --tiled repeats the sample
+instead, so that the picture is decoded whole); with --at-once N, N such uploads (each made a little
+different) sent together to N slides.
 Printed: the service's peak RSS (VmHWM) before and after, and the answers. The unit
 (systemd/malaria-detect.service) holds the service under MemoryHigh=600M, MemoryMax=800M. A benchmark:
 nothing asserts.
@@ -30,17 +32,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_service import Client, free_port, rss_mb, start_service  # noqa: E402
 
 
-def field_jpeg(megapixels: float, out: Path, mark: int = 0) -> tuple[int, int]:
+def field_jpeg(megapixels: float, out: Path, mark: int = 0, tiled: bool = False) -> tuple[int, int]:
     """A bundled sample field scaled to ``megapixels``, saved as JPEG quality 95; ``mark`` > 0 greys a corner,
-    so that each of several uploads is another picture (the same one would be refused as a view counted)."""
+    so that each of several uploads is another picture (the same one would be refused as a view counted).
+    ``tiled``: the sample enlarged 1.5 x and repeated (cells stay ~150 px), which the service decodes whole: at
+    1/2 they would be under 96 px."""
     import cv2
+    import numpy as np
 
     sample = sorted((ROOT / "device" / "samples").glob("*.jpg"))[0]
     bgr = cv2.imread(str(sample), cv2.IMREAD_COLOR)
     h0, w0 = bgr.shape[:2]
     scale = (megapixels * 1e6 / (w0 * h0)) ** 0.5
     w, h = round(w0 * scale), round(h0 * scale)
-    big = cv2.resize(bgr, (w, h), interpolation=cv2.INTER_LINEAR)
+    if tiled:  # cells of ~150 px: within the 1/50 of the picture a field's cells span at least, at 24 MP
+        cells = cv2.resize(bgr, None, fx=1.5, fy=1.5, interpolation=cv2.INTER_LINEAR)
+        big = np.tile(cells, (int(scale / 1.5) + 1, int(scale / 1.5) + 1, 1))[:h, :w].copy()
+    else:
+        big = cv2.resize(bgr, (w, h), interpolation=cv2.INTER_LINEAR)
     if mark:
         big[:50, :50] = 40 * mark
     cv2.imwrite(str(out), big, [cv2.IMWRITE_JPEG_QUALITY, 95])
@@ -61,9 +70,9 @@ def upload(c: Client, url: str, path: Path) -> tuple[int, dict]:
         return exc.code, json.loads(exc.read() or b"{}")
 
 
-def one(megapixels: float, tmp: Path, at_once: int = 1) -> None:
+def one(megapixels: float, tmp: Path, at_once: int = 1, tiled: bool = False) -> None:
     images = [tmp / f"field_{megapixels:g}mp_{i}.jpg" for i in range(at_once)]
-    w, h = [field_jpeg(megapixels, image, mark=i) for i, image in enumerate(images)][0]
+    w, h = [field_jpeg(megapixels, image, mark=i, tiled=tiled) for i, image in enumerate(images)][0]
     port = free_port()
     cfg = tmp / f"config_{megapixels:g}.toml"
     data = tmp / f"data_{megapixels:g}_{at_once}"
@@ -113,10 +122,12 @@ def main() -> int:
     ap.add_argument("--mp", type=float, nargs="+", default=[12.3, 24.0, 25.5, 50.0],
                     help="image sizes in megapixels (default: 12.3 24 25.5 50)")
     ap.add_argument("--at-once", type=int, default=1, help="uploads sent together, each to its own slide")
+    ap.add_argument("--tiled", action="store_true",
+                    help="the sample tiled, not enlarged: cells of ~150 px, so a JPEG over 16 MP is decoded whole")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-upload-memory-") as tmp:
         for mp in args.mp:
-            one(mp, Path(tmp), args.at_once)
+            one(mp, Path(tmp), args.at_once, args.tiled)
     return 0
 
 
