@@ -493,8 +493,14 @@ class _AnnotatedSources:
             return {"source": os.path.realpath(source)}
 
     def taken(self, name: str, picture: dict) -> bool:
-        """A copy of another picture (or of one unknown) than ``picture`` (:meth:`picture`) holds this name."""
-        return (self.path.parent / name).exists() and self.by_name.get(name) != picture
+        """A copy of another picture (or of one unknown) than ``picture`` (:meth:`picture`) holds this name.
+        On a FAT or exFAT stick names differing only in case are one file: a name of the record that differs
+        only in case and names another picture may be that file, so the name is taken then too."""
+        if not (self.path.parent / name).exists():
+            return False
+        folded = name.casefold()
+        return self.by_name.get(name) != picture or any(
+            v != picture for k, v in self.by_name.items() if k.casefold() == folded)
 
     def wrote(self, name: str, picture: dict) -> None:
         self.by_name[name] = picture

@@ -1084,6 +1084,30 @@ def test_annotate_into_a_folder_used_before_keeps_the_copies_of_other_fields(tmp
         "IMG_0001_3_annotated.jpg")  # the first free name: no copy there is replaced
 
 
+def test_annotate_record_names_differing_in_case_are_taken_as_one_file(tmp_path):
+    """On a FAT stick IMG_0001_annotated.jpg and img_0001_annotated.jpg are one file: a copy of field X written as
+    the first, deleted, then one of field Y written as the second left both names in the record, and a later
+    run over X took the file as its own and wrote over Y's copy. (Simulated here on a case-sensitive disk: the
+    record names X's copy under one case and Y's under the other.)"""
+    fields = sorted(SAMPLES.glob("*.jpg"))
+    (tmp_path / "X").mkdir()
+    shutil.copy(fields[0], tmp_path / "X" / "img_0001.jpg")
+    ann = tmp_path / "ann"
+    out = tmp_path / "x.json"
+    assert device("analyze", str(tmp_path / "X"), "--annotate", str(ann), "--json", str(out)).returncode == 0
+    record_path = ann / ".malaria-detect-annotated-sources.json"
+    record = json.loads(record_path.read_text())
+    x_picture = record["img_0001_annotated.jpg"]
+    y_picture = {"source": str(tmp_path / "Y" / "IMG_0001.jpg"), "size": 1, "mtime_ns": 1}
+    record["IMG_0001_annotated.jpg"] = y_picture  # on FAT: the same file, now Y's copy
+    (ann / "IMG_0001_annotated.jpg").write_bytes(b"Y's copy")
+    record_path.write_text(json.dumps(record))
+    assert device("analyze", str(tmp_path / "X"), "--annotate", str(ann), "--json", str(out)).returncode == 0
+    written = Path(json.loads(out.read_text())["images"][0]["annotated"])
+    assert written.name == "img_0001_2_annotated.jpg"  # not the name that may be Y's copy
+    assert json.loads(record_path.read_text())["img_0001_2_annotated.jpg"] == x_picture
+
+
 def test_copies_of_a_file_that_cannot_be_read_fail_with_it(tmp_path):
     damaged = bytearray(sorted(SAMPLES.glob("*.jpg"))[0].read_bytes())
     damaged[len(damaged) // 3 : len(damaged) // 3 + 4096] = bytes(4096)
