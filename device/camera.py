@@ -306,17 +306,20 @@ def _thumbnail_size(w: int, h: int) -> tuple[int, int]:
     return STEADY_WIDTH_PX, max(1, min(MAX_THUMBNAIL_ASPECT * STEADY_WIDTH_PX, round(h * STEADY_WIDTH_PX / w)))
 
 
-def thumbnail(rgb: np.ndarray) -> np.ndarray:
-    """A small gray copy of a frame: what steadiness and "this field is already counted" compare."""
-    h, w = rgb.shape[:2]
+def thumbnail(rgb: np.ndarray, shown_size: tuple[int, int] | None = None) -> np.ndarray:
+    """A small gray copy of a frame: what steadiness and "this field is already counted" compare.
+    ``shown_size``: the picture's (width, height) when ``rgb`` was decoded reduced from it: the thumbnail takes
+    the picture's shape (a 4600 x 3493 JPEG read at 1/2 is 2300 x 1747, a thumbnail a row taller than the same
+    picture's decoded whole, and views of two shapes are never compared)."""
+    w, h = shown_size or (rgb.shape[1], rgb.shape[0])
     return cv2.cvtColor(cv2.resize(rgb, _thumbnail_size(w, h), interpolation=cv2.INTER_AREA), cv2.COLOR_RGB2GRAY)
 
 
-def turned_views(rgb: np.ndarray) -> list[np.ndarray]:
+def turned_views(rgb: np.ndarray, shown_size: tuple[int, int] | None = None) -> list[np.ndarray]:
     """The :func:`thumbnail` of each of the picture's 7 other turns and mirrors (90, 180, 270 degrees, each
     also mirrored): a picture uploaded again turned is the same cells. Made from a copy 4 times the
     thumbnail's width, not from the picture (a 24 MP upload turned 7 times is 500 MB), at the shape
-    :func:`thumbnail` gives the picture turned."""
+    :func:`thumbnail` gives the picture turned (``shown_size`` as there)."""
     h, w = rgb.shape[:2]
     mid_w = 4 * STEADY_WIDTH_PX
     mid = rgb if w <= mid_w else cv2.resize(rgb, (mid_w, max(1, round(h * mid_w / w))), interpolation=cv2.INTER_AREA)
@@ -328,7 +331,8 @@ def turned_views(rgb: np.ndarray) -> list[np.ndarray]:
                 continue
             t = np.rot90(gray, k)
             t = t[:, ::-1] if mirror else t
-            tw, th = (w, h) if k % 2 == 0 else (h, w)  # the turned picture's own size
+            sw, sh = shown_size or (w, h)
+            tw, th = (sw, sh) if k % 2 == 0 else (sh, sw)  # the turned picture's own size
             size = _thumbnail_size(tw, th)
             if size[1] > MAX_TURNED_VIEW_ASPECT * size[0]:  # a strip on end: no field's view has that shape
                 continue

@@ -22,8 +22,8 @@ logger = logging.getLogger(__name__)
 
 MAX_PIXELS = 50_000_000  # > 50 MP is refused before decoding (decompression bombs)
 # The service's own fields (uploads, a replay folder's pictures) decoded whole stop at 25 MP (a 24 MP camera's
-# 6000 x 4000 still passes), so that it stays under its unit's memory limits; a colour JPEG that decode_field
-# reads reduced may have up to MAX_PIXELS. Measured (tests/benchmarks/bench_upload_memory.py): a 24 MP JPEG
+# 6000 x 4000 still passes), so that it stays under its unit's memory limits; a one-scan colour JPEG that
+# decode_field reads reduced may have up to MAX_PIXELS. Measured (tests/benchmarks/bench_upload_memory.py): a 24 MP JPEG
 # upload decoded whole took the service's peak from ~160 to 350-356 MB (131 cells; 412 MB with 739 cells; 419
 # MB before a field's images were encoded from one frame copy instead of three), and at 1/2 to 207 MB; a 50 MP
 # one decoded whole, accepted before, reached 718 MB and was killed at the unit's MemoryMax (then 600 MB); 48 MP
@@ -251,6 +251,30 @@ def _jpeg_size(data: bytes) -> tuple[int, int]:
     raise ImageError("truncated JPEG: no frame header")
 
 
+def jpeg_frame_marker(data: bytes) -> int | None:
+    """The marker of a JPEG's frame header (0xC0 baseline, 0xC2 progressive, 0xC3 lossless...), or None."""
+    for marker, _, _ in _jpeg_segments(data):
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return marker
+    return None
+
+
+# The first marker after a scan's compressed data: 0xFF (and fill bytes) before anything but a stuffed 0x00 or
+# a restart marker
+_MARKER_AFTER_SCAN = re.compile(rb"\xff+([^\x00\xd0-\xd7\xff])")
+
+
+def jpeg_single_scan(data: bytes) -> bool:
+    """Whether a JPEG holds one scan: the end marker follows the first scan's compressed data. libjpeg decodes
+    such a file row by row; a progressive file, or one of several scans, holds every DCT coefficient of the
+    whole picture while it is decoded, at any scale (2 bytes each: 288 MB for 48 MP at 4:4:4)."""
+    for marker, i, seg_len in _jpeg_segments(data):
+        if marker == 0xDA:
+            m = _MARKER_AFTER_SCAN.search(data, i + 2 + seg_len)
+            return m is not None and m.group(1) == b"\xd9"
+    return False
+
+
 def jpeg_components(data: bytes) -> int | None:
     """The number of colour components in a JPEG's frame header (1 gray, 3 colour, 4 CMYK), or None."""
     for marker, i, _ in _jpeg_segments(data):
@@ -475,6 +499,9 @@ def decode_rgb(data: bytes, *, name: str = "image", min_side_px: int = MIN_SIDE_
         with JPEG_DECODE_LOCK, _libjpeg_warnings(warnings) if listen else contextlib.nullcontext():
             if reduce != 1:  # EXIF orientation is applied below, as for every JPEG
                 img = cv2.imdecode(buf, REDUCED_FLAGS[reduce] | cv2.IMREAD_IGNORE_ORIENTATION)
+                if img is not None and img.shape[:2] != (-(-h // reduce), -(-w // reduce)):
+                    # a lossless JPEG comes out whole: libjpeg scales only DCT data
+                    raise ImageError(f"{name}: could not be decoded at 1/{reduce} of its size")
             else:
                 img = cv2.imdecode(buf, cv2.IMREAD_COLOR if os2_bitmap else cv2.IMREAD_UNCHANGED)
     except cv2.error as exc:  # OpenCV's own limits and checks: a bad file, never a crashed batch
@@ -493,7 +520,7 @@ def decode_rgb(data: bytes, *, name: str = "image", min_side_px: int = MIN_SIDE_
 # A colour JPEG over this many pixels is decoded at 1/2, 1/4 or 1/8 of its size (the smallest step that brings
 # it under) by :func:`decode_field`: `analyze` then stays under 250 MB (the full decode of a 24 MP JPEG held it
 # twice over a moment, +144 MB, and analyze peaked at 268 MB, a 48 MP one at 413 MB; 12 MP peaks at 195 MB), and
-# the service takes a JPEG of up to MAX_PIXELS without holding it whole. Only when its red cells stay at least
+# the service takes a one-scan JPEG of up to MAX_PIXELS without holding it whole. Only when its red cells stay at least
 # REDUCED_MIN_CELL_PX across (twice the classifier's 48 px input), measured on a 1/8 probe decode (a 48 MP
 # field: 44 ms, and 8 ms for the scale search).
 REDUCE_ABOVE_PIXELS = 16_000_000
@@ -514,13 +541,17 @@ def decode_field(data: bytes, *, name: str = "image", max_whole_pixels: int = MA
     except ImageError:  # decode_rgb says why
         w = h = 0
     factor = 1
-    if REDUCE_ABOVE_PIXELS < w * h <= MAX_PIXELS and data[:2] == b"\xff\xd8" and jpeg_components(data) == 3:
+    kind = jpeg_frame_marker(data) if data[:2] == b"\xff\xd8" and REDUCE_ABOVE_PIXELS < w * h <= MAX_PIXELS else None
+    # DCT frames only (libjpeg does not scale a lossless one). One that holds its whole picture's coefficients
+    # while decoded (progressive, or several scans) is reduced only when it would be taken whole anyway: a
+    # 48 MP progressive JPEG took the service to 483 MB, and a 302-byte file claiming 49 MP, +282 MB.
+    if (kind in (0xC0, 0xC1, 0xC2, 0xC9, 0xCA) and jpeg_components(data) == 3
+            and (w * h <= max_whole_pixels or (kind in (0xC0, 0xC1, 0xC9) and jpeg_single_scan(data)))):
         factor = next(k for k in (2, 4, 8) if w * h <= REDUCE_ABOVE_PIXELS * k * k)
-        try:  # checked as the decode below: libjpeg's warnings (padding too) are heard, not printed
-            probe = decode_rgb(data, name=name, reduce=8, check_jpeg_data=True)
-        except ImageError:  # the full decode below says why
-            probe = None
-        diameter = estimate_cell_diameter(probe) if probe is not None else None
+        # checked as the decode below (libjpeg's warnings, padding too, are heard, not printed); what it
+        # refuses (damaged data, strong compression) is refused with its own reason, not for the size
+        probe = decode_rgb(data, name=name, reduce=8, check_jpeg_data=True, min_side_px=1)
+        diameter = estimate_cell_diameter(probe)
         if diameter is None or diameter * 8 / factor < REDUCED_MIN_CELL_PX:
             logger.info("%s: %dx%d read whole: cells of %s px would be too small at 1/%d", name, w, h,
                         "unknown" if diameter is None else f"{diameter * 8:.0f}", factor)

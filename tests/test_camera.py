@@ -310,6 +310,26 @@ def test_replay_reads_a_large_jpeg_of_large_cells_reduced(tmp_path):
     assert np.abs(frame.astype(int) - half[..., ::-1]).mean() < 3  # the picture, in RGB
 
 
+def test_a_picture_read_at_half_has_the_thumbnail_of_the_picture_decoded_whole():
+    """A 4600 x 3493 JPEG read at 1/2 is 2300 x 1747: its thumbnail came out a row taller than the same
+    picture's decoded whole (uploaded again as a PNG), views of two shapes are never compared, and the field
+    was counted twice. The thumbnail now takes the picture's shape, turned ones too."""
+    from device.camera import same_view, thumbnail, turned_views
+    from device.imageio import decode_field, decode_rgb
+    from tests.conftest import SAMPLES_DIR
+
+    field = cv2.imread(str(sorted(SAMPLES_DIR.glob("*.jpg"))[0]))
+    data = cv2.imencode(".jpg", cv2.resize(field, (4600, 3493), interpolation=cv2.INTER_LINEAR),
+                        [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
+    half, factor, size = decode_field(data)
+    whole = decode_rgb(data)
+    assert factor == 2 and half.shape == (1747, 2300, 3) and size == (4600, 3493)
+    assert thumbnail(half).shape != thumbnail(whole).shape  # the shapes the two decodes give by themselves
+    assert same_view(thumbnail(half, size), thumbnail(whole))
+    for a, b in zip(turned_views(half, size), turned_views(whole), strict=True):
+        assert same_view(a, b)
+
+
 @pytest.mark.parametrize("setup, match", [
     (lambda p: p / "missing", "not found"),
     (lambda p: p, "no images"),

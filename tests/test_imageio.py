@@ -521,3 +521,76 @@ def test_identical_copies_are_found_by_their_bytes_not_their_size_or_first_bytes
         (tmp_path / name).write_bytes(b"")
     names = ["f0.bmp", "f1.bmp", "f2.bmp", "f3.bmp", "copy.bmp", "tail.bmp", "e1.png", "e2.png", "gone.png"]
     assert identical_copies([tmp_path / n for n in names]) == {tmp_path / "copy.bmp": tmp_path / "f2.bmp"}
+
+
+def _lossless_jpeg(w: int, h: int) -> bytes:
+    """A lossless JPEG (SOF3, predictor 1) of a flat mid-gray colour picture: every sample's difference is 0,
+    Huffman code '0' (one code of one bit, for category 0)."""
+    seg = lambda marker, body: b"\xff" + bytes([marker]) + struct.pack(">H", 2 + len(body)) + body  # noqa: E731
+    dht = bytes([0x00]) + bytes([1] + [0] * 15) + bytes([0])
+    sof = struct.pack(">BHHB", 8, h, w, 3) + b"".join(bytes([i + 1, 0x11, 0]) for i in range(3))
+    sos = bytes([3]) + b"".join(bytes([i + 1, 0x00]) for i in range(3)) + bytes([1, 0, 0])
+    bits = w * h * 3
+    data = bytes(bits // 8) + (bytes([(1 << (8 - bits % 8)) - 1]) if bits % 8 else b"")
+    return b"\xff\xd8" + seg(0xC4, dht) + seg(0xC3, sof) + seg(0xDA, sos) + data + b"\xff\xd9"
+
+
+def test_a_lossless_jpeg_is_never_decoded_reduced(monkeypatch):
+    """libjpeg scales DCT data only: asked for 1/2, a lossless JPEG came out whole, so a 48 MP one passed the
+    service's 25 MP limit as "read at 1/2" and took it to 586 MB."""
+    from device import imageio
+
+    data = _lossless_jpeg(96, 64)
+    assert cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR).shape == (64, 96, 3)  # it is read
+    assert cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_REDUCED_COLOR_2).shape == (64, 96, 3)
+    assert imageio.jpeg_frame_marker(data) == 0xC3
+    with pytest.raises(ImageError, match="could not be decoded at 1/2 of its size"):
+        decode_rgb(data, reduce=2)
+    monkeypatch.setattr(imageio, "REDUCE_ABOVE_PIXELS", 1000)  # as a picture over 16 MP is
+    with pytest.raises(ImageError, match="over the 0.005 MP limit"):  # decoded whole: refused for its size
+        imageio.decode_field(data, max_whole_pixels=5000)
+    rgb, factor, size = imageio.decode_field(data)
+    assert factor == 1 and rgb.shape == (64, 96, 3) and size == (96, 64)
+
+
+def test_a_jpeg_holding_its_whole_picture_while_decoded_is_reduced_only_within_the_whole_limit(monkeypatch):
+    """A progressive JPEG (or one of several scans) holds every DCT coefficient of the picture while it is
+    decoded, at any scale: a 48 MP progressive upload read at 1/2 took the service to 483 MB, and a 302-byte
+    file claiming 49 MP cost 282 MB before it was refused. Over the service's limit for a picture decoded
+    whole, such a file is refused before any decoding; a one-scan baseline JPEG is probed and read reduced."""
+    from device import imageio
+
+    bgr = cv2.imread(str(sorted(SAMPLES.glob("*.jpg"))[0]))
+    baseline, progressive = _jpeg(bgr), _jpeg(bgr, progressive=True)
+    assert imageio.jpeg_single_scan(baseline) and not imageio.jpeg_single_scan(progressive)
+    assert imageio.jpeg_frame_marker(baseline) == 0xC0 and imageio.jpeg_frame_marker(progressive) == 0xC2
+    monkeypatch.setattr(imageio, "REDUCE_ABOVE_PIXELS", 1_000_000)  # the 1.92 MP sample counts as large,
+    monkeypatch.setattr(imageio, "REDUCED_MIN_CELL_PX", 40.0)  # its cells of ~100 px as large enough at 1/2
+    decoded = []
+    real = cv2.imdecode
+    monkeypatch.setattr(cv2, "imdecode", lambda buf, flags: decoded.append(flags) or real(buf, flags))
+    with pytest.raises(ImageError, match="over the 1.5 MP limit"):
+        imageio.decode_field(progressive, max_whole_pixels=1_500_000)
+    assert decoded == []  # refused from its header: nothing decoded, not even the probe
+    rgb, factor, size = imageio.decode_field(progressive)  # within the limit (the command line's 50 MP)
+    assert decoded and size == (1600, 1200)
+    decoded.clear()
+    rgb, factor, size = imageio.decode_field(baseline, max_whole_pixels=1_500_000)
+    assert decoded[0] == cv2.IMREAD_REDUCED_COLOR_8 | cv2.IMREAD_IGNORE_ORIENTATION  # probed, then read
+    assert factor == 2 and rgb.shape == (600, 800, 3) and size == (1600, 1200)
+
+
+def test_a_large_jpeg_probed_for_reduction_is_refused_with_its_own_reason():
+    """A 32 MP JPEG saved at quality 60, or damaged, was told "over the 25 MP limit ... scale the image down",
+    and saving it again smaller would have laundered the damage or the compression."""
+    from device.imageio import decode_field
+
+    bgr = cv2.imread(str(sorted(SAMPLES.glob("*.jpg"))[0]))
+    big = cv2.resize(bgr, (4800, 3600), interpolation=cv2.INTER_LINEAR)  # 17.3 MP: probed
+    poor = cv2.imencode(".jpg", big, [cv2.IMWRITE_JPEG_QUALITY, 60])[1].tobytes()
+    with pytest.raises(ImageError, match="quality ~60"):
+        decode_field(poor, max_whole_pixels=10_000_000)
+    good = bytearray(cv2.imencode(".jpg", big, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes())
+    good[len(good) // 3 : len(good) // 3 + 8192] = bytes(8192)
+    with pytest.raises(ImageError, match="damaged JPEG data"):
+        decode_field(bytes(good), max_whole_pixels=10_000_000)

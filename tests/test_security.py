@@ -467,7 +467,7 @@ def test_a_large_jpeg_upload_of_large_cells_is_decoded_reduced_up_to_50_mp(make_
     computer, and a 24 MP one decoded whole took the service to 352 MB. A colour JPEG over 16 MP whose cells
     stay at least 96 px across at 1/2 is now decoded at 1/2, never held whole (48 MP: the service peaked at
     251 MB), and stored as analysed; one whose cells would be too small, and any other picture, is decoded
-    whole and still refused over 25 MP, before decoding."""
+    whole and still refused over 25 MP, before decoding, as is a progressive one."""
     import cv2
 
     from device.analysis import analyze_field
@@ -495,6 +495,12 @@ def test_a_large_jpeg_upload_of_large_cells_is_decoded_reduced_up_to_50_mp(make_
     gray = cv2.imencode(".jpg", cv2.cvtColor(big, cv2.COLOR_BGR2GRAY), [cv2.IMWRITE_JPEG_QUALITY, 95])[1]
     r = post(gray.tobytes(), "gray.jpg")  # reduced, a gray JPEG would come out as colour: never reduced
     assert r.status_code == 400 and "over the 25 MP limit" in r.get_json()["error"]
+    # progressive: it holds the whole picture's coefficients at any scale (483 MB at 48 MP): refused undecoded
+    progressive = cv2.imencode(".jpg", big, [cv2.IMWRITE_JPEG_QUALITY, 95, cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1]
+    r = post(progressive.tobytes(), "progressive.jpg")
+    assert r.status_code == 400 and "6600x4950 is 32.67 MP, over the 25 MP limit" in r.get_json()["error"]
+    r = post(cv2.imencode(".jpg", big, [cv2.IMWRITE_JPEG_QUALITY, 60])[1].tobytes(), "poor.jpg")
+    assert r.status_code == 400 and "quality ~60" in r.get_json()["error"]  # its own reason, not its size
     assert len(env.store.list_fields(1)) == 1
 
 

@@ -51,8 +51,8 @@ CAPTURE_WAIT_S = 60.0  # a capture answers when its field is stored; after this 
 # page renews the announcement every ANNOUNCE_RENEW_S while its file is on the way, however slow the link; one
 # nobody renews (a tab closed, a connection lost) lapses after ANNOUNCED_UPLOAD_TTL_S.
 ANNOUNCED_UPLOAD_TTL_S = 20.0
-# Uploads decoded whole are refused above imageio.MAX_SERVICE_FIELD_PIXELS (25 MP) before decoding (a colour JPEG
-# read at 1/2 may have up to 50 MP: imageio.decode_field), and uploads are decoded one at a time.
+# Uploads decoded whole are refused above imageio.MAX_SERVICE_FIELD_PIXELS (25 MP) before decoding (a one-scan colour
+# JPEG read at 1/2 may have up to 50 MP: imageio.decode_field), and uploads are decoded one at a time.
 _UPLOAD_DECODING = threading.Lock()
 UPLOAD_LIMIT_NOTE = (" of the device's uploads (the memory it keeps for one field); scale the image down, or "
                      "analyse it on a computer with python -m device analyze")
@@ -170,7 +170,7 @@ def _decode_upload() -> tuple[np.ndarray, tuple[int, int] | None]:
             # damaged JPEG data refused as by the CLI: every JPEG decoding in the service (a USB camera's MJPG
             # frames too) holds the lock the check listens under. 21 of 32 copies of the samples with 8 kB of
             # garbage or zeros were counted (27 cells of 69), the others rejected with camera advice.
-            # a colour JPEG of large cells over 16 MP is decoded at 1/2 (1/4, 1/8), never held whole: up to 50 MP
+            # a colour JPEG of large cells over 16 MP is decoded at 1/2 (1/4, 1/8): one of one scan up to 50 MP
             rgb, factor, size = decode_field(data, name=name, max_whole_pixels=MAX_SERVICE_FIELD_PIXELS,
                                              limit_note=UPLOAD_LIMIT_NOTE)
             return rgb, (size if factor != 1 else None)
@@ -476,10 +476,10 @@ def capture(slide_id: int) -> dict | None:
         if not request.files["image"].filename:
             abort(400, "no file chosen")
         (rgb, shown_size), source = _decode_upload(), "upload"
-        view = thumbnail(rgb)  # the same picture uploaded again would count its cells twice
+        view = thumbnail(rgb, shown_size)  # the same picture uploaded again would count its cells twice
         try:
             # also turned or mirrored (an editor, a phone held upright, an app that drops the EXIF orientation)
-            counted.reserve(slide_id, view, "this image", turned_views(rgb))
+            counted.reserve(slide_id, view, "this image", turned_views(rgb, shown_size))
         except Conflict as exc:
             d.analyser.metrics.inc("captures_refused_total")
             abort(409, str(exc))

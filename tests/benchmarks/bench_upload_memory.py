@@ -1,6 +1,7 @@
 """Peak memory of `python -m device serve` for one uploaded field, by image size, measured from outside.
 
     .venv/bin/python tests/benchmarks/bench_upload_memory.py [--mp 12 24 25.5 50] [--at-once N] [--tiled]
+                                                            [--progressive]
 
 For each size a fresh service (replay camera) takes one warm-up capture, then one upload: a bundled sample
 field scaled to that many megapixels, saved as JPEG quality 95, posted to /api/slides/N/fields as the
@@ -32,11 +33,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_service import Client, free_port, rss_mb, start_service  # noqa: E402
 
 
-def field_jpeg(megapixels: float, out: Path, mark: int = 0, tiled: bool = False) -> tuple[int, int]:
+def field_jpeg(megapixels: float, out: Path, mark: int = 0, tiled: bool = False,
+               progressive: bool = False) -> tuple[int, int]:
     """A bundled sample field scaled to ``megapixels``, saved as JPEG quality 95; ``mark`` > 0 greys a corner,
     so that each of several uploads is another picture (the same one would be refused as a view counted).
     ``tiled``: the sample enlarged 1.5 x and repeated (cells stay ~150 px), which the service decodes whole: at
-    1/2 they would be under 96 px."""
+    1/2 they would be under 96 px. ``progressive``: saved progressive with full-size colour (4:4:4), which libjpeg
+    decodes holding every coefficient of the picture (2 bytes each), at any scale: the costliest JPEG."""
     import cv2
     import numpy as np
 
@@ -52,7 +55,11 @@ def field_jpeg(megapixels: float, out: Path, mark: int = 0, tiled: bool = False)
         big = cv2.resize(bgr, (w, h), interpolation=cv2.INTER_LINEAR)
     if mark:
         big[:50, :50] = 40 * mark
-    cv2.imwrite(str(out), big, [cv2.IMWRITE_JPEG_QUALITY, 95])
+    flags = [cv2.IMWRITE_JPEG_QUALITY, 95]
+    if progressive:
+        flags += [cv2.IMWRITE_JPEG_PROGRESSIVE, 1, cv2.IMWRITE_JPEG_SAMPLING_FACTOR,
+                  cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444]
+    cv2.imwrite(str(out), big, flags)
     return w, h
 
 
@@ -70,9 +77,10 @@ def upload(c: Client, url: str, path: Path) -> tuple[int, dict]:
         return exc.code, json.loads(exc.read() or b"{}")
 
 
-def one(megapixels: float, tmp: Path, at_once: int = 1, tiled: bool = False) -> None:
+def one(megapixels: float, tmp: Path, at_once: int = 1, tiled: bool = False, progressive: bool = False) -> None:
     images = [tmp / f"field_{megapixels:g}mp_{i}.jpg" for i in range(at_once)]
-    w, h = [field_jpeg(megapixels, image, mark=i, tiled=tiled) for i, image in enumerate(images)][0]
+    w, h = [field_jpeg(megapixels, image, mark=i, tiled=tiled, progressive=progressive)
+            for i, image in enumerate(images)][0]
     port = free_port()
     cfg = tmp / f"config_{megapixels:g}.toml"
     data = tmp / f"data_{megapixels:g}_{at_once}"
@@ -124,10 +132,11 @@ def main() -> int:
     ap.add_argument("--at-once", type=int, default=1, help="uploads sent together, each to its own slide")
     ap.add_argument("--tiled", action="store_true",
                     help="the sample tiled, not enlarged: cells of ~150 px, so a JPEG over 16 MP is decoded whole")
+    ap.add_argument("--progressive", action="store_true", help="saved progressive at 4:4:4 (the costliest JPEG)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-upload-memory-") as tmp:
         for mp in args.mp:
-            one(mp, Path(tmp), args.at_once, args.tiled)
+            one(mp, Path(tmp), args.at_once, args.tiled, args.progressive)
     return 0
 
 
