@@ -594,3 +594,29 @@ def test_a_large_jpeg_probed_for_reduction_is_refused_with_its_own_reason():
     good[len(good) // 3 : len(good) // 3 + 8192] = bytes(8192)
     with pytest.raises(ImageError, match="damaged JPEG data"):
         decode_field(bytes(good), max_whole_pixels=10_000_000)
+
+
+def test_a_first_scan_of_fewer_components_than_the_frame_is_not_one_scan():
+    """libjpeg holds the whole picture's coefficients when the first scan lists fewer components than the
+    frame, whatever follows it: a gray JPEG whose frame header was edited to say 3 components, ending after
+    its one scan, passed as one-scan, and a 339-byte file claiming 49 MP took the service up 283 MB."""
+    from device import imageio
+
+    gray = _jpeg(np.full((64, 96), 128, np.uint8))
+    out = bytearray(gray)
+    for marker, i, seg_len in imageio._jpeg_segments(gray):
+        if marker == 0xC0:
+            seg = bytearray(gray[i : i + 2 + seg_len])
+            cid, table = seg[10], seg[12]
+            new = seg[:9] + bytes([3, cid, 0x11, table, cid + 1, 0x11, table, cid + 2, 0x11, table])
+            new[2:4] = struct.pack(">H", len(new) - 2)
+            out[i : i + 2 + seg_len] = new
+            break
+    crafted = bytes(out)
+    assert imageio.jpeg_components(crafted) == 3 and imageio.jpeg_frame_marker(crafted) == 0xC0
+    assert imageio.jpeg_single_scan(gray) and not imageio.jpeg_single_scan(crafted)
+    # fill bytes (0xFF runs, legal before a marker) between the scan and its end marker: still one scan
+    colour = _jpeg(cv2.imread(str(sorted(SAMPLES.glob("*.jpg"))[0])))
+    assert colour.endswith(b"\xff\xd9")
+    assert imageio.jpeg_single_scan(colour[:-2] + b"\xff" * 70_000 + b"\xff\xd9")
+    assert not imageio.jpeg_single_scan(colour[:-2] + b"\xff" * 70_000 + b"\xff\xda")  # another scan follows
