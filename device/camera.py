@@ -154,8 +154,8 @@ class ReplayCamera(CameraBase):
             path = self._files[self._index]
             self._index += 1
             try:
-                # the service's limit for a field (its memory), as for an upload: a colour JPEG of large cells
-                # is decoded reduced up to 50 MP, anything else whole up to 25 MP
+                # the service's limit for a field (its memory), as for an upload: a one-scan colour JPEG of large
+                # cells is decoded reduced up to 50 MP, anything else whole up to 25 MP
                 rgb = decode_field(read_image_bytes(path), name=str(path), max_whole_pixels=MAX_SERVICE_FIELD_PIXELS,
                                    limit_note=" of the device's fields")[0]
                 return apply_orientation(rgb, 1 + self._pass % 8) if self.turns else rgb
@@ -324,6 +324,7 @@ def turned_views(rgb: np.ndarray, shown_size: tuple[int, int] | None = None) -> 
     mid_w = 4 * STEADY_WIDTH_PX
     mid = rgb if w <= mid_w else cv2.resize(rgb, (mid_w, max(1, round(h * mid_w / w))), interpolation=cv2.INTER_AREA)
     gray = cv2.cvtColor(mid, cv2.COLOR_RGB2GRAY)
+    sw, sh = shown_size or (w, h)
     out = []
     for k in range(4):
         for mirror in (False, True):
@@ -331,7 +332,6 @@ def turned_views(rgb: np.ndarray, shown_size: tuple[int, int] | None = None) -> 
                 continue
             t = np.rot90(gray, k)
             t = t[:, ::-1] if mirror else t
-            sw, sh = shown_size or (w, h)
             tw, th = (sw, sh) if k % 2 == 0 else (sh, sw)  # the turned picture's own size
             size = _thumbnail_size(tw, th)
             if size[1] > MAX_TURNED_VIEW_ASPECT * size[0]:  # a strip on end: no field's view has that shape

@@ -23,11 +23,11 @@ logger = logging.getLogger(__name__)
 MAX_PIXELS = 50_000_000  # > 50 MP is refused before decoding (decompression bombs)
 # The service's own fields (uploads, a replay folder's pictures) decoded whole stop at 25 MP (a 24 MP camera's
 # 6000 x 4000 still passes), so that it stays under its unit's memory limits; a one-scan colour JPEG that
-# decode_field reads reduced may have up to MAX_PIXELS. Measured (tests/benchmarks/bench_upload_memory.py): a 24 MP JPEG
-# upload decoded whole took the service's peak from ~160 to 350-356 MB (131 cells; 412 MB with 739 cells; 419
-# MB before a field's images were encoded from one frame copy instead of three), and at 1/2 to 207 MB; a 50 MP
-# one decoded whole, accepted before, reached 718 MB and was killed at the unit's MemoryMax (then 600 MB); 48 MP
-# at 1/2, 251 MB. The command line reads up to MAX_PIXELS.
+# decode_field reads reduced may have up to MAX_PIXELS. Measured (tests/benchmarks/bench_upload_memory.py): a
+# 24 MP JPEG upload decoded whole took the service's peak from ~160 to 350-356 MB (131 cells; 412 MB with 739
+# cells; 419 MB before a field's images were encoded from one frame copy instead of three), and at 1/2 to
+# 203-207 MB; a 50 MP one decoded whole, accepted before, reached 718 MB and was killed at the unit's MemoryMax
+# (then 600 MB); 48 MP at 1/2, 247-253 MB. The command line reads up to MAX_PIXELS.
 MAX_SERVICE_FIELD_PIXELS = 25_000_000
 # No file of an image that passes (<= 50 MP, 8-bit, at most 4 channels, even uncompressed) is larger than
 # this: bigger files are refused before they are read into memory (a Pi has 1-8 GB).
@@ -520,13 +520,12 @@ def decode_rgb(data: bytes, *, name: str = "image", min_side_px: int = MIN_SIDE_
     return apply_orientation(rgb, jpeg_orientation(data)) if data[:2] == b"\xff\xd8" else rgb
 
 
-
 # A colour JPEG over this many pixels is decoded at 1/2, 1/4 or 1/8 of its size (the smallest step that brings
 # it under) by :func:`decode_field`: `analyze` then stays under 250 MB (the full decode of a 24 MP JPEG held it
-# twice over a moment, +144 MB, and analyze peaked at 268 MB, a 48 MP one at 413 MB; 12 MP peaks at 195 MB), and
-# the service takes a one-scan JPEG of up to MAX_PIXELS without holding it whole. Only when its red cells stay at least
-# REDUCED_MIN_CELL_PX across (twice the classifier's 48 px input), measured on a 1/8 probe decode (a 48 MP
-# field: 44 ms, and 8 ms for the scale search).
+# twice over a moment, +144 MB, and analyze peaked at 268 MB, a 48 MP one at 413 MB; 12 MP peaks at 195 MB),
+# and the service takes a one-scan JPEG of up to MAX_PIXELS without holding it whole. Only when its red cells
+# stay at least REDUCED_MIN_CELL_PX across (twice the classifier's 48 px input), measured on a 1/8 probe decode
+# (a 48 MP field: 44 ms, and 8 ms for the scale search).
 REDUCE_ABOVE_PIXELS = 16_000_000
 REDUCED_MIN_CELL_PX = 96.0
 
@@ -534,10 +533,11 @@ REDUCED_MIN_CELL_PX = 96.0
 def decode_field(data: bytes, *, name: str = "image", max_whole_pixels: int = MAX_PIXELS,
                  limit_note: str = "") -> tuple[np.ndarray, int, tuple[int, int]]:
     """Decode a field for analysis: (RGB image, the factor it was reduced by, the picture's (width, height)
-    as shown, EXIF orientation applied). A colour JPEG of more than :data:`REDUCE_ABOVE_PIXELS` (up to
-    :data:`MAX_PIXELS`) whose cells stay :data:`REDUCED_MIN_CELL_PX` across is decoded reduced; anything else
-    is decoded whole, and refused over ``max_whole_pixels`` (``limit_note`` after the reason). Damaged JPEG
-    data is refused (``check_jpeg_data`` of :func:`decode_rgb`). Raises :class:`ImageError`."""
+    as shown, EXIF orientation applied). A colour DCT JPEG of more than :data:`REDUCE_ABOVE_PIXELS` (up to
+    :data:`MAX_PIXELS`; over ``max_whole_pixels`` only a one-scan baseline one, :func:`jpeg_single_scan`) whose
+    cells stay :data:`REDUCED_MIN_CELL_PX` across is decoded reduced; anything else is decoded whole, and
+    refused over ``max_whole_pixels`` before decoding (``limit_note`` after the reason). Damaged JPEG data is
+    refused (``check_jpeg_data`` of :func:`decode_rgb`). Raises :class:`ImageError`."""
     from device.segment import estimate_cell_diameter
 
     try:
@@ -565,6 +565,7 @@ def decode_field(data: bytes, *, name: str = "image", max_whole_pixels: int = MA
     if factor == 1:
         return rgb, 1, (rgb.shape[1], rgb.shape[0])
     return rgb, factor, ((h, w) if jpeg_orientation(data) in (5, 6, 7, 8) else (w, h))  # on its side: turned
+
 
 # libjpeg reports damage in a JPEG's compressed data as warnings on the process's stderr and decodes on:
 # a block of garbage or zeros gives "premature end of data segment", and the image comes out with garbage
