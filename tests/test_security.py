@@ -39,6 +39,12 @@ def _client(env, addr: str | None = None):
     return c, env.csrf(c)
 
 
+def _upload(c, token: str, data: bytes, name: str, slide_id: int = 1):
+    """Upload ``data`` as the file ``name`` to the slide's fields, as the page's form does."""
+    return c.post(f"/api/slides/{slide_id}/fields", headers={"X-CSRF-Token": token},
+                  data={"image": (io.BytesIO(data), name)}, content_type="multipart/form-data")
+
+
 def _urls(app, method: str, include) -> list[tuple[str, str]]:
     """(endpoint, url) of every route taking ``method``, with 1 for each ID and a valid value for the rest."""
     out = []
@@ -366,8 +372,7 @@ def test_file_routes_take_ids_not_paths(make_env):
     c, token = _client(env)
     c.post("/api/slides", json={"sample_id": "T"}, headers={"X-CSRF-Token": token})
     evil = "../../../../tmp/evil-upload.jpg"
-    r = c.post("/api/slides/1/fields", headers={"X-CSRF-Token": token},
-               data={"image": (io.BytesIO(SAMPLE.read_bytes()), evil)}, content_type="multipart/form-data")
+    r = _upload(c, token, SAMPLE.read_bytes(), evil)
     assert r.status_code == 201
     assert not Path("/tmp/evil-upload.jpg").exists() and not list(env.store.data_dir.rglob("*evil*"))
     secret = (env.store.data_dir / "secret_key").read_bytes()
@@ -377,8 +382,7 @@ def test_file_routes_take_ids_not_paths(make_env):
         assert secret not in r.data and b"root:" not in r.data and b"THRESHOLD_SAFE_RANGE" not in r.data, url
     names = {p.name for p in env.store.images_dir.rglob("*.jpg")}
     assert names and all(re.fullmatch(r"[0-9a-f]{16}_(annotated|raw|cell\d+)\.jpg", n) for n in names)
-    r = c.post("/api/slides/1/fields", headers={"X-CSRF-Token": token},
-               data={"image": (io.BytesIO(b"x"), "../../etc/notes.txt")}, content_type="multipart/form-data")
+    r = _upload(c, token, b"x", "../../etc/notes.txt")
     assert r.status_code == 400 and "../" not in r.get_json()["error"]  # the name is shown, never used as a path
 
 
@@ -426,8 +430,7 @@ def test_decompression_bombs_are_refused_before_decoding(make_env, monkeypatch, 
     env = make_env()
     c, token = _client(env)
     c.post("/api/slides", json={"sample_id": "B"}, headers={"X-CSRF-Token": token})
-    r = c.post("/api/slides/1/fields", headers={"X-CSRF-Token": token},
-               data={"image": (io.BytesIO(data), name)}, content_type="multipart/form-data")
+    r = _upload(c, token, data, name)
     error = r.get_json()["error"]
     assert r.status_code == 400 and "over the 25 MP limit of the device's uploads" in error, error
 
@@ -445,8 +448,7 @@ def test_uploads_stop_at_25_mp_before_decoding_while_the_command_line_reads_up_t
     c.post("/api/slides", json={"sample_id": "B"}, headers={"X-CSRF-Token": token})
 
     def post(data):
-        return c.post("/api/slides/1/fields", headers={"X-CSRF-Token": token},
-                      data={"image": (io.BytesIO(data), "big.jpg")}, content_type="multipart/form-data")
+        return _upload(c, token, data, "big.jpg")
 
     r = post(_jpeg_header(5001, 5000))  # 25.005 MP; its size is checked first of all, from the header
     assert r.status_code == 400
@@ -477,8 +479,7 @@ def test_a_large_jpeg_upload_of_large_cells_is_decoded_reduced_up_to_50_mp(make_
     assert c.post("/api/slides", json={"sample_id": "BIG"}, headers={"X-CSRF-Token": token}).status_code == 201
 
     def post(data, name="big.jpg"):
-        return c.post("/api/slides/1/fields", headers={"X-CSRF-Token": token},
-                      data={"image": (io.BytesIO(data), name)}, content_type="multipart/form-data")
+        return _upload(c, token, data, name)
 
     field = cv2.imread(str(SAMPLE))  # 1600 x 1200, cells ~100 px
     big = cv2.resize(field, (6600, 4950), interpolation=cv2.INTER_LINEAR)  # 32.7 MP, cells ~410 px
@@ -520,8 +521,7 @@ def test_an_upload_is_refused_before_decoding_while_the_analyser_is_full(make_en
     field = sorted(SAMPLES_DIR.glob("*.jpg"))[0].read_bytes()
 
     def post():
-        return c.post("/api/slides/1/fields", headers={"X-CSRF-Token": token},
-                      data={"image": (io.BytesIO(field), "f.jpg")}, content_type="multipart/form-data")
+        return _upload(c, token, field, "f.jpg")
 
     monkeypatch.setattr(env.analyser, "full", lambda: True)
     r = post()
@@ -563,8 +563,7 @@ def test_uploads_are_limited_in_size_and_type(make_env):
     c.post("/api/slides", json={"sample_id": "U"}, headers={"X-CSRF-Token": token})
 
     def upload(data, name):
-        return c.post("/api/slides/1/fields", headers={"X-CSRF-Token": token},
-                      data={"image": (io.BytesIO(data), name)}, content_type="multipart/form-data")
+        return _upload(c, token, data, name)
 
     r = upload(b"\xff\xd8" + b"\0" * (MAX_UPLOAD_MB * 1024 * 1024 + 1), "big.jpg")
     assert r.status_code == 413 and "too large" in r.get_json()["error"]
