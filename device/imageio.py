@@ -240,23 +240,26 @@ def _jpeg_segments(data: bytes) -> Iterator[tuple[int, int, int]]:
         i += 2 + seg_len
 
 
-def _jpeg_size(data: bytes) -> tuple[int, int]:
+def _jpeg_frame(data: bytes) -> tuple[int, int] | None:
+    """(marker, offset) of a JPEG's frame header: SOF0..SOF15 except DHT (C4), JPG (C8), DAC (CC); or None."""
     for marker, i, _ in _jpeg_segments(data):
-        # SOF0..SOF15 except DHT (C4), JPG (C8), DAC (CC) carry the frame size.
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            if i + 9 > len(data):
-                break
-            h, w = struct.unpack(">HH", data[i + 5 : i + 9])
-            return w, h
-    raise ImageError("truncated JPEG: no frame header")
+            return marker, i
+    return None
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int]:
+    frame = _jpeg_frame(data)
+    if frame is None or frame[1] + 9 > len(data):
+        raise ImageError("truncated JPEG: no frame header")
+    h, w = struct.unpack(">HH", data[frame[1] + 5 : frame[1] + 9])
+    return w, h
 
 
 def jpeg_frame_marker(data: bytes) -> int | None:
     """The marker of a JPEG's frame header (0xC0 baseline, 0xC2 progressive, 0xC3 lossless...), or None."""
-    for marker, _, _ in _jpeg_segments(data):
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            return marker
-    return None
+    frame = _jpeg_frame(data)
+    return None if frame is None else frame[0]
 
 
 # The first marker after a scan's compressed data: 0xFF (and fill bytes) before anything but a stuffed 0x00 or
@@ -281,10 +284,8 @@ def jpeg_single_scan(data: bytes) -> bool:
 
 def jpeg_components(data: bytes) -> int | None:
     """The number of colour components in a JPEG's frame header (1 gray, 3 colour, 4 CMYK), or None."""
-    for marker, i, _ in _jpeg_segments(data):
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            return data[i + 9] if i + 10 <= len(data) else None
-    return None
+    frame = _jpeg_frame(data)
+    return data[frame[1] + 9] if frame is not None and frame[1] + 10 <= len(data) else None
 
 
 def _jpeg_has_end(data: bytes) -> bool:
@@ -528,6 +529,10 @@ def decode_rgb(data: bytes, *, name: str = "image", min_side_px: int = MIN_SIDE_
 # (a 48 MP field: 44 ms, and 8 ms for the scale search).
 REDUCE_ABOVE_PIXELS = 16_000_000
 REDUCED_MIN_CELL_PX = 96.0
+# JPEG frames libjpeg scales (DCT: baseline, extended, progressive, arithmetic-coded), and of those the ones
+# decoded row by row when they hold one scan (not progressive)
+_DCT_FRAMES = (0xC0, 0xC1, 0xC2, 0xC9, 0xCA)
+_SEQUENTIAL_FRAMES = (0xC0, 0xC1, 0xC9)
 
 
 def decode_field(data: bytes, *, name: str = "image", max_whole_pixels: int = MAX_PIXELS,
@@ -549,8 +554,8 @@ def decode_field(data: bytes, *, name: str = "image", max_whole_pixels: int = MA
     # DCT frames only (libjpeg does not scale a lossless one). One that holds its whole picture's coefficients
     # while decoded (progressive, or several scans) is reduced only when it would be taken whole anyway: a
     # 48 MP progressive JPEG took the service to 483 MB, and a 302-byte file claiming 49 MP, +282 MB.
-    if (kind in (0xC0, 0xC1, 0xC2, 0xC9, 0xCA) and jpeg_components(data) == 3
-            and (w * h <= max_whole_pixels or (kind in (0xC0, 0xC1, 0xC9) and jpeg_single_scan(data)))):
+    if (kind in _DCT_FRAMES and jpeg_components(data) == 3
+            and (w * h <= max_whole_pixels or (kind in _SEQUENTIAL_FRAMES and jpeg_single_scan(data)))):
         factor = next(k for k in (2, 4, 8) if w * h <= REDUCE_ABOVE_PIXELS * k * k)
         # checked as the decode below (libjpeg's warnings, padding too, are heard, not printed); what it
         # refuses (damaged data, strong compression) is refused with its own reason, not for the size
