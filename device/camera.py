@@ -403,8 +403,15 @@ SAME_VIEW_MAX_DIFF_ALIGNED = 8.0
 SAME_VIEW_MAX_GAIN = 1.25
 
 
-def view_blurred(view: np.ndarray) -> np.ndarray:
-    """The blurred copy of a thumbnail that :func:`same_view` compares (made once, for many comparisons)."""
+# A view narrower than this on a side is too small to blur or align: compared pixel by pixel as it is
+VIEW_MIN_SIDE_PX = 8
+
+
+def view_blurred(view: np.ndarray) -> np.ndarray | None:
+    """The blurred copy of a thumbnail that :func:`same_view` compares (made once, for many comparisons); None
+    for a view under :data:`VIEW_MIN_SIDE_PX`, which is compared as it is."""
+    if min(view.shape) < VIEW_MIN_SIDE_PX:
+        return None
     return cv2.GaussianBlur(view.astype(np.float32), (0, 0), SAME_VIEW_BLUR_PX)
 
 
@@ -413,7 +420,7 @@ def same_view(a: np.ndarray, b: np.ndarray, blurred_a: np.ndarray | None = None,
     """True when two thumbnails show the same field of the smear: captured again after the lamp, the
     exposure or the focus changed a little, or the stage settled by a few pixels. ``blurred_a`` and
     ``blurred_b``: their :func:`view_blurred` copies, when already made."""
-    if a.shape != b.shape or min(a.shape) < 8:
+    if a.shape != b.shape or min(a.shape) < VIEW_MIN_SIDE_PX:
         return a.shape == b.shape and float(cv2.absdiff(a, b).mean()) <= STEADY_MAX_DIFF
     fa = view_blurred(a) if blurred_a is None else blurred_a
     fb = view_blurred(b) if blurred_b is None else blurred_b
@@ -471,7 +478,7 @@ def prepare_view(view: np.ndarray) -> np.ndarray:
 
 def prepared_overlap(fa: np.ndarray, fb: np.ndarray) -> float:
     """:func:`view_overlap` of two :func:`prepare_view` results."""
-    if fa.shape != fb.shape or min(fa.shape) < 8:
+    if fa.shape != fb.shape or min(fa.shape) < VIEW_MIN_SIDE_PX:
         return 0.0
     h, w = fa.shape
     window = _hanning(w, h)

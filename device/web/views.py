@@ -327,7 +327,7 @@ class CountedViews:
                 turned: Sequence[np.ndarray] = ()) -> None:
         """Raises Conflict when the view is counted already or being analysed; also when one of the ``turned``
         views is (an uploaded picture turned back: :func:`device.camera.turned_views`)."""
-        looks = [(look, view_blurred(look) if min(look.shape) >= 8 else None) for look in (view, *turned)]
+        looks = [(look, view_blurred(look)) for look in (view, *turned)]
         with self.lock:
             taken = [v for v, _ in self._views(slide_id).values()] + self.inflight.get(slide_id, [])
             if any(_same_as_any(v, looks) for v in taken):
