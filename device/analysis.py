@@ -440,12 +440,13 @@ def analyze_field(
     if few:
         timing["total_ms"] = (time.perf_counter() - t0) * 1000
         d = seg.cell_diameter_px
-        if max(w, h) >= NARROW_ASPECT * min(w, h) and (w - d) * (h - d) < FEW_FIT_WHOLE * d * d:
+        few_fit_whole = (w - d) * (h - d) < FEW_FIT_WHOLE * d * d
+        if few_fit_whole and max(w, h) >= NARROW_ASPECT * min(w, h):
             # a strip cut from a field: its cells are not too large, the picture is too narrow for them
             return FieldResult(w, h, f"{few}: picture too narrow for a field ({shown_w}x{shown_h} px, cells "
                                f"{k * d:.0f} px across): use the camera's whole picture, not a crop", [], focus,
                                threshold, timing)
-        if (w - d) * (h - d) < FEW_FIT_WHOLE * d * d:
+        if few_fit_whole:
             # the cells cut by the frame's edge are dropped, and at a high magnification most are
             return FieldResult(w, h, f"{few}: cells too large in the picture ({k * d:.0f} px across, few fit whole): "
                                "use a lower magnification (the 100x objective) or a wider camera view; or an empty or "

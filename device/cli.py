@@ -499,8 +499,7 @@ class _AnnotatedSources:
         if not (self.path.parent / name).exists():
             return False
         folded = name.casefold()
-        return self.by_name.get(name) != picture or any(
-            v != picture for k, v in self.by_name.items() if k.casefold() == folded)
+        return name not in self.by_name or any(v != picture for k, v in self.by_name.items() if k.casefold() == folded)
 
     def wrote(self, name: str, picture: dict) -> None:
         self.by_name[name] = picture
